@@ -1,0 +1,466 @@
+"""Guest memory: regions of guest-physical address space and bounds-checked access.
+
+A :class:`GuestMemory` is a set of non-overlapping :class:`MemoryRegion`\\ s,
+each a guest-physical range backed by a buffer: an ``mmap`` of a file
+descriptor at an offset (the way vhost-user hands memory over in
+``VHOST_USER_SET_MEM_TABLE``), an anonymous ``mmap``, or a ``bytearray`` for
+tests.  Every access is checked against the regions; an access to an address
+that no region backs raises :class:`UnmappedAddressError` with the address.
+
+In front of the regions sits a *translator* (identity by default).  An IOMMU
+is slotted in with :meth:`GuestMemory.with_translator`, which returns a view
+of the same regions whose addresses are IOVAs: the ring code takes either and
+does not know which it has (rust-vmm ``vm-memory``'s ``IommuMemory`` seam).
+
+Guest memory is untrusted input: nothing here trusts an address or a length
+that came from a guest, including lengths that would wrap 2^64.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import mmap
+import os
+import struct
+from typing import Iterable, NewType, Protocol, Sequence
+
+from iovirt.errors import IovirtError
+
+GuestAddress = NewType("GuestAddress", int)
+"""A guest-physical address (or an IOVA, when a translator is in front)."""
+
+U64_MAX = (1 << 64) - 1
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class Access(enum.IntFlag):
+    """The kind of access a translation is asked for (VT-d R/W permissions)."""
+
+    READ = 1
+    WRITE = 2
+
+
+class GuestMemoryError(IovirtError):
+    """An access to guest memory that the memory map does not allow.
+
+    Attributes: ``addr`` and ``length`` of the access.
+    """
+
+    def __init__(self, message: str, addr: int, length: int) -> None:
+        super().__init__(message)
+        self.addr = addr
+        self.length = length
+
+
+class UnmappedAddressError(GuestMemoryError):
+    """The range is not (entirely) backed by a memory region."""
+
+    def __init__(self, addr: int, length: int, first_missing: int | None = None) -> None:
+        missing = addr if first_missing is None else first_missing
+        super().__init__(
+            f"guest range [{addr:#x}, +{length:#x}) is not backed by guest memory "
+            f"(no region at {missing:#x})",
+            addr,
+            length,
+        )
+        self.first_missing = missing
+
+
+class AddressWrapError(GuestMemoryError):
+    """The range ``addr + length`` wraps past 2^64."""
+
+    def __init__(self, addr: int, length: int) -> None:
+        super().__init__(
+            f"guest range [{addr:#x}, +{length:#x}) wraps past 2^64", addr, length
+        )
+
+
+class RegionLayoutError(GuestMemoryError):
+    """A region cannot be added: zero size, overlap, or a backing too small."""
+
+
+class TranslationFault(GuestMemoryError):
+    """A translator (IOMMU) refused to translate an address.
+
+    Raised by translators; ``access`` is the :class:`Access` asked for and
+    ``reason`` a short spec-named reason (e.g. ``"not-present"``).
+    """
+
+    def __init__(self, addr: int, length: int, access: Access, reason: str) -> None:
+        super().__init__(
+            f"translation of [{addr:#x}, +{length:#x}) for {access.name} failed: {reason}",
+            addr,
+            length,
+        )
+        self.access = access
+        self.reason = reason
+
+
+class Translator(Protocol):
+    """Translates an address range into guest-physical pieces.
+
+    ``translate`` returns ``[(gpa, length), ...]`` covering ``length`` bytes
+    in order, or raises :class:`TranslationFault`.
+    """
+
+    def translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+        """Translate ``[addr, addr+length)`` for ``access``."""
+        ...
+
+
+class MemoryRegion:
+    """One guest-physical range and the buffer that backs it.
+
+    ``user_addr`` is the address the region has in the VMM's own address
+    space (vhost-user ``userspace_addr``), used to translate ring addresses
+    that a frontend gives as its virtual addresses.
+    """
+
+    def __init__(
+        self,
+        gpa: int,
+        size: int,
+        backing: mmap.mmap | bytearray,
+        offset: int = 0,
+        user_addr: int | None = None,
+        readonly: bool = False,
+    ) -> None:
+        if size <= 0:
+            raise RegionLayoutError(f"region at {gpa:#x} has size {size}", gpa, size)
+        if gpa < 0 or gpa + size - 1 > U64_MAX:
+            raise AddressWrapError(gpa, size)
+        if offset < 0 or offset + size > len(backing):
+            raise RegionLayoutError(
+                f"region at {gpa:#x} size {size:#x} needs backing bytes "
+                f"[{offset:#x}, {offset + size:#x}) but the backing has {len(backing):#x}",
+                gpa,
+                size,
+            )
+        self.gpa = gpa
+        self.size = size
+        self.end = gpa + size  # exclusive
+        self.user_addr = user_addr
+        self.readonly = readonly
+        self._backing = backing
+        self._owns_backing = False
+        view = memoryview(backing)
+        self.view = view[offset : offset + size]
+        self._base_view = view
+
+    @classmethod
+    def from_fd(
+        cls,
+        gpa: int,
+        size: int,
+        fd: int,
+        mmap_offset: int = 0,
+        user_addr: int | None = None,
+        readonly: bool = False,
+    ) -> "MemoryRegion":
+        """Map ``size`` bytes of ``fd`` at ``mmap_offset`` (vhost-user memory regions).
+
+        The mmap offset must be page aligned for ``mmap``; an unaligned
+        ``mmap_offset`` is mapped from the page below and sliced.
+        """
+        page = mmap.ALLOCATIONGRANULARITY
+        aligned = mmap_offset - (mmap_offset % page)
+        skew = mmap_offset - aligned
+        prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(fd, size + skew, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise RegionLayoutError(
+                f"cannot mmap fd {fd} for region at {gpa:#x} size {size:#x} "
+                f"offset {mmap_offset:#x}: {exc}",
+                gpa,
+                size,
+            ) from exc
+        region = cls(gpa, size, mm, skew, user_addr=user_addr, readonly=readonly)
+        region._owns_backing = True
+        return region
+
+    @classmethod
+    def anonymous(cls, gpa: int, size: int) -> "MemoryRegion":
+        """A region backed by a fresh anonymous shared mmap."""
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        region = cls(gpa, size, mm)
+        region._owns_backing = True
+        return region
+
+    @classmethod
+    def memfd(cls, gpa: int, size: int, name: str = "iovirt-guest") -> tuple["MemoryRegion", int]:
+        """A region backed by a new memfd; returns the region and the fd (caller closes)."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls.from_fd(gpa, size, fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        """Release the views and unmap the backing if this region created it.
+
+        Raises ``BufferError`` if a caller still holds a view into it.
+        """
+        self.view.release()
+        self._base_view.release()
+        if self._owns_backing:
+            self._backing.close()  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x})"
+
+
+class RegionTable:
+    """The sorted, non-overlapping regions shared by every view of one memory.
+
+    ``generation`` increases on every change, so that code that resolved
+    addresses to host buffers (the ring fast path) knows to resolve again.
+    """
+
+    def __init__(self) -> None:
+        self.regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        self.generation = 0
+
+    def add(self, region: MemoryRegion) -> None:
+        i = bisect.bisect_left(self._starts, region.gpa)
+        prev = self.regions[i - 1] if i > 0 else None
+        nxt = self.regions[i] if i < len(self.regions) else None
+        for other in (prev, nxt):
+            if other is not None and region.gpa < other.end and other.gpa < region.end:
+                raise RegionLayoutError(
+                    f"region [{region.gpa:#x}, {region.end:#x}) overlaps "
+                    f"[{other.gpa:#x}, {other.end:#x})",
+                    region.gpa,
+                    region.size,
+                )
+        self.regions.insert(i, region)
+        self._starts.insert(i, region.gpa)
+        self.generation += 1
+
+    def remove(self, gpa: int, size: int | None = None) -> MemoryRegion:
+        i = bisect.bisect_left(self._starts, gpa)
+        if i == len(self._starts) or self._starts[i] != gpa or (
+            size is not None and self.regions[i].size != size
+        ):
+            raise RegionLayoutError(f"no region starts at {gpa:#x}", gpa, size or 0)
+        region = self.regions.pop(i)
+        del self._starts[i]
+        self.generation += 1
+        return region
+
+    def find(self, addr: int) -> MemoryRegion | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            region = self.regions[i]
+            if addr < region.end:
+                return region
+        return None
+
+
+class GuestMemory:
+    """Bounds-checked access to guest memory, with an optional translator in front.
+
+    Build one with :meth:`from_ranges` (tests) or by adding regions from a
+    VMM's memory table.  Reads and writes may span adjacent regions;
+    :meth:`view` returns a zero-copy ``memoryview`` and needs the range to lie
+    in one region.
+    """
+
+    def __init__(
+        self,
+        regions: Iterable[MemoryRegion] = (),
+        translator: Translator | None = None,
+        _table: RegionTable | None = None,
+    ) -> None:
+        self._table = _table if _table is not None else RegionTable()
+        for region in regions:
+            self._table.add(region)
+        self.translator = translator
+
+    @classmethod
+    def from_ranges(
+        cls, ranges: Sequence[tuple[int, int]], backing: str = "mmap"
+    ) -> "GuestMemory":
+        """Memory with one region per ``(gpa, size)``, anonymous mmap or bytearray backed."""
+        regions = []
+        for gpa, size in ranges:
+            if backing == "mmap":
+                regions.append(MemoryRegion.anonymous(gpa, size))
+            else:
+                regions.append(MemoryRegion(gpa, size, bytearray(size)))
+        return cls(regions)
+
+    def with_translator(self, translator: Translator | None) -> "GuestMemory":
+        """The same regions seen through ``translator`` (e.g. one device's IOVA space)."""
+        return GuestMemory(translator=translator, _table=self._table)
+
+    # -- the region map (for VMM-side owners) ----------------------------
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        """The regions, sorted by guest-physical address."""
+        return tuple(self._table.regions)
+
+    @property
+    def generation(self) -> int:
+        """Increases whenever a region is added or removed."""
+        return self._table.generation
+
+    def add_region(self, region: MemoryRegion) -> None:
+        """Add a region; it must not overlap an existing one."""
+        self._table.add(region)
+
+    def remove_region(self, gpa: int, size: int | None = None) -> MemoryRegion:
+        """Remove and return the region starting at ``gpa`` (the caller closes it)."""
+        return self._table.remove(gpa, size)
+
+    def find_region(self, gpa: int) -> MemoryRegion | None:
+        """The region holding guest-physical ``gpa``, or ``None``."""
+        return self._table.find(gpa)
+
+    def close(self) -> None:
+        """Remove and close every region."""
+        for region in list(self._table.regions):
+            self._table.remove(region.gpa)
+            region.close()
+
+    def user_to_guest(self, uaddr: int) -> int:
+        """Translate a VMM user-space address (vhost-user ring addresses) to a GPA."""
+        for region in self._table.regions:
+            if region.user_addr is not None and region.user_addr <= uaddr < region.user_addr + region.size:
+                return region.gpa + (uaddr - region.user_addr)
+        raise UnmappedAddressError(uaddr, 1)
+
+    # -- translation -------------------------------------------------------
+    def translate(self, addr: int, length: int, access: Access = Access.READ) -> list[tuple[int, int]]:
+        """Guest-physical pieces covering ``[addr, addr+length)``, checked against the regions."""
+        if addr < 0 or length < 0 or addr + length - 1 > U64_MAX:
+            raise AddressWrapError(addr, length)
+        pieces = [(addr, length)] if self.translator is None else self.translator.translate(addr, length, access)
+        out: list[tuple[int, int]] = []
+        for gpa, plen in pieces:
+            out.extend(self._phys_pieces(gpa, plen, addr, length))
+        return out
+
+    def _phys_pieces(self, gpa: int, length: int, orig: int, orig_len: int) -> list[tuple[int, int]]:
+        """Split a guest-physical range at region boundaries; every byte must be backed."""
+        out = []
+        while length > 0:
+            region = self._table.find(gpa)
+            if region is None:
+                raise UnmappedAddressError(orig, orig_len, gpa)
+            n = min(length, region.end - gpa)
+            out.append((gpa, n))
+            gpa += n
+            length -= n
+        return out
+
+    def check_range(self, addr: int, length: int, access: Access = Access.READ) -> None:
+        """Raise unless every byte of ``[addr, addr+length)`` is accessible."""
+        self.translate(addr, length, access)
+
+    # -- byte access -----------------------------------------------------------
+    def _region_view(self, gpa: int, length: int) -> memoryview:
+        region = self._table.find(gpa)
+        assert region is not None  # translate() checked it
+        start = gpa - region.gpa
+        return region.view[start : start + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Copy ``length`` bytes out of guest memory."""
+        pieces = self.translate(addr, length, Access.READ)
+        if len(pieces) == 1:
+            return bytes(self._region_view(*pieces[0]))
+        return b"".join(bytes(self._region_view(g, n)) for g, n in pieces)
+
+    def read_into(self, addr: int, out: memoryview | bytearray) -> None:
+        """Fill ``out`` from guest memory starting at ``addr``."""
+        dst = memoryview(out).cast("B")
+        pos = 0
+        for gpa, n in self.translate(addr, len(dst), Access.READ):
+            dst[pos : pos + n] = self._region_view(gpa, n)
+            pos += n
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into guest memory at ``addr``."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for gpa, n in self.translate(addr, len(src), Access.WRITE):
+            region = self._table.find(gpa)
+            if region is not None and region.readonly:
+                raise GuestMemoryError(f"region at {region.gpa:#x} is read-only", addr, len(src))
+            self._region_view(gpa, n)[:] = src[pos : pos + n]
+            pos += n
+
+    def fill(self, addr: int, length: int, byte: int = 0) -> None:
+        """Set ``length`` bytes at ``addr`` to ``byte``."""
+        self.write(addr, bytes([byte]) * length)
+
+    def view(self, addr: int, length: int, access: Access = Access.READ) -> memoryview:
+        """A zero-copy view of ``[addr, addr+length)``; the range must lie in one region.
+
+        The caller must release the view before the region is removed.
+        """
+        pieces = self.translate(addr, length, access)
+        if len(pieces) != 1:
+            raise GuestMemoryError(
+                f"guest range [{addr:#x}, +{length:#x}) is not contiguous in one region",
+                addr,
+                length,
+            )
+        return self._region_view(*pieces[0]) if pieces else memoryview(b"")
+
+    def read_u16(self, addr: int) -> int:
+        """Little-endian u16 at ``addr`` (virtio fields are little-endian)."""
+        return _U16.unpack(self.read(addr, 2))[0]
+
+    def read_u32(self, addr: int) -> int:
+        """Little-endian u32 at ``addr``."""
+        return _U32.unpack(self.read(addr, 4))[0]
+
+    def read_u64(self, addr: int) -> int:
+        """Little-endian u64 at ``addr``."""
+        return _U64.unpack(self.read(addr, 8))[0]
+
+    def write_u16(self, addr: int, value: int) -> None:
+        """Store a little-endian u16."""
+        self.write(addr, _U16.pack(value & 0xFFFF))
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Store a little-endian u32."""
+        self.write(addr, _U32.pack(value & 0xFFFFFFFF))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Store a little-endian u64."""
+        self.write(addr, _U64.pack(value & U64_MAX))
+
+
+class BumpAllocator:
+    """Hands out aligned guest-physical ranges from ``[base, base+size)``.
+
+    A test and driver-side utility (a VMM's or a guest driver's allocator
+    stand-in); it never frees.
+    """
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.end = base + size
+        self.next = base
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Return the address of ``size`` fresh bytes aligned to ``align``."""
+        addr = (self.next + align - 1) & ~(align - 1)
+        if addr + size > self.end:
+            raise GuestMemoryError(
+                f"allocator [{self.base:#x}, {self.end:#x}) exhausted by a {size:#x}-byte request",
+                addr,
+                size,
+            )
+        self.next = addr + size
+        return addr
