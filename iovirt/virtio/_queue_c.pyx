@@ -1,0 +1,620 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Split virtqueue, device side: the accelerated implementation.
+
+Same API and the same rules as the reference ``_queue_py.py`` (virtio 1.2
+section 2.7), which is the one to read first.  What differs is how:
+
+- The ring parts are resolved to host pointers once, at setup and whenever
+  the memory map changes (``refresh``); the hot path does no lookups for them.
+- Descriptor buffers are checked against a C copy of the region table, with
+  the GIL released around the batch loop.  A buffer that the table cannot
+  resolve in one region (it spans regions, lies outside memory, or a
+  translator such as an IOMMU is in front) takes the slow path through
+  :class:`~iovirt.memory.GuestMemory` under the GIL, so both implementations
+  accept and reject exactly the same chains.
+- Popped chains go into a :class:`ChainBatch` of flat C arrays; no Python
+  object per descriptor or per chain is made unless a caller asks for one.
+- Shared-memory ordering follows 2.7.13: the avail idx is loaded with acquire
+  semantics before the ring entries, the used idx stored with release
+  semantics after them, and a full fence separates publishing used entries
+  from reading the driver's suppression fields.
+
+The queue holds buffer exports of the regions' views, so a region cannot be
+closed while a queue still resolves into it: call ``refresh`` (or drop the
+queue) after removing regions and before closing them.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+
+from iovirt.memory import GuestMemoryError
+from iovirt.virtio.chain import DescChain
+from iovirt.virtio.errors import (
+    AvailIndexError,
+    ChainTooLongError,
+    DescBufferError,
+    DescIndexError,
+    DescLoopError,
+    DescOrderError,
+    IndirectTableError,
+    NestedIndirectError,
+    QueueStateError,
+    UsedRingError,
+)
+from iovirt.virtio.layout import check_layout
+from iovirt.virtio.state import QueueState
+
+IMPLEMENTATION = "cython"
+
+cdef extern from *:
+    """
+    static inline uint16_t iovirt_load_acquire_u16(const uint8_t *p) {
+        uint16_t v; v = __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); return v;
+    }
+    static inline uint16_t iovirt_load_u16(const uint8_t *p) {
+        uint16_t v; memcpy(&v, p, 2); return v;
+    }
+    static inline void iovirt_store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+    static inline void iovirt_store_release_u16(uint8_t *p, uint16_t v) {
+        __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+    }
+    static inline void iovirt_store_used_elem(uint8_t *p, uint32_t id, uint32_t len) {
+        uint32_t e[2] = {id, len}; memcpy(p, e, 8);
+    }
+    static inline void iovirt_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    """
+    uint16_t iovirt_load_acquire_u16(const uint8_t *p) nogil
+    uint16_t iovirt_load_u16(const uint8_t *p) nogil
+    void iovirt_store_u16(uint8_t *p, uint16_t v) nogil
+    void iovirt_store_release_u16(uint8_t *p, uint16_t v) nogil
+    void iovirt_store_used_elem(uint8_t *p, uint32_t id, uint32_t len) nogil
+    void iovirt_mb() nogil
+
+cdef enum:
+    F_NEXT = 1
+    F_WRITE = 2
+    F_INDIRECT = 4
+    USED_F_NO_NOTIFY = 1
+    AVAIL_F_NO_INTERRUPT = 1
+
+# Walk results: 0 is a good chain; the others name the rule broken.
+cdef enum:
+    E_HEAD = 1
+    E_NEXT
+    E_LOOP
+    E_TOO_LONG
+    E_NESTED
+    E_INDIRECT_NEXT
+    E_INDIRECT_LEN
+    E_WRAP
+    E_OUTSIDE
+    E_ORDER
+    E_PYTHON
+
+cdef struct Region:
+    uint64_t gpa
+    uint64_t size
+    uint8_t *host
+
+cdef struct Desc:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+cdef struct WalkError:
+    int code
+    uint16_t desc
+    uint64_t addr
+    uint64_t len
+    uint32_t count
+
+
+cdef class ChainBatch:
+    """Chains popped by one ``pop_batch``, stored as flat arrays.
+
+    ``len()``, indexing and iteration give :class:`~iovirt.virtio.chain.DescChain`
+    objects (made on demand); ``head(i)`` and ``set_used_len(i, n)`` touch
+    the arrays directly.
+    """
+
+    cdef Py_ssize_t n, nbufs, cap_chains, cap_bufs
+    cdef uint16_t *heads
+    cdef uint32_t *used_lens
+    cdef uint32_t *first
+    cdef uint64_t *addrs
+    cdef uint32_t *lens
+    cdef uint8_t *writable
+    cdef uint8_t **hosts
+
+    def __cinit__(self):
+        self.n = 0
+        self.nbufs = 0
+        self.cap_chains = 0
+        self.cap_bufs = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.heads)
+        PyMem_Free(self.used_lens)
+        PyMem_Free(self.first)
+        PyMem_Free(self.addrs)
+        PyMem_Free(self.lens)
+        PyMem_Free(self.writable)
+        PyMem_Free(self.hosts)
+
+    cdef int _reserve_chains(self, Py_ssize_t cap) except -1:
+        if cap <= self.cap_chains:
+            return 0
+        self.heads = <uint16_t *> _grow(self.heads, cap * sizeof(uint16_t))
+        self.used_lens = <uint32_t *> _grow(self.used_lens, cap * sizeof(uint32_t))
+        self.first = <uint32_t *> _grow(self.first, (cap + 1) * sizeof(uint32_t))
+        self.cap_chains = cap
+        return 0
+
+    cdef int _reserve_bufs(self, Py_ssize_t cap) except -1:
+        if cap <= self.cap_bufs:
+            return 0
+        self.addrs = <uint64_t *> _grow(self.addrs, cap * sizeof(uint64_t))
+        self.lens = <uint32_t *> _grow(self.lens, cap * sizeof(uint32_t))
+        self.writable = <uint8_t *> _grow(self.writable, cap * sizeof(uint8_t))
+        self.hosts = <uint8_t **> _grow(self.hosts, cap * sizeof(uint8_t *))
+        self.cap_bufs = cap
+        return 0
+
+    def __len__(self):
+        return self.n
+
+    def head(self, Py_ssize_t i):
+        """Head descriptor index of chain ``i``."""
+        self._check(i)
+        return self.heads[i]
+
+    def set_used_len(self, Py_ssize_t i, uint32_t length):
+        """Bytes the device wrote into chain ``i`` (reported in the used ring)."""
+        self._check(i)
+        self.used_lens[i] = length
+
+    cdef int _check(self, Py_ssize_t i) except -1:
+        if i < 0 or i >= self.n:
+            raise IndexError(f"chain {i} not in batch of {self.n}")
+        return 0
+
+    def __getitem__(self, Py_ssize_t i):
+        if i < 0:
+            i += self.n
+        self._check(i)
+        cdef uint32_t k
+        bufs = [(self.addrs[k], self.lens[k], bool(self.writable[k])) for k in range(self.first[i], self.first[i + 1])]
+        chain = DescChain(self.heads[i], bufs)
+        chain.used_len = self.used_lens[i]
+        return chain
+
+    def __iter__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            yield self[i]
+
+
+cdef void *_grow(void *p, size_t nbytes) except NULL:
+    cdef void *q = PyMem_Realloc(p, nbytes)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
+cdef class SplitQueue:
+    """The device side of one split virtqueue (accelerated; see ``_queue_py.SplitQueue``)."""
+
+    cdef readonly object memory
+    cdef readonly int index
+    cdef readonly uint32_t size
+    cdef readonly uint64_t desc_addr, avail_addr, used_addr
+    cdef readonly bint event_idx
+    cdef uint16_t _last_avail_idx, _used_idx, _signalled_used
+    cdef bint _signalled_valid, _notify_enabled, _translated
+    cdef uint32_t _mask
+    cdef uint32_t _in_flight
+    cdef uint8_t *_desc
+    cdef uint8_t *_avail
+    cdef uint8_t *_used
+    cdef Region *_regions
+    cdef int _nregions, _last_region
+    cdef object _views
+    cdef object _gen
+    cdef object _pending_error
+    cdef WalkError _err
+
+    def __cinit__(self):
+        self._regions = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self._regions)
+
+    def __init__(self, memory, uint32_t size, uint64_t desc_addr, uint64_t avail_addr, uint64_t used_addr,
+                 *, int index=0, bint event_idx=False, int last_avail_idx=0, int used_idx=0):
+        check_layout(memory, index, size, desc_addr, avail_addr, used_addr)
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self._mask = size - 1
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.event_idx = event_idx
+        self._last_avail_idx = last_avail_idx & 0xFFFF
+        self._used_idx = used_idx & 0xFFFF
+        self._signalled_valid = False
+        self._notify_enabled = True
+        self._in_flight = 0
+        self._pending_error = None
+        self._resolve()
+
+    # -- state ---------------------------------------------------------------
+    @classmethod
+    def from_state(cls, memory, state):
+        """Rebuild a queue from saved state, re-validating every field."""
+        for name in ("last_avail_idx", "used_idx"):
+            value = getattr(state, name)
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                raise QueueStateError(f"{name} {value!r} is not a 16-bit index", state.index)
+        if ((state.last_avail_idx - state.used_idx) & 0xFFFF) > state.size:
+            raise QueueStateError(
+                f"last_avail_idx {state.last_avail_idx} is more than Queue Size {state.size} "
+                f"ahead of used idx {state.used_idx}",
+                state.index,
+            )
+        return cls(memory, state.size, state.desc_addr, state.avail_addr, state.used_addr,
+                   index=state.index, event_idx=bool(state.event_idx),
+                   last_avail_idx=state.last_avail_idx, used_idx=state.used_idx)
+
+    def state(self):
+        """Plain-data snapshot of the queue."""
+        return QueueState(size=self.size, desc_addr=self.desc_addr, avail_addr=self.avail_addr,
+                          used_addr=self.used_addr, last_avail_idx=self._last_avail_idx,
+                          used_idx=self._used_idx, event_idx=bool(self.event_idx), index=self.index)
+
+    @property
+    def last_avail_idx(self):
+        """Index of the next avail entry the device will take."""
+        return self._last_avail_idx
+
+    @property
+    def used_idx(self):
+        """The device's used idx (published after each push)."""
+        return self._used_idx
+
+    # -- host pointer resolution -------------------------------------------------
+    def refresh(self):
+        """Re-validate the ring and re-resolve host pointers after the memory map changed."""
+        self._views = None
+        check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
+        self._resolve()
+
+    cdef int _resolve(self) except -1:
+        cdef const uint8_t[::1] view
+        cdef int i
+        regions = self.memory.regions
+        self._views = None
+        self._regions = <Region *> _grow(self._regions, (len(regions) + 1) * sizeof(Region))
+        views = []
+        for i, region in enumerate(regions):
+            view = region.view
+            views.append(view)
+            self._regions[i].gpa = region.gpa
+            self._regions[i].size = region.size
+            self._regions[i].host = <uint8_t *> &view[0]
+        self._views = views
+        self._nregions = len(views)
+        self._last_region = 0
+        self._gen = self.memory.generation
+        self._translated = self.memory.translator is not None
+        self._desc = self._ring_host(self.desc_addr, 16 * self.size)
+        self._avail = self._ring_host(self.avail_addr, 6 + 2 * self.size)
+        self._used = self._ring_host(self.used_addr, 6 + 8 * self.size)
+        return 0
+
+    cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL:
+        # check_layout proved the part lies in one region; translate once here.
+        cdef uint64_t gpa = addr
+        if self._translated:
+            gpa = self.memory.translate(addr, length)[0][0]
+        cdef uint8_t *p = self._host(gpa, length)
+        if p == NULL:
+            raise QueueStateError(f"ring part at {addr:#x} did not resolve", self.index)
+        return p
+
+    cdef inline uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        """Host pointer of a guest-physical range inside one region, or NULL."""
+        cdef Region *r
+        cdef uint64_t off
+        cdef int i
+        if self._nregions == 0:
+            return NULL
+        r = &self._regions[self._last_region]
+        off = gpa - r.gpa
+        if off < r.size and length <= r.size - off:
+            return r.host + off
+        for i in range(self._nregions):
+            r = &self._regions[i]
+            off = gpa - r.gpa
+            if off < r.size and length <= r.size - off:
+                self._last_region = i
+                return r.host + off
+        return NULL
+
+    cdef inline int _sync(self) except -1:
+        if self.memory.generation != self._gen or (self.memory.translator is not None) != self._translated:
+            self.refresh()
+        return 0
+
+    # -- avail side ----------------------------------------------------------------
+    def avail_idx(self):
+        """The driver's avail ``idx``."""
+        self._sync()
+        return iovirt_load_acquire_u16(self._avail + 2)
+
+    cdef int _pending(self) except -1:
+        cdef uint16_t count = <uint16_t> (iovirt_load_acquire_u16(self._avail + 2) - self._last_avail_idx)
+        if count > self.size:
+            raise AvailIndexError(
+                f"avail idx moved {count} entries past last_avail_idx {self._last_avail_idx}, "
+                f"more than Queue Size {self.size}", self.index)
+        return count
+
+    def pending(self):
+        """How many chains the driver has made available and we have not popped."""
+        self._sync()
+        return self._pending()
+
+    def pop(self):
+        """Take the next available chain, or ``None`` when there is none."""
+        batch = self.pop_batch(1)
+        return batch[0] if len(batch) else None
+
+    def pop_batch(self, Py_ssize_t max_chains, ChainBatch batch=None):
+        """Take up to ``max_chains`` available chains (into ``batch`` if given, reusing it).
+
+        A malformed chain met after good ones is raised by the next call, so
+        no valid chain is lost.
+        """
+        cdef Py_ssize_t count, k
+        cdef uint16_t head
+        cdef int rc = 0
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        self._sync()
+        if batch is None:
+            batch = ChainBatch()
+        batch.n = 0
+        batch.nbufs = 0
+        count = self._pending()
+        if count > max_chains:
+            count = max_chains
+        batch._reserve_chains(count if count > 0 else 1)
+        batch.first[0] = 0
+        with nogil:
+            for k in range(count):
+                head = iovirt_load_u16(self._avail + 4 + 2 * (self._last_avail_idx & self._mask))
+                self._last_avail_idx += 1
+                self._in_flight += 1
+                rc = self._walk(head, batch)
+                if rc != 0:
+                    batch.nbufs = batch.first[batch.n]
+                    break
+                batch.heads[batch.n] = head
+                batch.used_lens[batch.n] = 0
+                batch.n += 1
+                batch.first[batch.n] = <uint32_t> batch.nbufs
+        self._publish_avail_event()
+        if rc != 0:
+            error = self._walk_error(head, rc)
+            if batch.n == 0:
+                raise error
+            self._pending_error = error
+        return batch
+
+    cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil:
+        if table_host != NULL:
+            memcpy(d, table_host + 16 * <uint64_t> i, 16)
+            return 0
+        with gil:
+            try:
+                raw = self.memory.read(table_gpa + 16 * i, 16)
+            except GuestMemoryError:
+                return E_PYTHON
+            memcpy(d, <const char *> raw, 16)
+        return 0
+
+    cdef int _check_buffer(self, uint64_t addr, uint64_t length, uint8_t **host) noexcept nogil:
+        if length != 0 and addr > <uint64_t> 0xFFFFFFFFFFFFFFFF - (length - 1):
+            return E_WRAP
+        host[0] = NULL
+        if not self._translated:
+            host[0] = self._host(addr, length)
+            if host[0] != NULL or length == 0:
+                return 0
+        with gil:
+            try:
+                self.memory.check_range(addr, length)
+            except GuestMemoryError:
+                return E_OUTSIDE
+        return 0
+
+    cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil:
+        """Follow a chain from ``head``, appending its buffers to ``b`` (2.7.5 rules)."""
+        cdef Desc d
+        cdef const uint8_t *table_host = self._desc
+        cdef uint64_t table_gpa = self.desc_addr
+        cdef uint32_t table_len = self.size
+        cdef uint32_t i = head, visited = 0, count, nbufs = 0
+        cdef bint indirect = False, seen_writable = False, writable
+        cdef uint8_t *host
+        cdef int rc
+        self._err.desc = head
+        if head >= self.size:
+            return E_HEAD
+        while True:
+            visited += 1
+            self._err.desc = <uint16_t> i
+            if visited > table_len:
+                self._err.count = table_len
+                return E_LOOP
+            rc = self._read_desc(table_host, table_gpa, i, &d)
+            if rc:
+                return rc
+            if d.flags & F_INDIRECT:
+                if indirect:
+                    return E_NESTED
+                if d.flags & F_NEXT:
+                    return E_INDIRECT_NEXT
+                if d.len == 0 or d.len % 16:
+                    self._err.len = d.len
+                    return E_INDIRECT_LEN
+                rc = self._check_buffer(d.addr, d.len, &host)
+                if rc:
+                    self._err.addr = d.addr
+                    self._err.len = d.len
+                    return rc
+                count = d.len // 16
+                if nbufs + count > self.size:
+                    self._err.count = nbufs + count
+                    return E_TOO_LONG
+                table_host = host
+                table_gpa = d.addr
+                table_len = count
+                i = 0
+                indirect = True
+                visited = 0
+                continue
+            writable = (d.flags & F_WRITE) != 0
+            if seen_writable and not writable:
+                return E_ORDER
+            seen_writable = writable
+            rc = self._check_buffer(d.addr, d.len, &host)
+            if rc:
+                self._err.addr = d.addr
+                self._err.len = d.len
+                return rc
+            if b.nbufs >= b.cap_bufs:
+                with gil:
+                    try:
+                        b._reserve_bufs(2 * b.cap_bufs + 64)
+                    except MemoryError:
+                        return E_PYTHON
+            b.addrs[b.nbufs] = d.addr
+            b.lens[b.nbufs] = d.len
+            b.writable[b.nbufs] = writable
+            b.hosts[b.nbufs] = host
+            b.nbufs += 1
+            nbufs += 1
+            if nbufs > self.size:
+                self._err.count = nbufs
+                return E_TOO_LONG
+            if not d.flags & F_NEXT:
+                return 0
+            if d.next >= table_len:
+                self._err.count = d.next
+                return E_NEXT
+            i = d.next
+
+    cdef object _walk_error(self, uint16_t head, int rc):
+        cdef int q = self.index
+        cdef int desc = self._err.desc
+        if rc == E_HEAD:
+            return DescIndexError(f"head {head} >= Queue Size {self.size}", q, head, head)
+        if rc == E_NEXT:
+            return DescIndexError(f"next {self._err.count} >= table size", q, desc, head)
+        if rc == E_LOOP:
+            return DescLoopError(f"chain visits more than {self._err.count} descriptors: next loop", q, desc, head)
+        if rc == E_TOO_LONG:
+            return ChainTooLongError(
+                f"chain of {self._err.count} descriptors exceeds Queue Size {self.size}", q, desc, head)
+        if rc == E_NESTED:
+            return NestedIndirectError("VIRTQ_DESC_F_INDIRECT inside an indirect table", q, desc, head)
+        if rc == E_INDIRECT_NEXT:
+            return IndirectTableError("indirect descriptor has VIRTQ_DESC_F_NEXT set", q, desc, head)
+        if rc == E_INDIRECT_LEN:
+            return IndirectTableError(
+                f"indirect table length {self._err.len} is zero or not a multiple of 16", q, desc, head)
+        if rc == E_WRAP:
+            return DescBufferError("buffer wraps past 2^64", q, desc, head, self._err.addr, self._err.len)
+        if rc == E_OUTSIDE:
+            return DescBufferError("buffer outside guest memory", q, desc, head, self._err.addr, self._err.len)
+        if rc == E_ORDER:
+            return DescOrderError("device-readable descriptor after a device-writable one", q, desc, head)
+        return DescBufferError("descriptor table unreadable", q, desc, head, 0, 0)
+
+    # -- used side -------------------------------------------------------------------
+    cdef inline int _push_one(self, uint32_t head, uint32_t length) except -1:
+        if head >= self.size:
+            raise UsedRingError(f"used id {head} >= Queue Size {self.size}", self.index, head)
+        if self._in_flight == 0:
+            raise UsedRingError("more used entries than chains popped", self.index, head)
+        self._in_flight -= 1
+        iovirt_store_used_elem(self._used + 4 + 8 * (self._used_idx & self._mask), head, length)
+        self._used_idx += 1
+        return 0
+
+    def push(self, uint32_t head, uint32_t length):
+        """Return one chain through the used ring with ``length`` bytes written."""
+        self._sync()
+        self._push_one(head, length)
+        iovirt_store_release_u16(self._used + 2, self._used_idx)
+
+    def push_batch(self, batch):
+        """Return every chain of ``batch`` with its used length; one idx update."""
+        cdef ChainBatch b
+        cdef Py_ssize_t i
+        self._sync()
+        if isinstance(batch, ChainBatch):
+            b = <ChainBatch> batch
+            if <uint32_t> b.n > self._in_flight:
+                raise UsedRingError("more used entries than chains popped", self.index)
+            for i in range(b.n):
+                self._push_one(b.heads[i], b.used_lens[i])
+        else:
+            for chain in batch:
+                self._push_one(chain.head, chain.used_len)
+        # 2.7.8.2 / 2.7.13: entries first, then the idx, with release ordering.
+        iovirt_store_release_u16(self._used + 2, self._used_idx)
+
+    # -- notifications ---------------------------------------------------------------
+    def need_notify(self):
+        """Whether the driver must be notified of the used entries pushed so far (2.7.10)."""
+        cdef uint16_t old, used_event
+        self._sync()
+        # The used idx store must be visible before we read the driver's flags.
+        iovirt_mb()
+        if not self.event_idx:
+            return not (iovirt_load_u16(self._avail) & AVAIL_F_NO_INTERRUPT)
+        old = self._signalled_used
+        self._signalled_used = self._used_idx
+        if not self._signalled_valid:
+            self._signalled_valid = True
+            return True
+        used_event = iovirt_load_u16(self._avail + 4 + 2 * self.size)
+        return <uint16_t> (self._used_idx - used_event - 1) < <uint16_t> (self._used_idx - old)
+
+    cdef inline void _publish_avail_event(self) noexcept:
+        if self.event_idx and self._notify_enabled:
+            iovirt_store_u16(self._used + 4 + 8 * self.size, self._last_avail_idx)
+
+    def enable_notification(self):
+        """Ask the driver to kick again; return True if chains arrived meanwhile."""
+        self._sync()
+        self._notify_enabled = True
+        if self.event_idx:
+            self._publish_avail_event()
+        else:
+            iovirt_store_u16(self._used, iovirt_load_u16(self._used) & ~USED_F_NO_NOTIFY)
+        iovirt_mb()
+        return self._pending() > 0
+
+    def disable_notification(self):
+        """Tell the driver kicks are not needed (we are polling)."""
+        self._sync()
+        self._notify_enabled = False
+        if not self.event_idx:
+            iovirt_store_u16(self._used, iovirt_load_u16(self._used) | USED_F_NO_NOTIFY)

@@ -1,0 +1,299 @@
+"""Split virtqueue, device side: the readable reference implementation.
+
+The accelerated twin is ``_queue_c.pyx``; :mod:`iovirt.virtio.queue` picks
+one.  Both implement the same API and are run by the same tests.  This one
+reads and writes the ring through :class:`~iovirt.memory.GuestMemory` field by
+field, exactly as the virtio 1.2 spec section 2.7 describes the split ring:
+
+- descriptor table: ``struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }``
+- avail ring: ``le16 flags; le16 idx; le16 ring[size]; le16 used_event;``
+- used ring: ``le16 flags; le16 idx; struct { le32 id; le32 len; } ring[size]; le16 avail_event;``
+"""
+
+from __future__ import annotations
+
+import struct
+
+from iovirt.memory import GuestMemory, GuestMemoryError
+from iovirt.virtio.chain import ChainBatch, DescChain
+from iovirt.virtio.defs import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_DESC_SIZE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    vring_need_event,
+)
+from iovirt.virtio.errors import (
+    AvailIndexError,
+    ChainTooLongError,
+    DescBufferError,
+    DescIndexError,
+    DescLoopError,
+    DescOrderError,
+    IndirectTableError,
+    NestedIndirectError,
+    QueueStateError,
+    UsedRingError,
+    VirtqueueError,
+)
+from iovirt.virtio.layout import check_layout
+from iovirt.virtio.state import QueueState
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+_U64_MAX = (1 << 64) - 1
+
+IMPLEMENTATION = "python"
+
+
+class SplitQueue:
+    """The device side of one split virtqueue.
+
+    ``pop``/``pop_batch`` take available chains, ``push``/``push_batch`` return
+    them through the used ring, ``need_notify`` says whether the driver must be
+    interrupted (2.7.7, 2.7.10).  A chain that breaks a rule is consumed and
+    raised as a :class:`~iovirt.virtio.errors.VirtqueueError` subclass; an
+    avail index that jumps by more than the queue size breaks the queue until
+    it is rebuilt (the driver is treated as malicious).
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        last_avail_idx: int = 0,
+        used_idx: int = 0,
+    ) -> None:
+        check_layout(memory, index, size, desc_addr, avail_addr, used_addr)
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.event_idx = event_idx
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = used_idx & 0xFFFF
+        self._signalled_used: int | None = None
+        self._notify_enabled = True
+        self._pending_error: VirtqueueError | None = None
+        # Chains popped and not yet pushed: a device may not return more.
+        self._in_flight = 0
+
+    # -- state ---------------------------------------------------------------
+    @classmethod
+    def from_state(cls, memory: GuestMemory, state: QueueState) -> "SplitQueue":
+        """Rebuild a queue from saved state, re-validating every field."""
+        for name in ("last_avail_idx", "used_idx"):
+            value = getattr(state, name)
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                raise QueueStateError(f"{name} {value!r} is not a 16-bit index", state.index)
+        if ((state.last_avail_idx - state.used_idx) & 0xFFFF) > state.size:
+            raise QueueStateError(
+                f"last_avail_idx {state.last_avail_idx} is more than Queue Size {state.size} "
+                f"ahead of used idx {state.used_idx}",
+                state.index,
+            )
+        return cls(
+            memory,
+            state.size,
+            state.desc_addr,
+            state.avail_addr,
+            state.used_addr,
+            index=state.index,
+            event_idx=bool(state.event_idx),
+            last_avail_idx=state.last_avail_idx,
+            used_idx=state.used_idx,
+        )
+
+    def state(self) -> QueueState:
+        """Plain-data snapshot of the queue."""
+        return QueueState(
+            size=self.size,
+            desc_addr=self.desc_addr,
+            avail_addr=self.avail_addr,
+            used_addr=self.used_addr,
+            last_avail_idx=self.last_avail_idx,
+            used_idx=self.used_idx,
+            event_idx=self.event_idx,
+            index=self.index,
+        )
+
+    def refresh(self) -> None:
+        """Re-validate the ring after the memory map changed."""
+        check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
+
+    # -- avail side ------------------------------------------------------------
+    def avail_idx(self) -> int:
+        """The driver's avail ``idx``."""
+        return self.memory.read_u16(self.avail_addr + 2)
+
+    def pending(self) -> int:
+        """How many chains the driver has made available and we have not popped."""
+        count = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if count > self.size:
+            raise AvailIndexError(
+                f"avail idx moved {count} entries past last_avail_idx {self.last_avail_idx}, "
+                f"more than Queue Size {self.size}",
+                self.index,
+            )
+        return count
+
+    def pop(self) -> DescChain | None:
+        """Take the next available chain, or ``None`` when there is none."""
+        batch = self.pop_batch(1)
+        return batch[0] if len(batch) else None
+
+    def pop_batch(self, max_chains: int) -> ChainBatch:
+        """Take up to ``max_chains`` available chains.
+
+        If a malformed chain is met after good ones, the good ones are
+        returned and the error is raised by the next call, so no valid chain
+        is lost.
+        """
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        count = min(self.pending(), max_chains)
+        chains: list[DescChain] = []
+        for _ in range(count):
+            slot = self.avail_addr + 4 + 2 * (self.last_avail_idx % self.size)
+            head = self.memory.read_u16(slot)
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            self._in_flight += 1
+            try:
+                chains.append(DescChain(head, self._walk(head)))
+            except VirtqueueError as exc:
+                if not chains:
+                    self._publish_avail_event()
+                    raise
+                self._pending_error = exc
+                break
+        self._publish_avail_event()
+        return ChainBatch(chains)
+
+    def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
+        return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))
+
+    def _walk(self, head: int) -> list[tuple[int, int, bool]]:
+        """Follow a chain from ``head`` and check every rule of 2.7.5."""
+        q = self.index
+        if head >= self.size:
+            raise DescIndexError(f"head {head} >= Queue Size {self.size}", q, head, head)
+        buffers: list[tuple[int, int, bool]] = []
+        seen_writable = False
+        table, table_len, i = self.desc_addr, self.size, head
+        indirect = False
+        visited = 0
+        while True:
+            visited += 1
+            if visited > table_len:
+                raise DescLoopError(f"chain visits more than {table_len} descriptors: next loop", q, i, head)
+            addr, length, flags, nxt = self._read_desc(table, i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise NestedIndirectError("VIRTQ_DESC_F_INDIRECT inside an indirect table", q, i, head)
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise IndirectTableError("indirect descriptor has VIRTQ_DESC_F_NEXT set", q, i, head)
+                if length == 0 or length % VIRTQ_DESC_SIZE:
+                    raise IndirectTableError(
+                        f"indirect table length {length} is zero or not a multiple of {VIRTQ_DESC_SIZE}", q, i, head
+                    )
+                self._check_buffer(addr, length, i, head)
+                count = length // VIRTQ_DESC_SIZE
+                if len(buffers) + count > self.size:
+                    raise ChainTooLongError(
+                        f"chain of {len(buffers) + count} descriptors exceeds Queue Size {self.size}", q, i, head
+                    )
+                table, table_len, i, indirect, visited = addr, count, 0, True, 0
+                continue
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if seen_writable and not writable:
+                raise DescOrderError("device-readable descriptor after a device-writable one", q, i, head)
+            seen_writable = writable
+            self._check_buffer(addr, length, i, head)
+            buffers.append((addr, length, writable))
+            if len(buffers) > self.size:
+                raise ChainTooLongError(f"chain longer than Queue Size {self.size}", q, i, head)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return buffers
+            if nxt >= table_len:
+                raise DescIndexError(f"next {nxt} >= table size {table_len}", q, i, head)
+            i = nxt
+
+    def _check_buffer(self, addr: int, length: int, desc: int, head: int) -> None:
+        if addr + length - 1 > _U64_MAX:
+            raise DescBufferError("buffer wraps past 2^64", self.index, desc, head, addr, length)
+        try:
+            self.memory.check_range(addr, length)
+        except GuestMemoryError as exc:
+            raise DescBufferError(f"buffer outside guest memory: {exc}", self.index, desc, head, addr, length) from exc
+
+    # -- used side ---------------------------------------------------------------
+    def push(self, head: int, length: int) -> None:
+        """Return one chain through the used ring with ``length`` bytes written."""
+        self._push_one(head, length)
+        self._publish_used_idx()
+
+    def push_batch(self, batch: ChainBatch) -> None:
+        """Return every chain of ``batch`` with its ``used_len``; one idx update."""
+        for chain in batch:
+            self._push_one(chain.head, chain.used_len)
+        self._publish_used_idx()
+
+    def _push_one(self, head: int, length: int) -> None:
+        if head >= self.size:
+            raise UsedRingError(f"used id {head} >= Queue Size {self.size}", self.index, head)
+        if self._in_flight == 0:
+            raise UsedRingError("more used entries than chains popped", self.index, head)
+        self._in_flight -= 1
+        slot = self.used_addr + 4 + 8 * (self.used_idx % self.size)
+        self.memory.write(slot, _USED_ELEM.pack(head, length & 0xFFFFFFFF))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def _publish_used_idx(self) -> None:
+        # 2.7.8.2: the used idx is written after the ring entries.
+        self.memory.write_u16(self.used_addr + 2, self.used_idx)
+
+    # -- notifications ---------------------------------------------------------
+    def need_notify(self) -> bool:
+        """Whether the driver must be notified of the used entries pushed so far (2.7.10)."""
+        if not self.event_idx:
+            return not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old, new = self._signalled_used, self.used_idx
+        self._signalled_used = new
+        if old is None:
+            return True
+        used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size)
+        return vring_need_event(used_event, new, old)
+
+    def _publish_avail_event(self) -> None:
+        # 2.7.10: with VIRTIO_F_EVENT_IDX, avail_event tells the driver the
+        # avail index at which it must kick us next.
+        if self.event_idx and self._notify_enabled:
+            self.memory.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick again; return True if chains arrived meanwhile."""
+        self._notify_enabled = True
+        if self.event_idx:
+            self._publish_avail_event()
+        else:
+            flags = self.memory.read_u16(self.used_addr)
+            self.memory.write_u16(self.used_addr, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+        return self.pending() > 0
+
+    def disable_notification(self) -> None:
+        """Tell the driver kicks are not needed (we are polling)."""
+        self._notify_enabled = False
+        if not self.event_idx:
+            flags = self.memory.read_u16(self.used_addr)
+            self.memory.write_u16(self.used_addr, flags | VIRTQ_USED_F_NO_NOTIFY)
