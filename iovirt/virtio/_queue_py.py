@@ -152,8 +152,8 @@ class SplitQueue:
         batch = self.pop_batch(1)
         return batch[0] if len(batch) else None
 
-    def pop_batch(self, max_chains: int) -> ChainBatch:
-        """Take up to ``max_chains`` available chains.
+    def pop_batch(self, max_chains: int, batch: ChainBatch | None = None) -> ChainBatch:
+        """Take up to ``max_chains`` available chains (into ``batch`` if given, reusing it).
 
         If a malformed chain is met after good ones, the good ones are
         returned and the error is raised by the next call, so no valid chain
@@ -178,7 +178,10 @@ class SplitQueue:
                 self._pending_error = exc
                 break
         self._publish_avail_event()
-        return ChainBatch(chains)
+        if batch is None:
+            return ChainBatch(chains)
+        batch.chains = chains
+        return batch
 
     def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
         return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))

@@ -1,0 +1,7 @@
+"""``python -m iovirt``."""
+
+import sys
+
+from iovirt.cli import main
+
+sys.exit(main())
