@@ -149,7 +149,7 @@ class FrontendError(VhostUserError):
 class ReplyTimeoutError(FrontendError):
     """No (complete) reply arrived within the timeout."""
 
-    def __init__(self, request: int, timeout: float) -> None:
+    def __init__(self, request: int | None, timeout: float) -> None:
         super().__init__(f"{_request_name(request)}: no reply within {timeout:g} s")
         self.request = request
         self.timeout = timeout

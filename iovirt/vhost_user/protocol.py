@@ -204,6 +204,22 @@ UNSUPPORTED_REQUESTS: dict[FrontendRequest, str] = {
 }
 """Spec requests iovirt recognises but rejects; their features are never offered."""
 
+def reply_kind(request: int, need_reply: bool, protocol_features: int) -> ReplyKind:
+    """What the front-end waits for after ``request`` (spec "Communication", REPLY_ACK).
+
+    A request with an explicit reply body gets it whatever need_reply says
+    ("brings no behavioural change"); any other request, known or not, gets
+    a u64 ack only if need_reply is set and REPLY_ACK was negotiated.
+    """
+    rule = REQUEST_RULES.get(request)  # type: ignore[call-overload]
+    if rule is not None and rule.reply is not None:
+        if rule.reply_if is None or protocol_features & (1 << rule.reply_if):
+            return ReplyKind.BODY
+    if need_reply and protocol_features & (1 << F.VHOST_USER_PROTOCOL_F_REPLY_ACK):
+        return ReplyKind.ACK
+    return ReplyKind.NONE
+
+
 @dataclass(frozen=True)
 class Request:
     """A well-formed front-end request.
@@ -424,20 +440,13 @@ class BackendConnection:
         if count != expected:
             raise FdCountError(request, count, f"{expected} ({rule.value})")
 
-    def _reply_kind(self, request: FrontendRequest | None, header: Header) -> ReplyKind:
-        rule = REQUEST_RULES.get(request) if request is not None else None
-        if rule is not None and rule.reply is not None:
-            if rule.reply_if is None or self.has_protocol_feature(rule.reply_if):
-                return ReplyKind.BODY
-        if header.need_reply and self.has_protocol_feature(F.VHOST_USER_PROTOCOL_F_REPLY_ACK):
-            return ReplyKind.ACK
-        return ReplyKind.NONE
+    def _reply_kind(self, request: int, header: Header) -> ReplyKind:
+        return reply_kind(request, header.need_reply, self.protocol_features)
 
     def _reject(
         self, request: int, header: Header, error: VhostUserProtocolError, fds: tuple[int, ...]
     ) -> RejectedRequest:
-        known = request if isinstance(request, FrontendRequest) else None
-        return RejectedRequest(request, header.flags, error, fds, self._reply_kind(known, header))
+        return RejectedRequest(request, header.flags, error, fds, self._reply_kind(request, header))
 
     # -- output ---------------------------------------------------------------
     def reply(self, event: Request, payload: Payload) -> bytes:
