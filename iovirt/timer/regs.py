@@ -108,7 +108,7 @@ APIC_DFR_CLUSTER = 0x0FFFFFFF
 APIC_TDCR_WRITE_MASK = 0xB
 
 # --- ICR ----------------------------------------------------------------------------
-APIC_ICR_WRITE_MASK = 0x000CDFFF  # vector, mode, dest mode, level, trigger, shorthand
+APIC_ICR_WRITE_MASK = 0x000CCFFF  # vector, mode, dest mode, level, trigger, shorthand
 APIC_ICR2_WRITE_MASK = 0xFF000000
 APIC_DEST_LOGICAL = 1 << 11
 APIC_INT_ASSERT = 1 << 14
