@@ -1,0 +1,187 @@
+"""DMA remapping: source id -> context entry -> second-level translation (legacy mode).
+
+VT-d spec 3.4 (root and context tables), 3.7 (second-level translation),
+7.2 (faults).  A request is identified by its source id
+(``bus << 8 | dev << 3 | fn``), so each SR-IOV VF, having its own routing
+id, translates through its own context entry.
+
+The hit path is one context-cache lookup per request and one IOTLB lookup
+per 4 KiB page; everything else (the root/context fetch, the page walk)
+happens on a miss, and only successful results are cached.
+"""
+
+from __future__ import annotations
+
+from iovirt.memory import Access, GuestMemory, GuestMemoryError
+from iovirt.vtd.caches import ContextCache, ContextCacheEntry, Iotlb, IotlbEntry
+from iovirt.vtd.faults import (
+    FR_ADDR_BEYOND_AW,
+    FR_CONTEXT_INVALID,
+    FR_CONTEXT_NOT_PRESENT,
+    FR_CONTEXT_RSVD,
+    FR_CONTEXT_TABLE_INVALID,
+    FR_CONTEXT_TT,
+    FR_READ,
+    FR_ROOT_NOT_PRESENT,
+    FR_ROOT_RSVD,
+    FR_ROOT_TABLE_INVALID,
+    FR_WRITE,
+    DmarFault,
+    FaultRecorder,
+)
+from iovirt.vtd.regs import ADDR_MASK, HAW, PAGE_MASK, PAGE_SHIFT
+from iovirt.vtd.tables import (
+    AW_39,
+    AW_48,
+    CTX_HI_RSVD,
+    CTX_LO_RSVD,
+    ENTRY_SIZE,
+    ROOT_HI_RSVD,
+    ROOT_LO_RSVD,
+    ROOT_P,
+    TT_DEVICE_TLB,
+    TT_MULTI_LEVEL,
+    TT_PASS_THROUGH,
+    aw_levels,
+    decode_context,
+    levels_width,
+)
+from iovirt.vtd.walk import WalkError, walk_second_level
+
+_READ = int(Access.READ)
+_WRITE = int(Access.WRITE)
+_PAGE_OFFSET = (1 << PAGE_SHIFT) - 1
+
+
+class DmaRemapper:
+    """The DMA-remapping half of a VT-d unit: context cache, IOTLB and the translate path.
+
+    ``enabled`` mirrors GSTS.TES and ``root_table`` the root-table address
+    latched by the last SRTP (``None`` before the first one); both are set
+    by :class:`iovirt.vtd.unit.VtdUnit`.
+    """
+
+    def __init__(self, memory: GuestMemory, faults: FaultRecorder, iotlb_capacity: int) -> None:
+        self.memory = memory
+        self.faults = faults
+        self.context_cache = ContextCache()
+        self.iotlb = Iotlb(iotlb_capacity)
+        self.enabled = False
+        self.root_table: int | None = None
+
+    def translate(self, source_id: int, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+        """Guest-physical pieces for a DMA of ``[addr, addr+length)``, split at 4 KiB pages.
+
+        Raises :class:`~iovirt.vtd.faults.DmarFault` (a
+        :class:`~iovirt.memory.TranslationFault`) after recording the fault.
+        With translation disabled, addresses pass unchanged.
+        """
+        if not self.enabled:
+            return [(addr, length)]
+        acc = int(access)
+        ctx = self.context_cache.entries.get(source_id)
+        if ctx is None:
+            ctx = self._load_context(source_id, addr, length, acc)
+        did, tt, levels, slptptr, fpd = ctx
+        end = addr + length
+        limit = 1 << (HAW if tt == TT_PASS_THROUGH else levels_width(levels))
+        if end > limit:
+            raise self._fault(source_id, FR_ADDR_BEYOND_AW, addr, length, acc, max(addr, limit), fpd)
+        if tt == TT_PASS_THROUGH:
+            return [(addr, length)]
+        iotlb = self.iotlb.entries
+        pieces = []
+        while addr < end:
+            vpn = addr >> PAGE_SHIFT
+            entry = iotlb.get((did, vpn))
+            if entry is None:
+                entry = self._fill(source_id, ctx, addr, length, acc)
+            if entry[1] & acc != acc:
+                reason = FR_READ if acc & _READ and not entry[1] & _READ else FR_WRITE
+                raise self._fault(source_id, reason, addr, length, acc, addr, fpd)
+            next_page = (vpn + 1) << PAGE_SHIFT
+            n = (end if end < next_page else next_page) - addr
+            pieces.append((entry[0] | (addr & _PAGE_OFFSET), n))
+            addr += n
+        return pieces
+
+    def _fill(self, source_id: int, ctx: ContextCacheEntry, addr: int, length: int, acc: int) -> IotlbEntry:
+        """IOTLB miss: walk the tables and cache the page's translation."""
+        did, _tt, levels, slptptr, fpd = ctx
+        try:
+            leaf, shift, perm = walk_second_level(self.memory, slptptr, levels, addr)
+        except WalkError as exc:
+            raise self._fault(source_id, exc.fault_reason, addr, length, acc, addr, fpd) from None
+        if not perm:
+            reason = FR_READ if acc & _READ else FR_WRITE
+            raise self._fault(source_id, reason, addr, length, acc, addr, fpd)
+        leaf_mask = (1 << shift) - 1
+        leaf_start = addr & ~leaf_mask
+        entry = (leaf + (addr & leaf_mask & PAGE_MASK), perm, leaf_start, leaf_start + (1 << shift))
+        self.iotlb.insert(did, addr >> PAGE_SHIFT, entry)
+        return entry
+
+    def _load_context(self, source_id: int, addr: int, length: int, acc: int) -> ContextCacheEntry:
+        """Context-cache miss: fetch and check the root and context entries (spec 9.1, 9.3)."""
+        mem = self.memory
+
+        def fault(reason: int, fpd: bool = False) -> DmarFault:
+            return self._fault(source_id, reason, addr, length, acc, addr, fpd)
+
+        if self.root_table is None:
+            raise fault(FR_ROOT_TABLE_INVALID)
+        try:
+            root_addr = self.root_table + (source_id >> 8) * ENTRY_SIZE
+            rlo, rhi = mem.read_u64(root_addr), mem.read_u64(root_addr + 8)
+        except GuestMemoryError:
+            raise fault(FR_ROOT_TABLE_INVALID) from None
+        if not rlo & ROOT_P:
+            raise fault(FR_ROOT_NOT_PRESENT)
+        if rlo & ROOT_LO_RSVD or rhi & ROOT_HI_RSVD:
+            raise fault(FR_ROOT_RSVD)
+        try:
+            ctx_addr = (rlo & ADDR_MASK) + (source_id & 0xFF) * ENTRY_SIZE
+            clo, chi = mem.read_u64(ctx_addr), mem.read_u64(ctx_addr + 8)
+        except GuestMemoryError:
+            raise fault(FR_CONTEXT_TABLE_INVALID) from None
+        ce = decode_context(clo, chi)
+        # FPD is honoured even in a not-present context entry (spec 9.3).
+        if not ce.present:
+            raise fault(FR_CONTEXT_NOT_PRESENT, ce.fpd)
+        if clo & CTX_LO_RSVD or chi & CTX_HI_RSVD:
+            raise fault(FR_CONTEXT_RSVD)
+        if ce.tt not in (TT_MULTI_LEVEL, TT_DEVICE_TLB, TT_PASS_THROUGH):
+            raise fault(FR_CONTEXT_TT, ce.fpd)
+        if ce.tt != TT_PASS_THROUGH and ce.aw not in (AW_39, AW_48):
+            raise fault(FR_CONTEXT_INVALID)
+        entry = (ce.did, ce.tt, aw_levels(ce.aw), ce.slptptr, ce.fpd)
+        self.context_cache.entries[source_id] = entry
+        return entry
+
+    def _fault(
+        self, source_id: int, reason: int, addr: int, length: int, acc: int, fault_addr: int, fpd: bool
+    ) -> DmarFault:
+        """Record a fault and build the exception for the requester."""
+        # A request that writes at all is reported as a write (FRCD.T = 0);
+        # a permission fault is reported with the direction that was denied.
+        is_read = reason == FR_READ or (reason != FR_WRITE and not acc & _WRITE)
+        recorded = self.faults.record(source_id, reason, fault_addr, is_read, fpd)
+        return DmarFault(addr, length, Access(acc), source_id, reason, fault_addr, recorded)
+
+
+class DmaTranslator:
+    """One requester's view of the IOMMU: an :class:`iovirt.memory.Translator`.
+
+    ``memory.with_translator(unit.dma_translator(sid))`` gives a device an
+    IOVA view of guest memory without the device knowing.
+    """
+
+    __slots__ = ("_remapper", "source_id")
+
+    def __init__(self, remapper: DmaRemapper, source_id: int) -> None:
+        self._remapper = remapper
+        self.source_id = source_id
+
+    def translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+        """Translate ``[addr, addr+length)`` for this source id (see :meth:`DmaRemapper.translate`)."""
+        return self._remapper.translate(self.source_id, addr, length, access)
