@@ -1,0 +1,35 @@
+"""``iovirt lspci``: print the default platform's functions like lspci does.
+
+``iovirt lspci -xxxx | lspci -vvv -F /dev/stdin`` decodes them with pciutils.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from iovirt.pci.lspci import format_host
+from iovirt.pci.topology import build_default_host
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the ``lspci`` subcommand; it sets ``func`` to a callable ``(args) -> int``."""
+    parser = subparsers.add_parser(
+        "lspci",
+        help="list the in-process PCI functions, lspci style",
+        description=(
+            "List the default in-process platform's PCI functions. -x dumps 64 bytes of "
+            "config space, -xxx 256 bytes, -xxxx 4096 bytes (PCI Express functions); the "
+            "output is what 'lspci -F' reads."
+        ),
+    )
+    parser.add_argument(
+        "-x", dest="hex", action="count", default=0,
+        help="hex dump of config space; repeat as -xxx or -xxxx for more",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the default platform and print its functions."""
+    print(format_host(build_default_host(), args.hex), end="")
+    return 0
