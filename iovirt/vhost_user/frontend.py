@@ -190,17 +190,19 @@ class VhostUserFrontend:
             body = payload.pack()
         self.send_raw(Header(request, flags, len(body)).pack() + body, fds)
 
-    def recv_message(self, timeout: float | None = None) -> tuple[Header, bytes, tuple[int, ...]]:
+    def recv_message(
+        self, timeout: float | None = None, request: int | None = None
+    ) -> tuple[Header, bytes, tuple[int, ...]]:
         """Read one whole message: header, payload bytes and the fds that came with it.
 
         Reads the header, then exactly its payload, so that fds stay with
         their message.  Raises :class:`ReplyTimeoutError` or
-        :class:`BackendClosedError`.
+        :class:`BackendClosedError` (naming ``request``, the one awaited).
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         fds: list[int] = []
         try:
-            raw = self._recv_exact(HEADER_SIZE, deadline, fds, None)
+            raw = self._recv_exact(HEADER_SIZE, deadline, fds, request)
             header = Header.unpack(raw)
             if header.size > MAX_PAYLOAD_SIZE:
                 raise BadReplyError(header.request, f"payload size {header.size} exceeds {MAX_PAYLOAD_SIZE}")
@@ -259,7 +261,7 @@ class VhostUserFrontend:
         Checks the request code, the REPLY and version bits and the payload
         syntax; raises :class:`BadReplyError` otherwise.
         """
-        header, body, fds = self.recv_message(timeout)
+        header, body, fds = self.recv_message(timeout, request)
         try:
             if header.request != request:
                 raise BadReplyError(request, f"reply is for request {header.request}")
