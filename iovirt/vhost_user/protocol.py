@@ -32,6 +32,9 @@ unknown request codes (the spec's REPLY_ACK section lets the front-end ask
 for a reply to *any* request, so a NACK is still due if NEED_REPLY was set),
 reserved or REPLY flag bits, payload sizes and values, fd counts.
 
+Not handled: VHOST_USER_PROTOCOL_F_XEN_MMAP (its memory regions are 40
+bytes, not 32) - a back-end using this class must not offer it.
+
 File descriptors
 ----------------
 Fds handed to :meth:`BackendConnection.feed` belong to the message the first
@@ -296,11 +299,11 @@ class BackendConnection:
     """
 
     supported_protocol_features: int = 0
-    protocol_features: int = 0
-    state: ConnectionState = ConnectionState.OPEN
-    _buffer: bytearray = field(default_factory=bytearray, repr=False)
-    _header: Header | None = field(default=None, repr=False)
-    _fds: list[int] = field(default_factory=list, repr=False)
+    protocol_features: int = field(default=0, init=False)
+    state: ConnectionState = field(default=ConnectionState.OPEN, init=False)
+    _buffer: bytearray = field(default_factory=bytearray, init=False, repr=False)
+    _header: Header | None = field(default=None, init=False, repr=False)
+    _fds: list[int] = field(default_factory=list, init=False, repr=False)
 
     # -- input ----------------------------------------------------------------
     @property
