@@ -64,8 +64,11 @@ class TimerMultiplexer:
     poll timeout and call :meth:`dispatch` after the poll returns.
     """
 
-    def __init__(self, clock: Clock, host_timer: HostTimer) -> None:
+    def __init__(self, clock: Clock, host_timer: HostTimer, slack_ns: int = 0) -> None:
         self.clock = clock
+        # Like Linux hrtimer slack: the host timer may fire up to slack_ns after
+        # the earliest deadline (never before), so nearby deadlines share one wakeup.
+        self.slack_ns = slack_ns
         self.now_ns = clock.now_ns
         self.host_timer = host_timer
         self._heap: list[int] = []
@@ -200,7 +203,7 @@ class TimerMultiplexer:
         head = self._heap[0] if self._heap else None
         if head != self._armed_at:
             self._armed_at = head
-            self.host_timer.arm(head)
+            self.host_timer.arm(None if head is None else head + self.slack_ns)
 
     def _maybe_compact(self) -> None:
         """Rebuild heap and buckets from the live timers once stale entries dominate.

@@ -139,3 +139,18 @@ def test_real_timerfd_in_a_selector_fires_in_order_and_never_early():
         assert all(now - due < 200_000_000 for _, due, now in log)  # generous: shared 2-core box
         assert host_timer.arm_count == 4  # c, then a (new earliest), then b and c after expiries
     assert TimerFd.open_count == start
+
+
+def test_slack_delays_the_host_timer_but_never_fires_early():
+    from iovirt.timer.testing import FakeClock, FakeHostTimer
+
+    clock = FakeClock(0)
+    mux = TimerMultiplexer(clock, FakeHostTimer(), slack_ns=100)
+    log = []
+    mux.arm(_recorder(log, "a"), 1000)
+    mux.arm(_recorder(log, "b"), 1050)
+    assert mux.host_timer.armed_at == 1100
+    clock.set(999)
+    assert mux.dispatch() == 0
+    run_until(mux, clock, 2000)
+    assert [(n, now) for n, _, now in log] == [("a", 1100), ("b", 1100)]  # one wakeup for both
