@@ -61,20 +61,22 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-class _Config:
-    """Config accessors bound to one bus/device/function."""
+class ConfigAccessor:
+    """Config reads and writes of one ``bus:device.fn`` through a host (raising API)."""
 
     def __init__(self, host: PciHost, bus: int, device: int, fn: int) -> None:
         self.host, self.bus, self.device, self.fn = host, bus, device, fn
 
     def read(self, offset: int, size: int) -> int:
+        """Config read."""
         return self.host.config_read(self.bus, self.device, self.fn, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """Config write."""
         self.host.config_write(self.bus, self.device, self.fn, offset, size, value)
 
 
-def size_bar(cfg: _Config, register: int) -> tuple[int, int, int]:
+def size_bar(cfg: ConfigAccessor, register: int) -> tuple[int, int, int]:
     """Size the BAR at ``register``: ``(size, flags, registers_used)``; size 0 if unimplemented.
 
     Writes all-ones, reads the mask back and restores the original value.
@@ -117,7 +119,7 @@ def _scan_bus(host: PciHost, bus: int, cursors: _Cursors) -> int:
     highest = bus
     for device in range(32):
         for fn in range(8):
-            cfg = _Config(host, bus, device, fn)
+            cfg = ConfigAccessor(host, bus, device, fn)
             if cfg.read(PCI_VENDOR_ID, 2) == 0xFFFF:
                 if fn == 0:
                     break
@@ -133,7 +135,7 @@ def _scan_bus(host: PciHost, bus: int, cursors: _Cursors) -> int:
     return highest
 
 
-def _assign_bars(cfg: _Config, count: int, rom_register: int, cursors: _Cursors) -> None:
+def _assign_bars(cfg: ConfigAccessor, count: int, rom_register: int, cursors: _Cursors) -> None:
     command = PCI_COMMAND_MASTER
     index = 0
     while index < count:
@@ -171,7 +173,7 @@ def _assign_bars(cfg: _Config, count: int, rom_register: int, cursors: _Cursors)
     cfg.write(PCI_COMMAND, 2, cfg.read(PCI_COMMAND, 2) | command)
 
 
-def _configure_bridge(cfg: _Config, cursors: _Cursors) -> int:
+def _configure_bridge(cfg: ConfigAccessor, cursors: _Cursors) -> int:
     secondary = cursors.next_bus
     cursors.next_bus += 1
     # Open the bus range fully while scanning below, then close it to what was found.
