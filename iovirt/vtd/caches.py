@@ -6,7 +6,10 @@ software invalidates them.  Only successful translations are cached
 (CAP.CM = 0: not-present and faulting entries are never cached).
 
 The entries are plain ints in tuples in plain dicts so the hit path is one
-dict lookup and the accelerated build can read them directly.
+dict lookup and the accelerated build can read them directly.  Data-plane
+threads fill the caches while the control thread invalidates them, so every
+scan works on a snapshot (``list(dict)`` copies under the GIL) and removes
+with ``pop(key, None)``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class ContextCache:
 
     def invalidate_domain(self, did: int) -> None:
         """Drop the entries of domain ``did``."""
-        for sid in [s for s, e in self.entries.items() if e[0] == did]:
-            del self.entries[sid]
+        for sid, entry in list(self.entries.items()):
+            if entry[0] == did:
+                self.entries.pop(sid, None)
 
     def invalidate_device(self, sid: int, fm: int) -> None:
         """Drop the entries of ``sid``; FM masks its low function bits (spec 11.4.7.1).
@@ -49,8 +53,9 @@ class ContextCache:
         superset, which the spec allows.
         """
         mask = 0xFFFF & ~_FM_IGNORED_BITS[fm & 3]
-        for s in [s for s in self.entries if s & mask == sid & mask]:
-            del self.entries[s]
+        for s in list(self.entries):
+            if s & mask == sid & mask:
+                self.entries.pop(s, None)
 
 
 class Iotlb:
@@ -68,7 +73,7 @@ class Iotlb:
         """Cache one page's translation."""
         entries = self.entries
         if len(entries) >= self.capacity:
-            del entries[next(iter(entries))]
+            entries.pop(next(iter(entries)), None)
         entries[(did, vpn)] = entry
 
     def invalidate_global(self) -> None:
@@ -77,8 +82,9 @@ class Iotlb:
 
     def invalidate_domain(self, did: int) -> None:
         """Drop every entry of domain ``did``."""
-        for key in [k for k in self.entries if k[0] == did]:
-            del self.entries[key]
+        for key in list(self.entries):
+            if key[0] == did:
+                self.entries.pop(key, None)
 
     def invalidate_pages(self, did: int, addr: int, am: int) -> None:
         """Drop domain ``did``'s entries overlapping the 2^AM pages at ``addr`` (aligned down).
@@ -89,10 +95,9 @@ class Iotlb:
         size = 1 << (PAGE_SHIFT + am)
         start = addr & ~(size - 1)
         end = start + size
-        for key in [
-            k for k, e in self.entries.items() if k[0] == did and e[2] < end and e[3] > start
-        ]:
-            del self.entries[key]
+        for key, entry in list(self.entries.items()):
+            if key[0] == did and entry[2] < end and entry[3] > start:
+                self.entries.pop(key, None)
 
 
 class InterruptEntryCache(Generic[V]):
@@ -109,5 +114,6 @@ class InterruptEntryCache(Generic[V]):
         """Drop the 2^IM entries at ``index`` aligned down (spec 6.5.2.7)."""
         count = 1 << im
         start = index & ~(count - 1)
-        for i in [i for i in self.entries if start <= i < start + count]:
-            del self.entries[i]
+        for i in list(self.entries):
+            if start <= i < start + count:
+                self.entries.pop(i, None)
