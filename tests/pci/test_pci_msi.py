@@ -177,3 +177,13 @@ def test_reset_restores_msix_and_msi_state() -> None:
 def test_msix_pba_offset_defaults_after_table() -> None:
     cap = MsixCapability(65, table_bar=0)
     assert cap.pba_offset == 65 * 16 and cap.pba_len == 16
+
+
+def test_recording_sink_satisfies_msisink_signature() -> None:
+    import inspect
+
+    from iovirt.pci.msi import MsiSink
+
+    expected = inspect.signature(MsiSink.deliver_msi)
+    assert list(expected.parameters) == ["self", "source_id", "address", "data"]
+    assert inspect.signature(RecordingMsiSink.deliver_msi) == expected
