@@ -214,6 +214,8 @@ class PciFunction:
             raise PciLayoutError("capability is already installed on a function")
         existing = [(c.offset, c.size) for c in self.capabilities]
         offset = place(existing, offset, cap.size, PCI_CAP_MIN_OFFSET, PCI_CFG_SPACE_SIZE)
+        # Install first: if the capability rejects its layout, the chain is untouched.
+        cap.install(self, offset)
         cfg = self.config
         cfg.init(offset, 1, cap.cap_id)
         cfg.init(offset + 1, 1, 0)
@@ -223,7 +225,6 @@ class PciFunction:
             cfg.init(PCI_CAPABILITY_LIST, 1, offset)
             # PCI 3.0 §6.2.3: Capabilities List is set iff the pointer is valid.
             cfg.set_default(PCI_STATUS, 2, cfg.get(PCI_STATUS, 2) | PCI_STATUS_CAP_LIST)
-        cap.install(self, offset)
         self.capabilities.append(cap)
         return offset
 
@@ -240,12 +241,12 @@ class PciFunction:
         if not existing and offset not in (None, PCI_EXT_CAP_START):
             raise PciLayoutError("the first extended capability must be at 0x100", offset)
         offset = place(existing, offset, cap.size, PCI_EXT_CAP_START, PCI_CFG_SPACE_EXP_SIZE)
+        cap.install(self, offset)
         cfg = self.config
         cfg.init(offset, 4, cap.cap_id | cap.version << 16)
         if self.extended_capabilities:
             prev = self.extended_capabilities[-1].offset
             cfg.init(prev, 4, cfg.get(prev, 4) | offset << 20)
-        cap.install(self, offset)
         self.extended_capabilities.append(cap)
         return offset
 

@@ -83,6 +83,11 @@ class MsixCapability(Capability):
         table_bar = function.bars[self.table_bar]
         pba_bar = function.bars[self.pba_bar]
         assert table_bar is not None and pba_bar is not None
+        table_end = self.table_offset + len(self.table)
+        if table_end > table_bar.size or self.pba_offset + self.pba_len > pba_bar.size:
+            raise PciLayoutError(f"MSI-X table or PBA does not fit in BAR{self.table_bar}/BAR{self.pba_bar}")
+        if table_bar is pba_bar and self.pba_offset < table_end and self.table_offset < self.pba_offset + self.pba_len:
+            raise PciLayoutError("MSI-X table and PBA overlap", self.pba_offset)
         table_bar.map_region(self.table_offset, len(self.table), self.table_read, self.table_write)
         pba_bar.map_region(self.pba_offset, self.pba_len, self.pba_read, self._pba_write)
         super().install(function, offset)

@@ -176,6 +176,12 @@ def test_msix_needs_its_bar() -> None:
         fn.add_capability(MsixCapability(4, table_bar=0))  # table + PBA do not fit
     with pytest.raises(PciLayoutError):
         MsixCapability(4, table_bar=0, table_offset=4)
+    with pytest.raises(PciLayoutError, match="overlap"):
+        fn.add_bar(1, Bar(0x1000))
+        fn.add_capability(MsixCapability(4, table_bar=1, pba_offset=0x20))
+    assert walk_capabilities(fn.config_read) == []  # failed adds leave the chain untouched
+    fn.add_capability(MsixCapability(4, table_bar=1))
+    assert walk_capabilities(fn.config_read) == [(0x11, 0x40)]
 
 
 def test_every_default_function_has_a_sane_chain() -> None:
