@@ -415,6 +415,13 @@ cdef class SplitQueue:
             self._pending_error = error
         return batch
 
+    def rewind(self, uint32_t count):
+        """Give back the last ``count`` popped chains unused: they will be popped again."""
+        if count > self._in_flight:
+            raise UsedRingError(f"cannot rewind {count} chains, {self._in_flight} in flight", self.index)
+        self._last_avail_idx -= <uint16_t> count
+        self._in_flight -= count
+
     cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil:
         if table_host != NULL:
             memcpy(d, table_host + 16 * <uint64_t> i, 16)

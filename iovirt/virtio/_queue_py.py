@@ -183,6 +183,17 @@ class SplitQueue:
         batch.chains = chains
         return batch
 
+    def rewind(self, count: int) -> None:
+        """Give back the last ``count`` popped chains unused: they will be popped again.
+
+        For a device that popped receive buffers and found them too few for a
+        frame (Linux vhost's ``vhost_discard_vq_desc``).
+        """
+        if not 0 <= count <= self._in_flight:
+            raise UsedRingError(f"cannot rewind {count} chains, {self._in_flight} in flight", self.index)
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+        self._in_flight -= count
+
     def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
         return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))
 

@@ -392,3 +392,14 @@ def test_queue_through_translator(queue_cls):
     drv.publish()
     with pytest.raises(DescBufferError):
         dev.pop()
+
+
+def test_rewind_gives_chains_back(ring):
+    heads = [ring.drv.add_data([], [8]) for _ in range(3)]
+    ring.drv.publish()
+    batch = ring.dev.pop_batch(3)
+    assert [c.head for c in batch] == heads
+    ring.dev.rewind(2)
+    assert [c.head for c in ring.dev.pop_batch(8)] == heads[1:]
+    with pytest.raises(UsedRingError):
+        ring.dev.rewind(4)

@@ -1,0 +1,120 @@
+"""The data plane: one thread that waits on kick eventfds (and TAP fds) and runs the devices.
+
+The control thread never processes queues; it only changes what the data
+plane serves.  ``lock`` is the data-path lock: the data plane holds it while
+it runs a device, and the control thread holds it while it starts or stops a
+ring or replaces the memory table, so neither sees the other half-done.  One
+thread serves every device of the process, so a frame switched from one
+port's transmit queue into another port's receive queue never needs two
+locks (no lock order, no deadlock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from typing import Callable
+
+log = logging.getLogger("iovirt.dataplane")
+
+Handler = Callable[[], None]
+
+POLL_INTERVAL_S = 0.001  # for rings set up with the "no fd, poll" bit
+
+
+class DataPlane:
+    """An epoll loop on its own thread; fds map to handlers run under ``lock``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple[Handler, bool]] = {}
+        self._pollers: dict[object, Handler] = {}
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the data-plane thread."""
+        self._thread = threading.Thread(target=self._run, name="iovirt-dataplane", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and close the epoll set."""
+        self._stop = True
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._epoll.close()
+        os.close(self._wake)
+
+    def add_eventfd(self, fd: int, handler: Handler) -> None:
+        """Run ``handler`` whenever eventfd ``fd`` is signalled (its counter is drained first)."""
+        self._add(fd, handler, True)
+
+    def add_fd(self, fd: int, handler: Handler) -> None:
+        """Run ``handler`` whenever ``fd`` is readable (the handler reads it)."""
+        self._add(fd, handler, False)
+
+    def _add(self, fd: int, handler: Handler, is_eventfd: bool) -> None:
+        if fd in self._handlers:
+            self._epoll.modify(fd, select.EPOLLIN)
+        else:
+            self._epoll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = (handler, is_eventfd)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (the caller closes it)."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def add_poller(self, key: object, handler: Handler) -> None:
+        """Run ``handler`` every poll interval (rings without a kick fd)."""
+        self._pollers[key] = handler
+        os.eventfd_write(self._wake, 1)
+
+    def remove_poller(self, key: object) -> None:
+        """Stop polling ``key``."""
+        self._pollers.pop(key, None)
+
+    def _run(self) -> None:
+        while not self._stop:
+            timeout = POLL_INTERVAL_S if self._pollers else -1
+            try:
+                events = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            with self.lock:
+                for fd, _mask in events:
+                    if fd == self._wake:
+                        _drain(fd)
+                        continue
+                    entry = self._handlers.get(fd)
+                    if entry is None:
+                        continue
+                    handler, is_eventfd = entry
+                    if is_eventfd:
+                        _drain(fd)
+                    self._call(handler)
+                for handler in list(self._pollers.values()):
+                    self._call(handler)
+
+    @staticmethod
+    def _call(handler: Handler) -> None:
+        try:
+            handler()
+        except Exception:  # a device bug must not stop every other device
+            log.exception("data-plane handler failed")
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except (BlockingIOError, OSError):
+        pass

@@ -1,0 +1,310 @@
+"""The virtio-blk device (virtio 1.2 section 5.2) on a raw image file.
+
+A request is a chain: ``struct virtio_blk_req { le32 type; le32 reserved;
+le64 sector; u8 data[]; u8 status; }`` (5.2.6) with the header and any
+output data device-readable, then the input data and the status byte
+device-writable.  Data moves between the image and guest memory with
+``preadv``/``pwritev`` straight on views of guest memory (no copies).
+
+Write-back caching is honest: writes land in the host page cache and a
+``VIRTIO_BLK_T_FLUSH`` completes only after ``fdatasync`` returned (5.2.6.4).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+
+from iovirt.memory import Access, GuestMemory, GuestMemoryError
+from iovirt.virtio.chain import DescChain
+from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt.virtio.queue import SplitQueue
+
+VIRTIO_ID_BLOCK = 2
+
+# 5.2.3 Feature bits
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# 5.2.6 request types and status
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_ID_BYTES = 20
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+SECTOR_SIZE = 512  # 5.2.6: sector numbers are in 512-byte units whatever blk_size says
+REQ_HDR = struct.Struct("<IIQ")
+DISCARD_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BATCH = 64
+
+
+class RequestError(Exception):
+    """A request that completes with a non-OK status; carries the status to report."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class VirtioBlk(VirtioDevice):
+    """A virtio-blk device backed by a raw image file."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        num_queues: int = 1,
+        size: int | None = None,
+        serial: str = "iovirt",
+        seg_max: int = 126,
+        size_max: int = 1 << 20,
+        blk_size: int = 512,
+        queue_max_size: int = 1024,
+        label: str = "",
+    ) -> None:
+        super().__init__(num_queues, queue_max_size, label or os.path.basename(path))
+        if size is not None and not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self.fd = os.open(path, flags | os.O_CLOEXEC)
+        self.path = path
+        self.read_only = read_only
+        self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
+        self.seg_max = seg_max
+        self.size_max = size_max
+        self.blk_size = blk_size
+        self.stats = collections.Counter()
+
+    def close(self) -> None:
+        """Close the image."""
+        os.close(self.fd)
+
+    # -- features and config (5.2.3, 5.2.4) -------------------------------------
+    def device_features(self) -> int:
+        """Offered: the common bits, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, MQ, DISCARD, WRITE_ZEROES (+RO)."""
+        bits = [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+        ]
+        bits += [VIRTIO_BLK_F_RO] if self.read_only else [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+        return COMMON_FEATURES | sum(1 << b for b in bits)
+
+    def config_space(self) -> bytes:
+        """``struct virtio_blk_config`` up to ``unused1`` (60 bytes)."""
+        max_sectors = 0xFFFFFFFF // SECTOR_SIZE
+        return struct.pack(
+            "<QII HBB I BBHI BBH III IIB3x",
+            self.capacity,
+            self.size_max,
+            self.seg_max,
+            0, 0, 0,  # geometry: not offered
+            self.blk_size,
+            0, 0, 0, 0,  # topology: not offered
+            0, 0,  # writeback, unused0 (CONFIG_WCE not offered)
+            self.num_queues,
+            max_sectors,  # max_discard_sectors
+            1,  # max_discard_seg
+            1,  # discard_sector_alignment (in 512-byte sectors)
+            max_sectors,  # max_write_zeroes_sectors
+            1,  # max_write_zeroes_seg
+            1,  # write_zeroes_may_unmap
+        )
+
+    # -- requests (5.2.6) ------------------------------------------------------------
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        """Serve every available request of ``queue``."""
+        memory = queue.memory
+        while True:
+            batch = queue.pop_batch(BATCH)
+            if not len(batch):
+                break
+            tracker = self.inflight[index]
+            heads = [batch.head(i) for i in range(len(batch))] if tracker is not None else []
+            for head in heads:
+                tracker.popped(head)  # type: ignore[union-attr]
+            for i, chain in enumerate(batch):
+                batch.set_used_len(i, self._serve(memory, chain))
+            queue.push_batch(batch)
+            if tracker is not None:
+                tracker.completed(heads, queue.used_idx)
+            self.signal(index)
+
+    def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
+        """Execute one request; returns the used length (bytes written incl. status)."""
+        writable = chain.writable
+        if chain.readable_len < REQ_HDR.size or not writable or writable[-1][1] < 1:
+            # No room for a header or a status byte: nothing can be reported.
+            self.stats["malformed"] += 1
+            self.log.warning("%s: request chain %d has no header or no status byte; dropped", self.label, chain.head)
+            return 0
+        status_addr = writable[-1][0] + writable[-1][1] - 1
+        din = writable[:-1] + ([(writable[-1][0], writable[-1][1] - 1)] if writable[-1][1] > 1 else [])
+        readable = chain.readable
+        header = _gather(memory, readable, REQ_HDR.size)
+        rtype, _reserved, sector = REQ_HDR.unpack(header)
+        dout = _skip(readable, REQ_HDR.size)
+        written = 0
+        try:
+            if rtype == VIRTIO_BLK_T_IN:
+                written = self._read(memory, sector, din)
+            elif rtype == VIRTIO_BLK_T_OUT:
+                self._write(memory, sector, dout)
+            elif rtype == VIRTIO_BLK_T_FLUSH:
+                if not self.read_only:
+                    os.fdatasync(self.fd)
+                self.stats["flush"] += 1
+            elif rtype == VIRTIO_BLK_T_GET_ID:
+                ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+                written = _scatter(memory, din, ident)
+            elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                self._discard_or_zero(memory, rtype, dout)
+            else:
+                raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {rtype} not supported")
+            status = VIRTIO_BLK_S_OK
+        except RequestError as exc:
+            status = exc.status
+            self.stats["errors"] += 1
+            self.log.warning("%s: request type %d sector %d: %s", self.label, rtype, sector, exc)
+        except GuestMemoryError as exc:
+            status = VIRTIO_BLK_S_IOERR
+            self.stats["errors"] += 1
+            self.log.warning("%s: request type %d: %s", self.label, rtype, exc)
+        memory.write(status_addr, bytes([status]))
+        return written + 1
+
+    def _check_range(self, sector: int, nbytes: int) -> int:
+        if nbytes % SECTOR_SIZE:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"data length {nbytes} is not a multiple of {SECTOR_SIZE}")
+        if sector + nbytes // SECTOR_SIZE > self.capacity:
+            raise RequestError(
+                VIRTIO_BLK_S_IOERR, f"sectors [{sector}, +{nbytes // SECTOR_SIZE}) beyond capacity {self.capacity}"
+            )
+        return sector * SECTOR_SIZE
+
+    def _read(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> int:
+        nbytes = sum(n for _, n in bufs)
+        offset = self._check_range(sector, nbytes)
+        views = [memory.view(a, n, Access.WRITE) for a, n in bufs if n]
+        try:
+            got = os.preadv(self.fd, views, offset)
+        except OSError as exc:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"read failed: {exc}") from exc
+        finally:
+            for v in views:
+                v.release()
+        if got != nbytes:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"short read {got} of {nbytes}")
+        self.stats["read_bytes"] += nbytes
+        return nbytes
+
+    def _write(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> None:
+        if self.read_only:
+            raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only device")  # 5.2.6.2
+        nbytes = sum(n for _, n in bufs)
+        offset = self._check_range(sector, nbytes)
+        views = [memory.view(a, n) for a, n in bufs if n]
+        try:
+            done = os.pwritev(self.fd, views, offset)
+        except OSError as exc:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"write failed: {exc}") from exc
+        finally:
+            for v in views:
+                v.release()
+        if done != nbytes:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"short write {done} of {nbytes}")
+        self.stats["write_bytes"] += nbytes
+
+    def _discard_or_zero(self, memory: GuestMemory, rtype: int, bufs: list[tuple[int, int]]) -> None:
+        if self.read_only:
+            raise RequestError(VIRTIO_BLK_S_IOERR, "discard/write-zeroes on a read-only device")
+        data = _gather(memory, bufs, sum(n for _, n in bufs))
+        if not data or len(data) % DISCARD_SEG.size:
+            raise RequestError(VIRTIO_BLK_S_UNSUPP, f"segment list of {len(data)} bytes is not a multiple of 16")
+        for off in range(0, len(data), DISCARD_SEG.size):
+            sector, num_sectors, flags = DISCARD_SEG.unpack_from(data, off)
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (rtype == VIRTIO_BLK_T_DISCARD and flags):
+                raise RequestError(VIRTIO_BLK_S_UNSUPP, f"segment flags {flags:#x} not supported")  # 5.2.6.2
+            offset = self._check_range(sector, num_sectors * SECTOR_SIZE)
+            length = num_sectors * SECTOR_SIZE
+            unmap = rtype == VIRTIO_BLK_T_DISCARD or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if unmap else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+            try:
+                _fallocate(self.fd, mode, offset, length)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS) or rtype == VIRTIO_BLK_T_DISCARD:
+                    raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
+                os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
+        self.stats["discard" if rtype == VIRTIO_BLK_T_DISCARD else "write_zeroes"] += 1
+
+
+def _gather(memory: GuestMemory, bufs: list[tuple[int, int]], limit: int) -> bytes:
+    out = bytearray()
+    for addr, n in bufs:
+        if len(out) >= limit:
+            break
+        out += memory.read(addr, min(n, limit - len(out)))
+    return bytes(out)
+
+
+def _skip(bufs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
+    """The buffers left after skipping ``nbytes`` from the front."""
+    out = []
+    for addr, n in bufs:
+        if nbytes >= n:
+            nbytes -= n
+            continue
+        out.append((addr + nbytes, n - nbytes))
+        nbytes = 0
+    return out
+
+
+def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> int:
+    pos = 0
+    for addr, n in bufs:
+        if pos >= len(data):
+            break
+        k = min(n, len(data) - pos)
+        memory.write(addr, data[pos : pos + k])
+        pos += k
+    return pos

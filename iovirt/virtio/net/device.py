@@ -1,0 +1,282 @@
+"""The virtio-net device (virtio 1.2 section 5.1), one port of the switch.
+
+Queues are receiveq1, transmitq1, ..., receiveqN, transmitqN (5.1.2): even
+indexes receive, odd ones transmit.  A transmitted frame goes to the
+:class:`~iovirt.virtio.net.switch.LearningSwitch`; frames the switch delivers
+to this port are written into receive buffers, spread over the enabled queue
+pairs by a flow hash.
+
+The control virtqueue is not served here: a VMM in front (QEMU's vhost-user
+net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
+"""
+
+from __future__ import annotations
+
+import collections
+import zlib
+
+from iovirt.memory import GuestMemory
+from iovirt.virtio.chain import read_chain, write_chain
+from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum
+from iovirt.virtio.net.defs import (
+    ETH_HLEN,
+    NET_HDR_LEGACY_SIZE,
+    NET_HDR_SIZE,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_S_LINK_UP,
+    NetHdr,
+)
+from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.defs import VIRTIO_F_VERSION_1
+from iovirt.virtio.queue import SplitQueue
+
+TX_BATCH = 64
+RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
+MAX_FRAME = 65535 + ETH_HLEN
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net device whose other side is a switch port."""
+
+    device_id = VIRTIO_ID_NET
+    name = "virtio-net"
+
+    def __init__(
+        self,
+        mac: bytes,
+        switch: LearningSwitch | None = None,
+        queue_pairs: int = 1,
+        mtu: int = 1500,
+        queue_max_size: int = 1024,
+        label: str = "",
+    ) -> None:
+        super().__init__(2 * queue_pairs, queue_max_size, label)
+        if len(mac) != 6:
+            raise ValueError(f"MAC must be 6 bytes, got {len(mac)}")
+        self.mac = mac
+        self.mtu = mtu
+        self.queue_pairs = queue_pairs
+        self.switch = switch
+        self.link_up = True
+        self.backlog: collections.deque[tuple[bytes, tuple[int, int] | None]] = collections.deque(maxlen=RX_BACKLOG)
+        self.stats = collections.Counter()
+        if switch is not None:
+            switch.attach(self)
+
+    # -- features and config (5.1.3, 5.1.4) ---------------------------------
+    def device_features(self) -> int:
+        """Offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, CSUM, GUEST_CSUM, MTU, MAC, MRG_RXBUF, STATUS, MQ."""
+        net = (
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MQ,
+        )
+        return COMMON_FEATURES | sum(1 << bit for bit in net)
+
+    def config_space(self) -> bytes:
+        """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return (
+            self.mac
+            + status.to_bytes(2, "little")
+            + self.queue_pairs.to_bytes(2, "little")
+            + self.mtu.to_bytes(2, "little")
+        )
+
+    @property
+    def vhost_queue_num(self) -> int:
+        """QEMU's vhost-user net compares GET_QUEUE_NUM with its ``queues=`` (queue pairs)."""
+        return self.queue_pairs
+
+    def announce(self, mac: bytes) -> None:
+        """Broadcast a RARP for ``mac`` so the switch (and hosts behind it) learn where it is.
+
+        vhost-user SEND_RARP: sent by the front-end after a migration.
+        """
+        rarp = (
+            b"\xff" * 6 + mac + b"\x80\x35"  # Ethernet: broadcast, ETH_P_RARP
+            + b"\x00\x01\x08\x00\x06\x04\x00\x03"  # Ethernet/IPv4, op 3: reverse request
+            + mac + b"\0" * 4 + mac + b"\0" * 4
+        ).ljust(60, b"\0")
+        if self.switch is not None:
+            self.switch.forward(self, rarp)
+
+    @property
+    def hdr_len(self) -> int:
+        """5.1.6: the header has num_buffers with VERSION_1 or MRG_RXBUF, else 10 bytes."""
+        if self.has_feature(VIRTIO_F_VERSION_1) or self.has_feature(VIRTIO_NET_F_MRG_RXBUF):
+            return NET_HDR_SIZE
+        return NET_HDR_LEGACY_SIZE
+
+    def _reset(self) -> None:
+        self.backlog.clear()
+        if self.switch is not None:
+            self.switch.forget(self)
+
+    # -- queues ----------------------------------------------------------------------
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        """TX: send what the driver queued; RX: new buffers, flush the backlog."""
+        if index % 2:
+            self._transmit(index, queue)
+        else:
+            self._flush_backlog()
+
+    def _transmit(self, index: int, queue: SplitQueue) -> None:
+        memory = queue.memory
+        hdr_len = self.hdr_len
+        while True:
+            batch = queue.pop_batch(TX_BATCH)
+            if not len(batch):
+                break
+            # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
+            forward = self.enabled[index] and self.switch is not None
+            for chain in batch:
+                data = read_chain(memory, chain, MAX_FRAME + hdr_len)
+                if forward:
+                    self._send_frame(data, hdr_len)
+                else:
+                    self.stats["tx_dropped"] += 1
+            queue.push_batch(batch)
+            self.signal(index)
+
+    def _send_frame(self, data: bytes, hdr_len: int) -> None:
+        if len(data) < hdr_len + ETH_HLEN:
+            self.stats["tx_errors"] += 1
+            self.log.warning("%s: transmitted chain of %d bytes is shorter than header + Ethernet", self.label, len(data))
+            return
+        hdr = NetHdr.unpack(data[:hdr_len])
+        frame = data[hdr_len:]
+        if hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            # No HOST_TSO/UFO offered: 5.1.6.2 forbids GSO frames from the driver.
+            self.stats["tx_errors"] += 1
+            self.log.warning("%s: GSO frame (gso_type %d) without a host GSO feature dropped", self.label, hdr.gso_type)
+            return
+        csum = (hdr.csum_start, hdr.csum_offset) if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM else None
+        if csum is not None and (hdr.csum_start >= len(frame) or sum(csum) + 2 > len(frame)):
+            self.stats["tx_errors"] += 1
+            self.log.warning("%s: NEEDS_CSUM offsets %s outside a %d-byte frame", self.label, csum, len(frame))
+            return
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += len(frame)
+        assert self.switch is not None
+        self.switch.forward(self, frame, csum)
+
+    # -- switch port: receive -------------------------------------------------------------
+    def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
+        """Take a frame from the switch into a receive queue (or the backlog)."""
+        if self.needs_reset or not self.link_up:
+            self.stats["rx_dropped"] += 1
+            return False
+        if self.backlog:
+            self.backlog.append((frame, csum))
+            self._flush_backlog()
+            return True
+        if self._receive(frame, csum):
+            return True
+        if len(self.backlog) == self.backlog.maxlen:
+            self.stats["rx_dropped"] += 1
+        self.backlog.append((frame, csum))
+        return True
+
+    def _flush_backlog(self) -> None:
+        while self.backlog:
+            frame, csum = self.backlog[0]
+            if not self._receive(frame, csum):
+                return
+            self.backlog.popleft()
+
+    def _rx_queue(self, frame: bytes) -> int | None:
+        """The receive queue for ``frame``: a flow hash over the enabled started pairs."""
+        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
+        if not ready:
+            return None
+        if len(ready) == 1:
+            return ready[0]
+        return ready[zlib.crc32(frame[:12] + frame[26:38]) % len(ready)]
+
+    def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
+        """Write one frame into receive buffers; False if there are not enough of them."""
+        index = self._rx_queue(frame)
+        if index is None:
+            return False
+        queue = self.queues[index]
+        assert queue is not None
+        if csum is not None and not self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
+            # The driver cannot take a partial checksum: complete it (5.1.6.3).
+            buf = bytearray(frame)
+            try:
+                complete_checksum(buf, *csum)
+            except ChecksumOffsetError as exc:
+                self.log.warning("%s: %s", self.label, exc)
+                self.stats["rx_dropped"] += 1
+                return True
+            frame, csum = bytes(buf), None
+        hdr = NetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=csum[0], csum_offset=csum[1]) if csum else NetHdr()
+        if self.has_feature(VIRTIO_NET_F_MRG_RXBUF):
+            done = self._receive_mergeable(queue, hdr, frame)
+        else:
+            done = self._receive_single(queue, hdr, frame)
+        if done:
+            self.stats["rx_packets"] += 1
+            self.stats["rx_bytes"] += len(frame)
+            self.signal(index)
+        return done
+
+    def _receive_single(self, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
+        chain = queue.pop()
+        if chain is None:
+            return False
+        payload = NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, 1).pack(
+            self.hdr_len
+        ) + frame
+        if chain.writable_len < len(payload):
+            # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
+            self.log.warning(
+                "%s: receive buffer of %d bytes too small for a %d-byte frame; dropped",
+                self.label, chain.writable_len, len(payload),
+            )
+            queue.push(chain.head, 0)
+            self.stats["rx_dropped"] += 1
+            return True
+        queue.push(chain.head, write_chain(queue.memory, chain, payload))
+        return True
+
+    def _receive_mergeable(self, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
+        total = self.hdr_len + len(frame)
+        chains = []
+        room = 0
+        while room < total:
+            chain = queue.pop()
+            if chain is None:
+                queue.rewind(len(chains))
+                return False
+            chains.append(chain)
+            room += chain.writable_len
+        # num_buffers is the number of chains the frame spans (5.1.6.4).
+        payload = memoryview(
+            NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, len(chains)).pack()
+            + frame
+        )
+        pos = 0
+        memory: GuestMemory = queue.memory
+        for chain in chains:
+            n = write_chain(memory, chain, payload[pos:])
+            chain.used_len = n
+            pos += n
+        for chain in chains:
+            queue.push(chain.head, chain.used_len)
+        return True
