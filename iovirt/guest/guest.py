@@ -31,8 +31,10 @@ from iovirt.guest.kernel import GuestKernel, find_kernel
 from iovirt.guest.modules import VIRTIO_MODULES
 from iovirt.guest.qemu import QEMU, Device, Machine
 
-_END = re.compile(rf"^{init_script.MARK_SCRIPT_END} status=(\d+)$", re.M)
-_INIT_FAILED = re.compile(rf"^{init_script.MARK_INIT_FAILED} (.*)$", re.M)
+# Markers match only once their line is complete ("\n"): '$' would also match
+# at the end of a line still arriving, e.g. "status=1" of "status=12".
+_END = re.compile(rf"^{init_script.MARK_SCRIPT_END} status=(\d+)\n", re.M)
+_INIT_FAILED = re.compile(rf"^{init_script.MARK_INIT_FAILED} (.*)\n", re.M)
 _TAIL_LINES = 40
 
 
@@ -191,6 +193,9 @@ class Guest:
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
         """Wait until the console matches ``pattern`` (a regex, multi-line mode); return the match.
 
+        Output arrives in pieces: a pattern ending in ``$`` can match a line
+        not yet complete; end it with ``\\n`` to match whole lines only.
+
         Raises :class:`GuestTimeout` after ``timeout`` seconds and
         :class:`GuestFailed` when QEMU exits or /init reports a failure first.
         """
@@ -220,7 +225,7 @@ class Guest:
 
     def wait_result(self, timeout: float = 120.0) -> GuestResult:
         """Wait for the script's end marker and for QEMU to power off; return the result."""
-        begin = self.wait_for(rf"^{init_script.MARK_SCRIPT_BEGIN}$", timeout)
+        begin = self.wait_for(rf"^{init_script.MARK_SCRIPT_BEGIN}\n", timeout)
         boot_seconds = self._seen_at[begin.re.pattern] - self._started_at
         end = self.wait_for(_END, max(1.0, self._started_at + timeout - time.monotonic()))
         seconds = time.monotonic() - self._started_at
@@ -230,7 +235,7 @@ class Guest:
             except subprocess.TimeoutExpired:
                 pass
         console = self.console
-        return GuestResult(status=int(end.group(1)), output=console[begin.end() + 1:end.start()],
+        return GuestResult(status=int(end.group(1)), output=console[begin.end():end.start()],
                            console=console, boot_seconds=boot_seconds, seconds=seconds)
 
     # -- talking to the guest --------------------------------------------
@@ -244,5 +249,5 @@ class Guest:
 
     def release(self, token: str, timeout: float = 60.0) -> None:
         """Wait until the script calls ``iovirt_wait_host TOKEN``, then let it continue."""
-        self.wait_for(rf"^{init_script.MARK_WAIT} {re.escape(token)}$", timeout)
+        self.wait_for(rf"^{init_script.MARK_WAIT} {re.escape(token)}\n", timeout)
         self.send(token + "\n")
