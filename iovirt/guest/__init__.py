@@ -11,11 +11,11 @@ that console.
 from iovirt.guest.errors import GuestFailed, GuestKitError, GuestTimeout, HostPartMissing
 from iovirt.guest.guest import Guest, GuestResult
 from iovirt.guest.kernel import GuestKernel, find_kernel
-from iovirt.guest.ports import free_tcp_port, wait_tcp_listen
+from iovirt.guest.ports import free_tcp_port, wait_tcp_listen, wait_unix_listen
 from iovirt.guest.qemu import Machine, SocketNet, VhostUserBlk, VhostUserNet, VirtioBlk
 
 __all__ = [
     "Guest", "GuestFailed", "GuestKernel", "GuestKitError", "GuestResult", "GuestTimeout",
     "HostPartMissing", "Machine", "SocketNet", "VhostUserBlk", "VhostUserNet", "VirtioBlk",
-    "find_kernel", "free_tcp_port", "wait_tcp_listen",
+    "find_kernel", "free_tcp_port", "wait_tcp_listen", "wait_unix_listen",
 ]
