@@ -1,0 +1,32 @@
+"""Putting VFs on, and taking them off, their PF's bus.
+
+VFs appear when VF Enable is set and disappear when it is cleared (PCIe
+§9.3.3.3.1), so unlike every other function they leave the bus at run
+time.  :class:`~iovirt.pci.bus.PciBus` has no public removal yet, so
+:func:`detach_vf` is the one place that clears a slot itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from iovirt.pci.bus import PciBus
+    from iovirt.sriov.vf import VirtualFunction
+
+
+def attach_vf(bus: PciBus, vf: VirtualFunction, devfn: int) -> None:
+    """Place ``vf`` at ``devfn`` of ``bus`` (the slot must be free)."""
+    bus.add_function(vf, devfn >> 3, devfn & 7)
+
+
+def detach_vf(vf: VirtualFunction) -> None:
+    """Take ``vf`` off its bus; config accesses to its RID then master-abort."""
+    bus = vf.bus
+    if bus is None:
+        return
+    # TODO(pci): use PciBus.remove_function once the PCI model offers it.
+    bus._devfn[vf.devfn] = None  # noqa: SLF001
+    vf.bus = None
+    vf.devfn = 0
+    bus.decode_changed()
