@@ -1,0 +1,214 @@
+"""The virtio-pci modern transport (virtio 1.2 section 4.1): a virtio device as a PCI function.
+
+Layout, as QEMU's ``virtio-*-pci`` (non-transitional) lays it out:
+
+- identity: vendor 0x1AF4, device 0x1040 + virtio device id, revision 1,
+  subsystem 0x1AF4:0x1100, class per device type (4.1.2);
+- BAR1: 4 KiB 32-bit memory with the MSI-X table (at 0) and PBA (at 0x800);
+  one vector for configuration changes and one per queue;
+- BAR4: 16 KiB 64-bit prefetchable memory with the virtio structures:
+  common configuration at 0x0000, ISR status at 0x1000, device-specific
+  configuration at 0x2000, notifications at 0x3000 (``notify_off_multiplier``
+  4, ``queue_notify_off`` = queue index);
+- capabilities: PCI Express (endpoint), MSI-X, then the virtio vendor
+  capabilities COMMON, NOTIFY, ISR, DEVICE and the PCI_CFG window (4.1.4).
+
+Interrupts (4.1.5.3-4.1.5.4): with MSI-X enabled a used-buffer notification
+raises the queue's vector and a configuration change raises
+``config_msix_vector`` (after setting ISR bit 1); with MSI-X disabled the ISR
+bits are set and INTx asserted until the driver reads ISR status.
+
+The device is any :class:`~iovirt.virtio.device.VirtioDevice`, the same
+object the vhost-user backend serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from iovirt.memory import GuestMemory, Translator
+from iovirt.pci.bar import Bar, BarKind
+from iovirt.pci.function import PciFunction
+from iovirt.pci.msix import MsixCapability
+from iovirt.pci.pcie import PcieCapability, PciePortType
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
+from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
+from iovirt.virtio.transport.caps import VirtioPciCap, VirtioPciCfgCap
+from iovirt.virtio.transport.common_cfg import CommonCfg
+from iovirt.virtio.transport.defs import (
+    CLASS_OTHERS,
+    VIRTIO_CLASS_CODES,
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_CAP_COMMON_CFG,
+    VIRTIO_PCI_CAP_DEVICE_CFG,
+    VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_COMMON_CFG_SIZE,
+    VIRTIO_PCI_ISR_CONFIG,
+    VIRTIO_PCI_ISR_QUEUE,
+    VIRTIO_PCI_MODERN_DEVICE_BASE,
+    VIRTIO_PCI_MODERN_REVISION,
+    VIRTIO_PCI_SUBSYSTEM_ID,
+    VIRTIO_PCI_VENDOR_ID,
+)
+
+log = logging.getLogger(__name__)
+
+MSIX_BAR = 1
+MSIX_BAR_SIZE = 0x1000
+MSIX_PBA_OFFSET = 0x800
+VIRTIO_BAR = 4
+VIRTIO_BAR_SIZE = 0x4000
+COMMON_OFFSET = 0x0000
+ISR_OFFSET = 0x1000
+DEVICE_OFFSET = 0x2000
+DEVICE_LENGTH = 0x1000
+NOTIFY_OFFSET = 0x3000
+NOTIFY_LENGTH = 0x1000
+NOTIFY_OFF_MULTIPLIER = 4  # 4.1.4.4: an even power of 2
+
+# Features a device offers that this transport cannot serve.  VIRTIO_NET_F_MQ
+# needs the control virtqueue, which the net device leaves to a VMM in front
+# (QEMU's vhost-user net); there is none here, so multiqueue is not offered.
+UNSERVED_FEATURES = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_MQ}
+
+
+class Iommu(Protocol):
+    """Something that hands out a DMA translator per requester (a VT-d unit)."""
+
+    def dma_translator(self, source_id: int) -> Translator:
+        """The translator for DMA from requester ``source_id``."""
+        ...
+
+
+class VirtioPciFunction(PciFunction):
+    """A virtio device behind the modern virtio-pci transport.
+
+    ``VirtioPciFunction(device, memory, *, iommu=None)``: ``memory`` is
+    guest-physical memory; with an ``iommu`` the device offers
+    VIRTIO_F_ACCESS_PLATFORM and, when the driver accepts it, its DMA goes
+    through ``iommu.dma_translator(requester_id)`` (virtio 6: without it the
+    device uses physical addresses).  Put it on a bus with
+    ``bus.add_function(fn, slot)``.  :meth:`config_changed` tells the driver
+    the device-specific configuration changed.
+    """
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, *, iommu: Iommu | None = None) -> None:
+        super().__init__(
+            VIRTIO_PCI_VENDOR_ID,
+            VIRTIO_PCI_MODERN_DEVICE_BASE + device.device_id,
+            VIRTIO_CLASS_CODES.get(device.device_id, CLASS_OTHERS),
+            revision=VIRTIO_PCI_MODERN_REVISION,
+            subsystem_vendor_id=VIRTIO_PCI_VENDOR_ID,
+            subsystem_id=VIRTIO_PCI_SUBSYSTEM_ID,
+            pcie=True,
+            interrupt_pin=1,
+        )
+        if NOTIFY_OFF_MULTIPLIER * device.num_queues > NOTIFY_LENGTH:
+            raise ValueError(f"{device.num_queues} queues do not fit the notify region")
+        self.device = device
+        self.memory = memory
+        self.iommu = iommu
+        self.isr_status = 0
+        self.common = CommonCfg(device, self)
+
+        self.add_bar(MSIX_BAR, Bar(MSIX_BAR_SIZE))
+        bar = self.add_bar(VIRTIO_BAR, Bar(VIRTIO_BAR_SIZE, BarKind.MEM64, prefetchable=True))
+        bar.map_region(COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE, self.common.read, self.common.write)
+        bar.map_region(ISR_OFFSET, 1, self._isr_read, self._isr_write)
+        bar.map_region(DEVICE_OFFSET, DEVICE_LENGTH, self._device_cfg_read, self._device_cfg_write)
+        bar.map_region(NOTIFY_OFFSET, NOTIFY_LENGTH, self._notify_read, self._notify_write)
+
+        self.add_capability(PcieCapability(PciePortType.ENDPOINT))
+        self.add_capability(
+            MsixCapability(device.num_queues + 1, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET)
+        )
+        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE))
+        self.add_capability(
+            VirtioPciCap(
+                VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_LENGTH,
+                notify_off_multiplier=NOTIFY_OFF_MULTIPLIER,
+            )
+        )
+        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR, ISR_OFFSET, 1))
+        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_BAR, DEVICE_OFFSET, DEVICE_LENGTH))
+        self.add_capability(VirtioPciCfgCap())
+
+    # -- TransportPort (used by CommonCfg) --------------------------------------
+    def offered_features(self) -> int:
+        """The device's features minus what this transport cannot serve, plus ACCESS_PLATFORM with an IOMMU."""
+        features = self.device.device_features() & ~UNSERVED_FEATURES.get(self.device.device_id, 0)
+        if self.iommu is not None:
+            features |= 1 << VIRTIO_F_ACCESS_PLATFORM
+        return features
+
+    def vector_valid(self, vector: int) -> bool:
+        """``vector`` is an entry of the MSI-X table."""
+        assert self.msix is not None
+        return 0 <= vector < self.msix.vectors
+
+    def dma_memory(self, access_platform: bool) -> GuestMemory:
+        """Guest memory as the device's DMA sees it."""
+        if access_platform and self.iommu is not None:
+            return self.memory.with_translator(self.iommu.dma_translator(self.requester_id))
+        return self.memory
+
+    def queue_interrupt(self, index: int) -> None:
+        """Used-buffer notification of queue ``index`` (4.1.5.4)."""
+        self._interrupt(self.common.queues[index].msix_vector, VIRTIO_PCI_ISR_QUEUE)
+
+    def config_interrupt(self) -> None:
+        """Configuration change notification (4.1.5.3): ISR bit 1 is set first in every case."""
+        self.isr_status |= VIRTIO_PCI_ISR_CONFIG
+        self._interrupt(self.common.config_msix_vector, VIRTIO_PCI_ISR_CONFIG)
+
+    def _interrupt(self, vector: int, isr_bit: int) -> None:
+        msix = self.msix
+        assert msix is not None
+        if msix.enabled:
+            if vector != VIRTIO_MSI_NO_VECTOR:
+                msix.notify(vector)
+            return
+        self.isr_status |= isr_bit
+        self.raise_interrupt()  # INTx: Status.Interrupt Status until ISR is read
+
+    # -- device side API ----------------------------------------------------------
+    def config_changed(self) -> None:
+        """The device-specific configuration changed: new ``config_generation`` and a notification."""
+        self.common.config_changed()
+
+    def reset(self) -> None:
+        """Conventional reset (or FLR) resets the virtio device as well."""
+        super().reset()
+        self.common.reset()
+        self.isr_status = 0
+
+    # -- BAR regions ---------------------------------------------------------------
+    def _isr_read(self, offset: int, size: int) -> int:
+        # 4.1.4.5: reading ISR status clears it and deasserts the interrupt.
+        value = self.isr_status
+        self.isr_status = 0
+        self.lower_intx()
+        return value
+
+    def _isr_write(self, offset: int, size: int, value: int) -> None:
+        log.warning("%r: write of %#x to read-only ISR status ignored", self, value)
+
+    def _device_cfg_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.device.read_config(offset, size), "little")
+
+    def _device_cfg_write(self, offset: int, size: int, value: int) -> None:
+        self.device.write_config(offset, value.to_bytes(size, "little"))
+
+    def _notify_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def _notify_write(self, offset: int, size: int, value: int) -> None:
+        # Without VIRTIO_F_NOTIFICATION_DATA the address names the queue (4.1.5.2).
+        index, within = divmod(offset, NOTIFY_OFF_MULTIPLIER)
+        if within or size != 2:
+            log.warning("%r: notify write of %d byte(s) at %#x is not a queue's 16-bit notify; ignored", self, size, offset)
+            return
+        self.common.notify(index)
