@@ -3,9 +3,10 @@
 Compatibility-format MSI (Intel SDM 11.11): address ``0xFEE`` in bits 31:20,
 destination ID in 19:12, redirection hint bit 3, destination mode bit 2
 (1 = logical); data: vector 7:0, delivery mode 10:8, trigger mode bit 15.
-Remappable format (VT-d spec 5.1.2.2) has address bit 4 set; such MSIs are
-handed to the remapper (the VT-d model), which returns a compatibility-format
-message or blocks it.
+Remappable format (VT-d spec 5.1.2.2) has address bit 4 set.  With a
+remapper (the VT-d model) in front, every MSI is handed to it, and it returns
+a compatibility-format message or blocks it; without one, remappable MSIs
+are dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class MsiRemapper(Protocol):
     """An interrupt remapping unit (VT-d IRTE lookup)."""
 
     def remap_msi(self, source_id: int, address: int, data: int) -> tuple[int, int] | None:
-        """Translate a remappable MSI to a compatibility-format ``(address, data)``,
+        """Translate an MSI (either format) to a compatibility-format ``(address, data)``,
         or return None when it is blocked (the remapper records the fault)."""
         ...
 
@@ -54,10 +55,11 @@ class InterruptRouter:
         if address >> MSI_ADDR_BASE_SHIFT & 0xFFF != MSI_ADDR_BASE or address >> 32:
             self._drop(source_id, address, data, "address is outside 0xFEE00000-0xFEEFFFFF")
             return
-        if address & MSI_ADDR_REMAPPABLE:
-            if self.remapper is None:
-                self._drop(source_id, address, data, "remappable format but no interrupt remapper")
-                return
+        if self.remapper is not None:
+            # Every MSI goes to the remapper: with interrupt remapping on and
+            # compatibility format disallowed (GSTS.CFIS=0) a compatibility-format
+            # MSI is blocked with fault 0x25 (VT-d 5.1.2.1); the remapper passes
+            # it through when remapping is off or compatibility format is allowed.
             remapped = self.remapper.remap_msi(source_id, address, data)
             if remapped is None:
                 self.blocked += 1
@@ -66,6 +68,9 @@ class InterruptRouter:
             if address >> MSI_ADDR_BASE_SHIFT & 0xFFF != MSI_ADDR_BASE or address & MSI_ADDR_REMAPPABLE:
                 self._drop(source_id, address, data, "remapper returned a non-compatibility-format MSI")
                 return
+        elif address & MSI_ADDR_REMAPPABLE:
+            self._drop(source_id, address, data, "remappable format but no interrupt remapper")
+            return
         accepted = self.bus.deliver(
             dest=(address >> MSI_ADDR_DEST_SHIFT) & 0xFF,
             logical=bool(address & MSI_ADDR_DEST_LOGICAL),

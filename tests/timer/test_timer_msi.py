@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conftest import make_vm
 
+from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.timer import ApicBus, InterruptRouter
 from iovirt.timer.regs import (
     APIC_DFR,
@@ -21,6 +22,9 @@ from iovirt.timer.regs import (
     ESR_SEND_ILLEGAL_VECTOR,
 )
 from iovirt.timer.testing import fake_multiplexer, run_until
+from iovirt.vtd import VtdDriver, VtdUnit
+from iovirt.vtd import regs as R
+from iovirt.vtd.faults import FR_IR_COMPAT_BLOCKED
 
 
 def msi_addr(dest, logical=False, rh=False):
@@ -104,6 +108,8 @@ class FakeRemapper:
 
     def remap_msi(self, source_id, address, data):
         self.seen.append((source_id, address, data))
+        if not address & 0x10:  # compatibility format: passed through (remapping off / CFI set)
+            return address, data
         handle = ((address >> 5) & 0x7FFF) | (((address >> 2) & 1) << 15)
         entry = self.table.get(handle)
         if entry is None:
@@ -121,8 +127,31 @@ def test_remappable_msis_go_through_the_remapper():
     assert pending(vm, 2) == [[], [0x70]]
     router.deliver_msi(0x0010, 0xFEE00000 | (9 << 5) | 0x10, 0)  # no IRTE: blocked
     assert router.blocked == 1 and pending(vm, 2) == [[], []]
-    router.deliver_msi(0x0010, msi_addr(0), msi_data(0x44))  # compatibility format bypasses
-    assert len(remapper.seen) == 2 and pending(vm, 2) == [[0x44], []]
+    router.deliver_msi(0x0010, msi_addr(0), msi_data(0x44))  # compatibility format: asked too
+    assert len(remapper.seen) == 3 and pending(vm, 2) == [[0x44], []]
+
+
+def test_compatibility_msis_are_blocked_when_the_vtd_unit_disallows_them():
+    """With IR on and CFI clear, a compatibility-format MSI is blocked with fault 0x25."""
+    memory = GuestMemory.from_ranges([(0, 0x400000)])
+    try:
+        unit = VtdUnit(memory)
+        vm = make_vm(2)
+        router = InterruptRouter(vm.bus, unit)
+        router.deliver_msi(0x0018, msi_addr(1), msi_data(0x45))  # IR off: passes
+        assert pending(vm, 2) == [[], [0x45]]
+        drv = VtdDriver(unit, memory, BumpAllocator(0x100000, 0x300000))
+        drv.init()
+        drv.setup_interrupt_remapping(allow_compat=False)
+        router.deliver_msi(0x0018, msi_addr(1), msi_data(0x46))
+        assert router.blocked == 1 and pending(vm, 2) == [[], []]
+        hi = unit.mmio_read(R.FRCD + 8, 8)
+        assert (hi >> 32) & 0xFF == FR_IR_COMPAT_BLOCKED and hi & 0xFFFF == 0x0018
+        drv.setup_interrupt_remapping(allow_compat=True)
+        router.deliver_msi(0x0018, msi_addr(1), msi_data(0x47))
+        assert pending(vm, 2) == [[], [0x47]]
+    finally:
+        memory.close()
 
 
 def test_xapic_ipis_and_shorthands():
