@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 from iovirt.pci.lspci import format_host
-from iovirt.pci.topology import build_default_host
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -30,6 +31,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the default platform and print its functions."""
-    print(format_host(build_default_host(), args.hex), end="")
+    """Build the default platform (virtio-blk on a scratch image) and print its functions."""
+    # Imported here: the PCI layer does not depend on the platform built on top of it.
+    from iovirt.platform.machine import Platform
+
+    with tempfile.TemporaryDirectory(prefix="iovirt-lspci-") as scratch:
+        with Platform.default(os.path.join(scratch, "disk.img")) as platform:
+            print(format_host(platform.host, args.hex), end="")
     return 0

@@ -1,11 +1,13 @@
 """The default in-process PCI topology, and builders for its kinds of function.
 
-Until the virtio-pci transport exists this is: a host bridge at 00:00.0, a
-PCI-to-PCI bridge at 00:01.0 with a conventional endpoint (01:00.0) behind
-it, and a two-function PCI Express endpoint with PM, PCIe, MSI-X and an
-extended capability at 00:02.0-1.  :func:`build_default_host` takes an
-``add_devices`` callback so the platform can put virtio-net and virtio-blk on
-the root bus before resources are assigned.
+The PCI part is: a host bridge at 00:00.0, a PCI-to-PCI bridge at 00:01.0
+with a conventional endpoint (01:00.0) behind it, and a two-function PCI
+Express endpoint with PM, PCIe, MSI-X and an extended capability at
+00:02.0-1.  :func:`build_default_host` takes an ``add_devices`` callback:
+the in-process platform (:class:`iovirt.platform.Platform`, which
+``iovirt lspci`` builds) puts virtio-net at 00:03.0 and virtio-blk at 00:04.0
+on the root bus through it before resources are assigned, so this layer
+stays free of virtio.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ from iovirt.timer.hosttimer import TimerFd
 from iovirt.timer.msi import InterruptRouter
 from iovirt.timer.mux import TimerMultiplexer
 from iovirt.timer.regs import APIC_SVR
+from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.transport.pci import VirtioPciFunction
 from iovirt.vtd.driver import Domain, VtdDriver
 from iovirt.vtd.tables import PTE_R, PTE_W
@@ -42,6 +45,8 @@ from iovirt.vtd.unit import VtdUnit
 
 FIRST_SLOT = 3  # after the default topology's host bridge, bridge and test endpoint
 DMA_BASE = 0x200000  # 2 MiB aligned, so the IOMMU maps it with large pages
+DEFAULT_MAC = bytes.fromhex("525400123456")  # QEMU's default prefix 52:54:00
+DEFAULT_IMAGE_SIZE = 64 << 20
 APIC_SVR_ENABLED = 0x1FF  # APIC software enable, spurious vector 0xFF
 
 
@@ -80,6 +85,7 @@ class Platform:
         self.iommu = VtdUnit(self.memory, InterruptRouter(self.apic_bus)) if iommu else None
         self.router = InterruptRouter(self.apic_bus, remapper=self.iommu)
         self.vtd_driver: VtdDriver | None = None
+        self.owned_images: list[VirtioBlk] = []  # closed with the platform
         self.domains: dict[int, Domain] = {}
         self.functions = [VirtioPciFunction(d, self.memory, iommu=self.iommu) for d in devices]
 
@@ -89,10 +95,22 @@ class Platform:
 
         self.host: PciHost = build_default_host(msi_sink=self.router, add_devices=add_devices)
 
+    @classmethod
+    def default(cls, image_path: str, **kwargs: object) -> "Platform":
+        """The default machine: virtio-net (on a new learning switch) at 00:03.0 and virtio-blk on
+        ``image_path`` (a sparse 64 MiB image is created if it does not exist) at 00:04.0."""
+        net = VirtioNet(DEFAULT_MAC, LearningSwitch())
+        blk = VirtioBlk(image_path, size=DEFAULT_IMAGE_SIZE)
+        platform = cls([net, blk], **kwargs)  # type: ignore[arg-type]
+        platform.owned_images.append(blk)
+        return platform
+
     def close(self) -> None:
         """Reset the devices (their queues let go of guest memory), release memory and an owned host timer."""
         for function in self.functions:
             function.reset()
+        for image in self.owned_images:
+            image.close()
         if self._own_mux:
             self.mux.host_timer.close()
         self.memory.close()
