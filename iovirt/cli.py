@@ -6,7 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
+import logging
+
 from iovirt import __version__
+from iovirt.pci import cli as pci_cli
+from iovirt.vhost_user import cli as vhost_user_cli
 from iovirt.virtio import queue
 
 
@@ -15,13 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iovirt",
         description=(
-            "iovirt: I/O-virtualization device models. virtio rings with a Cython hot path, "
-            "guest memory, and (as they land) a vhost-user backend, PCI/SR-IOV/VT-d models "
-            "and LAPIC timers."
+            "iovirt: I/O-virtualization device models. A vhost-user back-end serving virtio-net "
+            "(with a built-in learning switch) and virtio-blk to VMMs, a PCI config-space model, "
+            "and virtio split rings with a Cython hot path."
         ),
     )
     parser.add_argument("--version", action="version", version=f"iovirt {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    vhost_user_cli.register(sub)
+    pci_cli.register(sub)
     info = sub.add_parser("info", help="show which ring implementation runs and why")
     info.set_defaults(func=_info)
     return parser
@@ -41,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     return args.func(args)
 
 

@@ -529,7 +529,8 @@ class BackendSession:
         fd = os.memfd_create("iovirt-inflight", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         self._use_inflight(fd, size, 0, info.num_queues, info.queue_size, fresh=True)
-        return Inflight(size, 0, info.num_queues, info.queue_size), [fd]
+        # The server closes what it sends: send a duplicate, keep ours.
+        return Inflight(size, 0, info.num_queues, info.queue_size), [os.dup(fd)]
 
     def _set_inflight_fd(self, req: Request) -> None:
         info: Inflight = req.payload  # type: ignore[assignment]

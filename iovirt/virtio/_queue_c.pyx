@@ -212,7 +212,7 @@ cdef class SplitQueue:
     cdef readonly uint64_t desc_addr, avail_addr, used_addr
     cdef readonly bint event_idx
     cdef uint16_t _last_avail_idx, _used_idx, _signalled_used
-    cdef bint _signalled_valid, _notify_enabled, _translated
+    cdef bint _signalled_valid, _notify_enabled, _translated, _released
     cdef uint32_t _mask
     cdef uint32_t _in_flight
     cdef uint8_t *_desc
@@ -248,6 +248,7 @@ cdef class SplitQueue:
         self._notify_enabled = True
         self._in_flight = 0
         self._pending_error = None
+        self._released = False
         self._resolve()
 
     # -- state ---------------------------------------------------------------
@@ -287,6 +288,8 @@ cdef class SplitQueue:
     # -- host pointer resolution -------------------------------------------------
     def refresh(self):
         """Re-validate the ring and re-resolve host pointers after the memory map changed."""
+        if self._released:
+            raise QueueStateError("queue was released", self.index)
         self._views = None
         check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
         self._resolve()
@@ -343,7 +346,16 @@ cdef class SplitQueue:
                 return r.host + off
         return NULL
 
+    def release(self):
+        """Let go of guest memory (the queue is stopped); any later use raises."""
+        self._views = None
+        self._nregions = 0
+        self._desc = self._avail = self._used = NULL
+        self._released = True
+
     cdef inline int _sync(self) except -1:
+        if self._released:
+            raise QueueStateError("queue was released", self.index)
         if self.memory.generation != self._gen or (self.memory.translator is not None) != self._translated:
             self.refresh()
         return 0

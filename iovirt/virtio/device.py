@@ -133,7 +133,11 @@ class VirtioDevice:
         self.queues[index] = None
         self.notifiers[index] = None
         self.inflight[index] = None
-        return None if queue is None else queue.state()
+        if queue is None:
+            return None
+        state = queue.state()
+        queue.release()
+        return state
 
     def set_queue_enabled(self, index: int, enabled: bool) -> None:
         """Enable or disable a queue (vhost-user SET_VRING_ENABLE / queue_enable)."""

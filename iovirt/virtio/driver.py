@@ -83,6 +83,7 @@ class DriverQueue:
         self.avail_idx = 0  # shadow of avail->idx, published by publish()
         self._published_idx = 0
         self.last_used_idx = 0
+        self.interrupts = True
         # head -> (descriptor indexes it holds, writable buffers, indirect)
         self._inflight: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
 
@@ -203,10 +204,14 @@ class DriverQueue:
                 data += self.memory.read(addr, min(n, left))
                 left -= n
             out.append(UsedElem(head, length, bytes(data)))
+        if self.event_idx and self.interrupts:
+            # As Linux's virtqueue_get_buf: ask for an interrupt at the next entry.
+            self.set_used_event(self.last_used_idx)
         return out
 
     def set_interrupts(self, enabled: bool) -> None:
         """Ask for (or suppress) used-buffer notifications (2.7.7)."""
+        self.interrupts = enabled
         if self.event_idx:
             # used_event: interrupt when the device passes the next entry (or never soon).
             target = self.last_used_idx if enabled else (self.last_used_idx - 1) & 0xFFFF

@@ -6,7 +6,7 @@ forces the reference.  Both expose the same API:
 
 - ``SplitQueue(memory, size, desc_addr, avail_addr, used_addr, *, index, event_idx,
   last_avail_idx, used_idx)``; ``SplitQueue.from_state(memory, QueueState)``;
-  ``state()``; ``refresh()``
+  ``state()``; ``refresh()``; ``release()``
 - ``pending()``, ``pop()``, ``pop_batch(max_chains)``, ``rewind(n)``, ``push(head, len)``,
   ``push_batch(batch)``
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``

@@ -171,7 +171,12 @@ class VirtioBlk(VirtioDevice):
             self.signal(index)
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
-        """Execute one request; returns the used length (bytes written incl. status)."""
+        """Execute one request; returns the used length.
+
+        As QEMU does, the used length covers every device-writable byte (data
+        and status) whatever the outcome, so the status byte is always within
+        ``len`` for a driver that reads ``len`` bytes from the front (2.7.8.2).
+        """
         writable = chain.writable
         if chain.readable_len < REQ_HDR.size or not writable or writable[-1][1] < 1:
             # No room for a header or a status byte: nothing can be reported.
@@ -184,10 +189,9 @@ class VirtioBlk(VirtioDevice):
         header = _gather(memory, readable, REQ_HDR.size)
         rtype, _reserved, sector = REQ_HDR.unpack(header)
         dout = _skip(readable, REQ_HDR.size)
-        written = 0
         try:
             if rtype == VIRTIO_BLK_T_IN:
-                written = self._read(memory, sector, din)
+                self._read(memory, sector, din)
             elif rtype == VIRTIO_BLK_T_OUT:
                 self._write(memory, sector, dout)
             elif rtype == VIRTIO_BLK_T_FLUSH:
@@ -196,7 +200,7 @@ class VirtioBlk(VirtioDevice):
                 self.stats["flush"] += 1
             elif rtype == VIRTIO_BLK_T_GET_ID:
                 ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-                written = _scatter(memory, din, ident)
+                _scatter(memory, din, ident)
             elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
                 self._discard_or_zero(memory, rtype, dout)
             else:
@@ -211,7 +215,7 @@ class VirtioBlk(VirtioDevice):
             self.stats["errors"] += 1
             self.log.warning("%s: request type %d: %s", self.label, rtype, exc)
         memory.write(status_addr, bytes([status]))
-        return written + 1
+        return chain.writable_len
 
     def _check_range(self, sector: int, nbytes: int) -> int:
         if nbytes % SECTOR_SIZE:
@@ -222,7 +226,7 @@ class VirtioBlk(VirtioDevice):
             )
         return sector * SECTOR_SIZE
 
-    def _read(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> int:
+    def _read(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> None:
         nbytes = sum(n for _, n in bufs)
         offset = self._check_range(sector, nbytes)
         views = [memory.view(a, n, Access.WRITE) for a, n in bufs if n]
@@ -236,7 +240,6 @@ class VirtioBlk(VirtioDevice):
         if got != nbytes:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"short read {got} of {nbytes}")
         self.stats["read_bytes"] += nbytes
-        return nbytes
 
     def _write(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> None:
         if self.read_only:
@@ -299,7 +302,7 @@ def _skip(bufs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> int:
+def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> None:
     pos = 0
     for addr, n in bufs:
         if pos >= len(data):
@@ -307,4 +310,3 @@ def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> i
         k = min(n, len(data) - pos)
         memory.write(addr, data[pos : pos + k])
         pos += k
-    return pos

@@ -1,0 +1,239 @@
+"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``.
+
+``serve`` runs any number of devices in one process, every net port joined by
+one learning switch.  ``vhost-user-net`` and ``vhost-user-blk`` follow the
+"Backend program conventions" of QEMU's vhost-user.rst (``--socket-path`` or
+``--fd``, ``--print-capabilities``, foreground, clean exit on SIGTERM) so a
+libvirt-style launcher can run iovirt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+from iovirt.errors import IovirtError
+from iovirt.vhost_user.messages import ProtocolFeature as PF
+from iovirt.vhost_user.server import VhostUserServer
+from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.tap import TapPort
+
+log = logging.getLogger("iovirt")
+
+COMMON_PROTOCOL = (
+    PF.VHOST_USER_PROTOCOL_F_MQ,
+    PF.VHOST_USER_PROTOCOL_F_REPLY_ACK,
+    PF.VHOST_USER_PROTOCOL_F_CONFIG,
+    PF.VHOST_USER_PROTOCOL_F_STATUS,
+    PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+    PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+)
+NET_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP))
+BLK_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,))
+
+
+@dataclass
+class BlkSpec:
+    """One ``--blk`` argument: ``SOCKET,IMAGE[,ro][,size=BYTES][,queues=N]``."""
+
+    socket: str
+    image: str
+    read_only: bool = False
+    size: int | None = None
+    queues: int = 1
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``128M``, ``2G`` → bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def parse_blk(text: str) -> BlkSpec:
+    """Parse ``SOCKET,IMAGE[,ro][,size=64M][,queues=N]``."""
+    parts = text.split(",")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise argparse.ArgumentTypeError(f"--blk wants SOCKET,IMAGE[,ro][,size=SIZE][,queues=N], got {text!r}")
+    spec = BlkSpec(parts[0], parts[1])
+    for opt in parts[2:]:
+        key, _, value = opt.partition("=")
+        try:
+            if key in ("ro", "read-only", "readonly") and not value:
+                spec.read_only = True
+            elif key == "size":
+                spec.size = parse_size(value)
+            elif key in ("queues", "num-queues"):
+                spec.queues = int(value)
+            else:
+                raise ValueError(f"unknown option {opt!r}")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"--blk {text!r}: {exc}") from exc
+    if not 1 <= spec.queues <= 256:
+        raise argparse.ArgumentTypeError(f"--blk {text!r}: queues must be 1..256")
+    return spec
+
+
+def _positive_queues(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 128:
+        raise argparse.ArgumentTypeError("queue pairs must be 1..128")
+    return value
+
+
+def _mac(index: int) -> bytes:
+    return bytes([0x52, 0x54, 0x00, 0x10, index >> 8 & 0xFF, index & 0xFF])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``vhost-user-net`` and ``vhost-user-blk``."""
+    serve = sub.add_parser(
+        "serve",
+        help="serve virtio-net and virtio-blk devices over vhost-user sockets",
+        description=(
+            "Serve virtio devices to VMMs over vhost-user UNIX sockets. Every net socket is a port of "
+            "one built-in learning L2 switch (plus the optional TAP uplink). Point QEMU at a socket with "
+            "-chardev socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0 "
+            "(net) or -device vhost-user-blk-pci,chardev=c0 (blk); guest RAM must be shared "
+            "(-object memory-backend-memfd,share=on)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--net", metavar="SOCKET", action="append", default=[], help="a virtio-net device on SOCKET (repeatable)")
+    serve.add_argument(
+        "--blk", metavar="SOCKET,IMAGE[,ro][,size=SIZE][,queues=N]", type=parse_blk, action="append", default=[],
+        help="a virtio-blk device on SOCKET backed by the raw IMAGE (created at SIZE if missing; repeatable)",
+    )
+    serve.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs per net device (default 1)")
+    serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
+    serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
+    serve.set_defaults(func=run_serve)
+
+    net = sub.add_parser(
+        "vhost-user-net",
+        help="one virtio-net back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-net vhost-user back-end, for libvirt-style launchers.",
+    )
+    _conventions(net)
+    net.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs (default 1)")
+    net.add_argument("--tap", metavar="IFNAME", help="uplink TAP device joined to the port's switch")
+    net.set_defaults(func=run_net)
+
+    blk = sub.add_parser(
+        "vhost-user-blk",
+        help="one virtio-blk back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-blk vhost-user back-end, for libvirt-style launchers.",
+    )
+    _conventions(blk)
+    blk.add_argument("--blk-file", metavar="IMAGE", help="raw image file to serve")
+    blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
+    blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
+    blk.set_defaults(func=run_blk)
+
+
+def _conventions(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this UNIX socket")
+    where.add_argument("--fd", metavar="FDNUM", type=int, help="use this inherited socket fd (listening or connected)")
+    parser.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON and exit")
+
+
+def _serve(server: VhostUserServer) -> int:
+    def on_signal(signum, frame):  # noqa: ARG001
+        log.info("signal %d: shutting down", signum)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.serve_forever()
+    return 0
+
+
+def _attach_tap(server: VhostUserServer, ifname: str | None, switch: LearningSwitch) -> None:
+    if ifname:
+        tap = TapPort(ifname, switch)
+        server.dataplane.add_fd(tap.fd, tap.on_readable)
+        log.info("TAP %s joined the switch", ifname)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``iovirt serve``."""
+    if not args.net and not args.blk:
+        print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
+        return 2
+    server = VhostUserServer()
+    switch = LearningSwitch()
+    try:
+        for i, path in enumerate(args.net):
+            device = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
+            server.add_socket(path, device, NET_PROTOCOL, name=f"net{i} ({path})")
+        for i, spec in enumerate(args.blk):
+            device = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
+            server.add_socket(spec.socket, device, BLK_PROTOCOL, name=f"blk{i} ({spec.socket})")
+        _attach_tap(server, args.tap, switch)
+    except (IovirtError, OSError) as exc:
+        server.close()
+        print(f"iovirt serve: {exc}", file=sys.stderr)
+        return 1
+    return _serve(server)
+
+
+def _capabilities(kind: str, features: list[str]) -> int:
+    # vhost-user.rst "Backend program conventions": a JSON object with type and features.
+    print(json.dumps({"type": kind, "features": features}))
+    return 0
+
+
+def run_net(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-net``."""
+    if args.print_capabilities:
+        return _capabilities("net", [])
+    if args.socket_path is None and args.fd is None:
+        print("iovirt vhost-user-net: --socket-path or --fd is required", file=sys.stderr)
+        return 2
+    server = VhostUserServer()
+    switch = LearningSwitch()
+    device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
+    try:
+        if args.fd is not None:
+            server.add_fd(args.fd, device, NET_PROTOCOL, name="net0")
+        else:
+            server.add_socket(args.socket_path, device, NET_PROTOCOL, name=f"net0 ({args.socket_path})")
+        _attach_tap(server, args.tap, switch)
+    except (IovirtError, OSError) as exc:
+        server.close()
+        print(f"iovirt vhost-user-net: {exc}", file=sys.stderr)
+        return 1
+    return _serve(server)
+
+
+def run_blk(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-blk``."""
+    if args.print_capabilities:
+        return _capabilities("block", ["read-only", "blk-file"])
+    if args.socket_path is None and args.fd is None:
+        print("iovirt vhost-user-blk: --socket-path or --fd is required", file=sys.stderr)
+        return 2
+    if not args.blk_file:
+        print("iovirt vhost-user-blk: --blk-file is required", file=sys.stderr)
+        return 2
+    server = VhostUserServer()
+    try:
+        device = VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues, label="blk0")
+        if args.fd is not None:
+            server.add_fd(args.fd, device, BLK_PROTOCOL, name="blk0")
+        else:
+            server.add_socket(args.socket_path, device, BLK_PROTOCOL, name=f"blk0 ({args.socket_path})")
+    except (IovirtError, OSError) as exc:
+        server.close()
+        print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)
+        return 1
+    return _serve(server)

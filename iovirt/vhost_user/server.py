@@ -1,0 +1,315 @@
+"""The vhost-user socket server: the only code that touches the UNIX sockets.
+
+One control loop (a ``selectors`` loop on the calling thread) serves every
+device socket of the process: it accepts a front-end per socket, reads each
+message with ``socket.recv_fds`` in bounded pieces (``bytes_needed``, so every
+fd stays with its message), feeds the sans-I/O
+:class:`~iovirt.vhost_user.protocol.BackendConnection`, applies requests
+through a :class:`~iovirt.vhost_user.backend.BackendSession` and sends the
+replies.  A broken or malicious front-end gets its request NACKed, or its
+connection closed; the process goes on serving its other devices.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from iovirt.vhost_user.backend import BackendSession, RequestRefused
+from iovirt.vhost_user.dataplane import DataPlane
+from iovirt.vhost_user.errors import VhostUserError
+from iovirt.vhost_user.messages import VHOST_MEMORY_BASELINE_NREGIONS
+from iovirt.vhost_user.protocol import (
+    BackendConnection,
+    ConnectionClosed,
+    ProtocolFailure,
+    RejectedRequest,
+    Request,
+)
+from iovirt.virtio.device import VirtioDevice
+
+log = logging.getLogger("iovirt.vhost_user")
+
+MAX_FDS_PER_MESSAGE = VHOST_MEMORY_BASELINE_NREGIONS
+
+
+@dataclass
+class Endpoint:
+    """One device socket: the device, its protocol features, and its current front-end."""
+
+    name: str
+    device: VirtioDevice
+    protocol_features: int
+    listener: socket.socket | None
+    path: str | None = None
+    extra_features: int = 0
+    connection: "Connection | None" = None
+    connections_served: int = 0
+
+
+@dataclass
+class Connection:
+    """A connected front-end."""
+
+    endpoint: Endpoint
+    sock: socket.socket
+    proto: BackendConnection
+    session: BackendSession
+    peer: str = ""
+
+
+class VhostUserServer:
+    """Serves vhost-user devices on UNIX sockets until :meth:`stop` is called."""
+
+    def __init__(self, dataplane: DataPlane | None = None) -> None:
+        self.dataplane = dataplane or DataPlane()
+        self._owns_dataplane = dataplane is None
+        self.selector = selectors.DefaultSelector()
+        self.endpoints: list[Endpoint] = []
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
+        self._stopping = False
+
+    # -- endpoints -------------------------------------------------------------------
+    def add_socket(
+        self,
+        path: str,
+        device: VirtioDevice,
+        protocol_features: int,
+        name: str = "",
+        extra_features: int = 0,
+    ) -> Endpoint:
+        """Listen on UNIX socket ``path`` for a front-end of ``device``.
+
+        A stale socket file left by a dead process is replaced; anything else
+        at ``path`` is an error.
+        """
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise VhostUserError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(path)
+        listener.listen(1)
+        return self._add_listener(listener, device, protocol_features, name or path, path, extra_features)
+
+    def add_fd(self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int = 0) -> Endpoint:
+        """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
+
+        This is the ``--fd=FDNUM`` convention of vhost-user.rst ("Backend
+        program conventions").
+        """
+        sock = socket.socket(fileno=fd)
+        name = name or f"fd {fd}"
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return self._add_listener(sock, device, protocol_features, name, None, extra_features)
+        endpoint = Endpoint(name, device, protocol_features, None, None, extra_features)
+        self.endpoints.append(endpoint)
+        self._open(endpoint, sock)
+        return endpoint
+
+    def _add_listener(
+        self, listener: socket.socket, device: VirtioDevice, protocol_features: int, name: str,
+        path: str | None, extra_features: int,
+    ) -> Endpoint:
+        listener.setblocking(False)
+        endpoint = Endpoint(name, device, protocol_features, listener, path, extra_features)
+        self.endpoints.append(endpoint)
+        self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
+        log.info("%s: listening for a vhost-user front-end (%s)", name, device.name)
+        return endpoint
+
+    # -- loop ----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run the control loop (and the data plane) until :meth:`stop`."""
+        if self._owns_dataplane:
+            self.dataplane.start()
+        try:
+            while not self._stopping:
+                for key, _ in self.selector.select(timeout=None):
+                    kind, obj = key.data
+                    if kind == "stop":
+                        os.read(self._stop_r, 64)
+                    elif kind == "accept":
+                        self._accept(obj)
+                    elif kind == "conn":
+                        self._readable(obj)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask the loop to return (safe from a signal handler or another thread)."""
+        self._stopping = True
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close every connection and listener, stop the data plane, remove socket files."""
+        for endpoint in self.endpoints:
+            if endpoint.connection is not None:
+                self._close(endpoint.connection, "server stopping")
+            if endpoint.listener is not None:
+                try:
+                    self.selector.unregister(endpoint.listener)
+                except (KeyError, ValueError):
+                    pass
+                endpoint.listener.close()
+                endpoint.listener = None
+                if endpoint.path and os.path.exists(endpoint.path):
+                    os.unlink(endpoint.path)
+        self.endpoints = []
+        if self._owns_dataplane:
+            self.dataplane.stop()
+        self.selector.close()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- connections -----------------------------------------------------------------------
+    def _accept(self, endpoint: Endpoint) -> None:
+        assert endpoint.listener is not None
+        try:
+            sock, _ = endpoint.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if endpoint.connection is not None:
+            # vhost-user is one front-end per device socket.
+            log.warning("%s: refusing a second front-end while one is connected", endpoint.name)
+            sock.close()
+            return
+        self._open(endpoint, sock)
+
+    def _open(self, endpoint: Endpoint, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        peer = _peer_credentials(sock)
+        proto = BackendConnection(supported_protocol_features=endpoint.protocol_features)
+        session = BackendSession(
+            endpoint.device, self.dataplane, endpoint.protocol_features, endpoint.name, endpoint.extra_features
+        )
+        conn = Connection(endpoint, sock, proto, session, peer)
+        endpoint.connection = conn
+        endpoint.connections_served += 1
+        self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
+        log.info("%s: front-end connected (%s)", endpoint.name, peer)
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn.sock, conn.proto.bytes_needed, MAX_FDS_PER_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"socket error: {exc}")
+            return
+        if not data:
+            _close_fds(fds)
+            event = conn.proto.feed_eof()
+            _close_fds(getattr(event, "fds", ()))
+            if isinstance(event, ProtocolFailure):
+                self._close(conn, f"front-end disconnected mid-message: {event.error}")
+            else:
+                self._close(conn, "front-end disconnected")
+            return
+        for event in conn.proto.feed(data, fds):
+            if not self._dispatch(conn, event):
+                return
+
+    def _dispatch(self, conn: Connection, event: object) -> bool:
+        """Handle one protocol event; False once the connection is closed."""
+        name = conn.endpoint.name
+        if isinstance(event, Request):
+            try:
+                payload, reply_fds = conn.session.handle(event)
+            except RequestRefused as exc:
+                log.warning("%s: rejected %s", name, exc)
+                return self._send(conn, conn.proto.nack(event), [], f"{event.request.name} failed")
+            except VhostUserError as exc:
+                log.warning("%s: rejected %s: %s", name, event.request.name, exc)
+                return self._send(conn, conn.proto.nack(event), [], f"{event.request.name} failed")
+            except Exception:  # a bug here must cost this connection, not the process
+                log.exception("%s: internal error handling %s", name, event.request.name)
+                _close_fds(event.fds)
+                self._close(conn, "internal error")
+                return False
+            if payload is not None:
+                out = conn.proto.reply(event, payload)  # type: ignore[arg-type]
+            else:
+                out = conn.proto.ack(event)
+            ok = self._send(conn, out, reply_fds, "")
+            _close_fds(reply_fds)  # the peer has its own copies now
+            return ok
+        if isinstance(event, RejectedRequest):
+            _close_fds(event.fds)
+            log.warning("%s: rejected request %s: %s", name, event.request, event.error)
+            return self._send(conn, conn.proto.nack(event), [], "malformed request")
+        if isinstance(event, ProtocolFailure):
+            _close_fds(event.fds)
+            self._close(conn, f"protocol error: {event.error}")
+            return False
+        if isinstance(event, ConnectionClosed):
+            _close_fds(event.fds)
+            self._close(conn, "front-end disconnected")
+            return False
+        return True
+
+    def _send(self, conn: Connection, out: bytes | None, fds: list[int], failure: str) -> bool:
+        if out is None:
+            # A failed request whose reply cannot carry a failure: close (spec).
+            self._close(conn, f"{failure}; its reply cannot report an error")
+            return False
+        if not out:
+            return True
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(5.0)
+            if fds:
+                socket.send_fds(conn.sock, [out], fds)
+            else:
+                conn.sock.sendall(out)
+        except OSError as exc:
+            self._close(conn, f"cannot send reply: {exc}")
+            return False
+        finally:
+            if conn.sock.fileno() >= 0:
+                conn.sock.setblocking(False)
+        return True
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        endpoint = conn.endpoint
+        if endpoint.connection is not conn:
+            return
+        endpoint.connection = None
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.session.close()
+        log.info("%s: connection closed: %s", endpoint.name, reason)
+
+
+def _peer_credentials(sock: socket.socket) -> str:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        return f"pid {pid}, uid {uid}"
+    except OSError as exc:
+        if exc.errno == errno.ENOPROTOOPT:
+            return "peer unknown"
+        raise
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
