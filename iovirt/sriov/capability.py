@@ -68,7 +68,7 @@ from iovirt.sriov.regs import (
 )
 from iovirt.sriov.routing import VfRouting, default_routing, vf_routing_id
 from iovirt.sriov.slots import attach_vf, detach_vf
-from iovirt.sriov.vf import VirtualFunction
+from iovirt.sriov.vf import VfRole
 
 if TYPE_CHECKING:
     from iovirt.pci.bus import PciBus
@@ -76,8 +76,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VfBuilder = Callable[[VirtualFunction], None]
-"""Adds a VF's BARs, capabilities and device model (called once per VF, at build time)."""
+VfFactory = Callable[["SriovCapability", int], VfRole]
+"""``make_vf(sriov, vf_index)`` builds VF ``vf_index`` (BARs, capabilities, device model).
+
+It returns a :class:`~iovirt.sriov.vf.VfRole` function made for ``sriov`` and
+``vf_index``: a :class:`~iovirt.sriov.vf.VirtualFunction` it filled in, or a
+``virtual_function_class(SomeFunction)(sriov, vf_index, …)``.  Called once per
+VF when the capability is installed.
+"""
 
 _CTRL_WRITABLE = PCI_SRIOV_CTRL_VFE | PCI_SRIOV_CTRL_MSE | PCI_SRIOV_CTRL_ARI
 _MIN_SUPPORTED_PAGE_SIZES = 0x553  # §9.3.3.12: 4K, 8K, 64K, 256K, 1M and 4M are required
@@ -107,13 +113,12 @@ def _patch(current: int, reg: int, reg_size: int, offset: int, size: int, value:
 class SriovCapability(ExtendedCapability):
     """The SR-IOV capability of a PF, owning its VFs.
 
-    ``SriovCapability(total_vfs, vf_device_id, build_vf, *,
-    supported_page_sizes=0x553, routing=default_routing, vf_revision=None,
-    vf_subsystem_id=None)``.  Installing it on a PCI Express function (with
-    ``pf.add_extended_capability``) creates the TotalVFs
-    :class:`~iovirt.sriov.vf.VirtualFunction` objects and calls
-    ``build_vf(vf)`` on each; the VF BARs of the capability are those the
-    builder gives the VFs.  Place the PF with :func:`attach_pf` so the VFs'
+    ``SriovCapability(total_vfs, vf_device_id, make_vf, *,
+    supported_page_sizes=0x553, routing=default_routing)``.  Installing it on
+    a PCI Express function (with ``pf.add_extended_capability``) builds the
+    TotalVFs VFs with ``make_vf`` (a :data:`VfFactory`), as QEMU creates
+    every VF at PF realize; the VF BARs of the capability are the BARs the
+    VFs have.  Place the PF with :func:`attach_pf` so the VFs'
     routing IDs are checked against its bus.
     """
 
@@ -121,12 +126,10 @@ class SriovCapability(ExtendedCapability):
         self,
         total_vfs: int,
         vf_device_id: int,
-        build_vf: VfBuilder,
+        make_vf: VfFactory,
         *,
         supported_page_sizes: int = DEFAULT_SUPPORTED_PAGE_SIZES,
         routing: VfRouting = default_routing,
-        vf_revision: int | None = None,
-        vf_subsystem_id: int | None = None,
     ) -> None:
         super().__init__(PCI_EXT_CAP_ID_SRIOV, PCI_SRIOV_VERSION, bytes(PCI_EXT_CAP_SRIOV_SIZEOF - 4))
         if not 1 <= total_vfs <= 0xFFFF:
@@ -140,12 +143,10 @@ class SriovCapability(ExtendedCapability):
             )
         self.total_vfs = total_vfs
         self.vf_device_id = vf_device_id
-        self.build_vf = build_vf
+        self.make_vf = make_vf
         self.supported_page_sizes = supported_page_sizes & 0xFFFFFFFF
         self.routing = routing
-        self.vf_revision = vf_revision
-        self.vf_subsystem_id = vf_subsystem_id
-        self.vfs: list[VirtualFunction] = []
+        self.vfs: list[VfRole] = []
         self.vf_bars: dict[int, VfBarLayout] = {}
         self._bases = [0] * PCI_SRIOV_NUM_BARS
         self._check_routing_policy()
@@ -177,8 +178,9 @@ class SriovCapability(ExtendedCapability):
         super().install(function, offset)
         self.vfs = []
         for k in range(self.total_vfs):
-            vf = VirtualFunction(self, k, revision=self.vf_revision, subsystem_id=self.vf_subsystem_id)
-            self.build_vf(vf)
+            vf = self.make_vf(self, k)
+            if not isinstance(vf, VfRole) or vf.sriov is not self or vf.vf_index != k:
+                raise SriovLayoutError(f"make_vf(sriov, {k}) did not return VF {k} of this capability")
             self.vfs.append(vf)
         self.vf_bars = self._vf_bar_layout()
         cfg = function.config
@@ -258,7 +260,7 @@ class SriovCapability(ExtendedCapability):
         return self._get(PCI_SRIOV_SYS_PGSIZE, 4) << SRIOV_PAGE_SHIFT
 
     @property
-    def enabled_vfs(self) -> list[VirtualFunction]:
+    def enabled_vfs(self) -> list[VfRole]:
         """The VFs currently on the bus, in VF order."""
         return [vf for vf in self.vfs if vf.bus is not None]
 
@@ -330,7 +332,7 @@ class SriovCapability(ExtendedCapability):
             return
         device = pf.devfn >> 3
         siblings = [bus.function(device, fn) for fn in range(8)]
-        others = [f for f in siblings if f is not None and f is not pf and not isinstance(f, VirtualFunction)]
+        others = [f for f in siblings if f is not None and f is not pf and not isinstance(f, VfRole)]
         pf.set_multifunction(bool(others))
 
     def _update_routing(self) -> None:

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from iovirt.pci.bus import PciBus
-    from iovirt.sriov.vf import VirtualFunction
+    from iovirt.sriov.vf import VfRole
 
 
-def attach_vf(bus: PciBus, vf: VirtualFunction, devfn: int) -> None:
+def attach_vf(bus: PciBus, vf: VfRole, devfn: int) -> None:
     """Place ``vf`` at ``devfn`` of ``bus`` (the slot must be free)."""
     bus.add_function(vf, devfn >> 3, devfn & 7)
 
 
-def detach_vf(vf: VirtualFunction) -> None:
+def detach_vf(vf: VfRole) -> None:
     """Take ``vf`` off its bus; config accesses to its RID then master-abort."""
     bus = vf.bus
     if bus is None:

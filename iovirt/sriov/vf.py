@@ -17,27 +17,39 @@ models it:
   host's address map by :meth:`VirtualFunction.iter_bars`.
 - Header Type's Multi-Function bit stays 0: VFs are found through the PF,
   never by scanning.
+
+:class:`VfRole` carries these rules and combines with any function class
+(:func:`virtual_function_class`), so a VF can be a full virtio-pci function
+built by the same code as its PF; :class:`VirtualFunction` is the generic VF
+that a builder adds BARs and capabilities to.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from iovirt.pci.bar import Bar, BarKind
+from iovirt.pci.config import ConfigSpace
 from iovirt.pci.errors import PciLayoutError
 from iovirt.pci.function import PciFunction
 from iovirt.pci.regs import (
+    PCI_CLASS_PROG,
     PCI_COMMAND,
     PCI_COMMAND_MASTER,
+    PCI_DEVICE_ID,
     PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
     PCI_SUBSYSTEM_ID,
     PCI_SUBSYSTEM_VENDOR_ID,
+    PCI_VENDOR_ID,
 )
 
 if TYPE_CHECKING:
+    from iovirt.pci.bus import PciBus
     from iovirt.sriov.capability import SriovCapability
 
 VF_ID = 0xFFFF
+F = TypeVar("F", bound=PciFunction)
 
 
 class VfBarWindow:
@@ -49,7 +61,7 @@ class VfBarWindow:
     accesses go to the VF's own :class:`Bar` and its regions.
     """
 
-    def __init__(self, vf: VirtualFunction, bar: Bar) -> None:
+    def __init__(self, vf: VfRole, bar: Bar) -> None:
         self.vf = vf
         self.bar = bar
         self.kind = bar.kind
@@ -88,41 +100,34 @@ class VfBarWindow:
         return f"VfBarWindow(vf={self.vf.vf_index}, index={self.index}, address={self.address:#x})"
 
 
-class VirtualFunction(PciFunction):
-    """VF ``vf_index`` (0-based) of the PF that ``sriov`` is installed on.
+class VfRole:
+    """What makes a PCI function a VF; combine it with a function class.
 
-    Created by :class:`~iovirt.sriov.capability.SriovCapability`, which then
-    hands it to the device's VF builder to add BARs, capabilities (PCI
-    Express, MSI-X …) and the device model.  ``revision`` and
-    ``subsystem_id`` may differ from the PF's (§9.3.4.1.4, .13); Class Code
-    and Subsystem Vendor ID are the PF's.
+    ``virtual_function_class(base)`` gives ``class (VfRole, base)``, whose
+    constructor is ``(sriov, vf_index, *base_args, **base_kwargs)``: the base
+    builds the function (BARs, capabilities, device model) as it would for
+    any function, then the VF header rules of the module docstring are
+    applied.  :class:`VirtualFunction` is the generic one.
     """
 
-    def __init__(
-        self,
-        sriov: SriovCapability,
-        vf_index: int,
-        *,
-        revision: int | None = None,
-        subsystem_id: int | None = None,
-    ) -> None:
-        pf = sriov.pf
-        super().__init__(
-            VF_ID,
-            VF_ID,
-            pf.class_code,
-            revision=pf.revision if revision is None else revision,
-            subsystem_vendor_id=pf.config.get(PCI_SUBSYSTEM_VENDOR_ID, 2),
-            subsystem_id=pf.config.get(PCI_SUBSYSTEM_ID, 2) if subsystem_id is None else subsystem_id,
-            pcie=True,
-        )
+    config: ConfigSpace
+    bus: PciBus | None
+
+    def __init__(self, sriov: SriovCapability, vf_index: int, *args: Any, **kwargs: Any) -> None:
+        # Set before the base constructor runs: its add_bar calls come here.
         self.sriov = sriov
-        self.pf = pf
+        self.pf = sriov.pf
         self.vf_index = vf_index
+        self._windows: list[VfBarWindow] = []
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         cfg = self.config
+        cfg.init(PCI_VENDOR_ID, 2, VF_ID)
+        cfg.init(PCI_DEVICE_ID, 2, VF_ID)
+        cfg.init(PCI_CLASS_PROG, 3, self.pf.class_code)
+        cfg.init(PCI_SUBSYSTEM_VENDOR_ID, 2, self.pf.config.get(PCI_SUBSYSTEM_VENDOR_ID, 2))
         cfg.init(PCI_COMMAND, 2, 0, PCI_COMMAND_MASTER)
         cfg.init(PCI_INTERRUPT_LINE, 1, 0)
-        self._windows: list[VfBarWindow] = []
+        cfg.init(PCI_INTERRUPT_PIN, 1, 0)
 
     @property
     def vendor_id(self) -> int:
@@ -141,7 +146,7 @@ class VirtualFunction(PciFunction):
         """Add a decoder; its header register reads 0 and ignores writes (§9.3.4.1.10)."""
         if bar.kind not in (BarKind.MEM32, BarKind.MEM64):
             raise PciLayoutError(f"a VF BAR must be a memory BAR, not {bar.kind.value} (SR-IOV §9.3.3.14)")
-        super().add_bar(index, bar)
+        super().add_bar(index, bar)  # type: ignore[misc]
         # The Bar stays the hook of its register; with value and mask 0 it
         # reads 0 and treats every write as a sizing probe that moves nothing.
         self.config.init(bar.register, 8 if bar.kind is BarKind.MEM64 else 4, 0)
@@ -153,10 +158,45 @@ class VirtualFunction(PciFunction):
         """VFs have no expansion ROM (§9.3.4.1.12: the register is read-only 0)."""
         raise PciLayoutError("a VF has no expansion ROM BAR")
 
-    def iter_bars(self) -> list[VfBarWindow]:  # type: ignore[override]
+    def iter_bars(self) -> list[VfBarWindow]:
         """Where this VF decodes: one window per VF BAR, placed by the PF."""
         return list(self._windows)
 
     def own_bars(self) -> list[Bar]:
         """The VF's BARs as its builder added them (each once, in index order)."""
         return [w.bar for w in self._windows]
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def virtual_function_class(base: type[F]) -> type[F]:
+    """``class (VfRole, base)``: a VF built like a ``base`` function (one class per base)."""
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = _CLASSES[base] = type(f"Vf{base.__name__}", (VfRole, base), {"__doc__": f"A VF built as a {base.__name__}."})
+    return cls  # type: ignore[return-value]
+
+
+class VirtualFunction(VfRole, PciFunction):
+    """A generic VF: an empty function to add BARs and capabilities to.
+
+    ``VirtualFunction(sriov, vf_index, *, revision=None, subsystem_id=None)``;
+    ``revision`` and ``subsystem_id`` may differ from the PF's (§9.3.4.1.4,
+    .13) and default to the PF's.
+    """
+
+    def __init__(
+        self, sriov: SriovCapability, vf_index: int, *, revision: int | None = None, subsystem_id: int | None = None
+    ) -> None:
+        pf = sriov.pf
+        super().__init__(
+            sriov,
+            vf_index,
+            VF_ID,
+            VF_ID,
+            pf.class_code,
+            revision=pf.revision if revision is None else revision,
+            subsystem_id=pf.config.get(PCI_SUBSYSTEM_ID, 2) if subsystem_id is None else subsystem_id,
+            pcie=True,
+        )

@@ -20,14 +20,16 @@ VF_BAR_SIZE = 0x2000
 MSIX_OFFSET = 0x1000
 
 
-def build_vf(vf: VirtualFunction) -> None:
+def build_vf(sriov: SriovCapability, k: int) -> VirtualFunction:
     """A VF: PCIe capability, BAR0 (64-bit, RAM at 0 and MSI-X table at 0x1000), BAR2 (32-bit)."""
+    vf = VirtualFunction(sriov, k)
     vf.add_capability(PcieCapability())
     bar0 = vf.add_bar(0, Bar(VF_BAR_SIZE, BarKind.MEM64, prefetchable=True))
     ram = BytesRegion(bytes(0x100))
     bar0.map_region(0, 0x100, ram.read, ram.write)
     vf.add_bar(2, Bar(0x1000))
     vf.add_capability(MsixCapability(2, table_bar=0, table_offset=MSIX_OFFSET))
+    return vf
 
 
 def make_pf(total_vfs: int = 16, routing=default_routing, builder=build_vf) -> PciFunction:

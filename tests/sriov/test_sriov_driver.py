@@ -139,9 +139,11 @@ def test_init_without_sriov_is_enodev() -> None:
 
 
 def test_total_vfs_64_on_a_root_bus(allocator) -> None:
-    def build(vf: VirtualFunction) -> None:
+    def build(sriov, k: int) -> VirtualFunction:
+        vf = VirtualFunction(sriov, k)
         vf.add_capability(PcieCapability())
         vf.add_bar(0, Bar(0x1000))
+        return vf
 
     host = PciHost()
     pf = make_pf(64, builder=build)

@@ -188,8 +188,12 @@ def test_vf_enable_refused_when_a_slot_was_taken_later(host, pf_factory, caplog)
 def test_vf_builder_must_give_every_vf_the_same_bars() -> None:
     from iovirt.pci import Bar
 
-    def uneven(vf: VirtualFunction) -> None:
-        vf.add_bar(0, Bar(0x1000 << (vf.vf_index % 2)))
+    def uneven(sriov, k: int) -> VirtualFunction:
+        vf = VirtualFunction(sriov, k)
+        vf.add_bar(0, Bar(0x1000 << (k % 2)))
+        return vf
 
     with pytest.raises(SriovLayoutError, match="different BARs"):
         make_pf(2, builder=uneven)
+    with pytest.raises(SriovLayoutError, match="did not return VF 1"):
+        make_pf(2, builder=lambda sriov, k: VirtualFunction(sriov, 0))
