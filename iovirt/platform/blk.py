@@ -16,6 +16,7 @@ from iovirt.virtio.blk.device import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO
 
 REQ_HDR = struct.Struct("<IIQ")
 REQUEST_QUEUE = 0
+PAGE_SIZE = 4096
 
 
 class VirtioBlkDriver:
@@ -28,8 +29,19 @@ class VirtioBlkDriver:
 
     def request(self, rtype: int, sector: int, out: bytes = b"", in_size: int = 0) -> tuple[int, bytes]:
         """Submit one request and wait for it; returns ``(status, data read)``."""
-        readable = [REQ_HDR.pack(rtype, 0, sector)] + ([out] if out else [])
-        head = self.queue.add_data(out=readable, in_sizes=([in_size] if in_size else []) + [1])
+        memory, alloc = self.queue.memory, self.queue.alloc
+        hdr = alloc.alloc(REQ_HDR.size)
+        memory.write(hdr, REQ_HDR.pack(rtype, 0, sector))
+        readable = [(hdr, REQ_HDR.size)]
+        writable = []
+        if out:
+            # Data buffers are whole pages, as a block layer's are (and an IOMMU maps them page by page).
+            readable.append((alloc.alloc(len(out), PAGE_SIZE), len(out)))
+            memory.write(readable[-1][0], out)
+        if in_size:
+            writable.append((alloc.alloc(in_size, PAGE_SIZE), in_size))
+        writable.append((alloc.alloc(1), 1))
+        head = self.queue.add_chain(readable, writable)
         self.driver.kick(self.index)
         for used in self.queue.get_used():
             if used.head == head:
