@@ -80,6 +80,7 @@ def test_without_access_platform_dma_is_physical(make_platform, recorder, ring_i
 
 def test_probe_refuses_a_non_virtio_function(make_platform):
     platform = make_platform()
-    driver = VirtioPciDriver(platform.host, EcamConfig(platform.host, 0, 2, 0), platform.memory, platform.dma_alloc, platform.irq)
+    cfg = EcamConfig(platform.host, 0, 2, 0)  # the QEMU test device
+    driver = VirtioPciDriver(platform.host, cfg, platform.memory, platform.dma_alloc, platform.irq)
     with pytest.raises(VirtioDriverError, match="not a modern virtio-pci device"):
         driver.probe()

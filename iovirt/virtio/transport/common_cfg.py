@@ -81,7 +81,16 @@ _FIELD_WIDTH = {
     VIRTIO_PCI_COMMON_Q_ENABLE: 2,
     VIRTIO_PCI_COMMON_Q_NOFF: 2,
 }
-_ADDRESS_FIELDS = {VIRTIO_PCI_COMMON_Q_DESC: "desc", VIRTIO_PCI_COMMON_Q_AVAIL: "driver", VIRTIO_PCI_COMMON_Q_USED: "device"}
+_ADDRESS_FIELDS = {
+    VIRTIO_PCI_COMMON_Q_DESC: "desc",
+    VIRTIO_PCI_COMMON_Q_AVAIL: "driver",
+    VIRTIO_PCI_COMMON_Q_USED: "device",
+}
+
+
+def _feature_word(features: int, select: int) -> int:
+    """Feature bits ``32*select`` to ``32*select+31``; 0 for any select but 0 or 1 (4.1.4.3.1)."""
+    return features >> (32 * select) & U32 if select < 2 else 0
 
 
 class TransportPort(Protocol):
@@ -206,12 +215,11 @@ class CommonCfg:
         if field == VIRTIO_PCI_COMMON_DFSELECT:
             return self.device_feature_select
         if field == VIRTIO_PCI_COMMON_DF:
-            # 4.1.4.3.1: 0 for any select other than 0 or 1.
-            return self.port.offered_features() >> (32 * self.device_feature_select) & U32 if self.device_feature_select < 2 else 0
+            return _feature_word(self.port.offered_features(), self.device_feature_select)
         if field == VIRTIO_PCI_COMMON_GFSELECT:
             return self.driver_feature_select
         if field == VIRTIO_PCI_COMMON_GF:
-            return self.driver_features >> (32 * self.driver_feature_select) & U32 if self.driver_feature_select < 2 else 0
+            return _feature_word(self.driver_features, self.driver_feature_select)
         if field == VIRTIO_PCI_COMMON_MSIX:
             return self.config_msix_vector
         if field == VIRTIO_PCI_COMMON_NUMQ:
@@ -264,7 +272,8 @@ class CommonCfg:
         else:
             # 4.1.4.3.2: the driver MUST NOT write device_feature, num_queues,
             # config_generation or queue_notify_off.
-            log.warning("%s: write of %#x to read-only common cfg field at %#x ignored", self.device.label, value, offset)
+            log.warning("%s: write of %#x to read-only common cfg field at %#x ignored",
+                        self.device.label, value, offset)
 
     # -- features and status ----------------------------------------------------------
     def _write_driver_features(self, value: int) -> None:
@@ -302,11 +311,12 @@ class CommonCfg:
         features = self.driver_features
         offered = self.port.offered_features()
         if features & ~offered:
-            log.warning("%s: driver accepted features %#x that were not offered (%#x); FEATURES_OK stays clear",
-                        self.device.label, features & ~offered, offered)
+            log.warning("%s: driver accepted features %#x that were not offered (%#x); "
+                        "FEATURES_OK stays clear", self.device.label, features & ~offered, offered)
             return False
         if not features >> VIRTIO_F_VERSION_1 & 1:
-            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK stays clear", self.device.label)
+            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK stays clear",
+                        self.device.label)
             return False
         try:
             self.device.set_features(features & ~TRANSPORT_FEATURES)
@@ -397,6 +407,7 @@ class CommonCfg:
     def notify(self, index: int) -> None:
         """An available-buffer notification for queue ``index`` (4.1.5.2)."""
         if not self.driver_ok or index >= len(self.queues) or not self.queues[index].enabled:
-            log.debug("%s: notification for queue %d before DRIVER_OK or enable; ignored", self.device.label, index)
+            log.debug("%s: notification for queue %d before DRIVER_OK or enable; ignored",
+                      self.device.label, index)
             return
         self.device.kick(index)

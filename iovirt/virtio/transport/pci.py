@@ -125,7 +125,9 @@ class VirtioPciFunction(PciFunction):
         self.add_capability(
             MsixCapability(device.num_queues + 1, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET)
         )
-        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE))
+        self.add_capability(
+            VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE)
+        )
         self.add_capability(
             VirtioPciCap(
                 VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_LENGTH,
@@ -209,6 +211,7 @@ class VirtioPciFunction(PciFunction):
         # Without VIRTIO_F_NOTIFICATION_DATA the address names the queue (4.1.5.2).
         index, within = divmod(offset, NOTIFY_OFF_MULTIPLIER)
         if within or size != 2:
-            log.warning("%r: notify write of %d byte(s) at %#x is not a queue's 16-bit notify; ignored", self, size, offset)
+            log.warning("%r: notify write of %d byte(s) at %#x is not a queue's 16-bit notify; ignored",
+                        self, size, offset)
             return
         self.common.notify(index)
