@@ -74,6 +74,15 @@ class VfBar:
     base: int = 0
 
 
+@dataclass(frozen=True)
+class VfResource:
+    """One BAR of an added VF, as Linux's ``pci_dev.resource[n]`` holds it."""
+
+    address: int
+    size: int
+    is64: bool
+
+
 @dataclass
 class EnumeratedVf:
     """A VF as Linux adds it (``pci_iov_add_virtfn``)."""
@@ -85,8 +94,8 @@ class EnumeratedVf:
     vendor_id: int
     device_id: int
     class_code: int
-    bars: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """``{index: (address, size)}``."""
+    bars: dict[int, VfResource] = field(default_factory=dict)
+    """BAR index -> where the VF decodes it (``VF BARn + k * size``)."""
 
     @property
     def rid(self) -> int:
@@ -237,7 +246,7 @@ class SriovDriver:
         class_rev = vf_cfg.read(PCI_REVISION_ID, 4)
         if class_rev == 0xFFFFFFFF:
             raise SriovDriverError("EIO", f"VF {k} does not answer at routing ID {rid:#06x}")
-        bars = {bar.index: (bar.base + k * bar.size, bar.size) for bar in self.bars}
+        bars = {bar.index: VfResource(bar.base + k * bar.size, bar.size, bar.is64) for bar in self.bars}
         return EnumeratedVf(k, bus, devfn >> 3, devfn & 7, vendor, self.vf_device_id, class_rev >> 8, bars)
 
     def disable(self) -> None:

@@ -29,14 +29,18 @@ def test_linux_sequence_enables_and_enumerates(platform_host, allocator, num_vfs
     assert [vf.rid for vf in vfs] == [PF_SLOT * 8 + 8 + n for n in range(num_vfs)]
     assert {(vf.vendor_id, vf.device_id, vf.class_code) for vf in vfs} == {(VENDOR, VF_DEVICE, CLASS_ETHERNET)}
     base0 = driver.bars[0].base
-    assert [vf.bars[0] for vf in vfs] == [(base0 + k * VF_BAR_SIZE, VF_BAR_SIZE) for k in range(num_vfs)]
+    assert [(vf.bars[0].address, vf.bars[0].size) for vf in vfs] == [
+        (base0 + k * VF_BAR_SIZE, VF_BAR_SIZE) for k in range(num_vfs)
+    ]
     # The model agrees: every VF decodes where Linux thinks it does.
     pf = platform_host.root_bus.function(PF_SLOT)
     cap = pf.extended_capabilities[0]
     for vf, model in zip(vfs, cap.enabled_vfs):
         assert model.requester_id == vf.rid
-        assert [(w.address, w.size) for w in model.iter_bars()] == [vf.bars[0], vf.bars[2]]
-        assert platform_host.mmio_read(vf.bars[0][0], 4) == 0  # RAM region, decoded
+        assert [(w.address, w.size) for w in model.iter_bars()] == [
+            (vf.bars[i].address, vf.bars[i].size) for i in (0, 2)
+        ]
+        assert platform_host.mmio_read(vf.bars[0].address, 4) == 0  # RAM region, decoded
     driver.disable()
     assert cap.enabled_vfs == [] and not cap.vf_memory_enabled
     assert platform_host.mmio_read(base0, 4) == 0xFFFFFFFF

@@ -1,0 +1,96 @@
+"""The in-process platform with a virtio-net PF, its VFs enabled and driven the Linux way.
+
+What a Linux guest does with an SR-IOV virtio-net NIC, step by step:
+
+1. boot: firmware assigns the PF's BARs; the PCI core runs ``sriov_init``
+   and assigns the VF BARs (:class:`~iovirt.sriov.driver.SriovDriver`
+   ``init`` and ``assign_vf_bars``) -- done when the machine is built;
+2. ``virtio_pci`` binds to the PF (:meth:`SriovNetMachine.bring_up_pf`);
+3. ``echo N > sriov_numvfs`` calls ``virtio_pci_sriov_configure``
+   (:meth:`SriovNetMachine.sriov_configure`): -EBUSY before DRIVER_OK,
+   -EINVAL unless VIRTIO_F_SR_IOV was negotiated, then ``pci_enable_sriov``;
+4. ``virtio_pci`` binds to every VF (:meth:`SriovNetMachine.vf_driver`), and
+   each VF brings its own queues and MSI-X vectors up.
+"""
+
+from __future__ import annotations
+
+from iovirt.memory import BumpAllocator
+from iovirt.pci.firmware import assign_resources
+from iovirt.platform.machine import FIRST_SLOT, Platform
+from iovirt.platform.virtio_driver import VirtioPciDriver
+from iovirt.sriov.capability import SriovCapability, attach_pf, find_sriov
+from iovirt.sriov.driver import EnumeratedVf, SriovDriver
+from iovirt.sriov.errors import SriovDriverError
+from iovirt.sriov.vf_config import VfConfig
+from iovirt.sriov.virtio_net import make_virtio_net_pf
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_SR_IOV
+from iovirt.virtio.net.switch import LearningSwitch
+
+PF_MAC = bytes.fromhex("525400123456")
+PF_SLOT = FIRST_SLOT
+VF_BAR_WINDOW = (0xE000_0000, 0x1000_0000)
+"""Where the PCI core places VF BARs: above firmware's 32-bit window, below the APIC."""
+MAX_TOTAL_VFS = 0x100 - ((PF_SLOT << 3) + 8)
+"""The most VFs that fit on bus 0 behind a PF at 00:03.0 (routing IDs 0x20-0xFF)."""
+
+
+class SriovNetMachine:
+    """A :class:`~iovirt.platform.machine.Platform` with a virtio-net SR-IOV PF at 00:03.0.
+
+    ``SriovNetMachine(total_vfs=16, *, platform=None, mac=PF_MAC)``: the
+    platform defaults to ``Platform(())`` (no other virtio devices, real host
+    timer); pass one built with a fake clock in tests.  The PF and every VF
+    are ports of :attr:`switch`.  :meth:`close` releases the platform.
+    """
+
+    def __init__(self, total_vfs: int = 16, *, platform: Platform | None = None, mac: bytes = PF_MAC) -> None:
+        self.platform = platform if platform is not None else Platform(())
+        host = self.platform.host
+        self.switch = LearningSwitch()
+        self.pf = make_virtio_net_pf(self.platform.memory, self.switch, mac, total_vfs, iommu=self.platform.iommu)
+        attach_pf(host.root_bus, self.pf, PF_SLOT)
+        # Firmware enumerates again with the PF present (the platform built the bus without it).
+        assign_resources(host)
+        sriov = find_sriov(self.pf)
+        assert sriov is not None
+        self.sriov: SriovCapability = sriov
+        self.iov = SriovDriver(host, 0, PF_SLOT)
+        self.iov.init()
+        self.iov.assign_vf_bars(BumpAllocator(*VF_BAR_WINDOW))
+        self.pf_driver: VirtioPciDriver | None = None
+
+    def bring_up_pf(self, queues: int | None = None) -> VirtioPciDriver:
+        """Bind the virtio-pci driver to the PF and bring it to DRIVER_OK."""
+        driver = self.platform.driver(self.pf)
+        driver.bring_up(queues=queues)
+        self.pf_driver = driver
+        return driver
+
+    def sriov_configure(self, num_vfs: int) -> list[EnumeratedVf]:
+        """``virtio_pci_sriov_configure``: enable ``num_vfs`` VFs (0 disables them)."""
+        driver = self.pf_driver
+        if driver is None or not driver.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            raise SriovDriverError("EBUSY", "the PF's virtio driver is not at DRIVER_OK")
+        if not driver.has_feature(VIRTIO_F_SR_IOV):
+            raise SriovDriverError("EINVAL", "VIRTIO_F_SR_IOV was not negotiated")
+        if not num_vfs:
+            self.iov.disable()
+            return []
+        return self.iov.enable(num_vfs)
+
+    def vf_driver(self, vf: EnumeratedVf) -> VirtioPciDriver:
+        """A (not yet probed) virtio-pci driver for an added VF."""
+        platform = self.platform
+        return VirtioPciDriver(platform.host, VfConfig(platform.host, vf), platform.memory, platform.dma_alloc, platform.irq)
+
+    def close(self) -> None:
+        """Reset the PF (its VFs go, every queue lets go of guest memory), then close the platform."""
+        self.pf.reset()
+        self.platform.close()
+
+    def __enter__(self) -> "SriovNetMachine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,63 @@
+"""A virtio-net PF with virtio-net VFs, as QEMU's composable virtio-net SR-IOV builds them.
+
+The PF is a modern virtio-pci net function (vendor 0x1AF4, device 0x1041)
+with an SR-IOV capability; it offers ``VIRTIO_F_SR_IOV`` (bit 37, virtio 1.2
+§6) so a driver knows it may enable VFs.  Every VF is a full virtio-pci
+net function of its own, built by the same transport code: its own common
+configuration, queues, device configuration (its own MAC), MSI-X table and
+notification area in its own VF BARs, and its own port on the PF's
+:class:`~iovirt.virtio.net.switch.LearningSwitch`, so VFs reach each other
+and the PF only through the switch.  The VF Device ID is the PF's (0x1041),
+so the same driver binds both, as with QEMU's virtio-net VFs.
+"""
+
+from __future__ import annotations
+
+from iovirt.memory import GuestMemory
+from iovirt.sriov.capability import SriovCapability
+from iovirt.sriov.vf import VfRole, virtual_function_class
+from iovirt.virtio.defs import VIRTIO_F_SR_IOV
+from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.transport.pci import Iommu, VirtioPciFunction
+
+VirtioPciVf = virtual_function_class(VirtioPciFunction)
+"""A VF built as a :class:`VirtioPciFunction`: ``VirtioPciVf(sriov, k, device, memory, iommu=None)``."""
+
+
+class SriovVirtioNet(VirtioNet):
+    """The PF's virtio-net device: offers VIRTIO_F_SR_IOV on top of virtio-net's features.
+
+    The bit belongs to the transport (virtio 1.2 §6), but the transport
+    passes every bit it offers on to the device's ``set_features``, so the
+    device offers it here.
+    """
+
+    def device_features(self) -> int:
+        """virtio-net's features plus VIRTIO_F_SR_IOV."""
+        return super().device_features() | 1 << VIRTIO_F_SR_IOV
+
+
+def vf_mac(pf_mac: bytes, vf_index: int) -> bytes:
+    """VF ``vf_index``'s MAC: the PF's OUI, the PF's NIC-specific part plus ``vf_index + 1``."""
+    nic = (int.from_bytes(pf_mac[3:], "big") + vf_index + 1) & 0xFFFFFF
+    return pf_mac[:3] + nic.to_bytes(3, "big")
+
+
+def make_virtio_net_pf(
+    memory: GuestMemory,
+    switch: LearningSwitch,
+    mac: bytes,
+    total_vfs: int = 16,
+    *,
+    iommu: Iommu | None = None,
+) -> VirtioPciFunction:
+    """A virtio-net PF with ``total_vfs`` virtio-net VFs on ``switch``; place it with ``attach_pf``."""
+    pf = VirtioPciFunction(SriovVirtioNet(mac, switch, label="pf"), memory, iommu=iommu)
+
+    def make_vf(sriov: SriovCapability, k: int) -> VfRole:
+        device = VirtioNet(vf_mac(mac, k), switch, label=f"vf{k}")
+        return VirtioPciVf(sriov, k, device, memory, iommu=iommu)
+
+    pf.add_extended_capability(SriovCapability(total_vfs, pf.device_id, make_vf))
+    return pf
