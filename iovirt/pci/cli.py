@@ -1,6 +1,8 @@
 """``iovirt lspci``: print the default platform's functions like lspci does.
 
 ``iovirt lspci -xxxx | lspci -vvv -F /dev/stdin`` decodes them with pciutils.
+``--sriov-vfs N`` lists a virtio-net SR-IOV PF with N VFs enabled instead
+(:mod:`iovirt.sriov.lspci`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "-x", dest="hex", action="count", default=0,
         help="hex dump of config space; repeat as -xxx or -xxxx for more",
     )
+    parser.add_argument(
+        "--sriov-vfs", dest="sriov_vfs", type=int, default=None, metavar="N",
+        help="instead: a virtio-net SR-IOV PF at 00:03.0 with N VFs enabled the way Linux does",
+    )
     parser.set_defaults(func=run)
 
 
@@ -34,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     """Build the default platform (virtio-blk on a scratch image) and print its functions."""
     # Imported here: the PCI layer does not depend on the platform built on top of it.
     from iovirt.platform.machine import Platform
+
+    if args.sriov_vfs is not None:
+        from iovirt.sriov.lspci import run_sriov_vfs
+
+        return run_sriov_vfs(args.sriov_vfs, args.hex)
 
     with tempfile.TemporaryDirectory(prefix="iovirt-lspci-") as scratch:
         with Platform.default(os.path.join(scratch, "disk.img")) as platform:

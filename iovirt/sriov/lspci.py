@@ -10,6 +10,8 @@ shows (PF vendor, VF Device ID); a VF's dumped Vendor/Device bytes read
 
 from __future__ import annotations
 
+import sys
+
 from iovirt.pci.lspci import format_host
 from iovirt.sriov.errors import SriovLayoutError
 from iovirt.sriov.machine import MAX_TOTAL_VFS, SriovNetMachine
@@ -29,3 +31,14 @@ def sriov_dump(num_vfs: int, level: int = 4) -> str:
         machine.bring_up_pf()
         machine.sriov_configure(num_vfs)
         return format_host(machine.platform.host, level)
+
+
+def run_sriov_vfs(num_vfs: int, level: int) -> int:
+    """The ``--sriov-vfs`` option of ``iovirt lspci``: print the dump; 2 on a bad count."""
+    try:
+        text = sriov_dump(num_vfs, level)
+    except SriovLayoutError as exc:
+        print(f"iovirt lspci: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0

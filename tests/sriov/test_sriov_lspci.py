@@ -67,3 +67,20 @@ def test_dump_titles_show_linux_ids_and_bad_counts_are_refused() -> None:
     ]
     with pytest.raises(SriovLayoutError, match="expected 0-224"):
         sriov_dump(225)
+
+
+def test_cli_option(capsys) -> None:
+    import argparse
+
+    from iovirt.pci import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["lspci", "-x", "--sriov-vfs", "2"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "00:04.1 Ethernet controller" in out and "00:04.2" not in out
+    assert "\n00: ff ff ff ff 00 00 10 00 01 00 00 02" in out  # a VF: raw IDs 0xFFFF, Command 0
+    args = parser.parse_args(["lspci", "--sriov-vfs", "-1"])
+    assert args.func(args) == 2
+    assert "expected 0-224" in capsys.readouterr().err
