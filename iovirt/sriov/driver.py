@@ -191,17 +191,20 @@ class SriovDriver:
             self._write(reg, 4, original)
             is64 = bool(mask & PCI_BASE_ADDRESS_MEM_TYPE_64)
             full = mask & ~0xF
+            base = original & ~0xF
             if is64:
                 original_hi = self._read(reg + 4, 4)
                 self._write(reg + 4, 4, 0xFFFFFFFF)
                 full |= self._read(reg + 4, 4) << 32
                 self._write(reg + 4, 4, original_hi)
+                base |= original_hi << 32
             if full:
                 width = 64 if is64 else 32
                 size = (~full + 1) & ((1 << width) - 1)
                 if size % self.page_size:
                     raise SriovDriverError("EIO", f"VF BAR{index} size {size:#x} is not a PAGE_SIZE multiple")
-                bars.append(VfBar(index, size, is64))
+                # As __pci_read_base: an address already assigned is kept.
+                bars.append(VfBar(index, size, is64, base))
             index += 2 if is64 else 1
         return bars
 
