@@ -61,8 +61,9 @@ class Guest:
     ``workdir`` receives the guest's initrd, ``console.log`` and
     ``qemu.stderr``. ``script`` is busybox-sh text run after boot (``None``:
     a shell reads commands sent with :meth:`send`). ``files`` maps extra
-    initramfs paths to contents. The context manager stops QEMU on exit,
-    on failure too.
+    initramfs paths to contents; ``modules`` are the kernel modules to load
+    (dependencies added); ``compress`` gzips the cached base image. The
+    context manager stops QEMU on exit, on failure too.
 
     QEMU is started under ``setpriv --pdeathsig KILL``, so it dies with the
     thread that started it even when this process is killed; start a guest
@@ -73,7 +74,7 @@ class Guest:
                  script: str | None = None, files: dict[str, bytes] | None = None, name: str = "guest",
                  memory_mb: int = 256, smp: int = 1, viommu: bool = False, append: tuple[str, ...] = (),
                  extra_args: tuple[str, ...] = (), kernel: GuestKernel | None = None,
-                 modules: tuple[str, ...] = VIRTIO_MODULES) -> None:
+                 modules: tuple[str, ...] = VIRTIO_MODULES, compress: bool = False) -> None:
         self.name = name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,7 @@ class Guest:
         self._script = script
         self._files = files
         self._modules = modules
+        self._compress = compress
         kernel = kernel or find_kernel()
         self.machine = Machine(kernel=kernel, initrd=self.workdir / f"{name}-initrd.cpio",
                                devices=list(devices), memory_mb=memory_mb, smp=smp, viommu=viommu,
@@ -103,7 +105,8 @@ class Guest:
         qemu = shutil.which(self.machine.qemu)
         if qemu is None:
             raise HostPartMissing("QEMU", self.machine.qemu, f"Debian package qemu-system-x86 ({QEMU})")
-        guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules)
+        guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules,
+                     self._compress)
         argv = self.machine.argv()
         setpriv = shutil.which("setpriv")
         if setpriv:

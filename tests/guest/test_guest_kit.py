@@ -18,7 +18,7 @@ from iovirt.guest import VirtioBlk, find_kernel, free_tcp_port, wait_tcp_listen,
 from iovirt.guest import init_script
 from iovirt.guest.cpio import CpioWriter
 from iovirt.guest.errors import ModuleDependencyError
-from iovirt.guest.initramfs import base_image, build_base, cache_key, script_overlay
+from iovirt.guest.initramfs import base_image, build_base, cache_key, guest_initrd, script_overlay
 from iovirt.guest.modules import VIRTIO_MODULES, modinfo, resolve
 
 KERNEL = find_kernel()
@@ -161,6 +161,18 @@ def test_base_image_is_cached_by_key(tmp_path, monkeypatch):
     assert cache_key(KERNEL, VIRTIO_MODULES, False) in first.name
     assert cache_key(KERNEL, VIRTIO_MODULES, True) != cache_key(KERNEL, VIRTIO_MODULES, False)
     assert cache_key(KERNEL, ("virtio_blk",), False) != cache_key(KERNEL, VIRTIO_MODULES, False)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_overlay_starts_4_byte_aligned_after_the_base(tmp_path, monkeypatch, compress):
+    # The kernel rejects an archive that follows a gzip stream at an unaligned offset.
+    monkeypatch.setenv("IOVIRT_CACHE_DIR", str(tmp_path / "cache"))
+    initrd = guest_initrd(tmp_path / "initrd", KERNEL, "exit 0\n", compress=compress).read_bytes()
+    base = base_image(KERNEL, compress=compress).read_bytes()
+    overlay = script_overlay("exit 0\n")
+    start = len(initrd) - len(overlay)
+    assert initrd.startswith(base) and initrd.endswith(overlay)
+    assert start % 4 == 0 and set(initrd[len(base):start]) <= {0}
 
 
 def test_init_and_lib_parse_in_busybox_sh(tmp_path):
