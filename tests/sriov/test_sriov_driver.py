@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from iovirt.memory import BumpAllocator
 from iovirt.pci import Bar, ExtendedCapability, PcieCapability, PciFunction, PciHost
 from iovirt.pci.topology import build_default_host
 from iovirt.sriov import SriovDriverError, VirtualFunction, attach_pf
 from iovirt.sriov.driver import SriovDriver
 from iovirt.sriov.regs import PCI_EXT_CAP_ID_SRIOV
 
-from conftest import CLASS_ETHERNET, PF_SLOT, VENDOR, VF_BAR_SIZE, VF_DEVICE, make_pf
+from iovirt.sriov.testing import CLASS_ETHERNET, VENDOR, VF_BAR_SIZE, VF_DEVICE, make_generic_pf
+
+PF_SLOT = 3
 
 
 @pytest.fixture
 def platform_host() -> PciHost:
     """The default topology with the SR-IOV PF at 00:03.0, resources assigned by firmware."""
-    return build_default_host(add_devices=lambda bus: attach_pf(bus, make_pf(16), PF_SLOT))
+    return build_default_host(add_devices=lambda bus: attach_pf(bus, make_generic_pf(16), PF_SLOT))
 
 
 @pytest.mark.parametrize("num_vfs", [1, 7, 16])
@@ -54,7 +55,7 @@ def test_init_leaves_num_vfs_zero_and_walk_reads_each_count() -> None:
         return 8, 1
 
     host = PciHost()
-    pf = make_pf(4, routing=routing)
+    pf = make_generic_pf(4, routing=routing)
     attach_pf(host.root_bus, pf, PF_SLOT)
     seen.clear()
     SriovDriver(host, 0, PF_SLOT).init()
@@ -150,7 +151,7 @@ def test_total_vfs_64_on_a_root_bus(allocator) -> None:
         return vf
 
     host = PciHost()
-    pf = make_pf(64, builder=build)
+    pf = make_generic_pf(64, make_vf=build)
     attach_pf(host.root_bus, pf, PF_SLOT)
     vfs = SriovDriver(host, 0, PF_SLOT).configure(64, allocator)
     assert vfs[-1].rid == PF_SLOT * 8 + 8 + 63

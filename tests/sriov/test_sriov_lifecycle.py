@@ -18,7 +18,9 @@ from iovirt.sriov.regs import (
     PCI_SRIOV_SYS_PGSIZE,
 )
 
-from conftest import CLASS_ETHERNET, MSIX_OFFSET, PF_SLOT, VENDOR, VF_BAR_SIZE, VF_DEVICE, make_pf
+from iovirt.sriov.testing import CLASS_ETHERNET, MSIX_OFFSET, VENDOR, VF_BAR_SIZE, VF_DEVICE, make_generic_pf
+
+PF_SLOT = 3
 
 BAR0_BASE = 0x1_0000_0000
 BAR2_BASE = 0xD000_0000
@@ -161,7 +163,7 @@ def test_each_vf_msix_message_carries_its_own_rid(host, pf_factory, sink) -> Non
 
 def test_attach_pf_rejects_vfs_off_the_bus() -> None:
     host = PciHost()
-    pf = make_pf(16)
+    pf = make_generic_pf(16)
     with pytest.raises(SriovLayoutError, match="off the PF's bus"):
         attach_pf(host.root_bus, pf, 31)
     assert host.root_bus.function(31) is None and pf.bus is None
@@ -173,7 +175,7 @@ def test_attach_pf_rejects_a_slot_taken_by_another_function() -> None:
     other = PciFunction(0x1B36, 5, 0xFF00)
     host.root_bus.add_function(other, PF_SLOT + 1, 3)
     with pytest.raises(SriovLayoutError, match="would take 04.3"):
-        attach_pf(host.root_bus, make_pf(16), PF_SLOT)
+        attach_pf(host.root_bus, make_generic_pf(16), PF_SLOT)
 
 
 def test_vf_enable_refused_when_a_slot_was_taken_later(host, pf_factory, caplog) -> None:
@@ -194,6 +196,6 @@ def test_vf_builder_must_give_every_vf_the_same_bars() -> None:
         return vf
 
     with pytest.raises(SriovLayoutError, match="different BARs"):
-        make_pf(2, builder=uneven)
+        make_generic_pf(2, make_vf=uneven)
     with pytest.raises(SriovLayoutError, match="did not return VF 1"):
-        make_pf(2, builder=lambda sriov, k: VirtualFunction(sriov, 0))
+        make_generic_pf(2, make_vf=lambda sriov, k: VirtualFunction(sriov, 0))

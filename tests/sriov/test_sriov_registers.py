@@ -31,7 +31,9 @@ from iovirt.sriov.regs import (
     PCI_SRIOV_VFM,
 )
 
-from conftest import PF_SLOT, VF_BAR_SIZE, VF_DEVICE, build_vf
+from iovirt.sriov.testing import VF_BAR_SIZE, VF_DEVICE, build_generic_vf, make_generic_pf
+
+PF_SLOT = 3
 
 
 class Regs:
@@ -243,11 +245,10 @@ def test_larger_page_size_realigns_an_assigned_base(pf_regs) -> None:
                           st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF)), max_size=25))
 def test_random_writes_keep_invariants(writes) -> None:
     """Whatever a driver writes: NumVFs <= TotalVFs, one page-size bit, VFs iff VF Enable."""
-    from conftest import make_pf
     from iovirt.sriov import attach_pf
 
     host = PciHost()
-    pf = make_pf(8)
+    pf = make_generic_pf(8)
     attach_pf(host.root_bus, pf, PF_SLOT)
     cap = pf.extended_capabilities[0]
     regs = Regs(host, cap)
@@ -265,10 +266,10 @@ def test_random_writes_keep_invariants(writes) -> None:
 
 def test_bad_routing_policy_rejected_at_build() -> None:
     with pytest.raises(SriovLayoutError, match="First VF Offset 0"):
-        SriovCapability(4, VF_DEVICE, build_vf, routing=lambda n, ari: (0, 1))
+        SriovCapability(4, VF_DEVICE, build_generic_vf, routing=lambda n, ari: (0, 1))
     with pytest.raises(SriovLayoutError, match="VF Stride 0 for NumVFs 2"):
-        SriovCapability(4, VF_DEVICE, build_vf, routing=lambda n, ari: (8, 0))
+        SriovCapability(4, VF_DEVICE, build_generic_vf, routing=lambda n, ari: (8, 0))
     with pytest.raises(SriovLayoutError, match="TotalVFs 0"):
-        SriovCapability(0, VF_DEVICE, build_vf)
+        SriovCapability(0, VF_DEVICE, build_generic_vf)
     with pytest.raises(SriovLayoutError, match="Supported Page Sizes"):
-        SriovCapability(4, VF_DEVICE, build_vf, supported_page_sizes=0x1)
+        SriovCapability(4, VF_DEVICE, build_generic_vf, supported_page_sizes=0x1)
