@@ -58,8 +58,9 @@ class GuestResult:
 class Guest:
     """One QEMU guest booting the kit's kernel and initramfs, with a console on a pipe.
 
-    ``workdir`` receives the guest's initrd, ``console.log`` and
-    ``qemu.stderr``. ``script`` is busybox-sh text run after boot (``None``:
+    ``workdir`` receives ``<name>-initrd.cpio``, ``<name>-console.log``,
+    ``<name>-qemu.stderr`` and ``<name>-qemu.cmd`` (the command line, to
+    rerun by hand); several guests may share one workdir. ``script`` is busybox-sh text run after boot (``None``:
     a shell reads commands sent with :meth:`send`). ``files`` maps extra
     initramfs paths to contents; ``modules`` are the kernel modules to load
     (dependencies added); ``compress`` gzips the cached base image. The
@@ -102,8 +103,7 @@ class Guest:
         """Build the initrd and start QEMU without waiting for the guest. Returns ``self``."""
         if self._proc is not None:
             raise GuestFailed(self.name, "start() called twice", self.returncode, self.tail())
-        qemu = shutil.which(self.machine.qemu)
-        if qemu is None:
+        if shutil.which(self.machine.qemu) is None:
             raise HostPartMissing("QEMU", self.machine.qemu, f"Debian package qemu-system-x86 ({QEMU})")
         guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules,
                      self._compress)
