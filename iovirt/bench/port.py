@@ -121,6 +121,8 @@ class BenchPort:
         self._rx_frames: collections.deque[Packet] = collections.deque()
         self.received: list[Packet] = []
         """Every frame the device wrote to this port, in order (for pcaps)."""
+        self.rx_buffer_lens: list[tuple[int, ...]] = []
+        """For each frame in :attr:`received`: the used len of every buffer it took (MRG_RXBUF accounting)."""
         self.stats: collections.Counter = collections.Counter()
         for slot in self._rx_slots:
             self._post_rx(slot)
@@ -269,8 +271,9 @@ class BenchPort:
                 raise UsedRingError(RX_QUEUE, "num_buffers is 0; with MRG_RXBUF it must be at least 1 (5.1.6.4)")
             if spans > len(self._rx_used):
                 return  # the rest of the frame has not been written yet
-            data = b"".join(self._rx_used.popleft().data for _ in range(spans))
-            self._rx_frames.append(self._dissect(data))
+            elems = [self._rx_used.popleft() for _ in range(spans)]
+            self.rx_buffer_lens.append(tuple(e.len for e in elems))
+            self._rx_frames.append(self._dissect(b"".join(e.data for e in elems)))
 
     def _num_buffers(self, elem: UsedElem) -> int:
         return int.from_bytes(elem.data[10:12], "little")
