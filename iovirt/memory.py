@@ -345,7 +345,13 @@ class GuestMemory:
         pieces = [(addr, length)] if self.translator is None else self.translator.translate(addr, length, access)
         out: list[tuple[int, int]] = []
         for gpa, plen in pieces:
-            out.extend(self._phys_pieces(gpa, plen, addr, length))
+            for piece in self._phys_pieces(gpa, plen, addr, length):
+                # A translator splits at page boundaries; pages that are
+                # contiguous in the same region are one piece again.
+                if out and out[-1][0] + out[-1][1] == piece[0] and self._table.find(out[-1][0]) is self._table.find(piece[0]):
+                    out[-1] = (out[-1][0], out[-1][1] + piece[1])
+                else:
+                    out.append(piece)
         return out
 
     def _phys_pieces(self, gpa: int, length: int, orig: int, orig_len: int) -> list[tuple[int, int]]:

@@ -98,6 +98,7 @@ class BackendSession:
         self.supported_protocol_features = protocol_features
         self.label = label or device.label
         self.memory = GuestMemory()
+        self.region_refs: dict[int, int] = {}  # ADD_MEM_REG count per region (by gpa)
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.features = 0
         self.offered_features = device.device_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | extra_features
@@ -258,6 +259,7 @@ class BackendSession:
         table: MemoryTable = req.payload  # type: ignore[assignment]
         mapped = self._map_regions(req, list(table.regions), req.fds)
         self._replace_regions(self.memory.regions, mapped)
+        self.region_refs = {r.gpa: 1 for r in mapped}
         log.info(
             "%s: memory table of %d regions: %s", self.label, len(mapped),
             ", ".join(f"[{r.gpa:#x}, +{r.size:#x})" for r in mapped),
@@ -298,6 +300,13 @@ class BackendSession:
 
     def _add_mem_reg(self, req: Request) -> None:
         region = req.payload.region  # type: ignore[union-attr]
+        same = self._same_region(region)
+        if same is not None:
+            # QEMU's vhost-user net runs one vhost_dev per queue pair on one
+            # connection, and each adds the same regions: count, do not refuse.
+            _close_all(req.fds)
+            self.region_refs[same.gpa] += 1
+            return
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
             _close_all(req.fds)
             raise RequestRefused(req.request, f"all {MAX_MEM_SLOTS} memory slots are in use")
@@ -306,19 +315,30 @@ class BackendSession:
             self._replace_regions([], mapped)
         except GuestMemoryError as exc:
             raise RequestRefused(req.request, str(exc)) from exc
+        self.region_refs[region.guest_phys_addr] = 1
         log.info("%s: added region [%#x, +%#x)", self.label, region.guest_phys_addr, region.memory_size)
+
+    def _same_region(self, region) -> MemoryRegion | None:
+        found = self.memory.find_region(region.guest_phys_addr)
+        if (
+            found is not None
+            and found.gpa == region.guest_phys_addr
+            and found.size == region.memory_size
+            and found.user_addr == region.userspace_addr
+        ):
+            return found
+        return None
 
     def _rem_mem_reg(self, req: Request) -> None:
         region = req.payload.region  # type: ignore[union-attr]
         _close_all(req.fds)  # spec: an fd sent with REM_MEM_REG must be closed
-        found = self.memory.find_region(region.guest_phys_addr)
-        if (
-            found is None
-            or found.gpa != region.guest_phys_addr
-            or found.size != region.memory_size
-            or found.user_addr != region.userspace_addr
-        ):
+        found = self._same_region(region)
+        if found is None:
             raise RequestRefused(req.request, f"no region [{region.guest_phys_addr:#x}, +{region.memory_size:#x}) mapped")
+        self.region_refs[found.gpa] -= 1
+        if self.region_refs[found.gpa] > 0:
+            return
+        del self.region_refs[found.gpa]
         self._replace_regions([found], [])
 
     # -- vrings ----------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_cli_output_decodes(tmp_path: Path) -> None:
         [LSPCI, "-vvv", "-F", "/dev/stdin"], input=out.getvalue(), capture_output=True,
         text=True, check=True, timeout=30,
     ).stdout
-    assert decoded.count("MSI-X: Enable- Count=") == 2
+    assert decoded.count("MSI-X: Enable- Count=") == 4
     assert "00:01.0 PCI bridge" in decoded
     plain = parser.parse_args(["lspci"])
     out = io.StringIO()
