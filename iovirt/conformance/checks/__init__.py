@@ -1,0 +1,9 @@
+"""The checks, one module per part of the specifications; importing this registers them all.
+
+The import order is the report order: vhost-user, generic virtio, net, blk.
+"""
+
+from iovirt.conformance.checks import vhost_user  # noqa: F401
+from iovirt.conformance.checks import virtqueue  # noqa: F401
+from iovirt.conformance.checks import net  # noqa: F401
+from iovirt.conformance.checks import blk  # noqa: F401

@@ -1,0 +1,337 @@
+"""Back-end rules of QEMU's docs/interop/vhost-user.rst (clause ids name its sections and messages)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import struct
+
+from iovirt.conformance.checks.common import Workload
+from iovirt.conformance.devices import NetPort, marker_frame, new_tag
+from iovirt.conformance.registry import check, expect
+from iovirt.conformance.target import Context, needs_protocol
+from iovirt.vhost_user.errors import NackError
+from iovirt.vhost_user.inflight import DESC_STATE, QUEUE_HEADER
+from iovirt.vhost_user.messages import (
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_VERSION,
+    FrontendRequest as R,
+    Header,
+    ProtocolFeature as PF,
+    SingleMemRegion,
+    U64,
+    VringState,
+)
+
+
+def _needs_bit30(caps) -> str | None:
+    return None if caps.has(VHOST_USER_F_PROTOCOL_FEATURES) else "VHOST_USER_F_PROTOCOL_FEATURES not offered"
+
+
+def _recv(link, request: int) -> tuple[Header, bytes]:
+    header, body, fds = link.frontend.recv_message(request=request)
+    for fd in fds:
+        os.close(fd)
+    return header, body
+
+
+@check("vhost-user:Header", "replies carry version 1, the reply flag, the request code and an exact size")
+def header(ctx: Context) -> None:
+    link = ctx.open()
+    link.frontend.send(R.VHOST_USER_GET_FEATURES)
+    h, body = _recv(link, R.VHOST_USER_GET_FEATURES)
+    expect(h.request == R.VHOST_USER_GET_FEATURES, f"reply request code {h.request}, expected 1 (GET_FEATURES)")
+    expect(h.version == VHOST_USER_VERSION, f"reply version bits {h.version}, expected 1")
+    expect(h.is_reply, f"reply flags {h.flags:#x} lack the reply bit (bit 2)")
+    expect(h.size == 8 and len(body) == 8, f"GET_FEATURES reply size {h.size}, expected 8 (u64)")
+
+
+@check("vhost-user:Communication", "requests without a reply (need_reply clear) get none; GET_* get theirs")
+def no_unasked_reply(ctx: Context) -> None:
+    link = ctx.open(protocol_features=0)
+    link.frontend.send(R.VHOST_USER_SET_VRING_NUM, VringState(0, 64))
+    link.frontend.send(R.VHOST_USER_GET_FEATURES)
+    h, _ = _recv(link, R.VHOST_USER_GET_FEATURES)
+    expect(
+        h.request == R.VHOST_USER_GET_FEATURES,
+        f"got a reply to request {h.request} first; SET_VRING_NUM without need_reply must not be answered",
+    )
+
+
+@check(
+    "vhost-user:REPLY_ACK",
+    "need_reply gets a u64 ack (0 = success); requests with their own reply get only that",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_REPLY_ACK),
+)
+def reply_ack(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.frontend.reply_ack, "REPLY_ACK offered but not negotiated")
+    link.frontend.send(R.VHOST_USER_SET_VRING_NUM, VringState(0, 64), need_reply=True)
+    h, body = _recv(link, R.VHOST_USER_SET_VRING_NUM)
+    expect(h.request == R.VHOST_USER_SET_VRING_NUM and h.is_reply, f"ack header {h} is not a reply to SET_VRING_NUM")
+    expect(len(body) == 8 and U64.unpack(body).value == 0, f"ack payload {body.hex()} is not u64 0 for a valid request")
+    link.frontend.send(R.VHOST_USER_GET_FEATURES, need_reply=True)
+    link.frontend.send(R.VHOST_USER_GET_PROTOCOL_FEATURES)
+    h1, _ = _recv(link, R.VHOST_USER_GET_FEATURES)
+    h2, _ = _recv(link, R.VHOST_USER_GET_PROTOCOL_FEATURES)
+    expect(
+        (h1.request, h2.request) == (R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES),
+        f"replies came for requests {h1.request}, {h2.request}; need_reply on GET_FEATURES must add no second reply",
+    )
+
+
+@check(
+    "vhost-user:GET_PROTOCOL_FEATURES",
+    "GET/SET_PROTOCOL_FEATURES are served before SET_FEATURES when bit 30 is offered",
+    applies=_needs_bit30,
+)
+def protocol_before_set_features(ctx: Context) -> None:
+    # Link sends GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES (QEMU's order).
+    link = ctx.open()
+    expect(link.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES), "bit 30 offered but not negotiated")
+    Workload(ctx, link).run()
+
+
+@check(
+    "vhost-user:Ring states#no-bit30",
+    "SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES enables every ring immediately",
+)
+def enabled_without_bit30(ctx: Context) -> None:
+    link = ctx.open(protocol=False)
+    if ctx.caps.device == "blk":
+        Workload(ctx, link).run()
+        return
+    # A disabled net ring also consumes TX: only delivery shows the ring is enabled.
+    dut = ctx.net_port(link)
+    injector, sink = ctx.net_ends(dut)
+    tag = new_tag()
+    dut.send([marker_frame(tag)])
+    expect(sink.receive(tag, ctx.timeout) is not None, "a frame sent without bit 30 negotiated never arrived: TX ring not enabled")
+    tag = new_tag()
+    injector.send([marker_frame(tag)])
+    expect(dut.receive(tag, ctx.timeout) is not None, "no frame received without bit 30 negotiated: RX ring not enabled")
+
+
+@check(
+    "vhost-user:Ring states#disabled",
+    "a started but disabled ring causes no side effects (no request completes until SET_VRING_ENABLE 1)",
+    devices={"blk"},
+    applies=_needs_bit30,
+)
+def disabled_blk(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link, enable=False)
+    work.post()
+    link.submit(work.index)
+    early = link.poll_used(work.index, 1, ctx.quiet)
+    expect(not early, "a request on a disabled ring completed (writing guest memory) before SET_VRING_ENABLE")
+    link.frontend.set_vring_enable(work.index, True)
+    link.wait_used(work.index, 1)
+
+
+@check(
+    "vhost-user:Ring states#disabled-net-tx",
+    "net: a disabled TX ring is processed and its frames discarded",
+    devices={"net"},
+    applies=_needs_bit30,
+)
+def disabled_net_tx(ctx: Context) -> None:
+    link = ctx.open()
+    dut = ctx.net_port(link, enable_tx=False)
+    sink = None
+    if ctx.caps.frame_path is not None:
+        _injector, sink = ctx.net_ends(dut)
+    tag = new_tag()
+    dut.send([marker_frame(tag)])
+    got = link.poll_used(NetPort.TX, 1, ctx.timeout)
+    expect(got, "a frame on a started but disabled TX ring was never consumed (must be processed and discarded)")
+    if sink is not None:
+        expect(sink.receive(tag, ctx.quiet) is None, "a frame sent on a disabled TX ring was delivered")
+
+
+@check(
+    "vhost-user:Ring states#disabled-net-rx",
+    "net: a disabled RX ring receives no packets",
+    devices={"net"},
+    applies=lambda caps: _needs_bit30(caps) or (None if caps.frame_path else "no frame source (see target)"),
+)
+def disabled_net_rx(ctx: Context) -> None:
+    link = ctx.open()
+    dut = ctx.net_port(link, enable_rx=False)
+    injector, _sink = ctx.net_ends(dut)
+    tag = new_tag()
+    injector.send([marker_frame(tag)])
+    got = link.poll_used(NetPort.RX, 1, ctx.quiet)
+    expect(not got, f"{len(got)} receive buffers used on a disabled RX ring")
+
+
+@check("vhost-user:GET_VRING_BASE", "GET_VRING_BASE returns the next avail index and stops the ring")
+def get_vring_base(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link)
+    work.run(3)
+    base = link.frontend.get_vring_base(work.index)
+    expect(base == 3, f"GET_VRING_BASE returned {base} after 3 buffers were used, expected 3")
+    work.post()
+    link.queues[work.index].publish()
+    link.frontend.kick(work.index)
+    late = link.poll_used(work.index, 1, ctx.quiet)
+    expect(not late, "a buffer was used after GET_VRING_BASE stopped the ring")
+
+
+@check("vhost-user:SET_VRING_BASE", "a ring restarted with SET_VRING_BASE resumes at that avail index")
+def set_vring_base(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link)
+    work.run(2)
+    base = link.frontend.get_vring_base(work.index)
+    expect(base == 2, f"GET_VRING_BASE returned {base}, expected 2")
+    for _ in range(2):
+        work.post()
+    link.queues[work.index].publish()
+    link.restart(work.index, base)
+    if link.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
+        link.frontend.set_vring_enable(work.index, True)
+    link.frontend.kick(work.index)
+    link.wait_used(work.index, 2)
+    extra = link.poll_used(work.index, 1, ctx.quiet) if link.outstanding(work.index) == 0 else []
+    expect(not extra, "buffers before the restart base were used again")
+
+
+@check("vhost-user:SET_VRING_CALL#nofd", "a ring whose call has the invalid-FD bit (8) set is still served")
+def call_nofd(ctx: Context) -> None:
+    link = ctx.open()
+    Workload(ctx, link, call=False).run(2)
+
+
+@check("vhost-user:SET_MEM_TABLE", "eight memory regions, rings and buffers in different ones, are all usable")
+def mem_table_8(ctx: Context) -> None:
+    link = ctx.open(regions=8)
+    work = Workload(ctx, link)
+    for alloc in link.allocs:
+        work.post(alloc=alloc)
+    link.submit(work.index)
+    link.wait_used(work.index, len(link.allocs))
+
+
+@check(
+    "vhost-user:CONFIGURE_MEM_SLOTS",
+    "GET_MAX_MEM_SLOTS answers; regions added with ADD_MEM_REG (beyond 8 when allowed) are usable",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS),
+)
+def mem_slots(ctx: Context) -> None:
+    link = ctx.open(mem_slots=True)
+    slots = link.frontend.get_max_mem_slots()
+    expect(slots >= 1, f"GET_MAX_MEM_SLOTS returned {slots}")
+    for _ in range(min(slots, 10) - 1):
+        link.add_region(mem_slots=True)
+    work = Workload(ctx, link)
+    for alloc in link.allocs:
+        work.post(alloc=alloc)
+    link.submit(work.index)
+    link.wait_used(work.index, len(link.allocs))
+
+
+@check(
+    "vhost-user:REM_MEM_REG",
+    "REM_MEM_REG unmaps a region, and an fd sent with it is closed by the back-end",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS),
+)
+def rem_mem_reg(ctx: Context) -> None:
+    link = ctx.open(mem_slots=True)
+    extra = link.add_region(mem_slots=True)
+    r, w = os.pipe()
+    try:
+        desc = SingleMemRegion(link.frontend.region_desc(extra))
+        try:
+            link.frontend.call(R.VHOST_USER_REM_MEM_REG, desc, [w])
+        except NackError:
+            pass  # "MAY accept messages with one file descriptor"; it must close it either way
+        os.close(w)
+        w = -1
+        readable, _, _ = select.select([r], [], [], ctx.timeout)
+        expect(readable and os.read(r, 1) == b"", "the back-end kept the fd sent with REM_MEM_REG open (MUST close it)")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    link.allocs.pop()
+    link.alloc = link.allocs[-1]
+    Workload(ctx, link).run()
+
+
+@check(
+    "vhost-user:GET_CONFIG",
+    "GET_CONFIG replies with exactly the size asked",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG),
+)
+def get_config(ctx: Context) -> None:
+    link = ctx.open()
+    for offset, size in ((0, 8), (0, 4), (4, 2)):
+        data = link.frontend.get_config(offset, size)  # a size mismatch raises BadReplyError
+        expect(len(data) == size, f"GET_CONFIG [{offset}, +{size}) returned {len(data)} bytes")
+
+
+@check(
+    "vhost-user:SET_CONFIG",
+    "blk: SET_CONFIG of the read-only capacity (flags 0) is not accepted",
+    devices={"blk"},
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG),
+)
+def set_config_ro(ctx: Context) -> None:
+    link = ctx.open()
+    before = link.frontend.get_config(0, 8)
+    bogus = struct.pack("<Q", struct.unpack("<Q", before)[0] ^ 0x5A5A)
+    refused = False
+    try:
+        link.frontend.set_config(0, bogus)
+    except NackError:
+        refused = True
+    after = link.frontend.get_config(0, 8)
+    expect(after == before, f"capacity changed from {before.hex()} to {after.hex()} through SET_CONFIG")
+    if link.frontend.reply_ack:
+        expect(refused, "SET_CONFIG of a read-only field was acked with 0 (success)")
+
+
+@check(
+    "vhost-user:Inflight I/O tracking",
+    "blk: GET_INFLIGHT_FD gives an fd and a split-ring region kept as the spec lays it out",
+    devices={"blk"},
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
+)
+def inflight(ctx: Context) -> None:
+    link = ctx.open()
+    size = 64
+    info, fd = link.frontend.get_inflight_fd(1, size)
+    try:
+        need = QUEUE_HEADER.size + DESC_STATE.size * size
+        expect(info.mmap_size >= need, f"inflight mmap_size {info.mmap_size} < {need} for one queue of {size}")
+        link.frontend.set_inflight_fd(info, fd)
+        area = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED, offset=info.mmap_offset)
+    finally:
+        os.close(fd)
+    try:
+        work = Workload(ctx, link)
+        work.run(3)
+        _features, version, desc_num, _last, used_idx = QUEUE_HEADER.unpack_from(area, 0)
+        expect(version == 1, f"queue region version {version}, expected 1")
+        expect(desc_num == size, f"queue region desc_num {desc_num}, expected the queue size {size}")
+        ring_idx = link.queues[0].used_idx()
+        expect(used_idx == ring_idx, f"queue region used_idx {used_idx}, used ring idx {ring_idx}")
+        busy = [i for i in range(size) if DESC_STATE.unpack_from(area, QUEUE_HEADER.size + DESC_STATE.size * i)[0]]
+        expect(not busy, f"descriptors {busy} still marked inflight after their requests completed")
+    finally:
+        area.close()
+
+
+@check(
+    "vhost-user:GET_QUEUE_NUM",
+    "GET_QUEUE_NUM answers at least one queue",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_MQ),
+)
+def queue_num(ctx: Context) -> None:
+    link = ctx.open()
+    n = link.frontend.get_queue_num()
+    expect(n >= 1, f"GET_QUEUE_NUM returned {n}")
+

@@ -1,0 +1,140 @@
+"""Generic device requirements of virtio 1.2 (sections 2 and 6) reachable through vhost-user."""
+
+from __future__ import annotations
+
+from iovirt.conformance.checks.common import Workload
+from iovirt.conformance.registry import check, expect
+from iovirt.conformance.target import Context, needs_feature
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.virtio.defs import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_USED_F_NO_NOTIFY,
+    desc_table_size,
+)
+
+MINIMAL = (1 << VIRTIO_F_VERSION_1) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+
+@check("virtio-1.2:6.2", "the device offers VIRTIO_F_VERSION_1")
+def offers_version_1(ctx: Context) -> None:
+    expect(ctx.caps.has(VIRTIO_F_VERSION_1), f"features {ctx.caps.features:#x} lack VIRTIO_F_VERSION_1 (bit 32)")
+
+
+@check("virtio-1.2:2.2.2", "the device accepts a valid subset of its features (VERSION_1 alone)")
+def minimal_subset(ctx: Context) -> None:
+    link = ctx.open(features=MINIMAL)
+    Workload(ctx, link).run(2)
+
+
+@check("virtio-1.2:2.7.4.1", "the device makes no assumption about how a request is split into descriptors")
+def message_framing(ctx: Context) -> None:
+    link = ctx.open()
+    Workload(ctx, link).run(2, split=True)
+
+
+@check("virtio-1.2:2.7.5.1", "the device writes neither device-readable buffers nor the descriptor table")
+def no_write_readable(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link)
+    q = work.queue
+    heads = [work.post(split=True) for _ in range(3)]
+    table = link.memory.read(q.desc_addr, desc_table_size(q.size))
+    readable = []
+    for head in heads:
+        i = head
+        while True:
+            addr, length, flags, nxt = _desc(link, q.desc_addr, i)
+            if not flags & 2:
+                readable.append((addr, link.memory.read(addr, length)))
+            if not flags & 1:
+                break
+            i = nxt
+    link.submit(work.index)
+    link.wait_used(work.index, len(heads))
+    expect(link.memory.read(q.desc_addr, desc_table_size(q.size)) == table, "the device wrote into the descriptor table")
+    for addr, data in readable:
+        expect(link.memory.read(addr, len(data)) == data, f"the device wrote into the device-readable buffer at {addr:#x}")
+
+
+def _desc(link, table: int, i: int) -> tuple[int, int, int, int]:
+    raw = link.memory.read(table + 16 * i, 16)
+    return (
+        int.from_bytes(raw[0:8], "little"),
+        int.from_bytes(raw[8:12], "little"),
+        int.from_bytes(raw[12:14], "little"),
+        int.from_bytes(raw[14:16], "little"),
+    )
+
+
+@check(
+    "virtio-1.2:2.7.5.3.2",
+    "the device follows indirect descriptor tables",
+    applies=needs_feature(VIRTIO_F_INDIRECT_DESC, "VIRTIO_F_INDIRECT_DESC"),
+)
+def indirect(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_F_INDIRECT_DESC), "VIRTIO_F_INDIRECT_DESC offered but not negotiated")
+    Workload(ctx, link).run(3, indirect=True)
+
+
+@check("virtio-1.2:2.7.8.2", "used entries name buffers made available, with len within their writable part")
+def used_ring(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link)
+    heads = {work.post() for _ in range(4)}
+    link.submit(work.index)
+    used = link.wait_used(work.index, 4)  # read_used validates ids, counts and lengths
+    expect({u.head for u in used} == heads, f"used ids {sorted(u.head for u in used)}, available heads {sorted(heads)}")
+
+
+@check("virtio-1.2:2.7.7.2#flags", "without EVENT_IDX, used-ring flags 0 means a used buffer notification")
+def used_notify_flags(ctx: Context) -> None:
+    link = ctx.open(features=~(1 << VIRTIO_F_EVENT_IDX))
+    work = Workload(ctx, link)
+    link.memory.write_u16(work.queue.avail_addr, 0)
+    link.frontend.wait_call(work.index, 0)
+    work.run()
+    expect(link.frontend.wait_call(work.index, ctx.timeout), "no call after a used buffer with avail flags 0")
+    link.memory.write_u16(work.queue.avail_addr, VIRTQ_AVAIL_F_NO_INTERRUPT)  # SHOULD NOT notify: not checked
+
+
+@check(
+    "virtio-1.2:2.7.7.2#used_event",
+    "with EVENT_IDX, the device notifies when it writes the used entry at used_event",
+    applies=needs_feature(VIRTIO_F_EVENT_IDX, "VIRTIO_F_EVENT_IDX"),
+)
+def used_event(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_F_EVENT_IDX), "VIRTIO_F_EVENT_IDX offered but not negotiated")
+    work = Workload(ctx, link)
+    q = work.queue
+    target = (q.last_used_idx + 2) & 0xFFFF
+    q.interrupts = False  # keep get_used from moving used_event on
+    q.set_used_event(target)
+    for _ in range(2):
+        work.run()
+        link.frontend.wait_call(work.index, 0)  # "SHOULD NOT" notify before: tolerated, drained
+    work.run()
+    expect(
+        link.frontend.wait_call(work.index, ctx.timeout),
+        f"no call after the used entry at index {target} = used_event was written",
+    )
+
+
+@check("virtio-1.2:2.7.10.2", "used flags are valid, and with EVENT_IDX avail_event lets the driver's kicks through")
+def avail_event(ctx: Context) -> None:
+    link = ctx.open()
+    work = Workload(ctx, link)
+    event_idx = link.negotiated.has(VIRTIO_F_EVENT_IDX)
+    for i in range(16):
+        # One request at a time, kicking only when avail_event asks (Link.submit): a device that
+        # does not keep avail_event current stalls here.
+        work.run()
+        flags = link.memory.read_u16(work.queue.used_addr)
+        if event_idx:
+            expect(flags == 0, f"used flags {flags:#x} with EVENT_IDX negotiated, expected 0")
+        else:
+            expect(flags & ~VIRTQ_USED_F_NO_NOTIFY == 0, f"used flags {flags:#x}, expected 0 or 1")

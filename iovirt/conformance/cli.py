@@ -1,0 +1,54 @@
+"""``iovirt conform``: check a vhost-user back-end against the specs and report per clause."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iovirt.conformance.registry import Verdict
+from iovirt.conformance.report import ProgressLine, table, to_json, to_junit
+from iovirt.conformance.runner import Runner
+from iovirt.conformance.target import DEVICES, Target
+
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 120:
+        raise argparse.ArgumentTypeError(f"--timeout must be in (0, 120] seconds, got {text}")
+    return value
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the ``conform`` subcommand."""
+    p = subparsers.add_parser(
+        "conform",
+        help="check a vhost-user back-end against the virtio and vhost-user specs",
+        description=(
+            "Act as the VMM and guest driver of a vhost-user back-end and check it clause by clause. "
+            "Exit status: 0 no failures, 1 failures, 2 usage error."
+        ),
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's listening UNIX socket")
+    p.add_argument("--device", required=True, choices=DEVICES, help="the device type behind the socket")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
+    p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")
+    p.add_argument(
+        "--peer-socket",
+        metavar="PATH",
+        help="net: another port of the same network, to send frames to the device and receive what it sends",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite; print the table; write the reports asked for."""
+    target = Target(args.socket, args.device, args.timeout, args.peer_socket)
+    runner = Runner(target)
+    results = runner.run(ProgressLine(sys.stderr))
+    print(table(results))
+    for path, text in ((args.json, to_json), (args.junit, to_junit)):
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text(results))
+    return 1 if any(r.verdict is Verdict.FAIL for r in results) else 0

@@ -1,0 +1,215 @@
+"""One front-end connection to the back-end under test, with shared memory and driver rings.
+
+:class:`Link` plays the VMM (negotiation, memfd memory, vring set-up, here
+with every step selectable so that checks can leave a ring disabled or
+negotiate without ``VHOST_USER_F_PROTOCOL_FEATURES``) and the guest driver
+(:class:`~iovirt.virtio.driver.DriverQueue`).  Every wait is bounded.  Used
+entries are validated as they are read (virtio 1.2 2.7.8.2): a back-end that
+writes garbage into a used ring fails the running check with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from iovirt.conformance.registry import CheckFailed
+from iovirt.memory import BumpAllocator, MemoryRegion
+from iovirt.vhost_user.frontend import VhostUserFrontend
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
+from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
+from iovirt.virtio.net.defs import NET_HDR_LEGACY_SIZE, NET_HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF
+
+REGION_SIZE = 4 << 20
+REGION_STRIDE = 16 << 20  # gaps between regions: a back-end mixing up regions reads the wrong place
+POLL_S = 0.0005
+
+PROTOCOL_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+
+
+@dataclass
+class Negotiated:
+    """What one link agreed with the back-end."""
+
+    offered: int
+    features: int
+    protocol_features: int
+
+    def has(self, bit: int) -> bool:
+        """Whether virtio/vhost feature ``bit`` was negotiated."""
+        return bool(self.features >> bit & 1)
+
+
+class Link:
+    """A front-end connection set up step by step.
+
+    ``features``/``protocol_features`` are masks of what to accept from the
+    offer; ``protocol`` False negotiates without bit 30 (no protocol
+    features at all).  ``regions`` memfd regions are shared with
+    SET_MEM_TABLE, or one ADD_MEM_REG each when ``mem_slots``.  Rings and
+    buffers are allocated from the last region.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        timeout: float,
+        *,
+        features: int = (1 << 64) - 1,
+        protocol_features: int = (1 << 64) - 1,
+        protocol: bool = True,
+        regions: int = 1,
+        mem_slots: bool = False,
+    ) -> None:
+        self.timeout = timeout
+        self.frontend = VhostUserFrontend.connect(path, timeout=timeout)
+        try:
+            self.regions: list[MemoryRegion] = [
+                self.frontend.add_region(i * REGION_STRIDE, REGION_SIZE) for i in range(regions)
+            ]
+            self.memory = self.frontend.memory
+            self.allocs = [BumpAllocator(r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
+            self.alloc = self.allocs[-1]
+            offered = self.frontend.get_features()
+            acked_protocol = 0
+            if protocol and offered & PROTOCOL_BIT:
+                acked_protocol = self.frontend.get_protocol_features() & protocol_features
+                self.frontend.set_protocol_features(acked_protocol)
+            self.frontend.set_owner()
+            acked = offered & features & ~PROTOCOL_BIT
+            if protocol and offered & PROTOCOL_BIT:
+                acked |= PROTOCOL_BIT
+            self.frontend.set_features(acked)
+            self.negotiated = Negotiated(offered, acked, acked_protocol)
+            if mem_slots:
+                for region in self.regions:
+                    self.frontend.add_mem_reg(region)
+            else:
+                self.frontend.set_mem_table()
+        except BaseException:
+            self.frontend.close()
+            raise
+        self.queues: dict[int, DriverQueue] = {}
+        self._writable: dict[tuple[int, int], int] = {}
+
+    def add_region(self, *, mem_slots: bool) -> MemoryRegion:
+        """Create one more region after the others and share it (ADD_MEM_REG, or the whole table again)."""
+        region = self.frontend.add_region(len(self.regions) * REGION_STRIDE, REGION_SIZE)
+        self.regions.append(region)
+        self.allocs.append(BumpAllocator(region.gpa + 0x1000, region.size - 0x1000))
+        if mem_slots:
+            self.frontend.add_mem_reg(region)
+        else:
+            self.frontend.set_mem_table()
+        return region
+
+    def close(self) -> None:
+        """Disconnect; frees the shared memory and eventfds."""
+        self.frontend.close()
+
+    # -- rings -----------------------------------------------------------------------
+    def queue(self, index: int, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True) -> DriverQueue:
+        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE (with bit 30)."""
+        q = DriverQueue(self.memory, self.alloc, size, event_idx=self.negotiated.has(VIRTIO_F_EVENT_IDX), index=index)
+        q.set_interrupts(True)
+        self.queues[index] = q
+        self.restart(index, base=0, call=call, kick=kick)
+        if enable and self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.frontend.set_vring_enable(index, True)
+        return q
+
+    def restart(self, index: int, base: int, *, call: bool = True, kick: bool = True) -> None:
+        """(Re)start vring ``index`` from avail index ``base`` as QEMU does after GET_VRING_BASE."""
+        q = self.queues[index]
+        fe = self.frontend
+        fe.set_vring_num(index, q.size)
+        fe.set_vring_base(index, base)
+        fe.set_vring_addr(index, q.desc_addr, q.avail_addr, q.used_addr)
+        fe.set_vring_call(index, poll=not call)
+        if kick:
+            fe.set_vring_kick(index)
+
+    def add(
+        self, index: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (), *, indirect: bool = False
+    ) -> int:
+        """Make one chain available on queue ``index`` (not yet published); returns its head."""
+        head = self.queues[index].add_data(out, in_sizes, indirect=indirect)
+        self._writable[(index, head)] = sum(in_sizes)
+        return head
+
+    def add_buffers(
+        self,
+        index: int,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        *,
+        indirect: bool = False,
+    ) -> int:
+        """Make a chain of given guest buffers available (for layouts add() cannot build)."""
+        head = self.queues[index].add_chain(readable, writable, indirect=indirect)
+        self._writable[(index, head)] = sum(n for _, n in writable)
+        return head
+
+    def submit(self, index: int) -> None:
+        """Publish the avail idx and kick when the device asks for it (2.7.13.4)."""
+        if self.queues[index].publish():
+            self.frontend.kick(index)
+
+    def outstanding(self, index: int) -> int:
+        """Chains made available and not yet used."""
+        return sum(1 for (i, _h) in self._writable if i == index)
+
+    def used_count(self, index: int) -> int:
+        """New used entries the device published (not yet read)."""
+        q = self.queues[index]
+        return (q.used_idx() - q.last_used_idx) & 0xFFFF
+
+    def wait_used(self, index: int, n: int = 1, timeout: float | None = None) -> list[UsedElem]:
+        """Wait (bounded) for ``n`` used entries on queue ``index`` and read them; fails the check on timeout."""
+        got = self.poll_used(index, n, self.timeout if timeout is None else timeout)
+        if len(got) < n:
+            raise CheckFailed(
+                f"queue {index}: {len(got)} of {n} buffers used within {self.timeout if timeout is None else timeout:g} s"
+            )
+        return got
+
+    def poll_used(self, index: int, n: int, timeout: float) -> list[UsedElem]:
+        """Read used entries until ``n`` arrived or ``timeout`` passed; returns what arrived."""
+        deadline = time.monotonic() + timeout
+        got: list[UsedElem] = []
+        while True:
+            got += self.read_used(index)
+            if len(got) >= n or time.monotonic() >= deadline:
+                return got
+            time.sleep(POLL_S)
+
+    def read_used(self, index: int) -> list[UsedElem]:
+        """Take the new used entries, validating them (2.7.8.2)."""
+        q = self.queues[index]
+        new = self.used_count(index)
+        pending = self.outstanding(index)
+        if new > pending:
+            raise CheckFailed(
+                f"virtio-1.2 2.7.8.2: queue {index} used idx moved by {new} with only {pending} buffers available"
+            )
+        try:
+            elems = q.get_used()
+        except DriverQueueError as exc:
+            raise CheckFailed(f"virtio-1.2 2.7.8.2: {exc}") from None
+        for elem in elems:
+            writable = self._writable.pop((index, elem.head))
+            if elem.len > writable:
+                raise CheckFailed(
+                    f"virtio-1.2 2.7.8.2: queue {index} used len {elem.len} for head {elem.head} "
+                    f"exceeds its {writable} device-writable bytes"
+                )
+        return elems
+
+    # -- virtio-net ------------------------------------------------------------------
+    @property
+    def net_hdr_len(self) -> int:
+        """5.1.6: 12 bytes with VERSION_1 or MRG_RXBUF, else the legacy 10."""
+        n = self.negotiated
+        return NET_HDR_SIZE if n.has(VIRTIO_F_VERSION_1) or n.has(VIRTIO_NET_F_MRG_RXBUF) else NET_HDR_LEGACY_SIZE

@@ -1,0 +1,110 @@
+"""Checks labelled by specification clause, and the verdicts they give.
+
+A clause id names the document and the clause: ``virtio-1.2:2.7.7.2`` is
+section 2.7.7.2 of the OASIS virtio 1.2 specification (cs01 numbering),
+``vhost-user:Ring states`` a section or message of QEMU's
+``docs/interop/vhost-user.rst``.  A suffix after ``#`` tells apart several
+checks drawn from one clause.
+
+A check is a function of a :class:`~iovirt.conformance.target.Context`.  It
+passes by returning, fails by raising :class:`CheckFailed` (usually through
+:func:`expect`), and is not applicable when its ``applies`` predicate gives a
+reason or when it raises :class:`NotApplicable` (a feature the back-end does
+not offer is never a failure).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from iovirt.errors import IovirtError
+
+if TYPE_CHECKING:
+    from iovirt.conformance.target import Capabilities, Context
+
+
+class Verdict(str, enum.Enum):
+    """The outcome of one check."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NA = "n/a"
+
+
+class CheckFailed(IovirtError):
+    """The back-end broke the clause; the message says what was seen and what was expected."""
+
+
+class NotApplicable(IovirtError):
+    """The clause does not apply to this back-end (a feature it does not offer, ...)."""
+
+
+Applies = Callable[["Capabilities"], "str | None"]
+"""Returns why a check does not apply to a back-end, or ``None`` when it does."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check: the clause it comes from, what it verifies, and for which devices."""
+
+    clause: str
+    title: str
+    devices: frozenset[str]
+    func: Callable[["Context"], None]
+    applies: Applies | None = None
+
+    def not_applicable(self, caps: "Capabilities") -> str | None:
+        """Why this check does not apply to ``caps`` (``None``: it applies)."""
+        if caps.device not in self.devices:
+            return f"only for {'/'.join(sorted(self.devices))} devices"
+        return self.applies(caps) if self.applies is not None else None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One row of a report."""
+
+    clause: str
+    title: str
+    verdict: Verdict
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON row: clause, title, verdict, reason."""
+        return {"clause": self.clause, "title": self.title, "verdict": self.verdict.value, "reason": self.reason}
+
+
+REGISTRY: list[Check] = []
+"""Every check, in the order the modules of :mod:`iovirt.conformance.checks` define them."""
+
+ANY_DEVICE = frozenset({"net", "blk"})
+
+
+def check(
+    clause: str, title: str, *, devices: frozenset[str] | set[str] = ANY_DEVICE, applies: Applies | None = None
+) -> Callable[[Callable[["Context"], None]], Callable[["Context"], None]]:
+    """Register the decorated function as the check of ``clause``."""
+
+    def register(func: Callable[["Context"], None]) -> Callable[["Context"], None]:
+        if any(c.clause == clause for c in REGISTRY):
+            raise ValueError(f"clause {clause!r} registered twice")
+        REGISTRY.append(Check(clause, title, frozenset(devices), func, applies))
+        return func
+
+    return register
+
+
+def expect(condition: object, message: str) -> None:
+    """Fail the running check with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise CheckFailed(message)
+
+
+def all_checks() -> list[Check]:
+    """Every registered check (importing the check modules registers them)."""
+    import iovirt.conformance.checks  # noqa: F401  (registers on import)
+
+    return list(REGISTRY)
