@@ -49,7 +49,7 @@ REQUIRES: dict[int, tuple[tuple[int, ...], str]] = {
     VIRTIO_NET_F_CTRL_RX: ((VIRTIO_NET_F_CTRL_VQ,), "CTRL_RX"),
     VIRTIO_NET_F_CTRL_VLAN: ((VIRTIO_NET_F_CTRL_VQ,), "CTRL_VLAN"),
     VIRTIO_NET_F_GUEST_ANNOUNCE: ((VIRTIO_NET_F_CTRL_VQ,), "GUEST_ANNOUNCE"),
-    VIRTIO_NET_F_MQ: ((VIRTIO_NET_F_CTRL_VQ,), "MQ"),
+    VIRTIO_NET_F_MQ: ((VIRTIO_NET_F_CTRL_VQ,), "MQ"),  # CTRL_VQ is bit 17
     VIRTIO_NET_F_CTRL_MAC_ADDR: ((VIRTIO_NET_F_CTRL_VQ,), "CTRL_MAC_ADDR"),
     VIRTIO_NET_F_RSC_EXT: ((VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6), "RSC_EXT"),
     VIRTIO_NET_F_RSS: ((VIRTIO_NET_F_CTRL_VQ,), "RSS"),
@@ -64,11 +64,11 @@ REQUIRES: dict[int, tuple[tuple[int, ...], str]] = {
 def feature_dependencies(ctx: Context) -> None:
     caps = ctx.caps
     missing = [
-        f"{name} without {' or '.join(str(b) for b in needs)}"
+        f"{name} (bit {bit}) without {' or '.join(f'bit {b}' for b in needs)}"
         for bit, (needs, name) in REQUIRES.items()
         if caps.has(bit) and not any(caps.has(b) for b in needs)
     ]
-    expect(not missing, "offered " + "; ".join(missing) + " (feature bit numbers)")
+    expect(not missing, "offered " + "; ".join(missing) + f" (features {caps.features:#x})")
 
 
 def _round_trip(ctx: Context, *, features: int = (1 << 64) - 1, size: int = 60, rx_buffer: int = 2048):
