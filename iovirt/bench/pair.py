@@ -120,7 +120,8 @@ class NetPair:
                 ((path_a, features, a), (path_b, features if b_features is None else b_features, b))
             ):
                 targets.append(VhostUserTarget(path, wanted & SUPPORTED_FEATURES, timeout))
-                ports.append(BenchPort(targets[-1], name=f"port {'ab'[i]} ({path})", timeout=timeout, **(options or {})))
+                options = {"timeout": timeout, **(options or {})}
+                ports.append(BenchPort(targets[-1], name=f"port {'ab'[i]} ({path})", **options))
         except BaseException:
             for target in targets:
                 target.close()
