@@ -25,13 +25,13 @@ build:
 	$(PYTHON) setup.py build_ext --inplace
 
 demo: install
-	$(PYTHON) benchmarks/ring.py
+	$(PYTHON) -m iovirt.demo
 
 test: install
 	IOVIRT_REQUIRE_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra tests
 
 bench: install
-	$(PYTHON) benchmarks/ring.py
+	for b in benchmarks/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info iovirt/**/*.so iovirt/virtio/_queue_c.c
