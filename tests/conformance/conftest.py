@@ -1,0 +1,50 @@
+"""iovirt's own vhost-user back-end in a thread (net: two switch ports; blk rw and ro), for the suite to check."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from iovirt.vhost_user.cli import BLK_PROTOCOL, NET_PROTOCOL
+from iovirt.vhost_user.server import VhostUserServer
+from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
+
+IMAGE_SIZE = 1 << 20
+
+
+class IovirtBackend:
+    """A server with net0/net1 on one switch, a writable blk and a read-only blk."""
+
+    def __init__(self, tmp: Path, blk_class: type[VirtioBlk] = VirtioBlk) -> None:
+        self.server = VhostUserServer()
+        switch = LearningSwitch()
+        self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
+        for i, path in enumerate(self.net_paths):
+            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"), NET_PROTOCOL)
+        self.blks = [
+            blk_class(str(tmp / "rw.img"), size=IMAGE_SIZE, label="blk-rw"),
+            blk_class(str(tmp / "ro.img"), size=IMAGE_SIZE, read_only=True, label="blk-ro"),
+        ]
+        self.blk_path = str(tmp / "blk.sock")
+        self.blk_ro_path = str(tmp / "blk-ro.sock")
+        self.server.add_socket(self.blk_path, self.blks[0], BLK_PROTOCOL)
+        self.server.add_socket(self.blk_ro_path, self.blks[1], BLK_PROTOCOL)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=10)
+        for blk in self.blks:
+            blk.close()
+
+
+@pytest.fixture
+def iovirt_backend(tmp_path):
+    b = IovirtBackend(tmp_path)
+    yield b
+    b.stop()
