@@ -11,10 +11,13 @@ fds too.  Framing rules are unit-tested against the sans-I/O protocol in
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -26,6 +29,7 @@ from iovirt.vhost_user.messages import (
     VHOST_USER_VERSION,
     FrontendRequest,
     Header,
+    Inflight,
     MemoryTable,
     MemRegion,
     SingleMemRegion,
@@ -34,6 +38,7 @@ from iovirt.vhost_user.messages import (
     VringFile,
     VringState,
 )
+from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
 from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
 R = FrontendRequest
@@ -555,3 +560,182 @@ def test_no_fd_leak_over_100_bad_connections(backend, logs):
     assert sum(e.connections_served for e in backend.server.endpoints) == 10 + 1 + 100
     blk_serves(backend)
     socket_serves(backend, backend.net_paths[0])
+
+
+# -- fd ownership of refused requests ---------------------------------------------------------
+
+
+@pytest.fixture
+def server_closes(monkeypatch):
+    """Every ``os.close`` made off the test thread: (fd, errno or 0), real closes all the same.
+
+    A second close of one fd number shows up as EBADF here when nobody reused
+    the number in between, and as someone else's fd closed when somebody did.
+    """
+    calls: list[tuple[int, int]] = []
+    real_close = os.close
+    main = threading.main_thread()
+
+    def close(fd: int) -> None:
+        try:
+            real_close(fd)
+        except OSError as exc:
+            if threading.current_thread() is not main:
+                calls.append((fd, exc.errno or -1))
+            raise
+        if threading.current_thread() is not main:
+            calls.append((fd, 0))
+
+    monkeypatch.setattr(os, "close", close)
+    return calls
+
+
+def refuse_overlapping_mem_table(front: VhostUserFrontend) -> None:
+    a = front.add_region(0, 0x10000)
+    descs = (front.region_desc(a), MemRegion(0x8000, 0x1000, 0x7E00_0000_0000, 0))
+    nacked(front, R.VHOST_USER_SET_MEM_TABLE, MemoryTable(descs), [front.region_fd(a)] * 2)
+
+
+def refuse_zero_size_add_mem_reg(front: VhostUserFrontend) -> None:
+    a = front.add_region(0, 0x10000)
+    nacked(front, R.VHOST_USER_ADD_MEM_REG, SingleMemRegion(MemRegion(0, 0, 0, 0)), [front.region_fd(a)])
+
+
+def refuse_kick_before_num(front: VhostUserFrontend) -> None:
+    kick = os.eventfd(0)
+    nacked(front, R.VHOST_USER_SET_VRING_KICK, VringFile(0), [kick])
+    os.close(kick)
+
+
+def refuse_small_inflight(front: VhostUserFrontend) -> None:
+    fd = os.memfd_create("inflight")
+    nacked(front, R.VHOST_USER_SET_INFLIGHT_FD, Inflight(16, 0, 2, 64), [fd])
+    os.close(fd)
+
+
+def refuse_unmappable_inflight(front: VhostUserFrontend) -> None:
+    r, w = os.pipe()
+    nacked(front, R.VHOST_USER_SET_INFLIGHT_FD, Inflight(1 << 20, 0, 1, 64), [r])
+    os.close(r)
+    os.close(w)
+
+
+def refuse_stray_fd(front: VhostUserFrontend) -> None:
+    fd = os.eventfd(0)
+    nacked(front, R.VHOST_USER_SET_OWNER, None, [fd])
+    os.close(fd)
+
+
+def accept_a_running_ring(front: VhostUserFrontend) -> None:
+    front.set_mem_table([front.add_region(0, 0x10000)])
+    front.setup_vring(0, 8, 0x0, 0x1000, 0x2000)
+    front.set_vring_err(0)
+
+
+CONTROLS = {
+    "stray-fd": (refuse_stray_fd, False),
+    "accepted-ring": (accept_a_running_ring, False),
+}
+REFUSALS = {
+    "overlapping-mem-table": (refuse_overlapping_mem_table, False),
+    "zero-size-add-mem-reg": (refuse_zero_size_add_mem_reg, False),
+    "kick-before-num": (refuse_kick_before_num, True),
+    "small-inflight": (refuse_small_inflight, True),
+    "unmappable-inflight": (refuse_unmappable_inflight, True),
+}
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    list(CONTROLS)
+    + [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="every refused request's fds are closed twice: by the handler (BackendSession._map_regions' "
+                "finally, _add_mem_reg, _set_inflight_fd, _use_inflight via self.inflight_fd, _set_vring_kick via "
+                "vring.kick_fd) and again by BackendSession.handle's `except RequestRefused: _close_all(req.fds)`",
+            ),
+        )
+        for name in REFUSALS
+    ],
+)
+def test_refused_request_fds_are_closed_once(backend, logs, server_closes, refusal):
+    action, on_blk = {**CONTROLS, **REFUSALS}[refusal]
+    path = backend.blk_path if on_blk else backend.net_paths[0]
+    front = frontend(path)
+    action(front)
+    front.close()
+    assert wait_until(lambda: endpoint(backend, path).connection is None)
+    log_line(logs, "connection closed: front-end disconnected")
+    double = [fd for fd, err in server_closes if err == errno.EBADF]
+    assert not double, f"fds closed twice by the server: {double}"
+
+
+# -- kick/call fds that are not eventfds -------------------------------------------------------
+#
+# The kernel's vhost takes only eventfds here (eventfd_ctx_fdget, EINVAL otherwise);
+# anything else must be refused before the data plane waits on it or writes to it.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BackendSession._start_queue hands any kick fd to DataPlane.add_eventfd: a regular file makes "
+    "epoll.register raise PermissionError (traceback, 'internal error', connection closed instead of a NACK); "
+    "a pipe is accepted, and once its writer closes, level-triggered EPOLLHUP makes the data-plane thread spin "
+    "at 100% CPU (DataPlane._run / _drain)",
+)
+@pytest.mark.parametrize("kind", ["memfd", "pipe"])
+def test_kick_fd_that_is_not_an_eventfd_is_nacked(backend, logs, kind):
+    path = backend.net_paths[0]
+    front = frontend(path)
+    ring_ready(front, 0)
+    front.set_vring_addr(0, 0x0, 0x1000, 0x2000)
+    if kind == "memfd":
+        fd, other = os.memfd_create("not-an-eventfd"), None
+    else:
+        fd, other = os.pipe()
+    try:
+        nacked(front, R.VHOST_USER_SET_VRING_KICK, VringFile(0), [fd])
+        assert "eventfd" in log_line(logs, "VHOST_USER_SET_VRING_KICK")
+    finally:
+        for extra in (fd, other):
+            if extra is not None:
+                os.close(extra)
+    still_serving(backend, front, path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BackendSession._set_vring_call accepts any fd; _notifier's os.eventfd_write on a blocking pipe whose "
+    "reader never reads blocks the data-plane thread while it holds DataPlane.lock: every device and the "
+    "control thread stall",
+)
+def test_call_fd_that_never_drains_does_not_stall_the_process(backend, logs):
+    path = backend.net_paths[0]
+    drv = VhostUserDriver(path, features=ALL & ~(1 << VIRTIO_F_EVENT_IDX), memory_size=4 << 20)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)  # 512 notifications fill it
+    try:
+        queue = drv.start_queues([1], size=16)[1]
+        try:
+            drv.frontend.call(R.VHOST_USER_SET_VRING_CALL, VringFile(1), [w], need_reply=True)
+        except NackError:
+            log_line(logs, "VHOST_USER_SET_VRING_CALL", "eventfd")
+        else:
+            frame = bytes(12) + b"\xff" * 6 + bytes(6) + b"\x88\xb5" + bytes(46)
+            for i in range(600):
+                queue.add_data([frame])
+                drv.kick(1)
+                if not wait_until(lambda: queue.used_idx() == i + 1, timeout=1.0):
+                    break
+                queue.get_used()
+        # The other device must be served whatever this front-end did with its call fd.
+        with VhostUserDriver(backend.blk_path, timeout=1.0) as blk:
+            blk.start_queues([0], size=8)
+        assert queue.used_idx() in (0, 600)  # refused, or every frame served
+    finally:
+        os.close(r)  # a blocked write now fails with EPIPE: the data plane goes on
+        os.close(w)
+        drv.close()
