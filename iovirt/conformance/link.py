@@ -111,13 +111,14 @@ class Link:
 
     # -- rings -----------------------------------------------------------------------
     def queue(self, index: int, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True) -> DriverQueue:
-        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE (with bit 30)."""
+        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE 1 or 0 (with bit 30)."""
         q = DriverQueue(self.memory, self.alloc, size, event_idx=self.negotiated.has(VIRTIO_F_EVENT_IDX), index=index)
         q.set_interrupts(True)
         self.queues[index] = q
         self.restart(index, base=0, call=call, kick=kick)
-        if enable and self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
-            self.frontend.set_vring_enable(index, True)
+        if self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
+            # Rings start disabled; an explicit disable also catches a back-end ignoring enable 0.
+            self.frontend.set_vring_enable(index, enable)
         return q
 
     def restart(self, index: int, base: int, *, call: bool = True, kick: bool = True) -> None:

@@ -104,5 +104,7 @@ class Runner:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return f"back-end closed the connection ({type(exc).__name__})"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,176 @@
+"""The checks catch faults: broken back-ends make the right clauses fail, and the run always finishes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import IovirtBackend
+from iovirt.conformance.registry import Verdict, all_checks
+from iovirt.conformance.runner import Runner
+from iovirt.conformance.target import Target
+from iovirt.vhost_user.backend import BackendSession
+from iovirt.vhost_user.messages import FrontendRequest as R, VringState
+from iovirt.vhost_user.server import VhostUserServer
+from iovirt.virtio.blk.device import VirtioBlk
+
+TIMEOUT = 0.5
+
+
+def run(target: Target, clauses: set[str] | None = None) -> dict:
+    checks = [c for c in all_checks() if clauses is None or c.clause in clauses]
+    return {r.clause: r for r in Runner(target, checks).run()}
+
+
+def failed(results: dict) -> set[str]:
+    return {c for c, r in results.items() if r.verdict is Verdict.FAIL}
+
+
+@pytest.fixture
+def make_backend(tmp_path):
+    made = []
+
+    def make(**kwargs):
+        made.append(IovirtBackend(tmp_path, **kwargs))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+def test_wrong_get_vring_base(make_backend, monkeypatch):
+    original = BackendSession._get_vring_base
+    monkeypatch.setattr(BackendSession, "_get_vring_base", lambda self, req: VringState(
+        original(self, req).index, (original(self, req).num + 1) & 0xFFFF))
+    b = make_backend()
+    res = run(Target(b.blk_path, "blk", TIMEOUT), {"vhost-user:GET_VRING_BASE", "vhost-user:SET_VRING_BASE", "virtio-1.2:5.2.6#in-out"})
+    assert failed(res) == {"vhost-user:GET_VRING_BASE", "vhost-user:SET_VRING_BASE"}
+    assert "returned 4" in res["vhost-user:GET_VRING_BASE"].reason
+
+
+def test_ignores_vring_disable(make_backend, monkeypatch):
+    original = BackendSession._enable
+    monkeypatch.setattr(BackendSession, "_enable", lambda self, vring, enabled: original(self, vring, True))
+    b = make_backend()
+    clauses = {"vhost-user:Ring states#disabled-net-tx", "vhost-user:Ring states#disabled-net-rx", "virtio-1.2:5.1.6.2"}
+    res = run(Target(b.net_paths[0], "net", TIMEOUT, b.net_paths[1]), clauses)
+    assert failed(res) == {"vhost-user:Ring states#disabled-net-tx", "vhost-user:Ring states#disabled-net-rx"}
+    assert "delivered" in res["vhost-user:Ring states#disabled-net-tx"].reason
+
+
+class BadUsedIdBlk(VirtioBlk):
+    """Writes an id that was never made available into every used entry it publishes."""
+
+    def process_queue(self, index, queue):
+        super().process_queue(index, queue)
+        state = queue.state()
+        slot = state.used_addr + 4 + 8 * ((state.used_idx - 1) % state.size)
+        queue.memory.write(slot, struct.pack("<I", state.size + 7))
+
+
+def test_bad_used_id(make_backend):
+    b = make_backend(blk_class=BadUsedIdBlk)
+    res = run(Target(b.blk_path, "blk", TIMEOUT), {"virtio-1.2:2.7.8.2", "vhost-user:Header"})
+    assert failed(res) == {"virtio-1.2:2.7.8.2"}
+    assert "2.7.8.2" in res["virtio-1.2:2.7.8.2"].reason and "not an in-flight head" in res["virtio-1.2:2.7.8.2"].reason
+
+
+def test_never_replies_to_get_vring_base(make_backend, monkeypatch):
+    original = VhostUserServer._send
+
+    def drop(self, conn, out, fds, failure):
+        if out and struct.unpack_from("=I", out)[0] == R.VHOST_USER_GET_VRING_BASE:
+            return True
+        return original(self, conn, out, fds, failure)
+
+    monkeypatch.setattr(VhostUserServer, "_send", drop)
+    b = make_backend()
+    res = run(Target(b.blk_path, "blk", TIMEOUT), {"vhost-user:GET_VRING_BASE", "vhost-user:SET_VRING_CALL#nofd"})
+    assert failed(res) == {"vhost-user:GET_VRING_BASE"}
+    assert "no reply within" in res["vhost-user:GET_VRING_BASE"].reason
+
+
+def test_closes_socket_on_kick(make_backend, monkeypatch):
+    def explode(self, req):
+        raise RuntimeError("injected fault")  # the server closes the connection on an internal error
+
+    monkeypatch.setattr(BackendSession, "_set_vring_kick", explode)
+    b = make_backend()
+    started = time.monotonic()
+    res = run(Target(b.blk_path, "blk", TIMEOUT))
+    assert res["vhost-user:Header"].verdict is Verdict.PASS
+    assert "closed the connection" in res["virtio-1.2:5.2.6#in-out"].reason
+    assert {"vhost-user:GET_VRING_BASE", "virtio-1.2:2.7.8.2", "virtio-1.2:5.2.6#unsupp"} <= failed(res)
+    assert time.monotonic() - started < 20
+
+
+class FakeBackend:
+    """A UNIX socket server whose every connection gets ``behaviour(conn)``."""
+
+    def __init__(self, path: str, behaviour) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.behaviour = behaviour
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.behaviour(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def _garbage(conn: socket.socket) -> None:
+    def answer():
+        try:
+            while conn.recv(4096):
+                conn.send(os.urandom(40))
+        except OSError:
+            pass
+
+    threading.Thread(target=answer, daemon=True).start()
+
+
+@pytest.mark.parametrize("behaviour,expected", [
+    (lambda conn: conn.close(), "closed the connection"),
+    (_garbage, ""),
+    (lambda conn: None, "no reply within"),
+])
+def test_hostile_backends_fail_every_check_and_the_run_ends(tmp_path, behaviour, expected):
+    path = str(tmp_path / "bad.sock")
+    fake = FakeBackend(path, behaviour)
+    try:
+        started = time.monotonic()
+        res = run(Target(path, "blk", TIMEOUT))
+        elapsed = time.monotonic() - started
+    finally:
+        fake.close()
+    applicable = {c for c, r in res.items() if r.verdict is not Verdict.NA}
+    assert applicable and failed(res) == applicable
+    assert all(expected in res[c].reason for c in applicable)
+    assert elapsed < 15
+
+
+def test_socket_gone(tmp_path):
+    started = time.monotonic()
+    res = run(Target(str(tmp_path / "nothing.sock"), "net", TIMEOUT))
+    assert time.monotonic() - started < 5
+    applicable = [r for r in res.values() if r.verdict is not Verdict.NA]
+    assert applicable and all(r.verdict is Verdict.FAIL and "FileNotFoundError" in r.reason for r in applicable)
