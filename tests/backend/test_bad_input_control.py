@@ -15,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -739,3 +740,70 @@ def test_call_fd_that_never_drains_does_not_stall_the_process(backend, logs):
         os.close(r)  # a blocked write now fails with EPIPE: the data plane goes on
         os.close(w)
         drv.close()
+
+
+# -- more refused requests ---------------------------------------------------------------------
+
+
+def test_get_vring_base_beyond_the_device_closes(backend, logs):
+    # GET_VRING_BASE's reply is a vring state with no failure encoding: closing is the only answer.
+    path = backend.net_paths[0]
+    front = frontend(path)
+    front.send(R.VHOST_USER_GET_VRING_BASE, VringState(NET_QUEUES, 0))
+    closed(front)
+    assert "beyond the device's 4 queues" in log_line(logs, "rejected VHOST_USER_GET_VRING_BASE")
+    log_line(logs, "net0: connection closed", "cannot report an error")
+    still_serving(backend, None, path)
+
+
+def test_unoffered_features_are_nacked(backend, logs):
+    path = backend.net_paths[0]
+    front = frontend(path)
+    nacked(front, R.VHOST_USER_SET_FEATURES, U64(front.features | 1 << 63))
+    assert "were not offered" in log_line(logs, "VHOST_USER_SET_FEATURES")
+    still_serving(backend, front, path)
+
+
+def test_split_ring_base_beyond_16_bits_is_nacked(backend, logs):
+    path = backend.net_paths[0]
+    front = frontend(path)
+    nacked(front, R.VHOST_USER_SET_VRING_BASE, VringState(0, 0x10000))
+    assert "not a 16-bit index" in log_line(logs, "VHOST_USER_SET_VRING_BASE")
+    still_serving(backend, front, path)
+
+
+def test_add_mem_reg_overlapping_and_rem_mem_reg_unknown_are_nacked(backend, logs):
+    path = backend.net_paths[0]
+    front = frontend(path)
+    a = front.add_region(0, 0x10000)
+    front.add_mem_reg(a)
+    fd = os.memfd_create("overlap")
+    os.ftruncate(fd, 0x10000)
+    before = open_fds()
+    nacked(front, R.VHOST_USER_ADD_MEM_REG, SingleMemRegion(MemRegion(0x8000, 0x10000, 0x7E00_0000_0000, 0)), [fd])
+    log_line(logs, "rejected VHOST_USER_ADD_MEM_REG")
+    assert wait_until(lambda: open_fds() == before)
+    os.close(fd)
+    nacked(front, R.VHOST_USER_REM_MEM_REG, SingleMemRegion(MemRegion(0x100000, 0x1000, 0, 0)))
+    assert "no region [0x100000, +0x1000) mapped" in log_line(logs, "VHOST_USER_REM_MEM_REG")
+    # The region that was added is still there: a ring in it starts.
+    front.setup_vring(0, 8, 0x0, 0x1000, 0x2000)
+    still_serving(backend, front, path)
+
+
+def test_mem_table_swapped_under_a_running_ring_fails_the_device(backend, logs):
+    # The new table no longer holds the ring: the device stops the ring and
+    # asks for a reset (virtio 2.1.2), signalled on the ring's error eventfd.
+    path = backend.net_paths[0]
+    with VhostUserDriver(path, memory_size=1 << 20) as drv:
+        drv.start_queues([0, 1], size=8)
+        drv.frontend.set_vring_err(1)
+        elsewhere = drv.frontend.add_region(0x4000_0000, 0x10000)
+        drv.frontend.set_mem_table([elsewhere])
+        assert "device needs reset" in log_line(logs, "net0: queue")
+        readable, _, _ = select.select([drv.frontend.err_fds[1]], [], [], 5.0)
+        assert readable
+        assert backend.net[0].needs_reset
+        blk_serves(backend)
+    socket_serves(backend, path)
+    assert not backend.net[0].needs_reset

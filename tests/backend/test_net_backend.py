@@ -17,8 +17,13 @@ import time
 
 import pytest
 
+from iovirt.memory import BumpAllocator
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.errors import NackError
+from iovirt.vhost_user.frontend import VhostUserFrontend
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
+from iovirt.virtio.driver import DriverQueue
 from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -330,3 +335,31 @@ def test_mtu_out_of_range_nacked(backend, pair, logs_info, mtu):
     assert backend.net[0].mtu == 1500
     assert any(f"MTU {mtu} outside [68, 65535]" in r.getMessage() for r in logs_info.records)
     assert a.frontend.get_queue_num() == 2
+
+
+# -- without VHOST_USER_F_PROTOCOL_FEATURES ------------------------------------------------------
+
+
+def test_without_protocol_features_rings_are_enabled_when_started(backend):
+    # vhost-user.rst "Ring states": without the feature a ring is enabled as
+    # soon as it starts; there is no SET_VRING_ENABLE.
+    b = port(backend, 1)
+    post_rx(b, 1)
+    front = VhostUserFrontend.connect(backend.net_paths[0], timeout=5.0)
+    try:
+        front.add_region(0, 1 << 20)
+        offered = front.get_features()
+        front.set_owner()
+        front.set_features(offered & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VIRTIO_F_EVENT_IDX))
+        front.set_mem_table()
+        tx = DriverQueue(front.memory, BumpAllocator(0x1000, (1 << 20) - 0x1000), 8, index=1)
+        front.setup_vring(1, 8, tx.desc_addr, tx.avail_addr, tx.used_addr)
+        hello = eth(BROADCAST, MAC[0])
+        tx.add_data([NetHdr().pack() + hello])
+        tx.publish()
+        front.kick(1)
+        assert front.wait_call(1, timeout=5)
+        assert receive(b)[0][1] == hello
+    finally:
+        front.close()
+        b.close()
