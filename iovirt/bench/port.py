@@ -243,13 +243,17 @@ class BenchPort:
         used = self._get_used(self.rxq)
         if not used:
             return
+        # Take every slot back before reposting any: a reposted chain may reuse
+        # the head of an entry later in this batch.
+        slots = [self._rx_by_head.pop(elem.head) for elem in used]
+        for slot in slots:
+            self._post_rx(slot)
+        self.target.kick(RX_QUEUE)
         for elem in used:
             if elem.len > self.rx_buffer_size:
                 raise UsedRingError(
                     RX_QUEUE, f"used len {elem.len} for head {elem.head} exceeds its {self.rx_buffer_size}-byte buffer"
                 )
-            self._post_rx(self._rx_by_head.pop(elem.head))
-        self.target.kick(RX_QUEUE)
         self._rx_used.extend(used)
         while self._rx_used:
             first = self._rx_used[0]
