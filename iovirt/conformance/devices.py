@@ -41,11 +41,13 @@ class NetPort:
 
     RX, TX = 0, 1
 
-    def __init__(self, link: Link, *, enable_rx: bool = True, enable_tx: bool = True, rx_buffers: int = 16) -> None:
+    def __init__(
+        self, link: Link, *, enable_rx: bool = True, enable_tx: bool = True, rx_buffers: int = 16, call: bool = True
+    ) -> None:
         self.link = link
         self.hdr_len = link.net_hdr_len
-        link.queue(self.RX, 256, enable=enable_rx)
-        link.queue(self.TX, 256, enable=enable_tx)
+        link.queue(self.RX, 256, enable=enable_rx, call=call)
+        link.queue(self.TX, 256, enable=enable_tx, call=call)
         self.post_rx(rx_buffers)
 
     def post_rx(self, count: int, size: int = RX_BUFFER) -> None:
@@ -130,10 +132,10 @@ class BlkResult:
 class BlkPort:
     """Requests on one virtio-blk queue, as ``struct virtio_blk_req`` chains (5.2.6)."""
 
-    def __init__(self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True) -> None:
+    def __init__(self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True, call: bool = True) -> None:
         self.link = link
         self.index = index
-        self.queue = link.queue(index, size, enable=enable)
+        self.queue = link.queue(index, size, enable=enable, call=call)
 
     def post(
         self,

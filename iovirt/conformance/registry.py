@@ -7,7 +7,7 @@ section 2.7.7.2 of the OASIS virtio 1.2 specification (cs01 numbering),
 checks drawn from one clause.
 
 A check is a function of a :class:`~iovirt.conformance.target.Context`.  It
-passes by returning, fails by raising :class:`CheckFailed` (usually through
+passes by returning (optionally a note for the report), fails by raising :class:`CheckFailed` (usually through
 :func:`expect`), and is not applicable when its ``applies`` predicate gives a
 reason or when it raises :class:`NotApplicable` (a feature the back-end does
 not offer is never a failure).
@@ -52,7 +52,7 @@ class Check:
     clause: str
     title: str
     devices: frozenset[str]
-    func: Callable[["Context"], None]
+    func: Callable[["Context"], "str | None"]
     applies: Applies | None = None
 
     def not_applicable(self, caps: "Capabilities") -> str | None:
@@ -85,10 +85,10 @@ ANY_DEVICE = frozenset({"net", "blk"})
 
 def check(
     clause: str, title: str, *, devices: frozenset[str] | set[str] = ANY_DEVICE, applies: Applies | None = None
-) -> Callable[[Callable[["Context"], None]], Callable[["Context"], None]]:
+) -> Callable[[Callable[["Context"], "str | None"]], Callable[["Context"], "str | None"]]:
     """Register the decorated function as the check of ``clause``."""
 
-    def register(func: Callable[["Context"], None]) -> Callable[["Context"], None]:
+    def register(func: Callable[["Context"], "str | None"]) -> Callable[["Context"], "str | None"]:
         if any(c.clause == clause for c in REGISTRY):
             raise ValueError(f"clause {clause!r} registered twice")
         REGISTRY.append(Check(clause, title, frozenset(devices), func, applies))

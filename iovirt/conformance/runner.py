@@ -71,7 +71,7 @@ class Runner:
         started = time.monotonic()
         verdict, reason = Verdict.PASS, ""
         try:
-            check.func(ctx)
+            reason = check.func(ctx) or ""  # a passing check may leave a note
         except NotApplicable as exc:
             verdict, reason = Verdict.NA, str(exc)
         except CheckFailed as exc:

@@ -34,15 +34,11 @@ class Workload:
         self.link = link
         self.net = ctx.caps.device == "net"
         if self.net:
-            self.port: NetPort | BlkPort = NetPort(link, enable_rx=enable, enable_tx=enable)
+            self.port: NetPort | BlkPort = NetPort(link, enable_rx=enable, enable_tx=enable, call=call)
             self.index = NetPort.TX
-            if not call:
-                link.frontend.set_vring_call(self.index, poll=True)
         else:
-            self.port = BlkPort(link, 0, 64, enable=enable)
+            self.port = BlkPort(link, 0, 64, enable=enable, call=call)
             self.index = 0
-            if not call:
-                link.frontend.set_vring_call(0, poll=True)
 
     @property
     def queue(self):
