@@ -21,7 +21,6 @@ device that does not answer raises :class:`BenchTimeout` after the timeout.
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from typing import Iterable
 
@@ -45,8 +44,6 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
 )
-
-log = logging.getLogger("iovirt.bench")
 
 RX_QUEUE = 0
 TX_QUEUE = 1

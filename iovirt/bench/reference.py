@@ -10,6 +10,9 @@
 * :func:`l4_checksum_ok` checks a received frame's L4 checksum.
 * :func:`tso_segments` / :func:`ufo_fragments` are the segments a device
   offering HOST_TSO4/6 or HOST_UFO must make of a GSO frame (5.1.6.2).
+
+Give frames explicit Ethernet addresses: building an ``Ether()`` without
+``dst`` over IP makes scapy resolve one over ARP, which waits for seconds.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from iovirt.bench.errors import BenchTimeout, TargetError, UsedRingError
-from iovirt.bench.pair import NetPair
+from iovirt.bench.pair import NetPair, ServedNet
 from iovirt.bench.port import RX_QUEUE, TX_QUEUE
 from iovirt.bench.target import VhostUserTarget
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
@@ -81,8 +81,6 @@ def test_backend_closing_mid_run(make_pair):
 
 def test_backend_hanging_in_the_data_path(tmp_path):
     """The served back-end's data plane is stuck (its lock held): waits end at the timeout."""
-    from iovirt.bench.pair import ServedNet
-
     with ServedNet(tmp_path) as served:
         with served.pair(a={"timeout": 0.3}) as pair:
             with served.lock:
