@@ -221,7 +221,7 @@ def test_short_net_tx_chain_is_dropped_not_fatal(backend, logs):
         drv.kick(1)
         assert drv.frontend.wait_call(1, timeout=5)
         assert len(drv.queues[1].get_used()) == 1
-        log_line(logs, "net0: transmitted chain of 8 bytes is shorter")
+        log_line(logs, "net0:", "short")
         assert backend.net[0].stats["tx_errors"] == 1 and not backend.net[0].needs_reset
     net_pair_serves(backend)
 
