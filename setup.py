@@ -11,6 +11,7 @@ NO_EXTENSIONS = os.environ.get("IOVIRT_NO_EXTENSIONS", "") not in ("", "0")
 
 EXTENSIONS = [
     Extension("iovirt.virtio._queue_c", ["iovirt/virtio/_queue_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio.net._datapath", ["iovirt/virtio/net/_datapath.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:
@@ -26,10 +27,16 @@ setup(
     version="0.1.0",
     description="I/O-virtualization device models: virtio rings, vhost-user, PCI, SR-IOV, VT-d, LAPIC timers",
     packages=find_packages(include=["iovirt", "iovirt.*"]),
-    package_data={"iovirt": ["py.typed", "**/*.pyx"]},
+    package_data={"iovirt": ["**/*.pyx", "**/*.pxd"]},
     python_requires=">=3.11",
     install_requires=["pyelftools", "scapy"],
     extras_require={"test": ["pytest", "hypothesis"]},
     ext_modules=ext_modules,
-    entry_points={"console_scripts": ["iovirt = iovirt.cli:main"]},
+    entry_points={
+        "console_scripts": ["iovirt = iovirt.cli:main"],
+        "pytest11": [
+            "iovirt_bench = iovirt.bench.pytest_plugin",
+            "iovirt_conformance = iovirt.conformance.pytest_plugin",
+        ],
+    },
 )

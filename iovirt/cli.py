@@ -9,6 +9,7 @@ from typing import Sequence
 import logging
 
 from iovirt import __version__
+from iovirt.conformance import cli as conformance_cli
 from iovirt.pci import cli as pci_cli
 from iovirt.vhost_user import cli as vhost_user_cli
 from iovirt.virtio import queue
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vhost_user_cli.register(sub)
     pci_cli.register(sub)
+    conformance_cli.register(sub)
     info = sub.add_parser("info", help="show which ring implementation runs and why")
     info.set_defaults(func=_info)
     return parser

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
-from iovirt.vhost_user.messages import ProtocolFeature as PF
+from iovirt.vhost_user import profiles
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -26,18 +26,8 @@ from iovirt.virtio.net.tap import TapPort
 
 log = logging.getLogger("iovirt")
 
-COMMON_PROTOCOL = (
-    PF.VHOST_USER_PROTOCOL_F_MQ,
-    PF.VHOST_USER_PROTOCOL_F_REPLY_ACK,
-    PF.VHOST_USER_PROTOCOL_F_STATUS,
-    PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
-    PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE,
-)
-# CONFIG only for blk: QEMU's vhost-user net has no use for it and warns when it is offered.
-NET_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP))
-BLK_PROTOCOL = sum(
-    1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_CONFIG, PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
-)
+NET_PROTOCOL = profiles.NET_PROTOCOL
+BLK_PROTOCOL = profiles.BLK_PROTOCOL
 
 
 @dataclass

@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
+from iovirt.vhost_user import profiles
 from iovirt.vhost_user.backend import BackendSession, RequestRefused
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.errors import VhostUserError
@@ -82,9 +83,12 @@ class VhostUserServer:
         device: VirtioDevice,
         protocol_features: int,
         name: str = "",
-        extra_features: int = 0,
+        extra_features: int | None = None,
     ) -> Endpoint:
         """Listen on UNIX socket ``path`` for a front-end of ``device``.
+
+        ``extra_features`` defaults to the device type's profile
+        (:mod:`iovirt.vhost_user.profiles`).
 
         A stale socket file left by a dead process is replaced; anything else
         at ``path`` is an error.
@@ -98,7 +102,9 @@ class VhostUserServer:
         listener.listen(1)
         return self._add_listener(listener, device, protocol_features, name or path, path, extra_features)
 
-    def add_fd(self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int = 0) -> Endpoint:
+    def add_fd(
+        self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int | None = None
+    ) -> Endpoint:
         """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
 
         This is the ``--fd=FDNUM`` convention of vhost-user.rst ("Backend
@@ -108,17 +114,17 @@ class VhostUserServer:
         name = name or f"fd {fd}"
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return self._add_listener(sock, device, protocol_features, name, None, extra_features)
-        endpoint = Endpoint(name, device, protocol_features, None, None, extra_features)
+        endpoint = Endpoint(name, device, protocol_features, None, None, _extra(device, extra_features))
         self.endpoints.append(endpoint)
         self._open(endpoint, sock)
         return endpoint
 
     def _add_listener(
         self, listener: socket.socket, device: VirtioDevice, protocol_features: int, name: str,
-        path: str | None, extra_features: int,
+        path: str | None, extra_features: int | None,
     ) -> Endpoint:
         listener.setblocking(False)
-        endpoint = Endpoint(name, device, protocol_features, listener, path, extra_features)
+        endpoint = Endpoint(name, device, protocol_features, listener, path, _extra(device, extra_features))
         self.endpoints.append(endpoint)
         self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
         log.info("%s: listening for a vhost-user front-end (%s)", name, device.name)
@@ -294,6 +300,10 @@ class VhostUserServer:
         conn.sock.close()
         conn.session.close()
         log.info("%s: connection closed: %s", endpoint.name, reason)
+
+
+def _extra(device: VirtioDevice, extra_features: int | None) -> int:
+    return profiles.extra_features(device) if extra_features is None else extra_features
 
 
 def _peer_credentials(sock: socket.socket) -> str:

@@ -92,24 +92,6 @@ cdef enum:
     E_ORDER
     E_PYTHON
 
-cdef struct Region:
-    uint64_t gpa
-    uint64_t size
-    uint8_t *host
-
-cdef struct Desc:
-    uint64_t addr
-    uint32_t len
-    uint16_t flags
-    uint16_t next
-
-cdef struct WalkError:
-    int code
-    uint16_t desc
-    uint64_t addr
-    uint64_t len
-    uint32_t count
-
 
 cdef class ChainBatch:
     """Chains popped by one ``pop_batch``, stored as flat arrays.
@@ -118,15 +100,6 @@ cdef class ChainBatch:
     objects (made on demand); ``head(i)`` and ``set_used_len(i, n)`` touch
     the arrays directly.
     """
-
-    cdef Py_ssize_t n, nbufs, cap_chains, cap_bufs
-    cdef uint16_t *heads
-    cdef uint32_t *used_lens
-    cdef uint32_t *first
-    cdef uint64_t *addrs
-    cdef uint32_t *lens
-    cdef uint8_t *writable
-    cdef uint8_t **hosts
 
     def __cinit__(self):
         self.n = 0
@@ -205,25 +178,6 @@ cdef void *_grow(void *p, size_t nbytes) except NULL:
 
 cdef class SplitQueue:
     """The device side of one split virtqueue (accelerated; see ``_queue_py.SplitQueue``)."""
-
-    cdef readonly object memory
-    cdef readonly int index
-    cdef readonly uint32_t size
-    cdef readonly uint64_t desc_addr, avail_addr, used_addr
-    cdef readonly bint event_idx
-    cdef uint16_t _last_avail_idx, _used_idx, _signalled_used
-    cdef bint _signalled_valid, _notify_enabled, _translated, _released
-    cdef uint32_t _mask
-    cdef uint32_t _in_flight
-    cdef uint8_t *_desc
-    cdef uint8_t *_avail
-    cdef uint8_t *_used
-    cdef Region *_regions
-    cdef int _nregions, _last_region
-    cdef object _views
-    cdef object _gen
-    cdef object _pending_error
-    cdef WalkError _err
 
     def __cinit__(self):
         self._regions = NULL
@@ -327,7 +281,7 @@ cdef class SplitQueue:
             raise QueueStateError(f"ring part at {addr:#x} did not resolve", self.index)
         return p
 
-    cdef inline uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil:
+    cdef uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil:
         """Host pointer of a guest-physical range inside one region, or NULL."""
         cdef Region *r
         cdef uint64_t off
@@ -353,7 +307,7 @@ cdef class SplitQueue:
         self._desc = self._avail = self._used = NULL
         self._released = True
 
-    cdef inline int _sync(self) except -1:
+    cdef int _sync(self) except -1:
         if self._released:
             raise QueueStateError("queue was released", self.index)
         if self.memory.generation != self._gen or (self.memory.translator is not None) != self._translated:
@@ -566,7 +520,7 @@ cdef class SplitQueue:
         return DescBufferError("descriptor table unreadable", q, desc, head, 0, 0)
 
     # -- used side -------------------------------------------------------------------
-    cdef inline int _push_one(self, uint32_t head, uint32_t length) except -1:
+    cdef int _push_one(self, uint32_t head, uint32_t length) except -1:
         if head >= self.size:
             raise UsedRingError(f"used id {head} >= Queue Size {self.size}", self.index, head)
         if self._in_flight == 0:
@@ -616,7 +570,7 @@ cdef class SplitQueue:
         used_event = iovirt_load_u16(self._avail + 4 + 2 * self.size)
         return <uint16_t> (self._used_idx - used_event - 1) < <uint16_t> (self._used_idx - old)
 
-    cdef inline void _publish_avail_event(self) noexcept:
+    cdef void _publish_avail_event(self) noexcept:
         if self.event_idx and self._notify_enabled:
             iovirt_store_u16(self._used + 4 + 8 * self.size, self._last_avail_idx)
 

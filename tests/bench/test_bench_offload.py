@@ -53,11 +53,6 @@ def test_tx_checksum_not_applicable_without_csum(make_pair):
     assert result.verdict == NA and "VIRTIO_NET_F_CSUM" in result.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="iovirt.virtio.net.csum.complete_checksum writes a computed checksum of 0 as 0x0000; "
-    "RFC 768 (and Linux's skb_checksum_help, CSUM_MANGLED_0) send 0xFFFF; over IPv6 a zero UDP checksum is invalid",
-)
 def test_tx_checksum_udp_zero_sent_as_ffff(make_pair):
     verdict(check_tx_checksum_udp_zero(make_pair(b_features=NO_GUEST_CSUM)))
 

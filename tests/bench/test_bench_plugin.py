@@ -1,4 +1,4 @@
-"""The pytest plugin as a user's project sees it: loaded with ``-p``, fixtures, options, pcaps."""
+"""The pytest plugin as a user's project sees it: loaded through its ``pytest11`` entry point, fixtures, options, pcaps."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_plugin_in_a_user_project(tmp_path):
     pcaps = tmp_path / "pcaps"
     env = dict(os.environ, PYTHONPATH=str(Path(iovirt.__file__).parent.parent))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "iovirt.bench.pytest_plugin", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          f"--iovirt-bench-pcap={pcaps}", "test_user.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )

@@ -153,7 +153,10 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests (5.2.6) ------------------------------------------------------------
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        """Serve every available request of ``queue``."""
+        """Serve every available request of ``queue`` (none while it is disabled)."""
+        if not self.enabled[index]:
+            # vhost-user "Ring states": a started, disabled ring has no side effects.
+            return
         memory = queue.memory
         while True:
             batch = queue.pop_batch(BATCH)

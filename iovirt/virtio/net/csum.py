@@ -39,6 +39,8 @@ def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> No
             f"csum_start {csum_start} + csum_offset {csum_offset} outside a {len(frame)}-byte frame"
         )
     total = internet_checksum(memoryview(frame)[csum_start:])
-    value = (~total) & 0xFFFF
+    # A result of 0 is sent as 0xFFFF (Linux skb_checksum_help's CSUM_MANGLED_0):
+    # for UDP a 0 means "no checksum" (RFC 768) and is invalid over IPv6.
+    value = (~total) & 0xFFFF or 0xFFFF
     frame[field : field + 2] = value.to_bytes(2, "big")
 

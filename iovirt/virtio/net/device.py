@@ -36,6 +36,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_S_LINK_UP,
     NetHdr,
 )
+from iovirt.virtio.net import datapath
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import SplitQueue
@@ -70,6 +71,12 @@ class VirtioNet(VirtioDevice):
         self.link_up = True
         self.backlog: collections.deque[tuple[bytes, tuple[int, int] | None]] = collections.deque(maxlen=RX_BACKLOG)
         self.stats = collections.Counter()
+        if datapath.accel is not None:
+            from iovirt.virtio._queue_c import ChainBatch
+
+            self._tx_frames = datapath.accel.Frames()
+            self._tx_batch = ChainBatch()
+            self._rx_batch = ChainBatch()
         if switch is not None:
             switch.attach(self)
 
@@ -136,6 +143,9 @@ class VirtioNet(VirtioDevice):
             self._flush_backlog()
 
     def _transmit(self, index: int, queue: SplitQueue) -> None:
+        if datapath.accelerated_queue(queue):
+            self._transmit_batches(index, queue)
+            return
         memory = queue.memory
         hdr_len = self.hdr_len
         while True:
@@ -175,7 +185,70 @@ class VirtioNet(VirtioDevice):
         assert self.switch is not None
         self.switch.forward(self, frame, csum)
 
+    def _transmit_batches(self, index: int, queue: SplitQueue) -> None:
+        """The C data path: whole batches gathered, then switched together."""
+        accel = datapath.accel
+        assert accel is not None
+        frames = self._tx_frames
+        hdr_len = self.hdr_len
+        while True:
+            batch = queue.pop_batch(TX_BATCH, self._tx_batch)
+            if not len(batch):
+                break
+            frames.clear()
+            accel.tx_gather(batch, queue, hdr_len, frames)
+            queue.push_batch(batch)  # the frames are copied out: the buffers go back now
+            self.signal(index)
+            bad = sum(frames.errors)
+            if bad:
+                self.stats["tx_errors"] += bad
+                self.log.warning(
+                    "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
+                    self.label, bad, *frames.errors,
+                )
+            if self.enabled[index] and self.switch is not None:
+                self.stats["tx_packets"] += len(frames)
+                self.stats["tx_bytes"] += frames.total_bytes()
+                self.switch.forward_batch(self, frames)
+            else:
+                self.stats["tx_dropped"] += len(frames)
+
     # -- switch port: receive -------------------------------------------------------------
+    def deliver_batch(self, frames, indexes: list[int]) -> int:
+        """Take frames ``indexes`` of a :class:`~iovirt.virtio.net._datapath.Frames` from the switch."""
+        index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue_for(frames, indexes[0])
+        queue = None if index is None else self.queues[index]
+        if queue is None or not datapath.accelerated_queue(queue):
+            return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
+        accel = datapath.accel
+        assert accel is not None
+        guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+        if not guest_csum:
+            accel.complete_pending(frames, indexes)  # 5.1.6.3: the driver cannot take partial checksums
+        mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        delivered, dropped, stop, nbytes = accel.rx_scatter(
+            queue, frames, indexes, self.hdr_len, guest_csum, mergeable, self._rx_batch
+        )
+        if dropped:
+            # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
+            self.log.warning("%s: dropped %d received frames: receive buffers too small", self.label, dropped)
+        if delivered or dropped:
+            self.stats["rx_packets"] += delivered
+            self.stats["rx_bytes"] += nbytes
+            self.stats["rx_dropped"] += dropped
+            self.signal(index)
+        for i in indexes[stop:]:
+            # Out of chains, or a frame that spans several mergeable buffers.
+            delivered += int(self.deliver(frames.frame(i), frames.csum(i)))
+        return delivered
+
+    def _rx_queue_for(self, frames, i: int) -> int | None:
+        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        dst, src = frames.macs()
+        return ready[hash((dst[i], src[i])) % len(ready)]
+
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take a frame from the switch into a receive queue (or the backlog)."""
         if self.needs_reset or not self.link_up:

@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""vhost-user back-end throughput: iovirt against DPDK's vhost PMD and qemu-storage-daemon.
+
+Net: DPDK's virtio-user (``dpdk-testpmd --vdev net_virtio_user0``, a C
+front-end with no VM, in txonly mode) pushes 64-byte and 1500-byte frames
+into a back-end; the figure is the front-end's transmit rate (a virtio-user
+TX completes only when the back-end has consumed the chain).  Back-ends:
+``iovirt serve`` with the frames going into its switch (no other port knows
+the destination: the sink case), and DPDK's vhost PMD in rxonly mode.
+Then port to port: frames to a MAC learned on iovirt's second port, whose
+receive ring a light front-end process keeps refilled; iovirt's own receive
+counter gives the rate (DPDK's vhost PMD has no switch: no peer figure).
+
+Blk: 4 KiB random reads at queue depth 32 against a raw image in /dev/shm
+from a front-end process (iovirt's Python driver, each request re-posted as
+soon as it completes), against ``iovirt serve`` and ``qemu-storage-daemon``.
+
+Cores (2): back-ends on core 0, front-ends' pollers on core 1.  The last
+output line is one JSON object of the figures.
+
+    python benchmarks/vhost_user.py [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTPMD = "dpdk-testpmd"
+QSD = "qemu-storage-daemon"
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]} did not create {path}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _iovirt(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-m", "iovirt", "--log-level", "warning", "serve", *args],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+
+
+def testpmd_tx(sock: Path, frame_size: int, seconds: float, log: Path, dst_mac: str | None = None) -> float:
+    """Run virtio-user txonly against ``sock``; return the median transmit packets/s."""
+    args = [
+        TESTPMD, "-l", "0,1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "256",
+        f"--file-prefix=ivt-fe-{os.getpid()}", "--vdev", f"net_virtio_user0,path={sock},queues=1",
+        "--", "--forward-mode=txonly", f"--txpkts={frame_size}", "--auto-start", "--stats-period=1",
+        "--nb-cores=1", "--total-num-mbufs=4096", "--txd=256", "--rxd=256",
+    ]
+    if dst_mac:
+        args.append(f"--eth-peer=0,{dst_mac}")
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    time.sleep(seconds + 3)
+    _stop(proc)
+    rates = [int(x) for x in re.findall(r"Tx-pps:\s+(\d+)", log.read_text(errors="replace"))]
+    rates = rates[2:] or rates  # skip start-up seconds
+    if not rates:
+        raise RuntimeError(f"testpmd printed no rates; see {log}")
+    return float(sorted(rates)[len(rates) // 2])
+
+
+def dpdk_vhost_backend(sock: Path, log: Path) -> subprocess.Popen:
+    """DPDK's vhost PMD (a C back-end) in rxonly mode, forwarding on core 0."""
+    proc = subprocess.Popen(
+        [
+            TESTPMD, "-l", "0,1", "--main-lcore", "1", "--no-pci", "--no-huge", "-m", "512",
+            f"--file-prefix=ivt-be-{os.getpid()}", "--vdev", f"net_vhost0,iface={sock},queues=1",
+            # --stats-period keeps testpmd running without waiting for Enter on stdin.
+            "--", "--forward-mode=rxonly", "--auto-start", "--stats-period=1", "--nb-cores=1",
+            "--total-num-mbufs=8192",
+        ],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    _wait_socket(sock, proc)
+    return proc
+
+
+# -- the light receive front-end for iovirt's second port ---------------------------
+
+
+def _rx_sink(sock: str, mac: bytes, ready, stop) -> None:
+    os.sched_setaffinity(0, {1})
+    from iovirt.vhost_user.driver import VhostUserDriver
+
+    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:  # no EVENT_IDX: never wait on calls
+        rx, tx = drv.start_queues([0, 1], size=256).values()
+        for _ in range(256):
+            rx.add_data([], [2048])
+        rx.set_interrupts(False)
+        drv.kick(0)
+        # Announce our MAC so the switch learns it on this port.
+        frame = b"\xff" * 6 + mac + b"\x08\x06" + bytes(46)
+        tx.add_data([bytes(12) + frame])
+        drv.kick(1)
+        ready.set()
+        used_idx_view = drv.memory.view(rx.used_addr + 2, 2).cast("H")
+        avail_idx_view = drv.memory.view(rx.avail_addr + 2, 2).cast("H")
+        seen = 0
+        while not stop.is_set():
+            used = used_idx_view[0]
+            n = (used - seen) & 0xFFFF
+            if n:
+                # Chains come back in order and go out again in order: the
+                # avail slots keep their heads, so re-posting is an idx bump.
+                seen = used
+                avail_idx_view[0] = (avail_idx_view[0] + n) & 0xFFFF
+                drv.frontend.kick(0)
+            else:
+                time.sleep(0)
+        used_idx_view.release()
+        avail_idx_view.release()
+
+
+def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    for size in (64, 1500):
+        sock = tmp / f"iovirt-net-{size}.sock"
+        backend = _iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
+        _wait_socket(sock, backend)
+        try:
+            iovirt_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log")
+        finally:
+            _stop(backend, signal.SIGTERM)
+        sock = tmp / f"dpdk-net-{size}.sock"
+        peer = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-{size}.log")
+        try:
+            peer_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log")
+        finally:
+            _stop(peer)
+        print(f"net {size:4d} B frames, sink: iovirt {iovirt_rate:,.0f} frames/s   "
+              f"DPDK vhost PMD {peer_rate:,.0f} frames/s   ratio {iovirt_rate / peer_rate:.2f}")
+        figures[f"net_{size}B_frames_per_s"] = iovirt_rate
+        figures[f"dpdk_vhost_{size}B_frames_per_s"] = peer_rate
+        figures[f"ratio_net_{size}B_vs_dpdk"] = round(iovirt_rate / peer_rate, 3)
+    # Port to port through the switch.
+    s0, s1 = tmp / "p0.sock", tmp / "p1.sock"
+    log = tmp / "iovirt-p2p.log"
+    backend = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-c", P2P_BACKEND, str(s0), str(s1), str(seconds + 8)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    _wait_socket(s1, backend)
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    mac = bytes.fromhex("525400aabbcc")
+    sink = ctx.Process(target=_rx_sink, args=(str(s1), mac, ready, stop))
+    sink.start()
+    ready.wait(20)
+    try:
+        testpmd_tx(s0, 64, seconds, tmp / "fe-p2p.log", dst_mac=mac.hex(":"))
+    finally:
+        stop.set()
+        sink.join(10)
+        backend.wait(30)
+    match = re.search(r"rx_per_s=([\d.]+)", log.read_text())
+    p2p = float(match.group(1)) if match else 0.0
+    print(f"net   64 B frames, port 0 -> switch -> port 1: iovirt {p2p:,.0f} frames/s (no peer: DPDK has no switch)")
+    figures["net_port_to_port_64B_frames_per_s"] = p2p
+    return figures
+
+
+# Runs in its own process on core 0: two net ports, prints port 1's receive rate.
+P2P_BACKEND = """
+import sys, threading, time
+from iovirt.vhost_user.cli import NET_PROTOCOL
+from iovirt.vhost_user.server import VhostUserServer
+from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
+s0, s1, run = sys.argv[1], sys.argv[2], float(sys.argv[3])
+sw = LearningSwitch(); srv = VhostUserServer()
+ports = [VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), sw, label=f"p{i}") for i in range(2)]
+srv.add_socket(s0, ports[0], NET_PROTOCOL); srv.add_socket(s1, ports[1], NET_PROTOCOL)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+best = 0.0
+end = time.monotonic() + run
+last = ports[1].stats["rx_packets"]; t = time.monotonic()
+while time.monotonic() < end:
+    time.sleep(1)
+    now, cur = time.monotonic(), ports[1].stats["rx_packets"]
+    best = max(best, (cur - last) / (now - t)); last, t = cur, now
+print(f"rx_per_s={best:.0f} stats={dict(ports[1].stats)}", flush=True)
+srv.stop()
+"""
+
+
+# -- blk -------------------------------------------------------------------------------------
+
+VIRTIO_BLK_T_IN = 0
+
+
+def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
+    os.sched_setaffinity(0, {1})
+    from iovirt.vhost_user.driver import VhostUserDriver
+
+    depth, size = 32, 4096
+    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:
+        (q,) = drv.start_queues([0], size=128).values()  # 32 requests x 3 descriptors
+        q.set_interrupts(False)
+        mem = drv.memory
+        rand = random.Random(1)
+        head_hdr = {}
+        for _ in range(depth):
+            hdr = drv.alloc.alloc(16)
+            data = drv.alloc.alloc(size, 4096)
+            status = drv.alloc.alloc(1)
+            mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, rand.randrange(sectors // 8) * 8))
+            head_hdr[q.add_chain([(hdr, 16)], [(data, size), (status, 1)])] = hdr
+        drv.kick(0)
+        used_view = mem.view(q.used_addr + 2, 2).cast("H")
+        done = 0
+        seen = 0
+        start = time.monotonic()
+        end = start + seconds
+        while True:
+            used = used_view[0]
+            n = (used - seen) & 0xFFFF
+            if n:
+                for k in range(n):
+                    slot = q.used_addr + 4 + 8 * ((seen + k) % q.size)
+                    head = mem.read_u32(slot)
+                    mem.write(head_hdr[head] + 8, struct.pack("<Q", rand.randrange(sectors // 8) * 8))
+                    q.post_head(head)
+                seen = used
+                done += n
+                q.publish()
+                drv.frontend.kick(0)
+                if time.monotonic() >= end:
+                    break
+        elapsed = time.monotonic() - start
+        used_view.release()
+        q._inflight.clear()
+    out.put(done / elapsed)
+
+
+def blk_run(sock: Path, sectors: int, seconds: float) -> float:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out))
+    proc.start()
+    try:
+        return out.get(timeout=seconds + 60)
+    finally:
+        proc.join(10)
+
+
+def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench.img"
+    size = 256 << 20
+    with open(image, "wb") as f:
+        f.truncate(size)
+        f.write(os.urandom(1 << 20))
+    try:
+        sock = tmp / "iovirt-blk.sock"
+        backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
+        _wait_socket(sock, backend)
+        try:
+            ours = blk_run(sock, size // 512, seconds)
+        finally:
+            _stop(backend, signal.SIGTERM)
+        sock = tmp / "qsd-blk.sock"
+        peer = subprocess.Popen(
+            ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+             "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
+            stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        _wait_socket(sock, peer)
+        try:
+            theirs = blk_run(sock, size // 512, seconds)
+        finally:
+            _stop(peer, signal.SIGTERM)
+    finally:
+        image.unlink()
+        image.parent.rmdir()
+    print(f"blk 4 KiB random read, QD32, /dev/shm: iovirt {ours:,.0f} IOPS   "
+          f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}")
+    return {"blk_4k_randread_iops": ours, "qsd_4k_randread_iops": theirs, "ratio_blk_vs_qsd": round(ours / theirs, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
+        figures = net_figures(Path(tmp), args.seconds)
+        figures.update(blk_figures(Path(tmp), args.seconds))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()

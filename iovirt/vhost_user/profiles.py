@@ -1,0 +1,47 @@
+"""What iovirt's back-end offers per device type, on top of the device's own features.
+
+Protocol features (vhost-user.rst "Protocol features"): MQ, REPLY_ACK,
+STATUS, CONFIGURE_MEM_SLOTS and RESET_DEVICE for every device; MTU and RARP
+for net; CONFIG (QEMU's vhost-user-blk requires it; its net has no use for it
+and warns) and INFLIGHT_SHMFD for blk.
+
+Extra virtio features: a vhost-user front-end always serves the net control
+queue itself (QEMU, DPDK virtio-user), so the back-end offers CTRL_VQ, which
+keeps MQ's dependency satisfied (virtio 1.2 5.1.3.1, 2.2.2) without ever
+seeing that queue.
+"""
+
+from __future__ import annotations
+
+from iovirt.vhost_user.messages import ProtocolFeature as PF
+from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.net.defs import VIRTIO_NET_F_CTRL_VQ
+from iovirt.virtio.net.device import VirtioNet
+
+COMMON_PROTOCOL = (
+    PF.VHOST_USER_PROTOCOL_F_MQ,
+    PF.VHOST_USER_PROTOCOL_F_REPLY_ACK,
+    PF.VHOST_USER_PROTOCOL_F_STATUS,
+    PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+    PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+)
+NET_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP))
+BLK_PROTOCOL = sum(
+    1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_CONFIG, PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+)
+NET_EXTRA_FEATURES = 1 << VIRTIO_NET_F_CTRL_VQ
+
+
+def protocol_features(device: VirtioDevice) -> int:
+    """The protocol features offered for ``device``."""
+    if isinstance(device, VirtioNet):
+        return NET_PROTOCOL
+    if isinstance(device, VirtioBlk):
+        return BLK_PROTOCOL
+    return sum(1 << f for f in COMMON_PROTOCOL)
+
+
+def extra_features(device: VirtioDevice) -> int:
+    """Virtio feature bits the back-end offers beyond the device's own."""
+    return NET_EXTRA_FEATURES if isinstance(device, VirtioNet) else 0

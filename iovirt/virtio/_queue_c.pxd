@@ -1,0 +1,72 @@
+# The C-level interface of the accelerated split queue, for other Cython
+# modules (device data paths) that read popped batches without Python objects.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef struct Region:
+    uint64_t gpa
+    uint64_t size
+    uint8_t *host
+
+cdef struct Desc:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+cdef struct WalkError:
+    int code
+    uint16_t desc
+    uint64_t addr
+    uint64_t len
+    uint32_t count
+
+
+cdef class ChainBatch:
+    # chains [0, n): head, used length, and buffers [first[i], first[i+1])
+    cdef Py_ssize_t n, nbufs, cap_chains, cap_bufs
+    cdef uint16_t *heads
+    cdef uint32_t *used_lens
+    cdef uint32_t *first
+    # per buffer: guest address, length, device-writable, host pointer (NULL: use GuestMemory)
+    cdef uint64_t *addrs
+    cdef uint32_t *lens
+    cdef uint8_t *writable
+    cdef uint8_t **hosts
+
+    cdef int _reserve_chains(self, Py_ssize_t cap) except -1
+    cdef int _reserve_bufs(self, Py_ssize_t cap) except -1
+    cdef int _check(self, Py_ssize_t i) except -1
+
+
+cdef class SplitQueue:
+    cdef readonly object memory
+    cdef readonly int index
+    cdef readonly uint32_t size
+    cdef readonly uint64_t desc_addr, avail_addr, used_addr
+    cdef readonly bint event_idx
+    cdef uint16_t _last_avail_idx, _used_idx, _signalled_used
+    cdef bint _signalled_valid, _notify_enabled, _translated, _released
+    cdef uint32_t _mask
+    cdef uint32_t _in_flight
+    cdef uint8_t *_desc
+    cdef uint8_t *_avail
+    cdef uint8_t *_used
+    cdef Region *_regions
+    cdef int _nregions, _last_region
+    cdef object _views
+    cdef object _gen
+    cdef object _pending_error
+    cdef WalkError _err
+
+    cdef int _resolve(self) except -1
+    cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
+    cdef uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil
+    cdef int _sync(self) except -1
+    cdef int _pending(self) except -1
+    cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil
+    cdef int _check_buffer(self, uint64_t addr, uint64_t length, uint8_t **host) noexcept nogil
+    cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
+    cdef object _walk_error(self, uint16_t head, int rc)
+    cdef int _push_one(self, uint32_t head, uint32_t length) except -1
+    cdef void _publish_avail_event(self) noexcept
