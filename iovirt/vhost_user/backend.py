@@ -145,7 +145,9 @@ class BackendSession:
     def handle(self, req: Request) -> tuple[object | None, list[int]]:
         """Apply ``req``; returns (reply payload or None, fds to send with the reply).
 
-        Raises :class:`RequestRefused`; the request's fds are closed then.
+        Raises :class:`RequestRefused`; the request's fds are closed then, here
+        and only here: a handler takes an fd over (stores or closes it) only
+        once the request has succeeded.
         """
         handler = self._handlers.get(req.request)
         try:
@@ -251,8 +253,7 @@ class BackendSession:
             for m in mapped:
                 m.close()
             raise
-        finally:
-            _close_all(fds)  # the mappings keep the memory; the fds are not needed
+        _close_all(fds)  # the mappings keep the memory; the fds are not needed
         return mapped
 
     def _set_mem_table(self, req: Request) -> None:
@@ -308,7 +309,6 @@ class BackendSession:
             self.region_refs[same.gpa] += 1
             return
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
-            _close_all(req.fds)
             raise RequestRefused(req.request, f"all {MAX_MEM_SLOTS} memory slots are in use")
         mapped = self._map_regions(req, [region], req.fds)
         try:
@@ -331,10 +331,10 @@ class BackendSession:
 
     def _rem_mem_reg(self, req: Request) -> None:
         region = req.payload.region  # type: ignore[union-attr]
-        _close_all(req.fds)  # spec: an fd sent with REM_MEM_REG must be closed
         found = self._same_region(region)
         if found is None:
             raise RequestRefused(req.request, f"no region [{region.guest_phys_addr:#x}, +{region.memory_size:#x}) mapped")
+        _close_all(req.fds)  # spec: an fd sent with REM_MEM_REG must be closed
         self.region_refs[found.gpa] -= 1
         if self.region_refs[found.gpa] > 0:
             return
@@ -362,7 +362,7 @@ class BackendSession:
             # QEMU re-sends the address of a running ring (e.g. to toggle logging): restart it in place.
             state = self.device.stop_queue(vring.index)
             vring.base = state.last_avail_idx if state else vring.base
-            self._start_queue(req, vring)
+            self._start_queue(req, vring, vring.kick_fd)
 
     def _set_vring_base(self, req: Request) -> None:
         state: VringState = req.payload  # type: ignore[assignment]
@@ -383,15 +383,15 @@ class BackendSession:
     def _set_vring_kick(self, req: Request) -> None:
         file: VringFile = req.payload  # type: ignore[assignment]
         vring = self._vring(req, file.index)
+        kick_fd = None if file.invalid_fd else _eventfd(req, req.fds[0])
         self._stop_ring(vring)
-        if file.invalid_fd:
-            vring.polling = True
-        else:
-            vring.kick_fd = req.fds[0]
-        self._start_queue(req, vring)
+        self._start_queue(req, vring, kick_fd)
 
-    def _start_queue(self, req: Request, vring: Vring) -> None:
-        """Start serving ``vring``: translate its addresses, read used idx, hook its kick."""
+    def _start_queue(self, req: Request, vring: Vring, kick_fd: int | None) -> None:
+        """Start serving ``vring``: translate its addresses, read used idx, hook its kick.
+
+        ``kick_fd`` is taken over on success (``None``: poll the ring).
+        """
         if vring.num == 0 or vring.addr is None:
             raise RequestRefused(req.request, f"vring {vring.index} has no size or no addresses yet")
         addr = vring.addr
@@ -413,6 +413,8 @@ class BackendSession:
         if vring.inflight is not None:
             self.device.track_inflight(vring.index, vring.inflight)
         vring.started = True
+        vring.kick_fd = kick_fd
+        vring.polling = kick_fd is None
         if not self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self._enable(vring, True)
         kick = self._kicker(vring.index)
@@ -458,14 +460,16 @@ class BackendSession:
     def _set_vring_call(self, req: Request) -> None:
         file: VringFile = req.payload  # type: ignore[assignment]
         vring = self._vring(req, file.index)
+        fd = None if file.invalid_fd else _eventfd(req, req.fds[0])
         _close(vring.call_fd)
-        vring.call_fd = None if file.invalid_fd else req.fds[0]
+        vring.call_fd = fd
 
     def _set_vring_err(self, req: Request) -> None:
         file: VringFile = req.payload  # type: ignore[assignment]
         vring = self._vring(req, file.index)
+        fd = None if file.invalid_fd else _eventfd(req, req.fds[0])
         _close(vring.err_fd)
-        vring.err_fd = None if file.invalid_fd else req.fds[0]
+        vring.err_fd = fd
 
     def _get_queue_num(self, req: Request) -> U64:
         return U64(self.device.vhost_queue_num)
@@ -547,34 +551,53 @@ class BackendSession:
             raise RequestRefused(req.request, f"{info.num_queues} queues of {info.queue_size} is not this device's")
         size = inflight_mmap_size(info.num_queues, info.queue_size)
         fd = os.memfd_create("iovirt-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        self._use_inflight(fd, size, 0, info.num_queues, info.queue_size, fresh=True)
+        try:
+            os.ftruncate(fd, size)
+            self._use_inflight(fd, size, 0, info.num_queues, info.queue_size, fresh=True)
+        except BaseException:
+            os.close(fd)
+            raise
         # The server closes what it sends: send a duplicate, keep ours.
         return Inflight(size, 0, info.num_queues, info.queue_size), [os.dup(fd)]
 
     def _set_inflight_fd(self, req: Request) -> None:
         info: Inflight = req.payload  # type: ignore[assignment]
-        fd = req.fds[0]
         if inflight_mmap_size(info.num_queues, info.queue_size) > info.mmap_size or info.num_queues > len(self.vrings):
-            _close(fd)
             raise RequestRefused(req.request, "inflight region too small for its queues")
-        self._use_inflight(fd, info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size, fresh=False)
+        self._use_inflight(req.fds[0], info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size, fresh=False)
 
     def _use_inflight(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int, fresh: bool) -> None:
+        """Map ``fd`` as the inflight region; takes ``fd`` over only if that worked."""
+        try:
+            region = InflightRegion(fd, size, offset, num_queues, queue_size, fresh)
+        except (OSError, ValueError) as exc:
+            raise RequestRefused(R.VHOST_USER_SET_INFLIGHT_FD, f"cannot map the inflight region: {exc}") from exc
         if self.inflight_map is not None:
             self.inflight_map.close()
         _close(self.inflight_fd)
         self.inflight_fd = fd
-        try:
-            self.inflight_map = InflightRegion(fd, size, offset, num_queues, queue_size, fresh)
-        except (OSError, ValueError) as exc:
-            raise RequestRefused(R.VHOST_USER_SET_INFLIGHT_FD, f"cannot map the inflight region: {exc}") from exc
+        self.inflight_map = region
         for i, vring in enumerate(self.vrings[:num_queues]):
             vring.inflight = self.inflight_map.queue(i)
 
     def _set_backend_req_fd(self, req: Request) -> None:
         _close(self.backend_req_fd)
         self.backend_req_fd = req.fds[0]
+
+
+def _eventfd(req: Request, fd: int) -> int:
+    """``fd`` if it is an eventfd; kick/call/err fds must be (as the kernel's vhost demands).
+
+    A pipe or a file would spin the data plane (a hung-up pipe is always
+    readable) or block it (a full pipe).
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise RequestRefused(req.request, f"fd {fd} is not usable: {exc}") from exc
+    if target != "anon_inode:[eventfd]":
+        raise RequestRefused(req.request, f"fd {fd} is {target}, not an eventfd")
+    return fd
 
 
 def _check_no_overlap(req: Request, regions: list[MemoryRegion]) -> None:

@@ -458,11 +458,6 @@ def test_kick_before_num_or_addr_is_nacked(backend, logs, missing):
     still_serving(backend, front, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackendSession._set_vring_kick keeps the refused kick fd in vring.kick_fd after handle() closed it; "
-    "the next _stop_ring closes that fd number again, which by then belongs to someone else",
-)
 def test_refused_kick_fd_is_not_closed_twice(backend, logs):
     path = backend.net_paths[0]
     front = frontend(path)
@@ -663,15 +658,7 @@ REFUSALS = {
     "refusal",
     list(CONTROLS)
     + [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="every refused request's fds are closed twice: by the handler (BackendSession._map_regions' "
-                "finally, _add_mem_reg, _set_inflight_fd, _use_inflight via self.inflight_fd, _set_vring_kick via "
-                "vring.kick_fd) and again by BackendSession.handle's `except RequestRefused: _close_all(req.fds)`",
-            ),
-        )
+        name
         for name in REFUSALS
     ],
 )
@@ -693,13 +680,6 @@ def test_refused_request_fds_are_closed_once(backend, logs, server_closes, refus
 # anything else must be refused before the data plane waits on it or writes to it.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackendSession._start_queue hands any kick fd to DataPlane.add_eventfd: a regular file makes "
-    "epoll.register raise PermissionError (traceback, 'internal error', connection closed instead of a NACK); "
-    "a pipe is accepted, and once its writer closes, level-triggered EPOLLHUP makes the data-plane thread spin "
-    "at 100% CPU (DataPlane._run / _drain)",
-)
 @pytest.mark.parametrize("kind", ["memfd", "pipe"])
 def test_kick_fd_that_is_not_an_eventfd_is_nacked(backend, logs, kind):
     path = backend.net_paths[0]
@@ -720,12 +700,6 @@ def test_kick_fd_that_is_not_an_eventfd_is_nacked(backend, logs, kind):
     still_serving(backend, front, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackendSession._set_vring_call accepts any fd; _notifier's os.eventfd_write on a blocking pipe whose "
-    "reader never reads blocks the data-plane thread while it holds DataPlane.lock: every device and the "
-    "control thread stall",
-)
 def test_call_fd_that_never_drains_does_not_stall_the_process(backend, logs):
     path = backend.net_paths[0]
     drv = VhostUserDriver(path, features=ALL & ~(1 << VIRTIO_F_EVENT_IDX), memory_size=4 << 20)

@@ -188,12 +188,6 @@ def test_broken_blk_ring(backend, logs, how):
     assert not backend.blk.needs_reset
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VirtioNet.deliver lets the receiver's ring error (VirtqueueError from _receive's pop) escape into "
-    "the switch and the *sender's* _transmit: the sender (net1) is failed and logged as 'net1: queue 0 ...', "
-    "its TX chain is never returned, and the receiver (net0) is not failed",
-)
 @pytest.mark.parametrize("how", BAD_RINGS)
 def test_broken_net_rx_ring_fails_the_receiver_only(backend, logs, how):
     # The RX ring is read only when a frame arrives from the switch, on the

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import zlib
 
+from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.chain import read_chain, write_chain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
@@ -215,7 +216,17 @@ class VirtioNet(VirtioDevice):
 
     # -- switch port: receive -------------------------------------------------------------
     def deliver_batch(self, frames, indexes: list[int]) -> int:
-        """Take frames ``indexes`` of a :class:`~iovirt.virtio.net._datapath.Frames` from the switch."""
+        """Take frames ``indexes`` of a :class:`~iovirt.virtio.net._datapath.Frames` from the switch.
+
+        A broken receive ring fails this device, never the sender's.
+        """
+        try:
+            return self._deliver_batch(frames, indexes)
+        except IovirtError as exc:
+            self.fail(exc)
+            return 0
+
+    def _deliver_batch(self, frames, indexes: list[int]) -> int:
         index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue_for(frames, indexes[0])
         queue = None if index is None else self.queues[index]
         if queue is None or not datapath.accelerated_queue(queue):
@@ -250,7 +261,17 @@ class VirtioNet(VirtioDevice):
         return ready[hash((dst[i], src[i])) % len(ready)]
 
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
-        """Take a frame from the switch into a receive queue (or the backlog)."""
+        """Take a frame from the switch into a receive queue (or the backlog).
+
+        A broken receive ring fails this device, never the sender's.
+        """
+        try:
+            return self._deliver(frame, csum)
+        except IovirtError as exc:
+            self.fail(exc)
+            return False
+
+    def _deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         if self.needs_reset or not self.link_up:
             self.stats["rx_dropped"] += 1
             return False
