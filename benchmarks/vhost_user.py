@@ -225,57 +225,78 @@ def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
         q.set_interrupts(False)
         mem = drv.memory
         rand = random.Random(1)
-        head_hdr = {}
+        head_sector = {}  # head -> index of its header's sector field in a u64 view
+        head_status = {}  # head -> address of its status byte
+        head_data = {}  # head -> index of its data's first u64
         for _ in range(depth):
             hdr = drv.alloc.alloc(16)
             data = drv.alloc.alloc(size, 4096)
             status = drv.alloc.alloc(1)
             mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, rand.randrange(sectors // 8) * 8))
-            head_hdr[q.add_chain([(hdr, 16)], [(data, size), (status, 1)])] = hdr
+            head = q.add_chain([(hdr, 16)], [(data, size), (status, 1)])
+            head_sector[head], head_status[head], head_data[head] = (hdr + 8) // 8, status, data // 8
         drv.kick(0)
-        used_view = mem.view(q.used_addr + 2, 2).cast("H")
-        done = 0
-        seen = 0
+        # Typed views of guest memory: the driver's per-request work is a few stores.
+        region = mem.regions[0]
+        u64 = region.view.cast("Q")
+        used = mem.view(q.used_addr, 4 + 8 * q.size).cast("I")
+        avail = mem.view(q.avail_addr, 4 + 2 * q.size).cast("H")
+        u8 = region.view
+        heads = head_sector
+        top = sectors // 8
+        done = seen = failed = wrong = 0
+        avail_idx = avail[1]
         start = time.monotonic()
         end = start + seconds
         while True:
-            used = used_view[0]
-            n = (used - seen) & 0xFFFF
+            used_idx = used[0] >> 16
+            n = (used_idx - seen) & 0xFFFF
             if n:
                 for k in range(n):
-                    slot = q.used_addr + 4 + 8 * ((seen + k) % q.size)
-                    head = mem.read_u32(slot)
-                    mem.write(head_hdr[head] + 8, struct.pack("<Q", rand.randrange(sectors // 8) * 8))
-                    q.post_head(head)
-                seen = used
-                done += n
-                q.publish()
+                    head = used[1 + 2 * ((seen + k) % q.size)]
+                    failed += u8[head_status[head]] != 0
+                    # The image holds each 4 KiB block's sector number in its first 8 bytes.
+                    wrong += u64[head_data[head]] != u64[heads[head]]
+                    u64[heads[head]] = rand.randrange(top) * 8
+                    avail[2 + avail_idx % q.size] = head
+                    avail_idx = (avail_idx + 1) & 0xFFFF
+                seen = used_idx
+                avail[1] = avail_idx
                 drv.frontend.kick(0)
+                done += n
                 if time.monotonic() >= end:
                     break
         elapsed = time.monotonic() - start
-        used_view.release()
+        for view in (u64, used, avail):
+            view.release()
         q._inflight.clear()
-    out.put(done / elapsed)
+    out.put((done / elapsed, failed, wrong))
 
 
 def blk_run(sock: Path, sectors: int, seconds: float) -> float:
+    """IOPS of the front-end process against ``sock``; every request must succeed with the right data."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out))
     proc.start()
     try:
-        return out.get(timeout=seconds + 60)
+        iops, failed, wrong = out.get(timeout=seconds + 60)
     finally:
         proc.join(10)
+    if failed or wrong:
+        raise RuntimeError(f"{sock.name}: {failed} requests failed, {wrong} returned the wrong block")
+    return iops
 
 
 def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
     image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench.img"
     size = 256 << 20
     with open(image, "wb") as f:
-        f.truncate(size)
-        f.write(os.urandom(1 << 20))
+        # Every 4 KiB block starts with its own sector number, so reads can be checked.
+        block = bytearray(4096)
+        for sector in range(0, size // 512, 8):
+            block[:8] = sector.to_bytes(8, "little")
+            f.write(block)
     try:
         sock = tmp / "iovirt-blk.sock"
         backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
@@ -306,10 +327,14 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
+    parser.add_argument("--only", choices=["net", "blk"], help="run only the net or the blk figures")
     args = parser.parse_args()
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
-        figures = net_figures(Path(tmp), args.seconds)
-        figures.update(blk_figures(Path(tmp), args.seconds))
+        if args.only in (None, "net"):
+            figures.update(net_figures(Path(tmp), args.seconds))
+        if args.only in (None, "blk"):
+            figures.update(blk_figures(Path(tmp), args.seconds))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
