@@ -100,6 +100,18 @@ class TranslationFault(GuestMemoryError):
         self.reason = reason
 
 
+class TranslationPending(TranslationFault):
+    """The translation is not known yet and has been asked for (a device-IOTLB miss).
+
+    Not a fault of the driver: whoever asked must retry once the mapping
+    arrives (vhost-user IOTLB: the back-end sent a MISS and waits for the
+    front-end's UPDATE).  The ring code leaves the chain available and stops.
+    """
+
+    def __init__(self, addr: int, length: int, access: Access) -> None:
+        super().__init__(addr, length, access, "translation pending (IOTLB miss sent)")
+
+
 class Translator(Protocol):
     """Translates an address range into guest-physical pieces.
 

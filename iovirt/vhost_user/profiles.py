@@ -1,9 +1,10 @@
 """What iovirt's back-end offers per device type, on top of the device's own features.
 
 Protocol features (vhost-user.rst "Protocol features"): MQ, REPLY_ACK,
-STATUS, CONFIGURE_MEM_SLOTS and RESET_DEVICE for every device; MTU and RARP
-for net; CONFIG (QEMU's vhost-user-blk requires it; its net has no use for it
-and warns) and INFLIGHT_SHMFD for blk.
+CONFIG, STATUS, CONFIGURE_MEM_SLOTS and RESET_DEVICE for every device; MTU
+and RARP for net; INFLIGHT_SHMFD for blk.  (QEMU's vhost-user-blk requires
+CONFIG; its net does not use it and logs a warning that it is offered, but
+other front-ends read the net config space through it.)
 
 Extra virtio features: a vhost-user front-end always serves the net control
 queue itself (QEMU, DPDK virtio-user), so the back-end offers CTRL_VQ, which
@@ -22,14 +23,13 @@ from iovirt.virtio.net.device import VirtioNet
 COMMON_PROTOCOL = (
     PF.VHOST_USER_PROTOCOL_F_MQ,
     PF.VHOST_USER_PROTOCOL_F_REPLY_ACK,
+    PF.VHOST_USER_PROTOCOL_F_CONFIG,
     PF.VHOST_USER_PROTOCOL_F_STATUS,
     PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
     PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE,
 )
 NET_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP))
-BLK_PROTOCOL = sum(
-    1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_CONFIG, PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
-)
+BLK_PROTOCOL = sum(1 << f for f in COMMON_PROTOCOL + (PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,))
 NET_EXTRA_FEATURES = 1 << VIRTIO_NET_F_CTRL_VQ
 
 

@@ -28,7 +28,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
-from iovirt.memory import GuestMemoryError
+from iovirt.memory import GuestMemoryError, TranslationPending
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.errors import (
     AvailIndexError,
@@ -91,6 +91,7 @@ cdef enum:
     E_OUTSIDE
     E_ORDER
     E_PYTHON
+    E_PENDING
 
 
 cdef class ChainBatch:
@@ -342,7 +343,8 @@ cdef class SplitQueue:
         """Take up to ``max_chains`` available chains (into ``batch`` if given, reusing it).
 
         A malformed chain met after good ones is raised by the next call, so
-        no valid chain is lost.
+        no valid chain is lost.  A chain whose translation is pending
+        (``TranslationPending``) stays available and ends the batch.
         """
         cdef Py_ssize_t count, k
         cdef uint16_t head
@@ -373,6 +375,11 @@ cdef class SplitQueue:
                 batch.used_lens[batch.n] = 0
                 batch.n += 1
                 batch.first[batch.n] = <uint32_t> batch.nbufs
+        if rc == E_PENDING:
+            # Not the driver's fault: leave the chain available, retry later.
+            self._last_avail_idx -= 1
+            self._in_flight -= 1
+            rc = 0
         self._publish_avail_event()
         if rc != 0:
             error = self._walk_error(head, rc)
@@ -395,6 +402,8 @@ cdef class SplitQueue:
         with gil:
             try:
                 raw = self.memory.read(table_gpa + 16 * i, 16)
+            except TranslationPending:
+                return E_PENDING
             except GuestMemoryError:
                 return E_PYTHON
             memcpy(d, <const char *> raw, 16)
@@ -411,6 +420,8 @@ cdef class SplitQueue:
         with gil:
             try:
                 self.memory.check_range(addr, length)
+            except TranslationPending:
+                return E_PENDING
             except GuestMemoryError:
                 return E_OUTSIDE
         return 0

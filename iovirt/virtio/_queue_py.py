@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from iovirt.memory import GuestMemory, GuestMemoryError
+from iovirt.memory import GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.virtio.chain import ChainBatch, DescChain
 from iovirt.virtio.defs import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -161,7 +161,9 @@ class SplitQueue:
 
         If a malformed chain is met after good ones, the good ones are
         returned and the error is raised by the next call, so no valid chain
-        is lost.
+        is lost.  A chain whose translation is pending
+        (:class:`~iovirt.memory.TranslationPending`) stays available and
+        ends the batch.
         """
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
@@ -175,6 +177,11 @@ class SplitQueue:
             self._in_flight += 1
             try:
                 chains.append(DescChain(head, self._walk(head)))
+            except TranslationPending:
+                # Not the driver's fault: leave the chain available, retry later.
+                self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+                self._in_flight -= 1
+                break
             except VirtqueueError as exc:
                 if not chains:
                     self._publish_avail_event()
@@ -199,7 +206,12 @@ class SplitQueue:
         self._in_flight -= count
 
     def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
-        return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))
+        try:
+            return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))
+        except TranslationPending:
+            raise
+        except GuestMemoryError as exc:
+            raise DescBufferError(f"descriptor table unreadable: {exc}", self.index, i, None, table, VIRTQ_DESC_SIZE) from exc
 
     def _walk(self, head: int) -> list[tuple[int, int, bool]]:
         """Follow a chain from ``head`` and check every rule of 2.7.5."""
@@ -252,6 +264,8 @@ class SplitQueue:
             raise DescBufferError("buffer wraps past 2^64", self.index, desc, head, addr, length)
         try:
             self.memory.check_range(addr, length)
+        except TranslationPending:
+            raise
         except GuestMemoryError as exc:
             raise DescBufferError(f"buffer outside guest memory: {exc}", self.index, desc, head, addr, length) from exc
 

@@ -403,3 +403,35 @@ def test_rewind_gives_chains_back(ring):
     assert [c.head for c in ring.dev.pop_batch(8)] == heads[1:]
     with pytest.raises(UsedRingError):
         ring.dev.rewind(4)
+
+
+class PendingTranslator:
+    """Identity, except that a chosen page is not known yet (an IOTLB miss in flight)."""
+
+    def __init__(self, pending_page):
+        self.pending_page = pending_page
+
+    def translate(self, addr, length, access):
+        from iovirt.memory import TranslationPending
+
+        if self.pending_page is not None and addr >> 12 <= self.pending_page <= (addr + max(length, 1) - 1) >> 12:
+            raise TranslationPending(addr, length, access)
+        return [(addr, length)] if length else []
+
+
+def test_pending_translation_leaves_the_chain_available(queue_cls):
+    phys = GuestMemory.from_ranges([(0, MEM)])
+    translator = PendingTranslator(None)
+    mem = phys.with_translator(translator)
+    alloc = BumpAllocator(0x1000, MEM - 0x1000)
+    drv = DriverQueue(mem, alloc, 8)
+    dev = queue_cls.from_state(mem, drv.state())
+    good = drv.add_chain([(0x20000, 4)])
+    late = drv.add_chain([(0x30000, 4)])
+    drv.publish()
+    translator.pending_page = 0x30
+    batch = dev.pop_batch(8)
+    assert [c.head for c in batch] == [good]  # stopped before the pending chain, no error
+    assert dev.pending() == 1
+    translator.pending_page = None  # the mapping arrived
+    assert [c.head for c in dev.pop_batch(8)] == [late]
