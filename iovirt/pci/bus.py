@@ -72,6 +72,18 @@ class PciBus:
         self.decode_changed()
         return function
 
+    def remove_function(self, function: PciFunction) -> None:
+        """Take ``function`` off this bus (hot-unplug, or SR-IOV VFs going away)."""
+        if function.bus is not self or self._devfn[function.devfn] is not function:
+            raise PciTopologyError(f"{function!r} is not on bus {self.number}")
+        device = function.devfn >> 3
+        self._devfn[function.devfn] = None
+        function.bus = None
+        siblings = [f for f in self._devfn[device << 3 : (device + 1) << 3] if f is not None]
+        for sibling in siblings:
+            sibling.set_multifunction(len(siblings) > 1)
+        self.decode_changed()
+
     def function(self, device: int, fn: int = 0) -> PciFunction | None:
         """The function at ``device.fn`` or ``None``."""
         return self._devfn[device << 3 | fn]

@@ -25,8 +25,5 @@ def detach_vf(vf: VfRole) -> None:
     bus = vf.bus
     if bus is None:
         return
-    # TODO(pci): use PciBus.remove_function once the PCI model offers it.
-    bus._devfn[vf.devfn] = None  # noqa: SLF001
-    vf.bus = None
+    bus.remove_function(vf)
     vf.devfn = 0
-    bus.decode_changed()

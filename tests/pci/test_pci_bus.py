@@ -162,3 +162,20 @@ def test_default_topology_enumerates_through_config_accesses() -> None:
     for bus, dev, fn in found:
         host.io_write(0xCF8, 4, cf8(bus, dev, fn))
         assert host.io_read(0xCFC, 2) == 0x1B36
+
+
+def test_remove_function_frees_the_slot_and_updates_multifunction():
+    from iovirt.pci.bus import PciBus
+    from iovirt.pci.errors import PciTopologyError
+    from iovirt.pci.function import PciFunction
+
+    bus = PciBus(0)
+    f0 = bus.add_function(PciFunction(0x1234, 0x1, 0x020000), 3, 0)
+    f1 = bus.add_function(PciFunction(0x1234, 0x2, 0x020000), 3, 1)
+    assert f0.config_read(0x0E, 1) & 0x80
+    bus.remove_function(f1)
+    assert bus.function(3, 1) is None and f1.bus is None
+    assert not f0.config_read(0x0E, 1) & 0x80
+    with pytest.raises(PciTopologyError):
+        bus.remove_function(f1)
+    bus.add_function(f1, 3, 1)  # the slot and the function can be used again
