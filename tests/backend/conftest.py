@@ -43,3 +43,18 @@ def backend(tmp_path):
     b = Backend(tmp_path)
     yield b
     b.stop()
+
+
+@pytest.fixture
+def logs(caplog):
+    """caplog at INFO for iovirt's loggers."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="iovirt")
+    return caplog
+
+
+@pytest.fixture
+def logs_info(logs):
+    """The same as ``logs`` (the net tests' name for it)."""
+    return logs

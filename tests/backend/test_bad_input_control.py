@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import select
 import socket
 import struct
 import threading
-import time
 
 import pytest
 
@@ -42,6 +40,8 @@ from iovirt.vhost_user.messages import (
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
 from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
+from backend_helpers import wait_until, log_line
+
 R = FrontendRequest
 ALL = (1 << 64) - 1
 NET_QUEUES = 4  # two queue pairs (conftest)
@@ -50,35 +50,8 @@ NET_QUEUES = 4  # two queue pairs (conftest)
 # -- helpers -----------------------------------------------------------------------
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
-def log_line(caplog, *words: str) -> str:
-    """The first captured "iovirt" record containing every word (waits for the server thread)."""
-    found: list[str] = []
-
-    def seen() -> bool:
-        for record in list(caplog.records):
-            message = record.getMessage()
-            if record.name.startswith("iovirt") and all(w in message for w in words):
-                found.append(message)
-                return True
-        return False
-
-    assert wait_until(seen), f"no log line with {words}; got {[r.getMessage() for r in caplog.records]}"
-    return found[0]
-
-
-@pytest.fixture
-def logs(caplog):
-    caplog.set_level(logging.INFO, logger="iovirt")
-    return caplog
 
 
 def open_fds() -> int:

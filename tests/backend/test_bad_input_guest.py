@@ -11,11 +11,9 @@ reset device.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import struct
-import time
 
 import pytest
 
@@ -24,41 +22,16 @@ from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BL
 from iovirt.virtio.defs import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from iovirt.virtio.net.defs import NetHdr
 
+from backend_helpers import wait_until, log_line
+
 MEMORY = 4 << 20
 OUTSIDE = MEMORY + 0x100000  # a guest-physical address no region backs
 BROADCAST = b"\xff" * 6
 MAC = [bytes([0x02, 0, 0, 0, 0, i]) for i in range(2)]
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
-def log_line(caplog, *words: str) -> str:
-    """The first captured "iovirt" record containing every word (waits for the data-plane thread)."""
-    found: list[str] = []
-
-    def seen() -> bool:
-        for record in list(caplog.records):
-            message = record.getMessage()
-            if record.name.startswith("iovirt") and all(w in message for w in words):
-                found.append(message)
-                return True
-        return False
-
-    assert wait_until(seen), f"no log line with {words}; got {[r.getMessage() for r in caplog.records]}"
-    return found[0]
-
-
-@pytest.fixture
-def logs(caplog):
-    caplog.set_level(logging.INFO, logger="iovirt")
-    return caplog
 
 
 def endpoint(backend, path: str):

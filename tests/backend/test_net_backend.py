@@ -10,7 +10,6 @@ SEND_RARP and NET_SET_MTU.
 
 from __future__ import annotations
 
-import logging
 import select
 import struct
 import time
@@ -31,6 +30,8 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 
+from backend_helpers import wait_until
+
 ALL = (1 << 64) - 1
 MAC = [bytes([0x02, 0, 0, 0, 0, 0xA0 + i]) for i in range(2)]
 BROADCAST = b"\xff" * 6
@@ -43,14 +44,6 @@ HDR = 12  # virtio_net_hdr with num_buffers (VERSION_1)
 def endpoint(backend, path: str):
     return next(e for e in backend.server.endpoints if e.path == path)
 
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def port(backend, i: int, features: int = ALL, queues=(0, 1), size: int = 64) -> VhostUserDriver:
@@ -105,10 +98,6 @@ def nothing_received(drv: VhostUserDriver, queue: int = 0) -> bool:
     return not drv.frontend.wait_call(queue, timeout=0.2) and drv.queues[queue].used_idx() == 0
 
 
-@pytest.fixture
-def logs_info(caplog):
-    caplog.set_level(logging.INFO, logger="iovirt")
-    return caplog
 
 
 @pytest.fixture
