@@ -48,6 +48,7 @@ class NetPort:
         self.hdr_len = link.net_hdr_len
         link.queue(self.RX, 256, enable=enable_rx, call=call)
         link.queue(self.TX, 256, enable=enable_tx, call=call)
+        link.driver_ok()
         self.post_rx(rx_buffers)
 
     def post_rx(self, count: int, size: int = RX_BUFFER) -> None:
@@ -136,6 +137,7 @@ class BlkPort:
         self.link = link
         self.index = index
         self.queue = link.queue(index, size, enable=enable, call=call)
+        link.driver_ok()
 
     def post(
         self,

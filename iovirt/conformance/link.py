@@ -10,6 +10,7 @@ writes garbage into a used ring fails the running check with the reason.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,16 +18,34 @@ from typing import Sequence
 from iovirt.conformance.registry import CheckFailed
 from iovirt.memory import BumpAllocator, MemoryRegion
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
-from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
+from iovirt.virtio.defs import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
 from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
 from iovirt.virtio.net.defs import NET_HDR_LEGACY_SIZE, NET_HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF
 
 REGION_SIZE = 4 << 20
 REGION_STRIDE = 16 << 20  # gaps between regions: a back-end mixing up regions reads the wrong place
 POLL_S = 0.0005
+TEARDOWN_S = 1.0
+"""Bound on waiting for the back-end to drop a closed link before the next one connects."""
 
 PROTOCOL_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+TRANSPORT_BITS = sum(1 << b for b in range(24, 41))  # 2.2: bits 24..40 are ring and negotiation extensions
+VIRTIO_NET_F_HASH_REPORT = 57  # changes the net header layout (5.1.6), which NetPort does not parse
+DRIVER_FEATURES = (
+    ((1 << 64) - 1) & ~TRANSPORT_BITS & ~(1 << VIRTIO_NET_F_HASH_REPORT)
+    | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1) | PROTOCOL_BIT
+)
+"""What this driver can accept (2.2.1: a driver MUST NOT accept a feature it does not understand):
+split rings only (no RING_PACKED, no IN_ORDER's batched used entries), no IOTLB (ACCESS_PLATFORM)."""
 
 
 @dataclass
@@ -78,11 +97,15 @@ class Link:
                 acked_protocol = self.frontend.get_protocol_features() & protocol_features
                 self.frontend.set_protocol_features(acked_protocol)
             self.frontend.set_owner()
-            acked = offered & features & ~PROTOCOL_BIT
+            acked = offered & features & DRIVER_FEATURES & ~PROTOCOL_BIT
             if protocol and offered & PROTOCOL_BIT:
                 acked |= PROTOCOL_BIT
             self.frontend.set_features(acked)
             self.negotiated = Negotiated(offered, acked, acked_protocol)
+            self.status = 0
+            if self.has_status:
+                # QEMU's order: FEATURES_OK right after SET_FEATURES, DRIVER_OK once the rings run.
+                self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK)
             if mem_slots:
                 for region in self.regions:
                     self.frontend.add_mem_reg(region)
@@ -105,8 +128,39 @@ class Link:
             self.frontend.set_mem_table()
         return region
 
+    @property
+    def has_status(self) -> bool:
+        """Whether VHOST_USER_PROTOCOL_F_STATUS was negotiated (the back-end then waits for DRIVER_OK)."""
+        return bool(self.negotiated.protocol_features >> PF.VHOST_USER_PROTOCOL_F_STATUS & 1)
+
+    def set_status(self, status: int) -> None:
+        """SET_STATUS ``status`` (only with F_STATUS negotiated)."""
+        self.frontend.set_status(status)
+        self.status = status
+
+    def driver_ok(self) -> None:
+        """Tell the back-end the driver is ready (3.1.1 step 8), as a VMM does after starting the rings.
+
+        Without F_STATUS there is no such message; with it, a back-end may
+        serve no ring before DRIVER_OK (DPDK's vhost library waits for it).
+        """
+        if self.has_status and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.set_status(self.status | VIRTIO_CONFIG_S_DRIVER_OK)
+
     def close(self) -> None:
-        """Disconnect; frees the shared memory and eventfds."""
+        """Disconnect and wait (bounded) until the back-end has dropped the connection; frees memory and eventfds.
+
+        A back-end may still be tearing down the previous device when the
+        next connection arrives; DPDK's vhost PMD then attaches the new
+        device and detaches it again when the old one's teardown runs.
+        Half-closing and waiting for the back-end's end of file orders the
+        two: a back-end closes its end once it has processed ours.
+        """
+        try:
+            self.frontend.sock.shutdown(socket.SHUT_WR)
+            self.frontend.wait_closed(min(self.timeout, TEARDOWN_S))
+        except OSError:
+            pass  # already closed by the back-end
         self.frontend.close()
 
     # -- rings -----------------------------------------------------------------------

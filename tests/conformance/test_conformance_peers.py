@@ -22,6 +22,12 @@ QSD_FAILURES = {
     "vhost-user:SET_CONFIG",
     "virtio-1.2:5.2.6#get-id",
 }
+# Deviations of DPDK 22.11's vhost library explained in docs/conformance/README.md.
+DPDK_FAILURES = {
+    "vhost-user:Ring states#disabled-net-tx",
+    "virtio-1.2:5.1.3.1",
+    "virtio-1.2:5.1.6.4.1#num_buffers",
+}
 
 
 def _wait_socket(path, proc, timeout=10.0):
@@ -54,7 +60,7 @@ def test_qemu_storage_daemon(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason="dpdk-testpmd not installed")
-def test_dpdk_vhost_pmd_run_completes(tmp_path):
+def test_dpdk_vhost_pmd(tmp_path):
     sock = str(tmp_path / "vhost.sock")
     proc = subprocess.Popen(
         ["dpdk-testpmd", "--no-huge", "-m", "256", "-l", "0-1", "--no-pci", "--file-prefix", f"iovirt{tmp_path.name}",
@@ -70,5 +76,7 @@ def test_dpdk_vhost_pmd_run_completes(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
-    # Not yet a validation: see docs/conformance/README.md (DPDK's rings are served only on the first connection).
-    assert results["vhost-user:Header"].verdict is Verdict.PASS
+    failed = {clause for clause, r in results.items() if r.verdict is Verdict.FAIL}
+    assert failed == DPDK_FAILURES, {c: r.reason for c, r in results.items() if r.verdict is Verdict.FAIL}
+    # testpmd's io forwarding sends port 0's frames back to it: the RX checks run, not n/a.
+    assert results["virtio-1.2:5.1.6.4.1#mrg_rxbuf"].verdict is Verdict.PASS
