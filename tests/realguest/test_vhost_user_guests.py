@@ -137,6 +137,7 @@ exit 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for a netns + TAP")
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine: TAP devices unavailable")
 def test_tap_uplink_into_a_namespace(tmp_path, serve):
     ns = f"iovirt-{uuid.uuid4().hex[:8]}"
     tap = f"ivt{uuid.uuid4().hex[:6]}"
