@@ -3,6 +3,8 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
+from iovirt.virtio._iotlb cimport CachedTranslator
+
 cdef struct Region:
     uint64_t gpa
     uint64_t size
@@ -55,6 +57,8 @@ cdef class SplitQueue:
     cdef Region *_regions
     cdef int _nregions, _last_region
     cdef object _views
+    cdef object _translator
+    cdef CachedTranslator _ct
     cdef object _gen
     cdef object _pending_error
     cdef WalkError _err
@@ -65,7 +69,7 @@ cdef class SplitQueue:
     cdef int _sync(self) except -1
     cdef int _pending(self) except -1
     cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil
-    cdef int _check_buffer(self, uint64_t addr, uint64_t length, uint8_t **host) noexcept nogil
+    cdef int _check_buffer(self, uint64_t addr, uint64_t length, bint writable, uint8_t **host) noexcept nogil
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef object _walk_error(self, uint16_t head, int rc)
     cdef int _push_one(self, uint32_t head, uint32_t length) except -1

@@ -8,10 +8,22 @@ section 2.7), which is the one to read first.  What differs is how:
   the memory map changes (``refresh``); the hot path does no lookups for them.
 - Descriptor buffers are checked against a C copy of the region table, with
   the GIL released around the batch loop.  A buffer that the table cannot
-  resolve in one region (it spans regions, lies outside memory, or a
-  translator such as an IOMMU is in front) takes the slow path through
-  :class:`~iovirt.memory.GuestMemory` under the GIL, so both implementations
-  accept and reject exactly the same chains.
+  resolve in one region (it spans regions or lies outside memory) takes the
+  slow path through :class:`~iovirt.memory.GuestMemory` under the GIL, so
+  both implementations accept and reject exactly the same chains.
+- With a translator in front (an IOMMU), a
+  :class:`~iovirt.virtio.iotlb.CachedTranslator` is asked in C: a hit in its
+  IOTLB needs no GIL, a miss takes the GIL to call its ``fill``.  The buffer
+  then gets a host pointer if it is one run in guest-physical memory and one
+  region; a buffer contiguous in IOVA but not in GPA keeps a NULL host pointer
+  (the data paths then go through GuestMemory).  Like the reference, buffers
+  are checked for reading; a device-writable buffer gets a host pointer only
+  if its pages are known to allow writing, so a write to a read-only page
+  still goes through GuestMemory and faults there.  Other translators take
+  the slow path for every buffer.
+- The ring parts are translated once, at setup and ``refresh``: after the
+  driver remaps a ring's IOVA, ``refresh`` must be called (as after a memory
+  table change).
 - Popped chains go into a :class:`ChainBatch` of flat C arrays; no Python
   object per descriptor or per chain is made unless a caller asks for one.
 - Shared-memory ordering follows 2.7.13: the avail idx is loaded with acquire
@@ -29,6 +41,7 @@ from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 from iovirt.memory import GuestMemoryError, TranslationPending
+from iovirt.virtio._iotlb cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.errors import (
     AvailIndexError,
@@ -266,17 +279,23 @@ cdef class SplitQueue:
         self._nregions = len(views)
         self._last_region = 0
         self._gen = self.memory.generation
-        self._translated = self.memory.translator is not None
+        self._translator = self.memory.translator
+        self._translated = self._translator is not None
+        self._ct = self._translator if isinstance(self._translator, CachedTranslator) else None
         self._desc = self._ring_host(self.desc_addr, 16 * self.size)
         self._avail = self._ring_host(self.avail_addr, 6 + 2 * self.size)
         self._used = self._ring_host(self.used_addr, 6 + 8 * self.size)
         return 0
 
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL:
-        # check_layout proved the part lies in one region; translate once here.
+        # check_layout proved the part is accessible; translate once here.
         cdef uint64_t gpa = addr
         if self._translated:
-            gpa = self.memory.translate(addr, length)[0][0]
+            pieces = self.memory.translate(addr, length)
+            if len(pieces) != 1:
+                raise QueueStateError(
+                    f"ring part [{addr:#x}, +{length:#x}) is not contiguous in one guest memory region", self.index)
+            gpa = pieces[0][0]
         cdef uint8_t *p = self._host(gpa, length)
         if p == NULL:
             raise QueueStateError(f"ring part at {addr:#x} did not resolve", self.index)
@@ -311,7 +330,7 @@ cdef class SplitQueue:
     cdef int _sync(self) except -1:
         if self._released:
             raise QueueStateError("queue was released", self.index)
-        if self.memory.generation != self._gen or (self.memory.translator is not None) != self._translated:
+        if self.memory.generation != self._gen or self.memory.translator is not self._translator:
             self.refresh()
         return 0
 
@@ -409,7 +428,10 @@ cdef class SplitQueue:
             memcpy(d, <const char *> raw, 16)
         return 0
 
-    cdef int _check_buffer(self, uint64_t addr, uint64_t length, uint8_t **host) noexcept nogil:
+    cdef int _check_buffer(self, uint64_t addr, uint64_t length, bint writable, uint8_t **host) noexcept nogil:
+        cdef uint64_t gpa
+        cdef bint may_write
+        cdef int rc
         if length != 0 and addr > <uint64_t> 0xFFFFFFFFFFFFFFFF - (length - 1):
             return E_WRAP
         host[0] = NULL
@@ -417,6 +439,20 @@ cdef class SplitQueue:
             host[0] = self._host(addr, length)
             if host[0] != NULL or length == 0:
                 return 0
+        elif self._ct is not None and length != 0:
+            rc = self._ct.resolve(addr, length, &gpa, &may_write)
+            if rc == TR_PENDING:
+                return E_PENDING
+            if rc != TR_MAPPED and rc != TR_SCATTERED:
+                return E_OUTSIDE
+            if rc == TR_MAPPED:
+                host[0] = self._host(gpa, length)
+                if host[0] != NULL:
+                    if writable and not may_write:
+                        host[0] = NULL  # GuestMemory checks (and faults) the device's writes
+                    return 0
+            # Scattered in GPA, or not in one region: GuestMemory decides (the
+            # translation is cached by now), and the buffer has no host pointer.
         with gil:
             try:
                 self.memory.check_range(addr, length)
@@ -456,7 +492,7 @@ cdef class SplitQueue:
                 if d.len == 0 or d.len % 16:
                     self._err.len = d.len
                     return E_INDIRECT_LEN
-                rc = self._check_buffer(d.addr, d.len, &host)
+                rc = self._check_buffer(d.addr, d.len, False, &host)
                 if rc:
                     self._err.addr = d.addr
                     self._err.len = d.len
@@ -476,7 +512,7 @@ cdef class SplitQueue:
             if seen_writable and not writable:
                 return E_ORDER
             seen_writable = writable
-            rc = self._check_buffer(d.addr, d.len, &host)
+            rc = self._check_buffer(d.addr, d.len, writable, &host)
             if rc:
                 self._err.addr = d.addr
                 self._err.len = d.len

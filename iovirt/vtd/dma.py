@@ -8,11 +8,24 @@ id, translates through its own context entry.
 The hit path is one context-cache lookup per request and one IOTLB lookup
 per 4 KiB page; everything else (the root/context fetch, the page walk)
 happens on a miss, and only successful results are cached.
+
+In front of that, each device's :class:`DmaTranslator` keeps a C-level copy
+of the IOTLB entries it has used (a :class:`~iovirt.virtio.iotlb.CachedTranslator`),
+which the accelerated ring looks up without the GIL.  The copy only ever
+holds entries that the unit's own IOTLB holds for the device's current
+context: every entry the unit's caches drop (any invalidation, by register
+or queue, at any granularity, and eviction), every context-cache drop for
+the device and every change of GSTS.TES drops the copies too.  So a device
+sees exactly what the unit's caches serve, stale entries included, until
+software invalidates them (spec 6.5).
 """
 
 from __future__ import annotations
 
+import weakref
+
 from iovirt.memory import Access, GuestMemory, GuestMemoryError
+from iovirt.virtio.iotlb import CachedTranslator
 from iovirt.vtd.caches import ContextCache, ContextCacheEntry, Iotlb, IotlbEntry
 from iovirt.vtd.faults import (
     FR_ADDR_BEYOND_AW,
@@ -29,7 +42,7 @@ from iovirt.vtd.faults import (
     DmarFault,
     FaultRecorder,
 )
-from iovirt.vtd.regs import ADDR_MASK, HAW, PAGE_MASK, PAGE_SHIFT
+from iovirt.vtd.regs import ADDR_MASK, HAW, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from iovirt.vtd.tables import (
     AW_39,
     AW_48,
@@ -46,7 +59,7 @@ from iovirt.vtd.tables import (
     decode_context,
     levels_width,
 )
-from iovirt.vtd.walk import WalkError, walk_second_level
+from iovirt.vtd.walk import WalkError, table_walker
 
 _READ = int(Access.READ)
 _WRITE = int(Access.WRITE)
@@ -64,17 +77,53 @@ class DmaRemapper:
     def __init__(self, memory: GuestMemory, faults: FaultRecorder, iotlb_capacity: int) -> None:
         self.memory = memory
         self.faults = faults
-        self.context_cache = ContextCache()
-        self.iotlb = Iotlb(iotlb_capacity)
-        self.enabled = False
+        self._translators: weakref.WeakSet[DmaTranslator] = weakref.WeakSet()
+        self.context_cache = ContextCache(on_drop=self._context_dropped)
+        self.iotlb = Iotlb(iotlb_capacity, on_drop=self._iotlb_dropped)
+        self._enabled = False
         self.root_table: int | None = None
+        self._walk = table_walker(memory)
 
-    def translate(self, source_id: int, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+    @property
+    def enabled(self) -> bool:
+        """GSTS.TES: whether DMA requests are translated."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if value != self._enabled:
+            # The devices' copies hold translations that are only right with TES set as it was.
+            for translator in list(self._translators):
+                translator.forget()
+        self._enabled = value
+
+    def add_translator(self, translator: "DmaTranslator") -> None:
+        """Keep ``translator``'s C-level cache coherent with this unit's caches (held weakly)."""
+        self._translators.add(translator)
+
+    def _context_dropped(self, source_id: int | None) -> None:
+        for translator in list(self._translators):
+            if source_id is None or translator.source_id == source_id:
+                translator.forget()
+
+    def _iotlb_dropped(self, did: int | None, vpn: int | None) -> None:
+        for translator in list(self._translators):
+            if did is None or translator.did == did:
+                if vpn is None:
+                    translator.cache.invalidate_all()
+                else:
+                    translator.cache.invalidate(vpn << PAGE_SHIFT, PAGE_SIZE)
+
+    def translate(
+        self, source_id: int, addr: int, length: int, access: Access, shadow: "DmaTranslator | None" = None
+    ) -> list[tuple[int, int]]:
         """Guest-physical pieces for a DMA of ``[addr, addr+length)``, split at 4 KiB pages.
 
         Raises :class:`~iovirt.vtd.faults.DmarFault` (a
         :class:`~iovirt.memory.TranslationFault`) after recording the fault.
-        With translation disabled, addresses pass unchanged.
+        With translation disabled, addresses pass unchanged.  ``shadow``
+        (the requesting device's translator) gets a copy of every IOTLB entry
+        used.
         """
         if not self.enabled:
             return [(addr, length)]
@@ -90,6 +139,9 @@ class DmaRemapper:
         if tt == TT_PASS_THROUGH:
             return [(addr, length)]
         iotlb = self.iotlb.entries
+        if shadow is not None and shadow.did != did:
+            shadow.forget()
+            shadow.did = did
         pieces = []
         while addr < end:
             vpn = addr >> PAGE_SHIFT
@@ -99,6 +151,9 @@ class DmaRemapper:
             if entry[1] & acc != acc:
                 reason = FR_READ if acc & _READ and not entry[1] & _READ else FR_WRITE
                 raise self._fault(source_id, reason, addr, length, acc, addr, fpd)
+            if shadow is not None:
+                # One 4 KiB entry per unit IOTLB entry, so that the copy drops exactly what the unit drops.
+                shadow.cache.insert(vpn << PAGE_SHIFT, entry[0], PAGE_SIZE, entry[1])
             next_page = (vpn + 1) << PAGE_SHIFT
             n = (end if end < next_page else next_page) - addr
             pieces.append((entry[0] | (addr & _PAGE_OFFSET), n))
@@ -109,7 +164,7 @@ class DmaRemapper:
         """IOTLB miss: walk the tables and cache the page's translation."""
         did, _tt, levels, slptptr, fpd = ctx
         try:
-            leaf, shift, perm = walk_second_level(self.memory, slptptr, levels, addr)
+            leaf, shift, perm = self._walk(slptptr, levels, addr)
         except WalkError as exc:
             raise self._fault(source_id, exc.fault_reason, addr, length, acc, addr, fpd) from None
         if not perm:
@@ -169,19 +224,28 @@ class DmaRemapper:
         return DmarFault(addr, length, Access(acc), source_id, reason, fault_addr, recorded)
 
 
-class DmaTranslator:
+class DmaTranslator(CachedTranslator):
     """One requester's view of the IOMMU: an :class:`iovirt.memory.Translator`.
 
     ``memory.with_translator(unit.dma_translator(sid))`` gives a device an
-    IOVA view of guest memory without the device knowing.
+    IOVA view of guest memory without the device knowing.  Its ``cache``
+    holds the unit's IOTLB entries this device used, for domain ``did``
+    (``None`` until the first translation); the accelerated ring hits it
+    without the GIL, and ``fill`` (a miss) asks the unit.
     """
 
-    __slots__ = ("_remapper", "source_id")
-
     def __init__(self, remapper: DmaRemapper, source_id: int) -> None:
+        super().__init__(remapper.iotlb.capacity)
         self._remapper = remapper
         self.source_id = source_id
+        self.did: int | None = None
+        remapper.add_translator(self)
 
-    def translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
-        """Translate ``[addr, addr+length)`` for this source id (see :meth:`DmaRemapper.translate`)."""
-        return self._remapper.translate(self.source_id, addr, length, access)
+    def fill(self, iova: int, length: int, access: Access) -> list[tuple[int, int]]:
+        """Translate through the unit (see :meth:`DmaRemapper.translate`), copying the entries used."""
+        return self._remapper.translate(self.source_id, iova, length, access, self)
+
+    def forget(self) -> None:
+        """Drop every cached translation (the device's context or the unit's state changed)."""
+        self.cache.invalidate_all()
+        self.did = None

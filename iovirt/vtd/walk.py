@@ -1,7 +1,8 @@
 """The second-level page walk (VT-d spec 3.7, 9.8).
 
 :func:`walk_second_level` is self-contained (guest memory in, plain ints
-out) so that the accelerated build can replace it one for one.  Permissions
+out) so that the accelerated build replaces it one for one: the C twin in
+``_walk.pyx``, which :func:`table_walker` picks when it is built.  Permissions
 are the AND of R/W over every level; an entry with R and W both clear is not
 present and ends the walk with no permission (the caller turns that into a
 read or write fault); reserved bits are checked only in present entries.
@@ -9,6 +10,11 @@ read or write fault); reserved bits are checked only in present entries.
 
 from __future__ import annotations
 
+import functools
+import importlib
+from typing import Callable
+
+from iovirt import _accel
 from iovirt.memory import GuestMemoryError, GuestMemory
 from iovirt.vtd.errors import VtdError
 from iovirt.vtd.faults import FR_CONTEXT_INVALID, FR_PAGING_ENTRY_INVALID, FR_PAGING_ENTRY_RSVD
@@ -74,3 +80,25 @@ def walk_second_level(mem: GuestMemory, slptptr: int, levels: int, iova: int) ->
             raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
         table = entry & ADDR_MASK
     raise AssertionError("unreachable: level 1 always returns")
+
+
+#: ``walk(slptptr, levels, iova) -> (leaf_gpa, leaf_shift, perm)`` over one memory.
+Walker = Callable[[int, int, int], tuple[int, int, int]]
+
+
+def table_walker(mem: GuestMemory) -> Walker:
+    """:func:`walk_second_level` bound to ``mem``: the C twin when it is built, else this one.
+
+    Follows the extension rules of :mod:`iovirt._accel` (``IOVIRT_NO_EXTENSIONS``
+    forces this module's walk, ``IOVIRT_REQUIRE_EXTENSIONS`` makes a missing
+    build an error).
+    """
+    if not _accel.NO_EXTENSIONS:
+        try:
+            ext = importlib.import_module("iovirt.vtd._walk")
+        except ImportError:
+            if _accel.REQUIRE_EXTENSIONS:
+                raise
+        else:
+            return ext.TableWalker(mem).walk
+    return functools.partial(walk_second_level, mem)
