@@ -13,6 +13,12 @@ request is validated before it touches state.  Semantics follow QEMU's
   ``VHOST_USER_F_PROTOCOL_FEATURES`` a ring is enabled as soon as it starts.
 - Ring addresses are front-end virtual addresses, translated through the
   memory table's ``userspace_addr`` when the ring starts.
+- With ``VIRTIO_F_ACCESS_PLATFORM`` negotiated, ring and buffer addresses are
+  IOVAs ("IOMMU support"): the device sees memory through the session's
+  :class:`~iovirt.vhost_user.iotlb.DeviceIotlb`, filled by IOTLB_MSG UPDATEs
+  and by MISS requests on the back-end channel.  A ring whose addresses are
+  not translated yet waits (misses sent) and starts when the answers arrive;
+  an INVALIDATE of a running ring's pages suspends it until it is kicked again.
 - The used index is read from the used ring in memory when a ring starts.
 
 The device (:class:`~iovirt.virtio.device.VirtioDevice`) outlives sessions:
@@ -28,15 +34,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from iovirt.errors import IovirtError
-from iovirt.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from iovirt.memory import Access, GuestMemory, GuestMemoryError, MemoryRegion, TranslationPending
+from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.inflight import InflightRegion, inflight_mmap_size
+from iovirt.vhost_user.iotlb import DeviceIotlb, IotlbError
 from iovirt.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
+    BackendRequest,
     Config,
     FrontendRequest as R,
     Inflight,
+    IotlbMsg,
+    IotlbType,
     MemoryTable,
     ProtocolFeature as PF,
     Rarp,
@@ -47,6 +58,7 @@ from iovirt.vhost_user.messages import (
     VringState,
 )
 from iovirt.vhost_user.protocol import Request
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, avail_ring_size, desc_table_size, used_ring_size
 from iovirt.virtio.device import FeatureError, VirtioDevice
 from iovirt.virtio.state import QueueState
 
@@ -78,6 +90,7 @@ class Vring:
     err_fd: int | None = None
     polling: bool = False
     started: bool = False
+    awaiting_translation: bool = False  # started, but its ring IOVAs are not in the IOTLB yet
     enabled: bool = False
     inflight: InflightRegion | None = field(default=None, repr=False)
 
@@ -107,7 +120,9 @@ class BackendSession:
         self.status = 0
         self.inflight_fd: int | None = None
         self.inflight_map: InflightRegion | None = None
-        self.backend_req_fd: int | None = None
+        self.backend_channel: BackendChannel | None = None
+        self.iotlb: DeviceIotlb | None = None
+        self.dma_memory = self.memory  # what the device sees: IOVAs through the IOTLB with ACCESS_PLATFORM
         self.device.on_needs_reset = self._device_failed
         self._handlers: dict[R, Callable[[Request], object]] = {
             R.VHOST_USER_GET_FEATURES: self._get_features,
@@ -139,6 +154,7 @@ class BackendSession:
             R.VHOST_USER_GET_INFLIGHT_FD: self._get_inflight_fd,
             R.VHOST_USER_SET_INFLIGHT_FD: self._set_inflight_fd,
             R.VHOST_USER_SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            R.VHOST_USER_IOTLB_MSG: self._iotlb_msg,
         }
 
     # -- dispatch ----------------------------------------------------------------
@@ -175,9 +191,11 @@ class BackendSession:
             if self.inflight_map is not None:
                 self.inflight_map.close()
                 self.inflight_map = None
-            for fd in (self.inflight_fd, self.backend_req_fd):
-                _close(fd)
-            self.inflight_fd = self.backend_req_fd = None
+            _close(self.inflight_fd)
+            self.inflight_fd = None
+            if self.backend_channel is not None:
+                self.backend_channel.close()
+                self.backend_channel = None
         self.device.on_needs_reset = None
 
     def _has_protocol(self, feature: PF) -> bool:
@@ -198,11 +216,18 @@ class BackendSession:
             raise RequestRefused(req.request, f"features {features & ~self.offered_features:#x} were not offered")
         if features >> VHOST_F_LOG_ALL & 1:
             raise RequestRefused(req.request, "VHOST_F_LOG_ALL (dirty logging) is not supported")
+        access_platform = bool(features >> VIRTIO_F_ACCESS_PLATFORM & 1)
+        if access_platform != (self.iotlb is not None) and any(v.started for v in self.vrings):
+            raise RequestRefused(req.request, "VIRTIO_F_ACCESS_PLATFORM cannot change while rings are started")
         try:
             self.device.set_features(features & self.device.device_features())
         except FeatureError as exc:
             raise RequestRefused(req.request, str(exc)) from exc
         self.features = features
+        if not any(v.started for v in self.vrings):
+            # A fresh IOTLB per start, as Linux's vhost: while the device was
+            # stopped the front-end forwarded no invalidations.
+            self._use_iotlb(access_platform)
         if not features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             # Spec: without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled immediately.
             for vring in self.vrings:
@@ -390,48 +415,104 @@ class BackendSession:
     def _start_queue(self, req: Request, vring: Vring, kick_fd: int | None) -> None:
         """Start serving ``vring``: translate its addresses, read used idx, hook its kick.
 
-        ``kick_fd`` is taken over on success (``None``: poll the ring).
+        ``kick_fd`` is taken over on success (``None``: poll the ring).  With
+        ACCESS_PLATFORM a ring whose IOVAs miss in the IOTLB is started
+        without its device queue: misses are sent and the queue starts when
+        they are answered (or at the next kick).
         """
         if vring.num == 0 or vring.addr is None:
             raise RequestRefused(req.request, f"vring {vring.index} has no size or no addresses yet")
-        addr = vring.addr
         try:
-            desc = self.memory.user_to_guest(addr.desc_user_addr)
-            avail = self.memory.user_to_guest(addr.avail_user_addr)
-            used = self.memory.user_to_guest(addr.used_user_addr)
-            used_idx = self.memory.read_u16(used + 2)
-            if vring.inflight is not None and vring.inflight.recover(used_idx):
-                # Requests a previous back-end popped and never completed.  We
-                # complete in order, so they are exactly the avail entries from
-                # the used idx on: popping from there resubmits them in order.
-                log.info("%s: vring %d resubmits inflight requests from avail index %d", self.label, vring.index, used_idx)
-                vring.base = used_idx
-            state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
-            queue = self.device.start_queue(vring.index, self.memory, state, self._notifier(vring))
+            running = self._start_device_queue(vring)
         except IovirtError as exc:
             raise RequestRefused(req.request, f"vring {vring.index} cannot start: {exc}") from exc
-        if vring.inflight is not None:
-            self.device.track_inflight(vring.index, vring.inflight)
         vring.started = True
         vring.kick_fd = kick_fd
         vring.polling = kick_fd is None
         if not self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self._enable(vring, True)
-        kick = self._kicker(vring.index)
+        kick = self._kicker(vring)
         if vring.kick_fd is not None:
             self.dataplane.add_eventfd(vring.kick_fd, kick)
         else:
             self.dataplane.add_poller(vring, kick)
+        if running:
+            kick()  # buffers made available before the kick fd arrived
+
+    def _start_device_queue(self, vring: Vring) -> bool:
+        """Hand ``vring`` to the device; False if its ring IOVAs are not translated yet.
+
+        Raises :class:`IovirtError` for a ring that cannot be served.
+        """
+        addr = vring.addr
+        assert addr is not None
+        memory = self.dma_memory
+        if self.iotlb is None:
+            desc = self.memory.user_to_guest(addr.desc_user_addr)
+            avail = self.memory.user_to_guest(addr.avail_user_addr)
+            used = self.memory.user_to_guest(addr.used_user_addr)
+        else:
+            # vhost-user.rst: "a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM has been negotiated".
+            desc, avail, used = addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+            if not self._ring_translated(vring, desc, avail, used):
+                vring.awaiting_translation = True
+                log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
+                return False
+        used_idx = memory.read_u16(used + 2)
+        if vring.inflight is not None and vring.inflight.recover(used_idx):
+            # Requests a previous back-end popped and never completed.  We
+            # complete in order, so they are exactly the avail entries from
+            # the used idx on: popping from there resubmits them in order.
+            log.info("%s: vring %d resubmits inflight requests from avail index %d", self.label, vring.index, used_idx)
+            vring.base = used_idx
+        state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
+        self.device.start_queue(vring.index, memory, state, self._notifier(vring))
+        if vring.inflight is not None:
+            self.device.track_inflight(vring.index, vring.inflight)
+        vring.awaiting_translation = False
         log.info(
             "%s: vring %d started: size %d, desc %#x avail %#x used %#x, avail index %d",
             self.label, vring.index, vring.num, desc, avail, used, vring.base,
         )
-        del queue
-        kick()  # buffers made available before the kick fd arrived
+        return True
 
-    def _kicker(self, index: int) -> Callable[[], None]:
-        device = self.device
-        return lambda: device.kick(index)
+    def _ring_parts(self, vring: Vring, desc: int, avail: int, used: int) -> list[tuple[int, int, Access]]:
+        return [
+            (desc, desc_table_size(vring.num), Access.READ),
+            (avail, avail_ring_size(vring.num), Access.READ),
+            (used, used_ring_size(vring.num), Access.READ | Access.WRITE),
+        ]
+
+    def _ring_translated(self, vring: Vring, desc: int, avail: int, used: int) -> bool:
+        """Whether every ring part translates; sends the misses of all parts at once."""
+        pending = False
+        for start, size, access in self._ring_parts(vring, desc, avail, used):
+            try:
+                self.dma_memory.check_range(start, size, access)
+            except TranslationPending:
+                pending = True
+        return not pending
+
+    def _kicker(self, vring: Vring) -> Callable[[], None]:
+        def kick() -> None:
+            if vring.awaiting_translation:
+                self._resume(vring)
+            else:
+                self.device.kick(vring.index)
+
+        return kick
+
+    def _resume(self, vring: Vring) -> None:
+        """Start the device queue of a started ring that waited for translations, then serve it."""
+        try:
+            running = self._start_device_queue(vring)
+        except IovirtError as exc:
+            # No request to refuse here: the driver gave a ring the device cannot use.
+            vring.awaiting_translation = False
+            self.device.fail(exc)
+            return
+        if running:
+            self.device.kick(vring.index)
 
     def _notifier(self, vring: Vring) -> Callable[[], None]:
         def notify() -> None:
@@ -451,6 +532,7 @@ class BackendSession:
             vring.kick_fd = None
         self.dataplane.remove_poller(vring)
         vring.polling = False
+        vring.awaiting_translation = False
         if vring.started:
             state = self.device.stop_queue(vring.index)
             if state is not None:
@@ -527,6 +609,7 @@ class BackendSession:
         self.device.reset()
         self.features = 0
         self.status = 0
+        self._use_iotlb(False)
 
     # -- net -------------------------------------------------------------------------------
     def _net_set_mtu(self, req: Request) -> None:
@@ -580,9 +663,96 @@ class BackendSession:
         for i, vring in enumerate(self.vrings[:num_queues]):
             vring.inflight = self.inflight_map.queue(i)
 
+    # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
     def _set_backend_req_fd(self, req: Request) -> None:
-        _close(self.backend_req_fd)
-        self.backend_req_fd = req.fds[0]
+        try:
+            channel = BackendChannel(req.fds[0], self.label)
+        except OSError as exc:
+            raise RequestRefused(req.request, f"fd {req.fds[0]} is not a socket: {exc}") from exc
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = channel
+
+    def _send_backend_iotlb_msg(self, msg: IotlbMsg) -> bool:
+        # No need_reply: the answer to a miss is the UPDATE on the main socket.
+        channel = self.backend_channel
+        return channel is not None and channel.send(BackendRequest.VHOST_USER_BACKEND_IOTLB_MSG, msg)
+
+    def _use_iotlb(self, enabled: bool) -> None:
+        """A fresh, empty device IOTLB in front of the device's memory (or none)."""
+        if not enabled:
+            self.iotlb = None
+            self.dma_memory = self.memory
+            return
+        iotlb = DeviceIotlb(self.memory, self._send_backend_iotlb_msg, self.label)
+        iotlb.on_resolved = self._translations_arrived
+        iotlb.pinned = self._running_ring_ranges
+        self.iotlb = iotlb
+        self.dma_memory = self.memory.with_translator(iotlb)
+
+    def _ring_ranges(self, vring: Vring) -> list[tuple[int, int]]:
+        """IOVA ranges ``(start, end)`` of the ring parts of ``vring`` if its device queue runs."""
+        a = vring.addr
+        if self.device.queues[vring.index] is None or a is None:
+            return []
+        parts = self._ring_parts(vring, a.desc_user_addr, a.avail_user_addr, a.used_user_addr)
+        return [(start, start + size) for start, size, _ in parts]
+
+    def _running_ring_ranges(self) -> list[tuple[int, int]]:
+        return [r for vring in self.vrings for r in self._ring_ranges(vring)]
+
+    def _rings_touching(self, iova: int, size: int) -> list[Vring]:
+        end = iova + size
+        return [v for v in self.vrings if any(start < end and iova < stop for start, stop in self._ring_ranges(v))]
+
+    def _iotlb_msg(self, req: Request) -> U64:
+        msg: IotlbMsg = req.payload  # type: ignore[assignment]
+        if self.iotlb is None:
+            raise RequestRefused(req.request, "VIRTIO_F_ACCESS_PLATFORM was not negotiated: there is no IOTLB")
+        try:
+            if msg.type == IotlbType.VHOST_IOTLB_UPDATE:
+                touched = self._rings_touching(msg.iova, msg.size)
+                self.iotlb.update(msg.iova, msg.size, msg.uaddr, msg.perm)
+                for vring in touched:
+                    # A remapped ring page: the ring re-resolves its host pointers.
+                    self._refresh_ring(vring)
+            elif msg.type == IotlbType.VHOST_IOTLB_INVALIDATE:
+                for vring in self._rings_touching(msg.iova, msg.size):
+                    self._suspend(vring)
+                self.iotlb.invalidate(msg.iova, msg.size)
+            else:
+                raise RequestRefused(req.request, f"{msg.type.name} is a back-end message; expected UPDATE or INVALIDATE")
+        except IotlbError as exc:
+            raise RequestRefused(req.request, str(exc)) from exc
+        return U64(0)
+
+    def _suspend(self, vring: Vring) -> None:
+        """Stop the device queue of ``vring`` (its ring pages are invalidated); the next kick resumes it."""
+        state = self.device.stop_queue(vring.index)
+        if state is not None:
+            vring.base = state.last_avail_idx
+        vring.awaiting_translation = True
+        log.info("%s: vring %d suspended: its ring pages were invalidated", self.label, vring.index)
+
+    def _refresh_ring(self, vring: Vring) -> None:
+        queue = self.device.queues[vring.index]
+        if queue is None:
+            return
+        try:
+            queue.refresh()
+        except IovirtError as exc:
+            self.device.stop_queue(vring.index)
+            self.device.fail(exc)
+
+    def _translations_arrived(self) -> None:
+        """An UPDATE answered a miss: serve again every ring that may have waited for it."""
+        for vring in self.vrings:
+            if not vring.started:
+                continue
+            if vring.awaiting_translation:
+                self._resume(vring)
+            else:
+                self.device.kick(vring.index)
 
 
 def _eventfd(req: Request, fd: int) -> int:

@@ -95,7 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "one built-in learning L2 switch (plus the optional TAP uplink). Point QEMU at a socket with "
             "-chardev socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0 "
             "(net) or -device vhost-user-blk-pci,chardev=c0 (blk); guest RAM must be shared "
-            "(-object memory-backend-memfd,share=on)."
+            "(-object memory-backend-memfd,share=on). Devices also work behind a guest vIOMMU "
+            "(-device intel-iommu,intremap=off,device-iotlb=on and iommu_platform=on,ats=on on the device): "
+            "VIRTIO_F_ACCESS_PLATFORM is offered, and IOVAs are translated through the vhost-user IOTLB "
+            "messages (misses are asked for on the back-end channel)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -166,10 +169,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         for i, path in enumerate(args.net):
             device = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
-            server.add_socket(path, device, NET_PROTOCOL, name=f"net{i} ({path})")
+            server.add_socket(path, device, NET_PROTOCOL, name=f"net{i} ({path})", iommu=True)
         for i, spec in enumerate(args.blk):
             device = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
-            server.add_socket(spec.socket, device, BLK_PROTOCOL, name=f"blk{i} ({spec.socket})")
+            server.add_socket(spec.socket, device, BLK_PROTOCOL, name=f"blk{i} ({spec.socket})", iommu=True)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -196,9 +199,9 @@ def run_net(args: argparse.Namespace) -> int:
     device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
     try:
         if args.fd is not None:
-            server.add_fd(args.fd, device, NET_PROTOCOL, name="net0")
+            server.add_fd(args.fd, device, NET_PROTOCOL, name="net0", iommu=True)
         else:
-            server.add_socket(args.socket_path, device, NET_PROTOCOL, name=f"net0 ({args.socket_path})")
+            server.add_socket(args.socket_path, device, NET_PROTOCOL, name=f"net0 ({args.socket_path})", iommu=True)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -221,9 +224,9 @@ def run_blk(args: argparse.Namespace) -> int:
     try:
         device = VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues, label="blk0")
         if args.fd is not None:
-            server.add_fd(args.fd, device, BLK_PROTOCOL, name="blk0")
+            server.add_fd(args.fd, device, BLK_PROTOCOL, name="blk0", iommu=True)
         else:
-            server.add_socket(args.socket_path, device, BLK_PROTOCOL, name=f"blk0 ({args.socket_path})")
+            server.add_socket(args.socket_path, device, BLK_PROTOCOL, name=f"blk0 ({args.socket_path})", iommu=True)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)

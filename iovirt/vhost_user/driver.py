@@ -3,7 +3,10 @@
 :class:`VhostUserDriver` connects a :class:`~iovirt.vhost_user.frontend.VhostUserFrontend`,
 shares memfd guest memory the way a VMM does, negotiates, and sets up
 driver-side rings (:class:`~iovirt.virtio.driver.DriverQueue`) for the vrings
-it is asked for.  iovirt's tests, the packet bench and the conformance suite
+it is asked for.  With ``iommu=True`` it accepts VIRTIO_F_ACCESS_PLATFORM and
+puts a :class:`~iovirt.vhost_user.viommu.FrontendIommu` in front: rings and
+buffers live at IOVAs (guest memory mapped at ``IOVA_BASE``), and the
+back-end's IOTLB misses are answered by :meth:`FrontendIommu.serve`.  iovirt's tests, the packet bench and the conformance suite
 use it to drive iovirt's own back-end or any other one.
 """
 
@@ -14,11 +17,14 @@ from typing import Iterable
 from iovirt.memory import BumpAllocator
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
-from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
+from iovirt.vhost_user.viommu import FrontendIommu
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
 from iovirt.virtio.driver import DriverQueue
 
 GUEST_BASE = 0x0
 DEFAULT_MEMORY = 64 << 20
+IOVA_BASE = 0x10_0000_0000
+"""Where guest memory appears in IOVA space with ``iommu=True`` (deliberately not its GPA)."""
 
 
 class VhostUserDriver:
@@ -33,19 +39,26 @@ class VhostUserDriver:
         protocol_features: int = (1 << 64) - 1,
         timeout: float = 5.0,
         mem_slots: bool = False,
+        iommu: bool = False,
     ) -> None:
         self.frontend = VhostUserFrontend.connect(socket_path, timeout=timeout)
+        self.iommu: FrontendIommu | None = None
         try:
             self.region = self.frontend.add_region(GUEST_BASE, memory_size)
             self.memory = self.frontend.memory
             self.alloc = BumpAllocator(GUEST_BASE + 0x1000, memory_size - 0x1000)
             self.offered = self.frontend.get_features()
             wanted = features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
-            self.features, self.protocol_features = self.frontend.negotiate(wanted, protocol_features)
+            self.features, self.protocol_features = self.frontend.negotiate(wanted, protocol_features, iommu=iommu)
             if mem_slots:
                 self.frontend.add_mem_reg(self.region)
             else:
                 self.frontend.set_mem_table()
+            if self.features >> VIRTIO_F_ACCESS_PLATFORM & 1:
+                self.iommu = FrontendIommu(self.frontend)
+                self.iommu.map(IOVA_BASE, GUEST_BASE, memory_size)
+                self.memory = self.iommu.memory
+                self.alloc = BumpAllocator(IOVA_BASE + 0x1000, memory_size - 0x1000)
         except BaseException:
             self.frontend.close()
             raise
@@ -59,6 +72,9 @@ class VhostUserDriver:
             queue.set_interrupts(True)
             self.frontend.setup_vring(index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
             self.queues[index] = queue
+            if self.iommu is not None:
+                # The misses for the ring were sent before SET_VRING_KICK was acked.
+                self.iommu.serve()
         return {i: self.queues[i] for i in indexes}
 
     def kick(self, index: int) -> None:
@@ -68,6 +84,8 @@ class VhostUserDriver:
 
     def close(self) -> None:
         """Disconnect and free the shared memory."""
+        if self.iommu is not None:
+            self.iommu.close()
         self.frontend.close()
 
     def __enter__(self) -> "VhostUserDriver":

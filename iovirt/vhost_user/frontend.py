@@ -71,6 +71,7 @@ from iovirt.vhost_user.messages import (
     VringState,
 )
 from iovirt.vhost_user.protocol import REQUEST_RULES, ReplyKind, reply_kind
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 
 R = FrontendRequest
 
@@ -357,12 +358,17 @@ class VhostUserFrontend:
         """VHOST_USER_RESET_DEVICE."""
         self.call(R.VHOST_USER_RESET_DEVICE)
 
-    def negotiate(self, features: int, protocol_features: int = 0) -> tuple[int, int]:
+    def negotiate(self, features: int, protocol_features: int = 0, *, iommu: bool = False) -> tuple[int, int]:
         """The usual opening: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES.
 
         Acks the wanted bits the backend offers (bit 30 when it offers it);
         returns the negotiated ``(features, protocol_features)``.
+        VIRTIO_F_ACCESS_PLATFORM is acked only with ``iommu``: a VMM accepts
+        it only with an IOMMU in front of the device, and must then answer
+        the back-end's IOTLB misses (:mod:`iovirt.vhost_user.viommu`).
         """
+        if not iommu:
+            features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
         offered = self.get_features()
         acked_protocol = 0
         if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
@@ -463,8 +469,16 @@ class VhostUserFrontend:
     def set_vring_addr(
         self, index: int, desc: int, avail: int, used: int, *, flags: int = 0, log_guest_addr: int = 0
     ) -> None:
-        """VHOST_USER_SET_VRING_ADDR from guest-physical ring addresses (sent as user addresses)."""
-        addr = VringAddr(index, flags, self.user_addr(desc), self.user_addr(used), self.user_addr(avail), log_guest_addr)
+        """VHOST_USER_SET_VRING_ADDR from guest-physical ring addresses (sent as user addresses).
+
+        With VIRTIO_F_ACCESS_PLATFORM negotiated the addresses are IOVAs and
+        sent as they are ("a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM
+        has been negotiated").
+        """
+        if self.features >> VIRTIO_F_ACCESS_PLATFORM & 1:
+            addr = VringAddr(index, flags, desc, used, avail, log_guest_addr)
+        else:
+            addr = VringAddr(index, flags, self.user_addr(desc), self.user_addr(used), self.user_addr(avail), log_guest_addr)
         self.call(R.VHOST_USER_SET_VRING_ADDR, addr)
 
     def _set_vring_fd(self, request: FrontendRequest, table: dict[int, int], index: int, poll: bool) -> int | None:

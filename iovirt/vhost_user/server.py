@@ -84,11 +84,13 @@ class VhostUserServer:
         protocol_features: int,
         name: str = "",
         extra_features: int | None = None,
+        iommu: bool = False,
     ) -> Endpoint:
         """Listen on UNIX socket ``path`` for a front-end of ``device``.
 
         ``extra_features`` defaults to the device type's profile
-        (:mod:`iovirt.vhost_user.profiles`).
+        (:mod:`iovirt.vhost_user.profiles`), with VIRTIO_F_ACCESS_PLATFORM
+        when ``iommu`` (the device may sit behind a front-end's vIOMMU).
 
         A stale socket file left by a dead process is replaced; anything else
         at ``path`` is an error.
@@ -100,31 +102,33 @@ class VhostUserServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(path)
         listener.listen(1)
-        return self._add_listener(listener, device, protocol_features, name or path, path, extra_features)
+        return self._add_listener(listener, device, protocol_features, name or path, path, _extra(device, extra_features, iommu))
 
     def add_fd(
-        self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int | None = None
+        self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int | None = None,
+        iommu: bool = False,
     ) -> Endpoint:
         """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
 
         This is the ``--fd=FDNUM`` convention of vhost-user.rst ("Backend
-        program conventions").
+        program conventions").  ``extra_features`` and ``iommu`` as in :meth:`add_socket`.
         """
         sock = socket.socket(fileno=fd)
         name = name or f"fd {fd}"
+        extra = _extra(device, extra_features, iommu)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            return self._add_listener(sock, device, protocol_features, name, None, extra_features)
-        endpoint = Endpoint(name, device, protocol_features, None, None, _extra(device, extra_features))
+            return self._add_listener(sock, device, protocol_features, name, None, extra)
+        endpoint = Endpoint(name, device, protocol_features, None, None, extra)
         self.endpoints.append(endpoint)
         self._open(endpoint, sock)
         return endpoint
 
     def _add_listener(
         self, listener: socket.socket, device: VirtioDevice, protocol_features: int, name: str,
-        path: str | None, extra_features: int | None,
+        path: str | None, extra_features: int,
     ) -> Endpoint:
         listener.setblocking(False)
-        endpoint = Endpoint(name, device, protocol_features, listener, path, _extra(device, extra_features))
+        endpoint = Endpoint(name, device, protocol_features, listener, path, extra_features)
         self.endpoints.append(endpoint)
         self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
         log.info("%s: listening for a vhost-user front-end (%s)", name, device.name)
@@ -302,8 +306,9 @@ class VhostUserServer:
         log.info("%s: connection closed: %s", endpoint.name, reason)
 
 
-def _extra(device: VirtioDevice, extra_features: int | None) -> int:
-    return profiles.extra_features(device) if extra_features is None else extra_features
+def _extra(device: VirtioDevice, extra_features: int | None, iommu: bool) -> int:
+    extra = profiles.extra_features(device) if extra_features is None else extra_features
+    return extra | (profiles.IOMMU_FEATURES if iommu else 0)
 
 
 def _peer_credentials(sock: socket.socket) -> str:
