@@ -8,7 +8,8 @@ module; what this does is move the per-frame work out of Python:
   batch into one :class:`Frames` buffer, checking and parsing each
   ``virtio_net_hdr`` (virtio 1.2 5.1.6.2) and each frame's MAC addresses.
 - :func:`rx_scatter` writes frames into receive chains it pops, each with its
-  ``virtio_net_hdr`` (5.1.6.3, 5.1.6.4), one chain per frame.
+  ``virtio_net_hdr`` (5.1.6.3, 5.1.6.4), one chain per frame; with
+  GUEST_CSUM a frame whose TCP/UDP checksum it verified gets DATA_VALID.
 - :func:`complete_checksum` fills in a partial checksum (NEEDS_CSUM) in place.
 
 Buffers are reached through the host pointers the queue resolved when it
@@ -24,6 +25,7 @@ from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
 
 cdef enum:
     NEEDS_CSUM = 1
+    DATA_VALID = 2
     ETH_HLEN = 14
     MAX_FRAME = 65535 + 14
     NET_HDR_SIZE = 12
@@ -259,6 +261,88 @@ def complete_checksum(Frames f, Py_ssize_t i):
     f.csum_start[i] = -1
 
 
+cdef inline uint16_t _be16(const uint8_t *p) noexcept nogil:
+    return (p[0] << 8) | p[1]
+
+
+cdef uint64_t _sum16(const uint8_t *p, uint32_t n) noexcept nogil:
+    """Unfolded RFC 1071 sum of big-endian 16-bit words (an odd last byte padded with 0)."""
+    cdef uint64_t total = 0
+    cdef uint32_t j
+    for j in range(0, n - 1 if n else 0, 2):
+        total += (p[j] << 8) | p[j + 1]
+    if n & 1:
+        total += p[n - 1] << 8
+    return total
+
+
+cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
+    """Whether the frame is Ethernet (one 802.1Q tag at most) / IPv4 or IPv6 / TCP or UDP with a right checksum.
+
+    What virtio 1.2 5.1.6.4.1 asks before DATA_VALID ("the device MUST
+    validate the packet checksum").  Anything not verified is not valid:
+    other protocols, IPv4 fragments, IPv6 extension headers, lengths beyond
+    the frame, a UDP length differing from the IP payload, and a UDP
+    checksum of 0 (over IPv4 "no checksum", RFC 768: nothing to validate;
+    over IPv6 invalid, RFC 8200 8.1).  Same rules as device.py's
+    ``l4_checksum_valid``.
+    """
+    cdef uint32_t off = ETH_HLEN, l4, l4len, ihl, total
+    cdef uint16_t etype
+    cdef uint8_t proto
+    cdef uint64_t s
+    if n < ETH_HLEN:
+        return False
+    etype = _be16(p + 12)
+    if etype == 0x8100:
+        if n < ETH_HLEN + 4:
+            return False
+        off += 4
+        etype = _be16(p + 16)
+    if etype == 0x0800:
+        if n < off + 20 or p[off] >> 4 != 4:
+            return False
+        ihl = (p[off] & 0xF) * 4
+        total = _be16(p + off + 2)
+        if ihl < 20 or total < ihl or off + total > n or _be16(p + off + 6) & 0x3FFF:
+            return False  # bad lengths, or a fragment (MF or an offset): its L4 checksum spans other frames
+        proto = p[off + 9]
+        l4 = off + ihl
+        l4len = total - ihl
+        s = _sum16(p + off + 12, 8)  # pseudo-header: source and destination addresses (RFC 793, 768)
+    elif etype == 0x86DD:
+        if n < off + 40 or p[off] >> 4 != 6:
+            return False
+        l4len = _be16(p + off + 4)
+        proto = p[off + 6]
+        l4 = off + 40
+        if l4 + l4len > n:
+            return False
+        s = _sum16(p + off + 8, 32)  # pseudo-header: addresses (RFC 8200 8.1)
+    else:
+        return False
+    if proto == 6:
+        if l4len < 20:
+            return False
+    elif proto == 17:
+        if l4len < 8 or _be16(p + l4 + 4) != l4len or _be16(p + l4 + 6) == 0:
+            return False
+    else:
+        return False
+    s += proto + l4len + _sum16(p + l4, l4len)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s == 0xFFFF
+
+
+def l4_checksum_valid(frame) -> bool:
+    """Whether ``frame`` (bytes-like) would get DATA_VALID: the twin of device.py's Python check."""
+    cdef const uint8_t[::1] data = memoryview(frame).cast("B")
+    if data.shape[0] == 0:
+        return False
+    return _l4_valid(&data[0], data.shape[0])
+
+
 cdef int _copy_in(SplitQueue q, ChainBatch b, Py_ssize_t k, uint32_t start, const uint8_t *src, uint32_t count) except -1:
     if b.hosts[k] != NULL:
         memcpy(b.hosts[k] + start, src, count)
@@ -286,7 +370,10 @@ def rx_scatter(SplitQueue q, Frames f, list indexes, uint32_t hdr_len, bint gues
     given back unused for the caller's multi-chain path).  Without MRG_RXBUF
     a frame too big for its chain is dropped (a buffer must hold a whole
     frame, 5.1.6.3.1).  Frames with a pending checksum must have been
-    completed by the caller unless ``guest_csum``.
+    completed by the caller unless ``guest_csum``; with ``guest_csum`` they
+    get NEEDS_CSUM, and the others DATA_VALID when their checksum is right
+    (5.1.6.4.1; csum_start/csum_offset stay 0, the driver must not use them
+    without NEEDS_CSUM).
     """
     cdef Py_ssize_t want = len(indexes), got, j, k, idx
     cdef uint32_t need, written, room, take, pos
@@ -320,6 +407,8 @@ def rx_scatter(SplitQueue q, Frames f, list indexes, uint32_t hdr_len, bint gues
             hdr[7] = f.csum_start[idx] >> 8
             hdr[8] = f.csum_offset[idx] & 0xFF
             hdr[9] = f.csum_offset[idx] >> 8
+        elif guest_csum and _l4_valid(f.buf + f.off[idx], f.length[idx]):
+            hdr[0] = DATA_VALID
         hdr[10] = 1  # num_buffers (5.1.6.4: 1 without MRG_RXBUF, and one chain here)
         written = 0
         for k in range(b.first[j], b.first[j + 1]):
