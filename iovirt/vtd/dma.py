@@ -125,7 +125,7 @@ class DmaRemapper:
         (the requesting device's translator) gets a copy of every IOTLB entry
         used.
         """
-        if not self.enabled:
+        if not self._enabled:
             return [(addr, length)]
         acc = int(access)
         ctx = self.context_cache.entries.get(source_id)
@@ -139,9 +139,12 @@ class DmaRemapper:
         if tt == TT_PASS_THROUGH:
             return [(addr, length)]
         iotlb = self.iotlb.entries
-        if shadow is not None and shadow.did != did:
-            shadow.forget()
-            shadow.did = did
+        copy = None
+        if shadow is not None:
+            if shadow.did != did:
+                shadow.forget()
+                shadow.did = did
+            copy = shadow.cache.insert
         pieces = []
         while addr < end:
             vpn = addr >> PAGE_SHIFT
@@ -151,9 +154,9 @@ class DmaRemapper:
             if entry[1] & acc != acc:
                 reason = FR_READ if acc & _READ and not entry[1] & _READ else FR_WRITE
                 raise self._fault(source_id, reason, addr, length, acc, addr, fpd)
-            if shadow is not None:
+            if copy is not None:
                 # One 4 KiB entry per unit IOTLB entry, so that the copy drops exactly what the unit drops.
-                shadow.cache.insert(vpn << PAGE_SHIFT, entry[0], PAGE_SIZE, entry[1])
+                copy(vpn << PAGE_SHIFT, entry[0], PAGE_SIZE, entry[1])
             next_page = (vpn + 1) << PAGE_SHIFT
             n = (end if end < next_page else next_page) - addr
             pieces.append((entry[0] | (addr & _PAGE_OFFSET), n))
