@@ -79,6 +79,8 @@ def test_two_guests_ping_over_socket_netdev(tmp_path):
         ping -c 3 -W 2 {peer}
         # operstate turns "up" asynchronously (linkwatch), so it is read after traffic.
         cat /sys/class/net/eth0/operstate
+        # Stay up until the peer has finished pinging us too.
+        iovirt_wait_host done
     """
     a = Guest(tmp_path, [SocketNet(listen=("127.0.0.1", port), ip="10.77.0.1/24")], name="a",
               script=script.format(peer="10.77.0.2"))
@@ -88,6 +90,10 @@ def test_two_guests_ping_over_socket_netdev(tmp_path):
         a.start()
         wait_tcp_listen(port)  # b's QEMU exits at once if nobody listens yet
         b.start()
+        for g in (a, b):
+            g.wait_for(r"^IOVIRT-WAIT done\n", BOOT_TIMEOUT)
+        for g in (a, b):
+            g.release("done")
         results = [a.wait_result(BOOT_TIMEOUT), b.wait_result(BOOT_TIMEOUT)]
     for r in results:
         assert r.status == 0, r.output
