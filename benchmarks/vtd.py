@@ -62,6 +62,7 @@ class Bench:
         self.driver = DriverQueue(self.memory, BumpAllocator(*RING_AREA), QUEUE_SIZE, event_idx=True)
         heads = [self.driver.add_chain([(base + 0x1000 * c, 64)]) for c in range(QUEUE_SIZE)]
         self.driver.set_avail_idx(len(heads))
+        self.avail_idx = len(heads)
         self.translator = self.unit.dma_translator(SID)
         dev_memory = self.memory.with_translator(self.translator) if translated else self.memory
         self.device = implementations()["cython"].from_state(dev_memory, self.driver.state())
@@ -70,7 +71,7 @@ class Bench:
         """(chains/s of ring work, seconds spent invalidating per batch)."""
         device = self.device
         avail_idx = self.memory.view(self.driver.avail_addr + 2, 2).cast("H")
-        idx = QUEUE_SIZE
+        idx = self.avail_idx
         batch = device.pop_batch(0)
         done = 0
         ring_time = flush_time = 0.0
@@ -106,6 +107,7 @@ class Bench:
             idx = (idx + n) & 0xFFFF
             avail_idx[0] = idx
         avail_idx.release()
+        self.avail_idx = idx
         return done / ring_time, (flush_time / flushes if flushes else 0.0)
 
 
