@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict
 from iovirt.conformance.report import ProgressLine, table, to_json, to_junit
 from iovirt.conformance.runner import Runner
@@ -22,14 +23,22 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add the ``conform`` subcommand."""
     p = subparsers.add_parser(
         "conform",
-        help="check a vhost-user back-end against the virtio and vhost-user specs",
+        help="check a vhost-user back-end (or iovirt's virtio-pci transport) against the virtio and vhost-user specs",
         description=(
-            "Act as the VMM and guest driver of a vhost-user back-end and check it clause by clause. "
+            "Act as the VMM and guest driver of a vhost-user back-end and check it clause by clause; "
+            "or, with --in-process, check iovirt's own device behind the in-process virtio-pci transport. "
             "Exit status: 0 no failures, 1 failures, 2 usage error."
         ),
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's listening UNIX socket")
-    p.add_argument("--device", required=True, choices=DEVICES, help="the device type behind the socket")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--socket", metavar="PATH", help="the back-end's listening UNIX socket (needs --device)")
+    what.add_argument(
+        "--in-process",
+        choices=DEVICES,
+        metavar="net|blk",
+        help="iovirt's device of this type behind the in-process virtio-pci platform (virtio 1.2 2.x and 4.1 checks)",
+    )
+    p.add_argument("--device", choices=DEVICES, help="the device type behind the socket")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")
@@ -43,7 +52,17 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite; print the table; write the reports asked for."""
-    target = Target(args.socket, args.device, args.timeout, args.peer_socket)
+    target: Target | PlatformTarget
+    if args.in_process:
+        if args.device or args.peer_socket:
+            print("iovirt conform: --in-process takes neither --device nor --peer-socket", file=sys.stderr)
+            return 2
+        target = PlatformTarget(args.in_process, args.timeout)
+    elif args.device is None:
+        print("iovirt conform: --socket needs --device net|blk", file=sys.stderr)
+        return 2
+    else:
+        target = Target(args.socket, args.device, args.timeout, args.peer_socket)
     runner = Runner(target)
     results = runner.run(ProgressLine(sys.stderr))
     print(table(results))

@@ -1,5 +1,8 @@
 """pytest plugin: ``pytest --iovirt-socket=PATH --iovirt-device=net|blk`` turns every check into a test.
 
+``pytest --iovirt-in-process=net|blk`` does the same for the virtio-pci checks
+against iovirt's device behind the in-process platform.
+
 Each check becomes one item named after its clause; a failing check fails
 its item with the reason, a check that does not apply is skipped with the
 reason.  The back-end is probed once per session.  Register through the
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Check, Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import DEVICES, Target
@@ -23,6 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--iovirt-device", choices=DEVICES, help="its device type")
     group.addoption("--iovirt-peer-socket", metavar="PATH", help="net: another port of the same network")
     group.addoption("--iovirt-timeout", type=float, default=5.0, metavar="S", help="bound on every wait")
+    group.addoption(
+        "--iovirt-in-process", choices=DEVICES, help="check iovirt's device of this type behind the in-process virtio-pci platform"
+    )
 
 
 class ConformanceFailure(Exception):
@@ -57,14 +64,21 @@ class ConformanceItem(pytest.Item):
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    """Append one item per check when ``--iovirt-socket`` is given."""
+    """Append one item per check when ``--iovirt-socket`` or ``--iovirt-in-process`` is given."""
     socket = config.getoption("--iovirt-socket")
-    if not socket:
+    in_process = config.getoption("--iovirt-in-process")
+    target: Target | PlatformTarget
+    if in_process:
+        if socket:
+            raise pytest.UsageError("--iovirt-in-process and --iovirt-socket exclude each other")
+        target = PlatformTarget(in_process, config.getoption("--iovirt-timeout"))
+    elif not socket:
         return
-    device = config.getoption("--iovirt-device")
-    if device is None:
-        raise pytest.UsageError("--iovirt-socket needs --iovirt-device net|blk")
-    target = Target(socket, device, config.getoption("--iovirt-timeout"), config.getoption("--iovirt-peer-socket"))
+    else:
+        device = config.getoption("--iovirt-device")
+        if device is None:
+            raise pytest.UsageError("--iovirt-socket needs --iovirt-device net|blk")
+        target = Target(socket, device, config.getoption("--iovirt-timeout"), config.getoption("--iovirt-peer-socket"))
     runner = Runner(target)
-    for check in all_checks():
+    for check in all_checks(target.transport):
         items.append(ConformanceItem.from_parent(session, name=check.clause, check=check, runner=runner))

@@ -6,7 +6,11 @@ section 2.7.7.2 of the OASIS virtio 1.2 specification (cs01 numbering),
 ``docs/interop/vhost-user.rst``.  A suffix after ``#`` tells apart several
 checks drawn from one clause.
 
-A check is a function of a :class:`~iovirt.conformance.target.Context`.  It
+A check belongs to one kind of target (``transport``): ``"vhost-user"``
+checks take a :class:`~iovirt.conformance.target.Context` (a back-end
+behind a socket), ``"pci"`` checks a
+:class:`~iovirt.conformance.platform_target.PciContext` (a device behind
+the in-process virtio-pci transport).  A check is a function of its context.  It
 passes by returning (optionally a note for the report), fails by raising :class:`CheckFailed` (usually through
 :func:`expect`), and is not applicable when its ``applies`` predicate gives a
 reason or when it raises :class:`NotApplicable` (a feature the back-end does
@@ -54,6 +58,7 @@ class Check:
     devices: frozenset[str]
     func: Callable[["Context"], "str | None"]
     applies: Applies | None = None
+    transport: str = "vhost-user"
 
     def not_applicable(self, caps: "Capabilities") -> str | None:
         """Why this check does not apply to ``caps`` (``None``: it applies)."""
@@ -83,15 +88,25 @@ REGISTRY: list[Check] = []
 ANY_DEVICE = frozenset({"net", "blk"})
 
 
+TRANSPORTS = ("vhost-user", "pci")
+
+
 def check(
-    clause: str, title: str, *, devices: frozenset[str] | set[str] = ANY_DEVICE, applies: Applies | None = None
+    clause: str,
+    title: str,
+    *,
+    devices: frozenset[str] | set[str] = ANY_DEVICE,
+    applies: Applies | None = None,
+    transport: str = "vhost-user",
 ) -> Callable[[Callable[["Context"], "str | None"]], Callable[["Context"], "str | None"]]:
-    """Register the decorated function as the check of ``clause``."""
+    """Register the decorated function as the check of ``clause`` for targets of ``transport``."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
 
     def register(func: Callable[["Context"], "str | None"]) -> Callable[["Context"], "str | None"]:
-        if any(c.clause == clause for c in REGISTRY):
-            raise ValueError(f"clause {clause!r} registered twice")
-        REGISTRY.append(Check(clause, title, frozenset(devices), func, applies))
+        if any(c.clause == clause and c.transport == transport for c in REGISTRY):
+            raise ValueError(f"clause {clause!r} registered twice for {transport}")
+        REGISTRY.append(Check(clause, title, frozenset(devices), func, applies, transport))
         return func
 
     return register
@@ -103,8 +118,8 @@ def expect(condition: object, message: str) -> None:
         raise CheckFailed(message)
 
 
-def all_checks() -> list[Check]:
-    """Every registered check (importing the check modules registers them)."""
+def all_checks(transport: str | None = None) -> list[Check]:
+    """Every registered check, or those for targets of ``transport`` (importing the check modules registers them)."""
     import iovirt.conformance.checks  # noqa: F401  (registers on import)
 
-    return list(REGISTRY)
+    return [c for c in REGISTRY if transport is None or c.transport == transport]

@@ -1,4 +1,4 @@
-"""Run checks against a target, one fresh connection each, surviving a broken back-end.
+"""Run checks against a target, one fresh connection (or machine) each, surviving a broken back-end.
 
 Every wait inside a check is bounded by the target's timeout.  Whatever a
 check raises becomes its verdict: :class:`~.registry.CheckFailed` and any
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from iovirt.conformance.registry import Check, CheckFailed, CheckResult, NotApplicable, Verdict, all_checks
-from iovirt.conformance.target import Capabilities, Context, Target, probe
+from iovirt.conformance.target import Capabilities, Target
 from iovirt.errors import IovirtError
+
+if TYPE_CHECKING:
+    from iovirt.conformance.platform_target import PlatformTarget
 
 log = logging.getLogger("iovirt.conformance")
 
@@ -30,9 +33,9 @@ DEAD_AFTER = 2  # consecutive checks that could not open a connection
 class Runner:
     """Runs checks against one target."""
 
-    def __init__(self, target: Target, checks: Iterable[Check] | None = None) -> None:
+    def __init__(self, target: Target | PlatformTarget, checks: Iterable[Check] | None = None) -> None:
         self.target = target
-        self.checks = list(all_checks() if checks is None else checks)
+        self.checks = list(all_checks(target.transport) if checks is None else checks)
         self.caps: Capabilities | None = None
         self.dead: str | None = None
         self._setup_failures = 0
@@ -40,7 +43,7 @@ class Runner:
     def start(self) -> None:
         """Probe the back-end once; a back-end that cannot be probed fails every check."""
         try:
-            self.caps = probe(self.target)
+            self.caps = self.target.probe()
         except (IovirtError, OSError) as exc:
             self.dead = f"back-end unusable: {_describe(exc)}"
             self.caps = Capabilities(self.target.device)
@@ -67,7 +70,7 @@ class Runner:
             return CheckResult(check.clause, check.title, Verdict.NA, reason)
         if self.dead is not None:
             return CheckResult(check.clause, check.title, Verdict.FAIL, self.dead)
-        ctx = Context(self.target, self.caps)
+        ctx = self.target.context(self.caps)
         started = time.monotonic()
         verdict, reason = Verdict.PASS, ""
         try:
@@ -92,7 +95,7 @@ class Runner:
             self._setup_failures = 0
         return CheckResult(check.clause, check.title, verdict, reason, time.monotonic() - started)
 
-    def _note_setup_failure(self, ctx: Context, exc: BaseException) -> None:
+    def _note_setup_failure(self, ctx, exc: BaseException) -> None:
         if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
             self.dead = f"socket gone: {_describe(exc)}"
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from iovirt.conformance.devices import NetPort, marker_frame, new_tag
 from iovirt.conformance.link import Link
@@ -30,10 +31,19 @@ class Target:
     device: str
     timeout: float = 5.0
     peer_socket: str | None = None
+    transport: ClassVar[str] = "vhost-user"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+    def probe(self) -> "Capabilities":
+        """What the back-end offers (see :func:`probe`)."""
+        return probe(self)
+
+    def context(self, caps: "Capabilities") -> "Context":
+        """A fresh context for one check."""
+        return Context(self, caps)
 
 
 @dataclass

@@ -39,7 +39,7 @@ CASES = [
         marks=[pytest.mark.xfail(strict=True, reason=DEVIATIONS[(dev, c.clause)])] if (dev, c.clause) in DEVIATIONS else [],
     )
     for dev in ("net", "blk", "blk-ro")
-    for c in all_checks()
+    for c in all_checks("vhost-user")
 ]
 
 

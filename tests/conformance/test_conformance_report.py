@@ -47,7 +47,7 @@ def _parse(argv):
 
 def test_cli_usage_error_exits_2():
     with pytest.raises(SystemExit) as exc:
-        _parse(["--socket", "x"])
+        _parse(["--device", "net"])  # neither --socket nor --in-process
     assert exc.value.code == 2
 
 
