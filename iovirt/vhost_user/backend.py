@@ -180,6 +180,8 @@ class BackendSession:
 
     def close(self) -> None:
         """The front-end went away: stop every ring, drop the memory, reset the device."""
+        if self.iotlb is not None:
+            log.info("%s: IOTLB: %s", self.label, ", ".join(f"{v} {k}" for k, v in self.iotlb.stats.items()))
         with self.dataplane.lock:
             for vring in self.vrings:
                 self._stop_ring(vring)
@@ -455,8 +457,9 @@ class BackendSession:
             # vhost-user.rst: "a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM has been negotiated".
             desc, avail, used = addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
             if not self._ring_translated(vring, desc, avail, used):
+                if not vring.awaiting_translation:
+                    log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
                 vring.awaiting_translation = True
-                log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
                 return False
         used_idx = memory.read_u16(used + 2)
         if vring.inflight is not None and vring.inflight.recover(used_idx):
@@ -709,6 +712,8 @@ class BackendSession:
         msg: IotlbMsg = req.payload  # type: ignore[assignment]
         if self.iotlb is None:
             raise RequestRefused(req.request, "VIRTIO_F_ACCESS_PLATFORM was not negotiated: there is no IOTLB")
+        log.debug("%s: IOTLB %s iova %#x size %#x uaddr %#x %s", self.label, msg.type.name, msg.iova, msg.size,
+                  msg.uaddr, msg.perm.name)
         try:
             if msg.type == IotlbType.VHOST_IOTLB_UPDATE:
                 touched = self._rings_touching(msg.iova, msg.size)

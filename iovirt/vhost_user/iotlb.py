@@ -96,7 +96,7 @@ class DeviceIotlb:
         self._outstanding: dict[int, int] = {}  # page -> perm asked for
         self._user_gen = -1
         self._user_map: list[tuple[int, int, int]] = []  # (user_addr, end, gpa), sorted
-        self.stats = {"hits": 0, "misses_sent": 0, "access_fails": 0, "updates": 0, "invalidates": 0, "retired": 0}
+        self.stats = {"translations": 0, "misses_sent": 0, "access_fails": 0, "updates": 0, "invalidates": 0, "retired": 0}
 
     # -- the table ------------------------------------------------------------------
     @property
@@ -248,7 +248,7 @@ class DeviceIotlb:
             pos += n
         if missing:
             self._miss(addr, length, access, missing)
-        self.stats["hits"] += 1
+        self.stats["translations"] += 1
         return pieces
 
     def _miss(self, addr: int, length: int, access: Access, pages: list[int]) -> None:
