@@ -26,8 +26,14 @@ from iovirt.errors import IovirtError
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.bench.errors import TargetError
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
-from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from iovirt.virtio.defs import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+)
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.driver import DriverQueue
 
@@ -36,6 +42,7 @@ DEFAULT_TIMEOUT = 2.0
 """Seconds any single wait on a device may take unless told otherwise."""
 
 _POLL_S = 0.1  # re-check the ring this often while waiting, in case a notification is lost
+_TEARDOWN_S = 1.0  # bound on waiting for a back-end to drop a closed connection
 
 
 class DriverTarget(Protocol):
@@ -142,7 +149,14 @@ class VhostUserTarget:
     def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (and ENABLE) for each ring."""
         try:
-            return self.driver.start_queues(list(indexes), size)
+            queues = self.driver.start_queues(list(indexes), size)
+            if self.driver.protocol_features >> ProtocolFeature.VHOST_USER_PROTOCOL_F_STATUS & 1:
+                # With F_STATUS a back-end may serve nothing before DRIVER_OK (DPDK's vhost library waits for it).
+                self.driver.frontend.set_status(
+                    VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
+                    | VIRTIO_CONFIG_S_DRIVER_OK
+                )
+            return queues
         except (IovirtError, OSError) as exc:
             raise TargetError(self.name, f"vring setup failed: {exc}") from exc
 
@@ -181,5 +195,16 @@ class VhostUserTarget:
         raise TargetError(self.name, f"unsolicited bytes on the front-end socket: {data[:16].hex()}...")
 
     def close(self) -> None:
-        """Disconnect (the back-end stops the rings) and free the shared memory."""
+        """Disconnect (the back-end stops the rings), wait (bounded) until it has dropped us, free the memory.
+
+        A back-end may still be tearing the old device down when the next
+        connection arrives (DPDK's vhost PMD then detaches the new device
+        with the old one): half-close, and wait for the back-end's end of
+        file before letting go.
+        """
+        try:
+            self.driver.frontend.sock.shutdown(socket.SHUT_WR)
+            self.driver.frontend.wait_closed(min(self.timeout, _TEARDOWN_S))
+        except OSError:
+            pass  # already closed by the back-end
         self.driver.close()
