@@ -40,25 +40,21 @@ cdef uint64_t RSVD_2M = _RSVD_2M
 cdef uint64_t RSVD_1G = _RSVD_1G
 cdef uint64_t RSVD_NONLEAF = _RSVD_NONLEAF
 cdef int PAGE_SHIFT = _PAGE_SHIFT
-
-
-cdef struct HostRange:
-    uint64_t gpa
-    uint64_t size
-    const uint8_t *host
+cdef int C_FR_CONTEXT_INVALID = FR_CONTEXT_INVALID
+cdef int C_FR_PAGING_ENTRY_INVALID = FR_PAGING_ENTRY_INVALID
+cdef int C_FR_PAGING_ENTRY_RSVD = FR_PAGING_ENTRY_RSVD
 
 
 cdef class TableWalker:
-    """``walk(slptptr, levels, iova) -> (leaf_gpa, leaf_shift, perm)`` over ``memory``."""
+    """``walk(slptptr, levels, iova) -> (leaf_gpa, leaf_shift, perm)`` over ``memory``.
 
-    cdef object memory
-    cdef object _gen
-    cdef HostRange *_ranges
-    cdef int _nranges, _last
-    cdef bint _direct
+    Cython code calls ``_walk`` (declared in ``_walk.pxd``), which reports a
+    fault by its reason code instead of raising.
+    """
 
     def __init__(self, memory):
         self.memory = memory
+        self._table = memory._table
         self._gen = None
 
     def __dealloc__(self):
@@ -67,6 +63,7 @@ cdef class TableWalker:
     cdef int _resolve(self) except -1:
         cdef const uint8_t[::1] view
         cdef void *p
+        gen = self._table.generation  # before the regions: a change while copying shows next walk
         regions = self.memory.regions
         p = PyMem_Realloc(self._ranges, (len(regions) + 1) * sizeof(HostRange))
         if p == NULL:
@@ -80,7 +77,7 @@ cdef class TableWalker:
         self._nranges = len(regions)
         self._last = 0
         self._direct = self.memory.translator is None
-        self._gen = self.memory.generation
+        self._gen = gen
         return 0
 
     cdef bint _load(self, uint64_t gpa, uint64_t *value) noexcept:
@@ -110,31 +107,52 @@ cdef class TableWalker:
 
     def walk(self, uint64_t slptptr, int levels, uint64_t iova):
         """Translate ``iova`` through a ``levels``-deep table at ``slptptr`` (see ``walk_second_level``)."""
+        cdef WalkResult r
+        cdef int reason = self._walk(slptptr, levels, iova, &r)
+        if reason:
+            raise WalkError(reason, r.level, r.entry_addr)
+        return r.leaf, r.shift, r.perm
+
+    cdef int _walk(self, uint64_t slptptr, int levels, uint64_t iova, WalkResult *out) except -1:
+        """The walk: 0 with the leaf in ``*out`` (``perm`` 0: not present), or the fault
+        reason (FR code) with ``out.level`` and ``out.entry_addr`` saying where."""
         cdef uint64_t table = slptptr, perm = PTE_PERM, entry, present, entry_addr, rsvd
         cdef int level, shift
-        if self.memory.generation != self._gen or (self.memory.translator is None) != self._direct:
+        # The table's own counter, not GuestMemory.generation: that is a Python property, whose
+        # call cost more than the rest of the walk (iovirt.memory shares one RegionTable, in
+        # ``_table``, between every view of a memory).
+        if self._table.generation != self._gen or (self.memory.translator is None) != self._direct:
             self._resolve()
         for level in range(levels, 0, -1):
             shift = PAGE_SHIFT + 9 * (level - 1)
             entry_addr = table + ((iova >> shift) & 0x1FF) * 8
+            out.level = level
+            out.entry_addr = entry_addr
             if not self._load(entry_addr, &entry):
                 # The top table is reached through the context entry's SLPTPTR (FR 3).
-                raise WalkError(FR_CONTEXT_INVALID if level == levels else FR_PAGING_ENTRY_INVALID, level, entry_addr)
+                return C_FR_CONTEXT_INVALID if level == levels else C_FR_PAGING_ENTRY_INVALID
+            out.shift = shift
             present = entry & PTE_PERM
             if not present:
-                return 0, shift, 0
+                out.leaf = 0
+                out.perm = 0
+                return 0
             perm &= present
             if level == 1:
                 if entry & RSVD_4K:
-                    raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
-                return entry & ADDR_MASK, shift, perm
+                    return C_FR_PAGING_ENTRY_RSVD
+                out.leaf = entry & ADDR_MASK
+                out.perm = perm
+                return 0
             if entry & PTE_PS:
                 # Level 4 has no large leaves: PS is reserved there.
                 rsvd = RSVD_2M if level == 2 else RSVD_1G if level == 3 else <uint64_t> 0xFFFFFFFFFFFFFFFF
                 if entry & rsvd:
-                    raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
-                return entry & ADDR_MASK, shift, perm
+                    return C_FR_PAGING_ENTRY_RSVD
+                out.leaf = entry & ADDR_MASK
+                out.perm = perm
+                return 0
             if entry & RSVD_NONLEAF:
-                raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
+                return C_FR_PAGING_ENTRY_RSVD
             table = entry & ADDR_MASK
         raise AssertionError("unreachable: level 1 always returns")

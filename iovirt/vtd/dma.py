@@ -22,8 +22,10 @@ software invalidates them (spec 6.5).
 
 from __future__ import annotations
 
+import importlib
 import weakref
 
+from iovirt import _accel
 from iovirt.memory import Access, GuestMemory, GuestMemoryError
 from iovirt.virtio.iotlb import CachedTranslator
 from iovirt.vtd.caches import ContextCache, ContextCacheEntry, Iotlb, IotlbEntry
@@ -227,7 +229,45 @@ class DmaRemapper:
         return DmarFault(addr, length, Access(acc), source_id, reason, fault_addr, recorded)
 
 
-class DmaTranslator(CachedTranslator):
+class PyDmaTranslatorBase(CachedTranslator):
+    """A device translator's state and its miss handler, in Python: every miss asks the unit.
+
+    The reference twin of ``iovirt.vtd._dma.DmaTranslatorBase``, which
+    serves the common miss (context cached, the walk succeeds, access
+    allowed) in C and hands everything else to :meth:`DmaRemapper.translate`.
+    ``did`` is the domain whose entries ``cache`` holds (``None``: none yet).
+    Subclasses implement ``forget()``.
+    """
+
+    def __init__(self, remapper: DmaRemapper, source_id: int) -> None:
+        super().__init__(remapper.iotlb.capacity)
+        self._remapper = remapper
+        self.source_id = source_id
+        self.did: int | None = None
+
+    def fill(self, iova: int, length: int, access: Access) -> list[tuple[int, int]]:
+        """Translate through the unit (see :meth:`DmaRemapper.translate`), copying the entries used."""
+        return self._remapper.translate(self.source_id, iova, length, access, self)
+
+
+def _translator_base() -> type:
+    """The C miss handler's base class when it is built, else :class:`PyDmaTranslatorBase`.
+
+    Follows :mod:`iovirt._accel` (``IOVIRT_NO_EXTENSIONS``,
+    ``IOVIRT_REQUIRE_EXTENSIONS``), like :func:`iovirt.vtd.walk.table_walker`.
+    """
+    if not _accel.NO_EXTENSIONS:
+        try:
+            ext = importlib.import_module("iovirt.vtd._dma")
+        except ImportError:
+            if _accel.REQUIRE_EXTENSIONS:
+                raise
+        else:
+            return ext.DmaTranslatorBase
+    return PyDmaTranslatorBase
+
+
+class DmaTranslator(_translator_base()):  # type: ignore[misc]
     """One requester's view of the IOMMU: an :class:`iovirt.memory.Translator`.
 
     ``memory.with_translator(unit.dma_translator(sid))`` gives a device an
@@ -238,15 +278,8 @@ class DmaTranslator(CachedTranslator):
     """
 
     def __init__(self, remapper: DmaRemapper, source_id: int) -> None:
-        super().__init__(remapper.iotlb.capacity)
-        self._remapper = remapper
-        self.source_id = source_id
-        self.did: int | None = None
+        super().__init__(remapper, source_id)
         remapper.add_translator(self)
-
-    def fill(self, iova: int, length: int, access: Access) -> list[tuple[int, int]]:
-        """Translate through the unit (see :meth:`DmaRemapper.translate`), copying the entries used."""
-        return self._remapper.translate(self.source_id, iova, length, access, self)
 
     def forget(self) -> None:
         """Drop every cached translation (the device's context or the unit's state changed)."""
