@@ -51,7 +51,6 @@ from iovirt.vhost_user.messages import (
     MemoryTable,
     ProtocolFeature as PF,
     Rarp,
-    SingleMemRegion,
     U64,
     VringAddr,
     VringFile,
@@ -182,6 +181,7 @@ class BackendSession:
         """The front-end went away: stop every ring, drop the memory, reset the device."""
         if self.iotlb is not None:
             log.info("%s: IOTLB: %s", self.label, ", ".join(f"{v} {k}" for k, v in self.iotlb.stats.items()))
+        self.dataplane.remove_before_handler(self)
         with self.dataplane.lock:
             for vring in self.vrings:
                 self._stop_ring(vring)
@@ -683,6 +683,7 @@ class BackendSession:
 
     def _use_iotlb(self, enabled: bool) -> None:
         """A fresh, empty device IOTLB in front of the device's memory (or none)."""
+        self.dataplane.remove_before_handler(self)
         if not enabled:
             self.iotlb = None
             self.dma_memory = self.memory
@@ -692,6 +693,9 @@ class BackendSession:
         iotlb.pinned = self._running_ring_ranges
         self.iotlb = iotlb
         self.dma_memory = self.memory.with_translator(iotlb)
+        # Buffer translations last one handler run (see DeviceIotlb.forget_unpinned):
+        # every data-plane handler starts from an IOTLB holding only the rings.
+        self.dataplane.add_before_handler(self, iotlb.forget_unpinned)
 
     def _ring_ranges(self, vring: Vring) -> list[tuple[int, int]]:
         """IOVA ranges ``(start, end)`` of the ring parts of ``vring`` if its device queue runs."""

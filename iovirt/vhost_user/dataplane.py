@@ -32,6 +32,7 @@ class DataPlane:
         self._epoll = select.epoll()
         self._handlers: dict[int, tuple[Handler, bool]] = {}
         self._pollers: dict[object, Handler] = {}
+        self._before_handler: dict[object, Handler] = {}
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
@@ -83,6 +84,14 @@ class DataPlane:
         """Stop polling ``key``."""
         self._pollers.pop(key, None)
 
+    def add_before_handler(self, key: object, hook: Handler) -> None:
+        """Run ``hook`` before every device handler (kick, poll, TAP read) runs."""
+        self._before_handler[key] = hook
+
+    def remove_before_handler(self, key: object) -> None:
+        """Stop running ``key``'s before-handler hook."""
+        self._before_handler.pop(key, None)
+
     def _run(self) -> None:
         while not self._stop:
             timeout = POLL_INTERVAL_S if self._pollers else -1
@@ -105,9 +114,10 @@ class DataPlane:
                 for handler in list(self._pollers.values()):
                     self._call(handler)
 
-    @staticmethod
-    def _call(handler: Handler) -> None:
+    def _call(self, handler: Handler) -> None:
         try:
+            for hook in list(self._before_handler.values()):
+                hook()
             handler()
         except Exception:  # a device bug must not stop every other device
             log.exception("data-plane handler failed")

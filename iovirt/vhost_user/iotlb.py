@@ -90,6 +90,7 @@ class DeviceIotlb:
         self.on_resolved: Callable[[], None] | None = None
         """Called after an UPDATE that answered an outstanding miss."""
         self.pinned: Callable[[], Iterable[tuple[int, int]]] = tuple
+        self._used: set[int] = set()  # starts of entries translated through since forget_unpinned
         """IOVA ranges ``(start, end)`` whose entries must not be retired."""
         self._starts: list[int] = []
         self._entries: dict[int, IotlbEntry] = {}  # by iova, oldest first
@@ -139,18 +140,24 @@ class DeviceIotlb:
     def invalidate(self, iova: int, size: int) -> bool:
         """Apply an INVALIDATE: no IOVA of ``[iova, iova+size)`` translates afterwards.
 
-        Returns whether any entry was touched.  Raises :class:`IotlbError`
-        for a zero size or a range wrapping 2^64.
+        A size of 0, or a range past 2^64, invalidates up to the end of the
+        address space, as Linux's vhost does (``vhost_iotlb_del_range(iova,
+        iova + size - 1)`` wraps).  QEMU sends exactly that for a whole
+        device-TLB flush: its ``addr_mask + 1`` overflows to 0, and a guest in
+        the default lazy mode flushes that way.  Invalidating too much is
+        always safe; too little would leave stale translations.
+        Returns whether any entry was touched.
         """
-        _check_range("INVALIDATE", iova, size)
+        end = iova + size if size and iova + size <= _U64_END else _U64_END
         self.stats["invalidates"] += 1
-        return self._remove(iova, iova + size)
+        return self._remove(iova, end)
 
     def clear(self) -> None:
         """Drop every entry and forget outstanding misses."""
         self._starts.clear()
         self._entries.clear()
         self._outstanding.clear()
+        self._used.clear()
 
     def _find(self, addr: int) -> IotlbEntry | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -180,6 +187,28 @@ class DeviceIotlb:
             if entry.end > hi:
                 self._insert(entry.piece(hi, entry.end))
         return bool(hit)
+
+    def forget_unpinned(self) -> None:
+        """Drop every entry used since the last call that no running ring part overlaps.
+
+        Called before each data-plane handler run (a kick, a TAP read), so a
+        buffer translation lasts from its UPDATE through the run that first
+        uses it: a front-end may unmap and reuse an IOVA without telling the
+        back-end.  QEMU 7.2's vIOMMU (caching mode,
+        device-iotlb=on) forwards no invalidation for a Linux guest's lazy
+        flushes, so a buffer translation cannot be trusted beyond the run that
+        used it; the next use misses and is answered from the guest's current
+        page tables.  Ring parts stay: a driver does not move a running ring.
+        """
+        if not self._used:
+            return
+        pinned = list(self.pinned())
+        for start in self._used:
+            entry = self._entries.get(start)
+            if entry is not None and not any(entry.iova < end and lo < entry.end for lo, end in pinned):
+                self._starts.remove(start)
+                del self._entries[start]
+        self._used.clear()
 
     def _retire(self) -> None:
         if len(self._entries) <= self.max_entries:
@@ -238,6 +267,7 @@ class DeviceIotlb:
                 continue
             if access & ~entry.perm:
                 self._access_fail(pos, access, entry)
+            self._used.add(entry.iova)
             n = min(entry.end, end) - pos
             if not missing:
                 try:

@@ -40,5 +40,6 @@ cdef class IotlbCache:
 cdef class CachedTranslator:
     cdef readonly IotlbCache cache
 
-    cdef int resolve(self, uint64_t iova, uint64_t length, uint64_t *gpa, bint *writable) noexcept nogil
-    cdef int _miss(self, uint64_t iova, uint64_t length, uint64_t *first_gpa, bint *contiguous, bint *cached) noexcept
+    cdef int resolve(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *gpa, bint *writable) noexcept nogil
+    cdef int _miss(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *first_gpa, bint *contiguous,
+                   bint *cached) noexcept

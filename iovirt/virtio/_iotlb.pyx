@@ -73,6 +73,7 @@ cdef enum:
 
 cdef int[3] _SHIFT = [12, 21, 30]
 cdef object _READ = Access.READ
+cdef object _WRITE = Access.WRITE
 
 
 cdef inline uint64_t _home(uint64_t tag, uint64_t mask, int bits) noexcept nogil:
@@ -357,8 +358,8 @@ cdef class CachedTranslator:
             left -= r
         return pieces
 
-    cdef int resolve(self, uint64_t iova, uint64_t length, uint64_t *gpa, bint *writable) noexcept nogil:
-        """Check ``[iova, iova+length)`` (length > 0) for reading, as ``translate(..., READ)`` would.
+    cdef int resolve(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *gpa, bint *writable) noexcept nogil:
+        """Check ``[iova, iova+length)`` (length > 0) for ``access`` (1 read, 2 write), as ``translate`` would.
 
         Returns ``TR_MAPPED`` with the start in ``*gpa`` when the range is one
         GPA run, ``TR_SCATTERED`` when it is not; ``*writable`` says whether
@@ -370,7 +371,7 @@ cdef class CachedTranslator:
         cdef bint first = True, contiguous = True, answered
         cdef int rc
         while length:
-            if self.cache._lookup(iova, length, 1, &g, &r, &p):
+            if self.cache._lookup(iova, length, access, &g, &r, &p):
                 if first:
                     start = g
                     first = False
@@ -382,7 +383,7 @@ cdef class CachedTranslator:
                 length -= r
                 continue
             with gil:
-                rc = self._miss(iova, length, &g, &contiguous, &answered)
+                rc = self._miss(iova, length, access, &g, &contiguous, &answered)
                 if rc != TR_MAPPED:
                     return rc
             if answered:
@@ -399,12 +400,13 @@ cdef class CachedTranslator:
         writable[0] = (perms & 2) != 0
         return TR_MAPPED if contiguous else TR_SCATTERED
 
-    cdef int _miss(self, uint64_t iova, uint64_t length, uint64_t *first_gpa, bint *contiguous, bint *cached) noexcept:
+    cdef int _miss(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *first_gpa, bint *contiguous,
+                   bint *cached) noexcept:
         """Call ``fill``; report whether the cache now holds ``iova`` and, if not, the pieces' shape."""
         cdef uint64_t g, r, expect
         cdef uint32_t p
         try:
-            pieces = self.fill(iova, length, _READ)
+            pieces = self.fill(iova, length, _WRITE if access == 2 else _READ)
         except TranslationPending:
             return TR_PENDING
         except GuestMemoryError:
@@ -412,7 +414,7 @@ cdef class CachedTranslator:
         except Exception:
             log.exception("translator %r: miss handler failed for [%#x, +%#x)", self, iova, length)
             return TR_ERROR
-        cached[0] = self.cache._lookup(iova, length, 1, &g, &r, &p)
+        cached[0] = self.cache._lookup(iova, length, access, &g, &r, &p)
         if cached[0]:
             return TR_MAPPED
         try:

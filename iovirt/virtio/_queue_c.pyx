@@ -40,7 +40,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
-from iovirt.memory import GuestMemoryError, TranslationPending
+from iovirt.memory import Access, GuestMemoryError, TranslationPending
 from iovirt.virtio._iotlb cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.errors import (
@@ -440,7 +440,8 @@ cdef class SplitQueue:
             if host[0] != NULL or length == 0:
                 return 0
         elif self._ct is not None and length != 0:
-            rc = self._ct.resolve(addr, length, &gpa, &may_write)
+            # A device-writable buffer needs write permission, a readable one read.
+            rc = self._ct.resolve(addr, length, 2 if writable else 1, &gpa, &may_write)
             if rc == TR_PENDING:
                 return E_PENDING
             if rc != TR_MAPPED and rc != TR_SCATTERED:
@@ -455,7 +456,7 @@ cdef class SplitQueue:
             # translation is cached by now), and the buffer has no host pointer.
         with gil:
             try:
-                self.memory.check_range(addr, length)
+                self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
             except TranslationPending:
                 return E_PENDING
             except GuestMemoryError:

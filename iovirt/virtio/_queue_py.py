@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from iovirt.memory import GuestMemory, GuestMemoryError, TranslationPending
+from iovirt.memory import Access, GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.virtio.chain import ChainBatch, DescChain
 from iovirt.virtio.defs import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -237,7 +237,7 @@ class SplitQueue:
                     raise IndirectTableError(
                         f"indirect table length {length} is zero or not a multiple of {VIRTQ_DESC_SIZE}", q, i, head
                     )
-                self._check_buffer(addr, length, i, head)
+                self._check_buffer(addr, length, i, head, writable=False)
                 count = length // VIRTQ_DESC_SIZE
                 if len(buffers) + count > self.size:
                     raise ChainTooLongError(
@@ -249,7 +249,7 @@ class SplitQueue:
             if seen_writable and not writable:
                 raise DescOrderError("device-readable descriptor after a device-writable one", q, i, head)
             seen_writable = writable
-            self._check_buffer(addr, length, i, head)
+            self._check_buffer(addr, length, i, head, writable)
             buffers.append((addr, length, writable))
             if len(buffers) > self.size:
                 raise ChainTooLongError(f"chain longer than Queue Size {self.size}", q, i, head)
@@ -259,11 +259,12 @@ class SplitQueue:
                 raise DescIndexError(f"next {nxt} >= table size {table_len}", q, i, head)
             i = nxt
 
-    def _check_buffer(self, addr: int, length: int, desc: int, head: int) -> None:
+    def _check_buffer(self, addr: int, length: int, desc: int, head: int, writable: bool) -> None:
         if addr + length - 1 > _U64_MAX:
             raise DescBufferError("buffer wraps past 2^64", self.index, desc, head, addr, length)
         try:
-            self.memory.check_range(addr, length)
+            # A device-writable buffer needs write permission, a readable one read (VT-d R/W).
+            self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
         except TranslationPending:
             raise
         except GuestMemoryError as exc:

@@ -103,14 +103,24 @@ def test_unmapped_buffer_is_a_descriptor_error(mem, queue_cls):
 
 
 def test_writable_buffer_on_read_only_page(mem, queue_cls):
-    # Buffers are checked for reading (both implementations); the write itself faults.
+    # A device-writable buffer is checked for write permission when popped (both
+    # implementations): on a read-only page the chain is rejected, nothing written.
     translator, drv, dev_mem, dev = setup(mem, queue_cls, {IOVA: (0x8_0000, R)})
     drv.add_chain(writable=[(IOVA, 8)])
     drv.publish()
-    chain = dev.pop()
-    with pytest.raises(TranslationFault):
-        write_chain(dev_mem, chain, b"12345678")
+    with pytest.raises(DescBufferError):
+        dev.pop()
     assert mem.read(0x8_0000, 8) == bytes(8)
+
+
+def test_writable_buffer_on_write_only_page(mem, queue_cls):
+    # DMA_FROM_DEVICE mappings are write-only: enough for a device-writable buffer.
+    translator, drv, dev_mem, dev = setup(mem, queue_cls, {IOVA: (0x8_0000, 2)})
+    drv.add_chain(writable=[(IOVA, 8)])
+    drv.publish()
+    chain = dev.pop()
+    write_chain(dev_mem, chain, b"12345678")
+    assert mem.read(0x8_0000, 8) == b"12345678"
 
 
 def test_pending_translation_leaves_the_chain_available(mem, queue_cls):
