@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Callable
 from iovirt.vhost_user import profiles
 from iovirt.vhost_user.backend import BackendSession, RequestRefused
 from iovirt.vhost_user.dataplane import DataPlane
@@ -149,8 +150,34 @@ class VhostUserServer:
                         self._accept(obj)
                     elif kind == "conn":
                         self._readable(obj)
+                    elif kind == "reader":
+                        self._run_reader(obj)
         finally:
             self.close()
+
+    def add_reader(self, fd: int, handler: Callable[[], object]) -> None:
+        """Run ``handler`` in the control loop whenever ``fd`` is readable.
+
+        This is how other event sources share the back-end's loop and clock,
+        e.g. the timer multiplexer of the virtual LAPICs
+        (``server.add_reader(mux.fileno(), mux.on_host_timer)``): guest timers
+        and device requests are then served by one thread.
+        """
+        self.selector.register(fd, selectors.EVENT_READ, ("reader", handler))
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd``."""
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    @staticmethod
+    def _run_reader(handler: Callable[[], object]) -> None:
+        try:
+            handler()
+        except Exception:  # one event source's bug must not stop the back-end
+            log.exception("control-loop reader %r failed", handler)
 
     def stop(self) -> None:
         """Ask the loop to return (safe from a signal handler or another thread)."""
