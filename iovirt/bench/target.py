@@ -26,14 +26,8 @@ from iovirt.errors import IovirtError
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.bench.errors import TargetError
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
-from iovirt.virtio.defs import (
-    VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    VIRTIO_CONFIG_S_DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_F_EVENT_IDX,
-)
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.driver import DriverQueue
 
@@ -149,14 +143,7 @@ class VhostUserTarget:
     def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (and ENABLE) for each ring."""
         try:
-            queues = self.driver.start_queues(list(indexes), size)
-            if self.driver.protocol_features >> ProtocolFeature.VHOST_USER_PROTOCOL_F_STATUS & 1:
-                # With F_STATUS a back-end may serve nothing before DRIVER_OK (DPDK's vhost library waits for it).
-                self.driver.frontend.set_status(
-                    VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
-                    | VIRTIO_CONFIG_S_DRIVER_OK
-                )
-            return queues
+            return self.driver.start_queues(list(indexes), size)  # ends with DRIVER_OK under F_STATUS
         except (IovirtError, OSError) as exc:
             raise TargetError(self.name, f"vring setup failed: {exc}") from exc
 

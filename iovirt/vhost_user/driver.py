@@ -16,9 +16,16 @@ from typing import Iterable
 
 from iovirt.memory import BumpAllocator
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from iovirt.vhost_user.viommu import FrontendIommu
-from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
+from iovirt.virtio.defs import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_EVENT_IDX,
+)
 from iovirt.virtio.driver import DriverQueue
 
 GUEST_BASE = 0x0
@@ -65,7 +72,13 @@ class VhostUserDriver:
         self.queues: dict[int, DriverQueue] = {}
 
     def start_queues(self, indexes: Iterable[int], size: int = 256) -> dict[int, DriverQueue]:
-        """Lay out rings in guest memory and hand them to the back-end (NUM/BASE/ADDR/CALL/KICK/ENABLE)."""
+        """Lay out rings in guest memory and hand them to the back-end (NUM/BASE/ADDR/CALL/KICK/ENABLE).
+
+        With VHOST_USER_PROTOCOL_F_STATUS negotiated, ends with SET_STATUS
+        DRIVER_OK as QEMU does: a back-end may serve nothing before it (DPDK's
+        vhost library waits for it).
+        """
+        indexes = list(indexes)
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         for index in indexes:
             queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
@@ -75,6 +88,11 @@ class VhostUserDriver:
             if self.iommu is not None:
                 # The misses for the ring were sent before SET_VRING_KICK was acked.
                 self.iommu.serve()
+        if self.protocol_features >> ProtocolFeature.VHOST_USER_PROTOCOL_F_STATUS & 1:
+            self.frontend.set_status(
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK
+            )
         return {i: self.queues[i] for i in indexes}
 
     def kick(self, index: int) -> None:
