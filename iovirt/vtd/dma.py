@@ -18,6 +18,13 @@ or queue, at any granularity, and eviction), every context-cache drop for
 the device and every change of GSTS.TES drops the copies too.  So a device
 sees exactly what the unit's caches serve, stale entries included, until
 software invalidates them (spec 6.5).
+
+A miss of that copy calls the translator's ``fill``.  In the accelerated
+build that is C (``iovirt.vtd._dma``): it serves the common miss (context
+cached, each page from the unit's IOTLB or a successful walk inserted into
+it, access allowed) on the unit's own caches, and hands anything else,
+faults included, to :meth:`DmaRemapper.translate`, which stays the model of
+record; :class:`PyDmaTranslatorBase` sends every miss there.
 """
 
 from __future__ import annotations
