@@ -324,6 +324,15 @@ class GuestMemory:
         """Increases whenever a region is added or removed."""
         return self._table.generation
 
+    @property
+    def region_table(self) -> RegionTable:
+        """The region table every view of this memory shares.
+
+        For hot paths that resolve addresses themselves: keep it and compare
+        its ``generation`` attribute (no property call) to notice map changes.
+        """
+        return self._table
+
     def add_region(self, region: MemoryRegion) -> None:
         """Add a region; it must not overlap an existing one."""
         self._table.add(region)

@@ -25,19 +25,6 @@ VirtioPciVf = virtual_function_class(VirtioPciFunction)
 """A VF built as a :class:`VirtioPciFunction`: ``VirtioPciVf(sriov, k, device, memory, iommu=None)``."""
 
 
-class SriovVirtioNet(VirtioNet):
-    """The PF's virtio-net device: offers VIRTIO_F_SR_IOV on top of virtio-net's features.
-
-    The bit belongs to the transport (virtio 1.2 §6), but the transport
-    passes every bit it offers on to the device's ``set_features``, so the
-    device offers it here.
-    """
-
-    def device_features(self) -> int:
-        """virtio-net's features plus VIRTIO_F_SR_IOV."""
-        return super().device_features() | 1 << VIRTIO_F_SR_IOV
-
-
 def vf_mac(pf_mac: bytes, vf_index: int) -> bytes:
     """VF ``vf_index``'s MAC: the PF's OUI, the PF's NIC-specific part plus ``vf_index + 1``."""
     nic = (int.from_bytes(pf_mac[3:], "big") + vf_index + 1) & 0xFFFFFF
@@ -53,7 +40,9 @@ def make_virtio_net_pf(
     iommu: Iommu | None = None,
 ) -> VirtioPciFunction:
     """A virtio-net PF with ``total_vfs`` virtio-net VFs on ``switch``; place it with ``attach_pf``."""
-    pf = VirtioPciFunction(SriovVirtioNet(mac, switch, label="pf"), memory, iommu=iommu)
+    pf = VirtioPciFunction(
+        VirtioNet(mac, switch, label="pf"), memory, iommu=iommu, transport_features=1 << VIRTIO_F_SR_IOV
+    )
 
     def make_vf(sriov: SriovCapability, k: int) -> VfRole:
         device = VirtioNet(vf_mac(mac, k), switch, label=f"vf{k}")

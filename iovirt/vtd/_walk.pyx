@@ -54,7 +54,7 @@ cdef class TableWalker:
 
     def __init__(self, memory):
         self.memory = memory
-        self._table = memory._table
+        self._table = memory.region_table
         self._gen = None
 
     def __dealloc__(self):

@@ -96,6 +96,9 @@ def _feature_word(features: int, select: int) -> int:
 class TransportPort(Protocol):
     """What the common configuration needs from the transport around it."""
 
+    transport_features: int
+    """Transport bits offered besides ACCESS_PLATFORM; never passed on to the device."""
+
     def offered_features(self) -> int:
         """Feature bits offered to the driver (device bits plus transport bits)."""
         ...
@@ -319,7 +322,7 @@ class CommonCfg:
                         self.device.label)
             return False
         try:
-            self.device.set_features(features & ~TRANSPORT_FEATURES)
+            self.device.set_features(features & ~(TRANSPORT_FEATURES | self.port.transport_features))
         except IovirtError as exc:
             log.warning("%s: %s; FEATURES_OK stays clear", self.device.label, exc)
             return False

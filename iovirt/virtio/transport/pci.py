@@ -95,7 +95,9 @@ class VirtioPciFunction(PciFunction):
     the device-specific configuration changed.
     """
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, *, iommu: Iommu | None = None) -> None:
+    def __init__(
+        self, device: VirtioDevice, memory: GuestMemory, *, iommu: Iommu | None = None, transport_features: int = 0
+    ) -> None:
         super().__init__(
             VIRTIO_PCI_VENDOR_ID,
             VIRTIO_PCI_MODERN_DEVICE_BASE + device.device_id,
@@ -111,6 +113,9 @@ class VirtioPciFunction(PciFunction):
         self.device = device
         self.memory = memory
         self.iommu = iommu
+        # Transport bits this function offers besides ACCESS_PLATFORM (e.g. an SR-IOV
+        # PF's VIRTIO_F_SR_IOV, virtio 1.2 6): never passed on to the device.
+        self.transport_features = transport_features
         self.isr_status = 0
         self.common = CommonCfg(device, self)
 
@@ -140,8 +145,10 @@ class VirtioPciFunction(PciFunction):
 
     # -- TransportPort (used by CommonCfg) --------------------------------------
     def offered_features(self) -> int:
-        """The device's features minus what this transport cannot serve, plus ACCESS_PLATFORM with an IOMMU."""
+        """The device's features minus what this transport cannot serve, plus its transport bits
+        (ACCESS_PLATFORM with an IOMMU, ``transport_features``)."""
         features = self.device.device_features() & ~UNSERVED_FEATURES.get(self.device.device_id, 0)
+        features |= self.transport_features
         if self.iommu is not None:
             features |= 1 << VIRTIO_F_ACCESS_PLATFORM
         return features
