@@ -10,6 +10,13 @@ ones, so every operation stays O(log n) amortised.  One host timer is armed at
 the heap's minimum and re-armed whenever that minimum changes (after an
 add, a cancel of the earliest timer, or an expiry batch) -- the rule of Linux
 ``timerqueue_add`` returning "new leftmost".
+
+Deadlines beyond a horizon (one second past the last dispatch) wait in a
+second, *far* heap that the expiry path never touches, and move to the near
+heap once, when the horizon reaches them (as Linux's timer wheel keeps
+distant timers in coarse levels).  So timers armed far ahead -- a guest's
+idle TSC-deadline an hour away -- cost the busy timers' expirations nothing,
+however many there are.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from iovirt.timer.hosttimer import HostTimer
 # Rebuild once stale entries exceed live ones by this factor (plus a floor).
 _COMPACT_FACTOR = 2
 _COMPACT_FLOOR = 64
+# Deadlines further than this past the last dispatch wait in the far heap.
+HORIZON_NS = 1_000_000_000
 
 
 class MuxTimer:
@@ -71,8 +80,11 @@ class TimerMultiplexer:
         self.slack_ns = slack_ns
         self.now_ns = clock.now_ns
         self.host_timer = host_timer
-        self._heap: list[int] = []
-        self._buckets: dict[int, list[MuxTimer]] = {}
+        self._heap: list[int] = []  # near deadlines: before the horizon
+        self._far: list[int] = []  # deadlines at or after the horizon
+        self._horizon = clock.now_ns() + HORIZON_NS
+        self._buckets: dict[int, list[MuxTimer]] = {}  # near deadline -> timers
+        self._far_buckets: dict[int, list[MuxTimer]] = {}  # far deadline -> timers
         self._live = 0  # armed timers
         self._entries = 0  # bucket entries, live and stale
         self._armed_at: int | None = None  # deadline the host timer is set to
@@ -89,17 +101,19 @@ class TimerMultiplexer:
         if old is None:
             self._live += 1
         timer._mux_deadline = deadline_ns
-        bucket = self._buckets.get(deadline_ns)
+        near = deadline_ns < self._horizon
+        buckets = self._buckets if near else self._far_buckets
+        bucket = buckets.get(deadline_ns)
         if bucket is None:
-            self._buckets[deadline_ns] = [timer]
-            heapq.heappush(self._heap, deadline_ns)
+            buckets[deadline_ns] = [timer]
+            heapq.heappush(self._heap if near else self._far, deadline_ns)
         else:
             bucket.append(timer)
         self._entries += 1
         if not self._dispatching:
             self._maybe_compact()
-            if old is not None and old == self._heap[0]:
-                self._drop_stale_head()
+            if old is not None and old == self._head():
+                self._drop_stale_heads()
             self._rearm()
 
     def cancel(self, timer: MuxTimer) -> None:
@@ -109,8 +123,8 @@ class TimerMultiplexer:
             return
         timer._mux_deadline = None
         self._live -= 1
-        if not self._dispatching and old == self._heap[0]:
-            self._drop_stale_head()
+        if not self._dispatching and old == self._head():
+            self._drop_stale_heads()
             self._rearm()
 
     # --- expiry -------------------------------------------------------------------------
@@ -126,6 +140,7 @@ class TimerMultiplexer:
         pop = heapq.heappop
         now_ns = self.now_ns
         now = now_ns()
+        self._advance_horizon(now)
         fired = 0
         self._dispatching = True
         try:
@@ -150,7 +165,7 @@ class TimerMultiplexer:
         self.expirations += fired
         self.dispatches += 1
         self._maybe_compact()
-        self._drop_stale_head()
+        self._drop_stale_heads()
         self._rearm()
         return fired
 
@@ -162,8 +177,8 @@ class TimerMultiplexer:
     # --- queries ------------------------------------------------------------------------
     def next_deadline_ns(self) -> int | None:
         """The earliest live deadline, or None when nothing is armed."""
-        self._drop_stale_head()
-        return self._heap[0] if self._heap else None
+        self._drop_stale_heads()
+        return self._head()
 
     def timeout_ns(self) -> int | None:
         """Nanoseconds until the earliest deadline (0 if past), None when idle."""
@@ -185,10 +200,28 @@ class TimerMultiplexer:
         return 1
 
     # --- internals ----------------------------------------------------------------------
-    def _drop_stale_head(self) -> None:
-        """Pop buckets at the top of the heap that hold no live timer."""
-        heap = self._heap
-        buckets = self._buckets
+    def _head(self) -> int | None:
+        """The earliest deadline held (near ones all precede far ones)."""
+        if self._heap:
+            return self._heap[0]
+        return self._far[0] if self._far else None
+
+    def _advance_horizon(self, now: int) -> None:
+        """Move the horizon to ``now + HORIZON_NS``; far deadlines before it become near."""
+        self._horizon = horizon = now + HORIZON_NS
+        far = self._far
+        while far and far[0] < horizon:
+            due = heapq.heappop(far)
+            heapq.heappush(self._heap, due)
+            self._buckets[due] = self._far_buckets.pop(due)
+
+    def _drop_stale_heads(self) -> None:
+        """Pop buckets at the top of the heaps that hold no live timer."""
+        self._drop_stale_head(self._heap, self._buckets)
+        if not self._heap:
+            self._drop_stale_head(self._far, self._far_buckets)
+
+    def _drop_stale_head(self, heap: list[int], buckets: dict[int, list[MuxTimer]]) -> None:
         while heap:
             due = heap[0]
             bucket = buckets[due]
@@ -200,7 +233,7 @@ class TimerMultiplexer:
             self._entries -= len(bucket)
 
     def _rearm(self) -> None:
-        head = self._heap[0] if self._heap else None
+        head = self._head()
         if head != self._armed_at:
             self._armed_at = head
             self.host_timer.arm(None if head is None else head + self.slack_ns)
@@ -212,14 +245,17 @@ class TimerMultiplexer:
         """
         if self._entries <= _COMPACT_FACTOR * self._live + _COMPACT_FLOOR:
             return
-        buckets: dict[int, list[MuxTimer]] = {}
+        near: dict[int, list[MuxTimer]] = {}
+        far: dict[int, list[MuxTimer]] = {}
         seen: set[int] = set()
-        for due, bucket in self._buckets.items():
-            for timer in bucket:
-                if timer._mux_deadline == due and id(timer) not in seen:
-                    seen.add(id(timer))
-                    buckets.setdefault(due, []).append(timer)
-        self._buckets = buckets
-        self._heap = list(buckets)
+        for old in (self._buckets, self._far_buckets):
+            for due, bucket in old.items():
+                for timer in bucket:
+                    if timer._mux_deadline == due and id(timer) not in seen:
+                        seen.add(id(timer))
+                        (near if due < self._horizon else far).setdefault(due, []).append(timer)
+        self._buckets, self._far_buckets = near, far
+        self._heap, self._far = list(near), list(far)
         heapq.heapify(self._heap)
+        heapq.heapify(self._far)
         self._entries = len(seen)

@@ -154,3 +154,28 @@ def test_slack_delays_the_host_timer_but_never_fires_early():
     assert mux.dispatch() == 0
     run_until(mux, clock, 2000)
     assert [(n, now) for n, _, now in log] == [("a", 1100), ("b", 1100)]  # one wakeup for both
+
+
+def test_far_deadlines_wait_outside_the_expiry_path_and_fire_on_time():
+    from iovirt.timer.mux import HORIZON_NS
+
+    mux, clock = fake_multiplexer(0)
+    log = []
+    hour = 3600 * 10**9
+    idle = [_recorder(log, f"idle{i}") for i in range(1000)]
+    for i, timer in enumerate(idle):
+        mux.arm(timer, hour + i)
+    assert mux.host_timer.armed_at == hour  # the one host timer covers far deadlines too
+    assert len(mux._heap) == 0  # nothing near: the expiry path sees none of them
+    busy = _recorder(log, "busy")
+    mux.arm(busy, 10_000_000)
+    assert len(mux._heap) == 1 and mux.host_timer.armed_at == 10_000_000
+    run_until(mux, clock, 20_000_000)
+    assert [(name, due) for name, due, _ in log] == [("busy", 10_000_000)]
+    mux.cancel(idle[0])  # a far timer can be cancelled
+    run_until(mux, clock, hour + 5)
+    assert [(name, due) for name, due, _ in log[1:]] == [(f"idle{i}", hour + i) for i in range(1, 6)]  # on time, in order
+    assert mux.armed_timers == 1000 - 6
+    # A deadline just inside the horizon is near; just past it, far.
+    mux.arm(_recorder(log, "edge"), clock.now_ns() + HORIZON_NS - 1)
+    assert len(mux._heap) >= 1
