@@ -23,23 +23,14 @@ from iovirt.virtio import _iotlb_py
 
 __all__ = ["CachedTranslator", "IotlbCache", "IMPLEMENTATION", "PAGE_SIZES", "implementations"]
 
-if TYPE_CHECKING or _accel.NO_EXTENSIONS:
+if TYPE_CHECKING:
     from iovirt.virtio._iotlb_py import IMPLEMENTATION, PAGE_SIZES, CachedTranslator, IotlbCache
 else:
-    try:
-        from iovirt.virtio._iotlb import IMPLEMENTATION, PAGE_SIZES, CachedTranslator, IotlbCache
-    except ImportError:
-        if _accel.REQUIRE_EXTENSIONS:
-            raise
-        from iovirt.virtio._iotlb_py import IMPLEMENTATION, PAGE_SIZES, CachedTranslator, IotlbCache
+    _impl = _accel.load("iovirt.virtio._iotlb") or _iotlb_py
+    IMPLEMENTATION, PAGE_SIZES = _impl.IMPLEMENTATION, _impl.PAGE_SIZES
+    CachedTranslator, IotlbCache = _impl.CachedTranslator, _impl.IotlbCache
 
 
 def implementations() -> dict[str, type]:
     """Every importable ``IotlbCache`` implementation by name (for tests)."""
-    found: dict[str, type] = {"python": _iotlb_py.IotlbCache}
-    try:
-        from iovirt.virtio import _iotlb
-    except ImportError:
-        return found
-    found["cython"] = _iotlb.IotlbCache
-    return found
+    return _accel.implementations("iovirt.virtio._iotlb", _iotlb_py, "IotlbCache")

@@ -17,29 +17,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iovirt import _accel
-from iovirt.virtio import _queue_py
+from iovirt.virtio import _queue_py, chain
 
 __all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations"]
 
-if TYPE_CHECKING or _accel.NO_EXTENSIONS:
+if TYPE_CHECKING:
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
     from iovirt.virtio.chain import ChainBatch
 else:
-    try:
-        from iovirt.virtio._queue_c import IMPLEMENTATION, ChainBatch, SplitQueue
-    except ImportError:
-        if _accel.REQUIRE_EXTENSIONS:
-            raise
-        from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
-        from iovirt.virtio.chain import ChainBatch
+    _impl = _accel.load("iovirt.virtio._queue_c") or _queue_py
+    IMPLEMENTATION, SplitQueue = _impl.IMPLEMENTATION, _impl.SplitQueue
+    # The reference batches in chain.ChainBatch; the accelerated queue has its own.
+    ChainBatch = getattr(_impl, "ChainBatch", None) or chain.ChainBatch
 
 
 def implementations() -> dict[str, type]:
     """Every importable ``SplitQueue`` implementation by name (for tests and benchmarks)."""
-    found: dict[str, type] = {"python": _queue_py.SplitQueue}
-    try:
-        from iovirt.virtio import _queue_c
-    except ImportError:
-        return found
-    found["cython"] = _queue_c.SplitQueue
-    return found
+    return _accel.implementations("iovirt.virtio._queue_c", _queue_py, "SplitQueue")

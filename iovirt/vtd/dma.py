@@ -29,7 +29,6 @@ record; :class:`PyDmaTranslatorBase` sends every miss there.
 
 from __future__ import annotations
 
-import importlib
 import weakref
 
 from iovirt import _accel
@@ -263,15 +262,8 @@ def _translator_base() -> type:
     Follows :mod:`iovirt._accel` (``IOVIRT_NO_EXTENSIONS``,
     ``IOVIRT_REQUIRE_EXTENSIONS``), like :func:`iovirt.vtd.walk.table_walker`.
     """
-    if not _accel.NO_EXTENSIONS:
-        try:
-            ext = importlib.import_module("iovirt.vtd._dma")
-        except ImportError:
-            if _accel.REQUIRE_EXTENSIONS:
-                raise
-        else:
-            return ext.DmaTranslatorBase
-    return PyDmaTranslatorBase
+    ext = _accel.load("iovirt.vtd._dma")
+    return PyDmaTranslatorBase if ext is None else ext.DmaTranslatorBase
 
 
 class DmaTranslator(_translator_base()):  # type: ignore[misc]

@@ -11,7 +11,6 @@ read or write fault); reserved bits are checked only in present entries.
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Callable
 
 from iovirt import _accel
@@ -93,12 +92,5 @@ def table_walker(mem: GuestMemory) -> Walker:
     forces this module's walk, ``IOVIRT_REQUIRE_EXTENSIONS`` makes a missing
     build an error).
     """
-    if not _accel.NO_EXTENSIONS:
-        try:
-            ext = importlib.import_module("iovirt.vtd._walk")
-        except ImportError:
-            if _accel.REQUIRE_EXTENSIONS:
-                raise
-        else:
-            return ext.TableWalker(mem).walk
-    return functools.partial(walk_second_level, mem)
+    ext = _accel.load("iovirt.vtd._walk")
+    return functools.partial(walk_second_level, mem) if ext is None else ext.TableWalker(mem).walk

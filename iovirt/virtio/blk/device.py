@@ -22,10 +22,11 @@ import struct
 from iovirt.memory import Access, GuestMemory, GuestMemoryError
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt import _accel
 from iovirt.virtio import accel as _loader
 from iovirt.virtio.queue import SplitQueue
 
-_fast = _loader.load("blk._datapath")
+_fast = _accel.load("iovirt.virtio.blk._datapath")
 
 VIRTIO_ID_BLOCK = 2
 

@@ -1,14 +1,15 @@
 """Which virtio-net data path runs: the Cython batch path unless told otherwise.
 
 ``accel`` is the ``_datapath`` extension, or ``None`` when the per-frame
-Python path in ``device.py`` (the reference) runs; see :mod:`iovirt.virtio.accel`.
+Python path in ``device.py`` (the reference) runs; see :mod:`iovirt._accel`.
 """
 
 from __future__ import annotations
 
+from iovirt import _accel
 from iovirt.virtio import accel as _loader
 
-accel = _loader.load("net._datapath")
+accel = _accel.load("iovirt.virtio.net._datapath")
 IMPLEMENTATION = "cython" if accel is not None else "python"
 
 
