@@ -205,14 +205,18 @@ def call_nofd(ctx: Context) -> None:
     Workload(ctx, link, call=False).run(2)
 
 
-@check("vhost-user:SET_MEM_TABLE", "eight memory regions, rings and buffers in different ones, are all usable")
-def mem_table_8(ctx: Context) -> None:
-    link = ctx.open(regions=8)
+def _use_every_region(ctx: Context, link) -> None:
+    """One buffer in each of the link's memory regions; every one must come back used."""
     work = Workload(ctx, link)
     for alloc in link.allocs:
         work.post(alloc=alloc)
     link.submit(work.index)
     link.wait_used(work.index, len(link.allocs))
+
+
+@check("vhost-user:SET_MEM_TABLE", "eight memory regions, rings and buffers in different ones, are all usable")
+def mem_table_8(ctx: Context) -> None:
+    _use_every_region(ctx, ctx.open(regions=8))
 
 
 @check(
@@ -226,11 +230,7 @@ def mem_slots(ctx: Context) -> None:
     expect(slots >= 1, f"GET_MAX_MEM_SLOTS returned {slots}")
     for _ in range(min(slots, 10) - 1):
         link.add_region(mem_slots=True)
-    work = Workload(ctx, link)
-    for alloc in link.allocs:
-        work.post(alloc=alloc)
-    link.submit(work.index)
-    link.wait_used(work.index, len(link.allocs))
+    _use_every_region(ctx, link)
 
 
 @check(
