@@ -139,17 +139,28 @@ class Platform:
             raise PlatformError("the platform was built without an IOMMU (iommu=True)")
         vtd = VtdDriver(self.iommu, self.memory, self.table_alloc)
         vtd.init()
-        for did, function in enumerate(self.functions, 1):
-            domain = vtd.create_domain(did)
-            vtd.attach(function.requester_id, domain)
-            vtd.map(domain, self.dma_region[0], self.dma_region[0], self.dma_region[1], PTE_R | PTE_W)
-            self.domains[function.requester_id] = domain
+        self.vtd_driver = vtd
+        for function in self.functions:
+            self.iommu_attach(function.requester_id)
         vtd.enable_translation()
         if interrupt_remapping:
             vtd.setup_interrupt_remapping(allow_compat=False)
             self.irq.enable_remapping(vtd)
-        self.vtd_driver = vtd
         return vtd
+
+    def iommu_attach(self, requester_id: int) -> None:
+        """Give ``requester_id`` a domain of its own with the driver DMA memory identity-mapped.
+
+        What intel-iommu does for each device it probes (also for SR-IOV VFs
+        added later: each translates through its own context entry).
+        """
+        vtd = self.vtd_driver
+        if vtd is None:
+            raise PlatformError("enable_iommu() first")
+        domain = vtd.create_domain(len(self.domains) + 1)
+        vtd.attach(requester_id, domain)
+        vtd.map(domain, self.dma_region[0], self.dma_region[0], self.dma_region[1], PTE_R | PTE_W)
+        self.domains[requester_id] = domain
 
     def service_interrupts(self) -> int:
         """Every vCPU takes its pending interrupts (handlers run); returns how many."""

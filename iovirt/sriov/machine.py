@@ -60,6 +60,11 @@ class SriovNetMachine:
         self.iov.assign_vf_bars(BumpAllocator(*VF_BAR_WINDOW))
         self.pf_driver: VirtioPciDriver | None = None
 
+    def enable_iommu(self, interrupt_remapping: bool = True) -> None:
+        """Turn DMA remapping on as intel-iommu would: the PF now, each VF as it is enabled."""
+        self.platform.enable_iommu(interrupt_remapping)
+        self.platform.iommu_attach(self.pf.requester_id)
+
     def bring_up_pf(self, queues: int | None = None) -> VirtioPciDriver:
         """Bind the virtio-pci driver to the PF and bring it to DRIVER_OK."""
         driver = self.platform.driver(self.pf)
@@ -77,7 +82,11 @@ class SriovNetMachine:
         if not num_vfs:
             self.iov.disable()
             return []
-        return self.iov.enable(num_vfs)
+        vfs = self.iov.enable(num_vfs)
+        if self.platform.vtd_driver is not None:
+            for vf in vfs:
+                self.platform.iommu_attach(vf.rid)
+        return vfs
 
     def vf_driver(self, vf: EnumeratedVf) -> VirtioPciDriver:
         """A (not yet probed) virtio-pci driver for an added VF."""

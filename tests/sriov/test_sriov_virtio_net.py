@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from iovirt.memory import Access, TranslationFault
+
 from iovirt.platform.machine import Platform
 from iovirt.platform.net import VirtioNetDriver
 from iovirt.sriov import SriovDriverError
@@ -113,3 +115,35 @@ def test_disable_removes_vfs_and_reenable_gives_fresh_devices(machine) -> None:
     fresh.probe()
     assert fresh.status == 0  # the VF was reset when it went away
     fresh.bring_up()
+
+
+def test_vfs_run_with_dma_remapping_through_their_own_context_entries() -> None:
+    # Issue 6: SR-IOV VFs translate through their own context entries, as intel-iommu sets them up.
+    mux, _clock = fake_multiplexer()
+    with SriovNetMachine(TOTAL_VFS, platform=Platform((), mux=mux, iommu=True)) as m:
+        m.enable_iommu()
+        VirtioNetDriver(m.bring_up_pf())
+        vfs = m.sriov_configure(2)
+        rids = [vf.rid for vf in vfs]
+        assert all(rid in m.platform.domains for rid in rids)
+        assert len({m.platform.domains[rid].did for rid in rids}) == 2  # a domain each
+        drivers = [m.vf_driver(vf) for vf in vfs]
+        for d in drivers:
+            d.bring_up()
+            assert d.has_feature(33)  # VIRTIO_F_ACCESS_PLATFORM: DMA goes through VT-d
+        a, b = (VirtioNetDriver(d) for d in drivers)
+        for nic in (a, b):
+            nic.post_rx(4)
+        mac_a, mac_b = (vf_mac(PF_MAC, vf.vf_index) for vf in vfs)
+        b.send(frame(b"\xff" * 6, mac_b, b"hello"))
+        a.receive()
+        a.send(frame(mac_b, mac_a, b"ping"))
+        assert [payload[14:18] for _, payload in b.receive()] == [b"ping"]
+        unit = m.platform.iommu
+        # Each VF's DMA was translated with its own source id; no fault so far.
+        assert not unit.mmio_read(0x34, 4) & 1  # FSTS.PPF clear
+        # A DMA outside a VF's mapping faults, recorded with that VF's source id.
+        translator = unit.dma_translator(rids[1])
+        with pytest.raises(TranslationFault) as fault:
+            translator.translate(0x7000_0000, 64, Access.READ)
+        assert fault.value.source_id == rids[1]
