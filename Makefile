@@ -5,7 +5,7 @@ PYTHON ?= python3
 # Debian packages the demo and the tests use: lspci (pciutils) decodes our config
 # space, QEMU + Debian's kernel + busybox boot real guests, DPDK and
 # qemu-storage-daemon are the peers we are measured against.
-DEB_PACKAGES := pciutils qemu-system-x86 qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod
+DEB_PACKAGES := pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux
 
 .PHONY: demo test deps install build bench clean
 
