@@ -30,7 +30,7 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 
-from backend_helpers import wait_until
+from backend_helpers import log_line, wait_until
 
 ALL = (1 << 64) - 1
 MAC = [bytes([0x02, 0, 0, 0, 0, 0xA0 + i]) for i in range(2)]
@@ -357,3 +357,41 @@ def test_without_protocol_features_rings_are_enabled_when_started(backend):
     finally:
         front.close()
         b.close()
+
+
+# -- host TSO (5.1.6.2) ----------------------------------------------------------------------
+
+
+def _tcp_gso_frame(payload_len: int) -> bytes:
+    from scapy.all import IP, TCP, Ether, Raw
+
+    return bytes(Ether(src=MAC[0].hex(":"), dst=MAC[1].hex(":")) / IP(src="10.9.0.1", dst="10.9.0.2")
+                 / TCP(sport=1, dport=2, seq=7, flags="PA") / Raw(bytes(payload_len)))
+
+
+def test_a_tso_frame_leaves_the_switch_as_segments(backend):
+    from iovirt.virtio.net.defs import VIRTIO_NET_HDR_GSO_TCPV4
+
+    with port(backend, 0) as a, port(backend, 1) as b:
+        assert a.features >> 11 & 1  # VIRTIO_NET_F_HOST_TSO4 negotiated
+        post_rx(b, 8)
+        frame = _tcp_gso_frame(3000)
+        send(a, frame, hdr=NetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=VIRTIO_NET_HDR_GSO_TCPV4,
+                                  hdr_len=54, gso_size=1000, csum_start=34, csum_offset=16))
+        got = receive(b, 3)
+        assert [len(f) for _, f, _ in got] == [1054, 1054, 1054]
+
+
+@pytest.mark.parametrize("case", ["not-negotiated", "no-needs-csum", "ecn-bit"])
+def test_gso_frames_the_driver_may_not_send_are_dropped(backend, logs, case):
+    from iovirt.virtio.net.defs import VIRTIO_NET_HDR_GSO_TCPV4
+
+    features = ALL & ~(1 << 11) if case == "not-negotiated" else ALL
+    with port(backend, 0, features=features) as a:
+        gso = VIRTIO_NET_HDR_GSO_TCPV4 | (0x80 if case == "ecn-bit" else 0)
+        flags = 0 if case == "no-needs-csum" else VIRTIO_NET_HDR_F_NEEDS_CSUM
+        send(a, _tcp_gso_frame(3000), hdr=NetHdr(flags=flags, gso_type=gso, gso_size=1000, csum_start=34,
+                                                 csum_offset=16))
+        assert wait_until(lambda: backend.net[0].stats["tx_errors"] == 1)
+        assert "GSO" in log_line(logs, "net0", "GSO")
+        assert not backend.net[0].needs_reset  # dropped, the device goes on

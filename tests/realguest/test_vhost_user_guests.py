@@ -154,3 +154,27 @@ def test_tap_uplink_into_a_namespace(tmp_path, serve):
         assert "3 packets received" in result.output
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_tcp_between_guests_with_host_tso(tmp_path, serve):
+    # Linux sends 64 KiB TCP GSO frames once HOST_TSO4 is negotiated; iovirt segments them.
+    socks = [tmp_path / "n0.sock", tmp_path / "n1.sock"]
+    srv = serve("--net", str(socks[0]), "--net", str(socks[1]), sockets=socks)
+    receiver = "nc -l -p 5000 | md5sum; iovirt_wait_host done"
+    sender = "iovirt_wait_ping 10.77.0.1 60; sleep 1; dd if=/dev/urandom of=/tmp/blob bs=64k count=64 2>/dev/null; " \
+             "md5sum /tmp/blob; nc 10.77.0.1 5000 < /tmp/blob"
+    a = Guest(tmp_path, [VhostUserNet(socks[0], ip="10.77.0.1/24")], name="a", script=receiver)
+    b = Guest(tmp_path, [VhostUserNet(socks[1], ip="10.77.0.2/24")], name="b", script=sender)
+    with a, b:
+        a.start()
+        b.start()
+        sent = b.wait_result(timeout=BOOT)
+        a.wait_for(r"IOVIRT-WAIT done\n", timeout=BOOT)
+        a.release("done")
+        got = a.wait_result(timeout=30)
+    assert sent.status == 0, sent.console
+    digest = re.search(r"^([0-9a-f]{32})  /tmp/blob$", sent.output, re.M)
+    assert digest, sent.output
+    assert re.search(rf"^{digest.group(1)}  -$", got.output, re.M), got.output
+    negotiated = [int(line.rsplit(" ", 1)[1], 16) for line in srv.log().splitlines() if "negotiated features" in line]
+    assert negotiated and all(f >> 11 & 1 for f in negotiated)  # VIRTIO_NET_F_HOST_TSO4

@@ -19,6 +19,7 @@ front) is copied through :class:`~iovirt.memory.GuestMemory` instead.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.string cimport memcpy, memset
+from libc.stdlib cimport malloc, free
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 
 from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
@@ -178,15 +179,19 @@ cdef int _copy_out(SplitQueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint3
     return 0
 
 
-def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out):
+def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out, uint32_t gso_mask=0):
     """Gather the frames of transmit batch ``b`` into ``out`` (appending); returns how many.
 
-    Each chain's readable bytes are ``virtio_net_hdr`` + frame.  A chain
-    shorter than header + Ethernet header, longer than 64 KiB + 14, with a GSO
-    type (no host GSO offered) or with NEEDS_CSUM offsets outside its frame is
-    rejected and counted in ``out.errors``.
+    Each chain's readable bytes are ``virtio_net_hdr`` + frame.  A TCP GSO
+    frame whose ``gso_type`` bit is in ``gso_mask`` (1 << TCPV4, 1 << TCPV6:
+    the host TSO features negotiated) is cut into its segments (5.1.6.2).  A
+    chain shorter than header + Ethernet header, longer than 64 KiB + 14, with
+    a GSO type not allowed or not segmentable, or with NEEDS_CSUM offsets
+    outside its frame is rejected and counted in ``out.errors``.
     """
     cdef Py_ssize_t i, k, total, added = 0
+    cdef int count
+    cdef uint8_t *big
     cdef uint32_t pos, take, skip, frame_len
     cdef uint8_t hdr[NET_HDR_SIZE]
     cdef uint8_t *dst
@@ -219,15 +224,30 @@ def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out):
                 _copy_out(q, b, k, dst, skip, take)
                 dst += take
             pos += b.lens[k]
-        if hdr[1] != 0:
-            out.errors[TX_GSO] += 1
-            continue
         cs, co = -1, 0
         if hdr[0] & NEEDS_CSUM:
             cs, co = _le16(hdr + 6), _le16(hdr + 8)
             if <uint32_t> cs >= frame_len or <uint32_t> (cs + co + 2) > frame_len:
                 out.errors[TX_CSUM] += 1
                 continue
+        if hdr[1] != 0:
+            # GSO needs NEEDS_CSUM (csum_start marks the TCP header) and a negotiated type.
+            if hdr[1] >= 32 or not (gso_mask >> hdr[1]) & 1 or cs < 0:
+                out.errors[TX_GSO] += 1
+                continue
+            big = <uint8_t *> malloc(frame_len)  # out's buffer may move while it grows
+            if big == NULL:
+                raise MemoryError()
+            memcpy(big, out.buf + out.used, frame_len)
+            try:
+                count = _tso(out, big, frame_len, cs, _le16(hdr + 4), hdr[1] == 4)
+            finally:
+                free(big)
+            if count < 0:
+                out.errors[TX_GSO] += 1
+            else:
+                added += count
+            continue
         out.off[out.n] = <uint32_t> out.used
         out.length[out.n] = frame_len
         out.csum_start[out.n] = cs
@@ -433,3 +453,111 @@ def rx_scatter(SplitQueue q, Frames f, list indexes, uint32_t hdr_len, bint gues
         b.n = stop
     q.push_batch(b)
     return delivered, dropped, stop, nbytes
+
+
+cdef inline uint16_t _fold(uint64_t acc) noexcept nogil:
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return <uint16_t> (~acc & 0xFFFF)
+
+
+cdef int _tso(Frames out, const uint8_t *f, uint32_t n, uint32_t l4, uint32_t mss, bint ipv6) except -2:
+    """Append the TCP segments of GSO frame ``f`` (see ``gso.tso_segments``); -1 if it is malformed."""
+    cdef uint32_t l3 = 14, ethertype, ihl, payload_at, payload, count, k, take, seg_len, tcp_len, seq0, seq
+    cdef uint16_t ip_id0 = 0, csum
+    cdef uint8_t flags0, flags
+    cdef uint8_t *d
+    cdef uint64_t acc
+    cdef uint8_t pseudo[40]
+    if n < 14:
+        return -1
+    ethertype = (f[12] << 8) | f[13]
+    if ethertype == 0x8100 and n >= 18:
+        ethertype, l3 = (f[16] << 8) | f[17], 18
+    if ethertype != (0x86DD if ipv6 else 0x0800) or l4 + 20 > n:
+        return -1
+    if ipv6:
+        if l4 != l3 + 40 or f[l3 + 6] != 6:
+            return -1
+    else:
+        ihl = (f[l3] & 0x0F) * 4
+        if f[l3] >> 4 != 4 or ihl < 20 or l4 != l3 + ihl or f[l3 + 9] != 6:
+            return -1
+        ip_id0 = (f[l3 + 4] << 8) | f[l3 + 5]
+    payload_at = l4 + (f[l4 + 12] >> 4) * 4
+    if payload_at < l4 + 20 or payload_at > n or mss == 0:
+        return -1
+    payload = n - payload_at
+    count = (payload + mss - 1) // mss if payload else 1
+    if count > 1024:
+        return -1
+    out._reserve(out.n + count, out.used + count * payload_at + payload)
+    seq0 = (<uint32_t> f[l4 + 4] << 24) | (f[l4 + 5] << 16) | (f[l4 + 6] << 8) | f[l4 + 7]
+    flags0 = f[l4 + 13]
+    for k in range(count):
+        take = min(mss, payload - k * mss) if payload else 0
+        seg_len = payload_at + take
+        d = out.buf + out.used
+        memcpy(d, f, payload_at)
+        memcpy(d + payload_at, f + payload_at + k * mss, take)
+        tcp_len = seg_len - l4
+        if ipv6:
+            d[l3 + 4] = (seg_len - l3 - 40) >> 8
+            d[l3 + 5] = (seg_len - l3 - 40) & 0xFF
+            memcpy(pseudo, d + l3 + 8, 32)
+            pseudo[32] = tcp_len >> 24
+            pseudo[33] = (tcp_len >> 16) & 0xFF
+            pseudo[34] = (tcp_len >> 8) & 0xFF
+            pseudo[35] = tcp_len & 0xFF
+            pseudo[36] = pseudo[37] = pseudo[38] = 0
+            pseudo[39] = 6
+            acc = _sum16(pseudo, 40)
+        else:
+            d[l3 + 2] = (seg_len - l3) >> 8
+            d[l3 + 3] = (seg_len - l3) & 0xFF
+            d[l3 + 4] = ((ip_id0 + k) >> 8) & 0xFF
+            d[l3 + 5] = (ip_id0 + k) & 0xFF
+            d[l3 + 10] = d[l3 + 11] = 0
+            csum = _fold(_sum16(d + l3, l4 - l3))
+            d[l3 + 10] = csum >> 8
+            d[l3 + 11] = csum & 0xFF
+            memcpy(pseudo, d + l3 + 12, 8)
+            pseudo[8] = 0
+            pseudo[9] = 6
+            pseudo[10] = tcp_len >> 8
+            pseudo[11] = tcp_len & 0xFF
+            acc = _sum16(pseudo, 12)
+        seq = seq0 + k * mss
+        d[l4 + 4] = seq >> 24
+        d[l4 + 5] = (seq >> 16) & 0xFF
+        d[l4 + 6] = (seq >> 8) & 0xFF
+        d[l4 + 7] = seq & 0xFF
+        flags = flags0
+        if k != count - 1:
+            flags &= ~0x09  # FIN, PSH on the last segment only
+        if k != 0:
+            flags &= ~0x80  # CWR on the first only
+        d[l4 + 13] = flags
+        d[l4 + 16] = d[l4 + 17] = 0
+        csum = _fold(_sum16(d + l4, tcp_len) + acc)
+        if csum == 0:
+            csum = 0xFFFF
+        d[l4 + 16] = csum >> 8
+        d[l4 + 17] = csum & 0xFF
+        out.off[out.n] = <uint32_t> out.used
+        out.length[out.n] = seg_len
+        out.csum_start[out.n] = -1
+        out.csum_offset[out.n] = 0
+        out._finish(out.n)
+        out.used += seg_len
+        out.n += 1
+    return count
+
+
+def tso_segments(frame, uint32_t csum_start, uint32_t gso_size, bint ipv6):
+    """The C segmentation on one frame (for differential tests): a list of frames, or ValueError."""
+    cdef const uint8_t[::1] data = memoryview(frame).cast("B")
+    cdef Frames out = Frames()
+    if data.shape[0] == 0 or _tso(out, &data[0], data.shape[0], csum_start, gso_size, ipv6) < 0:
+        raise ValueError("malformed GSO frame")
+    return [out.frame(i) for i in range(out.n)]

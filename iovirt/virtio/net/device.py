@@ -20,7 +20,8 @@ from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.chain import read_chain, write_chain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
-from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, internet_checksum
+from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum
+from iovirt.virtio.net.gso import GsoError, tso_segments, internet_checksum
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_LEGACY_SIZE,
@@ -28,6 +29,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_ID_NET,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -36,6 +39,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_S_LINK_UP,
     NetHdr,
 )
@@ -141,10 +146,13 @@ class VirtioNet(VirtioDevice):
 
     # -- features and config (5.1.3, 5.1.4) ---------------------------------
     def device_features(self) -> int:
-        """Offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, CSUM, GUEST_CSUM, MTU, MAC, MRG_RXBUF, STATUS, MQ."""
+        """Offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, CSUM, GUEST_CSUM, HOST_TSO4/6, MTU, MAC, MRG_RXBUF,
+        STATUS, MQ.  Host TSO frames are segmented here, at ingress (see ``gso.py``)."""
         net = (
             VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
             VIRTIO_NET_F_MTU,
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MRG_RXBUF,
@@ -167,6 +175,16 @@ class VirtioNet(VirtioDevice):
     def vhost_queue_num(self) -> int:
         """QEMU's vhost-user net compares GET_QUEUE_NUM with its ``queues=`` (queue pairs)."""
         return self.queue_pairs
+
+    @property
+    def gso_mask(self) -> int:
+        """The GSO types the driver may transmit (1 << gso_type): host TSO as negotiated."""
+        mask = 0
+        if self.has_feature(VIRTIO_NET_F_HOST_TSO4):
+            mask |= 1 << VIRTIO_NET_HDR_GSO_TCPV4
+        if self.has_feature(VIRTIO_NET_F_HOST_TSO6):
+            mask |= 1 << VIRTIO_NET_HDR_GSO_TCPV6
+        return mask
 
     def announce(self, mac: bytes) -> None:
         """Broadcast a RARP for ``mac`` so the switch (and hosts behind it) learn where it is.
@@ -229,15 +247,13 @@ class VirtioNet(VirtioDevice):
             return
         hdr = NetHdr.unpack(data[:hdr_len])
         frame = data[hdr_len:]
-        if hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE:
-            # No HOST_TSO/UFO offered: 5.1.6.2 forbids GSO frames from the driver.
-            self.stats["tx_errors"] += 1
-            self.log.warning("%s: GSO frame (gso_type %d) without a host GSO feature dropped", self.label, hdr.gso_type)
-            return
         csum = (hdr.csum_start, hdr.csum_offset) if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM else None
         if csum is not None and (hdr.csum_start >= len(frame) or sum(csum) + 2 > len(frame)):
             self.stats["tx_errors"] += 1
             self.log.warning("%s: NEEDS_CSUM offsets %s outside a %d-byte frame", self.label, csum, len(frame))
+            return
+        if hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            self._send_gso(hdr, frame)
             return
         self.stats["tx_packets"] += 1
         self.stats["tx_bytes"] += len(frame)
@@ -255,7 +271,7 @@ class VirtioNet(VirtioDevice):
             if not len(batch):
                 break
             frames.clear()
-            accel.tx_gather(batch, queue, hdr_len, frames)
+            accel.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
             queue.push_batch(batch)  # the frames are copied out: the buffers go back now
             self.signal(index)
             bad = sum(frames.errors)
@@ -271,6 +287,24 @@ class VirtioNet(VirtioDevice):
                 self.switch.forward_batch(self, frames)
             else:
                 self.stats["tx_dropped"] += len(frames)
+
+    def _send_gso(self, hdr: NetHdr, frame: bytes) -> None:
+        """Segment a host TSO frame (5.1.6.2) and switch its segments."""
+        if hdr.gso_type >= 32 or not self.gso_mask >> hdr.gso_type & 1 or not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            self.stats["tx_errors"] += 1
+            self.log.warning("%s: GSO frame (gso_type %#x) the driver may not send dropped", self.label, hdr.gso_type)
+            return
+        try:
+            segments = tso_segments(frame, hdr.csum_start, hdr.gso_size, hdr.gso_type == VIRTIO_NET_HDR_GSO_TCPV6)
+        except GsoError as exc:
+            self.stats["tx_errors"] += 1
+            self.log.warning("%s: GSO frame dropped: %s", self.label, exc)
+            return
+        assert self.switch is not None
+        for segment in segments:
+            self.stats["tx_packets"] += 1
+            self.stats["tx_bytes"] += len(segment)
+            self.switch.forward(self, segment, None)
 
     # -- switch port: receive -------------------------------------------------------------
     def deliver_batch(self, frames, indexes: list[int]) -> int:
