@@ -543,18 +543,18 @@ class BackendSession:
             vring.started = False
 
     def _set_vring_call(self, req: Request) -> None:
-        file: VringFile = req.payload  # type: ignore[assignment]
-        vring = self._vring(req, file.index)
-        fd = None if file.invalid_fd else _eventfd(req, req.fds[0])
-        _close(vring.call_fd)
-        vring.call_fd = fd
+        self._set_vring_eventfd(req, "call_fd")
 
     def _set_vring_err(self, req: Request) -> None:
+        self._set_vring_eventfd(req, "err_fd")
+
+    def _set_vring_eventfd(self, req: Request, name: str) -> None:
+        """SET_VRING_CALL/ERR: replace the vring's eventfd ``name`` (none with the no-fd bit)."""
         file: VringFile = req.payload  # type: ignore[assignment]
         vring = self._vring(req, file.index)
         fd = None if file.invalid_fd else _eventfd(req, req.fds[0])
-        _close(vring.err_fd)
-        vring.err_fd = fd
+        _close(getattr(vring, name))
+        setattr(vring, name, fd)
 
     def _get_queue_num(self, req: Request) -> U64:
         return U64(self.device.vhost_queue_num)
