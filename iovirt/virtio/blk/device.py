@@ -220,9 +220,9 @@ class VirtioBlk(VirtioDevice):
         dout = _skip(readable, REQ_HDR.size)
         try:
             if rtype == VIRTIO_BLK_T_IN:
-                self._read(memory, sector, din)
+                self._transfer(memory, sector, din, write=False)
             elif rtype == VIRTIO_BLK_T_OUT:
-                self._write(memory, sector, dout)
+                self._transfer(memory, sector, dout, write=True)
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.read_only:
                     os.fdatasync(self.fd)
@@ -255,37 +255,25 @@ class VirtioBlk(VirtioDevice):
             )
         return sector * SECTOR_SIZE
 
-    def _read(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> None:
-        nbytes = sum(n for _, n in bufs)
-        offset = self._check_range(sector, nbytes)
-        views = [memory.view(a, n, Access.WRITE) for a, n in bufs if n]
-        try:
-            got = os.preadv(self.fd, views, offset)
-        except OSError as exc:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"read failed: {exc}") from exc
-        finally:
-            for v in views:
-                v.release()
-        if got != nbytes:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"short read {got} of {nbytes}")
-        self.stats["read_bytes"] += nbytes
-
-    def _write(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> None:
-        if self.read_only:
+    def _transfer(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]], write: bool) -> None:
+        """IN (``write`` False: image to guest buffers) or OUT (guest buffers to image), zero-copy."""
+        if write and self.read_only:
             raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only device")  # 5.2.6.2
         nbytes = sum(n for _, n in bufs)
         offset = self._check_range(sector, nbytes)
-        views = [memory.view(a, n) for a, n in bufs if n]
+        # The device writes guest memory for IN, reads it for OUT (VT-d R/W).
+        views = [memory.view(a, n, Access.READ if write else Access.WRITE) for a, n in bufs if n]
+        what = "write" if write else "read"
         try:
-            done = os.pwritev(self.fd, views, offset)
+            done = os.pwritev(self.fd, views, offset) if write else os.preadv(self.fd, views, offset)
         except OSError as exc:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"write failed: {exc}") from exc
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"{what} failed: {exc}") from exc
         finally:
             for v in views:
                 v.release()
         if done != nbytes:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"short write {done} of {nbytes}")
-        self.stats["write_bytes"] += nbytes
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"short {what} {done} of {nbytes}")
+        self.stats["write_bytes" if write else "read_bytes"] += nbytes
 
     def _discard_or_zero(self, memory: GuestMemory, rtype: int, bufs: list[tuple[int, int]]) -> None:
         if self.read_only:
