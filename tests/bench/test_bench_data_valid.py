@@ -11,7 +11,7 @@ from scapy.packet import Raw
 
 from iovirt.bench.checks import l4_frames, udp_zero_checksum_frames
 from iovirt.virtio.net import datapath
-from iovirt.virtio.net.device import l4_checksum_valid as python_valid
+from iovirt.virtio.net.csum import l4_checksum_valid as python_valid
 
 VALIDATORS = {"python": python_valid}
 if datapath.accel is not None:

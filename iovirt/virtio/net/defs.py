@@ -46,6 +46,8 @@ NET_HDR_LEGACY_SIZE = 10  # without num_buffers: legacy drivers without MRG_RXBU
 
 ETH_ALEN = 6
 ETH_HLEN = 14
+ETH_P_IP, ETH_P_8021Q, ETH_P_IPV6 = 0x0800, 0x8100, 0x86DD
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,14 @@ net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
 from __future__ import annotations
 
 import collections
-import struct
 import zlib
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.chain import read_chain, write_chain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
-from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum
-from iovirt.virtio.net.gso import GsoError, tso_segments, internet_checksum
+from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
+from iovirt.virtio.net.gso import GsoError, tso_segments
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_LEGACY_SIZE,
@@ -52,62 +51,6 @@ from iovirt.virtio.queue import SplitQueue
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
 MAX_FRAME = 65535 + ETH_HLEN
-
-
-ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6 = 0x8100, 0x0800, 0x86DD
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
-
-
-def l4_checksum_valid(frame: bytes) -> bool:
-    """Whether ``frame`` is Ethernet (one 802.1Q tag at most) / IPv4 or IPv6 / TCP or UDP with a right checksum.
-
-    What virtio 1.2 5.1.6.4.1 asks before DATA_VALID ("the device MUST
-    validate the packet checksum").  Anything not verified is not valid:
-    other protocols, IPv4 fragments, IPv6 extension headers, lengths beyond
-    the frame, a UDP length differing from the IP payload, and a UDP
-    checksum of 0 (over IPv4 "no checksum", RFC 768: nothing to validate;
-    over IPv6 invalid, RFC 8200 8.1).  The C data path has the same rules
-    (``_datapath.l4_checksum_valid``).
-    """
-    n = len(frame)
-    off = ETH_HLEN
-    if n < off:
-        return False
-    (etype,) = struct.unpack_from("!H", frame, 12)
-    if etype == ETH_P_8021Q:
-        if n < off + 4:
-            return False
-        off += 4
-        (etype,) = struct.unpack_from("!H", frame, 16)
-    if etype == ETH_P_IP:
-        if n < off + 20 or frame[off] >> 4 != 4:
-            return False
-        ihl = (frame[off] & 0xF) * 4
-        total, frag = struct.unpack_from("!H2xH", frame, off + 2)
-        if ihl < 20 or total < ihl or off + total > n or frag & 0x3FFF:
-            return False  # bad lengths, or a fragment: its L4 checksum spans other frames
-        proto, l4, l4len = frame[off + 9], off + ihl, total - ihl
-        addrs = frame[off + 12 : off + 20]
-    elif etype == ETH_P_IPV6:
-        if n < off + 40 or frame[off] >> 4 != 6:
-            return False
-        (l4len,) = struct.unpack_from("!H", frame, off + 4)
-        proto, l4 = frame[off + 6], off + 40
-        if l4 + l4len > n:
-            return False
-        addrs = frame[off + 8 : off + 40]
-    else:
-        return False
-    if proto == IPPROTO_TCP:
-        if l4len < 20:
-            return False
-    elif proto == IPPROTO_UDP:
-        if l4len < 8 or struct.unpack_from("!H", frame, l4 + 4)[0] != l4len or frame[l4 + 6 : l4 + 8] == b"\0\0":
-            return False
-    else:
-        return False
-    # Pseudo-header (RFC 793, 768, 8200 8.1) + segment: a right checksum sums to 0xFFFF.
-    return internet_checksum(bytes(addrs) + struct.pack("!HH", proto, l4len) + bytes(frame[l4 : l4 + l4len])) == 0xFFFF
 
 
 class VirtioNet(VirtioDevice):

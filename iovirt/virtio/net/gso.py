@@ -16,11 +16,9 @@ from __future__ import annotations
 import struct
 
 from iovirt.errors import IovirtError
-from iovirt.virtio.net.csum import internet_checksum
+from iovirt.virtio.net.csum import internet_checksum, l3_start, pseudo_header
+from iovirt.virtio.net.defs import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-IPPROTO_TCP = 6
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 MAX_SEGMENTS = 1024
 
@@ -31,12 +29,10 @@ class GsoError(IovirtError):
 
 def tso_segments(frame: bytes, csum_start: int, gso_size: int, ipv6: bool) -> list[bytes]:
     """Cut a TCP GSO ``frame`` whose TCP header starts at ``csum_start`` into MSS-sized frames."""
-    if len(frame) < 14:
-        raise GsoError(f"GSO frame of {len(frame)} bytes is shorter than an Ethernet header")
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
-    l3 = 14
-    if ethertype == 0x8100 and len(frame) >= 18:  # one VLAN tag
-        ethertype, l3 = struct.unpack_from("!H", frame, 16)[0], 18
+    start = l3_start(frame)
+    if start is None:
+        raise GsoError(f"GSO frame of {len(frame)} bytes is shorter than its Ethernet header")
+    ethertype, l3 = start
     if ethertype != (ETH_P_IPV6 if ipv6 else ETH_P_IP):
         raise GsoError(f"ethertype {ethertype:#06x} does not match gso_type {'TCPV6' if ipv6 else 'TCPV4'}")
     l4 = csum_start
@@ -69,12 +65,12 @@ def tso_segments(frame: bytes, csum_start: int, gso_size: int, ipv6: bool) -> li
         tcp_len = len(seg) - l4
         if ipv6:
             struct.pack_into("!H", seg, l3 + 4, len(seg) - l3 - 40)
-            pseudo = bytes(seg[l3 + 8 : l3 + 40]) + struct.pack("!IxxxB", tcp_len, IPPROTO_TCP)
+            pseudo = pseudo_header(bytes(seg[l3 + 8 : l3 + 40]), IPPROTO_TCP, tcp_len)
         else:
             struct.pack_into("!HH", seg, l3 + 2, len(seg) - l3, (ip_id0 + k) & 0xFFFF)
             struct.pack_into("!H", seg, l3 + 10, 0)
             struct.pack_into("!H", seg, l3 + 10, ~internet_checksum(seg[l3:l4]) & 0xFFFF)
-            pseudo = bytes(seg[l3 + 12 : l3 + 20]) + struct.pack("!xBH", IPPROTO_TCP, tcp_len)
+            pseudo = pseudo_header(bytes(seg[l3 + 12 : l3 + 20]), IPPROTO_TCP, tcp_len)
         struct.pack_into("!I", seg, l4 + 4, (seq0 + k * gso_size) & 0xFFFFFFFF)
         flags = flags0
         if k != count - 1:
