@@ -60,6 +60,7 @@ cdef class SplitQueue:
     cdef object _translator
     cdef CachedTranslator _ct
     cdef object _gen
+    cdef object _table
     cdef object _pending_error
     cdef WalkError _err
 

@@ -278,7 +278,8 @@ cdef class SplitQueue:
         self._views = views
         self._nregions = len(views)
         self._last_region = 0
-        self._gen = self.memory.generation
+        self._table = self.memory.region_table
+        self._gen = self._table.generation
         self._translator = self.memory.translator
         self._translated = self._translator is not None
         self._ct = self._translator if isinstance(self._translator, CachedTranslator) else None
@@ -330,7 +331,8 @@ cdef class SplitQueue:
     cdef int _sync(self) except -1:
         if self._released:
             raise QueueStateError("queue was released", self.index)
-        if self.memory.generation != self._gen or self.memory.translator is not self._translator:
+        # The region table's counter, read as an attribute: this runs on every pop and push.
+        if self._table.generation != self._gen or self.memory.translator is not self._translator:
             self.refresh()
         return 0
 
