@@ -137,6 +137,11 @@ cdef class Frames:
             return None
         return (self.csum_start[i], self.csum_offset[i])
 
+    def flow(self, Py_ssize_t i):
+        """Frame ``i``'s flow key: its destination and source MACs as one 96-bit integer."""
+        self._check(i)
+        return (<object> self.dst[i]) << 48 | self.src[i]
+
     def macs(self):
         """``(destination MACs, source MACs)`` of every frame, as lists of 48-bit integers."""
         cdef Py_ssize_t i

@@ -13,7 +13,6 @@ net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
 from __future__ import annotations
 
 import collections
-import zlib
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
@@ -262,7 +261,7 @@ class VirtioNet(VirtioDevice):
             return 0
 
     def _deliver_batch(self, frames, indexes: list[int]) -> int:
-        index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue_for(frames, indexes[0])
+        index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
         if queue is None or not datapath.accelerated_queue(queue):
             return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
@@ -287,13 +286,6 @@ class VirtioNet(VirtioDevice):
             # Out of chains, or a frame that spans several mergeable buffers.
             delivered += int(self.deliver(frames.frame(i), frames.csum(i)))
         return delivered
-
-    def _rx_queue_for(self, frames, i: int) -> int | None:
-        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
-        if len(ready) <= 1:
-            return ready[0] if ready else None
-        dst, src = frames.macs()
-        return ready[hash((dst[i], src[i])) % len(ready)]
 
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take a frame from the switch into a receive queue (or the backlog).
@@ -328,18 +320,19 @@ class VirtioNet(VirtioDevice):
                 return
             self.backlog.popleft()
 
-    def _rx_queue(self, frame: bytes) -> int | None:
-        """The receive queue for ``frame``: a flow hash over the enabled started pairs."""
+    def _rx_queue(self, flow: int) -> int | None:
+        """The receive queue for a frame of ``flow`` (its MAC pair): spread over the enabled started pairs.
+
+        Both data paths choose with this, so a flow keeps its queue whichever delivers it.
+        """
         ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
         if not ready:
             return None
-        if len(ready) == 1:
-            return ready[0]
-        return ready[zlib.crc32(frame[:12] + frame[26:38]) % len(ready)]
+        return ready[flow % len(ready)]
 
     def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Write one frame into receive buffers; False if there are not enough of them."""
-        index = self._rx_queue(frame)
+        index = self._rx_queue(int.from_bytes(frame[:12], "big"))
         if index is None:
             return False
         queue = self.queues[index]
