@@ -189,14 +189,13 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
 # Runs in its own process on core 0: two net ports, prints port 1's receive rate.
 P2P_BACKEND = """
 import sys, threading, time
-from iovirt.vhost_user.cli import NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
 s0, s1, run = sys.argv[1], sys.argv[2], float(sys.argv[3])
 sw = LearningSwitch(); srv = VhostUserServer()
 ports = [VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), sw, label=f"p{i}") for i in range(2)]
-srv.add_socket(s0, ports[0], NET_PROTOCOL); srv.add_socket(s1, ports[1], NET_PROTOCOL)
+srv.add_socket(s0, ports[0]); srv.add_socket(s1, ports[1])
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 best = 0.0
 end = time.monotonic() + run

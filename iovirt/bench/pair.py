@@ -18,7 +18,6 @@ from scapy.packet import Packet
 from iovirt.bench.capture import CapturePort
 from iovirt.bench.port import SUPPORTED_FEATURES, BenchPort
 from iovirt.bench.target import DEFAULT_TIMEOUT, InProcessTarget, VhostUserTarget
-from iovirt.vhost_user.cli import NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
@@ -141,7 +140,7 @@ class ServedNet:
         for i in range(ports):
             device = VirtioNet(port_mac(0x10 + i), self.switch, queue_pairs=queue_pairs, mtu=mtu, label=f"net{i}")
             path = str(Path(directory) / f"net{i}.sock")
-            self.server.add_socket(path, device, NET_PROTOCOL, name=f"net{i} ({path})")
+            self.server.add_socket(path, device, name=f"net{i} ({path})")
             self.devices.append(device)
             self.paths.append(path)
         self.thread = threading.Thread(target=self.server.serve_forever, name="iovirt-serve", daemon=True)

@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
-from iovirt.vhost_user import profiles
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -25,10 +24,6 @@ from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.net.tap import TapPort
 
 log = logging.getLogger("iovirt")
-
-NET_PROTOCOL = profiles.NET_PROTOCOL
-BLK_PROTOCOL = profiles.BLK_PROTOCOL
-
 
 @dataclass
 class BlkSpec:
@@ -169,10 +164,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         for i, path in enumerate(args.net):
             device = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
-            server.add_socket(path, device, NET_PROTOCOL, name=f"net{i} ({path})", iommu=True)
+            server.add_socket(path, device, name=f"net{i} ({path})", iommu=True)
         for i, spec in enumerate(args.blk):
             device = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
-            server.add_socket(spec.socket, device, BLK_PROTOCOL, name=f"blk{i} ({spec.socket})", iommu=True)
+            server.add_socket(spec.socket, device, name=f"blk{i} ({spec.socket})", iommu=True)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -199,9 +194,9 @@ def run_net(args: argparse.Namespace) -> int:
     device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
     try:
         if args.fd is not None:
-            server.add_fd(args.fd, device, NET_PROTOCOL, name="net0", iommu=True)
+            server.add_fd(args.fd, device, name="net0", iommu=True)
         else:
-            server.add_socket(args.socket_path, device, NET_PROTOCOL, name=f"net0 ({args.socket_path})", iommu=True)
+            server.add_socket(args.socket_path, device, name=f"net0 ({args.socket_path})", iommu=True)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -224,9 +219,9 @@ def run_blk(args: argparse.Namespace) -> int:
     try:
         device = VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues, label="blk0")
         if args.fd is not None:
-            server.add_fd(args.fd, device, BLK_PROTOCOL, name="blk0", iommu=True)
+            server.add_fd(args.fd, device, name="blk0", iommu=True)
         else:
-            server.add_socket(args.socket_path, device, BLK_PROTOCOL, name=f"blk0 ({args.socket_path})", iommu=True)
+            server.add_socket(args.socket_path, device, name=f"blk0 ({args.socket_path})", iommu=True)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)

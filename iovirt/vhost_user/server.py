@@ -82,16 +82,16 @@ class VhostUserServer:
         self,
         path: str,
         device: VirtioDevice,
-        protocol_features: int,
+        protocol_features: int | None = None,
         name: str = "",
         extra_features: int | None = None,
         iommu: bool = False,
     ) -> Endpoint:
         """Listen on UNIX socket ``path`` for a front-end of ``device``.
 
-        ``extra_features`` defaults to the device type's profile
-        (:mod:`iovirt.vhost_user.profiles`), with VIRTIO_F_ACCESS_PLATFORM
-        when ``iommu`` (the device may sit behind a front-end's vIOMMU).
+        ``protocol_features`` and ``extra_features`` default to the device
+        type's profile (:mod:`iovirt.vhost_user.profiles`); VIRTIO_F_ACCESS_PLATFORM
+        is added when ``iommu`` (the device may sit behind a front-end's vIOMMU).
 
         A stale socket file left by a dead process is replaced; anything else
         at ``path`` is an error.
@@ -103,19 +103,23 @@ class VhostUserServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(path)
         listener.listen(1)
-        return self._add_listener(listener, device, protocol_features, name or path, path, _extra(device, extra_features, iommu))
+        return self._add_listener(
+            listener, device, _protocol(device, protocol_features), name or path, path,
+            _extra(device, extra_features, iommu),
+        )
 
     def add_fd(
-        self, fd: int, device: VirtioDevice, protocol_features: int, name: str = "", extra_features: int | None = None,
-        iommu: bool = False,
+        self, fd: int, device: VirtioDevice, protocol_features: int | None = None, name: str = "",
+        extra_features: int | None = None, iommu: bool = False,
     ) -> Endpoint:
         """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
 
         This is the ``--fd=FDNUM`` convention of vhost-user.rst ("Backend
-        program conventions").  ``extra_features`` and ``iommu`` as in :meth:`add_socket`.
+        program conventions").  The other arguments as in :meth:`add_socket`.
         """
         sock = socket.socket(fileno=fd)
         name = name or f"fd {fd}"
+        protocol_features = _protocol(device, protocol_features)
         extra = _extra(device, extra_features, iommu)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return self._add_listener(sock, device, protocol_features, name, None, extra)
@@ -331,6 +335,10 @@ class VhostUserServer:
         conn.sock.close()
         conn.session.close()
         log.info("%s: connection closed: %s", endpoint.name, reason)
+
+
+def _protocol(device: VirtioDevice, protocol_features: int | None) -> int:
+    return profiles.protocol_features(device) if protocol_features is None else protocol_features
 
 
 def _extra(device: VirtioDevice, extra_features: int | None, iommu: bool) -> int:

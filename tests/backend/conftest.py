@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from iovirt.vhost_user.cli import BLK_PROTOCOL, NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -23,11 +22,11 @@ class Backend:
         ]
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
         for dev, path in zip(self.net, self.net_paths):
-            self.server.add_socket(path, dev, NET_PROTOCOL, name=dev.label)
+            self.server.add_socket(path, dev, name=dev.label)
         self.image = tmp / "disk.img"
         self.blk = VirtioBlk(str(self.image), size=image_size, num_queues=2, label="blk0")
         self.blk_path = str(tmp / "blk.sock")
-        self.server.add_socket(self.blk_path, self.blk, BLK_PROTOCOL, name="blk0")
+        self.server.add_socket(self.blk_path, self.blk, name="blk0")
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -25,7 +25,6 @@ from iovirt.vhost_user.messages import (
     ProtocolFeature as PF,
     U64,
 )
-from iovirt.vhost_user.profiles import BLK_PROTOCOL, NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
@@ -51,10 +50,10 @@ class IommuBackend:
         self.net = [VirtioNet(MAC[i], self.switch, label=f"net{i}") for i in range(3)]
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(3)]
         for i, (dev, path) in enumerate(zip(self.net, self.net_paths)):
-            self.server.add_socket(path, dev, NET_PROTOCOL, name=dev.label, iommu=i < 2)
+            self.server.add_socket(path, dev, name=dev.label, iommu=i < 2)
         self.blk = VirtioBlk(str(tmp / "disk.img"), size=1 << 20, label="blk0")
         self.blk_path = str(tmp / "blk.sock")
-        self.server.add_socket(self.blk_path, self.blk, BLK_PROTOCOL, name="blk0", iommu=True)
+        self.server.add_socket(self.blk_path, self.blk, name="blk0", iommu=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from iovirt.vhost_user.cli import BLK_PROTOCOL, NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -24,15 +23,15 @@ class IovirtBackend:
         switch = LearningSwitch()
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
         for i, path in enumerate(self.net_paths):
-            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"), NET_PROTOCOL)
+            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"))
         self.blks = [
             blk_class(str(tmp / "rw.img"), size=IMAGE_SIZE, label="blk-rw"),
             blk_class(str(tmp / "ro.img"), size=IMAGE_SIZE, read_only=True, label="blk-ro"),
         ]
         self.blk_path = str(tmp / "blk.sock")
         self.blk_ro_path = str(tmp / "blk-ro.sock")
-        self.server.add_socket(self.blk_path, self.blks[0], BLK_PROTOCOL)
-        self.server.add_socket(self.blk_ro_path, self.blks[1], BLK_PROTOCOL)
+        self.server.add_socket(self.blk_path, self.blks[0])
+        self.server.add_socket(self.blk_ro_path, self.blks[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -15,7 +15,6 @@ import time
 import pytest
 
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.vhost_user.profiles import NET_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.net.defs import NET_HDR_SIZE, NetHdr
 from iovirt.virtio.net.device import VirtioNet
@@ -35,7 +34,7 @@ def test_dpdk_virtio_user_through_the_switch(tmp_path):
     ports = [VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"p{i}") for i in range(2)]
     socks = [tmp_path / f"p{i}.sock" for i in range(2)]
     for dev, sock in zip(ports, socks):
-        server.add_socket(str(sock), dev, NET_PROTOCOL)
+        server.add_socket(str(sock), dev)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     testpmd = None

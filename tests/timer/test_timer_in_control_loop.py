@@ -13,7 +13,6 @@ import time
 
 from iovirt.timer import ApicBus, MonotonicClock, TimerFd, TimerMultiplexer
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.vhost_user.profiles import BLK_PROTOCOL
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VirtioBlk
 
@@ -42,7 +41,7 @@ def test_lapic_timer_ticks_in_the_backend_loop_while_a_device_is_served(tmp_path
     server = VhostUserServer()
     device = VirtioBlk(str(tmp_path / "disk.img"), size=1 << 20, label="blk0")
     sock = tmp_path / "blk.sock"
-    server.add_socket(str(sock), device, BLK_PROTOCOL)
+    server.add_socket(str(sock), device)
     server.add_reader(mux.fileno(), mux.on_host_timer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
