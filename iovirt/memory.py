@@ -406,14 +406,6 @@ class GuestMemory:
             return bytes(self._region_view(*pieces[0]))
         return b"".join(bytes(self._region_view(g, n)) for g, n in pieces)
 
-    def read_into(self, addr: int, out: memoryview | bytearray) -> None:
-        """Fill ``out`` from guest memory starting at ``addr``."""
-        dst = memoryview(out).cast("B")
-        pos = 0
-        for gpa, n in self.translate(addr, len(dst), Access.READ):
-            dst[pos : pos + n] = self._region_view(gpa, n)
-            pos += n
-
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest memory at ``addr``."""
         src = memoryview(data).cast("B")

@@ -49,7 +49,6 @@ from iovirt.vhost_user.messages import (
     IotlbMsg,
     IotlbType,
     MemoryTable,
-    ProtocolFeature as PF,
     Rarp,
     U64,
     VringAddr,
@@ -87,7 +86,6 @@ class Vring:
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
-    polling: bool = False
     started: bool = False
     awaiting_translation: bool = False  # started, but its ring IOVAs are not in the IOTLB yet
     enabled: bool = False
@@ -115,7 +113,6 @@ class BackendSession:
         self.features = 0
         self.offered_features = device.device_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | extra_features
         self.protocol_features = 0
-        self.owner = False
         self.status = 0
         self.inflight_fd: int | None = None
         self.inflight_map: InflightRegion | None = None
@@ -200,9 +197,6 @@ class BackendSession:
                 self.backend_channel = None
         self.device.on_needs_reset = None
 
-    def _has_protocol(self, feature: PF) -> bool:
-        return bool(self.protocol_features >> feature & 1)
-
     def _vring(self, req: Request, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
             raise RequestRefused(req.request, f"vring index {index} beyond the device's {len(self.vrings)} queues")
@@ -247,7 +241,9 @@ class BackendSession:
         log.info("%s: negotiated protocol features %#x", self.label, value)
 
     def _set_owner(self, req: Request) -> None:
-        self.owner = True
+        # Spec: marks the start of the session.  A session is one connection
+        # here, so there is nothing to record.
+        pass
 
     def _reset_owner(self, req: Request) -> None:
         # Deprecated; the spec recommends treating it as "disable all rings".
@@ -430,7 +426,6 @@ class BackendSession:
             raise RequestRefused(req.request, f"vring {vring.index} cannot start: {exc}") from exc
         vring.started = True
         vring.kick_fd = kick_fd
-        vring.polling = kick_fd is None
         if not self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self._enable(vring, True)
         kick = self._kicker(vring)
@@ -534,7 +529,6 @@ class BackendSession:
             _close(vring.kick_fd)
             vring.kick_fd = None
         self.dataplane.remove_poller(vring)
-        vring.polling = False
         vring.awaiting_translation = False
         if vring.started:
             state = self.device.stop_queue(vring.index)

@@ -317,10 +317,6 @@ class BackendConnection:
             return HEADER_SIZE - len(self._buffer)
         return self._header.size - len(self._buffer)
 
-    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        """Whether ``feature`` was negotiated."""
-        return bool(self.protocol_features & (1 << feature))
-
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Event]:
         """Take bytes (and the fds received with them); return the events they complete.
 
