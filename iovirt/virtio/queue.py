@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from iovirt import _accel
 from iovirt.virtio import _queue_py, chain
 
-__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations"]
+__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated"]
 
 if TYPE_CHECKING:
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
@@ -34,3 +34,8 @@ else:
 def implementations() -> dict[str, type]:
     """Every importable ``SplitQueue`` implementation by name (for tests and benchmarks)."""
     return _accel.implementations("iovirt.virtio._queue_c", _queue_py, "SplitQueue")
+
+
+def is_accelerated(queue: object) -> bool:
+    """Whether ``queue`` is the Cython ``SplitQueue``, whose flat batches the C device data paths read."""
+    return IMPLEMENTATION == "cython" and isinstance(queue, SplitQueue)
