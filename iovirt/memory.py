@@ -23,12 +23,9 @@ import enum
 import mmap
 import os
 import struct
-from typing import Iterable, NewType, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from iovirt.errors import IovirtError
-
-GuestAddress = NewType("GuestAddress", int)
-"""A guest-physical address (or an IOVA, when a translator is in front)."""
 
 U64_MAX = (1 << 64) - 1
 
@@ -125,12 +122,7 @@ class Translator(Protocol):
 
 
 class MemoryRegion:
-    """One guest-physical range and the buffer that backs it.
-
-    ``user_addr`` is the address the region has in the VMM's own address
-    space (vhost-user ``userspace_addr``), used to translate ring addresses
-    that a frontend gives as its virtual addresses.
-    """
+    """One guest-physical range and the buffer that backs it."""
 
     def __init__(
         self,
@@ -138,7 +130,6 @@ class MemoryRegion:
         size: int,
         backing: mmap.mmap | bytearray,
         offset: int = 0,
-        user_addr: int | None = None,
         readonly: bool = False,
     ) -> None:
         if size <= 0:
@@ -155,7 +146,6 @@ class MemoryRegion:
         self.gpa = gpa
         self.size = size
         self.end = gpa + size  # exclusive
-        self.user_addr = user_addr
         self.readonly = readonly
         self._backing = backing
         self._owns_backing = False
@@ -170,7 +160,6 @@ class MemoryRegion:
         size: int,
         fd: int,
         mmap_offset: int = 0,
-        user_addr: int | None = None,
         readonly: bool = False,
     ) -> "MemoryRegion":
         """Map ``size`` bytes of ``fd`` at ``mmap_offset`` (vhost-user memory regions).
@@ -191,7 +180,7 @@ class MemoryRegion:
                 gpa,
                 size,
             ) from exc
-        region = cls(gpa, size, mm, skew, user_addr=user_addr, readonly=readonly)
+        region = cls(gpa, size, mm, skew, readonly=readonly)
         region._owns_backing = True
         return region
 
@@ -350,13 +339,6 @@ class GuestMemory:
         for region in list(self._table.regions):
             self._table.remove(region.gpa)
             region.close()
-
-    def user_to_guest(self, uaddr: int) -> int:
-        """Translate a VMM user-space address (vhost-user ring addresses) to a GPA."""
-        for region in self._table.regions:
-            if region.user_addr is not None and region.user_addr <= uaddr < region.user_addr + region.size:
-                return region.gpa + (uaddr - region.user_addr)
-        raise UnmappedAddressError(uaddr, 1)
 
     # -- translation -------------------------------------------------------
     def translate(self, addr: int, length: int, access: Access = Access.READ) -> list[tuple[int, int]]:

@@ -404,7 +404,6 @@ class VhostUserFrontend:
     def add_region(self, gpa: int, size: int) -> MemoryRegion:
         """Create a memfd-backed guest region (not yet sent to the backend)."""
         region, fd = MemoryRegion.memfd(gpa, size, name=f"iovirt-guest-{gpa:#x}")
-        region.user_addr = USER_ADDR_BASE + gpa
         try:
             self.memory.add_region(region)
         except BaseException:
@@ -420,16 +419,14 @@ class VhostUserFrontend:
 
     @staticmethod
     def region_desc(region: MemoryRegion) -> MemRegion:
-        """The wire description of ``region`` (mmap offset 0 in its memfd)."""
-        assert region.user_addr is not None
-        return MemRegion(region.gpa, region.size, region.user_addr, 0)
+        """The wire description of ``region`` (mmap offset 0 in its memfd, user address USER_ADDR_BASE + gpa)."""
+        return MemRegion(region.gpa, region.size, USER_ADDR_BASE + region.gpa, 0)
 
     def user_addr(self, gpa: int) -> int:
         """The user address of guest-physical ``gpa`` (for ring addresses)."""
-        region = self.memory.find_region(gpa)
-        if region is None or region.user_addr is None:
+        if self.memory.find_region(gpa) is None:
             raise ValueError(f"guest address {gpa:#x} is in no region of this front-end")
-        return region.user_addr + (gpa - region.gpa)
+        return USER_ADDR_BASE + gpa
 
     def set_mem_table(self, regions: Sequence[MemoryRegion] | None = None) -> None:
         """VHOST_USER_SET_MEM_TABLE with ``regions`` (default: all) and one fd each."""

@@ -7,12 +7,22 @@ u16 last_batch_head; u16 used_idx; DescStateSplit desc[desc_num]; }`` with
 The front-end keeps the fd across a back-end restart and hands it back with
 ``SET_INFLIGHT_FD``, so requests popped but not completed by a back-end that
 died are resubmitted, in the order they were popped, by the next one.
+
+:class:`InflightQueue` is how the back-end keeps the region: a wrapper it
+installs around a device's queue (as libvhost-user does inside
+``vu_queue_pop``/``vu_queue_push``), so the device never knows.  It follows
+the spec's order: a batch's entries join the last-batch list before the used
+index is published, and are cleared after it, so a back-end of any make
+(libvhost-user, DPDK, SPDK) taking the region over resubmits exactly what
+was in flight.
 """
 
 from __future__ import annotations
 
+import collections
 import mmap
 import struct
+from typing import Any
 
 QUEUE_HEADER = struct.Struct("=QHHHH")  # 16 bytes
 DESC_STATE = struct.Struct("=B5xHQ")  # 16 bytes
@@ -31,7 +41,7 @@ def inflight_mmap_size(num_queues: int, queue_size: int) -> int:
     return num_queues * queue_region_size(queue_size)
 
 
-class InflightQueue:
+class QueueRegion:
     """The inflight bookkeeping of one split queue, kept in shared memory."""
 
     def __init__(self, view: memoryview, queue_size: int, fresh: bool) -> None:
@@ -54,21 +64,30 @@ class InflightQueue:
         self._set_desc(head, 1, nxt, self.counter)
         self.counter += 1
 
-    def completed(self, heads: list[int], used_idx: int) -> None:
-        """A batch went to the used ring (whose idx is now ``used_idx``): clear it, in spec order."""
-        features, version, desc_num, last, _ = QUEUE_HEADER.unpack_from(self.view, 0)
+    def unpopped(self, head: int) -> None:
+        """A popped chain went back to the avail ring unserved (rewind)."""
+        _, nxt, counter = self._desc(head)
+        self._set_desc(head, 0, nxt, counter)
+
+    def completing(self, heads: list[int]) -> None:
+        """A batch is about to go to the used ring: link it into the last-batch list.
+
+        Spec steps 1-4 of "supplying used buffers", before the used idx moves.
+        """
+        features, version, desc_num, last, used_idx = QUEUE_HEADER.unpack_from(self.view, 0)
         for head in heads:
             inflight, _, counter = self._desc(head)
             self._set_desc(head, inflight, last, counter)
             last = head
-        QUEUE_HEADER.pack_into(self.view, 0, features, version, desc_num, last, self._used_idx())
+        QUEUE_HEADER.pack_into(self.view, 0, features, version, desc_num, last, used_idx)
+
+    def completed(self, heads: list[int], used_idx: int) -> None:
+        """The batch is in the used ring, whose idx is now ``used_idx``: clear it (steps 6-7)."""
         for head in heads:
             _, nxt, counter = self._desc(head)
             self._set_desc(head, 0, nxt, counter)
+        features, version, desc_num, last, _ = QUEUE_HEADER.unpack_from(self.view, 0)
         QUEUE_HEADER.pack_into(self.view, 0, features, version, desc_num, last, used_idx)
-
-    def _used_idx(self) -> int:
-        return QUEUE_HEADER.unpack_from(self.view, 0)[4]
 
     def recover(self, ring_used_idx: int) -> list[int]:
         """On reconnect: repair the last batch, return the heads to resubmit in pop order."""
@@ -89,7 +108,7 @@ class InflightQueue:
 
 
 class InflightRegion:
-    """The mapped inflight fd: one :class:`InflightQueue` per queue."""
+    """The mapped inflight fd: one :class:`QueueRegion` per queue."""
 
     def __init__(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int, fresh: bool) -> None:
         self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
@@ -97,10 +116,10 @@ class InflightRegion:
         base = memoryview(self.map)
         self._base = base
         self.queues = [
-            InflightQueue(base[i * per_queue : (i + 1) * per_queue], queue_size, fresh) for i in range(num_queues)
+            QueueRegion(base[i * per_queue : (i + 1) * per_queue], queue_size, fresh) for i in range(num_queues)
         ]
 
-    def queue(self, index: int) -> InflightQueue:
+    def queue(self, index: int) -> QueueRegion:
         """Queue ``index``'s bookkeeping."""
         return self.queues[index]
 
@@ -110,3 +129,55 @@ class InflightRegion:
             q.view.release()
         self._base.release()
         self.map.close()
+
+
+class InflightQueue:
+    """A device queue whose pops and pushes are recorded in a :class:`QueueRegion`.
+
+    Everything else is the wrapped queue's (``inner``).
+    """
+
+    def __init__(self, inner: Any, region: QueueRegion) -> None:
+        self.inner = inner
+        self.region = region
+        self._popped: collections.deque[int] = collections.deque(maxlen=region.queue_size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _record(self, head: int) -> None:
+        self.region.popped(head)
+        self._popped.append(head)
+
+    def pop(self) -> Any:
+        """Pop one chain, recording it in flight."""
+        chain = self.inner.pop()
+        if chain is not None:
+            self._record(chain.head)
+        return chain
+
+    def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
+        """Pop a batch, recording every chain in flight."""
+        popped = self.inner.pop_batch(max_chains) if batch is None else self.inner.pop_batch(max_chains, batch)
+        for i in range(len(popped)):
+            self._record(popped.head(i))
+        return popped
+
+    def rewind(self, count: int) -> None:
+        """Give the last ``count`` popped chains back: no longer in flight."""
+        self.inner.rewind(count)
+        for _ in range(min(count, len(self._popped))):
+            self.region.unpopped(self._popped.pop())
+
+    def push(self, head: int, length: int) -> None:
+        """Complete one chain, in the spec's order around the used idx update."""
+        self.region.completing([head])
+        self.inner.push(head, length)
+        self.region.completed([head], self.inner.used_idx)
+
+    def push_batch(self, batch: Any) -> None:
+        """Complete a batch, in the spec's order around its one used idx update."""
+        heads = [batch.head(i) for i in range(len(batch))]
+        self.region.completing(heads)
+        self.inner.push_batch(batch)
+        self.region.completed(heads, self.inner.used_idx)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from iovirt.errors import IovirtError
-from iovirt.memory import Access, GuestMemory, TranslationFault, TranslationPending
+from iovirt.memory import Access, TranslationFault, TranslationPending
+from iovirt.vhost_user.memtable import GuestMemoryTable, MemoryTableError
 from iovirt.vhost_user.messages import IotlbMsg, IotlbPerm, IotlbType
 
 log = logging.getLogger("iovirt.vhost_user")
@@ -76,14 +77,14 @@ class IotlbEntry:
 class DeviceIotlb:
     """IOVA → user address → guest-physical translation for one front-end connection.
 
-    ``memory`` holds the front-end's regions (their ``user_addr`` maps user
-    addresses to guest-physical ones); ``send`` puts an IOTLB message on the
+    ``table`` is the front-end's memory table (it maps user addresses to
+    guest-physical ones); ``send`` puts an IOTLB message on the
     back-end channel (``None``: there is none, a miss is a fault).
     """
 
-    def __init__(self, memory: GuestMemory, send: SendIotlbMsg | None, label: str = "",
+    def __init__(self, table: GuestMemoryTable, send: SendIotlbMsg | None, label: str = "",
                  max_entries: int = MAX_ENTRIES) -> None:
-        self.memory = memory
+        self.table = table
         self.send = send
         self.label = label
         self.max_entries = max_entries
@@ -95,8 +96,6 @@ class DeviceIotlb:
         self._starts: list[int] = []
         self._entries: dict[int, IotlbEntry] = {}  # by iova, oldest first
         self._outstanding: dict[int, int] = {}  # page -> perm asked for
-        self._user_gen = -1
-        self._user_map: list[tuple[int, int, int]] = []  # (user_addr, end, gpa), sorted
         self.stats = {"translations": 0, "misses_sent": 0, "access_fails": 0, "updates": 0, "invalidates": 0, "retired": 0}
 
     # -- the table ------------------------------------------------------------------
@@ -123,8 +122,8 @@ class DeviceIotlb:
         if perm not in (IotlbPerm.VHOST_ACCESS_RO, IotlbPerm.VHOST_ACCESS_WO, IotlbPerm.VHOST_ACCESS_RW):
             raise IotlbError("UPDATE", iova, size, f"permissions {perm} grant no access (expected RO, WO or RW)")
         try:
-            self._user_pieces(uaddr, size)
-        except LookupError as exc:
+            self.table.user_pieces(uaddr, size)
+        except MemoryTableError as exc:
             raise IotlbError("UPDATE", iova, size, str(exc)) from None
         self._remove(iova, iova + size)
         self._insert(IotlbEntry(iova, iova + size, uaddr, int(perm)))
@@ -224,27 +223,6 @@ class DeviceIotlb:
             del self._entries[start]
             self.stats["retired"] += 1
 
-    # -- user addresses -----------------------------------------------------------------
-    def _user_pieces(self, uaddr: int, size: int) -> list[tuple[int, int]]:
-        """Guest-physical pieces of user range ``[uaddr, uaddr+size)``; LookupError if not all mapped."""
-        if self._user_gen != self.memory.generation:
-            self._user_map = sorted(
-                (r.user_addr, r.user_addr + r.size, r.gpa) for r in self.memory.regions if r.user_addr is not None
-            )
-            self._user_gen = self.memory.generation
-        pieces = []
-        starts = [u for u, _, _ in self._user_map]
-        while size > 0:
-            i = bisect.bisect_right(starts, uaddr) - 1
-            if i < 0 or uaddr >= self._user_map[i][1]:
-                raise LookupError(f"user address {uaddr:#x} is in no region of the memory table")
-            user, end, gpa = self._user_map[i]
-            n = min(size, end - uaddr)
-            pieces.append((gpa + (uaddr - user), n))
-            uaddr += n
-            size -= n
-        return pieces
-
     # -- translation (the Translator protocol) -------------------------------------------
     def translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
         """Guest-physical pieces of IOVAs ``[addr, addr+length)`` for ``access``.
@@ -271,8 +249,8 @@ class DeviceIotlb:
             n = min(entry.end, end) - pos
             if not missing:
                 try:
-                    pieces += self._user_pieces(entry.uaddr + (pos - entry.iova), n)
-                except LookupError as exc:
+                    pieces += self.table.user_pieces(entry.uaddr + (pos - entry.iova), n)
+                except MemoryTableError as exc:
                     # The memory table changed under the entry since its UPDATE.
                     raise TranslationFault(addr, length, access, str(exc)) from None
             pos += n

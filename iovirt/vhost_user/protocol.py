@@ -9,8 +9,10 @@ the payload each request carries, the fds it takes, and the reply it gets.
 
 Events
 ------
-* :class:`Request` - a well-formed front-end request: code, flags, parsed
-  payload, attached fds, and the :class:`ReplyKind` the front-end waits for.
+* a :class:`~iovirt.vhost_user.requests.Request` - a well-formed front-end
+  request, as the typed class of its code (``SetVringNum(index, num)``,
+  ``SetMemTable(regions)``, ...): the payload's fields, the header flags,
+  attached fds, and the :class:`ReplyKind` the front-end waits for.
 * :class:`RejectedRequest` - a whole message was read but breaks the rules
   (unknown or unsupported request, bad flags, wrong payload size or value,
   wrong fd count).  The stream is still framed, so the connection goes on;
@@ -94,6 +96,7 @@ from iovirt.vhost_user.messages import (
     VringFile,
     VringState,
 )
+from iovirt.vhost_user.requests import REQUEST_TYPES, ReplyKind, Request
 
 R = FrontendRequest
 F = ProtocolFeature
@@ -107,14 +110,6 @@ class FdRule(enum.Enum):
     PER_REGION = "one per memory region"
     VRING_FILE = "one, or none with the invalid-fd bit (0x100) set"
     REM_MEM_REG = "none, or one that the back-end must close unused"
-
-
-class ReplyKind(enum.Enum):
-    """What the front-end waits for after a request."""
-
-    NONE = "none"
-    ACK = "REPLY_ACK u64"
-    BODY = "the request's reply payload"
 
 
 def _u64_status(status: int) -> bytes:
@@ -207,6 +202,12 @@ UNSUPPORTED_REQUESTS: dict[FrontendRequest, str] = {
 }
 """Spec requests iovirt recognises but rejects; their features are never offered."""
 
+
+def payload_of(request: Request) -> Payload | None:
+    """The payload object ``request`` was parsed from (its class from :data:`REQUEST_RULES`)."""
+    payload_type = REQUEST_RULES[request.code].payload
+    return None if payload_type is None else payload_type(*request.values())  # type: ignore[call-arg]
+
 def reply_kind(request: int, need_reply: bool, protocol_features: int) -> ReplyKind:
     """What the front-end waits for after ``request`` (spec "Communication", REPLY_ACK).
 
@@ -221,29 +222,6 @@ def reply_kind(request: int, need_reply: bool, protocol_features: int) -> ReplyK
     if need_reply and protocol_features & (1 << F.VHOST_USER_PROTOCOL_F_REPLY_ACK):
         return ReplyKind.ACK
     return ReplyKind.NONE
-
-
-@dataclass(frozen=True)
-class Request:
-    """A well-formed front-end request.
-
-    ``payload`` is an instance of the request's payload class in
-    :data:`REQUEST_RULES` (``None`` for requests without payload).  ``fds``
-    are owned by the caller from now on.  ``reply`` says what the front-end
-    waits for: answer with :meth:`BackendConnection.reply` (``BODY``),
-    :meth:`~BackendConnection.ack` / :meth:`~BackendConnection.nack`.
-    """
-
-    request: FrontendRequest
-    flags: int
-    payload: Payload | None
-    fds: tuple[int, ...]
-    reply: ReplyKind
-
-    @property
-    def need_reply(self) -> bool:
-        """The header's need_reply bit."""
-        return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
 
 
 @dataclass(frozen=True)
@@ -406,7 +384,9 @@ class BackendConnection:
             # rust-vmm does): REPLY_ACK applies when the handler answers it.
             assert isinstance(payload, U64)
             self.protocol_features = payload.value & self.supported_protocol_features
-        return Request(request, header.flags, payload, fds, self._reply_kind(request, header))
+        return REQUEST_TYPES[request].from_payload(
+            payload, header_flags=header.flags, fds=fds, reply=self._reply_kind(request, header)
+        )
 
     @staticmethod
     def _parse_payload(request: FrontendRequest, rule: RequestRule, body: bytes) -> Payload | None:

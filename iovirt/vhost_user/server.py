@@ -21,8 +21,9 @@ import stat
 import struct
 from dataclasses import dataclass
 from typing import Callable
-from iovirt.vhost_user import profiles
 from iovirt.vhost_user.backend import BackendSession, RequestRefused
+from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.devices import vhost_user_device
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.errors import VhostUserError
 from iovirt.vhost_user.messages import VHOST_MEMORY_BASELINE_NREGIONS
@@ -31,8 +32,9 @@ from iovirt.vhost_user.protocol import (
     ConnectionClosed,
     ProtocolFailure,
     RejectedRequest,
-    Request,
 )
+from iovirt.vhost_user.requests import Request
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.device import VirtioDevice
 
 log = logging.getLogger("iovirt.vhost_user")
@@ -42,11 +44,10 @@ MAX_FDS_PER_MESSAGE = VHOST_MEMORY_BASELINE_NREGIONS
 
 @dataclass
 class Endpoint:
-    """One device socket: the device, its protocol features, and its current front-end."""
+    """One device socket: the device (behind its adapter), and its current front-end."""
 
     name: str
-    device: VirtioDevice
-    protocol_features: int
+    device: VhostUserDevice
     listener: socket.socket | None
     path: str | None = None
     extra_features: int = 0
@@ -82,16 +83,19 @@ class VhostUserServer:
         self,
         path: str,
         device: VirtioDevice,
-        protocol_features: int | None = None,
         name: str = "",
-        extra_features: int | None = None,
         iommu: bool = False,
+        adapter: type[VhostUserDevice] | None = None,
     ) -> Endpoint:
         """Listen on UNIX socket ``path`` for a front-end of ``device``.
 
-        ``protocol_features`` and ``extra_features`` default to the device
-        type's profile (:mod:`iovirt.vhost_user.profiles`); VIRTIO_F_ACCESS_PLATFORM
-        is added when ``iommu`` (the device may sit behind a front-end's vIOMMU).
+        The device is served through ``adapter``, by default the one
+        registered for its device type (:mod:`iovirt.vhost_user.devices`).
+        VIRTIO_F_ACCESS_PLATFORM (virtio 1.2 section 6) is offered when
+        ``iommu``: behind a vIOMMU the device's addresses are IOVAs.  It is
+        opt-in (as DPDK's ``RTE_VHOST_USER_IOMMU_SUPPORT``): a front-end that
+        accepts whatever is offered without an IOMMU would get a device
+        waiting for IOTLB entries that never come.
 
         A stale socket file left by a dead process is replaced; anything else
         at ``path`` is an error.
@@ -103,14 +107,15 @@ class VhostUserServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(path)
         listener.listen(1)
-        return self._add_listener(
-            listener, device, _protocol(device, protocol_features), name or path, path,
-            _extra(device, extra_features, iommu),
-        )
+        return self._add_listener(listener, _endpoint(name or path, device, adapter, iommu, path))
 
     def add_fd(
-        self, fd: int, device: VirtioDevice, protocol_features: int | None = None, name: str = "",
-        extra_features: int | None = None, iommu: bool = False,
+        self,
+        fd: int,
+        device: VirtioDevice,
+        name: str = "",
+        iommu: bool = False,
+        adapter: type[VhostUserDevice] | None = None,
     ) -> Endpoint:
         """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
 
@@ -118,25 +123,19 @@ class VhostUserServer:
         program conventions").  The other arguments as in :meth:`add_socket`.
         """
         sock = socket.socket(fileno=fd)
-        name = name or f"fd {fd}"
-        protocol_features = _protocol(device, protocol_features)
-        extra = _extra(device, extra_features, iommu)
+        endpoint = _endpoint(name or f"fd {fd}", device, adapter, iommu, None)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            return self._add_listener(sock, device, protocol_features, name, None, extra)
-        endpoint = Endpoint(name, device, protocol_features, None, None, extra)
+            return self._add_listener(sock, endpoint)
         self.endpoints.append(endpoint)
         self._open(endpoint, sock)
         return endpoint
 
-    def _add_listener(
-        self, listener: socket.socket, device: VirtioDevice, protocol_features: int, name: str,
-        path: str | None, extra_features: int,
-    ) -> Endpoint:
+    def _add_listener(self, listener: socket.socket, endpoint: Endpoint) -> Endpoint:
         listener.setblocking(False)
-        endpoint = Endpoint(name, device, protocol_features, listener, path, extra_features)
+        endpoint.listener = listener
         self.endpoints.append(endpoint)
         self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
-        log.info("%s: listening for a vhost-user front-end (%s)", name, device.name)
+        log.info("%s: listening for a vhost-user front-end (%s)", endpoint.name, endpoint.device.device.name)
         return endpoint
 
     # -- loop ----------------------------------------------------------------------------
@@ -232,10 +231,8 @@ class VhostUserServer:
     def _open(self, endpoint: Endpoint, sock: socket.socket) -> None:
         sock.setblocking(False)
         peer = _peer_credentials(sock)
-        proto = BackendConnection(supported_protocol_features=endpoint.protocol_features)
-        session = BackendSession(
-            endpoint.device, self.dataplane, endpoint.protocol_features, endpoint.name, endpoint.extra_features
-        )
+        proto = BackendConnection(supported_protocol_features=endpoint.device.protocol_features)
+        session = BackendSession(endpoint.device, self.dataplane, endpoint.name, endpoint.extra_features)
         conn = Connection(endpoint, sock, proto, session, peer)
         endpoint.connection = conn
         endpoint.connections_served += 1
@@ -337,13 +334,11 @@ class VhostUserServer:
         log.info("%s: connection closed: %s", endpoint.name, reason)
 
 
-def _protocol(device: VirtioDevice, protocol_features: int | None) -> int:
-    return profiles.protocol_features(device) if protocol_features is None else protocol_features
-
-
-def _extra(device: VirtioDevice, extra_features: int | None, iommu: bool) -> int:
-    extra = profiles.extra_features(device) if extra_features is None else extra_features
-    return extra | (profiles.IOMMU_FEATURES if iommu else 0)
+def _endpoint(
+    name: str, device: VirtioDevice, adapter: type[VhostUserDevice] | None, iommu: bool, path: str | None
+) -> Endpoint:
+    served = vhost_user_device(device) if adapter is None else adapter(device)
+    return Endpoint(name, served, None, path, (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0)
 
 
 def _peer_credentials(sock: socket.socket) -> str:

@@ -16,7 +16,7 @@ closed connection).  It never escapes as an exception to the transport.
 from __future__ import annotations
 
 import logging
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, ClassVar
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
@@ -26,17 +26,6 @@ from iovirt.virtio.state import QueueState
 
 Notify = Callable[[], None]
 
-
-class InflightTracker(Protocol):
-    """Shared bookkeeping of requests popped but not completed (vhost-user INFLIGHT_SHMFD)."""
-
-    def popped(self, head: int) -> None:
-        """Chain ``head`` was taken from the avail ring."""
-        ...
-
-    def completed(self, heads: list[int], used_idx: int) -> None:
-        """Chains ``heads`` went to the used ring, whose idx is now ``used_idx``."""
-        ...
 
 # Feature bits every iovirt device offers (6 Reserved Feature Bits).
 COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC)
@@ -72,7 +61,6 @@ class VirtioDevice:
         self.queues: list[SplitQueue | None] = [None] * num_queues
         self.notifiers: list[Notify | None] = [None] * num_queues
         self.enabled: list[bool] = [False] * num_queues
-        self.inflight: list["InflightTracker | None"] = [None] * num_queues
         self.driver_features = 0
         self.memory: GuestMemory | None = None
         self.needs_reset = False
@@ -109,30 +97,33 @@ class VirtioDevice:
         return False
 
     # -- queues --------------------------------------------------------------------
-    def start_queue(self, index: int, memory: GuestMemory, state: QueueState, notify: Notify) -> SplitQueue:
-        """Start serving queue ``index`` from ``state``; ``notify`` signals used buffers."""
+    def start_queue(
+        self,
+        index: int,
+        memory: GuestMemory,
+        state: QueueState,
+        notify: Notify,
+        wrap: Callable[[SplitQueue], SplitQueue] | None = None,
+    ) -> SplitQueue:
+        """Start serving queue ``index`` from ``state``; ``notify`` signals used buffers.
+
+        ``wrap``, if given, puts a wrapper with the queue's API around the
+        queue (a transport's bookkeeping, e.g. vhost-user inflight tracking).
+        """
         state = QueueState(**{**state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX)})
         queue = SplitQueue.from_state(memory, state)
+        if wrap is not None:
+            queue = wrap(queue)
         self.memory = memory
         self.queues[index] = queue
         self.notifiers[index] = notify
         return queue
-
-    @property
-    def vhost_queue_num(self) -> int:
-        """What vhost-user GET_QUEUE_NUM answers (the queues a front-end may configure)."""
-        return self.num_queues
-
-    def track_inflight(self, index: int, tracker: InflightTracker | None) -> None:
-        """Record pops and completions of queue ``index`` in ``tracker``."""
-        self.inflight[index] = tracker
 
     def stop_queue(self, index: int) -> QueueState | None:
         """Stop serving queue ``index``; returns its state (where to resume)."""
         queue = self.queues[index]
         self.queues[index] = None
         self.notifiers[index] = None
-        self.inflight[index] = None
         if queue is None:
             return None
         state = queue.state()

@@ -349,7 +349,7 @@ def ring_ready(front: VhostUserFrontend, index: int = 0, num: int = 8) -> int:
     front.set_mem_table([region])
     front.set_vring_num(index, num)
     front.set_vring_base(index, 0)
-    return region.user_addr
+    return front.user_addr(region.gpa)
 
 
 @pytest.mark.parametrize(

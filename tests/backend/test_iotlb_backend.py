@@ -121,7 +121,7 @@ def test_traffic_between_two_iova_ports_goes_through_misses_and_updates(backend)
     with a, b:
         assert a.features >> VIRTIO_F_ACCESS_PLATFORM & 1
         assert a.queues[1].desc_addr >= IOVA_BASE  # the rings live at IOVAs, not at their GPAs
-        assert wait_until(lambda: all(backend.session(p).device.queues[1] is not None for p in backend.net_paths[:2]))
+        assert wait_until(lambda: all(backend.session(p).device.queue(1) is not None for p in backend.net_paths[:2]))
         b.queues[0].add_data([], [2048])
         b.kick(0)
         send(a, frame(0, 1))
@@ -131,7 +131,7 @@ def test_traffic_between_two_iova_ports_goes_through_misses_and_updates(backend)
         misses = a.iommu.misses + b.iommu.misses
         assert misses and all(m.iova >= IOVA_BASE for m in misses)
         assert any(m.perm == IotlbPerm.VHOST_ACCESS_RO for m in a.iommu.misses)  # the TX buffer is read
-        iotlb = backend.session(backend.net_paths[0]).iotlb
+        iotlb = backend.session(backend.net_paths[0]).vrings.iotlb
         assert iotlb.outstanding == {} and iotlb.stats["misses_sent"] == len(a.iommu.misses)
 
 
@@ -169,7 +169,7 @@ def test_an_invalidation_takes_effect_before_its_ack(backend):
         a.queues[1].add_data([NetHdr().pack() + frame(0, 2)])
         a.kick(1)
         assert a.iommu.serve_until(lambda: a.queues[1].used_idx() == 1)
-        iotlb = backend.session(backend.net_paths[0]).iotlb
+        iotlb = backend.session(backend.net_paths[0]).vrings.iotlb
         buffer_page = max(m.iova for m in a.iommu.misses) // PAGE * PAGE
         assert any(e.iova <= buffer_page < e.end for e in iotlb.entries)
         a.iommu.unmap(buffer_page, PAGE)  # acked when this returns
@@ -185,7 +185,7 @@ def test_invalidating_a_running_ring_suspends_it_until_the_translation_returns(b
         used_page = a.queues[1].used_addr // PAGE * PAGE
         a.frontend.iotlb_msg(IotlbMsg(used_page, PAGE, 0, IotlbPerm.VHOST_ACCESS_NONE, INVALIDATE))
         session = backend.session(backend.net_paths[0])
-        assert session.device.queues[1] is None and session.vrings[1].awaiting_translation
+        assert session.device.queue(1) is None and session.vrings[1].awaiting_translation
         send(a, frame(0, 1, 7))  # the kick resumes the ring once its pages are back
         a.iommu.serve_until(lambda: a.queues[1].used_idx() == 1)
         assert received(b) == [frame(0, 1, 7)]
@@ -234,10 +234,10 @@ def test_a_front_end_that_never_answers_blocks_neither_other_queues_nor_other_de
 def test_bad_iotlb_messages_get_a_non_zero_reply_and_change_nothing(backend, msg, why):
     a = port(backend, 0)
     with a:
-        entries = backend.session(backend.net_paths[0]).iotlb.entries
+        entries = backend.session(backend.net_paths[0]).vrings.iotlb.entries
         with pytest.raises(NackError):
             a.frontend.iotlb_msg(msg)
-        assert backend.session(backend.net_paths[0]).iotlb.entries == entries, why
+        assert backend.session(backend.net_paths[0]).vrings.iotlb.entries == entries, why
         assert a.frontend.get_queue_num() == 1  # the connection goes on
 
 

@@ -7,24 +7,31 @@ guest-physical addresses.  Checked against a page-by-page model with hypothesis.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from iovirt.memory import Access, GuestMemory, MemoryRegion, TranslationFault, TranslationPending
+from iovirt.memory import Access, TranslationFault, TranslationPending
+from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.iotlb import PAGE_SIZE, DeviceIotlb, IotlbError
-from iovirt.vhost_user.messages import IotlbMsg, IotlbPerm, IotlbType
+from iovirt.vhost_user.messages import MemRegion, IotlbMsg, IotlbPerm, IotlbType
 
 RO, WO, RW = IotlbPerm.VHOST_ACCESS_RO, IotlbPerm.VHOST_ACCESS_WO, IotlbPerm.VHOST_ACCESS_RW
 USER = 0x7F00_0000_0000  # user address of GPA 0
 IOVA = 0xFEED_0000_0000
 
 
-def memory(regions=((0, 1 << 20),)) -> GuestMemory:
-    mem = GuestMemory()
+def memory(regions=((0, 1 << 20),)) -> GuestMemoryTable:
+    """A memory table as a front-end shares it: memfd regions at user addresses USER + gpa."""
+    table = GuestMemoryTable("t", lambda: None)
+    fds = []
     for gpa, size in regions:
-        region = MemoryRegion(gpa, size, bytearray(size), user_addr=USER + gpa)
-        mem.add_region(region)
-    return mem
+        fd = os.memfd_create("iotlb-test")
+        os.ftruncate(fd, size)
+        fds.append(fd)
+    table.set_table([MemRegion(gpa, size, USER + gpa, 0) for gpa, size in regions], fds)
+    return table
 
 
 class Sent(list):
@@ -194,7 +201,7 @@ def test_a_full_table_retires_the_oldest_unpinned_entry():
 def test_the_memory_table_changing_under_an_entry_faults_instead_of_reaching_elsewhere():
     tlb, _ = make()
     tlb.update(IOVA, PAGE_SIZE, USER, RW)
-    tlb.memory.remove_region(0).close()
+    tlb.table.remove(MemRegion(0, 1 << 20, USER, 0), [])  # REM_MEM_REG
     with pytest.raises(TranslationFault, match="no region"):
         tlb.translate(IOVA, 4, Access.READ)
 

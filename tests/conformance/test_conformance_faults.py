@@ -14,8 +14,8 @@ from conftest import IovirtBackend
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
-from iovirt.vhost_user.backend import BackendSession
-from iovirt.vhost_user.messages import FrontendRequest as R, VringState
+from iovirt.vhost_user.messages import FrontendRequest as R
+from iovirt.vhost_user.vrings import Vrings
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 
@@ -45,9 +45,8 @@ def make_backend(tmp_path):
 
 
 def test_wrong_get_vring_base(make_backend, monkeypatch):
-    original = BackendSession._get_vring_base
-    monkeypatch.setattr(BackendSession, "_get_vring_base", lambda self, req: VringState(
-        original(self, req).index, (original(self, req).num + 1) & 0xFFFF))
+    original = Vrings.get_base
+    monkeypatch.setattr(Vrings, "get_base", lambda self, index: (original(self, index) + 1) & 0xFFFF)
     b = make_backend()
     res = run(Target(b.blk_path, "blk", TIMEOUT), {"vhost-user:GET_VRING_BASE", "vhost-user:SET_VRING_BASE", "virtio-1.2:5.2.6#in-out"})
     assert failed(res) == {"vhost-user:GET_VRING_BASE", "vhost-user:SET_VRING_BASE"}
@@ -55,8 +54,8 @@ def test_wrong_get_vring_base(make_backend, monkeypatch):
 
 
 def test_ignores_vring_disable(make_backend, monkeypatch):
-    original = BackendSession._enable
-    monkeypatch.setattr(BackendSession, "_enable", lambda self, vring, enabled: original(self, vring, True))
+    original = Vrings._enable
+    monkeypatch.setattr(Vrings, "_enable", lambda self, vring, enabled: original(self, vring, True))
     b = make_backend()
     clauses = {"vhost-user:Ring states#disabled-net-tx", "vhost-user:Ring states#disabled-net-rx", "virtio-1.2:5.1.6.2"}
     res = run(Target(b.net_paths[0], "net", TIMEOUT, b.net_paths[1]), clauses)
@@ -97,10 +96,10 @@ def test_never_replies_to_get_vring_base(make_backend, monkeypatch):
 
 
 def test_closes_socket_on_kick(make_backend, monkeypatch):
-    def explode(self, req):
+    def explode(self, index, fd):
         raise RuntimeError("injected fault")  # the server closes the connection on an internal error
 
-    monkeypatch.setattr(BackendSession, "_set_vring_kick", explode)
+    monkeypatch.setattr(Vrings, "set_kick", explode)
     b = make_backend()
     started = time.monotonic()
     res = run(Target(b.blk_path, "blk", TIMEOUT))

@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from iovirt.memory import GuestMemory, MemoryRegion
 from iovirt.vhost_user.errors import (
     BackendClosedError,
     BadVersionError,
@@ -46,7 +45,9 @@ from iovirt.vhost_user.messages import (
     encode_message,
     feature_mask,
 )
+from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.protocol import (
+    payload_of,
     BackendConnection,
     ConnectionClosed,
     ConnectionState,
@@ -79,7 +80,8 @@ class MiniBackend:
         self.sock = sock
         self.conn = BackendConnection(supported_protocol_features=OFFERED_PROTOCOL)
         self.events: list = []
-        self.memory = GuestMemory()
+        self.table = GuestMemoryTable("mini", lambda: None)
+        self.memory = self.table.memory
         self.vring_fds: dict[tuple[int, int], int] = {}
         self.status = 0
         self.error: BaseException | None = None
@@ -129,7 +131,7 @@ class MiniBackend:
         return True
 
     def _apply(self, event: Request):
-        r, p = event.request, event.payload
+        r, p = event.request, event  # typed requests carry their payload fields
         u64_replies = {
             R.VHOST_USER_GET_FEATURES: OFFERED_FEATURES,
             R.VHOST_USER_GET_PROTOCOL_FEATURES: OFFERED_PROTOCOL,
@@ -141,7 +143,7 @@ class MiniBackend:
         if r in u64_replies:
             return U64(u64_replies[r]), []
         if r is R.VHOST_USER_SET_STATUS:
-            self.status = p.value
+            self.status = p.status
         elif r is R.VHOST_USER_GET_VRING_BASE:
             return VringState(p.index, 42), []
         elif r is R.VHOST_USER_GET_CONFIG:
@@ -153,16 +155,13 @@ class MiniBackend:
             os.pwrite(fd, b"inflight!", 0)
             return Inflight(size, 0, p.num_queues, p.queue_size), [fd]
         elif r is R.VHOST_USER_SET_MEM_TABLE:
-            for old in self.memory.regions:
-                self.memory.remove_region(old.gpa).close()
-            for desc, fd in zip(p.regions, event.fds):
-                self._map(desc, fd)
+            self.table.set_table(p.regions, event.fds)
             return None, []
         elif r is R.VHOST_USER_ADD_MEM_REG:
-            self._map(p.region, event.fds[0])
+            self.table.add(p.region, event.fds)
             return None, []
         elif r is R.VHOST_USER_REM_MEM_REG:
-            self.memory.remove_region(p.region.guest_phys_addr).close()
+            self.table.remove(p.region, event.fds)
         elif r in (R.VHOST_USER_SET_VRING_KICK, R.VHOST_USER_SET_VRING_CALL):
             old = self.vring_fds.pop((r, p.index), None)
             if old is not None:
@@ -174,20 +173,13 @@ class MiniBackend:
             os.close(fd)
         return None, []
 
-    def _map(self, desc, fd: int) -> None:
-        region = MemoryRegion.from_fd(
-            desc.guest_phys_addr, desc.memory_size, fd, desc.mmap_offset, user_addr=desc.userspace_addr
-        )
-        os.close(fd)  # the mapping stays
-        self.memory.add_region(region)
-
     def stop(self) -> None:
         self.thread.join(timeout=5)
         assert not self.thread.is_alive()
         assert self.error is None, self.error
         for fd in self.vring_fds.values():
             os.close(fd)
-        self.memory.close()
+        self.table.close()
 
     def requests(self):
         return [e for e in self.events if isinstance(e, Request)]
@@ -245,12 +237,12 @@ def test_mem_table_fds_map_the_same_memory(pair):
     frontend.set_mem_table()
     table = backend.requests()[-1]
     assert table.request is R.VHOST_USER_SET_MEM_TABLE and len(table.fds) == 2
-    assert table.payload.regions[1].userspace_addr == USER_ADDR_BASE + 0x100000
+    assert table.regions[1].userspace_addr == USER_ADDR_BASE + 0x100000
     frontend.memory.write(0x100010, b"from the frontend")
     assert backend.memory.read(0x100010, 17) == b"from the frontend"
     backend.memory.write(0x20, b"from the backend")
     assert frontend.memory.read(0x20, 16) == b"from the backend"
-    assert backend.memory.user_to_guest(USER_ADDR_BASE + 0x100040) == 0x100040
+    assert backend.table.user_to_guest(USER_ADDR_BASE + 0x100040) == 0x100040
 
 
 def test_add_and_remove_a_region(pair):
@@ -271,7 +263,7 @@ def test_vrings_and_eventfds(pair):
     frontend.add_region(0, 0x10000)
     frontend.set_mem_table()
     frontend.setup_vring(0, 256, desc=0x1000, avail=0x2000, used=0x3000)
-    addr = [e for e in backend.requests() if e.request is R.VHOST_USER_SET_VRING_ADDR][0].payload
+    addr = [e for e in backend.requests() if e.request is R.VHOST_USER_SET_VRING_ADDR][0]
     assert (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr) == (
         USER_ADDR_BASE + 0x1000, USER_ADDR_BASE + 0x2000, USER_ADDR_BASE + 0x3000,
     )
@@ -283,7 +275,7 @@ def test_vrings_and_eventfds(pair):
     assert frontend.wait_call(0, timeout=1.0)
     assert frontend.get_vring_base(0) == 42
     assert frontend.set_vring_kick(1, poll=True) is None
-    assert backend.requests()[-1].payload.invalid_fd and backend.requests()[-1].fds == ()
+    assert backend.requests()[-1].invalid_fd and backend.requests()[-1].fds == ()
 
 
 def test_config_status_queues_iotlb(pair):
@@ -295,7 +287,7 @@ def test_config_status_queues_iotlb(pair):
     assert frontend.get_status() == 0xF
     frontend.iotlb_msg(IotlbMsg(0, 0x1000, USER_ADDR_BASE, IotlbPerm.VHOST_ACCESS_RO, IotlbType.VHOST_IOTLB_UPDATE))
     frontend.set_config(0, b"\1\2")
-    assert backend.requests()[-1].payload == Config(0, 0, b"\1\2")
+    assert payload_of(backend.requests()[-1]) == Config(0, 0, b"\1\2")
 
 
 def test_inflight_fd_is_passed_back(pair):

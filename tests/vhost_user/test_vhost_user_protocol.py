@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,7 +52,10 @@ from iovirt.vhost_user.messages import (
     encode_message,
     feature_mask,
 )
+from iovirt.vhost_user.requests import REQUEST_TYPES, SetMemTable, SetVringCall, SetVringKick
 from iovirt.vhost_user.protocol import (
+    REQUEST_RULES,
+    payload_of,
     BackendConnection,
     ConnectionClosed,
     ConnectionState,
@@ -125,8 +130,11 @@ def test_bring_up_gives_typed_requests():
     assert [e.request for e in events] == [Header.unpack(d[:12]).request for d, _ in BRING_UP]
     assert [e.fds for e in events] == [fds for _, fds in BRING_UP]
     table = events[5]
-    assert table.payload == MemoryTable((region(0), region(1))) and table.need_reply
-    assert events[9].payload == VringFile(0) and events[10].payload == VringFile(0, True)
+    assert isinstance(table, SetMemTable) and table.regions == (region(0), region(1)) and table.need_reply
+    assert payload_of(table) == MemoryTable((region(0), region(1)))
+    assert isinstance(events[9], SetVringKick) and (events[9].index, events[9].invalid_fd) == (0, False)
+    assert isinstance(events[10], SetVringCall) and (events[10].index, events[10].invalid_fd) == (0, True)
+    assert payload_of(events[9]) == VringFile(0) and payload_of(events[10]) == VringFile(0, True)
     assert c.protocol_features == feature_mask(PF.VHOST_USER_PROTOCOL_F_REPLY_ACK)
     assert c.state is ConnectionState.OPEN and c.bytes_needed == 12
 
@@ -404,3 +412,17 @@ def test_garbage_never_raises_and_never_loses_fds(garbage, fds):
         events.append(c.feed_eof())
     returned = [fd for e in events for fd in e.fds]
     assert sorted(returned) == sorted(fds)
+
+
+def test_every_rule_has_its_typed_request():
+    """REQUEST_RULES and the typed requests agree: same codes, and payload <-> request round-trips."""
+    assert set(REQUEST_TYPES) == set(REQUEST_RULES)
+    for code, rule in REQUEST_RULES.items():
+        cls = REQUEST_TYPES[code]
+        assert cls.code is code
+        own = [f for f in dataclasses.fields(cls) if not f.kw_only]
+        if rule.payload is None:
+            assert own == []
+        else:
+            # The request's fields are the payload's, in its order (only u64 values get spec names).
+            assert len(own) == len(dataclasses.fields(rule.payload)), cls

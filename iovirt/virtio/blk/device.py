@@ -172,16 +172,10 @@ class VirtioBlk(VirtioDevice):
             batch = queue.pop_batch(BATCH, self._batch) if fast else queue.pop_batch(BATCH)
             if not len(batch):
                 break
-            tracker = self.inflight[index]
-            heads = [batch.head(i) for i in range(len(batch))] if tracker is not None else []
-            for head in heads:
-                tracker.popped(head)  # type: ignore[union-attr]
             left = self._serve_fast(batch, queue) if fast else range(len(batch))
             for i in left:
                 batch.set_used_len(i, self._serve(memory, batch[i]))
             queue.push_batch(batch)
-            if tracker is not None:
-                tracker.completed(heads, queue.used_idx)
             self.signal(index)
 
     def _serve_fast(self, batch, queue: SplitQueue) -> list[int]:

@@ -114,11 +114,6 @@ class VirtioNet(VirtioDevice):
         )
 
     @property
-    def vhost_queue_num(self) -> int:
-        """QEMU's vhost-user net compares GET_QUEUE_NUM with its ``queues=`` (queue pairs)."""
-        return self.queue_pairs
-
-    @property
     def gso_mask(self) -> int:
         """The GSO types the driver may transmit (1 << gso_type): host TSO as negotiated."""
         mask = 0

@@ -1,0 +1,429 @@
+"""The vrings of one front-end connection: set-up, start/stop, notifications, IOTLB.
+
+vhost-user.rst "Ring states": a ring is started by SET_VRING_KICK and
+stopped by GET_VRING_BASE, and enabled or disabled by SET_VRING_ENABLE, two
+independent axes; without ``VHOST_USER_F_PROTOCOL_FEATURES`` a ring is
+enabled as soon as it starts.  Ring addresses are the VMM's (user) addresses,
+translated through the memory table when the ring starts, or IOVAs once
+``VIRTIO_F_ACCESS_PLATFORM`` is negotiated ("IOMMU support"): the device then
+sees memory through a :class:`~iovirt.vhost_user.iotlb.DeviceIotlb`.  A ring
+whose IOVAs are not translated yet waits (misses sent) and starts when the
+answers arrive; an INVALIDATE of a running ring's pages suspends it until it
+is kicked again.  The used index is read from the used ring in memory when
+a ring starts.
+
+Kick eventfds are served by the data plane; the device signals the call
+eventfd, and the err eventfd when it needs a reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from iovirt.errors import IovirtError
+from iovirt.memory import Access, GuestMemory, TranslationPending
+from iovirt.vhost_user.channel import BackendChannel
+from iovirt.vhost_user.dataplane import DataPlane
+from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
+from iovirt.vhost_user.iotlb import DeviceIotlb
+from iovirt.vhost_user.memtable import GuestMemoryTable
+from iovirt.vhost_user.messages import BackendRequest, IotlbMsg
+from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
+from iovirt.virtio.state import QueueState
+
+log = logging.getLogger("iovirt.vhost_user")
+
+SPLIT_AVAIL_RING = 4  # 2.7.6: flags u16, idx u16, then ring[]
+
+
+class VringError(IovirtError):
+    """A vring request the back-end cannot apply (its text says why)."""
+
+
+@dataclass
+class RingAddr:
+    """Where a ring's three parts are, as the front-end gave them (user addresses or IOVAs)."""
+
+    desc: int
+    avail: int
+    used: int
+
+
+@dataclass
+class Vring:
+    """One vring as the front-end described it."""
+
+    index: int
+    num: int = 0
+    addr: RingAddr | None = None
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False
+    awaiting_translation: bool = False  # started, but its ring IOVAs are not in the IOTLB yet
+    enabled: bool = False
+    inflight: QueueRegion | None = field(default=None, repr=False)
+
+    def parts(self) -> list[tuple[int, int, Access]]:
+        """``(address, size, access)`` of the descriptor table, avail ring and used ring."""
+        assert self.addr is not None
+        return [
+            (self.addr.desc, desc_table_size(self.num), Access.READ),
+            (self.addr.avail, avail_ring_size(self.num), Access.READ),
+            (self.addr.used, used_ring_size(self.num), Access.READ | Access.WRITE),
+        ]
+
+
+class Vrings:
+    """Every vring of one connection to ``device``, and the IOTLB in front of its memory."""
+
+    def __init__(self, device: VhostUserDevice, dataplane: DataPlane, table: GuestMemoryTable, label: str) -> None:
+        self.device = device
+        self.dataplane = dataplane
+        self.table = table
+        self.label = label
+        self.rings = [Vring(i) for i in range(device.num_queues)]
+        self.auto_enable = True  # without VHOST_USER_F_PROTOCOL_FEATURES: enabled when started
+        self.iotlb: DeviceIotlb | None = None
+        self.dma_memory: GuestMemory = table.memory  # IOVAs through the IOTLB with ACCESS_PLATFORM
+        self.backend_channel: BackendChannel | None = None
+
+    def __getitem__(self, index: int) -> Vring:
+        if not 0 <= index < len(self.rings):
+            raise VringError(f"vring index {index} beyond the device's {len(self.rings)} queues")
+        return self.rings[index]
+
+    @property
+    def any_started(self) -> bool:
+        """Whether a ring is started."""
+        return any(v.started for v in self.rings)
+
+    # -- set-up -----------------------------------------------------------------------
+    def set_num(self, index: int, num: int) -> None:
+        """SET_VRING_NUM: a power of 2 up to the device's maximum, on a stopped ring."""
+        vring = self[index]
+        limit = self.device.queue_max_size
+        if num == 0 or num & (num - 1) or num > limit:
+            raise VringError(f"ring size {num} is not a power of 2 in [1, {limit}]")
+        if vring.started:
+            raise VringError(f"vring {index} is started")
+        vring.num = num
+
+    def set_addr(self, index: int, addr: RingAddr) -> None:
+        """SET_VRING_ADDR; QEMU re-sends a running ring's address (e.g. to toggle logging): restart it in place."""
+        vring = self[index]
+        vring.addr = addr
+        if vring.started:
+            self._save_base(vring)
+            self._start(vring, vring.kick_fd)
+
+    def set_base(self, index: int, base: int) -> None:
+        """SET_VRING_BASE: the next avail index, on a stopped ring."""
+        vring = self[index]
+        if base > 0xFFFF:
+            raise VringError(f"split ring base {base} is not a 16-bit index")
+        if vring.started:
+            raise VringError(f"vring {index} is started")
+        vring.base = base
+
+    def get_base(self, index: int) -> int:
+        """GET_VRING_BASE: stop the ring; returns where it stopped."""
+        vring = self[index]
+        self.stop(vring)
+        log.info("%s: vring %d stopped at avail index %d", self.label, index, vring.base)
+        return vring.base
+
+    def set_kick(self, index: int, fd: int | None) -> None:
+        """SET_VRING_KICK: (re)start the ring; ``fd`` (None: poll) is taken over on success."""
+        vring = self[index]
+        if fd is not None:
+            _check_eventfd(fd)
+        self.stop(vring)
+        self._start(vring, fd)
+
+    def set_eventfd(self, index: int, name: str, fd: int | None) -> None:
+        """SET_VRING_CALL/ERR: replace eventfd ``name`` ("call_fd"/"err_fd"; None with the no-fd bit)."""
+        vring = self[index]
+        if fd is not None:
+            _check_eventfd(fd)
+        _close(getattr(vring, name))
+        setattr(vring, name, fd)
+
+    def enable(self, index: int, enabled: bool) -> None:
+        """SET_VRING_ENABLE."""
+        self._enable(self[index], enabled)
+
+    def enable_all(self, enabled: bool) -> None:
+        """Enable (no protocol features) or disable (RESET_OWNER) every ring."""
+        for vring in self.rings:
+            self._enable(vring, enabled)
+
+    def use_inflight(self, regions: list[QueueRegion]) -> None:
+        """Track the first ``len(regions)`` rings in the inflight regions (from their next start)."""
+        for vring, region in zip(self.rings, regions):
+            vring.inflight = region
+
+    # -- start and stop -------------------------------------------------------------------
+    def _start(self, vring: Vring, kick_fd: int | None) -> None:
+        if vring.num == 0 or vring.addr is None:
+            raise VringError(f"vring {vring.index} has no size or no addresses yet")
+        try:
+            running = self._start_device_queue(vring)
+        except IovirtError as exc:
+            raise VringError(f"vring {vring.index} cannot start: {exc}") from exc
+        vring.started = True
+        vring.kick_fd = kick_fd
+        if self.auto_enable:
+            self._enable(vring, True)
+        kick = self._kicker(vring)
+        if kick_fd is not None:
+            self.dataplane.add_eventfd(kick_fd, kick)
+        else:
+            self.dataplane.add_poller(vring, kick)
+        if running:
+            kick()  # buffers made available before the kick fd arrived
+
+    def _start_device_queue(self, vring: Vring) -> bool:
+        """Hand ``vring`` to the device; False if its ring IOVAs are not translated yet.
+
+        Raises :class:`IovirtError` for a ring that cannot be served.
+        """
+        addr = vring.addr
+        assert addr is not None
+        if self.iotlb is None:
+            desc, avail, used = (self.table.user_to_guest(a) for a in (addr.desc, addr.avail, addr.used))
+        else:
+            # vhost-user.rst: "a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM has been negotiated".
+            desc, avail, used = addr.desc, addr.avail, addr.used
+            if not self._ring_translated(vring):
+                if not vring.awaiting_translation:
+                    log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
+                vring.awaiting_translation = True
+                return False
+        memory = self.dma_memory
+        used_idx = memory.read_u16(used + 2)
+        wrap = None
+        region = vring.inflight
+        if region is not None:
+            self._resubmit_from(vring, region, memory, avail, used_idx)
+            wrap = lambda queue: InflightQueue(queue, region)  # noqa: E731
+        state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
+        self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
+        vring.awaiting_translation = False
+        log.info(
+            "%s: vring %d started: size %d, desc %#x avail %#x used %#x, avail index %d",
+            self.label, vring.index, vring.num, desc, avail, used, vring.base,
+        )
+        return True
+
+    def _resubmit_from(self, vring: Vring, region: QueueRegion, memory: GuestMemory, avail: int, used_idx: int) -> None:
+        """Requests a previous back-end popped and never completed: pop them again, in pop order.
+
+        vhost-user.rst "Inflight I/O tracking", on reconnect: repair the last
+        batch, then resubmit in the order of the counters.  Chains are popped
+        in avail-ring order, so the in-flight heads are the avail entries from
+        the used idx on whenever completions were in order (iovirt's, and
+        libvhost-user's for a single queue): popping again from there
+        resubmits exactly them.
+        """
+        heads = region.recover(used_idx)
+        if not heads:
+            return
+        ring = [memory.read_u16(avail + SPLIT_AVAIL_RING + 2 * ((used_idx + k) % vring.num)) for k in range(len(heads))]
+        if ring != heads:
+            # Completed out of order: popping from the used idx would serve a
+            # completed request again and skip one in flight.
+            raise VringError(
+                f"inflight heads {heads} are not the avail entries {ring} after used idx {used_idx}: "
+                "out-of-order completions cannot be resubmitted"
+            )
+        log.info("%s: vring %d resubmits %d inflight requests from avail index %d",
+                 self.label, vring.index, len(heads), used_idx)
+        vring.base = used_idx
+
+    def stop(self, vring: Vring) -> None:
+        """Stop serving ``vring`` (its kick fd closed); remembers where it stopped."""
+        if vring.kick_fd is not None:
+            self.dataplane.remove(vring.kick_fd)
+            _close(vring.kick_fd)
+            vring.kick_fd = None
+        self.dataplane.remove_poller(vring)
+        vring.awaiting_translation = False
+        if vring.started:
+            self._save_base(vring)
+            vring.started = False
+
+    def _save_base(self, vring: Vring) -> None:
+        state = self.device.stop_queue(vring.index)
+        if state is not None:
+            vring.base = state.last_avail_idx
+
+    def reset(self) -> None:
+        """RESET_DEVICE: every ring stopped and disabled, bases back to 0."""
+        for vring in self.rings:
+            self.stop(vring)
+            vring.enabled = False
+            vring.base = 0
+
+    def close(self) -> None:
+        """The front-end went away: every ring stopped, every eventfd closed."""
+        for vring in self.rings:
+            self.stop(vring)
+            for name in ("call_fd", "err_fd"):
+                _close(getattr(vring, name))
+                setattr(vring, name, None)
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+
+    def refresh(self, rings: list[Vring] | None = None) -> None:
+        """Rings re-resolve their host pointers (the memory table or a ring's IOTLB entry changed)."""
+        for vring in self.rings if rings is None else rings:
+            queue = self.device.queue(vring.index)
+            if queue is None:
+                continue
+            try:
+                queue.refresh()
+            except IovirtError as exc:
+                self.device.stop_queue(vring.index)
+                self.device.fail(exc)
+
+    def _enable(self, vring: Vring, enabled: bool) -> None:
+        if vring.enabled != enabled:
+            log.info("%s: vring %d %s", self.label, vring.index, "enabled" if enabled else "disabled")
+        vring.enabled = enabled
+        self.device.set_queue_enabled(vring.index, enabled)
+        if enabled and vring.started:
+            self.device.kick(vring.index)
+
+    # -- notifications ------------------------------------------------------------------
+    def _kicker(self, vring: Vring) -> Callable[[], None]:
+        def kick() -> None:
+            if vring.awaiting_translation:
+                self._resume(vring)
+            else:
+                self.device.kick(vring.index)
+
+        return kick
+
+    def _notifier(self, vring: Vring) -> Callable[[], None]:
+        def notify() -> None:
+            fd = vring.call_fd
+            if fd is not None:
+                try:
+                    os.eventfd_write(fd, 1)
+                except OSError as exc:
+                    log.warning("%s: call fd of vring %d: %s", self.label, vring.index, exc)
+
+        return notify
+
+    def signal_errors(self) -> None:
+        """The device needs a reset: tell the front-end through the err eventfds (SET_VRING_ERR)."""
+        for vring in self.rings:
+            if vring.err_fd is not None:
+                try:
+                    os.eventfd_write(vring.err_fd, 1)
+                except OSError:
+                    pass
+
+    # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
+    def use_iotlb(self, enabled: bool) -> None:
+        """A fresh, empty device IOTLB in front of the device's memory (or none)."""
+        self.dataplane.remove_before_handler(self)
+        if not enabled:
+            self.iotlb = None
+            self.dma_memory = self.table.memory
+            return
+        iotlb = DeviceIotlb(self.table, self._send_iotlb_msg, self.label)
+        iotlb.on_resolved = self._translations_arrived
+        iotlb.pinned = self._running_ring_ranges
+        self.iotlb = iotlb
+        self.dma_memory = self.table.memory.with_translator(iotlb)
+        # Buffer translations last one handler run (see DeviceIotlb.forget_unpinned):
+        # every data-plane handler starts from an IOTLB holding only the rings.
+        self.dataplane.add_before_handler(self, iotlb.forget_unpinned)
+
+    def _send_iotlb_msg(self, msg: IotlbMsg) -> bool:
+        # No need_reply: the answer to a miss is the UPDATE on the main socket.
+        channel = self.backend_channel
+        return channel is not None and channel.send(BackendRequest.VHOST_USER_BACKEND_IOTLB_MSG, msg)
+
+    def _ring_translated(self, vring: Vring) -> bool:
+        """Whether every ring part translates; sends the misses of all parts at once."""
+        pending = False
+        for start, size, access in vring.parts():
+            try:
+                self.dma_memory.check_range(start, size, access)
+            except TranslationPending:
+                pending = True
+        return not pending
+
+    def _ring_ranges(self, vring: Vring) -> list[tuple[int, int]]:
+        """IOVA ranges ``(start, end)`` of the ring parts of ``vring`` if its device queue runs."""
+        if self.device.queue(vring.index) is None or vring.addr is None:
+            return []
+        return [(start, start + size) for start, size, _ in vring.parts()]
+
+    def _running_ring_ranges(self) -> list[tuple[int, int]]:
+        return [r for vring in self.rings for r in self._ring_ranges(vring)]
+
+    def touching(self, iova: int, size: int) -> list[Vring]:
+        """The running rings with a part in IOVA range ``[iova, iova+size)``."""
+        end = iova + size
+        return [v for v in self.rings if any(start < end and iova < stop for start, stop in self._ring_ranges(v))]
+
+    def suspend(self, vring: Vring) -> None:
+        """Stop the device queue of ``vring`` (its ring pages are invalidated); the next kick resumes it."""
+        self._save_base(vring)
+        vring.awaiting_translation = True
+        log.info("%s: vring %d suspended: its ring pages were invalidated", self.label, vring.index)
+
+    def _resume(self, vring: Vring) -> None:
+        """Start the device queue of a started ring that waited for translations, then serve it."""
+        try:
+            running = self._start_device_queue(vring)
+        except IovirtError as exc:
+            # No request to refuse here: the driver gave a ring the device cannot use.
+            vring.awaiting_translation = False
+            self.device.fail(exc)
+            return
+        if running:
+            self.device.kick(vring.index)
+
+    def _translations_arrived(self) -> None:
+        """An UPDATE answered a miss: serve again every ring that may have waited for it."""
+        for vring in self.rings:
+            if not vring.started:
+                continue
+            if vring.awaiting_translation:
+                self._resume(vring)
+            else:
+                self.device.kick(vring.index)
+
+
+def _check_eventfd(fd: int) -> None:
+    """Kick/call/err fds must be eventfds (as the kernel's vhost demands).
+
+    A pipe or a file would spin the data plane (a hung-up pipe is always
+    readable) or block it (a full pipe).
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise VringError(f"fd {fd} is not usable: {exc}") from exc
+    if target != "anon_inode:[eventfd]":
+        raise VringError(f"fd {fd} is {target}, not an eventfd")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
