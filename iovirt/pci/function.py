@@ -9,9 +9,9 @@ derives from this class for the type 1 header.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
-from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarKind
+from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarDecoder, BarKind
 from iovirt.pci.capability import Capability, ExtendedCapability, place
 from iovirt.pci.config import ConfigSpace
 from iovirt.pci.errors import PciLayoutError
@@ -272,8 +272,8 @@ class PciFunction:
         if self.bus is not None:
             self.bus.decode_changed()
 
-    def iter_bars(self) -> list[Bar]:
-        """The installed BARs (each once) and the ROM, in index order."""
+    def iter_bars(self) -> Sequence[BarDecoder]:
+        """The installed BARs (each once) and the ROM, in index order: where this function decodes."""
         bars: list[Bar] = []
         for bar in self.bars:
             if bar is not None and bar not in bars:

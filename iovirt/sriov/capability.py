@@ -80,8 +80,8 @@ VfFactory = Callable[["SriovCapability", int], VfRole]
 """``make_vf(sriov, vf_index)`` builds VF ``vf_index`` (BARs, capabilities, device model).
 
 It returns a :class:`~iovirt.sriov.vf.VfRole` function made for ``sriov`` and
-``vf_index``: a :class:`~iovirt.sriov.vf.VirtualFunction` it filled in, or a
-``virtual_function_class(SomeFunction)(sriov, vf_index, …)``.  Called once per
+``vf_index``: a :class:`~iovirt.sriov.vf.VirtualFunction` it filled in, or an
+instance of ``class SomeVf(VfRole, SomeFunction)``.  Called once per
 VF when the capability is installed.
 """
 
