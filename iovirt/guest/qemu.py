@@ -88,7 +88,12 @@ class SocketNet(NetDevice):
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-netdev``/``-device`` arguments for device number ``index``."""
-        mode, (host, port) = ("listen", self.listen) if self.listen else ("connect", self.connect)
+        if self.listen is not None:
+            mode, (host, port) = "listen", self.listen
+        elif self.connect is not None:
+            mode, (host, port) = "connect", self.connect
+        else:
+            raise ValueError("SocketNet needs exactly one of listen=(host, port) or connect=(host, port)")
         device = f"virtio-net-pci,netdev=n{index},mac={self.mac},romfile="
         if iommu:
             device += "," + IOMMU_DEVICE_PROPS

@@ -9,7 +9,7 @@ derives from this class for the type 1 header.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, TypedDict, Union
 
 from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarDecoder, BarKind
 from iovirt.pci.capability import Capability, ExtendedCapability, place
@@ -71,6 +71,16 @@ class _CommandStatusHook:
         cfg.default_write(offset, size, value)
         if cfg.get(PCI_COMMAND, 2) != before:
             self.function.decode_changed()
+
+
+class FunctionOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`PciFunction`, for subclasses that pass them on."""
+
+    revision: int
+    subsystem_vendor_id: int
+    subsystem_id: int
+    pcie: bool
+    interrupt_pin: int
 
 
 class PciFunction:
