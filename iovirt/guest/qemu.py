@@ -1,6 +1,6 @@
 """QEMU command lines for real-guest runs: the machine and its devices.
 
-The flags follow DESIGN.md's "Real parts" table for QEMU 7.2 under TCG:
+The flags target QEMU 7.2 under TCG:
 guest RAM is a shared memfd (a vhost-user backend must mmap it), vhost-user
 devices get ``vectors=0`` because QEMU 7.2 under TCG crashes when a
 vhost-user device uses MSI-X, and ``romfile=`` skips loading iPXE.
