@@ -55,11 +55,6 @@ class CheckResult:
     verdict: str
     reason: str = ""
 
-    @property
-    def passed(self) -> bool:
-        """True for ``pass``."""
-        return self.verdict == PASS
-
 
 class _Failed(Exception):
     def __init__(self, reason: str) -> None:

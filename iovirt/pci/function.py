@@ -9,7 +9,7 @@ derives from this class for the type 1 header.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence, TypedDict, Union
+from typing import TYPE_CHECKING, Sequence, TypedDict
 
 from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarDecoder, BarKind
 from iovirt.pci.capability import Capability, ExtendedCapability, place
@@ -52,9 +52,6 @@ if TYPE_CHECKING:
     from iovirt.pci.msix import MsixCapability
 
 log = logging.getLogger(__name__)
-
-AnyCapability = Union[Capability, ExtendedCapability]
-
 
 class _CommandStatusHook:
     """Command/Status dword: mask semantics, then tell the bus if decoding changed."""
@@ -259,13 +256,6 @@ class PciFunction:
             cfg.init(prev, 4, cfg.get(prev, 4) | offset << 20)
         self.extended_capabilities.append(cap)
         return offset
-
-    def find_capability(self, cap_id: int) -> Capability | None:
-        """The first capability with ``cap_id``, if any."""
-        for cap in self.capabilities:
-            if cap.cap_id == cap_id:
-                return cap
-        return None
 
     # -- host side ---------------------------------------------------------
 

@@ -245,16 +245,6 @@ class SriovCapability(ExtendedCapability):
         return self._get(PCI_SRIOV_NUM_VF, 2)
 
     @property
-    def first_vf_offset(self) -> int:
-        """First VF Offset for the current NumVFs and ARI setting."""
-        return self._get(PCI_SRIOV_VF_OFFSET, 2)
-
-    @property
-    def vf_stride(self) -> int:
-        """VF Stride for the current NumVFs and ARI setting."""
-        return self._get(PCI_SRIOV_VF_STRIDE, 2)
-
-    @property
     def page_size(self) -> int:
         """The System Page Size in bytes."""
         return self._get(PCI_SRIOV_SYS_PGSIZE, 4) << SRIOV_PAGE_SHIFT
