@@ -55,11 +55,6 @@ class CheckResult:
     verdict: str
     reason: str = ""
 
-    @property
-    def passed(self) -> bool:
-        """True for ``pass``."""
-        return self.verdict == PASS
-
 
 class _Failed(Exception):
     def __init__(self, reason: str) -> None:
@@ -110,7 +105,7 @@ def l4_frames(payload: int = 200) -> dict[str, Packet]:
 
 def udp_zero_checksum_frames() -> dict[str, Packet]:
     """UDP frames whose checksum computes to 0: RFC 768 sends it as 0xFFFF (0 means "no checksum")."""
-    frames = {}
+    frames: dict[str, Packet] = {}
     for name, ip in (("udp4-zero", IP(src="192.0.2.1", dst="192.0.2.2")), ("udp6-zero", IPv6(src="2001:db8::1", dst="2001:db8::2"))):
         base = Ether(src=SRC_MAC, dst=DST_MAC) / ip / UDP(sport=4000, dport=5000)
         tail = b"zero-sum" * 4

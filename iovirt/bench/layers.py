@@ -24,7 +24,7 @@ TUN_VNET_HDR flag).
 
 from __future__ import annotations
 
-from scapy.fields import BitEnumField, BitField, FlagsField, LEIntField, LEShortEnumField, LEShortField
+from scapy.fields import AnyField, BitEnumField, BitField, FlagsField, LEIntField, LEShortEnumField, LEShortField
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, bind_layers
 
@@ -46,7 +46,7 @@ HASH_REPORT_TYPES = {
 }
 """5.1.6.4.3 ``VIRTIO_NET_HASH_REPORT_*``."""
 
-_LEGACY_FIELDS = [
+_LEGACY_FIELDS: list[AnyField] = [
     FlagsField("flags", 0, 8, HDR_FLAGS),
     BitField("gso_ecn", 0, 1),
     BitEnumField("gso_type", 0, 7, GSO_TYPES),
@@ -55,8 +55,8 @@ _LEGACY_FIELDS = [
     LEShortField("csum_start", 0),
     LEShortField("csum_offset", 0),
 ]
-_NUM_BUFFERS = [LEShortField("num_buffers", 0)]
-_HASH_FIELDS = [
+_NUM_BUFFERS: list[AnyField] = [LEShortField("num_buffers", 0)]
+_HASH_FIELDS: list[AnyField] = [
     LEIntField("hash_value", 0),
     LEShortEnumField("hash_report", 0, HASH_REPORT_TYPES),
     LEShortField("padding", 0),

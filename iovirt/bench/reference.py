@@ -38,8 +38,11 @@ def _pseudo_header(l4: Packet, length: int) -> bytes:
     proto = 6 if isinstance(l4, TCP) else 17
     ip = l4.underlayer
     if isinstance(ip, IPv6):
-        return bytes(in6_pseudoheader(proto, ip, length))
-    return in4_pseudoheader(proto, ip, length)
+        # scapy annotates the argument as IP, but it builds the pseudo header from an IPv6 (RFC 8200 8.1)
+        return bytes(in6_pseudoheader(proto, ip, length))  # type: ignore[arg-type]
+    if isinstance(ip, IP):
+        return in4_pseudoheader(proto, ip, length)
+    raise ValueError(f"{l4.summary()} is not carried in IPv4 or IPv6")
 
 
 def completed(pkt: Packet) -> bytes:
@@ -90,7 +93,7 @@ def tso_segments(pkt: Packet, mss: int) -> list[Packet]:
     frame = Ether(bytes(pkt))
     tcp = frame[TCP]
     payload = bytes(tcp.payload)
-    segments = []
+    segments: list[Packet] = []
     for k, off in enumerate(range(0, len(payload), mss)):
         seg = frame.copy()
         seg[TCP].remove_payload()

@@ -16,6 +16,7 @@ it is the same for both targets.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
@@ -49,7 +50,7 @@ class DriverTarget(Protocol):
     """Virtio feature bits the device offered."""
     features: int
     """Virtio feature bits negotiated (offered and wanted)."""
-    notifications: Counter
+    notifications: Counter[int]
     """Used-buffer notifications seen, by queue index."""
 
     def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
@@ -85,7 +86,7 @@ class InProcessTarget:
         self.features = self.offered & features
         device.set_features(self.features)
         self.queues: dict[int, DriverQueue] = {}
-        self.notifications: Counter = Counter()
+        self.notifications: Counter[int] = Counter()
 
     def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
         """Build rings in this target's memory and start the device's queues on them."""
@@ -93,7 +94,7 @@ class InProcessTarget:
         for index in indexes:
             queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
             queue.set_interrupts(True)
-            self.device.start_queue(index, self.memory, queue.state(), lambda i=index: self._notify(i))
+            self.device.start_queue(index, self.memory, queue.state(), functools.partial(self._notify, index))
             self.device.set_queue_enabled(index, True)
             self.queues[index] = queue
         return {i: self.queues[i] for i in indexes}
@@ -138,7 +139,7 @@ class VhostUserTarget:
         self.alloc = self.driver.alloc
         self.offered = self.driver.offered & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.features = self.driver.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
-        self.notifications: Counter = Counter()
+        self.notifications: Counter[int] = Counter()
 
     def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (and ENABLE) for each ring."""
@@ -155,8 +156,8 @@ class VhostUserTarget:
         """Wait for the call eventfd; a closed or chattering socket raises :class:`TargetError`."""
         call_fd = self.driver.frontend.call_fds[index]
         sock = self.driver.frontend.sock
-        readable, _, _ = select.select([call_fd, sock], [], [], min(timeout, _POLL_S))
-        if sock in readable:
+        readable, _, _ = select.select([call_fd, sock.fileno()], [], [], min(timeout, _POLL_S))
+        if sock.fileno() in readable:
             self._check_socket(sock)
         if call_fd in readable:
             try:

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-from iovirt.conformance.registry import CheckFailed
+from iovirt.conformance.registry import CheckFailed, NotApplicable
 from iovirt.conformance.target import CONFIG_PROBE_SIZE, DEVICES, Capabilities
 from iovirt.pci.capability import walk_capabilities
 from iovirt.pci.regs import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_QSIZE
@@ -167,17 +167,24 @@ class PciContext:
         q = self.driver.queues[self.request_index if index is None else index]
         return (q.used_idx() - q.last_used_idx) & 0xFFFF
 
-    def take_interrupts(self) -> dict:
+    def take_interrupts(self) -> dict[int | str, int]:
         """Let the vCPUs take pending interrupts; returns the count per queue index and ``"config"`` so far."""
         self.platform.service_interrupts()
         return dict(self.driver.interrupts)
 
     def change_config(self) -> None:
-        """The device side changes its configuration (net: link status; blk: capacity) and tells the transport."""
-        if self.target.device == "net":
-            self.device.link_up = not self.device.link_up
+        """The device side changes its configuration (net: link status; blk: capacity) and tells the transport.
+
+        Only iovirt's own device types have a configuration this target knows
+        how to change; for another ``make_device`` the check does not apply.
+        """
+        device = self.device
+        if isinstance(device, VirtioNet):
+            device.link_up = not device.link_up
+        elif isinstance(device, VirtioBlk):
+            device.capacity -= 1
         else:
-            self.device.capacity -= 1
+            raise NotApplicable(f"{type(device).__name__}: no configuration change this target can make")
         self.function.config_changed()
 
     # -- config space -------------------------------------------------------------------

@@ -12,12 +12,17 @@ or with ``-p iovirt.conformance.pytest_plugin``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Check, Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import DEVICES, Target
+
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr, TracebackStyle  # the types of pytest.Item.repr_failure
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,7 +57,9 @@ class ConformanceItem(pytest.Item):
         if result.verdict is Verdict.FAIL:
             raise ConformanceFailure(result.reason)
 
-    def repr_failure(self, excinfo, style=None):  # type: ignore[override]
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: TracebackStyle | None = None
+    ) -> str | TerminalRepr:
         """Just the clause and the reason, not a traceback into the suite."""
         if isinstance(excinfo.value, ConformanceFailure):
             return f"{self.check.clause}: {excinfo.value}"

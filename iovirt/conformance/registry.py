@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 from iovirt.errors import IovirtError
 
 if TYPE_CHECKING:
-    from iovirt.conformance.target import Capabilities, Context
+    from iovirt.conformance.target import Capabilities
 
 
 class Verdict(str, enum.Enum):
@@ -49,6 +49,19 @@ Applies = Callable[["Capabilities"], "str | None"]
 """Returns why a check does not apply to a back-end, or ``None`` when it does."""
 
 
+class CheckContext(Protocol):
+    """What the runner needs of one check's context, whichever the transport."""
+
+    opened: bool
+    """Whether the check got as far as a working connection (or machine)."""
+
+    def close(self) -> None:
+        """Release what the check opened."""
+
+
+CheckContextT = TypeVar("CheckContextT", bound=CheckContext)
+
+
 @dataclass(frozen=True)
 class Check:
     """One check: the clause it comes from, what it verifies, and for which devices."""
@@ -56,7 +69,8 @@ class Check:
     clause: str
     title: str
     devices: frozenset[str]
-    func: Callable[["Context"], "str | None"]
+    func: Callable[[Any], "str | None"]
+    """Takes the context of its ``transport``'s target (the registry holds checks of every transport)."""
     applies: Applies | None = None
     transport: str = "vhost-user"
 
@@ -98,12 +112,12 @@ def check(
     devices: frozenset[str] | set[str] = ANY_DEVICE,
     applies: Applies | None = None,
     transport: str = "vhost-user",
-) -> Callable[[Callable[["Context"], "str | None"]], Callable[["Context"], "str | None"]]:
+) -> Callable[[Callable[[CheckContextT], "str | None"]], Callable[[CheckContextT], "str | None"]]:
     """Register the decorated function as the check of ``clause`` for targets of ``transport``."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
 
-    def register(func: Callable[["Context"], "str | None"]) -> Callable[["Context"], "str | None"]:
+    def register(func: Callable[[CheckContextT], "str | None"]) -> Callable[[CheckContextT], "str | None"]:
         if any(c.clause == clause and c.transport == transport for c in REGISTRY):
             raise ValueError(f"clause {clause!r} registered twice for {transport}")
         REGISTRY.append(Check(clause, title, frozenset(devices), func, applies, transport))

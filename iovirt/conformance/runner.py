@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from iovirt.conformance.registry import Check, CheckFailed, CheckResult, NotApplicable, Verdict, all_checks
+from iovirt.conformance.registry import Check, CheckContext, CheckFailed, CheckResult, NotApplicable, Verdict, all_checks
 from iovirt.conformance.target import Capabilities, Target
 from iovirt.errors import IovirtError
 
@@ -95,7 +95,7 @@ class Runner:
             self._setup_failures = 0
         return CheckResult(check.clause, check.title, verdict, reason, time.monotonic() - started)
 
-    def _note_setup_failure(self, ctx, exc: BaseException) -> None:
+    def _note_setup_failure(self, ctx: CheckContext, exc: BaseException) -> None:
         if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
             self.dead = f"socket gone: {_describe(exc)}"
             return

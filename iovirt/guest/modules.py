@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from iovirt.guest.errors import GuestKitError, ModuleDependencyError
 
 #: The modules a guest needs for virtio-net and virtio-blk over virtio-pci,
-#: in the order DESIGN.md gives; :func:`resolve` adds anything their
+#: in load order (each after the modules it uses); :func:`resolve` adds anything their
 #: ``depends=`` name. intel-iommu is built into Debian's kernel
 #: (``CONFIG_INTEL_IOMMU=y``), so the vIOMMU guest needs nothing more.
 VIRTIO_MODULES: tuple[str, ...] = (

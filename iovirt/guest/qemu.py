@@ -1,6 +1,6 @@
 """QEMU command lines for real-guest runs: the machine and its devices.
 
-The flags follow DESIGN.md's "Real parts" table for QEMU 7.2 under TCG:
+The flags target QEMU 7.2 under TCG:
 guest RAM is a shared memfd (a vhost-user backend must mmap it), vhost-user
 devices get ``vectors=0`` because QEMU 7.2 under TCG crashes when a
 vhost-user device uses MSI-X, and ``romfile=`` skips loading iPXE.
@@ -88,7 +88,12 @@ class SocketNet(NetDevice):
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-netdev``/``-device`` arguments for device number ``index``."""
-        mode, (host, port) = ("listen", self.listen) if self.listen else ("connect", self.connect)
+        if self.listen is not None:
+            mode, (host, port) = "listen", self.listen
+        elif self.connect is not None:
+            mode, (host, port) = "connect", self.connect
+        else:
+            raise ValueError("SocketNet needs exactly one of listen=(host, port) or connect=(host, port)")
         device = f"virtio-net-pci,netdev=n{index},mac={self.mac},romfile="
         if iommu:
             device += "," + IOMMU_DEVICE_PROPS

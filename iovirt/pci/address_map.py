@@ -14,7 +14,7 @@ import bisect
 import logging
 from typing import TYPE_CHECKING
 
-from iovirt.pci.bar import Bar, BarKind
+from iovirt.pci.bar import BarDecoder, BarKind
 from iovirt.pci.regs import PCI_COMMAND_IO, PCI_COMMAND_MEMORY
 
 if TYPE_CHECKING:
@@ -28,10 +28,10 @@ Window = tuple[int, int]  # inclusive (base, limit)
 class AddressMap:
     """Sorted, non-overlapping ``[start, end)`` ranges of decoding BARs, for one space."""
 
-    def __init__(self, entries: list[tuple[int, int, Bar]]) -> None:
+    def __init__(self, entries: list[tuple[int, int, BarDecoder]]) -> None:
         entries.sort(key=lambda e: e[0])
         self.starts: list[int] = []
-        self.entries: list[tuple[int, int, Bar]] = []
+        self.entries: list[tuple[int, int, BarDecoder]] = []
         for entry in entries:
             if self.entries and entry[0] < self.entries[-1][1]:
                 log.warning("%r overlaps %r; the first one decodes", entry[2], self.entries[-1][2])
@@ -39,7 +39,7 @@ class AddressMap:
             self.starts.append(entry[0])
             self.entries.append(entry)
 
-    def lookup(self, addr: int, size: int) -> tuple[int, int, Bar] | None:
+    def lookup(self, addr: int, size: int) -> tuple[int, int, BarDecoder] | None:
         """The entry containing ``[addr, addr+size)``, if one does."""
         i = bisect.bisect_right(self.starts, addr) - 1
         if i >= 0:
@@ -55,8 +55,8 @@ def _inside(start: int, end: int, filters: list[list[Window]]) -> bool:
 
 def build_maps(root: PciBus) -> tuple[AddressMap, AddressMap]:
     """``(memory, io)`` address maps of everything reachable from ``root``."""
-    memory: list[tuple[int, int, Bar]] = []
-    io: list[tuple[int, int, Bar]] = []
+    memory: list[tuple[int, int, BarDecoder]] = []
+    io: list[tuple[int, int, BarDecoder]] = []
     _collect(root, [], [], memory, io)
     return AddressMap(memory), AddressMap(io)
 
@@ -65,8 +65,8 @@ def _collect(
     bus: PciBus,
     mem_filters: list[list[Window]],
     io_filters: list[list[Window]],
-    memory: list[tuple[int, int, Bar]],
-    io: list[tuple[int, int, Bar]],
+    memory: list[tuple[int, int, BarDecoder]],
+    io: list[tuple[int, int, BarDecoder]],
 ) -> None:
     from iovirt.pci.bridge import PciBridge
 

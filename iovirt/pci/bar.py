@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import enum
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from iovirt.pci.errors import PciLayoutError
 from iovirt.pci.regs import (
@@ -59,6 +59,38 @@ class BarKind(enum.Enum):
 _MIN_SIZE = {BarKind.MEM32: 16, BarKind.MEM64: 16, BarKind.IO: 4, BarKind.ROM: 2048}
 # I/O BARs may request at most 256 bytes (PCI 3.0 §6.2.5.1).
 _MAX_SIZE = {BarKind.MEM32: 1 << 31, BarKind.MEM64: 1 << 63, BarKind.IO: 256, BarKind.ROM: 1 << 24}
+
+
+class BarDecoder(Protocol):
+    """What the host's address map reads of a decoder: a :class:`Bar`, or a VF's window onto one.
+
+    A VF's BARs decode at addresses its PF places
+    (:class:`~iovirt.sriov.vf.VfBarWindow`), so the map asks for no more than this.
+    """
+
+    @property
+    def kind(self) -> BarKind:
+        """What it decodes."""
+
+    @property
+    def size(self) -> int:
+        """Bytes decoded."""
+
+    @property
+    def address(self) -> int:
+        """Where it decodes (0 = unassigned)."""
+
+    def decoding(self) -> bool:
+        """Whether it answers now."""
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        """Read ``size`` bytes at ``offset`` into the decoded range."""
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        """Write ``size`` bytes at ``offset`` into the decoded range."""
+
+    def reset(self) -> None:
+        """Back to unassigned."""
 
 
 class Bar:

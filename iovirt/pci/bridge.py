@@ -8,8 +8,10 @@ Specification 1.2 §3.2: bus numbers, 16-bit I/O window, memory window,
 
 from __future__ import annotations
 
+from typing import Unpack
+
 from iovirt.pci.bus import PciBus
-from iovirt.pci.function import PciFunction
+from iovirt.pci.function import FunctionOptions, PciFunction
 from iovirt.pci.regs import (
     PCI_BRIDGE_CONTROL,
     PCI_BRIDGE_CTL_BUS_RESET,
@@ -76,9 +78,11 @@ class PciBridge(PciFunction):
     bar_count = 2
     rom_register = PCI_ROM_ADDRESS1
 
-    def __init__(self, vendor_id: int, device_id: int, class_code: int = 0x060400, **kwargs: object) -> None:
+    def __init__(
+        self, vendor_id: int, device_id: int, class_code: int = 0x060400, **options: Unpack[FunctionOptions]
+    ) -> None:
         self.secondary_bus = PciBus(parent=self)
-        super().__init__(vendor_id, device_id, class_code, **kwargs)  # type: ignore[arg-type]
+        super().__init__(vendor_id, device_id, class_code, **options)
 
     def _init_header(self, subsystem_vendor_id: int, subsystem_id: int) -> None:
         cfg = self.config

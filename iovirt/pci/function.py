@@ -9,9 +9,9 @@ derives from this class for the type 1 header.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Sequence, TypedDict
 
-from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarKind
+from iovirt.pci.bar import PCI_ROM_SLOT, Bar, BarDecoder, BarKind
 from iovirt.pci.capability import Capability, ExtendedCapability, place
 from iovirt.pci.config import ConfigSpace
 from iovirt.pci.errors import PciLayoutError
@@ -53,9 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AnyCapability = Union[Capability, ExtendedCapability]
-
-
 class _CommandStatusHook:
     """Command/Status dword: mask semantics, then tell the bus if decoding changed."""
 
@@ -71,6 +68,16 @@ class _CommandStatusHook:
         cfg.default_write(offset, size, value)
         if cfg.get(PCI_COMMAND, 2) != before:
             self.function.decode_changed()
+
+
+class FunctionOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`PciFunction`, for subclasses that pass them on."""
+
+    revision: int
+    subsystem_vendor_id: int
+    subsystem_id: int
+    pcie: bool
+    interrupt_pin: int
 
 
 class PciFunction:
@@ -250,13 +257,6 @@ class PciFunction:
         self.extended_capabilities.append(cap)
         return offset
 
-    def find_capability(self, cap_id: int) -> Capability | None:
-        """The first capability with ``cap_id``, if any."""
-        for cap in self.capabilities:
-            if cap.cap_id == cap_id:
-                return cap
-        return None
-
     # -- host side ---------------------------------------------------------
 
     def config_read(self, offset: int, size: int) -> int:
@@ -272,8 +272,8 @@ class PciFunction:
         if self.bus is not None:
             self.bus.decode_changed()
 
-    def iter_bars(self) -> list[Bar]:
-        """The installed BARs (each once) and the ROM, in index order."""
+    def iter_bars(self) -> Sequence[BarDecoder]:
+        """The installed BARs (each once) and the ROM, in index order: where this function decodes."""
         bars: list[Bar] = []
         for bar in self.bars:
             if bar is not None and bar not in bars:

@@ -18,7 +18,7 @@ unit does not remap the messages it sends itself.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypedDict, Unpack
 
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.pci.bus import PciBus
@@ -48,6 +48,15 @@ DMA_BASE = 0x200000  # 2 MiB aligned, so the IOMMU maps it with large pages
 DEFAULT_MAC = bytes.fromhex("525400123456")  # QEMU's default prefix 52:54:00
 DEFAULT_IMAGE_SIZE = 64 << 20
 APIC_SVR_ENABLED = 0x1FF  # APIC software enable, spurious vector 0xFF
+
+
+class PlatformOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Platform`, for :meth:`Platform.default` to pass on."""
+
+    memory_size: int
+    num_vcpus: int
+    mux: TimerMultiplexer | None
+    iommu: bool
 
 
 class Platform:
@@ -96,12 +105,12 @@ class Platform:
         self.host: PciHost = build_default_host(msi_sink=self.router, add_devices=add_devices)
 
     @classmethod
-    def default(cls, image_path: str, **kwargs: object) -> "Platform":
+    def default(cls, image_path: str, **options: Unpack[PlatformOptions]) -> "Platform":
         """The default machine: virtio-net (on a new learning switch) at 00:03.0 and virtio-blk on
         ``image_path`` (a sparse 64 MiB image is created if it does not exist) at 00:04.0."""
         net = VirtioNet(DEFAULT_MAC, LearningSwitch())
         blk = VirtioBlk(image_path, size=DEFAULT_IMAGE_SIZE)
-        platform = cls([net, blk], **kwargs)  # type: ignore[arg-type]
+        platform = cls([net, blk], **options)
         platform.owned_images.append(blk)
         return platform
 

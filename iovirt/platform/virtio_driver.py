@@ -80,7 +80,6 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_Q_SIZE,
     VIRTIO_PCI_COMMON_Q_USED,
     VIRTIO_PCI_COMMON_STATUS,
-    VIRTIO_PCI_MODERN_DEVICE_BASE,
     VIRTIO_PCI_VENDOR_ID,
 )
 
@@ -122,11 +121,6 @@ class VirtioPciDriver:
         self._msix_cap = 0
 
     # -- discovery ----------------------------------------------------------------
-    @property
-    def virtio_device_id(self) -> int:
-        """The virtio device id (PCI device id - 0x1040)."""
-        return self.cfg.read(PCI_DEVICE_ID, 2) - VIRTIO_PCI_MODERN_DEVICE_BASE
-
     def probe(self) -> None:
         """Match the function, find its virtio structures and BARs, enable memory decoding and bus mastering."""
         vendor, device = self.cfg.read(PCI_VENDOR_ID, 2), self.cfg.read(PCI_DEVICE_ID, 2)

@@ -20,7 +20,7 @@ from iovirt.sriov.capability import SriovCapability, VfBarLayout, VfFactory, att
 from iovirt.sriov.errors import SriovDriverError, SriovError, SriovLayoutError
 from iovirt.sriov.routing import VfRouting, default_routing, vf_routing_id
 from iovirt.sriov.driver import EnumeratedVf, SriovDriver
-from iovirt.sriov.vf import VfBarWindow, VfRole, VirtualFunction, virtual_function_class
+from iovirt.sriov.vf import VfBarWindow, VfRole, VirtualFunction
 
 __all__ = [
     "SriovCapability",
@@ -39,5 +39,4 @@ __all__ = [
     "default_routing",
     "find_sriov",
     "vf_routing_id",
-    "virtual_function_class",
 ]

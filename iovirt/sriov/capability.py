@@ -80,8 +80,8 @@ VfFactory = Callable[["SriovCapability", int], VfRole]
 """``make_vf(sriov, vf_index)`` builds VF ``vf_index`` (BARs, capabilities, device model).
 
 It returns a :class:`~iovirt.sriov.vf.VfRole` function made for ``sriov`` and
-``vf_index``: a :class:`~iovirt.sriov.vf.VirtualFunction` it filled in, or a
-``virtual_function_class(SomeFunction)(sriov, vf_index, …)``.  Called once per
+``vf_index``: a :class:`~iovirt.sriov.vf.VirtualFunction` it filled in, or an
+instance of ``class SomeVf(VfRole, SomeFunction)``.  Called once per
 VF when the capability is installed.
 """
 
@@ -243,16 +243,6 @@ class SriovCapability(ExtendedCapability):
     def num_vfs(self) -> int:
         """NumVFs."""
         return self._get(PCI_SRIOV_NUM_VF, 2)
-
-    @property
-    def first_vf_offset(self) -> int:
-        """First VF Offset for the current NumVFs and ARI setting."""
-        return self._get(PCI_SRIOV_VF_OFFSET, 2)
-
-    @property
-    def vf_stride(self) -> int:
-        """VF Stride for the current NumVFs and ARI setting."""
-        return self._get(PCI_SRIOV_VF_STRIDE, 2)
 
     @property
     def page_size(self) -> int:

@@ -34,8 +34,6 @@ from iovirt.pci.firmware import ConfigAccessor
 from iovirt.pci.host import PciHost
 from iovirt.pci.regs import (
     PCI_BASE_ADDRESS_MEM_TYPE_64,
-    PCI_COMMAND,
-    PCI_COMMAND_MASTER,
     PCI_REVISION_ID,
     PCI_VENDOR_ID,
 )
@@ -265,7 +263,3 @@ class SriovDriver:
         self.assign_vf_bars(allocator)
         return self.enable(num_vfs)
 
-    def enable_bus_master(self, vf: EnumeratedVf) -> None:
-        """``pci_set_master`` on a VF (its only writable Command bit), so it may send MSI-X."""
-        vf_cfg = ConfigAccessor(self.host, vf.bus, vf.device, vf.fn)
-        vf_cfg.write(PCI_COMMAND, 2, vf_cfg.read(PCI_COMMAND, 2) | PCI_COMMAND_MASTER)

@@ -2,8 +2,7 @@
 
 VFs appear when VF Enable is set and disappear when it is cleared (PCIe
 §9.3.3.3.1), so unlike every other function they leave the bus at run
-time.  :class:`~iovirt.pci.bus.PciBus` has no public removal yet, so
-:func:`detach_vf` is the one place that clears a slot itself.
+time, through :meth:`~iovirt.pci.bus.PciBus.remove_function`.
 """
 
 from __future__ import annotations

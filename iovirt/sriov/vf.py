@@ -19,17 +19,16 @@ models it:
   never by scanning.
 
 :class:`VfRole` carries these rules and combines with any function class
-(:func:`virtual_function_class`), so a VF can be a full virtio-pci function
-built by the same code as its PF; :class:`VirtualFunction` is the generic VF
-that a builder adds BARs and capabilities to.
+(``class VirtioPciVf(VfRole, VirtioPciFunction)``), so a VF can be a full
+virtio-pci function built by the same code as its PF; :class:`VirtualFunction`
+is the generic VF that a builder adds BARs and capabilities to.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Sequence
 
 from iovirt.pci.bar import Bar, BarKind
-from iovirt.pci.config import ConfigSpace
 from iovirt.pci.errors import PciLayoutError
 from iovirt.pci.function import PciFunction
 from iovirt.pci.regs import (
@@ -45,11 +44,9 @@ from iovirt.pci.regs import (
 )
 
 if TYPE_CHECKING:
-    from iovirt.pci.bus import PciBus
     from iovirt.sriov.capability import SriovCapability
 
 VF_ID = 0xFFFF
-F = TypeVar("F", bound=PciFunction)
 
 
 class VfBarWindow:
@@ -100,18 +97,15 @@ class VfBarWindow:
         return f"VfBarWindow(vf={self.vf.vf_index}, index={self.index}, address={self.address:#x})"
 
 
-class VfRole:
-    """What makes a PCI function a VF; combine it with a function class.
+class VfRole(PciFunction):
+    """What makes a PCI function a VF; put it first among the bases of a function class.
 
-    ``virtual_function_class(base)`` gives ``class (VfRole, base)``, whose
-    constructor is ``(sriov, vf_index, *base_args, **base_kwargs)``: the base
-    builds the function (BARs, capabilities, device model) as it would for
-    any function, then the VF header rules of the module docstring are
-    applied.  :class:`VirtualFunction` is the generic one.
+    ``class SomeVf(VfRole, SomeFunction)`` is constructed with
+    ``(sriov, vf_index, *base_args, **base_kwargs)``: ``SomeFunction`` builds
+    the function (BARs, capabilities, device model) as it would for any
+    function, then the VF header rules of the module docstring are applied.
+    :class:`VirtualFunction` is the generic one.
     """
-
-    config: ConfigSpace
-    bus: PciBus | None
 
     def __init__(self, sriov: SriovCapability, vf_index: int, *args: Any, **kwargs: Any) -> None:
         # Set before the base constructor runs: its add_bar calls come here.
@@ -119,7 +113,7 @@ class VfRole:
         self.pf = sriov.pf
         self.vf_index = vf_index
         self._windows: list[VfBarWindow] = []
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         cfg = self.config
         cfg.init(PCI_VENDOR_ID, 2, VF_ID)
         cfg.init(PCI_DEVICE_ID, 2, VF_ID)
@@ -146,7 +140,7 @@ class VfRole:
         """Add a decoder; its header register reads 0 and ignores writes (§9.3.4.1.10)."""
         if bar.kind not in (BarKind.MEM32, BarKind.MEM64):
             raise PciLayoutError(f"a VF BAR must be a memory BAR, not {bar.kind.value} (SR-IOV §9.3.3.14)")
-        super().add_bar(index, bar)  # type: ignore[misc]
+        super().add_bar(index, bar)
         # The Bar stays the hook of its register; with value and mask 0 it
         # reads 0 and treats every write as a sizing probe that moves nothing.
         self.config.init(bar.register, 8 if bar.kind is BarKind.MEM64 else 4, 0)
@@ -158,7 +152,7 @@ class VfRole:
         """VFs have no expansion ROM (§9.3.4.1.12: the register is read-only 0)."""
         raise PciLayoutError("a VF has no expansion ROM BAR")
 
-    def iter_bars(self) -> list[VfBarWindow]:
+    def iter_bars(self) -> Sequence[VfBarWindow]:
         """Where this VF decodes: one window per VF BAR, placed by the PF."""
         return list(self._windows)
 
@@ -167,18 +161,7 @@ class VfRole:
         return [w.bar for w in self._windows]
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def virtual_function_class(base: type[F]) -> type[F]:
-    """``class (VfRole, base)``: a VF built like a ``base`` function (one class per base)."""
-    cls = _CLASSES.get(base)
-    if cls is None:
-        cls = _CLASSES[base] = type(f"Vf{base.__name__}", (VfRole, base), {"__doc__": f"A VF built as a {base.__name__}."})
-    return cls  # type: ignore[return-value]
-
-
-class VirtualFunction(VfRole, PciFunction):
+class VirtualFunction(VfRole):
     """A generic VF: an empty function to add BARs and capabilities to.
 
     ``VirtualFunction(sriov, vf_index, *, revision=None, subsystem_id=None)``;

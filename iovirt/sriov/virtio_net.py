@@ -15,14 +15,21 @@ from __future__ import annotations
 
 from iovirt.memory import GuestMemory
 from iovirt.sriov.capability import SriovCapability
-from iovirt.sriov.vf import VfRole, virtual_function_class
+from iovirt.sriov.vf import VfRole
 from iovirt.virtio.defs import VIRTIO_F_SR_IOV
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.transport.pci import Iommu, VirtioPciFunction
 
-VirtioPciVf = virtual_function_class(VirtioPciFunction)
-"""A VF built as a :class:`VirtioPciFunction`: ``VirtioPciVf(sriov, k, device, memory, iommu=None)``."""
+
+
+class VirtioPciVf(VfRole, VirtioPciFunction):
+    """A VF built as a :class:`VirtioPciFunction`: ``VirtioPciVf(sriov, k, device, memory, iommu=None)``."""
+
+    def __init__(
+        self, sriov: SriovCapability, vf_index: int, device: VirtioNet, memory: GuestMemory, *, iommu: Iommu | None = None
+    ) -> None:
+        super().__init__(sriov, vf_index, device, memory, iommu=iommu)
 
 
 def vf_mac(pf_mac: bytes, vf_index: int) -> bytes:
@@ -44,7 +51,7 @@ def make_virtio_net_pf(
         VirtioNet(mac, switch, label="pf"), memory, iommu=iommu, transport_features=1 << VIRTIO_F_SR_IOV
     )
 
-    def make_vf(sriov: SriovCapability, k: int) -> VfRole:
+    def make_vf(sriov: SriovCapability, k: int) -> VirtioPciVf:
         device = VirtioNet(vf_mac(mac, k), switch, label=f"vf{k}")
         return VirtioPciVf(sriov, k, device, memory, iommu=iommu)
 

@@ -1,7 +1,7 @@
 """A virtual local APIC: registers, interrupt acceptance, priority, EOI.
 
 Register semantics follow the Intel SDM vol. 3A chapter 11 and KVM's
-``kvm_lapic_reg_read``/``kvm_lapic_reg_write`` (reference timer-virtio.md A1/A2).
+``kvm_lapic_reg_read``/``kvm_lapic_reg_write`` (``arch/x86/kvm/lapic.c``).
 Guest accesses never raise:
 
 * xAPIC MMIO writes that are not 4 bytes wide at a 16-byte-aligned offset are

@@ -1,6 +1,6 @@
 """The LAPIC timer of one vCPU: one-shot, periodic and TSC-deadline modes.
 
-Semantics follow KVM (``arch/x86/kvm/lapic.c``; reference timer-virtio.md A1/A2):
+Semantics follow KVM (``arch/x86/kvm/lapic.c``):
 
 * TMICT writes restart the count (ignored in TSC-deadline mode); 0 stops it.
 * The period is ``TMICT * bus_cycle_ns * divisor``; a periodic period below

@@ -1,6 +1,6 @@
 """Every VM's timer deadlines in one ordered structure, served by one host timer.
 
-Design (reference timer-virtio.md A4): a binary min-heap of *distinct*
+Design: a binary min-heap of *distinct*
 absolute deadlines plus a dict mapping each deadline to the timers due then.
 Timers that share a deadline (periodic timers started together) form one
 bucket, so an expiry batch costs one heap pop however many timers it holds.

@@ -64,9 +64,12 @@ def run_until(mux: TimerMultiplexer, clock: FakeClock, end_ns: int) -> int:
     This is what the real event loop does with a perfectly punctual timerfd.
     Returns the number of expirations.
     """
+    timer = mux.host_timer
+    if not isinstance(timer, FakeHostTimer):
+        raise TypeError(f"run_until drives a FakeHostTimer, not {type(timer).__name__}")
     fired = 0
     while True:
-        armed = mux.host_timer.armed_at  # type: ignore[attr-defined]
+        armed = timer.armed_at
         if armed is None or armed > end_ns:
             break
         clock.set(max(armed, clock.now_ns()))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from iovirt.conformance.devices import marker_frame, new_tag
-from iovirt.conformance.registry import check, expect
+from iovirt.conformance.devices import Received, marker_frame, new_tag
+from iovirt.conformance.link import Link
+from iovirt.conformance.registry import CheckFailed, check, expect
 from iovirt.conformance.target import Context, needs_feature, needs_frame_path, needs_protocol
 from iovirt.vhost_user.messages import ProtocolFeature as PF
 from iovirt.virtio.net.defs import (
@@ -71,7 +72,10 @@ def feature_dependencies(ctx: Context) -> None:
     expect(not missing, "offered " + "; ".join(missing) + f" (features {caps.features:#x})")
 
 
-def _round_trip(ctx: Context, *, features: int = (1 << 64) - 1, size: int = 60, rx_buffer: int = 2048):
+def _round_trip(
+    ctx: Context, *, features: int = (1 << 64) - 1, size: int = 60, rx_buffer: int = 2048
+) -> tuple[Link, bytes, Received]:
+    """Open a link, post receive buffers of ``rx_buffer`` bytes and have a ``size``-byte frame delivered to them."""
     link = ctx.open(features=features)
     dut = ctx.net_port(link, rx_buffers=0)
     dut.post_rx(16, rx_buffer)
@@ -80,7 +84,8 @@ def _round_trip(ctx: Context, *, features: int = (1 << 64) - 1, size: int = 60, 
     frame = marker_frame(tag, size)
     injector.send([frame])
     got = dut.receive(tag, ctx.timeout)
-    expect(got is not None, f"the {size}-byte frame sent towards the device was not received")
+    if got is None:
+        raise CheckFailed(f"the {size}-byte frame sent towards the device was not received")
     return link, frame, got
 
 
@@ -141,7 +146,8 @@ def transmit(ctx: Context) -> None:
     frame = marker_frame(tag, 1000)
     dut.send([frame], split=True)
     got = sink.receive(tag, ctx.timeout)
-    expect(got is not None, "a transmitted frame never left the device")
+    if got is None:
+        raise CheckFailed("a transmitted frame never left the device")
     expect(got.frame[: len(frame)] == frame, "the frame left the device modified")
     dut.tx_done(1)
 

@@ -8,7 +8,7 @@ MMIO and MSI-X as a guest kernel drives it.
 from __future__ import annotations
 
 from iovirt.conformance.platform_target import PciContext
-from iovirt.conformance.registry import check, expect
+from iovirt.conformance.registry import CheckFailed, check, expect
 from iovirt.pci.capability import walk_capabilities
 from iovirt.pci.regs import PCI_CAP_ID_VNDR, PCI_DEVICE_ID, PCI_STATUS, PCI_STATUS_INTERRUPT, PCI_VENDOR_ID
 from iovirt.virtio.defs import (
@@ -19,7 +19,7 @@ from iovirt.virtio.defs import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 )
-from iovirt.virtio.transport.caps import find_virtio_caps
+from iovirt.virtio.transport.caps import VirtioCapInfo, find_virtio_caps
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_PCI_CAP_BAR,
@@ -61,7 +61,15 @@ def _select_queue(ctx: PciContext, index: int) -> None:
     ctx.driver.common_write(VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
 
 
-def _new_interrupts(ctx: PciContext, before: dict, key=None) -> int:
+def _virtio_cap(ctx: PciContext, cfg_type: int, name: str) -> VirtioCapInfo:
+    """The first virtio capability of ``cfg_type``; fails the check when the function has none."""
+    cap = find_virtio_caps(ctx.driver.cfg.read).get(cfg_type)
+    if cap is None:
+        raise CheckFailed(f"no {name} capability")
+    return cap
+
+
+def _new_interrupts(ctx: PciContext, before: dict[int | str, int], key: int | str | None = None) -> int:
     """Interrupts taken since ``before`` on the vector of ``key`` (a queue index or ``"config"``), or on any."""
     now = ctx.take_interrupts()
     if key is None:
@@ -96,8 +104,7 @@ def cap_len(ctx: PciContext) -> None:
     transport=PCI,
 )
 def common_layout(ctx: PciContext) -> None:
-    cap = find_virtio_caps(ctx.driver.cfg.read).get(VIRTIO_PCI_CAP_COMMON_CFG)
-    expect(cap is not None, "no VIRTIO_PCI_CAP_COMMON_CFG capability")
+    cap = _virtio_cap(ctx, VIRTIO_PCI_CAP_COMMON_CFG, "VIRTIO_PCI_CAP_COMMON_CFG")
     expect(cap.offset % 4 == 0, f"common configuration offset {cap.offset:#x} is not 4-byte aligned")
     expect(
         cap.length >= VIRTIO_PCI_COMMON_CFG_SIZE,
@@ -196,8 +203,7 @@ def split_64bit(ctx: PciContext) -> None:
     transport=PCI,
 )
 def notify_cap(ctx: PciContext) -> None:
-    cap = find_virtio_caps(ctx.driver.cfg.read).get(VIRTIO_PCI_CAP_NOTIFY_CFG)
-    expect(cap is not None, "no VIRTIO_PCI_CAP_NOTIFY_CFG capability")
+    cap = _virtio_cap(ctx, VIRTIO_PCI_CAP_NOTIFY_CFG, "VIRTIO_PCI_CAP_NOTIFY_CFG")
     mult = cap.notify_off_multiplier
     expect(cap.offset % 2 == 0, f"notify offset {cap.offset:#x} is not 2-byte aligned")
     expect(mult == 0 or (mult >= 2 and mult & (mult - 1) == 0), f"notify_off_multiplier {mult} is neither 0 nor an even power of 2")
@@ -262,8 +268,7 @@ def device_cfg_cap(ctx: PciContext) -> None:
 )
 def pci_cfg_window(ctx: PciContext) -> None:
     d = ctx.driver
-    cap = find_virtio_caps(d.cfg.read).get(VIRTIO_PCI_CAP_PCI_CFG)
-    expect(cap is not None, "no VIRTIO_PCI_CAP_PCI_CFG capability")
+    cap = _virtio_cap(ctx, VIRTIO_PCI_CAP_PCI_CFG, "VIRTIO_PCI_CAP_PCI_CFG")
     common = find_virtio_caps(d.cfg.read)[VIRTIO_PCI_CAP_COMMON_CFG]
     d.common_write(VIRTIO_PCI_COMMON_DFSELECT, 4, 1)
     direct = d.common_read(VIRTIO_PCI_COMMON_DF, 4)
