@@ -4,10 +4,13 @@
 PYTHON ?= python3
 # Debian packages the demo and the tests use: lspci (pciutils) decodes our config
 # space, QEMU + Debian's kernel + busybox boot real guests, DPDK and
-# qemu-storage-daemon are the peers we are measured against.
-DEB_PACKAGES := pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux
+# qemu-storage-daemon are the peers we are measured against; gcc and python3-dev
+# compile the Cython extensions, python3-venv gives the wheel-install test its venv.
+DEB_PACKAGES := gcc python3-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux
 
-.PHONY: demo test deps install build bench clean
+.PHONY: demo test test-extensions test-pure typecheck deps install build bench clean
+# The test steps run one after another, in the order `test` lists them.
+.NOTPARALLEL:
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -20,18 +23,34 @@ install: deps
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
-# Rebuild the Cython extension in place (after editing a .pyx).
+# Rebuild the Cython extensions in place (after editing a .pyx).
 build:
 	$(PYTHON) setup.py build_ext --inplace
 
 demo: install
 	$(PYTHON) -m iovirt.demo
 
+# Every step runs (-k) so one report shows them all; any failure fails `make test`.
 test: install
+	$(MAKE) --no-print-directory -k test-extensions test-pure typecheck
+
+# The whole suite (real guests and the wheel install included) on the compiled
+# extensions; a missing extension is an import error, not a fallback.
+test-extensions:
 	IOVIRT_REQUIRE_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra tests
+
+# The fast suite again on the pure-Python twins.
+test-pure:
+	IOVIRT_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra -m "not slow" tests
+
+typecheck:
+	$(PYTHON) -m mypy iovirt
 
 bench: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
+# The extensions and the C files Cython generated from each .pyx.
 clean:
-	rm -rf build *.egg-info iovirt/**/*.so iovirt/virtio/_queue_c.c
+	rm -rf build dist *.egg-info
+	find iovirt -name '*.so' -delete
+	find iovirt -name '*.pyx' | while read -r pyx; do rm -f "$${pyx%.pyx}.c"; done

@@ -4,6 +4,7 @@
 """
 
 import os
+from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
@@ -30,11 +31,14 @@ setup(
     name="iovirt",
     version="0.1.0",
     description="I/O-virtualization device models: virtio rings, vhost-user, PCI, SR-IOV, VT-d, LAPIC timers",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["iovirt", "iovirt.*"]),
     package_data={"iovirt": ["**/*.pyx", "**/*.pxd"]},
     python_requires=">=3.11",
     install_requires=["pyelftools", "scapy"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # build: the wheel-install test makes an sdist and a wheel; mypy: `make test` type-checks.
+    extras_require={"test": ["pytest", "hypothesis", "build", "mypy"]},
     ext_modules=ext_modules,
     entry_points={
         "console_scripts": ["iovirt = iovirt.cli:main"],
