@@ -15,8 +15,8 @@ EXTENSIONS = [
     Extension("iovirt.virtio._iotlb", ["iovirt/virtio/_iotlb.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.vtd._walk", ["iovirt/vtd/_walk.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.vtd._dma", ["iovirt/vtd/_dma.pyx"], extra_compile_args=["-O3"]),
-    Extension("iovirt.virtio.net._datapath", ["iovirt/virtio/net/_datapath.pyx"], extra_compile_args=["-O3"]),
-    Extension("iovirt.virtio.blk._datapath", ["iovirt/virtio/blk/_datapath.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio.net._datapath_c", ["iovirt/virtio/net/_datapath_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio.blk._datapath_c", ["iovirt/virtio/blk/_datapath_c.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:

@@ -211,12 +211,11 @@ srv.stop()
 
 # -- blk -------------------------------------------------------------------------------------
 
-VIRTIO_BLK_T_IN = 0
-
 
 def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
+    from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
 
     depth, size = 32, 4096
     with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:
@@ -288,12 +287,14 @@ def blk_run(sock: Path, sectors: int, seconds: float) -> float:
 
 
 def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    from iovirt.virtio.blk.defs import SECTOR_SIZE
+
     image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench.img"
     size = 256 << 20
     with open(image, "wb") as f:
         # Every 4 KiB block starts with its own sector number, so reads can be checked.
         block = bytearray(4096)
-        for sector in range(0, size // 512, 8):
+        for sector in range(0, size // SECTOR_SIZE, 8):
             block[:8] = sector.to_bytes(8, "little")
             f.write(block)
     try:
@@ -301,7 +302,7 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
         backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
         _wait_socket(sock, backend)
         try:
-            ours = blk_run(sock, size // 512, seconds)
+            ours = blk_run(sock, size // SECTOR_SIZE, seconds)
         finally:
             _stop(backend, signal.SIGTERM)
         sock = tmp / "qsd-blk.sock"
@@ -312,7 +313,7 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
         )
         _wait_socket(sock, peer)
         try:
-            theirs = blk_run(sock, size // 512, seconds)
+            theirs = blk_run(sock, size // SECTOR_SIZE, seconds)
         finally:
             _stop(peer, signal.SIGTERM)
     finally:

@@ -29,10 +29,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, bind_layers
 
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
-from iovirt.virtio.net.defs import VIRTIO_NET_F_MRG_RXBUF
-
-VIRTIO_NET_F_HASH_REPORT = 57
-"""5.1.3: the device reports a hash value and type in the header (iovirt's devices do not offer it)."""
+from iovirt.virtio.net.defs import VIRTIO_NET_F_HASH_REPORT, VIRTIO_NET_F_MRG_RXBUF
 
 HDR_FLAGS = ["NEEDS_CSUM", "DATA_VALID", "RSC_INFO"]
 """5.1.6 ``flags`` bits, least significant first."""

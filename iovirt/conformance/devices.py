@@ -10,6 +10,7 @@ from typing import Sequence
 
 from iovirt.conformance.link import Link
 from iovirt.conformance.registry import CheckFailed, expect
+from iovirt.virtio.blk.defs import REQ_HDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
 from iovirt.virtio.net.defs import ETH_HLEN, VIRTIO_NET_F_MRG_RXBUF, NetHdr
 
 MARKER_ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental ethertype 1
@@ -105,19 +106,7 @@ class NetPort:
 
 
 # -- virtio-blk (5.2.6) ---------------------------------------------------------------
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
 STATUS_NAMES = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR", VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
-SECTOR_SIZE = 512
-REQ_HDR = struct.Struct("<IIQ")
-DISCARD_SEG = struct.Struct("<QII")
 STATUS_UNWRITTEN = 0xFF  # the status byte is pre-set to this; the device must overwrite it
 
 

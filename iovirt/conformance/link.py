@@ -29,7 +29,12 @@ from iovirt.virtio.defs import (
     VIRTIO_F_VERSION_1,
 )
 from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
-from iovirt.virtio.net.defs import NET_HDR_LEGACY_SIZE, NET_HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF
+from iovirt.virtio.net.defs import (
+    NET_HDR_LEGACY_SIZE,
+    NET_HDR_SIZE,
+    VIRTIO_NET_F_HASH_REPORT,  # changes the net header layout (5.1.6), which NetPort does not parse
+    VIRTIO_NET_F_MRG_RXBUF,
+)
 
 REGION_SIZE = 4 << 20
 REGION_STRIDE = 16 << 20  # gaps between regions: a back-end mixing up regions reads the wrong place
@@ -39,7 +44,6 @@ TEARDOWN_S = 1.0
 
 PROTOCOL_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 TRANSPORT_BITS = sum(1 << b for b in range(24, 41))  # 2.2: bits 24..40 are ring and negotiation extensions
-VIRTIO_NET_F_HASH_REPORT = 57  # changes the net header layout (5.1.6), which NetPort does not parse
 DRIVER_FEATURES = (
     ((1 << 64) - 1) & ~TRANSPORT_BITS & ~(1 << VIRTIO_NET_F_HASH_REPORT)
     | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1) | PROTOCOL_BIT

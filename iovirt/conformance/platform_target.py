@@ -27,6 +27,7 @@ from iovirt.pci.regs import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_QSIZ
 from iovirt.platform.testing import fake_clock_platform
 from iovirt.platform.virtio_driver import VirtioPciDriver
 from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
 from iovirt.virtio.defs import VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import NET_HDR_SIZE, NetHdr
@@ -36,8 +37,7 @@ from iovirt.virtio.transport.defs import VIRTIO_PCI_COMMON_NUMQ
 
 IMAGE_SIZE = 1 << 20
 MAC = bytes.fromhex("525400c0ffee")
-BLK_READ = (0, 0, 0)  # VIRTIO_BLK_T_IN, reserved, sector 0 (5.2.6)
-SECTOR_SIZE = 512
+BLK_READ = (VIRTIO_BLK_T_IN, 0, 0)  # type, reserved, sector 0 (5.2.6)
 QUEUE_SIZE = 64
 
 DeviceFactory = Callable[[str, str], VirtioDevice]

@@ -8,13 +8,10 @@ request while the notify write runs, so each call here completes it.
 
 from __future__ import annotations
 
-import struct
-
 from iovirt.platform.errors import VirtioDriverError
 from iovirt.platform.virtio_driver import VirtioPciDriver
-from iovirt.virtio.blk.device import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import REQ_HDR, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
-REQ_HDR = struct.Struct("<IIQ")
 REQUEST_QUEUE = 0
 PAGE_SIZE = 4096
 

@@ -24,6 +24,8 @@ import mmap
 import struct
 from typing import Any
 
+from iovirt.virtio.queue import QueueWrapper
+
 QUEUE_HEADER = struct.Struct("=QHHHH")  # 16 bytes
 DESC_STATE = struct.Struct("=B5xHQ")  # 16 bytes
 REGION_ALIGN = 64
@@ -131,7 +133,7 @@ class InflightRegion:
         self.map.close()
 
 
-class InflightQueue:
+class InflightQueue(QueueWrapper):
     """A device queue whose pops and pushes are recorded in a :class:`QueueRegion`.
 
     Everything else is the wrapped queue's (``inner``).

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from iovirt import _accel
 from iovirt.virtio import _queue_py, chain
 
-__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated"]
+__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated", "QueueWrapper", "ring_of"]
 
 if TYPE_CHECKING:
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
@@ -39,3 +39,22 @@ def implementations() -> dict[str, type]:
 def is_accelerated(queue: object) -> bool:
     """Whether ``queue`` is the Cython ``SplitQueue``, whose flat batches the C device data paths read."""
     return IMPLEMENTATION == "cython" and isinstance(queue, SplitQueue)
+
+
+class QueueWrapper:
+    """Base of the wrappers a transport puts around a device's queue (same API; ``inner`` is the queue).
+
+    The transport's bookkeeping runs in the wrapper's pops and pushes (e.g.
+    vhost-user inflight tracking), so a device must pop and push through the
+    queue it was given.  Work on a popped batch that neither pops nor pushes
+    may use :func:`ring_of` to reach the queue beneath.
+    """
+
+    inner: SplitQueue
+
+
+def ring_of(queue: object) -> object:
+    """The queue beneath any :class:`QueueWrapper` around ``queue``."""
+    while isinstance(queue, QueueWrapper):
+        queue = queue.inner
+    return queue

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.virtio.blk.device import (
+from iovirt.virtio.blk.defs import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,

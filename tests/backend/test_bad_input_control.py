@@ -38,7 +38,7 @@ from iovirt.vhost_user.messages import (
     VringState,
 )
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
-from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
 from backend_helpers import wait_until, log_line
 

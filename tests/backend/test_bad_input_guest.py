@@ -18,7 +18,7 @@ import struct
 import pytest
 
 from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from iovirt.virtio.net.defs import NetHdr
 

@@ -21,7 +21,7 @@ if datapath.accel is not None:
 @pytest.fixture(params=["python", "cython"])
 def valid(request):
     if request.param not in VALIDATORS:
-        pytest.skip("the _datapath extension is not loaded (IOVIRT_NO_EXTENSIONS=1)")
+        pytest.skip("the _datapath_c extension is not loaded (IOVIRT_NO_EXTENSIONS=1)")
     return VALIDATORS[request.param]
 
 
@@ -74,7 +74,7 @@ def test_unverifiable_frames_are_not_valid(valid, name):
     assert not valid(NOT_VALID[name])
 
 
-@pytest.mark.skipif(datapath.accel is None, reason="the _datapath extension is not loaded")
+@pytest.mark.skipif(datapath.accel is None, reason="the _datapath_c extension is not loaded")
 @settings(max_examples=300, deadline=None)
 @given(
     base=st.sampled_from(sorted(VALID)),

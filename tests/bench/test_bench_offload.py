@@ -19,7 +19,7 @@ from iovirt.bench.checks import (
 )
 from iovirt.bench.pair import DEFAULT_FEATURES
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
-from iovirt.virtio.net import datapath
+from iovirt.virtio.net import _datapath_py, datapath
 from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -74,12 +74,13 @@ def test_rx_header(make_pair, b_features):
 
 @pytest.fixture(params=["cython", "python"])
 def data_path(request, monkeypatch):
-    """Run the device's receive path in C (rx_scatter) or in Python (VirtioNet._receive)."""
+    """Run the device's data path in C (``_datapath_c``) or in Python (``_datapath_py``)."""
     if request.param == "cython":
         if datapath.accel is None:
-            pytest.skip("the _datapath extension is not loaded (IOVIRT_NO_EXTENSIONS=1)")
+            pytest.skip("the _datapath_c extension is not loaded (IOVIRT_NO_EXTENSIONS=1)")
     else:
         monkeypatch.setattr(datapath, "accel", None)
+        monkeypatch.setattr(datapath, "Frames", _datapath_py.Frames)
     return request.param
 
 

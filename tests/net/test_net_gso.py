@@ -8,7 +8,7 @@ from scapy.all import IP, TCP, Ether, IPv6, Raw
 
 from iovirt.virtio.net.gso import GsoError, tso_segments
 
-_datapath = pytest.importorskip("iovirt.virtio.net._datapath")
+_datapath = pytest.importorskip("iovirt.virtio.net._datapath_c")
 
 
 def tcp_frame(ipv6: bool, payload: bytes, flags: str = "PA", options=()) -> tuple[bytes, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from iovirt.platform import VirtioBlkDriver, VirtioNetDriver, scan
-from iovirt.virtio.blk.device import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK
+from iovirt.virtio.blk.defs import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK
 from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
 
 PEER = bytes.fromhex("020000000002")

@@ -14,7 +14,8 @@ import time
 from iovirt.timer import ApicBus, MonotonicClock, TimerFd, TimerMultiplexer
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.server import VhostUserServer
-from iovirt.virtio.blk.device import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VirtioBlk
+from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from iovirt.virtio.blk.device import VirtioBlk
 
 VECTOR = 0x40
 PERIOD_NS = 1_000_000  # 1 kHz

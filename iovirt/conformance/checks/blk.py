@@ -5,10 +5,17 @@ from __future__ import annotations
 import struct
 
 from iovirt.conformance.checks.common import blk_pattern, expect_ok
-from iovirt.conformance.devices import (
+from iovirt.conformance.devices import STATUS_NAMES, BlkPort
+from iovirt.conformance.registry import NotApplicable, check, expect
+from iovirt.conformance.target import Capabilities, Context, needs_feature
+from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     SECTOR_SIZE,
-    STATUS_NAMES,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -18,18 +25,10 @@ from iovirt.conformance.devices import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
-    BlkPort,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
-from iovirt.conformance.registry import NotApplicable, check, expect
-from iovirt.conformance.target import Capabilities, Context, needs_feature
 
 BLK = {"blk"}
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-VIRTIO_BLK_ID_BYTES = 20
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 UNKNOWN_TYPE = 0x5A  # no request type of virtio 1.2 (5.2.6) or later drafts
 
 

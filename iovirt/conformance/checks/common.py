@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import os
 
-from iovirt.conformance.devices import (
-    SECTOR_SIZE,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_IN,
-    BlkPort,
-    NetPort,
-    marker_frame,
-    new_tag,
-)
+from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
 from iovirt.conformance.link import Link
 from iovirt.conformance.registry import expect
 from iovirt.conformance.target import Context
 from iovirt.memory import BumpAllocator
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
 from iovirt.virtio.driver import UsedElem
 from iovirt.virtio.net.defs import NetHdr
 

@@ -11,7 +11,11 @@ from iovirt.conformance.target import Context, needs_feature, needs_frame_path, 
 from iovirt.vhost_user.messages import ProtocolFeature as PF
 from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN,
     VIRTIO_NET_F_GUEST_TSO4,
@@ -21,20 +25,16 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_HOST_USO,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_RSC_EXT,
+    VIRTIO_NET_F_RSS,
     VIRTIO_NET_HDR_GSO_NONE,
 )
 
 NET = {"net"}
-VIRTIO_NET_F_CTRL_RX = 18
-VIRTIO_NET_F_CTRL_VLAN = 19
-VIRTIO_NET_F_GUEST_ANNOUNCE = 21
-VIRTIO_NET_F_CTRL_MAC_ADDR = 23
-VIRTIO_NET_F_HOST_USO = 56
-VIRTIO_NET_F_RSC_EXT = 61
-VIRTIO_NET_F_RSS = 60
 
 # 5.1.3.1 Feature bit requirements: feature -> (alternatives it requires, its name)
 REQUIRES: dict[int, tuple[tuple[int, ...], str]] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.devices.net import NetAdapter
-from iovirt.virtio.blk.device import VIRTIO_ID_BLOCK
+from iovirt.virtio.blk.defs import VIRTIO_ID_BLOCK
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import VIRTIO_ID_NET
 

@@ -3,8 +3,10 @@
 A request is a chain: ``struct virtio_blk_req { le32 type; le32 reserved;
 le64 sector; u8 data[]; u8 status; }`` (5.2.6) with the header and any
 output data device-readable, then the input data and the status byte
-device-writable.  Data moves between the image and guest memory with
-``preadv``/``pwritev`` straight on views of guest memory (no copies).
+device-writable.  IN, OUT and FLUSH go through ``datapath.py`` (the Cython
+twin, or the Python reference with the reference queue), which moves data
+between the image and guest memory with ``preadv``/``pwritev`` straight on
+views of guest memory (no copies); the other request types are served here.
 
 Write-back caching is honest: writes land in the host page cache and a
 ``VIRTIO_BLK_T_FLUSH`` completes only after ``fdatasync`` returned (5.2.6.4).
@@ -18,45 +20,36 @@ import ctypes.util
 import errno
 import os
 import struct
+from typing import Any
 
-from iovirt.memory import Access, GuestMemory, GuestMemoryError
+from iovirt.memory import GuestMemory, GuestMemoryError
+from iovirt.virtio.blk import datapath
+from iovirt.virtio.blk._datapath_py import gather, parse_request
+from iovirt.virtio.blk.defs import (
+    DISCARD_SEG,
+    SECTOR_SIZE,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_ID_BLOCK,
+)
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
-from iovirt import _accel
-from iovirt.virtio import accel as _loader
-from iovirt.virtio.queue import SplitQueue
-
-_fast = _accel.load("iovirt.virtio.blk._datapath")
-
-VIRTIO_ID_BLOCK = 2
-
-# 5.2.3 Feature bits
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# 5.2.6 request types and status
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-
-VIRTIO_BLK_ID_BYTES = 20
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-
-SECTOR_SIZE = 512  # 5.2.6: sector numbers are in 512-byte units whatever blk_size says
-REQ_HDR = struct.Struct("<IIQ")
-DISCARD_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
+from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
+from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated, ring_of
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -115,12 +108,11 @@ class VirtioBlk(VirtioDevice):
         self.seg_max = seg_max
         self.size_max = size_max
         self.blk_size = blk_size
-        self.stats = collections.Counter()
-        self._batch = None
-        if _fast is not None:
-            from iovirt.virtio._queue_c import ChainBatch
-
-            self._batch = ChainBatch()
+        self.stats: collections.Counter[str] = collections.Counter()
+        # A batch the Cython queue pops into again and again (the reference queue allocates its own);
+        # the Cython batch is built empty, the reference one from its chains.
+        batch_type: Any = ChainBatch
+        self._batch = batch_type() if QUEUE_IMPLEMENTATION == "cython" else None
 
     def close(self) -> None:
         """Close the image."""
@@ -167,21 +159,22 @@ class VirtioBlk(VirtioDevice):
             # vhost-user "Ring states": a started, disabled ring has no side effects.
             return
         memory = queue.memory
-        fast = _fast is not None and _loader.usable(queue)
+        # A wrapper (a transport's bookkeeping) pops into the same flat batches as the queue beneath it.
+        reuse = self._batch if is_accelerated(ring_of(queue)) else None
         while True:
-            batch = queue.pop_batch(BATCH, self._batch) if fast else queue.pop_batch(BATCH)
+            batch = queue.pop_batch(BATCH, reuse)
             if not len(batch):
                 break
-            left = self._serve_fast(batch, queue) if fast else range(len(batch))
-            for i in left:
+            for i in self._serve_batch(batch, queue):
                 batch.set_used_len(i, self._serve(memory, batch[i]))
             queue.push_batch(batch)
             self.signal(index)
 
-    def _serve_fast(self, batch, queue: SplitQueue) -> list[int]:
-        """IN/OUT/FLUSH in C; returns the chains left for :meth:`_serve`."""
-        assert _fast is not None
-        left, read, written, flushes, errors = _fast.serve_batch(batch, queue, self.fd, self.capacity, self.read_only)
+    def _serve_batch(self, batch: Any, queue: SplitQueue) -> list[int]:
+        """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`."""
+        left, read, written, flushes, errors = datapath.serve_batch(
+            batch, queue, self.fd, self.capacity, self.read_only
+        )
         self.stats["read_bytes"] += read
         self.stats["write_bytes"] += written
         self.stats["flush"] += flushes
@@ -194,50 +187,37 @@ class VirtioBlk(VirtioDevice):
         return left
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
-        """Execute one request; returns the used length.
+        """Execute one request the data path left (GET_ID, DISCARD, WRITE_ZEROES, unknown); returns the used length.
 
         As QEMU does, the used length covers every device-writable byte (data
-        and status) whatever the outcome, so the status byte is always within
+        and status) whatever the outcome, so the status byte is within
         ``len`` for a driver that reads ``len`` bytes from the front (2.7.8.2).
         """
-        writable = chain.writable
-        if chain.readable_len < REQ_HDR.size or not writable or writable[-1][1] < 1:
+        request = parse_request(memory, chain)
+        if request is None:
             # No room for a header or a status byte: nothing can be reported.
             self.stats["malformed"] += 1
             self.log.warning("%s: request chain %d has no header or no status byte; dropped", self.label, chain.head)
             return 0
-        status_addr = writable[-1][0] + writable[-1][1] - 1
-        din = writable[:-1] + ([(writable[-1][0], writable[-1][1] - 1)] if writable[-1][1] > 1 else [])
-        readable = chain.readable
-        header = _gather(memory, readable, REQ_HDR.size)
-        rtype, _reserved, sector = REQ_HDR.unpack(header)
-        dout = _skip(readable, REQ_HDR.size)
+        rtype = request.type
         try:
-            if rtype == VIRTIO_BLK_T_IN:
-                self._transfer(memory, sector, din, write=False)
-            elif rtype == VIRTIO_BLK_T_OUT:
-                self._transfer(memory, sector, dout, write=True)
-            elif rtype == VIRTIO_BLK_T_FLUSH:
-                if not self.read_only:
-                    os.fdatasync(self.fd)
-                self.stats["flush"] += 1
-            elif rtype == VIRTIO_BLK_T_GET_ID:
+            if rtype == VIRTIO_BLK_T_GET_ID:
                 ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-                _scatter(memory, din, ident)
+                _scatter(memory, request.din, ident)
             elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                self._discard_or_zero(memory, rtype, dout)
+                self._discard_or_zero(memory, rtype, request.dout)
             else:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {rtype} not supported")
             status = VIRTIO_BLK_S_OK
         except RequestError as exc:
             status = exc.status
             self.stats["errors"] += 1
-            self.log.warning("%s: request type %d sector %d: %s", self.label, rtype, sector, exc)
+            self.log.warning("%s: request type %d sector %d: %s", self.label, rtype, request.sector, exc)
         except GuestMemoryError as exc:
             status = VIRTIO_BLK_S_IOERR
             self.stats["errors"] += 1
             self.log.warning("%s: request type %d: %s", self.label, rtype, exc)
-        memory.write(status_addr, bytes([status]))
+        memory.write(request.status_addr, bytes([status]))
         return chain.writable_len
 
     def _check_range(self, sector: int, nbytes: int) -> int:
@@ -249,30 +229,10 @@ class VirtioBlk(VirtioDevice):
             )
         return sector * SECTOR_SIZE
 
-    def _transfer(self, memory: GuestMemory, sector: int, bufs: list[tuple[int, int]], write: bool) -> None:
-        """IN (``write`` False: image to guest buffers) or OUT (guest buffers to image), zero-copy."""
-        if write and self.read_only:
-            raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only device")  # 5.2.6.2
-        nbytes = sum(n for _, n in bufs)
-        offset = self._check_range(sector, nbytes)
-        # The device writes guest memory for IN, reads it for OUT (VT-d R/W).
-        views = [memory.view(a, n, Access.READ if write else Access.WRITE) for a, n in bufs if n]
-        what = "write" if write else "read"
-        try:
-            done = os.pwritev(self.fd, views, offset) if write else os.preadv(self.fd, views, offset)
-        except OSError as exc:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"{what} failed: {exc}") from exc
-        finally:
-            for v in views:
-                v.release()
-        if done != nbytes:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"short {what} {done} of {nbytes}")
-        self.stats["write_bytes" if write else "read_bytes"] += nbytes
-
     def _discard_or_zero(self, memory: GuestMemory, rtype: int, bufs: list[tuple[int, int]]) -> None:
         if self.read_only:
             raise RequestError(VIRTIO_BLK_S_IOERR, "discard/write-zeroes on a read-only device")
-        data = _gather(memory, bufs, sum(n for _, n in bufs))
+        data = gather(memory, bufs, sum(n for _, n in bufs))
         if not data or len(data) % DISCARD_SEG.size:
             raise RequestError(VIRTIO_BLK_S_UNSUPP, f"segment list of {len(data)} bytes is not a multiple of 16")
         for off in range(0, len(data), DISCARD_SEG.size):
@@ -290,27 +250,6 @@ class VirtioBlk(VirtioDevice):
                     raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
                 os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
         self.stats["discard" if rtype == VIRTIO_BLK_T_DISCARD else "write_zeroes"] += 1
-
-
-def _gather(memory: GuestMemory, bufs: list[tuple[int, int]], limit: int) -> bytes:
-    out = bytearray()
-    for addr, n in bufs:
-        if len(out) >= limit:
-            break
-        out += memory.read(addr, min(n, limit - len(out)))
-    return bytes(out)
-
-
-def _skip(bufs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
-    """The buffers left after skipping ``nbytes`` from the front."""
-    out = []
-    for addr, n in bufs:
-        if nbytes >= n:
-            nbytes -= n
-            continue
-        out.append((addr + nbytes, n - nbytes))
-        nbytes = 0
-    return out
 
 
 def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> None:

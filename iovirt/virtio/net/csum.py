@@ -86,7 +86,7 @@ def l4_checksum_valid(frame: bytes) -> bool:
     the frame, a UDP length differing from the IP payload, and a UDP
     checksum of 0 (over IPv4 "no checksum", RFC 768: nothing to validate;
     over IPv6 invalid, RFC 8200 8.1).  The C data path has the same rules
-    (``_datapath.l4_checksum_valid``).
+    (``_datapath_c.l4_checksum_valid``).
     """
     n = len(frame)
     start = l3_start(frame)

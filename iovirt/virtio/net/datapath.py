@@ -1,18 +1,64 @@
-"""Which virtio-net data path runs: the Cython batch path unless told otherwise.
+"""virtio-net's batch data path: the Cython twin where it can run, else the Python reference.
 
-``accel`` is the ``_datapath`` extension, or ``None`` when the per-frame
-Python path in ``device.py`` (the reference) runs; see :mod:`iovirt._accel`.
+``_datapath_c`` (Cython) and ``_datapath_py`` (the readable reference) have
+the same functions with the same results; :mod:`iovirt._accel` decides
+whether the C one loads (``accel`` is it, or ``None``).  The C functions read
+the Cython queue's flat batches and the C :class:`Frames`, so each call here
+picks the C twin only for such a queue (:func:`~iovirt.virtio.queue.is_accelerated`)
+and frames; with the reference queue the Python twin runs even when the
+extension is built.
 """
 
 from __future__ import annotations
 
-from iovirt import _accel
-from iovirt.virtio import accel as _loader
+from typing import Any, Sequence
 
-accel = _accel.load("iovirt.virtio.net._datapath")
+from iovirt import _accel
+from iovirt.virtio.net import _datapath_py
+from iovirt.virtio.queue import is_accelerated
+
+__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending"]
+
+accel: Any = _accel.load("iovirt.virtio.net._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
 
+Frames: Any = accel.Frames if accel is not None else _datapath_py.Frames
+"""The frames buffer of the twin that runs (both twins take either)."""
 
-def accelerated_queue(queue: object) -> bool:
-    """Whether the C data path can work on ``queue``."""
-    return accel is not None and _loader.usable(queue)
+
+def _c_frames(frames: object) -> bool:
+    return accel is not None and isinstance(frames, accel.Frames)
+
+
+def tx_gather(batch: Any, queue: Any, hdr_len: int, frames: Any, gso_mask: int) -> int:
+    """Append the frames of transmit ``batch`` (popped from ``queue``) to ``frames``; returns how many.
+
+    Chains with a short or long frame, bad checksum offsets or a GSO type
+    not in ``gso_mask`` are counted in ``frames.errors`` (by ``TX_*`` reason).
+    """
+    if is_accelerated(queue) and _c_frames(frames):
+        return accel.tx_gather(batch, queue, hdr_len, frames, gso_mask)
+    return _datapath_py.tx_gather(batch, queue, hdr_len, frames, gso_mask)
+
+
+def complete_pending(frames: Any, indexes: Sequence[int]) -> None:
+    """Fill in the pending checksum (NEEDS_CSUM) of frames ``indexes``, in place (5.1.6.3)."""
+    if _c_frames(frames):
+        accel.complete_pending(frames, list(indexes))
+    else:
+        _datapath_py.complete_pending(frames, indexes)
+
+
+def rx_scatter(
+    queue: Any, frames: Any, indexes: list[int], hdr_len: int, guest_csum: bool, mergeable: bool, batch: Any
+) -> tuple[int, int, int, int]:
+    """Write frames ``indexes`` into receive chains of ``queue``, one chain each, with one used idx update.
+
+    Returns ``(delivered, dropped, stopped_at, delivered_bytes)``: from
+    ``stopped_at`` on, the caller delivers the frames (chains ran out, or
+    with ``mergeable`` a frame needs several chains).  ``batch`` is a
+    reusable :class:`~iovirt.virtio.queue.ChainBatch` for the C twin.
+    """
+    if is_accelerated(queue) and _c_frames(frames):
+        return accel.rx_scatter(queue, frames, indexes, hdr_len, guest_csum, mergeable, batch)
+    return _datapath_py.rx_scatter(queue, frames, indexes, hdr_len, guest_csum, mergeable)

@@ -24,7 +24,15 @@ VIRTIO_NET_F_HOST_UFO = 14
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_CTRL_RX = 18
+VIRTIO_NET_F_CTRL_VLAN = 19
+VIRTIO_NET_F_GUEST_ANNOUNCE = 21
 VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_F_CTRL_MAC_ADDR = 23
+VIRTIO_NET_F_HOST_USO = 56
+VIRTIO_NET_F_HASH_REPORT = 57  # the header grows hash fields (5.1.6): iovirt's devices do not offer it
+VIRTIO_NET_F_RSS = 60
+VIRTIO_NET_F_RSC_EXT = 61
 
 # 5.1.4 config status
 VIRTIO_NET_S_LINK_UP = 1
@@ -46,8 +54,12 @@ NET_HDR_LEGACY_SIZE = 10  # without num_buffers: legacy drivers without MRG_RXBU
 
 ETH_ALEN = 6
 ETH_HLEN = 14
+MAX_FRAME = 65535 + ETH_HLEN  # the largest frame a chain may carry: a 64 KiB IP packet behind its Ethernet header
 ETH_P_IP, ETH_P_8021Q, ETH_P_IPV6 = 0x0800, 0x8100, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
+
+# Why the data path's tx_gather rejected a transmit chain: indexes of ``Frames.errors`` in both twins.
+TX_SHORT, TX_LONG, TX_GSO, TX_CSUM = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ indexes receive, odd ones transmit.  A transmitted frame goes to the
 to this port are written into receive buffers, spread over the enabled queue
 pairs by a flow hash.
 
+Batches of frames go through ``datapath.py`` (the Cython twin, or the Python
+reference with the reference queue): transmit chains are gathered into
+frames, received frames written one chain each.  What the batch path leaves
+(the backlog, and frames spanning several MRG_RXBUF buffers) is written here
+frame by frame.
+
 The control virtqueue is not served here: a VMM in front (QEMU's vhost-user
 net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
 """
@@ -13,15 +19,14 @@ net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
-from iovirt.virtio.chain import read_chain, write_chain
+from iovirt.virtio.chain import ChainBatch as Chains, DescChain, write_chain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
-from iovirt.virtio.net.gso import GsoError, tso_segments
 from iovirt.virtio.net.defs import (
-    ETH_HLEN,
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
     VIRTIO_ID_NET,
@@ -36,7 +41,6 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_S_LINK_UP,
@@ -45,11 +49,17 @@ from iovirt.virtio.net.defs import (
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
-from iovirt.virtio.queue import SplitQueue
+from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
+from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
-MAX_FRAME = 65535 + ETH_HLEN
+
+
+def _reusable_batch() -> Any:
+    """A batch the Cython queue pops into again and again; ``None`` with the reference queue (it allocates)."""
+    batch_type: Any = ChainBatch  # the Cython batch is built empty, the reference one from its chains
+    return batch_type() if QUEUE_IMPLEMENTATION == "cython" else None
 
 
 class VirtioNet(VirtioDevice):
@@ -76,13 +86,11 @@ class VirtioNet(VirtioDevice):
         self.switch = switch
         self.link_up = True
         self.backlog: collections.deque[tuple[bytes, tuple[int, int] | None]] = collections.deque(maxlen=RX_BACKLOG)
-        self.stats = collections.Counter()
-        if datapath.accel is not None:
-            from iovirt.virtio._queue_c import ChainBatch
-
-            self._tx_frames = datapath.accel.Frames()
-            self._tx_batch = ChainBatch()
-            self._rx_batch = ChainBatch()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._tx_frames = datapath.Frames()
+        # Batches the Cython queue pops into again and again (the reference queue allocates its own).
+        self._tx_batch = _reusable_batch()
+        self._rx_batch = _reusable_batch()
         if switch is not None:
             switch.attach(self)
 
@@ -157,58 +165,16 @@ class VirtioNet(VirtioDevice):
             self._flush_backlog()
 
     def _transmit(self, index: int, queue: SplitQueue) -> None:
-        if datapath.accelerated_queue(queue):
-            self._transmit_batches(index, queue)
-            return
-        memory = queue.memory
-        hdr_len = self.hdr_len
-        while True:
-            batch = queue.pop_batch(TX_BATCH)
-            if not len(batch):
-                break
-            # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
-            forward = self.enabled[index] and self.switch is not None
-            for chain in batch:
-                data = read_chain(memory, chain, MAX_FRAME + hdr_len)
-                if forward:
-                    self._send_frame(data, hdr_len)
-                else:
-                    self.stats["tx_dropped"] += 1
-            queue.push_batch(batch)
-            self.signal(index)
-
-    def _send_frame(self, data: bytes, hdr_len: int) -> None:
-        if len(data) < hdr_len + ETH_HLEN:
-            self.stats["tx_errors"] += 1
-            self.log.warning("%s: transmitted chain of %d bytes is shorter than header + Ethernet", self.label, len(data))
-            return
-        hdr = NetHdr.unpack(data[:hdr_len])
-        frame = data[hdr_len:]
-        csum = (hdr.csum_start, hdr.csum_offset) if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM else None
-        if csum is not None and (hdr.csum_start >= len(frame) or sum(csum) + 2 > len(frame)):
-            self.stats["tx_errors"] += 1
-            self.log.warning("%s: NEEDS_CSUM offsets %s outside a %d-byte frame", self.label, csum, len(frame))
-            return
-        if hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE:
-            self._send_gso(hdr, frame)
-            return
-        self.stats["tx_packets"] += 1
-        self.stats["tx_bytes"] += len(frame)
-        assert self.switch is not None
-        self.switch.forward(self, frame, csum)
-
-    def _transmit_batches(self, index: int, queue: SplitQueue) -> None:
-        """The C data path: whole batches gathered, then switched together."""
-        accel = datapath.accel
-        assert accel is not None
+        """Whole batches gathered by the data path, returned to the driver, then switched together."""
         frames = self._tx_frames
         hdr_len = self.hdr_len
+        reuse = self._tx_batch if is_accelerated(queue) else None
         while True:
-            batch = queue.pop_batch(TX_BATCH, self._tx_batch)
+            batch = queue.pop_batch(TX_BATCH, reuse)
             if not len(batch):
                 break
             frames.clear()
-            accel.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
+            datapath.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
             queue.push_batch(batch)  # the frames are copied out: the buffers go back now
             self.signal(index)
             bad = sum(frames.errors)
@@ -218,6 +184,7 @@ class VirtioNet(VirtioDevice):
                     "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
                     self.label, bad, *frames.errors,
                 )
+            # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
             if self.enabled[index] and self.switch is not None:
                 self.stats["tx_packets"] += len(frames)
                 self.stats["tx_bytes"] += frames.total_bytes()
@@ -225,27 +192,9 @@ class VirtioNet(VirtioDevice):
             else:
                 self.stats["tx_dropped"] += len(frames)
 
-    def _send_gso(self, hdr: NetHdr, frame: bytes) -> None:
-        """Segment a host TSO frame (5.1.6.2) and switch its segments."""
-        if hdr.gso_type >= 32 or not self.gso_mask >> hdr.gso_type & 1 or not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            self.stats["tx_errors"] += 1
-            self.log.warning("%s: GSO frame (gso_type %#x) the driver may not send dropped", self.label, hdr.gso_type)
-            return
-        try:
-            segments = tso_segments(frame, hdr.csum_start, hdr.gso_size, hdr.gso_type == VIRTIO_NET_HDR_GSO_TCPV6)
-        except GsoError as exc:
-            self.stats["tx_errors"] += 1
-            self.log.warning("%s: GSO frame dropped: %s", self.label, exc)
-            return
-        assert self.switch is not None
-        for segment in segments:
-            self.stats["tx_packets"] += 1
-            self.stats["tx_bytes"] += len(segment)
-            self.switch.forward(self, segment, None)
-
     # -- switch port: receive -------------------------------------------------------------
-    def deliver_batch(self, frames, indexes: list[int]) -> int:
-        """Take frames ``indexes`` of a :class:`~iovirt.virtio.net._datapath.Frames` from the switch.
+    def deliver_batch(self, frames: Any, indexes: list[int]) -> int:
+        """Take frames ``indexes`` of a ``datapath.Frames`` from the switch.
 
         A broken receive ring fails this device, never the sender's.
         """
@@ -255,19 +204,18 @@ class VirtioNet(VirtioDevice):
             self.fail(exc)
             return 0
 
-    def _deliver_batch(self, frames, indexes: list[int]) -> int:
+    def _deliver_batch(self, frames: Any, indexes: list[int]) -> int:
         index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
-        if queue is None or not datapath.accelerated_queue(queue):
+        if index is None or queue is None:
             return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
-        accel = datapath.accel
-        assert accel is not None
         guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
         if not guest_csum:
-            accel.complete_pending(frames, indexes)  # 5.1.6.3: the driver cannot take partial checksums
+            datapath.complete_pending(frames, indexes)  # 5.1.6.3: the driver cannot take partial checksums
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
-        delivered, dropped, stop, nbytes = accel.rx_scatter(
-            queue, frames, indexes, self.hdr_len, guest_csum, mergeable, self._rx_batch
+        reuse = self._rx_batch if is_accelerated(queue) else None
+        delivered, dropped, stop, nbytes = datapath.rx_scatter(
+            queue, frames, indexes, self.hdr_len, guest_csum, mergeable, reuse
         )
         if dropped:
             # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
@@ -328,10 +276,9 @@ class VirtioNet(VirtioDevice):
     def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Write one frame into receive buffers; False if there are not enough of them."""
         index = self._rx_queue(int.from_bytes(frame[:12], "big"))
-        if index is None:
+        queue = None if index is None else self.queues[index]
+        if index is None or queue is None:
             return False
-        queue = self.queues[index]
-        assert queue is not None
         if csum is not None and not self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
             # The driver cannot take a partial checksum: complete it (5.1.6.3).
             buf = bytearray(frame)
@@ -380,7 +327,7 @@ class VirtioNet(VirtioDevice):
 
     def _receive_mergeable(self, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
         total = self.hdr_len + len(frame)
-        chains = []
+        chains: list[DescChain] = []
         room = 0
         while room < total:
             chain = queue.pop()
@@ -400,6 +347,7 @@ class VirtioNet(VirtioDevice):
             n = write_chain(memory, chain, payload[pos:])
             chain.used_len = n
             pos += n
-        for chain in chains:
-            queue.push(chain.head, chain.used_len)
+        # One used idx update for the whole frame: a driver that sees the first
+        # buffer's num_buffers must also see every buffer it counts (5.1.6.4).
+        queue.push_batch(Chains(chains))
         return True

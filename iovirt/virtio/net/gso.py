@@ -7,7 +7,7 @@ frames of at most ``gso_size`` payload bytes, as a NIC would: headers copied,
 IPv4 total length, identification and header checksum, or IPv6 payload
 length, rewritten per segment; the TCP sequence number advanced; FIN and PSH
 kept on the last segment only, CWR on the first only; every TCP checksum
-computed in full.  This is the readable reference; ``_datapath.pyx`` has the
+computed in full.  This is the readable reference; ``_datapath_c.pyx`` has the
 C twin the accelerated path runs.
 """
 

@@ -25,7 +25,10 @@ DEFAULT_AGEING_S = 300.0  # 802.1D default ageing time
 class SwitchPort(Protocol):
     """Something the switch can deliver frames to."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The port's name, for the log."""
+        ...
 
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take one Ethernet frame; ``csum`` is a pending (csum_start, csum_offset). False if dropped."""
@@ -104,7 +107,7 @@ class LearningSwitch:
         return [port for port in self.ports if port is not ingress]
 
     def forward_batch(self, ingress: SwitchPort, frames) -> int:
-        """Switch a batch of frames (:class:`~iovirt.virtio.net._datapath.Frames`) from ``ingress``.
+        """Switch a batch of frames (a ``datapath.Frames``) from ``ingress``.
 
         Frames are grouped by destination, so the table is consulted once per
         destination and each egress port takes its frames in one call.

@@ -1,11 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """virtio-blk's batch data path in C: IN, OUT and FLUSH straight from a popped batch.
 
-Same semantics as ``VirtioBlk._serve`` in ``device.py`` (virtio 1.2 5.2.6),
-which stays the reference and serves whatever this leaves to it: request
-types other than IN/OUT/FLUSH, and requests whose buffers have no host
-pointer (they span regions or an IOMMU is in front) or whose layout is
-unusual (data in the header's buffer).  The image I/O is ``preadv`` /
+The Cython twin of ``_datapath_py.py`` (virtio 1.2 5.2.6), chosen by
+``datapath.py``, which gives the reference what this leaves: request types
+other than IN/OUT/FLUSH, and requests whose buffers have no host pointer
+(they span regions or an IOMMU is in front) or whose layout is unusual (data
+in the header's buffer).  The image I/O is ``preadv`` /
 ``pwritev`` / ``fdatasync`` on iovecs that point into guest memory, with the
 GIL released.
 """
@@ -17,25 +17,23 @@ from posix.uio cimport iovec, preadv, pwritev
 from posix.types cimport off_t
 
 from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
+from iovirt.virtio.blk import defs
 
 cdef extern from "unistd.h" nogil:
     int fdatasync(int fd)
 
-cdef enum:
-    T_IN = 0
-    T_OUT = 1
-    T_FLUSH = 4
-    S_OK = 0
-    S_IOERR = 1
-    SECTOR = 512
-    HDR = 16
+# The spec constants, from defs.py, as C values for the loop.
+cdef uint32_t T_IN = defs.VIRTIO_BLK_T_IN, T_OUT = defs.VIRTIO_BLK_T_OUT, T_FLUSH = defs.VIRTIO_BLK_T_FLUSH
+cdef int S_OK = defs.VIRTIO_BLK_S_OK, S_IOERR = defs.VIRTIO_BLK_S_IOERR
+cdef uint64_t SECTOR = defs.SECTOR_SIZE
+cdef uint32_t HDR = defs.REQ_HDR.size
 
 
 def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read_only):
     """Serve the IN/OUT/FLUSH requests of batch ``b`` on image ``fd``.
 
     Sets each served chain's used length (every device-writable byte, as
-    ``_serve`` does) and writes its status byte.  Returns ``(left, read_bytes,
+    the reference does) and writes its status byte.  Returns ``(left, read_bytes,
     written_bytes, flushes, errors)``: ``left`` lists the chains for the
     Python path; ``errors`` counts requests completed with IOERR (out of
     range, not whole sectors, a write to a read-only image, or the system

@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """virtio-net's batch data path in C: transmit gather and receive scatter.
 
-The device logic is in ``device.py`` and reads the same with or without this
-module; what this does is move the per-frame work out of Python:
+The Cython twin of ``_datapath_py.py`` (the reference), chosen by
+``datapath.py``; it moves the per-frame work out of Python:
 
 - :func:`tx_gather` copies the readable bytes of every chain of a transmit
   batch into one :class:`Frames` buffer, checking and parsing each
@@ -23,19 +23,25 @@ from libc.stdlib cimport malloc, free
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 
 from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
+from iovirt.virtio.net import defs
 
+# The spec constants, from defs.py, as C values for the loops.
+cdef uint8_t NEEDS_CSUM = defs.VIRTIO_NET_HDR_F_NEEDS_CSUM
+cdef uint8_t DATA_VALID = defs.VIRTIO_NET_HDR_F_DATA_VALID
+cdef uint8_t GSO_TCPV6 = defs.VIRTIO_NET_HDR_GSO_TCPV6
+cdef uint32_t ETH_HLEN = defs.ETH_HLEN
+cdef uint32_t MAX_FRAME = defs.MAX_FRAME
+cdef uint32_t NET_HDR_SIZE = defs.NET_HDR_SIZE
+cdef uint16_t ETH_P_IP = defs.ETH_P_IP, ETH_P_8021Q = defs.ETH_P_8021Q, ETH_P_IPV6 = defs.ETH_P_IPV6
+cdef uint8_t IPPROTO_TCP = defs.IPPROTO_TCP, IPPROTO_UDP = defs.IPPROTO_UDP
+# Why tx_gather rejected a chain (indexes of Frames.errors).
+cdef Py_ssize_t TX_SHORT = defs.TX_SHORT, TX_LONG = defs.TX_LONG, TX_GSO = defs.TX_GSO, TX_CSUM = defs.TX_CSUM
+
+# A C array's size must be known when compiling: a virtio_net_hdr buffer.
 cdef enum:
-    NEEDS_CSUM = 1
-    DATA_VALID = 2
-    ETH_HLEN = 14
-    MAX_FRAME = 65535 + 14
-    NET_HDR_SIZE = 12
-
-# Why a frame was rejected by tx_gather (counts in Frames.errors).
-TX_SHORT = 0
-TX_LONG = 1
-TX_GSO = 2
-TX_CSUM = 3
+    HDR_BUF = 12
+if defs.NET_HDR_SIZE != HDR_BUF:
+    raise ImportError(f"virtio_net_hdr is {defs.NET_HDR_SIZE} bytes in defs.py, {HDR_BUF} here")
 
 
 cdef void *_grow(void *p, size_t nbytes) except NULL:
@@ -198,7 +204,7 @@ def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out, uint32_t
     cdef int count
     cdef uint8_t *big
     cdef uint32_t pos, take, skip, frame_len
-    cdef uint8_t hdr[NET_HDR_SIZE]
+    cdef uint8_t hdr[HDR_BUF]
     cdef uint8_t *dst
     cdef int32_t cs, co
     for i in range(b.n):
@@ -245,7 +251,7 @@ def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out, uint32_t
                 raise MemoryError()
             memcpy(big, out.buf + out.used, frame_len)
             try:
-                count = _tso(out, big, frame_len, cs, _le16(hdr + 4), hdr[1] == 4)
+                count = _tso(out, big, frame_len, cs, _le16(hdr + 4), hdr[1] == GSO_TCPV6)
             finally:
                 free(big)
             if count < 0:
@@ -309,7 +315,7 @@ cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
     other protocols, IPv4 fragments, IPv6 extension headers, lengths beyond
     the frame, a UDP length differing from the IP payload, and a UDP
     checksum of 0 (over IPv4 "no checksum", RFC 768: nothing to validate;
-    over IPv6 invalid, RFC 8200 8.1).  Same rules as device.py's
+    over IPv6 invalid, RFC 8200 8.1).  Same rules as csum.py's
     ``l4_checksum_valid``.
     """
     cdef uint32_t off = ETH_HLEN, l4, l4len, ihl, total
@@ -319,12 +325,12 @@ cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
     if n < ETH_HLEN:
         return False
     etype = _be16(p + 12)
-    if etype == 0x8100:
+    if etype == ETH_P_8021Q:
         if n < ETH_HLEN + 4:
             return False
         off += 4
         etype = _be16(p + 16)
-    if etype == 0x0800:
+    if etype == ETH_P_IP:
         if n < off + 20 or p[off] >> 4 != 4:
             return False
         ihl = (p[off] & 0xF) * 4
@@ -335,7 +341,7 @@ cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
         l4 = off + ihl
         l4len = total - ihl
         s = _sum16(p + off + 12, 8)  # pseudo-header: source and destination addresses (RFC 793, 768)
-    elif etype == 0x86DD:
+    elif etype == ETH_P_IPV6:
         if n < off + 40 or p[off] >> 4 != 6:
             return False
         l4len = _be16(p + off + 4)
@@ -346,10 +352,10 @@ cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
         s = _sum16(p + off + 8, 32)  # pseudo-header: addresses (RFC 8200 8.1)
     else:
         return False
-    if proto == 6:
+    if proto == IPPROTO_TCP:
         if l4len < 20:
             return False
-    elif proto == 17:
+    elif proto == IPPROTO_UDP:
         if l4len < 8 or _be16(p + l4 + 4) != l4len or _be16(p + l4 + 6) == 0:
             return False
     else:
@@ -361,7 +367,7 @@ cdef bint _l4_valid(const uint8_t *p, uint32_t n) noexcept nogil:
 
 
 def l4_checksum_valid(frame) -> bool:
-    """Whether ``frame`` (bytes-like) would get DATA_VALID: the twin of device.py's Python check."""
+    """Whether ``frame`` (bytes-like) would get DATA_VALID: the twin of csum.py's ``l4_checksum_valid``."""
     cdef const uint8_t[::1] data = memoryview(frame).cast("B")
     if data.shape[0] == 0:
         return False
@@ -402,7 +408,7 @@ def rx_scatter(SplitQueue q, Frames f, list indexes, uint32_t hdr_len, bint gues
     """
     cdef Py_ssize_t want = len(indexes), got, j, k, idx
     cdef uint32_t need, written, room, take, pos
-    cdef uint8_t hdr[NET_HDR_SIZE]
+    cdef uint8_t hdr[HDR_BUF]
     cdef const uint8_t *src
     cdef Py_ssize_t delivered = 0, dropped = 0
     cdef uint64_t nbytes = 0
@@ -468,25 +474,25 @@ cdef inline uint16_t _fold(uint64_t acc) noexcept nogil:
 
 cdef int _tso(Frames out, const uint8_t *f, uint32_t n, uint32_t l4, uint32_t mss, bint ipv6) except -2:
     """Append the TCP segments of GSO frame ``f`` (see ``gso.tso_segments``); -1 if it is malformed."""
-    cdef uint32_t l3 = 14, ethertype, ihl, payload_at, payload, count, k, take, seg_len, tcp_len, seq0, seq
+    cdef uint32_t l3 = ETH_HLEN, ethertype, ihl, payload_at, payload, count, k, take, seg_len, tcp_len, seq0, seq
     cdef uint16_t ip_id0 = 0, csum
     cdef uint8_t flags0, flags
     cdef uint8_t *d
     cdef uint64_t acc
     cdef uint8_t pseudo[40]
-    if n < 14:
+    if n < ETH_HLEN:
         return -1
     ethertype = (f[12] << 8) | f[13]
-    if ethertype == 0x8100 and n >= 18:
+    if ethertype == ETH_P_8021Q and n >= 18:
         ethertype, l3 = (f[16] << 8) | f[17], 18
-    if ethertype != (0x86DD if ipv6 else 0x0800) or l4 + 20 > n:
+    if ethertype != (ETH_P_IPV6 if ipv6 else ETH_P_IP) or l4 + 20 > n:
         return -1
     if ipv6:
-        if l4 != l3 + 40 or f[l3 + 6] != 6:
+        if l4 != l3 + 40 or f[l3 + 6] != IPPROTO_TCP:
             return -1
     else:
         ihl = (f[l3] & 0x0F) * 4
-        if f[l3] >> 4 != 4 or ihl < 20 or l4 != l3 + ihl or f[l3 + 9] != 6:
+        if f[l3] >> 4 != 4 or ihl < 20 or l4 != l3 + ihl or f[l3 + 9] != IPPROTO_TCP:
             return -1
         ip_id0 = (f[l3 + 4] << 8) | f[l3 + 5]
     payload_at = l4 + (f[l4 + 12] >> 4) * 4
@@ -515,7 +521,7 @@ cdef int _tso(Frames out, const uint8_t *f, uint32_t n, uint32_t l4, uint32_t ms
             pseudo[34] = (tcp_len >> 8) & 0xFF
             pseudo[35] = tcp_len & 0xFF
             pseudo[36] = pseudo[37] = pseudo[38] = 0
-            pseudo[39] = 6
+            pseudo[39] = IPPROTO_TCP
             acc = _sum16(pseudo, 40)
         else:
             d[l3 + 2] = (seg_len - l3) >> 8
@@ -528,7 +534,7 @@ cdef int _tso(Frames out, const uint8_t *f, uint32_t n, uint32_t l4, uint32_t ms
             d[l3 + 11] = csum & 0xFF
             memcpy(pseudo, d + l3 + 12, 8)
             pseudo[8] = 0
-            pseudo[9] = 6
+            pseudo[9] = IPPROTO_TCP
             pseudo[10] = tcp_len >> 8
             pseudo[11] = tcp_len & 0xFF
             acc = _sum16(pseudo, 12)
