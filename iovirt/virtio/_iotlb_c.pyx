@@ -409,10 +409,12 @@ cdef class CachedTranslator:
             pieces = self.fill(iova, length, _WRITE if access == 2 else _READ)
         except TranslationPending:
             return TR_PENDING
-        except GuestMemoryError:
+        except GuestMemoryError as exc:
+            self.last_error = exc
             return TR_FAULT
-        except Exception:
+        except Exception as exc:
             log.exception("translator %r: miss handler failed for [%#x, +%#x)", self, iova, length)
+            self.last_error = exc
             return TR_ERROR
         cached[0] = self.cache._lookup(iova, length, access, &g, &r, &p)
         if cached[0]:
