@@ -153,12 +153,12 @@ def check_rewind(index: int, count: int, in_flight: int) -> None:
 
 def used_id(index: int, head: int, size: int) -> UsedRingError:
     """A used entry for a descriptor past the table."""
-    return UsedRingError(f"used id {head} is not a descriptor of Queue Size {size}", index, head)
+    return UsedRingError(f"used id {head} is not a descriptor of Queue Size {size}", index, head=head)
 
 
 def used_len(index: int, head: int, length: int) -> UsedRingError:
     """A used length that the le32 ``len`` field cannot hold."""
-    return UsedRingError(f"used len {length} is not in [0, {USED_LEN_MAX:#x}]", index, head)
+    return UsedRingError(f"used len {length} is not in [0, {USED_LEN_MAX:#x}]", index, head=head)
 
 
 def batch_used_len(length: int) -> ValueError:

@@ -24,6 +24,7 @@ from iovirt.vtd.tables import (
 )
 
 from conftest import MEM_SIZE, TABLES_BASE, TABLES_SIZE, RecordingSink
+from twins import error_record
 
 RW = PTE_R | PTE_W
 K4 = 0x1000
@@ -93,7 +94,7 @@ class Machine:
         try:
             return self.translators[sid].fill(iova, length, access)
         except DmarFault as exc:
-            return ("fault", exc.addr, exc.length, exc.access, exc.fault_reason, exc.fault_addr, exc.recorded)
+            return error_record(exc)
 
     def state(self):
         """Everything the reference and the C path must agree on."""
