@@ -48,7 +48,7 @@ PARTS: tuple[Part, ...] = (
 
 @dataclass(frozen=True)
 class Choice:
-    """What :func:`load` chose for one extension: ``"cython"`` or ``"python"``, and why."""
+    """What :func:`load` chose for one extension: ``"cython"`` or ``"python"`` (see :func:`report`), and why."""
 
     module: str
     implementation: str
@@ -86,13 +86,16 @@ def report() -> list[tuple[Part, Choice]]:
     """Every part of :data:`PARTS` with the implementation that runs and why.
 
     A part whose selector has not run yet in this process is probed now
-    under the same rules (without raising).
+    under the same rules, without raising: one that would raise (required
+    but not importable) runs ``"nothing"``.
     """
     rows = []
     for part in PARTS:
         choice = _choices.get(part.module)
         if choice is None:
-            choice = _try(part.module)[1]
+            _, choice, error = _try(part.module)
+            if error is not None and REQUIRE_EXTENSIONS:
+                choice = Choice(part.module, "nothing", f"IOVIRT_REQUIRE_EXTENSIONS is set and {choice.reason}")
         rows.append((part, choice))
     return rows
 
