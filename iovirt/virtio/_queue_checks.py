@@ -9,7 +9,7 @@ parts' placement, rewinding) live here whole.
 
 from __future__ import annotations
 
-from iovirt.memory import Access, GuestMemory, GuestMemoryError
+from iovirt.memory import Access, GuestMemory
 from iovirt.virtio.defs import VIRTQ_DESC_SIZE, avail_ring_size, desc_table_size, used_ring_size
 from iovirt.virtio.errors import (
     AvailIndexError,
@@ -131,13 +131,13 @@ def buffer_wraps(index: int, desc: int, head: int, addr: int, length: int) -> De
 
 
 def buffer_outside(
-    index: int, desc: int, head: int, addr: int, length: int, cause: GuestMemoryError
+    index: int, desc: int, head: int, addr: int, length: int, cause: Exception
 ) -> DescBufferError:
     """A buffer the memory map (or the IOMMU) refuses for the access it needs; ``cause`` says why."""
     return DescBufferError(f"buffer outside guest memory: {cause}", index, desc, head, addr, length)
 
 
-def table_unreadable(index: int, desc: int, head: int, table: int, cause: GuestMemoryError) -> DescBufferError:
+def table_unreadable(index: int, desc: int, head: int, table: int, cause: Exception) -> DescBufferError:
     """A descriptor of ``table`` that cannot be read; ``cause`` says why."""
     return DescBufferError(
         f"descriptor table unreadable: {cause}", index, desc, head, table + VIRTQ_DESC_SIZE * desc, VIRTQ_DESC_SIZE
