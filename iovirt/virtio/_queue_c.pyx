@@ -578,9 +578,11 @@ cdef class SplitQueue:
         """Return every chain of ``batch`` with its used length; one idx update."""
         cdef ChainBatch b
         cdef Py_ssize_t i
+        cdef Py_ssize_t n
         self._sync()
-        if <Py_ssize_t> len(batch) > <Py_ssize_t> self._in_flight:
-            raise checks.too_many_used(self.index, len(batch), self._in_flight)
+        n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
+        if n > <Py_ssize_t> self._in_flight:
+            raise checks.too_many_used(self.index, n, self._in_flight)
         if isinstance(batch, ChainBatch):
             b = <ChainBatch> batch
             for i in range(b.n):
