@@ -12,9 +12,9 @@ NO_EXTENSIONS = os.environ.get("IOVIRT_NO_EXTENSIONS", "") not in ("", "0")
 
 EXTENSIONS = [
     Extension("iovirt.virtio._queue_c", ["iovirt/virtio/_queue_c.pyx"], extra_compile_args=["-O3"]),
-    Extension("iovirt.virtio._iotlb", ["iovirt/virtio/_iotlb.pyx"], extra_compile_args=["-O3"]),
-    Extension("iovirt.vtd._walk", ["iovirt/vtd/_walk.pyx"], extra_compile_args=["-O3"]),
-    Extension("iovirt.vtd._dma", ["iovirt/vtd/_dma.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio._iotlb_c", ["iovirt/virtio/_iotlb_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.vtd._walk_c", ["iovirt/vtd/_walk_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.vtd._dma_c", ["iovirt/vtd/_dma_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.net._datapath_c", ["iovirt/virtio/net/_datapath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.blk._datapath_c", ["iovirt/virtio/blk/_datapath_c.pyx"], extra_compile_args=["-O3"]),
 ]

@@ -12,7 +12,7 @@ them to the used ring and asks whether to notify) run three ways, in one run:
   invalidation through the invalidation queue, as Linux's intel-iommu sends
   it): every buffer lies on its own 4 KiB page, so every buffer is a miss
   that walks the 4-level second-level table (``miss_per_s``), served by the
-  device translator's miss handler (C, ``iovirt.vtd._dma``, when built).
+  device translator's miss handler (C, ``iovirt.vtd._dma_c``, when built).
   Only the ring work is timed, not the invalidations (their cost is printed
   apart).
 

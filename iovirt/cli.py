@@ -8,11 +8,10 @@ from typing import Sequence
 
 import logging
 
-from iovirt import __version__
+from iovirt import __version__, _accel
 from iovirt.conformance import cli as conformance_cli
 from iovirt.pci import cli as pci_cli
 from iovirt.vhost_user import cli as vhost_user_cli
-from iovirt.virtio import queue
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     vhost_user_cli.register(sub)
     pci_cli.register(sub)
     conformance_cli.register(sub)
-    info = sub.add_parser("info", help="show which ring implementation runs and why")
+    info = sub.add_parser("info", help="show which implementation of each accelerated part runs, and why")
     info.set_defaults(func=_info)
     return parser
 
 
 def _info(args: argparse.Namespace) -> int:
-    impls = sorted(queue.implementations())
+    """Print one row per accelerated part (:data:`iovirt._accel.PARTS`): what runs and why."""
+    rows = [("part", "runs", "extension", "why")]
+    rows += [(part.name, choice.implementation, part.module, choice.reason) for part, choice in _accel.report()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
     print(f"iovirt {__version__}")
-    print(f"split virtqueue: {queue.IMPLEMENTATION} (available: {', '.join(impls)})")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
     return 0
 
 

@@ -163,11 +163,11 @@ def run_serve(args: argparse.Namespace) -> int:
     switch = LearningSwitch()
     try:
         for i, path in enumerate(args.net):
-            device = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
-            server.add_socket(path, device, name=f"net{i} ({path})", iommu=True)
+            port = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
+            server.add_socket(path, port, name=f"net{i} ({path})", iommu=True)
         for i, spec in enumerate(args.blk):
-            device = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
-            server.add_socket(spec.socket, device, name=f"blk{i} ({spec.socket})", iommu=True)
+            disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
+            server.add_socket(spec.socket, disk, name=f"blk{i} ({spec.socket})", iommu=True)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()

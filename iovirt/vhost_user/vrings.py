@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 from iovirt.errors import IovirtError
 from iovirt.memory import Access, GuestMemory, TranslationPending
@@ -33,6 +33,7 @@ from iovirt.vhost_user.iotlb import DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.messages import BackendRequest, IotlbMsg
 from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
+from iovirt.virtio.queue import SplitQueue
 from iovirt.virtio.state import QueueState
 
 log = logging.getLogger("iovirt.vhost_user")
@@ -207,11 +208,15 @@ class Vrings:
                 return False
         memory = self.dma_memory
         used_idx = memory.read_u16(used + 2)
-        wrap = None
+        wrap: Callable[[SplitQueue], SplitQueue] | None = None
         region = vring.inflight
         if region is not None:
             self._resubmit_from(vring, region, memory, avail, used_idx)
-            wrap = lambda queue: InflightQueue(queue, region)  # noqa: E731
+
+            def wrap(queue: SplitQueue) -> SplitQueue:
+                # The wrapper has the queue's whole API (QueueWrapper): the device cannot tell.
+                return cast(SplitQueue, InflightQueue(queue, region))
+
         state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
         self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
         vring.awaiting_translation = False

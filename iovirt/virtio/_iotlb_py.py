@@ -1,6 +1,6 @@
 """A translation cache and a translator base class: the readable reference.
 
-The accelerated twin is ``_iotlb.pyx`` (the same API, looked up in C without
+The accelerated twin is ``_iotlb_c.pyx`` (the same API, looked up in C without
 the GIL by the accelerated ring); :mod:`iovirt.virtio.iotlb` picks one.  Both
 keep entries of one 4 KiB page or one 2 MiB / 1 GiB leaf (VT-d super-pages,
 spec 3.7.1), drop a whole leaf when any part of it is invalidated, and empty

@@ -3,7 +3,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from iovirt.virtio._iotlb cimport CachedTranslator
+from iovirt.virtio._iotlb_c cimport CachedTranslator
 
 cdef struct Region:
     uint64_t gpa
@@ -63,6 +63,7 @@ cdef class SplitQueue:
     cdef object _table
     cdef object _pending_error
     cdef WalkError _err
+    cdef object _err_cause  # the GuestMemoryError behind a walk error, if any
 
     cdef int _resolve(self) except -1
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
@@ -73,5 +74,5 @@ cdef class SplitQueue:
     cdef int _check_buffer(self, uint64_t addr, uint64_t length, bint writable, uint8_t **host) noexcept nogil
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef object _walk_error(self, uint16_t head, int rc)
-    cdef int _push_one(self, uint32_t head, uint32_t length) except -1
+    cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1
     cdef void _publish_avail_event(self) noexcept

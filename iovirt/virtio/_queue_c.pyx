@@ -41,24 +41,14 @@ from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 from iovirt.memory import Access, GuestMemoryError, TranslationPending
-from iovirt.virtio._iotlb cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
+from iovirt.virtio._iotlb_c cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio.chain import DescChain
-from iovirt.virtio.errors import (
-    AvailIndexError,
-    ChainTooLongError,
-    DescBufferError,
-    DescIndexError,
-    DescLoopError,
-    DescOrderError,
-    IndirectTableError,
-    NestedIndirectError,
-    QueueStateError,
-    UsedRingError,
-)
+from iovirt.virtio import _queue_checks as checks
 from iovirt.virtio.layout import check_layout
 from iovirt.virtio.state import QueueState
 
 IMPLEMENTATION = "cython"
+cdef Py_ssize_t USED_LEN_MAX = checks.USED_LEN_MAX
 
 cdef extern from *:
     """
@@ -103,7 +93,8 @@ cdef enum:
     E_WRAP
     E_OUTSIDE
     E_ORDER
-    E_PYTHON
+    E_UNREADABLE
+    E_NOMEM
     E_PENDING
 
 
@@ -157,10 +148,12 @@ cdef class ChainBatch:
         self._check(i)
         return self.heads[i]
 
-    def set_used_len(self, Py_ssize_t i, uint32_t length):
+    def set_used_len(self, Py_ssize_t i, Py_ssize_t length):
         """Bytes the device wrote into chain ``i`` (reported in the used ring)."""
         self._check(i)
-        self.used_lens[i] = length
+        if length < 0 or length > USED_LEN_MAX:
+            raise checks.batch_used_len(length)
+        self.used_lens[i] = <uint32_t> length
 
     cdef int _check(self, Py_ssize_t i) except -1:
         if i < 0 or i >= self.n:
@@ -223,16 +216,7 @@ cdef class SplitQueue:
     @classmethod
     def from_state(cls, memory, state):
         """Rebuild a queue from saved state, re-validating every field."""
-        for name in ("last_avail_idx", "used_idx"):
-            value = getattr(state, name)
-            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
-                raise QueueStateError(f"{name} {value!r} is not a 16-bit index", state.index)
-        if ((state.last_avail_idx - state.used_idx) & 0xFFFF) > state.size:
-            raise QueueStateError(
-                f"last_avail_idx {state.last_avail_idx} is more than Queue Size {state.size} "
-                f"ahead of used idx {state.used_idx}",
-                state.index,
-            )
+        checks.check_state(state)
         return cls(memory, state.size, state.desc_addr, state.avail_addr, state.used_addr,
                    index=state.index, event_idx=bool(state.event_idx),
                    last_avail_idx=state.last_avail_idx, used_idx=state.used_idx)
@@ -257,7 +241,7 @@ cdef class SplitQueue:
     def refresh(self):
         """Re-validate the ring and re-resolve host pointers after the memory map changed."""
         if self._released:
-            raise QueueStateError("queue was released", self.index)
+            raise checks.released(self.index)
         self._views = None
         check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
         self._resolve()
@@ -283,23 +267,19 @@ cdef class SplitQueue:
         self._translator = self.memory.translator
         self._translated = self._translator is not None
         self._ct = self._translator if isinstance(self._translator, CachedTranslator) else None
-        self._desc = self._ring_host(self.desc_addr, 16 * self.size)
-        self._avail = self._ring_host(self.avail_addr, 6 + 2 * self.size)
-        self._used = self._ring_host(self.used_addr, 6 + 8 * self.size)
+        (desc, desc_len), (avail, avail_len), (used, used_len) = checks.ring_parts(
+            self.size, self.desc_addr, self.avail_addr, self.used_addr)
+        self._desc = self._ring_host(desc, desc_len)
+        self._avail = self._ring_host(avail, avail_len)
+        self._used = self._ring_host(used, used_len)
         return 0
 
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL:
         # check_layout proved the part is accessible; translate once here.
-        cdef uint64_t gpa = addr
-        if self._translated:
-            pieces = self.memory.translate(addr, length)
-            if len(pieces) != 1:
-                raise QueueStateError(
-                    f"ring part [{addr:#x}, +{length:#x}) is not contiguous in one guest memory region", self.index)
-            gpa = pieces[0][0]
+        cdef uint64_t gpa = checks.ring_part_gpa(self.memory, self.index, addr, length)
         cdef uint8_t *p = self._host(gpa, length)
         if p == NULL:
-            raise QueueStateError(f"ring part at {addr:#x} did not resolve", self.index)
+            raise AssertionError(f"ring part at {addr:#x} (GPA {gpa:#x}) is in one region but not in the region copy")
         return p
 
     cdef uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil:
@@ -330,7 +310,7 @@ cdef class SplitQueue:
 
     cdef int _sync(self) except -1:
         if self._released:
-            raise QueueStateError("queue was released", self.index)
+            raise checks.released(self.index)
         # The region table's counter, read as an attribute: this runs on every pop and push.
         if self._table.generation != self._gen or self.memory.translator is not self._translator:
             self.refresh()
@@ -345,9 +325,7 @@ cdef class SplitQueue:
     cdef int _pending(self) except -1:
         cdef uint16_t count = <uint16_t> (iovirt_load_acquire_u16(self._avail + 2) - self._last_avail_idx)
         if count > self.size:
-            raise AvailIndexError(
-                f"avail idx moved {count} entries past last_avail_idx {self._last_avail_idx}, "
-                f"more than Queue Size {self.size}", self.index)
+            raise checks.avail_index(self.index, count, self._last_avail_idx, self.size)
         return count
 
     def pending(self):
@@ -409,10 +387,9 @@ cdef class SplitQueue:
             self._pending_error = error
         return batch
 
-    def rewind(self, uint32_t count):
+    def rewind(self, Py_ssize_t count):
         """Give back the last ``count`` popped chains unused: they will be popped again."""
-        if count > self._in_flight:
-            raise UsedRingError(f"cannot rewind {count} chains, {self._in_flight} in flight", self.index)
+        checks.check_rewind(self.index, count, self._in_flight)
         self._last_avail_idx -= <uint16_t> count
         self._in_flight -= count
 
@@ -425,8 +402,9 @@ cdef class SplitQueue:
                 raw = self.memory.read(table_gpa + 16 * i, 16)
             except TranslationPending:
                 return E_PENDING
-            except GuestMemoryError:
-                return E_PYTHON
+            except GuestMemoryError as exc:
+                self._err_cause = exc
+                return E_UNREADABLE
             memcpy(d, <const char *> raw, 16)
         return 0
 
@@ -447,6 +425,8 @@ cdef class SplitQueue:
             if rc == TR_PENDING:
                 return E_PENDING
             if rc != TR_MAPPED and rc != TR_SCATTERED:
+                with gil:
+                    self._err_cause, self._ct.last_error = self._ct.last_error, None
                 return E_OUTSIDE
             if rc == TR_MAPPED:
                 host[0] = self._host(gpa, length)
@@ -461,7 +441,8 @@ cdef class SplitQueue:
                 self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
             except TranslationPending:
                 return E_PENDING
-            except GuestMemoryError:
+            except GuestMemoryError as exc:
+                self._err_cause = exc
                 return E_OUTSIDE
         return 0
 
@@ -486,6 +467,7 @@ cdef class SplitQueue:
                 return E_LOOP
             rc = self._read_desc(table_host, table_gpa, i, &d)
             if rc:
+                self._err.addr = table_gpa
                 return rc
             if d.flags & F_INDIRECT:
                 if indirect:
@@ -525,7 +507,7 @@ cdef class SplitQueue:
                     try:
                         b._reserve_bufs(2 * b.cap_bufs + 64)
                     except MemoryError:
-                        return E_PYTHON
+                        return E_NOMEM
             b.addrs[b.nbufs] = d.addr
             b.lens[b.nbufs] = d.len
             b.writable[b.nbufs] = writable
@@ -539,50 +521,56 @@ cdef class SplitQueue:
                 return 0
             if d.next >= table_len:
                 self._err.count = d.next
+                self._err.len = table_len
                 return E_NEXT
             i = d.next
 
     cdef object _walk_error(self, uint16_t head, int rc):
         cdef int q = self.index
         cdef int desc = self._err.desc
+        cause, self._err_cause = self._err_cause, None
         if rc == E_HEAD:
-            return DescIndexError(f"head {head} >= Queue Size {self.size}", q, head, head)
+            return checks.head_index(q, head, self.size)
         if rc == E_NEXT:
-            return DescIndexError(f"next {self._err.count} >= table size", q, desc, head)
+            return checks.next_index(q, desc, head, self._err.count, self._err.len)
         if rc == E_LOOP:
-            return DescLoopError(f"chain visits more than {self._err.count} descriptors: next loop", q, desc, head)
+            return checks.loop(q, desc, head, self._err.count)
         if rc == E_TOO_LONG:
-            return ChainTooLongError(
-                f"chain of {self._err.count} descriptors exceeds Queue Size {self.size}", q, desc, head)
+            return checks.too_long(q, desc, head, self._err.count, self.size)
         if rc == E_NESTED:
-            return NestedIndirectError("VIRTQ_DESC_F_INDIRECT inside an indirect table", q, desc, head)
+            return checks.nested_indirect(q, desc, head)
         if rc == E_INDIRECT_NEXT:
-            return IndirectTableError("indirect descriptor has VIRTQ_DESC_F_NEXT set", q, desc, head)
+            return checks.indirect_next(q, desc, head)
         if rc == E_INDIRECT_LEN:
-            return IndirectTableError(
-                f"indirect table length {self._err.len} is zero or not a multiple of 16", q, desc, head)
+            return checks.indirect_length(q, desc, head, self._err.len)
         if rc == E_WRAP:
-            return DescBufferError("buffer wraps past 2^64", q, desc, head, self._err.addr, self._err.len)
+            return checks.buffer_wraps(q, desc, head, self._err.addr, self._err.len)
         if rc == E_OUTSIDE:
-            return DescBufferError("buffer outside guest memory", q, desc, head, self._err.addr, self._err.len)
+            return checks.buffer_outside(q, desc, head, self._err.addr, self._err.len, cause)
         if rc == E_ORDER:
-            return DescOrderError("device-readable descriptor after a device-writable one", q, desc, head)
-        return DescBufferError("descriptor table unreadable", q, desc, head, 0, 0)
+            return checks.order(q, desc, head)
+        if rc == E_UNREADABLE:
+            return checks.table_unreadable(q, desc, head, self._err.addr, cause)
+        return MemoryError()
 
     # -- used side -------------------------------------------------------------------
-    cdef int _push_one(self, uint32_t head, uint32_t length) except -1:
-        if head >= self.size:
-            raise UsedRingError(f"used id {head} >= Queue Size {self.size}", self.index, head)
-        if self._in_flight == 0:
-            raise UsedRingError("more used entries than chains popped", self.index, head)
+    cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1:
+        # The caller checked that a chain is in flight.
+        if head < 0 or head >= self.size:
+            raise checks.used_id(self.index, head, self.size)
+        if length < 0 or length > USED_LEN_MAX:
+            raise checks.used_len(self.index, head, length)
         self._in_flight -= 1
-        iovirt_store_used_elem(self._used + 4 + 8 * (self._used_idx & self._mask), head, length)
+        iovirt_store_used_elem(self._used + 4 + 8 * (self._used_idx & self._mask), <uint32_t> head,
+                               <uint32_t> length)
         self._used_idx += 1
         return 0
 
-    def push(self, uint32_t head, uint32_t length):
+    def push(self, Py_ssize_t head, Py_ssize_t length):
         """Return one chain through the used ring with ``length`` bytes written."""
         self._sync()
+        if self._in_flight < 1:
+            raise checks.too_many_used(self.index, 1, self._in_flight)
         self._push_one(head, length)
         iovirt_store_release_u16(self._used + 2, self._used_idx)
 
@@ -590,11 +578,13 @@ cdef class SplitQueue:
         """Return every chain of ``batch`` with its used length; one idx update."""
         cdef ChainBatch b
         cdef Py_ssize_t i
+        cdef Py_ssize_t n
         self._sync()
+        n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
+        if n > <Py_ssize_t> self._in_flight:
+            raise checks.too_many_used(self.index, n, self._in_flight)
         if isinstance(batch, ChainBatch):
             b = <ChainBatch> batch
-            if <uint32_t> b.n > self._in_flight:
-                raise UsedRingError("more used entries than chains popped", self.index)
             for i in range(b.n):
                 self._push_one(b.heads[i], b.used_lens[i])
         else:

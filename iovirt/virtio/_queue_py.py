@@ -25,19 +25,8 @@ from iovirt.virtio.defs import (
     VIRTQ_USED_F_NO_NOTIFY,
     vring_need_event,
 )
-from iovirt.virtio.errors import (
-    AvailIndexError,
-    ChainTooLongError,
-    DescBufferError,
-    DescIndexError,
-    DescLoopError,
-    DescOrderError,
-    IndirectTableError,
-    NestedIndirectError,
-    QueueStateError,
-    UsedRingError,
-    VirtqueueError,
-)
+from iovirt.virtio import _queue_checks as checks
+from iovirt.virtio.errors import VirtqueueError
 from iovirt.virtio.layout import check_layout
 from iovirt.virtio.state import QueueState
 
@@ -73,6 +62,8 @@ class SplitQueue:
         used_idx: int = 0,
     ) -> None:
         check_layout(memory, index, size, desc_addr, avail_addr, used_addr)
+        for addr, length in checks.ring_parts(size, desc_addr, avail_addr, used_addr):
+            checks.ring_part_gpa(memory, index, addr, length)
         self.memory = memory
         self.index = index
         self.size = size
@@ -87,21 +78,13 @@ class SplitQueue:
         self._pending_error: VirtqueueError | None = None
         # Chains popped and not yet pushed: a device may not return more.
         self._in_flight = 0
+        self._released = False
 
     # -- state ---------------------------------------------------------------
     @classmethod
     def from_state(cls, memory: GuestMemory, state: QueueState) -> "SplitQueue":
         """Rebuild a queue from saved state, re-validating every field."""
-        for name in ("last_avail_idx", "used_idx"):
-            value = getattr(state, name)
-            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
-                raise QueueStateError(f"{name} {value!r} is not a 16-bit index", state.index)
-        if ((state.last_avail_idx - state.used_idx) & 0xFFFF) > state.size:
-            raise QueueStateError(
-                f"last_avail_idx {state.last_avail_idx} is more than Queue Size {state.size} "
-                f"ahead of used idx {state.used_idx}",
-                state.index,
-            )
+        checks.check_state(state)
         return cls(
             memory,
             state.size,
@@ -128,27 +111,34 @@ class SplitQueue:
         )
 
     def release(self) -> None:
-        """Let go of guest memory (the queue is stopped).  Nothing is held here; the
-        accelerated twin drops its views of the regions."""
+        """Let go of guest memory (the queue is stopped); any later use of the ring raises.
+
+        Nothing is held here; the accelerated twin drops its views of the regions.
+        """
+        self._released = True
 
     def refresh(self) -> None:
         """Re-validate the ring after the memory map changed."""
+        self._check_live()
         check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
+        for addr, length in checks.ring_parts(self.size, self.desc_addr, self.avail_addr, self.used_addr):
+            checks.ring_part_gpa(self.memory, self.index, addr, length)
+
+    def _check_live(self) -> None:
+        if self._released:
+            raise checks.released(self.index)
 
     # -- avail side ------------------------------------------------------------
     def avail_idx(self) -> int:
         """The driver's avail ``idx``."""
+        self._check_live()
         return self.memory.read_u16(self.avail_addr + 2)
 
     def pending(self) -> int:
         """How many chains the driver has made available and we have not popped."""
         count = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
         if count > self.size:
-            raise AvailIndexError(
-                f"avail idx moved {count} entries past last_avail_idx {self.last_avail_idx}, "
-                f"more than Queue Size {self.size}",
-                self.index,
-            )
+            raise checks.avail_index(self.index, count, self.last_avail_idx, self.size)
         return count
 
     def pop(self) -> DescChain | None:
@@ -168,6 +158,7 @@ class SplitQueue:
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
             raise error
+        self._check_live()
         count = min(self.pending(), max_chains)
         chains: list[DescChain] = []
         for _ in range(count):
@@ -200,24 +191,23 @@ class SplitQueue:
         For a device that popped receive buffers and found them too few for a
         frame (Linux vhost's ``vhost_discard_vq_desc``).
         """
-        if not 0 <= count <= self._in_flight:
-            raise UsedRingError(f"cannot rewind {count} chains, {self._in_flight} in flight", self.index)
+        checks.check_rewind(self.index, count, self._in_flight)
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
         self._in_flight -= count
 
-    def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
+    def _read_desc(self, table: int, i: int, head: int) -> tuple[int, int, int, int]:
         try:
             return _DESC.unpack(self.memory.read(table + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE))
         except TranslationPending:
             raise
         except GuestMemoryError as exc:
-            raise DescBufferError(f"descriptor table unreadable: {exc}", self.index, i, None, table, VIRTQ_DESC_SIZE) from exc
+            raise checks.table_unreadable(self.index, i, head, table, exc) from exc
 
     def _walk(self, head: int) -> list[tuple[int, int, bool]]:
         """Follow a chain from ``head`` and check every rule of 2.7.5."""
         q = self.index
         if head >= self.size:
-            raise DescIndexError(f"head {head} >= Queue Size {self.size}", q, head, head)
+            raise checks.head_index(q, head, self.size)
         buffers: list[tuple[int, int, bool]] = []
         seen_writable = False
         table, table_len, i = self.desc_addr, self.size, head
@@ -226,70 +216,72 @@ class SplitQueue:
         while True:
             visited += 1
             if visited > table_len:
-                raise DescLoopError(f"chain visits more than {table_len} descriptors: next loop", q, i, head)
-            addr, length, flags, nxt = self._read_desc(table, i)
+                raise checks.loop(q, i, head, table_len)
+            addr, length, flags, nxt = self._read_desc(table, i, head)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
-                    raise NestedIndirectError("VIRTQ_DESC_F_INDIRECT inside an indirect table", q, i, head)
+                    raise checks.nested_indirect(q, i, head)
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise IndirectTableError("indirect descriptor has VIRTQ_DESC_F_NEXT set", q, i, head)
+                    raise checks.indirect_next(q, i, head)
                 if length == 0 or length % VIRTQ_DESC_SIZE:
-                    raise IndirectTableError(
-                        f"indirect table length {length} is zero or not a multiple of {VIRTQ_DESC_SIZE}", q, i, head
-                    )
+                    raise checks.indirect_length(q, i, head, length)
                 self._check_buffer(addr, length, i, head, writable=False)
                 count = length // VIRTQ_DESC_SIZE
                 if len(buffers) + count > self.size:
-                    raise ChainTooLongError(
-                        f"chain of {len(buffers) + count} descriptors exceeds Queue Size {self.size}", q, i, head
-                    )
+                    raise checks.too_long(q, i, head, len(buffers) + count, self.size)
                 table, table_len, i, indirect, visited = addr, count, 0, True, 0
                 continue
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if seen_writable and not writable:
-                raise DescOrderError("device-readable descriptor after a device-writable one", q, i, head)
+                raise checks.order(q, i, head)
             seen_writable = writable
             self._check_buffer(addr, length, i, head, writable)
             buffers.append((addr, length, writable))
             if len(buffers) > self.size:
-                raise ChainTooLongError(f"chain longer than Queue Size {self.size}", q, i, head)
+                raise checks.too_long(q, i, head, len(buffers), self.size)
             if not flags & VIRTQ_DESC_F_NEXT:
                 return buffers
             if nxt >= table_len:
-                raise DescIndexError(f"next {nxt} >= table size {table_len}", q, i, head)
+                raise checks.next_index(q, i, head, nxt, table_len)
             i = nxt
 
     def _check_buffer(self, addr: int, length: int, desc: int, head: int, writable: bool) -> None:
         if addr + length - 1 > _U64_MAX:
-            raise DescBufferError("buffer wraps past 2^64", self.index, desc, head, addr, length)
+            raise checks.buffer_wraps(self.index, desc, head, addr, length)
         try:
             # A device-writable buffer needs write permission, a readable one read (VT-d R/W).
             self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
         except TranslationPending:
             raise
         except GuestMemoryError as exc:
-            raise DescBufferError(f"buffer outside guest memory: {exc}", self.index, desc, head, addr, length) from exc
+            raise checks.buffer_outside(self.index, desc, head, addr, length, exc) from exc
 
     # -- used side ---------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
         """Return one chain through the used ring with ``length`` bytes written."""
+        self._check_live()
+        if self._in_flight < 1:
+            raise checks.too_many_used(self.index, 1, self._in_flight)
         self._push_one(head, length)
         self._publish_used_idx()
 
     def push_batch(self, batch: ChainBatch) -> None:
         """Return every chain of ``batch`` with its ``used_len``; one idx update."""
+        self._check_live()
+        if len(batch) > self._in_flight:
+            raise checks.too_many_used(self.index, len(batch), self._in_flight)
         for chain in batch:
             self._push_one(chain.head, chain.used_len)
         self._publish_used_idx()
 
     def _push_one(self, head: int, length: int) -> None:
-        if head >= self.size:
-            raise UsedRingError(f"used id {head} >= Queue Size {self.size}", self.index, head)
-        if self._in_flight == 0:
-            raise UsedRingError("more used entries than chains popped", self.index, head)
+        if not 0 <= head < self.size:
+            raise checks.used_id(self.index, head, self.size)
+        if not 0 <= length <= checks.USED_LEN_MAX:
+            raise checks.used_len(self.index, head, length)
         self._in_flight -= 1
         slot = self.used_addr + 4 + 8 * (self.used_idx % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(head, length & 0xFFFFFFFF))
+        self.memory.write(slot, _USED_ELEM.pack(head, length))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def _publish_used_idx(self) -> None:
@@ -299,6 +291,7 @@ class SplitQueue:
     # -- notifications ---------------------------------------------------------
     def need_notify(self) -> bool:
         """Whether the driver must be notified of the used entries pushed so far (2.7.10)."""
+        self._check_live()
         if not self.event_idx:
             return not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
         old, new = self._signalled_used, self.used_idx
@@ -316,6 +309,7 @@ class SplitQueue:
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick again; return True if chains arrived meanwhile."""
+        self._check_live()
         self._notify_enabled = True
         if self.event_idx:
             self._publish_avail_event()
@@ -326,6 +320,7 @@ class SplitQueue:
 
     def disable_notification(self) -> None:
         """Tell the driver kicks are not needed (we are polling)."""
+        self._check_live()
         self._notify_enabled = False
         if not self.event_idx:
             flags = self.memory.read_u16(self.used_addr)

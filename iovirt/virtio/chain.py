@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from iovirt.memory import GuestMemory
+from iovirt.virtio._queue_checks import USED_LEN_MAX, batch_used_len
 
 
 class DescChain:
@@ -104,4 +105,7 @@ class ChainBatch:
 
     def set_used_len(self, i: int, length: int) -> None:
         """Bytes the device wrote into chain ``i`` (reported in the used ring)."""
-        self.chains[i].used_len = length
+        chain = self.chains[i]
+        if not 0 <= length <= USED_LEN_MAX:
+            raise batch_used_len(length)
+        chain.used_len = length

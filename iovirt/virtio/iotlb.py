@@ -1,6 +1,6 @@
 """A translation cache (IOTLB) and the base class of cached translators.
 
-``IotlbCache`` and ``CachedTranslator`` come from the Cython ``_iotlb`` when
+``IotlbCache`` and ``CachedTranslator`` come from the Cython ``_iotlb_c`` when
 it is built, else from the reference ``_iotlb_py``; ``IOVIRT_NO_EXTENSIONS=1``
 forces the reference.  A translator that subclasses ``CachedTranslator``
 (``fill`` is its miss handler) is translated by the accelerated ring in C,
@@ -26,11 +26,11 @@ __all__ = ["CachedTranslator", "IotlbCache", "IMPLEMENTATION", "PAGE_SIZES", "im
 if TYPE_CHECKING:
     from iovirt.virtio._iotlb_py import IMPLEMENTATION, PAGE_SIZES, CachedTranslator, IotlbCache
 else:
-    _impl = _accel.load("iovirt.virtio._iotlb") or _iotlb_py
+    _impl = _accel.load("iovirt.virtio._iotlb_c") or _iotlb_py
     IMPLEMENTATION, PAGE_SIZES = _impl.IMPLEMENTATION, _impl.PAGE_SIZES
     CachedTranslator, IotlbCache = _impl.CachedTranslator, _impl.IotlbCache
 
 
 def implementations() -> dict[str, type]:
     """Every importable ``IotlbCache`` implementation by name (for tests)."""
-    return _accel.implementations("iovirt.virtio._iotlb", _iotlb_py, "IotlbCache")
+    return _accel.implementations("iovirt.virtio._iotlb_c", _iotlb_py, "IotlbCache")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iovirt import _accel
-from iovirt.virtio import _queue_py, chain
+from iovirt.virtio import _queue_py
 
 __all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated", "QueueWrapper", "ring_of"]
 
@@ -26,9 +26,8 @@ if TYPE_CHECKING:
     from iovirt.virtio.chain import ChainBatch
 else:
     _impl = _accel.load("iovirt.virtio._queue_c") or _queue_py
-    IMPLEMENTATION, SplitQueue = _impl.IMPLEMENTATION, _impl.SplitQueue
     # The reference batches in chain.ChainBatch; the accelerated queue has its own.
-    ChainBatch = getattr(_impl, "ChainBatch", None) or chain.ChainBatch
+    IMPLEMENTATION, SplitQueue, ChainBatch = _impl.IMPLEMENTATION, _impl.SplitQueue, _impl.ChainBatch
 
 
 def implementations() -> dict[str, type]:

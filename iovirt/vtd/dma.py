@@ -19,21 +19,24 @@ the device and every change of GSTS.TES drops the copies too.  So a device
 sees exactly what the unit's caches serve, stale entries included, until
 software invalidates them (spec 6.5).
 
-A miss of that copy calls the translator's ``fill``.  In the accelerated
-build that is C (``iovirt.vtd._dma``): it serves the common miss (context
-cached, each page from the unit's IOTLB or a successful walk inserted into
-it, access allowed) on the unit's own caches, and hands anything else,
-faults included, to :meth:`DmaRemapper.translate`, which stays the model of
-record; :class:`PyDmaTranslatorBase` sends every miss there.
+A miss of that copy calls the translator's ``fill``, from
+``DmaTranslatorBase``: the C twin in ``_dma_c.pyx`` when it is built, else
+the reference in ``_dma_py.py`` (``IOVIRT_NO_EXTENSIONS=1`` forces it; see
+:mod:`iovirt._accel`).  The C one serves the common miss (context cached,
+each page from the unit's IOTLB or a successful walk inserted into it,
+access allowed) on the unit's own caches, and hands anything else, faults
+included, to :meth:`DmaRemapper.translate`, which stays the model of
+record; the reference sends every miss there.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 from iovirt import _accel
 from iovirt.memory import Access, GuestMemory, GuestMemoryError
-from iovirt.virtio.iotlb import CachedTranslator
+from iovirt.vtd import _dma_py
 from iovirt.vtd.caches import ContextCache, ContextCacheEntry, Iotlb, IotlbEntry
 from iovirt.vtd.faults import (
     FR_ADDR_BEYOND_AW,
@@ -67,7 +70,14 @@ from iovirt.vtd.tables import (
     decode_context,
     levels_width,
 )
-from iovirt.vtd.walk import WalkError, table_walker
+from iovirt.vtd.errors import WalkError
+from iovirt.vtd.walk import table_walker
+
+if TYPE_CHECKING:
+    from iovirt.vtd._dma_py import IMPLEMENTATION, DmaTranslatorBase
+else:
+    _impl = _accel.load("iovirt.vtd._dma_c") or _dma_py
+    IMPLEMENTATION, DmaTranslatorBase = _impl.IMPLEMENTATION, _impl.DmaTranslatorBase
 
 _READ = int(Access.READ)
 _WRITE = int(Access.WRITE)
@@ -123,7 +133,7 @@ class DmaRemapper:
                     translator.cache.invalidate(vpn << PAGE_SHIFT, PAGE_SIZE)
 
     def translate(
-        self, source_id: int, addr: int, length: int, access: Access, shadow: "DmaTranslator | None" = None
+        self, source_id: int, addr: int, length: int, access: Access, shadow: DmaTranslatorBase | None = None
     ) -> list[tuple[int, int]]:
         """Guest-physical pieces for a DMA of ``[addr, addr+length)``, split at 4 KiB pages.
 
@@ -235,38 +245,7 @@ class DmaRemapper:
         return DmarFault(addr, length, Access(acc), source_id, reason, fault_addr, recorded)
 
 
-class PyDmaTranslatorBase(CachedTranslator):
-    """A device translator's state and its miss handler, in Python: every miss asks the unit.
-
-    The reference twin of ``iovirt.vtd._dma.DmaTranslatorBase``, which
-    serves the common miss (context cached, the walk succeeds, access
-    allowed) in C and hands everything else to :meth:`DmaRemapper.translate`.
-    ``did`` is the domain whose entries ``cache`` holds (``None``: none yet).
-    Subclasses implement ``forget()``.
-    """
-
-    def __init__(self, remapper: DmaRemapper, source_id: int) -> None:
-        super().__init__(remapper.iotlb.capacity)
-        self._remapper = remapper
-        self.source_id = source_id
-        self.did: int | None = None
-
-    def fill(self, iova: int, length: int, access: Access) -> list[tuple[int, int]]:
-        """Translate through the unit (see :meth:`DmaRemapper.translate`), copying the entries used."""
-        return self._remapper.translate(self.source_id, iova, length, access, self)
-
-
-def _translator_base() -> type:
-    """The C miss handler's base class when it is built, else :class:`PyDmaTranslatorBase`.
-
-    Follows :mod:`iovirt._accel` (``IOVIRT_NO_EXTENSIONS``,
-    ``IOVIRT_REQUIRE_EXTENSIONS``), like :func:`iovirt.vtd.walk.table_walker`.
-    """
-    ext = _accel.load("iovirt.vtd._dma")
-    return PyDmaTranslatorBase if ext is None else ext.DmaTranslatorBase
-
-
-class DmaTranslator(_translator_base()):  # type: ignore[misc]
+class DmaTranslator(DmaTranslatorBase):
     """One requester's view of the IOMMU: an :class:`iovirt.memory.Translator`.
 
     ``memory.with_translator(unit.dma_translator(sid))`` gives a device an
@@ -284,3 +263,8 @@ class DmaTranslator(_translator_base()):  # type: ignore[misc]
         """Drop every cached translation (the device's context or the unit's state changed)."""
         self.cache.invalidate_all()
         self.did = None
+
+
+def implementations() -> dict[str, type]:
+    """Every importable ``DmaTranslatorBase`` implementation by name (for tests)."""
+    return _accel.implementations("iovirt.vtd._dma_c", _dma_py, "DmaTranslatorBase")

@@ -25,7 +25,7 @@ refuses or reports an invalidation-queue error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.vtd import regs as R
@@ -48,7 +48,7 @@ from iovirt.vtd.invalidation import (
     DESC_WAIT_SDATA_SHIFT,
     DESC_WAIT_SW,
 )
-from iovirt.vtd.irq import irte
+from iovirt.vtd.irq import IrteFields, irte
 from iovirt.vtd.tables import (
     AW_39,
     AW_48,
@@ -65,6 +65,9 @@ from iovirt.vtd.tables import (
     pte,
     root_entry,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # PEP 692 **kwargs typing (typing.Unpack from 3.12)
 
 
 class MmioTarget(Protocol):
@@ -397,7 +400,7 @@ class VtdDriver:
         self._set_persistent(R.IRE, True, "enable interrupt remapping")
         self._set_persistent(R.CFI, allow_compat, "set compatibility format interrupts")
 
-    def set_irte(self, index: int, vector: int, dest: int, **fields: int) -> None:
+    def set_irte(self, index: int, vector: int, dest: int, **fields: Unpack[IrteFields]) -> None:
         """Write IRTE ``index`` (see :func:`iovirt.vtd.irq.irte` for ``fields``) and flush it."""
         lo, hi = irte(vector, dest, **fields)
         self.write_irte(index, lo, hi)

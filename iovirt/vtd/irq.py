@@ -12,7 +12,7 @@ APIC id in DST bits 15:8) and no posted interrupts.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 from iovirt.memory import GuestMemory, GuestMemoryError
 from iovirt.vtd.caches import InterruptEntryCache
@@ -74,6 +74,20 @@ class Irte(NamedTuple):
     sq: int
     sid: int
     fpd: bool
+
+
+class IrteFields(TypedDict, total=False):
+    """The optional fields of :func:`irte`, for callers that pass them through."""
+
+    dlm: int
+    tm: int
+    dm: int
+    rh: int
+    svt: int
+    sq: int
+    sid: int
+    fpd: bool
+    present: bool
 
 
 def irte(

@@ -1,96 +1,40 @@
-"""The second-level page walk (VT-d spec 3.7, 9.8).
+"""The second-level page walk (VT-d spec 3.7, 9.8), in its accelerated form unless told otherwise.
 
-:func:`walk_second_level` is self-contained (guest memory in, plain ints
-out) so that the accelerated build replaces it one for one: the C twin in
-``_walk.pyx``, which :func:`table_walker` picks when it is built.  Permissions
-are the AND of R/W over every level; an entry with R and W both clear is not
-present and ends the walk with no permission (the caller turns that into a
-read or write fault); reserved bits are checked only in present entries.
+``TableWalker`` is the C implementation from ``_walk_c`` when it is built,
+else the reference from ``_walk_py``, which is the one to read;
+``IOVIRT_NO_EXTENSIONS=1`` forces the reference (:mod:`iovirt._accel`).
+Both expose ``TableWalker(memory).walk(slptptr, levels, iova) -> (leaf_gpa,
+leaf_shift, perm)`` and raise the same :class:`~iovirt.vtd.errors.WalkError`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from iovirt import _accel
-from iovirt.memory import GuestMemoryError, GuestMemory
-from iovirt.vtd.errors import VtdError
-from iovirt.vtd.faults import FR_CONTEXT_INVALID, FR_PAGING_ENTRY_INVALID, FR_PAGING_ENTRY_RSVD
-from iovirt.vtd.regs import ADDR_MASK, PAGE_SHIFT
-from iovirt.vtd.tables import (
-    PTE_PERM,
-    PTE_PS,
-    PTE_RSVD_LEAF_1G,
-    PTE_RSVD_LEAF_2M,
-    PTE_RSVD_LEAF_4K,
-    PTE_RSVD_NONLEAF,
-)
+from iovirt.memory import GuestMemory
+from iovirt.vtd import _walk_py
+from iovirt.vtd._walk_py import walk_second_level
+from iovirt.vtd.errors import WalkError
 
-#: Reserved bits of a PS=1 entry by level; level 4 has no large leaves (PS reserved).
-_LARGE_RSVD = {2: PTE_RSVD_LEAF_2M, 3: PTE_RSVD_LEAF_1G}
+__all__ = ["IMPLEMENTATION", "TableWalker", "WalkError", "Walker", "implementations", "table_walker",
+           "walk_second_level"]
 
-
-class WalkError(VtdError):
-    """A page walk hit a fault other than missing permission; ``fault_reason`` is the FR code."""
-
-    def __init__(self, fault_reason: int, level: int, entry_addr: int) -> None:
-        super().__init__(f"second-level walk failed at level {level} (entry at {entry_addr:#x}): "
-                         f"fault reason {fault_reason:#x}")
-        self.fault_reason = fault_reason
-        self.level = level
-        self.entry_addr = entry_addr
-
-
-def walk_second_level(mem: GuestMemory, slptptr: int, levels: int, iova: int) -> tuple[int, int, int]:
-    """Translate ``iova`` through a ``levels``-deep table at ``slptptr``.
-
-    Returns ``(leaf_gpa, leaf_shift, perm)``: the guest-physical base of the
-    leaf page, log2 of its size (12, 21 or 30) and the effective R/W bits
-    (0 when some level is not present).  Raises :class:`WalkError` for an
-    inaccessible table or reserved bits.  The caller checks the width.
-    """
-    table = slptptr
-    perm = PTE_PERM
-    for level in range(levels, 0, -1):
-        shift = PAGE_SHIFT + 9 * (level - 1)
-        entry_addr = table + ((iova >> shift) & 0x1FF) * 8
-        try:
-            entry = mem.read_u64(entry_addr)
-        except GuestMemoryError:
-            # The top table is reached through the context entry's SLPTPTR (FR 3).
-            raise WalkError(
-                FR_CONTEXT_INVALID if level == levels else FR_PAGING_ENTRY_INVALID, level, entry_addr
-            ) from None
-        present = entry & PTE_PERM
-        if not present:
-            return 0, shift, 0
-        perm &= present
-        if level == 1:
-            if entry & PTE_RSVD_LEAF_4K:
-                raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
-            return entry & ADDR_MASK, shift, perm
-        if entry & PTE_PS:
-            rsvd = _LARGE_RSVD.get(level)
-            if rsvd is None or entry & rsvd:
-                raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
-            return entry & ADDR_MASK, shift, perm
-        if entry & PTE_RSVD_NONLEAF:
-            raise WalkError(FR_PAGING_ENTRY_RSVD, level, entry_addr)
-        table = entry & ADDR_MASK
-    raise AssertionError("unreachable: level 1 always returns")
-
+if TYPE_CHECKING:
+    from iovirt.vtd._walk_py import IMPLEMENTATION, TableWalker
+else:
+    _impl = _accel.load("iovirt.vtd._walk_c") or _walk_py
+    IMPLEMENTATION, TableWalker = _impl.IMPLEMENTATION, _impl.TableWalker
 
 #: ``walk(slptptr, levels, iova) -> (leaf_gpa, leaf_shift, perm)`` over one memory.
 Walker = Callable[[int, int, int], tuple[int, int, int]]
 
 
 def table_walker(mem: GuestMemory) -> Walker:
-    """:func:`walk_second_level` bound to ``mem``: the C twin when it is built, else this one.
+    """The walk over ``mem`` of the ``TableWalker`` that runs."""
+    return TableWalker(mem).walk
 
-    Follows the extension rules of :mod:`iovirt._accel` (``IOVIRT_NO_EXTENSIONS``
-    forces this module's walk, ``IOVIRT_REQUIRE_EXTENSIONS`` makes a missing
-    build an error).
-    """
-    ext = _accel.load("iovirt.vtd._walk")
-    return functools.partial(walk_second_level, mem) if ext is None else ext.TableWalker(mem).walk
+
+def implementations() -> dict[str, type]:
+    """Every importable ``TableWalker`` implementation by name (for tests)."""
+    return _accel.implementations("iovirt.vtd._walk_c", _walk_py, "TableWalker")

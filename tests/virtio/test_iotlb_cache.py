@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from iovirt import _accel
 from iovirt.virtio.iotlb import implementations
 
+from twins import outcome
+
 IMPLS = implementations()
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 R, W, RW = 1, 2, 3
@@ -105,6 +107,21 @@ def test_full_cache_empties_itself(cache_cls):
 def test_bad_entries_are_refused(cache_cls, args):
     with pytest.raises(ValueError):
         cache_cls(4).insert(*args)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [("insert", 0x1000, 0x5000, 0x2000, R), ("insert", 0x1800, 0x5000, K4, R), ("insert", 0x1000, 0x5800, K4, R),
+     ("insert", 0x20_1000, 0, M2, R), ("insert", 0x1000, 0x5000, K4, 4), ("insert", 1 << 64, 0, K4, R),
+     ("lookup", 0x1000, 0), ("lookup", (1 << 64) - K4, 2 * K4)],
+)
+def test_the_twins_refuse_alike(call):
+    if "cython" not in IMPLS:
+        pytest.skip("one implementation only")
+    name, *args = call
+    got = [outcome(getattr(cls(4), name), *args) for cls in (IMPLS["python"], IMPLS["cython"])]
+    assert got[0] == got[1] and got[0][0] == "raised"
+    assert [outcome(cls, 0) for cls in (IMPLS["python"], IMPLS["cython"])] == [outcome(IMPLS["python"], 0)] * 2
 
 
 # -- against a model ----------------------------------------------------------------------

@@ -12,6 +12,9 @@ from iovirt.virtio.driver import DriverQueue
 from iovirt.virtio.errors import DescBufferError
 from iovirt.virtio import iotlb
 from iovirt.virtio.iotlb import CachedTranslator
+from iovirt.virtio.queue import implementations as queue_impls
+
+from twins import outcome
 
 K4 = 0x1000
 RING = 0x1_0000  # rings identity-mapped at [RING, RING + 0x4000)
@@ -173,3 +176,31 @@ def test_accelerated_ring_translates_in_c(mem, queue_cls):
     # All eight buffers were hits in the C cache: no Python translation at all.
     assert translator.fills == 4 and translator.translates == 0
     assert translator.cache.hits == hits + 8
+
+
+def _translated_errors(mem, queue_cls):
+    """Chains behind the translator that each break one rule, popped one by one."""
+    pages = {IOVA: (0x8_0000, RW), IOVA + K4: (0x8_1000, R), IOVA + 2 * K4: (0x9_0000, RW),
+             IOVA + 4 * K4: (0xA_0000, RW), IOVA + 5 * K4: (0xC_0000, RW)}  # the last two: scattered in GPA
+    translator, drv, dev_mem, dev = setup(mem, queue_cls, pages)
+    drv.add_chain(readable=[(IOVA + 0xFF8, 16)])  # fine
+    drv.add_chain(readable=[(IOVA + 3 * K4, 8)])  # not mapped: the translator's fault
+    drv.add_chain(writable=[(IOVA + K4, 8)])  # read-only page, device-writable buffer
+    drv.add_chain(readable=[(IOVA + 4 * K4 + 0xFF0, 0x20)])  # scattered in GPA: fine
+    drv.add_chain(writable=[(IOVA + 5 * K4 + 0xFF0, 0x20)])  # runs onto an unmapped page
+    drv.write_desc(0, IOVA + 3 * K4, 8, table=0x9_0000)
+    drv.write_desc(15, IOVA + 2 * K4, 16, VIRTQ_DESC_F_INDIRECT)  # a table whose buffer faults
+    drv.post_head(15)
+    drv.write_desc(14, IOVA + 3 * K4, 16, VIRTQ_DESC_F_INDIRECT)  # a table on an unmapped page
+    drv.post_head(14)
+    drv.publish()
+    return [outcome(lambda: [(c.head, c.buffers) for c in dev.pop_batch(1)]) for _ in range(8)]
+
+
+def test_the_twins_fail_alike_behind_the_translator(mem):
+    impls = queue_impls()
+    if "cython" not in impls:
+        pytest.skip("one implementation only")
+    got = _translated_errors(mem, impls["python"])
+    assert got == _translated_errors(mem, impls["cython"])
+    assert [kind for kind, _ in got] == ["ok", "raised", "raised", "ok", "raised", "raised", "raised", "ok"]

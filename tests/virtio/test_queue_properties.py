@@ -7,7 +7,7 @@ with the buffers the driver wrote, the used ring carries what the device
 pushed, and event-idx notifications happen exactly when the spec's
 ``vring_need_event`` says so.  A second property feeds random descriptor
 tables and checks that both implementations agree on every chain (same
-buffers or the same error class) and never touch memory outside the map.
+buffers, or the same error: type, text and attributes) and never touch memory outside the map.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from iovirt.virtio.defs import vring_need_event
 from iovirt.virtio.driver import DriverQueue
 from iovirt.virtio.errors import VirtqueueError
 from iovirt.virtio.queue import implementations
+
+from twins import error_record
 
 IMPLS = implementations()
 MEM = 0x40000
@@ -161,7 +163,7 @@ def test_random_tables_agree(table, indirect_table, heads):
             try:
                 chain = dev.pop()
             except VirtqueueError as exc:
-                seen.append((type(exc).__name__, exc.desc, exc.head))
+                seen.append(error_record(exc))
             else:
                 seen.append(chain.buffers)
         results.append(seen)

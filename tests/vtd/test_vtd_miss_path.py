@@ -1,10 +1,10 @@
-"""The device translators' C miss handler (``iovirt.vtd._dma``) against the Python reference.
+"""The device translators' C miss handler (``iovirt.vtd._dma_c``) against the Python reference.
 
 The C handler serves the common miss itself and sends everything else to
 ``DmaRemapper.translate``; whichever way a request goes, the answer, the
 unit's caches (IOTLB contents and order, context cache), the devices'
 C-level copies and the fault log must end exactly as the reference
-(``PyDmaTranslatorBase``: every miss through ``DmaRemapper.translate``)
+(``_dma_py.DmaTranslatorBase``: every miss through ``DmaRemapper.translate``)
 leaves them.
 """
 
@@ -18,12 +18,13 @@ from iovirt import _accel
 from iovirt.memory import Access, BumpAllocator, GuestMemory
 from iovirt.vtd import DmarFault, DmaTranslator, VtdDriver, VtdUnit
 from iovirt.vtd import regs as R
-from iovirt.vtd.dma import PyDmaTranslatorBase
+from iovirt.vtd import _dma_py
 from iovirt.vtd.tables import (
     AW_39, AW_48, ENTRY_SIZE, PTE_R, PTE_W, TT_DEVICE_TLB, TT_PASS_THROUGH, context_entry,
 )
 
 from conftest import MEM_SIZE, TABLES_BASE, TABLES_SIZE, RecordingSink
+from twins import error_record
 
 RW = PTE_R | PTE_W
 K4 = 0x1000
@@ -37,7 +38,7 @@ SIDS = (SID_ML, SID_DT, SID_PT, SID_NONE)
 OTHER_GPA = 0x30_0000  # where domain 2 maps IOVA
 
 
-class ReferenceTranslator(PyDmaTranslatorBase):
+class ReferenceTranslator(_dma_py.DmaTranslatorBase):
     """A device translator whose every miss goes through ``DmaRemapper.translate``."""
 
     def __init__(self, remapper, source_id: int) -> None:
@@ -48,14 +49,14 @@ class ReferenceTranslator(PyDmaTranslatorBase):
 
 
 def c_extension():
-    """The ``_dma`` module; fails the test if it was expected and did not load."""
+    """The ``_dma_c`` module; fails the test if it was expected and did not load."""
     if _accel.NO_EXTENSIONS:
         pytest.skip("IOVIRT_NO_EXTENSIONS set: pure Python run")
     try:
-        from iovirt.vtd import _dma
+        from iovirt.vtd import _dma_c
     except ImportError:
         pytest.fail("the Cython VT-d miss-path extension did not load (build it: pip install -e .)")
-    return _dma
+    return _dma_c
 
 
 class Machine:
@@ -93,7 +94,7 @@ class Machine:
         try:
             return self.translators[sid].fill(iova, length, access)
         except DmarFault as exc:
-            return ("fault", exc.addr, exc.length, exc.access, exc.fault_reason, exc.fault_addr, exc.recorded)
+            return error_record(exc)
 
     def state(self):
         """Everything the reference and the C path must agree on."""

@@ -1,4 +1,4 @@
-# The C-level interface of the page walk, for the C miss path (_dma) and any other Cython code
+# The C-level interface of the page walk, for the C miss path (_dma_c) and any other Cython code
 # that walks second-level tables with the GIL held.
 
 from libc.stdint cimport uint8_t, uint64_t

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The second-level page walk in C: the accelerated twin of :func:`iovirt.vtd.walk.walk_second_level`.
+"""The second-level page walk in C: the accelerated twin of ``_walk_py.py``; :mod:`iovirt.vtd.walk` picks one.
 
-Same rules, same results, same :class:`~iovirt.vtd.walk.WalkError`\\ s (VT-d
+Same rules, same results, same :class:`~iovirt.vtd.errors.WalkError`\\ s (VT-d
 spec 3.7, 9.8); read that one first.  Table entries are read through a C
 copy of the memory's region table (re-made when the memory map changes), so
 an IOTLB miss costs a few loads instead of a Python read per level.  An entry
@@ -30,7 +30,7 @@ from iovirt.vtd.tables import (
     PTE_RSVD_LEAF_4K as _RSVD_4K,
     PTE_RSVD_NONLEAF as _RSVD_NONLEAF,
 )
-from iovirt.vtd.walk import WalkError
+from iovirt.vtd.errors import WalkError
 
 cdef uint64_t ADDR_MASK = _ADDR_MASK
 cdef uint64_t PTE_PERM = _PTE_PERM
@@ -44,11 +44,13 @@ cdef int C_FR_CONTEXT_INVALID = FR_CONTEXT_INVALID
 cdef int C_FR_PAGING_ENTRY_INVALID = FR_PAGING_ENTRY_INVALID
 cdef int C_FR_PAGING_ENTRY_RSVD = FR_PAGING_ENTRY_RSVD
 
+IMPLEMENTATION = "cython"
+
 
 cdef class TableWalker:
     """``walk(slptptr, levels, iova) -> (leaf_gpa, leaf_shift, perm)`` over ``memory``.
 
-    Cython code calls ``_walk`` (declared in ``_walk.pxd``), which reports a
+    Cython code calls ``_walk`` (declared in ``_walk_c.pxd``), which reports a
     fault by its reason code instead of raising.
     """
 

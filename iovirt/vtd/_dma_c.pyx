@@ -1,12 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""A device's IOTLB-miss handler in C: the accelerated twin of :class:`iovirt.vtd.dma.PyDmaTranslatorBase`.
+"""A device's IOTLB-miss handler in C: the accelerated twin of ``_dma_py.py``; :mod:`iovirt.vtd.dma` picks one.
 
 The reference sends every miss of the device's C-level IOTLB to
 :meth:`iovirt.vtd.dma.DmaRemapper.translate`, the model of record.  This
 one serves the common miss itself, with the same steps on the same state:
 translation on, the source id's context entry in the unit's context cache
 (multi-level, the range within AW), each page from the unit's IOTLB dict or,
-on an IOTLB miss, from the C page walk (:mod:`iovirt.vtd._walk`) inserted
+on an IOTLB miss, from the C page walk (:mod:`iovirt.vtd._walk_c`) inserted
 into that dict as ``DmaRemapper._fill`` inserts it, the permission check,
 and the copy into the device's C-level IOTLB.  Anything else (translation
 off, a context-cache miss, pass-through, a fault of any kind, a range that
@@ -23,8 +23,8 @@ Python code on the common path.  The unit's dicts are the remapper's own
 
 from libc.stdint cimport uint64_t
 
-from iovirt.virtio._iotlb cimport CachedTranslator, IotlbCache
-from iovirt.vtd._walk cimport TableWalker, WalkResult
+from iovirt.virtio._iotlb_c cimport CachedTranslator, IotlbCache
+from iovirt.vtd._walk_c cimport TableWalker, WalkResult
 
 from iovirt.vtd.regs import PAGE_SHIFT as _PAGE_SHIFT
 from iovirt.vtd.tables import TT_DEVICE_TLB as _TT_DEVICE_TLB, TT_MULTI_LEVEL as _TT_MULTI_LEVEL
@@ -33,8 +33,10 @@ cdef int PAGE_SHIFT = _PAGE_SHIFT
 cdef uint64_t PAGE_OFFSET = ((<uint64_t> 1) << PAGE_SHIFT) - 1
 cdef int TT_MULTI_LEVEL = _TT_MULTI_LEVEL
 cdef int TT_DEVICE_TLB = _TT_DEVICE_TLB
-# IotlbSlot.tag's size class for a 4 KiB entry (see iovirt/virtio/_iotlb.pxd).
+# IotlbSlot.tag's size class for a 4 KiB entry (see iovirt/virtio/_iotlb_c.pxd).
 cdef uint64_t TAG_4K = 1
+
+IMPLEMENTATION = "cython"
 
 
 cdef class DmaTranslatorBase(CachedTranslator):

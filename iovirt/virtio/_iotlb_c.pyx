@@ -40,6 +40,7 @@ IMPLEMENTATION = "cython"
 
 #: Leaf sizes an entry may have: 4 KiB, 2 MiB, 1 GiB (size classes 0, 1, 2).
 PAGE_SIZES = (1 << 12, 1 << 21, 1 << 30)
+_U64_MAX = (1 << 64) - 1
 DEFAULT_CAPACITY = 4096
 
 cdef extern from *:
@@ -217,23 +218,24 @@ cdef class IotlbCache:
         self._slots[i].gpa = 0
 
     # -- the Python interface ------------------------------------------------------
-    def insert(self, uint64_t iova, uint64_t gpa, uint64_t size, uint32_t perm) -> None:
+    def insert(self, iova, gpa, size, perm) -> None:
         """Cache one leaf: ``[iova, iova+size)`` -> ``[gpa, gpa+size)`` with ``perm``."""
-        cdef int c
-        for c in range(3):
-            if size == (<uint64_t> 1) << _SHIFT[c]:
-                break
-        else:
+        # Checked as Python ints, in the reference's order, so that both twins refuse alike.
+        if size not in PAGE_SIZES:
             raise ValueError(f"IOTLB entry size {size:#x} is not 4 KiB, 2 MiB or 1 GiB")
         if iova & (size - 1) or gpa & (size - 1):
             raise ValueError(f"IOTLB entry {iova:#x} -> {gpa:#x} is not aligned to its size {size:#x}")
-        if perm & ~(<uint32_t> PERM_MASK):
+        if perm & ~PERM_MASK:
             raise ValueError(f"IOTLB permission {perm:#x} has bits other than READ|WRITE")
-        cdef uint64_t tag = iova | <uint64_t> (c + 1)
-        if self._count >= self.capacity and self._find(iova) == NULL:
+        if not 0 <= iova <= _U64_MAX or not 0 <= gpa <= _U64_MAX:
+            raise OverflowError(f"IOTLB entry {iova:#x} -> {gpa:#x} is not a 64-bit address pair")
+        cdef int c = PAGE_SIZES.index(size)
+        cdef uint64_t addr = iova
+        cdef uint64_t tag = addr | <uint64_t> (c + 1)
+        if self._count >= self.capacity and self._find(addr) == NULL:
             self.invalidate_all()
         self._write_begin()
-        self._put(tag, gpa | perm)
+        self._put(tag, <uint64_t> gpa | <uint64_t> perm)
         self._write_end()
 
     def lookup(self, uint64_t iova, uint64_t length=1, uint32_t access=1):
@@ -409,10 +411,12 @@ cdef class CachedTranslator:
             pieces = self.fill(iova, length, _WRITE if access == 2 else _READ)
         except TranslationPending:
             return TR_PENDING
-        except GuestMemoryError:
+        except GuestMemoryError as exc:
+            self.last_error = exc
             return TR_FAULT
-        except Exception:
+        except Exception as exc:
             log.exception("translator %r: miss handler failed for [%#x, +%#x)", self, iova, length)
+            self.last_error = exc
             return TR_ERROR
         cached[0] = self.cache._lookup(iova, length, access, &g, &r, &p)
         if cached[0]:

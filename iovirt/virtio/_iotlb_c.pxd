@@ -39,6 +39,7 @@ cdef class IotlbCache:
 
 cdef class CachedTranslator:
     cdef readonly IotlbCache cache
+    cdef object last_error  # what the last failed fill raised (TR_FAULT, TR_ERROR), for the ring's error
 
     cdef int resolve(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *gpa, bint *writable) noexcept nogil
     cdef int _miss(self, uint64_t iova, uint64_t length, uint32_t access, uint64_t *first_gpa, bint *contiguous,

@@ -1,0 +1,72 @@
+"""``iovirt info``: every accelerated part, the implementation that runs, and why (a real process)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from iovirt import _accel
+
+
+def info(**env: str) -> dict[str, tuple[str, str, str]]:
+    """Run ``python -m iovirt info`` with only ``env`` of the IOVIRT_* switches set; rows by part name."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("IOVIRT_NO_EXTENSIONS", "IOVIRT_REQUIRE_EXTENSIONS")}
+    out = subprocess.run(
+        [sys.executable, "-m", "iovirt", "info"], env={**environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("iovirt ") and lines[1].split() == ["part", "runs", "extension", "why"]
+    rows = {}
+    for line in lines[2:]:
+        name, runs, module, why = re.split(r"\s{2,}", line.strip(), maxsplit=3)
+        rows[name] = (runs, module, why)
+    return rows
+
+
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def test_every_part_is_listed_with_what_runs_and_why():
+    rows = info()
+    assert list(rows) == [part.name for part in _accel.PARTS]
+    for part in _accel.PARTS:
+        runs, module, why = rows[part.name]
+        assert module == part.module
+        if importable(part.module):
+            assert (runs, why) == ("cython", _accel.REASON_LOADED)
+        else:
+            assert runs == "python" and why.startswith("ImportError: "), why
+
+
+def test_the_named_parts_are_all_there():
+    names = {part.name for part in _accel.PARTS}
+    assert {"split ring", "IOTLB cache", "net data path", "blk data path", "VT-d page walk",
+            "VT-d miss handler"} <= names
+
+
+def test_no_extensions_runs_every_reference():
+    rows = info(IOVIRT_NO_EXTENSIONS="1")
+    assert list(rows) == [part.name for part in _accel.PARTS]
+    for runs, _module, why in rows.values():
+        assert (runs, why) == ("python", _accel.REASON_DISABLED)
+        assert "IOVIRT_NO_EXTENSIONS" in why
+
+
+def test_a_required_extension_that_does_not_import_runs_nothing():
+    missing = [part for part in _accel.PARTS if not importable(part.module)]
+    if not missing:
+        pytest.skip("every extension is built")
+    rows = info(IOVIRT_REQUIRE_EXTENSIONS="1")
+    for part in missing:
+        runs, _module, why = rows[part.name]
+        assert runs == "nothing" and "IOVIRT_REQUIRE_EXTENSIONS" in why and "ImportError" in why
