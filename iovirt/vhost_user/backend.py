@@ -35,6 +35,7 @@ from iovirt.vhost_user.messages import (
     FrontendRequest as R,
     Inflight,
     IotlbType,
+    ProtocolFeature as PF,
     U64,
     VringState,
 )
@@ -227,7 +228,13 @@ class BackendSession:
         self.vrings.use_iotlb(False)
 
     # -- inflight ("Inflight I/O tracking") ------------------------------------------------
+    def _check_inflight(self, req: rq.GetInflightFd | rq.SetInflightFd) -> None:
+        # Spec: "only sent if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD ... has been successfully negotiated".
+        if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD & 1:
+            raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated")
+
     def _get_inflight_fd(self, req: rq.GetInflightFd) -> tuple[Inflight, list[int]]:
+        self._check_inflight(req)
         if not 0 < req.num_queues <= len(self.vrings.rings) or not 0 < req.queue_size <= MAX_INFLIGHT_QUEUE_SIZE:
             raise RequestRefused(req.code, f"{req.num_queues} queues of {req.queue_size} is not this device's")
         size = inflight_mmap_size(req.num_queues, req.queue_size)
@@ -242,6 +249,7 @@ class BackendSession:
         return Inflight(size, 0, req.num_queues, req.queue_size), [os.dup(fd)]
 
     def _set_inflight_fd(self, req: rq.SetInflightFd) -> None:
+        self._check_inflight(req)
         too_small = inflight_mmap_size(req.num_queues, req.queue_size) > req.mmap_size
         if too_small or req.num_queues > len(self.vrings.rings):
             raise RequestRefused(req.code, "inflight region too small for its queues")

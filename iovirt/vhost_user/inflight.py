@@ -139,10 +139,12 @@ class InflightQueue(QueueWrapper):
     Everything else is the wrapped queue's (``inner``).
     """
 
-    def __init__(self, inner: Any, region: QueueRegion) -> None:
+    def __init__(self, inner: Any, region: QueueRegion, resubmit: list[int]) -> None:
         self.inner = inner
         self.region = region
+        self._resubmit = list(resubmit)  # in flight when a previous back-end stopped: served first
         self._popped: collections.deque[int] = collections.deque(maxlen=region.queue_size)
+        self._last_resubmitted = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -151,22 +153,41 @@ class InflightQueue(QueueWrapper):
         self.region.popped(head)
         self._popped.append(head)
 
+    def pending(self) -> int:
+        """Chains to serve: those to resubmit, then the available ones."""
+        return len(self._resubmit) + self.inner.pending()
+
     def pop(self) -> Any:
         """Pop one chain, recording it in flight."""
-        chain = self.inner.pop()
-        if chain is not None:
-            self._record(chain.head)
-        return chain
+        batch = self.pop_batch(1)
+        return batch[0] if len(batch) else None
 
     def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
-        """Pop a batch, recording every chain in flight."""
-        popped = self.inner.pop_batch(max_chains) if batch is None else self.inner.pop_batch(max_chains, batch)
+        """Pop a batch, recording every chain in flight; resubmitted chains come first.
+
+        A resubmitted chain is already in flight in the region, with the
+        counter of its first pop: its order among the others stays.
+        """
+        args = () if batch is None else (batch,)
+        if self._resubmit:
+            taken = self.inner.resubmit(self._resubmit[:max_chains], *args)
+            del self._resubmit[: len(taken)]
+            self._last_resubmitted = len(taken)
+            return taken
+        popped = self.inner.pop_batch(max_chains, *args)
+        self._last_resubmitted = 0
         for i in range(len(popped)):
             self._record(popped.head(i))
         return popped
 
     def rewind(self, count: int) -> None:
-        """Give the last ``count`` popped chains back: no longer in flight."""
+        """Give the last ``count`` popped chains back: no longer in flight.
+
+        Resubmitted chains did not come from the avail ring and cannot go
+        back to it (no device that rewinds offers INFLIGHT_SHMFD).
+        """
+        if self._last_resubmitted:
+            raise ValueError("resubmitted inflight chains cannot be rewound")
         self.inner.rewind(count)
         for _ in range(min(count, len(self._popped))):
             self.region.unpopped(self._popped.pop())

@@ -38,8 +38,6 @@ from iovirt.virtio.state import QueueState
 
 log = logging.getLogger("iovirt.vhost_user")
 
-SPLIT_AVAIL_RING = 4  # 2.7.6: flags u16, idx u16, then ring[]
-
 
 class VringError(IovirtError):
     """A vring request the back-end cannot apply (its text says why)."""
@@ -211,11 +209,11 @@ class Vrings:
         wrap: Callable[[SplitQueue], SplitQueue] | None = None
         region = vring.inflight
         if region is not None:
-            self._resubmit_from(vring, region, memory, avail, used_idx)
+            resubmit = self._recover(vring, region, used_idx)
 
             def wrap(queue: SplitQueue) -> SplitQueue:
                 # The wrapper has the queue's whole API (QueueWrapper): the device cannot tell.
-                return cast(SplitQueue, InflightQueue(queue, region))
+                return cast(SplitQueue, InflightQueue(queue, region, resubmit))
 
         state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
         self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
@@ -226,30 +224,21 @@ class Vrings:
         )
         return True
 
-    def _resubmit_from(self, vring: Vring, region: QueueRegion, memory: GuestMemory, avail: int, used_idx: int) -> None:
-        """Requests a previous back-end popped and never completed: pop them again, in pop order.
+    def _recover(self, vring: Vring, region: QueueRegion, used_idx: int) -> list[int]:
+        """The requests a previous back-end popped and never completed, in pop order.
 
         vhost-user.rst "Inflight I/O tracking", on reconnect: repair the last
-        batch, then resubmit in the order of the counters.  Chains are popped
-        in avail-ring order, so the in-flight heads are the avail entries from
-        the used idx on whenever completions were in order (iovirt's, and
-        libvhost-user's for a single queue): popping again from there
-        resubmits exactly them.
+        batch, then resubmit in the order of the counters.  Every chain popped
+        is now either used or in flight, so the avail ring goes on after
+        ``used_idx`` plus those in flight (as libvhost-user), whatever base
+        the front-end restored.
         """
         heads = region.recover(used_idx)
-        if not heads:
-            return
-        ring = [memory.read_u16(avail + SPLIT_AVAIL_RING + 2 * ((used_idx + k) % vring.num)) for k in range(len(heads))]
-        if ring != heads:
-            # Completed out of order: popping from the used idx would serve a
-            # completed request again and skip one in flight.
-            raise VringError(
-                f"inflight heads {heads} are not the avail entries {ring} after used idx {used_idx}: "
-                "out-of-order completions cannot be resubmitted"
-            )
-        log.info("%s: vring %d resubmits %d inflight requests from avail index %d",
-                 self.label, vring.index, len(heads), used_idx)
-        vring.base = used_idx
+        if heads:
+            vring.base = (used_idx + len(heads)) & 0xFFFF
+            log.info("%s: vring %d resubmits %d inflight requests (heads %s); avail index %d",
+                     self.label, vring.index, len(heads), heads[:8], vring.base)
+        return heads
 
     def stop(self, vring: Vring) -> None:
         """Stop serving ``vring`` (its kick fd closed); remembers where it stopped."""

@@ -387,6 +387,45 @@ cdef class SplitQueue:
             self._pending_error = error
         return batch
 
+    def resubmit(self, heads, ChainBatch batch=None):
+        """Take the chains of ``heads`` again, in that order, without moving the avail index.
+
+        vhost-user "Inflight I/O tracking": requests a previous back-end
+        popped and never completed are resubmitted from the inflight region's
+        list, not from the avail ring, since others popped with them may have
+        completed out of order.  Returns the chains taken; one whose
+        translation is pending ends the batch (the caller keeps the rest).
+        """
+        cdef Py_ssize_t k, n = len(heads)
+        cdef uint16_t head = 0
+        cdef int rc = 0
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        self._sync()
+        if batch is None:
+            batch = ChainBatch()
+        batch.n = 0
+        batch.nbufs = 0
+        batch._reserve_chains(n if n > 0 else 1)
+        batch.first[0] = 0
+        for k in range(n):
+            if not 0 <= heads[k] < self.size:
+                raise checks.head_index(self.index, heads[k], self.size)
+            head = heads[k]
+            rc = self._walk(head, batch)
+            if rc != 0:
+                batch.nbufs = batch.first[batch.n]
+                break
+            self._in_flight += 1
+            batch.heads[batch.n] = head
+            batch.used_lens[batch.n] = 0
+            batch.n += 1
+            batch.first[batch.n] = <uint32_t> batch.nbufs
+        if rc != 0 and rc != E_PENDING:
+            raise self._walk_error(head, rc)
+        return batch
+
     def rewind(self, Py_ssize_t count):
         """Give back the last ``count`` popped chains unused: they will be popped again."""
         checks.check_rewind(self.index, count, self._in_flight)

@@ -13,6 +13,7 @@ field, exactly as the virtio 1.2 spec section 2.7 describes the split ring:
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 from iovirt.memory import Access, GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.virtio.chain import ChainBatch, DescChain
@@ -180,6 +181,33 @@ class SplitQueue:
                 self._pending_error = exc
                 break
         self._publish_avail_event()
+        if batch is None:
+            return ChainBatch(chains)
+        batch.chains = chains
+        return batch
+
+    def resubmit(self, heads: Sequence[int], batch: ChainBatch | None = None) -> ChainBatch:
+        """Take the chains of ``heads`` again, in that order, without moving the avail index.
+
+        vhost-user "Inflight I/O tracking": requests a previous back-end
+        popped and never completed are resubmitted from the inflight region's
+        list, not from the avail ring, since others popped with them may have
+        completed out of order.  Returns the chains taken; one whose
+        translation is pending ends the batch (the caller keeps the rest).
+        """
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        self._check_live()
+        chains: list[DescChain] = []
+        for head in heads:
+            if not 0 <= head < self.size:
+                raise checks.head_index(self.index, head, self.size)
+            try:
+                chains.append(DescChain(head, self._walk(head)))
+            except TranslationPending:
+                break
+            self._in_flight += 1
         if batch is None:
             return ChainBatch(chains)
         batch.chains = chains

@@ -8,7 +8,7 @@ forces the reference.  Both expose the same API:
   last_avail_idx, used_idx)``; ``SplitQueue.from_state(memory, QueueState)``;
   ``state()``; ``refresh()``; ``release()``
 - ``pending()``, ``pop()``, ``pop_batch(max_chains)``, ``rewind(n)``, ``push(head, len)``,
-  ``push_batch(batch)``
+  ``push_batch(batch)``; ``resubmit(heads)`` (walk given heads again: inflight resubmission)
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``
 """
 

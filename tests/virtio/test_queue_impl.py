@@ -166,3 +166,23 @@ def test_used_side_and_lifecycle_errors_alike():
     got = _used_side(py)
     assert got == _used_side(c)
     assert sum(kind == "raised" for kind, _ in got) >= 15
+
+
+def _resubmit(cls, heads):
+    """Walk ``heads`` again without popping (inflight resubmission): chains, or the whole error."""
+    memory, drv = _ring()
+    for i in range(4):
+        drv.write_desc(i, BUF + 16 * i, 8 + i)
+    drv.write_desc(4, BUF, 8, NEXT, 12)  # next out of range
+    dev = cls.from_state(memory, drv.state())
+    got = outcome(lambda: [(c.head, c.buffers) for c in dev.resubmit(heads)])
+    return got, dev.state().last_avail_idx
+
+
+@pytest.mark.parametrize("heads", [[2, 0, 3], [9], [1, 4], [70000]])
+def test_resubmission_walks_given_heads_alike(heads):
+    py, c = _both()
+    assert _resubmit(py, heads) == _resubmit(c, heads)
+    if heads == [2, 0, 3]:
+        chains, last_avail = _resubmit(py, heads)
+        assert chains[1] == [(h, [(BUF + 16 * h, 8 + h, False)]) for h in heads] and last_avail == 0
