@@ -69,6 +69,7 @@ cdef class SplitQueue:
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
     cdef uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil
     cdef int _sync(self) except -1
+    cdef int _raise_pending(self) except -1
     cdef int _pending(self) except -1
     cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil
     cdef int _check_buffer(self, uint64_t addr, uint64_t length, bint writable, uint8_t **host) noexcept nogil

@@ -183,6 +183,17 @@ cdef void *_grow(void *p, size_t nbytes) except NULL:
     return q
 
 
+cdef ChainBatch _empty_batch(ChainBatch batch, Py_ssize_t chains):
+    """``batch`` (or a new one) emptied, with room for ``chains`` chains."""
+    if batch is None:
+        batch = ChainBatch()
+    batch.n = 0
+    batch.nbufs = 0
+    batch._reserve_chains(chains if chains > 0 else 1)
+    batch.first[0] = 0
+    return batch
+
+
 cdef class SplitQueue:
     """The device side of one split virtqueue (accelerated; see ``_queue_py.SplitQueue``)."""
 
@@ -338,6 +349,13 @@ cdef class SplitQueue:
         batch = self.pop_batch(1)
         return batch[0] if len(batch) else None
 
+    cdef int _raise_pending(self) except -1:
+        """Raise the error a previous batch deferred; then see the memory map as it is now."""
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        return self._sync()
+
     def pop_batch(self, Py_ssize_t max_chains, ChainBatch batch=None):
         """Take up to ``max_chains`` available chains (into ``batch`` if given, reusing it).
 
@@ -348,19 +366,11 @@ cdef class SplitQueue:
         cdef Py_ssize_t count, k
         cdef uint16_t head
         cdef int rc = 0
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise error
-        self._sync()
-        if batch is None:
-            batch = ChainBatch()
-        batch.n = 0
-        batch.nbufs = 0
+        self._raise_pending()
         count = self._pending()
         if count > max_chains:
             count = max_chains
-        batch._reserve_chains(count if count > 0 else 1)
-        batch.first[0] = 0
+        batch = _empty_batch(batch, count)
         with nogil:
             for k in range(count):
                 head = iovirt_load_u16(self._avail + 4 + 2 * (self._last_avail_idx & self._mask))
@@ -399,16 +409,8 @@ cdef class SplitQueue:
         cdef Py_ssize_t k, n = len(heads)
         cdef uint16_t head = 0
         cdef int rc = 0
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise error
-        self._sync()
-        if batch is None:
-            batch = ChainBatch()
-        batch.n = 0
-        batch.nbufs = 0
-        batch._reserve_chains(n if n > 0 else 1)
-        batch.first[0] = 0
+        self._raise_pending()
+        batch = _empty_batch(batch, n)
         for k in range(n):
             if not 0 <= heads[k] < self.size:
                 raise checks.head_index(self.index, heads[k], self.size)
