@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from iovirt.conformance.registry import CheckFailed
 from iovirt.memory import BumpAllocator, MemoryRegion
+from iovirt.vhost_user import bringup
+from iovirt.vhost_user.bringup import PROTOCOL_BIT
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
 from iovirt.virtio.defs import (
-    VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    VIRTIO_CONFIG_S_DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
@@ -42,7 +38,6 @@ POLL_S = 0.0005
 TEARDOWN_S = 1.0
 """Bound on waiting for the back-end to drop a closed link before the next one connects."""
 
-PROTOCOL_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 TRANSPORT_BITS = sum(1 << b for b in range(24, 41))  # 2.2: bits 24..40 are ring and negotiation extensions
 DRIVER_FEATURES = (
     ((1 << 64) - 1) & ~TRANSPORT_BITS & ~(1 << VIRTIO_NET_F_HASH_REPORT)
@@ -50,19 +45,6 @@ DRIVER_FEATURES = (
 )
 """What this driver can accept (2.2.1: a driver MUST NOT accept a feature it does not understand):
 split rings only (no RING_PACKED, no IN_ORDER's batched used entries), no IOTLB (ACCESS_PLATFORM)."""
-
-
-@dataclass
-class Negotiated:
-    """What one link agreed with the back-end."""
-
-    offered: int
-    features: int
-    protocol_features: int
-
-    def has(self, bit: int) -> bool:
-        """Whether virtio/vhost feature ``bit`` was negotiated."""
-        return bool(self.features >> bit & 1)
 
 
 class Link:
@@ -95,26 +77,11 @@ class Link:
             self.memory = self.frontend.memory
             self.allocs = [BumpAllocator(r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
             self.alloc = self.allocs[-1]
-            offered = self.frontend.get_features()
-            acked_protocol = 0
-            if protocol and offered & PROTOCOL_BIT:
-                acked_protocol = self.frontend.get_protocol_features() & protocol_features
-                self.frontend.set_protocol_features(acked_protocol)
-            self.frontend.set_owner()
-            acked = offered & features & DRIVER_FEATURES & ~PROTOCOL_BIT
-            if protocol and offered & PROTOCOL_BIT:
-                acked |= PROTOCOL_BIT
-            self.frontend.set_features(acked)
-            self.negotiated = Negotiated(offered, acked, acked_protocol)
-            self.status = 0
-            if self.has_status:
-                # QEMU's order: FEATURES_OK right after SET_FEATURES, DRIVER_OK once the rings run.
-                self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK)
-            if mem_slots:
-                for region in self.regions:
-                    self.frontend.add_mem_reg(region)
-            else:
-                self.frontend.set_mem_table()
+            self.negotiated = bringup.negotiate(
+                self.frontend, features & DRIVER_FEATURES, protocol_features, protocol=protocol
+            )
+            bringup.features_ok(self.frontend)  # QEMU's order: FEATURES_OK right after SET_FEATURES
+            bringup.share_memory(self.frontend, self.regions, mem_slots=mem_slots)
         except BaseException:
             self.frontend.close()
             raise
@@ -126,21 +93,18 @@ class Link:
         region = self.frontend.add_region(len(self.regions) * REGION_STRIDE, REGION_SIZE)
         self.regions.append(region)
         self.allocs.append(BumpAllocator(region.gpa + 0x1000, region.size - 0x1000))
-        if mem_slots:
-            self.frontend.add_mem_reg(region)
-        else:
-            self.frontend.set_mem_table()
+        bringup.share_memory(self.frontend, [region], mem_slots=mem_slots)
         return region
 
     @property
     def has_status(self) -> bool:
         """Whether VHOST_USER_PROTOCOL_F_STATUS was negotiated (the back-end then waits for DRIVER_OK)."""
-        return bool(self.negotiated.protocol_features >> PF.VHOST_USER_PROTOCOL_F_STATUS & 1)
+        return bringup.has_status(self.frontend)
 
-    def set_status(self, status: int) -> None:
-        """SET_STATUS ``status`` (only with F_STATUS negotiated)."""
-        self.frontend.set_status(status)
-        self.status = status
+    @property
+    def status(self) -> int:
+        """The device status last set (0 until SET_STATUS)."""
+        return self.frontend.status
 
     def driver_ok(self) -> None:
         """Tell the back-end the driver is ready (3.1.1 step 8), as a VMM does after starting the rings.
@@ -148,8 +112,7 @@ class Link:
         Without F_STATUS there is no such message; with it, a back-end may
         serve no ring before DRIVER_OK (DPDK's vhost library waits for it).
         """
-        if self.has_status and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            self.set_status(self.status | VIRTIO_CONFIG_S_DRIVER_OK)
+        bringup.driver_ok(self.frontend)
 
     def close(self) -> None:
         """Disconnect and wait (bounded) until the back-end has dropped the connection; frees memory and eventfds.
@@ -169,26 +132,25 @@ class Link:
 
     # -- rings -----------------------------------------------------------------------
     def queue(self, index: int, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True) -> DriverQueue:
-        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE 1 or 0 (with bit 30)."""
+        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE 1 or 0 (with bit 30).
+
+        Rings start disabled; an explicit disable also catches a back-end ignoring enable 0.
+        """
         q = DriverQueue(self.memory, self.alloc, size, event_idx=self.negotiated.has(VIRTIO_F_EVENT_IDX), index=index)
         q.set_interrupts(True)
         self.queues[index] = q
-        self.restart(index, base=0, call=call, kick=kick)
-        if self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
-            # Rings start disabled; an explicit disable also catches a back-end ignoring enable 0.
-            self.frontend.set_vring_enable(index, enable)
+        bringup.start_vring(
+            self.frontend, index, q.size, q.desc_addr, q.avail_addr, q.used_addr, call=call, kick=kick, enable=enable
+        )
         return q
 
     def restart(self, index: int, base: int, *, call: bool = True, kick: bool = True) -> None:
-        """(Re)start vring ``index`` from avail index ``base`` as QEMU does after GET_VRING_BASE."""
+        """(Re)start vring ``index`` from avail index ``base`` as QEMU does after GET_VRING_BASE (no ENABLE)."""
         q = self.queues[index]
-        fe = self.frontend
-        fe.set_vring_num(index, q.size)
-        fe.set_vring_base(index, base)
-        fe.set_vring_addr(index, q.desc_addr, q.avail_addr, q.used_addr)
-        fe.set_vring_call(index, poll=not call)
-        if kick:
-            fe.set_vring_kick(index)
+        bringup.start_vring(
+            self.frontend, index, q.size, q.desc_addr, q.avail_addr, q.used_addr,
+            base=base, call=call, kick=kick, enable=None,
+        )
 
     def add(
         self, index: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (), *, indirect: bool = False

@@ -2,10 +2,13 @@
 
 Wire and framing (both roles):
 
-* :mod:`~iovirt.vhost_user.messages` - wire format: header, request codes,
-  feature bits, typed payloads with pack/unpack.
-* :mod:`~iovirt.vhost_user.protocol` - sans-I/O back-end connection: bytes and
-  fds in, typed requests (:mod:`~iovirt.vhost_user.requests`) out; replies out.
+* :mod:`~iovirt.vhost_user.messages` - wire format: header flags, request
+  codes, feature bits, typed payloads with pack/unpack.
+* :mod:`~iovirt.vhost_user.framing` - the header and the one framer both
+  roles share: message bytes out, messages with their fds in.
+* :mod:`~iovirt.vhost_user.protocol` - sans-I/O connections on that framer:
+  back-end (bytes and fds in, typed requests (:mod:`~iovirt.vhost_user.requests`)
+  out; replies out) and front-end (requests out; replies checked in).
 * :mod:`~iovirt.vhost_user.errors` - the exceptions of these layers.
 
 The back-end, split by job:
@@ -23,7 +26,8 @@ The back-end, split by job:
   device, with defaults; :mod:`~iovirt.vhost_user.devices` - one adapter per type.
 
 The front-end: :mod:`~iovirt.vhost_user.frontend` (a client over a UNIX
-socket), :mod:`~iovirt.vhost_user.driver` (VMM + guest driver) and
+socket), :mod:`~iovirt.vhost_user.bringup` (the VMM's bring-up sequence it
+runs), :mod:`~iovirt.vhost_user.driver` (VMM + guest driver) and
 :mod:`~iovirt.vhost_user.viommu` (the VMM's IOMMU side), for tests, the bench
 and the conformance suite.
 """

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import socket
 
-from iovirt.vhost_user.messages import VHOST_USER_VERSION, BackendRequest, Payload, encode_message
+from iovirt.vhost_user.framing import build_message, request_flags
+from iovirt.vhost_user.messages import BackendRequest, Payload
 
 log = logging.getLogger("iovirt.vhost_user")
 
@@ -39,7 +40,7 @@ class BackendChannel:
         """Send one request without need_reply; False if it was not sent (whole)."""
         if self.broken:
             return False
-        data = encode_message(request, VHOST_USER_VERSION, payload)
+        data = build_message(request, request_flags(), payload)
         try:
             n = self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:

@@ -2,7 +2,7 @@
 
 :class:`VhostUserDriver` connects a :class:`~iovirt.vhost_user.frontend.VhostUserFrontend`,
 shares memfd guest memory the way a VMM does, negotiates, and sets up
-driver-side rings (:class:`~iovirt.virtio.driver.DriverQueue`) for the vrings
+(through :mod:`iovirt.vhost_user.bringup`) driver-side rings (:class:`~iovirt.virtio.driver.DriverQueue`) for the vrings
 it is asked for.  With ``iommu=True`` it accepts VIRTIO_F_ACCESS_PLATFORM and
 puts a :class:`~iovirt.vhost_user.viommu.FrontendIommu` in front: rings and
 buffers live at IOVAs (guest memory mapped at ``IOVA_BASE``), and the
@@ -15,17 +15,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from iovirt.memory import BumpAllocator
+from iovirt.vhost_user import bringup
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from iovirt.vhost_user.viommu import FrontendIommu
-from iovirt.virtio.defs import (
-    VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    VIRTIO_CONFIG_S_DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_EVENT_IDX,
-)
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
 from iovirt.virtio.driver import DriverQueue
 
 GUEST_BASE = 0x0
@@ -54,13 +47,10 @@ class VhostUserDriver:
             self.region = self.frontend.add_region(GUEST_BASE, memory_size)
             self.memory = self.frontend.memory
             self.alloc = BumpAllocator(GUEST_BASE + 0x1000, memory_size - 0x1000)
-            self.offered = self.frontend.get_features()
-            wanted = features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
-            self.features, self.protocol_features = self.frontend.negotiate(wanted, protocol_features, iommu=iommu)
-            if mem_slots:
-                self.frontend.add_mem_reg(self.region)
-            else:
-                self.frontend.set_mem_table()
+            negotiated = bringup.negotiate(self.frontend, features, protocol_features, iommu=iommu)
+            self.offered = negotiated.offered
+            self.features, self.protocol_features = negotiated.features, negotiated.protocol_features
+            bringup.share_memory(self.frontend, [self.region], mem_slots=mem_slots)
             if self.features >> VIRTIO_F_ACCESS_PLATFORM & 1:
                 self.iommu = FrontendIommu(self.frontend)
                 self.iommu.map(IOVA_BASE, GUEST_BASE, memory_size)
@@ -83,16 +73,12 @@ class VhostUserDriver:
         for index in indexes:
             queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
             queue.set_interrupts(True)
-            self.frontend.setup_vring(index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
+            bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
             self.queues[index] = queue
             if self.iommu is not None:
                 # The misses for the ring were sent before SET_VRING_KICK was acked.
                 self.iommu.serve()
-        if self.protocol_features >> ProtocolFeature.VHOST_USER_PROTOCOL_F_STATUS & 1:
-            self.frontend.set_status(
-                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
-                | VIRTIO_CONFIG_S_DRIVER_OK
-            )
+        bringup.driver_ok(self.frontend)
         return {i: self.queues[i] for i in indexes}
 
     def kick(self, index: int) -> None:

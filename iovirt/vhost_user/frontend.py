@@ -4,8 +4,11 @@
 memfd regions and shares it with ``SET_MEM_TABLE`` / ``ADD_MEM_REG``, sets up
 vrings with eventfds for kick/call/err, and negotiates features, passing fds
 with ``socket.send_fds`` and receiving replies (and their fds) with
-``socket.recv_fds``.  Every wait is bounded by a timeout.  It is used by the
-tests, the packet bench and the conformance suite.
+``socket.recv_fds``.  It only moves bytes and fds: building requests,
+framing and checking replies is
+:class:`~iovirt.vhost_user.protocol.FrontendConnection`'s.  Every wait is
+bounded by a timeout.  It is used by the tests, the packet bench and the
+conformance suite.
 
 Three levels:
 
@@ -17,8 +20,8 @@ Three levels:
   spec says is due (a reply body, or a REPLY_ACK ack, see
   :func:`iovirt.vhost_user.protocol.reply_kind`);
 * helpers named after the requests (``get_features``, ``set_mem_table``,
-  ``set_vring_kick``, ...), and :meth:`~VhostUserFrontend.negotiate` /
-  :meth:`~VhostUserFrontend.setup_vring` for the usual bring-up.
+  ``set_vring_kick``, ...); the VMM's bring-up sequence built from them is
+  :mod:`iovirt.vhost_user.bringup`.
 
 Memory regions get a user address (``userspace_addr``) of
 ``USER_ADDR_BASE + gpa``, deliberately different from the guest-physical
@@ -33,7 +36,6 @@ import os
 import select
 import socket
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from iovirt.memory import GuestMemory, MemoryRegion
@@ -42,20 +44,14 @@ from iovirt.vhost_user.errors import (
     BadReplyError,
     NackError,
     ReplyTimeoutError,
-    VhostUserProtocolError,
 )
+from iovirt.vhost_user.framing import Message, ProtocolFailure
 from iovirt.vhost_user.messages import (
-    HEADER_SIZE,
-    MAX_PAYLOAD_SIZE,
     VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_DEVICE_STATE_NOFD,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    VHOST_USER_NEED_REPLY_MASK,
-    VHOST_USER_VERSION,
     Config,
     DeviceStateTransfer,
     FrontendRequest,
-    Header,
     Inflight,
     IotlbMsg,
     Log,
@@ -70,7 +66,7 @@ from iovirt.vhost_user.messages import (
     VringFile,
     VringState,
 )
-from iovirt.vhost_user.protocol import REQUEST_RULES, ReplyKind, reply_kind
+from iovirt.vhost_user.protocol import FrontendConnection, Reply, ReplyKind
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 
 R = FrontendRequest
@@ -85,19 +81,6 @@ MAX_REPLY_FDS = VHOST_MEMORY_BASELINE_NREGIONS
 """Replies carry at most 8 fds (as back-end messages with BACKEND_SEND_FD)."""
 
 
-@dataclass(frozen=True)
-class Reply:
-    """A reply from the backend: its header, parsed payload and the fds it passed.
-
-    ``payload`` is ``None`` for an empty reply (GET_CONFIG's failure).
-    The fds are the caller's to close.
-    """
-
-    header: Header
-    payload: Payload | None
-    fds: tuple[int, ...]
-
-
 class VhostUserFrontend:
     """The front-end side of one vhost-user connection.
 
@@ -109,10 +92,12 @@ class VhostUserFrontend:
     def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.sock = sock
         self.timeout = timeout
+        self.conn = FrontendConnection()
+        """The sans-I/O side: request bytes out, framed and checked replies in."""
         self.features = 0
         """Virtio features set with :meth:`set_features`."""
-        self.protocol_features = 0
-        """Protocol features set with :meth:`set_protocol_features`."""
+        self.status = 0
+        """Device status last set with :meth:`set_status`."""
         self.memory = GuestMemory()
         """The guest memory this front-end shares (driver-side view)."""
         self._region_fds: dict[int, int] = {}
@@ -181,55 +166,36 @@ class VhostUserFrontend:
         flags: int | None = None,
     ) -> None:
         """Send one message; ``flags`` overrides version/need_reply (for bad input)."""
-        if flags is None:
-            flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if need_reply else 0)
-        if payload is None:
-            body = b""
-        elif isinstance(payload, (bytes, bytearray)):
-            body = bytes(payload)
-        else:
-            body = payload.pack()
-        self.send_raw(Header(request, flags, len(body)).pack() + body, fds)
+        self.send_raw(self.conn.request(request, payload, need_reply=need_reply, flags=flags), fds)
 
-    def recv_message(
-        self, timeout: float | None = None, request: int | None = None
-    ) -> tuple[Header, bytes, tuple[int, ...]]:
-        """Read one whole message: header, payload bytes and the fds that came with it.
+    def recv_message(self, timeout: float | None = None, request: int | None = None) -> Message:
+        """Read one whole message (header, payload bytes and the fds that came with it).
 
-        Reads the header, then exactly its payload, so that fds stay with
-        their message.  Raises :class:`ReplyTimeoutError` or
-        :class:`BackendClosedError` (naming ``request``, the one awaited).
+        Reads at most :attr:`FrontendConnection.bytes_needed` at a time, so
+        that fds stay with their message.  Raises :class:`ReplyTimeoutError`,
+        :class:`BackendClosedError` (naming ``request``, the one awaited), or
+        :class:`BadReplyError` when the stream can no longer be framed.
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        fds: list[int] = []
-        try:
-            raw = self._recv_exact(HEADER_SIZE, deadline, fds, request)
-            header = Header.unpack(raw)
-            if header.size > MAX_PAYLOAD_SIZE:
-                raise BadReplyError(header.request, f"payload size {header.size} exceeds {MAX_PAYLOAD_SIZE}")
-            body = self._recv_exact(header.size, deadline, fds, header.request)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return header, body, tuple(fds)
-
-    def _recv_exact(self, n: int, deadline: float, fds: list[int], request: int | None) -> bytes:
-        data = bytearray()
-        while len(data) < n:
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ReplyTimeoutError(request, self.timeout)
             self.sock.settimeout(remaining)
             try:
-                chunk, chunk_fds, _flags, _addr = socket.recv_fds(self.sock, n - len(data), MAX_REPLY_FDS)
+                chunk, fds, _flags, _addr = socket.recv_fds(self.sock, self.conn.bytes_needed, MAX_REPLY_FDS)
             except socket.timeout:
                 raise ReplyTimeoutError(request, self.timeout) from None
-            fds.extend(chunk_fds)
             if not chunk:
+                _close(self.conn.feed_eof().fds + tuple(fds))
                 raise BackendClosedError(request)
-            data += chunk
-        return bytes(data)
+            for framed in self.conn.feed(chunk, fds):
+                if isinstance(framed, ProtocolFailure):
+                    _close(framed.fds)
+                    code = framed.error.request
+                    assert code is not None  # a fatal header names its request
+                    raise BadReplyError(code, str(framed.error)) from framed.error
+                return framed  # bounded reads complete at most one message
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Whether the backend closes the connection within ``timeout`` (data read meanwhile is dropped)."""
@@ -245,12 +211,16 @@ class VhostUserFrontend:
                 return False
             except ConnectionResetError:
                 return True
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             if not chunk:
                 return True
 
     # -- request / reply ---------------------------------------------------------
+    @property
+    def protocol_features(self) -> int:
+        """Protocol features set with :meth:`set_protocol_features`."""
+        return self.conn.protocol_features
+
     @property
     def reply_ack(self) -> bool:
         """Whether REPLY_ACK was negotiated."""
@@ -259,31 +229,15 @@ class VhostUserFrontend:
     def recv_reply(self, request: int, timeout: float | None = None) -> Reply:
         """Read the reply to ``request``: an explicit reply body, or a u64 ack.
 
-        Checks the request code, the REPLY and version bits and the payload
-        syntax; raises :class:`BadReplyError` otherwise.
+        Checks it with :meth:`FrontendConnection.reply` (request code, REPLY
+        bit, payload syntax); raises :class:`BadReplyError` otherwise.
         """
-        header, body, fds = self.recv_message(timeout, request)
+        message = self.recv_message(timeout, request)
         try:
-            if header.request != request:
-                raise BadReplyError(request, f"reply is for request {header.request}")
-            if header.version != VHOST_USER_VERSION or not header.is_reply:
-                raise BadReplyError(request, f"reply flags {header.flags:#x} lack version 1 and REPLY")
-            rule = REQUEST_RULES.get(request)  # type: ignore[call-overload]
-            has_body = reply_kind(request, False, self.protocol_features) is ReplyKind.BODY
-            payload_type = rule.reply if has_body and rule is not None else U64
-            try:
-                payload = payload_type.unpack(body, request) if body else None
-            except VhostUserProtocolError as exc:
-                raise BadReplyError(request, str(exc)) from exc
-            # Only GET_CONFIG has an empty reply: "zero length of payload to
-            # indicate an error" (VHOST_USER_GET_CONFIG).
-            if payload is None and request != R.VHOST_USER_GET_CONFIG:
-                raise BadReplyError(request, "empty reply payload")
+            return self.conn.reply(message, request)
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            _close(message.fds)
             raise
-        return Reply(header, payload, fds)
 
     def call(
         self,
@@ -302,15 +256,13 @@ class VhostUserFrontend:
         """
         if need_reply is None:
             need_reply = self.reply_ack
+        kind = self.conn.reply_due(request, need_reply)
         self.send(request, payload, fds, need_reply=need_reply)
-        kind = reply_kind(request, need_reply, self.protocol_features)
         if kind is ReplyKind.NONE:
             return None
         reply = self.recv_reply(request, timeout)
         if kind is ReplyKind.ACK:
-            assert isinstance(reply.payload, U64)
-            if reply.payload.value != 0:
-                raise NackError(request, reply.payload.value)
+            self.conn.check_ack(request, reply)
         return reply
 
     def _call_body(self, request: int, payload: Payload | None = None) -> Payload:
@@ -344,7 +296,6 @@ class VhostUserFrontend:
         # Never with need_reply (as QEMU): whether REPLY_ACK applies to this
         # very message is what is being negotiated.
         self.call(R.VHOST_USER_SET_PROTOCOL_FEATURES, U64(features), need_reply=False)
-        self.protocol_features = features
 
     def set_owner(self) -> None:
         """VHOST_USER_SET_OWNER."""
@@ -358,28 +309,6 @@ class VhostUserFrontend:
         """VHOST_USER_RESET_DEVICE."""
         self.call(R.VHOST_USER_RESET_DEVICE)
 
-    def negotiate(self, features: int, protocol_features: int = 0, *, iommu: bool = False) -> tuple[int, int]:
-        """The usual opening: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES.
-
-        Acks the wanted bits the backend offers (bit 30 when it offers it);
-        returns the negotiated ``(features, protocol_features)``.
-        VIRTIO_F_ACCESS_PLATFORM is acked only with ``iommu``: a VMM accepts
-        it only with an IOMMU in front of the device, and must then answer
-        the back-end's IOTLB misses (:mod:`iovirt.vhost_user.viommu`).
-        """
-        if not iommu:
-            features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
-        offered = self.get_features()
-        acked_protocol = 0
-        if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            acked_protocol = self.get_protocol_features() & protocol_features
-            self.set_protocol_features(acked_protocol)
-            features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        self.set_owner()
-        acked = offered & features
-        self.set_features(acked)
-        return acked, acked_protocol
-
     def get_queue_num(self) -> int:
         """VHOST_USER_GET_QUEUE_NUM."""
         return self._call_u64(R.VHOST_USER_GET_QUEUE_NUM)
@@ -389,8 +318,9 @@ class VhostUserFrontend:
         return self._call_u64(R.VHOST_USER_GET_STATUS)
 
     def set_status(self, status: int) -> None:
-        """VHOST_USER_SET_STATUS."""
+        """VHOST_USER_SET_STATUS; remembered in :attr:`status`."""
         self.call(R.VHOST_USER_SET_STATUS, U64(status))
+        self.status = status
 
     def net_set_mtu(self, mtu: int) -> None:
         """VHOST_USER_NET_SET_MTU."""
@@ -509,17 +439,6 @@ class VhostUserFrontend:
         """VHOST_USER_SET_VRING_ENABLE."""
         self.call(R.VHOST_USER_SET_VRING_ENABLE, VringState(index, int(enable)))
 
-    def setup_vring(self, index: int, num: int, desc: int, avail: int, used: int, base: int = 0) -> None:
-        """NUM, BASE, ADDR, CALL, KICK for one split ring at guest-physical addresses,
-        then ENABLE when protocol features were negotiated (QEMU's order)."""
-        self.set_vring_num(index, num)
-        self.set_vring_base(index, base)
-        self.set_vring_addr(index, desc, avail, used)
-        self.set_vring_call(index)
-        self.set_vring_kick(index)
-        if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            self.set_vring_enable(index, True)
-
     def kick(self, index: int) -> None:
         """Signal the vring's kick eventfd."""
         os.eventfd_write(self.kick_fds[index], 1)
@@ -603,3 +522,8 @@ class VhostUserFrontend:
         status = self._call_u64(R.VHOST_USER_CHECK_DEVICE_STATE)
         if status != 0:
             raise NackError(R.VHOST_USER_CHECK_DEVICE_STATE, status)
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

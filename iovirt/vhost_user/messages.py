@@ -1,4 +1,4 @@
-"""The vhost-user wire format: header, request codes, feature bits, payloads.
+"""The vhost-user wire format: header flags, request codes, feature bits, payloads.
 
 Everything here follows QEMU's ``docs/interop/vhost-user.rst`` ("Message
 Specification", "Protocol features", "Front-end message types", "Back-end
@@ -13,7 +13,8 @@ a memory table overlaps or a ring index exists is for the backend to judge.
 Errors are :class:`~iovirt.vhost_user.errors.VhostUserProtocolError`
 subclasses carrying the request code passed in.
 
-Which request carries which payload, fds and reply is framing, and lives in
+The header and message framing live in :mod:`iovirt.vhost_user.framing`;
+which request carries which payload, fds and reply in
 :mod:`iovirt.vhost_user.protocol`.
 """
 
@@ -26,11 +27,7 @@ from typing import ClassVar, Protocol, TypeVar
 
 from iovirt.vhost_user.errors import PayloadSizeError, PayloadValueError
 
-# -- header ("Header") --------------------------------------------------------
-
-HEADER = struct.Struct("=III")
-"""request u32, flags u32, size u32."""
-HEADER_SIZE = HEADER.size
+# -- header flags ("Header"; the header itself is framing: iovirt.vhost_user.framing) --
 
 VHOST_USER_VERSION_MASK = 0x3
 VHOST_USER_VERSION = 0x1
@@ -38,51 +35,11 @@ VHOST_USER_REPLY_MASK = 0x1 << 2
 VHOST_USER_NEED_REPLY_MASK = 0x1 << 3
 VHOST_USER_KNOWN_FLAGS = VHOST_USER_VERSION_MASK | VHOST_USER_REPLY_MASK | VHOST_USER_NEED_REPLY_MASK
 
-MAX_PAYLOAD_SIZE = 0x1000
-"""Largest payload accepted.  The largest spec payload is a config message
-(12 + 256 bytes); rust-vmm uses the same 4 KiB bound.  A larger ``size`` means
-the peer is broken, and buffering it would let a peer make us allocate 4 GiB."""
-
 VHOST_MEMORY_BASELINE_NREGIONS = 8
 """At most 8 regions (and 8 fds) in SET_MEM_TABLE ("Memory regions description")."""
 
 VHOST_USER_MAX_CONFIG_SIZE = 256
 """Largest virtio config space access (QEMU ``VHOST_USER_MAX_CONFIG_SIZE``)."""
-
-
-@dataclass(frozen=True)
-class Header:
-    """The 12-byte message header."""
-
-    request: int
-    flags: int
-    size: int
-
-    def pack(self) -> bytes:
-        """The header's 12 bytes."""
-        return HEADER.pack(self.request, self.flags, self.size)
-
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> "Header":
-        """Parse exactly 12 bytes (no validation: any values are representable)."""
-        if len(data) != HEADER_SIZE:
-            raise PayloadSizeError(None, len(data), f"{HEADER_SIZE} header bytes")
-        return cls(*HEADER.unpack(data))
-
-    @property
-    def version(self) -> int:
-        """The version bits (must be 1)."""
-        return self.flags & VHOST_USER_VERSION_MASK
-
-    @property
-    def need_reply(self) -> bool:
-        """The need_reply bit (bit 3), see the spec's REPLY_ACK section."""
-        return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
-
-    @property
-    def is_reply(self) -> bool:
-        """The reply bit (bit 2), set on every back-end reply."""
-        return bool(self.flags & VHOST_USER_REPLY_MASK)
 
 
 # -- request codes --------------------------------------------------------------
@@ -648,18 +605,3 @@ class DeviceStateTransfer:
 
 VHOST_USER_DEVICE_STATE_NOFD = 0x1 << 8
 """In SET_DEVICE_STATE_FD's u64 reply: no fd is returned."""
-
-
-def encode_message(request: int, flags: int, payload: Payload | bytes | None = None) -> bytes:
-    """Header plus payload bytes, with ``size`` computed from the payload.
-
-    ``payload`` may be a payload object, raw bytes (for deliberately
-    malformed messages) or ``None`` (no payload).
-    """
-    if payload is None:
-        body = b""
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        body = bytes(payload)
-    else:
-        body = payload.pack()
-    return Header(request, flags, len(body)).pack() + body

@@ -1,11 +1,12 @@
-"""A sans-I/O vhost-user connection, back-end side (h11 style).
+"""Sans-I/O vhost-user connections, back-end and front-end side (h11 style).
 
 :class:`BackendConnection` takes the bytes and file descriptors a socket
 delivered and returns typed events; it builds the bytes of replies.  It never
 touches a socket: the server reads with ``socket.recv_fds`` and writes with
-``socket.send_fds``.  Every framing rule of QEMU's ``docs/interop/vhost-user.rst``
-lives here, in :data:`REQUEST_RULES` and :meth:`BackendConnection.feed`:
-the payload each request carries, the fds it takes, and the reply it gets.
+``socket.send_fds``.  The rules of QEMU's ``docs/interop/vhost-user.rst`` on top of
+the shared framing (:mod:`iovirt.vhost_user.framing`) live here, in
+:data:`REQUEST_RULES`: the payload each request carries, the fds it takes,
+and the reply it gets.
 
 Events
 ------
@@ -17,40 +18,42 @@ Events
   (unknown or unsupported request, bad flags, wrong payload size or value,
   wrong fd count).  The stream is still framed, so the connection goes on;
   the caller logs it and sends :meth:`BackendConnection.nack`.
-* :class:`ProtocolFailure` - the stream can no longer be framed (bad version,
-  absurd size, EOF mid-message).  The connection is in ``ERROR`` state; the
-  caller closes it.
-* :class:`ConnectionClosed` - clean EOF between messages.
+* :class:`~iovirt.vhost_user.framing.ProtocolFailure` - the stream can no
+  longer be framed (bad version, absurd size, EOF mid-message).  The
+  connection is in ``ERROR`` state; the caller closes it.
+* :class:`~iovirt.vhost_user.framing.ConnectionClosed` - clean EOF between messages.
 
 What is recoverable (and why)
 -----------------------------
-A header whose version bits are not 1 is fatal: the spec defines only version
-1, and a different version may frame its messages differently, so nothing
-after it can be trusted.  A ``size`` above :data:`MAX_PAYLOAD_SIZE` is fatal
-(no spec message is that large; it is a broken peer, not one bad message).
-Everything else is checked *after* the ``size`` bytes were consumed, so the
-next message starts at a known offset and the error only rejects one message:
-unknown request codes (the spec's REPLY_ACK section lets the front-end ask
-for a reply to *any* request, so a NACK is still due if NEED_REPLY was set),
-reserved or REPLY flag bits, payload sizes and values, fd counts.
+Framing itself (header, version, size bound, fds per message, end of file)
+is :mod:`iovirt.vhost_user.framing`'s, shared with the front-end role; its
+fatal errors come out as :class:`ProtocolFailure`.  Everything else is
+checked on a whole message, so the next message starts at a known offset and
+the error only rejects one message: unknown request codes (the spec's
+REPLY_ACK section lets the front-end ask for a reply to *any* request, so a
+NACK is still due if NEED_REPLY was set), reserved or REPLY flag bits,
+payload sizes and values, fd counts.
 
 Not handled: VHOST_USER_PROTOCOL_F_XEN_MMAP (its memory regions are 40
 bytes, not 32) - a back-end using this class must not offer it.
 
 File descriptors
 ----------------
-Fds handed to :meth:`BackendConnection.feed` belong to the message the first
-byte of that feed belongs to: the message in progress, or the next one to
-start.  This is exact when the reader never reads past the end of the current
-message, which :attr:`BackendConnection.bytes_needed` makes easy (QEMU and
-libvhost-user read the header, then the payload, the same way): the kernel
-delivers ``SCM_RIGHTS`` with the ``sendmsg`` that carried the header, and a
-pending spec change ("fds only with the first ``recvmsg`` of a header")
-makes it a rule.  Every fd in an event is the caller's to keep or close:
-``Request.fds`` (the handler keeps or closes them), ``RejectedRequest.fds``,
-``ProtocolFailure.fds`` and ``ConnectionClosed.fds`` (close them).  No fd
-is ever dropped.  If :meth:`~BackendConnection.feed` raises (connection
-already failed or closed) the fds passed stay the caller's.
+Fds are framed as :class:`~iovirt.vhost_user.framing.Framer` says: read at
+most :attr:`BackendConnection.bytes_needed` bytes per ``recvmsg`` and every
+fd stays with its message.  Every fd in an event is the caller's to keep or
+close: ``Request.fds`` (the handler keeps or closes them),
+``RejectedRequest.fds``, ``ProtocolFailure.fds`` and
+``ConnectionClosed.fds`` (close them).  No fd is ever dropped.  If
+:meth:`~BackendConnection.feed` raises (connection already failed or
+closed) the fds passed stay the caller's.
+
+Front-end role
+--------------
+:class:`FrontendConnection` is the same rules seen from the other end: it
+builds request bytes, frames what the back-end sends, and checks a reply
+against the request it answers (code, REPLY bit, and the payload type
+:data:`REQUEST_RULES` and :func:`reply_kind` say is due).
 """
 
 from __future__ import annotations
@@ -60,29 +63,34 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from iovirt.vhost_user.errors import (
-    BadVersionError,
+    BadReplyError,
     FdCountError,
     FlagsError,
     LocalProtocolError,
+    NackError,
     PayloadSizeError,
-    PayloadTooLargeError,
-    TruncatedMessageError,
     UnknownRequestError,
     UnsupportedRequestError,
     VhostUserProtocolError,
 )
+from iovirt.vhost_user.framing import (
+    ConnectionClosed,
+    ConnectionState,
+    Framer,
+    Header,
+    Message,
+    ProtocolFailure,
+    build_message,
+    build_reply,
+    request_flags,
+)
 from iovirt.vhost_user.messages import (
-    HEADER_SIZE,
-    MAX_PAYLOAD_SIZE,
     VHOST_USER_DEVICE_STATE_NOFD,
     VHOST_USER_KNOWN_FLAGS,
-    VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
-    VHOST_USER_VERSION,
     Config,
     DeviceStateTransfer,
     FrontendRequest,
-    Header,
     Inflight,
     IotlbMsg,
     Log,
@@ -240,30 +248,7 @@ class RejectedRequest:
     reply: ReplyKind
 
 
-@dataclass(frozen=True)
-class ProtocolFailure:
-    """The byte stream can no longer be framed; close the connection and ``fds``."""
-
-    error: VhostUserProtocolError
-    fds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """The peer closed the connection between messages; close ``fds`` (normally none)."""
-
-    fds: tuple[int, ...] = ()
-
-
 Event = Request | RejectedRequest | ProtocolFailure | ConnectionClosed
-
-
-class ConnectionState(enum.Enum):
-    """The connection's state (h11 style: one error ends it)."""
-
-    OPEN = "open"
-    ERROR = "error"
-    CLOSED = "closed"
 
 
 @dataclass
@@ -278,22 +263,18 @@ class BackendConnection:
 
     supported_protocol_features: int = 0
     protocol_features: int = field(default=0, init=False)
-    state: ConnectionState = field(default=ConnectionState.OPEN, init=False)
-    _buffer: bytearray = field(default_factory=bytearray, init=False, repr=False)
-    _header: Header | None = field(default=None, init=False, repr=False)
-    _fds: list[int] = field(default_factory=list, init=False, repr=False)
+    _framer: Framer = field(default_factory=Framer, init=False, repr=False)
 
     # -- input ----------------------------------------------------------------
     @property
-    def bytes_needed(self) -> int:
-        """How many bytes complete the current header or message (read no more).
+    def state(self) -> ConnectionState:
+        """The stream's state: ``OPEN`` until a fatal framing error or the peer's EOF."""
+        return self._framer.state
 
-        Reading at most this many bytes per ``recvmsg`` keeps every fd with
-        the message it was sent with.
-        """
-        if self._header is None:
-            return HEADER_SIZE - len(self._buffer)
-        return self._header.size - len(self._buffer)
+    @property
+    def bytes_needed(self) -> int:
+        """How many bytes complete the current header or message (read no more, see :class:`Framer`)."""
+        return self._framer.bytes_needed
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Event]:
         """Take bytes (and the fds received with them); return the events they complete.
@@ -301,65 +282,17 @@ class BackendConnection:
         Raises :class:`LocalProtocolError` if the connection has already
         failed or closed; the caller then still owns ``fds``.
         """
-        self._check_open()
-        self._fds.extend(fds)
-        self._buffer += data
-        events: list[Event] = []
-        while self.state is ConnectionState.OPEN:
-            if self._header is None:
-                if len(self._buffer) < HEADER_SIZE:
-                    break
-                header = Header.unpack(self._buffer[:HEADER_SIZE])
-                del self._buffer[:HEADER_SIZE]
-                error = self._framing_error(header)
-                if error is not None:
-                    events.append(self._fail(error))
-                    break
-                self._header = header
-            if len(self._buffer) < self._header.size:
-                break
-            header, self._header = self._header, None
-            body = bytes(self._buffer[: header.size])
-            del self._buffer[: header.size]
-            message_fds, self._fds = tuple(self._fds), []
-            events.append(self._message(header, body, message_fds))
-        return events
+        return [
+            framed if isinstance(framed, ProtocolFailure) else self._message(framed)
+            for framed in self._framer.feed(data, fds)
+        ]
 
     def feed_eof(self) -> Event:
         """The peer closed its end: :class:`ConnectionClosed`, or a failure mid-message."""
-        self._check_open()
-        if self._header is None and not self._buffer:
-            self.state = ConnectionState.CLOSED
-            fds, self._fds = tuple(self._fds), []
-            return ConnectionClosed(fds)
-        if self._header is None:
-            error = TruncatedMessageError(None, len(self._buffer), HEADER_SIZE)
-        else:
-            error = TruncatedMessageError(
-                self._header.request, HEADER_SIZE + len(self._buffer), HEADER_SIZE + self._header.size
-            )
-        return self._fail(error)
+        return self._framer.feed_eof()
 
-    def _check_open(self) -> None:
-        if self.state is not ConnectionState.OPEN:
-            raise LocalProtocolError(f"connection is {self.state.value}; it takes no more input")
-
-    @staticmethod
-    def _framing_error(header: Header) -> VhostUserProtocolError | None:
-        if header.version != VHOST_USER_VERSION:
-            return BadVersionError(header.request, header.flags)
-        if header.size > MAX_PAYLOAD_SIZE:
-            return PayloadTooLargeError(header.request, header.size, MAX_PAYLOAD_SIZE)
-        return None
-
-    def _fail(self, error: VhostUserProtocolError) -> ProtocolFailure:
-        self.state = ConnectionState.ERROR
-        self._buffer.clear()
-        self._header = None
-        fds, self._fds = tuple(self._fds), []
-        return ProtocolFailure(error, fds)
-
-    def _message(self, header: Header, body: bytes, fds: tuple[int, ...]) -> Request | RejectedRequest:
+    def _message(self, message: Message) -> Request | RejectedRequest:
+        header, body, fds = message.header, message.body, message.fds
         code = header.request
         try:
             request = FrontendRequest(code)
@@ -442,7 +375,7 @@ class BackendConnection:
             raise LocalProtocolError(
                 f"{event.request.name} replies with {expected.__name__}, not {type(payload).__name__}"  # type: ignore[union-attr]
             )
-        return self._reply_bytes(event.request, payload.pack())
+        return build_reply(event.request, payload.pack())
 
     def ack(self, event: Request | RejectedRequest, status: int = 0) -> bytes:
         """The REPLY_ACK message (u64 ``status``: 0 success) if one is due, else ``b""``.
@@ -454,7 +387,7 @@ class BackendConnection:
             raise LocalProtocolError(f"{_name(event.request)} needs its reply body, not an ack")
         if event.reply is ReplyKind.NONE:
             return b""
-        return self._reply_bytes(event.request, U64(status).pack())
+        return build_reply(event.request, U64(status).pack())
 
     def nack(self, event: Request | RejectedRequest, status: int = 1) -> bytes | None:
         """What to send when ``event`` failed: a failure reply, ``b""`` (nothing due) or ``None``.
@@ -470,12 +403,105 @@ class BackendConnection:
         rule = REQUEST_RULES[FrontendRequest(event.request)]
         if rule.failure is None:
             return None
-        return self._reply_bytes(event.request, rule.failure(status))
-
-    @staticmethod
-    def _reply_bytes(request: int, body: bytes) -> bytes:
-        return Header(request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, len(body)).pack() + body
+        return build_reply(event.request, rule.failure(status))
 
 
 def _name(request: int) -> str:
     return request.name if isinstance(request, FrontendRequest) else f"request {request}"
+
+
+# -- front-end role -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A checked reply from the back-end: its header, parsed payload and the fds it passed.
+
+    ``payload`` is ``None`` for an empty reply (GET_CONFIG's failure).
+    The fds are the caller's to close.
+    """
+
+    header: Header
+    payload: Payload | None
+    fds: tuple[int, ...]
+
+
+@dataclass
+class FrontendConnection:
+    """The front-end side of one vhost-user connection, without I/O.
+
+    :meth:`request` builds a request's bytes; :meth:`feed` frames what the
+    back-end sends (the same :class:`~iovirt.vhost_user.framing.Framer`
+    and fd rules as :class:`BackendConnection`); :meth:`reply` checks a
+    framed message as the reply to a request.  :attr:`protocol_features`
+    is what SET_PROTOCOL_FEATURES sent: it takes effect at once, as on the
+    back-end side, and decides which replies are due (:func:`reply_kind`).
+    """
+
+    protocol_features: int = field(default=0, init=False)
+    _framer: Framer = field(default_factory=Framer, init=False, repr=False)
+
+    # -- output ---------------------------------------------------------------
+    def request(
+        self, request: int, payload: Payload | bytes | None = None, *, need_reply: bool = False, flags: int | None = None
+    ) -> bytes:
+        """The bytes of one request; ``flags`` overrides version/need_reply (for bad input)."""
+        if request == R.VHOST_USER_SET_PROTOCOL_FEATURES and isinstance(payload, U64):
+            self.protocol_features = payload.value
+        return build_message(request, request_flags(need_reply) if flags is None else flags, payload)
+
+    def reply_due(self, request: int, need_reply: bool) -> ReplyKind:
+        """What the back-end answers ``request`` sent with ``need_reply`` (see :func:`reply_kind`)."""
+        return reply_kind(request, need_reply, self.protocol_features)
+
+    # -- input ----------------------------------------------------------------
+    @property
+    def state(self) -> ConnectionState:
+        """The stream's state: ``OPEN`` until a fatal framing error or the back-end's EOF."""
+        return self._framer.state
+
+    @property
+    def bytes_needed(self) -> int:
+        """How many bytes complete the current header or message (read no more, see :class:`Framer`)."""
+        return self._framer.bytes_needed
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message | ProtocolFailure]:
+        """Take bytes (and the fds received with them); return the messages they complete."""
+        return self._framer.feed(data, fds)
+
+    def feed_eof(self) -> ConnectionClosed | ProtocolFailure:
+        """The back-end closed its end: :class:`ConnectionClosed`, or a failure mid-message."""
+        return self._framer.feed_eof()
+
+    def reply(self, message: Message, request: int) -> Reply:
+        """Check ``message`` as the reply to ``request`` and parse its payload.
+
+        The reply must carry the request's code and the REPLY bit, and the
+        payload the spec says is due: the request's reply body (its
+        :data:`REQUEST_RULES` type, when :func:`reply_kind` says ``BODY``),
+        else a REPLY_ACK u64.  Only GET_CONFIG's reply may be empty ("zero
+        length of payload to indicate an error").  Raises
+        :class:`BadReplyError`; ``message.fds`` stay the caller's either way.
+        """
+        header = message.header
+        if header.request != request:
+            raise BadReplyError(request, f"reply is for request {header.request}")
+        if not header.is_reply:
+            raise BadReplyError(request, f"reply flags {header.flags:#x} lack version 1 and REPLY")
+        rule = REQUEST_RULES.get(request)  # type: ignore[call-overload]
+        body_due = rule is not None and self.reply_due(request, False) is ReplyKind.BODY
+        payload_type: type[Payload] = rule.reply if body_due else U64
+        try:
+            payload = payload_type.unpack(message.body, request) if message.body else None
+        except VhostUserProtocolError as exc:
+            raise BadReplyError(request, str(exc)) from exc
+        if payload is None and request != R.VHOST_USER_GET_CONFIG:
+            raise BadReplyError(request, "empty reply payload")
+        return Reply(header, payload, message.fds)
+
+    @staticmethod
+    def check_ack(request: int, reply: Reply) -> None:
+        """Raise :class:`NackError` unless the REPLY_ACK ``reply`` says success (u64 0)."""
+        assert isinstance(reply.payload, U64)
+        if reply.payload.value != 0:
+            raise NackError(request, reply.payload.value)

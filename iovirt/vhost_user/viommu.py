@@ -23,7 +23,8 @@ from typing import Callable
 from iovirt.memory import Access, TranslationFault
 from iovirt.vhost_user.errors import VhostUserProtocolError
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import HEADER_SIZE, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType
+from iovirt.vhost_user.framing import Framer, ProtocolFailure
+from iovirt.vhost_user.messages import BackendRequest, IotlbMsg, IotlbPerm, IotlbType
 
 PAGE_SIZE = 4096
 
@@ -52,7 +53,8 @@ class FrontendIommu:
         """Every ACCESS_FAIL received."""
         self.answer_misses = True
         """False: receive misses but leave them unanswered (a front-end that never answers)."""
-        self._buf = b""
+        self._framer = Framer()
+        """Frames the back-end channel (no fds travel on it: BACKEND_SEND_FD is never negotiated)."""
 
     # -- the guest's I/O page table ----------------------------------------------------------
     def map(self, iova: int, gpa: int, size: int, perm: IotlbPerm = IotlbPerm.VHOST_ACCESS_RW) -> None:
@@ -102,21 +104,18 @@ class FrontendIommu:
             chunk = self.channel.recv(65536)
             if not chunk:
                 break  # the back-end closed its end
-            self._buf += chunk
+            for framed in self._framer.feed(chunk):
+                if isinstance(framed, ProtocolFailure):
+                    raise framed.error
+                request = framed.header.request
+                if request != BackendRequest.VHOST_USER_BACKEND_IOTLB_MSG:
+                    raise VhostUserProtocolError(
+                        f"back-end sent request {request} on its channel, expected IOTLB_MSG", request
+                    )
+                msg = IotlbMsg.unpack(framed.body, request)
+                (self.misses if msg.type == IotlbType.VHOST_IOTLB_MISS else self.access_fails).append(msg)
+                out.append(msg)
             readable, _, _ = select.select([self.channel], [], [], 0)
-        while len(self._buf) >= HEADER_SIZE:
-            header = Header.unpack(self._buf[:HEADER_SIZE])
-            if len(self._buf) < HEADER_SIZE + header.size:
-                break
-            body = self._buf[HEADER_SIZE : HEADER_SIZE + header.size]
-            self._buf = self._buf[HEADER_SIZE + header.size :]
-            if header.request != BackendRequest.VHOST_USER_BACKEND_IOTLB_MSG:
-                raise VhostUserProtocolError(
-                    f"back-end sent request {header.request} on its channel, expected IOTLB_MSG", header.request
-                )
-            msg = IotlbMsg.unpack(body, header.request)
-            (self.misses if msg.type == IotlbType.VHOST_IOTLB_MISS else self.access_fails).append(msg)
-            out.append(msg)
         return out
 
     def serve(self, timeout: float = 0.0) -> int:

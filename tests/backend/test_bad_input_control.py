@@ -21,13 +21,14 @@ import threading
 
 import pytest
 
+from iovirt.vhost_user.bringup import negotiate, start_vring
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.errors import NackError
+from iovirt.vhost_user.framing import Header
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.messages import (
     VHOST_USER_VERSION,
     FrontendRequest,
-    Header,
     Inflight,
     MemoryTable,
     MemRegion,
@@ -66,7 +67,7 @@ def frontend(path: str) -> VhostUserFrontend:
     """A front-end with everything negotiated, REPLY_ACK included."""
     front = VhostUserFrontend.connect(path, timeout=5.0)
     try:
-        front.negotiate(ALL, ALL)
+        negotiate(front, ALL, ALL)
     except BaseException:
         front.close()
         raise
@@ -481,7 +482,7 @@ def bad_connection(backend, i: int) -> None:
     try:
         kind = i % 10
         if kind >= 3:
-            front.negotiate(ALL, ALL)
+            negotiate(front, ALL, ALL)
         fd = os.eventfd(0)
         try:
             if kind == 0:  # bad version
@@ -501,7 +502,7 @@ def bad_connection(backend, i: int) -> None:
             elif kind == 6:  # mem table, a started ring, then hang up with it running
                 region = front.add_region(0, 0x10000)
                 front.set_mem_table([region])
-                front.setup_vring(0, 8, 0x0, 0x1000, 0x2000)
+                start_vring(front, 0, 8, 0x0, 0x1000, 0x2000)
             elif kind == 7:  # an inflight fd, an index beyond the device
                 front.send(R.VHOST_USER_SET_VRING_CALL, VringFile(99), [fd], need_reply=True)
             elif kind == 8:  # zero-size region
@@ -610,7 +611,7 @@ def refuse_stray_fd(front: VhostUserFrontend) -> None:
 
 def accept_a_running_ring(front: VhostUserFrontend) -> None:
     front.set_mem_table([front.add_region(0, 0x10000)])
-    front.setup_vring(0, 8, 0x0, 0x1000, 0x2000)
+    start_vring(front, 0, 8, 0x0, 0x1000, 0x2000)
     front.set_vring_err(0)
 
 
@@ -747,7 +748,7 @@ def test_add_mem_reg_overlapping_and_rem_mem_reg_unknown_are_nacked(backend, log
     nacked(front, R.VHOST_USER_REM_MEM_REG, SingleMemRegion(MemRegion(0x100000, 0x1000, 0, 0)))
     assert "no region [0x100000, +0x1000) mapped" in log_line(logs, "VHOST_USER_REM_MEM_REG")
     # The region that was added is still there: a ring in it starts.
-    front.setup_vring(0, 8, 0x0, 0x1000, 0x2000)
+    start_vring(front, 0, 8, 0x0, 0x1000, 0x2000)
     still_serving(backend, front, path)
 
 

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from iovirt.vhost_user.bringup import negotiate
 from iovirt.vhost_user.driver import IOVA_BASE, VhostUserDriver
 from iovirt.vhost_user.errors import NackError
 from iovirt.vhost_user.frontend import VhostUserFrontend
@@ -263,7 +264,7 @@ def test_iotlb_messages_without_access_platform_are_refused(backend):
 
 def test_a_backend_channel_that_is_not_a_socket_is_refused(backend):
     with VhostUserFrontend.connect(backend.net_paths[0]) as front:
-        front.negotiate(ALL, ALL, iommu=True)
+        negotiate(front, ALL, ALL, iommu=True)
         r, w = os.pipe()
         try:
             with pytest.raises(NackError):

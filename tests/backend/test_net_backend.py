@@ -17,6 +17,7 @@ import time
 import pytest
 
 from iovirt.memory import BumpAllocator
+from iovirt.vhost_user.bringup import start_vring
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.errors import NackError
 from iovirt.vhost_user.frontend import VhostUserFrontend
@@ -270,9 +271,9 @@ def test_get_vring_base_stops_the_ring_and_returns_next_avail(backend, pair):
     assert a.queues[1].used_idx() == 3
     # Restarted from the returned base (QEMU's order), the ring picks the fourth frame up.
     queue = b.queues[0]
-    b.frontend.setup_vring(0, queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr, base=3)
+    start_vring(b.frontend, 0, queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr, base=3)
     queue = a.queues[1]
-    a.frontend.setup_vring(1, queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr, base=3)
+    start_vring(a.frontend, 1, queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr, base=3)
     ((_, got, _),) = receive(b)
     assert got[14:15] == b"4"
     assert wait_until(lambda: a.queues[1].used_idx() == 4)
@@ -347,7 +348,7 @@ def test_without_protocol_features_rings_are_enabled_when_started(backend):
         front.set_features(offered & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VIRTIO_F_EVENT_IDX))
         front.set_mem_table()
         tx = DriverQueue(front.memory, BumpAllocator(0x1000, (1 << 20) - 0x1000), 8, index=1)
-        front.setup_vring(1, 8, tx.desc_addr, tx.avail_addr, tx.used_addr)
+        start_vring(front, 1, 8, tx.desc_addr, tx.avail_addr, tx.used_addr)
         hello = eth(BROADCAST, MAC[0])
         tx.add_data([NetHdr().pack() + hello])
         tx.publish()

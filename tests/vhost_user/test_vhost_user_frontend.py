@@ -27,13 +27,14 @@ from iovirt.vhost_user.errors import (
     TruncatedMessageError,
     UnknownRequestError,
 )
+from iovirt.vhost_user.bringup import negotiate, start_vring
 from iovirt.vhost_user.frontend import USER_ADDR_BASE, VhostUserFrontend
+from iovirt.vhost_user.framing import Header, build_message
 from iovirt.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VERSION,
     Config,
     FrontendRequest,
-    Header,
     Inflight,
     IotlbMsg,
     IotlbPerm,
@@ -42,7 +43,6 @@ from iovirt.vhost_user.messages import (
     ProtocolFeature,
     U64,
     VringState,
-    encode_message,
     feature_mask,
 )
 from iovirt.vhost_user.memtable import GuestMemoryTable
@@ -214,7 +214,8 @@ def open_fds() -> int:
 
 def test_negotiate(pair):
     frontend, backend = pair
-    features, protocol = frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL | 1 << 63)
+    negotiated = negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL | 1 << 63)
+    features, protocol = negotiated.features, negotiated.protocol_features
     assert features == OFFERED_FEATURES
     assert protocol == OFFERED_PROTOCOL and frontend.reply_ack
     assert backend.conn.protocol_features == OFFERED_PROTOCOL
@@ -231,7 +232,7 @@ def test_negotiate(pair):
 
 def test_mem_table_fds_map_the_same_memory(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     frontend.add_region(0, 0x10000)
     frontend.add_region(0x100000, 0x20000)
     frontend.set_mem_table()
@@ -247,7 +248,7 @@ def test_mem_table_fds_map_the_same_memory(pair):
 
 def test_add_and_remove_a_region(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     assert frontend.get_max_mem_slots() == 509
     region = frontend.add_region(0x200000, 0x8000)
     frontend.add_mem_reg(region)
@@ -259,10 +260,10 @@ def test_add_and_remove_a_region(pair):
 
 def test_vrings_and_eventfds(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     frontend.add_region(0, 0x10000)
     frontend.set_mem_table()
-    frontend.setup_vring(0, 256, desc=0x1000, avail=0x2000, used=0x3000)
+    start_vring(frontend, 0, 256, desc=0x1000, avail=0x2000, used=0x3000)
     addr = [e for e in backend.requests() if e.request is R.VHOST_USER_SET_VRING_ADDR][0]
     assert (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr) == (
         USER_ADDR_BASE + 0x1000, USER_ADDR_BASE + 0x2000, USER_ADDR_BASE + 0x3000,
@@ -280,7 +281,7 @@ def test_vrings_and_eventfds(pair):
 
 def test_config_status_queues_iotlb(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     assert frontend.get_config(4, 8) == CONFIG_SPACE[4:12]
     assert frontend.get_queue_num() == 2
     frontend.set_status(0xF)
@@ -292,7 +293,7 @@ def test_config_status_queues_iotlb(pair):
 
 def test_inflight_fd_is_passed_back(pair):
     frontend, _ = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     inflight, fd = frontend.get_inflight_fd(2, 8)
     try:
         assert inflight == Inflight(2 * (16 + 16 * 8), 0, 2, 8)
@@ -305,7 +306,7 @@ def test_inflight_fd_is_passed_back(pair):
 
 def test_nack_raises(pair):
     frontend, _ = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     with pytest.raises(NackError) as info:
         frontend.net_set_mtu(1500)
     assert info.value.status == 1 and info.value.request == R.VHOST_USER_NET_SET_MTU
@@ -351,7 +352,7 @@ def test_connect_to_a_listening_path(tmp_path):
 
 def test_unknown_request_is_nacked_and_connection_survives(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     frontend.send(77, b"\0" * 8, need_reply=True)
     reply = frontend.recv_reply(77)
     assert reply.payload == U64(1)
@@ -361,7 +362,7 @@ def test_unknown_request_is_nacked_and_connection_survives(pair):
 
 def test_wrong_payload_size_is_nacked(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     frontend.send(R.VHOST_USER_SET_VRING_NUM, b"\0" * 4, need_reply=True)
     assert frontend.recv_reply(R.VHOST_USER_SET_VRING_NUM).payload == U64(1)
     assert isinstance(backend.last().error, PayloadSizeError)
@@ -388,7 +389,7 @@ def test_stray_fds_are_closed_by_the_backend(pair):
 
 def test_missing_kick_fd(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     frontend.send(R.VHOST_USER_SET_VRING_KICK, U64(0), need_reply=True)
     assert frontend.recv_reply(R.VHOST_USER_SET_VRING_KICK).payload == U64(1)
     assert isinstance(backend.last().error, FdCountError)
@@ -396,7 +397,7 @@ def test_missing_kick_fd(pair):
 
 def test_nine_regions_are_rejected_and_their_fds_closed(pair):
     frontend, backend = pair
-    frontend.negotiate(1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
+    negotiate(frontend, 1 << VIRTIO_F_VERSION_1, OFFERED_PROTOCOL)
     regions = [frontend.add_region(i * 0x10000, 0x1000) for i in range(9)]
     before = open_fds()
     body = struct.pack("=II", 9, 0) + b"".join(frontend.region_desc(r).pack() for r in regions)
@@ -416,7 +417,7 @@ def test_bad_version_closes_the_connection(pair):
 
 def test_truncated_header_then_disconnect(pair):
     frontend, backend = pair
-    frontend.send_raw(encode_message(R.VHOST_USER_GET_FEATURES, VHOST_USER_VERSION)[:7])
+    frontend.send_raw(build_message(R.VHOST_USER_GET_FEATURES, VHOST_USER_VERSION)[:7])
     frontend.sock.shutdown(socket.SHUT_WR)
     wait_for(lambda: not backend.thread.is_alive())
     assert isinstance(backend.last().error, TruncatedMessageError)
@@ -426,7 +427,7 @@ def test_disconnect_mid_message_with_fds_leaks_nothing(pair):
     frontend, backend = pair
     region = frontend.add_region(0, 0x1000)
     before = open_fds()
-    data = encode_message(R.VHOST_USER_SET_MEM_TABLE, VHOST_USER_VERSION, MemoryTable((frontend.region_desc(region),)))
+    data = build_message(R.VHOST_USER_SET_MEM_TABLE, VHOST_USER_VERSION, MemoryTable((frontend.region_desc(region),)))
     frontend.send_raw(data[:30], [frontend.region_fd(region)])
     frontend.sock.shutdown(socket.SHUT_WR)
     wait_for(lambda: not backend.thread.is_alive())

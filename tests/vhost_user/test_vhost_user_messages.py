@@ -9,15 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iovirt.vhost_user.errors import PayloadSizeError, PayloadValueError, VhostUserProtocolError
+from iovirt.vhost_user.framing import HEADER_SIZE, Header, build_message
 from iovirt.vhost_user.messages import (
-    HEADER_SIZE,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
     BackendRequest,
     Config,
     DeviceStateTransfer,
     FrontendRequest,
-    Header,
     Inflight,
     IotlbMsg,
     IotlbPerm,
@@ -36,7 +35,6 @@ from iovirt.vhost_user.messages import (
     VringArea,
     VringFile,
     VringState,
-    encode_message,
     feature_mask,
 )
 
@@ -88,7 +86,7 @@ def test_header_round_trip(request, flags, size):
 
 
 def test_header_layout_is_native_u32s():
-    data = encode_message(FrontendRequest.VHOST_USER_SET_FEATURES, VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK, U64(5))
+    data = build_message(FrontendRequest.VHOST_USER_SET_FEATURES, VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK, U64(5))
     assert struct.unpack("=IIIQ", data) == (2, 0x9, 8, 5)
     header = Header.unpack(data[:12])
     assert header.version == 1 and header.need_reply and not header.is_reply

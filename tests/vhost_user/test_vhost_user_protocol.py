@@ -26,6 +26,7 @@ from iovirt.vhost_user.errors import (
     UnknownRequestError,
     UnsupportedRequestError,
 )
+from iovirt.vhost_user.framing import Header, build_message
 from iovirt.vhost_user.messages import (
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
@@ -33,7 +34,6 @@ from iovirt.vhost_user.messages import (
     Config,
     DeviceStateTransfer,
     FrontendRequest,
-    Header,
     Inflight,
     IotlbMsg,
     IotlbPerm,
@@ -49,7 +49,6 @@ from iovirt.vhost_user.messages import (
     VringAddr,
     VringFile,
     VringState,
-    encode_message,
     feature_mask,
 )
 from iovirt.vhost_user.requests import REQUEST_TYPES, SetMemTable, SetVringCall, SetVringKick
@@ -73,7 +72,7 @@ ALL_PF = feature_mask(*ProtocolFeature)
 
 
 def msg(request, payload=None, flags=V1):
-    return encode_message(request, flags, payload)
+    return build_message(request, flags, payload)
 
 
 def region(i):
@@ -163,14 +162,14 @@ def test_set_protocol_features_is_limited_to_supported_and_log_shmfd_reply():
     assert c.protocol_features == feature_mask(PF.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
     event = only(c.feed(msg(R.VHOST_USER_SET_LOG_BASE, Log(8, 0)), [7]))
     assert event.reply is ReplyKind.BODY
-    assert c.nack(event) == encode_message(R.VHOST_USER_SET_LOG_BASE, V1 | VHOST_USER_REPLY_MASK, U64(1))
+    assert c.nack(event) == build_message(R.VHOST_USER_SET_LOG_BASE, V1 | VHOST_USER_REPLY_MASK, U64(1))
 
 
 def test_reply_bytes_and_misuse():
     c = conn()
     get, set_ = feed_whole(c, BRING_UP[:1] + BRING_UP[3:4])
     out = c.reply(get, U64(0x1234))
-    assert out == encode_message(R.VHOST_USER_GET_FEATURES, V1 | VHOST_USER_REPLY_MASK, U64(0x1234))
+    assert out == build_message(R.VHOST_USER_GET_FEATURES, V1 | VHOST_USER_REPLY_MASK, U64(0x1234))
     with pytest.raises(LocalProtocolError):
         c.reply(get, VringState(0, 0))
     with pytest.raises(LocalProtocolError):
@@ -186,8 +185,8 @@ def test_ack_and_nack_with_reply_ack():
     c.feed(msg(R.VHOST_USER_SET_PROTOCOL_FEATURES, U64(ALL_PF)))
     event = only(c.feed(msg(R.VHOST_USER_SET_VRING_NUM, VringState(0, 8), NEED)))
     reply = V1 | VHOST_USER_REPLY_MASK
-    assert c.ack(event) == encode_message(R.VHOST_USER_SET_VRING_NUM, reply, U64(0))
-    assert c.nack(event, 22) == encode_message(R.VHOST_USER_SET_VRING_NUM, reply, U64(22))
+    assert c.ack(event) == build_message(R.VHOST_USER_SET_VRING_NUM, reply, U64(0))
+    assert c.nack(event, 22) == build_message(R.VHOST_USER_SET_VRING_NUM, reply, U64(22))
 
 
 def test_nack_encodings_for_body_replies():
@@ -196,7 +195,7 @@ def test_nack_encodings_for_body_replies():
     get_config = only(c.feed(msg(R.VHOST_USER_GET_CONFIG, Config(0, 0, bytes(4)))))
     assert c.nack(get_config) == Header(R.VHOST_USER_GET_CONFIG, reply, 0).pack()
     state = only(c.feed(msg(R.VHOST_USER_SET_DEVICE_STATE_FD, DeviceStateTransfer(TransferDirection.LOAD, MigrationPhase.STOPPED)), [9]))
-    assert c.nack(state, 5) == encode_message(R.VHOST_USER_SET_DEVICE_STATE_FD, reply, U64(0x105))
+    assert c.nack(state, 5) == build_message(R.VHOST_USER_SET_DEVICE_STATE_FD, reply, U64(0x105))
     # GET_VRING_BASE's reply has no failure encoding: the caller must close.
     base = only(c.feed(msg(R.VHOST_USER_GET_VRING_BASE, VringState(0, 0))))
     assert c.nack(base) is None
@@ -211,7 +210,7 @@ def test_unknown_request_is_rejected_and_can_be_nacked():
     event = only(c.feed(msg(99, b"abcd", NEED), [5]))
     assert isinstance(event, RejectedRequest) and isinstance(event.error, UnknownRequestError)
     assert event.request == 99 and event.fds == (5,) and event.reply is ReplyKind.ACK
-    assert c.nack(event) == encode_message(99, V1 | VHOST_USER_REPLY_MASK, U64(1))
+    assert c.nack(event) == build_message(99, V1 | VHOST_USER_REPLY_MASK, U64(1))
     # The stream is still framed: the next message parses.
     assert isinstance(only(c.feed(BRING_UP[0][0])), Request)
 
@@ -342,7 +341,7 @@ def test_rem_mem_reg_may_carry_one_fd():
 
 
 def test_more_than_8_regions_rejected_with_all_fds():
-    data = encode_message(
+    data = build_message(
         R.VHOST_USER_SET_MEM_TABLE, V1, struct.pack("=II", 9, 0) + b"".join(region(i).pack() for i in range(9))
     )
     fds = tuple(range(20, 29))

@@ -12,12 +12,12 @@ from iovirt.conformance.devices import NetPort, marker_frame, new_tag
 from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.errors import BackendClosedError, NackError
+from iovirt.vhost_user.framing import Header
 from iovirt.vhost_user.inflight import DESC_STATE, QUEUE_HEADER
 from iovirt.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VERSION,
     FrontendRequest as R,
-    Header,
     ProtocolFeature as PF,
     SingleMemRegion,
     U64,
@@ -30,10 +30,10 @@ def _needs_bit30(caps) -> str | None:
 
 
 def _recv(link, request: int) -> tuple[Header, bytes]:
-    header, body, fds = link.frontend.recv_message(request=request)
-    for fd in fds:
+    message = link.frontend.recv_message(request=request)
+    for fd in message.fds:
         os.close(fd)
-    return header, body
+    return message.header, message.body
 
 
 @check("vhost-user:Header", "replies carry version 1, the reply flag, the request code and an exact size")

@@ -1,0 +1,148 @@
+"""The VMM's bring-up sequence, step by step, on a :class:`~iovirt.vhost_user.frontend.VhostUserFrontend`.
+
+One implementation for every front-end in iovirt (the tests, the packet
+bench's :class:`~iovirt.vhost_user.driver.VhostUserDriver`, the conformance
+suite's :class:`~iovirt.conformance.link.Link`), in QEMU's order
+(vhost-user.rst "Ring states", "Memory regions description"; virtio 1.2
+3.1.1 "Driver Requirements: Device Initialization"):
+
+1. :func:`negotiate` - GET_FEATURES, then GET/SET_PROTOCOL_FEATURES when
+   ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) is offered and wanted,
+   SET_OWNER, SET_FEATURES;
+2. :func:`features_ok` - SET_STATUS ACKNOWLEDGE|DRIVER|FEATURES_OK (only
+   with ``VHOST_USER_PROTOCOL_F_STATUS``);
+3. :func:`share_memory` - SET_MEM_TABLE, or one ADD_MEM_REG per region;
+4. :func:`start_vring` per ring - NUM, BASE, ADDR, CALL, KICK, then ENABLE
+   (only with bit 30: without it rings are enabled at once);
+5. :func:`driver_ok` - SET_STATUS ... DRIVER_OK (only with F_STATUS), once
+   the rings run: a back-end may serve nothing before it (DPDK's vhost
+   library waits for it).
+
+Every step is a separate call with selectable options, so that a
+conformance check can leave a ring disabled, poll instead of taking a call
+eventfd, or negotiate without bit 30.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from iovirt.memory import MemoryRegion
+from iovirt.vhost_user.frontend import VhostUserFrontend
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from iovirt.virtio.defs import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_ACCESS_PLATFORM,
+)
+
+ALL_FEATURES = (1 << 64) - 1
+PROTOCOL_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+FEATURES_OK_STATUS = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What one front-end agreed with the back-end."""
+
+    offered: int
+    features: int
+    protocol_features: int
+
+    def has(self, bit: int) -> bool:
+        """Whether virtio/vhost feature ``bit`` was negotiated."""
+        return bool(self.features >> bit & 1)
+
+
+def negotiate(
+    frontend: VhostUserFrontend,
+    features: int = ALL_FEATURES,
+    protocol_features: int = ALL_FEATURES,
+    *,
+    protocol: bool = True,
+    iommu: bool = False,
+) -> Negotiated:
+    """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES.
+
+    Acks the bits of ``features`` the back-end offers, and bit 30 whenever
+    it is offered and ``protocol`` is true (then the offered protocol
+    features within ``protocol_features`` are set); ``protocol`` False
+    negotiates without protocol features at all.  VIRTIO_F_ACCESS_PLATFORM
+    is acked only with ``iommu``: a VMM accepts it only with an IOMMU in
+    front of the device, and must then answer the back-end's IOTLB misses
+    (:mod:`iovirt.vhost_user.viommu`).
+    """
+    if not iommu:
+        features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
+    offered = frontend.get_features()
+    use_protocol = protocol and bool(offered & PROTOCOL_BIT)
+    acked_protocol = 0
+    if use_protocol:
+        acked_protocol = frontend.get_protocol_features() & protocol_features
+        frontend.set_protocol_features(acked_protocol)
+    frontend.set_owner()
+    acked = offered & features & ~PROTOCOL_BIT | (PROTOCOL_BIT if use_protocol else 0)
+    frontend.set_features(acked)
+    return Negotiated(offered, acked, acked_protocol)
+
+
+def has_status(frontend: VhostUserFrontend) -> bool:
+    """Whether VHOST_USER_PROTOCOL_F_STATUS was negotiated (SET_STATUS exists only then)."""
+    return bool(frontend.protocol_features >> ProtocolFeature.VHOST_USER_PROTOCOL_F_STATUS & 1)
+
+
+def features_ok(frontend: VhostUserFrontend) -> None:
+    """SET_STATUS ACKNOWLEDGE|DRIVER|FEATURES_OK right after SET_FEATURES, as QEMU does (with F_STATUS)."""
+    if has_status(frontend):
+        frontend.set_status(frontend.status | FEATURES_OK_STATUS)
+
+
+def share_memory(
+    frontend: VhostUserFrontend, regions: Sequence[MemoryRegion] | None = None, *, mem_slots: bool = False
+) -> None:
+    """Share ``regions`` (default: all): one ADD_MEM_REG each with ``mem_slots``, else SET_MEM_TABLE of all."""
+    if mem_slots:
+        for region in frontend.memory.regions if regions is None else regions:
+            frontend.add_mem_reg(region)
+    else:
+        frontend.set_mem_table()
+
+
+def start_vring(
+    frontend: VhostUserFrontend,
+    index: int,
+    num: int,
+    desc: int,
+    avail: int,
+    used: int,
+    *,
+    base: int = 0,
+    call: bool = True,
+    kick: bool = True,
+    enable: bool | None = True,
+) -> None:
+    """NUM, BASE, ADDR, CALL, KICK, ENABLE for one split ring at guest-physical (or IOVA) addresses.
+
+    ``call`` False sends CALL with the no-fd bit (the driver polls);
+    ``kick`` False sends no KICK (the ring never starts); ``enable`` is the
+    ENABLE value, sent only when bit 30 was negotiated (without it a ring is
+    enabled at once) and never when ``None`` (a restart after GET_VRING_BASE
+    keeps the ring's enable state).
+    """
+    frontend.set_vring_num(index, num)
+    frontend.set_vring_base(index, base)
+    frontend.set_vring_addr(index, desc, avail, used)
+    frontend.set_vring_call(index, poll=not call)
+    if kick:
+        frontend.set_vring_kick(index)
+    if enable is not None and frontend.features & PROTOCOL_BIT:
+        frontend.set_vring_enable(index, enable)
+
+
+def driver_ok(frontend: VhostUserFrontend) -> None:
+    """SET_STATUS with DRIVER_OK (virtio 1.2 3.1.1 step 8) once the rings run; only with F_STATUS, only once."""
+    if has_status(frontend) and not frontend.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        frontend.set_status(frontend.status | FEATURES_OK_STATUS | VIRTIO_CONFIG_S_DRIVER_OK)
