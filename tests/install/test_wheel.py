@@ -34,6 +34,7 @@ RUN_TIMEOUT = 60
 # config space (virtio 1.2 5.2.4: capacity in 512-byte sectors).
 ROUND_TRIP = r"""
 import json, sys
+from iovirt.vhost_user import bringup
 from iovirt.vhost_user.frontend import VhostUserFrontend
 
 VIRTIO_F_VERSION_1 = 32                 # virtio 1.2 6
@@ -48,7 +49,8 @@ for name, path in (("net", net_path), ("blk", blk_path)):
         offered = fe.get_features()
         offered_protocol = fe.get_protocol_features()
         wanted_protocol = (1 << VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1 << VHOST_USER_PROTOCOL_F_CONFIG)
-        acked, acked_protocol = fe.negotiate(offered | (1 << VIRTIO_F_VERSION_1), wanted_protocol)
+        agreed = bringup.negotiate(fe, offered | (1 << VIRTIO_F_VERSION_1), wanted_protocol)
+        acked, acked_protocol = agreed.features, agreed.protocol_features
         entry = {"offered": offered, "offered_protocol": offered_protocol,
                  "acked": acked, "acked_protocol": acked_protocol}
         if name == "blk":
