@@ -24,6 +24,7 @@ from typing import Any, Callable
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
+from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.device import NotSupported, VhostUserDevice
 from iovirt.vhost_user.inflight import InflightRegion, inflight_mmap_size
 from iovirt.vhost_user.iotlb import IotlbError
@@ -137,7 +138,7 @@ class BackendSession:
                 except (MemoryTableError, VringError, IotlbError, FeatureError, NotSupported, ValueError) as exc:
                     raise RequestRefused(req.code, str(exc)) from exc
         except RequestRefused:
-            _close_all(req.fds)
+            close_fds(req.fds)
             raise
         if isinstance(result, tuple):
             return result
@@ -273,7 +274,7 @@ class BackendSession:
         if self.inflight_map is not None:
             self.inflight_map.close()
             self.inflight_map = None
-        _close_all([self.inflight_fd] if self.inflight_fd is not None else [])
+        close_fds([self.inflight_fd])
         self.inflight_fd = None
 
     # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
@@ -309,11 +310,3 @@ class BackendSession:
 def _fd(req: rq.SetVringKick | rq.SetVringCall | rq.SetVringErr) -> int | None:
     """The eventfd of a SET_VRING_KICK/CALL/ERR, or None with the no-fd bit."""
     return None if req.invalid_fd else req.fds[0]
-
-
-def _close_all(fds: Any) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

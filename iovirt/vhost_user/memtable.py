@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 from typing import Callable, Sequence
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.messages import MemRegion
 
 log = logging.getLogger("iovirt.vhost_user")
@@ -57,7 +57,7 @@ class GuestMemoryTable:
         """ADD_MEM_REG: map one more region, or count one more add of a mapped one."""
         same = self._same(region)
         if same is not None:
-            _close_all(fds)
+            close_fds(fds)
             self._refs[same.gpa] += 1
             return
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
@@ -75,7 +75,7 @@ class GuestMemoryTable:
         found = self._same(region)
         if found is None:
             raise MemoryTableError(f"no region [{region.guest_phys_addr:#x}, +{region.memory_size:#x}) mapped")
-        _close_all(fds)
+        close_fds(fds)
         self._refs[found.gpa] -= 1
         if self._refs[found.gpa] == 0:
             del self._refs[found.gpa]
@@ -153,7 +153,7 @@ class GuestMemoryTable:
             for m in mapped:
                 m.close()
             raise
-        _close_all(fds)  # the mappings keep the memory; the fds are not needed
+        close_fds(fds)  # the mappings keep the memory; the fds are not needed
         return mapped
 
     def _swap(self, old: list[MemoryRegion], new: list[MemoryRegion], described: Sequence[MemRegion]) -> None:
@@ -179,11 +179,3 @@ class GuestMemoryTable:
         self.on_change()
         for region in old:
             region.close()
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

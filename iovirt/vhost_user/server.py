@@ -26,6 +26,7 @@ from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices import vhost_user_device
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.errors import VhostUserError
+from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.messages import VHOST_MEMORY_BASELINE_NREGIONS
 from iovirt.vhost_user.protocol import (
     BackendConnection,
@@ -248,9 +249,9 @@ class VhostUserServer:
             self._close(conn, f"socket error: {exc}")
             return
         if not data:
-            _close_fds(fds)
+            close_fds(fds)
             event = conn.proto.feed_eof()
-            _close_fds(getattr(event, "fds", ()))
+            close_fds(event.fds)
             if isinstance(event, ProtocolFailure):
                 self._close(conn, f"front-end disconnected mid-message: {event.error}")
             else:
@@ -274,7 +275,7 @@ class VhostUserServer:
                 return self._send(conn, conn.proto.nack(event), [], f"{event.request.name} failed")
             except Exception:  # a bug here must cost this connection, not the process
                 log.exception("%s: internal error handling %s", name, event.request.name)
-                _close_fds(event.fds)
+                close_fds(event.fds)
                 self._close(conn, "internal error")
                 return False
             if payload is not None:
@@ -282,18 +283,18 @@ class VhostUserServer:
             else:
                 out = conn.proto.ack(event)
             ok = self._send(conn, out, reply_fds, "")
-            _close_fds(reply_fds)  # the peer has its own copies now
+            close_fds(reply_fds)  # the peer has its own copies now
             return ok
         if isinstance(event, RejectedRequest):
-            _close_fds(event.fds)
+            close_fds(event.fds)
             log.warning("%s: rejected request %s: %s", name, event.request, event.error)
             return self._send(conn, conn.proto.nack(event), [], "malformed request")
         if isinstance(event, ProtocolFailure):
-            _close_fds(event.fds)
+            close_fds(event.fds)
             self._close(conn, f"protocol error: {event.error}")
             return False
         if isinstance(event, ConnectionClosed):
-            _close_fds(event.fds)
+            close_fds(event.fds)
             self._close(conn, "front-end disconnected")
             return False
         return True
@@ -350,11 +351,3 @@ def _peer_credentials(sock: socket.socket) -> str:
         if exc.errno == errno.ENOPROTOOPT:
             return "peer unknown"
         raise
-
-
-def _close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -28,6 +28,7 @@ from iovirt.memory import Access, GuestMemory, TranslationPending
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
 from iovirt.vhost_user.iotlb import DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
@@ -150,7 +151,7 @@ class Vrings:
         vring = self[index]
         if fd is not None:
             _check_eventfd(fd)
-        _close(getattr(vring, name))
+        close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
 
     def enable(self, index: int, enabled: bool) -> None:
@@ -206,15 +207,7 @@ class Vrings:
                 return False
         memory = self.dma_memory
         used_idx = memory.read_u16(used + 2)
-        wrap: Callable[[SplitQueue], SplitQueue] | None = None
-        region = vring.inflight
-        if region is not None:
-            resubmit = self._recover(vring, region, used_idx)
-
-            def wrap(queue: SplitQueue) -> SplitQueue:
-                # The wrapper has the queue's whole API (QueueWrapper): the device cannot tell.
-                return cast(SplitQueue, InflightQueue(queue, region, resubmit))
-
+        wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
         state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
         self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
         vring.awaiting_translation = False
@@ -223,6 +216,14 @@ class Vrings:
             self.label, vring.index, vring.num, desc, avail, used, vring.base,
         )
         return True
+
+    def _inflight_wrapper(
+        self, vring: Vring, region: QueueRegion, used_idx: int
+    ) -> Callable[[SplitQueue], SplitQueue]:
+        """What puts inflight tracking around the device's queue, after recovering the region."""
+        resubmit = self._recover(vring, region, used_idx)
+        # The wrapper has the queue's whole API (QueueWrapper): the device cannot tell.
+        return lambda queue: cast(SplitQueue, InflightQueue(queue, region, resubmit))
 
     def _recover(self, vring: Vring, region: QueueRegion, used_idx: int) -> list[int]:
         """The requests a previous back-end popped and never completed, in pop order.
@@ -244,7 +245,7 @@ class Vrings:
         """Stop serving ``vring`` (its kick fd closed); remembers where it stopped."""
         if vring.kick_fd is not None:
             self.dataplane.remove(vring.kick_fd)
-            _close(vring.kick_fd)
+            close_fds([vring.kick_fd])
             vring.kick_fd = None
         self.dataplane.remove_poller(vring)
         vring.awaiting_translation = False
@@ -269,7 +270,7 @@ class Vrings:
         for vring in self.rings:
             self.stop(vring)
             for name in ("call_fd", "err_fd"):
-                _close(getattr(vring, name))
+                close_fds([getattr(vring, name)])
                 setattr(vring, name, None)
         if self.backend_channel is not None:
             self.backend_channel.close()
@@ -412,12 +413,3 @@ def _check_eventfd(fd: int) -> None:
         raise VringError(f"fd {fd} is not usable: {exc}") from exc
     if target != "anon_inode:[eventfd]":
         raise VringError(f"fd {fd} is {target}, not an eventfd")
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
