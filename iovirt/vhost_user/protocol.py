@@ -251,8 +251,24 @@ class RejectedRequest:
 Event = Request | RejectedRequest | ProtocolFailure | ConnectionClosed
 
 
+class _Framed:
+    """What both roles' connections read from their :class:`Framer`."""
+
+    _framer: Framer
+
+    @property
+    def state(self) -> ConnectionState:
+        """The stream's state: ``OPEN`` until a fatal framing error or the peer's EOF."""
+        return self._framer.state
+
+    @property
+    def bytes_needed(self) -> int:
+        """How many bytes complete the current header or message (read no more, see :class:`Framer`)."""
+        return self._framer.bytes_needed
+
+
 @dataclass
-class BackendConnection:
+class BackendConnection(_Framed):
     """The back-end side of one vhost-user connection, without I/O.
 
     ``supported_protocol_features`` is the mask the back-end offers in
@@ -266,16 +282,6 @@ class BackendConnection:
     _framer: Framer = field(default_factory=Framer, init=False, repr=False)
 
     # -- input ----------------------------------------------------------------
-    @property
-    def state(self) -> ConnectionState:
-        """The stream's state: ``OPEN`` until a fatal framing error or the peer's EOF."""
-        return self._framer.state
-
-    @property
-    def bytes_needed(self) -> int:
-        """How many bytes complete the current header or message (read no more, see :class:`Framer`)."""
-        return self._framer.bytes_needed
-
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Event]:
         """Take bytes (and the fds received with them); return the events they complete.
 
@@ -427,7 +433,7 @@ class Reply:
 
 
 @dataclass
-class FrontendConnection:
+class FrontendConnection(_Framed):
     """The front-end side of one vhost-user connection, without I/O.
 
     :meth:`request` builds a request's bytes; :meth:`feed` frames what the
@@ -455,16 +461,6 @@ class FrontendConnection:
         return reply_kind(request, need_reply, self.protocol_features)
 
     # -- input ----------------------------------------------------------------
-    @property
-    def state(self) -> ConnectionState:
-        """The stream's state: ``OPEN`` until a fatal framing error or the back-end's EOF."""
-        return self._framer.state
-
-    @property
-    def bytes_needed(self) -> int:
-        """How many bytes complete the current header or message (read no more, see :class:`Framer`)."""
-        return self._framer.bytes_needed
-
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message | ProtocolFailure]:
         """Take bytes (and the fds received with them); return the messages they complete."""
         return self._framer.feed(data, fds)
