@@ -216,6 +216,14 @@ def payload_of(request: Request) -> Payload | None:
     payload_type = REQUEST_RULES[request.code].payload
     return None if payload_type is None else payload_type(*request.values())  # type: ignore[call-arg]
 
+def rule_of(request: int) -> RequestRule | None:
+    """The rule of request code ``request``, or ``None`` for a code iovirt does not parse."""
+    try:
+        return REQUEST_RULES.get(FrontendRequest(request))
+    except ValueError:
+        return None
+
+
 def reply_kind(request: int, need_reply: bool, protocol_features: int) -> ReplyKind:
     """What the front-end waits for after ``request`` (spec "Communication", REPLY_ACK).
 
@@ -223,7 +231,7 @@ def reply_kind(request: int, need_reply: bool, protocol_features: int) -> ReplyK
     ("brings no behavioural change"); any other request, known or not, gets
     a u64 ack only if need_reply is set and REPLY_ACK was negotiated.
     """
-    rule = REQUEST_RULES.get(request)  # type: ignore[call-overload]
+    rule = rule_of(request)
     if rule is not None and rule.reply is not None:
         if rule.reply_if is None or protocol_features & (1 << rule.reply_if):
             return ReplyKind.BODY
@@ -377,9 +385,10 @@ class BackendConnection(_Framed):
         if event.reply is not ReplyKind.BODY:
             raise LocalProtocolError(f"{event.request.name} takes no reply body here ({event.reply.value})")
         expected = REQUEST_RULES[event.request].reply
-        if not isinstance(payload, expected):  # type: ignore[arg-type]
+        assert expected is not None  # a BODY reply has its payload class
+        if not isinstance(payload, expected):
             raise LocalProtocolError(
-                f"{event.request.name} replies with {expected.__name__}, not {type(payload).__name__}"  # type: ignore[union-attr]
+                f"{event.request.name} replies with {expected.__name__}, not {type(payload).__name__}"
             )
         return build_reply(event.request, payload.pack())
 
@@ -484,9 +493,11 @@ class FrontendConnection(_Framed):
             raise BadReplyError(request, f"reply is for request {header.request}")
         if not header.is_reply:
             raise BadReplyError(request, f"reply flags {header.flags:#x} lack version 1 and REPLY")
-        rule = REQUEST_RULES.get(request)  # type: ignore[call-overload]
-        body_due = rule is not None and self.reply_due(request, False) is ReplyKind.BODY
-        payload_type: type[Payload] = rule.reply if body_due else U64
+        rule = rule_of(request)
+        body_due = self.reply_due(request, False) is ReplyKind.BODY
+        payload_type: type[Payload] = U64
+        if body_due and rule is not None and rule.reply is not None:
+            payload_type = rule.reply
         try:
             payload = payload_type.unpack(message.body, request) if message.body else None
         except VhostUserProtocolError as exc:
