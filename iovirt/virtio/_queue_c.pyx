@@ -439,14 +439,20 @@ cdef class SplitQueue:
             memcpy(d, table_host + 16 * <uint64_t> i, 16)
             return 0
         with gil:
-            try:
-                raw = self.memory.read(table_gpa + 16 * i, 16)
-            except TranslationPending:
-                return E_PENDING
-            except GuestMemoryError as exc:
-                self._err_cause = exc
-                return E_UNREADABLE
-            memcpy(d, <const char *> raw, 16)
+            return self._read_desc_slow(table_gpa, i, d)
+
+    # The slow paths below hold the GIL and keep their Python locals to
+    # themselves: a Python local in a nogil function makes Cython take the
+    # GIL on every exit, on the hot path too.
+    cdef int _read_desc_slow(self, uint64_t table_gpa, uint32_t i, Desc *d) noexcept:
+        try:
+            raw = self.memory.read(table_gpa + 16 * i, 16)
+        except TranslationPending:
+            return E_PENDING
+        except GuestMemoryError as exc:
+            self._err_cause = exc
+            return E_UNREADABLE
+        memcpy(d, <const char *> raw, 16)
         return 0
 
     cdef int _check_buffer(self, uint64_t addr, uint64_t length, bint writable, uint8_t **host) noexcept nogil:
@@ -478,13 +484,16 @@ cdef class SplitQueue:
             # Scattered in GPA, or not in one region: GuestMemory decides (the
             # translation is cached by now), and the buffer has no host pointer.
         with gil:
-            try:
-                self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
-            except TranslationPending:
-                return E_PENDING
-            except GuestMemoryError as exc:
-                self._err_cause = exc
-                return E_OUTSIDE
+            return self._check_range_slow(addr, length, writable)
+
+    cdef int _check_range_slow(self, uint64_t addr, uint64_t length, bint writable) noexcept:
+        try:
+            self.memory.check_range(addr, length, Access.WRITE if writable else Access.READ)
+        except TranslationPending:
+            return E_PENDING
+        except GuestMemoryError as exc:
+            self._err_cause = exc
+            return E_OUTSIDE
         return 0
 
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil:
