@@ -157,11 +157,6 @@ class BackendSession:
             self._drop_inflight()
         self.device.device.on_needs_reset = None
 
-    @property
-    def memory(self) -> Any:
-        """The guest memory the front-end shared (guest-physical addresses)."""
-        return self.table.memory
-
     def _memory_changed(self) -> None:
         self.vrings.refresh()
 
