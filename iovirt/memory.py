@@ -271,7 +271,7 @@ class GuestMemory:
     Build one with :meth:`from_ranges` (tests) or by adding regions from a
     VMM's memory table.  Reads and writes may span adjacent regions;
     :meth:`view` returns a zero-copy ``memoryview`` and needs the range to lie
-    in one region.
+    in one region, :meth:`views` returns one per region the range crosses.
     """
 
     def __init__(
@@ -416,6 +416,25 @@ class GuestMemory:
                 length,
             )
         return self._region_view(*pieces[0]) if pieces else memoryview(b"")
+
+    def views(self, addr: int, length: int, access: Access = Access.READ) -> list[memoryview]:
+        """Zero-copy views covering ``[addr, addr+length)`` in order: a scatter list.
+
+        One view per piece that is contiguous in one region: the range is
+        split where it crosses from one region into the next (adjacent
+        regions, e.g. hot-plugged DIMMs or ADD_MEM_REG slots) and, with a
+        translator, where its pages are not contiguous in guest-physical
+        space.  Every byte must be backed, as for :meth:`view`; a
+        ``WRITE`` access to a read-only region raises.  The caller must
+        release the views before a region is removed.
+        """
+        pieces = self.translate(addr, length, access)
+        if access & Access.WRITE:
+            for gpa, _n in pieces:
+                region = self._table.find(gpa)
+                if region is not None and region.readonly:
+                    raise GuestMemoryError(f"region at {region.gpa:#x} is read-only", addr, length)
+        return [self._region_view(gpa, n) for gpa, n in pieces]
 
     def read_u16(self, addr: int) -> int:
         """Little-endian u16 at ``addr`` (virtio fields are little-endian)."""

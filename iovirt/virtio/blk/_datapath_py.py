@@ -5,7 +5,9 @@
 memory, and leaves the other request types to the device.  Unlike the C twin
 it takes any buffer layout (the header split over buffers, data in the
 header's buffer, buffers without a host pointer), so it also serves what the
-C twin leaves.  :func:`parse_request` is the request layout both this and
+C twin leaves; a buffer that crosses from one memory region into the next, or
+whose IOVA pages are scattered, becomes several views (a scatter list,
+:meth:`~iovirt.memory.GuestMemory.views`).  :func:`parse_request` is the request layout both this and
 the device's other request types read.
 """
 
@@ -29,6 +31,9 @@ from iovirt.virtio.chain import DescChain
 __all__ = ["Request", "parse_request", "serve_batch", "gather"]
 
 Buffers = list[tuple[int, int]]
+
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+"""The most iovecs one ``preadv``/``pwritev`` takes (POSIX ``IOV_MAX``; 1024 on Linux)."""
 
 
 class Request(NamedTuple):
@@ -111,20 +116,28 @@ def _transfer(memory: GuestMemory, fd: int, capacity: int, read_only: bool, requ
         return -1  # 5.2.6.2: a read-only device fails writes
     if not nbytes:
         return 0
+    # The device writes guest memory for IN, reads it for OUT (VT-d R/W).
+    access = Access.READ if write else Access.WRITE
+    views: list[memoryview] = []
     try:
-        # The device writes guest memory for IN, reads it for OUT (VT-d R/W).
-        views = [memory.view(a, n, Access.READ if write else Access.WRITE) for a, n in bufs if n]
-    except GuestMemoryError:
-        return -1
-    try:
+        # A scatter list: a buffer that crosses from one region into the next is several views.
+        for addr, n in bufs:
+            if n:
+                views += memory.views(addr, n, access)
         offset = sector * SECTOR_SIZE
-        done = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
-    except OSError:
+        # preadv/pwritev take at most IOV_MAX iovecs: a longer list goes in slices.
+        for start in range(0, len(views), IOV_MAX):
+            part = views[start : start + IOV_MAX]
+            done = os.pwritev(fd, part, offset) if write else os.preadv(fd, part, offset)
+            if done != sum(v.nbytes for v in part):
+                return -1
+            offset += done
+    except (GuestMemoryError, OSError):
         return -1
     finally:
         for v in views:
             v.release()
-    return nbytes if done == nbytes else -1
+    return nbytes
 
 
 def gather(memory: GuestMemory, bufs: Buffers, limit: int) -> bytes:
