@@ -12,13 +12,14 @@ pop and serve makes the request complete with IOERR.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import struct
 
 import pytest
 
-from iovirt.memory import BumpAllocator, GuestMemory
+from iovirt.memory import Access, BumpAllocator, GuestMemory, GuestMemoryError, MemoryRegion
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.virtio.blk.defs import (
@@ -109,6 +110,10 @@ def test_memory_views_split_at_the_region_boundary(disk):
     assert [v.nbytes for v in disk.memory.views(0x1000, 4096)] == [4096]
     for v in views:
         v.release()
+    readonly = GuestMemory([MemoryRegion(0, 4096, bytearray(4096), readonly=True)])
+    assert [v.nbytes for v in readonly.views(0, 16)] == [16]
+    with pytest.raises(GuestMemoryError, match="read-only"):
+        readonly.views(0, 16, Access.WRITE)
 
 
 def test_out_and_in_across_the_boundary(disk):
@@ -206,8 +211,6 @@ class RemoveAfterPop(QueueWrapper):
 
 
 def test_memory_gone_between_pop_and_serve_is_ioerr(disk, caplog):
-    import logging
-
     caplog.set_level(logging.WARNING, logger="iovirt")
     status = disk.status_buffer()
     queue = RemoveAfterPop(disk.queue, disk.memory)
@@ -215,7 +218,7 @@ def test_memory_gone_between_pop_and_serve_is_ioerr(disk, caplog):
     assert queue.removed is not None
     assert used.data[-1] == VIRTIO_BLK_S_IOERR
     assert disk.blk.stats["errors"] == 1
-    assert "failed with IOERR" in log_line(caplog, "blk0:", "1 requests")
+    assert "no longer in guest memory" in log_line(caplog, "blk0:", "1 requests failed with IOERR")
 
 
 # -- over vhost-user ---------------------------------------------------------------

@@ -182,7 +182,8 @@ class VirtioBlk(VirtioDevice):
             self.stats["errors"] += errors
             self.log.warning(
                 "%s: %d requests failed with IOERR (beyond capacity %d sectors, not whole sectors, "
-                "a write to a read-only image, or the image I/O failed)", self.label, errors, self.capacity,
+                "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
+                self.label, errors, self.capacity,
             )
         return left
 
