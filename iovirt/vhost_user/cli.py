@@ -20,7 +20,7 @@ from iovirt.errors import IovirtError
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
-from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
 
 log = logging.getLogger("iovirt")
@@ -105,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs per net device (default 1)")
     serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
     serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
+    _switch_options(serve)
     serve.set_defaults(func=run_serve)
 
     net = sub.add_parser(
@@ -115,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _conventions(net)
     net.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs (default 1)")
     net.add_argument("--tap", metavar="IFNAME", help="uplink TAP device joined to the port's switch")
+    _switch_options(net)
     net.set_defaults(func=run_net)
 
     blk = sub.add_parser(
@@ -127,6 +129,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
     blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     blk.set_defaults(func=run_blk)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _switch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mac-table-size", metavar="N", type=_positive, default=DEFAULT_MAX_ENTRIES,
+                        help=f"MACs the switch learns at most (default {DEFAULT_MAX_ENTRIES}; "
+                             "frames from further MACs are switched, not learned)")
+    parser.add_argument("--mac-table-per-port", metavar="N", type=_positive, default=DEFAULT_MAX_PER_PORT,
+                        help=f"MACs the switch learns at most on one port (default {DEFAULT_MAX_PER_PORT})")
+
+
+def _switch(args: argparse.Namespace) -> LearningSwitch:
+    return LearningSwitch(max_entries=args.mac_table_size, max_per_port=args.mac_table_per_port)
 
 
 def _conventions(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
     server = VhostUserServer()
-    switch = LearningSwitch()
+    switch = _switch(args)
     try:
         for i, path in enumerate(args.net):
             port = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
@@ -190,7 +211,7 @@ def run_net(args: argparse.Namespace) -> int:
         print("iovirt vhost-user-net: --socket-path or --fd is required", file=sys.stderr)
         return 2
     server = VhostUserServer()
-    switch = LearningSwitch()
+    switch = _switch(args)
     device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
     try:
         if args.fd is not None:

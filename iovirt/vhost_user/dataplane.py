@@ -6,7 +6,9 @@ it runs a device, and the control thread holds it while it starts or stops a
 ring or replaces the memory table, so neither sees the other half-done.  One
 thread serves every device of the process, so a frame switched from one
 port's transmit queue into another port's receive queue never needs two
-locks (no lock order, no deadlock).
+locks (no lock order, no deadlock).  So the data plane never blocks while
+it holds the lock: every fd it reads or writes is non-blocking, including
+eventfds a front-end passed, which it may drain itself (issue 12, failure 4).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ class DataPlane:
         os.close(self._wake)
 
     def add_eventfd(self, fd: int, handler: Handler) -> None:
-        """Run ``handler`` whenever eventfd ``fd`` is signalled (its counter is drained first)."""
+        """Run ``handler`` whenever eventfd ``fd`` is signalled (its counter is drained first).
+
+        ``fd`` is made non-blocking: whoever else holds it may drain it
+        between the epoll and the read.
+        """
+        os.set_blocking(fd, False)
         self._add(fd, handler, True)
 
     def add_fd(self, fd: int, handler: Handler) -> None:
@@ -124,6 +131,7 @@ class DataPlane:
 
 
 def _drain(fd: int) -> None:
+    """Reset eventfd ``fd``'s counter; nothing to read (EAGAIN: someone else drained it) is fine."""
     try:
         os.eventfd_read(fd)
     except (BlockingIOError, OSError):

@@ -13,7 +13,12 @@ is kicked again.  The used index is read from the used ring in memory when
 a ring starts.
 
 Kick eventfds are served by the data plane; the device signals the call
-eventfd, and the err eventfd when it needs a reset.
+eventfd, and the err eventfd when it needs a reset.  The back-end shares
+these eventfds' file descriptions with the front-end, which may have made
+them blocking, fill their counters or drain them itself: they are set
+non-blocking when taken over, and a call or err eventfd whose counter is
+full ("the front-end is not reading it") costs a counted, dropped
+notification, never a blocked data plane (issue 12, failure 4).
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Vring:
     awaiting_translation: bool = False  # started, but its ring IOVAs are not in the IOTLB yet
     enabled: bool = False
     inflight: QueueRegion | None = field(default=None, repr=False)
+    call_unread: int = 0  # notifications dropped: the call eventfd's counter was full
+    err_unread: int = 0  # the same for the err eventfd
 
     def parts(self) -> list[tuple[int, int, Access]]:
         """``(address, size, access)`` of the descriptor table, avail ring and used ring."""
@@ -142,7 +149,7 @@ class Vrings:
         """SET_VRING_KICK: (re)start the ring; ``fd`` (None: poll) is taken over on success."""
         vring = self[index]
         if fd is not None:
-            _check_eventfd(fd)
+            _take_eventfd(fd)
         self.stop(vring)
         self._start(vring, fd)
 
@@ -150,7 +157,7 @@ class Vrings:
         """SET_VRING_CALL/ERR: replace eventfd ``name`` ("call_fd"/"err_fd"; None with the no-fd bit)."""
         vring = self[index]
         if fd is not None:
-            _check_eventfd(fd)
+            _take_eventfd(fd)
         close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
 
@@ -269,6 +276,9 @@ class Vrings:
         """The front-end went away: every ring stopped, every eventfd closed."""
         for vring in self.rings:
             self.stop(vring)
+            if vring.call_unread or vring.err_unread:
+                log.info("%s: vring %d: %d call and %d err notifications dropped (eventfd not read)",
+                         self.label, vring.index, vring.call_unread, vring.err_unread)
             for name in ("call_fd", "err_fd"):
                 close_fds([getattr(vring, name)])
                 setattr(vring, name, None)
@@ -310,10 +320,7 @@ class Vrings:
         def notify() -> None:
             fd = vring.call_fd
             if fd is not None:
-                try:
-                    os.eventfd_write(fd, 1)
-                except OSError as exc:
-                    log.warning("%s: call fd of vring %d: %s", self.label, vring.index, exc)
+                self._signal(vring, fd, "call")
 
         return notify
 
@@ -321,10 +328,23 @@ class Vrings:
         """The device needs a reset: tell the front-end through the err eventfds (SET_VRING_ERR)."""
         for vring in self.rings:
             if vring.err_fd is not None:
-                try:
-                    os.eventfd_write(vring.err_fd, 1)
-                except OSError:
-                    pass
+                self._signal(vring, vring.err_fd, "err")
+
+    def _signal(self, vring: Vring, fd: int, kind: str) -> None:
+        """Add 1 to eventfd ``fd``, the ``kind`` ("call"/"err") eventfd of ``vring``, without blocking."""
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            # eventfd(2): a write that would overflow the counter waits for a read.
+            # The front-end is not reading: drop this notification, count it, log it once.
+            attr = f"{kind}_unread"
+            count = getattr(vring, attr) + 1
+            setattr(vring, attr, count)
+            if count == 1:
+                log.warning("%s: vring %d: %s eventfd full, the front-end is not reading it; "
+                            "its notifications are dropped and counted", self.label, vring.index, kind)
+        except OSError as exc:
+            log.warning("%s: %s eventfd of vring %d: %s", self.label, kind, vring.index, exc)
 
     # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
     def use_iotlb(self, enabled: bool) -> None:
@@ -401,11 +421,13 @@ class Vrings:
                 self.device.kick(vring.index)
 
 
-def _check_eventfd(fd: int) -> None:
-    """Kick/call/err fds must be eventfds (as the kernel's vhost demands).
+def _take_eventfd(fd: int) -> None:
+    """Check that ``fd`` is an eventfd (as the kernel's vhost demands) and make it non-blocking.
 
     A pipe or a file would spin the data plane (a hung-up pipe is always
-    readable) or block it (a full pipe).
+    readable) or block it (a full pipe).  The front-end owns the other end of
+    the file description: a blocking eventfd it fills or drains itself would
+    block the data plane, which serves every device of the process.
     """
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -413,3 +435,4 @@ def _check_eventfd(fd: int) -> None:
         raise VringError(f"fd {fd} is not usable: {exc}") from exc
     if target != "anon_inode:[eventfd]":
         raise VringError(f"fd {fd} is {target}, not an eventfd")
+    os.set_blocking(fd, False)
