@@ -173,7 +173,7 @@ def check_mappable_fd(fd: int, offset: int, size: int) -> MappableFd:
         raise UnmappableFdError(f"fd {fd} is {_fd_type(fd, st.st_mode)}, not a regular file, memfd or hugetlbfs file")
     if offset + size > st.st_size:
         raise UnmappableFdError(
-            f"fd {fd} is {st.st_size} bytes, the region needs offset+size {offset:#x}+{size:#x} = {offset + size}"
+            f"fd is {st.st_size} bytes, the region needs offset+size {offset:#x}+{size:#x} = {offset + size}"
         )
     kind = "memfd" if _fd_target(fd).startswith("/memfd:") else "file"
     return MappableFd(kind, st.st_size, bool(seals & fcntl.F_SEAL_SHRINK))
