@@ -446,7 +446,7 @@ def test_a_head_beyond_the_region_fails_the_device_cleanly(tmp_path, caplog):
     try:
         region = QueueRegion(memoryview(bytearray(queue_region_size(16))), 16, fresh=True)
         disk.start_queue(0, memory, driver.state(), lambda: None,
-                         lambda queue: InflightQueue(queue, region, []))  # type: ignore[arg-type,return-value]
+                         lambda queue: InflightQueue(queue, region, []))
         disk.set_queue_enabled(0, True)
         for sector in range(20):  # heads 0..19: the 17th has no inflight entry
             driver.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, sector)], [512, 1])
