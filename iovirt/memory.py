@@ -13,21 +13,28 @@ of the same regions whose addresses are IOVAs: the ring code takes either and
 does not know which it has (rust-vmm ``vm-memory``'s ``IommuMemory`` seam).
 
 Guest memory is untrusted input: nothing here trusts an address or a length
-that came from a guest, including lengths that would wrap 2^64.
+that came from a guest, including lengths that would wrap 2^64.  Nor an fd
+to map: :func:`check_mappable_fd` runs before every ``mmap`` of a file
+descriptor that came from outside (a mapping that reaches past the end of its
+file faults with SIGBUS on first access, which kills the whole process).
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
+import fcntl
 import mmap
 import os
+import stat
 import struct
+from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
 from iovirt.errors import IovirtError
 
 U64_MAX = (1 << 64) - 1
+OFF_T_LIMIT = 1 << 63  # off_t and mmap lengths are signed 64-bit: offsets and sizes stay below
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -121,6 +128,78 @@ class Translator(Protocol):
         ...
 
 
+class UnmappableFdError(IovirtError):
+    """An fd that cannot be mapped safely for the range asked; the text says why."""
+
+
+@dataclass(frozen=True)
+class MappableFd:
+    """What :func:`check_mappable_fd` found out about an fd it accepted.
+
+    ``shrink_sealed``: the fd carries ``F_SEAL_SHRINK`` (memfd_create(2)), so
+    it can never become shorter than ``file_size`` and a mapping checked
+    against it can never fault.  Any other file can be truncated by whoever
+    else holds it, after the check.
+    """
+
+    kind: str  # "memfd" or "file"
+    file_size: int
+    shrink_sealed: bool
+
+
+def check_mappable_fd(fd: int, offset: int, size: int) -> MappableFd:
+    """Check that ``size`` bytes of ``fd`` at ``offset`` can be mapped and touched.
+
+    Only regular files qualify (memfds and hugetlbfs files are regular
+    files): a shared mapping of a character device such as ``/dev/zero`` is
+    only as long as the mapping itself, so a page at a non-zero offset lies
+    past its end, and other types cannot be mapped at all.  The range must
+    be below 2^63 and lie within the file's current size.  Raises
+    :class:`UnmappableFdError`.
+    """
+    if not 0 < size < OFF_T_LIMIT or not 0 <= offset < OFF_T_LIMIT:
+        raise UnmappableFdError(f"offset {offset:#x} size {size:#x} is beyond what mmap can map (2^63)")
+    # Seals first: a seal never goes away, so a size read after it is a lower
+    # bound for ever; read before it, the file could shrink in between.
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd or shmem file: nothing can be sealed
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise UnmappableFdError(f"fd {fd} cannot be examined: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise UnmappableFdError(f"fd {fd} is {_fd_type(fd, st.st_mode)}, not a regular file, memfd or hugetlbfs file")
+    if offset + size > st.st_size:
+        raise UnmappableFdError(
+            f"fd is {st.st_size} bytes, the region needs offset+size {offset:#x}+{size:#x} = {offset + size}"
+        )
+    kind = "memfd" if _fd_target(fd).startswith("/memfd:") else "file"
+    return MappableFd(kind, st.st_size, bool(seals & fcntl.F_SEAL_SHRINK))
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def _fd_type(fd: int, mode: int) -> str:
+    """A readable name of a non-regular file's type, with what it points to."""
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return f"{name} ({_fd_target(fd)})"
+    return f"a special file ({_fd_target(fd)})"
+
+
 class MemoryRegion:
     """One guest-physical range and the buffer that backs it."""
 
@@ -147,6 +226,7 @@ class MemoryRegion:
         self.size = size
         self.end = gpa + size  # exclusive
         self.readonly = readonly
+        self.fd_info: MappableFd | None = None  # what the mapped fd was, for from_fd regions
         self._backing = backing
         self._owns_backing = False
         view = memoryview(backing)
@@ -164,16 +244,19 @@ class MemoryRegion:
     ) -> "MemoryRegion":
         """Map ``size`` bytes of ``fd`` at ``mmap_offset`` (vhost-user memory regions).
 
-        The mmap offset must be page aligned for ``mmap``; an unaligned
-        ``mmap_offset`` is mapped from the page below and sliced.
+        The fd is checked first (:func:`check_mappable_fd`); ``fd_info`` of
+        the region says what it was.  The mmap offset must be page aligned
+        for ``mmap``; an unaligned ``mmap_offset`` is mapped from the page
+        below and sliced.
         """
         page = mmap.ALLOCATIONGRANULARITY
         aligned = mmap_offset - (mmap_offset % page)
         skew = mmap_offset - aligned
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
         try:
+            info = check_mappable_fd(fd, mmap_offset, size)
             mm = mmap.mmap(fd, size + skew, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
-        except (OSError, ValueError, OverflowError) as exc:
+        except (UnmappableFdError, OSError, ValueError, OverflowError) as exc:
             raise RegionLayoutError(
                 f"cannot mmap fd {fd} for region at {gpa:#x} size {size:#x} "
                 f"offset {mmap_offset:#x}: {exc}",
@@ -182,6 +265,7 @@ class MemoryRegion:
             ) from exc
         region = cls(gpa, size, mm, skew, readonly=readonly)
         region._owns_backing = True
+        region.fd_info = info
         return region
 
     @classmethod
@@ -194,10 +278,16 @@ class MemoryRegion:
 
     @classmethod
     def memfd(cls, gpa: int, size: int, name: str = "iovirt-guest") -> tuple["MemoryRegion", int]:
-        """A region backed by a new memfd; returns the region and the fd (caller closes)."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        """A region backed by a new memfd; returns the region and the fd (caller closes).
+
+        The memfd is sealed against resizing, as QEMU's memory-backend-memfd
+        seals guest RAM by default (``seal=on``), so a back-end can map it
+        knowing it will never shrink.
+        """
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             return cls.from_fd(gpa, size, fd), fd
         except BaseException:
             os.close(fd)

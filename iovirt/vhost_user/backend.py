@@ -17,16 +17,18 @@ device, reset, and sets it up again.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
+from iovirt.memory import GuestMemoryError
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.device import NotSupported, VhostUserDevice
-from iovirt.vhost_user.inflight import InflightRegion, inflight_mmap_size
+from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_mmap_size
 from iovirt.vhost_user.iotlb import IotlbError
 from iovirt.vhost_user.memtable import MAX_MEM_SLOTS, GuestMemoryTable, MemoryTableError
 from iovirt.vhost_user.messages import (
@@ -65,15 +67,22 @@ class BackendSession:
 
     ``extra_features`` are offered on top of the adapter's (``iovirt serve``
     adds VIRTIO_F_ACCESS_PLATFORM, see :mod:`iovirt.vhost_user.server`).
+    ``require_sealed_memory`` refuses guest memory and inflight fds that are
+    not sealed against shrinking (:class:`~iovirt.vhost_user.memtable.SealPolicy`).
     """
 
     def __init__(
-        self, device: VhostUserDevice, dataplane: DataPlane, label: str = "", extra_features: int = 0
+        self,
+        device: VhostUserDevice,
+        dataplane: DataPlane,
+        label: str = "",
+        extra_features: int = 0,
+        require_sealed_memory: bool = False,
     ) -> None:
         self.device = device
         self.dataplane = dataplane
         self.label = label or device.label
-        self.table = GuestMemoryTable(self.label, self._memory_changed)
+        self.table = GuestMemoryTable(self.label, self._memory_changed, require_sealed_memory)
         self.vrings = Vrings(device, dataplane, self.table, self.label)
         self.features = 0
         self.offered_features = device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | extra_features
@@ -225,19 +234,29 @@ class BackendSession:
 
     # -- inflight ("Inflight I/O tracking") ------------------------------------------------
     def _check_inflight(self, req: rq.GetInflightFd | rq.SetInflightFd) -> None:
+        """Refuse an inflight region this session cannot use, before anything is mapped."""
         # Spec: "only sent if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD ... has been successfully negotiated".
         if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD & 1:
             raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated")
+        if not 0 < req.num_queues <= len(self.vrings.rings) or not 0 < req.queue_size <= MAX_INFLIGHT_QUEUE_SIZE:
+            raise RequestRefused(req.code, f"{req.num_queues} queues of {req.queue_size} is not this device's")
+        # A running ring's wrapper writes into the current region: it may change only between starts.
+        if self.vrings.any_started:
+            raise RequestRefused(req.code, "the inflight region cannot change while rings are started")
+        try:
+            self.vrings.check_inflight_size(req.num_queues, req.queue_size)
+        except VringError as exc:
+            raise RequestRefused(req.code, str(exc)) from exc
 
     def _get_inflight_fd(self, req: rq.GetInflightFd) -> tuple[Inflight, list[int]]:
         self._check_inflight(req)
-        if not 0 < req.num_queues <= len(self.vrings.rings) or not 0 < req.queue_size <= MAX_INFLIGHT_QUEUE_SIZE:
-            raise RequestRefused(req.code, f"{req.num_queues} queues of {req.queue_size} is not this device's")
         size = inflight_mmap_size(req.num_queues, req.queue_size)
-        fd = os.memfd_create("iovirt-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("iovirt-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            self._use_inflight(req, fd, size, 0, req.num_queues, req.queue_size, fresh=True)
+            # Sealed, so that the front-end can hand it back with SET_INFLIGHT_FD under any seal policy.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self._use_inflight(req, fd, size, 0, fresh=True)
         except BaseException:
             os.close(fd)
             raise
@@ -246,20 +265,30 @@ class BackendSession:
 
     def _set_inflight_fd(self, req: rq.SetInflightFd) -> None:
         self._check_inflight(req)
-        too_small = inflight_mmap_size(req.num_queues, req.queue_size) > req.mmap_size
-        if too_small or req.num_queues > len(self.vrings.rings):
-            raise RequestRefused(req.code, "inflight region too small for its queues")
-        self._use_inflight(req, req.fds[0], req.mmap_size, req.mmap_offset, req.num_queues, req.queue_size,
-                           fresh=False)
+        needed = inflight_mmap_size(req.num_queues, req.queue_size)
+        if needed > req.mmap_size:
+            raise RequestRefused(
+                req.code, f"inflight region of {req.mmap_size} bytes too small for its queues (needs {needed})"
+            )
+        self._use_inflight(req, req.fds[0], req.mmap_size, req.mmap_offset, fresh=False)
 
     def _use_inflight(
-        self, req: rq.Request, fd: int, size: int, offset: int, num_queues: int, queue_size: int, fresh: bool
+        self, req: rq.GetInflightFd | rq.SetInflightFd, fd: int, size: int, offset: int, fresh: bool
     ) -> None:
-        """Map ``fd`` as the inflight region; takes ``fd`` over only if that worked."""
+        """Map ``fd`` as the inflight region; takes ``fd`` over only if that worked.
+
+        The fd is checked before it is mapped, and must pass the seal policy
+        (the data plane writes the region on every request).
+        """
         try:
-            region = InflightRegion(fd, size, offset, num_queues, queue_size, fresh)
-        except (OSError, ValueError) as exc:
+            region = InflightRegion(fd, size, offset, req.num_queues, req.queue_size, fresh)
+        except (GuestMemoryError, InflightError) as exc:
             raise RequestRefused(req.code, f"cannot map the inflight region: {exc}") from exc
+        try:
+            self.table.seals.admit(region.fd_info, fd, "inflight region")
+        except MemoryTableError as exc:
+            region.close()
+            raise RequestRefused(req.code, str(exc)) from exc
         self._drop_inflight()
         self.inflight_fd = fd
         self.inflight_map = region

@@ -15,15 +15,21 @@ the spec's order: a batch's entries join the last-batch list before the used
 index is published, and are cleared after it, so a back-end of any make
 (libvhost-user, DPDK, SPDK) taking the region over resubmits exactly what
 was in flight.
+
+The region is shared with the front-end and read as untrusted: no head,
+stored or given, indexes past a queue's ``desc_num`` entries
+(:class:`InflightError`), and the back-end never starts a ring larger than
+its queue's region (:mod:`iovirt.vhost_user.vrings`).
 """
 
 from __future__ import annotations
 
 import collections
-import mmap
 import struct
 from typing import Any
 
+from iovirt.errors import IovirtError
+from iovirt.memory import MappableFd, MemoryRegion
 from iovirt.virtio.queue import QueueWrapper
 
 QUEUE_HEADER = struct.Struct("=QHHHH")  # 16 bytes
@@ -43,10 +49,16 @@ def inflight_mmap_size(num_queues: int, queue_size: int) -> int:
     return num_queues * queue_region_size(queue_size)
 
 
+class InflightError(IovirtError):
+    """The inflight region cannot record a head (it has fewer entries) or is too small."""
+
+
 class QueueRegion:
     """The inflight bookkeeping of one split queue, kept in shared memory."""
 
     def __init__(self, view: memoryview, queue_size: int, fresh: bool) -> None:
+        if len(view) < queue_region_size(queue_size):
+            raise InflightError(f"{len(view)} bytes cannot hold the inflight state of {queue_size} descriptors")
         self.view = view
         self.queue_size = queue_size
         if fresh or QUEUE_HEADER.unpack_from(view, 0)[1] != INFLIGHT_VERSION:
@@ -54,11 +66,16 @@ class QueueRegion:
             QUEUE_HEADER.pack_into(view, 0, 0, INFLIGHT_VERSION, queue_size, 0, 0)
         self.counter = 1 + max((self._desc(i)[2] for i in range(queue_size)), default=0)
 
+    def _offset(self, head: int) -> int:
+        if not 0 <= head < self.queue_size:
+            raise InflightError(f"head {head} is beyond the inflight region's {self.queue_size} descriptors")
+        return QUEUE_HEADER.size + DESC_STATE.size * head
+
     def _desc(self, head: int) -> tuple[int, int, int]:
-        return DESC_STATE.unpack_from(self.view, QUEUE_HEADER.size + DESC_STATE.size * head)
+        return DESC_STATE.unpack_from(self.view, self._offset(head))
 
     def _set_desc(self, head: int, inflight: int, nxt: int, counter: int) -> None:
-        DESC_STATE.pack_into(self.view, QUEUE_HEADER.size + DESC_STATE.size * head, inflight, nxt, counter)
+        DESC_STATE.pack_into(self.view, self._offset(head), inflight, nxt, counter)
 
     def popped(self, head: int) -> None:
         """A chain was taken from the avail ring: mark it in flight with the next counter."""
@@ -110,16 +127,31 @@ class QueueRegion:
 
 
 class InflightRegion:
-    """The mapped inflight fd: one :class:`QueueRegion` per queue."""
+    """The mapped inflight fd: one :class:`QueueRegion` per queue.
+
+    The fd is checked before it is mapped (:meth:`MemoryRegion.from_fd`);
+    raises :class:`~iovirt.memory.GuestMemoryError` for one that cannot be,
+    and :class:`InflightError` if ``size`` cannot hold the queues.
+    """
 
     def __init__(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int, fresh: bool) -> None:
-        self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
         per_queue = queue_region_size(queue_size)
-        base = memoryview(self.map)
-        self._base = base
-        self.queues = [
-            QueueRegion(base[i * per_queue : (i + 1) * per_queue], queue_size, fresh) for i in range(num_queues)
-        ]
+        if num_queues * per_queue > size:
+            raise InflightError(f"{size} bytes cannot hold {num_queues} queues of {queue_size} descriptors")
+        self.map = MemoryRegion.from_fd(0, size, fd, offset)
+        base = self.map.view
+        try:
+            self.queues = [
+                QueueRegion(base[i * per_queue : (i + 1) * per_queue], queue_size, fresh) for i in range(num_queues)
+            ]
+        except BaseException:
+            self.map.close()
+            raise
+
+    @property
+    def fd_info(self) -> MappableFd | None:
+        """What the mapped fd was (for the seal policy)."""
+        return self.map.fd_info
 
     def queue(self, index: int) -> QueueRegion:
         """Queue ``index``'s bookkeeping."""
@@ -129,7 +161,6 @@ class InflightRegion:
         """Unmap."""
         for q in self.queues:
             q.view.release()
-        self._base.release()
         self.map.close()
 
 

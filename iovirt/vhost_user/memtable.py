@@ -11,6 +11,23 @@ addresses, in which ring addresses arrive, to guest-physical ones.
 Every region is checked before anything changes: a refused table leaves the
 old one in place.  Rings resolve host pointers into the mappings, so a
 change runs ``on_change`` (rings re-resolve) before old mappings close.
+
+Which fds are mapped (:class:`SealPolicy`; docs/security.md "Guest memory").
+Every fd is checked before ``mmap`` (:func:`~iovirt.memory.check_mappable_fd`:
+a regular file, memfd or hugetlbfs file, long enough for offset + size), so
+no mapping starts out reaching past its file's end.  A file can still shrink
+afterwards: the front-end holds it too, and an access to a page past the new
+end raises SIGBUS, which kills the process and every device in it.  A memfd
+sealed with ``F_SEAL_SHRINK`` cannot shrink (QEMU's memory-backend-memfd
+seals by default) and is accepted silently.  Other fds are accepted with
+one warning per connection, or refused when the session requires sealed
+memory (``require_sealed_memory``).  Recovering from the SIGBUS instead is
+not done: the fault lands inside the Cython data path with the GIL released,
+in the middle of a chain, and a Python signal handler runs only after the
+faulting instruction returns, which it never does.  Refusing unsealed fds by
+default would break ``memory-backend-file`` users, since hugetlbfs and
+ordinary files cannot be sealed.  The same policy covers the inflight
+region (:mod:`iovirt.vhost_user.inflight`), which the data plane writes too.
 """
 
 from __future__ import annotations
@@ -20,7 +37,7 @@ import logging
 from typing import Callable, Sequence
 
 from iovirt.errors import IovirtError
-from iovirt.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from iovirt.memory import GuestMemory, GuestMemoryError, MappableFd, MemoryRegion
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.messages import MemRegion
 
@@ -34,11 +51,46 @@ class MemoryTableError(IovirtError):
     """A region the back-end will not map (its text says why); nothing changed."""
 
 
-class GuestMemoryTable:
-    """The regions of one front-end connection, mapped, and their user addresses."""
+class SealPolicy:
+    """Whether one connection's mapped fds must be sealed against shrinking (see the module docstring)."""
 
-    def __init__(self, label: str, on_change: Callable[[], None]) -> None:
+    def __init__(self, label: str, require_sealed: bool) -> None:
         self.label = label
+        self.require_sealed = require_sealed
+        self._warned = False
+
+    def admit(self, info: MappableFd | None, fd: int, what: str) -> None:
+        """Accept a mapping of ``fd`` (``info``: what the check found), warn once, or refuse it.
+
+        Raises :class:`MemoryTableError` for an unsealed fd when sealed memory is required.
+        """
+        if info is not None and info.shrink_sealed:
+            return
+        kind = "fd" if info is None else info.kind
+        if self.require_sealed:
+            raise MemoryTableError(
+                f"{what}: fd {fd} ({kind}) is not sealed with F_SEAL_SHRINK and sealed memory is required"
+            )
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "%s: %s: fd %d (%s) is not sealed with F_SEAL_SHRINK; if the front-end shrinks it, the next "
+                "access kills this process (SIGBUS). Share sealed memfds, or refuse unsealed memory with "
+                "--require-sealed-memory (warned once per connection)", self.label, what, fd, kind,
+            )
+
+
+class GuestMemoryTable:
+    """The regions of one front-end connection, mapped, and their user addresses.
+
+    ``require_sealed_memory`` refuses regions whose fd is not sealed against
+    shrinking (:class:`SealPolicy`); ``seals`` is the policy, for the
+    connection's other mappings.
+    """
+
+    def __init__(self, label: str, on_change: Callable[[], None], require_sealed_memory: bool = False) -> None:
+        self.label = label
+        self.seals = SealPolicy(label, require_sealed_memory)
         self.memory = GuestMemory()
         self.on_change = on_change
         self._refs: dict[int, int] = {}  # ADD_MEM_REG count per region, by gpa
@@ -143,6 +195,7 @@ class GuestMemoryTable:
                     )
                 except GuestMemoryError as exc:
                     raise MemoryTableError(str(exc)) from exc
+                self.seals.admit(mapped[-1].fd_info, fd, f"region at {region.guest_phys_addr:#x}")
             spans = sorted(mapped, key=lambda r: r.gpa)
             for a, b in zip(spans, spans[1:]):
                 if b.gpa < a.end:

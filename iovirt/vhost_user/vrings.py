@@ -119,6 +119,7 @@ class Vrings:
             raise VringError(f"ring size {num} is not a power of 2 in [1, {limit}]")
         if vring.started:
             raise VringError(f"vring {index} is started")
+        _check_fits_inflight(vring, num, vring.inflight)
         vring.num = num
 
     def set_addr(self, index: int, addr: RingAddr) -> None:
@@ -170,10 +171,22 @@ class Vrings:
         for vring in self.rings:
             self._enable(vring, enabled)
 
+    def check_inflight_size(self, num_queues: int, queue_size: int) -> None:
+        """Refuse an inflight region of ``queue_size`` entries per queue smaller than a ring set already."""
+        for vring in self.rings[:num_queues]:
+            if vring.num > queue_size:
+                raise VringError(
+                    f"vring {vring.index} has {vring.num} descriptors, more than the inflight region's "
+                    f"queue_size {queue_size}"
+                )
+
     def use_inflight(self, regions: list[QueueRegion]) -> None:
-        """Track the first ``len(regions)`` rings in the inflight regions (from their next start)."""
-        for vring, region in zip(self.rings, regions):
-            vring.inflight = region
+        """Track the first ``len(regions)`` rings in the inflight regions (from their next start).
+
+        The other rings are no longer tracked: the previous region is unmapped.
+        """
+        for i, vring in enumerate(self.rings):
+            vring.inflight = regions[i] if i < len(regions) else None
 
     # -- start and stop -------------------------------------------------------------------
     def _start(self, vring: Vring, kick_fd: int | None) -> None:
@@ -212,6 +225,9 @@ class Vrings:
                     log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
                 vring.awaiting_translation = True
                 return False
+        # Checked at SET_VRING_NUM and SET_INFLIGHT_FD already; a head the region has
+        # no entry for must never reach the data plane, whatever the order of requests.
+        _check_fits_inflight(vring, vring.num, vring.inflight)
         memory = self.dma_memory
         used_idx = memory.read_u16(used + 2)
         wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
@@ -419,6 +435,19 @@ class Vrings:
                 self._resume(vring)
             else:
                 self.device.kick(vring.index)
+
+
+def _check_fits_inflight(vring: Vring, num: int, region: QueueRegion | None) -> None:
+    """A ring tracked in an inflight region may not have more descriptors than the region has entries.
+
+    vhost-user.rst "Inflight I/O tracking": ``desc_num`` entries per queue,
+    indexed by head; a larger ring's heads would land past them.
+    """
+    if region is not None and num > region.queue_size:
+        raise VringError(
+            f"vring {vring.index} of {num} descriptors does not fit the inflight region's "
+            f"queue_size {region.queue_size}"
+        )
 
 
 def _take_eventfd(fd: int) -> None:
