@@ -65,12 +65,15 @@ class BackendSession:
 
     ``extra_features`` are offered on top of the adapter's (``iovirt serve``
     adds VIRTIO_F_ACCESS_PLATFORM, see :mod:`iovirt.vhost_user.server`).
+    ``require_sealed_memory``: ``iovirt serve --require-sealed-memory``.
     """
 
     def __init__(
-        self, device: VhostUserDevice, dataplane: DataPlane, label: str = "", extra_features: int = 0
+        self, device: VhostUserDevice, dataplane: DataPlane, label: str = "", extra_features: int = 0,
+        require_sealed_memory: bool = False,
     ) -> None:
         self.device = device
+        self.require_sealed_memory = require_sealed_memory
         self.dataplane = dataplane
         self.label = label or device.label
         self.table = GuestMemoryTable(self.label, self._memory_changed)
