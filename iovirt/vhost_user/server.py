@@ -123,6 +123,7 @@ class VhostUserServer:
         self.selector.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
         self._stopping = False
         self._accept_paused_until: float | None = None
+        self._accept_failing = False
 
     # -- endpoints -------------------------------------------------------------------
     def add_socket(
@@ -302,6 +303,9 @@ class VhostUserServer:
             else:  # e.g. ECONNABORTED: that peer is gone, the next one may come
                 log.warning("%s: accept failed: %s", endpoint.name, exc)
             return
+        if self._accept_failing:
+            self._accept_failing = False
+            log.info("%s: accepting front-ends again", endpoint.name)
         if not self._admitted(endpoint, sock):
             return
         if endpoint.connection is not None:
@@ -325,9 +329,11 @@ class VhostUserServer:
         # Out of fds or memory: the pending connection stays in the backlog and
         # the listener stays readable, so stop watching listeners for a while
         # instead of spinning; connections in progress go on being served.
-        if self._accept_paused_until is None:
+        if not self._accept_failing:  # once per episode, not every ACCEPT_BACKOFF_S
+            self._accept_failing = True
             log.warning("%s: cannot accept a front-end: %s; accepting paused for %.1f s at a time until it works",
                         endpoint.name, exc, ACCEPT_BACKOFF_S)
+        if self._accept_paused_until is None:
             for other in self.endpoints:
                 if other.listener is not None:
                     try:
