@@ -15,6 +15,8 @@ import select
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -151,24 +153,33 @@ def test_reset_mid_message_closes_its_fds(backend, logs):
 
 
 # -- failure 11: a front-end that never reads its replies ---------------------------------
+FLOOD = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+burst = bytes.fromhex(sys.argv[2]) * 1000
+try:
+    while True:
+        sock.sendall(burst)  # and never a recv
+except OSError:  # the back-end cut us off
+    pass
+"""
+
+
 def test_a_front_end_that_never_reads_does_not_stall_the_others(backend, logs):
-    hostile = raw(backend.net_paths[0])
-    done = threading.Event()
+    """A front-end floods GET_FEATURES and reads nothing; another device's requests are answered meanwhile.
 
-    def flood() -> None:
-        burst = GET_FEATURES * 1000
-        try:
-            while not done.is_set():
-                hostile.sendall(burst)
-        except OSError:  # the back-end cut us off
-            pass
-
-    flooder = threading.Thread(target=flood, daemon=True)
-    flooder.start()
+    The flooder is a process of its own, so that only the back-end's control
+    loop stands between the two front-ends.  Before the fix every reply the
+    flooder left unread blocked the loop for 5 s.  The bound allows a few
+    scheduler hiccups of a loaded machine (2 cores shared), not one stall.
+    """
+    flooder = subprocess.Popen([sys.executable, "-c", FLOOD, backend.net_paths[0], GET_FEATURES.hex()])
     latencies = []
     try:
-        with VhostUserFrontend.connect(backend.net_paths[1], timeout=5.0) as front:
-            deadline = time.monotonic() + 30
+        with VhostUserFrontend.connect(backend.net_paths[1], timeout=10.0) as front:
+            assert wait_until(lambda: backend.server.endpoints[0].connection is not None)
+            deadline = time.monotonic() + 60
             while backend.server.endpoints[0].connection is not None or len(latencies) < 20:
                 assert time.monotonic() < deadline, "the flooding front-end was never cut off"
                 start = time.monotonic()
@@ -176,10 +187,12 @@ def test_a_front_end_that_never_reads_does_not_stall_the_others(backend, logs):
                 latencies.append(time.monotonic() - start)
                 time.sleep(0.01)
     finally:
-        done.set()
-        hostile.close()
-        flooder.join(5)
-    assert max(latencies) < 0.1, f"slowest answer {max(latencies) * 1000:.0f} ms"
+        flooder.kill()
+        flooder.wait(5)
+    slow = sorted(t for t in latencies if t >= 0.1)
+    assert len(slow) <= max(1, len(latencies) // 20) and max(latencies) < 1.0, (
+        f"{len(slow)} of {len(latencies)} answers took 100 ms or more: {[round(t * 1000) for t in slow]} ms"
+    )
     line = log_line(logs, "net0: connection closed", "does not read its replies")
     assert f"at most {MAX_PENDING_REPLY_BYTES}" in line
     serves(backend.net_paths[0])
