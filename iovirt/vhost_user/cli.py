@@ -5,6 +5,12 @@ one learning switch.  ``vhost-user-net`` and ``vhost-user-blk`` follow the
 "Backend program conventions" of QEMU's vhost-user.rst (``--socket-path`` or
 ``--fd``, ``--print-capabilities``, foreground, clean exit on SIGTERM) so a
 libvirt-style launcher can run iovirt.
+
+All three take the same access options (who may connect, the socket mode,
+sealed guest memory; ``docs/security.md``), raise the soft RLIMIT_NOFILE to
+the hard limit at start (each front-end's memory regions, eventfds and
+inflight region are fds), and exit within :data:`SHUTDOWN_GRACE_S` plus a
+little after SIGTERM or SIGINT whatever state their threads are in.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
+from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -24,6 +34,13 @@ from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, 
 from iovirt.virtio.net.tap import TapPort
 
 log = logging.getLogger("iovirt")
+
+SHUTDOWN_GRACE_S = 1.5
+"""After SIGTERM, how long the threads get to stop before the process exits without them."""
+
+EXIT_FORCED = 1
+"""Exit status when the threads did not stop in time."""
+
 
 @dataclass
 class BlkSpec:
@@ -93,7 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(-object memory-backend-memfd,share=on). Devices also work behind a guest vIOMMU "
             "(-device intel-iommu,intremap=off,device-iotlb=on and iommu_platform=on,ats=on on the device): "
             "VIRTIO_F_ACCESS_PLATFORM is offered, and IOVAs are translated through the vhost-user IOTLB "
-            "messages (misses are asked for on the back-end channel)."
+            "messages (misses are asked for on the back-end channel).\n\n"
+            "At start the soft fd limit (RLIMIT_NOFILE) is raised to the hard limit. SIGTERM or SIGINT "
+            f"stops the process; threads that have not stopped within {SHUTDOWN_GRACE_S} s are abandoned "
+            f"(the socket files are removed and the exit status is {EXIT_FORCED})."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,6 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
     serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
     _switch_options(serve)
+    _access_options(serve)
     serve.set_defaults(func=run_serve)
 
     net = sub.add_parser(
@@ -155,17 +176,101 @@ def _conventions(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--socket-path", metavar="PATH", help="listen on this UNIX socket")
     where.add_argument("--fd", metavar="FDNUM", type=int, help="use this inherited socket fd (listening or connected)")
     parser.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON and exit")
+    _access_options(parser)
+
+
+def _uid(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a uid or gid: {text}")
+    return value
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--socket-mode wants octal permission bits such as 0600, got {text!r}")
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"--socket-mode wants permission bits 0000..0777, got {text!r}")
+    return value
+
+
+def _access_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "access", "Who may connect to the vhost-user sockets, and what memory they may hand over (docs/security.md)."
+    )
+    group.add_argument(
+        "--allow-uid", metavar="UID", type=_uid, action="append", default=[],
+        help="let front-ends running as UID connect (SO_PEERCRED; repeatable). Without --allow-uid and "
+             "--allow-gid only this process's own uid may connect; a refused peer is logged with its pid "
+             "and uid and disconnected",
+    )
+    group.add_argument(
+        "--allow-gid", metavar="GID", type=_uid, action="append", default=[],
+        help="let front-ends whose effective gid is GID connect (repeatable)",
+    )
+    group.add_argument(
+        "--socket-mode", metavar="MODE", type=_mode, default=DEFAULT_SOCKET_MODE,
+        help="permission bits of the socket files, in octal (default 0600: only the owner can connect; "
+             "use e.g. 0660 with --allow-gid for a VMM running in the socket's group)",
+    )
+    group.add_argument(
+        "--require-sealed-memory", action="store_true",
+        help="refuse guest memory fds that are not sealed against shrinking (F_SEAL_SHRINK): a front-end "
+             "that truncates its memory cannot then fault the back-end",
+    )
+
+
+def _access(args: argparse.Namespace) -> AccessPolicy:
+    if not args.allow_uid and not args.allow_gid:
+        return AccessPolicy.owner(args.socket_mode)
+    return AccessPolicy(frozenset(args.allow_uid), frozenset(args.allow_gid), args.socket_mode)
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every front-end brings fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+            return
+    log.info("fd limit: %s", "unlimited" if hard == resource.RLIM_INFINITY else hard)
+
+
+def _new_server(args: argparse.Namespace) -> VhostUserServer:
+    _raise_fd_limit()
+    access = _access(args)
+    log.info("front-ends allowed: %s; socket mode %04o", access.describe(), access.socket_mode)
+    return VhostUserServer(access=access)
 
 
 def _serve(server: VhostUserServer) -> int:
+    watchdog: list[threading.Timer] = []
+
     def on_signal(signum, frame):  # noqa: ARG001
         log.info("signal %d: shutting down", signum)
         server.stop()
+        if not watchdog:
+            # A thread may be stuck (a data-plane handler, a lock it holds):
+            # the process still ends in time, without waiting for it.
+            watchdog.append(threading.Timer(SHUTDOWN_GRACE_S, _exit_now, (server,)))
+            watchdog[0].daemon = True
+            watchdog[0].start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.serve_forever()
     return 0
+
+
+def _exit_now(server: VhostUserServer) -> None:
+    server.remove_socket_files()
+    log.error("threads did not stop within %.1f s of the signal; exiting without them", SHUTDOWN_GRACE_S)
+    logging.shutdown()
+    os._exit(EXIT_FORCED)
 
 
 def _attach_tap(server: VhostUserServer, ifname: str | None, switch: LearningSwitch) -> None:
@@ -180,15 +285,17 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.net and not args.blk:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
-    server = VhostUserServer()
+    server = _new_server(args)
     switch = _switch(args)
+    sealed = args.require_sealed_memory
     try:
         for i, path in enumerate(args.net):
             port = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
-            server.add_socket(path, port, name=f"net{i} ({path})", iommu=True)
+            server.add_socket(path, port, name=f"net{i} ({path})", iommu=True, require_sealed_memory=sealed)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
-            server.add_socket(spec.socket, disk, name=f"blk{i} ({spec.socket})", iommu=True)
+            server.add_socket(spec.socket, disk, name=f"blk{i} ({spec.socket})", iommu=True,
+                              require_sealed_memory=sealed)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -210,14 +317,16 @@ def run_net(args: argparse.Namespace) -> int:
     if args.socket_path is None and args.fd is None:
         print("iovirt vhost-user-net: --socket-path or --fd is required", file=sys.stderr)
         return 2
-    server = VhostUserServer()
+    server = _new_server(args)
     switch = _switch(args)
     device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
+    sealed = args.require_sealed_memory
     try:
         if args.fd is not None:
-            server.add_fd(args.fd, device, name="net0", iommu=True)
+            server.add_fd(args.fd, device, name="net0", iommu=True, require_sealed_memory=sealed)
         else:
-            server.add_socket(args.socket_path, device, name=f"net0 ({args.socket_path})", iommu=True)
+            server.add_socket(args.socket_path, device, name=f"net0 ({args.socket_path})", iommu=True,
+                              require_sealed_memory=sealed)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -236,13 +345,15 @@ def run_blk(args: argparse.Namespace) -> int:
     if not args.blk_file:
         print("iovirt vhost-user-blk: --blk-file is required", file=sys.stderr)
         return 2
-    server = VhostUserServer()
+    server = _new_server(args)
+    sealed = args.require_sealed_memory
     try:
         device = VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues, label="blk0")
         if args.fd is not None:
-            server.add_fd(args.fd, device, name="blk0", iommu=True)
+            server.add_fd(args.fd, device, name="blk0", iommu=True, require_sealed_memory=sealed)
         else:
-            server.add_socket(args.socket_path, device, name=f"blk0 ({args.socket_path})", iommu=True)
+            server.add_socket(args.socket_path, device, name=f"blk0 ({args.socket_path})", iommu=True,
+                              require_sealed_memory=sealed)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)

@@ -5,21 +5,40 @@ device socket of the process: it accepts a front-end per socket, reads each
 message with ``socket.recv_fds`` in bounded pieces (``bytes_needed``, so every
 fd stays with its message), feeds the sans-I/O
 :class:`~iovirt.vhost_user.protocol.BackendConnection`, applies requests
-through a :class:`~iovirt.vhost_user.backend.BackendSession` and sends the
+through a :class:`~iovirt.vhost_user.backend.BackendSession` and queues the
 replies.  A broken or malicious front-end gets its request NACKed, or its
 connection closed; the process goes on serving its other devices.
+
+What one front-end cannot do to the others (issue 12):
+
+* connect at all unless its credentials pass the server's
+  :class:`~iovirt.vhost_user.peers.AccessPolicy` (``SO_PEERCRED``);
+* hold fds: the kernel delivers ``SCM_RIGHTS`` with the first byte of the
+  ``sendmsg`` that carried them, and front-ends send a message's fds with its
+  header (vhost-user.rst "Communication"; QEMU and libvhost-user read them
+  there), at most :data:`MAX_FDS_PER_MESSAGE`.  Fds on a later piece of a
+  message are closed at once, and the connection too; a message sent with
+  more is refused (the kernel already closed the extra ones); the fds of an
+  unfinished message are closed whenever its connection ends;
+* stall the loop by not reading its replies: replies go into a per-connection
+  output queue written without blocking (``EVENT_WRITE`` while it is not
+  empty), and a connection with more than :data:`MAX_PENDING_REPLY_BYTES`
+  unsent is closed;
+* end the loop by exhausting fds: a failing ``accept`` pauses accepting for
+  :data:`ACCEPT_BACKOFF_S` and the loop goes on.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
 import selectors
 import socket
 import stat
-import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 from iovirt.vhost_user.backend import BackendSession, RequestRefused
 from iovirt.vhost_user.device import VhostUserDevice
@@ -28,12 +47,14 @@ from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.errors import VhostUserError
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.messages import VHOST_MEMORY_BASELINE_NREGIONS
+from iovirt.vhost_user.peers import AccessPolicy, peer_credentials
 from iovirt.vhost_user.protocol import (
     BackendConnection,
     ConnectionClosed,
     ProtocolFailure,
     RejectedRequest,
 )
+from iovirt.vhost_user.framing import ConnectionState
 from iovirt.vhost_user.requests import Request
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.device import VirtioDevice
@@ -41,6 +62,16 @@ from iovirt.virtio.device import VirtioDevice
 log = logging.getLogger("iovirt.vhost_user")
 
 MAX_FDS_PER_MESSAGE = VHOST_MEMORY_BASELINE_NREGIONS
+"""The most fds one message carries: SET_MEM_TABLE's one per region, at most
+VHOST_MEMORY_BASELINE_NREGIONS (vhost-user.rst "Memory regions description")."""
+
+MAX_PENDING_REPLY_BYTES = 1 << 20
+"""Unsent reply bytes after which a front-end that does not read is cut off."""
+
+ACCEPT_BACKOFF_S = 0.1
+"""How long accepting pauses after ``accept`` fails for want of fds or memory."""
+
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass
@@ -52,32 +83,47 @@ class Endpoint:
     listener: socket.socket | None
     path: str | None = None
     extra_features: int = 0
+    require_sealed_memory: bool = False
     connection: "Connection | None" = None
     connections_served: int = 0
 
 
 @dataclass
 class Connection:
-    """A connected front-end."""
+    """A connected front-end, with its queue of unsent replies (bytes, fds to send with their first byte)."""
 
     endpoint: Endpoint
     sock: socket.socket
     proto: BackendConnection
     session: BackendSession
     peer: str = ""
+    out: collections.deque[tuple[memoryview, list[int]]] = field(default_factory=collections.deque)
+    out_bytes: int = 0
+    message_offset: int = 0
+    """Bytes of the current message read so far (0: the next read starts a message)."""
+    fds_truncated: bool = False
+    """The current message came with more than MAX_FDS_PER_MESSAGE fds."""
+    writing: bool = False
 
 
 class VhostUserServer:
-    """Serves vhost-user devices on UNIX sockets until :meth:`stop` is called."""
+    """Serves vhost-user devices on UNIX sockets until :meth:`stop` is called.
 
-    def __init__(self, dataplane: DataPlane | None = None) -> None:
+    ``access`` says which peers may connect and the mode of the socket files
+    (default: :meth:`AccessPolicy.owner`, mode 0600).
+    """
+
+    def __init__(self, dataplane: DataPlane | None = None, access: AccessPolicy | None = None) -> None:
         self.dataplane = dataplane or DataPlane()
         self._owns_dataplane = dataplane is None
+        self.access = access or AccessPolicy.owner()
         self.selector = selectors.DefaultSelector()
         self.endpoints: list[Endpoint] = []
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
         self._stopping = False
+        self._accept_paused_until: float | None = None
+        self._accept_failing = False
 
     # -- endpoints -------------------------------------------------------------------
     def add_socket(
@@ -87,6 +133,7 @@ class VhostUserServer:
         name: str = "",
         iommu: bool = False,
         adapter: type[VhostUserDevice] | None = None,
+        require_sealed_memory: bool = False,
     ) -> Endpoint:
         """Listen on UNIX socket ``path`` for a front-end of ``device``.
 
@@ -96,19 +143,28 @@ class VhostUserServer:
         ``iommu``: behind a vIOMMU the device's addresses are IOVAs.  It is
         opt-in (as DPDK's ``RTE_VHOST_USER_IOMMU_SUPPORT``): a front-end that
         accepts whatever is offered without an IOMMU would get a device
-        waiting for IOTLB entries that never come.
+        waiting for IOTLB entries that never come.  ``require_sealed_memory``
+        is handed to every :class:`BackendSession` of the socket.
 
-        A stale socket file left by a dead process is replaced; anything else
-        at ``path`` is an error.
+        The socket file gets the mode of :attr:`access` before it listens,
+        so no peer connects while it is still open to all.  A stale socket
+        file left by a dead process is replaced; anything else at ``path`` is
+        an error.
         """
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise VhostUserError(f"{path} exists and is not a socket")
             os.unlink(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(path)
-        listener.listen(1)
-        return self._add_listener(listener, _endpoint(name or path, device, adapter, iommu, path))
+        try:
+            listener.bind(path)
+            os.chmod(path, self.access.socket_mode)
+            listener.listen(1)
+        except BaseException:
+            listener.close()
+            raise
+        endpoint = _endpoint(name or path, device, adapter, iommu, path, require_sealed_memory)
+        return self._add_listener(listener, endpoint)
 
     def add_fd(
         self,
@@ -117,45 +173,64 @@ class VhostUserServer:
         name: str = "",
         iommu: bool = False,
         adapter: type[VhostUserDevice] | None = None,
+        require_sealed_memory: bool = False,
     ) -> Endpoint:
         """Serve ``device`` on an inherited fd: a listening socket or an already connected one.
 
         This is the ``--fd=FDNUM`` convention of vhost-user.rst ("Backend
-        program conventions").  The other arguments as in :meth:`add_socket`.
+        program conventions").  The other arguments as in :meth:`add_socket`;
+        a connected peer is checked against :attr:`access` like an accepted one.
         """
         sock = socket.socket(fileno=fd)
-        endpoint = _endpoint(name or f"fd {fd}", device, adapter, iommu, None)
+        endpoint = _endpoint(name or f"fd {fd}", device, adapter, iommu, None, require_sealed_memory)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return self._add_listener(sock, endpoint)
         self.endpoints.append(endpoint)
-        self._open(endpoint, sock)
+        if self._admitted(endpoint, sock):
+            self._open(endpoint, sock)
         return endpoint
 
     def _add_listener(self, listener: socket.socket, endpoint: Endpoint) -> Endpoint:
         listener.setblocking(False)
         endpoint.listener = listener
         self.endpoints.append(endpoint)
-        self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
+        if self._accept_paused_until is None:
+            self.selector.register(listener, selectors.EVENT_READ, ("accept", endpoint))
         log.info("%s: listening for a vhost-user front-end (%s)", endpoint.name, endpoint.device.device.name)
         return endpoint
 
+    def remove_socket_files(self) -> None:
+        """Unlink the socket files of every endpoint (safe from any thread: touches no socket)."""
+        for endpoint in list(self.endpoints):
+            if endpoint.path:
+                try:
+                    if stat.S_ISSOCK(os.lstat(endpoint.path).st_mode):
+                        os.unlink(endpoint.path)
+                except OSError:
+                    pass
+
     # -- loop ----------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Run the control loop (and the data plane) until :meth:`stop`."""
+        """Run the control loop (and the data plane) until :meth:`stop`.
+
+        Nothing a peer does ends the loop: a failure while serving one
+        connection closes that connection.
+        """
         if self._owns_dataplane:
             self.dataplane.start()
         try:
             while not self._stopping:
-                for key, _ in self.selector.select(timeout=None):
+                for key, mask in self.selector.select(timeout=self._select_timeout()):
                     kind, obj = key.data
                     if kind == "stop":
                         os.read(self._stop_r, 64)
                     elif kind == "accept":
                         self._accept(obj)
                     elif kind == "conn":
-                        self._readable(obj)
+                        self._connection_event(obj, mask)
                     elif kind == "reader":
                         self._run_reader(obj)
+                self._resume_accepting()
         finally:
             self.close()
 
@@ -215,12 +290,23 @@ class VhostUserServer:
             except OSError:
                 pass
 
-    # -- connections -----------------------------------------------------------------------
+    # -- accepting -------------------------------------------------------------------------
     def _accept(self, endpoint: Endpoint) -> None:
         assert endpoint.listener is not None
         try:
             sock, _ = endpoint.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                self._pause_accepting(endpoint, exc)
+            else:  # e.g. ECONNABORTED: that peer is gone, the next one may come
+                log.warning("%s: accept failed: %s", endpoint.name, exc)
+            return
+        if self._accept_failing:
+            self._accept_failing = False
+            log.info("%s: accepting front-ends again", endpoint.name)
+        if not self._admitted(endpoint, sock):
             return
         if endpoint.connection is not None:
             # vhost-user is one front-end per device socket.
@@ -229,25 +315,89 @@ class VhostUserServer:
             return
         self._open(endpoint, sock)
 
+    def _admitted(self, endpoint: Endpoint, sock: socket.socket) -> bool:
+        """Check the peer against :attr:`access`; close ``sock`` and log if it is refused."""
+        peer = peer_credentials(sock)
+        if self.access.allows(peer):
+            return True
+        who = str(peer) if peer is not None else "a peer whose credentials cannot be read"
+        log.warning("%s: refused a front-end (%s): allowed are %s", endpoint.name, who, self.access.describe())
+        sock.close()
+        return False
+
+    def _pause_accepting(self, endpoint: Endpoint, exc: OSError) -> None:
+        # Out of fds or memory: the pending connection stays in the backlog and
+        # the listener stays readable, so stop watching listeners for a while
+        # instead of spinning; connections in progress go on being served.
+        if not self._accept_failing:  # once per episode, not every ACCEPT_BACKOFF_S
+            self._accept_failing = True
+            log.warning("%s: cannot accept a front-end: %s; accepting paused for %.1f s at a time until it works",
+                        endpoint.name, exc, ACCEPT_BACKOFF_S)
+        if self._accept_paused_until is None:
+            for other in self.endpoints:
+                if other.listener is not None:
+                    try:
+                        self.selector.unregister(other.listener)
+                    except (KeyError, ValueError):
+                        pass
+        self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
+
+    def _select_timeout(self) -> float | None:
+        if self._accept_paused_until is None:
+            return None
+        return max(0.0, self._accept_paused_until - time.monotonic())
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused_until is None or time.monotonic() < self._accept_paused_until:
+            return
+        self._accept_paused_until = None
+        for endpoint in self.endpoints:
+            if endpoint.listener is not None:
+                self.selector.register(endpoint.listener, selectors.EVENT_READ, ("accept", endpoint))
+
+    # -- connections -----------------------------------------------------------------------
     def _open(self, endpoint: Endpoint, sock: socket.socket) -> None:
         sock.setblocking(False)
-        peer = _peer_credentials(sock)
+        peer = peer_credentials(sock)
         proto = BackendConnection(supported_protocol_features=endpoint.device.protocol_features)
-        session = BackendSession(endpoint.device, self.dataplane, endpoint.name, endpoint.extra_features)
-        conn = Connection(endpoint, sock, proto, session, peer)
+        session = BackendSession(
+            endpoint.device, self.dataplane, endpoint.name, endpoint.extra_features,
+            require_sealed_memory=endpoint.require_sealed_memory,
+        )
+        conn = Connection(endpoint, sock, proto, session, str(peer) if peer is not None else "peer unknown")
         endpoint.connection = conn
         endpoint.connections_served += 1
         self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
-        log.info("%s: front-end connected (%s)", endpoint.name, peer)
+        log.info("%s: front-end connected (%s)", endpoint.name, conn.peer)
+
+    def _connection_event(self, conn: Connection, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE and not self._flush(conn):
+                return
+            if mask & selectors.EVENT_READ and conn.endpoint.connection is conn:
+                self._readable(conn)
+        except Exception:  # a bug here must cost this connection, not the process
+            log.exception("%s: internal error serving the front-end", conn.endpoint.name)
+            self._close(conn, "internal error")
 
     def _readable(self, conn: Connection) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(conn.sock, conn.proto.bytes_needed, MAX_FDS_PER_MESSAGE)
+            data, fds, flags, _addr = socket.recv_fds(conn.sock, conn.proto.bytes_needed, MAX_FDS_PER_MESSAGE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._close(conn, f"socket error: {exc}")
             return
+        if (fds or flags & socket.MSG_CTRUNC) and conn.message_offset:
+            # fds that did not come with the message's header: a front-end
+            # trickling a message to make us hold fds.
+            close_fds(fds)
+            self._close(conn, f"protocol error: fds sent with byte {conn.message_offset} of a message "
+                              f"(they come with its header, at most {MAX_FDS_PER_MESSAGE})")
+            return
+        if flags & socket.MSG_CTRUNC:
+            # The kernel closed the fds past MAX_FDS_PER_MESSAGE; the message is refused once whole.
+            conn.fds_truncated = True
         if not data:
             close_fds(fds)
             event = conn.proto.feed_eof()
@@ -257,7 +407,20 @@ class VhostUserServer:
             else:
                 self._close(conn, "front-end disconnected")
             return
-        for event in conn.proto.feed(data, fds):
+        events = conn.proto.feed(data, fds)
+        # One read never goes past the end of a message (bytes_needed), so
+        # any event ends the message it belongs to.
+        conn.message_offset = 0 if events else conn.message_offset + len(data)
+        for event in events:
+            if isinstance(event, Request) and conn.fds_truncated:
+                conn.fds_truncated = False
+                close_fds(event.fds)
+                log.warning("%s: rejected %s: more than %d fds sent with it",
+                            conn.endpoint.name, event.request.name, MAX_FDS_PER_MESSAGE)
+                if not self._send(conn, conn.proto.nack(event), [], f"{event.request.name} failed"):
+                    return
+                continue
+            conn.fds_truncated = False
             if not self._dispatch(conn, event):
                 return
 
@@ -282,9 +445,7 @@ class VhostUserServer:
                 out = conn.proto.reply(event, payload)  # type: ignore[arg-type]
             else:
                 out = conn.proto.ack(event)
-            ok = self._send(conn, out, reply_fds, "")
-            close_fds(reply_fds)  # the peer has its own copies now
-            return ok
+            return self._send(conn, out, reply_fds, "")
         if isinstance(event, RejectedRequest):
             close_fds(event.fds)
             log.warning("%s: rejected request %s: %s", name, event.request, event.error)
@@ -299,26 +460,48 @@ class VhostUserServer:
             return False
         return True
 
+    # -- replies -------------------------------------------------------------------------
     def _send(self, conn: Connection, out: bytes | None, fds: list[int], failure: str) -> bool:
+        """Queue a reply and its fds (the queue owns them from here) and write what the socket takes."""
         if out is None:
+            close_fds(fds)
             # A failed request whose reply cannot carry a failure: close (spec).
             self._close(conn, f"{failure}; its reply cannot report an error")
             return False
         if not out:
+            close_fds(fds)
             return True
-        try:
-            conn.sock.setblocking(True)
-            conn.sock.settimeout(5.0)
-            if fds:
-                socket.send_fds(conn.sock, [out], fds)
-            else:
-                conn.sock.sendall(out)
-        except OSError as exc:
-            self._close(conn, f"cannot send reply: {exc}")
+        conn.out.append((memoryview(out), list(fds)))
+        conn.out_bytes += len(out)
+        if conn.out_bytes > MAX_PENDING_REPLY_BYTES:
+            self._close(conn, f"the front-end does not read its replies ({conn.out_bytes} bytes unsent, "
+                              f"at most {MAX_PENDING_REPLY_BYTES})")
             return False
-        finally:
-            if conn.sock.fileno() >= 0:
-                conn.sock.setblocking(False)
+        return self._flush(conn)
+
+    def _flush(self, conn: Connection) -> bool:
+        """Write queued replies until the socket would block; False once the connection is closed."""
+        while conn.out:
+            data, fds = conn.out[0]
+            try:
+                # SCM_RIGHTS goes with the first byte of its reply.
+                sent = socket.send_fds(conn.sock, [data], fds) if fds else conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._close(conn, f"cannot send reply: {exc}")
+                return False
+            close_fds(fds)  # the peer has its own copies now
+            conn.out_bytes -= sent
+            if sent < len(data):
+                conn.out[0] = (data[sent:], [])
+                break
+            conn.out.popleft()
+        writing = bool(conn.out)
+        if writing != conn.writing:
+            conn.writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            self.selector.modify(conn.sock, events, ("conn", conn))
         return True
 
     def _close(self, conn: Connection, reason: str) -> None:
@@ -331,23 +514,25 @@ class VhostUserServer:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
+        # The fds of a message cut short (reset, protocol error, stop) and of
+        # unsent replies are ours to close.
+        if conn.proto.state is ConnectionState.OPEN:
+            close_fds(conn.proto.feed_eof().fds)
+        for _data, fds in conn.out:
+            close_fds(fds)
+        conn.out.clear()
         conn.session.close()
         log.info("%s: connection closed: %s", endpoint.name, reason)
 
 
 def _endpoint(
-    name: str, device: VirtioDevice, adapter: type[VhostUserDevice] | None, iommu: bool, path: str | None
+    name: str,
+    device: VirtioDevice,
+    adapter: type[VhostUserDevice] | None,
+    iommu: bool,
+    path: str | None,
+    require_sealed_memory: bool,
 ) -> Endpoint:
     served = vhost_user_device(device) if adapter is None else adapter(device)
-    return Endpoint(name, served, None, path, (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0)
-
-
-def _peer_credentials(sock: socket.socket) -> str:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
-        return f"pid {pid}, uid {uid}"
-    except OSError as exc:
-        if exc.errno == errno.ENOPROTOOPT:
-            return "peer unknown"
-        raise
+    extra = (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0
+    return Endpoint(name, served, None, path, extra, require_sealed_memory)
