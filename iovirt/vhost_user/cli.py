@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
+from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -105,6 +106,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs per net device (default 1)")
     serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
     serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
+    serve.add_argument(
+        "--isolate", action="store_true",
+        help="run each device in its own worker process, restarted by this one when it dies or hangs (see isolate.py)",
+    )
     serve.set_defaults(func=run_serve)
 
     net = sub.add_parser(
@@ -159,6 +164,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.net and not args.blk:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
+    if args.isolate:
+        return run_isolated(args, [_mac(i + 1) for i in range(len(args.net))])
     server = VhostUserServer()
     switch = LearningSwitch()
     try:
