@@ -10,8 +10,9 @@ device.  The supervisor keeps no front-end state; it runs:
 - the net switch: the :class:`~iovirt.virtio.net.switch.LearningSwitch`
   joining every net device, each worker attached through a
   :class:`~iovirt.virtio.net.switch_link.LinkPort` (a ``SOCK_SEQPACKET``
-  pair; in the worker the link is the uplink of a two-port switch whose other
-  port is the device), plus the ``--tap`` uplink if given;
+  pair; in the worker the link and the device are the two ports of a
+  :class:`~iovirt.virtio.net.switch_link.Hub`), plus the ``--tap`` uplink if
+  given;
 - a heartbeat per worker over a ``SOCK_SEQPACKET`` pair: every
   :data:`HEARTBEAT_INTERVAL_S` the supervisor sends a ping.  The worker's
   control loop reads it and wakes its data plane through an eventfd; the data
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from iovirt.virtio.net.switch import LearningSwitch
-from iovirt.virtio.net.switch_link import LinkPort, link_pair
+from iovirt.virtio.net.switch_link import Hub, LinkPort, link_pair
 
 log = logging.getLogger("iovirt.isolate")
 
@@ -359,19 +360,20 @@ def worker_main(message: dict[str, Any]) -> int:
     heartbeat.setblocking(False)
     options = message["options"]
     server = VhostUserServer()
+    link: LinkPort | None = None
     try:
         if message["kind"] == "net":
-            switch = LearningSwitch()
+            switch = Hub()
             device: Any = VirtioNet(bytes.fromhex(options["mac"]), switch, queue_pairs=options["queues"],
                                     mtu=options["mtu"], label=options["label"])
-            link = LinkPort(socket.socket(fileno=message["link_fd"]), switch, "uplink")
+            link = uplink = LinkPort(socket.socket(fileno=message["link_fd"]), switch, "uplink")
 
             def link_closed() -> None:
-                server.dataplane.remove(link.fileno())
+                server.dataplane.remove(uplink.fileno())
                 server.stop()
 
-            link.on_closed = link_closed
-            server.dataplane.add_fd(link.fileno(), link.on_readable)
+            uplink.on_closed = link_closed
+            server.dataplane.add_fd(uplink.fileno(), uplink.on_readable)
         else:
             device = VirtioBlk(options["image"], read_only=options["read_only"], num_queues=options["queues"],
                                size=options["size"], label=options["label"])
@@ -389,6 +391,9 @@ def worker_main(message: dict[str, Any]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal reaches the supervisor, which stops us
     heartbeat.send(READY)
     server.serve_forever()
+    if link is not None:
+        log.info("%s: link to the switch: %d frames sent, %d dropped (the switch was not keeping up), %d received",
+                 message["name"], link.stats["tx_packets"], link.stats["tx_dropped"], link.stats["rx_packets"])
     return 0
 
 

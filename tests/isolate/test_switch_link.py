@@ -15,7 +15,7 @@ import pytest
 
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.switch import LearningSwitch
-from iovirt.virtio.net.switch_link import COUNT, RECORD, LinkPort, encode, link_pair
+from iovirt.virtio.net.switch_link import COUNT, RECORD, Hub, LinkPort, encode, link_pair
 
 A, B = bytes([2, 0, 0, 0, 0, 0xA]), bytes([2, 0, 0, 0, 0, 0xB])
 
@@ -92,6 +92,7 @@ def test_a_full_link_drops_instead_of_blocking(joined):
     "datagram,problem",
     [
         (b"\x01", "no frame count"),
+        (COUNT.pack(0), "carries no frames"),
         (COUNT.pack(3) + RECORD.pack(60, 0, 0), "do not fit"),
         (COUNT.pack(1) + RECORD.pack(60, 0, 0) + bytes(59), "do not add up"),
         (COUNT.pack(1) + RECORD.pack(0x7FFFFFFF, 0, 0) + bytes(60), "do not add up"),
@@ -123,3 +124,24 @@ def test_the_other_end_closing_calls_back_once_and_close_forgets_the_macs(joined
     l1.close()
     assert right.lookup(A) is None and l1 not in right.ports
     assert not l1.deliver(eth(A, B), None)  # a closed link drops
+
+
+def test_a_workers_hub_sends_everything_to_the_other_port():
+    hub, switch = Hub(), LearningSwitch()
+    s0, s1 = link_pair()
+    uplink, port = LinkPort(s0, hub, "uplink"), LinkPort(s1, switch, "worker")
+    device = Recorder("device", hub)
+    other = Recorder("other", switch)
+    frames = datapath.Frames()
+    for i in range(3):
+        frames.append(eth(B, A, i), (34, 16))
+    hub.forward_batch(device, frames)  # all of it to the uplink, nothing learned in the hub
+    port.on_readable()
+    assert other.got == [(eth(B, A, i), (34, 16)) for i in range(3)] and not hub.table
+    assert switch.lookup(A) is port
+    switch.forward(other, eth(A, B))
+    uplink.on_readable()
+    assert device.got == [(eth(A, B), None)]
+    assert hub.forward(device, b"short") == 0
+    uplink.close()
+    port.close()

@@ -6,9 +6,9 @@ net device runs in its own worker process, and the
 the supervisor.  One socket pair links each worker to it, and both ends are a
 :class:`LinkPort`:
 
-- in the worker, the link is the uplink port of the worker's own two-port
-  switch (the device is the other port), as a TAP device is an uplink
-  (:mod:`iovirt.virtio.net.tap`);
+- in the worker, the link and the device are the two ports of a
+  :class:`Hub` (every frame goes to the other port: the learning is done
+  once, at the other end of the link);
 - in the supervisor, each worker's link is one port of the switch that joins
   every net device.
 
@@ -32,6 +32,7 @@ hostile front-end, so a malformed datagram is logged, counted and dropped.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import socket
 import struct
@@ -39,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.defs import ETH_HLEN, MAX_FRAME
-from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.switch import LearningSwitch, SwitchPort
 
 log = logging.getLogger("iovirt.switch")
 
@@ -61,15 +62,21 @@ def link_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
+@functools.lru_cache(maxsize=256)
+def _records(count: int) -> struct.Struct:
+    """The ``count`` records of a datagram as one struct: one (un)pack call per batch, not per frame."""
+    return struct.Struct("<" + "IHH" * count)
+
+
 def encode(frames: Sequence[bytes], csums: Sequence[Csum]) -> bytes:
     """One datagram carrying ``frames`` with their pending checksums."""
-    header = [COUNT.pack(len(frames))]
+    fields: list[int] = []
     for frame, csum in zip(frames, csums):
         if csum is None:
-            header.append(RECORD.pack(len(frame), 0, 0))
+            fields += (len(frame), 0, 0)
         else:
-            header.append(RECORD.pack(len(frame) | CSUM_PENDING, csum[0], csum[1]))
-    return b"".join(header) + b"".join(frames)
+            fields += (len(frame) | CSUM_PENDING, csum[0], csum[1])
+    return COUNT.pack(len(frames)) + _records(len(frames)).pack(*fields) + b"".join(frames)
 
 
 class MalformedDatagram(ValueError):
@@ -85,19 +92,60 @@ def decode(data: memoryview, out: Any) -> int:
         raise MalformedDatagram(f"{len(data)}-byte datagram has no frame count")
     (count,) = COUNT.unpack_from(data)
     start = COUNT.size + count * RECORD.size
+    if not count:
+        raise MalformedDatagram("datagram carries no frames")
     if start > len(data):
         raise MalformedDatagram(f"{count} frame records do not fit a {len(data)}-byte datagram")
-    records = list(RECORD.iter_unpack(data[COUNT.size : start]))
-    if sum(word & LENGTH_MASK for word, _, _ in records) != len(data) - start:
+    fields = _records(count).unpack_from(data, COUNT.size)
+    words = fields[0::3]
+    lengths = [word & LENGTH_MASK for word in words]
+    if sum(lengths) != len(data) - start:
         raise MalformedDatagram(f"frame lengths do not add up to the {len(data) - start} bytes carried")
-    if any(word & LENGTH_MASK < ETH_HLEN for word, _, _ in records):
+    if min(lengths) < ETH_HLEN:
         raise MalformedDatagram("a frame is shorter than an Ethernet header")
     pos = start
-    for word, csum_start, csum_offset in records:
-        length = word & LENGTH_MASK
-        out.append(data[pos : pos + length], (csum_start, csum_offset) if word & CSUM_PENDING else None)
+    if lengths == list(words):  # no pending checksum in the batch: the common case
+        for length in lengths:
+            out.append(data[pos : pos + length])
+            pos += length
+        return count
+    for k, length in enumerate(lengths):
+        csum = (fields[3 * k + 1], fields[3 * k + 2]) if words[k] & CSUM_PENDING else None
+        out.append(data[pos : pos + length], csum)
         pos += length
     return count
+
+
+class Hub(LearningSwitch):
+    """A worker's own switch: its device and the :class:`LinkPort` to the real switch, and nothing else.
+
+    With two ports every frame goes to the other one, so nothing is learned
+    or looked up here; the switch at the other end of the link learns, floods
+    and filters for both.  (A :class:`LearningSwitch`, so it plugs into a
+    device where one is expected.)
+    """
+
+    def forward_batch(self, ingress: SwitchPort, frames: Any) -> int:
+        """Every frame of the batch to every other port."""
+        if not len(frames):
+            return 0
+        indexes = list(range(len(frames)))
+        self.forwarded += len(frames)
+        taken = 0
+        for port in [port for port in self.ports if port is not ingress]:
+            deliver_batch = getattr(port, "deliver_batch", None)
+            if deliver_batch is not None:
+                taken += deliver_batch(frames, indexes)
+            else:
+                taken += sum(int(port.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
+        return taken
+
+    def forward(self, ingress: SwitchPort, frame: bytes, csum: tuple[int, int] | None = None) -> int:
+        """The frame to every other port."""
+        if len(frame) < ETH_HLEN:
+            return 0
+        self.forwarded += 1
+        return sum(int(port.deliver(frame, csum)) for port in self.ports if port is not ingress)
 
 
 class LinkPort:
