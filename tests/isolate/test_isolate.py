@@ -99,3 +99,12 @@ def test_a_device_that_cannot_start_fails_the_command(tmp_path):
     assert "No such file" in out.stderr and "blk0" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "n.sock").exists()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(served):
+    pids = list(served.pids().values())
+    served.proc.kill()
+    served.proc.wait()
+    # Their heartbeat sockets reach end of file: each worker stops by itself and removes its socket.
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), 10)
+    assert not any(os.path.exists(p) for p in [*served.net_paths, served.blk_path])
