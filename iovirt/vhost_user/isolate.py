@@ -203,6 +203,7 @@ class Supervisor:
                 log.error("%s: worker pid %d missed its heartbeat for %.1f s: hung, killing it",
                           worker.spec.name, worker.proc.pid, now - worker.last_answer)
                 _kill(worker.proc)
+                worker.last_answer = now  # its pidfd reports the death; kill again only if it outlasts a deadline
             elif worker.ready and now - worker.last_ping >= HEARTBEAT_INTERVAL_S and worker.heartbeat is not None:
                 worker.last_ping = now
                 try:
