@@ -65,6 +65,7 @@ BACKOFF_MAX_S = 5.0
 STABLE_S = 10.0
 STOP_GRACE_S = 1.5  # SIGTERM to SIGKILL on shutdown: all stopped within 2 s
 TICK_S = 0.1
+UPLINK_WAIT_S = 0.005  # how long a net worker waits for room on its link before dropping (backpressure)
 
 PING = b"?"
 PONG = b"!"
@@ -367,7 +368,8 @@ def worker_main(message: dict[str, Any]) -> int:
             switch = Hub()
             device: Any = VirtioNet(bytes.fromhex(options["mac"]), switch, queue_pairs=options["queues"],
                                     mtu=options["mtu"], label=options["label"])
-            link = uplink = LinkPort(socket.socket(fileno=message["link_fd"]), switch, "uplink")
+            link = uplink = LinkPort(socket.socket(fileno=message["link_fd"]), switch, "uplink",
+                                     send_wait_s=UPLINK_WAIT_S)
 
             def link_closed() -> None:
                 server.dataplane.remove(uplink.fileno())

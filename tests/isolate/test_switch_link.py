@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import pytest
 
@@ -145,3 +146,18 @@ def test_a_workers_hub_sends_everything_to_the_other_port():
     assert hub.forward(device, b"short") == 0
     uplink.close()
     port.close()
+
+
+def test_an_uplink_waits_for_room_before_it_drops(joined):
+    _, _, l0, l1, _, b = joined
+    sent = 0
+    while l0.deliver(eth(b"\xff" * 6, A, sent), None):
+        sent += 1
+    assert sent and l0.stats["tx_dropped"] == 1  # full: without a wait the next frame is dropped
+    l0.send_wait_s = 5.0
+    # The other end drains a moment later (the kernel reports room once 3/4 of the send buffer is free).
+    drain = threading.Timer(0.1, lambda: [l1.on_readable() for _ in range(sent // 16 + 1)])
+    drain.start()
+    assert l0.deliver(eth(b"\xff" * 6, A, sent), None)  # waited for room instead of dropping
+    drain.join()
+    assert l0.stats["tx_dropped"] == 1 and b.got

@@ -22,9 +22,14 @@ All little-endian; bit 31 of ``length`` says the frame has a pending checksum
 datagram carries at most :data:`DATAGRAM_BYTES` of frames (a longer frame goes
 alone).
 
-Sends never block: when the peer's socket buffer is full the batch is dropped
-and counted, as a switch drops under congestion, so a hung worker never stalls
-the supervisor or the other workers.  What arrives is checked before use
+The supervisor's sends never wait: when a worker's socket is full the batch
+is dropped and counted, as a switch drops under congestion, so a hung worker
+never stalls the supervisor or the other workers.  A worker's uplink may wait
+a little (``send_wait_s``) for room before it drops: that is backpressure.
+The worker then stops draining its guest's transmit ring for a moment and
+leaves the CPU to the switch, instead of consuming frames only to drop them
+(what a link holds is bounded by the sender's ``SO_SNDBUF``, a few hundred
+small datagrams at the default ``wmem_default``).  What arrives is checked before use
 (count, lengths, Ethernet header size): the peer may be a worker serving a
 hostile front-end, so a malformed datagram is logged, counted and dropped.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import select
 import socket
 import struct
 from typing import Any, Callable, Sequence
@@ -154,14 +160,22 @@ class LinkPort:
     ``on_readable`` (run by the owner's event loop when the socket is
     readable) forwards what the other end sent into ``switch``.  When the
     other end is gone, ``on_closed`` runs once; the owner stops watching the
-    socket and calls :meth:`close`.
+    socket and calls :meth:`close`.  A full socket drops the batch at once,
+    or after waiting up to ``send_wait_s`` for room (see the module
+    docstring: only a worker's uplink waits).
     """
 
     def __init__(
-        self, sock: socket.socket, switch: LearningSwitch, name: str, on_closed: Callable[[], None] | None = None
+        self,
+        sock: socket.socket,
+        switch: LearningSwitch,
+        name: str,
+        on_closed: Callable[[], None] | None = None,
+        send_wait_s: float = 0.0,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.send_wait_s = send_wait_s
         self.switch = switch
         self.name = name
         self.on_closed = on_closed
@@ -203,10 +217,16 @@ class LinkPort:
         if self.closed:
             self.stats["tx_dropped"] += len(frames)
             return 0
+        datagram = encode(frames, csums)
         try:
-            self.sock.send(encode(frames, csums))
+            try:
+                self.sock.send(datagram)
+            except BlockingIOError:
+                # The other end is not keeping up: wait for room if this end may, else drop.
+                if not self.send_wait_s or not select.select([], [self.sock], [], self.send_wait_s)[1]:
+                    raise
+                self.sock.send(datagram)
         except BlockingIOError:
-            # The other end is not keeping up (or is hung): drop, never wait.
             self.stats["tx_dropped"] += len(frames)
             return 0
         except OSError as exc:
