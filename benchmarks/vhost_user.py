@@ -10,6 +10,9 @@ the destination: the sink case), and DPDK's vhost PMD in rxonly mode.
 Then port to port: frames to a MAC learned on iovirt's second port, whose
 receive ring a light front-end process keeps refilled; iovirt's own receive
 counter gives the rate (DPDK's vhost PMD has no switch: no peer figure).
+The 64-byte sink and port-to-port runs are repeated under ``iovirt serve
+--isolate`` (each port a worker process, the switch in the supervisor): the
+cost of process isolation, in the same run.
 
 Blk: 4 KiB random reads at queue depth 32 against a raw image in /dev/shm
 from a front-end process (iovirt's Python driver, each request re-posted as
@@ -105,7 +108,7 @@ def dpdk_vhost_backend(sock: Path, log: Path) -> subprocess.Popen:
 # -- the light receive front-end for iovirt's second port ---------------------------
 
 
-def _rx_sink(sock: str, mac: bytes, ready, stop) -> None:
+def _rx_sink(sock: str, mac: bytes, ready, stop, out=None) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
 
@@ -123,6 +126,9 @@ def _rx_sink(sock: str, mac: bytes, ready, stop) -> None:
         used_idx_view = drv.memory.view(rx.used_addr + 2, 2).cast("H")
         avail_idx_view = drv.memory.view(rx.avail_addr + 2, 2).cast("H")
         seen = 0
+        received = window_start = 0
+        window_t = time.monotonic()
+        best = 0.0
         while not stop.is_set():
             used = used_idx_view[0]
             n = (used - seen) & 0xFFFF
@@ -132,10 +138,18 @@ def _rx_sink(sock: str, mac: bytes, ready, stop) -> None:
                 seen = used
                 avail_idx_view[0] = (avail_idx_view[0] + n) & 0xFFFF
                 drv.frontend.kick(0)
+                if out is not None:  # the receive rate seen by the front-end, best 1 s window
+                    received += n
+                    now = time.monotonic()
+                    if now - window_t >= 1.0:
+                        best = max(best, (received - window_start) / (now - window_t))
+                        window_start, window_t = received, now
             else:
                 time.sleep(0)
         used_idx_view.release()
         avail_idx_view.release()
+    if out is not None:
+        out.put(best)
 
 
 def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
@@ -183,6 +197,68 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
     p2p = float(match.group(1)) if match else 0.0
     print(f"net   64 B frames, port 0 -> switch -> port 1: iovirt {p2p:,.0f} frames/s (no peer: DPDK has no switch)")
     figures["net_port_to_port_64B_frames_per_s"] = p2p
+    figures.update(isolated_figures(tmp, seconds, figures))
+    return figures
+
+
+def _link_drops(log: Path) -> tuple[int, int]:
+    """(sent, dropped) over the isolated net workers' links to the switch, from their exit lines."""
+    found = re.findall(r"link to the switch: (\d+) frames sent, (\d+) dropped", log.read_text(errors="replace"))
+    return sum(int(a) for a, _ in found), sum(int(b) for _, b in found)
+
+
+def isolated_figures(tmp: Path, seconds: float, in_process: dict[str, float]) -> dict[str, float]:
+    """The 64 B sink and port-to-port figures again under ``iovirt serve --isolate``.
+
+    Each port is then a worker process and the switch lives in the
+    supervisor: a frame crosses a SOCK_SEQPACKET link (worker to switch) in
+    the sink case, and two (worker to switch to worker) port to port.  Same
+    cores as the in-process runs (everything of iovirt on core 0).  The sink
+    figure counts the frames the worker consumed; the line also gives how
+    many of them its link dropped because the switch process fell behind.
+    Port to port counts what the receiving front-end got.
+    """
+    def serve(args: list[str], log: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-m", "iovirt", "--log-level", "info", "serve", "--isolate", *args],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        )
+
+    figures: dict[str, float] = {}
+    sock, log = tmp / "iovirt-isolated-64.sock", tmp / "iovirt-isolated-64.log"
+    backend = serve(["--net", str(sock)], log)
+    _wait_socket(sock, backend)
+    try:
+        sink = testpmd_tx(sock, 64, seconds, tmp / "fe-isolated-64.log")
+    finally:
+        _stop(backend, signal.SIGTERM)
+    sent, dropped = _link_drops(log)
+    ref = in_process["net_64B_frames_per_s"]
+    print(f"net   64 B frames, sink, --isolate: iovirt {sink:,.0f} frames/s ({sink / ref:.2f}x in-process); "
+          f"the link to the switch dropped {dropped:,} of {sent + dropped:,}")
+    figures["net_64B_frames_per_s_isolated"] = sink
+    s0, s1 = tmp / "iso-p0.sock", tmp / "iso-p1.sock"
+    log = tmp / "iovirt-isolated-p2p.log"
+    backend = serve(["--net", str(s0), "--net", str(s1)], log)
+    _wait_socket(s0, backend)
+    _wait_socket(s1, backend)
+    ctx = mp.get_context("spawn")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    mac = bytes.fromhex("525400aabbcc")
+    rx = ctx.Process(target=_rx_sink, args=(str(s1), mac, ready, stop, out))
+    rx.start()
+    ready.wait(20)
+    try:
+        testpmd_tx(s0, 64, seconds, tmp / "fe-isolated-p2p.log", dst_mac=mac.hex(":"))
+    finally:
+        stop.set()
+        p2p = out.get(timeout=30)
+        rx.join(10)
+        _stop(backend, signal.SIGTERM)
+    ref = in_process["net_port_to_port_64B_frames_per_s"]
+    ratio = f"{p2p / ref:.2f}x" if ref else "n/a"
+    print(f"net   64 B frames, port 0 -> switch -> port 1, --isolate: iovirt {p2p:,.0f} frames/s ({ratio} in-process)")
+    figures["net_port_to_port_64B_frames_per_s_isolated"] = p2p
     return figures
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
+from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -127,6 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
     _switch_options(serve)
     _access_options(serve)
+    serve.add_argument(
+        "--isolate", action="store_true",
+        help="run each device in its own worker process, restarted by this one when it dies or hangs",
+    )
     serve.set_defaults(func=run_serve)
 
     net = sub.add_parser(
@@ -285,6 +290,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.net and not args.blk:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
+    if args.isolate:
+        _raise_fd_limit()
+        return run_isolated(args, [_mac(i + 1) for i in range(len(args.net))], _access(args), _switch(args))
     server = _new_server(args)
     switch = _switch(args)
     sealed = args.require_sealed_memory
