@@ -13,7 +13,11 @@ Wire and framing (both roles):
 
 The back-end, split by job:
 
-* :mod:`~iovirt.vhost_user.server` - the UNIX sockets (the only module that touches them).
+* :mod:`~iovirt.vhost_user.server` - the UNIX sockets (the only module that touches them);
+  :mod:`~iovirt.vhost_user.peers` - who may connect (SO_PEERCRED, socket mode);
+  :mod:`~iovirt.vhost_user.fds` - closing what a peer handed over.
+* :mod:`~iovirt.vhost_user.isolate` - ``iovirt serve --isolate``: one worker
+  process per device under a supervisor that restarts it.
 * :mod:`~iovirt.vhost_user.backend` - one connection's session: dispatch,
   features, config, status, inflight region, IOTLB messages.
 * :mod:`~iovirt.vhost_user.vrings` - vring lifecycle: kick/call/err, start/stop,
