@@ -83,18 +83,16 @@ FIONBIO = 0x5421  # include/uapi/asm-generic/ioctls.h
 # x86_64 system-call numbers, from the kernel's arch/x86/entry/syscalls/syscall_64.tbl
 # ("common" and "64" entries): every call this module names, and nothing else.
 SYSCALLS: dict[str, int] = {
-    "read": 0, "write": 1, "open": 2, "close": 3, "fstat": 5, "poll": 7, "lseek": 8,
-    "mmap": 9, "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13,
-    "rt_sigprocmask": 14, "rt_sigreturn": 15, "ioctl": 16, "pread64": 17, "pwrite64": 18,
-    "mremap": 25, "madvise": 28, "getpid": 39, "sendto": 44, "recvfrom": 45, "sendmsg": 46,
-    "recvmsg": 47, "getsockname": 51, "getsockopt": 55, "clone": 56, "exit": 60,
+    "read": 0, "write": 1, "open": 2, "close": 3, "fstat": 5, "poll": 7, "mmap": 9,
+    "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14,
+    "rt_sigreturn": 15, "ioctl": 16, "mremap": 25, "madvise": 28, "getpid": 39, "sendto": 44,
+    "sendmsg": 46, "recvmsg": 47, "getsockname": 51, "getsockopt": 55, "clone": 56, "exit": 60,
     "fcntl": 72, "fdatasync": 75, "ftruncate": 77, "unlink": 87, "readlink": 89,
     "gettimeofday": 96, "gettid": 186, "futex": 202, "restart_syscall": 219,
     "clock_gettime": 228, "exit_group": 231, "epoll_wait": 232, "epoll_ctl": 233,
-    "openat": 257, "newfstatat": 262, "ppoll": 271, "set_robust_list": 273,
-    "epoll_pwait": 281, "fallocate": 285, "accept4": 288, "preadv": 295, "pwritev": 296,
-    "seccomp": 317, "memfd_create": 319, "preadv2": 327, "pwritev2": 328, "statx": 332, "rseq": 334,
-    "clone3": 435, "epoll_pwait2": 441,
+    "openat": 257, "newfstatat": 262, "set_robust_list": 273, "fallocate": 285,
+    "accept4": 288, "preadv": 295, "pwritev": 296, "seccomp": 317, "memfd_create": 319,
+    "preadv2": 327, "pwritev2": 328, "rseq": 334, "clone3": 435,
 }
 
 # What the process calls after start-up, found with ``strace -f`` on ``iovirt serve`` while
@@ -102,30 +100,33 @@ SYSCALLS: dict[str, int] = {
 # IOTLB path, the inflight region, reconnects, SIGTERM): docs/security.md, "Sandbox".
 ALLOWED: tuple[str, ...] = (
     # The interpreter: the allocator (brk, mmap, mremap for large reallocs, munmap, madvise),
-    # the GIL and locks (futex), the clock when the vDSO is unavailable, logging's getpid.
-    "brk", "mmap", "mremap", "munmap", "mprotect", "madvise", "futex",
-    "clock_gettime", "gettimeofday", "getpid", "gettid",
+    # the GIL and locks (futex), logging's getpid; the clock, for socket timeouts, when the
+    # vDSO cannot serve it (clocksources without a vDSO path).
+    "brk", "mmap", "mremap", "munmap", "mprotect", "madvise", "futex", "getpid",
+    "clock_gettime", "gettimeofday",
     # Signals: the SIGTERM/SIGINT handler runs and returns; Python blocks signals around
-    # thread creation and restores the default handlers at exit.
+    # thread creation and restores the default handlers at exit; a wait interrupted by
+    # SIGSTOP/SIGCONT resumes through restart_syscall.
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall",
-    # Threads (clone itself is checked below): a new thread registers its rseq area and
-    # robust-futex list; a thread and the process end.
-    "rseq", "set_robust_list", "exit", "exit_group",
+    # Threads (clone itself is checked below): the data-plane thread starts when serving
+    # starts, registers its rseq area and robust-futex list, and exits at shutdown.
+    "gettid", "rseq", "set_robust_list", "exit", "exit_group",
     # The control loop and the data plane wait on epoll sets; socket timeouts poll.
-    "epoll_wait", "epoll_pwait", "epoll_pwait2", "epoll_ctl", "poll", "ppoll",
+    "epoll_wait", "epoll_ctl", "poll",
     # vhost-user sockets: accept a front-end (accept4) and learn who it is (SO_PEERCRED,
     # the family of the accepted socket); messages with their fds in and replies out;
     # IOTLB misses out on the back-end channel.
-    "accept4", "getsockopt", "getsockname", "recvmsg", "recvfrom", "sendmsg", "sendto",
+    "accept4", "getsockopt", "getsockname", "recvmsg", "sendmsg", "sendto",
     # fds from front-ends: eventfd reads and writes (kick, call, err), closing them; the
-    # check that an fd is an eventfd (readlink of /proc/self/fd/N); fstat and the mmap
-    # module's dup (fcntl F_DUPFD_CLOEXEC) before a region is mapped; blocking flags.
-    "read", "write", "close", "readlink", "fstat", "newfstatat", "statx", "lseek", "fcntl",
+    # check that an fd is an eventfd (readlink of /proc/self/fd/N); fstat (newfstatat with
+    # AT_EMPTY_PATH, fstat before glibc 2.33) and the mmap module's dup (fcntl
+    # F_DUPFD_CLOEXEC) before a region is mapped; fcntl also sets and reads fd flags.
+    "read", "write", "close", "readlink", "fstat", "newfstatat", "fcntl",
     # virtio-blk image I/O straight into guest memory, flush, discard and write-zeroes.
-    "preadv", "pwritev", "preadv2", "pwritev2", "pread64", "pwrite64", "fdatasync", "fallocate",
+    "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fallocate",
     # The inflight region (VHOST_USER_GET_INFLIGHT_FD) is a new memfd of the asked size.
     "memfd_create", "ftruncate",
-    # Shutdown removes the socket files the process created.
+    # Shutdown removes the socket files the process created (newfstatat, then unlink).
     "unlink",
 )
 
