@@ -5,9 +5,8 @@ its images and TAP device and its sockets listen, the process only moves
 bytes between fds it already has and fds front-ends send it: accept a
 connection, receive messages with their fds, map memory, read and write
 eventfds, do image I/O, create the inflight region's memfd.  :func:`apply`
-then installs a seccomp filter (classic BPF, ``seccomp(2)``;
-``Documentation/userspace-api/seccomp_filter.rst`` in the kernel tree) that
-allows exactly those calls.  A compromised process can then neither start a
+then installs a seccomp filter (classic BPF, ``seccomp(2)``; the kernel's
+"Seccomp BPF" userspace-API document) that allows exactly those calls.  A compromised process can then neither start a
 program (``execve``), nor create a process (``fork``, ``clone`` without
 ``CLONE_THREAD``), nor open a network socket, nor trace another process.
 
