@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from iovirt.serve_process import ServeProcess
+from iovirt.vhost_user.cli import EXIT_FORCED
 from iovirt.vhost_user.driver import VhostUserDriver
+from iovirt.vhost_user.frontend import VhostUserFrontend
 
 import traffic
 
@@ -69,6 +71,38 @@ def test_a_sandboxed_serve_does_all_its_work_and_exits_cleanly(tmp_path, served)
     assert "seccomp filter on every thread" in log and "any other kills the process" in log
     assert "Traceback" not in log
     assert not any(os.path.exists(p) for p in [*served.net, served.blk])  # removed at exit, under the filter
+
+
+STUCK_DATA_PLANE = textwrap.dedent(
+    """
+    import sys, threading
+    from iovirt.vhost_user import dataplane
+
+    def stuck(self):  # a data-plane thread that never comes back, holding the data-path lock
+        with self.lock:
+            threading.Event().wait()
+
+    dataplane.DataPlane._run = stuck
+    from iovirt.cli import main
+    sys.exit(main(["serve", *sys.argv[1:]]))
+    """
+)
+
+
+def test_the_sigterm_watchdog_works_under_the_filter(tmp_path):
+    # After SIGTERM a watchdog thread is created (clone under the filter), removes the socket
+    # files and ends the process without the stuck thread.
+    sock = tmp_path / "a.sock"
+    proc = ServeProcess(["--net", str(sock), "--sandbox"], tmp_path / "serve.log", [sock])
+    proc.argv = [sys.executable, "-c", STUCK_DATA_PLANE, *proc.argv[proc.argv.index("serve") + 1 :]]
+    with proc:
+        front = VhostUserFrontend.connect(str(sock), timeout=5.0)  # the control thread hangs on the lock too
+        try:
+            assert proc.stop(timeout=2.0) == EXIT_FORCED, proc.log()
+        finally:
+            front.close()
+    assert "exiting without them" in proc.log() and "seccomp filter on every thread" in proc.log()
+    assert not sock.exists()
 
 
 @pytest.mark.parametrize("mode", ["kill", "log"])
