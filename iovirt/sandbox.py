@@ -108,7 +108,8 @@ ALLOWED: tuple[str, ...] = (
     # SIGSTOP/SIGCONT resumes through restart_syscall.
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall",
     # Threads (clone itself is checked below): the data-plane thread starts when serving
-    # starts, registers its rseq area and robust-futex list, and exits at shutdown.
+    # starts and the SIGTERM watchdog when the signal comes; each registers its rseq area
+    # and robust-futex list, and exits at shutdown.
     "gettid", "rseq", "set_robust_list", "exit", "exit_group",
     # The control loop and the data plane wait on epoll sets; socket timeouts poll.
     "epoll_wait", "epoll_ctl", "poll",
