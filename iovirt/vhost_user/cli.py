@@ -25,6 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from iovirt import sandbox
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
 from iovirt.vhost_user.isolate import run_isolated
@@ -132,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--isolate", action="store_true",
         help="run each device in its own worker process, restarted by this one when it dies or hangs",
     )
+    sandbox.add_argument(serve)
     serve.set_defaults(func=run_serve)
 
     net = sub.add_parser(
@@ -182,6 +184,7 @@ def _conventions(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--fd", metavar="FDNUM", type=int, help="use this inherited socket fd (listening or connected)")
     parser.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON and exit")
     _access_options(parser)
+    sandbox.add_argument(parser)
 
 
 def _uid(text: str) -> int:
@@ -252,7 +255,7 @@ def _new_server(args: argparse.Namespace) -> VhostUserServer:
     return VhostUserServer(access=access)
 
 
-def _serve(server: VhostUserServer) -> int:
+def _serve(server: VhostUserServer, sandbox_mode: str | None) -> int:
     watchdog: list[threading.Timer] = []
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -267,6 +270,13 @@ def _serve(server: VhostUserServer) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if sandbox_mode:  # start-up is over: every image, TAP device and socket is open
+        try:
+            sandbox.apply(sandbox_mode)
+        except sandbox.SandboxError as exc:
+            server.close()
+            print(f"iovirt: {exc}", file=sys.stderr)
+            return 1
     server.serve_forever()
     return 0
 
@@ -309,7 +319,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.close()
         print(f"iovirt serve: {exc}", file=sys.stderr)
         return 1
-    return _serve(server)
+    return _serve(server, args.sandbox)
 
 
 def _capabilities(kind: str, features: list[str]) -> int:
@@ -340,7 +350,7 @@ def run_net(args: argparse.Namespace) -> int:
         server.close()
         print(f"iovirt vhost-user-net: {exc}", file=sys.stderr)
         return 1
-    return _serve(server)
+    return _serve(server, args.sandbox)
 
 
 def run_blk(args: argparse.Namespace) -> int:
@@ -366,4 +376,4 @@ def run_blk(args: argparse.Namespace) -> int:
         server.close()
         print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)
         return 1
-    return _serve(server)
+    return _serve(server, args.sandbox)

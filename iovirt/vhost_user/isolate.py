@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from iovirt import sandbox
 from iovirt.vhost_user.peers import AccessPolicy
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.net.switch_link import Hub, LinkPort, link_pair
@@ -111,6 +112,8 @@ def specs_from_args(args: argparse.Namespace, macs: list[bytes], access: AccessP
     common = {
         "allow_uids": sorted(access.uids), "allow_gids": sorted(access.gids), "socket_mode": access.socket_mode,
         "require_sealed_memory": args.require_sealed_memory,
+        # The supervisor starts processes (forbidden under the filter): each worker applies it.
+        "sandbox": args.sandbox,
     }
     specs = [
         DeviceSpec("net", f"net{i} ({path})", path,
@@ -404,6 +407,13 @@ def worker_main(message: dict[str, Any]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal reaches the supervisor, which stops us
+    if options["sandbox"]:  # start-up is over: the image, the socket and the link are open
+        try:
+            sandbox.apply(options["sandbox"])
+        except sandbox.SandboxError as exc:
+            server.close()
+            print(f"iovirt serve: {exc}", file=sys.stderr)
+            return 1
     heartbeat.send(READY)
     server.serve_forever()
     if link is not None:

@@ -119,3 +119,16 @@ def test_workers_keep_the_commands_access_policy(tmp_path):
             assert os.stat(path).st_mode & 0o777 == 0o640, path
     finally:
         assert served.stop()[0] == 0
+
+
+def test_sandboxed_workers_serve(tmp_path):
+    """``--isolate --sandbox``: the filter goes into each worker (the supervisor must start processes)."""
+    served = Supervised(tmp_path, ("--sandbox",))
+    try:
+        with net_port(served.net_paths[0]) as a, net_port(served.net_paths[1]) as b:
+            cross_switch(a, b)
+        with blk_port(served.blk_path) as drv:
+            blk_roundtrip(drv, 8, os.urandom(4096))
+        assert "restart" not in served.log() and "Traceback" not in served.log(), served.log()
+    finally:
+        assert served.stop()[0] == 0
