@@ -1,0 +1,1 @@
+def make(slot, index): raise NotImplementedError
