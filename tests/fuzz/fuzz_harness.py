@@ -232,12 +232,12 @@ class Canary:
             raise CanaryError(f"canary blk sector {sector}: read back differs from what was written")
 
     def _recycle_rx(self) -> list[bytes]:
-        frames = []
-        for used in self.b.queues[0].get_used():
-            frames.append(used.data[NET_HDR:])
-            self._post_rx(self.rx_heads.pop(used.head))
+        used = self.b.queues[0].get_used()
+        addrs = [self.rx_heads.pop(u.head) for u in used]  # before reposting: heads are reused
+        for addr in addrs:
+            self._post_rx(addr)
         self.b.kick(0)
-        return frames
+        return [u.data[NET_HDR:] for u in used]
 
     def _check_net(self, deadline: float) -> None:
         self._recycle_rx()  # frames flooded by the fuzzers since the last check
