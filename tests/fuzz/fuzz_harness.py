@@ -348,12 +348,15 @@ class Summary:
     findings: list[Finding] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        """Plain data; findings shortened to kind, epoch, seeds and the detail's first line."""
+        """Plain data; findings grouped by kind and first line, with a count and the first seeds."""
         data = asdict(self)
-        data["findings"] = [
-            {"kind": f.kind, "epoch": f.epoch, "seeds": f.seeds, "detail": f.detail.splitlines()[0][:300] if f.detail else ""}
-            for f in self.findings
-        ]
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for f in self.findings:
+            line = f.detail.splitlines()[0][:300] if f.detail else ""
+            group = groups.setdefault((f.kind, line), {"kind": f.kind, "detail": line, "count": 0,
+                                                       "first_epoch": f.epoch, "seeds": f.seeds})
+            group["count"] += 1
+        data["findings"] = list(groups.values())
         return data
 
 

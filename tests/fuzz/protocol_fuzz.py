@@ -100,6 +100,9 @@ class ProtocolFuzzer:
         self.rng = random.Random(0)
         self.path_index = 0
         self.mute = False
+        self.offers: dict[str, tuple[int, int]] = {}
+        self.offered = (0, 0)  # (features, protocol features) of the connected device
+        self.ring: int | None = None  # the vring a bring-up sequence sets up
 
     # -- campaign entry points ---------------------------------------------------------
     def run(self, seed: int, count: int) -> dict[str, Any]:
@@ -152,12 +155,34 @@ class ProtocolFuzzer:
             self.counters["connect_failed"] += 1
             return False
         self.sock = sock
+        if path not in self.offers and not self._ask_offers(path):
+            self._drop()
+            return False
+        self.offered = self.offers[path]
         self.mute = self.rng.random() < 0.001  # a front-end that never reads its replies
         self.counters["connections"] += 1
         if self.rng.random() < 0.3:
             self.memory[: 4 * 4096] = self.rng.randbytes(4 * 4096)  # garbage rings
         else:
             self.memory[: 4 * 4096] = bytes(4 * 4096)
+        return True
+
+    def _ask_offers(self, path: str) -> bool:
+        """GET_FEATURES and GET_PROTOCOL_FEATURES once per socket, so bring-ups set what is offered."""
+        assert self.sock is not None
+        flags = VHOST_USER_VERSION
+        try:
+            self.sock.sendall(build_message(R.VHOST_USER_GET_FEATURES, flags)
+                              + build_message(R.VHOST_USER_GET_PROTOCOL_FEATURES, flags))
+            data = b""
+            while len(data) < 40:
+                chunk = self.sock.recv(40 - len(data))
+                if not chunk:
+                    return False
+                data += chunk
+        except OSError:
+            return False
+        self.offers[path] = (U64.unpack(data[12:20]).value, U64.unpack(data[32:40]).value)
         return True
 
     def _disconnect(self) -> None:
@@ -232,12 +257,21 @@ class ProtocolFuzzer:
             self._kick()
             return []
         if roll < 0.35:
+            # Negotiation first (mostly), so the rest reaches the states it needs; the rest in any order.
             codes = list(BRINGUP)
-            if rng.random() < 0.5:
+            if rng.random() < 0.2:
                 rng.shuffle(codes)
+            elif rng.random() < 0.5:
+                rest = codes[len(NEGOTIATION):]
+                rng.shuffle(rest)
+                codes = codes[: len(NEGOTIATION)] + rest
             codes = [c for c in codes if rng.random() < 0.9]
             codes += [rng.choice(codes or BRINGUP) for _ in range(rng.randrange(3))]
-            return [self._message(code) for code in codes]
+            self.ring = rng.randrange(2)
+            try:
+                return [self._message(code) for code in codes]
+            finally:
+                self.ring = None
         return [self._message(rng.choice(CODES))]
 
     def _kick(self) -> None:
@@ -293,7 +327,9 @@ class ProtocolFuzzer:
             kinds = [] if no_fd else [rng.choice(("eventfd",) * 12 + ("eventfd-blocking", "eventfd-full"))]
         elif fd_rule is FdRule.ONE:
             natural = {R.VHOST_USER_SET_BACKEND_REQ_FD: "socket", R.VHOST_USER_SET_DEVICE_STATE_FD: "pipe-w"}
-            kinds = [natural.get(R(code), rng.choice(("memfd-64k", "memfd-main")))]
+            # Memory-like fds, often the wrong size or kind (/dev/zero maps fine, then faults past its end).
+            kinds = [natural.get(R(code), rng.choice(("memfd-64k", "memfd-64k", "memfd-main", "devzero", "memfd-4096",
+                                                      "memfd-shrunk")))]
         else:
             kinds = []
         roll = rng.random()
@@ -339,6 +375,8 @@ class ProtocolFuzzer:
 
     # -- plausible payloads ------------------------------------------------------------------
     def _index(self) -> int:
+        if self.ring is not None and self.rng.random() < 0.9:
+            return self.ring
         return self.rng.choice((0, 0, 1, 1, 2, 3, 255)) if self.rng.random() < 0.95 else boundary(self.rng, 32)
 
     def _addr(self) -> int:
@@ -359,11 +397,13 @@ class ProtocolFuzzer:
 def _features(fuzzer: ProtocolFuzzer, code: int) -> U64:
     rng = fuzzer.rng
     if code == R.VHOST_USER_SET_FEATURES:
-        # VERSION_1, EVENT_IDX, INDIRECT, PROTOCOL_FEATURES, sometimes ACCESS_PLATFORM / MRG_RXBUF.
-        value = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 30)
-        value |= rng.choice((0, 1 << 33, 1 << 15, rng.getrandbits(64)))
+        # What was offered, mostly without ACCESS_PLATFORM (bit 33: rings would wait for IOTLB updates).
+        offered = fuzzer.offered[0]
+        value = rng.choice((offered & ~(1 << 33), offered & ~(1 << 33), offered, offered & rng.getrandbits(64),
+                            rng.getrandbits(64)))
     elif code == R.VHOST_USER_SET_PROTOCOL_FEATURES:
-        value = rng.choice((0x3F3FF, 0xFFFF, 1 << 3, rng.getrandbits(20)))
+        offered = fuzzer.offered[1]
+        value = rng.choice((offered, offered, offered & rng.getrandbits(20), rng.getrandbits(20)))
     elif code == R.VHOST_USER_SET_STATUS:
         value = rng.choice((0, 1, 3, 0xB, 0xF, 0x40, 0x80))
     else:  # NET_SET_MTU
@@ -374,22 +414,23 @@ def _features(fuzzer: ProtocolFuzzer, code: int) -> U64:
 def _vring_state(fuzzer: ProtocolFuzzer, code: int) -> VringState:
     rng = fuzzer.rng
     if code == R.VHOST_USER_SET_VRING_NUM:
-        num = rng.choice((RING_SIZE, RING_SIZE, 1, 2, 256, 32768, 0, 3, 65535, 65536))
+        num = RING_SIZE if rng.random() < 0.8 else rng.choice((1, 2, 256, 32768, 0, 3, 65535, 65536))
     elif code == R.VHOST_USER_SET_VRING_BASE:
-        num = rng.choice((0, 0, 1, RING_SIZE, 65535, 65536, 0x8000))
+        num = 0 if rng.random() < 0.8 else rng.choice((1, RING_SIZE, 65535, 65536, 0x8000))
     else:
-        num = rng.choice((0, 1, 1, 2))
+        num = 1 if rng.random() < 0.8 else rng.choice((0, 2))
     return VringState(fuzzer._index(), num)
 
 
 def _vring_addr(fuzzer: ProtocolFuzzer, code: int) -> VringAddr:
     rng = fuzzer.rng
-    base = USER_ADDR_BASE + 0x2000 * rng.randrange(2)
+    index = fuzzer._index()
+    base = USER_ADDR_BASE + 0x2000 * (index & 1)
     desc, avail, used = base, base + 16 * RING_SIZE, base + 0x1000
     parts = [desc, used, avail]
     if rng.random() < 0.2:
         parts[rng.randrange(3)] = fuzzer._addr()
-    return VringAddr(fuzzer._index(), rng.choice((0, 0, 0, 1)), *parts, rng.choice((0, 0x3000)))
+    return VringAddr(index, rng.choice((0, 0, 0, 1)), *parts, rng.choice((0, 0x3000)))
 
 
 def _memory_table(fuzzer: ProtocolFuzzer, code: int) -> MemoryTable:
@@ -406,9 +447,10 @@ def _config(fuzzer: ProtocolFuzzer, code: int) -> Config:
 
 def _inflight(fuzzer: ProtocolFuzzer, code: int) -> Inflight:
     rng = fuzzer.rng
-    size = rng.choice((0, 4096, 65536, 2**63, 2**64 - 1))
-    offset = rng.choice((0, 0, 0, 4096, 2**63))
-    return Inflight(size, offset, rng.choice((1, 2, 0, 256, 0xFFFF)), rng.choice((RING_SIZE, 1, 16, 256, 0, 0xFFFF)))
+    size = 65536 if rng.random() < 0.7 else rng.choice((0, 4096, 2**63, 2**64 - 1))
+    offset = 0 if rng.random() < 0.7 else rng.choice((4096, 65536, 2**63))
+    queues = rng.choice((1, 2)) if rng.random() < 0.8 else rng.choice((0, 256, 0xFFFF))
+    return Inflight(size, offset, queues, RING_SIZE if rng.random() < 0.7 else rng.choice((1, 16, 256, 0, 0xFFFF)))
 
 
 def _iotlb(fuzzer: ProtocolFuzzer, code: int) -> bytes:
@@ -432,7 +474,7 @@ PAYLOADS: dict[int, Callable[[ProtocolFuzzer, int], Any]] = {
     R.VHOST_USER_SET_VRING_ENDIAN: _vring_state,
     R.VHOST_USER_VRING_KICK: _vring_state,
     R.VHOST_USER_SET_VRING_ADDR: _vring_addr,
-    R.VHOST_USER_SET_VRING_KICK: lambda f, c: VringFile(f._index() & 0xFF, f.rng.random() < 0.1),
+    R.VHOST_USER_SET_VRING_KICK: lambda f, c: VringFile(f._index() & 0xFF, f.rng.random() < 0.05),
     R.VHOST_USER_SET_VRING_CALL: lambda f, c: VringFile(f._index() & 0xFF, f.rng.random() < 0.1),
     R.VHOST_USER_SET_VRING_ERR: lambda f, c: VringFile(f._index() & 0xFF, f.rng.random() < 0.1),
     R.VHOST_USER_SEND_RARP: lambda f, c: Rarp(f.rng.randbytes(6)),
@@ -447,9 +489,12 @@ PAYLOADS: dict[int, Callable[[ProtocolFuzzer, int], Any]] = {
 }
 
 CODES = [int(code) for code in R]
-BRINGUP = [int(c) for c in (
-    R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES, R.VHOST_USER_SET_PROTOCOL_FEATURES,
-    R.VHOST_USER_SET_FEATURES, R.VHOST_USER_SET_OWNER, R.VHOST_USER_SET_MEM_TABLE, R.VHOST_USER_GET_QUEUE_NUM,
+NEGOTIATION = [int(c) for c in (
+    R.VHOST_USER_GET_FEATURES, R.VHOST_USER_SET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES,
+    R.VHOST_USER_SET_PROTOCOL_FEATURES, R.VHOST_USER_SET_OWNER,
+)]
+BRINGUP = NEGOTIATION + [int(c) for c in (
+    R.VHOST_USER_SET_MEM_TABLE, R.VHOST_USER_GET_QUEUE_NUM,
     R.VHOST_USER_SET_VRING_NUM, R.VHOST_USER_SET_VRING_ADDR, R.VHOST_USER_SET_VRING_BASE, R.VHOST_USER_SET_VRING_CALL,
     R.VHOST_USER_SET_VRING_ERR, R.VHOST_USER_SET_VRING_KICK, R.VHOST_USER_SET_VRING_ENABLE,
     R.VHOST_USER_GET_INFLIGHT_FD, R.VHOST_USER_SET_INFLIGHT_FD, R.VHOST_USER_SET_STATUS, R.VHOST_USER_VRING_KICK,
