@@ -430,7 +430,7 @@ def _vring_addr(fuzzer: ProtocolFuzzer, code: int) -> VringAddr:
     parts = [desc, used, avail]
     if rng.random() < 0.2:
         parts[rng.randrange(3)] = fuzzer._addr()
-    return VringAddr(index, rng.choice((0, 0, 0, 1)), *parts, rng.choice((0, 0x3000)))
+    return VringAddr(index, rng.choice((0, 0, 0, 1)), parts[0], parts[1], parts[2], rng.choice((0, 0x3000)))
 
 
 def _memory_table(fuzzer: ProtocolFuzzer, code: int) -> MemoryTable:
