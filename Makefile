@@ -8,7 +8,7 @@ PYTHON ?= python3
 # compile the Cython extensions, python3-venv gives the wheel-install test its venv.
 DEB_PACKAGES := gcc python3-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux
 
-.PHONY: demo test test-extensions test-pure typecheck deps install build bench clean
+.PHONY: demo test test-extensions test-pure typecheck deps install build bench fuzz clean
 # The test steps run one after another, in the order `test` lists them.
 .NOTPARALLEL:
 
@@ -48,6 +48,12 @@ typecheck:
 
 bench: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+# The long fuzz campaign (tests/fuzz/, issue 12): protocol messages, then descriptor chains, against a real
+# `iovirt serve`; the last line is JSON (messages/s, chains/s, crashes, hangs, tracebacks, drift).
+# Knobs: FUZZ_MESSAGES, FUZZ_CHAINS (default 10 M each), FUZZ_SEED, FUZZ_WORKERS, FUZZ_SECONDS, FUZZ_WORKDIR.
+fuzz: build
+	PYTHONPATH=$(CURDIR) $(PYTHON) tests/fuzz/campaign.py
 
 # The extensions and the C files Cython generated from each .pyx.
 clean:
