@@ -58,9 +58,9 @@ class RingAddr:
     used: int
 
 
-@dataclass
+@dataclass(eq=False)
 class Vring:
-    """One vring as the front-end described it."""
+    """One vring as the front-end described it (hashed by identity: the data plane keys pollers by it)."""
 
     index: int
     num: int = 0

@@ -10,8 +10,6 @@ test's temporary directory.
 
 from __future__ import annotations
 
-import pytest
-
 import chain_fuzz
 import protocol_fuzz
 from fuzz_harness import Campaign, Summary
@@ -29,9 +27,6 @@ def _clean(summary: Summary) -> bool:
                 or summary.harness_errors)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 12: on main the short campaign finds failure 8 (OverflowError tracebacks from sizes >= 2^63) "
-    "and often failure 1 (SIGBUS); remove this mark once the fixes are merged"))
 def test_short_protocol_campaign(tmp_path):
     summary = Campaign("protocol", protocol_fuzz.make, tmp_path, total=60000, seed=SEED, workers=2,
                        epoch_units=8000, canary_timeout=2.0, max_seconds=30).run()
