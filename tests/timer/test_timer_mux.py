@@ -131,13 +131,17 @@ def test_real_timerfd_in_a_selector_fires_in_order_and_never_early():
         with selectors.DefaultSelector() as sel:
             sel.register(mux.fileno(), selectors.EVENT_READ)
             deadline = time.monotonic() + 2.0
+            rearming_wakeups = 0  # wakeups after which timers were still pending
             while len(log) < 3 and time.monotonic() < deadline:
                 if sel.select(timeout=0.5):
                     mux.on_host_timer()
+                    rearming_wakeups += len(log) < 3
         assert [n for n, _, _ in log] == ["a", "b", "c"]
         assert all(now >= due for _, due, now in log)
         assert all(now - due < 200_000_000 for _, due, now in log)  # generous: shared 2-core box
-        assert host_timer.arm_count == 4  # c, then a (new earliest), then b and c after expiries
+        # c, then a (new earliest), then once per wakeup that leaves timers pending: 4 when
+        # a, b and c expire in three wakeups, fewer when a late wakeup finds two due at once.
+        assert host_timer.arm_count == 2 + rearming_wakeups
     assert TimerFd.open_count == start
 
 
