@@ -230,7 +230,7 @@ def connect_as(uid: int, path: str) -> str:
             sock.connect(path)
             sock.sendall(GET_FEATURES)
             result = b"served" if sock.recv(64) else b"closed"
-        except ConnectionResetError:  # closed with our request unread
+        except (ConnectionResetError, BrokenPipeError):  # closed with our request unread, or before we sent it
             result = b"closed"
         except OSError as exc:
             result = (os.strerror(exc.errno) if exc.errno else str(exc)).encode()
