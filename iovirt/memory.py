@@ -388,6 +388,19 @@ class GuestMemory:
                 regions.append(MemoryRegion(gpa, size, bytearray(size)))
         return cls(regions)
 
+    @classmethod
+    def from_elf_core(cls, path: str) -> "GuestMemory":
+        """Guest memory from an ELF core: QEMU's ``dump-guest-memory`` (``paging=false``) or ``iovirt dump``.
+
+        Each ``PT_LOAD`` becomes a read-only region at its ``p_paddr``,
+        mapped from the file.  Raises
+        :class:`~iovirt.inspect.elfcore.CoreFileError` for a file that is
+        not ELF, has no ``PT_LOAD`` or is truncated (:mod:`iovirt.inspect.elfcore`).
+        """
+        from iovirt.inspect.elfcore import read_core  # it builds on this module
+
+        return read_core(path).memory
+
     def with_translator(self, translator: Translator | None) -> "GuestMemory":
         """The same regions seen through ``translator`` (e.g. one device's IOVA space)."""
         return GuestMemory(translator=translator, _table=self._table)

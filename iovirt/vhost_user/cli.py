@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from iovirt import sandbox
 from iovirt.errors import IovirtError
+from iovirt.inspect.dump import DumpOnSignal
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
 from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.server import VhostUserServer
@@ -132,6 +133,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--isolate", action="store_true",
         help="run each device in its own worker process, restarted by this one when it dies or hangs",
+    )
+    serve.add_argument(
+        "--dump-dir", metavar="DIR",
+        help="on SIGUSR2 every connected device writes an ELF core of its guest memory and rings into DIR "
+             "(see 'iovirt dump --help'); not with --isolate or --sandbox",
     )
     sandbox.add_argument(serve)
     serve.set_defaults(func=run_serve)
@@ -255,8 +261,9 @@ def _new_server(args: argparse.Namespace) -> VhostUserServer:
     return VhostUserServer(access=access)
 
 
-def _serve(server: VhostUserServer, sandbox_mode: str | None) -> int:
+def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | None = None) -> int:
     watchdog: list[threading.Timer] = []
+    DumpOnSignal(server, dump_dir)  # SIGUSR2: cores into dump_dir (logged and ignored without one)
 
     def on_signal(signum, frame):  # noqa: ARG001
         log.info("signal %d: shutting down", signum)
@@ -300,6 +307,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.net and not args.blk:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
+    if args.dump_dir and (args.isolate or args.sandbox):
+        # Workers are other processes; the sandbox forbids opening files after start-up.
+        print("iovirt serve: --dump-dir cannot be combined with --isolate or --sandbox", file=sys.stderr)
+        return 2
+    if args.dump_dir and not os.path.isdir(args.dump_dir):
+        print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
+        return 2
     if args.isolate:
         _raise_fd_limit()
         return run_isolated(args, [_mac(i + 1) for i in range(len(args.net))], _access(args), _switch(args))
@@ -319,7 +333,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.close()
         print(f"iovirt serve: {exc}", file=sys.stderr)
         return 1
-    return _serve(server, args.sandbox)
+    return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
 
 
 def _capabilities(kind: str, features: list[str]) -> int:
