@@ -19,6 +19,8 @@ Issue 13, "Crash consistency" (split rings). QEMU's chardevs have
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 import re
 import shutil
@@ -37,8 +39,24 @@ pytestmark = [
 
 BOOT = 120.0
 BLOCK = 4096
-BLOCKS = 240
+BLOCKS = 300
 RESTART_SECONDS = 1.0  # from SIGKILL to a listening socket (the issue: "within a second")
+IN_FLIGHT_TRIES = 4  # kills aimed at a request in flight, until one lands inside it
+#: fsync, fdatasync: the system calls the blk data path makes for a FLUSH, per architecture.
+FLUSH_SYSCALLS = {"x86_64": (74, 75), "aarch64": (82, 83)}
+
+
+def in_syscall(pid: int, numbers: tuple[int, ...]) -> bool:
+    """Whether a thread of ``pid`` is inside one of the system calls ``numbers`` (/proc/PID/task/TID/syscall)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/syscall") as f:
+                first = f.read().split(None, 1)[0]
+        except (OSError, IndexError):
+            continue
+        if first.isdigit() and int(first) in numbers:
+            return True
+    return False
 
 
 class Restarter:
@@ -66,17 +84,31 @@ class Restarter:
         self.procs.append(proc)
         return proc
 
-    def crash(self) -> None:
-        """SIGKILL the serving back-end; the next one (already started) serves the same sockets."""
+    def crash(self, inside: tuple[int, ...] = (), timeout: float = 10.0) -> bool:
+        """SIGKILL the serving back-end; the next one (already started) serves the same sockets.
+
+        With ``inside``, the kill waits (up to ``timeout``) until a thread of
+        the back-end is in one of those system calls: a SIGKILL that finds it
+        there ends the process before the call returns, so the request it
+        serves stays in flight. Returns whether it was found there.
+        """
         dying = self.procs[-1]
         self.start()
+        found = False
+        if inside:
+            assert dying.proc is not None
+            deadline = time.monotonic() + timeout
+            while not found and time.monotonic() < deadline:
+                found = in_syscall(dying.proc.pid, inside)
         killed = time.monotonic()
         dying.kill()
         for sock in self.sockets:
             wait_unix_listen(sock, timeout=RESTART_SECONDS)
         self.relisten_seconds.append(time.monotonic() - killed)
+        return found
 
     def logs(self) -> str:
+        """Every back-end's log, in order."""
         return "\n".join(f"--- {p.log_path.name} ---\n{p.log()}" for p in self.procs)
 
     def stop(self) -> None:
@@ -100,16 +132,25 @@ def restarter(tmp_path):
         r.stop()
 
 
+def wait_log(proc: ServeProcess, text: str, timeout: float) -> str:
+    """Wait until ``proc``'s log contains ``text``; return the log."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := proc.log()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in {proc.log_path.name} within {timeout:g} s:\n{log}")
+        time.sleep(0.1)
+    return log
+
+
 def block_pattern(i: int) -> bytes:
     """Block ``i``'s contents, as the guest's ``yes iovirt-crash-$i | head -c 4096`` makes it."""
     line = f"iovirt-crash-{i}\n".encode()
     return (line * (BLOCK // len(line) + 1))[:BLOCK]
 
 
-# Write block i (O_DIRECT, then a FLUSH: the back-end's fdatasync keeps a
-# request in flight long enough for a kill to land on one now and then),
-# read it back past the page cache, compare md5s; then read
-# every block again once the loop is over (the crashes are behind by then).
+# Write block i (O_DIRECT, then a FLUSH: the back-end's fdatasync is where
+# the test aims a kill), read it back past the page cache, compare md5s; then
+# read every block again once the loop is over (the crashes are behind by then).
 # The kernel log is emptied first: boot messages say "I/O" too.
 BLK_SCRIPT = rf"""
 dmesg -c > /dev/null
@@ -146,31 +187,40 @@ def test_blk_survives_backend_sigkill_mid_write_loop(tmp_path, restarter):
     image.write_bytes(bytes(4 << 20))
     sock = tmp_path / "b.sock"
     backend = restarter("--blk", f"{sock},{image}", sockets=[sock])
-    first = rng.randrange(30, 80)
-    kills = [first, rng.randrange(first + 40, BLOCKS - 40)]
+    flush_calls = FLUSH_SYSCALLS.get(platform.machine())
+    if flush_calls is None:
+        pytest.skip(f"no fsync/fdatasync syscall numbers for {platform.machine()}")
+    random_kill = rng.randrange(30, 70)
     with Guest(tmp_path, [VhostUserBlk(sock, reconnect=1)], script=BLK_SCRIPT, name="blk") as g:
         g.start()
-        for block in kills:
-            g.wait_for(rf"^blk-written {block}\n", timeout=BOOT)
-            time.sleep(rng.uniform(0.0, 0.3))  # land somewhere inside a later block's write or read
-            backend.crash()
+        # A kill at a random moment: mostly between requests, so the avail index carries over.
+        g.wait_for(rf"^blk-written {random_kill}\n", timeout=BOOT)
+        time.sleep(rng.uniform(0.0, 0.3))
+        backend.crash()
+        # Kills inside a FLUSH, until one leaves it in flight: the inflight region carries it over.
+        g.wait_for(rf"^blk-written {random_kill + 40}\n", timeout=BOOT)
+        for _ in range(IN_FLIGHT_TRIES):
+            backend.crash(inside=flush_calls)
             written = [int(n) for n in re.findall(r"^blk-written (\d+)$", g.console, re.M)]
-            assert max(written) < BLOCKS - 1, f"the crash after block {block} came after the write loop"
+            assert max(written) < BLOCKS - 1, "a crash came after the write loop"
+            # The new back-end logs what it resubmits before the ring starts.
+            if "resubmits" in wait_log(backend.procs[-1], "vring 0 started", BOOT):
+                break
         result = g.wait_result(timeout=BOOT)
-    detail = f"killed after blocks {kills}\n{result.console}\n{backend.logs()}"
+    detail = f"random kill after block {random_kill}\n{result.console}\n{backend.logs()}"
     assert result.status == 0, detail
     assert "blk-failures 0" in result.output, detail
     assert f"blk-written {BLOCKS - 1}" in result.output, detail
     data = image.read_bytes()
     missing = [i for i in range(BLOCKS) if data[i * BLOCK : (i + 1) * BLOCK] != block_pattern(i)]
     assert not missing, f"blocks not in the image: {missing}\n{detail}"
-    resubmitted = re.findall(r"resubmits (\d+) inflight", backend.logs())
-    print(f"killed after blocks {kills}; sockets listened again after {backend.relisten_seconds} s; "
-          f"inflight requests resubmitted: {resubmitted or 'none'}")
+    counts = re.findall(r"resubmits (\d+) inflight", backend.logs())
+    print(f"random kill after block {random_kill}, then {len(backend.procs) - 2} kills aimed at a FLUSH; "
+          f"sockets listened again after {backend.relisten_seconds} s; inflight requests resubmitted: {counts}")
+    assert counts, f"no kill left a request in flight in {IN_FLIGHT_TRIES} tries\n{detail}"
     # Each new back-end served the guest again (the front-end reconnected).
     for proc in backend.procs:
         assert "negotiated features" in proc.log(), detail
-
 
 PINGS = 400
 PING_INTERVAL = 0.05
