@@ -3,11 +3,13 @@
 Issue 13, "Crash consistency" (split rings). QEMU's chardevs have
 ``reconnect=1``, so QEMU re-dials the socket once the new process listens.
 
-* blk: the guest writes distinct patterned 4 KiB blocks with O_DIRECT and
-  reads each back; the back-end dies twice mid-loop, at a random block. The
+* blk: the guest writes distinct patterned 4 KiB blocks with O_DIRECT, each
+  followed by a FLUSH, and reads each back. The back-end dies mid-loop at a
+  random moment, then again while a thread of it is inside the FLUSH's
+  fdatasync (retried until a kill leaves the request in flight): the
   ``vhost-user-blk-pci`` front-end keeps the inflight region
-  (``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD``) across the restart, so requests
-  the dead back-end popped are resubmitted by the next one. Every block must
+  (``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD``) across the restart, and the next
+  back-end must resubmit what the dead one popped. Every block must
   verify in the guest (during the loop and in a second pass afterwards), the
   guest's dmesg must show no I/O error, and the host must find every block
   in the image.
@@ -221,6 +223,7 @@ def test_blk_survives_backend_sigkill_mid_write_loop(tmp_path, restarter):
     # Each new back-end served the guest again (the front-end reconnected).
     for proc in backend.procs:
         assert "negotiated features" in proc.log(), detail
+
 
 PINGS = 400
 PING_INTERVAL = 0.05
