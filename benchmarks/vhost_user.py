@@ -22,8 +22,9 @@ Dirty logging (migration): the 64-byte sink (an iovirt front-end process
 transmitting into the switch) and the blk 4 KiB reads, each with
 ``VHOST_F_LOG_ALL`` off and then on (QEMU's order: SET_LOG_BASE,
 SET_FEATURES, SET_VRING_ADDR with VHOST_VRING_F_LOG) against the same
-``iovirt serve``; the figures are the off/on time ratios
-``logging_slowdown_net_64B`` and ``logging_slowdown_blk_4k``.
+``iovirt serve``, alternately three times (best of each: the machine is
+shared); the figures are the on/off time ratios ``logging_slowdown_net_64B``
+and ``logging_slowdown_blk_4k``.
 
 Cores (2): back-ends on core 0, front-ends' pollers on core 1.  The last
 output line is one JSON object of the figures.
@@ -450,6 +451,9 @@ def _net_tx_frontend(sock: str, seconds: float, out, log: bool) -> None:
     out.put(sent / elapsed)
 
 
+ROUNDS = 3  # off/on runs alternate; the best of each counts
+
+
 def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
     """The 64 B sink and blk 4 KiB reads with LOG_ALL off and on, against one back-end each."""
     from iovirt.virtio.blk.defs import SECTOR_SIZE
@@ -460,13 +464,14 @@ def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
     _wait_socket(sock, backend)
     ctx = mp.get_context("spawn")
     try:
-        rates = []
-        for log in (False, True):
-            out = ctx.Queue()
-            proc = ctx.Process(target=_net_tx_frontend, args=(str(sock), seconds, out, log))
-            proc.start()
-            rates.append(out.get(timeout=seconds + 60))
-            proc.join(10)
+        rates = [0.0, 0.0]
+        for _ in range(ROUNDS):
+            for log in (False, True):
+                out = ctx.Queue()
+                proc = ctx.Process(target=_net_tx_frontend, args=(str(sock), seconds, out, log))
+                proc.start()
+                rates[log] = max(rates[log], out.get(timeout=seconds + 60))
+                proc.join(10)
     finally:
         _stop(backend, signal.SIGTERM)
     figures["net_64B_frames_per_s_log_off"], figures["net_64B_frames_per_s_log_on"] = rates
@@ -483,7 +488,10 @@ def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
         backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-log-blk.log")
         _wait_socket(sock, backend)
         try:
-            iops = [blk_run(sock, size // SECTOR_SIZE, seconds, log) for log in (False, True)]
+            iops = [0.0, 0.0]
+            for _ in range(ROUNDS):
+                for log in (False, True):
+                    iops[log] = max(iops[log], blk_run(sock, size // SECTOR_SIZE, seconds, log))
         finally:
             _stop(backend, signal.SIGTERM)
     finally:
