@@ -18,6 +18,14 @@ Blk: 4 KiB random reads at queue depth 32 against a raw image in /dev/shm
 from a front-end process (iovirt's Python driver, each request re-posted as
 soon as it completes), against ``iovirt serve`` and ``qemu-storage-daemon``.
 
+Dirty logging (migration): the 64-byte sink (an iovirt front-end process
+transmitting into the switch) and the blk 4 KiB reads, each with
+``VHOST_F_LOG_ALL`` off and then on (QEMU's order: SET_LOG_BASE,
+SET_FEATURES, SET_VRING_ADDR with VHOST_VRING_F_LOG) against the same
+``iovirt serve``, alternately three times (best of each: the machine is
+shared); the figures are the on/off time ratios ``logging_slowdown_net_64B``
+and ``logging_slowdown_blk_4k``.
+
 Cores (2): back-ends on core 0, front-ends' pollers on core 1.  The last
 output line is one JSON object of the figures.
 
@@ -288,7 +296,7 @@ srv.stop()
 # -- blk -------------------------------------------------------------------------------------
 
 
-def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
+def _blk_frontend(sock: str, sectors: int, seconds: float, out, log: bool = False) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
     from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
@@ -297,6 +305,7 @@ def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
     with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:
         (q,) = drv.start_queues([0], size=128).values()  # 32 requests x 3 descriptors
         q.set_interrupts(False)
+        dirty_log = drv.start_logging() if log else None
         mem = drv.memory
         rand = random.Random(1)
         head_sector = {}  # head -> index of its header's sector field in a u64 view
@@ -344,14 +353,16 @@ def _blk_frontend(sock: str, sectors: int, seconds: float, out) -> None:
         for view in (u64, used, avail):
             view.release()
         q._inflight.clear()
+        if dirty_log is not None and not any(dirty_log):
+            raise RuntimeError("LOG_ALL on, but nothing was logged")
     out.put((done / elapsed, failed, wrong))
 
 
-def blk_run(sock: Path, sectors: int, seconds: float) -> float:
+def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> float:
     """IOPS of the front-end process against ``sock``; every request must succeed with the right data."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out))
+    proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out, log))
     proc.start()
     try:
         iops, failed, wrong = out.get(timeout=seconds + 60)
@@ -400,10 +411,104 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
     return {"blk_4k_randread_iops": ours, "qsd_4k_randread_iops": theirs, "ratio_blk_vs_qsd": round(ours / theirs, 3)}
 
 
+# -- dirty logging ------------------------------------------------------------------------
+
+
+def _net_tx_frontend(sock: str, seconds: float, out, log: bool) -> None:
+    """Transmit 64-byte frames to an unknown MAC (the switch sinks them) as fast as the back-end takes them."""
+    os.sched_setaffinity(0, {1})
+    from iovirt.vhost_user.driver import VhostUserDriver
+
+    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:  # no EVENT_IDX
+        rx, tx = drv.start_queues([0, 1], size=256).values()
+        frame = bytes.fromhex("020000dead01") + bytes.fromhex("020000beef01") + b"\x88\xb5" + bytes(50)
+        for _ in range(256):
+            tx.add_data([bytes(12) + frame])
+        tx.set_interrupts(False)
+        dirty_log = drv.start_logging() if log else None
+        drv.kick(1)
+        used_idx_view = drv.memory.view(tx.used_addr + 2, 2).cast("H")
+        avail_idx_view = drv.memory.view(tx.avail_addr + 2, 2).cast("H")
+        seen = used_idx_view[0]
+        sent = 0
+        start = time.monotonic()
+        end = start + seconds
+        while time.monotonic() < end:
+            used = used_idx_view[0]
+            n = (used - seen) & 0xFFFF
+            if n:
+                # In-order completion: the avail slots keep their heads, re-posting is an idx bump.
+                seen = used
+                avail_idx_view[0] = (avail_idx_view[0] + n) & 0xFFFF
+                drv.frontend.kick(1)
+                sent += n
+        elapsed = time.monotonic() - start
+        used_idx_view.release()
+        avail_idx_view.release()
+        tx._inflight.clear()
+        if dirty_log is not None and not any(dirty_log):
+            raise RuntimeError("LOG_ALL on, but nothing was logged")
+    out.put(sent / elapsed)
+
+
+ROUNDS = 3  # off/on runs alternate; the best of each counts
+
+
+def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    """The 64 B sink and blk 4 KiB reads with LOG_ALL off and on, against one back-end each."""
+    from iovirt.virtio.blk.defs import SECTOR_SIZE
+
+    figures: dict[str, float] = {}
+    sock = tmp / "iovirt-log-net.sock"
+    backend = _iovirt(["--net", str(sock)], tmp / "iovirt-log-net.log")
+    _wait_socket(sock, backend)
+    ctx = mp.get_context("spawn")
+    try:
+        rates = [0.0, 0.0]
+        for _ in range(ROUNDS):
+            for log in (False, True):
+                out = ctx.Queue()
+                proc = ctx.Process(target=_net_tx_frontend, args=(str(sock), seconds, out, log))
+                proc.start()
+                rates[log] = max(rates[log], out.get(timeout=seconds + 60))
+                proc.join(10)
+    finally:
+        _stop(backend, signal.SIGTERM)
+    figures["net_64B_frames_per_s_log_off"], figures["net_64B_frames_per_s_log_on"] = rates
+    figures["logging_slowdown_net_64B"] = round(rates[0] / rates[1], 3)
+    image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench-log.img"
+    size = 64 << 20
+    with open(image, "wb") as f:
+        block = bytearray(4096)
+        for sector in range(0, size // SECTOR_SIZE, 8):
+            block[:8] = sector.to_bytes(8, "little")
+            f.write(block)
+    try:
+        sock = tmp / "iovirt-log-blk.sock"
+        backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-log-blk.log")
+        _wait_socket(sock, backend)
+        try:
+            iops = [0.0, 0.0]
+            for _ in range(ROUNDS):
+                for log in (False, True):
+                    iops[log] = max(iops[log], blk_run(sock, size // SECTOR_SIZE, seconds, log))
+        finally:
+            _stop(backend, signal.SIGTERM)
+    finally:
+        image.unlink()
+        image.parent.rmdir()
+    figures["blk_4k_iops_log_off"], figures["blk_4k_iops_log_on"] = iops
+    figures["logging_slowdown_blk_4k"] = round(iops[0] / iops[1], 3)
+    print(f"dirty logging (LOG_ALL on/off time ratio): net 64 B sink {rates[0]:,.0f} -> {rates[1]:,.0f} frames/s "
+          f"({figures['logging_slowdown_net_64B']:.2f}x); blk 4 KiB reads {iops[0]:,.0f} -> {iops[1]:,.0f} IOPS "
+          f"({figures['logging_slowdown_blk_4k']:.2f}x)")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
-    parser.add_argument("--only", choices=["net", "blk"], help="run only the net or the blk figures")
+    parser.add_argument("--only", choices=["net", "blk", "logging"], help="run only the net, blk or logging figures")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
@@ -411,6 +516,8 @@ def main() -> None:
             figures.update(net_figures(Path(tmp), args.seconds))
         if args.only in (None, "blk"):
             figures.update(blk_figures(Path(tmp), args.seconds))
+        if args.only in (None, "logging"):
+            figures.update(logging_figures(Path(tmp), args.seconds))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 

@@ -23,7 +23,7 @@ import os
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
-from iovirt.memory import GuestMemoryError
+from iovirt.memory import GuestMemoryError, MemoryRegion
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.fds import close_fds
@@ -32,6 +32,7 @@ from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_m
 from iovirt.vhost_user.iotlb import IotlbError
 from iovirt.vhost_user.memtable import MAX_MEM_SLOTS, GuestMemoryTable, MemoryTableError
 from iovirt.vhost_user.messages import (
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     Config,
@@ -43,13 +44,13 @@ from iovirt.vhost_user.messages import (
     VringState,
 )
 from iovirt.vhost_user import requests as rq
-from iovirt.vhost_user.vrings import RingAddr, VringError, Vrings
+from iovirt.vhost_user.vrings import RingAddr, VringError, Vrings, take_eventfd
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.device import FeatureError, VirtioDevice
+from iovirt.virtio.dirtylog import DirtyLog, log_bytes_needed
 
 log = logging.getLogger("iovirt.vhost_user")
 
-VHOST_F_LOG_ALL = 26  # vhost-user.rst "Migration": dirty logging, not offered
 MAX_INFLIGHT_QUEUE_SIZE = 32768  # virtio 1.2 2.7: the largest split ring
 
 
@@ -85,12 +86,17 @@ class BackendSession:
         self.table = GuestMemoryTable(self.label, self._memory_changed, require_sealed_memory)
         self.vrings = Vrings(device, dataplane, self.table, self.label)
         self.features = 0
-        self.offered_features = device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | extra_features
+        # VHOST_F_LOG_ALL: dirty logging for migration (QEMU blocks migration without it).
+        self.offered_features = (
+            device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | (1 << VHOST_F_LOG_ALL) | extra_features
+        )
         self.supported_protocol_features = device.protocol_features
         self.protocol_features = 0
         self.status = 0
         self.inflight_fd: int | None = None
         self.inflight_map: InflightRegion | None = None
+        self.log_region: MemoryRegion | None = None  # SET_LOG_BASE's mapping
+        self.log_fd: int | None = None  # SET_LOG_FD's eventfd
         device.device.on_needs_reset = self._device_failed
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
@@ -107,7 +113,8 @@ class BackendSession:
             rq.RemMemReg: lambda req: self.table.remove(req.region, req.fds),
             rq.SetVringNum: lambda req: self.vrings.set_num(req.index, req.num),
             rq.SetVringAddr: lambda req: self.vrings.set_addr(
-                req.index, RingAddr(req.desc_user_addr, req.avail_user_addr, req.used_user_addr)
+                req.index,
+                RingAddr(req.desc_user_addr, req.avail_user_addr, req.used_user_addr, req.flags, req.log_guest_addr),
             ),
             rq.SetVringBase: lambda req: self.vrings.set_base(req.index, req.num),
             rq.GetVringBase: lambda req: VringState(req.index, self.vrings.get_base(req.index)),
@@ -127,6 +134,8 @@ class BackendSession:
             rq.SetInflightFd: self._set_inflight_fd,
             rq.SetBackendReqFd: self._set_backend_req_fd,
             rq.IotlbMsgRequest: self._iotlb_msg,
+            rq.SetLogBase: self._set_log_base,
+            rq.SetLogFd: self._set_log_fd,
         }
 
     # -- dispatch ----------------------------------------------------------------
@@ -162,12 +171,19 @@ class BackendSession:
         with self.dataplane.lock:
             self.vrings.close()
             self.device.reset()
+            self._drop_log()
             self.table.close()
             self._drop_inflight()
         self.device.device.on_needs_reset = None
 
     def _memory_changed(self) -> None:
         self.vrings.refresh()
+        dirty_log = self.vrings.dirty_log
+        if dirty_log is not None and not dirty_log.covers(self._memory_end()):
+            # QEMU sends a larger log (SET_LOG_BASE) after growing its memory map.
+            log.warning("%s: the dirty log (%d bytes) no longer covers guest memory (needs %d) until the next "
+                        "SET_LOG_BASE: writes above it are not logged", self.label, dirty_log.size,
+                        log_bytes_needed(self._memory_end()))
 
     def _device_failed(self, device: VirtioDevice, error: Exception) -> None:
         self.vrings.signal_errors()
@@ -175,10 +191,8 @@ class BackendSession:
     # -- features ------------------------------------------------------------------
     def _set_features(self, req: rq.SetFeatures) -> None:
         features = req.features
-        if features & ~self.offered_features & ~(1 << VHOST_F_LOG_ALL):
+        if features & ~self.offered_features:
             raise RequestRefused(req.code, f"features {features & ~self.offered_features:#x} were not offered")
-        if features >> VHOST_F_LOG_ALL & 1:
-            raise RequestRefused(req.code, "VHOST_F_LOG_ALL (dirty logging) is not supported")
         access_platform = bool(features >> VIRTIO_F_ACCESS_PLATFORM & 1)
         started = self.vrings.any_started
         if access_platform != (self.vrings.iotlb is not None) and started:
@@ -193,6 +207,11 @@ class BackendSession:
         self.vrings.auto_enable = not features >> VHOST_USER_F_PROTOCOL_FEATURES & 1
         if self.vrings.auto_enable:
             self.vrings.enable_all(True)
+        log_all = bool(features >> VHOST_F_LOG_ALL & 1)
+        if log_all != self.vrings.log_all:
+            # LOG_ALL without a log is accepted, as QEMU restarting a device during a
+            # migration sends SET_FEATURES before SET_LOG_BASE; the rings wait for the log.
+            self.vrings.set_logging(log_all, self.vrings.dirty_log)
         log.info("%s: negotiated features %#x", self.label, features)
 
     def _set_protocol_features(self, req: rq.SetProtocolFeatures) -> None:
@@ -231,6 +250,7 @@ class BackendSession:
         self.features = 0
         self.status = 0
         self.vrings.use_iotlb(False)
+        self.vrings.set_logging(False, self.vrings.dirty_log)
 
     # -- inflight ("Inflight I/O tracking") ------------------------------------------------
     def _check_inflight(self, req: rq.GetInflightFd | rq.SetInflightFd) -> None:
@@ -300,6 +320,67 @@ class BackendSession:
             self.inflight_map = None
         close_fds([self.inflight_fd])
         self.inflight_fd = None
+
+    # -- dirty logging (vhost-user.rst "Migration", "Dirty page logging") --------------------
+    def _memory_end(self) -> int:
+        """The end of the highest guest-physical region (the log needs a bit per page below it)."""
+        regions = self.table.memory.regions
+        return regions[-1].end if regions else 0
+
+    def _set_log_base(self, req: rq.SetLogBase) -> U64:
+        """Map the shared log; it replaces the previous one (QEMU resizes the log this way)."""
+        # Spec: the fd comes "when the back-end has VHOST_USER_PROTOCOL_F_LOG_SHMFD".
+        if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_LOG_SHMFD & 1:
+            raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_LOG_SHMFD was not negotiated")
+        needed = log_bytes_needed(self._memory_end())
+        if req.mmap_size < needed:
+            raise RequestRefused(
+                req.code, f"log of {req.mmap_size} bytes is too small for guest memory up to "
+                f"{self._memory_end():#x}: one bit per 4 KiB page needs {needed} bytes"
+            )
+        fd = req.fds[0]
+        try:
+            region = MemoryRegion.from_fd(0, req.mmap_size, fd, req.mmap_offset)
+        except GuestMemoryError as exc:
+            raise RequestRefused(req.code, f"cannot map the log: {exc}") from exc
+        try:
+            self.table.seals.admit(region.fd_info, fd, "dirty log")
+        except MemoryTableError as exc:
+            region.close()
+            raise RequestRefused(req.code, str(exc)) from exc
+        os.close(fd)  # the mapping keeps the memory
+        old_region, old_log = self.log_region, self.vrings.dirty_log
+        self.log_region = region
+        self.vrings.set_logging(self.vrings.log_all, DirtyLog(region.view, self.log_fd))
+        if old_log is not None:
+            old_log.release()
+        if old_region is not None:
+            old_region.close()
+        log.info("%s: dirty log of %d bytes at offset %#x", self.label, req.mmap_size, req.mmap_offset)
+        return U64(0)
+
+    def _set_log_fd(self, req: rq.SetLogFd) -> None:
+        """The eventfd the back-end writes after logging a batch of writes."""
+        fd = req.fds[0]
+        take_eventfd(fd)
+        close_fds([self.log_fd])
+        self.log_fd = fd
+        if self.vrings.dirty_log is not None:
+            self.vrings.dirty_log.notify_fd = fd
+
+    def _drop_log(self) -> None:
+        dirty_log = self.vrings.dirty_log
+        self.vrings.set_logging(False, None)
+        if dirty_log is not None:
+            if dirty_log.beyond or dirty_log.unresolved:
+                log.warning("%s: dirty log: %d pages beyond the log and %d buffers without a guest-physical "
+                            "address were not logged", self.label, dirty_log.beyond, dirty_log.unresolved)
+            dirty_log.release()
+        if self.log_region is not None:
+            self.log_region.close()
+            self.log_region = None
+        close_fds([self.log_fd])
+        self.log_fd = None
 
     # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
     def _set_backend_req_fd(self, req: rq.SetBackendReqFd) -> None:

@@ -18,6 +18,11 @@ suite's :class:`~iovirt.conformance.link.Link`), in QEMU's order
    the rings run: a back-end may serve nothing before it (DPDK's vhost
    library waits for it).
 
+Migration (vhost-user.rst "Migration"): :func:`start_logging` turns dirty
+logging on as QEMU does, SET_LOG_BASE, then SET_FEATURES with
+``VHOST_F_LOG_ALL``, then SET_VRING_ADDR with ``VHOST_VRING_F_LOG`` per
+ring; :func:`stop_logging` turns it off in the same order, less the log.
+
 Every step is a separate call with selectable options, so that a
 conformance check can leave a ring disabled, poll instead of taking a call
 eventfd, or negotiate without bit 30.
@@ -25,12 +30,21 @@ eventfd, or negotiate without bit 30.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from iovirt.memory import MemoryRegion
 from iovirt.vhost_user.frontend import VhostUserFrontend
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from iovirt.vhost_user.messages import (
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    Log,
+    ProtocolFeature,
+)
+from iovirt.virtio.dirtylog import log_bytes_needed
 from iovirt.virtio.defs import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
     VIRTIO_CONFIG_S_DRIVER,
@@ -73,8 +87,10 @@ def negotiate(
     negotiates without protocol features at all.  VIRTIO_F_ACCESS_PLATFORM
     is acked only with ``iommu``: a VMM accepts it only with an IOMMU in
     front of the device, and must then answer the back-end's IOTLB misses
-    (:mod:`iovirt.vhost_user.viommu`).
+    (:mod:`iovirt.vhost_user.viommu`).  ``VHOST_F_LOG_ALL`` is never
+    acked here: a VMM asks for it only while migrating (:func:`start_logging`).
     """
+    features &= ~(1 << VHOST_F_LOG_ALL)
     if not iommu:
         features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
     offered = frontend.get_features()
@@ -146,3 +162,48 @@ def driver_ok(frontend: VhostUserFrontend) -> None:
     """SET_STATUS with DRIVER_OK (virtio 1.2 3.1.1 step 8) once the rings run; only with F_STATUS, only once."""
     if has_status(frontend) and not frontend.status & VIRTIO_CONFIG_S_DRIVER_OK:
         frontend.set_status(frontend.status | FEATURES_OK_STATUS | VIRTIO_CONFIG_S_DRIVER_OK)
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where one started ring is (guest-physical, or IOVAs with VIRTIO_F_ACCESS_PLATFORM)."""
+
+    index: int
+    desc: int
+    avail: int
+    used: int
+
+
+def make_log(frontend: VhostUserFrontend) -> tuple[int, int]:
+    """A sealed memfd sized for the shared memory as QEMU sizes it (whole u64 words); returns (fd, size)."""
+    end = max((r.end for r in frontend.memory.regions), default=0)
+    size = max(8, (log_bytes_needed(end) + 7) // 8 * 8)
+    fd = os.memfd_create("iovirt-dirty-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
+def start_logging(frontend: VhostUserFrontend, log_fd: int, log_size: int, rings: Sequence[RingLayout]) -> None:
+    """QEMU's order: SET_LOG_BASE, SET_FEATURES with LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG per ring.
+
+    ``log_guest_addr`` is the used ring's address as the ring addresses are
+    given (its IOVA with VIRTIO_F_ACCESS_PLATFORM, as QEMU sends it).
+    """
+    frontend.set_log_base(Log(log_size, 0), log_fd)
+    frontend.set_features(frontend.features | 1 << VHOST_F_LOG_ALL)
+    for ring in rings:
+        frontend.set_vring_addr(
+            ring.index, ring.desc, ring.avail, ring.used, flags=1 << VHOST_VRING_F_LOG, log_guest_addr=ring.used
+        )
+
+
+def stop_logging(frontend: VhostUserFrontend, rings: Sequence[RingLayout]) -> None:
+    """SET_FEATURES without LOG_ALL, then SET_VRING_ADDR without VHOST_VRING_F_LOG per ring."""
+    frontend.set_features(frontend.features & ~(1 << VHOST_F_LOG_ALL))
+    for ring in rings:
+        frontend.set_vring_addr(ring.index, ring.desc, ring.avail, ring.used)

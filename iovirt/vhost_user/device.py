@@ -12,8 +12,9 @@ its virtio device ID (virtio 1.2 section 5) with
 this class: it never probes the device it wraps.
 
 Protocol features offered to every device (vhost-user.rst "Protocol
-features"): MQ, REPLY_ACK, BACKEND_REQ, CONFIG, STATUS, CONFIGURE_MEM_SLOTS
-and RESET_DEVICE.  QEMU refuses a device behind a vIOMMU unless REPLY_ACK
+features"): MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ, CONFIG, STATUS,
+CONFIGURE_MEM_SLOTS and RESET_DEVICE.  QEMU refuses to migrate a guest whose
+back-end lacks LOG_SHMFD (the dirty log is shared memory).  QEMU refuses a device behind a vIOMMU unless REPLY_ACK
 and BACKEND_REQ are both offered, since IOTLB misses travel on the back-end
 channel.
 """
@@ -31,6 +32,7 @@ from iovirt.virtio.state import QueueState
 
 COMMON_PROTOCOL_FEATURES = feature_mask(
     PF.VHOST_USER_PROTOCOL_F_MQ,
+    PF.VHOST_USER_PROTOCOL_F_LOG_SHMFD,
     PF.VHOST_USER_PROTOCOL_F_REPLY_ACK,
     PF.VHOST_USER_PROTOCOL_F_BACKEND_REQ,
     PF.VHOST_USER_PROTOCOL_F_CONFIG,

@@ -12,6 +12,8 @@ use it to drive iovirt's own back-end or any other one.
 
 from __future__ import annotations
 
+import mmap
+import os
 from typing import Iterable
 
 from iovirt.memory import BumpAllocator
@@ -80,6 +82,27 @@ class VhostUserDriver:
                 self.iommu.serve()
         bringup.driver_ok(self.frontend)
         return {i: self.queues[i] for i in indexes}
+
+    def rings(self) -> list[bringup.RingLayout]:
+        """Where the started rings are."""
+        return [bringup.RingLayout(i, q.desc_addr, q.avail_addr, q.used_addr) for i, q in self.queues.items()]
+
+    def start_logging(self) -> mmap.mmap:
+        """Share a dirty log and turn LOG_ALL on, as QEMU does when a migration starts; returns the log."""
+        fd, size = bringup.make_log(self.frontend)
+        try:
+            bringup.start_logging(self.frontend, fd, size, self.rings())
+            if self.iommu is not None:
+                self.iommu.serve()  # the rings restart: their misses, if any
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    def stop_logging(self) -> None:
+        """LOG_ALL off, VHOST_VRING_F_LOG off on every ring."""
+        bringup.stop_logging(self.frontend, self.rings())
+        if self.iommu is not None:
+            self.iommu.serve()
 
     def kick(self, index: int) -> None:
         """Publish the queue's avail idx and kick if the device asked for it."""

@@ -12,6 +12,14 @@ answers arrive; an INVALIDATE of a running ring's pages suspends it until it
 is kicked again.  The used index is read from the used ring in memory when
 a ring starts.
 
+Dirty logging ("Migration"): while ``VHOST_F_LOG_ALL`` is negotiated, every
+running queue logs its device writes in the session's
+:class:`~iovirt.virtio.dirtylog.DirtyLog`, and its used ring at
+``log_guest_addr`` when the ring's address carries ``VHOST_VRING_F_LOG``.
+A ring that would run with LOG_ALL on and no log yet (QEMU restarts a
+device during a migration with SET_FEATURES before SET_LOG_BASE) waits for
+SET_LOG_BASE: the device never writes guest memory that it cannot log.
+
 Kick eventfds are served by the data plane; the device signals the call
 eventfd, and the err eventfd when it needs a reset.  The back-end shares
 these eventfds' file descriptions with the front-end, which may have made
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, cast
 
 from iovirt.errors import IovirtError
-from iovirt.memory import Access, GuestMemory, TranslationPending
+from iovirt.memory import Access, GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.device import VhostUserDevice
@@ -37,9 +45,10 @@ from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
 from iovirt.vhost_user.iotlb import DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
-from iovirt.vhost_user.messages import BackendRequest, IotlbMsg
+from iovirt.vhost_user.messages import VHOST_VRING_F_LOG, BackendRequest, IotlbMsg
 from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
-from iovirt.virtio.queue import SplitQueue
+from iovirt.virtio.dirtylog import DirtyLog
+from iovirt.virtio.queue import SplitQueue, ring_of
 from iovirt.virtio.state import QueueState
 
 log = logging.getLogger("iovirt.vhost_user")
@@ -56,6 +65,8 @@ class RingAddr:
     desc: int
     avail: int
     used: int
+    flags: int = 0  # VHOST_VRING_F_LOG: log the used ring at log_guest_addr
+    log_guest_addr: int = 0
 
 
 @dataclass(eq=False)
@@ -71,6 +82,7 @@ class Vring:
     err_fd: int | None = None
     started: bool = False
     awaiting_translation: bool = False  # started, but its ring IOVAs are not in the IOTLB yet
+    awaiting_log: bool = False  # started, but LOG_ALL is on and there is no log yet
     enabled: bool = False
     inflight: QueueRegion | None = field(default=None, repr=False)
     call_unread: int = 0  # notifications dropped: the call eventfd's counter was full
@@ -99,6 +111,8 @@ class Vrings:
         self.iotlb: DeviceIotlb | None = None
         self.dma_memory: GuestMemory = table.memory  # IOVAs through the IOTLB with ACCESS_PLATFORM
         self.backend_channel: BackendChannel | None = None
+        self.log_all = False  # VHOST_F_LOG_ALL negotiated
+        self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE's log
 
     def __getitem__(self, index: int) -> Vring:
         if not 0 <= index < len(self.rings):
@@ -150,7 +164,7 @@ class Vrings:
         """SET_VRING_KICK: (re)start the ring; ``fd`` (None: poll) is taken over on success."""
         vring = self[index]
         if fd is not None:
-            _take_eventfd(fd)
+            take_eventfd(fd)
         self.stop(vring)
         self._start(vring, fd)
 
@@ -158,7 +172,7 @@ class Vrings:
         """SET_VRING_CALL/ERR: replace eventfd ``name`` ("call_fd"/"err_fd"; None with the no-fd bit)."""
         vring = self[index]
         if fd is not None:
-            _take_eventfd(fd)
+            take_eventfd(fd)
         close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
 
@@ -225,6 +239,12 @@ class Vrings:
                     log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
                 vring.awaiting_translation = True
                 return False
+        if self.log_all and self.dirty_log is None:
+            if not vring.awaiting_log:
+                log.warning("%s: vring %d waits: VHOST_F_LOG_ALL is on and there is no log (SET_LOG_BASE) "
+                            "to log its writes in", self.label, vring.index)
+            vring.awaiting_log = True
+            return False
         # Checked at SET_VRING_NUM and SET_INFLIGHT_FD already; a head the region has
         # no entry for must never reach the data plane, whatever the order of requests.
         _check_fits_inflight(vring, vring.num, vring.inflight)
@@ -232,8 +252,9 @@ class Vrings:
         used_idx = memory.read_u16(used + 2)
         wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
         state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
-        self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
-        vring.awaiting_translation = False
+        queue = self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
+        self._install_log(vring, queue)
+        vring.awaiting_translation = vring.awaiting_log = False
         log.info(
             "%s: vring %d started: size %d, desc %#x avail %#x used %#x, avail index %d",
             self.label, vring.index, vring.num, desc, avail, used, vring.base,
@@ -271,7 +292,7 @@ class Vrings:
             close_fds([vring.kick_fd])
             vring.kick_fd = None
         self.dataplane.remove_poller(vring)
-        vring.awaiting_translation = False
+        vring.awaiting_translation = vring.awaiting_log = False
         if vring.started:
             self._save_base(vring)
             vring.started = False
@@ -325,7 +346,7 @@ class Vrings:
     # -- notifications ------------------------------------------------------------------
     def _kicker(self, vring: Vring) -> Callable[[], None]:
         def kick() -> None:
-            if vring.awaiting_translation:
+            if vring.awaiting_translation or vring.awaiting_log:
                 self._resume(vring)
             else:
                 self.device.kick(vring.index)
@@ -431,10 +452,51 @@ class Vrings:
         for vring in self.rings:
             if not vring.started:
                 continue
-            if vring.awaiting_translation:
+            if vring.awaiting_translation or vring.awaiting_log:
                 self._resume(vring)
             else:
                 self.device.kick(vring.index)
+
+    # -- dirty logging (vhost-user.rst "Migration") -------------------------------------
+    def set_logging(self, log_all: bool, dirty_log: DirtyLog | None) -> None:
+        """Log (or stop logging) the device's writes from now on; rings waiting for a log start."""
+        self.log_all = log_all
+        self.dirty_log = dirty_log
+        for vring in self.rings:
+            queue = self.device.queue(vring.index)
+            if queue is not None:
+                if log_all and dirty_log is None:
+                    self._save_base(vring)  # no log to write in: the ring waits for one
+                    vring.awaiting_log = True
+                    log.warning("%s: vring %d waits: VHOST_F_LOG_ALL is on and there is no log (SET_LOG_BASE) "
+                                "to log its writes in", self.label, vring.index)
+                else:
+                    self._install_log(vring, queue)
+            elif vring.started and vring.awaiting_log and dirty_log is not None:
+                self._resume(vring)
+
+    def _install_log(self, vring: Vring, queue: SplitQueue) -> None:
+        """Give a running queue the log (or none), and its used ring's guest-physical ranges."""
+        ring = ring_of(queue)
+        if not self.log_all or self.dirty_log is None:
+            ring.set_dirty_log(None)  # type: ignore[attr-defined]
+            return
+        used: list[tuple[int, int]] = []
+        addr = vring.addr
+        if addr is not None and addr.flags >> VHOST_VRING_F_LOG & 1:
+            size = used_ring_size(vring.num)
+            try:
+                if self.iotlb is None:
+                    self.table.memory.check_range(addr.log_guest_addr, size, Access.WRITE)
+                    used = [(addr.log_guest_addr, size)]
+                else:
+                    # With an IOMMU log_guest_addr is an IOVA, as the ring addresses (DPDK and
+                    # Linux's vhost translate it): log the guest-physical pages behind it.
+                    used = self.dma_memory.translate(addr.log_guest_addr, size, Access.WRITE)
+            except GuestMemoryError as exc:
+                raise VringError(f"vring {vring.index}: the used ring's log_guest_addr {addr.log_guest_addr:#x} "
+                                 f"is not guest memory: {exc}") from exc
+        ring.set_dirty_log(self.dirty_log, used)  # type: ignore[attr-defined]
 
 
 def _check_fits_inflight(vring: Vring, num: int, region: QueueRegion | None) -> None:
@@ -450,7 +512,7 @@ def _check_fits_inflight(vring: Vring, num: int, region: QueueRegion | None) -> 
         )
 
 
-def _take_eventfd(fd: int) -> None:
+def take_eventfd(fd: int) -> None:
     """Check that ``fd`` is an eventfd (as the kernel's vhost demands) and make it non-blocking.
 
     A pipe or a file would spin the data plane (a hung-up pipe is always

@@ -64,6 +64,15 @@ cdef class SplitQueue:
     cdef object _pending_error
     cdef WalkError _err
     cdef object _err_cause  # the GuestMemoryError behind a walk error, if any
+    # Dirty logging (set_dirty_log): the DirtyLog, its bitmap held while in use.
+    cdef object _log
+    cdef object _log_view
+    cdef uint8_t *_log_bits
+    cdef uint64_t _log_size
+    cdef uint64_t *_used_log  # (gpa, length) pairs of the used ring
+    cdef Py_ssize_t _used_log_n
+    cdef uint64_t _log_beyond
+    cdef ChainBatch _log_scratch
 
     cdef int _resolve(self) except -1
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
@@ -79,3 +88,7 @@ cdef class SplitQueue:
     cdef object _walk_error(self, uint16_t head, int rc)
     cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1
     cdef void _publish_avail_event(self) noexcept
+    cdef int _log_buffer(self, uint64_t addr, uint64_t length, uint8_t *host) except -1
+    cdef int _log_head(self, uint16_t head) except -1
+    cdef void _log_used_ring(self) noexcept nogil
+    cdef int _log_done(self) except -1

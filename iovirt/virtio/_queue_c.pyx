@@ -26,6 +26,10 @@ section 2.7), which is the one to read first.  What differs is how:
   table change).
 - Popped chains go into a :class:`ChainBatch` of flat C arrays; no Python
   object per descriptor or per chain is made unless a caller asks for one.
+- Dirty logging (``set_dirty_log``, see :mod:`iovirt.virtio.dirtylog`) marks
+  the bitmap in C with atomic ORs; a buffer's guest-physical address comes
+  from its host pointer (or is its address, without a translator), and only
+  a buffer without a host pointer behind a translator asks GuestMemory.
 - Shared-memory ordering follows 2.7.13: the avail idx is loaded with acquire
   semantics before the ring entries, the used idx stored with release
   semantics after them, and a full fence separates publishing used entries
@@ -42,6 +46,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 from iovirt.memory import Access, GuestMemoryError, TranslationPending
 from iovirt.virtio._iotlb_c cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
+from iovirt.virtio._dirtylog_c cimport log_mark
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio import _queue_checks as checks
 from iovirt.virtio.layout import check_layout
@@ -199,9 +204,12 @@ cdef class SplitQueue:
 
     def __cinit__(self):
         self._regions = NULL
+        self._log_bits = NULL
+        self._used_log = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._regions)
+        PyMem_Free(self._used_log)
 
     def __init__(self, memory, uint32_t size, uint64_t desc_addr, uint64_t avail_addr, uint64_t used_addr,
                  *, int index=0, bint event_idx=False, int last_avail_idx=0, int used_idx=0):
@@ -314,6 +322,7 @@ cdef class SplitQueue:
 
     def release(self):
         """Let go of guest memory (the queue is stopped); any later use raises."""
+        self.set_dirty_log(None)
         self._views = None
         self._nregions = 0
         self._desc = self._avail = self._used = NULL
@@ -603,6 +612,87 @@ cdef class SplitQueue:
             return checks.table_unreadable(q, desc, head, self._err.addr, cause)
         return MemoryError()
 
+    # -- dirty logging (see _queue_py.SplitQueue.set_dirty_log) -------------------------
+    def set_dirty_log(self, log, used_ranges=()):
+        """Log device writes in ``log`` (a DirtyLog; None stops), and the used ring at ``used_ranges``."""
+        cdef uint8_t[::1] bits
+        cdef Py_ssize_t i
+        self._log = None
+        self._log_view = None
+        self._log_bits = NULL
+        self._log_size = 0
+        self._used_log_n = 0
+        self._log_beyond = 0
+        if log is None:
+            return
+        ranges = list(used_ranges)
+        self._used_log = <uint64_t *> _grow(self._used_log, (2 * len(ranges) + 2) * sizeof(uint64_t))
+        for i, (gpa, length) in enumerate(ranges):
+            self._used_log[2 * i] = gpa
+            self._used_log[2 * i + 1] = length
+        self._used_log_n = len(ranges)
+        if len(log.bitmap):
+            bits = log.bitmap
+            self._log_view = bits
+            self._log_bits = &bits[0]
+            self._log_size = bits.shape[0]
+        self._log = log
+
+    cdef int _log_buffer(self, uint64_t addr, uint64_t length, uint8_t *host) except -1:
+        """Log a device-writable buffer at its guest-physical pages."""
+        cdef Region *r
+        cdef int i
+        if length == 0:
+            return 0
+        if not self._translated:
+            self._log_beyond += log_mark(self._log_bits, self._log_size, addr, length)
+            return 0
+        if host != NULL:
+            for i in range(self._nregions):
+                r = &self._regions[i]
+                if r.host <= host and host < r.host + r.size:
+                    self._log_beyond += log_mark(self._log_bits, self._log_size, r.gpa + <uint64_t> (host - r.host),
+                                                 length)
+                    return 0
+        try:
+            pieces = self.memory.translate(addr, length, Access.WRITE)
+        except GuestMemoryError:
+            self._log.unresolved += 1
+            return 0
+        for gpa, n in pieces:
+            self._log_beyond += log_mark(self._log_bits, self._log_size, gpa, n)
+        return 0
+
+    cdef int _log_head(self, uint16_t head) except -1:
+        """Log the writable buffers of the chain at ``head``, walking it again (as libvhost-user)."""
+        cdef ChainBatch b = _empty_batch(self._log_scratch, 1)
+        cdef uint32_t k
+        self._log_scratch = b
+        if self._walk(head, b) != 0:
+            self._err_cause = None
+            self._log.unresolved += 1  # the driver changed the chain under the device: its loss
+            return 0
+        for k in range(b.nbufs):
+            if b.writable[k]:
+                self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
+        return 0
+
+    cdef void _log_used_ring(self) noexcept nogil:
+        # The whole used ring (a page or two): cheaper than tracking which entries changed.
+        cdef Py_ssize_t i
+        for i in range(self._used_log_n):
+            self._log_beyond += log_mark(self._log_bits, self._log_size, self._used_log[2 * i], self._used_log[2 * i + 1])
+
+    cdef int _log_done(self) except -1:
+        """After a used-ring update: account pages beyond the log, signal its eventfd."""
+        self._log_used_ring()
+        if self._log_beyond:
+            self._log.beyond += self._log_beyond
+            self._log_beyond = 0
+        if self._log.notify_fd is not None:
+            self._log.notify()
+        return 0
+
     # -- used side -------------------------------------------------------------------
     cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1:
         # The caller checked that a chain is in flight.
@@ -621,18 +711,35 @@ cdef class SplitQueue:
         self._sync()
         if self._in_flight < 1:
             raise checks.too_many_used(self.index, 1, self._in_flight)
+        if self._log is not None and 0 <= head < self.size:
+            self._log_head(<uint16_t> head)
         self._push_one(head, length)
         iovirt_store_release_u16(self._used + 2, self._used_idx)
+        if self._log is not None:
+            self._log_done()
 
     def push_batch(self, batch):
         """Return every chain of ``batch`` with its used length; one idx update."""
         cdef ChainBatch b
         cdef Py_ssize_t i
         cdef Py_ssize_t n
+        cdef uint32_t k
         self._sync()
         n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
         if n > <Py_ssize_t> self._in_flight:
             raise checks.too_many_used(self.index, n, self._in_flight)
+        if self._log is not None:
+            # The device wrote these buffers already: log them before the driver may see them used.
+            if isinstance(batch, ChainBatch):
+                b = <ChainBatch> batch
+                for k in range(b.first[b.n]):
+                    if b.writable[k]:
+                        self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
+            else:
+                for chain in batch:
+                    for addr, length, writable in chain.buffers:
+                        if writable:
+                            self._log_buffer(addr, length, NULL)
         if isinstance(batch, ChainBatch):
             b = <ChainBatch> batch
             for i in range(b.n):
@@ -642,6 +749,8 @@ cdef class SplitQueue:
                 self._push_one(chain.head, chain.used_len)
         # 2.7.8.2 / 2.7.13: entries first, then the idx, with release ordering.
         iovirt_store_release_u16(self._used + 2, self._used_idx)
+        if self._log is not None:
+            self._log_done()
 
     # -- notifications ---------------------------------------------------------------
     def need_notify(self):
@@ -663,6 +772,7 @@ cdef class SplitQueue:
     cdef void _publish_avail_event(self) noexcept:
         if self.event_idx and self._notify_enabled:
             iovirt_store_u16(self._used + 4 + 8 * self.size, self._last_avail_idx)
+            self._log_used_ring()
 
     def enable_notification(self):
         """Ask the driver to kick again; return True if chains arrived meanwhile."""
@@ -672,6 +782,7 @@ cdef class SplitQueue:
             self._publish_avail_event()
         else:
             iovirt_store_u16(self._used, iovirt_load_u16(self._used) & ~USED_F_NO_NOTIFY)
+            self._log_used_ring()
         iovirt_mb()
         return self._pending() > 0
 
@@ -681,3 +792,4 @@ cdef class SplitQueue:
         self._notify_enabled = False
         if not self.event_idx:
             iovirt_store_u16(self._used, iovirt_load_u16(self._used) | USED_F_NO_NOTIFY)
+            self._log_used_ring()

@@ -13,7 +13,7 @@ field, exactly as the virtio 1.2 spec section 2.7 describes the split ring:
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from iovirt.memory import Access, GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.virtio.chain import ChainBatch, DescChain
@@ -27,6 +27,7 @@ from iovirt.virtio.defs import (
     vring_need_event,
 )
 from iovirt.virtio import _queue_checks as checks
+from iovirt.virtio.dirtylog import DirtyLog
 from iovirt.virtio.errors import VirtqueueError
 from iovirt.virtio.layout import check_layout
 from iovirt.virtio.state import QueueState
@@ -80,6 +81,8 @@ class SplitQueue:
         # Chains popped and not yet pushed: a device may not return more.
         self._in_flight = 0
         self._released = False
+        self._log: DirtyLog | None = None
+        self._used_log: list[tuple[int, int]] = []
 
     # -- state ---------------------------------------------------------------
     @classmethod
@@ -124,6 +127,51 @@ class SplitQueue:
         check_layout(self.memory, self.index, self.size, self.desc_addr, self.avail_addr, self.used_addr)
         for addr, length in checks.ring_parts(self.size, self.desc_addr, self.avail_addr, self.used_addr):
             checks.ring_part_gpa(self.memory, self.index, addr, length)
+
+    def set_dirty_log(self, log: DirtyLog | None, used_ranges: Iterable[tuple[int, int]] = ()) -> None:
+        """Log device writes in ``log`` from now on (None: stop logging).
+
+        Every device-writable buffer of a chain returned through the used
+        ring is logged at its guest-physical pages (through the translator,
+        if any), after the device wrote it and before the used entry is
+        published; after every write to the used ring, the guest-physical
+        ``(gpa, length)`` ranges ``used_ranges`` are logged (the used ring;
+        vhost-user ``log_guest_addr``; empty: the used ring is not logged).  Whole
+        writable buffers are logged, not only ``used_len`` bytes: a device
+        may write more than it reports (virtio 1.2 2.7.8.1), and a page sent
+        twice costs less than a page lost.
+        """
+        self._log = log
+        self._used_log = list(used_ranges) if log is not None else []
+
+    def _log_buffers(self, buffers: list[tuple[int, int, bool]]) -> None:
+        log = self._log
+        assert log is not None
+        for addr, length, writable in buffers:
+            if writable and length:
+                try:
+                    pieces = self.memory.translate(addr, length, Access.WRITE)
+                except GuestMemoryError:
+                    log.unresolved += 1
+                    continue
+                for gpa, n in pieces:
+                    log.mark(gpa, n)
+
+    def _log_head(self, head: int) -> None:
+        """Log the writable buffers of the chain at ``head``, walking it again (as libvhost-user)."""
+        try:
+            buffers = self._walk(head)
+        except (VirtqueueError, GuestMemoryError):
+            assert self._log is not None
+            self._log.unresolved += 1  # the driver changed the chain under the device: its loss
+            return
+        self._log_buffers(buffers)
+
+    def _log_used(self) -> None:
+        """Log the used ring after a write to it (the whole ring: a page or two)."""
+        assert self._log is not None
+        for gpa, length in self._used_log:
+            self._log.mark(gpa, length)
 
     def _check_live(self) -> None:
         if self._released:
@@ -290,6 +338,8 @@ class SplitQueue:
         self._check_live()
         if self._in_flight < 1:
             raise checks.too_many_used(self.index, 1, self._in_flight)
+        if self._log is not None:
+            self._log_head(head)
         self._push_one(head, length)
         self._publish_used_idx()
 
@@ -298,6 +348,9 @@ class SplitQueue:
         self._check_live()
         if len(batch) > self._in_flight:
             raise checks.too_many_used(self.index, len(batch), self._in_flight)
+        if self._log is not None:
+            for chain in batch:
+                self._log_buffers(chain.buffers)
         for chain in batch:
             self._push_one(chain.head, chain.used_len)
         self._publish_used_idx()
@@ -315,6 +368,9 @@ class SplitQueue:
     def _publish_used_idx(self) -> None:
         # 2.7.8.2: the used idx is written after the ring entries.
         self.memory.write_u16(self.used_addr + 2, self.used_idx)
+        if self._log is not None:
+            self._log_used()
+            self._log.notify()
 
     # -- notifications ---------------------------------------------------------
     def need_notify(self) -> bool:
@@ -334,6 +390,8 @@ class SplitQueue:
         # avail index at which it must kick us next.
         if self.event_idx and self._notify_enabled:
             self.memory.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
+            if self._log is not None:
+                self._log_used()
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick again; return True if chains arrived meanwhile."""
@@ -344,6 +402,8 @@ class SplitQueue:
         else:
             flags = self.memory.read_u16(self.used_addr)
             self.memory.write_u16(self.used_addr, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+            if self._log is not None:
+                self._log_used()
         return self.pending() > 0
 
     def disable_notification(self) -> None:
@@ -353,3 +413,5 @@ class SplitQueue:
         if not self.event_idx:
             flags = self.memory.read_u16(self.used_addr)
             self.memory.write_u16(self.used_addr, flags | VIRTQ_USED_F_NO_NOTIFY)
+            if self._log is not None:
+                self._log_used()
