@@ -43,6 +43,7 @@ PARTS: tuple[Part, ...] = (
     Part("blk data path", "iovirt.virtio.blk._datapath_c"),
     Part("VT-d page walk", "iovirt.vtd._walk_c"),
     Part("VT-d miss handler", "iovirt.vtd._dma_c"),
+    Part("dirty-page log", "iovirt.virtio._dirtylog_c"),
 )
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,10 @@ def test_a_required_extension_that_does_not_import_runs_nothing():
     for part in missing:
         runs, _module, why = rows[part.name]
         assert runs == "nothing" and "IOVIRT_REQUIRE_EXTENSIONS" in why and "ImportError" in why
+
+
+def test_every_extension_in_the_tree_is_a_registered_part():
+    """A new ``_x_c.pyx`` shows up in ``iovirt info`` only once it is registered in ``iovirt._accel.PARTS``."""
+    root = Path(__file__).resolve().parents[2]
+    built = {".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "iovirt").rglob("*_c.pyx")}
+    assert built == {part.module for part in _accel.PARTS}
