@@ -343,8 +343,9 @@ class BackendSession:
     def _set_device_state_fd(self, req: rq.SetDeviceStateFd) -> U64:
         """Save the device's state into the front-end's channel, or start loading it from there.
 
-        The transfer runs on (:class:`~iovirt.vhost_user.devstate.Transfer`)
-        while the control loop goes on; CHECK_DEVICE_STATE reports how it ended.
+        The bytes move in a :class:`~iovirt.vhost_user.devstate.Transfer`
+        (on a helper thread when they do not fit the channel at once) while
+        the control loop goes on; CHECK_DEVICE_STATE reports how it ended.
         """
         if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE & 1:
             raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated")
@@ -353,7 +354,8 @@ class BackendSession:
             raise RequestRefused(req.code, "rings are started; device state moves only while every ring is stopped")
         try:
             check_channel(req.fds[0], req.direction)
-            data = encode(self.device.device_id, self.device.save_state()) if req.direction is TransferDirection.SAVE else b""
+            saving = req.direction is TransferDirection.SAVE
+            data = encode(self.device.device_id, self.device.save_state()) if saving else b""
         except (DeviceStateError, TypeError, ValueError) as exc:
             raise RequestRefused(req.code, str(exc)) from exc
         self._drop_state_transfer()  # a new transfer replaces one the front-end gave up on

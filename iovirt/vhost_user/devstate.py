@@ -66,8 +66,8 @@ class Problem(enum.Enum):
     CORRUPT = "corrupt"
     DEVICE_TYPE = "from another device type"
     VERSION = "from a newer format version"
-    VALUE = "a field out of range"
-    TRANSFER = "the transfer failed"
+    VALUE = "out of range"
+    TRANSFER = "transfer failed"
 
 
 class DeviceStateError(IovirtError):
