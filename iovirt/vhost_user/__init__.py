@@ -23,6 +23,8 @@ The back-end, split by job:
 * :mod:`~iovirt.vhost_user.vrings` - vring lifecycle: kick/call/err, start/stop,
   IOTLB suspend/resume; :mod:`~iovirt.vhost_user.memtable` - the memory table.
 * :mod:`~iovirt.vhost_user.inflight` - inflight I/O tracking, a queue wrapper.
+* :mod:`~iovirt.vhost_user.devstate` - device state for SET_DEVICE_STATE_FD: the
+  stream format and the transfer on the front-end's channel.
 * :mod:`~iovirt.vhost_user.iotlb` and :mod:`~iovirt.vhost_user.channel` - the
   device IOTLB and the back-end request channel.
 * :mod:`~iovirt.vhost_user.dataplane` - the worker thread that serves kicks.

@@ -28,6 +28,7 @@ from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.device import NotSupported, VhostUserDevice
+from iovirt.vhost_user.devstate import DeviceStateError, Problem, Transfer, check_channel, decode, encode
 from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_mmap_size
 from iovirt.vhost_user.iotlb import IotlbError
 from iovirt.vhost_user.memtable import MAX_MEM_SLOTS, GuestMemoryTable, MemoryTableError
@@ -40,7 +41,9 @@ from iovirt.vhost_user.messages import (
     Inflight,
     IotlbType,
     ProtocolFeature as PF,
+    TransferDirection,
     U64,
+    VHOST_USER_DEVICE_STATE_NOFD,
     VringState,
 )
 from iovirt.vhost_user import requests as rq
@@ -52,6 +55,8 @@ from iovirt.virtio.dirtylog import DirtyLog, log_bytes_needed
 log = logging.getLogger("iovirt.vhost_user")
 
 MAX_INFLIGHT_QUEUE_SIZE = 32768  # virtio 1.2 2.7: the largest split ring
+CHECK_WAIT_S = 1.0
+"""How long CHECK_DEVICE_STATE waits for a transfer's last bytes (the front-end has finished its side)."""
 
 
 class RequestRefused(IovirtError):
@@ -97,6 +102,7 @@ class BackendSession:
         self.inflight_map: InflightRegion | None = None
         self.log_region: MemoryRegion | None = None  # SET_LOG_BASE's mapping
         self.log_fd: int | None = None  # SET_LOG_FD's eventfd
+        self.state_transfer: Transfer | None = None
         device.device.on_needs_reset = self._device_failed
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
@@ -136,6 +142,8 @@ class BackendSession:
             rq.IotlbMsgRequest: self._iotlb_msg,
             rq.SetLogBase: self._set_log_base,
             rq.SetLogFd: self._set_log_fd,
+            rq.SetDeviceStateFd: self._set_device_state_fd,
+            rq.CheckDeviceState: self._check_device_state,
         }
 
     # -- dispatch ----------------------------------------------------------------
@@ -174,6 +182,7 @@ class BackendSession:
             self._drop_log()
             self.table.close()
             self._drop_inflight()
+            self._drop_state_transfer()
         self.device.device.on_needs_reset = None
 
     def _memory_changed(self) -> None:
@@ -410,6 +419,73 @@ class BackendSession:
         else:
             raise RequestRefused(req.code, f"{req.type.name} is a back-end message; expected UPDATE or INVALIDATE")
         return U64(0)
+
+    # -- device state (vhost-user.rst "Migrating back-end state") --------------------------
+    def _set_device_state_fd(self, req: rq.SetDeviceStateFd) -> U64:
+        """Save the device's state into the front-end's channel, or start loading it from there.
+
+        The bytes move in a :class:`~iovirt.vhost_user.devstate.Transfer`
+        (on a helper thread when they do not fit the channel at once) while
+        the control loop goes on; CHECK_DEVICE_STATE reports how it ended.
+        """
+        if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE & 1:
+            raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated")
+        # Spec: the only phase is "stopped": the device is suspended, every ring stopped.
+        if self.vrings.any_started:
+            raise RequestRefused(req.code, "rings are started; device state moves only while every ring is stopped")
+        try:
+            check_channel(req.fds[0], req.direction)
+            saving = req.direction is TransferDirection.SAVE
+            data = encode(self.device.device_id, self.device.save_state()) if saving else b""
+        except (DeviceStateError, TypeError, ValueError) as exc:
+            raise RequestRefused(req.code, str(exc)) from exc
+        self._drop_state_transfer()  # a new transfer replaces one the front-end gave up on
+        self.state_transfer = Transfer(req.fds[0], req.direction, data, self.label)
+        self.state_transfer.start()
+        log.info("%s: device state %s started (%s)", self.label, req.direction.name.lower(),
+                 f"{len(data)} bytes" if data else "reading to end of file")
+        # The front-end's channel is used: no fd of ours in the reply.
+        return U64(VHOST_USER_DEVICE_STATE_NOFD)
+
+    def _check_device_state(self, req: rq.CheckDeviceState) -> U64:
+        """0 only when the transfer completed and, for a load, the state was valid and applied."""
+        transfer, self.state_transfer = self.state_transfer, None
+        if transfer is None:
+            raise RequestRefused(req.code, "no device state transfer to check (SET_DEVICE_STATE_FD first)")
+        direction = transfer.direction.name.lower()
+        if not self._finished(transfer):
+            transfer.cancel()
+            raise RequestRefused(req.code, f"device state {direction} has not finished: the front-end must "
+                                           f"{'read to end of file' if direction == 'save' else 'close its end'} first")
+        if transfer.error is not None:
+            raise RequestRefused(req.code, f"device state {direction} failed: {transfer.error}")
+        if transfer.direction is TransferDirection.LOAD:
+            if self.vrings.any_started:
+                raise RequestRefused(req.code, "rings were started during the transfer; state not loaded")
+            try:
+                self.device.load_state(decode(bytes(transfer.received), self.device.device_id))
+            except DeviceStateError as exc:
+                raise RequestRefused(req.code, str(exc)) from exc
+            except ValueError as exc:
+                raise RequestRefused(req.code, str(DeviceStateError(Problem.VALUE, str(exc)))) from exc
+            log.info("%s: device state loaded (%d bytes)", self.label, len(transfer.received))
+        return U64(0)
+
+    def _finished(self, transfer: Transfer) -> bool:
+        """Whether ``transfer`` ends within CHECK_WAIT_S; the data plane is not held up meanwhile."""
+        if transfer.wait(0):
+            return True
+        lock = self.dataplane.lock
+        lock.release()
+        try:
+            return transfer.wait(CHECK_WAIT_S)
+        finally:
+            lock.acquire()
+
+    def _drop_state_transfer(self) -> None:
+        if self.state_transfer is not None:
+            self.state_transfer.cancel()
+            self.state_transfer = None
 
 
 def _fd(req: rq.SetVringKick | rq.SetVringCall | rq.SetVringErr) -> int | None:

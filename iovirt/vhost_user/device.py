@@ -62,6 +62,11 @@ class VhostUserDevice:
         self.device = device
 
     @property
+    def device_id(self) -> int:
+        """The virtio device ID (virtio 1.2 section 5), which saved device state is tagged with."""
+        return self.device.device_id
+
+    @property
     def label(self) -> str:
         """The name log lines give the device."""
         return self.device.label
@@ -145,8 +150,13 @@ class VhostUserDevice:
         self.device.reset()
 
     def save_state(self) -> dict[str, Any]:
-        """Device state beyond the rings, as plain data (nothing by default)."""
+        """Device state beyond the rings and guest memory, as plain data (nothing by default).
+
+        What SET_DEVICE_STATE_FD saves (:mod:`iovirt.vhost_user.devstate`);
+        a type whose devices keep such state offers
+        VHOST_USER_PROTOCOL_F_DEVICE_STATE and overrides this and :meth:`load_state`.
+        """
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`save_state`'s data; untrusted input, checked by the device."""
+        """Restore :meth:`save_state`'s data; untrusted input, checked by the device (``ValueError``)."""

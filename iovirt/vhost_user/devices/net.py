@@ -7,19 +7,21 @@
   dependency satisfied (virtio 1.2 5.1.3.1) without the back-end seeing it.
 - Protocol features MTU and RARP: NET_SET_MTU sets the device's MTU, and
   SEND_RARP (sent after a migration) makes the port announce the guest's MAC.
+- Protocol feature DEVICE_STATE: the port's configuration (MAC, MTU, link
+  state, queue pairs) and counters move with a migration
+  (:meth:`~iovirt.virtio.net.device.VirtioNet.state`).
   (QEMU's net does not use CONFIG and logs that it is offered; other
   front-ends read the net config space through it.)
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from iovirt.vhost_user.device import COMMON_PROTOCOL_FEATURES, VhostUserDevice
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
 from iovirt.virtio.net.defs import VIRTIO_NET_F_CTRL_VQ
-from iovirt.virtio.net.device import VirtioNet
-
-MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
-MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
+from iovirt.virtio.net.device import MAX_MTU, MIN_MTU, VirtioNet
 
 
 class NetAdapter(VhostUserDevice):
@@ -27,7 +29,7 @@ class NetAdapter(VhostUserDevice):
 
     extra_features = 1 << VIRTIO_NET_F_CTRL_VQ
     protocol_features = COMMON_PROTOCOL_FEATURES | feature_mask(
-        PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP
+        PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP, PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
     )
     device: VirtioNet
 
@@ -45,3 +47,11 @@ class NetAdapter(VhostUserDevice):
     def announce(self, mac: bytes) -> None:
         """SEND_RARP: the switch learns where ``mac`` now is."""
         self.device.announce(mac)
+
+    def save_state(self) -> dict[str, Any]:
+        """The port's configuration and counters."""
+        return self.device.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Another port's configuration and counters; the queue pairs must match."""
+        self.device.restore(state)

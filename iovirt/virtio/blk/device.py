@@ -47,6 +47,7 @@ from iovirt.virtio.blk.defs import (
     VIRTIO_ID_BLOCK,
 )
 from iovirt.virtio.chain import DescChain
+from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated, ring_of
@@ -117,6 +118,34 @@ class VirtioBlk(VirtioDevice):
     def close(self) -> None:
         """Close the image."""
         os.close(self.fd)
+
+    # -- saved state (counters; the disk's identity as a consistency check) ---------
+    def state(self) -> dict[str, Any]:
+        """Counters, and capacity, read-only flag and serial to check the destination by (:meth:`restore`)."""
+        return {
+            "capacity": self.capacity,
+            "read_only": self.read_only,
+            "serial": self.serial.hex(),
+            "stats": dict(self.stats),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take another device's :meth:`state`: untrusted, checked before anything is applied.
+
+        The image is not in the state: the destination serves the same disk,
+        so a capacity, read-only flag or serial that differs from this
+        device's is refused (``ValueError``) rather than shown to the driver.
+        """
+        try:
+            saved = {key: state[key] for key in ("capacity", "read_only", "serial")}
+            stats = restore_counters(state["stats"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a virtio-blk state: {exc!r} missing or malformed") from exc
+        mine = {"capacity": self.capacity, "read_only": self.read_only, "serial": self.serial.hex()}
+        for key, value in saved.items():
+            if value != mine[key] or type(value) is not type(mine[key]):
+                raise ValueError(f"{key} {value!r} saved, this device's is {mine[key]!r} (not the same disk?)")
+        self.stats = stats
 
     # -- features and config (5.2.3, 5.2.4) -------------------------------------
     def device_features(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.chain import ChainBatch as Chains, DescChain, write_chain
+from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
@@ -54,6 +55,8 @@ from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
+MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
+MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
 
 
 def _reusable_batch() -> Any:
@@ -143,6 +146,42 @@ class VirtioNet(VirtioDevice):
         ).ljust(60, b"\0")
         if self.switch is not None:
             self.switch.forward(self, rarp)
+
+    # -- saved state (port configuration and counters, outside guest memory) ---------
+    def state(self) -> dict[str, Any]:
+        """The port's configuration and counters as plain data (:meth:`restore` takes it back)."""
+        return {
+            "mac": self.mac.hex(":"),
+            "mtu": self.mtu,
+            "link_up": self.link_up,
+            "queue_pairs": self.queue_pairs,
+            "stats": dict(self.stats),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take another port's :meth:`state`: untrusted, every field is checked before any is applied.
+
+        ``queue_pairs`` must be this port's: the queues a device has are fixed
+        when it is created.  Raises ``ValueError`` naming the field.
+        """
+        try:
+            mac_text, mtu, link_up, queue_pairs = state["mac"], state["mtu"], state["link_up"], state["queue_pairs"]
+            stats = restore_counters(state["stats"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a virtio-net state: {exc!r} missing or malformed") from exc
+        try:
+            mac = bytes.fromhex(mac_text.replace(":", ""))
+        except (AttributeError, ValueError):
+            mac = b""
+        if len(mac) != 6:
+            raise ValueError(f"MAC {mac_text!r} is not 6 hexadecimal bytes")
+        if type(mtu) is not int or not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu!r} outside [{MIN_MTU}, {MAX_MTU}]")
+        if type(link_up) is not bool:
+            raise ValueError(f"link_up {link_up!r} is not a boolean")
+        if queue_pairs != self.queue_pairs:
+            raise ValueError(f"{queue_pairs!r} queue pairs saved, this port has {self.queue_pairs}")
+        self.mac, self.mtu, self.link_up, self.stats = mac, mtu, link_up, stats
 
     @property
     def hdr_len(self) -> int:
