@@ -21,6 +21,7 @@ from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from iovirt.virtio.net.defs import NetHdr
+from blk_client import blk_request
 
 from backend_helpers import wait_until, log_line
 
@@ -28,10 +29,6 @@ MEMORY = 4 << 20
 OUTSIDE = MEMORY + 0x100000  # a guest-physical address no region backs
 BROADCAST = b"\xff" * 6
 MAC = [bytes([0x02, 0, 0, 0, 0, i]) for i in range(2)]
-
-
-
-
 
 
 def endpoint(backend, path: str):
@@ -51,15 +48,6 @@ def driver(backend, path: str, queues: list[int]) -> VhostUserDriver:
 def err_signalled(drv: VhostUserDriver, index: int) -> bool:
     readable, _, _ = select.select([drv.frontend.err_fds[index]], [], [], 5.0)
     return bool(readable)
-
-
-def blk_request(drv: VhostUserDriver, rtype: int, sector: int, out: bytes = b"", in_len: int = 0):
-    queue = drv.queues[0]
-    queue.add_data([struct.pack("<IIQ", rtype, 0, sector)] + ([out] if out else []), ([in_len] if in_len else []) + [1])
-    drv.kick(0)
-    assert drv.frontend.wait_call(0, timeout=5)
-    (used,) = queue.get_used()
-    return used.data[:-1], used.data[-1]
 
 
 def blk_serves(backend) -> None:

@@ -30,6 +30,7 @@ from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_ID_BLOCK
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.defs import VIRTIO_ID_NET, NetHdr
+from blk_client import blk_request
 
 from backend_helpers import log_line, wait_until
 
@@ -97,15 +98,6 @@ def traffic_flows(src: VhostUserDriver, dst: VhostUserDriver, mac: bytes) -> boo
     src.queues[1].get_used()
     (used,) = dst.queues[0].get_used()
     return bytes(used.data[12:12 + len(frame)]) == frame
-
-
-def blk_request(drv: VhostUserDriver, rtype: int, sector: int, out: bytes = b"", in_len: int = 0):
-    queue = drv.queues[0]
-    queue.add_data([struct.pack("<IIQ", rtype, 0, sector)] + ([out] if out else []), ([in_len] if in_len else []) + [1])
-    drv.kick(0)
-    assert drv.frontend.wait_call(0, timeout=5)
-    (used,) = queue.get_used()
-    return bytes(used.data[:-1]), used.data[-1]
 
 
 # -- net: two ports of one process ----------------------------------------------------------

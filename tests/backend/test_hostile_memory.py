@@ -44,12 +44,12 @@ from iovirt.vhost_user.messages import (
     Inflight,
     MemoryTable,
     MemRegion,
-    ProtocolFeature as PF,
     SingleMemRegion,
 )
 from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.driver import DriverQueue
+from blk_client import blk_request
 
 from backend_helpers import log_line, wait_until
 
@@ -87,15 +87,6 @@ def negotiated(path: str) -> VhostUserFrontend:
 def nacked(front: VhostUserFrontend, request: int, payload, fds=()) -> None:
     with pytest.raises(NackError):
         front.call(request, payload, list(fds), need_reply=True)
-
-
-def blk_request(drv: VhostUserDriver, rtype: int, sector: int, out: bytes = b"", in_len: int = 0):
-    queue = drv.queues[0]
-    queue.add_data([struct.pack("<IIQ", rtype, 0, sector)] + ([out] if out else []), ([in_len] if in_len else []) + [1])
-    drv.kick(0)
-    assert drv.frontend.wait_call(0, timeout=5)
-    (used,) = queue.get_used()
-    return used.data[:-1], used.data[-1]
 
 
 def blk_round_trip(drv: VhostUserDriver, sector: int = 3) -> None:

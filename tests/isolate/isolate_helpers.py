@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import select
-import struct
 import time
 
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.net.defs import NetHdr
+from blk_client import blk_request
 
 HDR = 12  # virtio_net_hdr with num_buffers (VERSION_1, virtio 1.2 5.1.6)
 BROADCAST = b"\xff" * 6
@@ -70,16 +70,6 @@ def receive(drv: VhostUserDriver, timeout: float = 5.0) -> bytes:
         assert remaining > 0, "no frame arrived"
         select.select([drv.frontend.call_fds[0]], [], [], min(remaining, 0.1))
         drv.frontend.wait_call(0, timeout=0)
-
-
-def blk_request(drv: VhostUserDriver, rtype: int, sector: int, out: bytes = b"", in_len: int = 0) -> tuple[bytes, int]:
-    """One request on queue 0: (data read, status)."""
-    queue = drv.queues[0]
-    queue.add_data([struct.pack("<IIQ", rtype, 0, sector)] + ([out] if out else []), ([in_len] if in_len else []) + [1])
-    drv.kick(0)
-    assert drv.frontend.wait_call(0, timeout=5)
-    (used,) = queue.get_used()
-    return used.data[:-1], used.data[-1]
 
 
 def blk_roundtrip(drv: VhostUserDriver, sector: int, data: bytes) -> None:
