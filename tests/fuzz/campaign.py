@@ -31,7 +31,7 @@ def campaign(fuzzer: str, workdir: Path, units: int, seed: int, workers: int, se
         return Campaign("protocol", protocol_fuzz.make, workdir / "protocol", units, seed, workers,
                         epoch_units=4000 * workers, max_seconds=seconds)
     return Campaign("chain", chain_fuzz.make, workdir / "chain", units, seed, workers,
-                    epoch_units=2000 * workers, nets_per_slot=2, max_seconds=seconds)
+                    epoch_units=20000 * workers, nets_per_slot=2, max_seconds=seconds)
 
 
 def main() -> int:
