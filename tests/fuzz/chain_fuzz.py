@@ -39,7 +39,7 @@ import random
 import select
 import struct
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from fuzz_harness import Slot
 from iovirt.memory import BumpAllocator
@@ -95,6 +95,11 @@ SEGMENT = struct.Struct("<QII")
 PATTERN = bytes((0xA5 ^ (i * 7)) & 0xFF for i in range(251)) * (DATA // 251 + 1)
 U64_MAX = (1 << 64) - 1
 DESC_BITS = VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE
+ANY_TYPE = -1  # stands for a random request type in BLK_TYPES
+BLK_TYPES = (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) * 3 + (VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
+                                                      VIRTIO_BLK_T_WRITE_ZEROES, ANY_TYPE)
+SEGMENTED = (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
+READS = (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID)  # requests whose data buffers the device writes
 NET_HDR = NetHdr().pack()
 POOL = 64 << 10  # random bytes per epoch, for frame payloads
 
@@ -146,6 +151,7 @@ class Ring:
         self.used = alloc.alloc(used_ring_size(QSIZE), USED_ALIGN)
         self.avail_idx = 0
         self.slots = 0  # descriptors of the table the last round wrote (the rest is zero)
+        self.first = self.count = 0  # the avail ring entries of the last round: first idx, how many
 
 
 class Device:
@@ -181,7 +187,7 @@ class Device:
             self.put(ring.desc, bytes(desc_table_size(QSIZE)))
             self.put(ring.avail, bytes(avail_ring_size(QSIZE)))
             self.put(ring.used, bytes(used_ring_size(QSIZE)))
-            ring.avail_idx = ring.slots = 0
+            ring.avail_idx = ring.slots = ring.first = ring.count = 0
             bringup.start_vring(self.frontend, ring.index, QSIZE, ring.desc, ring.avail, ring.used)
             self.frontend.set_vring_err(ring.index)
         bringup.driver_ok(self.frontend)
@@ -229,7 +235,8 @@ class Device:
     # -- the ring ----------------------------------------------------------------------------
     def publish(self, ring: Ring, heads: list[int], jump: int = 0) -> None:
         """Heads into the avail ring, ``used_event`` at the round's end, then the avail idx (2.7.13)."""
-        idx = ring.avail_idx
+        idx = ring.first = ring.avail_idx
+        ring.count = len(heads)
         for head in heads:
             self.put(ring.avail + 4 + 2 * (idx % QSIZE), U16.pack(head))
             idx = (idx + 1) & 0xFFFF
@@ -302,6 +309,8 @@ class ChainFuzzer:
         self.net_a, self.net_b = slot.net[0], slot.net[1]
         self.blk_path, self.image = slot.blk[0]
         self.mac_b = bytes([0x02, 0xF0, 0, 0, index >> 8 & 0xFF, index & 0xFF])
+        # Port a's source MACs, one per frame of a batch: the worker's own (shared ones would move between ports).
+        self.macs_a = [bytes([0x02, 0xF1, index >> 8 & 0xFF, index & 0xFF, i >> 8, i & 0xFF]) for i in range(QSIZE)]
         self.devices: dict[str, Device | None] = {"blk": None, "a": None, "b": None}
         self.image_bytes = b""
         self.rng = random.Random(0)
@@ -375,7 +384,8 @@ class ChainFuzzer:
         n = len(chains)
         mutation = self._mutate(chains, dev, ring) if rng.random() < MUTATE else ""
         # A mutated address moves a header: the device reads it where the first descriptor points.
-        meta += [((c[1][1][0][0] if c[1] is not None else c[0][0][0]), bufs) for c, (_, bufs) in zip(chains, meta)]
+        meta += [(first, bufs) for (descs, indirect), (header, bufs) in zip(chains, meta)
+                 if (first := indirect[1][0][0] if indirect is not None else descs[0][0]) != header]
         pack = DESC.pack
         heads = []
         table: list[bytes] = []
@@ -429,7 +439,7 @@ class ChainFuzzer:
         table = []
         for i in range(n):
             size = rng.choice(sizes)
-            frame = self.mac_b + bytes([2, 0xF1, 0, 0, i >> 8 & 0xFF, i & 0xFF]) + b"\x88\xb5" + self._random_bytes(size - 14)
+            frame = self.mac_b + self.macs_a[i] + b"\x88\xb5" + self._random_bytes(size - 14)
             addr = a.data + i * 2048
             a.put(addr, NET_HDR + frame)
             table.append(DESC.pack(addr, 12 + len(frame), 0, 0))
@@ -464,19 +474,19 @@ class ChainFuzzer:
             bufs: list[tuple[int, int, int]] = []  # addr, len, flags
             header = cur
             if kind == "blk":
-                rtype = rng.choice((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) * 3 + (VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-                                   VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, rng.randrange(256)))
+                rtype = rng.choice(BLK_TYPES)
+                if rtype < 0:
+                    rtype = rng.randrange(256)
                 sector = rng.randrange(520) if rng.random() < 0.95 else rng.choice((2**63, U64_MAX, 2**55))
                 dev.put(cur, HEADER.pack(rtype, 0, sector))
                 bufs.append((cur, 16, 0))
                 cur += 16
                 for _ in range(rng.choice((0, 1, 1, 1, 2, 3))):
                     size = rng.choice((512, 1024, 4096, 512, 1, 511, 0, 8192))
-                    if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                    if rtype in SEGMENTED:
                         dev.put(cur, SEGMENT.pack(rng.randrange(520), rng.choice((1, 8, 16, 0, 0xFFFFFFFF)), 0))
                         size = 16
-                    writable = rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID)
-                    bufs.append((cur, size, VIRTQ_DESC_F_WRITE if writable else 0))
+                    bufs.append((cur, size, VIRTQ_DESC_F_WRITE if rtype in READS else 0))
                     cur += max(size, 1)
                 bufs.append((cur, 1, VIRTQ_DESC_F_WRITE))
                 cur += 16
@@ -556,13 +566,14 @@ class ChainFuzzer:
         self.image_bytes = new
         if old == new:
             return
-        ranges = [r for mem in (dev.shadow, dev.view) for header, bufs in meta for r in _write_ranges(mem, header, bufs)]
-        expected = bytearray(old)
-        source = memoryview(new)
-        for start, end in _merge(ranges, len(old)):
-            expected[start:end] = source[start:end]
-        if expected != new:
-            bad = _first_difference(expected, new)
+        ranges = {r for mem in (dev.shadow, dev.view) for header, bufs in meta for r in _write_ranges(mem, header, bufs)}
+        if _image_outside(old, new, ranges) is not None:
+            # A mutated chain reads its header or segments elsewhere (e.g. its next names another chain's
+            # buffers): walk every chain of the round as the device does, in memory before and after.
+            ring = dev.rings[0]
+            ranges |= {r for mem in (dev.shadow, dev.view) for r in _device_write_ranges(mem, ring)}
+        bad = _image_outside(old, new, ranges)
+        if bad is not None:
             self.problems.append({"kind": "image-write", "detail": (
                 f"{what}: image byte {bad:#x} changed outside the ranges the round's write requests name")})
 
@@ -589,17 +600,24 @@ def _writable(mem: bytearray | memoryview, roots: list[tuple[int, int]]) -> tupl
     return out, tables
 
 
-def _merge(ranges: list[tuple[int, int]], limit: int = MEMORY) -> list[tuple[int, int]]:
+def _merge(ranges: Iterable[tuple[int, int]], limit: int = MEMORY) -> list[tuple[int, int]]:
     """The union of ``ranges`` within ``[0, limit)``, sorted."""
     out: list[tuple[int, int]] = []
-    for start, end in sorted((max(s, 0), min(e, limit)) for s, e in ranges):
+    last = -1
+    for start, end in sorted(ranges):
+        if end > limit:
+            end = limit
+        if start < 0:
+            start = 0
         if start >= end:
             continue
-        if out and start <= out[-1][1]:
-            if end > out[-1][1]:
+        if start <= last:
+            if end > last:
                 out[-1] = (out[-1][0], end)
+                last = end
         else:
             out.append((start, end))
+            last = end
     return out
 
 
@@ -613,6 +631,68 @@ def _first_difference(a: bytearray, b: bytes | memoryview) -> int:
         else:
             lo = mid
     return next(i for i in range(lo, hi) if a[i] != b[i])
+
+
+def _image_outside(old: bytes, new: bytes, ranges: Iterable[tuple[int, int]]) -> int | None:
+    """The first image offset that changed outside ``ranges``, or ``None``."""
+    expected = bytearray(old)
+    source = memoryview(new)
+    for start, end in _merge(ranges, len(old)):
+        expected[start:end] = source[start:end]
+    return None if expected == new else _first_difference(expected, new)
+
+
+def _chain(mem: bytearray | memoryview, ring: Ring, head: int) -> list[tuple[int, int, int]]:
+    """(addr, len, flags) of the chain at ``head`` as a device follows it (next, one indirect table: 2.7.5)."""
+    if not 0 <= head < QSIZE:
+        return []
+    base, size, i = ring.desc, QSIZE, head
+    addr, length, flags, _ = DESC.unpack_from(mem, base + 16 * i)
+    if flags & VIRTQ_DESC_F_INDIRECT:
+        if not 0 <= addr <= MEMORY - 16:
+            return []
+        base, size, i = addr, min(length // 16, (MEMORY - addr) // 16), 0
+    out = []
+    for _ in range(size):  # a loop ends here
+        if i >= size:
+            break
+        addr, length, flags, i = DESC.unpack_from(mem, base + 16 * i)
+        out.append((addr, length, flags))
+        if not flags & VIRTQ_DESC_F_NEXT:
+            break
+    return out
+
+
+def _gather(mem: bytearray | memoryview, bufs: list[tuple[int, int]], size: int) -> bytes:
+    """Up to ``size`` bytes of ``bufs`` in order (stops at a buffer outside memory: the device fails there)."""
+    out = bytearray()
+    for addr, length in bufs:
+        take = min(length, size - len(out))
+        if take <= 0 or not 0 <= addr <= len(mem) - take:
+            break
+        out += mem[addr : addr + take]
+    return bytes(out)
+
+
+def _device_write_ranges(mem: bytearray | memoryview, ring: Ring) -> list[tuple[int, int]]:
+    """Image ranges the round's chains may write, read as the device reads them (header: the first 16 readable bytes)."""
+    out = []
+    for k in range(ring.count):
+        head = U16.unpack_from(mem, ring.avail + 4 + 2 * ((ring.first + k) % QSIZE))[0]
+        readable = [(addr, length) for addr, length, flags in _chain(mem, ring, head) if not flags & VIRTQ_DESC_F_WRITE]
+        header = _gather(mem, readable, 16)
+        if len(header) < 16:
+            continue
+        rtype, _, sector = HEADER.unpack(header)
+        data_len = sum(length for _, length in readable) - 16
+        if rtype == VIRTIO_BLK_T_OUT:
+            out.append((sector * SECTOR, sector * SECTOR + data_len))
+        elif rtype in SEGMENTED:
+            data = _gather(mem, readable, 16 + min(data_len, MEMORY))[16:]
+            for off in range(0, len(data) - 15, 16):
+                seg_sector, num, _ = SEGMENT.unpack_from(data, off)
+                out.append((seg_sector * SECTOR, (seg_sector + num) * SECTOR))
+    return out
 
 
 def _write_ranges(mem: bytearray | memoryview, header: int, bufs: list[int]) -> list[tuple[int, int]]:
