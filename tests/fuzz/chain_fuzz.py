@@ -18,7 +18,9 @@ Then the checks of the round, against the state before the kick:
   buffers (any descriptor with VIRTQ_DESC_F_WRITE in the table or an indirect
   table, as written or as found afterwards) and the used ring may change;
 * the blk image changes only in the ranges the round's write requests name
-  (sector and length, or the DISCARD/WRITE_ZEROES segments).
+  (sector and length, or the DISCARD/WRITE_ZEROES segments), read from the
+  chains as written or, when that does not explain a change, as the device
+  walks them (a mutated ``next`` may hand a request another chain's buffers).
 
 Both compare whole memory and the whole image, cheaply: every byte the
 fuzzer writes goes to guest memory and to a shadow copy, so after a round
@@ -426,7 +428,8 @@ class ChainFuzzer:
             if outcome != "quiet":
                 return outcome
             # Buffers left over: smaller than the frame at the head of b's backlog, which blocks.
-            frames, sizes = max((ring.avail_idx - b.used_idx(ring)) & 0xFFFF, 1), (MIN_FRAME,)
+            # (At most n: a used idx the device overwrote through a buffer on its ring says anything.)
+            frames, sizes = min(max((ring.avail_idx - b.used_idx(ring)) & 0xFFFF, 1), n), (MIN_FRAME,)
         return "quiet"
 
     def _send_frames(self, n: int, sizes: tuple[int, ...]) -> None:
