@@ -41,7 +41,7 @@ import random
 import select
 import struct
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from fuzz_harness import Slot
 from iovirt.memory import BumpAllocator
@@ -87,7 +87,7 @@ MUTATE = 0.5  # share of rounds whose last chain is mutated
 QUIET = 0.5  # s without progress before a blk or transmit round counts as quiet
 RX_QUIET = 0.002  # s: the switch delivers while port a transmits; then b's ring is only read
 RX_BATCHES = 2  # batches of frames a receive round sends to fill its buffers: random sizes, then minimal
-FRAME_SIZES = (60, 64, 200, 1000, 1514)
+FRAME_SIZES: tuple[int, ...] = (60, 64, 200, 1000, 1514)
 MIN_FRAME = 60
 POLL = 0.01  # s: the longest wait on the eventfds before the used idx is read again
 DESC = struct.Struct("<QIHH")
@@ -164,7 +164,7 @@ class Device:
     """
 
     def __init__(self, path: str, queues: list[int]) -> None:
-        self.frontend = PipelinedFrontend.connect(path, timeout=2.0)
+        self.frontend = cast(PipelinedFrontend, PipelinedFrontend.connect(path, timeout=2.0))
         try:
             region = self.frontend.add_region(0, MEMORY)
             self.view = region.view
