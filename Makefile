@@ -52,6 +52,7 @@ bench: install
 # The long fuzz campaign (tests/fuzz/, issue 12): protocol messages, then descriptor chains, against a real
 # `iovirt serve`; the last line is JSON (messages/s, chains/s, crashes, hangs, tracebacks, drift).
 # Knobs: FUZZ_MESSAGES, FUZZ_CHAINS (default 10 M each), FUZZ_SEED, FUZZ_WORKERS, FUZZ_SECONDS, FUZZ_WORKDIR.
+# On 2 cores each half takes about 4-10 minutes (benchmarks/RESULTS.md, "Fuzzing").
 fuzz: build
 	PYTHONPATH=$(CURDIR) $(PYTHON) tests/fuzz/campaign.py
 

@@ -31,7 +31,7 @@ def campaign(fuzzer: str, workdir: Path, units: int, seed: int, workers: int, se
         return Campaign("protocol", protocol_fuzz.make, workdir / "protocol", units, seed, workers,
                         epoch_units=4000 * workers, max_seconds=seconds)
     return Campaign("chain", chain_fuzz.make, workdir / "chain", units, seed, workers,
-                    epoch_units=2000 * workers, nets_per_slot=2, max_seconds=seconds)
+                    epoch_units=20000 * workers, nets_per_slot=2, max_seconds=seconds)
 
 
 def main() -> int:
@@ -41,6 +41,8 @@ def main() -> int:
     parser.add_argument("--fuzzer", choices=("protocol", "chain", "both"), default="both")
     parser.add_argument("--messages", type=int, default=int(env("FUZZ_MESSAGES", "10000000")))
     parser.add_argument("--chains", type=int, default=int(env("FUZZ_CHAINS", "10000000")))
+    parser.add_argument("--units", type=int, default=None,
+                        help="messages or chains for each fuzzer run (instead of --messages and --chains)")
     parser.add_argument("--seed", type=int, default=int(env("FUZZ_SEED", "1")))
     parser.add_argument("--workers", type=int, default=int(env("FUZZ_WORKERS", "2")))
     parser.add_argument("--seconds", type=float, default=float(env("FUZZ_SECONDS", "0")) or None,
@@ -51,7 +53,7 @@ def main() -> int:
     out: dict[str, object] = {"seed": args.seed, "workers": args.workers, "workdir": str(workdir)}
     kinds = ["protocol", "chain"] if args.fuzzer == "both" else [args.fuzzer]
     for kind in kinds:
-        units = args.messages if kind == "protocol" else args.chains
+        units = args.units if args.units is not None else args.messages if kind == "protocol" else args.chains
         start = time.monotonic()
 
         def progress(summary: Summary) -> None:

@@ -35,8 +35,8 @@ def test_short_protocol_campaign(tmp_path):
 
 
 def test_short_chain_campaign(tmp_path):
-    summary = Campaign("chain", chain_fuzz.make, tmp_path, total=4000, seed=SEED, workers=2,
-                       epoch_units=2000, nets_per_slot=2, canary_timeout=2.0, max_seconds=30).run()
+    summary = Campaign("chain", chain_fuzz.make, tmp_path, total=20000, seed=SEED, workers=2,
+                       epoch_units=10000, nets_per_slot=2, canary_timeout=2.0, max_seconds=30).run()
     assert _clean(summary), _report(summary)
-    assert summary.units >= 4000
+    assert summary.units >= 20000
     assert summary.counters.get("blk_done", 0) and summary.counters.get("tx_done", 0)
