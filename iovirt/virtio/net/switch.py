@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from iovirt.virtio.net.defs import ETH_HLEN
 
@@ -207,15 +207,19 @@ class LearningSwitch:
         groups: dict[int, list[int]] = {}
         for i, dst in enumerate(dsts):
             groups.setdefault(dst, []).append(i)
-        taken = 0
-        for dst, indexes in groups.items():
-            for port in self._egress(ingress, dst, now):
-                deliver_batch = getattr(port, "deliver_batch", None)
-                if deliver_batch is not None:
-                    taken += deliver_batch(frames, indexes)
-                else:
-                    taken += sum(int(port.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
-        return taken
+        return sum(
+            self._deliver(port, frames, indexes)
+            for dst, indexes in groups.items()
+            for port in self._egress(ingress, dst, now)
+        )
+
+    @staticmethod
+    def _deliver(port: SwitchPort, frames: Any, indexes: list[int]) -> int:
+        """Frames ``indexes`` of a batch to ``port``: in one call where the port takes batches."""
+        deliver_batch = getattr(port, "deliver_batch", None)
+        if deliver_batch is not None:
+            return int(deliver_batch(frames, indexes))
+        return sum(int(port.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
 
     def forward(self, ingress: SwitchPort, frame: bytes, csum: tuple[int, int] | None = None) -> int:
         """Switch one frame that arrived on ``ingress``; returns how many ports took it."""

@@ -137,14 +137,7 @@ class Hub(LearningSwitch):
             return 0
         indexes = list(range(len(frames)))
         self.forwarded += len(frames)
-        taken = 0
-        for port in [port for port in self.ports if port is not ingress]:
-            deliver_batch = getattr(port, "deliver_batch", None)
-            if deliver_batch is not None:
-                taken += deliver_batch(frames, indexes)
-            else:
-                taken += sum(int(port.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
-        return taken
+        return sum(self._deliver(port, frames, indexes) for port in self.ports if port is not ingress)
 
     def forward(self, ingress: SwitchPort, frame: bytes, csum: tuple[int, int] | None = None) -> int:
         """The frame to every other port."""
