@@ -89,11 +89,12 @@ class Mismatch:
     def replay_text(self) -> str:
         """The sequence as replay lines, the last one annotated with both observations."""
         lines = [str(op) for op in self.ops]
-        lines[-1] += f"    # qemu={_show(self.qemu)} iovirt={_show(self.iovirt)}"
+        lines[-1] += f"    # qemu={show_observation(self.qemu)} iovirt={show_observation(self.iovirt)}"
         return "\n".join(lines)
 
 
-def _show(observation: Observation) -> str:
+def show_observation(observation: Observation) -> str:
+    """An observation as replay text shows it (ints in hex)."""
     return f"{observation:#x}" if isinstance(observation, int) else repr(observation)
 
 

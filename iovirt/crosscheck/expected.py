@@ -24,8 +24,9 @@ class ExpectedDifference:
     operation: str
     spec: str
     reason: str
-    after_reset: bool = False
-    """Only after a Function Level Reset earlier in the same sequence."""
+    condition: str = ""
+    """Applies only when the area reports this condition for the read (e.g. ``after-reset``: a
+    Function Level Reset earlier in the sequence); empty: always."""
 
     def covers(self, space: str, byte_offset: int, byte_bits: int) -> bool:
         """Whether the differing ``byte_bits`` of the byte at ``byte_offset`` are within this entry."""
@@ -42,15 +43,14 @@ def explain_read(
     size: int,
     qemu: int,
     iovirt: int,
-    after_reset: bool = False,
+    conditions: frozenset[str] = frozenset(),
 ) -> ExpectedDifference | None:
     """The entry explaining every differing bit of a read, or None (an unexplained mismatch).
 
-    ``after_reset`` says a reset happened earlier in the sequence, which
-    makes the ``after_reset`` entries apply.  A read whose differing bytes
+    Entries with a ``condition`` apply only when it is in ``conditions``.  A read whose differing bytes
     need two different entries is explained by the first.
     """
-    table = tuple(e for e in table if after_reset or not e.after_reset)
+    table = tuple(e for e in table if not e.condition or e.condition in conditions)
     diff = qemu ^ iovirt
     found: ExpectedDifference | None = None
     for k in range(size):

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from iovirt.crosscheck.expected import ExpectedDifference
 
+AFTER_RESET = "after-reset"
+"""A Function Level Reset came earlier in the sequence."""
+WINDOW_OTHER_BAR = "pci-cfg-window-other-bar"
+"""The pci_cfg window's ``bar`` does not name the BAR holding the virtio structures."""
+
 EXPECTED: tuple[ExpectedDifference, ...] = (
     ExpectedDifference(
         "pci-config", "cfg", 0x04, 2, 0x0040,
@@ -48,18 +53,27 @@ EXPECTED += (
         "set End-End TLP Prefix Blocking in Device Control 2, FLR, read it", _FLR_SPEC,
         "QEMU's FLR resets only the registers pci_do_device_reset and virtio-pci's reset name; "
         "Device Control 2 keeps its value",
-        after_reset=True,
+        condition=AFTER_RESET,
     ),
     ExpectedDifference(
         "pci-config", "cfg", 0xCC, 1, 0xFF,
         "write the pci_cfg capability's bar, FLR, read it", _FLR_SPEC,
         "QEMU's FLR leaves the virtio pci_cfg window (virtio 1.2 §4.1.4.9) as it was",
-        after_reset=True,
+        condition=AFTER_RESET,
     ),
     ExpectedDifference(
         "pci-config", "cfg", 0xD0, 12, (1 << 96) - 1,
         "write the pci_cfg capability's offset, length or pci_cfg_data, FLR, read it", _FLR_SPEC,
         "QEMU's FLR leaves the virtio pci_cfg window (virtio 1.2 §4.1.4.9) as it was",
-        after_reset=True,
+        condition=AFTER_RESET,
+    ),
+)
+EXPECTED += (
+    ExpectedDifference(
+        "pci-config", "cfg", 0xD8, 4, 0xFFFFFFFF,
+        "set the pci_cfg window's length to 1, 2 or 4 with bar naming another BAR, read pci_cfg_data",
+        "virtio 1.2 §4.1.4.9: the device accesses BAR 'bar' at 'offset' through pci_cfg_data",
+        "QEMU ignores the bar field and always accesses the virtio structures' BAR",
+        condition=WINDOW_OTHER_BAR,
     ),
 )
