@@ -28,8 +28,18 @@ def _run(args: argparse.Namespace) -> int:
     names = args.area or sorted(AREAS)
     # iovirt's models log each odd access a random sequence makes (an unset
     # pci_cfg window, a write to the PBA); the comparison reports what matters.
-    logging.getLogger("iovirt.pci").setLevel(logging.ERROR)
-    logging.getLogger("iovirt.virtio").setLevel(logging.ERROR)
+    quiet = [logging.getLogger(name) for name in ("iovirt.pci", "iovirt.virtio")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        return _dispatch(args, names)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _dispatch(args: argparse.Namespace, names: list[str]) -> int:
     if args.replay:
         if len(names) != 1:
             print("--replay needs exactly one --area")
