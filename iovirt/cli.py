@@ -10,6 +10,7 @@ import logging
 
 from iovirt import __version__, _accel
 from iovirt.conformance import cli as conformance_cli
+from iovirt.crosscheck import cli as crosscheck_cli
 from iovirt.inspect import cli as inspect_cli
 from iovirt.pci import cli as pci_cli
 from iovirt.vhost_user import cli as vhost_user_cli
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     pci_cli.register(sub)
     conformance_cli.register(sub)
     inspect_cli.register(sub)
+    crosscheck_cli.register(sub)
     info = sub.add_parser("info", help="show which implementation of each accelerated part runs, and why")
     info.set_defaults(func=_info)
     return parser

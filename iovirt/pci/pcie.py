@@ -39,9 +39,12 @@ PCI_EXP_FLAGS_VERS2 = 0x0002
 PCI_EXP_FLAGS_SLOT = 0x0100
 PCI_EXP_DEVCAP_RBER = 1 << 15
 PCI_EXP_DEVCAP_FLR = 1 << 28
-# Error reporting enables, Relaxed Ordering, Max Payload, Extended Tag,
-# No Snoop, Max Read Request.
-PCI_EXP_DEVCTL_WRITABLE = 0x79FF
+# Error reporting enables, Relaxed Ordering, No Snoop, Max Read Request.
+# Max_Payload_Size is hardwired to 128 bytes, the only size Device
+# Capabilities advertises (software must not be able to set a larger one);
+# Extended Tag, Phantom Functions and Aux Power PM Enable are hardwired to 0
+# because their capabilities are not advertised (PCIe 3.0 §7.8.4).
+PCI_EXP_DEVCTL_WRITABLE = 0x781F
 # Relaxed Ordering, No Snoop, 512-byte Max Read Request: the reset values.
 PCI_EXP_DEVCTL_DEFAULT = 0x2810
 PCI_EXP_DEVSTA_W1C = 0x000F

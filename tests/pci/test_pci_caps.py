@@ -192,3 +192,18 @@ def test_every_default_function_has_a_sane_chain() -> None:
     assert len(functions) == 5
     for fn in functions:
         assert_chain_sane(fn)
+
+
+def test_pcie_devctl_hardwires_fields_of_unadvertised_capabilities():
+    # Found by the QEMU cross-check (issue 18): Device Control bits for
+    # capabilities Device Capabilities does not advertise must read 0, and
+    # Max_Payload_Size may not exceed the supported 128 bytes (PCIe 3.0 §7.8.4).
+    from iovirt.pci.pcie import PCI_EXP_DEVCAP, PCI_EXP_DEVCTL
+
+    fn = PciFunction(0x1AF4, 0x1041, 0x020000, pcie=True)
+    offset = fn.add_capability(PcieCapability(PciePortType.ENDPOINT))
+    devcap = fn.config_read(offset + PCI_EXP_DEVCAP, 4)
+    assert devcap & 0x7 == 0  # Max_Payload_Size Supported: 128 bytes
+    assert not devcap & (1 << 5 | 3 << 3)  # no Extended Tag, no Phantom Functions
+    fn.config_write(offset + PCI_EXP_DEVCTL, 2, 0x07E0)  # MPS 111b, Ext Tag, Phantom, Aux PM
+    assert fn.config_read(offset + PCI_EXP_DEVCTL, 2) & 0x07E0 == 0

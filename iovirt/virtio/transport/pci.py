@@ -25,13 +25,15 @@ object the vhost-user backend serves.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from iovirt.memory import GuestMemory, Translator
 from iovirt.pci.bar import Bar, BarKind
 from iovirt.pci.function import PciFunction
 from iovirt.pci.msix import MsixCapability
+from iovirt.pci.capability import Capability
 from iovirt.pci.pcie import PcieCapability, PciePortType
+from iovirt.pci.pm import PmCapability
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
@@ -74,6 +76,15 @@ NOTIFY_OFF_MULTIPLIER = 4  # 4.1.4.4: an even power of 2
 # (QEMU's vhost-user net); there is none here, so multiqueue is not offered.
 UNSERVED_FEATURES = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_MQ}
 
+CapabilityLayout = Sequence[tuple[str, "int | None"]]
+"""``[(name, offset or None), …]`` in chain order; names are ``pcie``, ``pm``,
+``msix``, ``common``, ``notify``, ``isr``, ``device`` and ``pci_cfg``."""
+
+DEFAULT_LAYOUT: CapabilityLayout = (
+    ("pcie", None), ("msix", None), ("common", None), ("notify", None),
+    ("isr", None), ("device", None), ("pci_cfg", None),
+)
+
 
 class Iommu(Protocol):
     """Something that hands out a DMA translator per requester (a VT-d unit)."""
@@ -92,11 +103,21 @@ class VirtioPciFunction(PciFunction):
     through ``iommu.dma_translator(requester_id)`` (virtio 6: without it the
     device uses physical addresses).  Put it on a bus with
     ``bus.add_function(fn, slot)``.  :meth:`config_changed` tells the driver
-    the device-specific configuration changed.
+    the device-specific configuration changed.  ``capability_layout`` places
+    the capabilities (chain order and offsets, e.g. another VMM's layout;
+    ``pm`` adds a Power Management capability) and ``msix_vectors`` sizes the
+    MSI-X table (default: one per queue plus the configuration vector).
     """
 
     def __init__(
-        self, device: VirtioDevice, memory: GuestMemory, *, iommu: Iommu | None = None, transport_features: int = 0
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        *,
+        iommu: Iommu | None = None,
+        transport_features: int = 0,
+        capability_layout: CapabilityLayout = DEFAULT_LAYOUT,
+        msix_vectors: int | None = None,
     ) -> None:
         super().__init__(
             VIRTIO_PCI_VENDOR_ID,
@@ -126,22 +147,22 @@ class VirtioPciFunction(PciFunction):
         bar.map_region(DEVICE_OFFSET, DEVICE_LENGTH, self._device_cfg_read, self._device_cfg_write)
         bar.map_region(NOTIFY_OFFSET, NOTIFY_LENGTH, self._notify_read, self._notify_write)
 
-        self.add_capability(PcieCapability(PciePortType.ENDPOINT))
-        self.add_capability(
-            MsixCapability(device.num_queues + 1, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET)
-        )
-        self.add_capability(
-            VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE)
-        )
-        self.add_capability(
-            VirtioPciCap(
+        vectors = device.num_queues + 1 if msix_vectors is None else msix_vectors
+        capabilities: dict[str, Capability] = {
+            "pcie": PcieCapability(PciePortType.ENDPOINT),
+            "pm": PmCapability(),
+            "msix": MsixCapability(vectors, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET),
+            "common": VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE),
+            "notify": VirtioPciCap(
                 VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_LENGTH,
                 notify_off_multiplier=NOTIFY_OFF_MULTIPLIER,
-            )
-        )
-        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR, ISR_OFFSET, 1))
-        self.add_capability(VirtioPciCap(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_BAR, DEVICE_OFFSET, DEVICE_LENGTH))
-        self.add_capability(VirtioPciCfgCap())
+            ),
+            "isr": VirtioPciCap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR, ISR_OFFSET, 1),
+            "device": VirtioPciCap(VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_BAR, DEVICE_OFFSET, DEVICE_LENGTH),
+            "pci_cfg": VirtioPciCfgCap(),
+        }
+        for name, offset in capability_layout:
+            self.add_capability(capabilities[name], offset)
 
     # -- TransportPort (used by CommonCfg) --------------------------------------
     def offered_features(self) -> int:

@@ -1,0 +1,10 @@
+"""iovirt.crosscheck: iovirt's hardware models checked against QEMU's own, through qtest.
+
+- :mod:`~iovirt.crosscheck.qtest` -- the qtest client (one QEMU, pipelined commands);
+- :mod:`~iovirt.crosscheck.area` -- what an area is, and the runner (episodes, shrinking);
+- :mod:`~iovirt.crosscheck.pci_config` -- area ``pci-config`` on the topology of
+  :mod:`~iovirt.crosscheck.topology`;
+- :mod:`~iovirt.crosscheck.expected` / :mod:`~iovirt.crosscheck.expected_table` -- where QEMU
+  departs from the spec;
+- :mod:`~iovirt.crosscheck.report` and :mod:`~iovirt.crosscheck.cli` -- ``iovirt crosscheck``.
+"""

@@ -1,0 +1,12 @@
+"""The areas ``iovirt crosscheck`` knows, by name (the MSI-X, SR-IOV and VT-d areas plug in here)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from iovirt.crosscheck.area import Area
+from iovirt.crosscheck.pci_config import PciConfigArea
+
+AREAS: dict[str, Callable[[], Area]] = {
+    PciConfigArea.name: PciConfigArea,
+}
