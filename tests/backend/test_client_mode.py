@@ -101,3 +101,15 @@ def test_client_backs_off_while_the_socket_refuses(client_server, tmp_path):
     assert _get_features(conn)
     conn.close()
     vmm.close()
+
+
+def test_net_offers_protocol_config_only_when_asked():
+    from iovirt.vhost_user.devices.blk import BlkAdapter
+    from iovirt.vhost_user.devices.net import NetAdapter, NetConfigAdapter
+    from iovirt.vhost_user.messages import ProtocolFeature as PF
+
+    config = 1 << PF.VHOST_USER_PROTOCOL_F_CONFIG
+    # QEMU's vhost-user net warns about CONFIG when it is offered: off by default.
+    assert not NetAdapter.protocol_features & config
+    assert NetConfigAdapter.protocol_features == NetAdapter.protocol_features | config
+    assert BlkAdapter.protocol_features & config  # vhost-user-blk-pci reads its config space through it
