@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-import logging
 
-from iovirt import __version__, _accel
+from iovirt import __version__, _accel, service
 from iovirt.conformance import cli as conformance_cli
 from iovirt.crosscheck import cli as crosscheck_cli
 from iovirt.inspect import cli as inspect_cli
@@ -30,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
     )
+    parser.set_defaults(log_format="text")  # the serving commands take --log-format
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vhost_user_cli.register(sub)
     pci_cli.register(sub)
@@ -38,7 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     crosscheck_cli.register(sub)
     info = sub.add_parser("info", help="show which implementation of each accelerated part runs, and why")
     info.set_defaults(func=_info)
+    descriptors = sub.add_parser(
+        "descriptors",
+        help="write vhost-user back-end descriptors (QEMU docs/interop/vhost-user.json) for libvirt",
+        description="Write one JSON descriptor per iovirt back-end (net, block) into DIR, e.g. "
+                    "/usr/share/qemu/vhost-user or /etc/qemu/vhost-user, where libvirt looks for them, and the "
+                    "small executables they name (iovirt-vhost-user-net, iovirt-vhost-user-blk).",
+    )
+    descriptors.add_argument("dir", metavar="DIR", help="where the descriptors go")
+    descriptors.add_argument("--binary-dir", metavar="BINDIR",
+                             help="where the executables go (default: DIR); descriptors name them by absolute path")
+    descriptors.set_defaults(func=_descriptors)
     return parser
+
+
+def _descriptors(args: argparse.Namespace) -> int:
+    """``iovirt descriptors DIR``."""
+    try:
+        written = service.write_descriptors(args.dir, args.binary_dir)
+    except OSError as exc:
+        print(f"iovirt descriptors: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -59,11 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    service.configure_logging(args.log_level, args.log_format)
     return args.func(args)
 
 

@@ -34,8 +34,12 @@ def _opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-def _chardev(cid: str, socket: str | Path, reconnect: int | None) -> list[str]:
+def _chardev(cid: str, socket: str | Path, reconnect: int | None, server: bool = False) -> list[str]:
     spec = f"socket,id={cid},path={_opt(socket)}"
+    if server:
+        # QEMU listens and the back-end connects (client mode); QEMU 7.2
+        # still holds device init until a back-end has connected.
+        spec += ",server=on,wait=off"
     if reconnect is not None:
         # QEMU re-dials the backend every `reconnect` seconds after it goes away.
         spec += f",reconnect={reconnect}"
@@ -57,6 +61,8 @@ class VhostUserNet(NetDevice):
     socket: str | Path
     queues: int = 1
     reconnect: int | None = None
+    server: bool = False
+    """QEMU listens on ``socket`` (``server=on,wait=off``); the back-end runs in client mode."""
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-chardev``/``-netdev``/``-device`` arguments for device number ``index``."""
@@ -67,7 +73,7 @@ class VhostUserNet(NetDevice):
             device += ",mq=on"
         if iommu:
             device += "," + IOMMU_DEVICE_PROPS
-        return [*_chardev(f"cn{index}", self.socket, self.reconnect), "-netdev", netdev, "-device", device]
+        return [*_chardev(f"cn{index}", self.socket, self.reconnect, self.server), "-netdev", netdev, "-device", device]
 
 
 @dataclass
@@ -107,13 +113,15 @@ class VhostUserBlk:
     socket: str | Path
     num_queues: int = 1
     reconnect: int | None = None
+    server: bool = False
+    """QEMU listens on ``socket`` (``server=on,wait=off``); the back-end runs in client mode."""
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-chardev``/``-device`` arguments for device number ``index``."""
         device = f"vhost-user-blk-pci,chardev=cb{index},num-queues={self.num_queues},vectors=0"
         if iommu:
             device += "," + IOMMU_DEVICE_PROPS
-        return [*_chardev(f"cb{index}", self.socket, self.reconnect), "-device", device]
+        return [*_chardev(f"cb{index}", self.socket, self.reconnect, self.server), "-device", device]
 
 
 @dataclass

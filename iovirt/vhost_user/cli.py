@@ -23,14 +23,17 @@ import resource
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from typing import Any, Callable
 
-from iovirt import sandbox
+from iovirt import sandbox, service
 from iovirt.errors import IovirtError
 from iovirt.inspect.dump import DumpOnSignal
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
 from iovirt.vhost_user.isolate import run_isolated
-from iovirt.vhost_user.server import VhostUserServer
+from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.devices.net import NetConfigAdapter
+from iovirt.vhost_user.server import Endpoint, VhostUserServer
+from iovirt.vhost_user.specs import DeviceSpec, SpecError, apply_limits, load_config, parse_blk, parse_net
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
@@ -45,48 +48,14 @@ EXIT_FORCED = 1
 """Exit status when the threads did not stop in time."""
 
 
-@dataclass
-class BlkSpec:
-    """One ``--blk`` argument: ``SOCKET,IMAGE[,ro][,size=BYTES][,queues=N]``."""
-
-    socket: str
-    image: str
-    read_only: bool = False
-    size: int | None = None
-    queues: int = 1
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``128M``, ``2G`` → bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def parse_blk(text: str) -> BlkSpec:
-    """Parse ``SOCKET,IMAGE[,ro][,size=64M][,queues=N]``."""
-    parts = text.split(",")
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise argparse.ArgumentTypeError(f"--blk wants SOCKET,IMAGE[,ro][,size=SIZE][,queues=N], got {text!r}")
-    spec = BlkSpec(parts[0], parts[1])
-    for opt in parts[2:]:
-        key, _, value = opt.partition("=")
+def _spec_type(parse: Callable[[str], DeviceSpec]) -> Callable[[str], DeviceSpec]:
+    """An argparse ``type=`` from a :mod:`~iovirt.vhost_user.specs` parser (a usage error, not a traceback)."""
+    def parse_arg(text: str) -> DeviceSpec:
         try:
-            if key in ("ro", "read-only", "readonly") and not value:
-                spec.read_only = True
-            elif key == "size":
-                spec.size = parse_size(value)
-            elif key in ("queues", "num-queues"):
-                spec.queues = int(value)
-            else:
-                raise ValueError(f"unknown option {opt!r}")
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"--blk {text!r}: {exc}") from exc
-    if not 1 <= spec.queues <= 256:
-        raise argparse.ArgumentTypeError(f"--blk {text!r}: queues must be 1..256")
-    return spec
+            return parse(text)
+        except SpecError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_arg
 
 
 def _positive_queues(text: str) -> int:
@@ -120,10 +89,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--net", metavar="SOCKET", action="append", default=[], help="a virtio-net device on SOCKET (repeatable)")
     serve.add_argument(
-        "--blk", metavar="SOCKET,IMAGE[,ro][,size=SIZE][,queues=N]", type=parse_blk, action="append", default=[],
-        help="a virtio-blk device on SOCKET backed by the raw IMAGE (created at SIZE if missing; repeatable)",
+        "--net", metavar="[client:]SOCKET[,config=on][,pps=N][,bps=N]", type=_spec_type(parse_net), action="append",
+        default=[],
+        help="a virtio-net device on SOCKET (repeatable). client: connects to a VMM listening on SOCKET (QEMU "
+             "-chardev socket,server=on,wait=off) and reconnects whenever it goes away, instead of listening. "
+             "config=on also offers VHOST_USER_PROTOCOL_F_CONFIG (the net config space over vhost-user, for "
+             "front-ends that read it; QEMU does not, and warns when it is offered). pps and bps: rate limits "
+             "(frames/s, bytes/s)",
+    )
+    serve.add_argument(
+        "--blk", metavar="[client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]",
+        type=_spec_type(parse_blk), action="append", default=[],
+        help="a virtio-blk device on SOCKET backed by the raw IMAGE (created at SIZE if missing; repeatable); "
+             "client: as for --net; iops and bps: rate limits (requests/s, bytes/s)",
+    )
+    serve.add_argument(
+        "--config", metavar="FILE",
+        help="read every device and option from a TOML file instead of the flags (docs/service.md); "
+             "not combined with other serve options",
     )
     serve.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs per net device (default 1)")
     serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
@@ -140,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
              "(see 'iovirt dump --help'); not with --isolate or --sandbox",
     )
     sandbox.add_argument(serve)
-    serve.set_defaults(func=run_serve)
+    _log_format(serve)
+    serve.set_defaults(func=run_serve, flag_defaults=_flag_defaults(serve))
 
     net = sub.add_parser(
         "vhost-user-net",
@@ -150,6 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _conventions(net)
     net.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs (default 1)")
     net.add_argument("--tap", metavar="IFNAME", help="uplink TAP device joined to the port's switch")
+    net.add_argument("--offer-config", action="store_true",
+                     help="also offer VHOST_USER_PROTOCOL_F_CONFIG (the net config space over vhost-user; QEMU does "
+                          "not use it and warns when it is offered)")
     _switch_options(net)
     net.set_defaults(func=run_net)
 
@@ -186,11 +174,27 @@ def _switch(args: argparse.Namespace) -> LearningSwitch:
 
 def _conventions(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH", help="listen on this UNIX socket")
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen on this UNIX socket (with --client: connect to a VMM listening on it)")
     where.add_argument("--fd", metavar="FDNUM", type=int, help="use this inherited socket fd (listening or connected)")
+    parser.add_argument("--client", action="store_true",
+                        help="connect to the VMM's socket at --socket-path (QEMU -chardev socket,server=on,wait=off) "
+                             "and reconnect whenever it goes away, instead of listening")
     parser.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON and exit")
+    parser.epilog = ("Without --socket-path and --fd, a socket passed by systemd socket activation (LISTEN_FDS) is "
+                     "served. READY=1 is sent to NOTIFY_SOCKET once the socket is set up.")
     _access_options(parser)
     sandbox.add_argument(parser)
+    _log_format(parser)
+
+
+def _log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=service.LOG_FORMATS, default="text",
+                        help="text (default), or json: one JSON object per line with time, level, logger, message")
+
+
+def _flag_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    return {a.dest: a.default for a in parser._actions if a.dest not in ("help", "config", "log_format")}
 
 
 def _uid(text: str) -> int:
@@ -277,6 +281,10 @@ def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | No
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Every socket listens (client endpoints dial from the loop): tell the
+    # service manager, before the sandbox forbids creating its socket.
+    if service.notify("READY=1"):
+        log.info("notified the service manager: ready")
     if sandbox_mode:  # start-up is over: every image, TAP device and socket is open
         try:
             sandbox.apply(sandbox_mode)
@@ -286,6 +294,54 @@ def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | No
             return 1
     server.serve_forever()
     return 0
+
+
+def _add_device(server: VhostUserServer, spec: DeviceSpec, device: Any, name: str, sealed: bool,
+                inherited: list[service.ListenFd]) -> Endpoint:
+    """Serve ``device`` as ``spec`` says: dial the VMM, or take a socket systemd passed, or listen."""
+    adapter: type[VhostUserDevice] | None = NetConfigAdapter if spec.kind == "net" and spec.config else None
+    label = name.split(" ", 1)[0]
+    if spec.client:
+        endpoint = server.add_client(spec.socket, device, name, True, adapter, sealed)
+    elif (fd := _take_inherited(inherited, spec.socket, label)) is not None:
+        endpoint = server.add_fd(fd, device, name, True, adapter, sealed)
+    else:
+        endpoint = server.add_socket(spec.socket, device, name, True, adapter, sealed)
+    if spec.limits:
+        apply_limits(endpoint.device.device, spec.limits)
+    return endpoint
+
+
+def _take_inherited(inherited: list[service.ListenFd], path: str, label: str) -> int | None:
+    """The socket systemd passed for ``path``: named ``label`` (``FileDescriptorName=``) or bound at ``path``."""
+    for i, passed in enumerate(inherited):
+        if passed.name == label or passed.path == os.path.abspath(path):
+            log.info("%s: serving the socket passed by the service manager (fd %d, %s)", label, passed.fd,
+                     passed.path or passed.name)
+            return inherited.pop(i).fd
+    return None
+
+
+def _close_unused(inherited: list[service.ListenFd]) -> None:
+    for passed in inherited:
+        log.warning("fd %d (%s) passed by the service manager matches no device; closed", passed.fd,
+                    passed.path or passed.name)
+        os.close(passed.fd)
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """``--config FILE``: set every serve option from the TOML file; :class:`SpecError` on any error in it."""
+    given = sorted(dest for dest, default in args.flag_defaults.items() if getattr(args, dest) != default)
+    if given:
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in given)
+        raise SpecError(f"{args.config}: do not combine it with {flags} (the file describes every device and option)")
+    for dest, value in load_config(args.config).items():
+        setattr(args, dest, value)
+
+
+def serve_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``serve`` will do, as parsed from flags or a configuration file (equal plans, same service)."""
+    return {dest: getattr(args, dest) for dest in args.flag_defaults}
 
 
 def _exit_now(server: VhostUserServer) -> None:
@@ -304,6 +360,12 @@ def _attach_tap(server: VhostUserServer, ifname: str | None, switch: LearningSwi
 
 def run_serve(args: argparse.Namespace) -> int:
     """``iovirt serve``."""
+    if args.config:
+        try:
+            apply_config(args)
+        except SpecError as exc:
+            print(f"iovirt serve: --config {exc}", file=sys.stderr)
+            return 2
     if not args.net and not args.blk:
         print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
         return 2
@@ -315,79 +377,99 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
         return 2
     if args.isolate:
+        if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
+            print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
+            return 2
         _raise_fd_limit()
         return run_isolated(args, [_mac(i + 1) for i in range(len(args.net))], _access(args), _switch(args))
     server = _new_server(args)
     switch = _switch(args)
     sealed = args.require_sealed_memory
+    inherited = service.listen_fds()
     try:
-        for i, path in enumerate(args.net):
+        for i, spec in enumerate(args.net):
             port = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
-            server.add_socket(path, port, name=f"net{i} ({path})", iommu=True, require_sealed_memory=sealed)
+            _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
         for i, spec in enumerate(args.blk):
-            disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size, label=f"blk{i}")
-            server.add_socket(spec.socket, disk, name=f"blk{i} ({spec.socket})", iommu=True,
-                              require_sealed_memory=sealed)
+            disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
+                             label=f"blk{i}")
+            _add_device(server, spec, disk, f"blk{i} ({spec.socket})", sealed, inherited)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt serve: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _close_unused(inherited)
     return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
 
 
-def _capabilities(kind: str, features: list[str]) -> int:
-    # vhost-user.rst "Backend program conventions": a JSON object with type and features.
-    print(json.dumps({"type": kind, "features": features}))
-    return 0
+def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: Any) -> DeviceSpec | int | str:
+    """Where a ``vhost-user-*`` program serves: a spec (socket path), an fd, or an error message."""
+    if args.client and args.socket_path is None:
+        return f"iovirt {program}: --client needs --socket-path (the VMM's socket)"
+    if args.fd is not None:
+        return int(args.fd)
+    if args.socket_path is not None:
+        return DeviceSpec(kind, args.socket_path, args.client, **fields)
+    inherited = service.listen_fds()
+    if len(inherited) == 1:
+        log.info("serving the socket passed by the service manager (fd %d)", inherited[0].fd)
+        return inherited[0].fd
+    _close_unused(inherited)
+    return f"iovirt {program}: --socket-path or --fd is required (or exactly one socket from systemd, LISTEN_FDS)"
+
+
+def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int | str, make: Callable[[], Any],
+                 spec_kind: str, config: bool = False, switch: LearningSwitch | None = None) -> int:
+    if isinstance(where, str):
+        print(where, file=sys.stderr)
+        return 2
+    server = _new_server(args)
+    sealed = args.require_sealed_memory
+    label = "net0" if spec_kind == "net" else "blk0"
+    try:
+        device = make()
+        if isinstance(where, int):
+            adapter: type[VhostUserDevice] | None = NetConfigAdapter if config else None
+            server.add_fd(where, device, label, True, adapter, sealed)
+        else:
+            _add_device(server, where, device, f"{label} ({where.socket})", sealed, [])
+        if switch is not None:
+            _attach_tap(server, args.tap, switch)
+    except (IovirtError, OSError) as exc:
+        server.close()
+        print(f"iovirt {program}: {exc}", file=sys.stderr)
+        return 1
+    return _serve(server, args.sandbox)
 
 
 def run_net(args: argparse.Namespace) -> int:
     """``iovirt vhost-user-net``."""
     if args.print_capabilities:
-        return _capabilities("net", [])
-    if args.socket_path is None and args.fd is None:
-        print("iovirt vhost-user-net: --socket-path or --fd is required", file=sys.stderr)
-        return 2
-    server = _new_server(args)
+        return _capabilities("net")
     switch = _switch(args)
-    device = VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0")
-    sealed = args.require_sealed_memory
-    try:
-        if args.fd is not None:
-            server.add_fd(args.fd, device, name="net0", iommu=True, require_sealed_memory=sealed)
-        else:
-            server.add_socket(args.socket_path, device, name=f"net0 ({args.socket_path})", iommu=True,
-                              require_sealed_memory=sealed)
-        _attach_tap(server, args.tap, switch)
-    except (IovirtError, OSError) as exc:
-        server.close()
-        print(f"iovirt vhost-user-net: {exc}", file=sys.stderr)
-        return 1
-    return _serve(server, args.sandbox)
+    options = {"config": True} if args.offer_config else {}
+    where = _program_spec(args, "net", "vhost-user-net", options=options)
+    return _run_program(args, "vhost-user-net", where,
+                        lambda: VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0"),
+                        "net", args.offer_config, switch)
 
 
 def run_blk(args: argparse.Namespace) -> int:
     """``iovirt vhost-user-blk``."""
     if args.print_capabilities:
-        return _capabilities("block", ["read-only", "blk-file"])
-    if args.socket_path is None and args.fd is None:
-        print("iovirt vhost-user-blk: --socket-path or --fd is required", file=sys.stderr)
-        return 2
+        return _capabilities("block")
     if not args.blk_file:
         print("iovirt vhost-user-blk: --blk-file is required", file=sys.stderr)
         return 2
-    server = _new_server(args)
-    sealed = args.require_sealed_memory
-    try:
-        device = VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues, label="blk0")
-        if args.fd is not None:
-            server.add_fd(args.fd, device, name="blk0", iommu=True, require_sealed_memory=sealed)
-        else:
-            server.add_socket(args.socket_path, device, name=f"blk0 ({args.socket_path})", iommu=True,
-                              require_sealed_memory=sealed)
-    except (IovirtError, OSError) as exc:
-        server.close()
-        print(f"iovirt vhost-user-blk: {exc}", file=sys.stderr)
-        return 1
-    return _serve(server, args.sandbox)
+    where = _program_spec(args, "blk", "vhost-user-blk", image=args.blk_file, read_only=args.read_only)
+    return _run_program(args, "vhost-user-blk", where,
+                        lambda: VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
+                                          label="blk0"), "blk")
+
+
+def _capabilities(kind: str) -> int:
+    # vhost-user.rst "Backend program conventions": a JSON object with type and features.
+    print(json.dumps(service.capabilities(kind)))
+    return 0

@@ -116,9 +116,9 @@ def specs_from_args(args: argparse.Namespace, macs: list[bytes], access: AccessP
         "sandbox": args.sandbox,
     }
     specs = [
-        DeviceSpec("net", f"net{i} ({path})", path,
+        DeviceSpec("net", f"net{i} ({net.socket})", net.socket,
                    {"mac": macs[i].hex(), "queues": args.queues, "mtu": args.mtu, "label": f"net{i}", **common})
-        for i, path in enumerate(args.net)
+        for i, net in enumerate(args.net)
     ]
     specs += [
         DeviceSpec("blk", f"blk{i} ({b.socket})", b.socket,

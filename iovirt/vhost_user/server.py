@@ -26,6 +26,16 @@ What one front-end cannot do to the others (issue 12):
   unsent is closed;
 * end the loop by exhausting fds: a failing ``accept`` pauses accepting for
   :data:`ACCEPT_BACKOFF_S` and the loop goes on.
+
+Client mode (issue 14; QEMU's ``-chardev socket,server=on``, libvirt's
+``<source mode='server'/>``, OVS's ``dpdkvhostuserclient``): the VMM listens
+and the back-end connects, through :meth:`VhostUserServer.add_client`.  A
+client endpoint has no listener; the loop dials it from a timer, and again
+whenever its connection ends, so a VMM that restarts (or a back-end that
+restarts) finds its peer again.  Failed dials and connections that end
+within :data:`RETRY_MAX_S` double the delay from :data:`RETRY_MIN_S` up to
+:data:`RETRY_MAX_S`: a VMM socket that accepts and closes at once is dialled
+at most about once every :data:`RETRY_MAX_S`, never in a busy loop.
 """
 
 from __future__ import annotations
@@ -71,6 +81,12 @@ MAX_PENDING_REPLY_BYTES = 1 << 20
 ACCEPT_BACKOFF_S = 0.1
 """How long accepting pauses after ``accept`` fails for want of fds or memory."""
 
+RETRY_MIN_S = 0.1
+"""Client mode: the first delay before dialling the VMM again."""
+
+RETRY_MAX_S = 2.0
+"""Client mode: the longest delay between dials; a connection that lasted this long resets the delay."""
+
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -86,6 +102,21 @@ class Endpoint:
     require_sealed_memory: bool = False
     connection: "Connection | None" = None
     connections_served: int = 0
+    dial: "Dial | None" = None
+    """Client mode: the VMM socket this endpoint connects to (None: it listens or was handed an fd)."""
+
+
+@dataclass
+class Dial:
+    """Client mode: where an endpoint connects, and when it tries next."""
+
+    path: str
+    delay: float = RETRY_MIN_S
+    next_at: float | None = 0.0
+    """Monotonic time of the next attempt (None while connected)."""
+    connected_at: float = 0.0
+    failing: str = ""
+    """The last failure logged, so a VMM that stays away is logged once, not at every attempt."""
 
 
 @dataclass
@@ -231,6 +262,7 @@ class VhostUserServer:
                     elif kind == "reader":
                         self._run_reader(obj)
                 self._resume_accepting()
+                self._dial_due()
         finally:
             self.close()
 
@@ -343,9 +375,12 @@ class VhostUserServer:
         self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
 
     def _select_timeout(self) -> float | None:
-        if self._accept_paused_until is None:
+        deadlines = [e.dial.next_at for e in self.endpoints if e.dial is not None and e.dial.next_at is not None]
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
+        if not deadlines:
             return None
-        return max(0.0, self._accept_paused_until - time.monotonic())
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def _resume_accepting(self) -> None:
         if self._accept_paused_until is None or time.monotonic() < self._accept_paused_until:
@@ -523,6 +558,80 @@ class VhostUserServer:
         conn.out.clear()
         conn.session.close()
         log.info("%s: connection closed: %s", endpoint.name, reason)
+        if endpoint.dial is not None:
+            self._dial_later(endpoint)
+
+    # -- client mode -------------------------------------------------------------------------
+    def add_client(
+        self,
+        path: str,
+        device: VirtioDevice,
+        name: str = "",
+        iommu: bool = False,
+        adapter: type[VhostUserDevice] | None = None,
+        require_sealed_memory: bool = False,
+    ) -> Endpoint:
+        """Serve ``device`` to a VMM listening on UNIX socket ``path``: connect, and reconnect for ever.
+
+        The arguments as in :meth:`add_socket`.  The first attempt is made by
+        the loop; while ``path`` is absent or refuses, attempts back off from
+        :data:`RETRY_MIN_S` to :data:`RETRY_MAX_S`.  The VMM is checked against
+        :attr:`access` like an accepting front-end (its credentials are those
+        it had when it called ``listen``).  ``path`` is the VMM's: it is never
+        created or removed here.
+        """
+        endpoint = _endpoint(name or path, device, adapter, iommu, None, require_sealed_memory)
+        endpoint.dial = Dial(path)
+        self.endpoints.append(endpoint)
+        log.info("%s: connecting to the VMM at %s (%s)", endpoint.name, path, device.name)
+        return endpoint
+
+    def _dial_due(self) -> None:
+        now = time.monotonic()
+        for endpoint in list(self.endpoints):
+            dial = endpoint.dial
+            if dial is not None and dial.next_at is not None and now >= dial.next_at and not self._stopping:
+                self._dial(endpoint, dial)
+
+    def _dial(self, endpoint: Endpoint, dial: Dial) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            # A UNIX connect does not go in progress: it succeeds, or fails at
+            # once (ENOENT, ECONNREFUSED, EAGAIN when the VMM's backlog is full).
+            sock.connect(dial.path)
+        except OSError as exc:
+            sock.close()
+            self._dial_failed(endpoint, dial, exc.strerror or str(exc))
+            return
+        dial.next_at = None
+        if not self._admitted(endpoint, sock):
+            self._dial_failed(endpoint, dial, "the VMM was refused")
+            return
+        if dial.failing:
+            log.info("%s: %s answers again", endpoint.name, dial.path)
+            dial.failing = ""
+        dial.connected_at = time.monotonic()
+        self._open(endpoint, sock)
+
+    def _dial_failed(self, endpoint: Endpoint, dial: Dial, why: str) -> None:
+        if why != dial.failing:
+            log.warning("%s: cannot connect to %s: %s; retrying every %.1f s at most",
+                        endpoint.name, dial.path, why, RETRY_MAX_S)
+            dial.failing = why
+        self._backoff(dial)
+
+    def _dial_later(self, endpoint: Endpoint) -> None:
+        """The connection ended: dial again, soon if it had lasted, later if it ended at once."""
+        assert endpoint.dial is not None
+        dial = endpoint.dial
+        if time.monotonic() - dial.connected_at >= RETRY_MAX_S:
+            dial.delay = RETRY_MIN_S
+        self._backoff(dial)
+
+    @staticmethod
+    def _backoff(dial: Dial) -> None:
+        dial.next_at = time.monotonic() + dial.delay
+        dial.delay = min(dial.delay * 2, RETRY_MAX_S)
 
 
 def _endpoint(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -22,7 +23,8 @@ class Backend:
         ]
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
         for dev, path in zip(self.net, self.net_paths):
-            self.server.add_socket(path, dev, name=dev.label)
+            # config=on: the tests read the net config space with GET_CONFIG.
+            self.server.add_socket(path, dev, name=dev.label, adapter=NetConfigAdapter)
         self.image = tmp / "disk.img"
         self.blk = VirtioBlk(str(self.image), size=image_size, num_queues=2, label="blk0")
         self.blk_path = str(tmp / "blk.sock")

@@ -333,7 +333,7 @@ def test_net_state_into_blk_is_refused(backend, logs):
 
 def _serve(sock: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.Popen([sys.executable, "-m", "iovirt", "serve", "--net", sock, "--queues", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "iovirt", "serve", "--net", f"{sock},config=on", "--queues", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 15
     while not os.path.exists(sock):

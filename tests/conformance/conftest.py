@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
@@ -23,7 +24,9 @@ class IovirtBackend:
         switch = LearningSwitch()
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
         for i, path in enumerate(self.net_paths):
-            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"))
+            # config=on: the suite's net config-space checks read it with GET_CONFIG.
+            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"),
+                                   adapter=NetConfigAdapter)
         self.blks = [
             blk_class(str(tmp / "rw.img"), size=IMAGE_SIZE, label="blk-rw"),
             blk_class(str(tmp / "ro.img"), size=IMAGE_SIZE, read_only=True, label="blk-ro"),

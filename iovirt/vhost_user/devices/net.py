@@ -10,8 +10,12 @@
 - Protocol feature DEVICE_STATE: the port's configuration (MAC, MTU, link
   state, queue pairs) and counters move with a migration
   (:meth:`~iovirt.virtio.net.device.VirtioNet.state`).
-  (QEMU's net does not use CONFIG and logs that it is offered; other
-  front-ends read the net config space through it.)
+- Protocol feature CONFIG is not offered by default: QEMU's vhost-user net
+  does not use it and warns "vhost-user backend supports
+  VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" for every device offering
+  it.  :class:`NetConfigAdapter` offers it, for front-ends that read the net
+  config space over vhost-user (iovirt's own front-end and conformance suite;
+  ``iovirt serve --net SOCKET,config=on``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class NetAdapter(VhostUserDevice):
     """A :class:`~iovirt.virtio.net.device.VirtioNet` port served over vhost-user."""
 
     extra_features = 1 << VIRTIO_NET_F_CTRL_VQ
-    protocol_features = COMMON_PROTOCOL_FEATURES | feature_mask(
+    protocol_features = (COMMON_PROTOCOL_FEATURES & ~feature_mask(PF.VHOST_USER_PROTOCOL_F_CONFIG)) | feature_mask(
         PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP, PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
     )
     device: VirtioNet
@@ -55,3 +59,9 @@ class NetAdapter(VhostUserDevice):
     def load_state(self, state: dict[str, Any]) -> None:
         """Another port's configuration and counters; the queue pairs must match."""
         self.device.restore(state)
+
+
+class NetConfigAdapter(NetAdapter):
+    """:class:`NetAdapter` that also offers VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG/SET_CONFIG on the net config space)."""
+
+    protocol_features = NetAdapter.protocol_features | feature_mask(PF.VHOST_USER_PROTOCOL_F_CONFIG)

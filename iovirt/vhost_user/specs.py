@@ -1,0 +1,337 @@
+"""What ``iovirt serve`` is asked to serve: device specs from ``--net``/``--blk`` flags and from a TOML file.
+
+One parser for both spellings, so a configuration means the same whichever
+way it is written:
+
+* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``
+* ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
+* ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
+  top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
+  ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` tables are the
+  devices, with the keys of the flags (``socket``, ``client``, ``image``,
+  ``ro``, ``size``, ``queues``, ``config``, and the rate limits).
+
+``client:`` (or ``client = true``) makes iovirt connect to a VMM listening on
+SOCKET instead of listening itself (:meth:`~iovirt.vhost_user.server.VhostUserServer.add_client`).
+``config=on`` offers VHOST_USER_PROTOCOL_F_CONFIG on a net device: iovirt's own
+front-end and conformance suite read the net config space through it; QEMU's
+vhost-user net does not use it and warns when it is offered, so it is off by
+default.  The rate limits (``pps``/``bps`` for net, ``iops``/``bps`` for blk)
+are positive numbers, handed to the device with :func:`apply_limits`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from iovirt.errors import IovirtError
+
+CLIENT_PREFIX = "client:"
+"""``--net client:PATH``: connect to a VMM listening on PATH."""
+
+LIMIT_KEYS = {"net": ("pps", "bps"), "blk": ("iops", "bps")}
+"""The rate-limit keys each device kind takes: frames/s and bytes/s for net, requests/s and bytes/s for blk."""
+
+MAX_BLK_QUEUES = 256
+MAX_QUEUE_PAIRS = 128
+_READ_ONLY = ("ro", "read-only", "readonly")
+
+
+class SpecError(IovirtError):
+    """A device spec or configuration file that cannot be served; the text names the flag or key."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device to serve: its kind, its socket, whether iovirt dials it, its image, and its options.
+
+    ``options`` holds the validated ``key=value`` options of the kind
+    (:data:`NET_OPTIONS`, :data:`BLK_OPTIONS`), without defaults filled in.
+    """
+
+    kind: str
+    socket: str
+    client: bool = False
+    image: str | None = None
+    read_only: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """The rate limits given (a subset of :data:`LIMIT_KEYS` for the kind)."""
+        return {k: self.options[k] for k in LIMIT_KEYS[self.kind] if k in self.options}
+
+    @property
+    def config(self) -> bool:
+        """Net: offer VHOST_USER_PROTOCOL_F_CONFIG."""
+        return bool(self.options.get("config", False))
+
+    @property
+    def size(self) -> int | None:
+        """Blk: the size to create a missing image at."""
+        return self.options.get("size")
+
+    @property
+    def queues(self) -> int:
+        """Blk: request queues (net queue pairs are a serve-wide option)."""
+        return int(self.options.get("queues", 1))
+
+
+def apply_limits(device: Any, limits: dict[str, float]) -> None:
+    """Hand the rate limits of a spec (:attr:`DeviceSpec.limits`) to the virtio device's ``set_limits``."""
+    device.set_limits(limits)
+
+
+# -- values ------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """``4096``, ``64K``, ``128M``, ``2G`` → bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        upper = text.strip().upper().removesuffix("B").removesuffix("I")
+        value = int(float(upper[:-1]) * units[upper[-1]]) if upper and upper[-1] in units else int(upper)
+    if value <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return value
+
+
+def parse_bool(value: str | bool) -> bool:
+    """``on``/``off`` (also yes/no, true/false, 1/0) or a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("on", "yes", "true", "1", ""):
+        return True
+    if text in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"want on or off, got {value!r}")
+
+
+def parse_rate(value: str | int | float) -> float:
+    """A rate limit: a positive finite number (``1e6``, ``2000``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"want a positive number, got {value!r}")
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"want a positive number, got {value!r}") from None
+    if not 0 < rate < float("inf"):
+        raise ValueError(f"want a positive number, got {value!r}")
+    return rate
+
+
+def _count(low: int, high: int) -> Callable[[str | int], int]:
+    def parse(value: str | int) -> int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"want a whole number {low}..{high}, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"want a whole number {low}..{high}, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"want {low}..{high}, got {value!r}")
+        return number
+    return parse
+
+
+NET_OPTIONS: dict[str, Callable[[Any], Any]] = {"config": parse_bool, "pps": parse_rate, "bps": parse_rate}
+"""``key=value`` options of ``--net``."""
+
+BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "size": parse_size, "queues": _count(1, MAX_BLK_QUEUES), "iops": parse_rate, "bps": parse_rate,
+}
+"""``key=value`` options of ``--blk``."""
+
+_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS}
+_ALIASES = {"num-queues": "queues"}
+
+
+def _option(kind: str, key: str, value: Any, where: str) -> tuple[str, Any]:
+    key = _ALIASES.get(key, key)
+    table = _OPTIONS[kind]
+    if key not in table:
+        raise SpecError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(table))})")
+    try:
+        return key, table[key](value)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SpecError(f"{where}: {key}: {exc}") from None
+
+
+# -- flags -------------------------------------------------------------------------------
+def _split_client(text: str) -> tuple[str, bool]:
+    if text.startswith(CLIENT_PREFIX):
+        return text[len(CLIENT_PREFIX):], True
+    return text, False
+
+
+def parse_net(text: str) -> DeviceSpec:
+    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``."""
+    where = f"--net {text!r}"
+    socket, *opts = text.split(",")
+    socket, client = _split_client(socket)
+    if not socket:
+        raise SpecError(f"{where}: want [client:]SOCKET[,config=on][,pps=N][,bps=N]")
+    options = dict(_option("net", *_key_value(opt), where) for opt in opts)
+    return DeviceSpec("net", socket, client, options=options)
+
+
+def parse_blk(text: str) -> DeviceSpec:
+    """Parse ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``."""
+    where = f"--blk {text!r}"
+    parts = text.split(",")
+    socket, client = _split_client(parts[0])
+    if len(parts) < 2 or not socket or not parts[1]:
+        raise SpecError(f"{where}: want [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]")
+    read_only = False
+    options: dict[str, Any] = {}
+    for opt in parts[2:]:
+        if opt in _READ_ONLY:
+            read_only = True
+            continue
+        key, value = _option("blk", *_key_value(opt), where)
+        options[key] = value
+    return DeviceSpec("blk", socket, client, parts[1], read_only, options)
+
+
+def _key_value(opt: str) -> tuple[str, str]:
+    key, _, value = opt.partition("=")
+    return key.strip(), value
+
+
+# -- TOML --------------------------------------------------------------------------------
+def _toml_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"want true or false, got {value!r}")
+    return value
+
+
+def _toml_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"want a whole number, got {value!r}")
+    return value
+
+
+def _toml_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"want a non-empty string, got {value!r}")
+    return value
+
+
+def _toml_ids(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise ValueError(f"want a list of ids (whole numbers >= 0), got {value!r}")
+    return list(value)
+
+
+def _toml_mode(value: Any) -> int:
+    # A string such as "0660" (TOML integers have no leading-zero octal) or 0o660.
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError(f"want octal permission bits such as \"0600\", got {value!r}") from None
+    else:
+        mode = _toml_int(value)
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"want permission bits 0000..0777, got {value!r}")
+    return mode
+
+
+def _toml_sandbox(value: Any) -> str | None:
+    if value is False:
+        return None
+    if value is True:
+        return "kill"
+    if value in ("kill", "log"):
+        return str(value)
+    raise ValueError(f"want true, false, \"kill\" or \"log\", got {value!r}")
+
+
+SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "queues": ("queues", _count(1, MAX_QUEUE_PAIRS)),
+    "mtu": ("mtu", _toml_int),
+    "tap": ("tap", _toml_str),
+    "mac-table-size": ("mac_table_size", _count(1, 1 << 30)),
+    "mac-table-per-port": ("mac_table_per_port", _count(1, 1 << 30)),
+    "allow-uid": ("allow_uid", _toml_ids),
+    "allow-gid": ("allow_gid", _toml_ids),
+    "socket-mode": ("socket_mode", _toml_mode),
+    "require-sealed-memory": ("require_sealed_memory", _toml_bool),
+    "isolate": ("isolate", _toml_bool),
+    "dump-dir": ("dump_dir", _toml_str),
+    "sandbox": ("sandbox", _toml_sandbox),
+}
+"""Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
+
+_DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro")}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read a serve configuration file: the argparse dests it sets (``net`` and ``blk`` as DeviceSpec lists).
+
+    Raises :class:`SpecError` naming the line (syntax) or the key (unknown
+    key, wrong type, missing socket or image).
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise SpecError(f"{path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    settings: dict[str, Any] = {"net": [], "blk": []}
+    for key, value in doc.items():
+        if key in ("net", "blk"):
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise SpecError(f"{path}: {key}: want [[{key}]] tables, got {value!r}")
+            settings[key] = [_device(key, table, f"{path}: [[{key}]] #{i + 1}") for i, table in enumerate(value)]
+        elif key in SERVE_KEYS:
+            dest, check = SERVE_KEYS[key]
+            try:
+                settings[dest] = check(value)
+            except ValueError as exc:
+                raise SpecError(f"{path}: {key}: {exc}") from None
+        else:
+            known = ", ".join(sorted([*SERVE_KEYS, "net", "blk"]))
+            raise SpecError(f"{path}: unknown key {key!r} (known: {known})")
+    return settings
+
+
+def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
+    fixed = {"socket": None, "client": False, "image": None, "ro": False}
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _DEVICE_KEYS[kind]:
+            fixed[key] = value
+            continue
+        if key in _READ_ONLY and kind == "blk":
+            fixed["ro"] = value
+            continue
+        name, checked = _option(kind, key, value, where)
+        options[name] = checked
+    try:
+        socket = _toml_str(fixed["socket"]) if fixed["socket"] is not None else None
+    except ValueError as exc:
+        raise SpecError(f"{where}: socket: {exc}") from None
+    if socket is None:
+        raise SpecError(f"{where}: missing key 'socket'")
+    try:
+        client = _toml_bool(fixed["client"])
+        read_only = _toml_bool(fixed["ro"])
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    image: str | None = None
+    if kind == "blk":
+        if fixed["image"] is None:
+            raise SpecError(f"{where}: missing key 'image'")
+        try:
+            image = _toml_str(fixed["image"])
+        except ValueError as exc:
+            raise SpecError(f"{where}: image: {exc}") from None
+    return DeviceSpec(kind, socket, client, image, read_only, options)
