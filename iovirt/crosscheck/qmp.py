@@ -28,6 +28,7 @@ class QmpClient:
         self._sock.settimeout(_TIMEOUT)
         self._sock.connect(path)
         self._buf = b""
+        self.events: list[dict[str, Any]] = []
         self._message()  # greeting
         self.execute("qmp_capabilities")
 
@@ -53,6 +54,19 @@ class QmpClient:
                 return message["return"]
             if "error" in message:
                 raise QtestError(f"QMP error {message['error']}", command)
+            if "event" in message:
+                self.events.append(message)
+
+    def wait_event(self, name: str) -> dict[str, Any]:
+        """The first event ``name`` seen (during a command or after it); earlier events are dropped."""
+        while self.events:
+            message = self.events.pop(0)
+            if message["event"] == name:
+                return message
+        while True:
+            message = self._message()
+            if message.get("event") == name:
+                return message
 
     def close(self) -> None:
         """Close the connection."""
