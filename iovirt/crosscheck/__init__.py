@@ -2,6 +2,7 @@
 
 - :mod:`~iovirt.crosscheck.qtest` -- the qtest client (one QEMU, pipelined commands);
 - :mod:`~iovirt.crosscheck.area` -- what an area is, and the runner (episodes, shrinking);
+- :mod:`~iovirt.crosscheck.msix` -- area ``msix`` (table, PBA, delivery; :mod:`~iovirt.crosscheck.qmp` fires interrupts);
 - :mod:`~iovirt.crosscheck.pci_config` -- area ``pci-config`` on the topology of
   :mod:`~iovirt.crosscheck.topology`;
 - :mod:`~iovirt.crosscheck.expected` / :mod:`~iovirt.crosscheck.expected_table` -- where QEMU

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Callable
 
 from iovirt.crosscheck.area import Area
+from iovirt.crosscheck.msix import MsixArea
 from iovirt.crosscheck.pci_config import PciConfigArea
 
 AREAS: dict[str, Callable[[], Area]] = {
     PciConfigArea.name: PciConfigArea,
+    MsixArea.name: MsixArea,
 }

@@ -13,6 +13,8 @@ from iovirt.crosscheck.expected import ExpectedDifference
 AFTER_RESET = "after-reset"
 """A Function Level Reset came earlier in the sequence."""
 WINDOW_OTHER_BAR = "pci-cfg-window-other-bar"
+QI_DISABLED_PENDING = "qi-disabled-pending"
+"""Queued invalidation was disabled (GCMD.QIE 1 -> 0) while IQH != IQT earlier in the sequence."""
 """The pci_cfg window's ``bar`` does not name the BAR holding the virtio structures."""
 
 EXPECTED: tuple[ExpectedDifference, ...] = (
@@ -75,5 +77,51 @@ EXPECTED += (
         "virtio 1.2 §4.1.4.9: the device accesses BAR 'bar' at 'offset' through pci_cfg_data",
         "QEMU ignores the bar field and always accesses the virtio structures' BAR",
         condition=WINDOW_OTHER_BAR,
+    ),
+)
+
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0x1C, 4, 1 << 23,
+        "set GCMD.CFI (with or without IRE), read GSTS.CFIS",
+        "VT-d 3.x §11.4.4-11.4.5: CFI is a command bit of Intel 64 implementations with interrupt remapping; "
+        "GSTS.CFIS reports its state (compatibility-format interrupts pass through while IRE is set and "
+        "x2APIC mode is off)",
+        "QEMU's GCMD handler has no CFI case: CFIS always reads 0 and compatibility-format interrupts are "
+        "always blocked by interrupt remapping",
+    ),
+)
+_QI_UNDEFINED = (
+    "VT-d 3.x §6.5.2 and §11.4.4: software must not disable queued invalidation while descriptors are "
+    "pending (IQH != IQT); what the hardware does then is not defined"
+)
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0x1C, 4, 1 << 26,
+        "clear GCMD.QIE while IQH != IQT, read GSTS.QIES", _QI_UNDEFINED,
+        "undefined by the spec: QEMU refuses the disable and keeps QIES set, iovirt disables",
+        condition=QI_DISABLED_PENDING,
+    ),
+)
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0x90, 8, 0xFFFFFFFFFFFFF000,
+        "write IQA's Invalidation Queue Base Address, read IQA",
+        "VT-d 3.x §11.4.10.3: IQA's base address field is RW and reads back what software wrote",
+        "QEMU reads the base back from the copy it latches when queued invalidation is enabled "
+        "(and only the host-address-width bits of it), not the register",
+    ),
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0x28, 8, 0x3FFFF0000,
+        "write CCMD's Source-ID or Function Mask, read CCMD",
+        "VT-d 3.x §11.4.7: CCMD's FM, SID and DID fields are RW",
+        "QEMU marks SID and FM write-only, so they read 0",
+    ),
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0xF0, 8, 0xFFFFFFFFFFFFF07F,
+        "write IVA, read it",
+        "VT-d 3.x §11.4.8.1: IVA's ADDR, IH and AM fields are write-only (W); the spec gives reads no value",
+        "undefined by the spec: QEMU reads 0, iovirt returns what was written (it keeps the value for the "
+        "IOTLB register's page-selective invalidation)",
     ),
 )

@@ -67,6 +67,21 @@ class RegisterFile:
         for spec in self._specs.values():
             self.values[spec.offset] = spec.reset
 
+    def redefine(self, spec: RegSpec) -> None:
+        """Replace the register at ``spec.offset`` (same width) with ``spec``, at its reset value.
+
+        For a unit configured to another implementation's choices where the
+        spec allows several (a capability value, how many address bits a
+        pointer register implements).
+        """
+        old = self._specs[spec.offset]
+        if old.width != spec.width:
+            raise ValueError(f"{spec.name} is {old.width} bytes wide, not {spec.width}")
+        self._specs[spec.offset] = spec
+        for off in range(spec.offset, spec.offset + spec.width, 4):
+            self._by_dword[off] = spec
+        self.values[spec.offset] = spec.reset
+
     def __getitem__(self, offset: int) -> int:
         return self.values[offset]
 
