@@ -1,0 +1,249 @@
+"""Live migration and suspend/resume of real guests whose devices ``iovirt serve`` serves.
+
+Issue 13, "Live migration with real guests" and "Suspend to disk and resume".
+Guest X (net + blk) runs two loops while it moves: it pings guest Y through
+iovirt's switch every 100 ms, and it writes distinct patterned 4 KiB blocks
+to its virtio-blk disk with O_DIRECT and reads each back. QEMU A (the source)
+and QEMU B (the destination, started with ``-incoming``) have the same
+devices on other vhost-user sockets of the same image and switch.
+
+A test passes when X's MAC has moved to B's port (the switch logs the move:
+QEMU's SEND_RARP, or X's own traffic, arrives from B's port), at most 5 % of
+the pings over the whole run are lost, every block is verified by the guest
+(during the loop and again afterwards) and the host finds every block in the
+image. Each test prints the downtime and total time QMP ``query-migrate``
+reports.
+
+Variants: the destination is served by a second ``iovirt serve`` process
+(the two switches are joined by their TAP uplinks and a bridge in a network
+namespace, so X still reaches Y, which stays on the first process); X behind
+an emulated VT-d (every address iovirt logs is an IOVA translated to a GPA);
+suspend to disk (``migrate "exec:cat > FILE"``, QEMU and iovirt stop, both
+start again and QEMU resumes from the file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from iovirt.guest import Guest, VhostUserBlk, VhostUserNet, wait_unix_listen
+from iovirt.guest.qemu import random_mac
+from iovirt.serve_process import ServeProcess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed"),
+]
+
+BOOT = 180.0  # generous: three TCG guests share two cores with other work
+MIGRATE = 180.0
+BLOCK = 4096
+IMAGE_BLOCKS = 8192  # 32 MiB: more than the loop writes in a run
+MAX_LOSS = 0.05
+BEFORE_S = 4.0  # loop time on the source before the migration starts
+AFTER_S = 6.0  # loop time on the destination before the host stops the loops
+X_IP, Y_IP = "10.79.0.1/24", "10.79.0.2/24"
+#: Migration parameters: no bandwidth cap (QEMU 7.2 defaults to 32 MiB/s), and events.
+MAX_BANDWIDTH = 1 << 30
+
+# X: ping Y every 100 ms in the background; write+read-verify blocks in
+# another until the host says "done"; then stop the ping (SIGINT prints its
+# statistics), verify every block again and report.
+X_SCRIPT = rf"""
+iovirt_wait_ping {Y_IP.split('/')[0]} 90 || exit 1
+dmesg -c > /dev/null
+ping -i 0.1 {Y_IP.split('/')[0]} > /tmp/ping.out 2>&1 &
+pinger=$!
+pattern() {{ yes "iovirt-mig-$1" | head -c {BLOCK}; }}
+(
+    i=0
+    while [ ! -e /tmp/stop ] && [ $i -lt {IMAGE_BLOCKS} ]; do
+        pattern $i > /tmp/p
+        dd if=/tmp/p of=/dev/vda bs={BLOCK} seek=$i count=1 oflag=direct conv=notrunc 2>/tmp/err \
+            || {{ echo "write $i failed: $(cat /tmp/err)"; echo x >> /tmp/fail; }}
+        want=$(md5sum < /tmp/p)
+        got=$(dd if=/dev/vda bs={BLOCK} skip=$i count=1 iflag=direct 2>/tmp/err | md5sum)
+        [ "$want" = "$got" ] || {{ echo "verify $i failed: $(cat /tmp/err)"; echo x >> /tmp/fail; }}
+        [ $((i % 10)) -eq 0 ] && echo "blk-written $i"
+        i=$((i + 1))
+    done
+    echo $i > /tmp/count
+) &
+looper=$!
+echo mig-loops-started
+iovirt_wait_host done
+touch /tmp/stop
+wait $looper
+kill -INT $pinger
+wait $pinger
+tail -n 2 /tmp/ping.out
+n=$(cat /tmp/count)
+i=0
+while [ $i -lt $n ]; do
+    want=$(pattern $i | md5sum)
+    got=$(dd if=/dev/vda bs={BLOCK} skip=$i count=1 iflag=direct 2>/dev/null | md5sum)
+    [ "$want" = "$got" ] || {{ echo "reverify $i failed"; echo x >> /tmp/fail; }}
+    i=$((i + 1))
+done
+echo "blk-count $n"
+fails=$(cat /tmp/fail 2>/dev/null | wc -l)
+echo "blk-failures $fails"
+dmesg | grep -i "error\|I/O" && exit 3
+[ "$fails" -eq 0 ]
+"""
+Y_SCRIPT = "iovirt_wait_host done"
+
+
+def block_pattern(i: int) -> bytes:
+    """Block ``i`` as the guest's ``yes iovirt-mig-$i | head -c 4096`` makes it."""
+    line = f"iovirt-mig-{i}\n".encode()
+    return (line * (BLOCK // len(line) + 1))[:BLOCK]
+
+
+@dataclass
+class Run:
+    """What one test measured, for its assertions and its printed summary."""
+
+    name: str
+    migrate: dict = field(default_factory=dict)
+    transmitted: int = 0
+    received: int = 0
+    blocks: int = 0
+
+    @property
+    def loss(self) -> float:
+        return 1.0 - self.received / self.transmitted if self.transmitted else 1.0
+
+    def summary(self) -> str:
+        return (f"{self.name}: downtime {self.migrate.get('downtime')} ms, total time "
+                f"{self.migrate.get('total-time')} ms, {self.transmitted - self.received} of "
+                f"{self.transmitted} pings lost ({100 * self.loss:.1f} %), {self.blocks} blocks verified")
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs: list[ServeProcess] = []
+
+    def start(*args: str, sockets, prefix=(), name: str | None = None) -> ServeProcess:
+        log = tmp_path / f"{name or 'serve' + str(len(procs))}.log"
+        proc = ServeProcess(args, log, sockets, prefix).start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        code = proc.stop()
+        assert code in (0, -signal.SIGKILL, None), proc.log()
+
+
+def x_guest(tmp_path: Path, name: str, net: Path, blk: Path, mac: str, *, viommu: bool = False,
+            incoming: str | None = None, initrd: Path | None = None) -> Guest:
+    """Guest X (or its destination QEMU): one NIC with ``mac``, one vhost-user-blk disk, a QMP socket."""
+    return Guest(tmp_path, [VhostUserNet(net, ip=X_IP, mac=mac), VhostUserBlk(blk)], name=name,
+                 script=X_SCRIPT, viommu=viommu, qmp=True, incoming=incoming, initrd=initrd)
+
+
+def wait_loops(g: Guest, timeout: float = BOOT) -> None:
+    """Wait until X's loops run, and let them run a while on this QEMU."""
+    g.wait_for(r"^mig-loops-started\n", timeout)
+    g.wait_for(r"^blk-written 10\n", timeout)
+    time.sleep(BEFORE_S)
+
+
+def migrate(src: Guest, uri: str, dst: Guest | None = None) -> dict:
+    """Migrate ``src`` to ``uri`` over QMP; wait for completion; return ``query-migrate``.
+
+    The destination (if any) gets the same capabilities first.
+    """
+    caps = [{"capability": "events", "state": True}]
+    for g in (dst, src):
+        if g is not None:
+            g.qmp().execute("migrate-set-capabilities", capabilities=caps)
+    qmp = src.qmp()
+    qmp.execute("migrate-set-parameters", max_bandwidth=MAX_BANDWIDTH)
+    qmp.execute("migrate", uri=uri)
+    deadline = time.monotonic() + MIGRATE
+    while True:
+        info = qmp.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise AssertionError(f"migration {status}: {info}\n--- source ---\n{src.tail()}")
+        time.sleep(0.2)
+    if dst is not None:
+        dst.qmp().wait_event("RESUME", timeout=MIGRATE) if dst.qmp().execute("query-status")["status"] != \
+            "running" else None
+    return info
+
+
+def finish_x(x: Guest, consoles: str, run: Run, image: Path) -> str:
+    """Let X's loops run on ``x`` a while, stop them, check X's report and the image; return the console."""
+    x.wait_for(r"^blk-written \d+\n", BOOT)  # the loop runs on this QEMU
+    time.sleep(AFTER_S)
+    x.send("done\n")
+    status = x.wait_end(BOOT)
+    console = consoles + x.console
+    stats = re.search(r"^(\d+) packets transmitted, (\d+) packets received", console, re.M)
+    count = re.search(r"^blk-count (\d+)\n", console, re.M)
+    assert status == 0 and stats and count and "blk-failures 0" in console, console[-6000:]
+    run.transmitted, run.received = int(stats.group(1)), int(stats.group(2))
+    run.blocks = int(count.group(1))
+    data = image.read_bytes()
+    missing = [i for i in range(run.blocks) if data[i * BLOCK:(i + 1) * BLOCK] != block_pattern(i)]
+    assert not missing, f"blocks not in the image: {missing}\n{console[-6000:]}"
+    return console
+
+
+def check(run: Run, console: str, logs: str) -> None:
+    print(run.summary())
+    assert run.blocks > 0, console
+    assert run.loss <= MAX_LOSS, f"{run.summary()}\n{console[-6000:]}"
+    assert "Traceback" not in logs, logs
+
+
+def mac_moved(mac: str, log: str) -> bool:
+    return f"MAC {mac.replace(':', '')} moved from" in log
+
+
+def live_migration(tmp_path: Path, serve, *, viommu: bool) -> None:
+    mac = random_mac()
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(IMAGE_BLOCKS * BLOCK))
+    na, nb, ny = (tmp_path / f"{n}.sock" for n in ("na", "nb", "ny"))
+    ba, bb = tmp_path / "ba.sock", tmp_path / "bb.sock"
+    srv = serve("--net", str(na), "--net", str(nb), "--net", str(ny),
+                "--blk", f"{ba},{image}", "--blk", f"{bb},{image}", sockets=[na, nb, ny, ba, bb])
+    run = Run("viommu live migration" if viommu else "live migration")
+    y = Guest(tmp_path, [VhostUserNet(ny, ip=Y_IP)], name="y", script=Y_SCRIPT)
+    xa = x_guest(tmp_path, "xa", na, ba, mac, viommu=viommu)
+    mig = tmp_path / "mig.sock"
+    xb = x_guest(tmp_path, "xb", nb, bb, mac, viommu=viommu, incoming=f"unix:{mig}", initrd=xa.machine.initrd)
+    with y, xa, xb:
+        y.start()
+        xa.start()
+        wait_loops(xa)
+        xb.start()
+        wait_unix_listen(mig, timeout=60)
+        run.migrate = migrate(xa, f"unix:{mig}", xb)
+        xa.qmp().execute("quit")
+        console = finish_x(xb, xa.console, run, image)
+        y.release("done", BOOT)
+        assert y.wait_result(60).status == 0
+    log = srv.log()
+    check(run, console, log)
+    assert mac_moved(mac, log), f"no move of {mac} in the switch's log\n{log}"
+
+
+def test_live_migration_same_process(tmp_path, serve):
+    live_migration(tmp_path, serve, viommu=False)
