@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from iovirt.guest import Guest, VhostUserBlk, VhostUserNet, wait_unix_listen
+from iovirt.guest import Guest, GuestTimeout, VhostUserBlk, VhostUserNet, wait_unix_listen
 from iovirt.guest.qemu import random_mac
 from iovirt.serve_process import ServeProcess
 
@@ -226,12 +226,27 @@ def wait_running(g: Guest, timeout: float = MIGRATE) -> None:
         time.sleep(0.2)
 
 
+def wait_end(x: Guest, timeout: float) -> int:
+    """The script's exit status; fails at once when QEMU's vIOMMU could not translate an address iovirt asked for.
+
+    Such a device request waits for its IOTLB entry for ever, and the script with it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return x.wait_end(2.0)
+        except GuestTimeout:
+            stderr = x.stderr_path.read_text(errors="replace")
+            if "translation failure" in stderr or time.monotonic() > deadline:
+                raise
+
+
 def finish_x(x: Guest, consoles: str, run: Run, image: Path) -> str:
     """Let X's loops run on ``x`` a while, stop them, check X's report and the image; return the console."""
     x.wait_for(r"^blk-written \d+\n", BOOT)  # the loop runs on this QEMU
     time.sleep(AFTER_S)
     x.send("done\n")
-    status = x.wait_end(BOOT)
+    status = wait_end(x, BOOT)
     console = consoles + x.console
     stats = re.search(r"^(\d+) packets transmitted, (\d+) packets received", console, re.M)
     count = re.search(r"^blk-count (\d+)\n", console, re.M)
