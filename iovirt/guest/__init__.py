@@ -13,9 +13,10 @@ from iovirt.guest.guest import Guest, GuestResult
 from iovirt.guest.kernel import GuestKernel, find_kernel
 from iovirt.guest.ports import free_tcp_port, wait_tcp_listen, wait_unix_listen
 from iovirt.guest.qemu import Machine, SocketNet, VhostUserBlk, VhostUserNet, VirtioBlk
+from iovirt.guest.qmp import QMPClient, QMPError, QMPTimeout
 
 __all__ = [
     "Guest", "GuestFailed", "GuestKernel", "GuestKitError", "GuestResult", "GuestTimeout",
-    "HostPartMissing", "Machine", "SocketNet", "VhostUserBlk", "VhostUserNet", "VirtioBlk",
+    "HostPartMissing", "Machine", "QMPClient", "QMPError", "QMPTimeout", "SocketNet", "VhostUserBlk", "VhostUserNet", "VirtioBlk",
     "find_kernel", "free_tcp_port", "wait_tcp_listen", "wait_unix_listen",
 ]

@@ -30,6 +30,7 @@ from iovirt.guest.initramfs import guest_initrd
 from iovirt.guest.kernel import GuestKernel, find_kernel
 from iovirt.guest.modules import VIRTIO_MODULES
 from iovirt.guest.qemu import QEMU, Device, Machine
+from iovirt.guest.qmp import QMPClient
 
 # Markers match only once their line is complete ("\n"): '$' would also match
 # at the end of a line still arriving, e.g. "status=1" of "status=12".
@@ -69,13 +70,21 @@ class Guest:
     QEMU is started under ``setpriv --pdeathsig KILL``, so it dies with the
     thread that started it even when this process is killed; start a guest
     from a thread that outlives it (the main thread in tests).
+
+    Migration: ``qmp=True`` gives QEMU a QMP socket ``<name>-qmp.sock``
+    (:meth:`qmp` talks to it). A destination guest is another ``Guest``
+    with ``incoming=URI``, the same devices (other vhost-user sockets, the
+    same MACs) and the source's initramfs (``initrd=source.machine.initrd``:
+    it is reused, not built); its console shows what the guest prints after
+    the migration, so wait for the script's end with :meth:`wait_end`.
     """
 
     def __init__(self, workdir: str | Path, devices: list[Device] | tuple[Device, ...] = (), *,
                  script: str | None = None, files: dict[str, bytes] | None = None, name: str = "guest",
                  memory_mb: int = 256, smp: int = 1, viommu: bool = False, append: tuple[str, ...] = (),
                  extra_args: tuple[str, ...] = (), kernel: GuestKernel | None = None,
-                 modules: tuple[str, ...] = VIRTIO_MODULES, compress: bool = False) -> None:
+                 modules: tuple[str, ...] = VIRTIO_MODULES, compress: bool = False, qmp: bool = False,
+                 incoming: str | None = None, initrd: Path | None = None) -> None:
         self.name = name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -85,10 +94,14 @@ class Guest:
         self._files = files
         self._modules = modules
         self._compress = compress
+        self._build_initrd = initrd is None
         kernel = kernel or find_kernel()
-        self.machine = Machine(kernel=kernel, initrd=self.workdir / f"{name}-initrd.cpio",
+        self.machine = Machine(kernel=kernel, initrd=initrd or self.workdir / f"{name}-initrd.cpio",
                                devices=list(devices), memory_mb=memory_mb, smp=smp, viommu=viommu,
-                               append=list(append), extra_args=list(extra_args))
+                               append=list(append), extra_args=list(extra_args),
+                               qmp_socket=self.workdir / f"{name}-qmp.sock" if qmp else None,
+                               incoming=incoming)
+        self._qmp: QMPClient | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -105,8 +118,11 @@ class Guest:
             raise GuestFailed(self.name, "start() called twice", self.returncode, self.tail())
         if shutil.which(self.machine.qemu) is None:
             raise HostPartMissing("QEMU", self.machine.qemu, f"Debian package qemu-system-x86 ({QEMU})")
-        guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules,
-                     self._compress)
+        if self._build_initrd:
+            guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules,
+                         self._compress)
+        if self.machine.qmp_socket is not None and self.machine.qmp_socket.exists():
+            self.machine.qmp_socket.unlink()  # a stale one would be connected to before QEMU binds its own
         argv = self.machine.argv()
         setpriv = shutil.which("setpriv")
         if setpriv:
@@ -125,6 +141,9 @@ class Guest:
         proc = self._proc
         if proc is None:
             return None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -241,7 +260,22 @@ class Guest:
         return GuestResult(status=int(end.group(1)), output=console[begin.end():end.start()],
                            console=console, boot_seconds=boot_seconds, seconds=seconds)
 
+    def wait_end(self, timeout: float = 120.0) -> int:
+        """Wait for the script's end marker only (a migration destination never shows the begin marker).
+
+        Returns the script's exit status.
+        """
+        return int(self.wait_for(_END, timeout).group(1))
+
     # -- talking to the guest --------------------------------------------
+
+    def qmp(self, timeout: float = 30.0) -> QMPClient:
+        """The QMP session of a guest made with ``qmp=True`` (connected on first use)."""
+        if self.machine.qmp_socket is None:
+            raise GuestFailed(self.name, "qmp() on a guest made without qmp=True", self.returncode, "")
+        if self._qmp is None:
+            self._qmp = QMPClient.connect(self.machine.qmp_socket, timeout)
+        return self._qmp
 
     def send(self, text: str) -> None:
         """Write ``text`` to the guest's serial console (its script's or shell's stdin)."""

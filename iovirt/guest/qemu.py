@@ -150,7 +150,11 @@ class Machine:
 
     ``viommu`` adds an emulated Intel VT-d (``intel-iommu``, interrupt
     remapping off, device IOTLB on), puts every device behind it and turns
-    it on in the guest (``intel_iommu=on``).
+    it on in the guest (``intel_iommu=on``). ``qmp_socket`` adds a QMP
+    server there (QEMU does not wait for a client); ``incoming`` starts QEMU
+    paused, waiting for a migration stream from that URI (``unix:PATH``,
+    ``tcp:HOST:PORT``, ``exec:CMD``): the source must have the same machine
+    and devices (the vhost-user sockets may differ).
     """
 
     kernel: GuestKernel
@@ -162,6 +166,8 @@ class Machine:
     append: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     qemu: str = QEMU
+    qmp_socket: Path | None = None
+    incoming: str | None = None
 
     def kernel_cmdline(self) -> str:
         """The guest kernel's command line, including the ``iovirt.ipN=`` networking."""
@@ -193,6 +199,10 @@ class Machine:
             argv += ["-device", "intel-iommu,intremap=off,device-iotlb=on"]
         for index, device in enumerate(self.devices):
             argv += device.qemu_args(index, self.viommu)
+        if self.qmp_socket is not None:
+            argv += ["-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off"]
+        if self.incoming is not None:
+            argv += ["-incoming", self.incoming]
         return argv + self.extra_args
 
     def shell_command(self) -> str:

@@ -48,6 +48,16 @@ class SwitchPort(Protocol):
         ...
 
 
+def port_name(port: SwitchPort) -> str:
+    """The port's name in the log: a device's ``label`` (``net0``) when it has one, else its ``name``.
+
+    A virtio-net port's ``name`` is its device type, the same for every
+    port; a MAC move between two of them must say which two.
+    """
+    label = getattr(port, "label", None)
+    return label if isinstance(label, str) and label else port.name
+
+
 @dataclass(slots=True)
 class _Entry:
     port: SwitchPort
@@ -152,7 +162,7 @@ class LearningSwitch:
             self.table.move_to_end(src)
             return
         if entry is not None:
-            log.info("MAC %012x moved from %s to %s", src, entry.port.name, ingress.name)
+            log.info("MAC %012x moved from %s to %s", src, port_name(entry.port), port_name(ingress))
             self._remove(src)
         key = id(ingress)
         if len(self.table) >= self.max_entries:
@@ -170,8 +180,8 @@ class LearningSwitch:
             log.warning(
                 "MAC table full (%d entries, %d on %s; caps %d and %d per port): MAC %012x and further new "
                 "MACs from %s are not learned (their frames are still switched; refusals counted)",
-                len(self.table), self.learned_on(ingress), ingress.name, self.max_entries, self.max_per_port,
-                src, ingress.name,
+                len(self.table), self.learned_on(ingress), port_name(ingress), self.max_entries, self.max_per_port,
+                src, port_name(ingress),
             )
 
     def _egress(self, ingress: SwitchPort, dst: int, now: float) -> list[SwitchPort]:
