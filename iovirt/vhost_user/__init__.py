@@ -19,7 +19,9 @@ The back-end, split by job:
 * :mod:`~iovirt.vhost_user.isolate` - ``iovirt serve --isolate``: one worker
   process per device under a supervisor that restarts it.
 * :mod:`~iovirt.vhost_user.backend` - one connection's session: dispatch,
-  features, config, status, inflight region, IOTLB messages.
+  features, config, status, inflight region, IOTLB messages;
+  :mod:`~iovirt.vhost_user.migration_log` - its dirty-page log (SET_LOG_BASE/FD);
+  :mod:`~iovirt.vhost_user.state_migration` - its device-state requests.
 * :mod:`~iovirt.vhost_user.vrings` - vring lifecycle: kick/call/err, start/stop,
   IOTLB suspend/resume; :mod:`~iovirt.vhost_user.memtable` - the memory table.
 * :mod:`~iovirt.vhost_user.inflight` - inflight I/O tracking, a queue wrapper.

@@ -3,7 +3,9 @@
 A :class:`BackendSession` is the state of one front-end connection: the
 features it negotiated and the device status it set; the memory table
 (:mod:`iovirt.vhost_user.memtable`) and the vrings
-(:mod:`iovirt.vhost_user.vrings`) it set up; the inflight region it shares.
+(:mod:`iovirt.vhost_user.vrings`) it set up; the inflight region it shares;
+the dirty log (:mod:`iovirt.vhost_user.migration_log`) and device-state
+transfer (:mod:`iovirt.vhost_user.state_migration`) of a migration.
 :meth:`BackendSession.handle` takes one typed request
 (:mod:`iovirt.vhost_user.requests`) and returns the reply payload (or
 ``None``) with the fds to send, or raises :class:`RequestRefused` so the
@@ -22,50 +24,37 @@ import logging
 import os
 from typing import Any, Callable
 
-from iovirt.errors import IovirtError
-from iovirt.memory import GuestMemoryError, MemoryRegion
+from iovirt.memory import GuestMemoryError
 from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.device import NotSupported, VhostUserDevice
-from iovirt.vhost_user.devstate import DeviceStateError, Problem, Transfer, check_channel, decode, encode
+from iovirt.vhost_user.errors import RequestRefused
 from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_mmap_size
 from iovirt.vhost_user.iotlb import IotlbError
+from iovirt.vhost_user.migration_log import MigrationLog
 from iovirt.vhost_user.memtable import MAX_MEM_SLOTS, GuestMemoryTable, MemoryTableError
 from iovirt.vhost_user.messages import (
     VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     Config,
-    FrontendRequest as R,
     Inflight,
     IotlbType,
     ProtocolFeature as PF,
-    TransferDirection,
     U64,
     VHOST_USER_DEVICE_STATE_NOFD,
     VringState,
 )
 from iovirt.vhost_user import requests as rq
-from iovirt.vhost_user.vrings import RingAddr, VringError, Vrings, take_eventfd
+from iovirt.vhost_user.state_migration import StateMigration
+from iovirt.vhost_user.vrings import RingAddr, VringError, Vrings
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.device import FeatureError, VirtioDevice
-from iovirt.virtio.dirtylog import DirtyLog, log_bytes_needed
 
 log = logging.getLogger("iovirt.vhost_user")
 
 MAX_INFLIGHT_QUEUE_SIZE = 32768  # virtio 1.2 2.7: the largest split ring
-CHECK_WAIT_S = 1.0
-"""How long CHECK_DEVICE_STATE waits for a transfer's last bytes (the front-end has finished its side)."""
-
-
-class RequestRefused(IovirtError):
-    """A well-formed request the back-end will not apply; the reason is logged and NACKed."""
-
-    def __init__(self, request: R, reason: str) -> None:
-        super().__init__(f"{request.name}: {reason}")
-        self.request = request
-        self.reason = reason
 
 
 class BackendSession:
@@ -100,9 +89,8 @@ class BackendSession:
         self.status = 0
         self.inflight_fd: int | None = None
         self.inflight_map: InflightRegion | None = None
-        self.log_region: MemoryRegion | None = None  # SET_LOG_BASE's mapping
-        self.log_fd: int | None = None  # SET_LOG_FD's eventfd
-        self.state_transfer: Transfer | None = None
+        self.migration_log = MigrationLog(self.label, self.table, self.vrings)
+        self.state_migration = StateMigration(self.label, device, self.vrings, dataplane)
         device.device.on_needs_reset = self._device_failed
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
@@ -141,7 +129,7 @@ class BackendSession:
             rq.SetBackendReqFd: self._set_backend_req_fd,
             rq.IotlbMsgRequest: self._iotlb_msg,
             rq.SetLogBase: self._set_log_base,
-            rq.SetLogFd: self._set_log_fd,
+            rq.SetLogFd: lambda req: self.migration_log.set_fd(req.fds[0]),
             rq.SetDeviceStateFd: self._set_device_state_fd,
             rq.CheckDeviceState: self._check_device_state,
         }
@@ -179,20 +167,15 @@ class BackendSession:
         with self.dataplane.lock:
             self.vrings.close()
             self.device.reset()
-            self._drop_log()
+            self.migration_log.drop()
             self.table.close()
             self._drop_inflight()
-            self._drop_state_transfer()
+            self.state_migration.drop()
         self.device.device.on_needs_reset = None
 
     def _memory_changed(self) -> None:
         self.vrings.refresh()
-        dirty_log = self.vrings.dirty_log
-        if dirty_log is not None and not dirty_log.covers(self._memory_end()):
-            # QEMU sends a larger log (SET_LOG_BASE) after growing its memory map.
-            log.warning("%s: the dirty log (%d bytes) no longer covers guest memory (needs %d) until the next "
-                        "SET_LOG_BASE: writes above it are not logged", self.label, dirty_log.size,
-                        log_bytes_needed(self._memory_end()))
+        self.migration_log.check_coverage()
 
     def _device_failed(self, device: VirtioDevice, error: Exception) -> None:
         self.vrings.signal_errors()
@@ -330,66 +313,24 @@ class BackendSession:
         close_fds([self.inflight_fd])
         self.inflight_fd = None
 
-    # -- dirty logging (vhost-user.rst "Migration", "Dirty page logging") --------------------
-    def _memory_end(self) -> int:
-        """The end of the highest guest-physical region (the log needs a bit per page below it)."""
-        regions = self.table.memory.regions
-        return regions[-1].end if regions else 0
-
+    # -- dirty logging and device state (vhost-user.rst "Migration") -------------------------
     def _set_log_base(self, req: rq.SetLogBase) -> U64:
-        """Map the shared log; it replaces the previous one (QEMU resizes the log this way)."""
         # Spec: the fd comes "when the back-end has VHOST_USER_PROTOCOL_F_LOG_SHMFD".
         if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_LOG_SHMFD & 1:
             raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_LOG_SHMFD was not negotiated")
-        needed = log_bytes_needed(self._memory_end())
-        if req.mmap_size < needed:
-            raise RequestRefused(
-                req.code, f"log of {req.mmap_size} bytes is too small for guest memory up to "
-                f"{self._memory_end():#x}: one bit per 4 KiB page needs {needed} bytes"
-            )
-        fd = req.fds[0]
-        try:
-            region = MemoryRegion.from_fd(0, req.mmap_size, fd, req.mmap_offset)
-        except GuestMemoryError as exc:
-            raise RequestRefused(req.code, f"cannot map the log: {exc}") from exc
-        try:
-            self.table.seals.admit(region.fd_info, fd, "dirty log")
-        except MemoryTableError as exc:
-            region.close()
-            raise RequestRefused(req.code, str(exc)) from exc
-        os.close(fd)  # the mapping keeps the memory
-        old_region, old_log = self.log_region, self.vrings.dirty_log
-        self.log_region = region
-        self.vrings.set_logging(self.vrings.log_all, DirtyLog(region.view, self.log_fd))
-        if old_log is not None:
-            old_log.release()
-        if old_region is not None:
-            old_region.close()
-        log.info("%s: dirty log of %d bytes at offset %#x", self.label, req.mmap_size, req.mmap_offset)
+        self.migration_log.set_base(req.mmap_size, req.mmap_offset, req.fds[0])
         return U64(0)
 
-    def _set_log_fd(self, req: rq.SetLogFd) -> None:
-        """The eventfd the back-end writes after logging a batch of writes."""
-        fd = req.fds[0]
-        take_eventfd(fd)
-        close_fds([self.log_fd])
-        self.log_fd = fd
-        if self.vrings.dirty_log is not None:
-            self.vrings.dirty_log.notify_fd = fd
+    def _set_device_state_fd(self, req: rq.SetDeviceStateFd) -> U64:
+        if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE & 1:
+            raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated")
+        self.state_migration.start(req.fds[0], req.direction)
+        # The front-end's channel is used: no fd of ours in the reply.
+        return U64(VHOST_USER_DEVICE_STATE_NOFD)
 
-    def _drop_log(self) -> None:
-        dirty_log = self.vrings.dirty_log
-        self.vrings.set_logging(False, None)
-        if dirty_log is not None:
-            if dirty_log.beyond or dirty_log.unresolved:
-                log.warning("%s: dirty log: %d pages beyond the log and %d buffers without a guest-physical "
-                            "address were not logged", self.label, dirty_log.beyond, dirty_log.unresolved)
-            dirty_log.release()
-        if self.log_region is not None:
-            self.log_region.close()
-            self.log_region = None
-        close_fds([self.log_fd])
-        self.log_fd = None
+    def _check_device_state(self, req: rq.CheckDeviceState) -> U64:
+        self.state_migration.check()
+        return U64(0)
 
     # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
     def _set_backend_req_fd(self, req: rq.SetBackendReqFd) -> None:
@@ -419,73 +360,6 @@ class BackendSession:
         else:
             raise RequestRefused(req.code, f"{req.type.name} is a back-end message; expected UPDATE or INVALIDATE")
         return U64(0)
-
-    # -- device state (vhost-user.rst "Migrating back-end state") --------------------------
-    def _set_device_state_fd(self, req: rq.SetDeviceStateFd) -> U64:
-        """Save the device's state into the front-end's channel, or start loading it from there.
-
-        The bytes move in a :class:`~iovirt.vhost_user.devstate.Transfer`
-        (on a helper thread when they do not fit the channel at once) while
-        the control loop goes on; CHECK_DEVICE_STATE reports how it ended.
-        """
-        if not self.protocol_features >> PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE & 1:
-            raise RequestRefused(req.code, "VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated")
-        # Spec: the only phase is "stopped": the device is suspended, every ring stopped.
-        if self.vrings.any_started:
-            raise RequestRefused(req.code, "rings are started; device state moves only while every ring is stopped")
-        try:
-            check_channel(req.fds[0], req.direction)
-            saving = req.direction is TransferDirection.SAVE
-            data = encode(self.device.device_id, self.device.save_state()) if saving else b""
-        except (DeviceStateError, TypeError, ValueError) as exc:
-            raise RequestRefused(req.code, str(exc)) from exc
-        self._drop_state_transfer()  # a new transfer replaces one the front-end gave up on
-        self.state_transfer = Transfer(req.fds[0], req.direction, data, self.label)
-        self.state_transfer.start()
-        log.info("%s: device state %s started (%s)", self.label, req.direction.name.lower(),
-                 f"{len(data)} bytes" if data else "reading to end of file")
-        # The front-end's channel is used: no fd of ours in the reply.
-        return U64(VHOST_USER_DEVICE_STATE_NOFD)
-
-    def _check_device_state(self, req: rq.CheckDeviceState) -> U64:
-        """0 only when the transfer completed and, for a load, the state was valid and applied."""
-        transfer, self.state_transfer = self.state_transfer, None
-        if transfer is None:
-            raise RequestRefused(req.code, "no device state transfer to check (SET_DEVICE_STATE_FD first)")
-        direction = transfer.direction.name.lower()
-        if not self._finished(transfer):
-            transfer.cancel()
-            raise RequestRefused(req.code, f"device state {direction} has not finished: the front-end must "
-                                           f"{'read to end of file' if direction == 'save' else 'close its end'} first")
-        if transfer.error is not None:
-            raise RequestRefused(req.code, f"device state {direction} failed: {transfer.error}")
-        if transfer.direction is TransferDirection.LOAD:
-            if self.vrings.any_started:
-                raise RequestRefused(req.code, "rings were started during the transfer; state not loaded")
-            try:
-                self.device.load_state(decode(bytes(transfer.received), self.device.device_id))
-            except DeviceStateError as exc:
-                raise RequestRefused(req.code, str(exc)) from exc
-            except ValueError as exc:
-                raise RequestRefused(req.code, str(DeviceStateError(Problem.VALUE, str(exc)))) from exc
-            log.info("%s: device state loaded (%d bytes)", self.label, len(transfer.received))
-        return U64(0)
-
-    def _finished(self, transfer: Transfer) -> bool:
-        """Whether ``transfer`` ends within CHECK_WAIT_S; the data plane is not held up meanwhile."""
-        if transfer.wait(0):
-            return True
-        lock = self.dataplane.lock
-        lock.release()
-        try:
-            return transfer.wait(CHECK_WAIT_S)
-        finally:
-            lock.acquire()
-
-    def _drop_state_transfer(self) -> None:
-        if self.state_transfer is not None:
-            self.state_transfer.cancel()
-            self.state_transfer = None
 
 
 def _fd(req: rq.SetVringKick | rq.SetVringCall | rq.SetVringErr) -> int | None:

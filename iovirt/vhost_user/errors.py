@@ -37,6 +37,15 @@ class VhostUserError(IovirtError):
     """Root of the vhost-user exceptions."""
 
 
+class RequestRefused(VhostUserError):
+    """A well-formed request the back-end will not apply; the reason is logged and NACKed."""
+
+    def __init__(self, request: int, reason: str) -> None:
+        super().__init__(f"{_request_name(request)}: {reason}")
+        self.request = request
+        self.reason = reason
+
+
 class VhostUserProtocolError(VhostUserError):
     """A message from the peer breaks the vhost-user wire format or framing.
 

@@ -487,6 +487,10 @@ class VhostUserFrontend:
         if reply is not None and isinstance(reply.payload, U64) and reply.payload.value != 0:
             raise NackError(R.VHOST_USER_SET_LOG_BASE, reply.payload.value)
 
+    def set_log_fd(self, fd: int) -> None:
+        """VHOST_USER_SET_LOG_FD: the eventfd the back-end signals after logging writes."""
+        self.call(R.VHOST_USER_SET_LOG_FD, None, [fd])
+
     def set_backend_req_fd(self, fd: int) -> None:
         """VHOST_USER_SET_BACKEND_REQ_FD (``fd`` stays the caller's)."""
         self.call(R.VHOST_USER_SET_BACKEND_REQ_FD, None, [fd])

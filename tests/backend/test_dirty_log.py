@@ -8,6 +8,7 @@ shared log, and no others; with a vIOMMU too.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -239,3 +240,49 @@ def test_log_all_without_a_log_holds_the_rings_until_set_log_base(plain, logs):
         assert dirty(log)  # the request's buffers, logged
     finally:
         drv.close()
+
+
+def test_set_log_fd_is_signalled_after_logged_writes(plain):
+    """SET_LOG_FD: the back-end writes the eventfd once a batch of writes is logged; never otherwise."""
+    drv = driver(plain.blk_path, queues=[0])
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        drv.frontend.set_log_fd(os.dup(efd))
+        log = drv.start_logging()
+        with pytest.raises(BlockingIOError):  # nothing written to guest memory yet
+            os.eventfd_read(efd)
+        q = drv.queues[0]
+        q.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+        drv.kick(0)
+        wait_used(drv, 0, 1)
+        assert dirty(log)
+        assert wait_until(lambda: _eventfd_count(efd) > 0)
+        drv.stop_logging()
+        q.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+        drv.kick(0)
+        wait_used(drv, 0, 2)
+        assert _eventfd_count(efd) == 0  # logging is off: no signal
+    finally:
+        os.close(efd)
+        drv.close()
+
+
+def test_set_log_fd_that_is_not_an_eventfd_is_refused(plain, logs):
+    drv = driver(plain.blk_path, queues=[0])
+    r, w = os.pipe()
+    try:
+        with pytest.raises(NackError):
+            drv.frontend.set_log_fd(r)
+        log_line(logs, "SET_LOG_FD")
+        log = drv.start_logging()  # the session goes on
+        assert isinstance(log, mmap.mmap)
+    finally:
+        os.close(w)
+        drv.close()
+
+
+def _eventfd_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
