@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from iovirt.errors import IovirtError
 from iovirt.inspect.elfcore import write_core
 from iovirt.memory import GuestMemoryError
-from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
+from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, avail_ring_size, desc_table_size, used_ring_size
 
 if TYPE_CHECKING:
     from iovirt.vhost_user.backend import BackendSession
@@ -45,7 +45,10 @@ class DumpError(IovirtError):
 
 
 def ring_note(session: BackendSession) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]]]:
-    """The running rings of ``session`` as note entries, and a copy of each ring part ``(gpa, bytes)``.
+    """The rings of ``session`` as note entries, and a copy of each ring part ``(gpa, bytes)``.
+
+    A running ring is described as the device's queue has it; a stopped one
+    (``"stopped": true``) by its addresses and where it stopped.
 
     Call under the data-path lock.  Ring addresses are guest-physical; with
     VIRTIO_F_ACCESS_PLATFORM they are IOVAs translated through the IOTLB
@@ -58,17 +61,27 @@ def ring_note(session: BackendSession) -> tuple[list[dict[str, Any]], list[tuple
     phys = session.table.memory
     for vring in session.vrings.rings:
         queue = session.device.queue(vring.index)
-        if queue is None:
+        entry: dict[str, Any] = {"device": session.device.label, "queue": vring.index, "enabled": vring.enabled}
+        if queue is not None:
+            state = queue.state()
+            size = state.size
+            entry.update(size=size, last_avail_idx=state.last_avail_idx, used_idx=state.used_idx,
+                         event_idx=bool(state.event_idx), stopped=False)
+            addrs = {"desc": state.desc_addr, "avail": state.avail_addr, "used": state.used_addr}
+        elif vring.addr is not None and vring.num:
+            # Stopped (GET_VRING_BASE; QEMU stops every ring when the VM stops): where it stopped.
+            size = vring.num
+            entry.update(size=size, last_avail_idx=vring.base, used_idx=vring.used_idx,
+                         event_idx=bool(session.features >> VIRTIO_F_EVENT_IDX & 1), stopped=True)
+            try:
+                addrs = dict(zip(("desc", "avail", "used"), session.vrings.placement(vring)))
+            except IovirtError as exc:
+                entry["error"] = str(exc)
+                rings.append(entry)
+                continue
+        else:
             continue
-        state = queue.state()
-        entry: dict[str, Any] = {
-            "device": session.device.label, "queue": vring.index, "size": state.size,
-            "last_avail_idx": state.last_avail_idx, "used_idx": state.used_idx,
-            "event_idx": bool(state.event_idx), "enabled": vring.enabled,
-        }
-        addrs = {"desc": state.desc_addr, "avail": state.avail_addr, "used": state.used_addr}
-        lengths = {"desc": desc_table_size(state.size), "avail": avail_ring_size(state.size),
-                   "used": used_ring_size(state.size)}
+        lengths = {"desc": desc_table_size(size), "avail": avail_ring_size(size), "used": used_ring_size(size)}
         if session.vrings.iotlb is not None:
             entry["iova"] = dict(addrs)
         try:

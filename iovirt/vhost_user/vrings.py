@@ -77,6 +77,7 @@ class Vring:
     num: int = 0
     addr: RingAddr | None = None
     base: int = 0
+    used_idx: int = 0  # the used index when the ring last stopped (with ``base``, its stopped state)
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
@@ -227,13 +228,8 @@ class Vrings:
 
         Raises :class:`IovirtError` for a ring that cannot be served.
         """
-        addr = vring.addr
-        assert addr is not None
-        if self.iotlb is None:
-            desc, avail, used = (self.table.user_to_guest(a) for a in (addr.desc, addr.avail, addr.used))
-        else:
-            # vhost-user.rst: "a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM has been negotiated".
-            desc, avail, used = addr.desc, addr.avail, addr.used
+        desc, avail, used = self.placement(vring)
+        if self.iotlb is not None:
             if not self._ring_translated(vring):
                 if not vring.awaiting_translation:
                     log.info("%s: vring %d waits for IOTLB entries of its ring", self.label, vring.index)
@@ -260,6 +256,19 @@ class Vrings:
             self.label, vring.index, vring.num, desc, avail, used, vring.base,
         )
         return True
+
+    def placement(self, vring: Vring) -> tuple[int, int, int]:
+        """The ring's desc, avail and used addresses in :attr:`dma_memory` (guest-physical, or IOVAs).
+
+        Raises :class:`IovirtError` for a user address outside the memory table.
+        """
+        addr = vring.addr
+        assert addr is not None
+        if self.iotlb is None:
+            desc, avail, used = (self.table.user_to_guest(a) for a in (addr.desc, addr.avail, addr.used))
+            return desc, avail, used
+        # vhost-user.rst: "a ring address is an IOVA if VIRTIO_F_IOMMU_PLATFORM has been negotiated".
+        return addr.desc, addr.avail, addr.used
 
     def _inflight_wrapper(
         self, vring: Vring, region: QueueRegion, used_idx: int
@@ -301,6 +310,7 @@ class Vrings:
         state = self.device.stop_queue(vring.index)
         if state is not None:
             vring.base = state.last_avail_idx
+            vring.used_idx = state.used_idx
 
     def reset(self) -> None:
         """RESET_DEVICE: every ring stopped and disabled, bases back to 0."""

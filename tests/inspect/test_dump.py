@@ -88,6 +88,28 @@ def test_dump_matches_the_sessions_queues(tmp_path, served, capsys):
             note.memory.close()
 
 
+def test_dump_describes_a_stopped_ring_where_it_stopped(tmp_path, served, capsys):
+    """QEMU stops every ring (GET_VRING_BASE) when the VM stops: the note still says where each is."""
+    server, endpoint, path = served
+    with VhostUserDriver(path, memory_size=4 << 20) as drv:
+        drv.start_queues([0, 1], size=32)
+        traffic(drv)
+        base = drv.frontend.get_vring_base(0)
+        session = endpoint.connection.session
+        core = dump_session(session, str(tmp_path))
+        note = read_core(core)
+        try:
+            stopped = {r["queue"]: r for r in note.iovirt_note["rings"]}
+        finally:
+            note.memory.close()
+        assert stopped[0]["stopped"] and not stopped[1]["stopped"]
+        assert (stopped[0]["last_avail_idx"], stopped[0]["used_idx"]) == (base, 3)
+        assert main(["inspect", core, "--json"]) == 0
+        ring = {r["index"]: r for r in json.loads(capsys.readouterr().out)["rings"]}[0]
+        assert (ring["avail_idx"], ring["used_idx"], ring["last_avail_idx"]) == (5, 3, base)
+        assert ring["used_addr"] == drv.queues[0].used_addr
+
+
 def test_sigusr2_dumps_every_connected_device(tmp_path, served):
     server, _endpoint, path = served
     dumps = tmp_path / "dumps"
