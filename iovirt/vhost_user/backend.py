@@ -104,6 +104,7 @@ class BackendSession:
         self.log_fd: int | None = None  # SET_LOG_FD's eventfd
         self.state_transfer: Transfer | None = None
         device.device.on_needs_reset = self._device_failed
+        device.device.call_later = dataplane.call_later
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
             rq.SetFeatures: self._set_features,
@@ -184,6 +185,7 @@ class BackendSession:
             self._drop_inflight()
             self._drop_state_transfer()
         self.device.device.on_needs_reset = None
+        self.device.device.call_later = None
 
     def _memory_changed(self) -> None:
         self.vrings.refresh()
