@@ -74,13 +74,17 @@ class Reader:
         self.done = 0
         self.bad_status = 0
 
-    def step(self) -> None:
-        """Take completions, post a read in every free slot, notify if anything was posted."""
+    def collect(self) -> None:
+        """Take completions (their slots become free); posts nothing."""
         for used in self.queue.get_used():
             slot = self.by_head.pop(used.head)
             self.free.append(slot)
             self.done += 1
             self.bad_status += used.data[-1] != 0
+
+    def step(self) -> None:
+        """Take completions, post a read in every free slot, notify if anything was posted."""
+        self.collect()
         posted = bool(self.free)
         while self.free:
             slot = self.free.pop()
@@ -89,6 +93,16 @@ class Reader:
             self.by_head[head] = slot
         if posted:
             self.kick()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def within(measured: float, expected: float) -> bool:
