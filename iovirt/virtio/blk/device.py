@@ -20,6 +20,7 @@ import ctypes.util
 import errno
 import os
 import struct
+import time
 from typing import Any, Mapping
 
 from iovirt.memory import GuestMemory, GuestMemoryError
@@ -120,7 +121,7 @@ class VirtioBlk(VirtioDevice):
         self._limits = Limits(LIMITS, self.label)
         self._buckets: tuple[TokenBucket | None, TokenBucket | None] | None = None
         self._request_bytes = float(SECTOR_SIZE)  # data bytes per request in the last batch: what bps pops by
-        self._wake_armed = False  # a timer will serve the queues again
+        self._wake_at = 0.0  # when the timer set last will serve the queues again (monotonic seconds)
 
     def close(self) -> None:
         """Close the image."""
@@ -193,9 +194,11 @@ class VirtioBlk(VirtioDevice):
                 delay = max(delay, bps.wait_time(self._request_bytes))
             count = min(count, max(1, int(tokens // self._request_bytes)))
         if delay > 0:
-            if not self._wake_armed and self.call_later is not None:
-                self._wake_armed = True
-                self.call_later(delay, self._wake)
+            call_later, now = self.call_later, time.monotonic()
+            # One timer at a time; past its time (a lost timer) the next kick sets another.
+            if call_later is not None and now >= self._wake_at:
+                self._wake_at = now + delay
+                call_later(delay, self._wake)
             return 0
         return count
 
@@ -209,7 +212,7 @@ class VirtioBlk(VirtioDevice):
 
     def _wake(self) -> None:
         """The timer: serve every queue again (requests waited for tokens)."""
-        self._wake_armed = False
+        self._wake_at = 0.0
         for index in range(self.num_queues):
             self.kick(index)
 
