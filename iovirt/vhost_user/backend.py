@@ -92,6 +92,7 @@ class BackendSession:
         self.migration_log = MigrationLog(self.label, self.table, self.vrings)
         self.state_migration = StateMigration(self.label, device, self.vrings, dataplane)
         device.device.on_needs_reset = self._device_failed
+        device.device.call_later = dataplane.call_later
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
             rq.SetFeatures: self._set_features,
@@ -172,6 +173,7 @@ class BackendSession:
             self._drop_inflight()
             self.state_migration.drop()
         self.device.device.on_needs_reset = None
+        self.device.device.call_later = None
 
     def _memory_changed(self) -> None:
         self.vrings.refresh()

@@ -9,14 +9,21 @@ port's transmit queue into another port's receive queue never needs two
 locks (no lock order, no deadlock).  So the data plane never blocks while
 it holds the lock: every fd it reads or writes is non-blocking, including
 eventfds a front-end passed, which it may drain itself (issue 12, failure 4).
+
+Timers (:meth:`DataPlane.call_later`) run a handler once, later, on the
+data-plane thread: a device that holds requests back (a blk device at its
+rate limit) is served again when its tokens are back, without a new kick.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger("iovirt.dataplane")
@@ -35,6 +42,10 @@ class DataPlane:
         self._handlers: dict[int, tuple[Handler, bool]] = {}
         self._pollers: dict[object, Handler] = {}
         self._before_handler: dict[object, Handler] = {}
+        # (deadline, sequence, handler), a heap; the lock because any thread may add one.
+        self._timers: list[tuple[float, int, Handler]] = []
+        self._timers_lock = threading.Lock()
+        self._timer_seq = itertools.count()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
@@ -99,9 +110,36 @@ class DataPlane:
         """Stop running ``key``'s before-handler hook."""
         self._before_handler.pop(key, None)
 
+    def call_later(self, delay: float, handler: Handler) -> None:
+        """Run ``handler`` once, under ``lock`` on the data-plane thread, ``delay`` seconds from now.
+
+        Any thread may call this.  There is no cancelling: a handler whose
+        work went away (its device stopped) finds nothing to do.
+        """
+        with self._timers_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), handler))
+        os.eventfd_write(self._wake, 1)  # the loop recomputes how long it may sleep
+
+    def _timeout(self) -> float:
+        """How long the loop may wait for an fd: -1 (forever) without pollers and timers."""
+        timeout = POLL_INTERVAL_S if self._pollers else -1.0
+        with self._timers_lock:
+            if self._timers:
+                until = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = until if timeout < 0 else min(timeout, until)
+        return timeout
+
+    def _due_timers(self) -> list[Handler]:
+        now = time.monotonic()
+        due = []
+        with self._timers_lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        return due
+
     def _run(self) -> None:
         while not self._stop:
-            timeout = POLL_INTERVAL_S if self._pollers else -1
+            timeout = self._timeout()
             try:
                 events = self._epoll.poll(timeout)
             except InterruptedError:
@@ -119,6 +157,8 @@ class DataPlane:
                         _drain(fd)
                     self._call(handler)
                 for handler in list(self._pollers.values()):
+                    self._call(handler)
+                for handler in self._due_timers():
                     self._call(handler)
 
     def _call(self, handler: Handler) -> None:

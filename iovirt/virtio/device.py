@@ -65,6 +65,9 @@ class VirtioDevice:
         self.memory: GuestMemory | None = None
         self.needs_reset = False
         self.on_needs_reset: Callable[["VirtioDevice", Exception], None] | None = None
+        # The transport's timer, if it has one: run a callable after a delay (seconds) on the thread that
+        # serves the queues (a device holding requests back serves them again when it may).
+        self.call_later: Callable[[float, Callable[[], None]], None] | None = None
 
     # -- features and config (3.1, 4.x device configuration layout) -------------
     def device_features(self) -> int:

@@ -20,7 +20,8 @@ import ctypes.util
 import errno
 import os
 import struct
-from typing import Any
+import time
+from typing import Any, Mapping
 
 from iovirt.memory import GuestMemory, GuestMemoryError
 from iovirt.virtio.blk import datapath
@@ -51,12 +52,14 @@ from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated, ring_of
+from iovirt.virtio.qos import Limits, TokenBucket
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 BATCH = 64
+LIMITS = ("iops", "bps")  # requests/s, bytes read and written/s (docs/qos.md)
 
 
 class RequestError(Exception):
@@ -114,6 +117,11 @@ class VirtioBlk(VirtioDevice):
         # the Cython batch is built empty, the reference one from its chains.
         batch_type: Any = ChainBatch
         self._batch = batch_type() if QUEUE_IMPLEMENTATION == "cython" else None
+        # Limits: None without any (the data path's one check), else the iops and bps buckets.
+        self._limits = Limits(LIMITS, self.label)
+        self._buckets: tuple[TokenBucket | None, TokenBucket | None] | None = None
+        self._request_bytes = float(SECTOR_SIZE)  # data bytes per request in the last batch: what bps pops by
+        self._wake_at = 0.0  # when the timer set last will serve the queues again (monotonic seconds)
 
     def close(self) -> None:
         """Close the image."""
@@ -146,6 +154,67 @@ class VirtioBlk(VirtioDevice):
             if value != mine[key] or type(value) is not type(mine[key]):
                 raise ValueError(f"{key} {value!r} saved, this device's is {mine[key]!r} (not the same disk?)")
         self.stats = stats
+
+    # -- QoS: request limits (docs/qos.md) -------------------------------------------
+    def set_limits(self, limits: Mapping[str, float]) -> None:
+        """Limit the device to ``iops`` requests/s and ``bps`` data bytes (read + written)/s.
+
+        Keys not given keep their limit; 0 removes one.  Requests beyond a
+        limit wait in the ring (none fails); the queues are served again
+        when tokens are back.  Safe from any thread; takes effect at once.
+        ``ValueError`` for an unknown key or a value not a finite number >= 0.
+        """
+
+        def apply(buckets: dict[str, TokenBucket]) -> None:
+            self._buckets = (buckets.get("iops"), buckets.get("bps")) if buckets else None
+
+        self._limits.update(limits, apply)
+        call_later = self.call_later
+        if call_later is not None:
+            call_later(0.0, self._wake)  # requests held back under the old limits may go now
+
+    def limits(self) -> dict[str, float]:
+        """The limits, ``iops`` and ``bps``; 0.0 where there is none."""
+        return self._limits.values()
+
+    def _admit(self, buckets: tuple[TokenBucket | None, TokenBucket | None]) -> int:
+        """How many requests to pop now (0: wait; a timer is set to serve the queues again)."""
+        iops, bps = buckets
+        count, delay = BATCH, 0.0
+        if iops is not None:
+            tokens = iops.refill()
+            if tokens < 1:
+                delay = iops.wait_time(1)
+            count = min(count, int(tokens))
+        if bps is not None:
+            # A request's size is known once it is popped: pop as many as the bytes held pay for
+            # at the last batch's size, at least one; what it costs beyond is a debt paid by waiting.
+            tokens = bps.refill()
+            if tokens <= 0:
+                delay = max(delay, bps.wait_time(self._request_bytes))
+            count = min(count, max(1, int(tokens // self._request_bytes)))
+        if delay > 0:
+            call_later, now = self.call_later, time.monotonic()
+            # One timer at a time; past its time (a lost timer) the next kick sets another.
+            if call_later is not None and now >= self._wake_at:
+                self._wake_at = now + delay
+                call_later(delay, self._wake)
+            return 0
+        return count
+
+    def _charge(self, buckets: tuple[TokenBucket | None, TokenBucket | None], requests: int, nbytes: int) -> None:
+        iops, bps = buckets
+        if iops is not None:
+            iops.take(requests)
+        if bps is not None:
+            bps.take(nbytes)
+            self._request_bytes = max(float(SECTOR_SIZE), nbytes / requests)
+
+    def _wake(self) -> None:
+        """The timer: serve every queue again (requests waited for tokens)."""
+        self._wake_at = 0.0
+        for index in range(self.num_queues):
+            self.kick(index)
 
     # -- features and config (5.2.3, 5.2.4) -------------------------------------
     def device_features(self) -> int:
@@ -191,16 +260,23 @@ class VirtioBlk(VirtioDevice):
         # A wrapper (a transport's bookkeeping) pops into the same flat batches as the queue beneath it.
         reuse = self._batch if is_accelerated(ring_of(queue)) else None
         while True:
-            batch = queue.pop_batch(BATCH, reuse)
+            buckets = self._buckets
+            count = BATCH if buckets is None else self._admit(buckets)
+            if not count:
+                break  # at a limit: the requests wait in the ring
+            batch = queue.pop_batch(count, reuse)
             if not len(batch):
                 break
-            for i in self._serve_batch(batch, queue):
+            left, nbytes = self._serve_batch(batch, queue)
+            for i in left:
                 batch.set_used_len(i, self._serve(memory, batch[i]))
             queue.push_batch(batch)
             self.signal(index)
+            if buckets is not None:
+                self._charge(buckets, len(batch), nbytes)
 
-    def _serve_batch(self, batch: Any, queue: SplitQueue) -> list[int]:
-        """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`."""
+    def _serve_batch(self, batch: Any, queue: SplitQueue) -> tuple[list[int], int]:
+        """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`, and the bytes moved."""
         left, read, written, flushes, errors = datapath.serve_batch(
             batch, queue, self.fd, self.capacity, self.read_only
         )
@@ -214,7 +290,7 @@ class VirtioBlk(VirtioDevice):
                 "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
                 self.label, errors, self.capacity,
             )
-        return left
+        return left, read + written
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
         """Execute one request the data path left (GET_ID, DISCARD, WRITE_ZEROES, unknown); returns the used length.

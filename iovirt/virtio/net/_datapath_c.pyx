@@ -165,6 +165,23 @@ cdef class Frames:
                 total += self.length[i]
         return total
 
+    def fit(self, Py_ssize_t max_frames, long long max_bytes):
+        """``(count, bytes)`` of the longest run from frame 0 of at most ``max_frames`` frames and ``max_bytes`` bytes."""
+        cdef Py_ssize_t count = 0
+        cdef long long nbytes = 0
+        while count < min(max_frames, self.n) and nbytes + self.length[count] <= max_bytes:
+            nbytes += self.length[count]
+            count += 1
+        return count, nbytes
+
+    def truncate(self, Py_ssize_t n):
+        """Keep the first ``n`` frames (all of them if there are fewer)."""
+        if n < 0:
+            raise ValueError(f"cannot keep {n} frames")
+        if n < self.n:
+            self.used = self.off[n]  # frames lie in the buffer in order
+            self.n = n
+
     cdef int _check(self, Py_ssize_t i) except -1:
         if i < 0 or i >= self.n:
             raise IndexError(f"frame {i} not in {self.n}")

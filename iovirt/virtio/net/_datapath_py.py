@@ -102,6 +102,23 @@ class Frames:
             return sum(len(f) for f in self._frames)
         return sum(len(self.frame(i)) for i in indexes)
 
+    def fit(self, max_frames: int, max_bytes: int) -> tuple[int, int]:
+        """``(count, bytes)`` of the longest run from frame 0 of at most ``max_frames`` frames and ``max_bytes`` bytes."""
+        count = nbytes = 0
+        for frame in self._frames[: max(max_frames, 0)]:
+            if nbytes + len(frame) > max_bytes:
+                break
+            count += 1
+            nbytes += len(frame)
+        return count, nbytes
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` frames (all of them if there are fewer)."""
+        if n < 0:
+            raise ValueError(f"cannot keep {n} frames")
+        del self._frames[n:]
+        del self._csums[n:]
+
     def complete_checksum(self, i: int) -> None:
         """Fill in frame ``i``'s pending checksum in place."""
         csum = self.csum(i)

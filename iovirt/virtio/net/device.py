@@ -19,7 +19,7 @@ net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring enables.
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Mapping
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
@@ -28,6 +28,7 @@ from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
+    MAX_FRAME,
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
     VIRTIO_ID_NET,
@@ -52,11 +53,13 @@ from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
+from iovirt.virtio.qos import Limits, TokenBucket
 
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
 MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
 MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
+LIMITS = ("pps", "bps")  # transmit limits: frames/s, bytes/s (docs/qos.md)
 
 
 def _reusable_batch() -> Any:
@@ -94,6 +97,9 @@ class VirtioNet(VirtioDevice):
         # Batches the Cython queue pops into again and again (the reference queue allocates its own).
         self._tx_batch = _reusable_batch()
         self._rx_batch = _reusable_batch()
+        # Transmit limits: None without any (the data path's one check), else the pps and bps buckets.
+        self._limits = Limits(LIMITS, self.label, min_burst={"bps": MAX_FRAME})
+        self._tx_buckets: tuple[TokenBucket | None, TokenBucket | None] | None = None
         if switch is not None:
             switch.attach(self)
 
@@ -146,6 +152,39 @@ class VirtioNet(VirtioDevice):
         ).ljust(60, b"\0")
         if self.switch is not None:
             self.switch.forward(self, rarp)
+
+    # -- QoS: transmit limits (docs/qos.md) -----------------------------------------
+    def set_limits(self, limits: Mapping[str, float]) -> None:
+        """Limit what the guest transmits into the switch: ``pps`` (frames/s), ``bps`` (bytes/s).
+
+        Keys not given keep their limit; 0 removes one.  Frames beyond a
+        limit are dropped and counted (``stats["tx_drop_rate_limit"]``).
+        Takes effect at the next transmit batch; safe from any thread.
+        ``ValueError`` for an unknown key or a value not a finite number >= 0.
+        """
+
+        def apply(buckets: dict[str, TokenBucket]) -> None:
+            self._tx_buckets = (buckets.get("pps"), buckets.get("bps")) if buckets else None
+
+        self._limits.update(limits, apply)
+
+    def limits(self) -> dict[str, float]:
+        """The transmit limits, ``pps`` and ``bps``; 0.0 where there is none."""
+        return self._limits.values()
+
+    def _police(self, buckets: tuple[TokenBucket | None, TokenBucket | None], frames: Any) -> None:
+        """Drop the frames of ``frames`` beyond the limits (from the first that does not fit on)."""
+        pps, bps = buckets
+        count = len(frames)
+        allowed = count if pps is None else min(count, max(0, int(pps.refill())))
+        if bps is not None:
+            allowed, nbytes = frames.fit(allowed, max(0, int(bps.refill())))
+            bps.take(nbytes)
+        if pps is not None:
+            pps.take(allowed)
+        if allowed < count:
+            frames.truncate(allowed)
+            self.stats["tx_drop_rate_limit"] += count - allowed
 
     # -- saved state (port configuration and counters, outside guest memory) ---------
     def state(self) -> dict[str, Any]:
@@ -225,6 +264,9 @@ class VirtioNet(VirtioDevice):
                 )
             # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
             if self.enabled[index] and self.switch is not None:
+                buckets = self._tx_buckets
+                if buckets is not None:
+                    self._police(buckets, frames)
                 self.stats["tx_packets"] += len(frames)
                 self.stats["tx_bytes"] += frames.total_bytes()
                 self.switch.forward_batch(self, frames)
