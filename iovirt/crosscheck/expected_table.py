@@ -13,9 +13,21 @@ from iovirt.crosscheck.expected import ExpectedDifference
 AFTER_RESET = "after-reset"
 """A Function Level Reset came earlier in the sequence."""
 WINDOW_OTHER_BAR = "pci-cfg-window-other-bar"
-QI_DISABLED_PENDING = "qi-disabled-pending"
-"""Queued invalidation was disabled (GCMD.QIE 1 -> 0) while IQH != IQT earlier in the sequence."""
 """The pci_cfg window's ``bar`` does not name the BAR holding the virtio structures."""
+QI_DISABLED_PENDING = "qi-disabled-pending"
+"""Earlier in the sequence, GCMD.QIE was cleared while QIES was set and either IQH != IQT or the
+last descriptor processed was not a wait descriptor (QEMU's condition for refusing)."""
+IQE_CLEARED_PENDING = "iqe-cleared-pending"
+"""Earlier, software cleared FSTS.IQE with queued invalidation on and descriptors left (IQH != IQT)."""
+IQA_WRITTEN_QI_ON = "iqa-written-qi-on"
+"""Earlier, software wrote IQA while queued invalidation was on."""
+BAD_DESCRIPTOR_ACCEPTED = "bad-descriptor-accepted"
+"""Earlier, iovirt stopped the queue (IQE) at an interrupt-entry-cache descriptor with reserved bits set, or
+at a PASID-based descriptor (type 6 or 7)."""
+CCMD_DOMAIN_REQUEST = "ccmd-domain-request"
+"""The last CCMD write requested a domain-selective context-cache invalidation (CIRG 10b)."""
+REGISTER_INVALIDATION_QI_ON = "register-invalidation-qi-on"
+"""Earlier, software wrote CCMD's or IOTLB's upper half (where ICC/IVT live) while queued invalidation was on."""
 
 EXPECTED: tuple[ExpectedDifference, ...] = (
     ExpectedDifference(
@@ -91,16 +103,117 @@ EXPECTED += (
         "always blocked by interrupt remapping",
     ),
 )
-_QI_UNDEFINED = (
-    "VT-d 3.x §6.5.2 and §11.4.4: software must not disable queued invalidation while descriptors are "
-    "pending (IQH != IQT); what the hardware does then is not defined"
+
+# Queued invalidation (VT-d 3.x §6.5.2): after each of the conditions below QEMU's queue and iovirt's
+# are in different states for the rest of the sequence, so every register bit the queue drives
+# (and the wait descriptors' status writes) may differ.
+_QI_DRIVEN = (
+    ("vtd", 0x1C, 4, 1 << 26, "GSTS.QIES"),
+    ("vtd", 0x34, 4, 1 << 4, "FSTS.IQE"),
+    ("vtd", 0x38, 4, 1 << 30, "FECTL.IP"),
+    ("vtd", 0x80, 8, 0x7FFF0, "IQH"),
+    ("vtd", 0x88, 8, 0x7FFF0, "IQT"),
+    ("vtd", 0x9C, 4, 1, "ICS.IWC"),
+    ("vtd", 0xA0, 4, 1 << 30, "IECTL.IP"),
+    ("status", 0, 32, (1 << 256) - 1, "the wait descriptors' status writes"),
+)
+_REGISTER_INVALIDATION = (
+    ("vtd", 0x28, 8, 1 << 63 | 0x3 << 59, "CCMD.ICC and CAIG"),
+    ("vtd", 0xF8, 8, 1 << 63 | 0x3 << 57, "IOTLB.IVT and IAIG"),
+)
+
+
+def _qi_entries(
+    condition: str, operation: str, spec: str, reason: str, bits: tuple[tuple[str, int, int, int, str], ...]
+) -> tuple[ExpectedDifference, ...]:
+    return tuple(
+        ExpectedDifference("vtd-regs", space, offset, size, mask, f"{operation}, then read {what}", spec, reason,
+                           condition=condition)
+        for space, offset, size, mask, what in bits
+    )
+
+
+EXPECTED += _qi_entries(
+    QI_DISABLED_PENDING,
+    "clear GCMD.QIE while IQH != IQT, or when the last descriptor processed was not a wait descriptor",
+    "VT-d 3.x §6.5.2 and §11.4.4: software disables queued invalidation once the descriptors it submitted "
+    "have been processed (IQH == IQT); disabling with descriptors pending is not defined, and nothing "
+    "requires the last descriptor to be a wait descriptor",
+    "QEMU refuses the disable (QIES stays set, the queue keeps running) unless IQH == IQT and the last "
+    "descriptor it processed was a wait descriptor; iovirt disables (with IQH == IQT: QEMU departs from "
+    "the spec; with IQH != IQT: undefined)",
+    _QI_DRIVEN + _REGISTER_INVALIDATION,
+)
+EXPECTED += _qi_entries(
+    IQE_CLEARED_PENDING,
+    "clear FSTS.IQE with queued invalidation on and descriptors after IQH",
+    "VT-d 3.x §6.5.2.10: after an invalidation queue error hardware stops at the descriptor that failed "
+    "(IQH points at it) until software clears FSTS.IQE, and then fetches again from IQH",
+    "QEMU fetches again only on the next IQT write (vtd_handle_fsts_write leaves it as a FIXME); iovirt "
+    "resumes when IQE is cleared",
+    _QI_DRIVEN,
+)
+EXPECTED += _qi_entries(
+    IQA_WRITTEN_QI_ON,
+    "write IQA while queued invalidation is on",
+    "VT-d 3.x §6.5.2 and §11.4.10: software programs IQA before it enables queued invalidation; the spec "
+    "gives no outcome for changing it while QIES is set",
+    "undefined by the spec: QEMU keeps fetching from the base it latched at enable, iovirt from the register",
+    _QI_DRIVEN,
+)
+EXPECTED += _qi_entries(
+    REGISTER_INVALIDATION_QI_ON,
+    "write CCMD or IOTLB (upper half) while queued invalidation is on",
+    "VT-d 3.x §6.5.2: while queued invalidation is enabled software must not use the register-based "
+    "invalidation interface; the spec gives no outcome",
+    "undefined by the spec: QEMU leaves ICC/IVT set (the request never completes), iovirt ignores the "
+    "request and clears ICC/IVT",
+    _REGISTER_INVALIDATION,
+)
+EXPECTED += _qi_entries(
+    BAD_DESCRIPTOR_ACCEPTED,
+    "post an interrupt-entry-cache descriptor with reserved bits set, or a descriptor of type 6 or 7",
+    "VT-d 3.x §6.5.2.10: a descriptor of a type the unit does not support in its translation mode (types 6 "
+    "and 7 are PASID-based, scalable mode only) or with reserved fields set is an invalidation queue "
+    "error: FSTS.IQE is set and IQH stays on it",
+    "QEMU checks no reserved field of the interrupt-entry-cache descriptor and accepts types 6 and 7 in "
+    "legacy mode as no-ops, so its queue runs on where iovirt's stops",
+    _QI_DRIVEN,
 )
 EXPECTED += (
     ExpectedDifference(
-        "vtd-regs", "vtd", 0x1C, 4, 1 << 26,
-        "clear GCMD.QIE while IQH != IQT, read GSTS.QIES", _QI_UNDEFINED,
-        "undefined by the spec: QEMU refuses the disable and keeps QIES set, iovirt disables",
-        condition=QI_DISABLED_PENDING,
+        "vtd-regs", "vtd", 0x28, 8, 0x3 << 59,
+        "request a domain-selective context-cache invalidation (CIRG 10b) in CCMD, read CAIG",
+        "VT-d 3.x §11.4 (CCMD): hardware may carry out a request at a coarser granularity and reports the "
+        "granularity it used in CAIG",
+        "an implementation choice: QEMU invalidates the whole context cache and reports global (01b), "
+        "iovirt invalidates the domain and reports domain (10b)",
+        condition=CCMD_DOMAIN_REQUEST,
+    ),
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0xB8, 8, 1 << 11,
+        "write IRTA.EIME (bit 11), read IRTA",
+        "VT-d 3.x §11.4 (IRTA): EIME is RsvdZ on a unit reporting ECAP.EIM clear, as QEMU's unit here does "
+        "(checked at start)",
+        "QEMU's IRTA write mask always includes bit 11",
+    ),
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0xA4, 4, 0xFFFF0000,
+        "write IEDATA's upper 16 bits (EIMD), read IEDATA",
+        "VT-d 3.x §11.4 (FEDATA, IEDATA): EIMD, bits 31:16, exists only on units that support 32-bit "
+        "interrupt data, and is reserved on the others; x86 interrupt messages carry 16 bits of data "
+        "(Intel SDM vol. 3 §11.11.2: message data bits 31:16 are reserved)",
+        "QEMU implements 32-bit data in IEDATA but 16-bit in FEDATA (one unit cannot be both); iovirt is a "
+        "16-bit-data unit in both registers",
+    ),
+    ExpectedDifference(
+        "vtd-regs", "vtd", 0x20, 8, 0x3 << 10,
+        "write RTADDR's Translation Table Mode (bits 11:10), read RTADDR",
+        "VT-d 3.x §11.4.5: TTM 01b (scalable mode) needs ECAP.SMTS and 11b (abort-DMA mode) ECAP.ADMS, both "
+        "clear on this unit, and 10b is reserved; the unit reports VER 1.0, whose RTADDR has bits 11:0 "
+        "reserved",
+        "QEMU stores bits 11:10 whatever ECAP reports (and acts on bit 10 at SRTP); iovirt, a legacy-mode "
+        "unit, keeps them reserved",
     ),
 )
 EXPECTED += (

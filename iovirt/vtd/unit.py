@@ -190,8 +190,10 @@ class VtdUnit:
         if cmd & (R.SFL | R.EAFL):
             log.warning("VT-d GCMD %#x: advanced fault logging is not supported (CAP.AFL=0); ignored", cmd)
         # WBF completes at once (CAP.RWBF=0: no write buffer), so WBFS reads 0.
-        if status & R.QIE and not old & R.QIE:
-            regs[R.IQH] = 0  # spec 11.4.10.1: IQH resets when QI is enabled
+        if (old ^ status) & R.QIE:
+            # Spec 11.4.10 (IQH): QH is 0 whenever queued invalidation is disabled, so it is reset when
+            # QI is turned off and fetching starts from entry 0 when it is turned on.
+            regs[R.IQH] = 0
         regs[R.GSTS] = status
         self.dma.enabled = bool(status & R.TE)
         self.irq.enabled = bool(status & R.IRE)

@@ -193,6 +193,17 @@ def test_queue_wraps_around(unit, mem):
     assert unit.mmio_read(R.IQH, 8) == 1 << 4
 
 
+def test_disabling_queued_invalidation_resets_iqh(unit, mem):
+    # Spec 11.4.10 (IQH): QH is reset to 0 whenever queued invalidation is disabled.
+    queue_setup(unit, mem)
+    put(mem, 0x80_0000, 0, DESC_WAIT | DESC_WAIT_SW | 1 << 32, 0x1000)
+    unit.mmio_write(R.IQT, 8, 1 << 4)
+    assert unit.mmio_read(R.IQH, 8) == 1 << 4
+    unit.mmio_write(R.GCMD, 4, 0)
+    assert not unit.mmio_read(R.GSTS, 4) & R.QIE
+    assert unit.mmio_read(R.IQH, 8) == 0
+
+
 def iqe_case(unit, mem, sink, lo, hi=0):
     queue_setup(unit, mem)
     unit.mmio_write(R.FEADDR, 4, 0xFEE00000)
