@@ -113,7 +113,6 @@ GCMD_ONE_SHOT = SRTP | SFL | WBF | SIRTP
 GCMD_PERSISTENT = TE | QIE | IRE | CFI
 
 # -- RTADDR (11.4.6) -------------------------------------------------------------
-RTADDR_TTM_MASK = 0x3 << 10  # 00 = legacy mode; others unsupported (reserved here)
 
 # -- CCMD (11.4.7) ---------------------------------------------------------------
 CCMD_ICC = 1 << 63
