@@ -15,6 +15,7 @@ closed connection).  It never escapes as an exception to the transport.
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Callable, ClassVar
 
@@ -65,6 +66,10 @@ class VirtioDevice:
         self.memory: GuestMemory | None = None
         self.needs_reset = False
         self.on_needs_reset: Callable[["VirtioDevice", Exception], None] | None = None
+        # Per-queue counters (frames/requests, bytes, drops, kicks, calls), counted per batch;
+        # ``counting`` off skips the data-path counters (the benchmark measures their cost with it).
+        self.queue_stats: list[collections.Counter[str]] = [collections.Counter() for _ in range(num_queues)]
+        self.counting = True
 
     # -- features and config (3.1, 4.x device configuration layout) -------------
     def device_features(self) -> int:

@@ -57,6 +57,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 BATCH = 64
+REQUEST_NAMES = {VIRTIO_BLK_T_GET_ID: "get_id", VIRTIO_BLK_T_DISCARD: "discard", VIRTIO_BLK_T_WRITE_ZEROES: "write_zeroes"}
+"""Counter names of the request types served outside the batch data path (others count as "unsupported")."""
 
 
 class RequestError(Exception):
@@ -194,21 +196,29 @@ class VirtioBlk(VirtioDevice):
             batch = queue.pop_batch(BATCH, reuse)
             if not len(batch):
                 break
-            for i in self._serve_batch(batch, queue):
+            for i in self._serve_batch(index, batch, queue):
                 batch.set_used_len(i, self._serve(memory, batch[i]))
             queue.push_batch(batch)
             self.signal(index)
 
-    def _serve_batch(self, batch: Any, queue: SplitQueue) -> list[int]:
+    def _serve_batch(self, index: int, batch: Any, queue: SplitQueue) -> list[int]:
         """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`."""
-        left, read, written, flushes, errors = datapath.serve_batch(
+        left, read, written, flushes, errors, reads, writes = datapath.serve_batch(
             batch, queue, self.fd, self.capacity, self.read_only
         )
-        self.stats["read_bytes"] += read
-        self.stats["write_bytes"] += written
-        self.stats["flush"] += flushes
+        if self.counting:  # per batch: device totals and the queue's own
+            stats, qstats = self.stats, self.queue_stats[index]
+            stats["read_bytes"] += read
+            stats["write_bytes"] += written
+            stats["read"] += reads
+            stats["write"] += writes
+            stats["flush"] += flushes
+            qstats["requests"] += len(batch)
+            qstats["bytes"] += read + written
+            if errors:
+                stats["errors"] += errors
+                qstats["errors"] += errors
         if errors:
-            self.stats["errors"] += errors
             self.log.warning(
                 "%s: %d requests failed with IOERR (beyond capacity %d sectors, not whole sectors, "
                 "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
@@ -230,6 +240,7 @@ class VirtioBlk(VirtioDevice):
             self.log.warning("%s: request chain %d has no header or no status byte; dropped", self.label, chain.head)
             return 0
         rtype = request.type
+        self.stats[REQUEST_NAMES.get(rtype, "unsupported")] += 1
         try:
             if rtype == VIRTIO_BLK_T_GET_ID:
                 ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
@@ -279,7 +290,6 @@ class VirtioBlk(VirtioDevice):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS) or rtype == VIRTIO_BLK_T_DISCARD:
                     raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
                 os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
-        self.stats["discard" if rtype == VIRTIO_BLK_T_DISCARD else "write_zeroes"] += 1
 
 
 def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> None:

@@ -55,6 +55,8 @@ from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
+TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
+"""Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
 MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
 MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
 
@@ -218,18 +220,46 @@ class VirtioNet(VirtioDevice):
             self.signal(index)
             bad = sum(frames.errors)
             if bad:
-                self.stats["tx_errors"] += bad
+                self._count_tx_errors(index, bad, frames.errors)
                 self.log.warning(
                     "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
                     self.label, bad, *frames.errors,
                 )
             # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
             if self.enabled[index] and self.switch is not None:
-                self.stats["tx_packets"] += len(frames)
-                self.stats["tx_bytes"] += frames.total_bytes()
+                if self.counting:
+                    self._count(index, "tx", len(frames), frames.total_bytes())
                 self.switch.forward_batch(self, frames)
             else:
-                self.stats["tx_dropped"] += len(frames)
+                self._count_drops(index, "tx", "ring_disabled", len(frames))
+
+    # -- counters (per batch: device totals and the queue's own) ------------------------
+    def _count(self, index: int, direction: str, frames: int, nbytes: int) -> None:
+        """``frames`` frames of ``nbytes`` bytes went through queue ``index`` (``direction`` "tx"/"rx")."""
+        stats, queue = self.stats, self.queue_stats[index]
+        stats[direction + "_packets"] += frames
+        stats[direction + "_bytes"] += nbytes
+        queue["frames"] += frames
+        queue["bytes"] += nbytes
+
+    def _count_drops(self, index: int | None, direction: str, reason: str, frames: int) -> None:
+        """``frames`` frames dropped for ``reason`` (a ``<direction>_dropped_<reason>`` counter)."""
+        if not self.counting:
+            return
+        self.stats[direction + "_dropped"] += frames
+        self.stats[f"{direction}_dropped_{reason}"] += frames
+        if index is not None:
+            self.queue_stats[index]["dropped"] += frames
+
+    def _count_tx_errors(self, index: int, bad: int, errors: Any) -> None:
+        """Malformed transmit chains, by reason (the order of ``datapath.Frames.errors``)."""
+        if not self.counting:
+            return
+        self.stats["tx_errors"] += bad
+        self.queue_stats[index]["errors"] += bad
+        for reason, count in zip(TX_ERROR_REASONS, errors):
+            if count:
+                self.stats["tx_error_" + reason] += count
 
     # -- switch port: receive -------------------------------------------------------------
     def deliver_batch(self, frames: Any, indexes: list[int]) -> int:
@@ -260,9 +290,10 @@ class VirtioNet(VirtioDevice):
             # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
             self.log.warning("%s: dropped %d received frames: receive buffers too small", self.label, dropped)
         if delivered or dropped:
-            self.stats["rx_packets"] += delivered
-            self.stats["rx_bytes"] += nbytes
-            self.stats["rx_dropped"] += dropped
+            if self.counting:
+                self._count(index, "rx", delivered, nbytes)
+                if dropped:
+                    self._count_drops(index, "rx", "small_buffer", dropped)
             self.signal(index)
         for i in indexes[stop:]:
             # Out of chains, or a frame that spans several mergeable buffers.
@@ -282,7 +313,7 @@ class VirtioNet(VirtioDevice):
 
     def _deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         if self.needs_reset or not self.link_up:
-            self.stats["rx_dropped"] += 1
+            self._count_drops(None, "rx", "link_down", 1)
             return False
         if self.backlog:
             self.backlog.append((frame, csum))
@@ -291,7 +322,7 @@ class VirtioNet(VirtioDevice):
         if self._receive(frame, csum):
             return True
         if len(self.backlog) == self.backlog.maxlen:
-            self.stats["rx_dropped"] += 1
+            self._count_drops(None, "rx", "no_buffers", 1)
         self.backlog.append((frame, csum))
         return True
 
@@ -325,7 +356,7 @@ class VirtioNet(VirtioDevice):
                 complete_checksum(buf, *csum)
             except ChecksumOffsetError as exc:
                 self.log.warning("%s: %s", self.label, exc)
-                self.stats["rx_dropped"] += 1
+                self._count_drops(index, "rx", "csum_offset", 1)
                 return True
             frame, csum = bytes(buf), None
         if csum:
@@ -338,14 +369,14 @@ class VirtioNet(VirtioDevice):
         if self.has_feature(VIRTIO_NET_F_MRG_RXBUF):
             done = self._receive_mergeable(queue, hdr, frame)
         else:
-            done = self._receive_single(queue, hdr, frame)
+            done = self._receive_single(index, queue, hdr, frame)
         if done:
-            self.stats["rx_packets"] += 1
-            self.stats["rx_bytes"] += len(frame)
+            if self.counting:
+                self._count(index, "rx", 1, len(frame))
             self.signal(index)
         return done
 
-    def _receive_single(self, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
+    def _receive_single(self, index: int, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
         chain = queue.pop()
         if chain is None:
             return False
@@ -359,7 +390,7 @@ class VirtioNet(VirtioDevice):
                 self.label, chain.writable_len, len(payload),
             )
             queue.push(chain.head, 0)
-            self.stats["rx_dropped"] += 1
+            self._count_drops(index, "rx", "small_buffer", 1)
             return True
         queue.push(chain.head, write_chain(queue.memory, chain, payload))
         return True
