@@ -51,3 +51,9 @@ def backend(tmp_path):
     b = ControlledBackend(tmp_path)
     yield b
     b.stop()
+
+
+@pytest.fixture
+def controlled_backend():
+    """The class, for a test that adds its own devices before the loop starts."""
+    return ControlledBackend

@@ -268,10 +268,8 @@ class LimitedPort(VirtioNet):
         self.limits.update(limits)
 
 
-def test_limit_calls_set_limits(tmp_path):
-    from conftest import ControlledBackend
-
-    b = ControlledBackend(tmp_path)
+def test_limit_calls_set_limits(tmp_path, controlled_backend):
+    b = controlled_backend(tmp_path)
     try:
         port = LimitedPort(bytes.fromhex("525400100009"), b.switch, label="qos0")
         b.server.add_socket(str(tmp_path / "qos.sock"), port)
