@@ -26,6 +26,11 @@ SET_FEATURES, SET_VRING_ADDR with VHOST_VRING_F_LOG) against the same
 shared); the figures are the on/off time ratios ``logging_slowdown_net_64B``
 and ``logging_slowdown_blk_4k``.
 
+Counters: the same 64-byte sink with the port's counters off and then on
+(``iovirt ctl PATH counting net0 off|on``), alternately three times against
+one ``iovirt serve --control``; ``counters_cost_net_64B`` is the on/off time
+ratio (off rate / on rate).
+
 Cores (2): back-ends on core 0, front-ends' pollers on core 1.  The last
 output line is one JSON object of the figures.
 
@@ -505,10 +510,38 @@ def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
     return figures
 
 
+def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    """The 64 B sink with the port's counters off and on (``iovirt ctl counting``), against one back-end."""
+    from iovirt.control.cli import request
+
+    sock, control = tmp / "iovirt-counters.sock", tmp / "iovirt-counters.ctl"
+    backend = _iovirt(["--net", str(sock), "--control", str(control)], tmp / "iovirt-counters.log")
+    _wait_socket(sock, backend)
+    _wait_socket(control, backend)
+    ctx = mp.get_context("spawn")
+    rates = [0.0, 0.0]  # off, on
+    try:
+        for _ in range(ROUNDS):
+            for counting in (False, True):
+                request(str(control), "counting", {"device": "net0", "enabled": counting})
+                out = ctx.Queue()
+                proc = ctx.Process(target=_net_tx_frontend, args=(str(sock), seconds, out, False))
+                proc.start()
+                rates[counting] = max(rates[counting], out.get(timeout=seconds + 60))
+                proc.join(10)
+    finally:
+        _stop(backend, signal.SIGTERM)
+    cost = rates[0] / rates[1]
+    print(f"counters (off/on time ratio): net 64 B sink {rates[0]:,.0f} -> {rates[1]:,.0f} frames/s ({cost:.3f}x)")
+    return {"net_64B_frames_per_s_counters_off": rates[0], "net_64B_frames_per_s_counters_on": rates[1],
+            "counters_cost_net_64B": round(cost, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
-    parser.add_argument("--only", choices=["net", "blk", "logging"], help="run only the net, blk or logging figures")
+    parser.add_argument("--only", choices=["net", "blk", "logging", "counters"],
+                        help="run only the net, blk, logging or counters figures")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
@@ -518,6 +551,8 @@ def main() -> None:
             figures.update(blk_figures(Path(tmp), args.seconds))
         if args.only in (None, "logging"):
             figures.update(logging_figures(Path(tmp), args.seconds))
+        if args.only in (None, "counters"):
+            figures.update(counters_figures(Path(tmp), args.seconds))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 

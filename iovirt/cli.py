@@ -10,6 +10,7 @@ from typing import Sequence
 from iovirt import __version__, _accel, service
 from iovirt.conformance import cli as conformance_cli
 from iovirt.crosscheck import cli as crosscheck_cli
+from iovirt.control import cli as control_cli
 from iovirt.inspect import cli as inspect_cli
 from iovirt.pci import cli as pci_cli
 from iovirt.vhost_user import cli as vhost_user_cli
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(log_format="text")  # the serving commands take --log-format
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vhost_user_cli.register(sub)
+    control_cli.register(sub)
     pci_cli.register(sub)
     conformance_cli.register(sub)
     inspect_cli.register(sub)

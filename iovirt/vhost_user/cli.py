@@ -26,6 +26,7 @@ import threading
 from typing import Any, Callable
 
 from iovirt import sandbox, service
+from iovirt.control.wiring import serve_control
 from iovirt.errors import IovirtError
 from iovirt.inspect.dump import DumpOnSignal
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
@@ -123,6 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on SIGUSR2 every connected device writes an ELF core of its guest memory and rings into DIR "
              "(see 'iovirt dump --help'); not with --isolate or --sandbox",
     )
+    serve.add_argument("--control", metavar="PATH", help="serve the control socket (JSON lines; 'iovirt ctl') on PATH")
+    serve.add_argument("--control-mode", metavar="MODE", type=_mode, default=0o600,
+                       help="permission bits of the control socket, in octal (default 0600)")
     sandbox.add_argument(serve)
     _log_format(serve)
     serve.set_defaults(func=run_serve, flag_defaults=_flag_defaults(serve))
@@ -395,6 +399,8 @@ def run_serve(args: argparse.Namespace) -> int:
                              label=f"blk{i}")
             _add_device(server, spec, disk, f"blk{i} ({spec.socket})", sealed, inherited)
         _attach_tap(server, args.tap, switch)
+        if args.control:
+            serve_control(server, switch, args)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt serve: {exc}", file=sys.stderr)

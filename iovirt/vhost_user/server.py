@@ -240,6 +240,27 @@ class VhostUserServer:
                 except OSError:
                     pass
 
+    def remove_socket(self, endpoint: Endpoint) -> None:
+        """Stop serving ``endpoint`` (control thread only): its front-end is disconnected, its socket removed.
+
+        The connection is closed as a front-end's disconnect is (its rings
+        stopped under the data-path lock, so removing a device in the middle
+        of I/O is safe); the device itself is the caller's to dispose of.
+        """
+        if endpoint.connection is not None:
+            self._close(endpoint.connection, "device removed")
+        if endpoint.listener is not None:
+            try:
+                self.selector.unregister(endpoint.listener)
+            except (KeyError, ValueError):
+                pass
+            endpoint.listener.close()
+            endpoint.listener = None
+            if endpoint.path and os.path.lexists(endpoint.path) and stat.S_ISSOCK(os.lstat(endpoint.path).st_mode):
+                os.unlink(endpoint.path)
+        self.endpoints = [e for e in self.endpoints if e is not endpoint]
+        log.info("%s: removed", endpoint.name)
+
     # -- loop ----------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Run the control loop (and the data plane) until :meth:`stop`.

@@ -217,7 +217,7 @@ class Vrings:
             self._enable(vring, True)
         kick = self._kicker(vring)
         if kick_fd is not None:
-            self.dataplane.add_eventfd(kick_fd, kick)
+            self.dataplane.add_eventfd(kick_fd, self._counted_kick(vring, kick))
         else:
             self.dataplane.add_poller(vring, kick)
         if running:
@@ -363,10 +363,27 @@ class Vrings:
 
         return kick
 
+    def _counted_kick(self, vring: Vring, kick: Callable[[], None]) -> Callable[[], None]:
+        """``kick``, counting each kick eventfd signal in the device's per-queue ``kicks``."""
+        device = self.device.device
+        counters = device.queue_stats[vring.index]
+
+        def counted() -> None:
+            if device.counting:
+                counters["kicks"] += 1
+            kick()
+
+        return counted
+
     def _notifier(self, vring: Vring) -> Callable[[], None]:
+        device = self.device.device
+        counters = device.queue_stats[vring.index]
+
         def notify() -> None:
             fd = vring.call_fd
             if fd is not None:
+                if device.counting:
+                    counters["calls"] += 1
                 self._signal(vring, fd, "call")
 
         return notify

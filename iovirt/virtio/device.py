@@ -15,6 +15,7 @@ closed connection).  It never escapes as an exception to the transport.
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Callable, ClassVar
 
@@ -68,6 +69,10 @@ class VirtioDevice:
         # The transport's timer, if it has one: run a callable after a delay (seconds) on the thread that
         # serves the queues (a device holding requests back serves them again when it may).
         self.call_later: Callable[[float, Callable[[], None]], None] | None = None
+        # Per-queue counters (frames/requests, bytes, drops, kicks, calls), counted per batch;
+        # ``counting`` off skips the data-path counters (the benchmark measures their cost with it).
+        self.queue_stats: list[collections.Counter[str]] = [collections.Counter() for _ in range(num_queues)]
+        self.counting = True
 
     # -- features and config (3.1, 4.x device configuration layout) -------------
     def device_features(self) -> int:

@@ -300,7 +300,7 @@ def test_blk_counters_move_to_a_device_on_the_same_disk(disks, logs):
         assert blk_request(a, VIRTIO_BLK_T_OUT, 8, out=data) == (b"", VIRTIO_BLK_S_OK)
         stop_rings(a)
         state = save(a.frontend)
-        assert decode(state, VIRTIO_ID_BLOCK)["stats"] == {"read_bytes": 0, "write_bytes": 4096, "flush": 0}
+        assert decode(state, VIRTIO_ID_BLOCK)["stats"] == {"read_bytes": 0, "write_bytes": 4096, "flush": 0, "read": 0, "write": 1}
         load(b.frontend, state)
         assert devices["b"].stats == devices["a"].stats
         b.start_queues([0], size=16)

@@ -34,10 +34,10 @@ def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read
 
     Sets each served chain's used length (every device-writable byte, as
     the reference does) and writes its status byte.  Returns ``(left, read_bytes,
-    written_bytes, flushes, errors)``: ``left`` lists the chains for the
+    written_bytes, flushes, errors, reads, writes)``: ``left`` lists the chains for the
     Python path; ``errors`` counts requests completed with IOERR (out of
     range, not whole sectors, a write to a read-only image, or the system
-    call failing).
+    call failing); ``reads`` and ``writes`` count the IN and OUT requests.
     """
     cdef Py_ssize_t i, k, first, last, nbufs
     cdef uint32_t rtype, writable_len
@@ -47,7 +47,7 @@ def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read
     cdef iovec *iov
     cdef int niov, status_value
     cdef Py_ssize_t got
-    cdef uint64_t read_bytes = 0, written_bytes = 0, flushes = 0, errors = 0
+    cdef uint64_t read_bytes = 0, written_bytes = 0, flushes = 0, errors = 0, reads = 0, writes = 0
     left = []
     iov = <iovec *> malloc(sizeof(iovec) * (q.size + 1))
     if iov == NULL:
@@ -92,6 +92,10 @@ def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read
                 nbytes -= 1
                 if iov[niov - 1].iov_len == 0:
                     niov -= 1
+            if rtype == T_IN:
+                reads += 1
+            elif rtype == T_OUT:
+                writes += 1
             status = b.hosts[last - 1] + b.lens[last - 1] - 1
             status_value = S_OK
             if rtype == T_FLUSH:
@@ -122,4 +126,4 @@ def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read
             b.used_lens[i] = writable_len
     finally:
         free(iov)
-    return left, read_bytes, written_bytes, flushes, errors
+    return left, read_bytes, written_bytes, flushes, errors, reads, writes

@@ -59,21 +59,21 @@ def parse_request(memory: GuestMemory, chain: DescChain) -> Request | None:
 
 def serve_batch(
     batch: Any, queue: Any, fd: int, capacity: int, read_only: bool, indexes: Sequence[int] | None = None
-) -> tuple[list[int], int, int, int, int]:
+) -> tuple[list[int], int, int, int, int, int, int]:
     """Serve the IN/OUT/FLUSH requests among chains ``indexes`` (all by default) of ``batch`` on image ``fd``.
 
     Sets each served chain's used length (every device-writable byte, as
     QEMU does, so the status byte is within it, 2.7.8.2) and writes its
-    status.  Returns ``(left, read_bytes, written_bytes, flushes, errors)``
+    status.  Returns ``(left, read_bytes, written_bytes, flushes, errors, reads, writes)``
     as the C twin does: ``left`` lists the chains for the device (other
     request types, or no room for a header or status byte); ``errors``
     counts requests completed with IOERR (out of range, not whole sectors, a
     write to a read-only image, guest buffers outside memory, or the system
-    call failing).
+    call failing); ``reads`` and ``writes`` count the IN and OUT requests.
     """
     memory = queue.memory
     left: list[int] = []
-    read = written = flushes = errors = 0
+    read = written = flushes = errors = reads = writes = 0
     for i in range(len(batch)) if indexes is None else indexes:
         chain = batch[i]
         request = parse_request(memory, chain)
@@ -91,6 +91,8 @@ def serve_batch(
             flushes += 1
         else:
             write = request.type == VIRTIO_BLK_T_OUT
+            writes += write
+            reads += not write
             nbytes = _transfer(memory, fd, capacity, read_only, request, write)
             if nbytes < 0:
                 status = VIRTIO_BLK_S_IOERR
@@ -102,7 +104,7 @@ def serve_batch(
             errors += 1
         memory.write(request.status_addr, bytes([status]))
         batch.set_used_len(i, chain.writable_len)
-    return left, read, written, flushes, errors
+    return left, read, written, flushes, errors, reads, writes
 
 
 def _transfer(memory: GuestMemory, fd: int, capacity: int, read_only: bool, request: Request, write: bool) -> int:

@@ -22,19 +22,22 @@ accel: Any = _accel.load("iovirt.virtio.blk._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
 
 
-def serve_batch(batch: Any, queue: Any, fd: int, capacity: int, read_only: bool) -> tuple[list[int], int, int, int, int]:
+def serve_batch(
+    batch: Any, queue: Any, fd: int, capacity: int, read_only: bool
+) -> tuple[list[int], int, int, int, int, int, int]:
     """Serve the IN/OUT/FLUSH requests of ``batch`` on image ``fd`` (``capacity`` in sectors).
 
-    Returns ``(left, read_bytes, written_bytes, flushes, errors)``: ``left``
-    lists the chains for the device (other request types, malformed chains).
+    Returns ``(left, read_bytes, written_bytes, flushes, errors, reads, writes)``:
+    ``left`` lists the chains for the device (other request types, malformed
+    chains); ``reads`` and ``writes`` count the IN and OUT requests served.
     The C twin leaves unusual layouts and buffers without a host pointer
     too; the reference serves those.
     """
     ring = ring_of(queue)  # serving pops and pushes nothing: the queue beneath any wrapper will do
     if accel is None or not is_accelerated(ring):
         return _datapath_py.serve_batch(batch, queue, fd, capacity, read_only)
-    left, read, written, flushes, errors = accel.serve_batch(batch, ring, fd, capacity, read_only)
-    if not left:
-        return left, read, written, flushes, errors
-    left, *more = _datapath_py.serve_batch(batch, queue, fd, capacity, read_only, left)
-    return left, read + more[0], written + more[1], flushes + more[2], errors + more[3]
+    left, *counts = accel.serve_batch(batch, ring, fd, capacity, read_only)
+    if left:
+        left, *more = _datapath_py.serve_batch(batch, queue, fd, capacity, read_only, left)
+        counts = [a + b for a, b in zip(counts, more)]
+    return (left, *counts)  # type: ignore[return-value]

@@ -60,6 +60,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 BATCH = 64
 LIMITS = ("iops", "bps")  # requests/s, bytes read and written/s (docs/qos.md)
+REQUEST_NAMES = {VIRTIO_BLK_T_GET_ID: "get_id", VIRTIO_BLK_T_DISCARD: "discard", VIRTIO_BLK_T_WRITE_ZEROES: "write_zeroes"}
+"""Counter names of the request types served outside the batch data path (others count as "unsupported")."""
 
 
 class RequestError(Exception):
@@ -267,7 +269,7 @@ class VirtioBlk(VirtioDevice):
             batch = queue.pop_batch(count, reuse)
             if not len(batch):
                 break
-            left, nbytes = self._serve_batch(batch, queue)
+            left, nbytes = self._serve_batch(index, batch, queue)
             for i in left:
                 batch.set_used_len(i, self._serve(memory, batch[i]))
             queue.push_batch(batch)
@@ -275,16 +277,24 @@ class VirtioBlk(VirtioDevice):
             if buckets is not None:
                 self._charge(buckets, len(batch), nbytes)
 
-    def _serve_batch(self, batch: Any, queue: SplitQueue) -> tuple[list[int], int]:
+    def _serve_batch(self, index: int, batch: Any, queue: SplitQueue) -> tuple[list[int], int]:
         """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`, and the bytes moved."""
-        left, read, written, flushes, errors = datapath.serve_batch(
+        left, read, written, flushes, errors, reads, writes = datapath.serve_batch(
             batch, queue, self.fd, self.capacity, self.read_only
         )
-        self.stats["read_bytes"] += read
-        self.stats["write_bytes"] += written
-        self.stats["flush"] += flushes
+        if self.counting:  # per batch: device totals and the queue's own
+            stats, qstats = self.stats, self.queue_stats[index]
+            stats["read_bytes"] += read
+            stats["write_bytes"] += written
+            stats["read"] += reads
+            stats["write"] += writes
+            stats["flush"] += flushes
+            qstats["requests"] += len(batch)
+            qstats["bytes"] += read + written
+            if errors:
+                stats["errors"] += errors
+                qstats["errors"] += errors
         if errors:
-            self.stats["errors"] += errors
             self.log.warning(
                 "%s: %d requests failed with IOERR (beyond capacity %d sectors, not whole sectors, "
                 "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
@@ -306,6 +316,7 @@ class VirtioBlk(VirtioDevice):
             self.log.warning("%s: request chain %d has no header or no status byte; dropped", self.label, chain.head)
             return 0
         rtype = request.type
+        self.stats[REQUEST_NAMES.get(rtype, "unsupported")] += 1
         try:
             if rtype == VIRTIO_BLK_T_GET_ID:
                 ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
@@ -355,7 +366,6 @@ class VirtioBlk(VirtioDevice):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS) or rtype == VIRTIO_BLK_T_DISCARD:
                     raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
                 os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
-        self.stats["discard" if rtype == VIRTIO_BLK_T_DISCARD else "write_zeroes"] += 1
 
 
 def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> None:

@@ -57,6 +57,8 @@ from iovirt.virtio.qos import Limits, TokenBucket
 
 TX_BATCH = 64
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
+TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
+"""Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
 MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
 MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
 LIMITS = ("pps", "bps")  # transmit limits: frames/s, bytes/s (docs/qos.md)
@@ -257,7 +259,7 @@ class VirtioNet(VirtioDevice):
             self.signal(index)
             bad = sum(frames.errors)
             if bad:
-                self.stats["tx_errors"] += bad
+                self._count_tx_errors(index, bad, frames.errors)
                 self.log.warning(
                     "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
                     self.label, bad, *frames.errors,
@@ -267,11 +269,44 @@ class VirtioNet(VirtioDevice):
                 buckets = self._tx_buckets
                 if buckets is not None:
                     self._police(buckets, frames)
-                self.stats["tx_packets"] += len(frames)
-                self.stats["tx_bytes"] += frames.total_bytes()
+                if self.counting:  # inline: once per batch on the hottest path
+                    n, nbytes = len(frames), frames.total_bytes()
+                    stats, qstats = self.stats, self.queue_stats[index]
+                    stats["tx_packets"] += n
+                    stats["tx_bytes"] += nbytes
+                    qstats["frames"] += n
+                    qstats["bytes"] += nbytes
                 self.switch.forward_batch(self, frames)
             else:
-                self.stats["tx_dropped"] += len(frames)
+                self._count_drops(index, "tx", "ring_disabled", len(frames))
+
+    # -- counters (per batch: device totals and the queue's own) ------------------------
+    def _count_rx(self, index: int, frames: int, nbytes: int) -> None:
+        """``frames`` frames of ``nbytes`` bytes were received on queue ``index``."""
+        stats, qstats = self.stats, self.queue_stats[index]
+        stats["rx_packets"] += frames
+        stats["rx_bytes"] += nbytes
+        qstats["frames"] += frames
+        qstats["bytes"] += nbytes
+
+    def _count_drops(self, index: int | None, direction: str, reason: str, frames: int) -> None:
+        """``frames`` frames dropped for ``reason`` (a ``<direction>_dropped_<reason>`` counter)."""
+        if not self.counting:
+            return
+        self.stats[direction + "_dropped"] += frames
+        self.stats[f"{direction}_dropped_{reason}"] += frames
+        if index is not None:
+            self.queue_stats[index]["dropped"] += frames
+
+    def _count_tx_errors(self, index: int, bad: int, errors: Any) -> None:
+        """Malformed transmit chains, by reason (the order of ``datapath.Frames.errors``)."""
+        if not self.counting:
+            return
+        self.stats["tx_errors"] += bad
+        self.queue_stats[index]["errors"] += bad
+        for reason, count in zip(TX_ERROR_REASONS, errors):
+            if count:
+                self.stats["tx_error_" + reason] += count
 
     # -- switch port: receive -------------------------------------------------------------
     def deliver_batch(self, frames: Any, indexes: list[int]) -> int:
@@ -302,9 +337,10 @@ class VirtioNet(VirtioDevice):
             # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
             self.log.warning("%s: dropped %d received frames: receive buffers too small", self.label, dropped)
         if delivered or dropped:
-            self.stats["rx_packets"] += delivered
-            self.stats["rx_bytes"] += nbytes
-            self.stats["rx_dropped"] += dropped
+            if self.counting:
+                self._count_rx(index, delivered, nbytes)
+                if dropped:
+                    self._count_drops(index, "rx", "small_buffer", dropped)
             self.signal(index)
         for i in indexes[stop:]:
             # Out of chains, or a frame that spans several mergeable buffers.
@@ -324,7 +360,7 @@ class VirtioNet(VirtioDevice):
 
     def _deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         if self.needs_reset or not self.link_up:
-            self.stats["rx_dropped"] += 1
+            self._count_drops(None, "rx", "link_down", 1)
             return False
         if self.backlog:
             self.backlog.append((frame, csum))
@@ -333,7 +369,7 @@ class VirtioNet(VirtioDevice):
         if self._receive(frame, csum):
             return True
         if len(self.backlog) == self.backlog.maxlen:
-            self.stats["rx_dropped"] += 1
+            self._count_drops(None, "rx", "no_buffers", 1)
         self.backlog.append((frame, csum))
         return True
 
@@ -367,7 +403,7 @@ class VirtioNet(VirtioDevice):
                 complete_checksum(buf, *csum)
             except ChecksumOffsetError as exc:
                 self.log.warning("%s: %s", self.label, exc)
-                self.stats["rx_dropped"] += 1
+                self._count_drops(index, "rx", "csum_offset", 1)
                 return True
             frame, csum = bytes(buf), None
         if csum:
@@ -380,14 +416,14 @@ class VirtioNet(VirtioDevice):
         if self.has_feature(VIRTIO_NET_F_MRG_RXBUF):
             done = self._receive_mergeable(queue, hdr, frame)
         else:
-            done = self._receive_single(queue, hdr, frame)
+            done = self._receive_single(index, queue, hdr, frame)
         if done:
-            self.stats["rx_packets"] += 1
-            self.stats["rx_bytes"] += len(frame)
+            if self.counting:
+                self._count_rx(index, 1, len(frame))
             self.signal(index)
         return done
 
-    def _receive_single(self, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
+    def _receive_single(self, index: int, queue: SplitQueue, hdr: NetHdr, frame: bytes) -> bool:
         chain = queue.pop()
         if chain is None:
             return False
@@ -401,7 +437,7 @@ class VirtioNet(VirtioDevice):
                 self.label, chain.writable_len, len(payload),
             )
             queue.push(chain.head, 0)
-            self.stats["rx_dropped"] += 1
+            self._count_drops(index, "rx", "small_buffer", 1)
             return True
         queue.push(chain.head, write_chain(queue.memory, chain, payload))
         return True
