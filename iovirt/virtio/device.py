@@ -65,6 +65,10 @@ class VirtioDevice:
         self.memory: GuestMemory | None = None
         self.needs_reset = False
         self.on_needs_reset: Callable[["VirtioDevice", Exception], None] | None = None
+        self.wake_fd: int | None = None
+        """An eventfd the device signals when it has work no driver notification brings (events injected
+        from another thread, a source that may have data again): the transport then kicks every running
+        queue from its own thread.  ``None``: the device only works on kicks."""
 
     # -- features and config (3.1, 4.x device configuration layout) -------------
     def device_features(self) -> int:
