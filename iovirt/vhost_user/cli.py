@@ -568,8 +568,11 @@ def run_input(args: argparse.Namespace) -> int:
             fifos.append(CommandFifo(args.inject_fifo, device))
         return device
 
-    return _run_program(args, "vhost-user-input", where, make, "input", on_server=lambda server: [
-        server.dataplane.add_fd(fifo.fd, fifo.on_readable) for fifo in fifos])
+    def watch_fifos(server: VhostUserServer) -> None:
+        for fifo in fifos:
+            server.dataplane.add_fd(fifo.fd, fifo.on_readable)
+
+    return _run_program(args, "vhost-user-input", where, make, "input", on_server=watch_fifos)
 
 
 def _capabilities(kind: str) -> int:

@@ -157,7 +157,8 @@ class VirtioInput(VirtioDevice):
         self.dropped = 0
         self.delivered = 0
         self.bad_input: collections.Counter[str] = collections.Counter()
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_fd = self._wake_fd
         self._pending: collections.deque[Event] = collections.deque()
         self._lock = threading.Lock()
 
@@ -218,7 +219,7 @@ class VirtioInput(VirtioDevice):
                                      self.label, len(self._pending))
                 return False
             self._pending.extend(update)
-        os.eventfd_write(self.wake_fd, 1)
+        os.eventfd_write(self._wake_fd, 1)
         return True
 
     def key(self, code: int, value: int) -> bool:

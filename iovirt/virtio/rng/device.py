@@ -121,7 +121,8 @@ class VirtioRng(VirtioDevice):
         super().__init__(num_queues=1, queue_max_size=queue_max_size, label=label)
         self.source = EntropySource(source)
         self.bucket = TokenBucket(rate, max(1.0, rate * BURST_S)) if rate else None
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_fd = self._wake_fd
         self._timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
         self.served_bytes = 0
@@ -195,7 +196,7 @@ class VirtioRng(VirtioDevice):
     def _wake(self) -> None:
         with self._timer_lock:
             self._timer = None
-        os.eventfd_write(self.wake_fd, 1)
+        os.eventfd_write(self._wake_fd, 1)
 
     def _reset(self) -> None:
         with self._timer_lock:
