@@ -128,6 +128,8 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 BACKENDS = {
     "net": ("vhost-user-net", "iovirt virtio-net vhost-user back-end (learning switch port)", []),
     "block": ("vhost-user-blk", "iovirt virtio-blk vhost-user back-end (raw image)", ["read-only", "blk-file"]),
+    "rng": ("vhost-user-rng", "iovirt virtio-rng vhost-user back-end (os.urandom, a file or a FIFO)", []),
+    "input": ("vhost-user-input", "iovirt virtio-input vhost-user back-end (keyboard, mouse or tablet)", []),
 }
 """Per ``VHostUserBackendType``: the iovirt program, the description, the ``features`` it reports."""
 

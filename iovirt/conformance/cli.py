@@ -34,7 +34,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     what.add_argument("--socket", metavar="PATH", help="the back-end's listening UNIX socket (needs --device)")
     what.add_argument(
         "--in-process",
-        choices=DEVICES,
+        choices=("net", "blk"),
         metavar="net|blk",
         help="iovirt's device of this type behind the in-process virtio-pci platform (virtio 1.2 2.x and 4.1 checks)",
     )
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         target = PlatformTarget(args.in_process, args.timeout)
     elif args.device is None:
-        print("iovirt conform: --socket needs --device net|blk", file=sys.stderr)
+        print(f"iovirt conform: --socket needs --device {'|'.join(DEVICES)}", file=sys.stderr)
         return 2
     else:
         target = Target(args.socket, args.device, args.timeout, args.peer_socket)

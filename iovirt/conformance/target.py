@@ -12,8 +12,9 @@ from iovirt.conformance.registry import NotApplicable
 from iovirt.vhost_user.errors import BackendClosedError
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
 
-DEVICES = ("net", "blk")
-CONFIG_PROBE_SIZE = {"net": 12, "blk": 36}  # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4)
+DEVICES = ("net", "blk", "rng", "input")
+# net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4); rng: none (5.4.4); input: virtio_input_config (5.8.4)
+CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "rng": 0, "input": 136}
 RECONNECT_S = 1.0  # a back-end may still be tearing down the previous check's connection
 
 
@@ -155,7 +156,7 @@ def probe(target: Target) -> Capabilities:
         caps.features = neg.offered
         caps.protocol_features = neg.protocol_features
         fe = link.frontend
-        if caps.has_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG):
+        if caps.has_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG) and CONFIG_PROBE_SIZE[target.device]:
             try:
                 caps.config = fe.get_config(0, CONFIG_PROBE_SIZE[target.device])
             except Exception:  # reported by the config checks, not here

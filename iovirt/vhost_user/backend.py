@@ -93,6 +93,8 @@ class BackendSession:
         self.state_migration = StateMigration(self.label, device, self.vrings, dataplane)
         device.device.on_needs_reset = self._device_failed
         device.device.call_later = dataplane.call_later
+        if device.wake_fd is not None:
+            dataplane.add_eventfd(device.wake_fd, self.vrings.wake)
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
             rq.GetFeatures: lambda req: U64(self.offered_features),
             rq.SetFeatures: self._set_features,
@@ -165,6 +167,8 @@ class BackendSession:
             stats = self.vrings.iotlb.stats
             log.info("%s: IOTLB: %s", self.label, ", ".join(f"{v} {k}" for k, v in stats.items()))
         self.dataplane.remove_before_handler(self.vrings)
+        if self.device.wake_fd is not None:
+            self.dataplane.remove(self.device.wake_fd)
         with self.dataplane.lock:
             self.vrings.close()
             self.device.reset()

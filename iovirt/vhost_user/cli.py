@@ -1,7 +1,8 @@
-"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``.
+"""Command-line front of the vhost-user back-end: ``serve`` and the ``vhost-user-*`` programs.
 
 ``serve`` runs any number of devices in one process, every net port joined by
-one learning switch.  ``vhost-user-net`` and ``vhost-user-blk`` follow the
+one learning switch.  ``vhost-user-net``, ``vhost-user-blk``, ``vhost-user-rng``
+and ``vhost-user-input`` follow the
 "Backend program conventions" of QEMU's vhost-user.rst (``--socket-path`` or
 ``--fd``, ``--print-capabilities``, foreground, clean exit on SIGTERM) so a
 libvirt-style launcher can run iovirt.
@@ -34,11 +35,24 @@ from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
-from iovirt.vhost_user.specs import DeviceSpec, SpecError, apply_limits, load_config, parse_blk, parse_net
+from iovirt.vhost_user.specs import (
+    INPUT_KINDS,
+    DeviceSpec,
+    SpecError,
+    apply_limits,
+    load_config,
+    parse_blk,
+    parse_input,
+    parse_net,
+    parse_rng,
+)
 from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.input.commands import CommandFifo
+from iovirt.virtio.input.device import VirtioInput
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
+from iovirt.virtio.rng.device import VirtioRng
 
 log = logging.getLogger("iovirt")
 
@@ -106,6 +120,19 @@ def register(sub: argparse._SubParsersAction) -> None:
              "client: as for --net; iops and bps: rate limits (requests/s, bytes/s)",
     )
     serve.add_argument(
+        "--rng", metavar="[client:]SOCKET[,source=PATH][,rate=BYTES]", type=_spec_type(parse_rng), action="append",
+        default=[],
+        help="a virtio-rng (entropy) device on SOCKET (QEMU -device vhost-user-rng-pci; repeatable): bytes from "
+             "os.urandom, or from the file or FIFO PATH (a file that ends makes the device need a reset), at most "
+             "BYTES bytes/s",
+    )
+    serve.add_argument(
+        "--input", metavar="[client:]SOCKET,kind=keyboard|mouse|tablet", type=_spec_type(parse_input),
+        action="append", default=[],
+        help="a virtio-input device of that kind on SOCKET (QEMU -device vhost-user-input-pci; repeatable); "
+             "events are injected from Python or with 'iovirt vhost-user-input --inject-fifo'",
+    )
+    serve.add_argument(
         "--config", metavar="FILE",
         help="read every device and option from a TOML file instead of the flags (docs/service.md); "
              "not combined with other serve options",
@@ -155,6 +182,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
     blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     blk.set_defaults(func=run_blk)
+
+    rng = sub.add_parser(
+        "vhost-user-rng",
+        help="one virtio-rng back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-rng (entropy) vhost-user back-end, for libvirt-style launchers.",
+    )
+    _conventions(rng)
+    rng.add_argument("--source", metavar="PATH",
+                     help="read entropy from this file or FIFO instead of os.urandom (a FIFO is read without "
+                          "blocking; a file that ends makes the device need a reset)")
+    rng.add_argument("--rate", metavar="BYTES", type=_positive, help="serve at most BYTES bytes per second")
+    rng.set_defaults(func=run_rng)
+
+    inp = sub.add_parser(
+        "vhost-user-input",
+        help="one virtio-input back-end (vhost-user.rst back-end program conventions)",
+        description=(
+            "A single virtio-input vhost-user back-end (keyboard, mouse or tablet), for libvirt-style launchers. "
+            "With --inject-fifo PATH, every line written to the FIFO PATH is an input command:\n"
+            "  press KEY       press and release KEY (a, enter, leftshift, f1, ... or a key code)\n"
+            "  key CODE VALUE  one EV_KEY event: VALUE 1 down, 0 up, 2 repeat\n"
+            "  move DX DY      a relative move (mouse)\n"
+            "  touch X Y       touch the tablet at X, Y (0..32767) and lift\n"
+            "e.g. echo 'press a' > PATH. Bad lines are logged and skipped."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _conventions(inp)
+    inp.add_argument("--kind", choices=INPUT_KINDS, default="keyboard", help="the device profile (default keyboard)")
+    inp.add_argument("--inject-fifo", metavar="PATH",
+                     help="read input commands from this FIFO (created if missing; see above)")
+    inp.set_defaults(func=run_input)
 
 
 def _positive(text: str) -> int:
@@ -370,8 +429,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"iovirt serve: --config {exc}", file=sys.stderr)
             return 2
-    if not args.net and not args.blk:
-        print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
+    if not args.net and not args.blk and not args.rng and not args.input:
+        print("iovirt serve: give at least one --net, --blk, --rng or --input device", file=sys.stderr)
         return 2
     if args.dump_dir and (args.isolate or args.sandbox):
         # Workers are other processes; the sandbox forbids opening files after start-up.
@@ -381,6 +440,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
         return 2
     if args.isolate:
+        if args.rng or args.input:
+            print("iovirt serve: --isolate serves net and blk devices only", file=sys.stderr)
+            return 2
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
             print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
             return 2
@@ -398,6 +460,11 @@ def run_serve(args: argparse.Namespace) -> int:
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")
             _add_device(server, spec, disk, f"blk{i} ({spec.socket})", sealed, inherited)
+        for i, spec in enumerate(args.rng):
+            _add_device(server, spec, _rng(spec, f"rng{i}"), f"rng{i} ({spec.socket})", sealed, inherited)
+        for i, spec in enumerate(args.input):
+            dev = VirtioInput(spec.options["kind"], label=f"input{i}")
+            _add_device(server, spec, dev, f"input{i} ({spec.socket})", sealed, inherited)
         _attach_tap(server, args.tap, switch)
         if args.control:
             serve_control(server, switch, args)
@@ -427,13 +494,14 @@ def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: A
 
 
 def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int | str, make: Callable[[], Any],
-                 spec_kind: str, config: bool = False, switch: LearningSwitch | None = None) -> int:
+                 spec_kind: str, config: bool = False, switch: LearningSwitch | None = None,
+                 on_server: Callable[[VhostUserServer], object] | None = None) -> int:
     if isinstance(where, str):
         print(where, file=sys.stderr)
         return 2
     server = _new_server(args)
     sealed = args.require_sealed_memory
-    label = "net0" if spec_kind == "net" else "blk0"
+    label = f"{spec_kind}0"
     try:
         device = make()
         if isinstance(where, int):
@@ -443,6 +511,8 @@ def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int
             _add_device(server, where, device, f"{label} ({where.socket})", sealed, [])
         if switch is not None:
             _attach_tap(server, args.tap, switch)
+        if on_server is not None:
+            on_server(server)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt {program}: {exc}", file=sys.stderr)
@@ -473,6 +543,42 @@ def run_blk(args: argparse.Namespace) -> int:
     return _run_program(args, "vhost-user-blk", where,
                         lambda: VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
                                           label="blk0"), "blk")
+
+
+def _rng(spec: DeviceSpec, label: str) -> VirtioRng:
+    return VirtioRng(spec.options.get("source"), spec.options.get("rate"), label=label)
+
+
+def run_rng(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-rng``."""
+    if args.print_capabilities:
+        return _capabilities("rng")
+    options = {k: v for k, v in (("source", args.source), ("rate", args.rate)) if v is not None}
+    where = _program_spec(args, "rng", "vhost-user-rng", options=options)
+    return _run_program(args, "vhost-user-rng", where, lambda: _rng(DeviceSpec("rng", "", options=options), "rng0"),
+                        "rng")
+
+
+def run_input(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-input``."""
+    if args.print_capabilities:
+        return _capabilities("input")
+    where = _program_spec(args, "input", "vhost-user-input", options={"kind": args.kind})
+    fifos: list[CommandFifo] = []
+
+    def make() -> VirtioInput:
+        device = VirtioInput(args.kind, label="input0")
+        if args.inject_fifo:
+            if not os.path.exists(args.inject_fifo):
+                os.mkfifo(args.inject_fifo, 0o600)
+            fifos.append(CommandFifo(args.inject_fifo, device))
+        return device
+
+    def watch_fifos(server: VhostUserServer) -> None:
+        for fifo in fifos:
+            server.dataplane.add_fd(fifo.fd, fifo.on_readable)
+
+    return _run_program(args, "vhost-user-input", where, make, "input", on_server=watch_fifos)
 
 
 def _capabilities(kind: str) -> int:

@@ -114,6 +114,11 @@ class VhostUserDevice:
         """The front-end (or the guest through it) notified ring ``index``."""
         self.device.kick(index)
 
+    @property
+    def wake_fd(self) -> int | None:
+        """The device's wake-up eventfd (:attr:`VirtioDevice.wake_fd`); the session kicks its rings on it."""
+        return self.device.wake_fd
+
     # -- features and config ------------------------------------------------------
     def features(self) -> int:
         """The virtio features offered (GET_FEATURES, before the vhost-user bits)."""

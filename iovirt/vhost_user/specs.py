@@ -5,11 +5,14 @@ way it is written:
 
 * ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``
 * ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
+* ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``
+* ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
-  ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` tables are the
-  devices, with the keys of the flags (``socket``, ``client``, ``image``,
-  ``ro``, ``size``, ``queues``, ``config``, and the rate limits).
+  ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
+  ``[[input]]`` tables are the devices, with the keys of the flags
+  (``socket``, ``client``, ``image``, ``ro``, ``size``, ``queues``,
+  ``config``, ``source``, ``kind``, and the rate limits).
 
 ``client:`` (or ``client = true``) makes iovirt connect to a VMM listening on
 SOCKET instead of listening itself (:meth:`~iovirt.vhost_user.server.VhostUserServer.add_client`).
@@ -31,8 +34,10 @@ from iovirt.errors import IovirtError
 CLIENT_PREFIX = "client:"
 """``--net client:PATH``: connect to a VMM listening on PATH."""
 
-LIMIT_KEYS = {"net": ("pps", "bps"), "blk": ("iops", "bps")}
-"""The rate-limit keys each device kind takes: frames/s and bytes/s for net, requests/s and bytes/s for blk."""
+LIMIT_KEYS = {"net": ("pps", "bps"), "blk": ("iops", "bps"), "rng": (), "input": ()}
+"""The rate-limit keys each device kind takes: frames/s and bytes/s for net, requests/s and bytes/s for blk.
+
+The rng's ``rate`` (bytes/s) is the entropy device's own option, not one of these."""
 
 MAX_BLK_QUEUES = 256
 MAX_QUEUE_PAIRS = 128
@@ -125,6 +130,12 @@ def parse_rate(value: str | int | float) -> float:
     return rate
 
 
+def _toml_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"want a non-empty string, got {value!r}")
+    return value
+
+
 def _count(low: int, high: int) -> Callable[[str | int], int]:
     def parse(value: str | int) -> int:
         if isinstance(value, bool) or isinstance(value, float):
@@ -147,7 +158,22 @@ BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 """``key=value`` options of ``--blk``."""
 
-_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS}
+INPUT_KINDS = ("keyboard", "mouse", "tablet")
+
+
+def _input_kind(value: str) -> str:
+    if value not in INPUT_KINDS:
+        raise ValueError(f"want one of {', '.join(INPUT_KINDS)}, got {value!r}")
+    return value
+
+
+RNG_OPTIONS: dict[str, Callable[[Any], Any]] = {"source": _toml_str, "rate": parse_rate}
+"""``key=value`` options of ``--rng``: the entropy file or FIFO, and the bytes/s limit."""
+
+INPUT_OPTIONS: dict[str, Callable[[Any], Any]] = {"kind": _input_kind}
+"""``key=value`` options of ``--input``."""
+
+_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS, "rng": RNG_OPTIONS, "input": INPUT_OPTIONS}
 _ALIASES = {"num-queues": "queues"}
 
 
@@ -198,6 +224,34 @@ def parse_blk(text: str) -> DeviceSpec:
     return DeviceSpec("blk", socket, client, parts[1], read_only, options)
 
 
+def parse_rng(text: str) -> DeviceSpec:
+    """Parse ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``."""
+    where = f"--rng {text!r}"
+    socket, *opts = text.split(",")
+    socket, client = _split_client(socket)
+    if not socket:
+        raise SpecError(f"{where}: want [client:]SOCKET[,source=PATH][,rate=BYTES]")
+    options = dict(_option("rng", *_key_value(opt), where) for opt in opts)
+    return DeviceSpec("rng", socket, client, options=options)
+
+
+def parse_input(text: str) -> DeviceSpec:
+    """Parse ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``."""
+    where = f"--input {text!r}"
+    socket, *opts = text.split(",")
+    socket, client = _split_client(socket)
+    if not socket:
+        raise SpecError(f"{where}: want [client:]SOCKET,kind=keyboard|mouse|tablet")
+    options = dict(_option("input", *_key_value(opt), where) for opt in opts)
+    return _with_kind(DeviceSpec("input", socket, client, options=options), where)
+
+
+def _with_kind(spec: DeviceSpec, where: str) -> DeviceSpec:
+    if "kind" not in spec.options:
+        raise SpecError(f"{where}: kind= is required (one of {', '.join(INPUT_KINDS)})")
+    return spec
+
+
 def _key_value(opt: str) -> tuple[str, str]:
     key, _, value = opt.partition("=")
     return key.strip(), value
@@ -213,12 +267,6 @@ def _toml_bool(value: Any) -> bool:
 def _toml_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"want a whole number, got {value!r}")
-    return value
-
-
-def _toml_str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"want a non-empty string, got {value!r}")
     return value
 
 
@@ -269,11 +317,14 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 
-_DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro")}
+_DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro"),
+                "rng": ("socket", "client"), "input": ("socket", "client")}
+DEVICE_KINDS = tuple(_DEVICE_KEYS)
+"""The device tables of a configuration file, and the argparse dests of their flags."""
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read a serve configuration file: the argparse dests it sets (``net`` and ``blk`` as DeviceSpec lists).
+    """Read a serve configuration file: the argparse dests it sets (each device kind as a DeviceSpec list).
 
     Raises :class:`SpecError` naming the line (syntax) or the key (unknown
     key, wrong type, missing socket or image).
@@ -285,9 +336,9 @@ def load_config(path: str) -> dict[str, Any]:
         raise SpecError(f"{path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
-    settings: dict[str, Any] = {"net": [], "blk": []}
+    settings: dict[str, Any] = {kind: [] for kind in DEVICE_KINDS}
     for key, value in doc.items():
-        if key in ("net", "blk"):
+        if key in DEVICE_KINDS:
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise SpecError(f"{path}: {key}: want [[{key}]] tables, got {value!r}")
             settings[key] = [_device(key, table, f"{path}: [[{key}]] #{i + 1}") for i, table in enumerate(value)]
@@ -298,7 +349,7 @@ def load_config(path: str) -> dict[str, Any]:
             except ValueError as exc:
                 raise SpecError(f"{path}: {key}: {exc}") from None
         else:
-            known = ", ".join(sorted([*SERVE_KEYS, "net", "blk"]))
+            known = ", ".join(sorted([*SERVE_KEYS, *DEVICE_KINDS]))
             raise SpecError(f"{path}: unknown key {key!r} (known: {known})")
     return settings
 
@@ -334,4 +385,5 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
             image = _toml_str(fixed["image"])
         except ValueError as exc:
             raise SpecError(f"{where}: image: {exc}") from None
-    return DeviceSpec(kind, socket, client, image, read_only, options)
+    spec = DeviceSpec(kind, socket, client, image, read_only, options)
+    return _with_kind(spec, where) if kind == "input" else spec

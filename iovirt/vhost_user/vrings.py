@@ -354,6 +354,12 @@ class Vrings:
             self.device.kick(vring.index)
 
     # -- notifications ------------------------------------------------------------------
+    def wake(self) -> None:
+        """The device signalled its wake-up eventfd: run it on every started ring, as a kick would."""
+        for vring in self.rings:
+            if vring.started:
+                self._kicker(vring)()
+
     def _kicker(self, vring: Vring) -> Callable[[], None]:
         def kick() -> None:
             if vring.awaiting_translation or vring.awaiting_log:

@@ -73,6 +73,10 @@ class VirtioDevice:
         # ``counting`` off skips the data-path counters (the benchmark measures their cost with it).
         self.queue_stats: list[collections.Counter[str]] = [collections.Counter() for _ in range(num_queues)]
         self.counting = True
+        self.wake_fd: int | None = None
+        """An eventfd the device signals when it has work no driver notification brings (events injected
+        from another thread, a source that may have data again): the transport then kicks every running
+        queue from its own thread.  ``None``: the device only works on kicks."""
 
     # -- features and config (3.1, 4.x device configuration layout) -------------
     def device_features(self) -> int:

@@ -1,0 +1,20 @@
+"""virtio-input over vhost-user (QEMU ``vhost-user-input-pci``).
+
+QEMU's vhost-user-input reads the whole ``virtio_input_config`` with
+GET_CONFIG and writes ``select``/``subsel`` with SET_CONFIG (the whole
+structure at offset 0), so VHOST_USER_PROTOCOL_F_CONFIG must be offered:
+it is among the common protocol features, and this adapter changes nothing
+else.  Events injected from other threads reach the rings through the
+device's wake-up eventfd, which the session watches.
+"""
+
+from __future__ import annotations
+
+from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.virtio.input.device import VirtioInput
+
+
+class InputAdapter(VhostUserDevice):
+    """A :class:`~iovirt.virtio.input.device.VirtioInput` served over vhost-user."""
+
+    device: VirtioInput
