@@ -59,9 +59,14 @@ class VsockDriver:
 
     def send(self, hdr: Header | bytes, payload: bytes = b"", *, split: bool = True) -> None:
         """Put one packet on the transmit queue (header and payload in two buffers unless not ``split``)."""
-        self.tx.get_used()  # free what the device has consumed
         raw = hdr.pack() if isinstance(hdr, Header) else hdr
         out = [raw, payload] if split and payload else [raw + payload]
+        deadline = time.monotonic() + 5.0
+        while True:
+            self.tx.get_used()  # free what the device has consumed
+            if self.tx.num_free >= len(out) or time.monotonic() > deadline:
+                break  # (past the deadline add_data says the ring is full)
+            self.drv.frontend.wait_call(TX_QUEUE, timeout=0.05)
         self.tx.add_data(out, [])
         self.drv.kick(TX_QUEUE)
 
