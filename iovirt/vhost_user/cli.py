@@ -1,4 +1,4 @@
-"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``.
+"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``, ``vhost-user-vsock``.
 
 ``serve`` runs any number of devices in one process, every net port joined by
 one learning switch.  ``vhost-user-net`` and ``vhost-user-blk`` follow the
@@ -33,11 +33,13 @@ from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
-from iovirt.vhost_user.specs import DeviceSpec, SpecError, apply_limits, load_config, parse_blk, parse_net
+from iovirt.vhost_user.specs import DeviceSpec, SpecError, apply_limits, load_config, parse_blk, parse_net, parse_vsock
+from iovirt.vhost_user.devices.vsock import attach as attach_vsock
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
+from iovirt.virtio.vsock.device import VirtioVsock
 
 log = logging.getLogger("iovirt")
 
@@ -105,6 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
              "client: as for --net; iops and bps: rate limits (requests/s, bytes/s)",
     )
     serve.add_argument(
+        "--vsock", metavar="[client:]SOCKET,cid=N,uds=PATH", type=_spec_type(parse_vsock), action="append",
+        default=[],
+        help="a virtio-vsock device on SOCKET (repeatable; QEMU -device vhost-user-vsock-pci,chardev=c0) for the "
+             "guest with CID N. Hybrid vsock: a guest connect to CID 2 port P reaches the UNIX socket PATH_P; a "
+             "host program connects to PATH and writes 'CONNECT P\\n' to reach the guest's port P",
+    )
+    serve.add_argument(
         "--config", metavar="FILE",
         help="read every device and option from a TOML file instead of the flags (docs/service.md); "
              "not combined with other serve options",
@@ -151,6 +160,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
     blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     blk.set_defaults(func=run_blk)
+
+    vsock = sub.add_parser(
+        "vhost-user-vsock",
+        help="one virtio-vsock back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-vsock vhost-user back-end (hybrid vsock to host UNIX sockets), with "
+                    "vhost-device-vsock's option names.",
+    )
+    _conventions(vsock)
+    vsock.add_argument("--guest-cid", type=int, default=3, help="the guest's context ID (default 3)")
+    vsock.add_argument("--uds-path", metavar="PATH",
+                       help="host side: guest connects to port P reach PATH_P; host programs connect to PATH")
+    vsock.set_defaults(func=run_vsock)
 
 
 def _positive(text: str) -> int:
@@ -366,8 +387,9 @@ def run_serve(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"iovirt serve: --config {exc}", file=sys.stderr)
             return 2
-    if not args.net and not args.blk:
-        print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
+    if not args.net and not args.blk and not args.vsock:
+        print("iovirt serve: give at least one --net SOCKET, --blk SOCKET,IMAGE or --vsock SOCKET,cid=N,uds=PATH",
+              file=sys.stderr)
         return 2
     if args.dump_dir and (args.isolate or args.sandbox):
         # Workers are other processes; the sandbox forbids opening files after start-up.
@@ -377,6 +399,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
         return 2
     if args.isolate:
+        if args.vsock:
+            print("iovirt serve: --isolate does not take --vsock yet", file=sys.stderr)
+            return 2
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
             print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
             return 2
@@ -394,6 +419,7 @@ def run_serve(args: argparse.Namespace) -> int:
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")
             _add_device(server, spec, disk, f"blk{i} ({spec.socket})", sealed, inherited)
+        detach = [_add_vsock(server, spec, f"vsock{i}", sealed, inherited) for i, spec in enumerate(args.vsock)]
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -401,7 +427,19 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         _close_unused(inherited)
-    return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
+    try:
+        return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
+    finally:
+        for close in detach:
+            close()
+
+
+def _add_vsock(server: VhostUserServer, spec: DeviceSpec, label: str, sealed: bool,
+               inherited: list[service.ListenFd]) -> Callable[[], None]:
+    """A vsock device whose host sockets the data plane serves; returns what closes them."""
+    device = VirtioVsock(spec.options["cid"], spec.options["uds"], label=label)
+    _add_device(server, spec, device, f"{label} ({spec.socket})", sealed, inherited)
+    return attach_vsock(server.dataplane, device)
 
 
 def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: Any) -> DeviceSpec | int | str:
@@ -421,13 +459,14 @@ def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: A
 
 
 def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int | str, make: Callable[[], Any],
-                 spec_kind: str, config: bool = False, switch: LearningSwitch | None = None) -> int:
+                 spec_kind: str, config: bool = False, switch: LearningSwitch | None = None,
+                 after: Callable[[VhostUserServer], Callable[[], None]] | None = None) -> int:
     if isinstance(where, str):
         print(where, file=sys.stderr)
         return 2
     server = _new_server(args)
     sealed = args.require_sealed_memory
-    label = "net0" if spec_kind == "net" else "blk0"
+    label = f"{spec_kind}0"
     try:
         device = make()
         if isinstance(where, int):
@@ -437,11 +476,16 @@ def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int
             _add_device(server, where, device, f"{label} ({where.socket})", sealed, [])
         if switch is not None:
             _attach_tap(server, args.tap, switch)
+        close = after(server) if after is not None else None
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt {program}: {exc}", file=sys.stderr)
         return 1
-    return _serve(server, args.sandbox)
+    try:
+        return _serve(server, args.sandbox)
+    finally:
+        if close is not None:
+            close()
 
 
 def run_net(args: argparse.Namespace) -> int:
@@ -467,6 +511,24 @@ def run_blk(args: argparse.Namespace) -> int:
     return _run_program(args, "vhost-user-blk", where,
                         lambda: VirtioBlk(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
                                           label="blk0"), "blk")
+
+
+def run_vsock(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-vsock``."""
+    if args.print_capabilities:
+        return _capabilities("vsock")
+    if not args.uds_path:
+        print("iovirt vhost-user-vsock: --uds-path is required", file=sys.stderr)
+        return 2
+    where = _program_spec(args, "vsock", "vhost-user-vsock", options={"cid": args.guest_cid, "uds": args.uds_path})
+    devices: list[VirtioVsock] = []
+
+    def make() -> VirtioVsock:
+        devices.append(VirtioVsock(args.guest_cid, args.uds_path, label="vsock0"))
+        return devices[0]
+
+    return _run_program(args, "vhost-user-vsock", where, make, "vsock",
+                        after=lambda server: attach_vsock(server.dataplane, devices[0]))
 
 
 def _capabilities(kind: str) -> int:

@@ -5,6 +5,9 @@ way it is written:
 
 * ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``
 * ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
+* ``--vsock [client:]SOCKET,cid=N,uds=PATH``: a virtio-vsock device whose guest
+  has CID N, its host side the UNIX sockets around PATH (hybrid vsock,
+  :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` tables are the
@@ -31,7 +34,7 @@ from iovirt.errors import IovirtError
 CLIENT_PREFIX = "client:"
 """``--net client:PATH``: connect to a VMM listening on PATH."""
 
-LIMIT_KEYS = {"net": ("pps", "bps"), "blk": ("iops", "bps")}
+LIMIT_KEYS: dict[str, tuple[str, ...]] = {"net": ("pps", "bps"), "blk": ("iops", "bps"), "vsock": ()}
 """The rate-limit keys each device kind takes: frames/s and bytes/s for net, requests/s and bytes/s for blk."""
 
 MAX_BLK_QUEUES = 256
@@ -147,7 +150,16 @@ BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 """``key=value`` options of ``--blk``."""
 
-_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS}
+def _path(value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"want a path, got {value!r}")
+    return value
+
+
+VSOCK_OPTIONS: dict[str, Callable[[Any], Any]] = {"cid": _count(3, 0xFFFFFFFE), "uds": _path}
+"""``key=value`` options of ``--vsock`` (both required): the guest's CID (3..2^32-2) and the host UNIX socket path."""
+
+_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS, "vsock": VSOCK_OPTIONS}
 _ALIASES = {"num-queues": "queues"}
 
 
@@ -196,6 +208,17 @@ def parse_blk(text: str) -> DeviceSpec:
         key, value = _option("blk", *_key_value(opt), where)
         options[key] = value
     return DeviceSpec("blk", socket, client, parts[1], read_only, options)
+
+
+def parse_vsock(text: str) -> DeviceSpec:
+    """Parse ``--vsock [client:]SOCKET,cid=N,uds=PATH``."""
+    where = f"--vsock {text!r}"
+    socket, *opts = text.split(",")
+    socket, client = _split_client(socket)
+    options = dict(_option("vsock", *_key_value(opt), where) for opt in opts)
+    if not socket or set(options) != set(VSOCK_OPTIONS):
+        raise SpecError(f"{where}: want [client:]SOCKET,cid=N,uds=PATH")
+    return DeviceSpec("vsock", socket, client, options=options)
 
 
 def _key_value(opt: str) -> tuple[str, str]:
@@ -269,7 +292,7 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 
-_DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro")}
+_DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro"), "vsock": ("socket", "client")}
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -285,9 +308,9 @@ def load_config(path: str) -> dict[str, Any]:
         raise SpecError(f"{path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
-    settings: dict[str, Any] = {"net": [], "blk": []}
+    settings: dict[str, Any] = {kind: [] for kind in _DEVICE_KEYS}
     for key, value in doc.items():
-        if key in ("net", "blk"):
+        if key in _DEVICE_KEYS:
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise SpecError(f"{path}: {key}: want [[{key}]] tables, got {value!r}")
             settings[key] = [_device(key, table, f"{path}: [[{key}]] #{i + 1}") for i, table in enumerate(value)]
@@ -298,7 +321,7 @@ def load_config(path: str) -> dict[str, Any]:
             except ValueError as exc:
                 raise SpecError(f"{path}: {key}: {exc}") from None
         else:
-            known = ", ".join(sorted([*SERVE_KEYS, "net", "blk"]))
+            known = ", ".join(sorted([*SERVE_KEYS, *_DEVICE_KEYS]))
             raise SpecError(f"{path}: unknown key {key!r} (known: {known})")
     return settings
 
@@ -334,4 +357,6 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
             image = _toml_str(fixed["image"])
         except ValueError as exc:
             raise SpecError(f"{where}: image: {exc}") from None
+    if kind == "vsock" and set(options) != set(VSOCK_OPTIONS):
+        raise SpecError(f"{where}: missing key {sorted(set(VSOCK_OPTIONS) - set(options))[0]!r}")
     return DeviceSpec(kind, socket, client, image, read_only, options)
