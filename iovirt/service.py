@@ -128,7 +128,6 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 BACKENDS = {
     "net": ("vhost-user-net", "iovirt virtio-net vhost-user back-end (learning switch port)", []),
     "block": ("vhost-user-blk", "iovirt virtio-blk vhost-user back-end (raw image)", ["read-only", "blk-file"]),
-    "vsock": ("vhost-user-vsock", "iovirt virtio-vsock vhost-user back-end (hybrid vsock to UNIX sockets)", []),
 }
 """Per ``VHostUserBackendType``: the iovirt program, the description, the ``features`` it reports."""
 
