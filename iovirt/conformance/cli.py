@@ -34,7 +34,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     what.add_argument("--socket", metavar="PATH", help="the back-end's listening UNIX socket (needs --device)")
     what.add_argument(
         "--in-process",
-        choices=DEVICES,
+        choices=("net", "blk"),
         metavar="net|blk",
         help="iovirt's device of this type behind the in-process virtio-pci platform (virtio 1.2 2.x and 4.1 checks)",
     )

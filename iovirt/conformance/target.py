@@ -12,8 +12,8 @@ from iovirt.conformance.registry import NotApplicable
 from iovirt.vhost_user.errors import BackendClosedError
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
 
-DEVICES = ("net", "blk")
-CONFIG_PROBE_SIZE = {"net": 12, "blk": 36}  # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4)
+DEVICES = ("net", "blk", "vsock")
+CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "vsock": 8}  # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4); vsock: guest_cid (5.10.4)
 RECONNECT_S = 1.0  # a back-end may still be tearing down the previous check's connection
 
 
