@@ -29,6 +29,7 @@ or beyond the advertised credit), or dropped when no reply can be addressed
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import select
@@ -203,7 +204,7 @@ class VirtioVsock(VirtioDevice):
         if not want:
             self._unwatch(fd)
         elif not conn.events:
-            self._watch(fd, want, lambda ev, c=conn: self._on_host_socket(c, ev))
+            self._watch(fd, want, functools.partial(self._on_host_socket, conn))
         else:
             self._epoll.modify(fd, want)
         conn.events = want
@@ -223,9 +224,9 @@ class VirtioVsock(VirtioDevice):
             sock.close()
             return
         self._handshakes[sock.fileno()] = (sock, bytearray())
-        self._watch(sock.fileno(), select.EPOLLIN, lambda ev, s=sock: self._on_handshake(s))
+        self._watch(sock.fileno(), select.EPOLLIN, functools.partial(self._on_handshake, sock))
 
-    def _on_handshake(self, sock: socket.socket) -> None:
+    def _on_handshake(self, sock: socket.socket, _events: int) -> None:
         fd = sock.fileno()
         _, line = self._handshakes[fd]
         try:
