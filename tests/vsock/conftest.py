@@ -14,7 +14,7 @@ from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.vsock.device import VirtioVsock
 from iovirt.virtio.vsock.driver import VsockDriver
 
-GUEST_CID = 42
+from vsock_helpers import GUEST_CID
 
 
 @dataclass

@@ -17,11 +17,9 @@ from iovirt.virtio.vsock.defs import (
     VIRTIO_VSOCK_OP_RST,
     VIRTIO_VSOCK_OP_RW,
     VIRTIO_VSOCK_OP_SHUTDOWN,
-    Header,
 )
 
-from conftest import GUEST_CID
-from test_vsock_streams import guest_connect, recv_exactly
+from vsock_helpers import GUEST_CID, guest_connect, recv_exactly
 
 
 def vsock_log_lines(caplog):

@@ -23,26 +23,7 @@ from iovirt.virtio.vsock.defs import (
     VMADDR_CID_HOST,
 )
 
-from conftest import GUEST_CID
-
-
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
-
-
-def guest_connect(guest, served, port, src_port=5000, buf_alloc=256 << 10):
-    listener = served.listen(port)
-    guest.send(guest.header(src_port, port, VIRTIO_VSOCK_OP_REQUEST, buf_alloc=buf_alloc))
-    hdr, _ = guest.wait_op(VIRTIO_VSOCK_OP_RESPONSE, src_port)
-    host, _ = listener.accept()
-    host.settimeout(5)
-    listener.close()
-    return host, hdr
+from vsock_helpers import GUEST_CID, guest_connect, recv_exactly
 
 
 def test_config_is_the_guest_cid(served, guest):
