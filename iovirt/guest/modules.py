@@ -29,6 +29,9 @@ VIRTIO_MODULES: tuple[str, ...] = (
     "failover", "net_failover", "virtio_net", "virtio_blk",
 )
 
+#: What a guest adds for virtio-vsock (virtio 1.2 section 5.10): AF_VSOCK and its virtio transport.
+VSOCK_MODULES: tuple[str, ...] = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
+
 _SUFFIXES = (".ko", ".ko.xz", ".ko.gz")
 
 

@@ -45,7 +45,9 @@ from iovirt.vhost_user.specs import (
     parse_input,
     parse_net,
     parse_rng,
+    parse_vsock,
 )
+from iovirt.vhost_user.devices.vsock import attach as attach_vsock
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.input.commands import CommandFifo
 from iovirt.virtio.input.device import VirtioInput
@@ -53,6 +55,7 @@ from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
 from iovirt.virtio.rng.device import VirtioRng
+from iovirt.virtio.vsock.device import VirtioVsock
 
 log = logging.getLogger("iovirt")
 
@@ -131,6 +134,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append", default=[],
         help="a virtio-input device of that kind on SOCKET (QEMU -device vhost-user-input-pci; repeatable); "
              "events are injected from Python or with 'iovirt vhost-user-input --inject-fifo'",
+    )
+    serve.add_argument(
+        "--vsock", metavar="[client:]SOCKET,cid=N,uds=PATH", type=_spec_type(parse_vsock), action="append",
+        default=[],
+        help="a virtio-vsock device on SOCKET (repeatable; QEMU -device vhost-user-vsock-pci,chardev=c0) for the "
+             "guest with CID N. Hybrid vsock: a guest connect to CID 2 port P reaches the UNIX socket PATH_P; a "
+             "host program connects to PATH and writes 'CONNECT P\\n' to reach the guest's port P",
     )
     serve.add_argument(
         "--config", metavar="FILE",
@@ -214,6 +224,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     inp.add_argument("--inject-fifo", metavar="PATH",
                      help="read input commands from this FIFO (created if missing; see above)")
     inp.set_defaults(func=run_input)
+
+    vsock = sub.add_parser(
+        "vhost-user-vsock",
+        help="one virtio-vsock back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-vsock vhost-user back-end (hybrid vsock to host UNIX sockets), with "
+                    "vhost-device-vsock's option names.",
+    )
+    _conventions(vsock)
+    vsock.add_argument("--guest-cid", type=int, default=3, help="the guest's context ID (default 3)")
+    vsock.add_argument("--uds-path", metavar="PATH",
+                       help="host side: guest connects to port P reach PATH_P; host programs connect to PATH")
+    vsock.set_defaults(func=run_vsock)
 
 
 def _positive(text: str) -> int:
@@ -429,8 +451,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"iovirt serve: --config {exc}", file=sys.stderr)
             return 2
-    if not args.net and not args.blk and not args.rng and not args.input:
-        print("iovirt serve: give at least one --net, --blk, --rng or --input device", file=sys.stderr)
+    if not (args.net or args.blk or args.rng or args.input or args.vsock):
+        print("iovirt serve: give at least one --net, --blk, --rng, --input or --vsock device", file=sys.stderr)
         return 2
     if args.dump_dir and (args.isolate or args.sandbox):
         # Workers are other processes; the sandbox forbids opening files after start-up.
@@ -440,7 +462,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
         return 2
     if args.isolate:
-        if args.rng or args.input:
+        if args.rng or args.input or args.vsock:
             print("iovirt serve: --isolate serves net and blk devices only", file=sys.stderr)
             return 2
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
@@ -465,6 +487,7 @@ def run_serve(args: argparse.Namespace) -> int:
         for i, spec in enumerate(args.input):
             dev = VirtioInput(spec.options["kind"], label=f"input{i}")
             _add_device(server, spec, dev, f"input{i} ({spec.socket})", sealed, inherited)
+        detach = [_add_vsock(server, spec, f"vsock{i}", sealed, inherited) for i, spec in enumerate(args.vsock)]
         _attach_tap(server, args.tap, switch)
         if args.control:
             serve_control(server, switch, args)
@@ -474,7 +497,19 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         _close_unused(inherited)
-    return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
+    try:
+        return _serve(server, args.sandbox, os.path.abspath(args.dump_dir) if args.dump_dir else None)
+    finally:
+        for close in detach:
+            close()
+
+
+def _add_vsock(server: VhostUserServer, spec: DeviceSpec, label: str, sealed: bool,
+               inherited: list[service.ListenFd]) -> Callable[[], None]:
+    """A vsock device whose host sockets the data plane serves; returns what closes them."""
+    device = VirtioVsock(spec.options["cid"], spec.options["uds"], label=label)
+    _add_device(server, spec, device, f"{label} ({spec.socket})", sealed, inherited)
+    return attach_vsock(server.dataplane, device)
 
 
 def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: Any) -> DeviceSpec | int | str:
@@ -495,7 +530,7 @@ def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: A
 
 def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int | str, make: Callable[[], Any],
                  spec_kind: str, config: bool = False, switch: LearningSwitch | None = None,
-                 on_server: Callable[[VhostUserServer], object] | None = None) -> int:
+                 after: Callable[[VhostUserServer], Callable[[], None] | None] | None = None) -> int:
     if isinstance(where, str):
         print(where, file=sys.stderr)
         return 2
@@ -511,13 +546,16 @@ def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int
             _add_device(server, where, device, f"{label} ({where.socket})", sealed, [])
         if switch is not None:
             _attach_tap(server, args.tap, switch)
-        if on_server is not None:
-            on_server(server)
+        close = after(server) if after is not None else None
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt {program}: {exc}", file=sys.stderr)
         return 1
-    return _serve(server, args.sandbox)
+    try:
+        return _serve(server, args.sandbox)
+    finally:
+        if close is not None:
+            close()
 
 
 def run_net(args: argparse.Namespace) -> int:
@@ -578,7 +616,27 @@ def run_input(args: argparse.Namespace) -> int:
         for fifo in fifos:
             server.dataplane.add_fd(fifo.fd, fifo.on_readable)
 
-    return _run_program(args, "vhost-user-input", where, make, "input", on_server=watch_fifos)
+    return _run_program(args, "vhost-user-input", where, make, "input", after=watch_fifos)
+
+
+def run_vsock(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-vsock``."""
+    if args.print_capabilities:
+        # vhost-user.rst "Backend program conventions"; no descriptor yet (iovirt.service.BACKENDS lists net and block).
+        print(json.dumps({"type": "vsock", "features": []}))
+        return 0
+    if not args.uds_path:
+        print("iovirt vhost-user-vsock: --uds-path is required", file=sys.stderr)
+        return 2
+    where = _program_spec(args, "vsock", "vhost-user-vsock", options={"cid": args.guest_cid, "uds": args.uds_path})
+    devices: list[VirtioVsock] = []
+
+    def make() -> VirtioVsock:
+        devices.append(VirtioVsock(args.guest_cid, args.uds_path, label="vsock0"))
+        return devices[0]
+
+    return _run_program(args, "vhost-user-vsock", where, make, "vsock",
+                        after=lambda server: attach_vsock(server.dataplane, devices[0]))
 
 
 def _capabilities(kind: str) -> int:

@@ -7,6 +7,9 @@ way it is written:
 * ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
 * ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``
 * ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``
+* ``--vsock [client:]SOCKET,cid=N,uds=PATH``: a virtio-vsock device whose guest
+  has CID N, its host side the UNIX sockets around PATH (hybrid vsock,
+  :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
@@ -34,7 +37,8 @@ from iovirt.errors import IovirtError
 CLIENT_PREFIX = "client:"
 """``--net client:PATH``: connect to a VMM listening on PATH."""
 
-LIMIT_KEYS = {"net": ("pps", "bps"), "blk": ("iops", "bps"), "rng": (), "input": ()}
+LIMIT_KEYS: dict[str, tuple[str, ...]] = {"net": ("pps", "bps"), "blk": ("iops", "bps"), "rng": (), "input": (),
+                                         "vsock": ()}
 """The rate-limit keys each device kind takes: frames/s and bytes/s for net, requests/s and bytes/s for blk.
 
 The rng's ``rate`` (bytes/s) is the entropy device's own option, not one of these."""
@@ -173,7 +177,17 @@ RNG_OPTIONS: dict[str, Callable[[Any], Any]] = {"source": _toml_str, "rate": par
 INPUT_OPTIONS: dict[str, Callable[[Any], Any]] = {"kind": _input_kind}
 """``key=value`` options of ``--input``."""
 
-_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS, "rng": RNG_OPTIONS, "input": INPUT_OPTIONS}
+
+def _path(value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"want a path, got {value!r}")
+    return value
+
+
+VSOCK_OPTIONS: dict[str, Callable[[Any], Any]] = {"cid": _count(3, 0xFFFFFFFE), "uds": _path}
+"""``key=value`` options of ``--vsock`` (both required): the guest's CID (3..2^32-2) and the host UNIX socket path."""
+
+_OPTIONS = {"net": NET_OPTIONS, "blk": BLK_OPTIONS, "rng": RNG_OPTIONS, "input": INPUT_OPTIONS, "vsock": VSOCK_OPTIONS}
 _ALIASES = {"num-queues": "queues"}
 
 
@@ -252,6 +266,17 @@ def _with_kind(spec: DeviceSpec, where: str) -> DeviceSpec:
     return spec
 
 
+def parse_vsock(text: str) -> DeviceSpec:
+    """Parse ``--vsock [client:]SOCKET,cid=N,uds=PATH``."""
+    where = f"--vsock {text!r}"
+    socket, *opts = text.split(",")
+    socket, client = _split_client(socket)
+    options = dict(_option("vsock", *_key_value(opt), where) for opt in opts)
+    if not socket or set(options) != set(VSOCK_OPTIONS):
+        raise SpecError(f"{where}: want [client:]SOCKET,cid=N,uds=PATH")
+    return DeviceSpec("vsock", socket, client, options=options)
+
+
 def _key_value(opt: str) -> tuple[str, str]:
     key, _, value = opt.partition("=")
     return key.strip(), value
@@ -318,7 +343,7 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 
 _DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro"),
-                "rng": ("socket", "client"), "input": ("socket", "client")}
+                "rng": ("socket", "client"), "input": ("socket", "client"), "vsock": ("socket", "client")}
 DEVICE_KINDS = tuple(_DEVICE_KEYS)
 """The device tables of a configuration file, and the argparse dests of their flags."""
 
@@ -385,5 +410,7 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
             image = _toml_str(fixed["image"])
         except ValueError as exc:
             raise SpecError(f"{where}: image: {exc}") from None
+    if kind == "vsock" and set(options) != set(VSOCK_OPTIONS):
+        raise SpecError(f"{where}: missing key {sorted(set(VSOCK_OPTIONS) - set(options))[0]!r}")
     spec = DeviceSpec(kind, socket, client, image, read_only, options)
     return _with_kind(spec, where) if kind == "input" else spec
