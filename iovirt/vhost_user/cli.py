@@ -27,7 +27,7 @@ import threading
 from typing import Any, Callable
 
 from iovirt import sandbox, service
-from iovirt.control.wiring import serve_control
+from iovirt.control.wiring import port_mac, serve_control
 from iovirt.errors import IovirtError
 from iovirt.inspect.dump import DumpOnSignal
 from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
@@ -81,10 +81,6 @@ def _positive_queues(text: str) -> int:
     if not 1 <= value <= 128:
         raise argparse.ArgumentTypeError("queue pairs must be 1..128")
     return value
-
-
-def _mac(index: int) -> bytes:
-    return bytes([0x52, 0x54, 0x00, 0x10, index >> 8 & 0xFF, index & 0xFF])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -161,7 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on SIGUSR2 every connected device writes an ELF core of its guest memory and rings into DIR "
              "(see 'iovirt dump --help'); not with --isolate or --sandbox",
     )
-    serve.add_argument("--control", metavar="PATH", help="serve the control socket (JSON lines; 'iovirt ctl') on PATH")
+    serve.add_argument("--control", metavar="PATH", help="serve the control socket (JSON lines; 'iovirt ctl', docs/control.md) on PATH; removed on exit; "
+                            "not with --isolate")
     serve.add_argument("--control-mode", metavar="MODE", type=_mode, default=0o600,
                        help="permission bits of the control socket, in octal (default 0600)")
     sandbox.add_argument(serve)
@@ -465,18 +462,22 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.rng or args.input or args.vsock:
             print("iovirt serve: --isolate serves net and blk devices only", file=sys.stderr)
             return 2
+        if args.control:
+            # The devices live in worker processes; the control socket would see none of them.
+            print("iovirt serve: --control cannot be combined with --isolate yet", file=sys.stderr)
+            return 2
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
             print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
             return 2
         _raise_fd_limit()
-        return run_isolated(args, [_mac(i + 1) for i in range(len(args.net))], _access(args), _switch(args))
+        return run_isolated(args, [port_mac(i) for i in range(len(args.net))], _access(args), _switch(args))
     server = _new_server(args)
     switch = _switch(args)
     sealed = args.require_sealed_memory
     inherited = service.listen_fds()
     try:
         for i, spec in enumerate(args.net):
-            port = VirtioNet(_mac(i + 1), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
+            port = VirtioNet(port_mac(i), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
             _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
@@ -490,7 +491,7 @@ def run_serve(args: argparse.Namespace) -> int:
         detach = [_add_vsock(server, spec, f"vsock{i}", sealed, inherited) for i, spec in enumerate(args.vsock)]
         _attach_tap(server, args.tap, switch)
         if args.control:
-            serve_control(server, switch, args)
+            detach.append(serve_control(server, switch, args).close)
     except (IovirtError, OSError) as exc:
         server.close()
         print(f"iovirt serve: {exc}", file=sys.stderr)
@@ -566,7 +567,7 @@ def run_net(args: argparse.Namespace) -> int:
     options = {"config": True} if args.offer_config else {}
     where = _program_spec(args, "net", "vhost-user-net", options=options)
     return _run_program(args, "vhost-user-net", where,
-                        lambda: VirtioNet(_mac(1), switch, queue_pairs=args.queues, label="net0"),
+                        lambda: VirtioNet(port_mac(0), switch, queue_pairs=args.queues, label="net0"),
                         "net", args.offer_config, switch)
 
 
