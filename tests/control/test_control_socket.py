@@ -9,7 +9,6 @@ import stat
 import threading
 import time
 
-import pytest
 
 from iovirt.cli import main
 from iovirt.control.cli import request
