@@ -9,7 +9,6 @@ import stat
 import threading
 import time
 
-
 from iovirt.cli import main
 from iovirt.control.cli import request
 from iovirt.control.protocol import MAX_REQUEST_BYTES
