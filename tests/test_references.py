@@ -32,6 +32,8 @@ EXTENSIONS = ("py", "pyx", "pxd", "md", "rst", "toml")
 EXTERNAL: dict[str, str] = {
     # QEMU's vhost-user protocol specification (qemu.git docs/interop/vhost-user.rst).
     "docs/interop/vhost-user.rst": "QEMU",
+    # QEMU's machine protocol specification (qemu.git docs/interop/qmp-spec.rst).
+    "docs/interop/qmp-spec.rst": "QEMU",
     # The Linux kernel's initramfs format (linux.git Documentation/driver-api/early-userspace/buffer-format.rst).
     "Documentation/driver-api/early-userspace/buffer-format.rst": "kernel",
 }
