@@ -344,12 +344,16 @@ def _new_server(args: argparse.Namespace) -> VhostUserServer:
     _raise_fd_limit()
     access = _access(args)
     log.info("front-ends allowed: %s; socket mode %04o", access.describe(), access.socket_mode)
-    return VhostUserServer(access=access)
+    server = VhostUserServer(access=access)
+    # Before any socket listens: a SIGTERM while devices are still being set up
+    # (a service manager stopping a slow start) ends the process cleanly too.
+    _stop_on_signals(server)
+    return server
 
 
-def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | None = None) -> int:
+def _stop_on_signals(server: VhostUserServer) -> None:
+    """SIGTERM and SIGINT stop ``server`` (at once if its loop has not started yet)."""
     watchdog: list[threading.Timer] = []
-    DumpOnSignal(server, dump_dir)  # SIGUSR2: cores into dump_dir (logged and ignored without one)
 
     def on_signal(signum, frame):  # noqa: ARG001
         log.info("signal %d: shutting down", signum)
@@ -363,6 +367,10 @@ def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | No
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | None = None) -> int:
+    DumpOnSignal(server, dump_dir)  # SIGUSR2: cores into dump_dir (logged and ignored without one)
     # Every socket listens (client endpoints dial from the loop): tell the
     # service manager, before the sandbox forbids creating its socket.
     if service.notify("READY=1"):
