@@ -306,3 +306,16 @@ def test_ctl_command_line(backend, capsys):
     assert main(["ctl", backend.control_path, "remove", "nosuch"]) == 1
     assert "DeviceNotFound" in capsys.readouterr().err
     assert main(["ctl", str(backend.tmp / "absent.sock"), "stats"]) == 2
+
+
+def test_limit_reaches_the_real_devices(backend):
+    """``limit`` on served net and blk devices: their QoS limits change at once, bad keys are refused."""
+    assert ok(backend.control_path, "limit", {"device": "net0", "limits": {"pps": 1000, "bps": 2e6}})["limits"] == {
+        "pps": 1000.0, "bps": 2e6}
+    assert backend.net[0].limits() == {"pps": 1000.0, "bps": 2e6}
+    ok(backend.control_path, "limit", {"device": "blk0", "limits": {"iops": 50}})
+    assert backend.blk.limits()["iops"] == 50.0
+    ok(backend.control_path, "limit", {"device": "net0", "limits": {"pps": 0}})  # 0 lifts a limit
+    assert backend.net[0].limits()["pps"] == 0.0
+    assert error(backend.control_path, "limit", {"device": "net0", "limits": {"iops": 1}})["class"] == "BadRequest"
+    assert error(backend.control_path, "limit", {"device": "blk0", "limits": {"bps": -5}})["class"] == "BadRequest"
