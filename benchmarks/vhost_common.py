@@ -146,3 +146,4 @@ def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> floa
         proc.join(10)
     if failed or wrong:
         raise RuntimeError(f"{sock.name}: {failed} requests failed, {wrong} returned the wrong block")
+    return iops
