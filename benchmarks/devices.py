@@ -34,15 +34,13 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import random
 import signal
 import socket
-import struct
 import tempfile
 import time
 from pathlib import Path
 
-from vhost_common import NO_EVENT_IDX, blk_run, numbered_image, serve_iovirt, stop_process, wait_socket
+from vhost_common import NO_EVENT_IDX, numbered_image, read_run, serve_iovirt, stop_process, wait_socket
 
 CHUNK = 64 << 10
 """Bytes per write and per vsock packet (virtio-vsock's MAX_PKT_PAYLOAD, Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)."""
@@ -214,7 +212,22 @@ def scsi_figures(tmp: Path, seconds: float) -> dict[str, float | None]:
     if importlib.util.find_spec("iovirt.virtio.scsi") is None:
         print("scsi: not available (iovirt.virtio.scsi missing)")
         return {"ratio_scsi_vs_blk": None}
-    raise NotImplementedError
+    size = 256 << 20
+    iops = {}
+    with numbered_image(size) as image:
+        for kind, flag in (("scsi", "--scsi"), ("blk", "--blk")):
+            sock = tmp / f"iovirt-{kind}.sock"
+            backend = serve_iovirt([flag, f"{sock},{image}"], tmp / f"iovirt-{kind}.log")
+            wait_socket(sock, backend)
+            try:
+                iops[kind] = read_run(kind, sock, size // 512, seconds)
+            finally:
+                stop_process(backend, signal.SIGTERM)
+    ratio = iops["scsi"] / iops["blk"]
+    print(f"4 KiB random read, QD32, /dev/shm: iovirt scsi {iops['scsi']:,.0f} IOPS   "
+          f"iovirt blk {iops['blk']:,.0f} IOPS   ratio {ratio:.2f}")
+    return {"scsi_4k_randread_iops": iops["scsi"], "blk_4k_randread_iops": iops["blk"],
+            "ratio_scsi_vs_blk": round(ratio, 3)}
 
 
 def main() -> None:

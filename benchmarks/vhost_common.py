@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -69,40 +70,93 @@ def numbered_image(size: int) -> Iterator[Path]:
         image.parent.rmdir()
 
 
-# -- blk: 4 KiB random reads, QD32 -------------------------------------------------------------
+# -- 4 KiB random reads, QD32, for blk and SCSI ----------------------------------------------
+
+READ_SIZE = 4096
 
 
-def _blk_frontend(sock: str, sectors: int, seconds: float, out, log: bool = False) -> None:
+@dataclass(frozen=True)
+class ReadFormat:
+    """How a device type's 4 KiB read request is laid out around the data buffer.
+
+    The chain is ``[header]`` device-readable, then ``[status, data]`` or
+    ``[data, status]`` device-writable.  The request's block address is
+    ``field`` at ``field_offset`` in the header, in 512-byte sectors; the
+    bytes at ``status_offsets`` in the status buffer are all 0 on success.
+    """
+
+    queue: int
+    header: bytes
+    status_size: int
+    status_first: bool
+    field_offset: int
+    field: struct.Struct
+    status_offsets: tuple[int, ...]
+
+
+def read_format(kind: str) -> ReadFormat:
+    """The request layout of ``blk`` (5.2.6: VIRTIO_BLK_T_IN) or ``scsi`` (5.6.6.1: READ(10) to LUN 0)."""
+    if kind == "blk":
+        from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
+
+        return ReadFormat(0, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0), 1, False, 8, struct.Struct("<Q"), (0,))
+    from iovirt.virtio.scsi.defs import (
+        LUN_FIRST_BYTE,
+        LUN_FLAT_ADDRESSING,
+        READ_10,
+        REQ_CMD_HDR,
+        REQUESTQ_BASE,
+        RESP_CMD_HDR,
+        VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+        VIRTIO_SCSI_S_SIMPLE,
+        VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
+    )
+
+    lun0 = bytes([LUN_FIRST_BYTE, 0, LUN_FLAT_ADDRESSING, 0, 0, 0, 0, 0])  # target 0, LUN 0 (5.6.6.1)
+    # READ(10) (SBC-3 5.15): opcode, flags, LBA (be32), group, transfer length in blocks (be16), control.
+    cdb = struct.pack(">BBIBHB", READ_10, 0, 0, 0, READ_SIZE // 512, 0).ljust(VIRTIO_SCSI_CDB_DEFAULT_SIZE, b"\0")
+    # The response's status and response bytes are its last two before the sense buffer.
+    return ReadFormat(REQUESTQ_BASE, REQ_CMD_HDR.pack(lun0, 0, VIRTIO_SCSI_S_SIMPLE, 0, 0) + cdb,
+                      RESP_CMD_HDR.size + VIRTIO_SCSI_SENSE_DEFAULT_SIZE, True, REQ_CMD_HDR.size + 2,
+                      struct.Struct(">I"), (RESP_CMD_HDR.size - 2, RESP_CMD_HDR.size - 1))
+
+
+def _read_frontend(kind: str, sock: str, sectors: int, seconds: float, out, log: bool = False) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
-    from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
 
-    depth, size = 32, 4096
+    fmt = read_format(kind)
+    depth = 32
     with VhostUserDriver(sock, features=NO_EVENT_IDX) as drv:
-        (q,) = drv.start_queues([0], size=128).values()  # 32 requests x 3 descriptors
+        q = drv.start_queues(range(fmt.queue + 1), size=128)[fmt.queue]  # 32 requests x 3 descriptors
         q.set_interrupts(False)
         dirty_log = drv.start_logging() if log else None
         mem = drv.memory
         rand = random.Random(1)
-        head_sector = {}  # head -> index of its header's sector field in a u64 view
-        head_status = {}  # head -> address of its status byte
-        head_data = {}  # head -> index of its data's first u64
+        top = sectors // 8
+        field_at = {}  # head -> address of its header's block address field
+        status_at = {}  # head -> addresses of its status bytes
+        data_at = {}  # head -> index of its data's first u64
+        expected = {}  # head -> the sector it asked for
         for _ in range(depth):
-            hdr = drv.alloc.alloc(16)
-            data = drv.alloc.alloc(size, 4096)
-            status = drv.alloc.alloc(1)
-            mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, rand.randrange(sectors // 8) * 8))
-            head = q.add_chain([(hdr, 16)], [(data, size), (status, 1)])
-            head_sector[head], head_status[head], head_data[head] = (hdr + 8) // 8, status, data // 8
-        drv.kick(0)
+            hdr = drv.alloc.alloc(len(fmt.header))
+            data = drv.alloc.alloc(READ_SIZE, 4096)
+            status = drv.alloc.alloc(fmt.status_size)
+            mem.write(hdr, fmt.header)
+            sector = rand.randrange(top) * 8
+            mem.write(hdr + fmt.field_offset, fmt.field.pack(sector))
+            writable = [(status, fmt.status_size), (data, READ_SIZE)]
+            head = q.add_chain([(hdr, len(fmt.header))], writable if fmt.status_first else writable[::-1])
+            field_at[head], data_at[head], expected[head] = hdr + fmt.field_offset, data // 8, sector
+            status_at[head] = tuple(status + k for k in fmt.status_offsets)
+        drv.kick(fmt.queue)
         # Typed views of guest memory: the driver's per-request work is a few stores.
         region = mem.regions[0]
         u64 = region.view.cast("Q")
         used = mem.view(q.used_addr, 4 + 8 * q.size).cast("I")
         avail = mem.view(q.avail_addr, 4 + 2 * q.size).cast("H")
         u8 = region.view
-        heads = head_sector
-        top = sectors // 8
+        pack_into = fmt.field.pack_into
         done = seen = failed = wrong = 0
         avail_idx = avail[1]
         start = time.monotonic()
@@ -113,15 +167,17 @@ def _blk_frontend(sock: str, sectors: int, seconds: float, out, log: bool = Fals
             if n:
                 for k in range(n):
                     head = used[1 + 2 * ((seen + k) % q.size)]
-                    failed += u8[head_status[head]] != 0
+                    for at in status_at[head]:
+                        failed += u8[at] != 0
                     # The image holds each 4 KiB block's sector number in its first 8 bytes.
-                    wrong += u64[head_data[head]] != u64[heads[head]]
-                    u64[heads[head]] = rand.randrange(top) * 8
+                    wrong += u64[data_at[head]] != expected[head]
+                    expected[head] = sector = rand.randrange(top) * 8
+                    pack_into(u8, field_at[head], sector)
                     avail[2 + avail_idx % q.size] = head
                     avail_idx = (avail_idx + 1) & 0xFFFF
                 seen = used_idx
                 avail[1] = avail_idx
-                drv.frontend.kick(0)
+                drv.frontend.kick(fmt.queue)
                 done += n
                 if time.monotonic() >= end:
                     break
@@ -134,11 +190,11 @@ def _blk_frontend(sock: str, sectors: int, seconds: float, out, log: bool = Fals
     out.put((done / elapsed, failed, wrong))
 
 
-def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> float:
-    """IOPS of the front-end process against ``sock``; every request must succeed with the right data."""
+def read_run(kind: str, sock: Path, sectors: int, seconds: float, log: bool = False) -> float:
+    """IOPS of a ``kind`` (blk, scsi) read front-end process against ``sock``; every read must return its block."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out, log))
+    proc = ctx.Process(target=_read_frontend, args=(kind, str(sock), sectors, seconds, out, log))
     proc.start()
     try:
         iops, failed, wrong = out.get(timeout=seconds + 60)
@@ -147,3 +203,8 @@ def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> floa
     if failed or wrong:
         raise RuntimeError(f"{sock.name}: {failed} requests failed, {wrong} returned the wrong block")
     return iops
+
+
+def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> float:
+    """IOPS of the blk read front-end process against ``sock`` (:func:`read_run`)."""
+    return read_run("blk", sock, sectors, seconds, log)
