@@ -52,6 +52,8 @@ HOST_PORT = 1234
 GUEST_PORT = 5000
 TX_CHAINS = 8
 """Transmit chains the front-end cycles through (the device's credit keeps at most 4 of 64 KiB in flight)."""
+RX_BUFFERS = 64
+"""Receive buffers the front-end keeps posted (it only receives the device's credit updates)."""
 ROUNDS = 2
 """Each side of a ratio is measured this many times, alternating with the other; the best of each counts."""
 
@@ -106,6 +108,7 @@ def _vsock_writer(sock: str, seconds: float, out) -> None:
     from iovirt.virtio.vsock.connection import U32
     from iovirt.virtio.vsock.defs import (
         HDR_SIZE,
+        RX_QUEUE,
         TX_QUEUE,
         VIRTIO_VSOCK_OP_REQUEST,
         VIRTIO_VSOCK_OP_RESPONSE,
@@ -113,11 +116,14 @@ def _vsock_writer(sock: str, seconds: float, out) -> None:
         VIRTIO_VSOCK_OP_RW,
         VIRTIO_VSOCK_OP_SHUTDOWN,
         VIRTIO_VSOCK_SHUTDOWN_MASK,
+        Header,
     )
-    from iovirt.virtio.vsock.driver import VsockDriver
+    from iovirt.virtio.vsock.driver import RX_BUF_SIZE, VsockDriver
+
+    rx_size = HDR_SIZE + RX_BUF_SIZE
 
     with VhostUserDriver(sock, features=NO_EVENT_IDX) as drv:
-        guest = VsockDriver(drv, GUEST_CID)
+        guest = VsockDriver(drv, GUEST_CID, rx_buffers=RX_BUFFERS)
         guest.send(guest.header(GUEST_PORT, HOST_PORT, VIRTIO_VSOCK_OP_REQUEST))
         hdr, _ = guest.wait_op(VIRTIO_VSOCK_OP_RESPONSE, GUEST_PORT)
         peer_buf_alloc, peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
@@ -141,18 +147,22 @@ def _vsock_writer(sock: str, seconds: float, out) -> None:
         base = avail[1]
         for k in range(tx.size):
             avail[2 + (base + k) % tx.size] = heads[k % TX_CHAINS]
-        posted = sent = 0
+        # Receive buffers are re-posted from a fixed pool, round robin: twice the
+        # ring's fill, so a buffer comes back only after the device returned it.
+        rx_pool = [drv.alloc.alloc(rx_size) for _ in range(2 * RX_BUFFERS)]
+        posted = sent = rx_posted = 0
         start = time.monotonic()
         end = start + seconds
         while time.monotonic() < end:
             if rx.used_idx() != rx.last_used_idx:  # the device's CREDIT_UPDATEs
-                guest._collect()
-                for hdr, _ in guest.received:
-                    if hdr.dst_port == GUEST_PORT:
-                        if hdr.op == VIRTIO_VSOCK_OP_RST:
-                            raise RuntimeError("the device reset the connection")
-                        peer_buf_alloc, peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
-                guest.received.clear()
+                for elem in rx.get_used():
+                    hdr = Header.unpack(elem.data[:HDR_SIZE])
+                    if hdr.op == VIRTIO_VSOCK_OP_RST:
+                        raise RuntimeError("the device reset the connection")
+                    peer_buf_alloc, peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
+                    rx.add_chain([], [(rx_pool[rx_posted % len(rx_pool)], rx_size)])
+                    rx_posted += 1
+                drv.kick(RX_QUEUE)
             credit = peer_buf_alloc - ((sent - peer_fwd_cnt) & U32)
             n = min(credit // CHUNK, TX_CHAINS - ((base + posted - used_idx[0]) & 0xFFFF))
             if n > 0:
