@@ -43,43 +43,19 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from vhost_common import NO_EVENT_IDX, blk_run, numbered_image, serve_iovirt, stop_process, wait_socket
+
 TESTPMD = "dpdk-testpmd"
 QSD = "qemu-storage-daemon"
 
-
-def _wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args[0]} did not create {path}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _iovirt(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "iovirt", "--log-level", "warning", "serve", *args],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-    )
 
 
 def testpmd_tx(sock: Path, frame_size: int, seconds: float, log: Path, dst_mac: str | None = None) -> float:
@@ -94,7 +70,7 @@ def testpmd_tx(sock: Path, frame_size: int, seconds: float, log: Path, dst_mac: 
         args.append(f"--eth-peer=0,{dst_mac}")
     proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     time.sleep(seconds + 3)
-    _stop(proc)
+    stop_process(proc)
     rates = [int(x) for x in re.findall(r"Tx-pps:\s+(\d+)", log.read_text(errors="replace"))]
     rates = rates[2:] or rates  # skip start-up seconds
     if not rates:
@@ -114,7 +90,7 @@ def dpdk_vhost_backend(sock: Path, log: Path) -> subprocess.Popen:
         ],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
-    _wait_socket(sock, proc)
+    wait_socket(sock, proc)
     return proc
 
 
@@ -125,7 +101,7 @@ def _rx_sink(sock: str, mac: bytes, ready, stop, out=None) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
 
-    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:  # no EVENT_IDX: never wait on calls
+    with VhostUserDriver(sock, features=NO_EVENT_IDX) as drv:  # no EVENT_IDX: never wait on calls
         rx, tx = drv.start_queues([0, 1], size=256).values()
         for _ in range(256):
             rx.add_data([], [2048])
@@ -169,18 +145,18 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
     figures: dict[str, float] = {}
     for size in (64, 1500):
         sock = tmp / f"iovirt-net-{size}.sock"
-        backend = _iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
-        _wait_socket(sock, backend)
+        backend = serve_iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
+        wait_socket(sock, backend)
         try:
             iovirt_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log")
         finally:
-            _stop(backend, signal.SIGTERM)
+            stop_process(backend, signal.SIGTERM)
         sock = tmp / f"dpdk-net-{size}.sock"
         peer = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-{size}.log")
         try:
             peer_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log")
         finally:
-            _stop(peer)
+            stop_process(peer)
         print(f"net {size:4d} B frames, sink: iovirt {iovirt_rate:,.0f} frames/s   "
               f"DPDK vhost PMD {peer_rate:,.0f} frames/s   ratio {iovirt_rate / peer_rate:.2f}")
         figures[f"net_{size}B_frames_per_s"] = iovirt_rate
@@ -193,7 +169,7 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
         ["taskset", "-c", "0", sys.executable, "-c", P2P_BACKEND, str(s0), str(s1), str(seconds + 8)],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
-    _wait_socket(s1, backend)
+    wait_socket(s1, backend)
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     mac = bytes.fromhex("525400aabbcc")
@@ -240,11 +216,11 @@ def isolated_figures(tmp: Path, seconds: float, in_process: dict[str, float]) ->
     figures: dict[str, float] = {}
     sock, log = tmp / "iovirt-isolated-64.sock", tmp / "iovirt-isolated-64.log"
     backend = serve(["--net", str(sock)], log)
-    _wait_socket(sock, backend)
+    wait_socket(sock, backend)
     try:
         sink = testpmd_tx(sock, 64, seconds, tmp / "fe-isolated-64.log")
     finally:
-        _stop(backend, signal.SIGTERM)
+        stop_process(backend, signal.SIGTERM)
     sent, dropped = _link_drops(log)
     ref = in_process["net_64B_frames_per_s"]
     print(f"net   64 B frames, sink, --isolate: iovirt {sink:,.0f} frames/s ({sink / ref:.2f}x in-process); "
@@ -253,8 +229,8 @@ def isolated_figures(tmp: Path, seconds: float, in_process: dict[str, float]) ->
     s0, s1 = tmp / "iso-p0.sock", tmp / "iso-p1.sock"
     log = tmp / "iovirt-isolated-p2p.log"
     backend = serve(["--net", str(s0), "--net", str(s1)], log)
-    _wait_socket(s0, backend)
-    _wait_socket(s1, backend)
+    wait_socket(s0, backend)
+    wait_socket(s1, backend)
     ctx = mp.get_context("spawn")
     ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
     mac = bytes.fromhex("525400aabbcc")
@@ -267,7 +243,7 @@ def isolated_figures(tmp: Path, seconds: float, in_process: dict[str, float]) ->
         stop.set()
         p2p = out.get(timeout=30)
         rx.join(10)
-        _stop(backend, signal.SIGTERM)
+        stop_process(backend, signal.SIGTERM)
     ref = in_process["net_port_to_port_64B_frames_per_s"]
     ratio = f"{p2p / ref:.2f}x" if ref else "n/a"
     print(f"net   64 B frames, port 0 -> switch -> port 1, --isolate: iovirt {p2p:,.0f} frames/s ({ratio} in-process)")
@@ -301,116 +277,29 @@ srv.stop()
 # -- blk -------------------------------------------------------------------------------------
 
 
-def _blk_frontend(sock: str, sectors: int, seconds: float, out, log: bool = False) -> None:
-    os.sched_setaffinity(0, {1})
-    from iovirt.vhost_user.driver import VhostUserDriver
-    from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
-
-    depth, size = 32, 4096
-    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:
-        (q,) = drv.start_queues([0], size=128).values()  # 32 requests x 3 descriptors
-        q.set_interrupts(False)
-        dirty_log = drv.start_logging() if log else None
-        mem = drv.memory
-        rand = random.Random(1)
-        head_sector = {}  # head -> index of its header's sector field in a u64 view
-        head_status = {}  # head -> address of its status byte
-        head_data = {}  # head -> index of its data's first u64
-        for _ in range(depth):
-            hdr = drv.alloc.alloc(16)
-            data = drv.alloc.alloc(size, 4096)
-            status = drv.alloc.alloc(1)
-            mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, rand.randrange(sectors // 8) * 8))
-            head = q.add_chain([(hdr, 16)], [(data, size), (status, 1)])
-            head_sector[head], head_status[head], head_data[head] = (hdr + 8) // 8, status, data // 8
-        drv.kick(0)
-        # Typed views of guest memory: the driver's per-request work is a few stores.
-        region = mem.regions[0]
-        u64 = region.view.cast("Q")
-        used = mem.view(q.used_addr, 4 + 8 * q.size).cast("I")
-        avail = mem.view(q.avail_addr, 4 + 2 * q.size).cast("H")
-        u8 = region.view
-        heads = head_sector
-        top = sectors // 8
-        done = seen = failed = wrong = 0
-        avail_idx = avail[1]
-        start = time.monotonic()
-        end = start + seconds
-        while True:
-            used_idx = used[0] >> 16
-            n = (used_idx - seen) & 0xFFFF
-            if n:
-                for k in range(n):
-                    head = used[1 + 2 * ((seen + k) % q.size)]
-                    failed += u8[head_status[head]] != 0
-                    # The image holds each 4 KiB block's sector number in its first 8 bytes.
-                    wrong += u64[head_data[head]] != u64[heads[head]]
-                    u64[heads[head]] = rand.randrange(top) * 8
-                    avail[2 + avail_idx % q.size] = head
-                    avail_idx = (avail_idx + 1) & 0xFFFF
-                seen = used_idx
-                avail[1] = avail_idx
-                drv.frontend.kick(0)
-                done += n
-                if time.monotonic() >= end:
-                    break
-        elapsed = time.monotonic() - start
-        for view in (u64, used, avail):
-            view.release()
-        q._inflight.clear()
-        if dirty_log is not None and not any(dirty_log):
-            raise RuntimeError("LOG_ALL on, but nothing was logged")
-    out.put((done / elapsed, failed, wrong))
-
-
-def blk_run(sock: Path, sectors: int, seconds: float, log: bool = False) -> float:
-    """IOPS of the front-end process against ``sock``; every request must succeed with the right data."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_blk_frontend, args=(str(sock), sectors, seconds, out, log))
-    proc.start()
-    try:
-        iops, failed, wrong = out.get(timeout=seconds + 60)
-    finally:
-        proc.join(10)
-    if failed or wrong:
-        raise RuntimeError(f"{sock.name}: {failed} requests failed, {wrong} returned the wrong block")
-    return iops
-
-
 def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
     from iovirt.virtio.blk.defs import SECTOR_SIZE
 
-    image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench.img"
     size = 256 << 20
-    with open(image, "wb") as f:
-        # Every 4 KiB block starts with its own sector number, so reads can be checked.
-        block = bytearray(4096)
-        for sector in range(0, size // SECTOR_SIZE, 8):
-            block[:8] = sector.to_bytes(8, "little")
-            f.write(block)
-    try:
+    with numbered_image(size) as image:
         sock = tmp / "iovirt-blk.sock"
-        backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
-        _wait_socket(sock, backend)
+        backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
+        wait_socket(sock, backend)
         try:
             ours = blk_run(sock, size // SECTOR_SIZE, seconds)
         finally:
-            _stop(backend, signal.SIGTERM)
+            stop_process(backend, signal.SIGTERM)
         sock = tmp / "qsd-blk.sock"
         peer = subprocess.Popen(
             ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
              "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
             stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
         )
-        _wait_socket(sock, peer)
+        wait_socket(sock, peer)
         try:
             theirs = blk_run(sock, size // SECTOR_SIZE, seconds)
         finally:
-            _stop(peer, signal.SIGTERM)
-    finally:
-        image.unlink()
-        image.parent.rmdir()
+            stop_process(peer, signal.SIGTERM)
     print(f"blk 4 KiB random read, QD32, /dev/shm: iovirt {ours:,.0f} IOPS   "
           f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}")
     return {"blk_4k_randread_iops": ours, "qsd_4k_randread_iops": theirs, "ratio_blk_vs_qsd": round(ours / theirs, 3)}
@@ -424,7 +313,7 @@ def _net_tx_frontend(sock: str, seconds: float, out, log: bool) -> None:
     os.sched_setaffinity(0, {1})
     from iovirt.vhost_user.driver import VhostUserDriver
 
-    with VhostUserDriver(sock, features=~(1 << 29) & ((1 << 64) - 1)) as drv:  # no EVENT_IDX
+    with VhostUserDriver(sock, features=NO_EVENT_IDX) as drv:  # no EVENT_IDX
         rx, tx = drv.start_queues([0, 1], size=256).values()
         frame = bytes.fromhex("020000dead01") + bytes.fromhex("020000beef01") + b"\x88\xb5" + bytes(50)
         for _ in range(256):
@@ -465,8 +354,8 @@ def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
 
     figures: dict[str, float] = {}
     sock = tmp / "iovirt-log-net.sock"
-    backend = _iovirt(["--net", str(sock)], tmp / "iovirt-log-net.log")
-    _wait_socket(sock, backend)
+    backend = serve_iovirt(["--net", str(sock)], tmp / "iovirt-log-net.log")
+    wait_socket(sock, backend)
     ctx = mp.get_context("spawn")
     try:
         rates = [0.0, 0.0]
@@ -478,30 +367,21 @@ def logging_figures(tmp: Path, seconds: float) -> dict[str, float]:
                 rates[log] = max(rates[log], out.get(timeout=seconds + 60))
                 proc.join(10)
     finally:
-        _stop(backend, signal.SIGTERM)
+        stop_process(backend, signal.SIGTERM)
     figures["net_64B_frames_per_s_log_off"], figures["net_64B_frames_per_s_log_on"] = rates
     figures["logging_slowdown_net_64B"] = round(rates[0] / rates[1], 3)
-    image = Path(tempfile.mkdtemp(dir="/dev/shm")) / "bench-log.img"
     size = 64 << 20
-    with open(image, "wb") as f:
-        block = bytearray(4096)
-        for sector in range(0, size // SECTOR_SIZE, 8):
-            block[:8] = sector.to_bytes(8, "little")
-            f.write(block)
-    try:
+    with numbered_image(size) as image:
         sock = tmp / "iovirt-log-blk.sock"
-        backend = _iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-log-blk.log")
-        _wait_socket(sock, backend)
+        backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-log-blk.log")
+        wait_socket(sock, backend)
         try:
             iops = [0.0, 0.0]
             for _ in range(ROUNDS):
                 for log in (False, True):
                     iops[log] = max(iops[log], blk_run(sock, size // SECTOR_SIZE, seconds, log))
         finally:
-            _stop(backend, signal.SIGTERM)
-    finally:
-        image.unlink()
-        image.parent.rmdir()
+            stop_process(backend, signal.SIGTERM)
     figures["blk_4k_iops_log_off"], figures["blk_4k_iops_log_on"] = iops
     figures["logging_slowdown_blk_4k"] = round(iops[0] / iops[1], 3)
     print(f"dirty logging (LOG_ALL on/off time ratio): net 64 B sink {rates[0]:,.0f} -> {rates[1]:,.0f} frames/s "
@@ -515,9 +395,9 @@ def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
     from iovirt.control.cli import request
 
     sock, control = tmp / "iovirt-counters.sock", tmp / "iovirt-counters.ctl"
-    backend = _iovirt(["--net", str(sock), "--control", str(control)], tmp / "iovirt-counters.log")
-    _wait_socket(sock, backend)
-    _wait_socket(control, backend)
+    backend = serve_iovirt(["--net", str(sock), "--control", str(control)], tmp / "iovirt-counters.log")
+    wait_socket(sock, backend)
+    wait_socket(control, backend)
     ctx = mp.get_context("spawn")
     rates = [0.0, 0.0]  # off, on
     try:
@@ -530,7 +410,7 @@ def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
                 rates[counting] = max(rates[counting], out.get(timeout=seconds + 60))
                 proc.join(10)
     finally:
-        _stop(backend, signal.SIGTERM)
+        stop_process(backend, signal.SIGTERM)
     cost = rates[0] / rates[1]
     print(f"counters (off/on time ratio): net 64 B sink {rates[0]:,.0f} -> {rates[1]:,.0f} frames/s ({cost:.3f}x)")
     return {"net_64B_frames_per_s_counters_off": rates[0], "net_64B_frames_per_s_counters_on": rates[1],
