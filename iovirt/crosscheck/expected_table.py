@@ -238,3 +238,8 @@ EXPECTED += (
         "IOTLB register's page-selective invalidation)",
     ),
 )
+
+SRIOV_NUMVFS_ABOVE_TOTAL = "sriov-numvfs-above-total"
+"""Placeholder, filled in below."""
+SRIOV_PAGE_ABOVE_BAR = "sriov-page-above-bar"
+"""Placeholder, filled in below."""
