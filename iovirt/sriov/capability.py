@@ -7,10 +7,10 @@ rule below is applied, and a rejected write is logged once:
 - NumVFs is writable only while VF Enable is clear (§9.3.3.7; QEMU makes
   its write mask 0).  A value above TotalVFs is ignored and NumVFs keeps its
   value (the spec leaves it undefined), so NumVFs never exceeds TotalVFs.
-- VF Enable takes effect only with ``0 < NumVFs``; otherwise the bit stays
-  clear.  The spec makes exactly NumVFs VFs visible after "NumVFs is set to a
-  valid value and VF Enable is Set" (§9.3.3.3.1): with NumVFs 0 there is
-  nothing to enable, and keeping the bit clear tells software so.
+- VF Enable is RW (§9.3.3.3.1) and reads back what was written, NumVFs 0
+  included: exactly NumVFs VFs become visible when it is set, so with NumVFs
+  0 none do (the bit stays set, as QEMU keeps it).  It stays clear only when
+  the VFs cannot be placed on the PF's bus, which :func:`attach_pf` rules out.
 - First VF Offset and VF Stride are recomputed whenever NumVFs or ARI
   Capable Hierarchy changes (§9.3.3.9-10), from the device's
   :data:`~iovirt.sriov.routing.VfRouting`.  They are checked at build time
@@ -295,8 +295,6 @@ class SriovCapability(ExtendedCapability):
         if bus is None:
             return "the PF is on no bus"
         num_vfs = self.num_vfs
-        if not num_vfs:
-            return "NumVFs is 0"
         problem = self.placement_problem(bus, pf.devfn, num_vfs, self.ari)
         if problem is not None:
             return problem
