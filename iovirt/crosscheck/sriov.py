@@ -27,20 +27,29 @@ from typing import Sequence
 
 from iovirt.crosscheck.area import Area, Observation
 from iovirt.crosscheck.expected import ExpectedDifference, explain_read
-from iovirt.crosscheck.expected_table import EXPECTED, SRIOV_NUMVFS_ABOVE_TOTAL, SRIOV_PAGE_ABOVE_BAR
+from iovirt.crosscheck.expected_table import (
+    EXPECTED,
+    SRIOV_ARI_DIVERGED,
+    SRIOV_NUMVFS_DIVERGED,
+    SRIOV_PAGE_ABOVE_BAR,
+    SRIOV_PAGE_DIVERGED,
+    SRIOV_VF_PRESENCE_DIVERGED,
+)
 from iovirt.crosscheck.ops import Op
 from iovirt.crosscheck.qtest import QtestClient
 from iovirt.crosscheck.sriov_topology import (
     ECAM_BASE,
     PF_BDF,
     SriovLayout,
+    SriovTopologyError,
+    VfBarInfo,
     build_iovirt,
     discover,
     start_qemu,
 )
 from iovirt.crosscheck.topology import ENDPOINT_BUS
 from iovirt.pci.host import PciHost
-from iovirt.pci.regs import PCI_CFG_SPACE_EXP_SIZE
+from iovirt.pci.regs import PCI_CFG_SPACE_EXP_SIZE, PCI_REVISION_ID
 from iovirt.sriov.capability import SriovCapability
 from iovirt.sriov.regs import (
     PCI_EXT_CAP_SRIOV_SIZEOF,
@@ -52,10 +61,14 @@ from iovirt.sriov.regs import (
     PCI_SRIOV_NUM_BARS,
     PCI_SRIOV_NUM_VF,
     PCI_SRIOV_SYS_PGSIZE,
+    SRIOV_PAGE_SHIFT,
 )
+from iovirt.sriov.capability import patch_register
 
 SRIOV_SPACE = "sriov"
 VF_SPACE = "vf"
+TABLE_LAYOUT = (0x553, [VfBarInfo(0, 0x4000, True, False)])
+"""Supported Page Sizes and VF BARs the SR-IOV entries of the expected-differences table are written for."""
 _VF_HOT_END = 0x200
 """Most VF reads fall in the header, the capabilities and the first extended ones."""
 
@@ -87,6 +100,11 @@ class SriovArea(Area):
         self.layout = discover(self.qemu)
         self.host, _, self.sriov = build_iovirt(self.layout)
         self.vf_devfns = self.layout.vf_devfns()
+        if (self.layout.supported_page_sizes, self.layout.vf_bars) != TABLE_LAYOUT:
+            raise SriovTopologyError(
+                f"QEMU's nvme offers page sizes {self.layout.supported_page_sizes:#x} and VF BARs "
+                f"{self.layout.vf_bars}; the expected-differences table assumes {TABLE_LAYOUT}"
+            )
 
     def close(self) -> None:
         if self.qemu is not None:
@@ -149,7 +167,9 @@ class SriovArea(Area):
     # -- running -------------------------------------------------------------------
 
     def _preamble(self) -> list[Op]:
+        # SR-IOV Control twice: ARI Capable Hierarchy cannot change in the write that clears VF Enable.
         ops = [
+            Op("w", SRIOV_SPACE, PCI_SRIOV_CTRL, 2, 0),
             Op("w", SRIOV_SPACE, PCI_SRIOV_CTRL, 2, 0),
             Op("w", SRIOV_SPACE, PCI_SRIOV_NUM_VF, 2, 0),
             Op("w", SRIOV_SPACE, PCI_SRIOV_SYS_PGSIZE, 4, 1),
@@ -176,17 +196,17 @@ class SriovArea(Area):
         replies = qemu.batch(commands)[len(preamble) :]
         return [int(reply, 16) if op.kind == "r" else None for op, reply in zip(ops, replies)]
 
+    def run_iovirt_op(self, op: Op) -> Observation:
+        """One op on iovirt, from whatever state it is in."""
+        assert self.host is not None
+        if op.kind == "r":
+            return self.host.ecam_read(self._ecam(op), op.size)
+        self.host.ecam_write(self._ecam(op), op.size, op.value)
+        return None
+
     def run_iovirt(self, ops: Sequence[Op]) -> list[Observation]:
-        host = self.host
-        assert host is not None
-        observations: list[Observation] = []
-        for op in [*self._preamble(), *ops]:
-            if op.kind == "r":
-                observations.append(host.ecam_read(self._ecam(op), op.size))
-            else:
-                host.ecam_write(self._ecam(op), op.size, op.value)
-                observations.append(None)
-        return observations[len(self._preamble()) :]
+        preamble = self._preamble()
+        return [self.run_iovirt_op(op) for op in [*preamble, *ops]][len(preamble) :]
 
     # -- expected differences ----------------------------------------------------------
 
@@ -196,7 +216,46 @@ class SriovArea(Area):
         op = ops[index]
         if op.kind != "r" or not isinstance(qemu, int) or not isinstance(iovirt, int):
             return None
-        return explain_read(self.expected, op.space, op.offset, op.size, qemu, iovirt, self._conditions(ops, index))
+        conditions = self._conditions(ops, index)
+        if op.space == VF_SPACE:
+            if SRIOV_NUMVFS_DIVERGED in conditions and self._presence_differs(ops, index):
+                return next(e for e in self.expected if e.condition == SRIOV_VF_PRESENCE_DIVERGED)
+            return None
+        return explain_read(self.expected, op.space, op.offset, op.size, qemu, iovirt, conditions)
+
+    def _presence_differs(self, ops: Sequence[Op], index: int) -> bool:
+        """Whether the VF ``ops[index]`` reads exists on one side only (its Class Code reads all-ones on the other)."""
+        probe = Op("r", VF_SPACE, ops[index].offset & ~0xFFF | PCI_REVISION_ID, 4)
+        absent = [side([*ops[:index], probe])[-1] == 0xFFFFFFFF for side in (self.run_qemu, self.run_iovirt)]
+        return absent[0] != absent[1]
 
     def _conditions(self, ops: Sequence[Op], index: int) -> frozenset[str]:
-        return frozenset()
+        """Which of the SR-IOV conditions of :mod:`~iovirt.crosscheck.expected_table` the prefix meets.
+
+        Replays ``ops[:index]`` on iovirt (only for a mismatch), looking at its state before each write.
+        """
+        sriov, host, layout = self.sriov, self.host, self.layout
+        assert sriov is not None and host is not None and layout is not None
+        min_bar = min(bar.size for bar in layout.vf_bars)
+        found: set[str] = set()
+        for op in [*self._preamble(), *ops[:index]]:
+            if op.kind == "w" and op.space == SRIOV_SPACE:
+                enabled, total = sriov.vf_enabled, sriov.total_vfs
+                num = patch_register(sriov.num_vfs, PCI_SRIOV_NUM_VF, 2, op.offset, op.size, op.value)
+                if num is not None and num != sriov.num_vfs and (enabled or num > total):
+                    found.add(SRIOV_NUMVFS_DIVERGED)
+                ctrl = patch_register(sriov.control, PCI_SRIOV_CTRL, 2, op.offset, op.size, op.value)
+                if ctrl is not None and enabled and not ctrl & PCI_SRIOV_CTRL_VFE and sriov.enabled_vfs:
+                    found.add(SRIOV_NUMVFS_DIVERGED)
+                if ctrl is not None and enabled and (ctrl ^ sriov.control) & PCI_SRIOV_CTRL_ARI:
+                    found.add(SRIOV_ARI_DIVERGED)
+                page_before = sriov.page_size >> SRIOV_PAGE_SHIFT
+                page = patch_register(page_before, PCI_SRIOV_SYS_PGSIZE, 4, op.offset, op.size, op.value)
+                if page is not None and page != page_before and (
+                    enabled or page & (page - 1) or not page & layout.supported_page_sizes
+                ):
+                    found.add(SRIOV_PAGE_DIVERGED)
+            self.run_iovirt_op(op)
+            if sriov.page_size > min_bar:
+                found.add(SRIOV_PAGE_ABOVE_BAR)
+        return frozenset(found)

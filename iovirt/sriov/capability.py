@@ -99,7 +99,7 @@ class VfBarLayout:
     prefetchable: bool
 
 
-def _patch(current: int, reg: int, reg_size: int, offset: int, size: int, value: int) -> int | None:
+def patch_register(current: int, reg: int, reg_size: int, offset: int, size: int, value: int) -> int | None:
     """What register ``[reg, reg+reg_size)`` would hold if every bit took this write; None if missed."""
     lo, hi = max(reg, offset), min(reg + reg_size, offset + size)
     if lo >= hi:
@@ -376,9 +376,9 @@ class SriovCapability(ExtendedCapability):
         ctrl_before = self.control
         num_before = self.num_vfs
         page_before = self._get(PCI_SRIOV_SYS_PGSIZE, 4)
-        num_wanted = _patch(num_before, PCI_SRIOV_NUM_VF, 2, rel, size, value)
-        page_wanted = _patch(page_before, PCI_SRIOV_SYS_PGSIZE, 4, rel, size, value)
-        ctrl_wanted = _patch(ctrl_before, PCI_SRIOV_CTRL, 2, rel, size, value)
+        num_wanted = patch_register(num_before, PCI_SRIOV_NUM_VF, 2, rel, size, value)
+        page_wanted = patch_register(page_before, PCI_SRIOV_SYS_PGSIZE, 4, rel, size, value)
+        ctrl_wanted = patch_register(ctrl_before, PCI_SRIOV_CTRL, 2, rel, size, value)
         cfg.default_write(offset, size, value)
 
         if num_wanted is not None and num_wanted != num_before:
