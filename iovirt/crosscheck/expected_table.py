@@ -307,3 +307,12 @@ EXPECTED += (
         condition=SRIOV_PAGE_ABOVE_BAR,
     ),
 )
+EXPECTED += (
+    ExpectedDifference(
+        "sriov", "vf", 0x3D, 1, 0xFF,
+        "read a VF's Interrupt Pin",
+        "PCIe 4.0 §9.3.4.1: VFs do not implement INTx, so a VF's Interrupt Pin (like its Interrupt Line) is "
+        "read-only 0",
+        "QEMU's VF copies the PF's Interrupt Pin (01h, INTA)",
+    ),
+)

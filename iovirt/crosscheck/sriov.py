@@ -69,8 +69,9 @@ SRIOV_SPACE = "sriov"
 VF_SPACE = "vf"
 TABLE_LAYOUT = (0x553, [VfBarInfo(0, 0x4000, True, False)])
 """Supported Page Sizes and VF BARs the SR-IOV entries of the expected-differences table are written for."""
-_VF_HOT_END = 0x200
-"""Most VF reads fall in the header, the capabilities and the first extended ones."""
+_VF_REGIONS = ((0, 0x40), (0x40, 0x100), (0x100, 0x200), (0, PCI_CFG_SPACE_EXP_SIZE))
+_VF_REGION_WEIGHTS = (5, 3, 1.5, 0.5)
+"""VF reads: mostly the header and the capabilities, some the first extended ones, a few anywhere."""
 
 
 def _ctrl_value(rng: random.Random) -> int:
@@ -144,8 +145,8 @@ class SriovArea(Area):
     def _vf_read(self, rng: random.Random) -> Op:
         devfn = rng.choice(self.vf_devfns)
         size = rng.choice((1, 2, 4))
-        end = _VF_HOT_END if rng.random() < 0.9 else PCI_CFG_SPACE_EXP_SIZE
-        return Op("r", VF_SPACE, devfn << 12 | rng.randrange(0, end, size), size)
+        lo, hi = rng.choices(_VF_REGIONS, _VF_REGION_WEIGHTS)[0]
+        return Op("r", VF_SPACE, devfn << 12 | rng.randrange(lo, hi, size), size)
 
     def generate(self, rng: random.Random, count: int) -> list[Op]:
         ops: list[Op] = []
@@ -220,7 +221,8 @@ class SriovArea(Area):
         if op.space == VF_SPACE:
             if SRIOV_NUMVFS_DIVERGED in conditions and self._presence_differs(ops, index):
                 return next(e for e in self.expected if e.condition == SRIOV_VF_PRESENCE_DIVERGED)
-            return None
+            # Entries name a VF register, whichever VF is read.
+            return explain_read(self.expected, op.space, op.offset & 0xFFF, op.size, qemu, iovirt, conditions)
         return explain_read(self.expected, op.space, op.offset, op.size, qemu, iovirt, conditions)
 
     def _presence_differs(self, ops: Sequence[Op], index: int) -> bool:
