@@ -240,7 +240,9 @@ class SriovArea(Area):
         assert sriov is not None and host is not None and layout is not None
         min_bar = min(bar.size for bar in layout.vf_bars)
         found: set[str] = set()
-        for op in [*self._preamble(), *ops[:index]]:
+        for op in self._preamble():
+            self.run_iovirt_op(op)
+        for op in ops[:index]:
             if op.kind == "w" and op.space == SRIOV_SPACE:
                 enabled, total = sriov.vf_enabled, sriov.total_vfs
                 num = patch_register(sriov.num_vfs, PCI_SRIOV_NUM_VF, 2, op.offset, op.size, op.value)
