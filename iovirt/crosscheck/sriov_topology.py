@@ -24,6 +24,7 @@ capability's Next Function Number).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from iovirt.crosscheck.qtest import QtestClient
 from iovirt.crosscheck.topology import (
@@ -56,13 +57,11 @@ from iovirt.pci.regs import (
     PCI_DEVICE_ID,
     PCI_EXT_CAP_ID_ARI,
     PCI_INTERRUPT_PIN,
-    PCI_MSIX_FLAGS,
     PCI_MSIX_FLAGS_QSIZE,
     PCI_MSIX_PBA,
     PCI_MSIX_TABLE,
     PCI_PM_CTRL,
     PCI_PM_CTRL_NO_SOFT_RESET,
-    PCI_PM_PMC,
     PCI_PRIMARY_BUS,
     PCI_REVISION_ID,
     PCI_SUBSYSTEM_ID,
@@ -265,6 +264,7 @@ def discover(qemu: QtestClient) -> SriovLayout:
     layout.vf_caps = walk_capabilities(vf)
     layout.vf_ext_caps = walk_extended_capabilities(vf)
     for cap_id, off in layout.vf_caps:
+        regs: tuple[int, ...]
         if cap_id == PCI_CAP_ID_MSIX:
             regs = (off, off + PCI_MSIX_TABLE, off + PCI_MSIX_PBA)
         elif cap_id == PCI_CAP_ID_PM:
@@ -283,7 +283,7 @@ def discover(qemu: QtestClient) -> SriovLayout:
     return layout
 
 
-def _make_vf_builder(layout: SriovLayout):  # type: ignore[no-untyped-def]
+def _make_vf_builder(layout: SriovLayout) -> Callable[[SriovCapability, int], VirtualFunction]:
     pcie_choices = [c for c in DEVICE_CHOICES if c.cap == "pcie"]
 
     def make_vf(sriov: SriovCapability, k: int) -> VirtualFunction:
