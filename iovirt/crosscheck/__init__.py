@@ -5,6 +5,8 @@
 - :mod:`~iovirt.crosscheck.msix` -- area ``msix`` (table, PBA, delivery; :mod:`~iovirt.crosscheck.qmp` fires interrupts);
 - :mod:`~iovirt.crosscheck.pci_config` -- area ``pci-config`` on the topology of
   :mod:`~iovirt.crosscheck.topology`;
+- :mod:`~iovirt.crosscheck.sriov` -- area ``sriov`` (QEMU's nvme SR-IOV through ECAM) on the topology of
+  :mod:`~iovirt.crosscheck.sriov_topology`;
 - :mod:`~iovirt.crosscheck.expected` / :mod:`~iovirt.crosscheck.expected_table` -- where QEMU
   departs from the spec;
 - :mod:`~iovirt.crosscheck.report` and :mod:`~iovirt.crosscheck.cli` -- ``iovirt crosscheck``.

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     # iovirt's models log each odd access a random sequence makes (an unset
     # pci_cfg window, a write to the PBA, a register invalidation with QI on);
     # the comparison reports what matters.
-    quiet = [logging.getLogger(name) for name in ("iovirt.pci", "iovirt.virtio", "iovirt.vtd")]
+    quiet = [logging.getLogger(name) for name in ("iovirt.pci", "iovirt.sriov", "iovirt.virtio", "iovirt.vtd")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)

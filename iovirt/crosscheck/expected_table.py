@@ -238,3 +238,81 @@ EXPECTED += (
         "IOTLB register's page-selective invalidation)",
     ),
 )
+
+# SR-IOV (area ``sriov``): offsets relative to the PF's SR-IOV capability, ``vf`` offsets are
+# ``devfn << 12 | register``.  Bits assume QEMU's nvme layout, which :mod:`iovirt.crosscheck.sriov`
+# checks at start: Supported Page Sizes 0x553, VF BAR0 a 16 KiB 64-bit BAR.
+SRIOV_NUMVFS_DIVERGED = "sriov-numvfs-diverged"
+"""Earlier, VF Enable was cleared with VFs enabled, or NumVFs was written while VF Enable was set, or
+NumVFs was written above TotalVFs."""
+SRIOV_VF_PRESENCE_DIVERGED = "sriov-vf-presence-diverged"
+"""SRIOV_NUMVFS_DIVERGED holds and the VF read exists on one side only.  The area matches this entry
+itself, for a read at any register of that VF (its offset, size and bits say only "a whole dword")."""
+SRIOV_PAGE_DIVERGED = "sriov-page-diverged"
+"""Earlier, System Page Size was written while VF Enable was set, or with a value that is not one
+supported page size."""
+SRIOV_ARI_DIVERGED = "sriov-ari-diverged"
+"""Earlier, ARI Capable Hierarchy was changed while VF Enable was set."""
+SRIOV_PAGE_ABOVE_BAR = "sriov-page-above-bar"
+"""Earlier in the sequence (or now), System Page Size was larger than VF BAR0."""
+
+_NUMVFS_UNDEFINED = (
+    "PCIe 4.0 §9.3.3.7: NumVFs is RW and keeps what software wrote; software may write it only while "
+    "VF Enable is clear, and results are undefined if it is written while VF Enable is set or set "
+    "above TotalVFs; nothing but a PF reset returns it to 0"
+)
+EXPECTED += (
+    ExpectedDifference(
+        "sriov", "sriov", 0x10, 2, 0xFFFF,
+        "clear VF Enable with VFs enabled (or write NumVFs while VF Enable is set, or above TotalVFs), "
+        "read NumVFs", _NUMVFS_UNDEFINED,
+        "QEMU 7.2 zeroes NumVFs when it disables the VFs (unregister_vfs; fixed upstream in 2024), which the "
+        "spec does not allow; the other two are undefined by the spec: QEMU stores the value, iovirt keeps "
+        "NumVFs as it was (so NumVFs never exceeds TotalVFs and always matches the enabled VFs)",
+        condition=SRIOV_NUMVFS_DIVERGED,
+    ),
+    ExpectedDifference(
+        "sriov", "vf", 0, 0x1000, 0xFFFFFFFF,
+        "after the NumVFs difference above, set VF Enable and read a VF's configuration space",
+        "PCIe 4.0 §9.3.3.3.1: setting VF Enable makes NumVFs VFs visible at their routing IDs",
+        "a consequence of the NumVFs difference: the two sides enable different numbers of VFs, so a VF "
+        "that exists on one side reads all-ones on the other (a VF present on both must still match)",
+        condition=SRIOV_VF_PRESENCE_DIVERGED,
+    ),
+    ExpectedDifference(
+        "sriov", "sriov", 0x20, 4, 0x553,
+        "write System Page Size while VF Enable is set, or with zero, several or unsupported page bits, "
+        "read it",
+        "PCIe 4.0 §9.3.3.13: software must write exactly one of the Supported Page Sizes and must not change "
+        "it while VF Enable is set; other writes give undefined results",
+        "undefined by the spec: QEMU stores the write under its Supported Page Sizes mask, iovirt ignores "
+        "the write and keeps the page size it had",
+        condition=SRIOV_PAGE_DIVERGED,
+    ),
+    ExpectedDifference(
+        "sriov", "sriov", 0x08, 1, 0x10,
+        "change ARI Capable Hierarchy while VF Enable is set, read SR-IOV Control",
+        "PCIe 4.0 §9.3.3.3.5: ARI Capable Hierarchy may be changed only while VF Enable is clear; "
+        "changing it with VFs enabled gives undefined results (their routing IDs would move)",
+        "undefined by the spec: QEMU stores the bit, iovirt keeps it until VF Enable is clear",
+        condition=SRIOV_ARI_DIVERGED,
+    ),
+    ExpectedDifference(
+        "sriov", "sriov", 0x24, 4, 0x003FC000,
+        "set a System Page Size larger than VF BAR0 (16 KiB), size or write VF BAR0, read it",
+        "PCIe 4.0 §9.3.3.13-14: every VF BAR is aligned to and sized as a whole number of System Page Size "
+        "bytes, so with a 64 KiB page a 16 KiB VF BAR reads back a 64 KiB mask and its address bits "
+        "below 64 KiB are read-only 0",
+        "QEMU's VF BAR write masks are fixed at the VFs' own BAR size whatever the System Page Size",
+        condition=SRIOV_PAGE_ABOVE_BAR,
+    ),
+)
+EXPECTED += (
+    ExpectedDifference(
+        "sriov", "vf", 0x3D, 1, 0xFF,
+        "read a VF's Interrupt Pin",
+        "PCIe 4.0 §9.3.4.1: VFs do not implement INTx, so a VF's Interrupt Pin (like its Interrupt Line) is "
+        "read-only 0",
+        "QEMU's VF copies the PF's Interrupt Pin (01h, INTA)",
+    ),
+)

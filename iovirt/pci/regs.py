@@ -128,6 +128,7 @@ PCI_CAP_MIN_OFFSET = 0x40
 # next 31:20; the list starts at 0x100.
 PCI_EXT_CAP_START = 0x100
 PCI_EXT_CAP_ID_VNDR = 0x0B
+PCI_EXT_CAP_ID_ARI = 0x0E  # Alternative Routing-ID Interpretation (PCIe §7.8.8)
 PCI_EXT_CAP_ID_SRIOV = 0x10
 
 # MSI (PCI 3.0 §6.8.1).

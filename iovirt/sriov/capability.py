@@ -7,10 +7,10 @@ rule below is applied, and a rejected write is logged once:
 - NumVFs is writable only while VF Enable is clear (§9.3.3.7; QEMU makes
   its write mask 0).  A value above TotalVFs is ignored and NumVFs keeps its
   value (the spec leaves it undefined), so NumVFs never exceeds TotalVFs.
-- VF Enable takes effect only with ``0 < NumVFs``; otherwise the bit stays
-  clear.  The spec makes exactly NumVFs VFs visible after "NumVFs is set to a
-  valid value and VF Enable is Set" (§9.3.3.3.1): with NumVFs 0 there is
-  nothing to enable, and keeping the bit clear tells software so.
+- VF Enable is RW (§9.3.3.3.1) and reads back what was written, NumVFs 0
+  included: exactly NumVFs VFs become visible when it is set, so with NumVFs
+  0 none do (the bit stays set, as QEMU keeps it).  It stays clear only when
+  the VFs cannot be placed on the PF's bus, which :func:`attach_pf` rules out.
 - First VF Offset and VF Stride are recomputed whenever NumVFs or ARI
   Capable Hierarchy changes (§9.3.3.9-10), from the device's
   :data:`~iovirt.sriov.routing.VfRouting`.  They are checked at build time
@@ -99,7 +99,7 @@ class VfBarLayout:
     prefetchable: bool
 
 
-def _patch(current: int, reg: int, reg_size: int, offset: int, size: int, value: int) -> int | None:
+def patch_register(current: int, reg: int, reg_size: int, offset: int, size: int, value: int) -> int | None:
     """What register ``[reg, reg+reg_size)`` would hold if every bit took this write; None if missed."""
     lo, hi = max(reg, offset), min(reg + reg_size, offset + size)
     if lo >= hi:
@@ -295,8 +295,6 @@ class SriovCapability(ExtendedCapability):
         if bus is None:
             return "the PF is on no bus"
         num_vfs = self.num_vfs
-        if not num_vfs:
-            return "NumVFs is 0"
         problem = self.placement_problem(bus, pf.devfn, num_vfs, self.ari)
         if problem is not None:
             return problem
@@ -378,9 +376,9 @@ class SriovCapability(ExtendedCapability):
         ctrl_before = self.control
         num_before = self.num_vfs
         page_before = self._get(PCI_SRIOV_SYS_PGSIZE, 4)
-        num_wanted = _patch(num_before, PCI_SRIOV_NUM_VF, 2, rel, size, value)
-        page_wanted = _patch(page_before, PCI_SRIOV_SYS_PGSIZE, 4, rel, size, value)
-        ctrl_wanted = _patch(ctrl_before, PCI_SRIOV_CTRL, 2, rel, size, value)
+        num_wanted = patch_register(num_before, PCI_SRIOV_NUM_VF, 2, rel, size, value)
+        page_wanted = patch_register(page_before, PCI_SRIOV_SYS_PGSIZE, 4, rel, size, value)
+        ctrl_wanted = patch_register(ctrl_before, PCI_SRIOV_CTRL, 2, rel, size, value)
         cfg.default_write(offset, size, value)
 
         if num_wanted is not None and num_wanted != num_before:

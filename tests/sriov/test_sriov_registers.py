@@ -117,13 +117,21 @@ def test_num_vfs_above_total_vfs_is_ignored(pf_regs, caplog) -> None:
     assert regs.read(PCI_SRIOV_NUM_VF, 2) == 16
 
 
-def test_vf_enable_with_num_vfs_zero_stays_clear(pf_regs, caplog) -> None:
+def test_vf_enable_with_num_vfs_zero_reads_back_set_and_enables_no_vf(pf_regs, caplog) -> None:
+    # PCIe §9.3.3.3.1: VF Enable is RW; with NumVFs 0, zero VFs become visible (found by the
+    # sriov crosscheck area against QEMU: iovirt used to keep the bit clear).
     _, cap, regs = pf_regs
     with caplog.at_level(logging.WARNING, "iovirt.sriov"):
         regs.write(PCI_SRIOV_CTRL, 2, PCI_SRIOV_CTRL_VFE | PCI_SRIOV_CTRL_MSE)
-    assert regs.read(PCI_SRIOV_CTRL, 2) == PCI_SRIOV_CTRL_MSE
+    assert regs.read(PCI_SRIOV_CTRL, 2) == PCI_SRIOV_CTRL_VFE | PCI_SRIOV_CTRL_MSE
     assert cap.enabled_vfs == []
-    assert "VF Enable ignored: NumVFs is 0" in caplog.text
+    assert "VF Enable ignored" not in caplog.text
+    regs.write(PCI_SRIOV_NUM_VF, 2, 2)  # frozen while VF Enable is set (§9.3.3.7)
+    assert regs.read(PCI_SRIOV_NUM_VF, 2) == 0
+    regs.write(PCI_SRIOV_CTRL, 2, 0)
+    regs.write(PCI_SRIOV_NUM_VF, 2, 2)
+    regs.write(PCI_SRIOV_CTRL, 2, PCI_SRIOV_CTRL_VFE)
+    assert len(cap.enabled_vfs) == 2
 
 
 @pytest.mark.parametrize("num_vfs", [1, 7, 16])
