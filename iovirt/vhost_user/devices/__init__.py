@@ -10,11 +10,14 @@ from __future__ import annotations
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.devices.net import NetAdapter
+from iovirt.vhost_user.devices.scsi import ScsiAdapter
 from iovirt.virtio.blk.defs import VIRTIO_ID_BLOCK
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import VIRTIO_ID_NET
+from iovirt.virtio.scsi.defs import VIRTIO_ID_SCSI
 
 _ADAPTERS: dict[int, type[VhostUserDevice]] = {VIRTIO_ID_NET: NetAdapter, VIRTIO_ID_BLOCK: BlkAdapter}
+_ADAPTERS[VIRTIO_ID_SCSI] = ScsiAdapter
 
 
 def register(device_id: int, adapter: type[VhostUserDevice]) -> None:
