@@ -1,4 +1,4 @@
-"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``.
+"""Command-line front of the vhost-user back-end: ``serve``, ``vhost-user-net``, ``vhost-user-blk``, ``vhost-user-scsi``.
 
 ``serve`` runs any number of devices in one process, every net port joined by
 one learning switch.  ``vhost-user-net`` and ``vhost-user-blk`` follow the
@@ -34,10 +34,12 @@ from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
 from iovirt.vhost_user.specs import DeviceSpec, SpecError, apply_limits, load_config, parse_blk, parse_net
+from iovirt.vhost_user.specs import parse_scsi, scsi_images
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
+from iovirt.virtio.scsi.device import VirtioScsi
 
 log = logging.getLogger("iovirt")
 
@@ -104,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a virtio-blk device on SOCKET backed by the raw IMAGE (created at SIZE if missing; repeatable); "
              "client: as for --net; iops and bps: rate limits (requests/s, bytes/s)",
     )
+    _scsi_serve_option(serve)
     serve.add_argument(
         "--config", metavar="FILE",
         help="read every device and option from a TOML file instead of the flags (docs/service.md); "
@@ -151,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
     blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     blk.set_defaults(func=run_blk)
+    _scsi_program(sub)
 
 
 def _positive(text: str) -> int:
@@ -366,8 +370,9 @@ def run_serve(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"iovirt serve: --config {exc}", file=sys.stderr)
             return 2
-    if not args.net and not args.blk:
-        print("iovirt serve: give at least one --net SOCKET or --blk SOCKET,IMAGE", file=sys.stderr)
+    if not args.net and not args.blk and not args.scsi:
+        print("iovirt serve: give at least one --net SOCKET, --blk SOCKET,IMAGE or --scsi SOCKET,IMAGE",
+              file=sys.stderr)
         return 2
     if args.dump_dir and (args.isolate or args.sandbox):
         # Workers are other processes; the sandbox forbids opening files after start-up.
@@ -375,6 +380,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.dump_dir and not os.path.isdir(args.dump_dir):
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
+        return 2
+    if args.isolate and args.scsi:
+        print("iovirt serve: --isolate does not serve --scsi yet", file=sys.stderr)
         return 2
     if args.isolate:
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
@@ -394,6 +402,7 @@ def run_serve(args: argparse.Namespace) -> int:
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")
             _add_device(server, spec, disk, f"blk{i} ({spec.socket})", sealed, inherited)
+        _add_scsi(server, args.scsi, sealed, inherited)
         _attach_tap(server, args.tap, switch)
     except (IovirtError, OSError) as exc:
         server.close()
@@ -427,7 +436,7 @@ def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int
         return 2
     server = _new_server(args)
     sealed = args.require_sealed_memory
-    label = "net0" if spec_kind == "net" else "blk0"
+    label = f"{spec_kind}0"
     try:
         device = make()
         if isinstance(where, int):
@@ -473,3 +482,52 @@ def _capabilities(kind: str) -> int:
     # vhost-user.rst "Backend program conventions": a JSON object with type and features.
     print(json.dumps(service.capabilities(kind)))
     return 0
+
+
+# -- scsi ------------------------------------------------------------------------------------
+def _scsi_serve_option(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--scsi", metavar="[client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]", type=_spec_type(parse_scsi),
+        action="append", default=[],
+        help="a virtio-scsi host adapter on SOCKET (QEMU -device vhost-user-scsi-pci,chardev=...) with target 0 "
+             "and LUN i on the i-th raw IMAGE (repeatable); ro: every LUN read-only; queues: request queues "
+             "(default 1; QEMU's num_queues must match)",
+    )
+
+
+def _scsi_program(sub: argparse._SubParsersAction) -> None:
+    scsi = sub.add_parser(
+        "vhost-user-scsi",
+        help="one virtio-scsi back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-scsi vhost-user back-end (target 0, LUN i on the i-th IMAGE), "
+                    "for libvirt-style launchers.",
+    )
+    _conventions(scsi)
+    scsi.add_argument("images", metavar="IMAGE", nargs="*", help="raw images: LUN 0, LUN 1, ...")
+    scsi.add_argument("--read-only", action="store_true", help="serve every LUN read-only")
+    scsi.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
+    scsi.set_defaults(func=run_scsi)
+
+
+def _add_scsi(server: VhostUserServer, specs: list[DeviceSpec], sealed: bool,
+              inherited: list[service.ListenFd]) -> None:
+    for i, spec in enumerate(specs):
+        device = VirtioScsi(scsi_images(spec), read_only=spec.read_only, num_queues=spec.queues, label=f"scsi{i}")
+        _add_device(server, spec, device, f"scsi{i} ({spec.socket})", sealed, inherited)
+
+
+def run_scsi(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-scsi``."""
+    if args.print_capabilities:
+        # vhost-user.rst "Backend program conventions": a JSON object with type and features.
+        print(json.dumps({"type": "scsi", "features": []}))
+        return 0
+    if not args.images:
+        print("iovirt vhost-user-scsi: give at least one IMAGE", file=sys.stderr)
+        return 2
+    options = {"images": tuple(args.images), "queues": args.num_queues}
+    where = _program_spec(args, "scsi", "vhost-user-scsi", image=args.images[0], read_only=args.read_only,
+                          options=options)
+    return _run_program(args, "vhost-user-scsi", where,
+                        lambda: VirtioScsi(args.images, read_only=args.read_only, num_queues=args.num_queues,
+                                           label="scsi0"), "scsi")
