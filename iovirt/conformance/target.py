@@ -12,8 +12,9 @@ from iovirt.conformance.registry import NotApplicable
 from iovirt.vhost_user.errors import BackendClosedError
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
 
-DEVICES = ("net", "blk")
-CONFIG_PROBE_SIZE = {"net": 12, "blk": 36}  # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4)
+DEVICES = ("net", "blk", "scsi")
+CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "scsi": 36}  # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4)
+# scsi: the whole struct virtio_scsi_config (5.6.4)
 RECONNECT_S = 1.0  # a back-end may still be tearing down the previous check's connection
 
 

@@ -11,17 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from iovirt.virtio.scsi.device import VirtioScsi  # noqa: E402
 
-from scsi_guest import ScsiGuest  # noqa: E402
-
-IMAGE_SIZE = 4 << 20
-
-
-def make_image(path, size: int = IMAGE_SIZE, fill: bytes = b"") -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        if fill:
-            f.write(fill)
-    return str(path)
+from scsi_guest import ScsiGuest, make_image  # noqa: E402
 
 
 @pytest.fixture

@@ -12,6 +12,16 @@ from iovirt.virtio.scsi.defs import CTRL_AN_REQ, CTRL_TMF_REQ, RESP_CMD_HDR, VIR
 from iovirt.virtio.scsi.device import VirtioScsi
 
 MEM = 8 << 20
+IMAGE_SIZE = 4 << 20
+
+
+def make_image(path, size: int = IMAGE_SIZE, fill: bytes = b"") -> str:
+    """A raw image of ``size`` bytes starting with ``fill``."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if fill:
+            f.write(fill)
+    return str(path)
 
 
 def lun_field(lun: int = 0, target: int = 0) -> bytes:

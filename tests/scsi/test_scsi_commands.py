@@ -10,7 +10,7 @@ import pytest
 from iovirt.virtio.scsi import defs as d
 from iovirt.virtio.scsi.target import MAX_UNMAP_BLOCKS, OPTIMAL_TRANSFER_BLOCKS, PRODUCT, REVISION, VENDOR
 
-from conftest import IMAGE_SIZE
+from scsi_guest import IMAGE_SIZE
 
 BLOCKS = IMAGE_SIZE // 512
 

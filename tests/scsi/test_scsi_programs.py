@@ -17,8 +17,7 @@ from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.specs import SpecError, load_config, parse_scsi, scsi_images
 from iovirt.virtio.scsi import defs as d
 
-from conftest import make_image
-from scsi_guest import lun_field
+from scsi_guest import lun_field, make_image
 
 ROOT = Path(__file__).resolve().parents[2]
 RESP = d.RESP_CMD_HDR.size + 96

@@ -1,6 +1,6 @@
 """The checks, one module per part of the specifications; importing this registers them all.
 
-The import order is the report order: vhost-user, generic virtio, net, blk;
+The import order is the report order: vhost-user, generic virtio, net, blk, scsi;
 then the virtio-pci transport checks (for in-process targets only).
 """
 
@@ -8,4 +8,5 @@ from iovirt.conformance.checks import vhost_user  # noqa: F401
 from iovirt.conformance.checks import virtqueue  # noqa: F401
 from iovirt.conformance.checks import net  # noqa: F401
 from iovirt.conformance.checks import blk  # noqa: F401
+from iovirt.conformance.checks import scsi  # noqa: F401
 from iovirt.conformance.checks import pci  # noqa: F401
