@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iovirt.conformance.platform_target import PlatformTarget
+from iovirt.conformance.platform_target import IN_PROCESS_DEVICES, PlatformTarget
 from iovirt.conformance.registry import Verdict
 from iovirt.conformance.report import ProgressLine, table, to_json, to_junit
 from iovirt.conformance.runner import Runner
@@ -34,11 +34,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     what.add_argument("--socket", metavar="PATH", help="the back-end's listening UNIX socket (needs --device)")
     what.add_argument(
         "--in-process",
-        choices=("net", "blk"),
+        choices=IN_PROCESS_DEVICES,
         metavar="net|blk",
         help="iovirt's device of this type behind the in-process virtio-pci platform (virtio 1.2 2.x and 4.1 checks)",
     )
-    p.add_argument("--device", choices=DEVICES, help="the device type behind the socket")
+    p.add_argument("--device", choices=DEVICES, metavar="|".join(DEVICES), help="the device type behind the socket")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")

@@ -45,7 +45,9 @@ from iovirt.vhost_user.specs import (
     parse_input,
     parse_net,
     parse_rng,
+    parse_scsi,
     parse_vsock,
+    scsi_images,
 )
 from iovirt.vhost_user.devices.vsock import attach as attach_vsock
 from iovirt.virtio.blk.device import VirtioBlk
@@ -55,6 +57,7 @@ from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
 from iovirt.virtio.net.tap import TapPort
 from iovirt.virtio.rng.device import VirtioRng
+from iovirt.virtio.scsi.device import VirtioScsi
 from iovirt.virtio.vsock.device import VirtioVsock
 
 log = logging.getLogger("iovirt")
@@ -118,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a virtio-blk device on SOCKET backed by the raw IMAGE (created at SIZE if missing; repeatable); "
              "client: as for --net; iops and bps: rate limits (requests/s, bytes/s)",
     )
+    _scsi_serve_option(serve)
     serve.add_argument(
         "--rng", metavar="[client:]SOCKET[,source=PATH][,rate=BYTES]", type=_spec_type(parse_rng), action="append",
         default=[],
@@ -189,6 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     blk.add_argument("--read-only", action="store_true", help="serve the image read-only (VIRTIO_BLK_F_RO)")
     blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     blk.set_defaults(func=run_blk)
+    _scsi_program(sub)
 
     rng = sub.add_parser(
         "vhost-user-rng",
@@ -456,8 +461,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"iovirt serve: --config {exc}", file=sys.stderr)
             return 2
-    if not (args.net or args.blk or args.rng or args.input or args.vsock):
-        print("iovirt serve: give at least one --net, --blk, --rng, --input or --vsock device", file=sys.stderr)
+    if not (args.net or args.blk or args.rng or args.input or args.vsock or args.scsi):
+        print("iovirt serve: give at least one --net, --blk, --rng, --input, --vsock or --scsi device", file=sys.stderr)
         return 2
     if args.dump_dir and (args.isolate or args.sandbox):
         # Workers are other processes; the sandbox forbids opening files after start-up.
@@ -467,7 +472,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iovirt serve: --dump-dir {args.dump_dir} is not a directory", file=sys.stderr)
         return 2
     if args.isolate:
-        if args.rng or args.input or args.vsock:
+        if args.rng or args.input or args.vsock or args.scsi:
             print("iovirt serve: --isolate serves net and blk devices only", file=sys.stderr)
             return 2
         if args.control:
@@ -497,6 +502,7 @@ def run_serve(args: argparse.Namespace) -> int:
             dev = VirtioInput(spec.options["kind"], label=f"input{i}")
             _add_device(server, spec, dev, f"input{i} ({spec.socket})", sealed, inherited)
         detach = [_add_vsock(server, spec, f"vsock{i}", sealed, inherited) for i, spec in enumerate(args.vsock)]
+        _add_scsi(server, args.scsi, sealed, inherited)
         _attach_tap(server, args.tap, switch)
         if args.control:
             detach.append(serve_control(server, switch, args).close)
@@ -652,3 +658,52 @@ def _capabilities(kind: str) -> int:
     # vhost-user.rst "Backend program conventions": a JSON object with type and features.
     print(json.dumps(service.capabilities(kind)))
     return 0
+
+
+# -- scsi ------------------------------------------------------------------------------------
+def _scsi_serve_option(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--scsi", metavar="[client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]", type=_spec_type(parse_scsi),
+        action="append", default=[],
+        help="a virtio-scsi host adapter on SOCKET (QEMU -device vhost-user-scsi-pci,chardev=...) with target 0 "
+             "and LUN i on the i-th raw IMAGE (repeatable); ro: every LUN read-only; queues: request queues "
+             "(default 1; QEMU's num_queues must match)",
+    )
+
+
+def _scsi_program(sub: argparse._SubParsersAction) -> None:
+    scsi = sub.add_parser(
+        "vhost-user-scsi",
+        help="one virtio-scsi back-end (vhost-user.rst back-end program conventions)",
+        description="A single virtio-scsi vhost-user back-end (target 0, LUN i on the i-th IMAGE), "
+                    "for libvirt-style launchers.",
+    )
+    _conventions(scsi)
+    scsi.add_argument("images", metavar="IMAGE", nargs="*", help="raw images: LUN 0, LUN 1, ...")
+    scsi.add_argument("--read-only", action="store_true", help="serve every LUN read-only")
+    scsi.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
+    scsi.set_defaults(func=run_scsi)
+
+
+def _add_scsi(server: VhostUserServer, specs: list[DeviceSpec], sealed: bool,
+              inherited: list[service.ListenFd]) -> None:
+    for i, spec in enumerate(specs):
+        device = VirtioScsi(scsi_images(spec), read_only=spec.read_only, num_queues=spec.queues, label=f"scsi{i}")
+        _add_device(server, spec, device, f"scsi{i} ({spec.socket})", sealed, inherited)
+
+
+def run_scsi(args: argparse.Namespace) -> int:
+    """``iovirt vhost-user-scsi``."""
+    if args.print_capabilities:
+        # vhost-user.rst "Backend program conventions": a JSON object with type and features.
+        print(json.dumps({"type": "scsi", "features": []}))
+        return 0
+    if not args.images:
+        print("iovirt vhost-user-scsi: give at least one IMAGE", file=sys.stderr)
+        return 2
+    options = {"images": tuple(args.images), "queues": args.num_queues}
+    where = _program_spec(args, "scsi", "vhost-user-scsi", image=args.images[0], read_only=args.read_only,
+                          options=options)
+    return _run_program(args, "vhost-user-scsi", where,
+                        lambda: VirtioScsi(args.images, read_only=args.read_only, num_queues=args.num_queues,
+                                           label="scsi0"), "scsi")

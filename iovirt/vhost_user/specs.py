@@ -10,12 +10,15 @@ way it is written:
 * ``--vsock [client:]SOCKET,cid=N,uds=PATH``: a virtio-vsock device whose guest
   has CID N, its host side the UNIX sockets around PATH (hybrid vsock,
   :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
+* ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]``: one virtio-scsi
+  target, LUN ``i`` on the ``i``-th image
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
-  ``[[input]]`` tables are the devices, with the keys of the flags
-  (``socket``, ``client``, ``image``, ``ro``, ``size``, ``queues``,
-  ``config``, ``source``, ``kind``, and the rate limits).
+  ``[[input]]`` / ``[[vsock]]`` / ``[[scsi]]`` tables are the devices, with the
+  keys of the flags (``socket``, ``client``, ``image``, ``ro``, ``size``,
+  ``queues``, ``config``, ``source``, ``kind``, ``cid``, ``uds``, and the rate
+  limits; ``images``, a list, for scsi).
 
 ``client:`` (or ``client = true``) makes iovirt connect to a VMM listening on
 SOCKET instead of listening itself (:meth:`~iovirt.vhost_user.server.VhostUserServer.add_client`).
@@ -343,7 +346,8 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 
 _DEVICE_KEYS = {"net": ("socket", "client"), "blk": ("socket", "client", "image", "ro"),
-                "rng": ("socket", "client"), "input": ("socket", "client"), "vsock": ("socket", "client")}
+                "rng": ("socket", "client"), "input": ("socket", "client"), "vsock": ("socket", "client"),
+                "scsi": ("socket", "client", "images", "ro")}
 DEVICE_KINDS = tuple(_DEVICE_KEYS)
 """The device tables of a configuration file, and the argparse dests of their flags."""
 
@@ -366,7 +370,8 @@ def load_config(path: str) -> dict[str, Any]:
         if key in DEVICE_KINDS:
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise SpecError(f"{path}: {key}: want [[{key}]] tables, got {value!r}")
-            settings[key] = [_device(key, table, f"{path}: [[{key}]] #{i + 1}") for i, table in enumerate(value)]
+            parse = _scsi_device if key == "scsi" else _device
+            settings[key] = [parse(key, table, f"{path}: [[{key}]] #{i + 1}") for i, table in enumerate(value)]
         elif key in SERVE_KEYS:
             dest, check = SERVE_KEYS[key]
             try:
@@ -414,3 +419,62 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
         raise SpecError(f"{where}: missing key {sorted(set(VSOCK_OPTIONS) - set(options))[0]!r}")
     spec = DeviceSpec(kind, socket, client, image, read_only, options)
     return _with_kind(spec, where) if kind == "input" else spec
+
+
+# -- scsi ----------------------------------------------------------------------------------
+SCSI_OPTIONS: dict[str, Callable[[Any], Any]] = {"queues": _count(1, MAX_BLK_QUEUES)}
+"""``key=value`` options of ``--scsi``."""
+MAX_SCSI_LUNS = 256
+_OPTIONS["scsi"] = SCSI_OPTIONS
+LIMIT_KEYS["scsi"] = ()
+
+
+def scsi_images(spec: DeviceSpec) -> list[str]:
+    """Scsi: the images of LUN 0, 1, ..."""
+    return list(spec.options["images"])
+
+
+def _scsi_spec(socket: str, client: bool, images: list[str], read_only: bool, options: dict[str, Any],
+               where: str) -> DeviceSpec:
+    if not images or not all(images):
+        raise SpecError(f"{where}: want at least one IMAGE")
+    if len(images) > MAX_SCSI_LUNS:
+        raise SpecError(f"{where}: {len(images)} images, at most {MAX_SCSI_LUNS} LUNs")
+    return DeviceSpec("scsi", socket, client, images[0], read_only, {**options, "images": tuple(images)})
+
+
+def parse_scsi(text: str) -> DeviceSpec:
+    """Parse ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]``."""
+    where = f"--scsi {text!r}"
+    parts = text.split(",")
+    socket, client = _split_client(parts[0])
+    if len(parts) < 2 or not socket:
+        raise SpecError(f"{where}: want [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]")
+    images: list[str] = []
+    read_only = False
+    options: dict[str, Any] = {}
+    for opt in parts[1:]:
+        if opt in _READ_ONLY:
+            read_only = True
+        elif "=" in opt:
+            key, value = _option("scsi", *_key_value(opt), where)
+            options[key] = value
+        else:
+            images.append(opt)
+    return _scsi_spec(socket, client, images, read_only, options, where)
+
+
+def _scsi_device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
+    """A ``[[scsi]]`` table: ``socket``, ``images`` (a list), optional ``client``, ``ro``, ``queues``."""
+    table = dict(table)
+    try:
+        socket = _toml_str(table.pop("socket", None))
+        client = _toml_bool(table.pop("client", False))
+        read_only = _toml_bool(table.pop("ro", False))
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    images = table.pop("images", None)
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise SpecError(f"{where}: images: want a list of image paths, got {images!r}")
+    options = dict(_option(kind, key, value, where) for key, value in table.items())
+    return _scsi_spec(socket, client, images, read_only, options, where)

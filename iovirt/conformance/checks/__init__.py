@@ -1,6 +1,6 @@
 """The checks, one module per part of the specifications; importing this registers them all.
 
-The import order is the report order: vhost-user, generic virtio, net, blk, rng, input, vsock;
+The import order is the report order: vhost-user, generic virtio, net, blk, rng, input, vsock, scsi;
 then the virtio-pci transport checks (for in-process targets only).
 """
 
@@ -11,4 +11,5 @@ from iovirt.conformance.checks import blk  # noqa: F401
 from iovirt.conformance.checks import rng  # noqa: F401
 from iovirt.conformance.checks import input  # noqa: F401
 from iovirt.conformance.checks import vsock  # noqa: F401
+from iovirt.conformance.checks import scsi  # noqa: F401
 from iovirt.conformance.checks import pci  # noqa: F401

@@ -12,17 +12,19 @@ from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.devices.input import InputAdapter
 from iovirt.vhost_user.devices.net import NetAdapter
 from iovirt.vhost_user.devices.rng import RngAdapter
+from iovirt.vhost_user.devices.scsi import ScsiAdapter
 from iovirt.vhost_user.devices.vsock import VsockAdapter
 from iovirt.virtio.blk.defs import VIRTIO_ID_BLOCK
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.input.defs import VIRTIO_ID_INPUT
 from iovirt.virtio.net.defs import VIRTIO_ID_NET
 from iovirt.virtio.rng.defs import VIRTIO_ID_ENTROPY
+from iovirt.virtio.scsi.defs import VIRTIO_ID_SCSI
 from iovirt.virtio.vsock.defs import VIRTIO_ID_VSOCK
 
 _ADAPTERS: dict[int, type[VhostUserDevice]] = {
     VIRTIO_ID_NET: NetAdapter, VIRTIO_ID_BLOCK: BlkAdapter, VIRTIO_ID_ENTROPY: RngAdapter, VIRTIO_ID_INPUT: InputAdapter,
-    VIRTIO_ID_VSOCK: VsockAdapter,
+    VIRTIO_ID_VSOCK: VsockAdapter, VIRTIO_ID_SCSI: ScsiAdapter,
 }
 
 

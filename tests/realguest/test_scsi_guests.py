@@ -1,0 +1,89 @@
+"""A real Linux guest on ``iovirt serve --scsi``: QEMU 7.2's vhost-user-scsi-pci, Linux's virtio_scsi and sd.
+
+Linux's sd driver is the oracle (issue 16): the guest sees ``/dev/sda`` with
+the image's size and the same bytes (md5), writes a pattern the host finds in
+the image, shows the vendor, model and revision iovirt's INQUIRY reports and
+the queue limits its Block Limits VPD page sets, and finds the second LUN as
+``/dev/sdb``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iovirt.guest import Guest
+from iovirt.guest.modules import VIRTIO_MODULES
+from iovirt.serve_process import ServeProcess
+from iovirt.virtio.scsi.target import MAX_UNMAP_BLOCKS, OPTIMAL_TRANSFER_BLOCKS, PRODUCT, REVISION, VENDOR
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed"),
+]
+
+BOOT = 180.0
+SCSI_MODULES = (*VIRTIO_MODULES, "virtio_scsi", "sd_mod")  # resolve() adds scsi_mod, scsi_common, t10-pi, crc*
+
+
+@dataclass
+class VhostUserScsi:
+    """QEMU's vhost-user-scsi-pci served by a back-end listening on ``socket``."""
+
+    socket: str | Path
+    num_queues: int = 1
+
+    def qemu_args(self, index: int, iommu: bool) -> list[str]:
+        """The ``-chardev``/``-device`` arguments for device number ``index``."""
+        return ["-chardev", f"socket,id=cs{index},path={self.socket}",
+                "-device", f"vhost-user-scsi-pci,chardev=cs{index},num_queues={self.num_queues},vectors=0"]
+
+
+def test_guest_sees_two_luns_reads_writes_and_limits(tmp_path):
+    lun0, lun1 = tmp_path / "lun0.img", tmp_path / "lun1.img"
+    content = os.urandom(8 << 20)
+    lun0.write_bytes(content)
+    with open(lun1, "wb") as f:
+        f.truncate(2 << 20)
+    sock = tmp_path / "scsi.sock"
+    serve = ServeProcess(("--scsi", f"{sock},{lun0},{lun1}"), tmp_path / "serve.log", [sock], ()).start()
+    offset, pattern = 3 << 20, "iovirt-scsi-pattern-16"
+    script = f"""set -e
+i=0
+while [ ! -b /dev/sdb ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo "size=$(cat /sys/block/sda/size)"
+echo "size1=$(cat /sys/block/sdb/size) $(ls /sys/block/sdb/device/scsi_disk)"
+md5sum /dev/sda
+echo "vendor=[$(cat /sys/block/sda/device/vendor)]"
+echo "model=[$(cat /sys/block/sda/device/model)]"
+echo "rev=[$(cat /sys/block/sda/device/rev)]"
+echo "max_sectors_kb=$(cat /sys/block/sda/queue/max_sectors_kb)"
+echo "discard_max_bytes=$(cat /sys/block/sda/queue/discard_max_bytes)"
+printf '%s' '{pattern}' | dd of=/dev/sda bs=512 seek={offset // 512} conv=notrunc 2>/dev/null
+sync
+"""
+    try:
+        with Guest(tmp_path, [VhostUserScsi(sock)], script=script, name="scsi", modules=SCSI_MODULES) as g:
+            result = g.start().wait_result(timeout=BOOT)
+    finally:
+        code = serve.stop()
+    assert code in (0, -signal.SIGKILL), serve.log()
+    assert result.status == 0, result.console
+    out = result.output.replace("\r", "")
+    lines = set(out.splitlines())
+    assert f"size={len(content) // 512}" in lines
+    assert re.search(r"^size1=4096 0:0:0:1$", out, re.M), out
+    assert re.search(rf"^{hashlib.md5(content).hexdigest()}  /dev/sda$", out, re.M), out
+    assert f"vendor=[{VENDOR.ljust(8)}]" in out and f"model=[{PRODUCT.ljust(16)}]" in out, out
+    assert f"rev=[{REVISION}]" in out, out
+    assert f"max_sectors_kb={OPTIMAL_TRANSFER_BLOCKS * 512 // 1024}" in lines, out
+    assert f"discard_max_bytes={MAX_UNMAP_BLOCKS * 512}" in lines, out
+    assert lun0.read_bytes()[offset : offset + len(pattern)] == pattern.encode()
+    assert "Traceback" not in serve.log()
