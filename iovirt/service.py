@@ -130,6 +130,8 @@ BACKENDS = {
     "block": ("vhost-user-blk", "iovirt virtio-blk vhost-user back-end (raw image)", ["read-only", "blk-file"]),
     "rng": ("vhost-user-rng", "iovirt virtio-rng vhost-user back-end (os.urandom, a file or a FIFO)", []),
     "input": ("vhost-user-input", "iovirt virtio-input vhost-user back-end (keyboard, mouse or tablet)", []),
+    "vsock": ("vhost-user-vsock", "iovirt virtio-vsock vhost-user back-end (hybrid vsock to host UNIX sockets)", []),
+    "scsi": ("vhost-user-scsi", "iovirt virtio-scsi vhost-user back-end (raw images as LUNs)", []),
 }
 """Per ``VHostUserBackendType``: the iovirt program, the description, the ``features`` it reports."""
 

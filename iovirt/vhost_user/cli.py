@@ -637,9 +637,7 @@ def run_input(args: argparse.Namespace) -> int:
 def run_vsock(args: argparse.Namespace) -> int:
     """``iovirt vhost-user-vsock``."""
     if args.print_capabilities:
-        # vhost-user.rst "Backend program conventions"; no descriptor yet (iovirt.service.BACKENDS lists net and block).
-        print(json.dumps({"type": "vsock", "features": []}))
-        return 0
+        return _capabilities("vsock")
     if not args.uds_path:
         print("iovirt vhost-user-vsock: --uds-path is required", file=sys.stderr)
         return 2
@@ -695,9 +693,7 @@ def _add_scsi(server: VhostUserServer, specs: list[DeviceSpec], sealed: bool,
 def run_scsi(args: argparse.Namespace) -> int:
     """``iovirt vhost-user-scsi``."""
     if args.print_capabilities:
-        # vhost-user.rst "Backend program conventions": a JSON object with type and features.
-        print(json.dumps({"type": "scsi", "features": []}))
-        return 0
+        return _capabilities("scsi")
     if not args.images:
         print("iovirt vhost-user-scsi: give at least one IMAGE", file=sys.stderr)
         return 2

@@ -168,10 +168,11 @@ def test_descriptors_name_runnable_back_end_programs(tmp_path):
                          capture_output=True, text=True, timeout=60, check=True)
     descriptors = sorted((tmp_path / "vhost-user").glob("*.json"))
     assert [d.name for d in descriptors] == [
-        "50-iovirt-blk.json", "50-iovirt-input.json", "50-iovirt-net.json", "50-iovirt-rng.json"], out.stdout
+        "50-iovirt-blk.json", "50-iovirt-input.json", "50-iovirt-net.json", "50-iovirt-rng.json",
+        "50-iovirt-scsi.json", "50-iovirt-vsock.json"], out.stdout
     for path in descriptors:
         body = json.loads(path.read_text())
-        assert set(body) == {"description", "type", "binary"} and body["type"] in ("net", "block", "rng", "input")
+        assert set(body) == {"description", "type", "binary"} and body["type"] in ("net", "block", "rng", "input", "vsock", "scsi")
         assert os.path.isabs(body["binary"]) and os.access(body["binary"], os.X_OK)
         caps = subprocess.run([body["binary"], "--print-capabilities"], capture_output=True, text=True,
                               timeout=60, check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
