@@ -98,3 +98,37 @@ def test_coverage_refuses_run_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["conform", "--coverage", "--in-process", "net"])
     assert exc.value.code == 2
+
+
+def test_generator_numbers_sections_and_counts_one_statement_per_keyword(tmp_path):
+    # A made-up spec tree (no spec text): numbering follows \input order, a sentence with two keywords is two statements.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "spec_inventory.py"
+    spec = importlib.util.spec_from_file_location("spec_inventory", path)
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules["spec_inventory"] = gen  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(gen)
+    finally:
+        del sys.modules["spec_inventory"]
+    (tmp_path / "main.tex").write_text("\\chapter{Intro}\n\\input{content.tex}\n")
+    (tmp_path / "content.tex").write_text(
+        "\\chapter{Basic Facilities of a Virtio Device}\\label{sec:Basic Facilities of a Virtio Device}\n"
+        "\\section{Widgets}\\label{sec:Basic Facilities of a Virtio Device / Widgets}\n"
+        "\\devicenormative{\\subsection}{Widgets}{Basic Facilities of a Virtio Device / Widgets}\n"
+        "The device MUST frob \\field{knob} and MUST NOT twiddle it. % a comment with MAY\n\n"
+        "The device MAY spin.\n"
+        "\\drivernormative{\\subsection}{Widgets}{Basic Facilities of a Virtio Device / Widgets}\n"
+        "The driver MUST wait.\n"
+    )
+    rows = gen.virtio_statements(tmp_path, "9.9", [])
+    assert [(r["id"].rsplit("/", 1)[-1], r["number"], r["keyword"]) for r in rows] == [
+        (" Widgets#1", "2.1.1", "MUST"),
+        (" Widgets#2", "2.1.1", "MUST NOT"),
+        (" Widgets#3", "2.1.1", "MAY"),
+    ]
+    assert rows[0]["summary"] == "Widgets: MUST (knob)"
