@@ -35,7 +35,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["iovirt", "iovirt.*"]),
-    package_data={"iovirt": ["**/*.pyx", "**/*.pxd"]},
+    package_data={"iovirt": ["**/*.pyx", "**/*.pxd", "conformance/*.json"]},
     python_requires=">=3.11",
     install_requires=["pyelftools", "scapy"],
     # build: the wheel-install test makes an sdist and a wheel; mypy: `make test` type-checks.
