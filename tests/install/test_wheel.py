@@ -172,6 +172,9 @@ def test_cli_version_info_and_serve_help(installed: Installed) -> None:
     assert any("cython" in line for line in ring), info.stdout
     serve = check(installed.run(installed.iovirt, "serve", "--help"), "iovirt serve --help")
     assert "--net" in serve.stdout and "--blk" in serve.stdout
+    # Package data (the conformance statement inventory) came through the sdist into the wheel.
+    coverage = check(installed.run(installed.iovirt, "conform", "--coverage"), "iovirt conform --coverage")
+    assert "total" in coverage.stdout
 
 
 def test_vhost_user_round_trip(installed: Installed) -> None:
