@@ -1,8 +1,11 @@
 """A Linux guest translating through QEMU's intel-iommu, traced, paused mid-traffic and dumped.
 
 The devices behind the IOMMU are QEMU's own, so that no iovirt code touches the DMA
-being checked: a virtio-blk disk (read and written in a loop) and a virtio-net NIC on
-QEMU's user network (pinging its gateway).  Linux runs ``intel_iommu=on`` in strict
+being checked: a virtio-blk disk (read and written in a loop), a virtio-net NIC on
+QEMU's user network (pinging its gateway) and idle virtio-blk disks.  Linux gives each
+device a DMA domain of its own, so the idle disks' rings, mapped at probe, are never
+covered by the busy devices' invalidations: their fills stay comparable whenever the
+guest is paused.  Linux runs ``intel_iommu=on`` in strict
 mode (``iommu.strict=1``): each unmap is invalidated page by page at once, so the pages
 still mapped -- the virtqueue rings, the posted receive buffers, the requests in flight --
 are never covered by a whole-domain flush and their fills stay comparable
@@ -21,6 +24,7 @@ from iovirt.guest import Guest, VirtioBlk
 from iovirt.guest.qemu import IOMMU_DEVICE_PROPS
 
 DISK_BYTES = 4 << 20
+IDLE_DISKS = 8
 #: QEMU's user network: the guest's address and the gateway that answers pings.
 GUEST_IP, GATEWAY_IP = "10.0.2.15/24", "10.0.2.2"
 
@@ -67,7 +71,11 @@ def run_linux_guest(workdir: str | Path, boot_timeout: float = 150.0, traffic_se
     run = LinuxRun(workdir / "vtd-linux-trace.log", workdir / "vtd-linux.core")
     for stale in (run.trace, run.core):
         stale.unlink(missing_ok=True)
-    guest = Guest(workdir, [VirtioBlk(disk)], name="vtd-linux", viommu=True, qmp=True,
+    idle = [workdir / f"vtd-linux-idle{n}.img" for n in range(IDLE_DISKS)]
+    for image in idle:
+        image.write_bytes(bytes(1 << 20))
+    devices = [VirtioBlk(disk), *(VirtioBlk(image, readonly=True) for image in idle)]
+    guest = Guest(workdir, devices, name="vtd-linux", viommu=True, qmp=True,
                   append=("iommu.strict=1",), extra_args=(*trace_args(run.trace), *user_net_args()),
                   script=TRAFFIC_SCRIPT)
     with guest:

@@ -7,8 +7,8 @@ behind it (:mod:`~iovirt.crosscheck.linux_guest` runs it).  QEMU's trace says wh
 ELF core.  :func:`compare_core` loads the core into a :class:`~iovirt.memory.GuestMemory`,
 points an iovirt :class:`~iovirt.vtd.unit.VtdUnit` at the same root table through its
 registers (RTADDR, GCMD.SRTP, GCMD.TE, as the guest driver did) and translates every
-fill still in force through it.  Both ends of the page are translated, so the page size
-is compared too; the permission is found by a read and a write request (spec 3.7.1: a
+fill still in force through it.  Both ends of QEMU's page are translated, so the whole
+range QEMU's entry covers must map the same way; the permission is found by a read and a write request (spec 3.7.1: a
 request without the right is a read or write fault, 7.2).
 
 A fill whose page iovirt finds not present (read and write faults) is skipped as
@@ -114,24 +114,30 @@ def vtd_unit_at(memory: GuestMemory, root_table: int) -> VtdUnit:
 
 
 def walk_page(unit: VtdUnit, source_id: int, iova: int, mask: int) -> Walked:
-    """Translate the first and last byte of the page at ``iova`` for a read and for a write."""
+    """Translate the first and last byte of the page ``[iova, iova|mask]`` for a read and for a write.
+
+    A byte a request may not reach (a read or write fault) gives ``None``; the
+    permission has the bit of each access both bytes allow.
+    """
     perm = 0
-    ends: dict[int, int] = {}
+    seen: set[tuple[int | None, int | None]] = set()
     for bit, access, denied in _PERM_ACCESS:
-        try:
-            first = unit.translate(source_id, iova, 1, access)[0][0]
-            last = unit.translate(source_id, iova | mask, 1, access)[0][0]
-        except DmarFault as fault:
-            if fault.fault_reason != denied:
-                return Walked(None, None, 0, fault.fault_reason)
-            continue
-        perm |= bit
-        ends[first] = last
-    if not ends:
-        return Walked(None, None, 0)
-    (first, last), *others = ends.items()
-    if others:  # a read and a write landing on different pages: show it as a mismatch
-        return Walked(first, others[0][1], perm)
+        ends: list[int | None] = []
+        for addr in (iova, iova | mask):
+            try:
+                ends.append(unit.translate(source_id, addr, 1, access)[0][0])
+            except DmarFault as fault:
+                if fault.fault_reason != denied:
+                    return Walked(None, None, 0, fault.fault_reason)
+                ends.append(None)
+        first, last = ends
+        if first is not None and last is not None:
+            perm |= bit
+        if (first, last) != (None, None):
+            seen.add((first, last))
+    if len(seen) > 1:  # a read and a write reaching different bytes: no single answer to show
+        return Walked(None, None, perm)
+    first, last = seen.pop() if seen else (None, None)
     return Walked(first, last, perm)
 
 
@@ -150,7 +156,7 @@ def compare_memory(trace: VtdTrace, memory: GuestMemory) -> LinuxTablesResult:
     try:
         for fill in trace.current.values():
             walked = walk_page(unit, fill.source_id, fill.iova, fill.mask)
-            if not walked.fault and not walked.perm:
+            if walked == Walked(None, None, 0):
                 key = "unmapped at dump (leaf cleared, invalidation not yet issued)"
                 result.skipped[key] = result.skipped.get(key, 0) + 1
                 continue
