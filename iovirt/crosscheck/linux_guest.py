@@ -21,7 +21,7 @@ from pathlib import Path
 
 from iovirt.crosscheck.vtd_trace import TRACE_EVENTS
 from iovirt.guest import Guest, VirtioBlk
-from iovirt.guest.qemu import IOMMU_DEVICE_PROPS
+from iovirt.guest.qemu import IOMMU_DEVICE_PROPS, Device
 
 DISK_BYTES = 4 << 20
 IDLE_DISKS = 8
@@ -74,7 +74,7 @@ def run_linux_guest(workdir: str | Path, boot_timeout: float = 150.0, traffic_se
     idle = [workdir / f"vtd-linux-idle{n}.img" for n in range(IDLE_DISKS)]
     for image in idle:
         image.write_bytes(bytes(1 << 20))
-    devices = [VirtioBlk(disk), *(VirtioBlk(image, readonly=True) for image in idle)]
+    devices: list[Device] = [VirtioBlk(disk), *(VirtioBlk(image, readonly=True) for image in idle)]
     guest = Guest(workdir, devices, name="vtd-linux", viommu=True, qmp=True,
                   append=("iommu.strict=1",), extra_args=(*trace_args(run.trace), *user_net_args()),
                   script=TRAFFIC_SCRIPT)

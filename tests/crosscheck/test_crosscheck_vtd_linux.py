@@ -38,13 +38,15 @@ def tables():
 
 
 def head(root: int, scalable: int = 0) -> list[str]:
-    return [f"vtd_reg_dmar_root addr {root:#x} scalable {scalable}", "vtd_inv_desc_cc_global context invalidate globally",
+    return [f"vtd_reg_dmar_root addr {root:#x} scalable {scalable}",
+            "vtd_inv_desc_cc_global context invalidate globally",
             "vtd_inv_desc_iotlb_global iotlb invalidate global", "vtd_dmar_enable enable 1"]
 
 
 def fill(iova: int, slpte: int, gpa: int, mask: int = 0xFFF, sid: int = SID, did: int = DID) -> list[str]:
     """The two lines QEMU prints for one IOTLB miss: the fill, then the translation's answer."""
-    return [f"vtd_iotlb_page_update IOTLB page update sid {sid:#x} iova {iova + 0x10:#x} slpte {slpte:#x} domain {did:#x}",
+    return [f"vtd_iotlb_page_update IOTLB page update sid {sid:#x} iova {iova + 0x10:#x} slpte {slpte:#x} "
+            f"domain {did:#x}",
             f"vtd_dmar_translate dev {sid >> 8:02x}:{sid >> 3 & 0x1F:02x}.{sid & 7:02x} iova {iova:#x} -> gpa {gpa:#x} "
             f"mask {mask:#x}"]
 
