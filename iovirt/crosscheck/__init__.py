@@ -7,6 +7,9 @@
   :mod:`~iovirt.crosscheck.topology`;
 - :mod:`~iovirt.crosscheck.sriov` -- area ``sriov`` (QEMU's nvme SR-IOV through ECAM) on the topology of
   :mod:`~iovirt.crosscheck.sriov_topology`;
+- :mod:`~iovirt.crosscheck.linux_tables` -- area ``vtd-linux`` (``--linux-tables``): QEMU's trace
+  (:mod:`~iovirt.crosscheck.vtd_trace`) of a Linux guest (:mod:`~iovirt.crosscheck.linux_guest`)
+  against iovirt's walk of the guest's ELF core;
 - :mod:`~iovirt.crosscheck.expected` / :mod:`~iovirt.crosscheck.expected_table` -- where QEMU
   departs from the spec;
 - :mod:`~iovirt.crosscheck.report` and :mod:`~iovirt.crosscheck.cli` -- ``iovirt crosscheck``.

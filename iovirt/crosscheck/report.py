@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from iovirt.crosscheck.area import AreaResult, run_area
 from iovirt.crosscheck.areas import AREAS
@@ -23,10 +23,17 @@ def as_json(results: Sequence[AreaResult], seed: int) -> dict[str, object]:
     return {"seed": seed, "areas": {r.area: r.as_json() for r in results}}
 
 
-def write_json(path: str, results: Sequence[AreaResult], seed: int) -> None:
-    """Write :func:`as_json` to ``path``."""
+def write_json(
+    path: str, results: Sequence[AreaResult], seed: int, extra_areas: Mapping[str, object] | None = None
+) -> None:
+    """Write :func:`as_json` to ``path``, with ``extra_areas`` (areas outside the runner, e.g. ``vtd-linux``) added."""
+    doc = as_json(results, seed)
+    if extra_areas:
+        areas = doc["areas"]
+        assert isinstance(areas, dict)
+        areas.update(extra_areas)
     with open(path, "w") as f:
-        json.dump(as_json(results, seed), f, indent=2)
+        json.dump(doc, f, indent=2)
         f.write("\n")
 
 
