@@ -164,7 +164,6 @@ class BackendSession:
         if self.vrings.iotlb is not None:
             stats = self.vrings.iotlb.stats
             log.info("%s: IOTLB: %s", self.label, ", ".join(f"{v} {k}" for k, v in stats.items()))
-        self.dataplane.remove_before_handler(self.vrings)
         with self.dataplane.lock:
             self.vrings.close()
             self.device.reset()
