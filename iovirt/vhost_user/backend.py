@@ -166,7 +166,6 @@ class BackendSession:
         if self.vrings.iotlb is not None:
             stats = self.vrings.iotlb.stats
             log.info("%s: IOTLB: %s", self.label, ", ".join(f"{v} {k}" for k, v in stats.items()))
-        self.dataplane.remove_before_handler(self.vrings)
         if self.device.wake_fd is not None:
             self.dataplane.remove(self.device.wake_fd)
         with self.dataplane.lock:

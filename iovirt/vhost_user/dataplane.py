@@ -41,7 +41,6 @@ class DataPlane:
         self._epoll = select.epoll()
         self._handlers: dict[int, tuple[Handler, bool]] = {}
         self._pollers: dict[object, Handler] = {}
-        self._before_handler: dict[object, Handler] = {}
         # (deadline, sequence, handler), a heap; the lock because any thread may add one.
         self._timers: list[tuple[float, int, Handler]] = []
         self._timers_lock = threading.Lock()
@@ -102,14 +101,6 @@ class DataPlane:
         """Stop polling ``key``."""
         self._pollers.pop(key, None)
 
-    def add_before_handler(self, key: object, hook: Handler) -> None:
-        """Run ``hook`` before every device handler (kick, poll, TAP read) runs."""
-        self._before_handler[key] = hook
-
-    def remove_before_handler(self, key: object) -> None:
-        """Stop running ``key``'s before-handler hook."""
-        self._before_handler.pop(key, None)
-
     def call_later(self, delay: float, handler: Handler) -> None:
         """Run ``handler`` once, under ``lock`` on the data-plane thread, ``delay`` seconds from now.
 
@@ -163,8 +154,6 @@ class DataPlane:
 
     def _call(self, handler: Handler) -> None:
         try:
-            for hook in list(self._before_handler.values()):
-                hook()
             handler()
         except Exception:  # a device bug must not stop every other device
             log.exception("data-plane handler failed")

@@ -19,6 +19,12 @@ Entries are kept as sorted, non-overlapping IOVA ranges: an UPDATE replaces
 whatever it overlaps, an INVALIDATE may cut an entry in pieces.  As Linux's
 vhost (``max_iotlb_entries``), the table is bounded and the oldest entry is
 retired to make room, except entries the owner pins (rings in use).
+
+A buffer translation is trusted only while the request that asked for it is
+in flight (:meth:`DeviceIotlb.forget_unpinned`, called through
+:class:`CompletionFence` after every completion): a driver unmaps a buffer
+once the device has used it, and may then reuse its IOVA for another page
+without the back-end ever hearing of it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from iovirt.errors import IovirtError
 from iovirt.memory import Access, TranslationFault, TranslationPending
 from iovirt.vhost_user.memtable import GuestMemoryTable, MemoryTableError
 from iovirt.vhost_user.messages import IotlbMsg, IotlbPerm, IotlbType
+from iovirt.virtio.queue import QueueWrapper
 
 log = logging.getLogger("iovirt.vhost_user")
 
@@ -91,8 +98,7 @@ class DeviceIotlb:
         self.on_resolved: Callable[[], None] | None = None
         """Called after an UPDATE that answered an outstanding miss."""
         self.pinned: Callable[[], Iterable[tuple[int, int]]] = tuple
-        self._used: set[int] = set()  # starts of entries translated through since forget_unpinned
-        """IOVA ranges ``(start, end)`` whose entries must not be retired."""
+        """IOVA ranges ``(start, end)`` whose entries must not be retired or forgotten (running rings)."""
         self._starts: list[int] = []
         self._entries: dict[int, IotlbEntry] = {}  # by iova, oldest first
         self._outstanding: dict[int, int] = {}  # page -> perm asked for
@@ -156,7 +162,6 @@ class DeviceIotlb:
         self._starts.clear()
         self._entries.clear()
         self._outstanding.clear()
-        self._used.clear()
 
     def _find(self, addr: int) -> IotlbEntry | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -188,26 +193,26 @@ class DeviceIotlb:
         return bool(hit)
 
     def forget_unpinned(self) -> None:
-        """Drop every entry used since the last call that no running ring part overlaps.
+        """Drop every entry that no running ring part overlaps: the buffer translations.
 
-        Called before each data-plane handler run (a kick, a TAP read), so a
-        buffer translation lasts from its UPDATE through the run that first
-        uses it: a front-end may unmap and reuse an IOVA without telling the
-        back-end.  QEMU 7.2's vIOMMU (caching mode,
-        device-iotlb=on) forwards no invalidation for a Linux guest's lazy
-        flushes, so a buffer translation cannot be trusted beyond the run that
-        used it; the next use misses and is answered from the guest's current
-        page tables.  Ring parts stay: a driver does not move a running ring.
+        Called after the device completed requests (:class:`CompletionFence`).
+        Once the driver sees a request used it may unmap its buffers and map
+        their IOVAs to other pages, and a front-end need not say so: QEMU
+        7.2's vIOMMU (caching mode, device-iotlb=on) forwards no invalidation
+        for many of a Linux guest's unmaps.  A translation asked for by a
+        request still in flight stays good (the driver may not unmap a buffer
+        the device holds), so only a completion forgets.  An entry kept past
+        one would serve the next request that reuses the IOVA with the old
+        page: a header, an indirect table or data read from, or written to,
+        memory that now holds something else.  Ring parts stay: a driver
+        does not move a running ring.
         """
-        if not self._used:
-            return
         pinned = list(self.pinned())
-        for start in self._used:
-            entry = self._entries.get(start)
-            if entry is not None and not any(entry.iova < end and lo < entry.end for lo, end in pinned):
-                self._starts.remove(start)
-                del self._entries[start]
-        self._used.clear()
+        keep = {start: entry for start, entry in self._entries.items()
+                if any(entry.iova < end and lo < entry.end for lo, end in pinned)}
+        if len(keep) != len(self._entries):
+            self._entries = keep  # still oldest first
+            self._starts = sorted(keep)
 
     def _retire(self) -> None:
         if len(self._entries) <= self.max_entries:
@@ -245,7 +250,6 @@ class DeviceIotlb:
                 continue
             if access & ~entry.perm:
                 self._access_fail(pos, access, entry)
-            self._used.add(entry.iova)
             n = min(entry.end, end) - pos
             if not missing:
                 try:
@@ -282,6 +286,33 @@ class DeviceIotlb:
         if self.send is not None:
             self.send(IotlbMsg(iova, 0, 0, IotlbPerm(perm), IotlbType.VHOST_IOTLB_ACCESS_FAIL))
         raise TranslationFault(iova, 1, access, f"IOTLB entry allows {IotlbPerm(entry.perm).name} only")
+
+
+class CompletionFence(QueueWrapper):
+    """A device queue after whose completions the IOTLB forgets its buffer translations.
+
+    Installed by the back-end around every queue of a device behind an IOMMU
+    (see :meth:`DeviceIotlb.forget_unpinned`): the device pops and pushes
+    through it and cannot tell.  A chain popped after a push is translated
+    afresh, whether in the same handler run or a later one.
+    """
+
+    def __init__(self, inner: Any, forget: Callable[[], None]) -> None:
+        self.inner = inner
+        self._forget = forget
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def push(self, head: int, length: int) -> None:
+        """Complete one chain, then forget the buffer translations."""
+        self.inner.push(head, length)
+        self._forget()
+
+    def push_batch(self, batch: Any) -> None:
+        """Complete a batch, then forget the buffer translations."""
+        self.inner.push_batch(batch)
+        self._forget()
 
 
 def _check_range(kind: str, iova: int, size: int) -> None:

@@ -43,7 +43,7 @@ from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
-from iovirt.vhost_user.iotlb import DeviceIotlb
+from iovirt.vhost_user.iotlb import CompletionFence, DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.messages import VHOST_VRING_F_LOG, BackendRequest, IotlbMsg
 from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
@@ -247,6 +247,8 @@ class Vrings:
         memory = self.dma_memory
         used_idx = memory.read_u16(used + 2)
         wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
+        if self.iotlb is not None:
+            wrap = _fenced(wrap, self.iotlb)
         state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
         queue = self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
         self._install_log(vring, queue)
@@ -418,8 +420,12 @@ class Vrings:
 
     # -- IOMMU (vhost-user.rst "IOMMU support") ---------------------------------------
     def use_iotlb(self, enabled: bool) -> None:
-        """A fresh, empty device IOTLB in front of the device's memory (or none)."""
-        self.dataplane.remove_before_handler(self)
+        """A fresh, empty device IOTLB in front of the device's memory (or none).
+
+        Buffer translations last while their request is in flight: every
+        queue started behind it forgets them after each completion
+        (:class:`~iovirt.vhost_user.iotlb.CompletionFence`).
+        """
         if not enabled:
             self.iotlb = None
             self.dma_memory = self.table.memory
@@ -429,9 +435,6 @@ class Vrings:
         iotlb.pinned = self._running_ring_ranges
         self.iotlb = iotlb
         self.dma_memory = self.table.memory.with_translator(iotlb)
-        # Buffer translations last one handler run (see DeviceIotlb.forget_unpinned):
-        # every data-plane handler starts from an IOTLB holding only the rings.
-        self.dataplane.add_before_handler(self, iotlb.forget_unpinned)
 
     def _send_iotlb_msg(self, msg: IotlbMsg) -> bool:
         # No need_reply: the answer to a miss is the UPDATE on the main socket.
@@ -530,6 +533,18 @@ class Vrings:
                 raise VringError(f"vring {vring.index}: the used ring's log_guest_addr {addr.log_guest_addr:#x} "
                                  f"is not guest memory: {exc}") from exc
         ring.set_dirty_log(self.dirty_log, used)  # type: ignore[attr-defined]
+
+
+def _fenced(
+    wrap: Callable[[SplitQueue], SplitQueue] | None, iotlb: DeviceIotlb
+) -> Callable[[SplitQueue], SplitQueue]:
+    """``wrap`` (if any), then a :class:`CompletionFence` outside it: completions make ``iotlb`` forget buffers."""
+
+    def fence(queue: SplitQueue) -> SplitQueue:
+        inner = queue if wrap is None else wrap(queue)
+        return cast(SplitQueue, CompletionFence(inner, iotlb.forget_unpinned))
+
+    return fence
 
 
 def _check_fits_inflight(vring: Vring, num: int, region: QueueRegion | None) -> None:

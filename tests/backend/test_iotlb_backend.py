@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
 import pytest
 
@@ -27,6 +28,7 @@ from iovirt.vhost_user.messages import (
     U64,
 )
 from iovirt.vhost_user.server import VhostUserServer
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_OUT
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
 from iovirt.virtio.net.defs import NetHdr
@@ -162,6 +164,52 @@ def test_blk_with_iovas_reads_back_what_it_wrote(backend):
             (used,) = queue.get_used()
             assert used.data[-1] == 0  # VIRTIO_BLK_S_OK
         assert used.data[:-1] == data
+
+
+def test_a_completed_request_s_translation_is_not_used_for_the_next_one(backend):
+    """A guest may reuse an IOVA once its request completed, without an INVALIDATE.
+
+    QEMU 7.2 forwards no invalidation for many of a Linux guest's unmaps, so
+    a translation is good only while the request that asked for it is in
+    flight.  Here request 1's header page is remapped, unannounced, to request
+    2's header after request 1 completed; request 2 arrives while the device
+    still runs (served when an UPDATE answers request 0's miss, no kick in
+    between), and must be read through the new mapping, not request 1's.
+    """
+    with VhostUserDriver(backend.blk_path, memory_size=4 << 20, iommu=True) as drv:
+        drv.start_queues([0], size=16)
+        queue, iommu = drv.queues[0], drv.iommu
+        hdr, data, waiter, fresh = (drv.alloc.alloc(PAGE, PAGE) for _ in range(4))
+
+        def request(header: int, sector: int, fill: bytes, buf: int) -> None:
+            drv.memory.write(header, struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, sector))
+            drv.memory.write(buf, fill * SECTOR_SIZE)
+            queue.add_chain([(header, 16), (buf, SECTOR_SIZE)], [(header + 16, 1)])
+
+        request(hdr, 0, b"A", data)  # request 1: its pages translate whenever asked
+        request(waiter, 16, b"W", waiter + SECTOR_SIZE)  # request 0: its page waits
+        drv.kick(0)
+        held: list[int] = []
+        deadline = time.monotonic() + 5
+        while (queue.used_idx() < 1 or not held) and time.monotonic() < deadline:
+            for msg in iommu.receive(0.01):
+                if msg.iova // PAGE == waiter // PAGE:
+                    held.append(msg.iova)
+                else:
+                    iommu.update(msg.iova)
+        assert queue.used_idx() == 1 and held, "request 1 done, request 0 waiting for its translation"
+        # The guest reuses request 1's header IOVA for request 2, telling the back-end nothing.
+        iommu.unmap(hdr, PAGE, invalidate=False)
+        iommu.map(hdr, fresh - IOVA_BASE, PAGE)
+        request(hdr, 8, b"B", data)
+        queue.publish()  # no kick: the device sees it on its next run
+        iommu.update(held[0])  # that run: request 0 completes, request 2 is popped
+        assert iommu.serve_until(lambda: queue.used_idx() == 3)
+        assert [u.data[-1] for u in queue.get_used()] == [0, 0, 0]  # VIRTIO_BLK_S_OK
+    with open(backend.blk.path, "rb") as image:
+        disk = image.read(24 * SECTOR_SIZE)
+    sectors = [disk[s * SECTOR_SIZE : (s + 1) * SECTOR_SIZE] for s in (0, 8, 16)]
+    assert sectors == [b"A" * SECTOR_SIZE, b"B" * SECTOR_SIZE, b"W" * SECTOR_SIZE]
 
 
 def test_an_invalidation_takes_effect_before_its_ack(backend):

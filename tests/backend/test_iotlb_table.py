@@ -175,18 +175,22 @@ def test_invalidate_of_size_zero_or_past_2_64_reaches_the_end(iova, size):
     assert [e.iova for e in tlb.entries] == [IOVA]
 
 
-def test_forget_unpinned_drops_used_buffer_entries_only():
+def test_forget_unpinned_drops_every_buffer_entry_used_or_not():
+    """After a completion the driver may remap any buffer IOVA unannounced: only the rings stay."""
     tlb, _ = make()
     tlb.pinned = lambda: [(IOVA, IOVA + PAGE_SIZE)]  # a running ring
     for i in range(3):
         tlb.update(IOVA + i * PAGE_SIZE, PAGE_SIZE, USER + i * PAGE_SIZE, RW)
     tlb.translate(IOVA, 2 * PAGE_SIZE, Access.READ)  # the ring page and a buffer page
     tlb.forget_unpinned()
-    # the ring stays; the used buffer entry goes; the unused one waits for its first use
-    assert [e.iova for e in tlb.entries] == [IOVA, IOVA + 2 * PAGE_SIZE]
-    tlb.translate(IOVA + 2 * PAGE_SIZE, 1, Access.WRITE)
-    tlb.forget_unpinned()
+    # the ring stays; the used buffer entry goes, and so does the unused one
     assert [e.iova for e in tlb.entries] == [IOVA]
+    with pytest.raises(TranslationPending):
+        tlb.translate(IOVA + 2 * PAGE_SIZE, 1, Access.WRITE)
+    tlb.update(IOVA + 3 * PAGE_SIZE, 2 * PAGE_SIZE, USER, RW)  # an entry half over the ring stays whole
+    tlb.pinned = lambda: [(IOVA, IOVA + 4 * PAGE_SIZE)]
+    tlb.forget_unpinned()
+    assert [(e.iova, e.end) for e in tlb.entries] == [(IOVA, IOVA + PAGE_SIZE), (IOVA + 3 * PAGE_SIZE, IOVA + 5 * PAGE_SIZE)]
 
 
 def test_a_full_table_retires_the_oldest_unpinned_entry():

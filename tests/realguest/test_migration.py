@@ -365,10 +365,6 @@ def test_live_migration_to_a_second_process(tmp_path, serve):
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-@pytest.mark.xfail(reason="open bug: after the migration the destination's blk device reads an indirect descriptor "
-                          "table holding random disk data (page-cache reads through the vIOMMU during the migration); "
-                          "iovirt logs 'VIRTQ_DESC_F_INDIRECT inside an indirect table; device needs reset' or QEMU "
-                          "fails to translate the IOVA it read, and the guest's I/O hangs", strict=False)
 def test_live_migration_behind_a_viommu(tmp_path, serve):
     """X's devices sit behind an emulated VT-d: iovirt logs IOVAs translated to guest-physical pages."""
     live_migration(tmp_path, serve, viommu=True)
