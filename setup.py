@@ -18,6 +18,7 @@ EXTENSIONS = [
     Extension("iovirt.vtd._dma_c", ["iovirt/vtd/_dma_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.net._datapath_c", ["iovirt/virtio/net/_datapath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.blk._datapath_c", ["iovirt/virtio/blk/_datapath_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio.scsi._datapath_c", ["iovirt/virtio/scsi/_datapath_c.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:

@@ -41,6 +41,7 @@ PARTS: tuple[Part, ...] = (
     Part("IOTLB cache", "iovirt.virtio._iotlb_c"),
     Part("net data path", "iovirt.virtio.net._datapath_c"),
     Part("blk data path", "iovirt.virtio.blk._datapath_c"),
+    Part("scsi data path", "iovirt.virtio.scsi._datapath_c"),
     Part("VT-d page walk", "iovirt.vtd._walk_c"),
     Part("VT-d miss handler", "iovirt.vtd._dma_c"),
     Part("dirty-page log", "iovirt.virtio._dirtylog_c"),

@@ -34,6 +34,7 @@ from iovirt.vhost_user.peers import DEFAULT_SOCKET_MODE, AccessPolicy
 from iovirt.vhost_user.isolate import run_isolated
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
+from iovirt.vhost_user.devices.scsi import ScsiConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
 from iovirt.vhost_user.specs import (
     INPUT_KINDS,
@@ -391,10 +392,14 @@ def _serve(server: VhostUserServer, sandbox_mode: str | None, dump_dir: str | No
     return 0
 
 
+CONFIG_ADAPTERS: dict[str, type[VhostUserDevice]] = {"net": NetConfigAdapter, "scsi": ScsiConfigAdapter}
+"""The adapters that offer VHOST_USER_PROTOCOL_F_CONFIG, for ``config=on`` / ``--offer-config`` (off by default)."""
+
+
 def _add_device(server: VhostUserServer, spec: DeviceSpec, device: Any, name: str, sealed: bool,
                 inherited: list[service.ListenFd]) -> Endpoint:
     """Serve ``device`` as ``spec`` says: dial the VMM, or take a socket systemd passed, or listen."""
-    adapter: type[VhostUserDevice] | None = NetConfigAdapter if spec.kind == "net" and spec.config else None
+    adapter = CONFIG_ADAPTERS.get(spec.kind) if spec.config else None
     label = name.split(" ", 1)[0]
     if spec.client:
         endpoint = server.add_client(spec.socket, device, name, True, adapter, sealed)
@@ -555,7 +560,7 @@ def _run_program(args: argparse.Namespace, program: str, where: DeviceSpec | int
     try:
         device = make()
         if isinstance(where, int):
-            adapter: type[VhostUserDevice] | None = NetConfigAdapter if config else None
+            adapter = CONFIG_ADAPTERS.get(spec_kind) if config else None
             server.add_fd(where, device, label, True, adapter, sealed)
         else:
             _add_device(server, where, device, f"{label} ({where.socket})", sealed, [])
@@ -661,11 +666,13 @@ def _capabilities(kind: str) -> int:
 # -- scsi ------------------------------------------------------------------------------------
 def _scsi_serve_option(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
-        "--scsi", metavar="[client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]", type=_spec_type(parse_scsi),
+        "--scsi", metavar="[client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]",
+        type=_spec_type(parse_scsi),
         action="append", default=[],
         help="a virtio-scsi host adapter on SOCKET (QEMU -device vhost-user-scsi-pci,chardev=...) with target 0 "
              "and LUN i on the i-th raw IMAGE (repeatable); ro: every LUN read-only; queues: request queues "
-             "(default 1; QEMU's num_queues must match)",
+             "(default 1; QEMU's num_queues must match); config=on: also offer VHOST_USER_PROTOCOL_F_CONFIG (QEMU "
+             "does not use it and warns when it is offered)",
     )
 
 
@@ -680,6 +687,9 @@ def _scsi_program(sub: argparse._SubParsersAction) -> None:
     scsi.add_argument("images", metavar="IMAGE", nargs="*", help="raw images: LUN 0, LUN 1, ...")
     scsi.add_argument("--read-only", action="store_true", help="serve every LUN read-only")
     scsi.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
+    scsi.add_argument("--offer-config", action="store_true",
+                      help="also offer VHOST_USER_PROTOCOL_F_CONFIG (the scsi config space over vhost-user; QEMU does "
+                           "not use it and warns when it is offered)")
     scsi.set_defaults(func=run_scsi)
 
 
@@ -698,8 +708,10 @@ def run_scsi(args: argparse.Namespace) -> int:
         print("iovirt vhost-user-scsi: give at least one IMAGE", file=sys.stderr)
         return 2
     options = {"images": tuple(args.images), "queues": args.num_queues}
+    if args.offer_config:
+        options["config"] = True
     where = _program_spec(args, "scsi", "vhost-user-scsi", image=args.images[0], read_only=args.read_only,
                           options=options)
     return _run_program(args, "vhost-user-scsi", where,
                         lambda: VirtioScsi(args.images, read_only=args.read_only, num_queues=args.num_queues,
-                                           label="scsi0"), "scsi")
+                                           label="scsi0"), "scsi", args.offer_config)

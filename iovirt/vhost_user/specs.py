@@ -10,8 +10,8 @@ way it is written:
 * ``--vsock [client:]SOCKET,cid=N,uds=PATH``: a virtio-vsock device whose guest
   has CID N, its host side the UNIX sockets around PATH (hybrid vsock,
   :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
-* ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]``: one virtio-scsi
-  target, LUN ``i`` on the ``i``-th image
+* ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]``: one
+  virtio-scsi target, LUN ``i`` on the ``i``-th image
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
@@ -22,10 +22,10 @@ way it is written:
 
 ``client:`` (or ``client = true``) makes iovirt connect to a VMM listening on
 SOCKET instead of listening itself (:meth:`~iovirt.vhost_user.server.VhostUserServer.add_client`).
-``config=on`` offers VHOST_USER_PROTOCOL_F_CONFIG on a net device: iovirt's own
-front-end and conformance suite read the net config space through it; QEMU's
-vhost-user net does not use it and warns when it is offered, so it is off by
-default.  The rate limits (``pps``/``bps`` for net, ``iops``/``bps`` for blk)
+``config=on`` offers VHOST_USER_PROTOCOL_F_CONFIG on a net or scsi device:
+iovirt's own front-end and conformance suite read the config space through
+it; QEMU's vhost-user net and scsi do not use it and warn when it is offered,
+so it is off by default.  The rate limits (``pps``/``bps`` for net, ``iops``/``bps`` for blk)
 are positive numbers, handed to the device with :func:`apply_limits`.
 """
 
@@ -77,7 +77,7 @@ class DeviceSpec:
 
     @property
     def config(self) -> bool:
-        """Net: offer VHOST_USER_PROTOCOL_F_CONFIG."""
+        """Net, scsi: offer VHOST_USER_PROTOCOL_F_CONFIG."""
         return bool(self.options.get("config", False))
 
     @property
@@ -422,7 +422,7 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
 
 
 # -- scsi ----------------------------------------------------------------------------------
-SCSI_OPTIONS: dict[str, Callable[[Any], Any]] = {"queues": _count(1, MAX_BLK_QUEUES)}
+SCSI_OPTIONS: dict[str, Callable[[Any], Any]] = {"queues": _count(1, MAX_BLK_QUEUES), "config": parse_bool}
 """``key=value`` options of ``--scsi``."""
 MAX_SCSI_LUNS = 256
 _OPTIONS["scsi"] = SCSI_OPTIONS
@@ -444,12 +444,12 @@ def _scsi_spec(socket: str, client: bool, images: list[str], read_only: bool, op
 
 
 def parse_scsi(text: str) -> DeviceSpec:
-    """Parse ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]``."""
+    """Parse ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]``."""
     where = f"--scsi {text!r}"
     parts = text.split(",")
     socket, client = _split_client(parts[0])
     if len(parts) < 2 or not socket:
-        raise SpecError(f"{where}: want [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N]")
+        raise SpecError(f"{where}: want [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]")
     images: list[str] = []
     read_only = False
     options: dict[str, Any] = {}
@@ -465,7 +465,7 @@ def parse_scsi(text: str) -> DeviceSpec:
 
 
 def _scsi_device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
-    """A ``[[scsi]]`` table: ``socket``, ``images`` (a list), optional ``client``, ``ro``, ``queues``."""
+    """A ``[[scsi]]`` table: ``socket``, ``images`` (a list), optional ``client``, ``ro``, ``queues``, ``config``."""
     table = dict(table)
     try:
         socket = _toml_str(table.pop("socket", None))

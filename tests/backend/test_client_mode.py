@@ -113,3 +113,13 @@ def test_net_offers_protocol_config_only_when_asked():
     assert not NetAdapter.protocol_features & config
     assert NetConfigAdapter.protocol_features == NetAdapter.protocol_features | config
     assert BlkAdapter.protocol_features & config  # vhost-user-blk-pci reads its config space through it
+
+
+def test_scsi_offers_protocol_config_only_when_asked():
+    from iovirt.vhost_user.devices.scsi import ScsiAdapter, ScsiConfigAdapter
+    from iovirt.vhost_user.messages import ProtocolFeature as PF
+
+    config = 1 << PF.VHOST_USER_PROTOCOL_F_CONFIG
+    # QEMU's vhost-user-scsi builds its config space itself and warns when CONFIG is offered: off by default.
+    assert not ScsiAdapter.protocol_features & config
+    assert ScsiConfigAdapter.protocol_features == ScsiAdapter.protocol_features | config

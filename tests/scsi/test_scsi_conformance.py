@@ -9,6 +9,7 @@ import pytest
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
+from iovirt.vhost_user.devices.scsi import ScsiConfigAdapter
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.scsi.device import VirtioScsi
 
@@ -21,7 +22,8 @@ def scsi_socket(tmp_path):
     server = VhostUserServer()
     path = str(tmp_path / "scsi.sock")
     device = VirtioScsi([make_image(tmp_path / "lun0.img")], label="conform-scsi")
-    server.add_socket(path, device)
+    # The config clauses read the config space over VHOST_USER_PROTOCOL_F_CONFIG (config=on).
+    server.add_socket(path, device, adapter=ScsiConfigAdapter)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield path

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from iovirt.vhost_user.driver import VhostUserDriver
+from iovirt.vhost_user.messages import ProtocolFeature as PF
 from iovirt.vhost_user.specs import SpecError, load_config, parse_scsi, scsi_images
 from iovirt.virtio.scsi import defs as d
 
@@ -27,6 +28,7 @@ def test_parse_scsi():
     spec = parse_scsi("client:/tmp/s.sock,a.img,b.img,ro,queues=2")
     assert (spec.kind, spec.socket, spec.client, spec.read_only, spec.queues) == ("scsi", "/tmp/s.sock", True, True, 2)
     assert scsi_images(spec) == ["a.img", "b.img"]
+    assert not spec.config and parse_scsi("/tmp/s.sock,a.img,config=on").config
     for bad in ("/tmp/s.sock", "/tmp/s.sock,ro", ",a.img", "/tmp/s.sock,a.img,queues=0", "/tmp/s.sock,a.img,x=1"):
         with pytest.raises(SpecError, match="--scsi"):
             parse_scsi(bad)
@@ -79,7 +81,7 @@ def _command(drv, queue, cdb, lun=0, out=b"", in_len=0):
 def test_serve_scsi_two_luns(tmp_path):
     images = [make_image(tmp_path / "a.img", 2 << 20, b"A" * 512), make_image(tmp_path / "b.img", 1 << 20, b"B" * 512)]
     sock = str(tmp_path / "scsi.sock")
-    proc = _start(["serve", "--scsi", f"{sock},{images[0]},{images[1]}"], sock)
+    proc = _start(["serve", "--scsi", f"{sock},{images[0]},{images[1]},config=on"], sock)
     try:
         with VhostUserDriver(sock) as drv:
             assert drv.frontend.get_queue_num() == 3  # controlq, eventq, one request queue
@@ -97,12 +99,27 @@ def test_serve_scsi_two_luns(tmp_path):
         _stop(proc)
 
 
+def test_vhost_user_scsi_program_offers_config_when_asked(tmp_path):
+    image = make_image(tmp_path / "lun0.img", 1 << 20)
+    sock = str(tmp_path / "scsi.sock")
+    proc = _start(["vhost-user-scsi", "--socket-path", sock, "--offer-config", image], sock)
+    try:
+        with VhostUserDriver(sock) as drv:
+            assert drv.protocol_features & 1 << PF.VHOST_USER_PROTOCOL_F_CONFIG
+            config = d.CONFIG.unpack(drv.frontend.get_config(0, d.CONFIG.size))
+            assert config[5:7] == (96, 32) and config[9] == 0
+    finally:
+        _stop(proc)
+
+
 def test_vhost_user_scsi_program_read_only(tmp_path):
     image = make_image(tmp_path / "ro.img", 1 << 20)
     sock = str(tmp_path / "scsi.sock")
     proc = _start(["vhost-user-scsi", "--socket-path", sock, "--read-only", image], sock)
     try:
         with VhostUserDriver(sock) as drv:
+            # QEMU builds the scsi config space itself and warns when CONFIG is offered: off by default.
+            assert not drv.protocol_features & 1 << PF.VHOST_USER_PROTOCOL_F_CONFIG
             queues = drv.start_queues([0, 1, 2], size=32)
             write = struct.pack(">BBIBHB", d.WRITE_10, 0, 0, 0, 1, 0)
             response, status, _, sense = _command(drv, queues[2], write, out=b"\xff" * 512)

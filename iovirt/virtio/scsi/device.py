@@ -7,7 +7,11 @@ queues (5.6.6.1).  A request is ``struct virtio_scsi_req_cmd``: the header
 (lun, id, task attributes, CDB of ``cdb_size`` bytes) and the data-out
 buffers device-readable, then the response (sense_len, residual,
 status_qualifier, status, response, sense of ``sense_size`` bytes) and the
-data-in buffers device-writable.  The SCSI command itself is the target's
+data-in buffers device-writable.  READ/WRITE(10/16) that end GOOD go
+through ``datapath.py`` (the Cython twin, or the Python reference with the
+reference queue), which moves data between the image and guest memory with
+``preadv``/``pwritev`` straight on guest memory; every other request, and
+every error, is served here.  The SCSI command itself is the target's
 (``target.py``); this module reads the request, checks what virtio-scsi
 says about it, and writes the response.
 
@@ -38,6 +42,7 @@ from iovirt.virtio.chain import DescChain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated, ring_of
+from iovirt.virtio.scsi import datapath
 from iovirt.virtio.scsi.defs import (
     ASC_INVALID_FIELD_IN_CDB,
     CDB_GROUP_LENGTH,
@@ -54,9 +59,6 @@ from iovirt.virtio.scsi.defs import (
     EVENTQ,
     GOOD,
     ILLEGAL_REQUEST,
-    LUN_ADDRESS_METHOD_MASK,
-    LUN_FIRST_BYTE,
-    LUN_FLAT_ADDRESSING,
     REQ_CMD_HDR,
     RESP_CMD_HDR,
     VIRTIO_ID_SCSI,
@@ -83,6 +85,11 @@ from iovirt.virtio.scsi.defs import (
     VIRTIO_SCSI_T_TMF_QUERY_TASK,
     VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
 )
+from iovirt.virtio.scsi._datapath_py import gather as _gather
+from iovirt.virtio.scsi._datapath_py import parse_lun
+from iovirt.virtio.scsi._datapath_py import scatter as _scatter
+from iovirt.virtio.scsi._datapath_py import skip as _skip
+from iovirt.virtio.scsi.datapath import LunInfo
 from iovirt.virtio.scsi.target import MAX_TRANSFER_BLOCKS, Lun, Outcome, ScsiTarget, Transfer, fixed_sense
 
 BATCH = 64
@@ -96,44 +103,6 @@ TMF_COMPLETE = frozenset({
     VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
 })
 """Task management functions answered FUNCTION COMPLETE; others (CLEAR ACA: no ACA; unknown) are rejected."""
-
-
-def parse_lun(lun: bytes) -> tuple[int, int] | None:
-    """``(target, LUN)`` of a single-level lun field (5.6.6.1), or ``None`` when it is not in that format."""
-    if lun[0] != LUN_FIRST_BYTE or any(lun[4:]) or lun[2] & LUN_ADDRESS_METHOD_MASK not in (0, LUN_FLAT_ADDRESSING):
-        return None
-    return lun[1], (lun[2] & ~LUN_ADDRESS_METHOD_MASK & 0xFF) << 8 | lun[3]
-
-
-def _skip(bufs: Buffers, nbytes: int) -> Buffers:
-    """The buffers left after the first ``nbytes``."""
-    out = []
-    for addr, n in bufs:
-        if nbytes >= n:
-            nbytes -= n
-            continue
-        out.append((addr + nbytes, n - nbytes))
-        nbytes = 0
-    return out
-
-
-def _gather(memory: GuestMemory, bufs: Buffers, limit: int) -> bytes:
-    out = bytearray()
-    for addr, n in bufs:
-        if len(out) >= limit:
-            break
-        out += memory.read(addr, min(n, limit - len(out)))
-    return bytes(out)
-
-
-def _scatter(memory: GuestMemory, bufs: Buffers, data: bytes) -> None:
-    pos = 0
-    for addr, n in bufs:
-        if pos >= len(data):
-            break
-        k = min(n, len(data) - pos)
-        memory.write(addr, data[pos : pos + k])
-        pos += k
 
 
 class VirtioScsi(VirtioDevice):
@@ -165,6 +134,8 @@ class VirtioScsi(VirtioDevice):
                 lun.close()
             raise
         self.target = ScsiTarget(luns)
+        # What the batch data path needs of each LUN, LUN i at i (the LUNs never change).
+        self._lun_table = tuple(LunInfo(lun.fd, lun.blocks, lun.read_only) for lun in luns)
         self.read_only = read_only
         self.request_queues = num_queues
         self.seg_max = seg_max
@@ -224,14 +195,23 @@ class VirtioScsi(VirtioDevice):
             # vhost-user "Ring states": a disabled ring has no side effects.
             return
         memory = queue.memory
-        serve = self._serve_ctrl if index == CONTROLQ else self._serve_cmd
+        control = index == CONTROLQ
         reuse = self._batches[index] if is_accelerated(ring_of(queue)) else None
         while True:
             batch = queue.pop_batch(BATCH, reuse)
             if not len(batch):
                 break
-            for i in range(len(batch)):
-                batch.set_used_len(i, serve(memory, batch[i]))
+            if control:
+                for i in range(len(batch)):
+                    batch.set_used_len(i, self._serve_ctrl(memory, batch[i]))
+            else:
+                # READ/WRITE(10/16) that end GOOD in the data path; the rest, and every error, here.
+                left, reads, writes, _read_bytes, _written_bytes = datapath.serve_batch(
+                    batch, queue, self._lun_table, self.sense_size, self.cdb_size
+                )
+                self.stats["commands"] += reads + writes
+                for i in left:
+                    batch.set_used_len(i, self._serve_cmd(memory, batch[i]))
             queue.push_batch(batch)
             self.signal(index)
 
