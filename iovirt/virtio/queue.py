@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iovirt import _accel
-from iovirt.virtio import _queue_py
+from iovirt.virtio import _packed_py, _queue_py
 
-__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated", "QueueWrapper", "ring_of"]
+__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations", "is_accelerated", "QueueWrapper", "ring_of"]
 
 if TYPE_CHECKING:
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
@@ -33,6 +33,11 @@ else:
 def implementations() -> dict[str, type]:
     """Every importable ``SplitQueue`` implementation by name (for tests and benchmarks)."""
     return _accel.implementations("iovirt.virtio._queue_c", _queue_py, "SplitQueue")
+
+
+def packed_implementations() -> dict[str, type]:
+    """Every importable ``PackedQueue`` implementation by name (for tests and benchmarks)."""
+    return _accel.implementations("iovirt.virtio._packed_c", _packed_py, "PackedQueue")
 
 
 def is_accelerated(queue: object) -> bool:
