@@ -136,8 +136,9 @@ class PackedDriverQueue:
             flags |= avail_flags(self.avail_wrap)
             if first is None:
                 # 2.8.6: the first descriptor's flags are written after the rest of the list.
+                # Its old flags stay until then: zero would read as used on an odd lap.
                 first = (self.next_avail, flags)
-                self.write_desc(self.next_avail, addr, length, buf_id, 0)
+                self.memory.write(self.desc_addr + VIRTQ_DESC_SIZE * self.next_avail, _DESC.pack(addr, length, buf_id, 0)[:14])
             else:
                 self.write_desc(self.next_avail, addr, length, buf_id, flags)
             self._advance(1)

@@ -12,7 +12,7 @@ against a model that counts the ring slots passed.
 from __future__ import annotations
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from iovirt.memory import BumpAllocator, GuestMemory
@@ -166,3 +166,64 @@ for _name, _cls in packed_implementations().items():
     _machine = make_machine(_cls)
     _machine.TestCase.settings = settings(max_examples=80, stateful_step_count=50, deadline=None)
     globals()[f"TestPackedMachine_{_name}"] = _machine.TestCase
+
+
+# -- differential: both twins on the same random rings and operations ----------------------
+_descs = st.lists(
+    st.tuples(
+        st.sampled_from([0x800, 0x2000, MEM - 16, MEM, 0xFFFF_FFFF_FFFF_FFF0]),
+        st.integers(0, 0x40),
+        st.integers(0, 9),
+        st.integers(0, 7),
+    ),
+    min_size=1,
+    max_size=12,
+)
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("pop"), st.integers(0, 9)),
+        st.tuples(st.just("push"), st.integers(-1, 9)),
+        st.tuples(st.just("rewind"), st.integers(-1, 3)),
+        st.tuples(st.just("notify"), st.integers(0, 0xFFFF)),
+        st.tuples(st.just("kicks"), st.booleans()),
+    ),
+    max_size=25,
+)
+
+
+def _run(cls, size, event_idx, ring, table, ops):
+    from twins import outcome
+
+    memory = GuestMemory.from_ranges([(0, MEM)], backing="bytearray")
+    drv = PackedDriverQueue(memory, BumpAllocator(0x1000, 0x8000), size, event_idx=event_idx)
+    for i, (addr, length, buf_id, flags) in enumerate(table):
+        drv.write_desc(i, addr, length, buf_id, flags & 7, table=0x2000)
+    dev = cls.from_state(memory, drv.state())
+    drv.post_raw([(0x2000 if f & 4 else a, 16 * (n % 6) if f & 4 else n, i, f) for a, n, i, f in ring[: 2 * size]])
+    out = []
+    for op, arg in ops:
+        if op == "pop":
+            out.append(outcome(lambda: [(c.head, c.buffers) for c in dev.pop_batch(arg)]))
+        elif op == "push":
+            out.append(outcome(dev.push, arg, arg % 3 if arg >= 0 else 0))
+        elif op == "rewind":
+            out.append(outcome(dev.rewind, arg))
+        elif op == "notify":
+            memory.write_u16(drv.driver_addr, arg & 0x8007)
+            memory.write_u16(drv.driver_addr + 2, arg >> 8 & 3)
+            out.append(outcome(dev.need_notify))
+        else:
+            out.append(outcome(dev.enable_notification if arg else dev.disable_notification))
+        out.append((dev.state(), memory.read(drv.desc_addr, 16 * size), memory.read(drv.device_addr, 4)))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.integers(1, 8), event_idx=st.booleans(), ring=_descs, table=_descs, ops=_ops)
+def test_random_rings_and_operations_agree(size, event_idx, ring, table, ops):
+    """Both twins pop the same lists, write the same ring and raise the same errors (type, text, attributes)."""
+    impls = packed_implementations()
+    if len(impls) < 2:
+        return
+    results = [_run(cls, size, event_idx, ring, table, ops) for cls in impls.values()]
+    assert results[0] == results[1]
