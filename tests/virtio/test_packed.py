@@ -285,3 +285,10 @@ def test_dirty_log_marks_written_buffers_and_ring(packed_cls):
     dev.push_batch(batch)
     dev.push(dev.pop().head, 8)
     assert log.dirty_pages() == sorted({drv.desc_addr & ~0xFFF, 0xA000, 0xC000})
+
+
+def test_cython_packed_queue_is_default():
+    from iovirt.virtio import queue
+
+    want = "python" if _accel.NO_EXTENSIONS else "cython"
+    assert queue.PackedQueue is IMPLS[want], "compiled packed ring expected but the pure-Python one was loaded"
