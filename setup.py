@@ -12,6 +12,7 @@ NO_EXTENSIONS = os.environ.get("IOVIRT_NO_EXTENSIONS", "") not in ("", "0")
 
 EXTENSIONS = [
     Extension("iovirt.virtio._queue_c", ["iovirt/virtio/_queue_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.virtio._packed_c", ["iovirt/virtio/_packed_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio._dirtylog_c", ["iovirt/virtio/_dirtylog_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio._iotlb_c", ["iovirt/virtio/_iotlb_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.vtd._walk_c", ["iovirt/vtd/_walk_c.pyx"], extra_compile_args=["-O3"]),

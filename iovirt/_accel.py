@@ -38,6 +38,7 @@ class Part:
 #: Every accelerated part, in the order ``iovirt info`` lists them.
 PARTS: tuple[Part, ...] = (
     Part("split ring", "iovirt.virtio._queue_c"),
+    Part("packed ring", "iovirt.virtio._packed_c"),
     Part("IOTLB cache", "iovirt.virtio._iotlb_c"),
     Part("net data path", "iovirt.virtio.net._datapath_c"),
     Part("blk data path", "iovirt.virtio.blk._datapath_c"),

@@ -12,6 +12,18 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 
 VIRTQ_USED_ELEM_SIZE = 8
 
+# 2.8.1 / 2.8.14 packed virtqueues: descriptor flags and event suppression
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2
+#: 2.8.14: bit 15 of desc_event_off_wrap (and of a vhost-user packed ring index) is the wrap counter.
+PACKED_WRAP_BIT = 1 << 15
+#: 2.8.13: alignment of the Driver and Device Event Suppression areas; each is 4 bytes.
+PACKED_EVENT_ALIGN = 4
+PACKED_EVENT_SIZE = 4
+
 # 2.7: Queue Size is a power of 2 no larger than 32768.
 VIRTQ_MAX_SIZE = 32768
 

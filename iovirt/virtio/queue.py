@@ -1,4 +1,4 @@
-"""The split virtqueue (device side), in its accelerated form unless told otherwise.
+"""The split and packed virtqueues (device side), in their accelerated form unless told otherwise.
 
 ``SplitQueue`` is the Cython implementation from ``_queue_c`` when it is
 built, else the reference from ``_queue_py``; ``IOVIRT_NO_EXTENSIONS=1``
@@ -10,6 +10,10 @@ forces the reference.  Both expose the same API:
 - ``pending()``, ``pop()``, ``pop_batch(max_chains)``, ``rewind(n)``, ``push(head, len)``,
   ``push_batch(batch)``; ``resubmit(heads)`` (walk given heads again: inflight resubmission)
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``
+
+``PackedQueue`` (virtio 1.2 section 2.8; ``_packed_c`` or ``_packed_py``) has
+the same API, except ``resubmit``; its chains' ``head`` is the Buffer ID, its
+``avail_addr``/``used_addr`` the Driver/Device Event Suppression areas.
 """
 
 from __future__ import annotations
@@ -17,22 +21,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iovirt import _accel
-from iovirt.virtio import _queue_py
+from iovirt.virtio import _packed_py, _queue_py
 
-__all__ = ["SplitQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "is_accelerated", "QueueWrapper", "ring_of"]
+__all__ = ["SplitQueue", "PackedQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations", "is_accelerated", "QueueWrapper", "ring_of"]
 
 if TYPE_CHECKING:
+    from iovirt.virtio._packed_py import PackedQueue
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
     from iovirt.virtio.chain import ChainBatch
 else:
     _impl = _accel.load("iovirt.virtio._queue_c") or _queue_py
     # The reference batches in chain.ChainBatch; the accelerated queue has its own.
     IMPLEMENTATION, SplitQueue, ChainBatch = _impl.IMPLEMENTATION, _impl.SplitQueue, _impl.ChainBatch
+    # The accelerated packed queue fills the accelerated split queue's ChainBatch.
+    PackedQueue = (_accel.load("iovirt.virtio._packed_c") or _packed_py).PackedQueue
 
 
 def implementations() -> dict[str, type]:
     """Every importable ``SplitQueue`` implementation by name (for tests and benchmarks)."""
     return _accel.implementations("iovirt.virtio._queue_c", _queue_py, "SplitQueue")
+
+
+def packed_implementations() -> dict[str, type]:
+    """Every importable ``PackedQueue`` implementation by name (for tests and benchmarks)."""
+    return _accel.implementations("iovirt.virtio._packed_c", _packed_py, "PackedQueue")
 
 
 def is_accelerated(queue: object) -> bool:
