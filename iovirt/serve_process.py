@@ -65,7 +65,8 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> "ServeProcess":
-        return self.start()
+        # ``with ServeProcess(...).start() as p`` must not start a second process.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

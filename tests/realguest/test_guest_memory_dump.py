@@ -51,7 +51,7 @@ def test_paused_guest_dump_decodes_to_the_indices_iovirt_reports(tmp_path):
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     args = ("--net", str(socks[0]), "--net", str(socks[1]), "--dump-dir", str(dumps))
-    with ServeProcess(args, tmp_path / "serve.log", socks).start() as srv:
+    with ServeProcess(args, tmp_path / "serve.log", socks) as srv:
         x = Guest(tmp_path, [VhostUserNet(socks[0], ip=f"{X_IP}/24", mac=random_mac())], name="x", qmp=True,
                   script=f"iovirt_wait_ping {Y_IP} 90 || exit 1\nping -i 0.05 {Y_IP} > /dev/null &\n"
                          "iovirt_wait_host done")
