@@ -247,8 +247,14 @@ class VhostUserServer:
         stopped under the data-path lock, so removing a device in the middle
         of I/O is safe); the device itself is the caller's to dispose of.
         """
+        self._shut(endpoint, "device removed")
+        self.endpoints = [e for e in self.endpoints if e is not endpoint]
+        log.info("%s: removed", endpoint.name)
+
+    def _shut(self, endpoint: Endpoint, reason: str) -> None:
+        """Close ``endpoint``'s connection (for ``reason``) and listener; unlink its socket file."""
         if endpoint.connection is not None:
-            self._close(endpoint.connection, "device removed")
+            self._close(endpoint.connection, reason)
         if endpoint.listener is not None:
             try:
                 self.selector.unregister(endpoint.listener)
@@ -256,10 +262,9 @@ class VhostUserServer:
                 pass
             endpoint.listener.close()
             endpoint.listener = None
+            # Only a socket: whatever else now stands at the path is not ours to remove.
             if endpoint.path and os.path.lexists(endpoint.path) and stat.S_ISSOCK(os.lstat(endpoint.path).st_mode):
                 os.unlink(endpoint.path)
-        self.endpoints = [e for e in self.endpoints if e is not endpoint]
-        log.info("%s: removed", endpoint.name)
 
     # -- loop ----------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -322,17 +327,7 @@ class VhostUserServer:
     def close(self) -> None:
         """Close every connection and listener, stop the data plane, remove socket files."""
         for endpoint in self.endpoints:
-            if endpoint.connection is not None:
-                self._close(endpoint.connection, "server stopping")
-            if endpoint.listener is not None:
-                try:
-                    self.selector.unregister(endpoint.listener)
-                except (KeyError, ValueError):
-                    pass
-                endpoint.listener.close()
-                endpoint.listener = None
-                if endpoint.path and os.path.exists(endpoint.path):
-                    os.unlink(endpoint.path)
+            self._shut(endpoint, "server stopping")
         self.endpoints = []
         if self._owns_dataplane:
             self.dataplane.stop()
