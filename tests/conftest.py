@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from iovirt import _accel
+from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio import queue as queue_mod
 
 IMPLS = queue_mod.implementations()
@@ -28,3 +30,23 @@ def queue_cls(request):
             pytest.skip("IOVIRT_NO_EXTENSIONS set: pure Python run")
         pytest.fail("the Cython queue extension did not load (build it: pip install -e .)")
     return IMPLS[name]
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(device)`` → the socket path of ``device`` served over vhost-user in a background thread."""
+    servers = []
+
+    def start(device):
+        server = VhostUserServer()
+        path = str(tmp_path / f"dev{len(servers)}.sock")
+        server.add_socket(path, device)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return path
+
+    yield start
+    for server, thread in servers:
+        server.stop()
+        thread.join(timeout=10)
