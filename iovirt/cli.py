@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iovirt",
         description=(
             "iovirt: I/O-virtualization device models. A vhost-user back-end serving virtio-net "
-            "(with a built-in learning switch) and virtio-blk to VMMs, a PCI config-space model, "
-            "and virtio split rings with a Cython hot path."
+            "(with a built-in learning switch), virtio-blk, virtio-scsi, virtio-vsock, virtio-rng and "
+            "virtio-input to VMMs; a conformance suite for any vhost-user back-end; models of PCI, "
+            "MSI-X, SR-IOV and VT-d checked against QEMU's; virtio rings with a Cython hot path."
         ),
     )
     parser.add_argument("--version", action="version", version=f"iovirt {__version__}")
@@ -43,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     descriptors = sub.add_parser(
         "descriptors",
         help="write vhost-user back-end descriptors (QEMU docs/interop/vhost-user.json) for libvirt",
-        description="Write one JSON descriptor per iovirt back-end (net, block) into DIR, e.g. "
+        description="Write one JSON descriptor per iovirt back-end (net, block, rng, input, vsock, scsi) into DIR, e.g. "
                     "/usr/share/qemu/vhost-user or /etc/qemu/vhost-user, where libvirt looks for them, and the "
-                    "small executables they name (iovirt-vhost-user-net, iovirt-vhost-user-blk).",
+                    "small executables they name (iovirt-vhost-user-net, iovirt-vhost-user-blk, ...).",
     )
     descriptors.add_argument("dir", metavar="DIR", help="where the descriptors go")
     descriptors.add_argument("--binary-dir", metavar="BINDIR",

@@ -18,7 +18,7 @@ DEFAULT_OPS = 10_000
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``crosscheck`` subcommand."""
-    p = sub.add_parser("crosscheck", help="compare iovirt's PCI models with QEMU's own through qtest")
+    p = sub.add_parser("crosscheck", help="compare iovirt's PCI, MSI-X, SR-IOV and VT-d models with QEMU's own through qtest")
     p.add_argument("--area", choices=sorted(AREAS), action="append", help="area to run (repeatable; default all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--ops", type=int, default=DEFAULT_OPS, help=f"operations per area (default {DEFAULT_OPS})")

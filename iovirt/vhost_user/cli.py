@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``vhost-user-net`` and ``vhost-user-blk``."""
     serve = sub.add_parser(
         "serve",
-        help="serve virtio-net and virtio-blk devices over vhost-user sockets",
+        help="serve virtio devices (net, blk, scsi, vsock, rng, input) over vhost-user sockets",
         description=(
             "Serve virtio devices to VMMs over vhost-user UNIX sockets. Every net socket is a port of "
             "one built-in learning L2 switch (plus the optional TAP uplink). Point QEMU at a socket with "
