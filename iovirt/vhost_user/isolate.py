@@ -340,6 +340,7 @@ class Supervisor:
                 log.warning("%s: worker pid %d ignored SIGTERM: killing it", worker.spec.name, worker.proc.pid)
                 _kill(worker.proc)
                 worker.proc.wait()
+            if worker.proc.returncode < 0:  # ended by a signal: it could not remove its socket
                 _remove_stale_socket(worker.spec.socket)
             self._detach(worker)
 
@@ -376,6 +377,13 @@ def worker_main(message: dict[str, Any]) -> int:
     options = message["options"]
     access = AccessPolicy(frozenset(options["allow_uids"]), frozenset(options["allow_gids"]), options["socket_mode"])
     server = VhostUserServer(access=access)
+
+    def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+        server.stop()
+
+    # Before the socket is bound: a SIGTERM during start-up still ends in a clean close.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal reaches the supervisor, which stops us
     link: LinkPort | None = None
     try:
         if message["kind"] == "net":
@@ -401,12 +409,6 @@ def worker_main(message: dict[str, Any]) -> int:
         print(f"iovirt serve: {exc}", file=sys.stderr)
         return 1
     _heartbeat(server, heartbeat)
-
-    def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
-        server.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal reaches the supervisor, which stops us
     if options["sandbox"]:  # start-up is over: the image, the socket and the link are open
         try:
             sandbox.apply(options["sandbox"])
