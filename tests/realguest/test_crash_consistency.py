@@ -41,7 +41,7 @@ pytestmark = [
 
 BOOT = 120.0
 BLOCK = 4096
-BLOCKS = 300
+BLOCKS = 600  # long enough that every crash lands inside the loop on a fast, idle machine
 RESTART_SECONDS = 1.0  # from SIGKILL to a listening socket (the issue: "within a second")
 IN_FLIGHT_TRIES = 4  # kills aimed at a request in flight, until one lands inside it
 #: fsync, fdatasync: the system calls the blk data path makes for a FLUSH, per architecture.
