@@ -212,15 +212,20 @@ def _split_client(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def parse_net(text: str) -> DeviceSpec:
-    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``."""
-    where = f"--net {text!r}"
+def _parse_socket_options(kind: str, text: str, usage: str) -> tuple[DeviceSpec, str]:
+    """``[client:]SOCKET[,key=value...]`` of a ``--KIND`` flag: the spec, and where it was written (for errors)."""
+    where = f"--{kind} {text!r}"
     socket, *opts = text.split(",")
     socket, client = _split_client(socket)
     if not socket:
-        raise SpecError(f"{where}: want [client:]SOCKET[,config=on][,pps=N][,bps=N]")
-    options = dict(_option("net", *_key_value(opt), where) for opt in opts)
-    return DeviceSpec("net", socket, client, options=options)
+        raise SpecError(f"{where}: want {usage}")
+    options = dict(_option(kind, *_key_value(opt), where) for opt in opts)
+    return DeviceSpec(kind, socket, client, options=options), where
+
+
+def parse_net(text: str) -> DeviceSpec:
+    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``."""
+    return _parse_socket_options("net", text, "[client:]SOCKET[,config=on][,pps=N][,bps=N]")[0]
 
 
 def parse_blk(text: str) -> DeviceSpec:
@@ -243,24 +248,12 @@ def parse_blk(text: str) -> DeviceSpec:
 
 def parse_rng(text: str) -> DeviceSpec:
     """Parse ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``."""
-    where = f"--rng {text!r}"
-    socket, *opts = text.split(",")
-    socket, client = _split_client(socket)
-    if not socket:
-        raise SpecError(f"{where}: want [client:]SOCKET[,source=PATH][,rate=BYTES]")
-    options = dict(_option("rng", *_key_value(opt), where) for opt in opts)
-    return DeviceSpec("rng", socket, client, options=options)
+    return _parse_socket_options("rng", text, "[client:]SOCKET[,source=PATH][,rate=BYTES]")[0]
 
 
 def parse_input(text: str) -> DeviceSpec:
     """Parse ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``."""
-    where = f"--input {text!r}"
-    socket, *opts = text.split(",")
-    socket, client = _split_client(socket)
-    if not socket:
-        raise SpecError(f"{where}: want [client:]SOCKET,kind=keyboard|mouse|tablet")
-    options = dict(_option("input", *_key_value(opt), where) for opt in opts)
-    return _with_kind(DeviceSpec("input", socket, client, options=options), where)
+    return _with_kind(*_parse_socket_options("input", text, "[client:]SOCKET,kind=keyboard|mouse|tablet"))
 
 
 def _with_kind(spec: DeviceSpec, where: str) -> DeviceSpec:
