@@ -21,8 +21,9 @@ device that does not answer raises :class:`BenchTimeout` after the timeout.
 from __future__ import annotations
 
 import collections
+import math
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from scapy.packet import Packet
 
@@ -31,6 +32,7 @@ from iovirt.bench.layers import VirtioNetHdr, VirtioNetHdrHashReport, VirtioNetH
 from iovirt.bench.target import DEFAULT_TIMEOUT, DriverTarget
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
+from iovirt.virtio.net import impair
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     VIRTIO_NET_F_CSUM,
@@ -43,6 +45,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
 
 RX_QUEUE = 0
@@ -122,6 +126,7 @@ class BenchPort:
         self.rx_buffer_lens: list[tuple[int, ...]] = []
         """For each frame in :attr:`received`: the used len of every buffer it took (MRG_RXBUF accounting)."""
         self.stats: collections.Counter = collections.Counter()
+        self._impairers: dict[str, impair.Impairer[bytes]] = {}
         for slot in self._rx_slots:
             self._post_rx(slot)
         self.target.kick(RX_QUEUE)
@@ -141,9 +146,11 @@ class BenchPort:
         """
         if isinstance(pkts, (Packet, bytes, bytearray)):
             pkts = [pkts]
+        if self._impairers:
+            pkts = self._impair_sent(pkts)
         count = 0
         for pkt in pkts:
-            hdr, frame = self._split(pkt)
+            hdr, frame = pkt if isinstance(pkt, tuple) else self._split(pkt)
             needed = 2 if self.split_header else 1
             if self.txq.num_free < needed or not self._tx_free:
                 self.target.kick(TX_QUEUE)
@@ -220,6 +227,8 @@ class BenchPort:
         deadline = time.monotonic() + timeout
         while True:
             self._collect_rx()
+            if self._impairers:
+                self._impair_release()
             if count is None or len(self._rx_frames) >= count:
                 n = len(self._rx_frames) if count is None else count
                 return [self._rx_frames.popleft() for _ in range(n)]
@@ -235,7 +244,7 @@ class BenchPort:
                 frames = list(self._rx_frames)
                 self._rx_frames.clear()
                 raise BenchTimeout("frames received", f"{self.name} queue {RX_QUEUE}", count, len(frames), timeout, frames)
-            self.target.wait(RX_QUEUE, remaining)
+            self.target.wait(RX_QUEUE, self._impair_wait(remaining) if self._impairers else remaining)
 
     def _collect_rx(self) -> None:
         used = self._get_used(self.rxq)
@@ -275,7 +284,11 @@ class BenchPort:
                 return  # the rest of the frame has not been written yet
             elems = [self._rx_used.popleft() for _ in range(spans)]
             self.rx_buffer_lens.append(tuple(e.len for e in elems))
-            self._rx_frames.append(self._dissect(b"".join(e.data for e in elems)))
+            data = b"".join(e.data for e in elems)
+            if "egress" in self._impairers:
+                self._impair_received(data)
+            else:
+                self._rx_frames.append(self._dissect(data))
 
     def _num_buffers(self, elem: UsedElem) -> int:
         return int.from_bytes(elem.data[10:12], "little")
@@ -286,6 +299,67 @@ class BenchPort:
         self.received.append(pkt)
         self.stats["rx_frames"] += 1
         return pkt
+
+    # -- impairments (iovirt/virtio/net/impair.py) ----------------------------------------
+    def impair(self, direction: str = impair.DEFAULT_DIR, **settings: Any) -> None:
+        """Impair what this port sends (``ingress``: into the switch), receives (``egress``) or ``both``.
+
+        ``settings`` are :class:`~iovirt.virtio.net.impair.Impairment` fields:
+        ``port.impair(drop=0.1, delay_ms=5, seed=1)``; none stop impairing the
+        direction.  Frames held by a delay or a rate go on when the port next
+        sends or receives (:meth:`recv` waits for them).  Counters go to
+        :attr:`stats` (``tx_impair_dropped``, ``rx_impair_delayed``, ...).
+        Raises :class:`~iovirt.virtio.net.impair.ImpairmentError` for an
+        impossible setting.
+        """
+        if direction not in impair.DIR_CHOICES:
+            raise impair.ImpairmentError(f"direction: want one of {', '.join(impair.DIR_CHOICES)}, got {direction!r}")
+        try:
+            impairment = impair.Impairment(**settings)
+        except TypeError:
+            known = ", ".join(impair.Impairment.__dataclass_fields__)
+            raise impair.ImpairmentError(f"unknown impairment in {sorted(settings)} (known: {known})") from None
+        for name in impair.DIR_CHOICES[direction]:
+            self._impair_release(math.inf)  # what the old setting held goes on
+            if impairment.active:
+                self._impairers[name] = impair.Impairer(impairment, name, count=impair.counting(self.stats, name),
+                                                        retag=_corrupted_hdr)
+            else:
+                self._impairers.pop(name, None)
+
+    def _impair_sent(self, pkts: Iterable[Packet | bytes | tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """What leaves now of ``pkts`` as ``(hdr, frame)``; the ingress impairer holds or drops the rest."""
+        self._impair_release()
+        impairer = self._impairers.get("ingress")
+        out: list[tuple[bytes, bytes]] = []
+        for pkt in pkts:
+            hdr, frame = pkt if isinstance(pkt, tuple) else self._split(pkt)
+            if impairer is None:
+                out.append((hdr, frame))
+                continue
+            out += [(h or hdr, f) for f, _, h in impairer.admit(frame, _pending(hdr), hdr)]
+        return out
+
+    def _impair_received(self, data: bytes) -> None:
+        hdr, frame = data[: self.hdr_size], data[self.hdr_size :]
+        for f, _, h in self._impairers["egress"].admit(frame, _pending(hdr), hdr):
+            self._rx_frames.append(self._dissect((h or hdr) + f))
+
+    def _impair_release(self, now: float | None = None) -> None:
+        """Let held frames whose time has come go on: sent ones to the device, received ones to :meth:`recv`."""
+        ingress, egress = self._impairers.get("ingress"), self._impairers.get("egress")
+        if ingress is not None and len(ingress):
+            due = [(h or self._zero_hdr, f) for f, _, h in ingress.release(now)]
+            if due:
+                self.send(due)
+        if egress is not None and len(egress):
+            for f, _, h in egress.release(now):
+                self._rx_frames.append(self._dissect((h or b"") + f))
+
+    def _impair_wait(self, remaining: float) -> float:
+        """How long :meth:`recv` may wait: ``remaining``, or less when a held frame is due sooner."""
+        dues = [d for d in (i.next_due() for i in self._impairers.values()) if d is not None]
+        return min([remaining, *(max(0.0, d - time.monotonic()) for d in dues)])
 
     # -- used ring ------------------------------------------------------------------
     def _get_used(self, queue: DriverQueue) -> list[UsedElem]:
@@ -308,3 +382,16 @@ class BenchPort:
         """Release the target."""
         self.target.close()
 
+
+def _pending(hdr: bytes) -> tuple[int, int] | None:
+    """The pending checksum (csum_start, csum_offset) a ``virtio_net_hdr`` asks for (5.1.6.2), if any."""
+    if not hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return None
+    return int.from_bytes(hdr[6:8], "little"), int.from_bytes(hdr[8:10], "little")
+
+
+def _corrupted_hdr(hdr: bytes | None) -> bytes | None:
+    """The header of a corrupted frame: its checksum was completed (no NEEDS_CSUM), and is not known valid."""
+    if hdr is None:
+        return None
+    return bytes([hdr[0] & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)]) + hdr[1:]

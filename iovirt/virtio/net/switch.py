@@ -97,6 +97,9 @@ class LearningSwitch:
         self.filtered = 0
         self.learn_refused = 0
         self.aged_out = 0
+        # id(port) -> its impairments (iovirt/virtio/net/impair.py): they see what the port sends before the
+        # switch does, and what the switch delivers to the port before the port does.
+        self.impairments: dict[int, Any] = {}
 
     def attach(self, port: SwitchPort) -> None:
         """Add a port."""
@@ -109,6 +112,7 @@ class LearningSwitch:
             if port in self.ports:
                 self.ports.remove(port)
             self._forget(port)
+            self.impairments.pop(id(port), None)
 
     def forget(self, port: SwitchPort) -> None:
         """Forget the MACs learned on ``port`` (its link went down or its driver reset)."""
@@ -208,6 +212,9 @@ class LearningSwitch:
         """
         if not len(frames):
             return 0
+        impaired = self.impairments.get(id(ingress))
+        if impaired is not None and impaired.intercepts_ingress:
+            return int(impaired.ingress_batch(frames))
         dsts, srcs = frames.macs()
         now = self.clock()
         if now >= self._next_sweep:
@@ -223,9 +230,11 @@ class LearningSwitch:
             for port in self._egress(ingress, dst, now)
         )
 
-    @staticmethod
-    def _deliver(port: SwitchPort, frames: Any, indexes: list[int]) -> int:
+    def _deliver(self, port: SwitchPort, frames: Any, indexes: list[int]) -> int:
         """Frames ``indexes`` of a batch to ``port``: in one call where the port takes batches."""
+        impaired = self.impairments.get(id(port))
+        if impaired is not None and impaired.intercepts_egress:
+            return int(impaired.egress_batch(frames, indexes))
         deliver_batch = getattr(port, "deliver_batch", None)
         if deliver_batch is not None:
             return int(deliver_batch(frames, indexes))
@@ -235,9 +244,19 @@ class LearningSwitch:
         """Switch one frame that arrived on ``ingress``; returns how many ports took it."""
         if len(frame) < ETH_HLEN:
             return 0
+        impaired = self.impairments.get(id(ingress))
+        if impaired is not None and impaired.intercepts_ingress:
+            return int(impaired.ingress_frame(frame, csum))
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
         self._learn(ingress, int.from_bytes(frame[6:12], "big"), now)
         egress = self._egress(ingress, int.from_bytes(frame[0:6], "big"), now)
-        return sum(int(port.deliver(frame, csum)) for port in egress)
+        return sum(self._deliver_frame(port, frame, csum) for port in egress)
+
+    def _deliver_frame(self, port: SwitchPort, frame: bytes, csum: tuple[int, int] | None) -> int:
+        """One frame to ``port`` (through its impairments, if it has any)."""
+        impaired = self.impairments.get(id(port))
+        if impaired is not None and impaired.intercepts_egress:
+            return int(impaired.egress_frame(frame, csum))
+        return int(port.deliver(frame, csum))
