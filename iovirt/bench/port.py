@@ -333,7 +333,10 @@ class BenchPort:
         impairer = self._impairers.get("ingress")
         out: list[tuple[bytes, bytes]] = []
         for pkt in pkts:
-            hdr, frame = pkt if isinstance(pkt, tuple) else self._split(pkt)
+            if isinstance(pkt, tuple):  # (hdr, frame): held here before, its time has come
+                out.append(pkt)
+                continue
+            hdr, frame = self._split(pkt)
             if impairer is None:
                 out.append((hdr, frame))
                 continue
