@@ -150,7 +150,7 @@ class BenchPort:
             pkts = self._impair_sent(pkts)
         count = 0
         for pkt in pkts:
-            hdr, frame = pkt if isinstance(pkt, tuple) else self._split(pkt)
+            hdr, frame = (pkt.hdr, bytes(pkt)) if isinstance(pkt, _Held) else self._split(pkt)
             needed = 2 if self.split_header else 1
             if self.txq.num_free < needed or not self._tx_free:
                 self.target.kick(TX_QUEUE)
@@ -327,20 +327,17 @@ class BenchPort:
             else:
                 self._impairers.pop(name, None)
 
-    def _impair_sent(self, pkts: Iterable[Packet | bytes | tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """What leaves now of ``pkts`` as ``(hdr, frame)``; the ingress impairer holds or drops the rest."""
+    def _impair_sent(self, pkts: Iterable[Packet | bytes]) -> list[Packet | bytes]:
+        """What leaves now of ``pkts``; the ingress impairer holds or drops the rest."""
         self._impair_release()
         impairer = self._impairers.get("ingress")
-        out: list[tuple[bytes, bytes]] = []
+        out: list[Packet | bytes] = []
         for pkt in pkts:
-            if isinstance(pkt, tuple):  # (hdr, frame): held here before, its time has come
+            if isinstance(pkt, _Held) or impairer is None:  # held here before, its time has come; or not impaired
                 out.append(pkt)
                 continue
             hdr, frame = self._split(pkt)
-            if impairer is None:
-                out.append((hdr, frame))
-                continue
-            out += [(h or hdr, f) for f, _, h in impairer.admit(frame, _pending(hdr), hdr)]
+            out += [_Held(f, h or hdr) for f, _, h in impairer.admit(frame, _pending(hdr), hdr)]
         return out
 
     def _impair_received(self, data: bytes) -> None:
@@ -352,7 +349,7 @@ class BenchPort:
         """Let held frames whose time has come go on: sent ones to the device, received ones to :meth:`recv`."""
         ingress, egress = self._impairers.get("ingress"), self._impairers.get("egress")
         if ingress is not None and len(ingress):
-            due = [(h or self._zero_hdr, f) for f, _, h in ingress.release(now)]
+            due = [_Held(f, h or self._zero_hdr) for f, _, h in ingress.release(now)]
             if due:
                 self.send(due)
         if egress is not None and len(egress):
@@ -384,6 +381,17 @@ class BenchPort:
     def close(self) -> None:
         """Release the target."""
         self.target.close()
+
+
+class _Held(bytes):
+    """A frame that went through the port's ingress impairment, with the ``virtio_net_hdr`` it goes with."""
+
+    hdr: bytes
+
+    def __new__(cls, frame: bytes, hdr: bytes) -> "_Held":
+        held = super().__new__(cls, frame)
+        held.hdr = hdr
+        return held
 
 
 def _pending(hdr: bytes) -> tuple[int, int] | None:

@@ -188,9 +188,9 @@ def _impair(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
         raise ControlError(BAD_REQUEST, f"{name}: {exc}") from None
     if not impairment.active and set(options) <= {impair.DIR_KEY}:
         directions = directions if options else impair.DIRECTIONS  # no keys at all: stop impairing the port
+    port: Any = device  # a port of the switch: a VirtioNet, with its counters
     with ctx.server.dataplane.lock:
-        current = impair.impair_port(switch, device, directions, impairment, ctx.server.dataplane.call_later,
-                                     device.stats)
+        current = impair.impair_port(switch, port, directions, impairment, ctx.server.dataplane.call_later, port.stats)
         settings = current.settings() if current is not None else {d: {} for d in impair.DIRECTIONS}
     log.info("control: %s impairments %s", name, settings)
     return {"name": name, "impairments": settings}

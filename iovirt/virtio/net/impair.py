@@ -477,8 +477,8 @@ class PortImpairment:
         """
         old = self.impairers[direction]
         count = counting(self.stats, direction)
-        active = impairment is not None and impairment.active
-        self.impairers[direction] = Impairer(impairment, direction, self.clock, count) if active else None
+        self.impairers[direction] = Impairer(impairment, direction, self.clock, count) \
+            if impairment is not None and impairment.active else None
         if old is not None and len(old):
             self._hand_on(direction, [(f, c) for f, c, _ in old.release(math.inf)])
 
