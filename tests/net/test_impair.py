@@ -97,12 +97,13 @@ def test_each_direction_has_its_own_stream():
 
 
 def test_duplicate_sends_two_copies():
+    n = 20_000
     imp = Impairer(Impairment(dup=0.25, seed=2))
-    frames = [frame(i) for i in range(N)]
+    frames = [frame(i) for i in range(n)]
     out = passed(imp, frames)
-    low, high = binomial_bounds(N, 0.25)
-    assert low <= len(out) - N <= high == high
-    assert imp.stats["duplicated"] == len(out) - N
+    low, high = binomial_bounds(n, 0.25)
+    assert low <= len(out) - n <= high
+    assert imp.stats["duplicated"] == len(out) - n
     counts = collections.Counter(out)
     assert set(counts.values()) == {1, 2}
     assert [f for f in dict.fromkeys(out)] == frames  # order kept, copies next to each other
@@ -128,7 +129,7 @@ def test_corrupt_flips_one_bit_and_fix_repairs_the_checksums(build):
     import random
     original = build()
     broken = fixed = 0
-    for seed in range(200):
+    for seed in range(100):
         bad, _ = corrupt(original, None, random.Random(seed), fix=False)
         diff = [a ^ b for a, b in zip(original, bad)]
         assert sum(bin(d).count("1") for d in diff) == 1 and not any(diff[:14])  # one bit, past Ethernet
@@ -139,8 +140,8 @@ def test_corrupt_flips_one_bit_and_fix_repairs_the_checksums(build):
             broken += 1
     # Without the fix nearly every flip is caught by a checksum (a flip in the IP version or protocol
     # makes the frame unparseable for both); with it nearly every frame checks out.
-    assert broken >= 180
-    assert fixed >= 180
+    assert broken >= 90
+    assert fixed >= 90
 
 
 def checksums_ok(raw: bytes) -> bool:
@@ -229,9 +230,10 @@ def test_reorder_with_gap_follows_netem():
 
 
 def test_reorder_probability_without_gap():
-    imp = Impairer(Impairment(delay_ms=10, reorder=0.25, seed=9, limit=N), clock=Clock())
-    out = passed(imp, (frame() for _ in range(N)))
-    low, high = binomial_bounds(N, 0.25)
+    n = 20_000
+    imp = Impairer(Impairment(delay_ms=10, reorder=0.25, seed=9, limit=n), clock=Clock())
+    out = passed(imp, (frame() for _ in range(n)))
+    low, high = binomial_bounds(n, 0.25)
     assert low <= len(out) <= high
     assert imp.stats["reordered"] == len(out)
 
@@ -348,7 +350,8 @@ def test_switch_port_drop_counts_in_the_port_stats(direction, impaired):
     prefix = "tx" if direction == "ingress" else "rx"
     assert port.stats[f"{prefix}_impair_dropped"] == dropped
     assert port.stats[f"{prefix}_dropped_impair"] == dropped == port.stats[f"{prefix}_dropped"]
-    assert b.frames == [f for f in frames if f in set(b.frames)]  # order kept
+    kept = set(b.frames)
+    assert b.frames == [f for f in frames if f in kept]  # order kept
 
 
 @pytest.mark.parametrize("direction, impaired", [("ingress", "a"), ("egress", "b")])

@@ -68,11 +68,6 @@ DEFAULT_LIMIT = 1000  # netem's default limit (packets held)
 MAX_LIMIT = 1 << 20
 IPPROTO_ICMP, IPPROTO_ICMPV6 = 1, 58
 
-COUNTERS = ("dropped", "duplicated", "corrupted", "reordered", "delayed", "dropped_limit")
-"""What an :class:`Impairer` counts: frames dropped (by ``drop``), duplicated, corrupted, sent ahead by
-``reorder``, held for a delay or the rate, and dropped because ``limit`` frames were already held."""
-
-
 class ImpairmentError(IovirtError, ValueError):
     """An impairment that cannot be applied (a probability above 1, a negative delay, an unknown key...)."""
 
@@ -254,7 +249,10 @@ class Impairer(Generic[Tag]):
     """One direction's impairments applied to frames: :meth:`admit` them, :meth:`release` the held ones when due.
 
     ``tag`` is carried along with each frame untouched (the bench keeps a
-    frame's ``virtio_net_hdr`` there).  ``stats`` counts :data:`COUNTERS`;
+    frame's ``virtio_net_hdr`` there).  ``stats`` counts the frames
+    ``dropped`` (by ``drop``), ``duplicated``, ``corrupted``, ``reordered``
+    (sent ahead of the held ones), ``delayed`` (held) and ``dropped_limit``
+    (``limit`` frames were already held);
     ``count``, if given, is told of each count too (``count(name, n)``);
     ``retag``, if given, makes the tag of a frame it corrupts.
     """
@@ -353,12 +351,6 @@ class Impairer(Generic[Tag]):
             _, _, frame, csum, tag = heapq.heappop(held)
             due.append((frame, csum, tag))
         return due
-
-    def clear(self) -> int:
-        """Forget the held frames; returns how many there were."""
-        n = len(self._held)
-        self._held.clear()
-        return n
 
 
 # -- corruption --------------------------------------------------------------------------------
@@ -592,6 +584,6 @@ def impair_port(switch: Any, port: Any, directions: Iterable[str], impairment: I
 
 
 __all__ = [
-    "COUNTERS", "DIRECTIONS", "DISTRIBUTIONS", "Impairer", "Impairment", "ImpairmentError", "KEYS",
+    "DIRECTIONS", "DISTRIBUTIONS", "Impairer", "Impairment", "ImpairmentError", "KEYS",
     "PortImpairment", "corrupt", "counting", "fix_checksums", "from_options", "impair_port", "parse_value", "to_options",
 ]
