@@ -78,7 +78,7 @@ def test_ping_through_10_percent_drop_loses_5_to_15_percent(tmp_path):
     assert sent == PINGS, detail
     loss = 1 - received / sent
     assert 0.05 <= loss <= 0.15, f"loss {loss:.1%}\n{detail}"
-    assert counters["tx_impair_dropped"] >= sent - received, detail  # ARP and the rest lose frames too
+    assert counters.get("tx_impair_dropped", 0) >= sent - received, detail  # ARP and the rest lose frames too
     assert "rx_impair_dropped" not in counters, detail  # the other direction is not impaired
     print(f"ping through drop=0.1: {sent} sent, {received} answered ({loss:.1%} lost); port counters {counters}")
 
@@ -123,6 +123,6 @@ def test_tcp_moves_1_mib_intact_through_1_percent_drop_and_10_ms_delay(tmp_path)
     got = re.search(r"^received (\d+) bytes md5 (\w+).*$", b.output, re.M)
     assert sent and got, detail
     assert int(got.group(1)) == SIZE and got.group(2) == sent.group(1), detail
-    assert counters["tx_impair_delayed"] > 0 and counters["rx_impair_delayed"] > 0, detail
-    assert counters["tx_impair_dropped"] + counters["rx_impair_dropped"] > 0, detail
+    assert counters.get("tx_impair_delayed", 0) > 0 and counters.get("rx_impair_delayed", 0) > 0, detail
+    assert counters.get("tx_impair_dropped", 0) + counters.get("rx_impair_dropped", 0) > 0, detail
     print(f"1 MiB over TCP through drop=0.01,delay=10 both ways: md5 equal; {got.group(0)}; port counters {counters}")
