@@ -20,13 +20,25 @@ from iovirt.memory import BumpAllocator
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.viommu import FrontendIommu
-from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
+from iovirt.virtio.defs import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_RING_PACKED,
+)
 from iovirt.virtio.driver import DriverQueue
 
 GUEST_BASE = 0x0
 DEFAULT_MEMORY = 64 << 20
 IOVA_BASE = 0x10_0000_0000
 """Where guest memory appears in IOVA space with ``iommu=True`` (deliberately not its GPA)."""
+
+
+#: Ring features this driver's split rings (:class:`DriverQueue`) do not implement, so it never acks them
+#: (virtio 1.2 §6.1: a driver accepts only features it understands): the packed layout (§2.8),
+#: IN_ORDER's batched used entries (§2.7.9) and notification data in kicks (§2.9).
+UNIMPLEMENTED_RING_FEATURES = 1 << VIRTIO_F_RING_PACKED | 1 << VIRTIO_F_IN_ORDER | 1 << VIRTIO_F_NOTIFICATION_DATA
 
 
 class VhostUserDriver:
@@ -49,6 +61,7 @@ class VhostUserDriver:
             self.region = self.frontend.add_region(GUEST_BASE, memory_size)
             self.memory = self.frontend.memory
             self.alloc = BumpAllocator(GUEST_BASE + 0x1000, memory_size - 0x1000)
+            features &= ~UNIMPLEMENTED_RING_FEATURES
             negotiated = bringup.negotiate(self.frontend, features, protocol_features, iommu=iommu)
             self.offered = negotiated.offered
             self.features, self.protocol_features = negotiated.features, negotiated.protocol_features
