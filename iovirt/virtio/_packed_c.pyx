@@ -26,7 +26,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from iovirt.memory import Access, GuestMemoryError, TranslationPending
 from iovirt.virtio._iotlb_c cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio._dirtylog_c cimport log_mark
-from iovirt.virtio._queue_c cimport ChainBatch, Region, WalkError
+from iovirt.virtio._queue_c cimport ChainBatch, Region, Virtqueue, WalkError
 from iovirt.virtio import _packed_checks as pchecks
 from iovirt.virtio import _queue_checks as checks
 from iovirt.virtio.state import QueueState
@@ -107,12 +107,9 @@ cdef ChainBatch _empty_batch(ChainBatch batch, Py_ssize_t chains):
     return batch
 
 
-cdef class PackedQueue:
+cdef class PackedQueue(Virtqueue):
     """The device side of one packed virtqueue (accelerated; see ``_packed_py.PackedQueue``)."""
 
-    cdef readonly object memory
-    cdef readonly int index
-    cdef readonly uint32_t size
     cdef readonly uint64_t desc_addr, driver_addr, device_addr
     cdef readonly bint event_idx
     cdef uint32_t _next_avail, _next_used

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from iovirt.virtio.queue import SplitQueue
+from iovirt.virtio.queue import SplitQueue, queue_class
 from iovirt.virtio.state import QueueState
 
 Notify = Callable[[], None]
@@ -116,14 +116,18 @@ class VirtioDevice:
         state: QueueState,
         notify: Notify,
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
+        *,
+        packed: bool = False,
     ) -> SplitQueue:
         """Start serving queue ``index`` from ``state``; ``notify`` signals used buffers.
 
         ``wrap``, if given, puts a wrapper with the queue's API around the
         queue (a transport's bookkeeping, e.g. vhost-user inflight tracking).
+        ``packed``: the transport negotiated VIRTIO_F_RING_PACKED, the ring is
+        a packed one (2.8; ``state`` positions carry wrap counters in bit 15).
         """
         state = QueueState(**{**state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX)})
-        queue = SplitQueue.from_state(memory, state)
+        queue: SplitQueue = queue_class(packed).from_state(memory, state)
         if wrap is not None:
             queue = wrap(queue)
         self.memory = memory
