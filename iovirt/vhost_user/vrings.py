@@ -50,7 +50,7 @@ from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.fds import close_fds
-from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
+from iovirt.vhost_user.inflight import InflightError, InflightQueue, PackedInflightQueue, QueueRegion
 from iovirt.vhost_user.iotlb import CompletionFence, DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.messages import VHOST_VRING_F_LOG, BackendRequest, IotlbMsg
@@ -337,6 +337,39 @@ class Vrings:
             log.info("%s: vring %d resubmits %d inflight requests (heads %s); avail index %d",
                      self.label, vring.index, len(heads), heads[:8], vring.base)
         return heads
+
+    def _packed_inflight_wrapper(self, vring: Vring, region: QueueRegion) -> Callable[[SplitQueue], SplitQueue]:
+        """What puts packed inflight tracking around the device's queue, after recovering the region.
+
+        vhost-user.rst "Inflight I/O tracking", packed virtqueue.  A region
+        set up by this back-end (GET_INFLIGHT_FD) starts where the front-end
+        said (SET_VRING_BASE).  A region handed back (SET_INFLIGHT_FD, after
+        a back-end restart) knows better than the front-end, which could not
+        ask a dead back-end where its rings stopped: the used position is the
+        region's, and the avail position follows the lists in flight, which
+        took the ring slots between the two (2.8.6: a used descriptor skips
+        as many slots as its list took).
+        """
+        try:
+            packed = region.packed()
+        except InflightError as exc:
+            raise VringError(f"vring {vring.index} is packed: {exc}") from exc
+        if packed.fresh:
+            packed.start_at(vring.base >> 16)
+            lists: list[tuple[int, list[bytes]]] = []
+        else:
+            desc, _, _ = self.placement(vring)
+            memory = self.dma_memory
+            used_pos, lists = packed.recover(lambda slot: memory.read_u16(desc + VIRTQ_DESC_SIZE * slot + 14))
+            taken = sum(len(descs) for _, descs in lists)
+            slot, wrap = (used_pos & ~PACKED_WRAP_BIT) + taken, used_pos >> 15
+            laps, slot = divmod(slot, vring.num)
+            avail_pos = slot | (wrap ^ (laps & 1)) << 15
+            vring.base = avail_pos | used_pos << 16
+            if lists:
+                log.info("%s: vring %d resubmits %d inflight requests (entries %s); %s", self.label, vring.index,
+                         len(lists), [head for head, _ in lists[:8]], _packed_positions(vring.base))
+        return lambda queue: cast(SplitQueue, PackedInflightQueue(queue, packed, lists))
 
     def stop(self, vring: Vring) -> None:
         """Stop serving ``vring`` (its kick fd closed); remembers where it stopped."""
