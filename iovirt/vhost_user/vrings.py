@@ -365,7 +365,11 @@ class Vrings:
             slot, wrap = (used_pos & ~PACKED_WRAP_BIT) + taken, used_pos >> 15
             laps, slot = divmod(slot, vring.num)
             avail_pos = slot | (wrap ^ (laps & 1)) << 15
-            vring.base = avail_pos | used_pos << 16
+            recovered = avail_pos | used_pos << 16
+            if recovered != vring.base:
+                log.info("%s: vring %d: the inflight region places the ring at %s (the front-end said %s)",
+                         self.label, vring.index, _packed_positions(recovered), _packed_positions(vring.base))
+            vring.base = recovered
             if lists:
                 log.info("%s: vring %d resubmits %d inflight requests (entries %s); %s", self.label, vring.index,
                          len(lists), [head for head, _ in lists[:8]], _packed_positions(vring.base))
