@@ -476,7 +476,8 @@ class PackedInflightQueue(QueueWrapper):
         args = () if batch is None else (batch,)
         if self._resubmit:
             todo = self._resubmit[:max_chains]
-            taken = self.inner.resubmit([b"".join(descs) for _, descs in todo], *args)
+            packed: Any = self.inner  # a packed queue's resubmit takes saved descriptors, not heads
+            taken = packed.resubmit([b"".join(descs) for _, descs in todo], *args)
             for i in range(len(taken)):
                 self._entry[taken.head(i)] = todo[i][0]
             del self._resubmit[: len(taken)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, cast
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
@@ -127,7 +127,8 @@ class VirtioDevice:
         a packed one (2.8; ``state`` positions carry wrap counters in bit 15).
         """
         state = QueueState(**{**state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX)})
-        queue: SplitQueue = queue_class(packed).from_state(memory, state)
+        # A packed queue has the split queue's API (iovirt/virtio/queue.py): devices cannot tell.
+        queue = cast(SplitQueue, queue_class(packed).from_state(memory, state))
         if wrap is not None:
             queue = wrap(queue)
         self.memory = memory

@@ -56,7 +56,7 @@ def is_accelerated(queue: object) -> bool:
     return isinstance(queue, _ACCELERATED)
 
 
-def queue_class(packed: bool) -> type:
+def queue_class(packed: bool) -> "type[SplitQueue] | type[PackedQueue]":
     """The queue a transport starts: ``PackedQueue`` with VIRTIO_F_RING_PACKED negotiated, else ``SplitQueue``."""
     return PackedQueue if packed else SplitQueue
 
