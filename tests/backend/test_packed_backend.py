@@ -14,6 +14,7 @@ import struct
 
 import pytest
 
+from iovirt.control.snapshot import describe
 from iovirt.vhost_user.driver import PACKED_START_BASE, VhostUserDriver
 from iovirt.virtio.blk.defs import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import VIRTIO_F_RING_PACKED
@@ -115,3 +116,39 @@ def test_net_ports_on_packed_rings_switch_frames(backend):
 
 def test_packed_start_base_is_both_wrap_counters_set():
     assert PACKED_START_BASE == 0x80008000
+
+
+def test_the_control_snapshot_describes_a_packed_ring(backend):
+    with connect(backend, backend.blk_path, [0], size=8) as drv:
+        blk_request(drv, VIRTIO_BLK_T_OUT, 1, out=bytes(512))
+        endpoint_ = endpoint(backend, backend.blk_path)
+        with backend.server.dataplane.lock:
+            (ring, *_) = describe(endpoint_)["queues"]
+        # One request of 3 descriptors: both positions at slot 3, wrap counters 1.
+        assert ring["packed"] and (ring["last_avail_idx"], ring["used_idx"]) == (3 | 1 << 15, 3 | 1 << 15)
+        assert "avail_idx" not in ring
+        drv.frontend.get_vring_base(0)
+        with backend.server.dataplane.lock:
+            (ring, *_) = describe(endpoint_)["queues"]
+        assert ring["state"] == "stopped" and (ring["last_avail_idx"], ring["used_idx"]) == (3 | 1 << 15, 3 | 1 << 15)
+
+
+def test_a_packed_ring_logs_its_buffers_descriptor_ring_and_device_area(backend):
+    """Migration (vhost-user.rst "Migration") on a packed ring: no used ring, the device writes the Descriptor Ring."""
+    page = 4096
+    with connect(backend, backend.blk_path, [0], size=256) as drv:  # the ring fills a page, the areas follow
+        log = drv.start_logging()
+        log[:] = bytes(len(log))
+        queue = drv.queues[0]
+        buf = drv.alloc.alloc(page, page)
+        hdr_addr = drv.alloc.alloc(16)
+        drv.memory.write(hdr_addr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+        queue.add_chain([(hdr_addr, 16)], [(buf, 512), (drv.alloc.alloc(1), 1)])
+        drv.kick(0)
+        assert drv.frontend.wait_call(0, timeout=5)
+        dirty = {((i << 3) + b) * page for i, byte in enumerate(bytes(log)) if byte for b in range(8) if byte >> b & 1}
+        assert buf in dirty  # the device wrote the read's data there
+        assert queue.device_addr // page != queue.desc_addr // page
+        assert queue.desc_addr // page * page in dirty  # and a used descriptor into the ring
+        assert queue.device_addr // page * page in dirty
+        drv.stop_logging()
