@@ -12,8 +12,12 @@ forces the reference.  Both expose the same API:
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``
 
 ``PackedQueue`` (virtio 1.2 section 2.8; ``_packed_c`` or ``_packed_py``) has
-the same API, except ``resubmit``; its chains' ``head`` is the Buffer ID, its
-``avail_addr``/``used_addr`` the Driver/Device Event Suppression areas.
+the same API, except that ``resubmit(lists)`` takes the saved ring descriptors
+of each list (a packed ring's lists may be overwritten in the ring); its
+chains' ``head`` is the Buffer ID, its ``avail_addr``/``used_addr`` the
+Driver/Device Event Suppression areas.  A transport picks one with
+:func:`queue_class`; the Cython twins share a C base (``_queue_c.Virtqueue``)
+that the C device data paths take, so both ring layouts run them.
 """
 
 from __future__ import annotations

@@ -225,3 +225,23 @@ def test_a_restarted_backend_resubmits_exactly_what_was_in_flight(backend):
         finally:
             area.close()
             os.close(fd)
+
+
+@pytest.mark.parametrize("saved", [
+    RING_DESC.pack(0x8000, 8, 0, 1),  # NEXT on the last saved descriptor
+    RING_DESC.pack(0x8000, 8, SIZE, 0),  # a Buffer ID beyond the ring
+    RING_DESC.pack(1 << 30, 8, 0, 0),  # a buffer outside guest memory
+    RING_DESC.pack(0x8000, 8, 0, 1) + RING_DESC.pack(0x9000, 16, 0, 4),  # an indirect descriptor in a chain
+])
+def test_both_twins_refuse_a_bad_saved_list_alike(saved):
+    if len(IMPLS) < 2:
+        pytest.skip("one twin built")
+    errors = []
+    for cls in IMPLS.values():
+        memory = GuestMemory.from_ranges([(0, 1 << 20)], backing="bytearray")
+        driver = PackedDriverQueue(memory, BumpAllocator(0x1000, (1 << 20) - 0x1000), SIZE)
+        device = cls.from_state(memory, driver.state())
+        with pytest.raises(VirtqueueError) as info:
+            device.resubmit([saved])
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
