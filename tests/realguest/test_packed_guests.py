@@ -10,6 +10,9 @@ packed.
 * Two guests ping each other through iovirt's switch (distinct MACs), one of
   them also writing and read-verifying 4 KiB blocks with O_DIRECT on a
   vhost-user-blk disk, whose image then holds what the guest wrote.
+* Device types beyond net and blk on packed rings: a guest reads its hwrng
+  from ``vhost-user-rng-pci,packed=on``, another reads and writes a disk
+  behind ``vhost-user-scsi-pci,packed=on`` (control, event and request queues).
 * A packed blk guest's write-verify loop survives iovirt's SIGKILL: QEMU
   (``reconnect=1``) hands the inflight region back to the restarted
   back-end, which takes the packed ring's positions from it (QEMU could not
@@ -23,14 +26,19 @@ import hashlib
 import re
 import shutil
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from iovirt.guest import Guest, VhostUserBlk, VhostUserNet
+from iovirt.guest.modules import VIRTIO_MODULES
 from iovirt.serve_process import ServeProcess
 from iovirt.virtio.blk.defs import VIRTIO_ID_BLOCK
 from iovirt.virtio.defs import VIRTIO_F_RING_PACKED
 from iovirt.virtio.net.defs import VIRTIO_ID_NET
+from iovirt.virtio.rng.defs import VIRTIO_ID_ENTROPY
+from iovirt.virtio.scsi.defs import VIRTIO_ID_SCSI
 
 pytestmark = [
     pytest.mark.slow,
@@ -177,3 +185,57 @@ def test_packed_blk_guest_survives_a_backend_sigkill(tmp_path, serve):
     data = image.read_bytes()
     for i in (0, 50, RESTART_LOOP - 1):
         assert data[i * BLOCK : (i + 1) * BLOCK] == (f"iovirt-packed-{i}\n" * BLOCK).encode()[:BLOCK], i
+
+
+@dataclass
+class PackedVhostUserDevice:
+    """A QEMU vhost-user front-end device (``vhost-user-rng-pci``...) on ``socket``, with ``packed=on``."""
+
+    model: str
+    socket: str | Path
+
+    def qemu_args(self, index: int, iommu: bool) -> list[str]:
+        """The ``-chardev``/``-device`` arguments for device number ``index``."""
+        return ["-chardev", f"socket,id=cv{index},path={self.socket}",
+                "-device", f"{self.model},chardev=cv{index},vectors=0,packed=on"]
+
+
+def test_packed_guest_reads_hwrng(tmp_path, serve):
+    sock = tmp_path / "rng.sock"
+    srv = serve("--rng", str(sock), sockets=[sock])
+    script = f"""{FEATURES}
+echo "hwrng-bytes: $(head -c 65536 /dev/hwrng | wc -c)"
+"""
+    with Guest(tmp_path, [PackedVhostUserDevice("vhost-user-rng-pci", sock)], script=script, name="rng",
+               modules=(*VIRTIO_MODULES, "virtio-rng")) as g:
+        result = g.start().wait_result(timeout=BOOT)
+    assert result.status == 0, result.console
+    assert packed_devices(result.output) == {VIRTIO_ID_ENTROPY: True}, result.output
+    assert "hwrng-bytes: 65536" in result.output, result.output
+    assert "vring 0 started packed" in srv.log(), srv.log()
+
+
+def test_packed_guest_reads_and_writes_a_scsi_disk(tmp_path, serve):
+    lun = tmp_path / "lun0.img"
+    content = bytes(range(256)) * (4 << 12)  # 4 MiB
+    lun.write_bytes(content)
+    sock = tmp_path / "scsi.sock"
+    srv = serve("--scsi", f"{sock},{lun}", sockets=[sock])
+    offset, pattern = 1 << 20, "iovirt-packed-scsi-34"
+    script = f"""set -e
+{FEATURES}
+i=0
+while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+md5sum /dev/sda
+printf '%s' '{pattern}' | dd of=/dev/sda bs=512 seek={offset // 512} conv=notrunc 2>/dev/null
+sync
+"""
+    with Guest(tmp_path, [PackedVhostUserDevice("vhost-user-scsi-pci", sock)], script=script, name="scsi",
+               modules=(*VIRTIO_MODULES, "virtio_scsi", "sd_mod")) as g:
+        result = g.start().wait_result(timeout=BOOT)
+    log = srv.log()
+    assert result.status == 0, f"{result.console}\n{log}"
+    assert packed_devices(result.output) == {VIRTIO_ID_SCSI: True}, result.output
+    assert re.search(rf"^{hashlib.md5(content).hexdigest()}  /dev/sda$", result.output, re.M), result.output
+    assert lun.read_bytes()[offset : offset + len(pattern)] == pattern.encode()
+    assert log.count("started packed") >= 3, log  # control, event and one request queue
