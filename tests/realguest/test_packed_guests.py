@@ -12,7 +12,9 @@ packed.
   vhost-user-blk disk, whose image then holds what the guest wrote.
 * Device types beyond net and blk on packed rings: a guest reads its hwrng
   from ``vhost-user-rng-pci,packed=on``, another reads and writes a disk
-  behind ``vhost-user-scsi-pci,packed=on`` (control, event and request queues).
+  behind ``vhost-user-scsi-pci,packed=on`` (control, event and request queues),
+  a third sends a 1 MiB AF_VSOCK stream to the host through
+  ``vhost-user-vsock-pci,packed=on``.
 * A packed blk guest's write-verify loop survives iovirt's SIGKILL: QEMU
   (``reconnect=1``) hands the inflight region back to the restarted
   back-end, which takes the packed ring's positions from it (QEMU could not
@@ -26,19 +28,23 @@ import hashlib
 import re
 import shutil
 import signal
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from iovirt.guest import Guest, VhostUserBlk, VhostUserNet
-from iovirt.guest.modules import VIRTIO_MODULES
+from iovirt.guest.hostprog import program_files
+from iovirt.guest.modules import VIRTIO_MODULES, VSOCK_MODULES
 from iovirt.serve_process import ServeProcess
 from iovirt.virtio.blk.defs import VIRTIO_ID_BLOCK
 from iovirt.virtio.defs import VIRTIO_F_RING_PACKED
 from iovirt.virtio.net.defs import VIRTIO_ID_NET
 from iovirt.virtio.rng.defs import VIRTIO_ID_ENTROPY
 from iovirt.virtio.scsi.defs import VIRTIO_ID_SCSI
+from iovirt.virtio.vsock.defs import VIRTIO_ID_VSOCK
 
 pytestmark = [
     pytest.mark.slow,
@@ -239,3 +245,41 @@ sync
     assert re.search(rf"^{hashlib.md5(content).hexdigest()}  /dev/sda$", result.output, re.M), result.output
     assert lun.read_bytes()[offset : offset + len(pattern)] == pattern.encode()
     assert log.count("started packed") >= 3, log  # control, event and one request queue
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed (make deps)")
+def test_packed_guest_streams_to_the_host_over_vsock(tmp_path, serve):
+    vhost, uds, port = tmp_path / "vsock.sock", str(tmp_path / "vm.vsock"), 5000
+    srv = serve("--vsock", f"{vhost},cid=7,uds={uds}", sockets=[vhost])
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{uds}_{port}")
+    listener.listen(1)
+    got: list[bytes] = []
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        data = bytearray()
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        conn.close()
+        got.append(bytes(data))
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    script = f"""set -e
+{FEATURES}
+head -c {1 << 20} /dev/urandom > /tmp/s
+socat -t 120 - VSOCK-CONNECT:2:{port} < /tmp/s
+echo "sent $(md5sum < /tmp/s | cut -d' ' -f1)"
+"""
+    extra = ("-chardev", f"socket,id=vs0,path={vhost}", "-device", "vhost-user-vsock-pci,chardev=vs0,vectors=0,packed=on")
+    with Guest(tmp_path, script=script, name="vsock", files=program_files("socat", "socat"),
+               modules=VIRTIO_MODULES + VSOCK_MODULES, extra_args=extra) as g:
+        result = g.start().wait_result(timeout=BOOT)
+    thread.join(timeout=30)
+    listener.close()
+    assert result.status == 0, f"{result.console}\n{srv.log()}"
+    assert packed_devices(result.output) == {VIRTIO_ID_VSOCK: True}, result.output
+    sent = re.search(r"^sent ([0-9a-f]{32})$", result.output, re.M)
+    assert sent and got and hashlib.md5(got[0]).hexdigest() == sent.group(1), result.output
+    assert "started packed" in srv.log(), srv.log()
