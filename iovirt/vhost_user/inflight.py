@@ -35,7 +35,13 @@ from typing import Any, Callable
 
 from iovirt.errors import IovirtError
 from iovirt.memory import MappableFd, MemoryRegion
-from iovirt.virtio.defs import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED, VIRTQ_DESC_SIZE
+from iovirt.virtio.defs import (
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_SIZE,
+)
 from iovirt.virtio.queue import QueueWrapper, ring_of
 
 QUEUE_HEADER = struct.Struct("=QHHHH")  # 16 bytes

@@ -629,7 +629,9 @@ class Vrings:
             try:
                 ranges += self.dma_memory.translate(start, size, Access.WRITE)
             except GuestMemoryError as exc:
-                raise VringError(f"vring {vring.index}: packed ring part {start:#x} is not guest memory: {exc}") from exc
+                raise VringError(
+                    f"vring {vring.index}: packed ring part {start:#x} is not guest memory: {exc}"
+                ) from exc
         return ranges
 
 

@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING
 from iovirt import _accel
 from iovirt.virtio import _packed_py, _queue_py
 
-__all__ = ["SplitQueue", "PackedQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations", "is_accelerated", "queue_class", "QueueWrapper", "ring_of"]
+__all__ = [
+    "SplitQueue", "PackedQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations",
+    "is_accelerated", "queue_class", "QueueWrapper", "ring_of",
+]
 
 if TYPE_CHECKING:
     from iovirt.virtio._packed_py import PackedQueue

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import struct
 
-import pytest
 
 from iovirt.control.snapshot import describe
 from iovirt.vhost_user.driver import PACKED_START_BASE, VhostUserDriver

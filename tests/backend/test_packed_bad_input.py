@@ -110,7 +110,7 @@ def test_packed_ring_addresses_outside_the_memory_table_are_refused(backend, log
 
 
 def test_a_descriptor_ring_running_past_guest_memory_is_refused(backend, logs):
-    """The Descriptor Ring's first slots are guest memory, its last are not (16 bytes x 16 from 64 bytes before the end)."""
+    """The Descriptor Ring's first slots are guest memory, its last are not (16 x 16 bytes from 64 before the end)."""
     with packed_driver(backend) as drv:
         queue = PackedDriverQueue(drv.memory, drv.alloc, SIZE)
         drv.frontend.set_vring_num(0, SIZE)

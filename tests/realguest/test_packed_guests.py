@@ -272,7 +272,8 @@ head -c {1 << 20} /dev/urandom > /tmp/s
 socat -t 120 - VSOCK-CONNECT:2:{port} < /tmp/s
 echo "sent $(md5sum < /tmp/s | cut -d' ' -f1)"
 """
-    extra = ("-chardev", f"socket,id=vs0,path={vhost}", "-device", "vhost-user-vsock-pci,chardev=vs0,vectors=0,packed=on")
+    extra = ("-chardev", f"socket,id=vs0,path={vhost}",
+             "-device", "vhost-user-vsock-pci,chardev=vs0,vectors=0,packed=on")
     with Guest(tmp_path, script=script, name="vsock", files=program_files("socat", "socat"),
                modules=VIRTIO_MODULES + VSOCK_MODULES, extra_args=extra) as g:
         result = g.start().wait_result(timeout=BOOT)
