@@ -4,7 +4,8 @@ A :class:`VirtioDevice` owns its feature bits, its device-specific
 configuration space and what it does with the chains of each queue.  It does
 not know how it is reached: the vhost-user backend and the in-process
 virtio-pci transport both hand it :class:`~iovirt.virtio.queue.SplitQueue`
-objects and a per-queue ``notify`` callable (the used-buffer notification),
+objects (vhost-user: packed queues with the same API when the front-end
+negotiated VIRTIO_F_RING_PACKED) and a per-queue ``notify`` callable (the used-buffer notification),
 and call :meth:`VirtioDevice.kick` when the driver notifies a queue.
 
 Bad input from the driver ends in :meth:`VirtioDevice.fail`: it is logged
