@@ -13,3 +13,4 @@ from iovirt.conformance.checks import input  # noqa: F401
 from iovirt.conformance.checks import vsock  # noqa: F401
 from iovirt.conformance.checks import scsi  # noqa: F401
 from iovirt.conformance.checks import pci  # noqa: F401
+from iovirt.conformance.checks import pci_layout  # noqa: F401
