@@ -19,6 +19,7 @@ from iovirt.memory import BumpAllocator, MemoryRegion
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.bringup import PROTOCOL_BIT
 from iovirt.vhost_user.frontend import VhostUserFrontend
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
 from iovirt.virtio.defs import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -151,6 +152,21 @@ class Link:
             self.frontend, index, q.size, q.desc_addr, q.avail_addr, q.used_addr,
             base=base, call=call, kick=kick, enable=None,
         )
+
+    def rebase(self, index: int, base: int) -> None:
+        """Stop vring ``index`` (GET_VRING_BASE) and restart it with avail and used idx at ``base``.
+
+        Used to put a ring next to the 16-bit index wrap; no buffer may be outstanding.
+        """
+        q = self.queues[index]
+        self.frontend.get_vring_base(index)
+        q.set_avail_idx(base)
+        q.publish()
+        q.last_used_idx = base
+        self.memory.write_u16(q.used_addr + 2, base)  # a VMM restarts the ring it left, used idx included
+        self.restart(index, base)
+        if self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.frontend.set_vring_enable(index, True)
 
     def add(
         self, index: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (), *, indirect: bool = False
