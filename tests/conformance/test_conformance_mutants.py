@@ -7,6 +7,8 @@ and asserts that exactly the expected clauses fail.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import IovirtBackend
@@ -15,6 +17,11 @@ from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
 from iovirt.errors import IovirtError
+from iovirt.vhost_user import vrings as vrings_module
+from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.devices.blk import BlkAdapter
+from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
+from iovirt.vhost_user.vrings import Vrings
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE
 from iovirt.virtio.transport import pci as transport_pci
@@ -181,3 +188,107 @@ def test_notification_mutant_fails_exactly_its_checks(make_backend, mutant):
     blk_class, expected = BLK_MUTANTS[mutant]
     failed = _failed(_vu_run(_blk(make_backend(blk_class=blk_class)), NOTIFY_CLAUSES))
     assert set(failed) == expected, failed
+
+
+# -- features and ring lifecycle ---------------------------------------------------------------------
+class StrayBitBlk(VirtioBlk):
+    """Offers feature bit 20, which virtio 1.4 does not define for a block device."""
+
+    def device_features(self):
+        return super().device_features() | 1 << 20
+
+
+def _no_mq(monkeypatch):
+    monkeypatch.setattr(BlkAdapter, "protocol_features", BlkAdapter.protocol_features & ~feature_mask(PF.VHOST_USER_PROTOCOL_F_MQ))
+
+
+def _refuses_renegotiation(monkeypatch):
+    # The runner's probe negotiates once, the check's first link a second time: refuse the third.
+    original = VhostUserDevice.set_features
+    count: dict[int, int] = {}
+
+    def set_features(self, features):
+        count[id(self.device)] = count.get(id(self.device), 0) + 1
+        if count[id(self.device)] > 2:
+            raise IovirtError("features were negotiated before")
+        original(self, features)
+
+    monkeypatch.setattr(VhostUserDevice, "set_features", set_features)
+
+
+def _disable_after_enable_ignored(monkeypatch):
+    original = Vrings._enable
+    enabled_once: set[int] = set()
+
+    def enable(self, vring, enabled):
+        if enabled:
+            enabled_once.add(id(vring))
+        original(self, vring, enabled or id(vring) in enabled_once)
+
+    monkeypatch.setattr(Vrings, "_enable", enable)
+
+
+def _call_fd_fixed_once_started(monkeypatch):
+    original = Vrings.set_eventfd
+
+    def set_eventfd(self, index, name, fd):
+        if name == "call_fd" and self[index].started and fd is not None:
+            os.close(fd)  # keeps signalling the old eventfd
+            return
+        original(self, index, name, fd)
+
+    monkeypatch.setattr(Vrings, "set_eventfd", set_eventfd)
+
+
+def _writes_not_logged(monkeypatch):
+    original = Vrings._install_log
+
+    def install(self, vring, queue):
+        original(self, vring, queue)
+        vrings_module.ring_of(queue).set_dirty_log(None)  # LOG_ALL and the log accepted, then ignored
+
+
+    monkeypatch.setattr(Vrings, "_install_log", install)
+
+
+LIFECYCLE_CLAUSES = {
+    "virtio-1.2:2.2#reserved",
+    "vhost-user:Multiple queue support",
+    "virtio-1.2:2.2.2#renegotiate",
+    "vhost-user:SET_VRING_ENABLE#both",
+    "vhost-user:Ring states#on-the-fly",
+    "vhost-user:Migration#dirty-log",
+    "vhost-user:Ring states#disabled",
+}
+
+LIFECYCLE_MUTANTS = {
+    "stray-feature-bit": (None, {"blk_class": StrayBitBlk}, {"virtio-1.2:2.2#reserved"}),
+    "no-protocol-mq": (_no_mq, {}, {"vhost-user:Multiple queue support"}),
+    "disable-after-enable-ignored": (_disable_after_enable_ignored, {}, {"vhost-user:SET_VRING_ENABLE#both"}),
+    "call-fd-fixed-once-started": (_call_fd_fixed_once_started, {}, {"vhost-user:Ring states#on-the-fly"}),
+    "writes-not-logged": (_writes_not_logged, {}, {"vhost-user:Migration#dirty-log"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(LIFECYCLE_MUTANTS))
+def test_lifecycle_mutant_fails_exactly_its_check(make_backend, monkeypatch, mutant):
+    inject, kwargs, expected = LIFECYCLE_MUTANTS[mutant]
+    if inject is not None:
+        inject(monkeypatch)
+    failed = _failed(_vu_run(_blk(make_backend(**kwargs)), LIFECYCLE_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+def test_renegotiation_mutant(make_backend, monkeypatch):
+    _refuses_renegotiation(monkeypatch)
+    failed = _failed(_vu_run(_blk(make_backend()), {"virtio-1.2:2.2.2#renegotiate"}))
+    assert set(failed) == {"virtio-1.2:2.2.2#renegotiate"}, failed
+
+
+def test_net_enable_and_dirty_log_mutants(make_backend, monkeypatch):
+    _disable_after_enable_ignored(monkeypatch)
+    _writes_not_logged(monkeypatch)
+    b = make_backend()
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    failed = _failed(_vu_run(target, {"vhost-user:SET_VRING_ENABLE#both", "vhost-user:Migration#dirty-log"}))
+    assert set(failed) == {"vhost-user:SET_VRING_ENABLE#both", "vhost-user:Migration#dirty-log"}, failed

@@ -1,0 +1,145 @@
+"""vhost-user ring rules beyond start and stop: SET_VRING_ENABLE both ways, configuration changed
+while rings run, and dirty-page logging of every device write (QEMU's docs/interop/vhost-user.rst,
+"Starting and stopping rings" and "Migration").
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from iovirt.conformance.checks.common import Workload
+from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
+from iovirt.conformance.registry import check, expect
+from iovirt.conformance.target import Context, needs_protocol
+from iovirt.vhost_user import bringup
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
+from iovirt.virtio.defs import used_ring_size
+
+PAGE = 4096  # vhost-user.rst "Migration": one log bit per 4 KiB page
+
+
+def _needs_bit30(caps) -> str | None:
+    return None if caps.has(VHOST_USER_F_PROTOCOL_FEATURES) else "VHOST_USER_F_PROTOCOL_FEATURES not offered"
+
+
+@check(
+    "vhost-user:SET_VRING_ENABLE#both",
+    "a ring enabled, then disabled with SET_VRING_ENABLE 0, passes no data until enabled again",
+    applies=_needs_bit30,
+)
+def enable_both_ways(ctx: Context) -> None:
+    link = ctx.open()
+    fe = link.frontend
+    if ctx.caps.device == "blk":
+        work = Workload(ctx, link)
+        work.run()
+        fe.set_vring_enable(work.index, False)
+        work.post()
+        link.submit(work.index)
+        late = link.poll_used(work.index, 1, ctx.quiet)
+        expect(not late, "a request completed on a ring disabled again with SET_VRING_ENABLE 0")
+        fe.set_vring_enable(work.index, True)
+        fe.kick(work.index)
+        link.wait_used(work.index, 1)
+        return
+    dut = ctx.net_port(link)
+    injector, _sink = ctx.net_ends(dut)
+    for enabled in (True, False, True):
+        fe.set_vring_enable(NetPort.RX, enabled)
+        tag = new_tag()
+        injector.send([marker_frame(tag)])
+        got = dut.receive(tag, ctx.timeout if enabled else ctx.quiet)
+        if enabled:
+            expect(got is not None, "no frame received on receiveq1 enabled (again) with SET_VRING_ENABLE 1")
+        else:
+            expect(got is None, "a frame was received on receiveq1 disabled with SET_VRING_ENABLE 0")
+
+
+@check(
+    "vhost-user:Ring states#on-the-fly",
+    "while a ring runs: a new call eventfd takes effect, and a region added with ADD_MEM_REG serves buffers",
+)
+def on_the_fly(ctx: Context) -> None:
+    slots = ctx.caps.has_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+    link = ctx.open(mem_slots=slots)
+    work = Workload(ctx, link)
+    fe = link.frontend
+    work.run()
+    fe.set_vring_call(work.index)  # a new eventfd, the ring not stopped
+    fe.wait_call(work.index, 0)
+    work.run()
+    expect(fe.wait_call(work.index, ctx.timeout), "no call on the call eventfd replaced while the ring ran")
+    if not slots:
+        return
+    region = link.add_region(mem_slots=True)
+    work.post(alloc=link.allocs[-1])
+    link.submit(work.index)
+    link.wait_used(work.index, 1)
+    fe.rem_mem_reg(region)
+    link.allocs.pop()
+    work.run()
+
+
+@check(
+    "vhost-user:Migration#dirty-log",
+    "with LOG_ALL on, every page the device writes (buffers, used ring) is set in the shared log",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_LOG_SHMFD),
+)
+def dirty_log(ctx: Context) -> None:
+    link = ctx.open()
+    fe = link.frontend
+    if ctx.caps.device == "blk":
+        port: BlkPort | NetPort = BlkPort(link)
+        index = 0
+    else:
+        port = ctx.net_port(link, rx_buffers=0)
+        index = NetPort.RX
+    q = link.queues[index]
+    fd, size = bringup.make_log(fe)
+    try:
+        bringup.start_logging(fe, fd, size, [bringup.RingLayout(i, r.desc_addr, r.avail_addr, r.used_addr) for i, r in link.queues.items()])
+        log = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    try:
+        log[:] = bytes(size)
+        written: list[tuple[int, int]] = []
+        if isinstance(port, BlkPort):
+            for sector in range(3):
+                _head, data, status = port.post(VIRTIO_BLK_T_IN, sector, in_len=2 * SECTOR_SIZE)
+                written += [(data, 2 * SECTOR_SIZE), (status, 1)]
+            link.submit(index)
+            link.wait_used(index, 3)
+        else:
+            injector, _sink = ctx.net_ends(port)
+            mine = {}
+            for _ in range(4):
+                addr = link.alloc.alloc(PAGE, PAGE)
+                mine[link.add_buffers(index, [], [(addr, PAGE)])] = addr
+            link.submit(index)
+            for tag in [new_tag() for _ in range(2)]:
+                injector.send([marker_frame(tag, 200)])
+                expect(port.receive(tag, ctx.timeout) is not None, "a frame sent while logging was not received")
+            for slot in range(q.used_idx()):  # the ring started at 0 with this link
+                head, length = struct.unpack_from("<II", link.memory.read(q.used_addr + 4 + 8 * (slot % q.size), 8))
+                if head in mine and length:
+                    written.append((mine[head], length))
+        used_end = q.used_addr + used_ring_size(q.size)
+        written.append((q.used_addr, used_end - q.used_addr))
+        missing = sorted({p for addr, n in written for p in _pages(addr, n)} - _dirty(log))
+        expect(not missing, f"pages {[hex(p) for p in missing]} written by the device are not set in the dirty log")
+    finally:
+        log.close()
+
+
+def _pages(addr: int, length: int) -> range:
+    return range(addr // PAGE * PAGE, addr + length, PAGE)
+
+
+def _dirty(log: mmap.mmap) -> set[int]:
+    data = bytes(log)
+    return {(i * 8 + b) * PAGE for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1}
+
