@@ -12,6 +12,7 @@ import os
 import pytest
 
 from conftest import IovirtBackend
+from iovirt.conformance.checks.blk_edges import ZONE_TYPES
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -22,6 +23,14 @@ from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
 from iovirt.vhost_user.vrings import Vrings
+from iovirt.virtio.blk._datapath_py import parse_request
+from iovirt.virtio.blk.defs import (
+    DISCARD_SEG,
+    REQ_HDR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+)
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE
 from iovirt.virtio.transport import pci as transport_pci
@@ -292,3 +301,75 @@ def test_net_enable_and_dirty_log_mutants(make_backend, monkeypatch):
     target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
     failed = _failed(_vu_run(target, {"vhost-user:SET_VRING_ENABLE#both", "vhost-user:Migration#dirty-log"}))
     assert set(failed) == {"vhost-user:SET_VRING_ENABLE#both", "vhost-user:Migration#dirty-log"}, failed
+
+
+# -- virtio-blk edges --------------------------------------------------------------------------------
+class ZonedOkBlk(VirtioBlk):
+    """Completes the zoned request types with OK although VIRTIO_BLK_F_ZONED is not offered."""
+
+    def _serve(self, memory, chain):
+        request = parse_request(memory, chain)
+        if request is not None and request.type in ZONE_TYPES.values():
+            memory.write(request.status_addr, bytes([VIRTIO_BLK_S_OK]))
+            return chain.writable_len
+        return super()._serve(memory, chain)
+
+
+class IgnoresUnknownFlagsBlk(VirtioBlk):
+    """Ignores the segment flags it does not know instead of answering UNSUPP."""
+
+    def _discard_or_zero(self, memory, rtype, bufs):
+        for addr, n in bufs:
+            for off in range(0, n - n % DISCARD_SEG.size, DISCARD_SEG.size):
+                flags = memory.read_u32(addr + off + 12)
+                memory.write_u32(addr + off + 12, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        super()._discard_or_zero(memory, rtype, bufs)
+
+
+class DirtyPaddingBlk(VirtioBlk):
+    """Leaves garbage in unused0."""
+
+    def config_space(self):
+        config = bytearray(super().config_space())
+        config[33] = 0x5A
+        return bytes(config)
+
+
+class Sector0MisplacedBlk(VirtioBlk):
+    """Writes what the driver sends to sector 0 into sector 1."""
+
+    def process_queue(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            hdr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+            rtype, _reserved, sector = REQ_HDR.unpack(queue.memory.read(hdr, REQ_HDR.size))
+            if rtype == VIRTIO_BLK_T_OUT and sector == 0:
+                queue.memory.write(hdr, REQ_HDR.pack(rtype, 0, 1))
+            i = (i + 1) & 0xFFFF
+        super().process_queue(index, queue)
+
+
+BLK_EDGE_CLAUSES = {
+    "virtio-1.2:5.2.6#zoned-unsupp",
+    "virtio-1.2:5.2.6.2#unknown-flags",
+    "virtio-1.2:5.2.5#config",
+    "virtio-1.2:5.2.6#edges",
+    "virtio-1.2:5.2.6#in-out",
+    "virtio-1.2:5.2.6#unsupp",
+}
+
+BLK_EDGE_MUTANTS = {
+    "zoned-ok": (ZonedOkBlk, {"virtio-1.2:5.2.6#zoned-unsupp"}),
+    "ignores-unknown-flags": (IgnoresUnknownFlagsBlk, {"virtio-1.2:5.2.6.2#unknown-flags"}),
+    "dirty-padding": (DirtyPaddingBlk, {"virtio-1.2:5.2.5#config"}),
+    "sector-0-misplaced": (Sector0MisplacedBlk, {"virtio-1.2:5.2.6#edges"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(BLK_EDGE_MUTANTS))
+def test_blk_edge_mutant_fails_exactly_its_check(make_backend, mutant):
+    blk_class, expected = BLK_EDGE_MUTANTS[mutant]
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=blk_class)), BLK_EDGE_CLAUSES))
+    assert set(failed) == expected, failed
