@@ -10,6 +10,7 @@ from typing import Sequence
 
 from iovirt.conformance.link import Link
 from iovirt.conformance.registry import CheckFailed, expect
+from iovirt.virtio.driver import UsedElem
 from iovirt.virtio.blk.defs import REQ_HDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
 from iovirt.virtio.net.defs import ETH_HLEN, VIRTIO_NET_F_MRG_RXBUF, NetHdr
 
@@ -47,6 +48,7 @@ class NetPort:
     ) -> None:
         self.link = link
         self.hdr_len = link.net_hdr_len
+        self._pending: list[UsedElem] = []
         link.queue(self.RX, 256, enable=enable_rx, call=call)
         link.queue(self.TX, 256, enable=enable_tx, call=call)
         link.driver_ok()
@@ -73,9 +75,13 @@ class NetPort:
         self.link.wait_used(self.TX, n, timeout)
 
     def receive(self, tag: bytes, timeout: float) -> Received | None:
-        """Wait (bounded) for the frame carrying ``tag``; other frames are dropped."""
+        """Wait (bounded) for the next frame carrying ``tag``; other frames are dropped.
+
+        Used entries read past the frame returned are kept for the next call
+        (a TSO frame arrives as several frames, all at once).
+        """
         deadline = time.monotonic() + timeout
-        pending: list = []
+        pending = self._pending
         while True:
             pending += self.link.read_used(self.RX)
             while pending:
@@ -93,7 +99,8 @@ class NetPort:
                     count = hdr.num_buffers
                 if len(pending) < count:
                     break
-                elems, pending = pending[:count], pending[count:]
+                elems = pending[:count]
+                del pending[:count]
                 data = b"".join(e.data for e in elems)[self.hdr_len :]
                 self.post_rx(count)
                 if tag in data[ETH_HLEN:]:

@@ -164,6 +164,9 @@ class Link:
         q.publish()
         q.last_used_idx = base
         self.memory.write_u16(q.used_addr + 2, base)  # a VMM restarts the ring it left, used idx included
+        # avail_event still names an index before the jump: the driver's first kick would be skipped
+        # (2.7.10) and a device that waits for kicks would never start.  Ask for that kick.
+        self.memory.write_u16(q.used_addr + 4 + 8 * q.size, base)
         self.restart(index, base)
         if self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
             self.frontend.set_vring_enable(index, True)

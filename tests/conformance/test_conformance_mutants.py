@@ -33,6 +33,14 @@ from iovirt.virtio.blk.defs import (
 )
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE
+from iovirt.virtio.net.defs import (
+    ETH_HLEN,
+    NET_HDR_SIZE,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    NetHdr,
+)
+from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
 from iovirt.virtio.transport.common_cfg import CommonCfg
@@ -372,4 +380,86 @@ BLK_EDGE_MUTANTS = {
 def test_blk_edge_mutant_fails_exactly_its_check(make_backend, mutant):
     blk_class, expected = BLK_EDGE_MUTANTS[mutant]
     failed = _failed(_vu_run(_blk(make_backend(blk_class=blk_class)), BLK_EDGE_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+# -- virtio-net header variants ------------------------------------------------------------------------
+class SlowPathNet(VirtioNet):
+    """Receives every frame through the per-frame path, where the mutants below break one rule."""
+
+    def _deliver_batch(self, frames, indexes):
+        return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
+
+
+class CsumWithoutNeedsCsumNet(VirtioNet):
+    """Applies csum_start/csum_offset from the transmit header even without VIRTIO_NET_HDR_F_NEEDS_CSUM."""
+
+    def _transmit(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            hdr_addr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+            hdr = NetHdr.unpack(queue.memory.read(hdr_addr, NET_HDR_SIZE))
+            if not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and hdr.csum_start:
+                queue.memory.write(hdr_addr, NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, hdr.gso_type, hdr.hdr_len, hdr.gso_size,
+                                                    hdr.csum_start, hdr.csum_offset).pack(NET_HDR_SIZE))
+            i = (i + 1) & 0xFFFF
+        super()._transmit(index, queue)
+
+
+class PartialCsumPassedOnNet(SlowPathNet):
+    """Hands a partially checksummed frame to a driver that did not negotiate GUEST_CSUM, unfinished."""
+
+    def deliver(self, frame, csum):
+        return super().deliver(frame, None)
+
+
+class LabelsTsoNet(SlowPathNet):
+    """Marks received TCP/IPv4 frames as GSO_TCPV4 whatever the driver negotiated."""
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        if frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 6:
+            hdr = NetHdr(hdr.flags, VIRTIO_NET_HDR_GSO_TCPV4, hdr.hdr_len, 1000, hdr.csum_start, hdr.csum_offset)
+        return super()._receive_mergeable(queue, hdr, frame)
+
+
+class SmallMtuNet(VirtioNet):
+    """Offers VIRTIO_NET_F_MTU with an mtu of 576."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, mtu=576, **kwargs)
+
+
+class DropsVlanNet(SlowPathNet):
+    """Drops VLAN-tagged frames though the driver did not negotiate VIRTIO_NET_F_CTRL_VLAN."""
+
+    def deliver(self, frame, csum):
+        return False if frame[12:14] == b"\x81\x00" else super().deliver(frame, csum)
+
+
+NET_HEADER_CLAUSES = {
+    "virtio-1.2:5.1.6.2#flags",
+    "virtio-1.2:5.1.6.4#csum",
+    "virtio-1.2:5.1.6.4#gso",
+    "virtio-1.2:5.1.4.1#mtu",
+    "virtio-1.2:5.1.6.5.3#untagged-filter",
+    "virtio-1.2:5.1.6.2",
+}
+
+NET_MUTANTS = {
+    "csum-without-needs-csum": (CsumWithoutNeedsCsumNet, {"virtio-1.2:5.1.6.2#flags"}),
+    "partial-csum-passed-on": (PartialCsumPassedOnNet, {"virtio-1.2:5.1.6.4#csum"}),
+    "labels-tso": (LabelsTsoNet, {"virtio-1.2:5.1.6.4#gso"}),
+    "small-mtu": (SmallMtuNet, {"virtio-1.2:5.1.4.1#mtu"}),
+    "drops-vlan": (DropsVlanNet, {"virtio-1.2:5.1.6.5.3#untagged-filter"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(NET_MUTANTS))
+def test_net_header_mutant_fails_exactly_its_check(make_backend, mutant):
+    net_class, expected = NET_MUTANTS[mutant]
+    b = make_backend(net_class=net_class)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    failed = _failed(_vu_run(target, NET_HEADER_CLAUSES))
     assert set(failed) == expected, failed

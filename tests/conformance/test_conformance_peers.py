@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 # Deviations of QSD 7.2 explained in docs/conformance/README.md.
 QSD_FAILURES = {
     "vhost-user:Ring states#disabled",
+    "vhost-user:SET_VRING_ENABLE#both",
     "vhost-user:SET_VRING_CALL#nofd",
     "vhost-user:SET_CONFIG",
     "virtio-1.2:5.2.6#get-id",

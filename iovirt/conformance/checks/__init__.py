@@ -10,6 +10,7 @@ from iovirt.conformance.checks import features  # noqa: F401
 from iovirt.conformance.checks import virtqueue  # noqa: F401
 from iovirt.conformance.checks import notifications  # noqa: F401
 from iovirt.conformance.checks import net  # noqa: F401
+from iovirt.conformance.checks import net_headers  # noqa: F401
 from iovirt.conformance.checks import blk  # noqa: F401
 from iovirt.conformance.checks import blk_edges  # noqa: F401
 from iovirt.conformance.checks import rng  # noqa: F401

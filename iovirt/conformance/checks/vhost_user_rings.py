@@ -14,7 +14,14 @@ from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
 from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user import bringup
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
+from iovirt.vhost_user.messages import (
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    FrontendRequest as R,
+    Log,
+    ProtocolFeature as PF,
+)
 from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
 from iovirt.virtio.defs import used_ring_size
 
@@ -100,7 +107,7 @@ def dirty_log(ctx: Context) -> None:
     q = link.queues[index]
     fd, size = bringup.make_log(fe)
     try:
-        bringup.start_logging(fe, fd, size, [bringup.RingLayout(i, r.desc_addr, r.avail_addr, r.used_addr) for i, r in link.queues.items()])
+        _start_logging(fe, fd, size, link)
         log = mmap.mmap(fd, size)
     finally:
         os.close(fd)
@@ -143,3 +150,17 @@ def _dirty(log: mmap.mmap) -> set[int]:
     data = bytes(log)
     return {(i * 8 + b) * PAGE for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1}
 
+
+
+def _start_logging(fe, fd: int, size: int, link) -> None:
+    """QEMU's order (SET_LOG_BASE, SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log flag per ring).
+
+    vhost-user.rst gives SET_LOG_BASE a reply under LOG_SHMFD but no content ("slave payload: N/A"):
+    as QEMU, wait for a reply to it and do not read it.
+    """
+    fe.send(R.VHOST_USER_SET_LOG_BASE, Log(size, 0), [fd])
+    for extra in fe.recv_message(request=R.VHOST_USER_SET_LOG_BASE).fds:
+        os.close(extra)
+    fe.set_features(fe.features | 1 << VHOST_F_LOG_ALL)
+    for i, q in link.queues.items():
+        fe.set_vring_addr(i, q.desc_addr, q.avail_addr, q.used_addr, flags=1 << VHOST_VRING_F_LOG, log_guest_addr=q.used_addr)
