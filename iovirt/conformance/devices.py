@@ -44,13 +44,20 @@ class NetPort:
     RX, TX = 0, 1
 
     def __init__(
-        self, link: Link, *, enable_rx: bool = True, enable_tx: bool = True, rx_buffers: int = 16, call: bool = True
+        self,
+        link: Link,
+        *,
+        enable_rx: bool = True,
+        enable_tx: bool = True,
+        rx_buffers: int = 16,
+        call: bool = True,
+        kick: bool = True,
     ) -> None:
         self.link = link
         self.hdr_len = link.net_hdr_len
         self._pending: list[UsedElem] = []
-        link.queue(self.RX, 256, enable=enable_rx, call=call)
-        link.queue(self.TX, 256, enable=enable_tx, call=call)
+        link.queue(self.RX, 256, enable=enable_rx, call=call, kick=kick)
+        link.queue(self.TX, 256, enable=enable_tx, call=call, kick=kick)
         link.driver_ok()
         self.post_rx(rx_buffers)
 
@@ -129,10 +136,12 @@ class BlkResult:
 class BlkPort:
     """Requests on one virtio-blk queue, as ``struct virtio_blk_req`` chains (5.2.6)."""
 
-    def __init__(self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True, call: bool = True) -> None:
+    def __init__(
+        self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True
+    ) -> None:
         self.link = link
         self.index = index
-        self.queue = link.queue(index, size, enable=enable, call=call)
+        self.queue = link.queue(index, size, enable=enable, call=call, kick=kick)
         link.driver_ok()
 
     def post(

@@ -193,8 +193,8 @@ class Link:
         return head
 
     def submit(self, index: int) -> None:
-        """Publish the avail idx and kick when the device asks for it (2.7.13.4)."""
-        if self.queues[index].publish():
+        """Publish the avail idx and kick when the device asks for it (2.7.13.4) and there is a kick fd."""
+        if self.queues[index].publish() and index in self.frontend.kick_fds:
             self.frontend.kick(index)
 
     def outstanding(self, index: int) -> int:

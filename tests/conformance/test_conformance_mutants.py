@@ -19,8 +19,11 @@ from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
 from iovirt.errors import IovirtError
 from iovirt.vhost_user import vrings as vrings_module
+from iovirt.vhost_user.backend import BackendSession
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
+from iovirt.vhost_user.devices.net import NetAdapter
+from iovirt.vhost_user.errors import RequestRefused
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
 from iovirt.vhost_user.vrings import Vrings
 from iovirt.virtio.blk._datapath_py import parse_request
@@ -462,4 +465,46 @@ def test_net_header_mutant_fails_exactly_its_check(make_backend, mutant):
     b = make_backend(net_class=net_class)
     target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
     failed = _failed(_vu_run(target, NET_HEADER_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+# -- single messages -------------------------------------------------------------------------------
+def _starts_on_enable(monkeypatch):
+    original = Vrings.enable
+
+    def enable(self, index, enabled):
+        original(self, index, enabled)
+        vring = self[index]
+        if enabled and not vring.started and vring.addr is not None:
+            self._start(vring, None)  # polls a ring that never got its kick fd
+
+    monkeypatch.setattr(Vrings, "enable", enable)
+
+
+def _any_mtu(monkeypatch):
+    monkeypatch.setattr(NetAdapter, "set_mtu", lambda self, mtu: None)
+
+
+def _refuses_backend_channel(monkeypatch):
+    def refuse(self, req):
+        raise RequestRefused(req.code, "no back-end channel wanted")
+
+    monkeypatch.setattr(BackendSession, "_set_backend_req_fd", refuse)
+
+
+MESSAGE_CLAUSES = {"vhost-user:Ring states#started", "vhost-user:NET_SET_MTU", "vhost-user:SET_SLAVE_REQ_FD", "vhost-user:Header"}
+
+MESSAGE_MUTANTS = {
+    "starts-on-enable": (_starts_on_enable, {"vhost-user:Ring states#started"}),
+    "accepts-any-mtu": (_any_mtu, {"vhost-user:NET_SET_MTU"}),
+    "refuses-backend-channel": (_refuses_backend_channel, {"vhost-user:SET_SLAVE_REQ_FD"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(MESSAGE_MUTANTS))
+def test_message_mutant_fails_exactly_its_check(make_backend, monkeypatch, mutant):
+    inject, expected = MESSAGE_MUTANTS[mutant]
+    inject(monkeypatch)
+    b = make_backend()
+    failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), MESSAGE_CLAUSES))
     assert set(failed) == expected, failed
