@@ -39,6 +39,7 @@ from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_SIZE,
+    VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     NetHdr,
@@ -428,10 +429,10 @@ class LabelsTsoNet(SlowPathNet):
 
 
 class SmallMtuNet(VirtioNet):
-    """Offers VIRTIO_NET_F_MTU with an mtu of 576."""
+    """Offers VIRTIO_NET_F_MTU with an mtu of 576 in its config space (and goes on moving 1500-byte frames)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, mtu=576, **kwargs)
+    def config_space(self):
+        return super().config_space()[:10] + (576).to_bytes(2, "little")
 
 
 class DropsVlanNet(SlowPathNet):
@@ -508,3 +509,32 @@ def test_message_mutant_fails_exactly_its_check(make_backend, monkeypatch, mutan
     b = make_backend()
     failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), MESSAGE_CLAUSES))
     assert set(failed) == expected, failed
+
+
+class IgnoresMtuNet(VirtioNet):
+    """Passes received frames of any length (iovirt before the 5.1.4.1 fix)."""
+
+    def _over_mtu(self, frame):
+        return False
+
+
+def test_mtu_rx_check_catches_oversized_delivery(make_backend):
+    b = make_backend(net_class=IgnoresMtuNet)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    failed = _failed(_vu_run(target, {"virtio-1.2:5.1.4.1#mtu-rx", "virtio-1.2:5.1.4.1#mtu"}))
+    assert set(failed) == {"virtio-1.2:5.1.4.1#mtu-rx"}, failed
+    assert "was passed to the driver" in failed["virtio-1.2:5.1.4.1#mtu-rx"]
+
+
+def test_net_drops_received_frames_over_its_mtu(tmp_path):
+    # Regression (virtio 1.2 5.1.4.1): with VIRTIO_NET_F_MTU negotiated, a frame longer than mtu plus its
+    # Ethernet header (a VLAN tag included) is not passed to the driver, on the batch and the per-frame path.
+    net = VirtioNet(bytes(6), mtu=1000)
+    net.set_features(net.device_features())
+    plain = b"\xff" * 12 + b"\x08\x00"
+    tagged = b"\xff" * 12 + b"\x81\x00\x00\x2a\x08\x00"
+    assert not net._over_mtu(plain + bytes(1000)) and net._over_mtu(plain + bytes(1001))
+    assert not net._over_mtu(tagged + bytes(1000 - 4 + 4)) and net._over_mtu(tagged + bytes(1001))
+    assert net.deliver(plain + bytes(1001), None) is False
+    net.set_features(net.device_features() & ~(1 << VIRTIO_NET_F_MTU))
+    assert not net._over_mtu(plain + bytes(1001))

@@ -260,3 +260,28 @@ def vlan_accepted(ctx: Context) -> None:
     _send(injector, NetHdr(), frame)
     got = _receive(dut, tag, ctx, "a frame tagged VLAN 42 without CTRL_VLAN negotiated")
     expect(got.frame[: len(frame)] == frame, "the VLAN-tagged frame arrived changed")
+
+
+@check(
+    "virtio-1.2:5.1.4.1#mtu-rx",
+    "net: with MTU negotiated, a received frame longer than mtu (plus its Ethernet header) is not passed",
+    devices=NET,
+    applies=lambda caps: needs_feature(VIRTIO_NET_F_MTU, "VIRTIO_NET_F_MTU")(caps)
+    or needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG)(caps) or needs_frame_path(caps),
+)
+def mtu_rx(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_NET_F_MTU), "VIRTIO_NET_F_MTU offered but not negotiated")
+    (mtu,) = struct.unpack_from("<H", link.frontend.get_config(CONFIG_MTU, 2))
+    dut = ctx.net_port(link)
+    injector, _sink = ctx.net_ends(dut)
+    for extra in (1, 100):
+        tag = new_tag()
+        room = mtu + extra - 20 - TCP_HLEN
+        _send(injector, NetHdr(), tcp_frame(_payload(tag, room + TAG_EVERY)[:room]))
+        got = dut.receive(tag, ctx.quiet)
+        expect(got is None, f"a received frame of {ETH_HLEN + mtu + extra} bytes (mtu {mtu}, gso_type NONE) was passed to the driver")
+    tag = new_tag()
+    room = mtu - 20 - TCP_HLEN
+    _send(injector, NetHdr(), tcp_frame(_payload(tag, room + TAG_EVERY)[:room]))
+    _receive(dut, tag, ctx, f"a frame of exactly mtu {mtu} bytes after the longer ones")
