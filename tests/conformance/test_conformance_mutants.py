@@ -13,6 +13,7 @@ import pytest
 
 from conftest import IovirtBackend
 from iovirt.conformance.checks.blk_edges import ZONE_TYPES
+from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_CTRL_RX_EXTRA as NEED_CTRL_VQ_RX_EXTRA
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -22,7 +23,7 @@ from iovirt.vhost_user import vrings as vrings_module
 from iovirt.vhost_user.backend import BackendSession
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
-from iovirt.vhost_user.devices.net import NetAdapter
+from iovirt.vhost_user.devices.net import NetAdapter, NetConfigAdapter
 from iovirt.vhost_user.errors import RequestRefused
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
 from iovirt.vhost_user.vrings import Vrings
@@ -31,6 +32,7 @@ from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     REQ_HDR,
     VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
@@ -39,6 +41,7 @@ from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_SIZE,
+    VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -538,3 +541,64 @@ def test_net_drops_received_frames_over_its_mtu(tmp_path):
     assert net.deliver(plain + bytes(1001), None) is False
     net.set_features(net.device_features() & ~(1 << VIRTIO_NET_F_MTU))
     assert not net._over_mtu(plain + bytes(1001))
+
+
+# -- hdr_len, CTRL_VQ dependencies, used len ------------------------------------------------------------
+class RelyOnHdrLenNet(VirtioNet):
+    """Drops a GSO frame whose hdr_len does not cover its headers (it trusts hdr_len)."""
+
+    def _transmit(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            hdr_addr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+            hdr = NetHdr.unpack(queue.memory.read(hdr_addr, NET_HDR_SIZE))
+            if hdr.gso_type and hdr.hdr_len < hdr.csum_start + 20:
+                queue.memory.write(hdr_addr, NetHdr(hdr.flags, 0x33, 0, hdr.gso_size, hdr.csum_start,
+                                                    hdr.csum_offset).pack(NET_HDR_SIZE))  # an invalid gso_type
+            i = (i + 1) & 0xFFFF
+        super()._transmit(index, queue)
+
+
+class RxExtraWithoutCtrlVqNet(VirtioNet):
+    """Offers CTRL_RX_EXTRA (and no MQ) while its adapter no longer adds CTRL_VQ."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_NET_F_MQ) | 1 << NEED_CTRL_VQ_RX_EXTRA
+
+
+def test_hdr_len_and_ctrl_vq_mutants(make_backend, monkeypatch):
+    clauses = {"virtio-1.2:5.1.6.2#hdr_len", "virtio-1.2:5.1.4.1#ctrl_vq", "virtio-1.2:5.1.3.1", "virtio-1.2:5.1.6.2"}
+    b = make_backend(net_class=RelyOnHdrLenNet)
+    failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), clauses))
+    assert set(failed) == {"virtio-1.2:5.1.6.2#hdr_len"}, failed
+    monkeypatch.setattr(NetConfigAdapter, "extra_features", 0)
+    b = make_backend(net_class=RxExtraWithoutCtrlVqNet)
+    failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), clauses))
+    assert set(failed) == {"virtio-1.2:5.1.4.1#ctrl_vq"}, failed
+
+
+class LateDataBlk(VirtioBlk):
+    """Publishes reads whose data it has not (yet) written: the first bytes still hold what was there."""
+
+    def process_queue(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i, reads = state.last_avail_idx, []
+        while i != end:
+            head = _avail(queue, state, i)
+            hdr_addr = queue.memory.read_u64(state.desc_addr + 16 * head)
+            if REQ_HDR.unpack(queue.memory.read(hdr_addr, REQ_HDR.size))[0] == VIRTIO_BLK_T_IN:
+                nxt = queue.memory.read_u16(state.desc_addr + 16 * head + 14)
+                data_addr = queue.memory.read_u64(state.desc_addr + 16 * nxt)
+                reads.append((data_addr, queue.memory.read(data_addr, 16)))
+            i = (i + 1) & 0xFFFF
+        super().process_queue(index, queue)
+        for addr, before in reads:
+            queue.memory.write(addr, before)
+
+
+def test_used_len_written_mutant(make_backend):
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=LateDataBlk)), {"virtio-1.2:2.7.8#written", "vhost-user:Header"}))
+    assert set(failed) == {"virtio-1.2:2.7.8#written"}, failed

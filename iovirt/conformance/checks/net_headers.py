@@ -17,11 +17,13 @@ from iovirt.virtio.net.defs import (
     ETH_HLEN,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_VLAN,
+    VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN,
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HASH_REPORT,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MTU,
@@ -285,3 +287,42 @@ def mtu_rx(ctx: Context) -> None:
     room = mtu - 20 - TCP_HLEN
     _send(injector, NetHdr(), tcp_frame(_payload(tag, room + TAG_EVERY)[:room]))
     _receive(dut, tag, ctx, f"a frame of exactly mtu {mtu} bytes after the longer ones")
+
+
+@check(
+    "virtio-1.2:5.1.6.2#hdr_len",
+    "net: a TSO frame whose hdr_len is wrong (0) is still segmented right (the device must not rely on hdr_len)",
+    devices=NET,
+    applies=lambda caps: needs_feature(VIRTIO_NET_F_HOST_TSO4, "VIRTIO_NET_F_HOST_TSO4")(caps) or needs_frame_path(caps),
+)
+def tx_hdr_len(ctx: Context) -> None:
+    dut = ctx.net_port(ctx.open())
+    _injector, sink = ctx.net_ends(dut)
+    tag = new_tag()
+    payload = _payload(tag, TSO_PAYLOAD)
+    frame = tcp_frame(payload, csum="partial")
+    l4 = ETH_HLEN + 20
+    _send(dut, NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 0, TSO_MSS, l4, TCP_CSUM_OFFSET), frame)
+    got_payload = b""
+    while len(got_payload) < len(payload):
+        got = _receive(sink, tag, ctx, f"data at byte {len(got_payload)} of a TSO frame sent with hdr_len 0")
+        end = ETH_HLEN + struct.unpack_from("!H", got.frame, ETH_HLEN + 2)[0]
+        got_payload += got.frame[l4 + TCP_HLEN : end]
+    expect(got_payload == payload, "the data of a TSO frame sent with hdr_len 0 arrived different")
+
+
+# 5.1.4.1: SHOULD NOT be offered without VIRTIO_NET_F_CTRL_VQ
+VIRTIO_NET_F_CTRL_RX_EXTRA = 20
+NEED_CTRL_VQ = {VIRTIO_NET_F_HASH_REPORT: "HASH_REPORT", VIRTIO_NET_F_CTRL_RX_EXTRA: "CTRL_RX_EXTRA"}
+
+
+@check(
+    "virtio-1.2:5.1.4.1#ctrl_vq",
+    "net: HASH_REPORT and CTRL_RX_EXTRA are not offered without CTRL_VQ (SHOULD NOT)",
+    devices=NET,
+)
+def needs_ctrl_vq(ctx: Context) -> None:
+    if ctx.caps.has(VIRTIO_NET_F_CTRL_VQ):
+        return
+    offered = [name for bit, name in NEED_CTRL_VQ.items() if ctx.caps.has(bit)]
+    expect(not offered, f"offered {', '.join(offered)} without VIRTIO_NET_F_CTRL_VQ (features {ctx.caps.features:#x})")
