@@ -8,12 +8,21 @@ and asserts that exactly the expected clauses fail.
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 
 from conftest import IovirtBackend
-from iovirt.conformance.checks.blk_edges import ZONE_TYPES
+from iovirt.conformance.checks.blk_edges import (
+    CONFIG_ZONED,
+    VIRTIO_BLK_F_ZONED,
+    VIRTIO_BLK_Z_HA,
+    VIRTIO_BLK_Z_HM,
+    ZONE_TYPES,
+    ZONED_FIELDS,
+)
 from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_CTRL_RX_EXTRA as NEED_CTRL_VQ_RX_EXTRA
+from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_RSS, VIRTIO_NET_F_SPEED_DUPLEX
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -602,3 +611,71 @@ class LateDataBlk(VirtioBlk):
 def test_used_len_written_mutant(make_backend):
     failed = _failed(_vu_run(_blk(make_backend(blk_class=LateDataBlk)), {"virtio-1.2:2.7.8#written", "vhost-user:Header"}))
     assert set(failed) == {"virtio-1.2:2.7.8#written"}, failed
+
+
+# -- feature-gated config fields: a correct device passes, a broken one fails ---------------------------
+class ZonedBlk(VirtioBlk):
+    """Offers VIRTIO_BLK_F_ZONED, host-aware, with a zoned characteristics struct (5.2.4)."""
+
+    model, unused2, zero_when_not_accepted = VIRTIO_BLK_Z_HA, bytes(3), True
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_BLK_F_ZONED
+
+    def config_space(self):
+        accepted = self.has_feature(VIRTIO_BLK_F_ZONED) or not self.zero_when_not_accepted
+        zoned = ZONED_FIELDS.pack(2048, 8, 8, 64, 8, self.model, self.unused2) if accepted else bytes(ZONED_FIELDS.size - 4) + bytes([self.model]) + bytes(3)
+        return super().config_space() + bytes(CONFIG_ZONED - 60) + zoned
+
+
+class BadModelBlk(ZonedBlk):
+    model = 7
+
+
+class ZonedFieldsKeptBlk(ZonedBlk):
+    zero_when_not_accepted = False
+
+
+class FieldsNet(VirtioNet):
+    """Offers SPEED_DUPLEX and RSS with the fields of struct virtio_net_config they bring."""
+
+    speed, duplex, key = 10000, 0x00, 40
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_NET_F_SPEED_DUPLEX | 1 << VIRTIO_NET_F_RSS
+
+    def config_space(self):
+        return super().config_space() + struct.pack("<IBBH", self.speed, self.duplex, self.key, 128)
+
+
+class BadDuplexNet(FieldsNet):
+    duplex = 5
+
+
+class ShortKeyNet(FieldsNet):
+    key = 16
+
+
+@pytest.mark.parametrize("blk_class,fails", [(ZonedBlk, False), (BadModelBlk, True), (ZonedFieldsKeptBlk, True)])
+def test_zoned_config_check(make_backend, blk_class, fails):
+    results = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.5#zoned"})
+    assert results["virtio-1.2:5.2.5#zoned"].verdict is (Verdict.FAIL if fails else Verdict.PASS), results
+
+
+@pytest.mark.parametrize("net_class,fails", [(FieldsNet, False), (BadDuplexNet, True), (ShortKeyNet, True)])
+def test_net_feature_fields_check(make_backend, net_class, fails):
+    b = make_backend(net_class=net_class)
+    results = _vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), {"virtio-1.2:5.1.4.1#feature-fields"})
+    assert results["virtio-1.2:5.1.4.1#feature-fields"].verdict is (Verdict.FAIL if fails else Verdict.PASS), results
+
+
+class HostManagedAcceptsPlainBlk(ZonedBlk):
+    """Host-managed, yet accepts FEATURES_OK from a driver that did not accept ZONED."""
+
+    model = VIRTIO_BLK_Z_HM
+
+
+def test_zoned_host_managed_must_refuse_features_ok(make_backend):
+    results = _vu_run(_blk(make_backend(blk_class=HostManagedAcceptsPlainBlk)), {"virtio-1.2:5.2.5#zoned"})
+    assert results["virtio-1.2:5.2.5#zoned"].verdict is Verdict.FAIL
+    assert "accepted FEATURES_OK" in results["virtio-1.2:5.2.5#zoned"].reason

@@ -10,9 +10,10 @@ import struct
 from iovirt.conformance.checks.blk import BLK, _capacity, _port, _writable
 from iovirt.conformance.checks.common import blk_pattern, expect_ok
 from iovirt.conformance.devices import STATUS_NAMES, BlkPort
-from iovirt.conformance.registry import check, expect
+from iovirt.conformance.registry import NotApplicable, check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.messages import ProtocolFeature as PF
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_FEATURES_OK
 from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     REQ_HDR,
@@ -20,6 +21,7 @@ from iovirt.virtio.blk.defs import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_OK,
@@ -152,3 +154,47 @@ def _segmented_read(port: BlkPort, segments: int) -> None:
     expect(code == VIRTIO_BLK_S_OK, f"IN over {segments} data descriptors: status {code:#x}, expected OK")
     got = b"".join(mem.read(b, SECTOR_SIZE) for b in bufs)
     expect(got == data, f"IN over {segments} data descriptors read back different data")
+
+
+# struct virtio_blk_zoned_characteristics (5.2.4) and its models
+CONFIG_SIZE_MAX = 8
+CONFIG_ZONED = 72  # zone_sectors, max_open_zones, max_active_zones, max_append_sectors, write_granularity
+ZONED_FIELDS = struct.Struct("<IIIIIB3s")
+CONFIG_THROUGH_ZONED = CONFIG_ZONED + ZONED_FIELDS.size
+VIRTIO_BLK_Z_NONE, VIRTIO_BLK_Z_HM, VIRTIO_BLK_Z_HA = 0, 1, 2
+
+
+def _zoned_applies(caps) -> str | None:
+    if not caps.has(VIRTIO_BLK_F_ZONED):
+        return "VIRTIO_BLK_F_ZONED not offered"
+    return needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG)(caps)
+
+
+@check(
+    "virtio-1.2:5.2.5#zoned",
+    "blk: with ZONED a valid model, zone_sectors for HM/HA, max_append_sectors within seg_max*size_max, unused2 0; "
+    "without it HM refuses FEATURES_OK and HA/NONE zero the zoned fields",
+    devices=BLK,
+    applies=_zoned_applies,
+)
+def zoned_config(ctx: Context) -> None:
+    link = ctx.open()
+    config = link.frontend.get_config(0, CONFIG_THROUGH_ZONED)
+    zone_sectors, _open, _active, append, _gran, model, unused2 = ZONED_FIELDS.unpack_from(config, CONFIG_ZONED)
+    expect(model in (VIRTIO_BLK_Z_NONE, VIRTIO_BLK_Z_HM, VIRTIO_BLK_Z_HA), f"zoned model {model}, expected 0, 1 or 2")
+    expect(unused2 == bytes(3), f"unused2 is {unused2.hex()}, expected 000000")
+    if model != VIRTIO_BLK_Z_NONE:
+        expect(zone_sectors > 0, f"zone_sectors 0 for zoned model {model}")
+    size_max, seg_max = struct.unpack_from("<II", config, CONFIG_SIZE_MAX)
+    if ctx.caps.has(VIRTIO_BLK_F_SEG_MAX) and ctx.caps.has(VIRTIO_BLK_F_SIZE_MAX):
+        expect(append <= seg_max * size_max, f"max_append_sectors {append} exceeds seg_max {seg_max} * size_max {size_max}")
+    ctx.close_link(link)
+    plain = ctx.open(features=~(1 << VIRTIO_BLK_F_ZONED))
+    if model == VIRTIO_BLK_Z_HM:
+        if not plain.has_status:
+            raise NotApplicable("host-managed: FEATURES_OK is only observable with VHOST_USER_PROTOCOL_F_STATUS")
+        status = plain.frontend.get_status()
+        expect(not status & VIRTIO_CONFIG_S_FEATURES_OK, f"host-managed device accepted FEATURES_OK without ZONED (status {status:#x})")
+        return
+    fields = plain.frontend.get_config(CONFIG_ZONED, ZONED_FIELDS.size - 4)
+    expect(fields == bytes(len(fields)), f"zoned fields {fields.hex()} not zero with ZONED not accepted (model {model})")

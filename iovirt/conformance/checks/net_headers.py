@@ -28,6 +28,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_RSC_EXT,
+    VIRTIO_NET_F_RSS,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_F_RSC_INFO,
@@ -326,3 +327,45 @@ def needs_ctrl_vq(ctx: Context) -> None:
         return
     offered = [name for bit, name in NEED_CTRL_VQ.items() if ctx.caps.has(bit)]
     expect(not offered, f"offered {', '.join(offered)} without VIRTIO_NET_F_CTRL_VQ (features {ctx.caps.features:#x})")
+
+
+# struct virtio_net_config (5.1.4) beyond mtu
+CONFIG_SPEED, CONFIG_DUPLEX, CONFIG_RSS_KEY, CONFIG_RSS_TABLE = 12, 16, 17, 18
+CONFIG_THROUGH_RSS_TABLE = 20
+VIRTIO_NET_F_SPEED_DUPLEX = 63
+SPEED_UNKNOWN = 0xFFFFFFFF
+SPEED_MAX = 0x7FFFFFFF
+DUPLEX_VALUES = (0x00, 0x01, 0xFF)  # full, half, unknown
+RSS_MIN_KEY, RSS_MIN_TABLE = 40, 128
+
+
+def _fields_apply(caps) -> str | None:
+    if not any(caps.has(b) for b in (VIRTIO_NET_F_RSS, VIRTIO_NET_F_HASH_REPORT, VIRTIO_NET_F_SPEED_DUPLEX)):
+        return "none of VIRTIO_NET_F_RSS, HASH_REPORT, SPEED_DUPLEX offered"
+    return needs_protocol(PF.VHOST_USER_PROTOCOL_F_CONFIG)(caps)
+
+
+@check(
+    "virtio-1.2:5.1.4.1#feature-fields",
+    "net: with RSS/HASH_REPORT the RSS limits reach 40 and 128; with SPEED_DUPLEX, speed and duplex are valid and stay",
+    devices=NET,
+    applies=_fields_apply,
+)
+def feature_fields(ctx: Context) -> None:
+    caps = ctx.caps
+    fe = ctx.open().frontend
+    config = fe.get_config(0, CONFIG_THROUGH_RSS_TABLE)
+    if caps.has(VIRTIO_NET_F_RSS) or caps.has(VIRTIO_NET_F_HASH_REPORT):
+        key = config[CONFIG_RSS_KEY]
+        expect(key >= RSS_MIN_KEY, f"rss_max_key_size {key} with RSS or HASH_REPORT offered, expected >= {RSS_MIN_KEY}")
+    if caps.has(VIRTIO_NET_F_RSS):
+        (table,) = struct.unpack_from("<H", config, CONFIG_RSS_TABLE)
+        expect(table >= RSS_MIN_TABLE, f"rss_max_indirection_table_length {table}, expected >= {RSS_MIN_TABLE}")
+    if caps.has(VIRTIO_NET_F_SPEED_DUPLEX):
+        (speed,) = struct.unpack_from("<I", config, CONFIG_SPEED)
+        duplex = config[CONFIG_DUPLEX]
+        expect(speed <= SPEED_MAX or speed == SPEED_UNKNOWN, f"speed {speed:#x}, expected 0..0x7fffffff or 0xffffffff")
+        expect(duplex in DUPLEX_VALUES, f"duplex {duplex:#x}, expected 0x00, 0x01 or 0xff")
+        again = fe.get_config(0, CONFIG_THROUGH_RSS_TABLE)
+        expect(again[CONFIG_SPEED : CONFIG_DUPLEX + 1] == config[CONFIG_SPEED : CONFIG_DUPLEX + 1],
+               "speed/duplex changed while the link stayed up (SHOULD NOT)")
