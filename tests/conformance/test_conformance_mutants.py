@@ -679,3 +679,28 @@ def test_zoned_host_managed_must_refuse_features_ok(make_backend):
     results = _vu_run(_blk(make_backend(blk_class=HostManagedAcceptsPlainBlk)), {"virtio-1.2:5.2.5#zoned"})
     assert results["virtio-1.2:5.2.5#zoned"].verdict is Verdict.FAIL
     assert "accepted FEATURES_OK" in results["virtio-1.2:5.2.5#zoned"].reason
+
+
+class FirstPairOnlyNet(VirtioNet):
+    """Serves transmitq1 only: the other transmit queues are never processed."""
+
+    def process_queue(self, index, queue):
+        if index % 2 and index > 1:
+            return
+        super().process_queue(index, queue)
+
+
+class DisabledRxStillUsedNet(SlowPathNet):
+    """Spreads received frames over every started receive queue, enabled or not."""
+
+    def _rx_queue(self, flow):
+        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None]
+        return ready[flow % len(ready)] if ready else None
+
+
+@pytest.mark.parametrize("net_class", [FirstPairOnlyNet, DisabledRxStillUsedNet])
+def test_mq_data_path_mutants(make_backend, net_class):
+    b = make_backend(net_class=net_class)
+    clauses = {"vhost-user:Multiple queue support#data-path", "virtio-1.2:5.1.6.2"}
+    failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), clauses))
+    assert set(failed) == {"vhost-user:Multiple queue support#data-path"}, failed

@@ -8,11 +8,12 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 
 from iovirt.conformance.checks.common import Workload
-from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
+from iovirt.conformance.devices import RX_BUFFER, BlkPort, NetPort, marker_frame, new_tag
 from iovirt.conformance.registry import check, expect
-from iovirt.conformance.target import Context, needs_protocol
+from iovirt.conformance.target import Context, needs_frame_path, needs_protocol
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.messages import (
     VHOST_F_LOG_ALL,
@@ -24,6 +25,7 @@ from iovirt.vhost_user.messages import (
 )
 from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
 from iovirt.virtio.defs import used_ring_size
+from iovirt.virtio.net.defs import NetHdr
 
 PAGE = 4096  # vhost-user.rst "Migration": one log bit per 4 KiB page
 
@@ -164,3 +166,77 @@ def _start_logging(fe, fd: int, size: int, link) -> None:
     fe.set_features(fe.features | 1 << VHOST_F_LOG_ALL)
     for i, q in link.queues.items():
         fe.set_vring_addr(i, q.desc_addr, q.avail_addr, q.used_addr, flags=1 << VHOST_VRING_F_LOG, log_guest_addr=q.used_addr)
+
+
+MAX_PAIRS = 4  # queue pairs exercised at most
+FLOWS = 16  # source MACs, so that a device spreading flows over its receive queues uses each of them
+
+
+def _needs_mq(caps) -> str | None:
+    return needs_protocol(PF.VHOST_USER_PROTOCOL_F_MQ)(caps) or needs_frame_path(caps)
+
+
+@check(
+    "vhost-user:Multiple queue support#data-path",
+    "net: every queue pair transmits; received frames arrive once each, on enabled receive queues only",
+    devices={"net"},
+    applies=_needs_mq,
+)
+def mq_data_path(ctx: Context) -> str:
+    link = ctx.open()
+    pairs = max(1, min(link.frontend.get_queue_num(), MAX_PAIRS))
+    dut = ctx.net_port(link)
+    for pair in range(1, pairs):
+        link.queue(2 * pair, 256)
+        link.queue(2 * pair + 1, 256)
+        _post_rx(link, 2 * pair, 32)
+    injector, sink = ctx.net_ends(dut)
+    for pair in range(pairs):
+        tag = new_tag()
+        hdr = NetHdr().pack(link.net_hdr_len)
+        link.add(2 * pair + 1, [hdr + marker_frame(tag)])
+        link.submit(2 * pair + 1)
+        expect(sink.receive(tag, ctx.timeout) is not None, f"a frame sent on transmitq{pair + 1} never left the device")
+    if injector is dut:
+        return f"{pairs} pairs transmit; loopback target: receive spreading not checked"
+    rx = [2 * p for p in range(pairs)]
+    used = _spray(ctx, link, injector, rx)
+    note = f"{pairs} queue pairs; receive queues used: {sorted(used)}"
+    if pairs > 1:
+        disabled = rx[-1]
+        link.frontend.set_vring_enable(disabled, False)
+        used = _spray(ctx, link, injector, [q for q in rx if q != disabled], disabled)
+        note += f", with receiveq{pairs} disabled: {sorted(used)}"
+    return note
+
+
+def _post_rx(link, index: int, count: int) -> None:
+    for _ in range(count):
+        link.add(index, (), [RX_BUFFER])
+    link.submit(index)
+
+
+def _spray(ctx: Context, link, injector: NetPort, enabled: list[int], disabled: int | None = None) -> set[int]:
+    """Send FLOWS frames of distinct sources; each must arrive once, on an enabled receive queue."""
+    tags = {new_tag(): i for i in range(FLOWS)}
+    for tag, i in tags.items():
+        frame = bytearray(marker_frame(tag))
+        frame[6:12] = bytes([0x52, 0x54, 0, 0xF1, 0, i])
+        injector.send([bytes(frame)])
+    seen: dict[bytes, int] = {}
+    queues = enabled + ([disabled] if disabled is not None else [])
+    deadline = time.monotonic() + ctx.timeout
+    while len(seen) < len(tags) and time.monotonic() < deadline:
+        for index in queues:
+            for elem in link.read_used(index):
+                data = elem.data[link.net_hdr_len :]
+                tag = next((t for t in tags if t in data), None)
+                if tag is None:
+                    continue
+                expect(tag not in seen, f"a frame arrived twice (receive queues {seen[tag] if tag in seen else ''} and {index})")
+                expect(index != disabled, f"a frame arrived on receive queue {index}, disabled with SET_VRING_ENABLE 0")
+                seen[tag] = index
+                _post_rx(link, index, 1)
+        time.sleep(0.001)
+    expect(len(seen) == len(tags), f"{len(tags) - len(seen)} of {len(tags)} frames of distinct flows never arrived")
+    return set(seen.values())
