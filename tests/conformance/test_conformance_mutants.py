@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 
@@ -28,7 +29,7 @@ from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
 from iovirt.errors import IovirtError
-from iovirt.vhost_user import vrings as vrings_module
+from iovirt.vhost_user import devstate, state_migration, vrings as vrings_module
 from iovirt.vhost_user.backend import BackendSession
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.blk import BlkAdapter
@@ -704,3 +705,33 @@ def test_mq_data_path_mutants(make_backend, net_class):
     clauses = {"vhost-user:Multiple queue support#data-path", "virtio-1.2:5.1.6.2"}
     failed = _failed(_vu_run(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), clauses))
     assert set(failed) == {"vhost-user:Multiple queue support#data-path"}, failed
+
+
+def test_device_state_round_trip_mutant(make_backend, monkeypatch):
+    def cannot_save(self):
+        raise IovirtError("state not saved")
+
+    monkeypatch.setattr(BlkAdapter, "save_state", cannot_save)
+    failed = _failed(_vu_run(_blk(make_backend()), {"vhost-user:DEVICE_STATE#round-trip", "vhost-user:Header"}))
+    assert set(failed) == {"vhost-user:DEVICE_STATE#round-trip"}, failed
+
+
+def test_device_state_corrupt_copy_must_be_refused(make_backend, monkeypatch):
+    # A back-end that loads whatever it is given (no integrity check) fails the corrupted-copy step.
+    original = state_migration.decode
+    monkeypatch.setattr(state_migration, "decode", lambda data, device_id: original(_fix_crc(data), device_id))
+    results = _vu_run(_blk(make_backend()), {"vhost-user:DEVICE_STATE#round-trip"})
+    result = results["vhost-user:DEVICE_STATE#round-trip"]
+    assert result.verdict is Verdict.FAIL and "corrupted" in result.reason, result
+
+
+def _fix_crc(data: bytes) -> bytes:
+    """The stream with its header's CRC recomputed and the payload's flipped byte flipped back (as if unchecked)."""
+    payload = bytearray(data[devstate.HEADER.size :])
+    magic, version, device_id, reserved, length, _crc = devstate.HEADER.unpack_from(data)
+    try:
+        devstate.decode(data, device_id)
+        return data
+    except devstate.DeviceStateError:
+        payload[len(data) // 2 - devstate.HEADER.size] ^= 0xFF  # undo the check's corruption: the load "succeeds"
+        return devstate.HEADER.pack(magic, version, device_id, reserved, length, zlib.crc32(payload)) + bytes(payload)

@@ -4,13 +4,21 @@ only once started; NET_SET_MTU and SET_SLAVE_REQ_FD answer REPLY_ACK as the docu
 
 from __future__ import annotations
 
+import os
 import socket
 
 from iovirt.conformance.checks.common import Workload
 from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.errors import NackError
-from iovirt.vhost_user.messages import FrontendRequest as R, ProtocolFeature as PF, U64
+from iovirt.vhost_user.messages import (
+    U64,
+    DeviceStateTransfer,
+    FrontendRequest as R,
+    MigrationPhase,
+    ProtocolFeature as PF,
+    TransferDirection,
+)
 
 NET_MTU_VALID = 1500
 NET_MTU_INVALID = 20  # below IPv4's 68 bytes (virtio 1.2 5.1.4.1: mtu 68..65535)
@@ -70,3 +78,55 @@ def backend_req_fd(ctx: Context) -> None:
         ours.close()
         theirs.close()
 
+
+
+SAVE = DeviceStateTransfer(TransferDirection.SAVE, MigrationPhase.STOPPED)
+LOAD = DeviceStateTransfer(TransferDirection.LOAD, MigrationPhase.STOPPED)
+
+
+@check(
+    "vhost-user:DEVICE_STATE#round-trip",
+    "state saved from a stopped device loads into a new connection (CHECK_DEVICE_STATE 0), a corrupted copy is refused, "
+    "and the device works after the load",
+    applies=needs_protocol(PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE),
+)
+def device_state_round_trip(ctx: Context) -> None:
+    source = ctx.open()
+    Workload(ctx, source).run(2)
+    for index in list(source.queues):
+        source.frontend.get_vring_base(index)
+    state = _transfer(source.frontend, SAVE)
+    expect(state, "the saved device state is empty")
+    ctx.close_link(source)
+    corrupt = bytearray(state)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    target = ctx.open()
+    try:
+        _transfer(target.frontend, LOAD, bytes(corrupt))
+    except NackError:
+        pass
+    else:
+        expect(False, "CHECK_DEVICE_STATE acked 0 after loading a corrupted copy of the state")
+    _transfer(target.frontend, LOAD, state)
+    Workload(ctx, target).run(2)
+
+
+def _transfer(fe, transfer: DeviceStateTransfer, data: bytes = b"") -> bytes:
+    """SET_DEVICE_STATE_FD with a pipe (or the back-end's own fd), move the bytes, CHECK_DEVICE_STATE."""
+    r, w = os.pipe()
+    ours, theirs = (r, w) if transfer.direction == TransferDirection.SAVE else (w, r)
+    try:
+        own = fe.set_device_state_fd(transfer, theirs)
+    finally:
+        os.close(theirs)
+    if own is not None:  # the back-end asked to use its fd instead
+        os.close(ours)
+        ours = own
+    if transfer.direction == TransferDirection.SAVE:
+        with os.fdopen(ours, "rb") as reader:
+            data = reader.read()
+    else:
+        with os.fdopen(ours, "wb") as writer:
+            writer.write(data)
+    fe.check_device_state()
+    return data
