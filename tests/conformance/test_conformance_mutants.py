@@ -58,6 +58,7 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
 from iovirt.virtio.transport.common_cfg import CommonCfg
@@ -735,3 +736,38 @@ def _fix_crc(data: bytes) -> bytes:
     except devstate.DeviceStateError:
         payload[len(data) // 2 - devstate.HEADER.size] ^= 0xFF  # undo the check's corruption: the load "succeeds"
         return devstate.HEADER.pack(magic, version, device_id, reserved, length, zlib.crc32(payload)) + bytes(payload)
+
+
+# -- optional virtio-pci capabilities: good ones pass, bad ones fail -------------------------------------
+def _with_caps(monkeypatch, *payloads):
+    original = transport_pci.VirtioPciFunction.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for payload in payloads:
+            self.add_capability(VendorCapability(payload))
+
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "__init__", init)
+
+
+def _shm(shm_id: int, offset: int, length: int) -> bytes:
+    bar = transport_pci.VIRTIO_BAR
+    return bytes([8, bar, shm_id, 0, 0]) + struct.pack(
+        "<IIII", offset & 0xFFFFFFFF, length & 0xFFFFFFFF, offset >> 32, length >> 32
+    )
+
+
+GOOD_VENDOR = bytes([9]) + struct.pack("<H", 0x1B36) + b"\x01\x02"  # 8 bytes with its header
+BAD_VENDOR = bytes([9]) + struct.pack("<H", 0x1AF4) + b"\x01"  # 7 bytes, virtio's vendor ID
+
+
+@pytest.mark.parametrize("payloads,failure", [
+    ((GOOD_VENDOR, _shm(1, 0x3000, 0x100)), None),
+    ((BAD_VENDOR,), "not a multiple of 4"),
+    ((_shm(1, 0x3000, 1 << 40),), "exceeds BAR"),
+], ids=["good", "vendor-0x1af4-odd-size", "shm-beyond-bar"])
+def test_optional_pci_caps_check(monkeypatch, payloads, failure):
+    _with_caps(monkeypatch, *payloads)
+    result = _pci_run()["virtio-1.2:4.1.4#shm-vendor"]
+    assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
+    assert (failure in result.reason) if failure else not result.reason  # found and checked

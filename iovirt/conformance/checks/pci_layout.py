@@ -10,7 +10,8 @@ from __future__ import annotations
 from iovirt.conformance.checks.pci import PCI, _virtio_cap
 from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import check, expect
-from iovirt.pci.regs import PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
+from iovirt.pci.capability import walk_capabilities
+from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
@@ -25,6 +26,7 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_MSIX,
     VIRTIO_PCI_COMMON_Q_SELECT,
     VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_VENDOR_ID,
 )
 
 NON_TRANSITIONAL_IDS = range(0x1040, 0x1080)  # 4.1.2.1: SHOULD for non-transitional devices
@@ -97,3 +99,59 @@ def msix_table(ctx: PciContext) -> None:
             back == VIRTIO_MSI_NO_VECTOR,
             f"{name}: vector {size} beyond a table of {size} reads back {back:#x}, expected NO_VECTOR (a failed mapping)",
         )
+
+
+VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8  # virtio 1.4 4.1.4.7 (struct virtio_pci_cap64)
+VIRTIO_PCI_CAP_VENDOR_CFG = 9  # virtio 1.4 4.1.4.8 (struct virtio_pci_vndr_data)
+CAP64_OFFSET_HI, CAP64_LENGTH_HI = 16, 20
+VNDR_DATA_VENDOR_ID = 4
+BAR_64BIT = 0x4  # PCI BAR type bits 2:1 = 10b
+
+
+@check(
+    "virtio-1.2:4.1.4#shm-vendor",
+    "shared memory capabilities lie inside their BAR with unique ids; vendor data capabilities are "
+    "a multiple of 4 bytes and not 0x1AF4's",
+    transport=PCI,
+)
+def optional_caps(ctx: PciContext) -> str:
+    read = ctx.driver.cfg.read
+    shm_ids: set[int] = set()
+    seen = 0
+    for cap_id, offset in walk_capabilities(read):
+        if cap_id != PCI_CAP_ID_VNDR:
+            continue
+        cfg_type = read(offset + 3, 1)
+        if cfg_type == VIRTIO_PCI_CAP_VENDOR_CFG:
+            seen += 1
+            length, vendor = read(offset + 2, 1), read(offset + VNDR_DATA_VENDOR_ID, 2)
+            expect(length % 4 == 0, f"vendor data capability at {offset:#x}: cap_len {length} is not a multiple of 4")
+            expect(vendor != VIRTIO_PCI_VENDOR_ID, f"vendor data capability at {offset:#x} has vendor_id 0x1af4")
+        elif cfg_type == VIRTIO_PCI_CAP_SHARED_MEMORY_CFG:
+            seen += 1
+            bar, shm_id = read(offset + VIRTIO_PCI_CAP_BAR, 1), read(offset + 5, 1)
+            start = read(offset + VIRTIO_PCI_CAP_OFFSET, 4) | read(offset + CAP64_OFFSET_HI, 4) << 32
+            size = read(offset + VIRTIO_PCI_CAP_LENGTH, 4) | read(offset + CAP64_LENGTH_HI, 4) << 32
+            bar_size = _bar_size(ctx, bar)
+            expect(start + size <= bar_size, f"shared memory region {shm_id} [{start:#x}, +{size:#x}) exceeds BAR {bar} ({bar_size:#x} bytes)")
+            expect(shm_id not in shm_ids, f"shared memory id {shm_id} used twice")
+            shm_ids.add(shm_id)
+    return "" if seen else "no shared memory or vendor data capability to check"
+
+
+def _bar_size(ctx: PciContext, bar: int) -> int:
+    """The size of BAR ``bar``, by the sizing writes a driver makes (all ones, read back, restore)."""
+    cfg = ctx.driver.cfg
+    at = PCI_BASE_ADDRESS_0 + 4 * bar
+    low = cfg.read(at, 4)
+    wide = bool(low & BAR_64BIT)
+    high = cfg.read(at + 4, 4) if wide else 0
+    cfg.write(at, 4, 0xFFFFFFFF)
+    mask = cfg.read(at, 4) & ~0xF
+    if wide:
+        cfg.write(at + 4, 4, 0xFFFFFFFF)
+        mask |= cfg.read(at + 4, 4) << 32
+        cfg.write(at + 4, 4, high)
+    cfg.write(at, 4, low)
+    bits = 64 if wide else 32
+    return (~mask & ((1 << bits) - 1)) + 1 if mask else 0
