@@ -244,14 +244,14 @@ def _spray(ctx: Context, link, injector: NetPort, enabled: list[int], disabled: 
     while len(seen) < len(tags) and time.monotonic() < deadline:
         for index in queues:
             for elem in link.read_used(index):
-                data = elem.data[link.net_hdr_len :]
-                tag = next((t for t in tags if t in data), None)
-                if tag is None:
-                    continue
-                expect(tag not in seen, f"a frame arrived twice (receive queues {seen[tag] if tag in seen else ''} and {index})")
-                expect(index != disabled, f"a frame arrived on receive queue {index}, disabled with SET_VRING_ENABLE 0")
-                seen[tag] = index
                 _post_rx(link, index, 1)
+                data = elem.data[link.net_hdr_len :]
+                found = next((t for t in tags if t in data), None)
+                if found is None:
+                    continue
+                expect(found not in seen, f"a frame arrived twice (receive queues {seen.get(found)} and {index})")
+                expect(index != disabled, f"a frame arrived on receive queue {index}, disabled with SET_VRING_ENABLE 0")
+                seen[found] = index
         time.sleep(0.001)
     expect(len(seen) == len(tags), f"{len(tags) - len(seen)} of {len(tags)} frames of distinct flows never arrived")
     return set(seen.values())
