@@ -144,6 +144,13 @@ class BlkPort:
         self.queue = link.queue(index, size, enable=enable, call=call, kick=kick)
         link.driver_ok()
 
+    @classmethod
+    def on(cls, link: Link, index: int) -> "BlkPort":
+        """A port on queue ``index`` that the caller has already set up (its own way)."""
+        port = cls.__new__(cls)
+        port.link, port.index, port.queue = link, index, link.queues[index]
+        return port
+
     def post(
         self,
         rtype: int,

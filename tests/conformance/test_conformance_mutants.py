@@ -771,3 +771,11 @@ def test_optional_pci_caps_check(monkeypatch, payloads, failure):
     result = _pci_run()["virtio-1.2:4.1.4#shm-vendor"]
     assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
     assert (failure in result.reason) if failure else not result.reason  # found and checked
+
+
+def test_inflight_resubmit_mutant(make_backend, monkeypatch):
+    # A back-end that ignores the region a crashed one left: the requests in flight are never served.
+    monkeypatch.setattr(Vrings, "_recover", lambda self, vring, region, used_idx: [])
+    clauses = {"vhost-user:Inflight I/O tracking#resubmit", "vhost-user:Inflight I/O tracking"}
+    failed = _failed(_vu_run(_blk(make_backend()), clauses))
+    assert set(failed) == {"vhost-user:Inflight I/O tracking#resubmit"}, failed
