@@ -47,7 +47,12 @@ from iovirt.virtio.blk.defs import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
 from iovirt.virtio.blk.device import VirtioBlk
-from iovirt.virtio.defs import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE
+from iovirt.virtio.defs import (
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_WRITE,
+)
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_SIZE,
@@ -779,3 +784,15 @@ def test_inflight_resubmit_mutant(make_backend, monkeypatch):
     clauses = {"vhost-user:Inflight I/O tracking#resubmit", "vhost-user:Inflight I/O tracking"}
     failed = _failed(_vu_run(_blk(make_backend()), clauses))
     assert set(failed) == {"vhost-user:Inflight I/O tracking#resubmit"}, failed
+
+
+@pytest.mark.parametrize("multiplier,fails", [(4, False), (2, True)])
+def test_notification_data_layout_check(monkeypatch, multiplier, fails):
+    # The transport offers VIRTIO_F_NOTIFICATION_DATA; a multiplier of 2 breaks its 4-byte rules.
+    original = transport_pci.VirtioPciFunction.offered_features
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "offered_features",
+                        lambda self: original(self) | 1 << VIRTIO_F_NOTIFICATION_DATA)
+    monkeypatch.setattr(transport_pci, "NOTIFY_OFF_MULTIPLIER", multiplier)
+    result = _pci_run()["virtio-1.2:4.1.4.4.1#notification-data"]
+    assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result
+    assert not fails or "multiple of 4" in result.reason

@@ -12,6 +12,7 @@ from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import check, expect
 from iovirt.pci.capability import walk_capabilities
 from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
+from iovirt.virtio.defs import VIRTIO_F_NOTIFICATION_DATA
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
@@ -20,12 +21,14 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_LENGTH,
+    VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_OFFSET,
     VIRTIO_PCI_CAP_PCI_CFG,
     VIRTIO_PCI_CFG_CAP_DATA,
     VIRTIO_PCI_COMMON_MSIX,
     VIRTIO_PCI_COMMON_Q_SELECT,
     VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_COMMON_Q_NOFF,
     VIRTIO_PCI_VENDOR_ID,
 )
 
@@ -155,3 +158,28 @@ def _bar_size(ctx: PciContext, bar: int) -> int:
     cfg.write(at, 4, low)
     bits = 64 if wide else 32
     return (~mask & ((1 << bits) - 1)) + 1 if mask else 0
+
+
+def _notification_data(caps) -> str | None:
+    return None if caps.has(VIRTIO_F_NOTIFICATION_DATA) else "VIRTIO_F_NOTIFICATION_DATA not offered"
+
+
+@check(
+    "virtio-1.2:4.1.4.4.1#notification-data",
+    "with NOTIFICATION_DATA: notify offset 4-byte aligned, multiplier 0 or a power of 2 that is a multiple of 4, "
+    "length at least 4 and reaching every queue's 4-byte notification",
+    transport=PCI,
+    applies=_notification_data,
+)
+def notify_cap_data(ctx: PciContext) -> None:
+    cap = _virtio_cap(ctx, VIRTIO_PCI_CAP_NOTIFY_CFG, "VIRTIO_PCI_CAP_NOTIFY_CFG")
+    mult = cap.notify_off_multiplier
+    expect(cap.offset % 4 == 0, f"notify offset {cap.offset:#x} is not 4-byte aligned")
+    expect(mult == 0 or (mult % 4 == 0 and mult & (mult - 1) == 0),
+           f"notify_off_multiplier {mult} is neither 0 nor a power of 2 that is a multiple of 4")
+    expect(cap.length >= 4, f"notify length {cap.length} < 4")
+    for index in range(ctx.num_queues):
+        ctx.driver.common_write(VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
+        off = ctx.driver.common_read(VIRTIO_PCI_COMMON_Q_NOFF, 2)
+        expect(cap.length >= off * mult + 4,
+               f"queue {index}: queue_notify_off {off} * {mult} + 4 exceeds the notify length {cap.length}")
