@@ -28,6 +28,8 @@ from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
+    ETH_HLEN,
+    ETH_P_8021Q,
     MAX_FRAME,
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
@@ -46,6 +48,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_S_LINK_UP,
+    VLAN_HLEN,
     NetHdr,
 )
 from iovirt.virtio.net import datapath
@@ -329,6 +332,15 @@ class VirtioNet(VirtioDevice):
                 # the data-plane thread): 4 ports flooded by a sender went from 750 k to 19 k frames/s.
                 self._count_drops(None, "rx", "no_buffers", len(indexes))
                 return 0
+        if self.has_feature(VIRTIO_NET_F_MTU):
+            # 5.1.4.1: frames longer than mtu (plus the Ethernet header) are not passed to the driver.
+            fitting = [i for i in indexes if frames.total_bytes([i]) <= self.mtu + ETH_HLEN
+                       or not self._over_mtu(frames.frame(i))]
+            if len(fitting) < len(indexes):
+                self._count_drops(None, "rx", "over_mtu", len(indexes) - len(fitting))
+                indexes = fitting
+                if not indexes:
+                    return 0
         index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
@@ -370,6 +382,9 @@ class VirtioNet(VirtioDevice):
         if self.needs_reset or not self.link_up:
             self._count_drops(None, "rx", "link_down", 1)
             return False
+        if self._over_mtu(frame):
+            self._count_drops(None, "rx", "over_mtu", 1)
+            return False
         if self.backlog:
             self._flush_backlog()
             if len(self.backlog) == self.backlog.maxlen:
@@ -385,6 +400,13 @@ class VirtioNet(VirtioDevice):
             return False
         self.backlog.append((frame, csum))
         return True
+
+    def _over_mtu(self, frame: bytes) -> bool:
+        """Whether a received frame exceeds mtu plus its Ethernet header (a VLAN tag included) with MTU negotiated."""
+        if not self.has_feature(VIRTIO_NET_F_MTU):
+            return False
+        tagged = int.from_bytes(frame[12:14], "big") == ETH_P_8021Q
+        return len(frame) > self.mtu + ETH_HLEN + (VLAN_HLEN if tagged else 0)
 
     def _flush_backlog(self) -> None:
         while self.backlog:
