@@ -10,7 +10,8 @@ idx), and the Python objects made per frame are the two ``bytes`` of a
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcpy, memcmp, memset
+from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.list cimport PyList_GET_SIZE
@@ -117,6 +118,12 @@ cdef class Window:
     cdef Py_buffer _buf
     cdef bint _held
     cdef uint8_t *host
+    # Scratch for one harvest: used ids, lens, buffer addresses, and which heads were seen (by head).
+    cdef uint32_t *heads
+    cdef uint32_t *lens
+    cdef uint64_t *slots
+    cdef uint8_t *seen
+    cdef Py_ssize_t cap, seen_cap
 
     def __init__(self, memory, uint64_t base, uint64_t size):
         self.base = base
@@ -125,6 +132,22 @@ cdef class Window:
         PyObject_GetBuffer(self.view, &self._buf, PyBUF_WRITABLE | PyBUF_SIMPLE)
         self._held = True
         self.host = <uint8_t *>self._buf.buf
+
+    cdef int reserve(self, Py_ssize_t n, Py_ssize_t size) except -1:
+        if n > self.cap:
+            self.heads = <uint32_t *>PyMem_Realloc(self.heads, n * sizeof(uint32_t))
+            self.lens = <uint32_t *>PyMem_Realloc(self.lens, n * sizeof(uint32_t))
+            self.slots = <uint64_t *>PyMem_Realloc(self.slots, n * sizeof(uint64_t))
+            if self.heads == NULL or self.lens == NULL or self.slots == NULL:
+                raise MemoryError()
+            self.cap = n
+        if size > self.seen_cap:
+            self.seen = <uint8_t *>PyMem_Realloc(self.seen, size)
+            if self.seen == NULL:
+                raise MemoryError()
+            memset(self.seen + self.seen_cap, 0, size - self.seen_cap)
+            self.seen_cap = size
+        return 0
 
     cdef inline uint8_t *at(self, uint64_t addr, uint64_t length) except NULL:
         cdef uint64_t off = addr - self.base
@@ -163,6 +186,10 @@ cdef class Window:
     def __dealloc__(self):
         if self._held:
             PyBuffer_Release(&self._buf)
+        PyMem_Free(self.heads)
+        PyMem_Free(self.lens)
+        PyMem_Free(self.slots)
+        PyMem_Free(self.seen)
 
 
 cdef class _Ring:
@@ -240,51 +267,63 @@ def tx_post(Window win, q, list frames, Py_ssize_t start, bytes hdr, list tx_fre
     return count
 
 
-cdef list _take_used(Window win, _Ring r, q):
-    """New used ids (lens in ``lens``), after checking the used idx and every id (2.7.8); descriptors freed."""
+cdef Py_ssize_t _pending(Window win, _Ring r, q) except -1:
+    """How many new used entries there are, after checking the used idx is believable (2.7.8)."""
     cdef uint32_t in_flight = r.size - len(r.free)
     cdef uint16_t used_idx = iovirt_bench_load_acquire_u16(r.used + 2)
     cdef uint16_t pending = used_idx - r.last_used_idx
-    cdef uint16_t k
-    cdef uint8_t *elem
-    cdef object entry
-    cdef list out = []
     if pending > in_flight:
         raise UsedRingError(
             q.index,
             f"used idx {used_idx} is {pending} entries past the last one read ({r.last_used_idx}), "
             f"but only {in_flight} descriptors are in flight (2.7.8)",
         )
-    for k in range(pending):
-        elem = r.used + 4 + 8 * (r.last_used_idx % r.size)
-        head = iovirt_bench_load_u32(elem)
-        length = iovirt_bench_load_u32(elem + 4)
-        r.last_used_idx += 1
-        entry = r.inflight.pop(head, None)
-        if entry is None:
-            raise UsedRingError(
-                q.index, f"used id {head} is not an in-flight head (2.7.8: used id must be the head of an available chain)"
-            )
-        r.free.extend(reversed(entry[0]))
-        out.append((head, length))
-    if pending and q.event_idx and q.interrupts:
+    win.reserve(pending, r.size)
+    return pending
+
+
+cdef inline void _next_used(_Ring r, uint32_t *head, uint32_t *length) noexcept:
+    cdef uint8_t *elem = r.used + 4 + 8 * (r.last_used_idx % r.size)
+    head[0] = iovirt_bench_load_u32(elem)
+    length[0] = iovirt_bench_load_u32(elem + 4)
+    r.last_used_idx += 1
+
+
+cdef object _not_in_flight(q, uint32_t head):
+    return UsedRingError(
+        q.index, f"used id {head} is not an in-flight head (2.7.8: used id must be the head of an available chain)"
+    )
+
+
+cdef inline void _used_event(_Ring r, q, Py_ssize_t taken):
+    if taken and q.event_idx and q.interrupts:
         # As Linux's virtqueue_get_buf: ask for an interrupt at the next entry (2.7.10).
         iovirt_bench_store_u16(r.avail + 4 + 2 * r.size, r.last_used_idx)
-    return out
 
 
 def tx_reap(Window win, q, list tx_free, dict tx_by_head):
     """Take completed transmit chains, their buffers back to ``tx_free``; returns how many."""
     cdef _Ring r = _Ring()
     r.load(win, q)
-    cdef list used
+    cdef Py_ssize_t k, n
+    cdef uint32_t head, length
     try:
-        used = _take_used(win, r, q)
+        n = _pending(win, r, q)
+        for k in range(n):
+            _next_used(r, &head, &length)
+            entry = r.inflight.pop(head, None)
+            if entry is None:
+                raise _not_in_flight(q, head)
+            descs = (<tuple>entry)[0]
+            if len(descs) == 1:
+                r.free.append(descs[0])
+            else:
+                r.free.extend(reversed(descs))
+            tx_free.append(tx_by_head.pop(head))
+        _used_event(r, q, n)
     finally:
         r.store()
-    for head, _length in used:
-        tx_free.append(tx_by_head.pop(head))
-    return len(used)
+    return n
 
 
 cdef int _rx_post(Window win, _Ring r, list slots, dict rx_by_head, uint32_t buf_size) except -1:
@@ -310,7 +349,7 @@ def rx_post(Window win, q, slots, dict rx_by_head, uint32_t buf_size):
 
 def rx_harvest(Window win, q, dict rx_by_head, uint32_t buf_size, uint32_t hdr_size, bint mergeable,
                list pending, list out):
-    """Take used receive buffers, repost them, append whole frames to ``out``.
+    """Take used receive buffers, post their chains again, append whole frames to ``out``.
 
     Buffers of a frame whose ``num_buffers`` (5.1.6.4) says more are coming
     wait in ``pending`` (with everything after them, to keep the order).
@@ -318,30 +357,42 @@ def rx_harvest(Window win, q, dict rx_by_head, uint32_t buf_size, uint32_t hdr_s
     """
     cdef _Ring r = _Ring()
     r.load(win, q)
-    cdef list used, slots
+    cdef Py_ssize_t k, n = 0, filled = 0, empty = 0, bad = -1
+    cdef uint32_t head, length
+    cdef object slot
     try:
-        used = _take_used(win, r, q)
-        if not used:
+        n = _pending(win, r, q)
+        for k in range(n):
+            _next_used(r, &head, &length)
+            slot = rx_by_head.get(head)
+            if slot is None or win.seen[head]:
+                raise _not_in_flight(q, head)
+            win.seen[head] = 1
+            win.heads[k] = head
+            filled = k + 1
+            win.lens[k] = length
+            win.slots[k] = slot
+            if length > buf_size and bad < 0:
+                bad = k
+        _used_event(r, q, n)
+        if not n:
             return 0, 0
-        slots = [rx_by_head.pop(head) for head, _length in used]
-        bad = None
-        for (head, length), slot in zip(used, slots):
-            if length > buf_size and bad is None:
-                bad = (head, length)
-        if bad is None and not pending:
-            empty = _fast_frames(win, used, slots, hdr_size, mergeable, pending, out)
+        if bad < 0 and not pending:
+            empty = _fast_frames(win, n, hdr_size, mergeable, pending, out)
         else:
-            empty = 0
-            for (head, length), slot in zip(used, slots):
-                pending.append((length, win.read(slot, min(length, buf_size))))
-        # Taken back and copied out first: a reposted chain may reuse the head of a later entry.
-        _rx_post(win, r, slots, rx_by_head, buf_size)
+            for k in range(n):
+                pending.append((win.lens[k], win.read(win.slots[k], min(win.lens[k], buf_size))))
+        # Copied out: the same chains go back, each with its own buffer (rewritten, in case the device wrote it).
+        for k in range(n):
+            r.post(win.heads[k], win.slots[k], buf_size, F_WRITE)
     finally:
+        for k in range(filled):
+            win.seen[win.heads[k]] = 0
         r.store()
-    if bad is not None:
+    if bad >= 0:
         del pending[:]
-        raise UsedRingError(q.index, f"used len {bad[1]} for head {bad[0]} exceeds its {buf_size}-byte buffer")
-    return len(used), empty + _assemble(q, hdr_size, mergeable, pending, out)
+        raise UsedRingError(q.index, f"used len {win.lens[bad]} for head {win.heads[bad]} exceeds its {buf_size}-byte buffer")
+    return n, empty + _assemble(q, hdr_size, mergeable, pending, out)
 
 
 cdef dict _shared = {}
@@ -358,18 +409,17 @@ cdef tuple _shared_hdrs(uint32_t hdr_size):
     return <tuple>found
 
 
-cdef Py_ssize_t _fast_frames(Window win, list used, list slots, uint32_t hdr_size, bint mergeable,
-                             list pending, list out) except -1:
+cdef Py_ssize_t _fast_frames(Window win, Py_ssize_t n, uint32_t hdr_size, bint mergeable, list pending, list out) except -1:
     """Whole one-buffer frames straight from guest memory; from the first that is not, everything to ``pending``."""
-    cdef Py_ssize_t i, n = len(used), empty = 0
+    cdef Py_ssize_t i, empty = 0
     cdef uint32_t length
     cdef uint8_t *p
     cdef bytes hdr, zero, one
     zero, one = _shared_hdrs(hdr_size)
     t_ns = _now_ns()
     for i in range(n):
-        length = used[i][1]
-        p = win.at(slots[i], length)
+        length = win.lens[i]
+        p = win.at(win.slots[i], length)
         if pending or length < hdr_size + ETH_HLEN or (
             mergeable and iovirt_bench_load_u16(p + NUM_BUFFERS_AT) != 1
         ):

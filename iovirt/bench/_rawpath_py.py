@@ -149,8 +149,8 @@ def tx_post(
     return count
 
 
-def _take_used(win: Window, q: Any) -> list[tuple[int, int]]:
-    """New ``(id, len)`` used entries, after checking the used idx and every id (2.7.8); descriptors freed."""
+def _pending(win: Window, q: Any) -> int:
+    """How many new used entries there are, after checking the used idx is believable (2.7.8)."""
     in_flight = q.size - len(q._free)
     used_idx = win.read_u16(q.used_addr + 2)
     pending = (used_idx - q.last_used_idx) & 0xFFFF
@@ -160,30 +160,40 @@ def _take_used(win: Window, q: Any) -> list[tuple[int, int]]:
             f"used idx {used_idx} is {pending} entries past the last one read ({q.last_used_idx}), "
             f"but only {in_flight} descriptors are in flight (2.7.8)",
         )
-    out = []
-    for _ in range(pending):
-        slot = q.used_addr + 4 + 8 * (q.last_used_idx % q.size)
-        head, length = _USED_ELEM.unpack(win.read(slot, 8))
-        q.last_used_idx = (q.last_used_idx + 1) & 0xFFFF
-        entry = q._inflight.pop(head, None)
-        if entry is None:
-            raise UsedRingError(
-                q.index, f"used id {head} is not an in-flight head (2.7.8: used id must be the head of an available chain)"
-            )
-        q._free.extend(reversed(entry[0]))
-        out.append((head, length))
-    if pending and q.event_idx and q.interrupts:
+    return pending
+
+
+def _next_used(win: Window, q: Any) -> tuple[int, int]:
+    """The next used entry's ``(id, len)``."""
+    head, length = _USED_ELEM.unpack(win.read(q.used_addr + 4 + 8 * (q.last_used_idx % q.size), 8))
+    q.last_used_idx = (q.last_used_idx + 1) & 0xFFFF
+    return head, length
+
+
+def _not_in_flight(q: Any, head: int) -> UsedRingError:
+    return UsedRingError(
+        q.index, f"used id {head} is not an in-flight head (2.7.8: used id must be the head of an available chain)"
+    )
+
+
+def _used_event(win: Window, q: Any, taken: int) -> None:
+    if taken and q.event_idx and q.interrupts:
         # As Linux's virtqueue_get_buf: ask for an interrupt at the next entry (2.7.10).
         win.write_u16(q.avail_addr + 4 + 2 * q.size, q.last_used_idx)
-    return out
 
 
 def tx_reap(win: Window, q: Any, tx_free: list[int], tx_by_head: dict[int, int]) -> int:
     """Take completed transmit chains, their buffers back to ``tx_free``; returns how many."""
-    used = _take_used(win, q)
-    for head, _length in used:
+    pending = _pending(win, q)
+    for _ in range(pending):
+        head, _length = _next_used(win, q)
+        entry = q._inflight.pop(head, None)
+        if entry is None:
+            raise _not_in_flight(q, head)
+        q._free.extend(reversed(entry[0]))
         tx_free.append(tx_by_head.pop(head))
-    return len(used)
+    _used_event(win, q, pending)
+    return pending
 
 
 def rx_post(win: Window, q: Any, slots: Sequence[int], rx_by_head: dict[int, int], buf_size: int) -> None:
@@ -199,23 +209,31 @@ def rx_harvest(
     win: Window, q: Any, rx_by_head: dict[int, int], buf_size: int, hdr_size: int, mergeable: bool,
     pending: list[tuple[int, bytes]], out: list[RawFrame],
 ) -> tuple[int, int]:
-    """Take used receive buffers, repost them, append whole frames to ``out``.
+    """Take used receive buffers, post their chains again, append whole frames to ``out``.
 
     Buffers of a frame whose ``num_buffers`` (5.1.6.4) says more are coming
     wait in ``pending`` (with everything after them, to keep the order).
     Returns ``(buffers taken, buffers given back unwritten)``.
     """
-    used = _take_used(win, q)
+    used: list[tuple[int, int, int]] = []
+    seen = set()
+    for _ in range(_pending(win, q)):
+        head, length = _next_used(win, q)
+        slot = rx_by_head.get(head)
+        if slot is None or head in seen:
+            raise _not_in_flight(q, head)
+        seen.add(head)
+        used.append((head, length, slot))
+    _used_event(win, q, len(used))
     if not used:
         return 0, 0
     t_ns = monotonic_ns()
-    # Every buffer is copied out and taken back before any is reposted: a
-    # reposted chain may reuse the head of an entry later in this batch.
-    slots = [rx_by_head.pop(head) for head, _length in used]
-    for (head, length), slot in zip(used, slots):
+    for _head, length, slot in used:
         pending.append((length, win.read(slot, min(length, buf_size))))
-    rx_post(win, q, slots, rx_by_head, buf_size)
-    for head, length in used:
+    # Copied out: the same chains go back, each with its own buffer (rewritten, in case the device wrote it).
+    for head, _length, slot in used:
+        _post(win, q, head, slot, buf_size, VIRTQ_DESC_F_WRITE)
+    for head, length, _slot in used:
         if length > buf_size:
             del pending[:]
             raise UsedRingError(q.index, f"used len {length} for head {head} exceeds its {buf_size}-byte buffer")
