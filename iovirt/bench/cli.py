@@ -118,8 +118,13 @@ def _open_ports(stack: ExitStack, sockets: list[str] | None, timeout: float) -> 
     ports = []
     for path in sockets:
         target = VhostUserTarget(path, DEFAULT_FEATURES, timeout)
-        stack.callback(target.close)
-        ports.append(BenchPort(target, timeout=timeout, name=path))
+        try:
+            port = BenchPort(target, timeout=timeout, name=path)
+        except BaseException:
+            target.close()
+            raise
+        stack.callback(port.close)
+        ports.append(port)
     return ports
 
 

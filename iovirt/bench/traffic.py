@@ -38,7 +38,7 @@ SRC_MAC = bytes.fromhex("02000000000a")
 DST_MAC = bytes.fromhex("02000000000b")
 
 
-def test_frame(size: int, src: bytes = SRC_MAC, dst: bytes = DST_MAC) -> bytes:
+def make_frame(size: int, src: bytes = SRC_MAC, dst: bytes = DST_MAC) -> bytes:
     """An Ethernet frame of ``size`` bytes (no FCS; at least the 14-byte header) from ``src`` to ``dst``."""
     if size < 14:
         raise ValueError(f"a frame has at least 14 bytes (the Ethernet header), got {size}")
@@ -67,7 +67,7 @@ def measure(tx: BenchPort, rx: BenchPort, size: int = 64, seconds: float = 2.0, 
     timeouts) until they all arrived.  With ``latency`` each frame's ingress
     to egress time goes into the histogram.
     """
-    frames = [test_frame(size)] * batch
+    frames = [make_frame(size)] * batch
     tx.send_raw(frames)  # warm up: the switch learns, buffers are touched
     rx.recv_raw(batch)
     meter = LatencyMeter() if latency else None
