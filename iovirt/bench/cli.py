@@ -22,13 +22,18 @@ import sys
 from contextlib import ExitStack
 from typing import Any, Callable
 
+from typing import TYPE_CHECKING
+
 from iovirt.bench.errors import BenchError
-from iovirt.bench.pair import DEFAULT_FEATURES, NetPair
 from iovirt.bench.pcapio import PcapError, read_frames
-from iovirt.bench.port import BenchPort
-from iovirt.bench.rawpath import IMPLEMENTATION
-from iovirt.bench.target import DEFAULT_TIMEOUT, VhostUserTarget
-from iovirt.bench.traffic import Recorder, capture, measure, replay
+from iovirt.bench.target import DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from iovirt.bench.port import BenchPort
+    from iovirt.bench.traffic import Recorder
+
+# The parser is built for every ``iovirt`` command: what needs scapy (ports,
+# pairs, traffic) is imported by the subcommand that runs.
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -54,7 +59,8 @@ def register(sub: Any) -> None:
         help="packet bench: throughput and latency, pcap replay and capture through virtio-net devices",
         description="Drive virtio-net devices as their guest driver: over vhost-user (--socket, e.g. the sockets "
                     "of 'iovirt serve --net S') or, without --socket, two in-process devices on one switch. "
-                    f"The bench's raw data path runs the {IMPLEMENTATION} implementation here (see 'iovirt info').",
+                    "Frames move as bytes (no scapy per frame) over the bench's raw data path, Cython unless "
+                    "IOVIRT_NO_EXTENSIONS is set ('iovirt info' shows which runs).",
     )
     bench.set_defaults(func=lambda args: (bench.print_help(), 0)[1])
     cmds = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
@@ -112,6 +118,10 @@ def _sockets(parser: argparse.ArgumentParser, what: str, required: bool = False)
 
 def _open_ports(stack: ExitStack, sockets: list[str] | None, timeout: float) -> list[BenchPort]:
     """Bench ports on ``sockets`` (closed by ``stack``), or the two of an in-process pair."""
+    from iovirt.bench.pair import DEFAULT_FEATURES, NetPair
+    from iovirt.bench.port import BenchPort
+    from iovirt.bench.target import VhostUserTarget
+
     if not sockets:
         pair = stack.enter_context(NetPair.in_process(a={"timeout": timeout}, b={"timeout": timeout}))
         return [pair.a, pair.b]
@@ -133,6 +143,8 @@ class _OutputError(Exception):
 
 
 def _recorder(stack: ExitStack, path: str, ports: list[BenchPort]) -> Recorder:
+    from iovirt.bench.traffic import Recorder
+
     try:
         recorder = Recorder(path, [port.name for port in ports])
     except OSError as exc:
@@ -147,6 +159,9 @@ def _fail(command: str, message: str, status: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from iovirt.bench.rawpath import IMPLEMENTATION
+    from iovirt.bench.traffic import measure
+
     if args.socket is not None and len(args.socket) != 2:
         return _fail("run", f"--socket must be given twice (sender, receiver), got {len(args.socket)}", EXIT_USAGE)
     try:
@@ -172,6 +187,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from iovirt.bench.traffic import replay
+
     try:
         records = read_frames(args.file)
     except PcapError as exc:
@@ -202,6 +219,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _capture(args: argparse.Namespace) -> int:
+    from iovirt.bench.traffic import capture
+
     if args.seconds is None and args.count is None:
         return _fail("capture", "give --seconds or --count (or both): when to stop", EXIT_USAGE)
     try:

@@ -313,3 +313,9 @@ def test_bench_run_prints_throughput_and_latency(capsys):
 def test_bench_run_wants_two_sockets(capsys, tmp_path):
     assert main(["bench", "run", "--socket", str(tmp_path / "one")]) == 2
     assert "--socket must be given twice" in capsys.readouterr().err
+
+
+def test_the_cli_parser_does_not_import_scapy():
+    code = "import sys, iovirt.cli; iovirt.cli.build_parser(); print('scapy' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
