@@ -20,6 +20,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from iovirt.bench.errors import BenchError, UsedRingError
 from iovirt.memory import Access
 from iovirt.virtio.defs import VIRTQ_DESC_F_WRITE as _F_WRITE, VIRTQ_DESC_SIZE as _DESC_SIZE
+from iovirt.virtio.defs import VIRTQ_USED_F_NO_NOTIFY as _NO_NOTIFY
 from iovirt.virtio.net.defs import ETH_HLEN as _ETH_HLEN
 
 IMPLEMENTATION = "cython"
@@ -30,6 +31,7 @@ cdef uint32_t NUM_BUFFERS_AT = NUM_BUFFERS_OFFSET
 cdef uint16_t F_WRITE = _F_WRITE
 cdef uint32_t DESC_SIZE = _DESC_SIZE
 cdef uint32_t ETH_HLEN = _ETH_HLEN
+cdef uint16_t USED_F_NO_NOTIFY = _NO_NOTIFY
 
 cdef extern from *:
     """
@@ -37,6 +39,10 @@ cdef extern from *:
         return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
     }
     static inline void iovirt_bench_store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+    static inline void iovirt_bench_store_release_u16(uint8_t *p, uint16_t v) {
+        __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+    }
+    static inline void iovirt_bench_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
     static inline uint16_t iovirt_bench_load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
     static inline uint32_t iovirt_bench_load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
     static inline void iovirt_bench_store_desc(uint8_t *p, uint64_t addr, uint32_t len, uint16_t flags) {
@@ -45,6 +51,8 @@ cdef extern from *:
     """
     uint16_t iovirt_bench_load_acquire_u16(const uint8_t *p) nogil
     void iovirt_bench_store_u16(uint8_t *p, uint16_t v) nogil
+    void iovirt_bench_store_release_u16(uint8_t *p, uint16_t v) nogil
+    void iovirt_bench_mb() nogil
     uint16_t iovirt_bench_load_u16(const uint8_t *p) nogil
     uint32_t iovirt_bench_load_u32(const uint8_t *p) nogil
     void iovirt_bench_store_desc(uint8_t *p, uint64_t addr, uint32_t len, uint16_t flags) nogil
@@ -226,6 +234,21 @@ cdef class _Ring:
         self.q.avail_idx = self.avail_idx
         self.q.last_used_idx = self.last_used_idx
         return 0
+
+
+def publish(Window win, q):
+    """Publish the avail idx; return whether the device wants a notification (2.7.10, as ``DriverQueue.publish``)."""
+    cdef uint16_t old = q._published_idx, new = q.avail_idx, event
+    cdef uint32_t size = q.size
+    # The entries before the idx (release), and the idx before reading the device's suppression (full fence,
+    # as Linux's virtqueue_kick_prepare).
+    iovirt_bench_store_release_u16(win.at(q.avail_addr + 2, 2), new)
+    q._published_idx = new
+    iovirt_bench_mb()
+    if q.event_idx:
+        event = iovirt_bench_load_u16(win.at(q.used_addr + 4 + 8 * size, 2))
+        return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
+    return not iovirt_bench_load_u16(win.at(q.used_addr, 2)) & USED_F_NO_NOTIFY
 
 
 def tx_post(Window win, q, list frames, Py_ssize_t start, bytes hdr, list tx_free, dict tx_by_head, uint32_t buf_size):

@@ -10,6 +10,7 @@ descriptors, in-flight chains, avail and last-used indexes):
   one descriptor each, and makes them available (not yet published);
 * :func:`tx_reap` takes completed transmit chains back;
 * :func:`rx_post` makes receive buffers available;
+* :func:`publish` publishes the avail idx and says whether to notify;
 * :func:`rx_harvest` takes used receive buffers and turns whole frames into
   :class:`RawFrame` objects (bytes; scapy dissection only on demand).
 
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 
 from iovirt.bench.errors import BenchError, UsedRingError
 from iovirt.memory import Access, GuestMemory
-from iovirt.virtio.defs import VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE
+from iovirt.virtio.defs import VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE, VIRTQ_USED_F_NO_NOTIFY, vring_need_event
 from iovirt.virtio.net.defs import ETH_HLEN
 
 IMPLEMENTATION = "python"
@@ -123,6 +124,16 @@ def _post(win: Window, q: Any, desc: int, addr: int, length: int, flags: int) ->
     win.write(q.desc_addr + VIRTQ_DESC_SIZE * desc, _DESC.pack(addr, length, flags, 0))
     win.write_u16(q.avail_addr + 4 + 2 * (q.avail_idx % q.size), desc)
     q.avail_idx = (q.avail_idx + 1) & 0xFFFF
+
+
+def publish(win: Window, q: Any) -> bool:
+    """Publish the avail idx; return whether the device wants a notification (2.7.10, as ``DriverQueue.publish``)."""
+    old, new = q._published_idx, q.avail_idx
+    win.write_u16(q.avail_addr + 2, new)
+    q._published_idx = new
+    if q.event_idx:
+        return vring_need_event(win.read_u16(q.used_addr + 4 + 8 * q.size), new, old)
+    return not win.read_u16(q.used_addr) & VIRTQ_USED_F_NO_NOTIFY
 
 
 def tx_post(

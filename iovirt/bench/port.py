@@ -133,7 +133,12 @@ class BenchPort:
         """For each frame in :attr:`received`: the used len of every buffer it took (MRG_RXBUF accounting)."""
         self.stats: collections.Counter = collections.Counter()
         rawpath.rx_post(self._win, self.rxq, self._rx_slots, self._rx_by_head, rx_buffer_size)
-        self.target.kick(RX_QUEUE)
+        self._kick(self.rxq)
+
+    def _kick(self, queue: DriverQueue) -> None:
+        """Publish the queue's avail idx and notify the device if it asked for it (2.7.10)."""
+        if rawpath.publish(self._win, queue):
+            self.target.notify(queue.index)
 
     def has_feature(self, bit: int) -> bool:
         """Whether feature ``bit`` was negotiated."""
@@ -184,7 +189,7 @@ class BenchPort:
             )
             if posted:
                 t_ns = rawpath.monotonic_ns()
-                self.target.kick(TX_QUEUE)
+                self._kick(self.txq)
                 if latency is not None:
                     latency.sent(frames[done : done + posted], t_ns)
                 done += posted
@@ -198,7 +203,7 @@ class BenchPort:
         """Header and frame in separate descriptors (any layout is allowed, 2.7.4 / 5.1.6.2)."""
         for hdr, frame in pairs:
             if self.txq.num_free < 2 or not self._tx_free:
-                self.target.kick(TX_QUEUE)
+                self._kick(self.txq)
                 self._reap_tx(wait_for=1)
             slot = self._tx_free.pop()
             self.memory.write(slot, hdr + frame)
@@ -206,7 +211,7 @@ class BenchPort:
             self._tx_by_head[head] = slot
             if latency is not None:
                 latency.sent([frame], rawpath.monotonic_ns())
-        self.target.kick(TX_QUEUE)
+        self._kick(self.txq)
         self.stats["tx_frames"] += len(pairs)
         self._reap_tx(wait_for=0)
         return len(pairs)
@@ -323,7 +328,7 @@ class BenchPort:
             )
         finally:
             if self.rxq.avail_idx != before:
-                self.target.kick(RX_QUEUE)
+                self._kick(self.rxq)
             self._rx_frames.extend(out)
             self.stats["rx_frames"] += len(out)
         if empty:

@@ -18,7 +18,7 @@ from iovirt.bench.traffic import make_frame, measure
 
 from twins import outcome
 
-FUNCTIONS = ("RawFrame", "Window", "monotonic_ns", "tx_post", "tx_reap", "rx_post", "rx_harvest")
+FUNCTIONS = ("RawFrame", "Window", "monotonic_ns", "publish", "tx_post", "tx_reap", "rx_post", "rx_harvest")
 
 
 def _twin(name: str):
