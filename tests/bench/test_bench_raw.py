@@ -195,3 +195,11 @@ def test_make_frame():
     assert len(make_frame(64)) == 64 and Ether(make_frame(64)).type == 0x88B5
     with pytest.raises(ValueError):
         make_frame(10)
+
+
+def test_pair_raw_delegates(make_pair):
+    pair = make_pair()
+    meter = LatencyMeter()
+    assert pair.send_raw([udp(1), udp(2)], latency=meter) == 2
+    assert [f.data for f in pair.recv_raw(2, latency=meter)] == [udp(1), udp(2)]
+    assert len(meter.histogram) == 2 and meter.outstanding == 0
