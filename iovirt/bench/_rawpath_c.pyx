@@ -3,10 +3,13 @@
 
 Read the reference first; this file differs only in how: guest memory is a
 host pointer taken once (:class:`Window`), descriptors, avail entries and
-frames are written with ``memcpy``, used entries are read with an acquire
-load of the used idx (2.7.13.3.1: the device writes entries before the
-idx), and the Python objects made per frame are the two ``bytes`` of a
-:class:`RawFrame` and the frame itself (an all-zero header is shared).
+frames are written with ``memcpy``, the avail idx is published with a
+release store and a full fence before the device's suppression is read,
+used entries are read after an acquire load of the used idx (2.7.13.3.1:
+the device writes entries before the idx), and a received frame costs the
+:class:`RawFrame`, its data ``bytes`` and a one-item tuple of used lengths
+(the usual headers, all zero or all zero but ``num_buffers`` 1, are shared
+``bytes``).
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
