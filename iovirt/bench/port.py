@@ -188,10 +188,7 @@ class BenchPort:
                 self._win, self.txq, frames, done, hdr, self._tx_free, self._tx_by_head, self.tx_buffer_size
             )
             if posted:
-                t_ns = rawpath.monotonic_ns()
-                self._kick(self.txq)
-                if latency is not None:
-                    latency.sent(frames[done : done + posted], t_ns)
+                self._publish_tx(frames[done : done + posted], latency)
                 done += posted
             if done < len(frames):
                 self._reap_tx(wait_for=1)  # the ring is full: wait (bounded) for the device
@@ -201,20 +198,28 @@ class BenchPort:
 
     def _send_split(self, pairs: list[tuple[bytes, bytes]], latency: LatencyMeter | None = None) -> int:
         """Header and frame in separate descriptors (any layout is allowed, 2.7.4 / 5.1.6.2)."""
+        batch: list[bytes] = []
         for hdr, frame in pairs:
             if self.txq.num_free < 2 or not self._tx_free:
-                self._kick(self.txq)
+                self._publish_tx(batch, latency)
+                batch = []
                 self._reap_tx(wait_for=1)
             slot = self._tx_free.pop()
             self.memory.write(slot, hdr + frame)
             head = self.txq.add_chain([(slot, len(hdr)), (slot + len(hdr), len(frame))])
             self._tx_by_head[head] = slot
-            if latency is not None:
-                latency.sent([frame], rawpath.monotonic_ns())
-        self._kick(self.txq)
+            batch.append(frame)
+        self._publish_tx(batch, latency)
         self.stats["tx_frames"] += len(pairs)
         self._reap_tx(wait_for=0)
         return len(pairs)
+
+    def _publish_tx(self, frames: list, latency: LatencyMeter | None) -> None:
+        """Make the frames just queued available and kick; their ingress time is now."""
+        t_ns = rawpath.monotonic_ns()
+        self._kick(self.txq)
+        if latency is not None:
+            latency.sent(frames, t_ns)
 
     def _split(self, pkt: Packet | bytes) -> tuple[bytes, bytes]:
         if isinstance(pkt, Packet) and isinstance(pkt, HDR_CLASSES):

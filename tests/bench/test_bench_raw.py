@@ -103,8 +103,10 @@ def test_mergeable_frames_span_small_buffers(raw_impl, make_pair):
 def test_split_header_and_given_header(raw_impl):
     with NetPair.in_process(a={"split_header": True}) as pair:
         hdr = bytes(VirtioNetHdr(flags=2))  # DATA_VALID: the device passes it on or not, the frame is intact
-        pair.a.send_raw([udp(1), udp(2)], hdr)
-        assert [f.data for f in pair.b.recv_raw(2)] == [udp(1), udp(2)]
+        meter = LatencyMeter()
+        pair.a.send_raw([udp(1), udp(2)], hdr, latency=meter)
+        assert [f.data for f in pair.b.recv_raw(2, latency=meter)] == [udp(1), udp(2)]
+        assert len(meter.histogram) == 2 and meter.outstanding == meter.unmatched == 0
 
 
 def test_bad_raw_sends(raw_impl):
