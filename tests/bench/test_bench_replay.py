@@ -119,7 +119,8 @@ def test_replay_of_a_malformed_file_exits_2(tmp_path, capsys, case):
 
 def test_replay_of_an_unreadable_file_exits_2(tmp_path, capsys):
     assert main(["bench", "replay", str(tmp_path / "missing.pcap")]) == 2
-    assert "cannot read" in capsys.readouterr().err and "No such file" in capsys.readouterr().err + "No such file"
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "No such file" in err
     assert main(["bench", "replay", str(tmp_path)]) == 2  # a directory
     assert "cannot read" in capsys.readouterr().err
 
