@@ -17,7 +17,10 @@ Two paths of the bench, in the same run:
 * raw (``BenchPort.send_raw`` / ``recv_raw``, iovirt.bench.rawpath; bytes,
   no scapy) - keys ``raw_in_process_<size>B_frames_per_s``,
   ``raw_vhost_user_<size>B_frames_per_s``, and ``raw_vs_scapy_64B_in_process``
-  (the ratio of the two in-process 64-byte figures above).
+  (the ratio of the two in-process 64-byte figures above); in-process also
+  per second of this process's CPU time (``raw_in_process_<size>B_frames_per_cpu_s``:
+  the devices run in this thread, so this is the rate on a core of its own
+  whatever else loads the machine).
 
 Then the latency of 64-byte frames on the raw path (ingress: the batch made
 available to the device; egress: taken from the receiving used ring), as
@@ -114,9 +117,14 @@ def run_all(pair: NetPair, key: str, label: str, args: argparse.Namespace, figur
         print(f"{label} scapy {size:5d}-byte frames: {rate:12,.0f} frames/s")
         figures[f"{key}_{size}B_frames_per_s"] = round(rate)
     for size in SIZES:
-        rate = measure_raw(pair.a, pair.b, size, args.seconds, args.batch).frames_per_s
-        print(f"{label} raw   {size:5d}-byte frames: {rate:12,.0f} frames/s")
+        result = measure_raw(pair.a, pair.b, size, args.seconds, args.batch)
+        rate = result.frames_per_s
+        print(f"{label} raw   {size:5d}-byte frames: {rate:12,.0f} frames/s", end="")
         figures[f"raw_{key}_{size}B_frames_per_s"] = round(rate)
+        if key == "in_process":  # the devices run in this process: its CPU time is all the work
+            print(f" ({result.frames_per_cpu_s:,.0f} per CPU-second)", end="")
+            figures[f"raw_{key}_{size}B_frames_per_cpu_s"] = round(result.frames_per_cpu_s)
+        print()
     timed = measure_raw(pair.a, pair.b, 64, args.seconds, args.batch, latency=True)
     assert timed.latency is not None
     summary = timed.latency.summary_us()

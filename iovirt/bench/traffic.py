@@ -51,13 +51,20 @@ class Throughput:
 
     frames: int
     seconds: float
+    cpu_seconds: float
+    """CPU time this process used meanwhile (all its threads; an in-process device's work included)."""
     latency: LatencyHistogram | None = None
     unmatched: int = 0
 
     @property
     def frames_per_s(self) -> float:
-        """Frames per second."""
+        """Frames per second (wall clock)."""
         return self.frames / self.seconds if self.seconds else 0.0
+
+    @property
+    def frames_per_cpu_s(self) -> float:
+        """Frames per second of this process's CPU time: the rate on a core of its own, load elsewhere aside."""
+        return self.frames / self.cpu_seconds if self.cpu_seconds else 0.0
 
 
 def measure(tx: BenchPort, rx: BenchPort, size: int = 64, seconds: float = 2.0, batch: int = 64, latency: bool = False) -> Throughput:
@@ -72,15 +79,17 @@ def measure(tx: BenchPort, rx: BenchPort, size: int = 64, seconds: float = 2.0, 
     rx.recv_raw(batch)
     meter = LatencyMeter() if latency else None
     done = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
         tx.send_raw(frames, latency=meter)
         done += len(rx.recv_raw(batch, latency=meter))
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     if meter is None:
-        return Throughput(done, elapsed)
-    return Throughput(done, elapsed, meter.histogram, meter.unmatched)
+        return Throughput(done, elapsed, cpu)
+    return Throughput(done, elapsed, cpu, meter.histogram, meter.unmatched)
 
 
 class Recorder:
