@@ -22,13 +22,14 @@ Two paths of the bench, in the same run:
   the devices run in this thread, so this is the rate on a core of its own
   whatever else loads the machine).
 
-Then the latency of 64-byte frames on the raw path (ingress: the batch made
-available to the device; egress: taken from the receiving used ring), as
+Then the latency of 64-byte frames on the raw path, sent one at a time by
+default (``--latency-batch``; ingress: the frame made available to the
+device; egress: taken from the receiving used ring), as
 percentiles in microseconds: ``latency_p50_us``, ``latency_p99_us``,
 ``latency_p999_us`` (in-process) and ``vhost_user_latency_p50_us`` ... .
 The last line is a JSON object of the figures.
 
-    python benchmarks/bench.py [--seconds S] [--batch N]
+    python benchmarks/bench.py [--seconds S] [--batch N] [--latency-batch N]
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure (default 2)")
     parser.add_argument("--batch", type=int, default=256, help="frames per send/recv round (default 256: a full ring)")
+    parser.add_argument("--latency-batch", type=int, default=1,
+                        help="frames per round while measuring latency (default 1: each frame alone through the device)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}")
     print(f"batches of {args.batch} frames, queue size 256, 2048-byte mergeable receive buffers, "
@@ -125,10 +128,10 @@ def run_all(pair: NetPair, key: str, label: str, args: argparse.Namespace, figur
             print(f" ({result.frames_per_cpu_s:,.0f} per CPU-second)", end="")
             figures[f"raw_{key}_{size}B_frames_per_cpu_s"] = round(result.frames_per_cpu_s)
         print()
-    timed = measure_raw(pair.a, pair.b, 64, args.seconds, args.batch, latency=True)
+    timed = measure_raw(pair.a, pair.b, 64, args.seconds, args.latency_batch, latency=True)
     assert timed.latency is not None
     summary = timed.latency.summary_us()
-    print(f"{label} raw   latency, 64-byte frames in batches of {args.batch}:")
+    print(f"{label} raw   latency, 64-byte frames in batches of {args.latency_batch}:")
     print(timed.latency.format())
     prefix = "" if key == "in_process" else f"{key}_"
     for pct in ("p50", "p99", "p999"):
