@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from iovirt.bench.errors import BenchError
 from iovirt.bench.pcapio import PcapError, read_frames
 from iovirt.bench.target import DEFAULT_TIMEOUT
+from iovirt.virtio.net.defs import ETH_HLEN
 
 if TYPE_CHECKING:
     from iovirt.bench.port import BenchPort
@@ -197,10 +198,19 @@ def _replay(args: argparse.Namespace) -> int:
         return _fail("replay", f"cannot read {args.file}: {exc.strerror or exc}", EXIT_USAGE)
     if not records:
         return _fail("replay", f"{args.file}: no frames to replay", EXIT_USAGE)
+    short = next((i for i, rec in enumerate(records) if len(rec.data) < ETH_HLEN), None)
+    if short is not None:
+        return _fail("replay", f"{args.file}: frame {short + 1} has {len(records[short].data)} bytes, "
+                               f"less than an Ethernet header ({ETH_HLEN})", EXIT_USAGE)
     speedup = 1.0 if args.timing else args.speedup
     try:
         with ExitStack() as stack:
             ports = _open_ports(stack, args.socket, args.timeout)
+            room = ports[0].tx_buffer_size - ports[0].hdr_size
+            long = next((i for i, rec in enumerate(records) if len(rec.data) > room), None)
+            if long is not None:
+                return _fail("replay", f"{args.file}: frame {long + 1} has {len(records[long].data)} bytes, "
+                                       f"more than a transmit buffer takes ({room})", EXIT_USAGE)
             recorder = _recorder(stack, args.write, ports) if args.write else None
             result = replay(records, ports, rate=args.rate, speedup=speedup, recorder=recorder, wait=args.wait)
     except _OutputError as exc:

@@ -320,3 +320,15 @@ def test_the_cli_parser_does_not_import_scapy():
     code = "import sys, iovirt.cli; iovirt.cli.build_parser(); print('scapy' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.parametrize("size, message", [(10, "frame 2 has 10 bytes, less than an Ethernet header (14)"),
+                                           (70000, "frame 2 has 70000 bytes, more than a transmit buffer takes")])
+def test_replay_of_frames_no_port_can_send_exits_2(tmp_path, capsys, size, message):
+    path = tmp_path / "odd.pcap"
+    data = _pcap_header(snaplen=262144)
+    for frame in (FRAME, bytes(size)):
+        data += struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame
+    path.write_bytes(data)
+    assert main(["bench", "replay", str(path)]) == 2
+    assert message in capsys.readouterr().err
