@@ -61,6 +61,10 @@ class DriverTarget(Protocol):
         """Publish the queue's avail idx and notify the device if it asked for it (2.7.10)."""
         ...
 
+    def notify(self, index: int) -> None:
+        """Notify the device of queue ``index`` (the caller published the avail idx and checked it is wanted)."""
+        ...
+
     def wait(self, index: int, timeout: float) -> bool:
         """Wait at most ``timeout`` s for a used-buffer notification on ``index``."""
         ...
@@ -108,6 +112,11 @@ class InProcessTarget:
         if self.queues[index].publish():
             self.device.kick(index)
 
+    def notify(self, index: int) -> None:
+        """Run the device on the queue."""
+        self._check_alive()
+        self.device.kick(index)
+
     def wait(self, index: int, timeout: float) -> bool:  # noqa: ARG002 - nothing runs meanwhile
         """Nothing can change while the caller waits: report whether the device is still usable."""
         self._check_alive()
@@ -151,6 +160,10 @@ class VhostUserTarget:
     def kick(self, index: int) -> None:
         """Publish, and write the kick eventfd if the back-end wants it."""
         self.driver.kick(index)
+
+    def notify(self, index: int) -> None:
+        """Write the kick eventfd."""
+        self.driver.frontend.kick(index)
 
     def wait(self, index: int, timeout: float) -> bool:
         """Wait for the call eventfd; a closed or chattering socket raises :class:`TargetError`."""
