@@ -17,7 +17,7 @@ from iovirt.control import metrics, snapshot
 from iovirt.control.protocol import BAD_REQUEST, COMMAND_NOT_FOUND, GENERIC_ERROR, ControlError
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
-from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.switch import MAC_BITS, MAC_MASK, LearningSwitch
 
 log = logging.getLogger("iovirt.control")
 
@@ -85,9 +85,11 @@ def _fdb(ctx: ControlContext, args: dict[str, Any]) -> list[dict[str, Any]]:
     with ctx.server.dataplane.lock:
         now = switch.clock()
         entries = [(mac, entry.port, entry.seen) for mac, entry in switch.table.items()]
+    # The table key is (VLAN, MAC) as one integer (switch.fdb_key); VLAN 0 is the untagged, VLAN-unaware domain.
     return [
-        {"mac": mac.to_bytes(6, "big").hex(":"), "port": names.get(id(port), port.name), "age": round(now - seen, 3)}
-        for mac, port, seen in entries
+        {"mac": (key & MAC_MASK).to_bytes(6, "big").hex(":"), "vlan": key >> MAC_BITS,
+         "port": names.get(id(port), port.name), "age": round(now - seen, 3)}
+        for key, port, seen in entries
     ]
 
 
