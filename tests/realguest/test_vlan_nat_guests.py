@@ -148,6 +148,7 @@ iovirt_wait_ping 192.168.81.1 120 || exit 1
 echo "nat-ping: $(ping -c 3 -W 5 192.168.81.1 | grep 'packets transmitted')"
 wget -q -O /tmp/got http://192.168.81.1:{port}/hello.txt || exit 2
 echo "got: $(cat /tmp/got)"
+iovirt_wait_host done
 """
 
 
@@ -158,7 +159,7 @@ def _ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (ip netns)")
 def test_guest_behind_nat_reaches_a_server_in_a_netns(tmp_path):
     ns, tap = f"iovirt-nat-{os.getpid()}", f"ivnat{os.getpid() % 100000}"
-    sock = tmp_path / "n0.sock"
+    sock, control = tmp_path / "n0.sock", tmp_path / "control.sock"
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "hello.txt").write_text("hello from the namespace\n")
     port = free_tcp_port()
@@ -167,7 +168,8 @@ def test_guest_behind_nat_reaches_a_server_in_a_netns(tmp_path):
     try:
         # iovirt runs in the namespace: its TAP uplink appears there, next to the server.
         srv = ServeProcess(["--net", str(sock), "--router", "10.80.0.1/24", "--tap", tap,
-                            "--nat", "192.168.81.2/24,gw=192.168.81.1"], tmp_path / "serve.log", [sock],
+                            "--nat", "192.168.81.2/24,gw=192.168.81.1", "--control", str(control)],
+                           tmp_path / "serve.log", [sock, control],
                            prefix=["ip", "netns", "exec", ns]).start()
         _ns(ns, "ip", "link", "set", "lo", "up")
         _ns(ns, "ip", "addr", "add", "192.168.81.1/24", "dev", tap)
@@ -183,6 +185,9 @@ def test_guest_behind_nat_reaches_a_server_in_a_netns(tmp_path):
                       script=NAT_GUEST.format(port=port))
         with guest:
             guest.start()
+            guest.wait_for(r"^got: .*\n", timeout=BOOT)
+            router = ctl(control, "stats")["router"]
+            guest.release("done", timeout=BOOT)
             result = guest.wait_result(timeout=BOOT)
         detail = f"{result.console}\n--- http ---\n{(tmp_path / 'http.log').read_text()}\n--- serve ---\n{srv.log()}"
     finally:
@@ -195,5 +200,7 @@ def test_guest_behind_nat_reaches_a_server_in_a_netns(tmp_path):
     assert result.status == 0, detail
     assert answered(result.output, "nat-ping") == 3, detail
     assert "got: hello from the namespace" in result.output, detail
+    assert router["nat_out"] > 0 and router["nat_in"] > 0 and router["nat_connections"] >= 2, router
+    assert router.get("dropped_malformed", 0) == 0, router
     # The server saw the NAT's outside address, not the guest's.
     assert "192.168.81.2" in (tmp_path / "http.log").read_text(), detail

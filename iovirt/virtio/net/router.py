@@ -156,6 +156,14 @@ class Router:
                  iface.link.mac.hex(":"))
         return iface
 
+    def counters(self) -> dict[str, int]:
+        """The router's counters, with ``nat_connections`` (tracked connections) in NAT mode."""
+        counters = dict(self.stats)
+        conntrack = getattr(self.uplink, "conntrack", None)
+        if conntrack is not None:
+            counters["nat_connections"] = len(conntrack.outbound)
+        return counters
+
     def close(self) -> None:
         """Take every interface off the switch."""
         for iface in self.interfaces:
