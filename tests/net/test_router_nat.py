@@ -14,7 +14,7 @@ from scapy.packet import Raw
 from iovirt.virtio.net.csum import internet_checksum
 from iovirt.virtio.net.ipv4 import Subnet, csum_adjust
 from iovirt.virtio.net.nat import ICMP_TIMEOUT_S, TCP_ESTABLISHED_S, TCP_TRANSITORY_S, UDP_TIMEOUT_S, Conntrack, Nat
-from iovirt.virtio.net.router import Router, router_mac
+from iovirt.virtio.net.router import ARP_HOLD_S, MAX_NEIGHBOURS, MAX_UNRESOLVED, Router, router_mac
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.net.vlan import PortVlan
 
@@ -335,3 +335,38 @@ def test_ping_to_the_nat_address_is_answered(nat) -> None:
     from_host(n, tap, ICMP(type=8, id=1, seq=1))
     (reply,) = tap.take()
     assert reply[ICMP].type == 0 and reply[IP].src == "192.168.77.2" and checksums_valid(reply)
+
+
+def test_unanswered_arp_drops_the_held_packets(net, clock: Clock) -> None:
+    switch, router, a, b = net
+    send = Ether(src=GUEST_A, dst=router_mac(1).hex(":")) / IP(src="10.0.1.5", dst="10.0.2.9") / UDP()
+    for _ in range(3):
+        switch.forward(a, bytes(send))
+    assert len(b.take()) == 1  # one ARP request while the address is unresolved
+    clock.now += ARP_HOLD_S + 1
+    switch.forward(a, bytes(send))  # the three held packets are given up; this one asks again
+    assert router.stats["dropped_arp_unresolved"] == 3 and len(b.take()) == 1
+
+
+def test_arp_state_is_bounded(net, clock: Clock) -> None:
+    """A guest sending to (or claiming) every address of its subnet cannot grow the router without bound."""
+    switch, router, a, b = net
+    router.add_interface(Subnet.parse("10.8.0.1/16"))
+    link = router.interfaces[2].link
+    for n in range(MAX_UNRESOLVED + 10):
+        dst = f"10.8.{n >> 8}.{(n & 0xFF) + 2 if (n & 0xFF) < 250 else 3}"
+        switch.forward(a, bytes(Ether(src=GUEST_A, dst=router_mac(1).hex(":")) / IP(src="10.0.1.5", dst=dst) / UDP()))
+    assert len(link._pending) <= MAX_UNRESOLVED and router.stats["dropped_arp_unresolved"] >= 1
+    guest = Port("g")
+    switch.attach(guest)
+    for n in range(MAX_NEIGHBOURS + 10):
+        ip = f"10.8.{100 + (n >> 8)}.{(n & 0xFF) or 1}"
+        switch.forward(guest, bytes(Ether(src=GUEST_B, dst=BCAST) / ARP(op=1, hwsrc=GUEST_B, psrc=ip, pdst="10.8.0.1")))
+    assert len(link.neighbours) <= MAX_NEIGHBOURS and router.stats["arp_table_full"] >= 1
+
+
+@pytest.mark.parametrize("dst", ["10.0.2.255", "224.0.0.5", "239.1.2.3", "250.0.0.1"])
+def test_broadcast_and_multicast_are_not_routed(net, dst: str) -> None:
+    switch, router, a, b = net
+    switch.forward(a, bytes(Ether(src=GUEST_A, dst=router_mac(1).hex(":")) / IP(src="10.0.1.5", dst=dst) / UDP()))
+    assert b.take() == [] and router.stats["dropped_no_route"] == 1

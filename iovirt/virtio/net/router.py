@@ -35,8 +35,11 @@ log = logging.getLogger("iovirt.router")
 
 Csum = tuple[int, int] | None
 ARP_TIMEOUT_S = 60.0  # how long a neighbour's MAC is believed without hearing from it
-ARP_RETRY_S = 1.0  # at most one request per second for an unanswered address
 ARP_PENDING = 16  # packets held per address while its MAC is asked for
+ARP_HOLD_S = 3.0  # how long packets wait for an answer (one request per address meanwhile) before they are dropped
+MAX_NEIGHBOURS = 1024  # addresses remembered per interface (a guest may claim any address of a /8)
+MAX_UNRESOLVED = 256  # addresses asked for at once per interface
+MULTICAST_BASE = 0xE0000000  # 224.0.0.0: class D (multicast) and E (reserved) above it
 ICMP_QUOTED = 8  # RFC 792: the offending header and the first 64 bits of its data
 
 
@@ -66,7 +69,7 @@ class Link:
         if not self.subnet.contains(arp.spa):
             return
         if arp.spa in self.neighbours or arp.tpa == self.subnet.ip:
-            self.neighbours[arp.spa] = (arp.sha, self.clock())
+            self._remember(arp.spa, arp.sha)
             for waiting, csum in self._pending.pop(arp.spa, ()):
                 waiting[0:6] = arp.sha
                 self._send(bytes(waiting), csum)
@@ -74,6 +77,22 @@ class Link:
         if arp.oper == ipv4.ARP_REQUEST and arp.tpa == self.subnet.ip:
             self.stats["arp_replies"] += 1
             self._send(Arp(ipv4.ARP_REPLY, self.mac, self.subnet.ip, arp.sha, arp.spa).frame(arp.sha), None)
+
+    def _remember(self, ip: int, mac: bytes) -> None:
+        now = self.clock()
+        if ip not in self.neighbours and len(self.neighbours) >= MAX_NEIGHBOURS:
+            for old in [k for k, (_, heard) in self.neighbours.items() if now - heard > ARP_TIMEOUT_S]:
+                del self.neighbours[old]
+            if len(self.neighbours) >= MAX_NEIGHBOURS:
+                self.stats["arp_table_full"] += 1
+                return
+        self.neighbours[ip] = (mac, now)
+
+    def _expire_pending(self, now: float) -> None:
+        """Drop what waited longer than :data:`ARP_HOLD_S` for an address that never answered."""
+        for ip in [ip for ip, asked in self._asked.items() if now - asked > ARP_HOLD_S]:
+            self.stats["dropped_arp_unresolved"] += len(self._pending.pop(ip, ()))
+            del self._asked[ip]
 
     def output(self, frame: bytearray, next_hop: int, csum: Csum) -> None:
         """Send an IPv4 frame to ``next_hop`` on this link: now if its MAC is known, else after ARP answers."""
@@ -84,11 +103,17 @@ class Link:
             frame[0:6] = known[0]
             self._send(bytes(frame), csum)
             return
-        queue = self._pending.setdefault(next_hop, collections.deque(maxlen=ARP_PENDING))
+        self._expire_pending(now)
+        queue = self._pending.get(next_hop)
+        if queue is None:
+            if len(self._pending) >= MAX_UNRESOLVED:
+                self.stats["dropped_arp_unresolved"] += 1
+                return
+            queue = self._pending[next_hop] = collections.deque(maxlen=ARP_PENDING)
         if len(queue) == ARP_PENDING:
             self.stats["dropped_arp_pending"] += 1
         queue.append((frame, csum))
-        if now - self._asked.get(next_hop, -ARP_RETRY_S) >= ARP_RETRY_S:
+        if next_hop not in self._asked:
             self._asked[next_hop] = now
             request = Arp(ipv4.ARP_REQUEST, self.mac, self.subnet.ip, b"\0" * 6, next_hop)
             self._send(request.frame(ipv4.BROADCAST_MAC), None)
@@ -196,7 +221,14 @@ class Router:
         if self._local(dst):
             self._answer(ingress, frame, hlen)
             return
+        if dst >= MULTICAST_BASE:  # RFC 1812 5.3.5, 4.2.2.11: multicast and class E are not routed here
+            self.drop("no_route", f"multicast or reserved destination {ipv4.ip_text(dst)}")
+            return
         egress = self._egress(dst)
+        if egress is not None and dst | egress.subnet.mask == 0xFFFFFFFF and egress.subnet.prefix < 31:
+            # RFC 2644 / RFC 1812 5.3.5.2: directed broadcasts are not forwarded by default.
+            self.drop("no_route", f"directed broadcast to {ipv4.ip_text(dst)}")
+            return
         if egress is None and self.uplink is None:
             self.drop("no_route", f"no route to {ipv4.ip_text(dst)}")
             return
