@@ -6,6 +6,8 @@
   ctl fdb``) shows each MAC in its VLAN.
 * Routed: two guests on two subnets (VLANs 10 and 20) ping each other through
   ``--router`` gateway ports; the replies arrive with the TTL decremented.
+* Trunk: a guest on a trunk port of VLANs 10 and 20 (Linux 8021q
+  interfaces) pings a guest on each access VLAN.
 * NAT: a guest behind ``--router`` + ``--nat`` pings and fetches a file over
   HTTP from a server in a network namespace on the host side, where iovirt's
   TAP uplink lives; nothing bridges the guest's subnet to the namespace.
@@ -24,6 +26,7 @@ import time
 import pytest
 
 from iovirt.guest import Guest, VhostUserNet, free_tcp_port
+from iovirt.guest.modules import VIRTIO_MODULES
 from iovirt.serve_process import ServeProcess
 
 pytestmark = [
@@ -204,3 +207,41 @@ def test_guest_behind_nat_reaches_a_server_in_a_netns(tmp_path):
     assert router.get("dropped_malformed", 0) == 0, router
     # The server saw the NAT's outside address, not the guest's.
     assert "192.168.81.2" in (tmp_path / "http.log").read_text(), detail
+
+
+TRUNK_T = """
+ip link set eth0 up
+ip link add link eth0 name eth0.10 type vlan id 10 || exit 3
+ip addr add 10.82.10.2/24 dev eth0.10 && ip link set eth0.10 up
+ip link add link eth0 name eth0.20 type vlan id 20 || exit 3
+ip addr add 10.82.20.2/24 dev eth0.20 && ip link set eth0.20 up
+iovirt_wait_ping 10.82.10.1 120 || exit 1
+echo "vlan10: $(ping -c 3 -W 5 10.82.10.1 | grep 'packets transmitted')"
+echo "vlan20: $(ping -c 3 -W 5 10.82.20.1 | grep 'packets transmitted')"
+"""
+
+
+def test_a_guest_on_a_trunk_reaches_both_vlans_tagged(tmp_path):
+    """Linux's 8021q in the trunk guest tags; the access guests see untagged frames of their VLAN only."""
+    socks = [tmp_path / f"n{i}.sock" for i in range(3)]
+    srv = ServeProcess(["--net", f"{socks[0]},trunk=10:20", "--net", f"{socks[1]},vlan=10",
+                        "--net", f"{socks[2]},vlan=20"], tmp_path / "serve.log", socks).start()
+    modules = (*VIRTIO_MODULES, "8021q")
+    t = Guest(tmp_path, [VhostUserNet(socks[0])], name="t", append=APPEND, script=TRUNK_T, modules=modules)
+    a = Guest(tmp_path, [VhostUserNet(socks[1], ip="10.82.10.1/24")], name="a", append=APPEND,
+              script="iovirt_wait_host done")
+    b = Guest(tmp_path, [VhostUserNet(socks[2], ip="10.82.20.1/24")], name="b", append=APPEND,
+              script="iovirt_wait_host done")
+    try:
+        with t, a, b:
+            for guest in (a, b, t):
+                guest.start()
+            result = t.wait_result(timeout=BOOT)
+            for guest in (a, b):
+                guest.release("done", timeout=BOOT)
+                guest.wait_result(timeout=60)
+            detail = details(srv, t, a, b)
+    finally:
+        srv.stop()
+    assert result.status == 0, detail
+    assert answered(result.output, "vlan10") == 3 and answered(result.output, "vlan20") == 3, detail
