@@ -45,8 +45,8 @@ DEFAULT_MAX_ENTRIES = 4096  # the global cap on learned MACs (Linux bridge: unli
 DEFAULT_MAX_PER_PORT = 1024  # the cap on MACs learned on one port
 SWEEP_INTERVAL_S = 1.0  # how often aged entries are dropped without waiting for a lookup
 MAC_BITS = 48
-Csum = tuple[int, int] | None
 MAC_MASK = (1 << MAC_BITS) - 1
+Csum = tuple[int, int] | None
 
 
 def fdb_key(vid: int, mac: int) -> int:
@@ -88,7 +88,9 @@ class LearningSwitch:
 
     ``max_entries`` caps the MAC table, ``max_per_port`` the MACs learned on
     one port; ``learn_refused`` counts the source MACs not learned because a
-    cap was reached, ``aged_out`` the entries dropped by ageing.
+    cap was reached, ``aged_out`` the entries dropped by ageing; with VLAN
+    ports, ``vlan_dropped`` the frames of a VLAN their ingress port does not
+    carry and ``malformed`` the 802.1Q frames that could not be read.
     """
 
     def __init__(
