@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve virtio devices (net, blk, scsi, vsock, rng, input) over vhost-user sockets",
         description=(
             "Serve virtio devices to VMMs over vhost-user UNIX sockets. Every net socket is a port of "
-            "one built-in learning L2 switch (plus the optional TAP uplink). Point QEMU at a socket with "
+            "one built-in learning L2 switch (plus the optional TAP uplink), with 802.1Q access and trunk ports "
+            "(vlan=, trunk=), and routed (--router) and NAT (--nat) modes (docs/network-modes.md). Point QEMU at a socket with "
             "-chardev socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0 "
             "(net) or -device vhost-user-blk-pci,chardev=c0 (blk); guest RAM must be shared "
             "(-object memory-backend-memfd,share=on). Devices also work behind a guest vIOMMU "
