@@ -20,9 +20,9 @@ or trunk port (:meth:`LearningSwitch.set_vlan`).  The table is keyed by
 (VLAN, MAC), learning is per VLAN and a frame floods only to the ports of its
 VLAN.  While no port has a VLAN configuration the switch is VLAN-transparent
 and every frame takes the batch path below (VLAN 0, the key is the MAC); once
-one has, frames are switched one by one in Python by :meth:`_forward_vlan`
-(tags are read, removed and inserted per frame and per egress port; the batch
-grouping by destination does not apply).
+one has, frames are classified one by one in Python (:meth:`_vlan_egress`:
+tags are read, removed and inserted per frame and per egress port) and each
+egress port then takes its frames of the batch in one call.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from iovirt.virtio.net import vlan
+from iovirt.virtio.net import datapath, vlan
 from iovirt.virtio.net.defs import ETH_HLEN
 from iovirt.virtio.net.vlan import UNTAGGED, PortVlan
 
@@ -249,7 +249,7 @@ class LearningSwitch:
         if not len(frames):
             return 0
         if self._vlans:
-            return sum(self._forward_vlan(ingress, frames.frame(i), frames.csum(i)) for i in range(len(frames)))
+            return self._forward_vlan_batch(ingress, frames)
         dsts, srcs = frames.macs()
         now = self.clock()
         if now >= self._next_sweep:
@@ -322,32 +322,46 @@ class LearningSwitch:
         config = self._vlans.get(id(port))
         return config is None or config.carries(vid)
 
-    def _forward_vlan(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> int:
-        """Switch one frame when some port has a VLAN configuration: learn and flood within its VLAN."""
+    def _vlan_egress(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> list[tuple[SwitchPort, bytes, Csum]]:
+        """Learn from one frame and say what each port of its VLAN gets: ``(port, frame as it leaves, csum)``."""
         if len(frame) < ETH_HLEN:
-            return 0
+            return []
         classified = self._classify(ingress, frame, csum)
         if classified is None:
-            return 0
+            return []
         vid, pcp, frame, csum = classified
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
         self._learn(ingress, fdb_key(vid, int.from_bytes(frame[6:12], "big")), now)
-        egress = self._egress(ingress, fdb_key(vid, int.from_bytes(frame[0:6], "big")), now)
-        delivered = 0
+        out: list[tuple[SwitchPort, bytes, Csum]] = []
         tagged: tuple[bytes, Csum] | None = None
-        for port in egress:
+        for port in self._egress(ingress, fdb_key(vid, int.from_bytes(frame[0:6], "big")), now):
             if not self._carries(port, vid):
                 continue
             config = self._vlans.get(id(port))
             if vid == UNTAGGED or (config is not None and config.access is not None):
-                delivered += int(port.deliver(frame, csum))
+                out.append((port, frame, csum))
                 continue
             if tagged is None:  # built once, for every trunk and VLAN-unaware port
                 tagged = vlan.tagged(frame, vid, pcp), vlan.shift_csum(csum, vlan.TAG_LEN)
-            delivered += int(port.deliver(*tagged))
-        return delivered
+            out.append((port, *tagged))
+        return out
+
+    def _forward_vlan(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> int:
+        """Switch one frame when some port has a VLAN configuration: learn and flood within its VLAN."""
+        return sum(int(port.deliver(out, out_csum)) for port, out, out_csum in self._vlan_egress(ingress, frame, csum))
+
+    def _forward_vlan_batch(self, ingress: SwitchPort, frames: Any) -> int:
+        """A batch, frame by frame through :meth:`_vlan_egress`; each egress port then takes its frames in one call."""
+        batches: dict[int, tuple[SwitchPort, Any]] = {}
+        for i in range(len(frames)):
+            for port, out, out_csum in self._vlan_egress(ingress, frames.frame(i), frames.csum(i)):
+                batch = batches.get(id(port))
+                if batch is None:
+                    batch = batches[id(port)] = (port, datapath.Frames())
+                batch[1].append(out, out_csum)
+        return sum(self._deliver(port, batch, list(range(len(batch)))) for port, batch in batches.values())
 
 
 def _in_vlan(key: int) -> str:
