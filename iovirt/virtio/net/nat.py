@@ -12,8 +12,10 @@ Connection tracking (:class:`Conntrack`) keeps one entry per
 (protocol, inside address, inside port, remote address, remote port):
 
 - the outside port keeps the inside one when that is free for the remote
-  (RFC 4787 REQ-1's "port preservation" where possible), else the next free
-  one of ``ports``;
+  ("port preservation", RFC 4787 4.2.1), else the next free one of
+  ``ports``.  The mapping is per remote (address-and-port-dependent, as
+  Linux's conntrack NAT), not the endpoint-independent mapping of RFC 4787
+  REQ-1: a peer-to-peer hole-punching guest may need a bridge instead;
 - a reply is accepted only from the remote the entry was made for, and
   translated back (address-and-port-dependent filtering);
 - entries expire when idle: UDP after 300 s (RFC 4787 REQ-5: at least 120 s,

@@ -221,7 +221,7 @@ class Router:
         if self._local(dst):
             self._answer(ingress, frame, hlen)
             return
-        if dst >= MULTICAST_BASE:  # RFC 1812 5.3.5, 4.2.2.11: multicast and class E are not routed here
+        if dst >= MULTICAST_BASE:  # no multicast routing here; class E is reserved (RFC 1812 4.2.2.11)
             self.drop("no_route", f"multicast or reserved destination {ipv4.ip_text(dst)}")
             return
         egress = self._egress(dst)
