@@ -118,5 +118,7 @@ def switch_counters(switch: LearningSwitch) -> dict[str, int]:
         "filtered": switch.filtered,
         "learn_refused": switch.learn_refused,
         "aged_out": switch.aged_out,
+        "vlan_dropped": switch.vlan_dropped,
+        "malformed": switch.malformed,
         "entries": len(switch.table),
     }
