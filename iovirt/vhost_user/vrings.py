@@ -207,6 +207,13 @@ class Vrings:
             take_eventfd(fd)
         close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
+        if name == "call_fd" and fd is not None and vring.started:
+            # A running ring's used-buffer notification may have gone to the eventfd
+            # replaced here, which nobody may read (QEMU starts rings on its masked
+            # notifier and sends the guest's with SET_VRING_CALL afterwards, without
+            # waiting): with EVENT_IDX nothing later repeats it (2.7.10, 2.8.10), and the
+            # driver would wait for it forever.  A spurious notification is harmless.
+            self._signal(vring, fd, "call")
 
     def enable(self, index: int, enabled: bool) -> None:
         """SET_VRING_ENABLE."""
