@@ -34,7 +34,10 @@ these eventfds' file descriptions with the front-end, which may have made
 them blocking, fill their counters or drain them itself: they are set
 non-blocking when taken over, and a call or err eventfd whose counter is
 full ("the front-end is not reading it") costs a counted, dropped
-notification, never a blocked data plane (issue 12, failure 4).
+notification, never a blocked data plane (issue 12, failure 4).  A started
+ring's new call eventfd is signalled once (see :meth:`Vrings.set_eventfd`):
+QEMU starts rings on an eventfd it does not read and sends the guest's
+afterwards, and a notification lost in between would never be repeated.
 """
 
 from __future__ import annotations
