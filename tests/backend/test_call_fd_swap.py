@@ -1,16 +1,20 @@
 """A used-buffer notification sent to a call eventfd the front-end then replaces is not lost.
 
-QEMU starts a vhost-user-scsi (and -blk) device with each ring's call
-eventfd set to its *masked notifier*, which nothing reads without MSI-X,
-and sends the real (guest notifier) eventfds with SET_VRING_CALL only after
-every ring started (``vhost_scsi_common_start``: "just unmask everything
-here"), without waiting for a reply.  The back-end's data plane runs
+QEMU starts a vhost-user-scsi (and -blk) device's rings with the call
+eventfd they had before, one nothing reads (the masked notifier, or the
+guest notifier of the previous start, which QEMU tore down at the reset
+between firmware and kernel), and sends the guest notifiers with
+SET_VRING_CALL only after every ring started (``vhost_scsi_common_start``:
+"just unmask everything here"), without waiting for a reply.  The back-end's data plane runs
 besides its control thread: a guest request served before the control
 thread applied that SET_VRING_CALL is notified on the masked notifier and
 lost.  With VIRTIO_F_EVENT_IDX (split 2.7.10, packed 2.8.10) the device
 then notifies only when a *later* used entry crosses the driver's event
 position, which never moves while the driver waits: the guest's first
-command completes in the ring and the guest never hears of it.
+command completes in the ring and the guest never hears of it.  Seen once
+with a real packed=on scsi guest on a loaded machine (the request ring
+stopped at avail and used index 1, the control ring at 0); delaying the
+back-end's SET_VRING_CALL by 0.3 s reproduces it every time.
 
 The back-end signals a started ring's new call eventfd once
 (libvhost-user's ``vu_set_vring_call_exec`` does the same, "in case of I/O
