@@ -34,7 +34,10 @@ these eventfds' file descriptions with the front-end, which may have made
 them blocking, fill their counters or drain them itself: they are set
 non-blocking when taken over, and a call or err eventfd whose counter is
 full ("the front-end is not reading it") costs a counted, dropped
-notification, never a blocked data plane (issue 12, failure 4).
+notification, never a blocked data plane (issue 12, failure 4).  A started
+ring's new call eventfd is signalled once (see :meth:`Vrings.set_eventfd`):
+QEMU starts rings on an eventfd it does not read and sends the guest's
+afterwards, and a notification lost in between would never be repeated.
 """
 
 from __future__ import annotations
@@ -207,6 +210,13 @@ class Vrings:
             take_eventfd(fd)
         close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
+        if name == "call_fd" and fd is not None and vring.started:
+            # A running ring's used-buffer notification may have gone to the eventfd
+            # replaced here, which nobody may read (QEMU starts rings on its masked
+            # notifier and sends the guest's with SET_VRING_CALL afterwards, without
+            # waiting): with EVENT_IDX nothing later repeats it (2.7.10, 2.8.10), and the
+            # driver would wait for it forever.  A spurious notification is harmless.
+            self._signal(vring, fd, "call")
 
     def enable(self, index: int, enabled: bool) -> None:
         """SET_VRING_ENABLE."""
