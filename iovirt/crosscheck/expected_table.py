@@ -316,3 +316,61 @@ EXPECTED += (
         "QEMU's VF copies the PF's Interrupt Pin (01h, INTA)",
     ),
 )
+
+# VT-d DMA (area ``vtd-dma``): space ``fault`` is the fault log after a DMA request as one 20-byte
+# little-endian integer: FSTS (bytes 0-3, PFO left out), FRCD low (4-11), FRCD high (12-19).
+IOTLB_PERMISSION_HIT = "iotlb-permission-hit"
+"""The request the fault log differs on was refused on permission by an IOTLB entry the same requester filled
+earlier with an access of the other direction."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFFFFF << (96 + 40),
+        "have a DMA request without PASID fault, read FRCD's PASID Value (bits 59:40 of the upper half)",
+        "VT-d 3.x §11.4.14 (FRCD): PV holds the PASID of the faulted request and is valid only when PP (bit 31) "
+        "is set; a request without PASID records PP clear",
+        "not a departure, a value the spec leaves open: QEMU records its no-PASID marker 0xFFFF in PV with PP "
+        "clear, iovirt records 0",
+    ),
+)
+PERMISSION_BEFORE_RESERVED = "permission-before-reserved"
+"""iovirt's walk of the request met reserved bits (Ch) in a present entry at or below an entry on the same path that
+does not grant the request's access."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF << 128,
+        "walk a path whose entry at some level lacks the request's R or W while an entry at that level or below has "
+        "reserved bits set; read the fault reason",
+        "VT-d 3.x §3.7.1 and §7.1.3: the effective permissions are the AND of R/W over every level, reserved bits "
+        "of every present entry (R or W set) are a fault (Ch); for a request meeting both conditions the spec gives "
+        "no order, either reason describes it",
+        "an implementation choice: QEMU checks the requested right at each level before that level's reserved bits "
+        "and stops at the first level lacking it (5h/6h); iovirt walks every present level, checking reserved bits, "
+        "and applies the combined permissions at the leaf (Ch)",
+        condition=PERMISSION_BEFORE_RESERVED,
+    ),
+)
+NO_ROOT_TABLE = "no-root-table"
+"""Translation is enabled (GSTS.TES) and no root table pointer has been set (no GCMD.SRTP since reset)."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF << 128,
+        "enable translation (GCMD.TE) without ever setting the root table pointer (GCMD.SRTP), do DMA, read the "
+        "fault reason",
+        "VT-d 3.x §11.4.4 (GCMD.TE, SRTP): software sets the root table pointer before it enables translation; "
+        "the spec gives no outcome for a request translated with no root table pointer set",
+        "undefined by the spec: QEMU walks a root table at RTADDR's reset value 0 (RAM, zero there: root entry "
+        "not present, 1h), iovirt reports the root table as inaccessible (8h)",
+        condition=NO_ROOT_TABLE,
+    ),
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF02 | ((1 << 128) - 1) << 32,
+        "read (or write) a page through an IOTLB entry the same device filled by a write (or read), the page "
+        "granting only that other access; read the fault log",
+        "VT-d 3.x §7.1.3 (conditions LGN.x: a request the effective permissions do not allow is blocked with "
+        "fault reason 5h/6h) and §6.2.2 (the IOTLB caches the effective permissions): the request is blocked and "
+        "the fault recorded whether the permissions came from a walk or from the IOTLB",
+        "QEMU records a permission fault only when the page walk finds it; on an IOTLB hit its translate callback "
+        "returns the cached permissions and the memory core drops the access as unassigned, with no fault record",
+        condition=IOTLB_PERMISSION_HIT,
+    ),
+)
