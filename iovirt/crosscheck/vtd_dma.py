@@ -61,6 +61,7 @@ from iovirt.crosscheck.expected_table import (
     IOTLB_PERMISSION_HIT,
     NO_ROOT_TABLE,
     PERMISSION_BEFORE_RESERVED,
+    UNBACKED_TABLE,
 )
 from iovirt.crosscheck.ops import Op
 from iovirt.crosscheck.qmp import QmpClient
@@ -101,12 +102,23 @@ from iovirt.virtio.transport.defs import (
 )
 from iovirt.virtio.transport.pci import COMMON_OFFSET, NOTIFY_OFFSET, VIRTIO_BAR
 from iovirt.vtd import regs as R
-from iovirt.vtd.faults import FR_PAGING_ENTRY_RSVD, FR_READ, FR_WRITE, DmarFault
+from iovirt.vtd.faults import (
+    FR_CONTEXT_INVALID,
+    FR_CONTEXT_TABLE_INVALID,
+    FR_PAGING_ENTRY_INVALID,
+    FR_PAGING_ENTRY_RSVD,
+    FR_READ,
+    FR_ROOT_TABLE_INVALID,
+    FR_WRITE,
+    DmarFault,
+)
 from iovirt.vtd.regs import PAGE_SIZE
 from iovirt.vtd.tables import PTE_PERM, PTE_PS
 from iovirt.vtd.unit import VtdUnit
 
 PAGE_OFFSET = PAGE_SIZE - 1
+UNBACKED_REASONS = (FR_ROOT_TABLE_INVALID, FR_CONTEXT_TABLE_INVALID, FR_PAGING_ENTRY_INVALID)
+"""Fault reasons iovirt gives only when a table read finds no memory (3h too, when SLPTPTR points nowhere)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,8 @@ VIRTIO_F_ACCESS_PLATFORM = 1 << 1  # bit 33: the device's DMA goes through the p
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 QUEUE_SIZE = 8  # QEMU's virtio-rng queue size; only descriptors 0 and 1 are used
+FRCD_HI_PP = 1 << 31  # PASID Present (spec 11.4.14)
+FRCD_HI_PV = 0xFFFFF << 40  # PASID Value, bits 59:40
 FSTS_RECORDED = ~R.FSTS_PFO & 0xFFFF_FFFF
 """FSTS bits compared: all but PFO (see the module docstring)."""
 _STATUS_SEQUENCE = (
@@ -395,6 +409,18 @@ class VtdDmaArea(Area):
         return (runs(written), *fault_log(unit.mmio_read(R.FSTS, 4), unit.mmio_read(R.FRCD, 8),
                                           unit.mmio_read(R.FRCD + 8, 8)))
 
+    def _slptptr_unbacked(self, source_id: int) -> bool:
+        """Whether ``source_id``'s context entry points at a top table no memory backs."""
+        unit, memory = self.unit, self.memory
+        assert unit is not None and memory is not None and unit.dma.root_table is not None
+        try:
+            root = memory.read_u64(unit.dma.root_table + 16 * (source_id >> 8))
+            lo = memory.read_u64((root & R.ADDR_MASK) + 16 * (source_id & 0xFF))
+            memory.read_u64(lo & R.ADDR_MASK)
+        except GuestMemoryError:
+            return True
+        return False
+
     def _note_fill(self, source_id: int, addr: int) -> None:
         unit = self.unit
         assert unit is not None
@@ -445,6 +471,8 @@ class VtdDmaArea(Area):
         """The conditions of the first fault iovirt found for ``request`` (its context is cached by now)."""
         unit = self.unit
         assert unit is not None
+        if reason in UNBACKED_REASONS or reason == FR_CONTEXT_INVALID and self._slptptr_unbacked(source_id):
+            return frozenset({UNBACKED_TABLE})
         ctx = unit.dma.context_cache.entries.get(source_id)
         if ctx is None:
             return frozenset()
@@ -493,9 +521,13 @@ def fault_log(fsts: int, lo: int, hi: int) -> tuple[int, int, int]:
 
     VT-d 3.x §11.4.14: FRCD's fields are valid only while F is set; after software clears F they keep
     whatever the last fault left (QEMU and iovirt differ there whenever an earlier difference was expected).
+    Likewise PV (PASID Value) is valid only with PP set: for a request without PASID QEMU leaves its
+    no-PASID marker 0xFFFF there, iovirt 0.
     """
     if not hi & R.FRCD_HI_F:
         lo = hi = 0
+    if not hi & FRCD_HI_PP:
+        hi &= ~FRCD_HI_PV
     return fsts & FSTS_RECORDED, lo, hi
 
 
