@@ -24,18 +24,19 @@ queue at the ring IOVAs, one descriptor chain is placed and the queue
 notified; then the window is read (``b64read``), and FSTS and the fault
 recording register.  The device reads the avail ring and the descriptors and
 writes the used ring through the IOMMU too, so iovirt translates the same
-requests in the same order (:data:`RING_READS`, the probe page by page, the
-sink, :data:`RING_WRITES`) and stops at the first fault, as the device's
+requests in the same order (:func:`requests`: avail.idx, avail.ring[0], the
+descriptors, the probe page by page, the sink, the used element, used.idx) and stops at the first fault, as the device's
 request does.  The observation is ``(runs, FSTS, FRCD low, FRCD high)``:
 ``runs`` the ``(GPA, length)`` stretches of the window the request wrote
 (qword granularity; the device writes random bytes, all-zero qwords are
 2^-64 events), the rest the fault log after it.
 
 What counts: every operation is one compared observation, like the other
-areas (table and register writes observe ``None`` on both sides); each
-``dma`` op compares at least 5 translations (two avail reads, the
-descriptor, the probe's pages, the used ring), and the JSON gives
-``dma_requests`` apart.
+areas (table and register writes observe ``None`` on both sides).  A
+``dma`` op is one DMA request of the probe with the ring accesses around
+it, up to 8 translations in all (:func:`requests`), every one of which must
+agree for the observation to; the JSON counts the ``dma`` ops apart
+(``compared_by_kind``).
 
 Not compared: FSTS.PFO.  When a translation fails, QEMU's device still maps
 the request through a bounce buffer and repeats the failed access when it
@@ -144,7 +145,6 @@ VIRTIO_F_VERSION_1 = 1 << 0  # feature word 1: bit 32
 VIRTIO_F_ACCESS_PLATFORM = 1 << 1  # bit 33: the device's DMA goes through the platform's IOMMU
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
-QUEUE_SIZE = 8  # QEMU's virtio-rng queue size; only descriptors 0 and 1 are used
 FRCD_HI_PP = 1 << 31  # PASID Present (spec 11.4.14)
 FRCD_HI_PV = 0xFFFFF << 40  # PASID Value, bits 59:40
 FSTS_RECORDED = ~R.FSTS_PFO & 0xFFFF_FFFF
@@ -242,7 +242,6 @@ class VtdDmaArea(Area):
         self.unit: VtdUnit | None = None
         self.memory: GuestMemory | None = None
         self._dir = ""
-        self.dma_requests = 0
         self.filled: set[tuple[int, int]] = set()
         """``(source id, leaf start)`` of every translation that succeeded since the reset: QEMU's IOTLB is
         tagged by source id, iovirt's by domain, so only these are hits on both sides."""
@@ -393,7 +392,6 @@ class VtdDmaArea(Area):
             else:
                 unit.mmio_write(op.offset, op.size, op.value)
             return None
-        self.dma_requests += 1
         k, device = _BY_NAME[op.space]
         unit.mmio_write(R.FSTS, 4, R.FSTS_W1C)
         unit.mmio_write(R.FRCD + 12, 4, R.FRCD_HI_F >> 32)

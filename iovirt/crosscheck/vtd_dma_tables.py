@@ -46,7 +46,6 @@ from iovirt.vtd.tables import (
     TT_DEVICE_TLB,
     TT_MULTI_LEVEL,
     TT_PASS_THROUGH,
-    aw_levels,
     levels_width,
 )
 
@@ -295,7 +294,3 @@ def _within_2m(p: Probe) -> Probe:
         return Probe(p.iova - p.length, p.length, p.write)
     return p
 
-
-def levels_for(aw: int) -> int:
-    """Table depth for a valid AW encoding."""
-    return aw_levels(aw)
