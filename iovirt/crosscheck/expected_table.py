@@ -307,6 +307,41 @@ EXPECTED += (
         condition=SRIOV_PAGE_ABOVE_BAR,
     ),
 )
+SRIOV_VF_COMMAND_MSE = "sriov-vf-command-mse"
+"""Software wrote Memory Space Enable to this VF's Command register since QEMU registered the VF."""
+SRIOV_VF_DECODE_DIFFERS = "sriov-vf-decode-differs"
+"""A VF BAR read where iovirt's VF MSE rule and QEMU's per-VF Command rule disagree on whether a VF decodes (or
+the two sides' VFs or VF BAR layout have diverged already)."""
+SRIOV_UNCLAIMED_READ = "sriov-unclaimed-read"
+"""A VF BAR window read no function decodes, on either side."""
+EXPECTED += (
+    ExpectedDifference(
+        "sriov", "vf", 0x04, 2, 0x0002,
+        "write Memory Space Enable to a VF's Command register, read it",
+        "PCIe 4.0 §9.3.4.1.3: a VF's Command register Memory Space Enable is RO 0; the VFs' memory space is "
+        "enabled by VF MSE in the PF's SR-IOV Control",
+        "QEMU 7.2 keeps a VF's Command register writable like a PF's",
+        condition=SRIOV_VF_COMMAND_MSE,
+    ),
+    ExpectedDifference(
+        "sriov", "vfbar", 0, 0x10000, (1 << (8 * 0x10000)) - 1,
+        "set or clear VF MSE (or a VF's own Command.MSE), read a VF's BAR0 (its MSI-X Vector Control or PBA)",
+        "PCIe 4.0 §9.3.3.3.4: VF MSE in the PF's SR-IOV Control enables the memory space of every VF: with VF "
+        "Enable and VF MSE set VF n decodes VF BAR0 + n * size, with VF MSE clear no VF decodes (§9.3.4.1.3: "
+        "a VF's own Command.MSE is RO 0)",
+        "QEMU 7.2 ignores VF MSE: a VF decodes its BAR once software sets Memory Space Enable in that VF's "
+        "Command register, at the VF BAR address of that moment, VF MSE set or not",
+        condition=SRIOV_VF_DECODE_DIFFERS,
+    ),
+    ExpectedDifference(
+        "sriov", "vfbar", 0, 4, 0xFFFFFFFF,
+        "read a VF BAR address no function decodes",
+        "PCIe 4.0 §2.3.2 and PCI 3.0 §3.6 (master abort): a read no function claims completes as Unsupported "
+        "Request and the Root Complex returns all-ones to the CPU",
+        "QEMU's unassigned PCI memory reads return 0",
+        condition=SRIOV_UNCLAIMED_READ,
+    ),
+)
 EXPECTED += (
     ExpectedDifference(
         "sriov", "vf", 0x3D, 1, 0xFF,
