@@ -232,7 +232,7 @@ class DmaRemapper:
         # AW must be a width SAGAW reports whatever the translation type (spec 9.3: with pass-through it
         # must name the largest one; fault reason 3h covers an AW the unit does not support).
         if ce.aw not in (AW_39, AW_48):
-            raise fault(FR_CONTEXT_INVALID)
+            raise fault(FR_CONTEXT_INVALID, ce.fpd)
         entry = (ce.did, ce.tt, aw_levels(ce.aw), ce.slptptr, ce.fpd)
         self.context_cache.entries[source_id] = entry
         return entry
