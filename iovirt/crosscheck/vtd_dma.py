@@ -4,7 +4,7 @@ QEMU: q35 with ``intel-iommu`` (48-bit MGAW, device-IOTLB support, as iovirt's
 unit: CAP.SAGAW 39/48, ECAP.DT) and two ``virtio-rng-pci`` devices with
 ``iommu_platform=on`` at 00:03.0 and 00:04.0 (:data:`DEVICES`).  virtio-rng
 only serves a running VM, so the VM runs, on a firmware image that is one
-page of ``hlt`` (:func:`halt_firmware`): no guest code touches the devices.
+page of ``hlt`` (:func:`~iovirt.crosscheck.qtest.halt_firmware`): no guest code touches the devices.
 iovirt: a :class:`~iovirt.vtd.unit.VtdUnit` over the same 64 MiB of memory,
 with QEMU's number of fault recording registers.
 
@@ -66,7 +66,7 @@ from iovirt.crosscheck.expected_table import (
 )
 from iovirt.crosscheck.ops import Op
 from iovirt.crosscheck.qmp import QmpClient
-from iovirt.crosscheck.qtest import QtestClient
+from iovirt.crosscheck.qtest import QtestClient, halt_firmware
 from iovirt.crosscheck.topology import config_commands
 from iovirt.crosscheck.vtd_dma_tables import (
     GUEST_RAM,
@@ -156,14 +156,6 @@ _STATUS_SEQUENCE = (
 _RUNNING = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
             | VIRTIO_CONFIG_S_DRIVER_OK)
 _POLLS = 4
-
-
-def halt_firmware(directory: str) -> str:
-    """A 64 KiB firmware image of ``hlt`` instructions (x86 0xF4): the vCPU halts at its reset vector."""
-    path = os.path.join(directory, "halt.bin")
-    with open(path, "wb") as f:
-        f.write(b"\xf4" * 0x10000)
-    return path
 
 
 def qemu_args(firmware: str, qmp_path: str) -> list[str]:
