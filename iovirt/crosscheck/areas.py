@@ -1,4 +1,4 @@
-"""The areas ``iovirt crosscheck`` knows, by name (the MSI-X, SR-IOV and VT-d areas plug in here)."""
+"""The areas ``iovirt crosscheck`` knows, by name."""
 
 from __future__ import annotations
 
