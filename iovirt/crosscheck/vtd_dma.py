@@ -52,6 +52,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -155,7 +156,7 @@ _STATUS_SEQUENCE = (
 )
 _RUNNING = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
             | VIRTIO_CONFIG_S_DRIVER_OK)
-_POLLS = 4
+_DEVICE_TIMEOUT = 2.0
 
 
 def qemu_args(firmware: str, qmp_path: str) -> list[str]:
@@ -163,7 +164,7 @@ def qemu_args(firmware: str, qmp_path: str) -> list[str]:
     args = ["-machine", "q35,kernel-irqchip=split", "-m", f"{GUEST_RAM >> 20}M", "-bios", firmware,
             "-qmp", f"unix:{qmp_path},server=on,wait=off", *IOMMU_ARGS]
     for d in DEVICES:
-        args += ["-device", f"virtio-rng-pci,addr={d.slot:#x}.0,disable-legacy=on,iommu_platform=on,"
+        args += ["-device", f"virtio-rng-pci,id={d.name},addr={d.slot:#x}.0,disable-legacy=on,iommu_platform=on,"
                             "ioeventfd=off,vectors=0"]
     return args
 
@@ -335,6 +336,33 @@ class VtdDmaArea(Area):
                 f"b64read {WINDOW:#x} {WINDOW_SIZE:#x}", r(VTD_BASE + R.FSTS, 4), r(VTD_BASE + R.FRCD, 8),
                 r(VTD_BASE + R.FRCD + 8, 8)]
 
+    def _observe(self, k: int, device: Device) -> list[str]:
+        """The observation replies once QEMU's device is done with the chain (or will never take it).
+
+        virtio-rng takes the chain in a bottom half after the notify returns, all of it in one go.  Done: the
+        chain is used, or the device gave up (NEEDS_RESET), or a fault is logged (either the bottom half ran,
+        or the notify's own reads of the avail ring or the descriptors failed and no entropy was asked for),
+        or QEMU's queue state says no chain is pending (``x-query-virtio-queue-status``: the avail index read
+        during the notify failed, so the shadow avail index equals the last one taken).  One case is none
+        of these: the descriptor read failed with the fault suppressed by FPD (only ever in a shrunk
+        sequence without the descriptor page mapped); it ends at :data:`_DEVICE_TIMEOUT`.
+        """
+        qemu, qmp = self.qemu, self.qmp
+        assert qemu is not None and qmp is not None
+        deadline = time.monotonic() + _DEVICE_TIMEOUT
+        while True:
+            replies = qemu.batch(self._observe_commands(k, device))
+            if int(replies[0], 16) or int(replies[1], 16) & VIRTIO_CONFIG_S_NEEDS_RESET or int(replies[5], 16) >> 63:
+                return replies
+            queue = qmp.execute("x-query-virtio-queue-status", path=f"/machine/peripheral/{device.name}/virtio-backend",
+                                queue=0)
+            assert isinstance(queue, dict)
+            if queue["shadow-avail-idx"] == queue["last-avail-idx"] and not queue["inuse"]:
+                return qemu.batch(self._observe_commands(k, device))
+            if time.monotonic() > deadline:
+                return replies
+            time.sleep(0.0005)
+
     def run_qemu(self, ops: Sequence[Op]) -> list[Observation]:
         qemu, qmp = self.qemu, self.qmp
         assert qemu is not None and qmp is not None
@@ -353,12 +381,7 @@ class VtdDmaArea(Area):
             k, device = _BY_NAME[op.space]
             qemu.batch(pending + self._dma_commands(k, device, op))
             pending = []
-            for _ in range(_POLLS):
-                used_idx, status, window, fsts, lo, hi = qemu.batch(self._observe_commands(k, device))
-                # Done when the device used the chain or gave up on it; a request a fault hid from it
-                # (the avail ring unreadable) never completes: the polls run out.
-                if int(used_idx, 16) or int(status, 16) & VIRTIO_CONFIG_S_NEEDS_RESET:
-                    break
+            used_idx, status, window, fsts, lo, hi = self._observe(k, device)
             data = base64.b64decode(window)
             observations.append((window_runs(data), *fault_log(int(fsts, 16), int(lo, 16), int(hi, 16))))
         if pending:
