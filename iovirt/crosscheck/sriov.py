@@ -287,7 +287,10 @@ class SriovArea(Area):
         base, stride = sriov.vf_bar_base(0), sriov.vf_bar_size(0)
         spec_decodes = (bool(sriov.control & PCI_SRIOV_CTRL_VFE) and bool(sriov.control & PCI_SRIOV_CTRL_MSE)
                         and base <= address < base + stride * len(sriov.enabled_vfs))
-        if (iovirt != 0xFFFF_FFFF) != spec_decodes:  # Vector Control and PBA never read all-ones
+        # With a System Page Size above 16 KiB a VF's BAR is larger than its registers: the address may
+        # decode and reach no register (all-ones).  Vector Control and the PBA never read all-ones.
+        register = spec_decodes and (address - base) % stride in VF_BAR_READS
+        if (iovirt != 0xFFFF_FFFF) != register:
             return None  # iovirt breaks the spec's rule: never explained
         if conditions & {SRIOV_NUMVFS_DIVERGED, SRIOV_PAGE_DIVERGED, SRIOV_PAGE_ABOVE_BAR}:
             # The VFs or their BAR layout differ already (entries above): which VF a VF BAR address reaches
