@@ -95,6 +95,7 @@ VF_BAR_READS = (0x2000 + PCI_MSIX_ENTRY_VECTOR_CTRL, 0x3000)
 """Offsets in a VF's BAR0 read: vector 0's Vector Control (reset: masked, 1) and the PBA (0), where QEMU's nvme VF
 puts its MSI-X table and PBA (checked at start against the VFs' MSI-X capability)."""
 _BRIDGE_WINDOW = (VF_BAR_WINDOW >> 16 & 0xFFF0) * 0x10001
+_BRIDGE_WINDOW_SIZE = 1 << 20  # Memory Base = Memory Limit: one 1 MiB granule
 TABLE_LAYOUT = (0x553, [VfBarInfo(0, 0x4000, True, False)])
 """Supported Page Sizes and VF BARs the SR-IOV entries of the expected-differences table are written for."""
 _VF_REGIONS = ((0, 0x40), (0x40, 0x100), (0x100, 0x200), (0, PCI_CFG_SPACE_EXP_SIZE))
@@ -285,12 +286,15 @@ class SriovArea(Area):
         size = TABLE_LAYOUT[1][0].size
         address = VF_BAR_WINDOW + op.offset
         base, stride = sriov.vf_bar_base(0), sriov.vf_bar_size(0)
+        vf = (address - base) // stride if address >= base else -1
+        # iovirt's bridge forwards a BAR only when all of it lies in its window (iovirt.pci.address_map).
         spec_decodes = (bool(sriov.control & PCI_SRIOV_CTRL_VFE) and bool(sriov.control & PCI_SRIOV_CTRL_MSE)
-                        and base <= address < base + stride * len(sriov.enabled_vfs))
-        # With a System Page Size above 16 KiB a VF's BAR is larger than its registers: the address may
-        # decode and reach no register (all-ones).  Vector Control and the PBA never read all-ones.
-        register = spec_decodes and (address - base) % stride in VF_BAR_READS
-        if (iovirt != 0xFFFF_FFFF) != register:
+                        and 0 <= vf < len(sriov.enabled_vfs)
+                        and base + (vf + 1) * stride <= VF_BAR_WINDOW + _BRIDGE_WINDOW_SIZE)
+        # Vector Control and the PBA never read all-ones; with a System Page Size above 16 KiB a VF's BAR is
+        # larger than its registers, and what the rest of it reads is the device's.
+        on_register = (address - base) % stride in VF_BAR_READS
+        if spec_decodes and on_register and iovirt == 0xFFFF_FFFF or not spec_decodes and iovirt != 0xFFFF_FFFF:
             return None  # iovirt breaks the spec's rule: never explained
         if conditions & {SRIOV_NUMVFS_DIVERGED, SRIOV_PAGE_DIVERGED, SRIOV_PAGE_ABOVE_BAR}:
             # The VFs or their BAR layout differ already (entries above): which VF a VF BAR address reaches
