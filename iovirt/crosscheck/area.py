@@ -119,7 +119,8 @@ class AreaResult:
             "seconds": round(self.seconds, 3),
             "compared_by_kind": dict(sorted(self.by_kind.items())),
             "expected_by_register": {
-                f"{e.space}@{e.offset:#x}/{e.size}:{e.bits:#x}": n for e, n in self.expected.items()
+                f"{e.space}@{e.offset:#x}/{e.size}:{e.bits:#x}" + (f" [{e.condition}]" if e.condition else ""): n
+                for e, n in self.expected.items()
             },
             "minimal_sequences": [m.replay_text() for m in self.mismatches],
         }
