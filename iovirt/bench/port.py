@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 from scapy.packet import Packet
 
 from iovirt.bench import rawpath
-from iovirt.bench.errors import BenchError, BenchTimeout, UsedRingError
+from iovirt.bench.errors import BenchError, BenchTimeout, TargetError, UsedRingError
 from iovirt.bench.latency import LatencyMeter
 from iovirt.bench.layers import VirtioNetHdr, VirtioNetHdrHashReport, VirtioNetHdrLegacy, hdr_class
 from iovirt.bench.target import DEFAULT_TIMEOUT, DriverTarget
@@ -112,8 +112,13 @@ class BenchPort:
         self.hdr_size = len(self._zero_hdr)
         self.mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         queues = target.start_queues([RX_QUEUE, TX_QUEUE], queue_size)
-        self.rxq: DriverQueue = queues[RX_QUEUE]
-        self.txq: DriverQueue = queues[TX_QUEUE]
+        rxq, txq = queues[RX_QUEUE], queues[TX_QUEUE]
+        # The raw path (rawpath, _rawpath_c) drives the split layout only (virtio 1.2 §2.7); targets
+        # never negotiate VIRTIO_F_RING_PACKED for a bench port.
+        if not isinstance(rxq, DriverQueue) or not isinstance(txq, DriverQueue):
+            raise TargetError(self.name, "bench ports drive split rings only; the target negotiated packed rings")
+        self.rxq: DriverQueue = rxq
+        self.txq: DriverQueue = txq
         memory, alloc = target.memory, target.alloc
         self.memory = memory
         # Rings and buffers all come from ``alloc``: one window over its range serves the raw path.

@@ -26,7 +26,7 @@ from typing import Iterable, Protocol
 from iovirt.errors import IovirtError
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.bench.errors import TargetError
-from iovirt.vhost_user.driver import VhostUserDriver
+from iovirt.vhost_user.driver import AnyDriverQueue, VhostUserDriver
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
 from iovirt.virtio.device import VirtioDevice
@@ -53,7 +53,7 @@ class DriverTarget(Protocol):
     notifications: Counter[int]
     """Used-buffer notifications seen, by queue index."""
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """Lay out rings for ``indexes`` and hand them to the device, enabled."""
         ...
 
@@ -89,10 +89,10 @@ class InProcessTarget:
         self.offered = device.device_features()
         self.features = self.offered & features
         device.set_features(self.features)
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, AnyDriverQueue] = {}
         self.notifications: Counter[int] = Counter()
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """Build rings in this target's memory and start the device's queues on them."""
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         for index in indexes:
@@ -150,7 +150,7 @@ class VhostUserTarget:
         self.features = self.driver.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.notifications: Counter[int] = Counter()
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (and ENABLE) for each ring."""
         try:
             return self.driver.start_queues(list(indexes), size)  # ends with DRIVER_OK under F_STATUS

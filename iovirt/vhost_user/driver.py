@@ -32,6 +32,9 @@ from iovirt.virtio.defs import (
 from iovirt.virtio.driver import DriverQueue
 from iovirt.virtio.packed_driver import PackedDriverQueue
 
+AnyDriverQueue = DriverQueue | PackedDriverQueue
+"""A driver-side ring of either layout; which one follows VIRTIO_F_RING_PACKED (virtio 1.2 §2.7, §2.8)."""
+
 PACKED_START_BASE = PACKED_WRAP_BIT | PACKED_WRAP_BIT << 16
 """SET_VRING_BASE of a fresh packed ring: both indexes 0, both wrap counters 1 (vhost-user.rst "Vring base")."""
 
@@ -82,14 +85,14 @@ class VhostUserDriver:
         except BaseException:
             self.frontend.close()
             raise
-        self.queues: dict[int, DriverQueue | PackedDriverQueue] = {}
+        self.queues: dict[int, AnyDriverQueue] = {}
 
     @property
     def packed(self) -> bool:
         """Whether VIRTIO_F_RING_PACKED was negotiated (the rings are packed)."""
         return bool(self.features >> VIRTIO_F_RING_PACKED & 1)
 
-    def start_queues(self, indexes: Iterable[int], size: int = 256) -> dict[int, DriverQueue | PackedDriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int = 256) -> dict[int, AnyDriverQueue]:
         """Lay out rings in guest memory and hand them to the back-end (NUM/BASE/ADDR/CALL/KICK/ENABLE).
 
         With VHOST_USER_PROTOCOL_F_STATUS negotiated, ends with SET_STATUS
@@ -99,7 +102,7 @@ class VhostUserDriver:
         indexes = list(indexes)
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         for index in indexes:
-            queue: DriverQueue | PackedDriverQueue
+            queue: AnyDriverQueue
             if self.packed:
                 queue = PackedDriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
                 queue.set_interrupts(True)
@@ -155,7 +158,7 @@ class VhostUserDriver:
         self.close()
 
 
-def _areas(queue: DriverQueue | PackedDriverQueue) -> tuple[int, int]:
+def _areas(queue: AnyDriverQueue) -> tuple[int, int]:
     """SET_VRING_ADDR's avail and used addresses: a packed ring's Driver and Device areas."""
     if isinstance(queue, PackedDriverQueue):
         return queue.driver_addr, queue.device_addr
