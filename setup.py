@@ -20,6 +20,7 @@ EXTENSIONS = [
     Extension("iovirt.virtio.net._datapath_c", ["iovirt/virtio/net/_datapath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.blk._datapath_c", ["iovirt/virtio/blk/_datapath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.virtio.scsi._datapath_c", ["iovirt/virtio/scsi/_datapath_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.bench._rawpath_c", ["iovirt/bench/_rawpath_c.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:

@@ -3,7 +3,10 @@
 One parser for both spellings, so a configuration means the same whichever
 way it is written:
 
-* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,IMPAIRMENT=VALUE...]``: the impairments
+* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,IMPAIRMENT=VALUE...]``:
+  ``vlan=N`` makes the port an 802.1Q access port of VLAN N, ``trunk=N:M`` a trunk of
+  those VLANs (1..4094; docs/network-modes.md); ``[[net]]`` tables take
+  ``vlan = N`` and ``trunk = "N:M"`` or ``trunk = [N, M]``.  The impairments
   (``drop``, ``dup``, ``corrupt``, ``corrupt_fix``, ``reorder``, ``gap``, ``delay``, ``jitter``,
   ``dist``, ``rate``, ``limit``, ``seed``, ``dir``) are those of :mod:`iovirt.virtio.net.impair`
   (``docs/impairments.md``); ``rate`` there shapes (frames wait), ``pps`` polices (frames are dropped)
@@ -15,6 +18,10 @@ way it is written:
   :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
 * ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]``: one
   virtio-scsi target, LUN ``i`` on the ``i``-th image
+* ``--router IP/PREFIX[,vlan=N]`` (repeatable) and ``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``:
+  the routed and NAT modes (:class:`RouterSpec`, :class:`NatSpec`;
+  docs/network-modes.md); in a file ``router = ["IP/PREFIX,vlan=N", ...]``
+  and ``nat = "IP/PREFIX,gw=IP"``
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
@@ -35,12 +42,15 @@ are positive numbers, handed to the device with :func:`apply_limits`.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
 from iovirt.virtio.net import impair
+from iovirt.virtio.net.ipv4 import Subnet
+from iovirt.virtio.net.vlan import PortVlan, parse_trunk, parse_vid
 
 CLIENT_PREFIX = "client:"
 """``--net client:PATH``: connect to a VMM listening on PATH."""
@@ -93,6 +103,15 @@ class DeviceSpec:
     def config(self) -> bool:
         """Net, scsi: offer VHOST_USER_PROTOCOL_F_CONFIG."""
         return bool(self.options.get("config", False))
+
+    @property
+    def vlan(self) -> PortVlan | None:
+        """Net: the port's 802.1Q configuration (``vlan=N``: access, ``trunk=N:M``: trunk), ``None``: VLAN-unaware."""
+        if "vlan" in self.options:
+            return PortVlan(access=self.options["vlan"])
+        if "trunk" in self.options:
+            return PortVlan(trunk=self.options["trunk"])
+        return None
 
     @property
     def size(self) -> int | None:
@@ -186,19 +205,24 @@ IMPAIR_KEYS = (*impair.KEYS, impair.DIR_KEY)
 
 NET_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "config": parse_bool, "pps": parse_rate, "bps": parse_rate,
+    "vlan": parse_vid, "trunk": parse_trunk,  # 802.1Q access / trunk port (iovirt/virtio/net/vlan.py)
     **{key: functools.partial(impair.parse_value, key) for key in IMPAIR_KEYS},
 }
-"""``key=value`` options of ``--net``: the QoS limits ``pps``/``bps`` (policing: frames beyond them are dropped)
-and the impairments (``rate`` among them: shaping, frames wait their turn)."""
+"""``key=value`` options of ``--net``: the QoS limits ``pps``/``bps`` (policing: frames beyond them are dropped),
+the port's VLANs, and the impairments (``rate`` among them: shaping, frames wait their turn)."""
 
 
 def _checked_net(spec: DeviceSpec, where: str) -> DeviceSpec:
-    """A net spec whose impairment options make sense together (``jitter`` needs ``delay``...)."""
+    """A net spec whose options make sense together: an access port (``vlan=``) or a trunk (``trunk=``), not
+    both; impairments that fit (``jitter`` needs ``delay``...)."""
+    if "vlan" in spec.options and "trunk" in spec.options:
+        raise SpecError(f"{where}: give vlan=N (an access port) or trunk=N:M:... (a trunk port), not both")
     try:
         spec.impairment
     except impair.ImpairmentError as exc:
         raise SpecError(f"{where}: {exc}") from None
     return spec
+
 
 BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "size": parse_size, "queues": _count(1, MAX_BLK_QUEUES), "iops": parse_rate, "bps": parse_rate,
@@ -263,12 +287,12 @@ def _parse_socket_options(kind: str, text: str, usage: str) -> tuple[DeviceSpec,
     return DeviceSpec(kind, socket, client, options=options), where
 
 
-NET_USAGE = ("[client:]SOCKET[,config=on][,pps=N][,bps=N][,drop=P][,dup=P][,corrupt=P][,reorder=P][,delay=MS]"
+NET_USAGE = ("[client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,drop=P][,dup=P][,corrupt=P][,reorder=P][,delay=MS]"
              "[,jitter=MS][,rate=PPS][,seed=N]...")
 
 
 def parse_net(text: str) -> DeviceSpec:
-    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,IMPAIRMENT=VALUE...]``."""
+    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,IMPAIRMENT=VALUE...]``."""
     return _checked_net(*_parse_socket_options("net", text, NET_USAGE))
 
 
@@ -366,6 +390,89 @@ def _toml_sandbox(value: Any) -> str | None:
     raise ValueError(f"want true, false, \"kill\" or \"log\", got {value!r}")
 
 
+# -- routed and NAT modes (docs/network-modes.md) ----------------------------------------
+@dataclass(frozen=True)
+class RouterSpec:
+    """``--router IP/PREFIX[,vlan=N]``: one interface of the switch's router (a gateway port)."""
+
+    subnet: Subnet
+    vlan: PortVlan | None = None
+
+
+@dataclass(frozen=True)
+class NatSpec:
+    """``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``: the router's outside address on the TAP uplink."""
+
+    subnet: Subnet
+    gateway: int | None = None
+    ports: tuple[int, int] = (1024, 65535)
+
+
+def _subnet(text: str, where: str) -> Subnet:
+    try:
+        return Subnet.parse(text)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+def parse_router(text: str) -> RouterSpec:
+    """Parse ``--router IP/PREFIX[,vlan=N]``."""
+    where = f"--router {text!r}"
+    address, *opts = str(text).split(",")
+    vlan: PortVlan | None = None
+    for opt in opts:
+        key, value = _key_value(opt)
+        if key != "vlan":
+            raise SpecError(f"{where}: unknown option {key!r} (known: vlan)")
+        try:
+            vlan = PortVlan(access=parse_vid(value))
+        except ValueError as exc:
+            raise SpecError(f"{where}: vlan: {exc}") from None
+    return RouterSpec(_subnet(address, where), vlan)
+
+
+def parse_nat(text: str) -> NatSpec:
+    """Parse ``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``."""
+    where = f"--nat {text!r}"
+    address, *opts = str(text).split(",")
+    subnet = _subnet(address, where)
+    gateway: int | None = None
+    ports = (1024, 65535)
+    for opt in opts:
+        key, value = _key_value(opt)
+        try:
+            if key == "gw":
+                gateway = int(ipaddress.IPv4Address(value))
+                if not subnet.contains(gateway):
+                    raise ValueError(f"{value} is not on {subnet}")
+            elif key == "ports":
+                low, _, high = value.partition("-")
+                ports = (_count(1, 0xFFFF)(low), _count(1, 0xFFFF)(high))
+                if ports[0] > ports[1]:
+                    raise ValueError(f"empty range {value}")
+            else:
+                raise SpecError(f"{where}: unknown option {key!r} (known: gw, ports)")
+        except (ValueError, ipaddress.AddressValueError) as exc:
+            raise SpecError(f"{where}: {key}: {exc}") from None
+    return NatSpec(subnet, gateway, ports)
+
+
+def _toml_routers(value: Any) -> list[RouterSpec]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"want a list of \"IP/PREFIX[,vlan=N]\" strings, got {value!r}")
+    try:
+        return [parse_router(v) for v in value]
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _toml_nat(value: Any) -> NatSpec:
+    try:
+        return parse_nat(_toml_str(value))
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
 SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "queues": ("queues", _count(1, MAX_QUEUE_PAIRS)),
     "mtu": ("mtu", _toml_int),
@@ -379,6 +486,8 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "isolate": ("isolate", _toml_bool),
     "dump-dir": ("dump_dir", _toml_str),
     "sandbox": ("sandbox", _toml_sandbox),
+    "router": ("router", _toml_routers),
+    "nat": ("nat", _toml_nat),
 }
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 

@@ -117,3 +117,33 @@ def test_bad_settings_raise(make_pair):
         pair.a.impair(loss=0.1)
     with pytest.raises(ImpairmentError, match="direction"):
         pair.a.impair("sideways", drop=0.1)
+
+
+def test_the_raw_path_is_impaired_too(make_pair):
+    """send_raw/recv_raw go through the same impairments as send/recv; a delay shows in the latency."""
+    from iovirt.bench.latency import LatencyMeter
+
+    pair = make_pair()
+    raw = [bytes(frame(n)) for n in range(40)]
+    pair.a.impair("ingress", delay_ms=30, seed=1)
+    meter = LatencyMeter()
+    start = time.monotonic()
+    assert pair.a.send_raw(raw[:20], latency=meter) == 0  # all held by the delay
+    got: list = []
+    while len(got) < 20 and time.monotonic() - start < 10:
+        pair.a.recv_raw()  # the port lets its held frames go whenever it is used
+        got += pair.b.recv_raw(latency=meter)
+        time.sleep(0.005)
+    assert time.monotonic() - start >= 0.03
+    assert [f.data for f in got] == raw[:20]
+    assert pair.a.stats["tx_impair_delayed"] == 20
+    assert len(meter.histogram) == 20 and meter.unmatched == 0
+    assert meter.histogram.percentile(1) >= 30_000_000  # the ingress time is when send_raw was called
+    pair.a.impair("ingress")
+    pair.b.impair("egress", drop=1.0, seed=1)
+    assert pair.a.send_raw(raw[20:]) == 20
+    deadline = time.monotonic() + 10
+    while pair.b.stats["rx_impair_dropped"] < 20 and time.monotonic() < deadline:
+        pair.b.recv_raw()
+        time.sleep(0.01)
+    assert pair.b.stats["rx_impair_dropped"] == 20 and pair.b.recv_raw() == []

@@ -422,3 +422,43 @@ def test_timers_are_not_asked_for_each_frame():
     assert len(clock.timers) == 1
     clock.advance(1)
     assert len(b.frames) == 500
+
+
+# -- with 802.1Q ports (iovirt/virtio/net/vlan.py) -----------------------------------------------
+@pytest.mark.parametrize("batched", [False, True])
+def test_impairments_wrap_vlan_ports_on_both_sides(batched):
+    """An ingress impairment sees the untagged frame before the switch tags it for the trunk;
+    an egress impairment sees what the switch delivers, tag and all."""
+    from iovirt.virtio.net.vlan import PortVlan, tag_of
+
+    clock = Clock()
+    switch = LearningSwitch(clock=clock)
+    access, trunk, other = Port("access"), Port("trunk"), Port("other")
+    for port, config in ((access, PortVlan(access=10)), (trunk, PortVlan(trunk=frozenset({10, 20}))),
+                         (other, PortVlan(access=20))):
+        switch.attach(port)
+        switch.set_vlan(port, config)
+    impair_port(switch, access, ["ingress"], Impairment(delay_ms=5, seed=1), clock.call_later, access.stats, clock)
+
+    def send(frames):
+        if batched:
+            switch.forward_batch(access, batch(frames))
+        else:
+            for f in frames:
+                switch.forward(access, f)
+
+    send([frame(0), frame(1)])
+    assert trunk.frames == [] and other.frames == []
+    clock.advance(0.006)
+    assert [tag_of(f) & 0xFFF for f in trunk.frames] == [10, 10]  # tagged with the access port's VLAN
+    assert other.frames == []  # VLAN 20 never sees VLAN 10's flood
+    assert access.stats["tx_impair_delayed"] == 2
+
+    trunk.frames.clear()
+    impair_port(switch, trunk, ["egress"], Impairment(drop=1.0, seed=1), clock.call_later, trunk.stats, clock)
+    send([frame(2), frame(3), frame(4)])
+    clock.advance(0.006)
+    assert trunk.frames == []
+    assert trunk.stats["rx_impair_dropped"] == 3
+    switch.detach(trunk)
+    assert id(trunk) not in switch.impairments and switch.vlan_of(trunk) is None

@@ -79,3 +79,12 @@ def test_isolate_refuses_impairments(tmp_path):
     out = subprocess.run([*IOVIRT, "serve", "--isolate", "--net", f"{tmp_path / 'n.sock'},drop=0.1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "impairments" in out.stderr
+
+
+def test_a_vlan_port_takes_impairments_too():
+    spec = parse_net("/tmp/a.sock,vlan=10,drop=0.25,seed=3")
+    assert spec.vlan is not None and spec.vlan.access == 10
+    directions, impairment = spec.impairment
+    assert impairment == Impairment(drop=0.25, seed=3)
+    with pytest.raises(SpecError, match="not both"):
+        parse_net("/tmp/a.sock,vlan=10,trunk=20:30,delay=5")

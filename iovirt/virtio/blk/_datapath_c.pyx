@@ -16,7 +16,7 @@ from libc.string cimport memcpy
 from posix.uio cimport iovec, preadv, pwritev
 from posix.types cimport off_t
 
-from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
+from iovirt.virtio._queue_c cimport ChainBatch, Virtqueue
 from iovirt.virtio.blk import defs
 
 cdef extern from "unistd.h" nogil:
@@ -29,7 +29,7 @@ cdef uint64_t SECTOR = defs.SECTOR_SIZE
 cdef uint32_t HDR = defs.REQ_HDR.size
 
 
-def serve_batch(ChainBatch b, SplitQueue q, int fd, uint64_t capacity, bint read_only):
+def serve_batch(ChainBatch b, Virtqueue q, int fd, uint64_t capacity, bint read_only):
     """Serve the IN/OUT/FLUSH requests of batch ``b`` on image ``fd``.
 
     Sets each served chain's used length (every device-writable byte, as
