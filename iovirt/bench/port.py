@@ -23,11 +23,17 @@ The device is not trusted: a used ring that names a buffer not in flight,
 jumps further than the buffers in flight, reports more bytes than a buffer
 holds, or a header with ``num_buffers`` 0 raise :class:`UsedRingError`; a
 device that does not answer raises :class:`BenchTimeout` after the timeout.
+
+:meth:`BenchPort.impair` puts netem-style impairments
+(:mod:`iovirt.virtio.net.impair`) on what the port sends, what it receives,
+or both: frames are dropped, duplicated, corrupted, reordered or held for a
+delay or a rate, on either path.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import Any, Iterable, Sequence
 
@@ -40,6 +46,7 @@ from iovirt.bench.layers import VirtioNetHdr, VirtioNetHdrHashReport, VirtioNetH
 from iovirt.bench.target import DEFAULT_TIMEOUT, DriverTarget
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from iovirt.virtio.driver import DriverQueue
+from iovirt.virtio.net import impair
 from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -51,6 +58,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
 
 RX_QUEUE = 0
@@ -137,6 +146,7 @@ class BenchPort:
         self.rx_buffer_lens: list[tuple[int, ...]] = []
         """For each frame in :attr:`received`: the used len of every buffer it took (MRG_RXBUF accounting)."""
         self.stats: collections.Counter = collections.Counter()
+        self._impairers: dict[str, impair.Impairer[bytes]] = {}  # "ingress"/"egress" -> its impairer; tags: headers
         rawpath.rx_post(self._win, self.rxq, self._rx_slots, self._rx_by_head, rx_buffer_size)
         self._kick(self.rxq)
 
@@ -161,9 +171,15 @@ class BenchPort:
         if isinstance(pkts, (Packet, bytes, bytearray)):
             pkts = [pkts]
         pairs = [self._split(pkt) for pkt in pkts]
+        if self._impairers:
+            pairs = self._impair_sent(pairs)
+        return self._send_pairs(pairs)
+
+    def _send_pairs(self, pairs: list[tuple[bytes, bytes]], latency: LatencyMeter | None = None) -> int:
+        """``(hdr, frame)`` pairs onto transmitq1, each header with its frame."""
         if self.split_header:
-            return self._send_split(pairs)
-        return self._transmit([hdr + frame for hdr, frame in pairs], b"", None)
+            return self._send_split(pairs, latency)
+        return self._transmit([hdr + frame for hdr, frame in pairs], b"", latency)
 
     def send_raw(self, frames: Sequence[bytes], hdr: bytes | None = None, *, latency: LatencyMeter | None = None) -> int:
         """Queue Ethernet frames (bytes, no FCS) on transmitq1 and kick, without scapy; returns how many.
@@ -171,7 +187,9 @@ class BenchPort:
         Every frame gets ``hdr`` (a raw header of the negotiated size; by
         default all zero: no offload, 5.1.6.2).  With ``latency`` each frame
         is recorded with its ingress timestamp: the moment its batch was
-        made available to the device.
+        made available to the device; with an ingress impairment
+        (:meth:`impair`), the moment it was given, so a delay shows in the
+        latency.
         """
         hdr = self._zero_hdr if hdr is None else bytes(hdr)
         if len(hdr) != self.hdr_size:
@@ -181,6 +199,10 @@ class BenchPort:
             raise BenchError(
                 f"{self.name}: a {max(map(len, frames))}-byte frame with header exceeds the {self.tx_buffer_size}-byte TX buffer"
             )
+        if self._impairers:
+            if latency is not None:
+                latency.sent(frames, rawpath.monotonic_ns())
+            return self._send_pairs(self._impair_sent([(hdr, bytes(frame)) for frame in frames]))
         if self.split_header:
             return self._send_split([(hdr, bytes(frame)) for frame in frames], latency)
         return self._transmit(frames, hdr, latency)
@@ -306,6 +328,8 @@ class BenchPort:
         frames = self._rx_frames
         while True:
             self._collect_rx()
+            if self._impairers:
+                self._impair_release()
             if count is None or len(frames) >= count:
                 if count is None or count == len(frames):
                     out = list(frames)
@@ -325,7 +349,7 @@ class BenchPort:
                 got = list(frames)
                 frames.clear()
                 raise BenchTimeout("frames received", f"{self.name} queue {RX_QUEUE}", count, len(got), timeout, got)
-            self.target.wait(RX_QUEUE, remaining)
+            self.target.wait(RX_QUEUE, self._impair_wait(remaining) if self._impairers else remaining)
 
     def _collect_rx(self) -> None:
         """Whole frames from the used ring into ``_rx_frames``; the buffers reposted (and the device kicked)."""
@@ -339,15 +363,96 @@ class BenchPort:
         finally:
             if self.rxq.avail_idx != before:
                 self._kick(self.rxq)
-            self._rx_frames.extend(out)
             self.stats["rx_frames"] += len(out)
+            self._rx_frames.extend(self._impair_received(out) if "egress" in self._impairers else out)
         if empty:
             # Buffers the device gave back unwritten: it dropped frames
             # (iovirt does so for a non-mergeable buffer too small for one).
             self.stats["rx_empty_buffers"] += empty
+
+    # -- impairments (iovirt/virtio/net/impair.py) ----------------------------------------
+    def impair(self, direction: str = impair.DEFAULT_DIR, **settings: Any) -> None:
+        """Impair what this port sends (``ingress``: into the switch), receives (``egress``) or ``both``.
+
+        ``settings`` are :class:`~iovirt.virtio.net.impair.Impairment` fields:
+        ``port.impair(drop=0.1, delay_ms=5, seed=1)``; none stop impairing the
+        direction.  Frames held by a delay or a rate go on when the port next
+        sends or receives (:meth:`recv` waits for them).  Counters go to
+        :attr:`stats` (``tx_impair_dropped``, ``rx_impair_delayed``, ...).
+        Raises :class:`~iovirt.virtio.net.impair.ImpairmentError` for an
+        impossible setting.
+        """
+        if direction not in impair.DIR_CHOICES:
+            raise impair.ImpairmentError(f"direction: want one of {', '.join(impair.DIR_CHOICES)}, got {direction!r}")
+        try:
+            impairment = impair.Impairment(**settings)
+        except TypeError:
+            known = ", ".join(impair.Impairment.__dataclass_fields__)
+            raise impair.ImpairmentError(f"unknown impairment in {sorted(settings)} (known: {known})") from None
+        for name in impair.DIR_CHOICES[direction]:
+            self._impair_release(math.inf)  # what the old setting held goes on
+            if impairment.active:
+                self._impairers[name] = impair.Impairer(impairment, name, count=impair.counting(self.stats, name),
+                                                        retag=_corrupted_hdr)
+            else:
+                self._impairers.pop(name, None)
+
+    def _impair_sent(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """What goes to the device now: held frames now due, then what the ingress impairer passes of ``pairs``."""
+        out = self._impair_due("ingress")
+        impairer = self._impairers.get("ingress")
+        if impairer is None:
+            return out + pairs
+        for hdr, frame in pairs:
+            out += [(h or hdr, f) for f, _, h in impairer.admit(frame, _pending(hdr), hdr)]
+        return out
+
+    def _impair_received(self, frames: list[Any]) -> list[Any]:
+        """What the egress impairer lets through now of frames the device wrote (RawFrames)."""
+        impairer = self._impairers["egress"]
+        out: list[Any] = []
+        for raw in frames:
+            for f, _, h in impairer.admit(raw.data, _pending(raw.hdr), raw.hdr):
+                out.append(rawpath.RawFrame(h or raw.hdr, f, raw.t_ns, raw.buffer_lens))
+        return out
+
+    def _impair_due(self, direction: str, now: float | None = None) -> list[tuple[bytes, bytes]]:
+        """``(hdr, frame)`` of the frames ``direction``'s impairer held that are due by ``now``."""
+        impairer = self._impairers.get(direction)
+        if impairer is None or not len(impairer):
+            return []
+        return [(h or self._zero_hdr, f) for f, _, h in impairer.release(now)]
+
+    def _impair_release(self, now: float | None = None) -> None:
+        """Let held frames whose time has come go on: sent ones to the device, received ones to :meth:`recv`."""
+        due = self._impair_due("ingress", now)
+        if due:
+            self._send_pairs(due)
+        received = self._impair_due("egress", now)
+        if received:
+            t_ns = rawpath.monotonic_ns()  # their egress time is when the impairment let them go
+            self._rx_frames.extend(rawpath.RawFrame(h, f, t_ns, (len(h) + len(f),)) for h, f in received)
+
+    def _impair_wait(self, remaining: float) -> float:
+        """How long :meth:`recv` may wait: ``remaining``, or less when a held frame is due sooner."""
+        dues = [d for d in (i.next_due() for i in self._impairers.values()) if d is not None]
+        return min([remaining, *(max(0.0, d - time.monotonic()) for d in dues)])
 
     def close(self) -> None:
         """Release the target (the memory window first: the region cannot close while viewed)."""
         self._win.release()
         self.target.close()
 
+
+def _pending(hdr: bytes) -> tuple[int, int] | None:
+    """The pending checksum (csum_start, csum_offset) a ``virtio_net_hdr`` asks for (5.1.6.2), if any."""
+    if not hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return None
+    return int.from_bytes(hdr[6:8], "little"), int.from_bytes(hdr[8:10], "little")
+
+
+def _corrupted_hdr(hdr: bytes | None) -> bytes | None:
+    """The header of a corrupted frame: its checksum was completed (no NEEDS_CSUM), and is not known valid."""
+    if hdr is None:
+        return None
+    return bytes([hdr[0] & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)]) + hdr[1:]

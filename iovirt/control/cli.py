@@ -54,6 +54,17 @@ def _limits(pairs: list[str]) -> dict[str, float]:
     return limits
 
 
+def _impairment(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` words as strings: the server checks them (the ``--net`` parser's rules)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"impair wants KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
 def _blk_args(text: str) -> dict[str, Any]:
     parts = text.split(",")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] != "ro"):
@@ -65,11 +76,11 @@ def parse_command(words: list[str]) -> tuple[str, dict[str, Any]]:
     """``COMMAND [ARGS]`` words → ``(command, args)`` of the request (``argparse.ArgumentTypeError`` if malformed)."""
     if not words:
         raise argparse.ArgumentTypeError("give a COMMAND (devices, stats, fdb, add-net, add-blk, remove, "
-                                         "log-level, limit, metrics)")
+                                         "log-level, limit, impair, metrics)")
     command, rest = words[0], words[1:]
     arity = {"devices": (0, 0), "fdb": (0, 0), "metrics": (0, 0), "commands": (0, 0), "stats": (0, 1),
              "add-net": (1, 1), "add-blk": (1, 1), "remove": (1, 1), "log-level": (1, 1), "counting": (2, 2),
-             "limit": (2, 1 + 16)}
+             "limit": (2, 1 + 16), "impair": (1, 1 + 16)}
     low, high = arity.get(command, (0, len(rest)))
     if not low <= len(rest) <= high:
         raise argparse.ArgumentTypeError(f"{command} takes {low}..{high} arguments, got {len(rest)}")
@@ -85,6 +96,8 @@ def parse_command(words: list[str]) -> tuple[str, dict[str, Any]]:
         return command, {"level": rest[0]}
     if command == "limit":
         return command, {"device": rest[0], "limits": _limits(rest[1:])}
+    if command == "impair":
+        return command, {"device": rest[0], "impairment": _impairment(rest[1:])}
     if command == "counting":
         if rest[1] not in ("on", "off"):
             raise argparse.ArgumentTypeError("counting wants DEVICE on|off")
@@ -99,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="send a command to the control socket of 'iovirt serve --control PATH'",
         description=(
             "Commands: devices | stats [DEVICE] | fdb | add-net SOCKET | add-blk SOCKET,IMAGE[,ro] | "
-            "remove DEVICE | log-level LEVEL | limit DEVICE KEY=VALUE... | metrics | counting DEVICE on|off | "
+            "remove DEVICE | log-level LEVEL | limit DEVICE KEY=VALUE... | impair DEVICE [KEY=VALUE...] | metrics | "
+            "counting DEVICE on|off | "
             "commands. A DEVICE is its name (net0, blk0, ...) or its socket path. Every command prints JSON "
             f"except metrics (Prometheus text). Requests are at most {MAX_REQUEST_BYTES} bytes. See docs/control.md."
         ),

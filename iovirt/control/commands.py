@@ -17,6 +17,7 @@ from iovirt.control import metrics, snapshot
 from iovirt.control.protocol import BAD_REQUEST, COMMAND_NOT_FOUND, GENERIC_ERROR, ControlError
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
+from iovirt.virtio.net import impair
 from iovirt.virtio.net.router import RouterInterface
 from iovirt.virtio.net.switch import MAC_BITS, MAC_MASK, LearningSwitch
 
@@ -176,6 +177,32 @@ def _limit(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
     return {"name": snapshot.device_name(endpoint), "limits": values}
 
 
+def _impair(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
+    _args(args, ("device", "impairment"))
+    endpoint = snapshot.find(ctx.server, _string(args, "device"))
+    name = snapshot.device_name(endpoint)
+    options = args["impairment"]
+    if not isinstance(options, dict) or len(options) > MAX_LIMITS or not all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) and len(str(v)) <= 64 for v in options.values()):
+        raise ControlError(BAD_REQUEST, f"'impairment' must be an object of at most {MAX_LIMITS} KEY: VALUE pairs "
+                                        "(strings or numbers)")
+    switch, device = ctx.switch, endpoint.device.device
+    if switch is None or device not in switch.ports:
+        raise ControlError(GENERIC_ERROR, f"{name} ({device.name}) is not a port of a switch: it takes no impairments")
+    try:
+        directions, impairment = impair.from_options(options)
+    except impair.ImpairmentError as exc:
+        raise ControlError(BAD_REQUEST, f"{name}: {exc}") from None
+    if not impairment.active and set(options) <= {impair.DIR_KEY}:
+        directions = directions if options else impair.DIRECTIONS  # no keys at all: stop impairing the port
+    port: Any = device  # a port of the switch: a VirtioNet, with its counters
+    with ctx.server.dataplane.lock:
+        current = impair.impair_port(switch, port, directions, impairment, ctx.server.dataplane.call_later, port.stats)
+        settings = current.settings() if current is not None else {d: {} for d in impair.DIRECTIONS}
+    log.info("control: %s impairments %s", name, settings)
+    return {"name": name, "impairments": settings}
+
+
 def _counting(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
     _args(args, ("device", "enabled"))
     endpoint = snapshot.find(ctx.server, _string(args, "device"))
@@ -207,6 +234,7 @@ COMMANDS: dict[str, Handler] = {
     "log-level": _log_level,
     "limit": _limit,
     "counting": _counting,
+    "impair": _impair,
     "metrics": _metrics,
     "commands": _commands,
 }

@@ -38,8 +38,10 @@ from iovirt.vhost_user.devices.scsi import ScsiConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
 from iovirt.vhost_user.specs import (
     INPUT_KINDS,
+    NET_USAGE,
     DeviceSpec,
     SpecError,
+    apply_impairment,
     apply_limits,
     load_config,
     parse_blk,
@@ -116,16 +118,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
-        "--net", metavar="[client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]",
-        type=_spec_type(parse_net), action="append", default=[],
+        "--net", metavar=NET_USAGE, type=_spec_type(parse_net), action="append",
+        default=[],
         help="a virtio-net device on SOCKET (repeatable). client: connects to a VMM listening on SOCKET (QEMU "
              "-chardev socket,server=on,wait=off) and reconnects whenever it goes away, instead of listening. "
              "config=on also offers VHOST_USER_PROTOCOL_F_CONFIG (the net config space over vhost-user, for "
              "front-ends that read it; QEMU does not, and warns when it is offered). pps and bps: rate limits "
-             "(frames/s, bytes/s). vlan=N: an 802.1Q access port of VLAN N (the guest sends and receives "
-             "untagged); trunk=N:M:...: a trunk carrying those VLANs tagged (other VLANs and untagged frames "
-             "are dropped and counted). VLAN ids 1..4094; a port without either is VLAN-unaware "
-             "(docs/network-modes.md)",
+             "(frames/s, bytes/s; frames beyond them are dropped). vlan=N: an 802.1Q access port of VLAN N "
+             "(the guest sends and receives untagged); trunk=N:M:...: a trunk carrying those VLANs tagged (other "
+             "VLANs and untagged frames are dropped and counted). VLAN ids 1..4094; a port without either is "
+             "VLAN-unaware (docs/network-modes.md). drop, dup, corrupt, reorder (probabilities 0..1), "
+             "delay, jitter (ms), rate (frames/s; frames wait, netem's rate), seed, dir=ingress|egress|both "
+             "(default egress: what reaches the guest) and more: netem-style impairments, docs/impairments.md",
     )
     serve.add_argument(
         "--blk", metavar="[client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]",
@@ -524,8 +528,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.router or any(spec.vlan for spec in args.net):
             print("iovirt serve: --isolate does not take vlan=, trunk= or --router yet", file=sys.stderr)
             return 2
-        if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
-            print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
+        if any(spec.client or spec.config or spec.limits or spec.kind == "net" and spec.impairment
+               for spec in [*args.net, *args.blk]):
+            print("iovirt serve: --isolate does not take client:, config=on, rate limits or impairments yet",
+                  file=sys.stderr)
             return 2
         _raise_fd_limit()
         return run_isolated(args, [port_mac(i) for i in range(len(args.net))], _access(args), _switch(args))
@@ -543,6 +549,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if spec.vlan is not None:
                 switch.set_vlan(port, spec.vlan)
             _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
+            apply_impairment(switch, port, spec, server.dataplane.call_later)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")

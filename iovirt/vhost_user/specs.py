@@ -3,10 +3,13 @@
 One parser for both spellings, so a configuration means the same whichever
 way it is written:
 
-* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]``: ``vlan=N``
-  makes the port an 802.1Q access port of VLAN N, ``trunk=N:M`` a trunk of
+* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,IMPAIRMENT=VALUE...]``:
+  ``vlan=N`` makes the port an 802.1Q access port of VLAN N, ``trunk=N:M`` a trunk of
   those VLANs (1..4094; docs/network-modes.md); ``[[net]]`` tables take
-  ``vlan = N`` and ``trunk = "N:M"`` or ``trunk = [N, M]``
+  ``vlan = N`` and ``trunk = "N:M"`` or ``trunk = [N, M]``.  The impairments
+  (``drop``, ``dup``, ``corrupt``, ``corrupt_fix``, ``reorder``, ``gap``, ``delay``, ``jitter``,
+  ``dist``, ``rate``, ``limit``, ``seed``, ``dir``) are those of :mod:`iovirt.virtio.net.impair`
+  (``docs/impairments.md``); ``rate`` there shapes (frames wait), ``pps`` polices (frames are dropped)
 * ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
 * ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``
 * ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``
@@ -38,12 +41,14 @@ are positive numbers, handed to the device with :func:`apply_limits`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
+from iovirt.virtio.net import impair
 from iovirt.virtio.net.ipv4 import Subnet
 from iovirt.virtio.net.vlan import PortVlan, parse_trunk, parse_vid
 
@@ -86,6 +91,15 @@ class DeviceSpec:
         return {k: self.options[k] for k in LIMIT_KEYS[self.kind] if k in self.options}
 
     @property
+    def impairment(self) -> tuple[tuple[str, ...], impair.Impairment] | None:
+        """Net: the directions and the impairment the options give (``None`` without any)."""
+        given = {k: v for k, v in self.options.items() if k in IMPAIR_KEYS}
+        if not given:
+            return None
+        directions, impairment = impair.from_options(given)
+        return (directions, impairment) if impairment.active else None
+
+    @property
     def config(self) -> bool:
         """Net, scsi: offer VHOST_USER_PROTOCOL_F_CONFIG."""
         return bool(self.options.get("config", False))
@@ -113,6 +127,16 @@ class DeviceSpec:
 def apply_limits(device: Any, limits: dict[str, float]) -> None:
     """Hand the rate limits of a spec (:attr:`DeviceSpec.limits`) to the virtio device's ``set_limits``."""
     device.set_limits(limits)
+
+
+def apply_impairment(switch: Any, device: Any, spec: DeviceSpec, call_later: impair.CallLater) -> None:
+    """Impair the switch port ``device`` as a net spec says (:attr:`DeviceSpec.impairment`), if it says so.
+
+    ``call_later`` is the data plane's timer (held frames go on from it).
+    """
+    given = spec.impairment
+    if given is not None:
+        impair.impair_port(switch, device, given[0], given[1], call_later, device.stats)
 
 
 # -- values ------------------------------------------------------------------------------
@@ -176,9 +200,29 @@ def _count(low: int, high: int) -> Callable[[str | int], int]:
     return parse
 
 
-NET_OPTIONS: dict[str, Callable[[Any], Any]] = {"config": parse_bool, "pps": parse_rate, "bps": parse_rate}
-"""``key=value`` options of ``--net``."""
-NET_OPTIONS.update(vlan=parse_vid, trunk=parse_trunk)  # 802.1Q access / trunk port (iovirt/virtio/net/vlan.py)
+IMPAIR_KEYS = (*impair.KEYS, impair.DIR_KEY)
+"""The impairment keys of ``--net`` (:data:`iovirt.virtio.net.impair.KEYS` and ``dir``)."""
+
+NET_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "config": parse_bool, "pps": parse_rate, "bps": parse_rate,
+    "vlan": parse_vid, "trunk": parse_trunk,  # 802.1Q access / trunk port (iovirt/virtio/net/vlan.py)
+    **{key: functools.partial(impair.parse_value, key) for key in IMPAIR_KEYS},
+}
+"""``key=value`` options of ``--net``: the QoS limits ``pps``/``bps`` (policing: frames beyond them are dropped),
+the port's VLANs, and the impairments (``rate`` among them: shaping, frames wait their turn)."""
+
+
+def _checked_net(spec: DeviceSpec, where: str) -> DeviceSpec:
+    """A net spec whose options make sense together: an access port (``vlan=``) or a trunk (``trunk=``), not
+    both; impairments that fit (``jitter`` needs ``delay``...)."""
+    if "vlan" in spec.options and "trunk" in spec.options:
+        raise SpecError(f"{where}: give vlan=N (an access port) or trunk=N:M:... (a trunk port), not both")
+    try:
+        spec.impairment
+    except impair.ImpairmentError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    return spec
+
 
 BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "size": parse_size, "queues": _count(1, MAX_BLK_QUEUES), "iops": parse_rate, "bps": parse_rate,
@@ -243,16 +287,13 @@ def _parse_socket_options(kind: str, text: str, usage: str) -> tuple[DeviceSpec,
     return DeviceSpec(kind, socket, client, options=options), where
 
 
+NET_USAGE = ("[client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,drop=P][,dup=P][,corrupt=P][,reorder=P][,delay=MS]"
+             "[,jitter=MS][,rate=PPS][,seed=N]...")
+
+
 def parse_net(text: str) -> DeviceSpec:
-    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]``."""
-    return _net_vlan(*_parse_socket_options("net", text, "[client:]SOCKET[,config=on][,pps=N][,bps=N]"))
-
-
-def _net_vlan(spec: DeviceSpec, where: str) -> DeviceSpec:
-    """A net port is an access port (``vlan=``) or a trunk (``trunk=``), not both."""
-    if "vlan" in spec.options and "trunk" in spec.options:
-        raise SpecError(f"{where}: give vlan=N (an access port) or trunk=N:M:... (a trunk port), not both")
-    return spec
+    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...][,IMPAIRMENT=VALUE...]``."""
+    return _checked_net(*_parse_socket_options("net", text, NET_USAGE))
 
 
 def parse_blk(text: str) -> DeviceSpec:
@@ -524,7 +565,7 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
         raise SpecError(f"{where}: missing key {sorted(set(VSOCK_OPTIONS) - set(options))[0]!r}")
     spec = DeviceSpec(kind, socket, client, image, read_only, options)
     if kind == "net":
-        return _net_vlan(spec, where)
+        return _checked_net(spec, where)
     return _with_kind(spec, where) if kind == "input" else spec
 
 

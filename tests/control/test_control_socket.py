@@ -10,28 +10,13 @@ import threading
 import time
 
 from iovirt.cli import main
-from iovirt.control.cli import request
 from iovirt.control.protocol import MAX_REQUEST_BYTES
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.defs import NetHdr
 
 from backend_helpers import wait_until
-
-ALL = (1 << 64) - 1
-MAC_A, MAC_B = bytes.fromhex("02000000000a"), bytes.fromhex("02000000000b")
-
-
-def ok(path: str, command: str, args: dict | None = None):
-    reply = request(path, command, args, timeout=10)
-    assert "return" in reply, reply
-    return reply["return"]
-
-
-def error(path: str, command: str, args: dict | None = None) -> dict:
-    reply = request(path, command, args, timeout=10)
-    assert "error" in reply, reply
-    return reply["error"]
+from control_helpers import ALL, MAC_A, MAC_B, error, ok
 
 
 def frame(dst: bytes, src: bytes) -> bytes:

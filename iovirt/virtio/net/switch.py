@@ -119,6 +119,9 @@ class LearningSwitch:
         self.filtered = 0
         self.learn_refused = 0
         self.aged_out = 0
+        # id(port) -> its impairments (iovirt/virtio/net/impair.py): they see what the port sends before the
+        # switch does, and what the switch delivers to the port before the port does.
+        self.impairments: dict[int, Any] = {}
         self.vlan_dropped = 0  # frames of a VLAN their ingress port does not carry (or untagged on a trunk)
         self.malformed = 0  # 802.1Q frames too short for their tag, or tagged with the reserved VID 4095
 
@@ -147,6 +150,7 @@ class LearningSwitch:
             if port in self.ports:
                 self.ports.remove(port)
             self._forget(port)
+            self.impairments.pop(id(port), None)
             self._vlans.pop(id(port), None)
 
     def forget(self, port: SwitchPort) -> None:
@@ -248,6 +252,9 @@ class LearningSwitch:
         """
         if not len(frames):
             return 0
+        impaired = self.impairments.get(id(ingress))
+        if impaired is not None and impaired.intercepts_ingress:
+            return int(impaired.ingress_batch(frames))
         if self._vlans:
             return self._forward_vlan_batch(ingress, frames)
         dsts, srcs = frames.macs()
@@ -265,9 +272,11 @@ class LearningSwitch:
             for port in self._egress(ingress, dst, now)
         )
 
-    @staticmethod
-    def _deliver(port: SwitchPort, frames: Any, indexes: list[int]) -> int:
+    def _deliver(self, port: SwitchPort, frames: Any, indexes: list[int]) -> int:
         """Frames ``indexes`` of a batch to ``port``: in one call where the port takes batches."""
+        impaired = self.impairments.get(id(port))
+        if impaired is not None and impaired.intercepts_egress:
+            return int(impaired.egress_batch(frames, indexes))
         deliver_batch = getattr(port, "deliver_batch", None)
         if deliver_batch is not None:
             return int(deliver_batch(frames, indexes))
@@ -277,6 +286,9 @@ class LearningSwitch:
         """Switch one frame that arrived on ``ingress``; returns how many ports took it."""
         if len(frame) < ETH_HLEN:
             return 0
+        impaired = self.impairments.get(id(ingress))
+        if impaired is not None and impaired.intercepts_ingress:
+            return int(impaired.ingress_frame(frame, csum))
         if self._vlans:
             return self._forward_vlan(ingress, frame, csum)
         now = self.clock()
@@ -284,7 +296,14 @@ class LearningSwitch:
             self._sweep(now)
         self._learn(ingress, int.from_bytes(frame[6:12], "big"), now)
         egress = self._egress(ingress, int.from_bytes(frame[0:6], "big"), now)
-        return sum(int(port.deliver(frame, csum)) for port in egress)
+        return sum(self._deliver_frame(port, frame, csum) for port in egress)
+
+    def _deliver_frame(self, port: SwitchPort, frame: bytes, csum: tuple[int, int] | None) -> int:
+        """One frame to ``port`` (through its impairments, if it has any)."""
+        impaired = self.impairments.get(id(port))
+        if impaired is not None and impaired.intercepts_egress:
+            return int(impaired.egress_frame(frame, csum))
+        return int(port.deliver(frame, csum))
 
     # -- VLANs (802.1Q): one frame at a time ------------------------------------------------
     def _classify(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> tuple[int, int, bytes, Csum] | None:
@@ -350,7 +369,8 @@ class LearningSwitch:
 
     def _forward_vlan(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> int:
         """Switch one frame when some port has a VLAN configuration: learn and flood within its VLAN."""
-        return sum(int(port.deliver(out, out_csum)) for port, out, out_csum in self._vlan_egress(ingress, frame, csum))
+        egress = self._vlan_egress(ingress, frame, csum)
+        return sum(self._deliver_frame(port, out, out_csum) for port, out, out_csum in egress)
 
     def _forward_vlan_batch(self, ingress: SwitchPort, frames: Any) -> int:
         """A batch, frame by frame through :meth:`_vlan_egress`; each egress port then takes its frames in one call."""
