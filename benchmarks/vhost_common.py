@@ -47,10 +47,10 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
             proc.wait()
 
 
-def serve_iovirt(args: list[str], log: Path) -> subprocess.Popen:
-    """``iovirt serve ARGS`` on core 0, its output into ``log``."""
+def serve_iovirt(args: list[str], log: Path, log_level: str = "warning") -> subprocess.Popen:
+    """``iovirt serve ARGS`` on core 0, its output (from ``log_level`` up) into ``log``."""
     return subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "iovirt", "--log-level", "warning", "serve", *args],
+        ["taskset", "-c", "0", sys.executable, "-m", "iovirt", "--log-level", log_level, "serve", *args],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
 

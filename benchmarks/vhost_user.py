@@ -17,6 +17,11 @@ The 64-byte sink and port-to-port runs are repeated under ``iovirt serve
 --isolate`` (each port a worker process, the switch in the supervisor): the
 cost of process isolation, in the same run.
 
+Packed against split: the same 64-byte sink, with the front-end asking for
+packed rings (``packed_vq=1``) and then not, alternately three times against
+one ``iovirt serve`` (best of each); ``ratio_packed_vs_split_64B`` is packed /
+split.  (``--only packed`` runs this alone.)
+
 Blk: 4 KiB random reads at queue depth 32 against a raw image in /dev/shm
 from a front-end process (iovirt's Python driver, each request re-posted as
 soon as it completes), against ``iovirt serve`` and ``qemu-storage-daemon``.
@@ -63,11 +68,16 @@ QSD = "qemu-storage-daemon"
 
 
 
-def testpmd_tx(sock: Path, frame_size: int, seconds: float, log: Path, dst_mac: str | None = None) -> float:
-    """Run virtio-user txonly against ``sock``; return the median transmit packets/s."""
+def testpmd_tx(sock: Path, frame_size: int, seconds: float, log: Path, dst_mac: str | None = None,
+               packed: bool = False) -> float:
+    """Run virtio-user txonly against ``sock``; return the median transmit packets/s.
+
+    ``packed``: the front-end asks for packed rings (``packed_vq=1``, VIRTIO_F_RING_PACKED, virtio 1.2 §2.8).
+    """
+    vdev = f"net_virtio_user0,path={sock},queues=1" + (",packed_vq=1" if packed else "")
     args = [
         TESTPMD, "-l", "0,1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "256",
-        f"--file-prefix=ivt-fe-{os.getpid()}", "--vdev", f"net_virtio_user0,path={sock},queues=1",
+        f"--file-prefix=ivt-fe-{os.getpid()}", "--vdev", vdev,
         "--", "--forward-mode=txonly", f"--txpkts={frame_size}", "--auto-start", "--stats-period=1",
         "--nb-cores=1", "--total-num-mbufs=4096", "--txd=256", "--rxd=256",
     ]
@@ -218,6 +228,35 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
             figures["ratio_p2p_64B_vs_ovs"] = round(p2p_seen / ovs_seen, 3)
     figures.update(isolated_figures(tmp, seconds, figures))
     return figures
+
+
+def packed_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    """The 64-byte sink with split and then packed rings, alternately three times against one ``iovirt serve``.
+
+    Best of each (the machine is shared); ``ratio_packed_vs_split_64B`` is packed / split.  The
+    front-end's log is checked for the ring layout it negotiated, so a silent fall-back to split
+    rings cannot pass for a packed figure.
+    """
+    sock = tmp / "iovirt-packed.sock"
+    backend = serve_iovirt(["--net", str(sock)], tmp / "iovirt-packed.log", log_level="info")  # says each layout
+    wait_socket(sock, backend)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for _ in range(3):
+            for packed in (False, True):
+                log = tmp / f"fe-{'packed' if packed else 'split'}.log"
+                rates[packed].append(testpmd_tx(sock, 64, seconds, log, packed=packed))
+    finally:
+        stop_process(backend, signal.SIGTERM)
+    started = re.findall(r"vring 1 started( packed)?:", (tmp / "iovirt-packed.log").read_text(errors="replace"))
+    if [bool(p) for p in started] != [False, True] * 3:
+        raise RuntimeError(f"the transmit ring's layout did not alternate split, packed: {started}; "
+                           f"see {tmp / 'iovirt-packed.log'}")
+    split, packed = max(rates[False]), max(rates[True])
+    print(f"net   64 B frames, sink: split rings {split:,.0f} frames/s   packed rings {packed:,.0f} frames/s   "
+          f"ratio {packed / split:.2f}  (runs: split {rates[False]}, packed {rates[True]})")
+    return {"net_64B_split_frames_per_s": split, "net_64B_packed_frames_per_s": packed,
+            "ratio_packed_vs_split_64B": round(packed / split, 3)}
 
 
 def _link_drops(log: Path) -> tuple[int, int]:
@@ -450,13 +489,15 @@ def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
-    parser.add_argument("--only", choices=["net", "blk", "logging", "counters"],
-                        help="run only the net, blk, logging or counters figures")
+    parser.add_argument("--only", choices=["net", "packed", "blk", "logging", "counters"],
+                        help="run only the net, packed-versus-split, blk, logging or counters figures")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
         if args.only in (None, "net"):
             figures.update(net_figures(Path(tmp), args.seconds))
+        if args.only in (None, "packed"):
+            figures.update(packed_figures(Path(tmp), args.seconds))
         if args.only in (None, "blk"):
             figures.update(blk_figures(Path(tmp), args.seconds))
         if args.only in (None, "logging"):

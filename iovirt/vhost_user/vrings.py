@@ -181,6 +181,14 @@ class Vrings:
             raise VringError(f"vring {index} is started")
         if self.device.ring_packed:
             _check_packed_base(index, base, vring.num)
+            if base >> 16 == 0 and base & 0xFFFF:
+                # vhost-user.rst gives the used position bits 16-31, but DPDK's virtio-user sends the avail
+                # position alone (0x8000 for a fresh ring: used wrap counter 0, where virtio 1.2 §2.8.1 starts
+                # both at 1), and DPDK's vhost library takes the used position to be the avail one.  On a
+                # stopped ring every buffer made available was used, so that is where used stands.
+                log.info("%s: vring %d: SET_VRING_BASE %#x gives no used position; it is taken to be the "
+                         "avail position", self.label, index, base)
+                base |= base << 16
         elif base > 0xFFFF:
             raise VringError(f"split ring base {base} is not a 16-bit index")
         vring.base = base

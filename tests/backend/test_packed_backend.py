@@ -151,3 +151,18 @@ def test_a_packed_ring_logs_its_buffers_descriptor_ring_and_device_area(backend)
         assert queue.desc_addr // page * page in dirty  # and a used descriptor into the ring
         assert queue.device_addr // page * page in dirty
         drv.stop_logging()
+
+
+def test_a_base_without_a_used_position_starts_used_where_avail_is(backend, logs, monkeypatch):
+    """DPDK's virtio-user sends SET_VRING_BASE 0x8000 for a fresh packed ring (no used position, bits 16-31
+    zero): the used wrap counter must still start at 1 (2.8.1), or the driver never sees a used descriptor
+    once the first lap is over."""
+    import iovirt.vhost_user.driver as driver_module
+
+    monkeypatch.setattr(driver_module, "PACKED_START_BASE", 0x8000)
+    with connect(backend, backend.blk_path, [0], size=8) as drv:
+        assert "gives no used position" in log_line(logs, "SET_VRING_BASE 0x8000")
+        for sector in range(12):  # 24 requests of 2-3 slots: several laps of the 8-slot ring
+            data = os.urandom(512)
+            assert blk_request(drv, VIRTIO_BLK_T_OUT, sector, out=data) == (b"", VIRTIO_BLK_S_OK)
+            assert blk_request(drv, VIRTIO_BLK_T_IN, sector, in_len=512) == (data, VIRTIO_BLK_S_OK)
