@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -15,6 +17,9 @@ from iovirt.control import cli as control_cli
 from iovirt.inspect import cli as inspect_cli
 from iovirt.pci import cli as pci_cli
 from iovirt.vhost_user import cli as vhost_user_cli
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""The exit status when the reader of the output went away: a shell's status for a process killed by SIGPIPE."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     service.configure_logging(args.log_level, args.log_format)
-    return args.func(args)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader of our output went away (``iovirt ctl PATH devices | head``): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
