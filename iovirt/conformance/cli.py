@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iovirt.conformance import coverage
+from iovirt.conformance import coverage, matrix
 from iovirt.conformance.platform_target import IN_PROCESS_DEVICES, PlatformTarget
 from iovirt.conformance.registry import Verdict
 from iovirt.conformance.report import ProgressLine, table, to_json, to_junit
@@ -47,6 +47,18 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--device", choices=DEVICES, metavar="|".join(DEVICES), help="the device type behind the socket")
     p.add_argument("--json", metavar="FILE", help="write the JSON report (with --coverage: the coverage counts) here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        help="with --coverage: write the coverage matrix here as HTML (one row per statement, one column per --run)",
+    )
+    p.add_argument(
+        "--run",
+        metavar="NAME=FILE",
+        action="append",
+        default=[],
+        help="with --html: a column NAME from the JSON report FILE of an earlier run (repeatable)",
+    )
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")
     p.add_argument(
         "--peer-socket",
@@ -61,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     target: Target | PlatformTarget
     if args.coverage:
         return _coverage(args)
+    if args.html or args.run:
+        print("iovirt conform: --html and --run go with --coverage", file=sys.stderr)
+        return 2
     if args.in_process:
         if args.device or args.peer_socket:
             print("iovirt conform: --in-process takes neither --device nor --peer-socket", file=sys.stderr)
@@ -83,15 +98,28 @@ def run(args: argparse.Namespace) -> int:
 
 def _coverage(args: argparse.Namespace) -> int:
     if args.device or args.peer_socket or args.junit:
-        print("iovirt conform: --coverage takes only --json", file=sys.stderr)
+        print("iovirt conform: --coverage takes only --json, --html and --run", file=sys.stderr)
+        return 2
+    if args.run and not args.html:
+        print("iovirt conform: --run needs --html", file=sys.stderr)
         return 2
     try:
+        runs = [matrix.Run.load(*_named(text)) for text in args.run]
         rows = coverage.statements()
-    except coverage.CoverageMapError as exc:
+    except (ValueError, matrix.MatrixError, coverage.CoverageMapError) as exc:
         print(f"iovirt conform: {exc}", file=sys.stderr)
-        return 1
+        return 2 if not isinstance(exc, coverage.CoverageMapError) else 1
     print(coverage.table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(coverage.to_json(rows))
+    for path, text in ((args.json, lambda: coverage.to_json(rows)), (args.html, lambda: matrix.to_html(rows, runs))):
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text())
     return 0
+
+
+def _named(text: str) -> tuple[str, str]:
+    """``NAME=FILE`` of ``--run``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--run {text!r}: want NAME=FILE")
+    return name, path

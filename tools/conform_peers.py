@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Run ``iovirt conform`` against every vhost-user back-end on this machine; write the peer reports and the matrix.
+
+Back-ends (each from Debian's packages, started here in a temporary directory):
+
+* ``iovirt-net`` and ``iovirt-blk``: ``iovirt serve`` (two net ports: the second is the suite's peer port);
+* ``qemu-storage-daemon-blk``: a vhost-user-blk export of a 16 MiB raw image;
+* ``dpdk-vhost-net``: ``dpdk-testpmd``'s vhost PMD, io forwarding (frames the device sends come back);
+* ``ovs-dpdk-net``: Open vSwitch with DPDK, a netdev bridge with two ``dpdkvhostuser`` ports
+  (benchmarks/ovs_peer.py; needs ``openvswitch-switch-dpdk`` and hugepages, which it reserves).
+
+For each: ``docs/conformance/NAME.json`` (the JSON report) and ``NAME.txt`` (the table), then
+``docs/conformance/matrix.html`` (``iovirt conform --coverage --html``), one column per back-end.
+A peer that is not installed is skipped with a line saying so; one that crashes or hangs is
+reported against the checks it broke by the suite itself (every wait is bounded).
+
+    python3 tools/conform_peers.py [--out docs/conformance] [--only NAME ...] [--timeout 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ovs_peer  # noqa: E402  (benchmarks/ovs_peer.py: the OVS-DPDK bridge)
+
+Peer = Callable[[Path], "contextlib.AbstractContextManager[tuple[str, list[str]]]"]
+"""Starts a back-end in a directory; yields the device type and the ``iovirt conform`` socket arguments."""
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the back-end exited ({proc.returncode}) before it listened on {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listened on {path} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _process(args: list[str], log: Path, sock: Path) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_socket(sock, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def iovirt_net(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    a, b = tmp / "net0.sock", tmp / "net1.sock"
+    with _process([sys.executable, "-m", "iovirt", "serve", "--net", str(a), "--net", str(b)], tmp / "iovirt.log", b):
+        yield "net", ["--socket", str(a), "--peer-socket", str(b)]
+
+
+@contextlib.contextmanager
+def iovirt_blk(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    sock = tmp / "blk.sock"
+    with _process([sys.executable, "-m", "iovirt", "serve", "--blk", f"{sock},{tmp / 'disk.img'},size=16M"],
+                  tmp / "iovirt.log", sock):
+        yield "blk", ["--socket", str(sock)]
+
+
+@contextlib.contextmanager
+def qsd_blk(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    image, sock = tmp / "disk.img", tmp / "qsd.sock"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    args = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"]
+    with _process(args, tmp / "qsd.log", sock):
+        yield "blk", ["--socket", str(sock)]
+
+
+@contextlib.contextmanager
+def dpdk_net(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    sock = tmp / "dpdk.sock"
+    args = ["dpdk-testpmd", "--no-huge", "-m", "256", "-l", "0-1", "--no-pci", f"--file-prefix=ivt-conf-{os.getpid()}",
+            "--vdev", f"net_vhost0,iface={sock},client=0,queues=2", "--", "--rxq=2", "--txq=2",
+            "--forward-mode=io", "--auto-start", "--total-num-mbufs=2048", "--stats-period=1"]
+    with _process(args, tmp / "testpmd.log", sock):
+        yield "net", ["--socket", str(sock)]
+
+
+@contextlib.contextmanager
+def ovs_net(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    with ovs_peer.ovs_bridge(tmp / "ovs") as (a, b):
+        yield "net", ["--socket", str(a), "--peer-socket", str(b)]
+
+
+PEERS: dict[str, tuple[Peer, str]] = {
+    "iovirt-net": (iovirt_net, sys.executable),
+    "iovirt-blk": (iovirt_blk, sys.executable),
+    "qemu-storage-daemon-blk": (qsd_blk, "qemu-storage-daemon"),
+    "dpdk-vhost-net": (dpdk_net, "dpdk-testpmd"),
+    "ovs-dpdk-net": (ovs_net, str(ovs_peer.VSWITCHD)),
+}
+"""Name -> (how to start it, the program it needs)."""
+
+
+def run_peer(name: str, out: Path, timeout: float) -> bool:
+    """Run the suite against one back-end; True when its reports were written."""
+    start, program = PEERS[name]
+    if shutil.which(program) is None and not Path(program).exists():
+        print(f"{name}: skipped, {program} is not installed")
+        return False
+    with tempfile.TemporaryDirectory(prefix=f"iovirt-conform-{name}-") as tmp:
+        with start(Path(tmp)) as (device, socket_args):
+            cmd = [sys.executable, "-m", "iovirt", "conform", "--device", device, "--timeout", str(timeout),
+                   *socket_args, "--json", str(out / f"{name}.json")]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    (out / f"{name}.txt").write_text(result.stdout)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr.strip()[-300:]
+    print(f"{name}: {summary}")
+    return result.returncode in (0, 1)  # 1: the back-end failed checks, which is a report too
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "conformance", help="where the reports go")
+    parser.add_argument("--only", nargs="+", choices=sorted(PEERS), help="these back-ends only")
+    parser.add_argument("--timeout", type=float, default=3.0, help="the suite's bound on every wait (default 3 s)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or PEERS:
+        run_peer(name, args.out, args.timeout)
+    runs = [f"{name}={args.out / f'{name}.json'}" for name in PEERS if (args.out / f"{name}.json").exists()]
+    cmd = [sys.executable, "-m", "iovirt", "conform", "--coverage", "--html", str(args.out / "matrix.html")]
+    for run in runs:
+        cmd += ["--run", run]
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
