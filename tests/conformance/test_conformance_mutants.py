@@ -22,6 +22,7 @@ from iovirt.conformance.checks.blk_edges import (
     ZONE_TYPES,
     ZONED_FIELDS,
 )
+from iovirt.conformance.checks.net_gso import TUNNEL_BITS
 from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_CTRL_RX_EXTRA as NEED_CTRL_VQ_RX_EXTRA
 from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_RSS, VIRTIO_NET_F_SPEED_DUPLEX
 from iovirt.conformance.platform_target import PlatformTarget
@@ -60,6 +61,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_UDP,
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
@@ -796,3 +798,55 @@ def test_notification_data_layout_check(monkeypatch, multiplier, fails):
     result = _pci_run()["virtio-1.2:4.1.4.4.1#notification-data"]
     assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result
     assert not fails or "multiple of 4" in result.reason
+
+
+# -- net: GSO types, UDP-tunnel bits and NEEDS_CSUM on receive --------------------------------------------
+class IgnoresTunnelBitsNet(VirtioNet):
+    """Clears the UDP-tunnel bits of a transmit header's gso_type (and DATA_VALID) and sends the frame."""
+
+    def _transmit(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            hdr_addr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+            hdr = NetHdr.unpack(queue.memory.read(hdr_addr, NET_HDR_SIZE))
+            if hdr.gso_type & TUNNEL_BITS:
+                queue.memory.write(hdr_addr, NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, hdr.gso_type & ~TUNNEL_BITS, hdr.hdr_len,
+                                                    hdr.gso_size, hdr.csum_start, hdr.csum_offset).pack(NET_HDR_SIZE))
+            i = (i + 1) & 0xFFFF
+        super()._transmit(index, queue)
+
+
+class LabelsUdpNet(SlowPathNet):
+    """Marks received UDP/IPv4 frames as GSO_UDP whatever the driver negotiated."""
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        if frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 17:
+            hdr = NetHdr(hdr.flags, VIRTIO_NET_HDR_GSO_UDP, hdr.hdr_len, 1400, hdr.csum_start, hdr.csum_offset)
+        return super()._receive_mergeable(queue, hdr, frame)
+
+
+class CsumOffsetOffByTwoNet(SlowPathNet):
+    """Passes NEEDS_CSUM on with csum_offset two bytes past the checksum field."""
+
+    def deliver(self, frame, csum):
+        return super().deliver(frame, None if csum is None else (csum[0], csum[1] + 2))
+
+
+GSO_CLAUSES = {"virtio-1.2:5.1.6.2#tunnel", "virtio-1.2:5.1.6.4#gso-types", "virtio-1.2:5.1.6.4#needs-csum",
+               "virtio-1.2:5.1.6.2"}
+GSO_MUTANTS = {
+    "ignores-tunnel-bits": (IgnoresTunnelBitsNet, {"virtio-1.2:5.1.6.2#tunnel"}),
+    "labels-udp": (LabelsUdpNet, {"virtio-1.2:5.1.6.4#gso-types"}),
+    "csum-offset-off-by-two": (CsumOffsetOffByTwoNet, {"virtio-1.2:5.1.6.4#needs-csum"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(GSO_MUTANTS))
+def test_net_gso_mutant_fails_exactly_its_check(make_backend, mutant):
+    net_class, expected = GSO_MUTANTS[mutant]
+    b = make_backend(net_class=net_class)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    failed = _failed(_vu_run(target, GSO_CLAUSES))
+    assert set(failed) == expected, failed
