@@ -51,7 +51,10 @@ from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import (
     VIRTIO_F_NOTIFICATION_DATA,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 )
 from iovirt.virtio.net.defs import (
@@ -65,6 +68,7 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.queue import PackedQueue
 from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
@@ -849,4 +853,107 @@ def test_net_gso_mutant_fails_exactly_its_check(make_backend, mutant):
     b = make_backend(net_class=net_class)
     target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
     failed = _failed(_vu_run(target, GSO_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+# -- packed rings -------------------------------------------------------------------------------------------
+def _packed_available(queue):
+    """(slot, flags) of the descriptors the driver has made available from the device's next slot on."""
+    state = queue.state()
+    slot, wrap = state.last_avail_idx & 0x7FFF, bool(state.last_avail_idx & 0x8000)
+    out = []
+    for _ in range(state.size):
+        flags = queue.memory.read_u16(state.desc_addr + 16 * slot + 14)
+        if bool(flags & VIRTQ_DESC_F_AVAIL) != wrap or bool(flags & VIRTQ_DESC_F_USED) == wrap:
+            break
+        out.append((slot, flags))
+        slot += 1
+        if slot == state.size:
+            slot, wrap = 0, not wrap
+    return out
+
+
+def _is_packed(queue) -> bool:
+    return isinstance(vrings_module.ring_of(queue), PackedQueue)
+
+
+class SwapsFirstTwoNet(VirtioNet):
+    """Transmits the first two lists of a packed batch in swapped order (their buffers exchanged)."""
+
+    def _transmit(self, index, queue):
+        avail = _packed_available(queue) if _is_packed(queue) else []
+        if len(avail) >= 2 and not (avail[0][1] | avail[1][1]) & VIRTQ_DESC_F_NEXT:  # two one-descriptor lists
+            base = queue.state().desc_addr
+            a, b = (queue.memory.read(base + 16 * slot, 12) for slot, _f in avail[:2])
+            queue.memory.write(base + 16 * avail[0][0], b)
+            queue.memory.write(base + 16 * avail[1][0], a)
+        super()._transmit(index, queue)
+
+
+class TrustsFilledDescriptorBlk(VirtioBlk):
+    """Takes a packed descriptor with an address as available, whatever its AVAIL/USED bits say."""
+
+    def process_queue(self, index, queue):
+        if _is_packed(queue):
+            state = queue.state()
+            slot, wrap = state.last_avail_idx & 0x7FFF, bool(state.last_avail_idx & 0x8000)
+            at = state.desc_addr + 16 * slot
+            flags = queue.memory.read_u16(at + 14)
+            if queue.memory.read_u64(at) and (bool(flags & VIRTQ_DESC_F_AVAIL) != wrap or bool(flags & VIRTQ_DESC_F_USED) == wrap):
+                avail = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+                queue.memory.write_u16(at + 14, flags & ~(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) | avail)
+        super().process_queue(index, queue)
+
+
+class RewritesFirstUsedBlk(VirtioBlk):
+    """After each pass, rewrites the address field of slot 0's used descriptor (a used descriptor changed later)."""
+
+    def process_queue(self, index, queue):
+        super().process_queue(index, queue)
+        if _is_packed(queue):
+            at = queue.state().desc_addr
+            if queue.memory.read_u16(at + 14) & VIRTQ_DESC_F_USED:
+                queue.memory.write_u64(at, queue.memory.read_u64(at) + 1)
+
+
+class SwapsDataPiecesBlk(VirtioBlk):
+    """Exchanges the second and third descriptors of a packed list of five or more (data out of order)."""
+
+    def process_queue(self, index, queue):
+        if _is_packed(queue):
+            avail = _packed_available(queue)
+            base = queue.state().desc_addr
+            start = 0
+            while start < len(avail):
+                end = start
+                while end < len(avail) and avail[end][1] & VIRTQ_DESC_F_NEXT:
+                    end += 1
+                if end - start >= 4:
+                    b, c = avail[start + 1][0], avail[start + 2][0]
+                    db, dc = queue.memory.read(base + 16 * b, 12), queue.memory.read(base + 16 * c, 12)
+                    queue.memory.write(base + 16 * b, dc)
+                    queue.memory.write(base + 16 * c, db)
+                start = end + 1
+        super().process_queue(index, queue)
+
+
+PACKED_CLAUSES = {"virtio-1.2:2.8.12#order", "virtio-1.2:2.8.15#avail-bit", "virtio-1.2:2.8.15#used-descs",
+                  "virtio-1.2:2.8.18#chain-order"}
+PACKED_MUTANTS = {
+    "swaps-first-two": ("net", SwapsFirstTwoNet, {"virtio-1.2:2.8.12#order"}),
+    "trusts-filled-descriptor": ("blk", TrustsFilledDescriptorBlk, {"virtio-1.2:2.8.15#avail-bit"}),
+    "rewrites-first-used": ("blk", RewritesFirstUsedBlk, {"virtio-1.2:2.8.15#used-descs"}),
+    "swaps-data-pieces": ("blk", SwapsDataPiecesBlk, {"virtio-1.2:2.8.18#chain-order"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(PACKED_MUTANTS))
+def test_packed_mutant_fails_exactly_its_check(make_backend, mutant):
+    device, cls, expected = PACKED_MUTANTS[mutant]
+    if device == "net":
+        b = make_backend(net_class=cls)
+        target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    else:
+        target = _blk(make_backend(blk_class=cls))
+    failed = _failed(_vu_run(target, PACKED_CLAUSES))
     assert set(failed) == expected, failed

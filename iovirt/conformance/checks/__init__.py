@@ -10,6 +10,7 @@ from iovirt.conformance.checks import vhost_user_messages  # noqa: F401
 from iovirt.conformance.checks import features  # noqa: F401
 from iovirt.conformance.checks import virtqueue  # noqa: F401
 from iovirt.conformance.checks import notifications  # noqa: F401
+from iovirt.conformance.checks import packed  # noqa: F401
 from iovirt.conformance.checks import net  # noqa: F401
 from iovirt.conformance.checks import net_headers  # noqa: F401
 from iovirt.conformance.checks import net_gso  # noqa: F401

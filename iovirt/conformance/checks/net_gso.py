@@ -193,9 +193,7 @@ def rx_gso_types(ctx: Context) -> None:
     _send(injector, hdr, frame)
     got_payload = b""
     while len(got_payload) < len(payload):
-        got = dut.receive(tag, ctx.timeout)
-        if got is None:
-            raise CheckFailed(f"data at byte {len(got_payload)} of a TCP frame with CWR/ECE was not received")
+        got = _receive_all(dut, tag, 1, ctx, f"data at byte {len(got_payload)} of a TCP frame with CWR/ECE")[0]
         _header_ok(got, "a TCP frame with CWR/ECE")
         expect(got.hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE,
                f"a TCP frame with CWR set arrived as GSO ({got.hdr.gso_type:#x}) without GUEST_ECN (SHOULD NOT)")
@@ -226,9 +224,7 @@ def rx_needs_csum(ctx: Context) -> str:
         frame = tcp_frame(_payload(tag, size), csum="partial")
         l4 = ETH_HLEN + 20
         _send(injector, NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=l4, csum_offset=TCP_CSUM_OFFSET), frame)
-        got = dut.receive(tag, ctx.timeout)
-        if got is None:
-            raise CheckFailed(f"a {len(frame)}-byte frame sent with NEEDS_CSUM was not received")
+        got = _receive_all(dut, tag, 1, ctx, f"a {len(frame)}-byte frame sent with NEEDS_CSUM")[0]
         data = got.frame[: len(frame)]
         if not got.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             expect(tcp_checksum_ok(data), "a frame passed without NEEDS_CSUM has an incomplete TCP checksum")

@@ -106,7 +106,7 @@ def dirty_log(ctx: Context) -> None:
     else:
         port = ctx.net_port(link, rx_buffers=0)
         index = NetPort.RX
-    q = link.queues[index]
+    q = link.split_queue(index)
     fd, size = bringup.make_log(fe)
     try:
         _start_logging(fe, fd, size, link)
