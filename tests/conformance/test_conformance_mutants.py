@@ -756,7 +756,7 @@ def _with_caps(monkeypatch, *payloads):
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         for payload in payloads:
-            self.add_capability(VendorCapability(payload))
+            self.add_capability(payload() if callable(payload) else VendorCapability(payload))
 
     monkeypatch.setattr(transport_pci.VirtioPciFunction, "__init__", init)
 
@@ -772,11 +772,29 @@ GOOD_VENDOR = bytes([9]) + struct.pack("<H", 0x1B36) + b"\x01\x02"  # 8 bytes wi
 BAD_VENDOR = bytes([9]) + struct.pack("<H", 0x1AF4) + b"\x01"  # 7 bytes, virtio's vendor ID
 
 
+class CountingVendorCapability(VendorCapability):
+    """A vendor data capability whose last dword counts the reads of it (a read side effect)."""
+
+    def install(self, function, offset):
+        super().install(function, offset)
+        self.counter_at = offset + self.size - 4
+        function.config.add_hook(self.counter_at, 4, self)
+
+    def config_read(self, offset, size):
+        cfg = self.function.config
+        cfg.set(self.counter_at, 4, (cfg.get(self.counter_at, 4) + 1) & 0xFFFFFFFF)
+        return cfg.get(offset, size)
+
+    def config_write(self, offset, size, value):
+        pass
+
+
 @pytest.mark.parametrize("payloads,failure", [
     ((GOOD_VENDOR, _shm(1, 0x3000, 0x100)), None),
     ((BAD_VENDOR,), "not a multiple of 4"),
     ((_shm(1, 0x3000, 1 << 40),), "exceeds BAR"),
-], ids=["good", "vendor-0x1af4-odd-size", "shm-beyond-bar"])
+    ((lambda: CountingVendorCapability(GOOD_VENDOR[:-2] + bytes(6)),), "reads differently"),
+], ids=["good", "vendor-0x1af4-odd-size", "shm-beyond-bar", "vendor-read-side-effect"])
 def test_optional_pci_caps_check(monkeypatch, payloads, failure):
     _with_caps(monkeypatch, *payloads)
     result = _pci_run()["virtio-1.2:4.1.4#shm-vendor"]

@@ -11,7 +11,7 @@ from iovirt.conformance.checks.pci import PCI, _virtio_cap
 from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import check, expect
 from iovirt.pci.capability import walk_capabilities
-from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
+from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_CFG_SPACE_SIZE, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
 from iovirt.virtio.defs import VIRTIO_F_NOTIFICATION_DATA
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
@@ -29,6 +29,7 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_Q_SELECT,
     VIRTIO_PCI_COMMON_Q_MSIX,
     VIRTIO_PCI_COMMON_Q_NOFF,
+    VIRTIO_PCI_COMMON_STATUS,
     VIRTIO_PCI_VENDOR_ID,
 )
 
@@ -114,7 +115,7 @@ BAR_64BIT = 0x4  # PCI BAR type bits 2:1 = 10b
 @check(
     "virtio-1.2:4.1.4#shm-vendor",
     "shared memory capabilities lie inside their BAR with unique ids; vendor data capabilities are "
-    "a multiple of 4 bytes and not 0x1AF4's",
+    "a multiple of 4 bytes, not 0x1AF4's, and read without side effects",
     transport=PCI,
 )
 def optional_caps(ctx: PciContext) -> str:
@@ -130,6 +131,7 @@ def optional_caps(ctx: PciContext) -> str:
             length, vendor = read(offset + 2, 1), read(offset + VNDR_DATA_VENDOR_ID, 2)
             expect(length % 4 == 0, f"vendor data capability at {offset:#x}: cap_len {length} is not a multiple of 4")
             expect(vendor != VIRTIO_PCI_VENDOR_ID, f"vendor data capability at {offset:#x} has vendor_id 0x1af4")
+            _reads_change_nothing(ctx, offset, length)
         elif cfg_type == VIRTIO_PCI_CAP_SHARED_MEMORY_CFG:
             seen += 1
             bar, shm_id = read(offset + VIRTIO_PCI_CAP_BAR, 1), read(offset + 5, 1)
@@ -140,6 +142,28 @@ def optional_caps(ctx: PciContext) -> str:
             expect(shm_id not in shm_ids, f"shared memory id {shm_id} used twice")
             shm_ids.add(shm_id)
     return "" if seen else "no shared memory or vendor data capability to check"
+
+
+VENDOR_READS = 3
+
+
+def _reads_change_nothing(ctx: PciContext, offset: int, length: int) -> None:
+    """4.1.4.8.1 (1.4): reading a vendor data capability, byte by byte and by dwords, has no side effects:
+    it reads the same each time, and the rest of config space and device_status stay as they were."""
+    read = ctx.driver.cfg.read
+    before = [read(at, 4) for at in range(0, PCI_CFG_SPACE_SIZE, 4)]
+    status = ctx.driver.common_read(VIRTIO_PCI_COMMON_STATUS, 1)
+    first = bytes(read(offset + i, 1) for i in range(length))
+    for _ in range(VENDOR_READS):
+        again = bytes(read(offset + i, 1) for i in range(length))
+        expect(again == first, f"vendor data capability at {offset:#x} reads differently from one read to the next")
+        for at in range(offset & ~3, offset + length, 4):
+            read(at, 4)
+    after = [read(at, 4) for at in range(0, PCI_CFG_SPACE_SIZE, 4)]
+    changed = [4 * i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    expect(not changed, f"reading the vendor data capability at {offset:#x} changed config space at {changed}")
+    expect(ctx.driver.common_read(VIRTIO_PCI_COMMON_STATUS, 1) == status,
+           "reading the vendor data capability changed device_status")
 
 
 def _bar_size(ctx: PciContext, bar: int) -> int:
