@@ -68,6 +68,8 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.state import QueueState
 from iovirt.virtio.queue import PackedQueue
 from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
@@ -975,3 +977,37 @@ def test_packed_mutant_fails_exactly_its_check(make_backend, mutant):
         target = _blk(make_backend(blk_class=cls))
     failed = _failed(_vu_run(target, PACKED_CLAUSES))
     assert set(failed) == expected, failed
+
+
+# -- virtqueue reset (virtio-pci queue_reset) ---------------------------------------------------------------
+def _queue_reset_ignored(monkeypatch):
+    monkeypatch.setattr(CommonCfg, "_write_queue_reset", lambda self, value: None)
+
+
+def _restart_keeps_old_state(monkeypatch):
+    # The device remembers where a stopped queue was and resumes there when the queue comes back.
+    stopped: dict[tuple[int, int], object] = {}
+    original_stop, original_start = VirtioDevice.stop_queue, VirtioDevice.start_queue
+
+    def stop_queue(self, index):
+        state = original_stop(self, index)
+        if state is not None:
+            stopped[(id(self), index)] = state
+        return state
+
+    def start_queue(self, index, memory, state, notify, wrap=None, *, packed=False):
+        old = stopped.pop((id(self), index), None)
+        if old is not None:
+            state = QueueState(**{**state.to_dict(), "last_avail_idx": old.last_avail_idx, "used_idx": old.used_idx})
+        return original_start(self, index, memory, state, notify, wrap, packed=packed)
+
+    monkeypatch.setattr(VirtioDevice, "stop_queue", stop_queue)
+    monkeypatch.setattr(VirtioDevice, "start_queue", start_queue)
+
+
+@pytest.mark.parametrize("inject", [_queue_reset_ignored, _restart_keeps_old_state], ids=["ignored", "keeps-old-state"])
+@pytest.mark.parametrize("device", ["net", "blk"])
+def test_queue_reset_mutants(monkeypatch, inject, device):
+    inject(monkeypatch)
+    failed = _failed(_pci_run(device))
+    assert set(failed) == {"virtio-1.2:4.1.4.3.1#queue_reset"}, failed
