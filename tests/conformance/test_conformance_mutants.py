@@ -71,6 +71,7 @@ from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.state import QueueState
 from iovirt.virtio.queue import PackedQueue
+from iovirt.pci.regs import PCI_DEVICE_ID
 from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
@@ -109,7 +110,18 @@ def _any_vector_sticks(monkeypatch):
     monkeypatch.setattr(CommonCfg, "_map_vector", lambda self, vector: vector)
 
 
+def _writable_device_id(monkeypatch):
+    original = transport_pci.VirtioPciFunction.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.config.set_wmask(PCI_DEVICE_ID, 2, 0xFFFF)
+
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "__init__", init)
+
+
 PCI_MUTANTS = {
+    "writable-device-id": (_writable_device_id, {"virtio-1.2:4.1.1"}),
     "subsystem-id-below-0x40": (_low_subsystem_id, {"virtio-1.2:4.1.2.1#non-transitional"}),
     "device-cfg-unaligned": (_unaligned_device_cfg, {"virtio-1.2:4.1.4#structures"}),
     "pci-cfg-window-write-ignored": (_window_write_ignored, {"virtio-1.2:4.1.4.9.1#write"}),

@@ -1,5 +1,5 @@
-"""More of virtio 1.4 section 4.1 (cited by their virtio 1.2 numbers): IDs, structure placement, the
-configuration-access window's writes and the MSI-X table size.
+"""More of virtio 1.4 section 4.1 (cited by their virtio 1.2 numbers): the PCI header, IDs, structure
+placement, the configuration-access window's writes, the MSI-X table size, optional capabilities.
 
 Like :mod:`iovirt.conformance.checks.pci` these run against a
 :class:`~iovirt.conformance.platform_target.PlatformTarget`.
@@ -11,7 +11,22 @@ from iovirt.conformance.checks.pci import PCI, _virtio_cap
 from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import check, expect
 from iovirt.pci.capability import walk_capabilities
-from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_CFG_SPACE_SIZE, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
+from iovirt.pci.regs import (
+    PCI_BASE_ADDRESS_0,
+    PCI_BASE_ADDRESS_SPACE_IO,
+    PCI_CAP_ID_VNDR,
+    PCI_CAPABILITY_LIST,
+    PCI_CFG_SPACE_SIZE,
+    PCI_DEVICE_ID,
+    PCI_HEADER_TYPE,
+    PCI_HEADER_TYPE_NORMAL,
+    PCI_INTERRUPT_PIN,
+    PCI_REVISION_ID,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_SUBSYSTEM_ID,
+    PCI_VENDOR_ID,
+)
 from iovirt.virtio.defs import VIRTIO_F_NOTIFICATION_DATA
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
@@ -207,3 +222,39 @@ def notify_cap_data(ctx: PciContext) -> None:
         off = ctx.driver.common_read(VIRTIO_PCI_COMMON_Q_NOFF, 2)
         expect(cap.length >= off * mult + 4,
                f"queue {index}: queue_notify_off {off} * {mult} + 4 exceeds the notify length {cap.length}")
+
+
+MAX_CAPABILITIES = 48  # (256 - 64) / 4: a longer walk of the list has a loop
+
+
+@check(
+    "virtio-1.2:4.1.1",
+    "the function's config space follows PCI: a type 0 header, read-only IDs, a well-formed capability list, "
+    "BARs that size to a power of two, an interrupt pin of 0..4",
+    transport=PCI,
+)
+def pci_header(ctx: PciContext) -> None:
+    cfg = ctx.driver.cfg
+    expect(cfg.read(PCI_HEADER_TYPE, 1) & 0x7F == PCI_HEADER_TYPE_NORMAL,
+           f"header type {cfg.read(PCI_HEADER_TYPE, 1):#x}, expected a type 0 (endpoint) header")
+    ids = cfg.read(PCI_VENDOR_ID, 4)
+    cfg.write(PCI_VENDOR_ID, 4, ~ids & 0xFFFFFFFF)
+    expect(cfg.read(PCI_VENDOR_ID, 4) == ids, "vendor/device ID changed when written (they are read-only)")
+    expect(cfg.read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST, "Status.Capabilities List is clear: a virtio function needs capabilities")
+    seen: set[int] = set()
+    at = cfg.read(PCI_CAPABILITY_LIST, 1)
+    while at:
+        expect(at % 4 == 0 and 0x40 <= at < PCI_CFG_SPACE_SIZE, f"capability pointer {at:#x} is not a dword in [0x40, 0x100)")
+        expect(at not in seen and len(seen) < MAX_CAPABILITIES, f"the capability list loops back to {at:#x}")
+        seen.add(at)
+        at = cfg.read(at + 1, 1)  # its low two bits are reserved: 0 (PCI 3.0 6.7)
+    bar = 0
+    while bar < 6:
+        low = cfg.read(PCI_BASE_ADDRESS_0 + 4 * bar, 4)
+        size = _bar_size(ctx, bar)
+        wide = not low & PCI_BASE_ADDRESS_SPACE_IO and bool(low & BAR_64BIT)
+        expect(size == 0 or size & (size - 1) == 0, f"BAR {bar} sizes to {size:#x}, not a power of two")
+        expect(not wide or bar < 5, "BAR 5 claims to be the low half of a 64-bit BAR")
+        bar += 2 if wide else 1
+    pin = cfg.read(PCI_INTERRUPT_PIN, 1)
+    expect(pin <= 4, f"interrupt pin {pin}, expected 0 (none) or 1..4 (INTA..INTD)")
