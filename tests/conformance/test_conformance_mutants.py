@@ -14,6 +14,7 @@ import zlib
 import pytest
 
 from conftest import IovirtBackend
+from zoned_model import NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
     VIRTIO_BLK_F_ZONED,
@@ -50,6 +51,7 @@ from iovirt.virtio.blk.defs import (
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import (
     VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_VERSION_1,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_INDIRECT,
@@ -663,6 +665,13 @@ class ZonedFieldsKeptBlk(ZonedBlk):
     zero_when_not_accepted = False
 
 
+class LegacyZonedBlk(ZonedBlk):
+    """Offers ZONED without VIRTIO_F_VERSION_1 (a legacy device)."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_F_VERSION_1)
+
+
 class FieldsNet(VirtioNet):
     """Offers SPEED_DUPLEX and RSS with the fields of struct virtio_net_config they bring."""
 
@@ -683,7 +692,8 @@ class ShortKeyNet(FieldsNet):
     key = 16
 
 
-@pytest.mark.parametrize("blk_class,fails", [(ZonedBlk, False), (BadModelBlk, True), (ZonedFieldsKeptBlk, True)])
+@pytest.mark.parametrize("blk_class,fails", [(ZonedBlk, False), (BadModelBlk, True), (ZonedFieldsKeptBlk, True),
+                                             (LegacyZonedBlk, True)])
 def test_zoned_config_check(make_backend, blk_class, fails):
     results = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.5#zoned"})
     assert results["virtio-1.2:5.2.5#zoned"].verdict is (Verdict.FAIL if fails else Verdict.PASS), results
@@ -1023,3 +1033,14 @@ def test_queue_reset_mutants(monkeypatch, inject, device):
     inject(monkeypatch)
     failed = _failed(_pci_run(device))
     assert set(failed) == {"virtio-1.2:4.1.4.3.1#queue_reset"}, failed
+
+
+# -- zoned operation ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (UnalignedWriteOkBlk, "off the write pointer"),
+                                             (StaleAfterResetBlk, "old data"), (NoOpenLimitBlk, "max_open_zones")])
+def test_zoned_ops_check(make_backend, blk_class, fails):
+    result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#zoned-ops"})["virtio-1.2:5.2.6#zoned-ops"]
+    if fails is None:
+        assert result.verdict is Verdict.PASS and "not exercised" not in result.reason, result
+    else:
+        assert result.verdict is Verdict.FAIL and fails in result.reason, result

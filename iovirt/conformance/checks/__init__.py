@@ -16,6 +16,7 @@ from iovirt.conformance.checks import net_headers  # noqa: F401
 from iovirt.conformance.checks import net_gso  # noqa: F401
 from iovirt.conformance.checks import blk  # noqa: F401
 from iovirt.conformance.checks import blk_edges  # noqa: F401
+from iovirt.conformance.checks import blk_zoned  # noqa: F401
 from iovirt.conformance.checks import rng  # noqa: F401
 from iovirt.conformance.checks import input  # noqa: F401
 from iovirt.conformance.checks import vsock  # noqa: F401

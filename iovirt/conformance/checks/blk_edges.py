@@ -13,7 +13,7 @@ from iovirt.conformance.devices import STATUS_NAMES, BlkPort
 from iovirt.conformance.registry import NotApplicable, check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.messages import ProtocolFeature as PF
-from iovirt.virtio.defs import VIRTIO_CONFIG_S_FEATURES_OK
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1
 from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     REQ_HDR,
@@ -172,12 +172,14 @@ def _zoned_applies(caps) -> str | None:
 
 @check(
     "virtio-1.2:5.2.5#zoned",
-    "blk: with ZONED a valid model, zone_sectors for HM/HA, max_append_sectors within seg_max*size_max, unused2 0; "
-    "without it HM refuses FEATURES_OK and HA/NONE zero the zoned fields",
+    "blk: with ZONED a valid model, zone_sectors for HM/HA, max_append_sectors within seg_max*size_max, unused2 0, "
+    "VERSION_1 offered too; without it HM refuses FEATURES_OK and HA/NONE zero the zoned fields",
     devices=BLK,
     applies=_zoned_applies,
 )
 def zoned_config(ctx: Context) -> None:
+    # 5.2.5 (1.4): a legacy device (one without VIRTIO_F_VERSION_1) MUST NOT offer ZONED.
+    expect(ctx.caps.has(VIRTIO_F_VERSION_1), f"ZONED offered without VIRTIO_F_VERSION_1 (features {ctx.caps.features:#x})")
     link = ctx.open()
     config = link.frontend.get_config(0, CONFIG_THROUGH_ZONED)
     zone_sectors, _open, _active, append, _gran, model, unused2 = ZONED_FIELDS.unpack_from(config, CONFIG_ZONED)
