@@ -20,8 +20,10 @@ from iovirt.vhost_user import bringup
 from iovirt.vhost_user.bringup import PROTOCOL_BIT
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
-from iovirt.vhost_user.driver import PACKED_START_BASE, AnyDriverQueue
+from iovirt.vhost_user.driver import IOVA_BASE, PACKED_START_BASE, AnyDriverQueue
+from iovirt.vhost_user.viommu import FrontendIommu
 from iovirt.virtio.defs import (
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_RING_PACKED,
@@ -48,8 +50,8 @@ DRIVER_FEATURES = (
     | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1) | PROTOCOL_BIT
 )
 """What this driver can accept (2.2.1: a driver MUST NOT accept a feature it does not understand):
-no IN_ORDER's batched used entries, no IOTLB (ACCESS_PLATFORM); RING_PACKED only on a link opened with
-``packed=True``."""
+no IN_ORDER's batched used entries; RING_PACKED only on a link opened with ``packed=True``, ACCESS_PLATFORM
+only with ``iommu=True``."""
 
 
 class Link:
@@ -60,7 +62,9 @@ class Link:
     features at all).  ``regions`` memfd regions are shared with
     SET_MEM_TABLE, or one ADD_MEM_REG each when ``mem_slots``.  Rings and
     buffers are allocated from the last region.  ``packed`` accepts VIRTIO_F_RING_PACKED when offered:
-    the rings are then packed (2.8).
+    the rings are then packed (2.8).  ``iommu`` accepts VIRTIO_F_ACCESS_PLATFORM when offered: the driver
+    then works in IOVAs (``IOVA_BASE`` + guest-physical address) behind :attr:`iommu`, which answers the
+    back-end's misses while the link waits for used buffers.
     """
 
     def __init__(
@@ -74,8 +78,10 @@ class Link:
         regions: int = 1,
         mem_slots: bool = False,
         packed: bool = False,
+        iommu: bool = False,
     ) -> None:
         self.timeout = timeout
+        self.iommu: FrontendIommu | None = None
         self.frontend = VhostUserFrontend.connect(path, timeout=timeout)
         try:
             self.regions: list[MemoryRegion] = [
@@ -85,11 +91,19 @@ class Link:
             self.allocs = [BumpAllocator(r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
             self.alloc = self.allocs[-1]
             accept = DRIVER_FEATURES | (1 << VIRTIO_F_RING_PACKED if packed else 0)
+            accept |= 1 << VIRTIO_F_ACCESS_PLATFORM if iommu else 0
             self.negotiated = bringup.negotiate(
-                self.frontend, features & accept, protocol_features, protocol=protocol, packed=packed
+                self.frontend, features & accept, protocol_features, protocol=protocol, packed=packed, iommu=iommu
             )
             bringup.features_ok(self.frontend)  # QEMU's order: FEATURES_OK right after SET_FEATURES
             bringup.share_memory(self.frontend, self.regions, mem_slots=mem_slots)
+            if self.negotiated.has(VIRTIO_F_ACCESS_PLATFORM):
+                self.iommu = FrontendIommu(self.frontend)
+                for r in self.regions:
+                    self.iommu.map(IOVA_BASE + r.gpa, r.gpa, r.size)
+                self.memory = self.iommu.memory
+                self.allocs = [BumpAllocator(IOVA_BASE + r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
+                self.alloc = self.allocs[-1]
         except BaseException:
             self.frontend.close()
             raise
@@ -141,6 +155,8 @@ class Link:
             self.frontend.wait_closed(min(self.timeout, TEARDOWN_S))
         except OSError:
             pass  # already closed by the back-end
+        if self.iommu is not None:
+            self.iommu.close()
         self.frontend.close()
 
     # -- rings -----------------------------------------------------------------------
@@ -165,6 +181,8 @@ class Link:
         bringup.start_vring(
             self.frontend, index, q.size, q.desc_addr, *areas, base=base, call=call, kick=kick, enable=enable
         )
+        if self.iommu is not None:
+            self.iommu.serve()  # the misses for the ring, sent before SET_VRING_KICK was acked
         return q
 
     def split_queue(self, index: int) -> DriverQueue:
@@ -251,7 +269,10 @@ class Link:
             got += self.read_used(index)
             if len(got) >= n or time.monotonic() >= deadline:
                 return got
-            time.sleep(POLL_S)
+            if self.iommu is not None:
+                self.iommu.serve(POLL_S)  # the back-end may be waiting for a translation
+            else:
+                time.sleep(POLL_S)
 
     def read_used(self, index: int) -> list[UsedElem]:
         """Take the new used entries, validating them (2.7.8.2)."""

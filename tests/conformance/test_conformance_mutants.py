@@ -34,6 +34,7 @@ from iovirt.errors import IovirtError
 from iovirt.vhost_user import devstate, state_migration, vrings as vrings_module
 from iovirt.vhost_user.backend import BackendSession
 from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.iotlb import DeviceIotlb
 from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.devices.net import NetAdapter, NetConfigAdapter
 from iovirt.vhost_user.errors import RequestRefused
@@ -1044,3 +1045,28 @@ def test_zoned_ops_check(make_backend, blk_class, fails):
         assert result.verdict is Verdict.PASS and "not exercised" not in result.reason, result
     else:
         assert result.verdict is Verdict.FAIL and fails in result.reason, result
+
+
+# -- IOTLB (vhost-user IOMMU support) --------------------------------------------------------------------
+def _permissions_ignored(monkeypatch):
+    monkeypatch.setattr(DeviceIotlb, "_access_fail", lambda self, iova, access, entry: None)
+
+
+def _invalidate_ignored(monkeypatch):
+    # INVALIDATE acked but nothing dropped, and entries kept across completions: the old translation stays.
+    monkeypatch.setattr(DeviceIotlb, "invalidate", lambda self, iova, size: True)
+    monkeypatch.setattr(DeviceIotlb, "forget_unpinned", lambda self: None)
+
+
+@pytest.mark.parametrize("inject,reason", [(None, None), (_permissions_ignored, "read-only"),
+                                           (_invalidate_ignored, "old translation")],
+                         ids=["correct", "permissions-ignored", "invalidate-ignored"])
+def test_iotlb_check(make_backend, monkeypatch, inject, reason):
+    if inject is not None:
+        inject(monkeypatch)
+    b = make_backend()
+    result = _vu_run(Target(b.iommu_blk_path, "blk", TIMEOUT), {"vhost-user:IOMMU support"})["vhost-user:IOMMU support"]
+    if reason is None:
+        assert result.verdict is Verdict.PASS, result
+    else:
+        assert result.verdict is Verdict.FAIL and reason in result.reason, result

@@ -7,6 +7,7 @@ then the virtio-pci transport checks (for in-process targets only).
 from iovirt.conformance.checks import vhost_user  # noqa: F401
 from iovirt.conformance.checks import vhost_user_rings  # noqa: F401
 from iovirt.conformance.checks import vhost_user_messages  # noqa: F401
+from iovirt.conformance.checks import vhost_user_iotlb  # noqa: F401
 from iovirt.conformance.checks import features  # noqa: F401
 from iovirt.conformance.checks import virtqueue  # noqa: F401
 from iovirt.conformance.checks import notifications  # noqa: F401
