@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 import zlib
 
 import pytest
@@ -1070,3 +1072,32 @@ def test_iotlb_check(make_backend, monkeypatch, inject, reason):
         assert result.verdict is Verdict.PASS, result
     else:
         assert result.verdict is Verdict.FAIL and reason in result.reason, result
+
+
+# -- GET_VRING_BASE drains ------------------------------------------------------------------------------
+class LateCompletionBlk(VirtioBlk):
+    """Takes requests at once but serves them on a thread of their own a little later (GET_VRING_BASE does not wait)."""
+
+    def process_queue(self, index, queue):
+        if not self.enabled[index]:
+            return
+        batch = queue.pop_batch(64, None)
+        if not len(batch):
+            return
+
+        def finish():
+            time.sleep(0.1)
+            if self.queues[index] is not queue:
+                return  # the ring was stopped meanwhile (GET_VRING_BASE did not wait): the requests are lost
+            left, _nbytes = self._serve_batch(index, batch, queue)
+            for i in left:
+                batch.set_used_len(i, self._serve(queue.memory, batch[i]))
+            queue.push_batch(batch)
+            self.signal(index)
+
+        threading.Thread(target=finish, daemon=True).start()
+
+
+def test_get_vring_base_drain_mutant(make_backend):
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=LateCompletionBlk)), {"vhost-user:GET_VRING_BASE#drain"}))
+    assert set(failed) == {"vhost-user:GET_VRING_BASE#drain"} and "in flight" in failed["vhost-user:GET_VRING_BASE#drain"], failed
