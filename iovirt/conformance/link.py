@@ -232,9 +232,15 @@ class Link:
         writable: Sequence[tuple[int, int]],
         *,
         indirect: bool = False,
+        lead: int = 0,
     ) -> int:
-        """Make a chain of given guest buffers available (for layouts add() cannot build)."""
-        head = self.queues[index].add_chain(readable, writable, indirect=indirect)
+        """Make a chain of given guest buffers available (for layouts add() cannot build); with ``indirect``,
+        ``lead`` buffers stay in split-ring descriptors before the indirect one."""
+        q = self.queues[index]
+        if lead:
+            head = self.split_queue(index).add_chain(readable, writable, indirect=indirect, lead=lead)
+        else:
+            head = q.add_chain(readable, writable, indirect=indirect)
         self._writable[(index, head)] = sum(n for _, n in writable)
         return head
 

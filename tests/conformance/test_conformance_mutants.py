@@ -1101,3 +1101,32 @@ class LateCompletionBlk(VirtioBlk):
 def test_get_vring_base_drain_mutant(make_backend):
     failed = _failed(_vu_run(_blk(make_backend(blk_class=LateCompletionBlk)), {"vhost-user:GET_VRING_BASE#drain"}))
     assert set(failed) == {"vhost-user:GET_VRING_BASE#drain"} and "in flight" in failed["vhost-user:GET_VRING_BASE#drain"], failed
+
+
+# -- indirect tables ---------------------------------------------------------------------------------------
+class ShortIndirectTablesBlk(VirtioBlk):
+    """Refuses an indirect table of more than 16 descriptors (a limit the spec does not give it)."""
+
+    def process_queue(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            desc = _avail(queue, state, i)
+            for _ in range(state.size):
+                at = state.desc_addr + 16 * desc
+                flags = queue.memory.read_u16(at + 12)
+                if flags & VIRTQ_DESC_F_INDIRECT and queue.memory.read_u32(at + 8) > 16 * 16:
+                    self.fail(IovirtError("indirect table longer than 16 descriptors"))
+                    return
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                desc = queue.memory.read_u16(at + 14)
+            i = (i + 1) & 0xFFFF
+        super().process_queue(index, queue)
+
+
+def test_indirect_limits_mutant(make_backend):
+    clauses = {"virtio-1.2:2.7.5.3.2#limits", "virtio-1.2:2.7.5.3.2"}
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=ShortIndirectTablesBlk)), clauses))
+    assert set(failed) == {"virtio-1.2:2.7.5.3.2#limits"}, failed
