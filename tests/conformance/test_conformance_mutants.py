@@ -1076,26 +1076,38 @@ def test_iotlb_check(make_backend, monkeypatch, inject, reason):
 
 # -- GET_VRING_BASE drains ------------------------------------------------------------------------------
 class LateCompletionBlk(VirtioBlk):
-    """Takes requests at once but serves them on a thread of their own a little later (GET_VRING_BASE does not wait)."""
+    """Takes requests at once and serves them one by one on a thread of their own (GET_VRING_BASE does not wait)."""
+
+    lock = threading.Lock()  # a push never races the ring's release
+
+    def stop_queue(self, index):
+        with self.lock:
+            return super().stop_queue(index)
 
     def process_queue(self, index, queue):
         if not self.enabled[index]:
             return
-        batch = queue.pop_batch(64, None)
-        if not len(batch):
-            return
+        batches = []
+        while True:
+            batch = queue.pop_batch(1, None)
+            if not len(batch):
+                break
+            batches.append(batch)
 
         def finish():
-            time.sleep(0.1)
-            if self.queues[index] is not queue:
-                return  # the ring was stopped meanwhile (GET_VRING_BASE did not wait): the requests are lost
-            left, _nbytes = self._serve_batch(index, batch, queue)
-            for i in left:
-                batch.set_used_len(i, self._serve(queue.memory, batch[i]))
-            queue.push_batch(batch)
-            self.signal(index)
+            for batch in batches:
+                time.sleep(0.02)
+                with self.lock:
+                    if self.queues[index] is not queue:
+                        return  # the ring was stopped meanwhile (GET_VRING_BASE did not wait): the rest is lost
+                    left, _nbytes = self._serve_batch(index, batch, queue)
+                    for i in left:
+                        batch.set_used_len(i, self._serve(queue.memory, batch[i]))
+                    queue.push_batch(batch)
+                self.signal(index)
 
-        threading.Thread(target=finish, daemon=True).start()
+        if batches:
+            threading.Thread(target=finish, daemon=True).start()
 
 
 def test_get_vring_base_drain_mutant(make_backend):

@@ -281,8 +281,12 @@ def get_vring_base_drains(ctx: Context) -> None:
         for _ in range(DRAIN_REQUESTS):
             work.post()
     link.submit(work.index)
-    base = link.frontend.get_vring_base(work.index)
     q = link.split_queue(work.index)
+    deadline = time.monotonic() + ctx.timeout
+    while q.used_idx() == 0:  # stop once the back-end is busy with the batch, not before it began
+        expect(time.monotonic() < deadline, f"none of {DRAIN_REQUESTS} requests was used within {ctx.timeout:g} s")
+        time.sleep(0.0002)
+    base = link.frontend.get_vring_base(work.index)
     used = q.used_idx()
     expect(0 < base <= DRAIN_REQUESTS, f"GET_VRING_BASE returned {base} for {DRAIN_REQUESTS} requests made available")
     expect(used == base, f"GET_VRING_BASE replied with base {base} while only {used} of those requests were used "
