@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from conftest import IovirtBackend
-from zoned_model import NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
+from zoned_model import MAX_APPEND, NoAppendZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
     VIRTIO_BLK_F_ZONED,
@@ -1039,7 +1039,22 @@ def test_queue_reset_mutants(monkeypatch, inject, device):
 
 
 # -- zoned operation ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (UnalignedWriteOkBlk, "off the write pointer"),
+class AppendsWithoutMaxAppendBlk(NoAppendZonedBlk):
+    """Reports max_append_sectors 0 yet appends."""
+
+    max_append = 0
+
+    def _append(self, memory, request):
+        self.max_append = MAX_APPEND
+        try:
+            super()._append(memory, request)
+        finally:
+            self.max_append = 0
+
+
+@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (NoAppendZonedBlk, None),
+                                             (AppendsWithoutMaxAppendBlk, "max_append_sectors 0"),
+                                             (UnalignedWriteOkBlk, "off the write pointer"),
                                              (StaleAfterResetBlk, "old data"), (NoOpenLimitBlk, "max_open_zones")])
 def test_zoned_ops_check(make_backend, blk_class, fails):
     result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#zoned-ops"})["virtio-1.2:5.2.6#zoned-ops"]

@@ -39,7 +39,7 @@ from iovirt.conformance.checks.blk_zoned import (
     ZONE_DESC,
 )
 from iovirt.virtio.blk._datapath_py import parse_request
-from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.blk.device import VirtioBlk
 
 ZONE_SECTORS, MAX_OPEN, MAX_ACTIVE, MAX_APPEND = 64, 2, 3, 8
@@ -60,6 +60,7 @@ class ZonedOpsBlk(VirtioBlk):
     """Host-managed zones over the image; every request is served here, one at a time."""
 
     check_wp = True
+    max_append = MAX_APPEND
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -72,7 +73,7 @@ class ZonedOpsBlk(VirtioBlk):
         return super().device_features() | 1 << VIRTIO_BLK_F_ZONED
 
     def config_space(self):
-        zoned = ZONED_FIELDS.pack(ZONE_SECTORS, MAX_OPEN, MAX_ACTIVE, MAX_APPEND, SECTOR_SIZE, VIRTIO_BLK_Z_HM, bytes(3))
+        zoned = ZONED_FIELDS.pack(ZONE_SECTORS, MAX_OPEN, MAX_ACTIVE, self.max_append, SECTOR_SIZE, VIRTIO_BLK_Z_HM, bytes(3))
         return super().config_space() + bytes(CONFIG_ZONED - 60) + zoned
 
     def _serve_batch(self, index, batch, queue):
@@ -143,9 +144,11 @@ class ZonedOpsBlk(VirtioBlk):
 
     def _append(self, memory, request) -> None:
         data = self._data(memory, request.dout)
+        if len(data) > self.max_append * SECTOR_SIZE and not self.max_append:
+            raise Refused(VIRTIO_BLK_S_UNSUPP)
         z = request.sector // ZONE_SECTORS
         if (z >= self.nzones or self.types[z] != VIRTIO_BLK_ZT_SWR or request.sector != z * ZONE_SECTORS
-                or len(data) > MAX_APPEND * SECTOR_SIZE):
+                or len(data) > self.max_append * SECTOR_SIZE):
             raise Refused(VIRTIO_BLK_S_ZONE_INVALID_CMD)
         at = self.wps[z]
         self._put(z, at, data)
@@ -213,6 +216,12 @@ class ZonedOpsBlk(VirtioBlk):
 MANAGE = {VIRTIO_BLK_T_ZONE_OPEN: "zone_open", VIRTIO_BLK_T_ZONE_CLOSE: "zone_close",
           VIRTIO_BLK_T_ZONE_FINISH: "zone_finish", VIRTIO_BLK_T_ZONE_RESET: "zone_reset",
           VIRTIO_BLK_T_ZONE_RESET_ALL: "zone_reset_all"}
+
+
+class NoAppendZonedBlk(ZonedOpsBlk):
+    """Reports max_append_sectors 0: no ZONE_APPEND."""
+
+    max_append = 0
 
 
 class UnalignedWriteOkBlk(ZonedOpsBlk):
