@@ -19,6 +19,9 @@ from conftest import IovirtBackend
 from zoned_model import MAX_APPEND, NoAppendZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
+    LIFETIME,
+    VIRTIO_BLK_F_LIFETIME,
+    VIRTIO_BLK_T_GET_LIFETIME,
     VIRTIO_BLK_F_ZONED,
     VIRTIO_BLK_Z_HA,
     VIRTIO_BLK_Z_HM,
@@ -1157,3 +1160,31 @@ def test_indirect_limits_mutant(make_backend):
     clauses = {"virtio-1.2:2.7.5.3.2#limits", "virtio-1.2:2.7.5.3.2"}
     failed = _failed(_vu_run(_blk(make_backend(blk_class=ShortIndirectTablesBlk)), clauses))
     assert set(failed) == {"virtio-1.2:2.7.5.3.2#limits"}, failed
+
+
+# -- GET_LIFETIME ---------------------------------------------------------------------------------------------
+class LifetimeBlk(VirtioBlk):
+    """Offers VIRTIO_BLK_F_LIFETIME and reports eMMC-style lifetime metrics."""
+
+    metrics = (1, 3, 11)  # NORMAL, 21-30 % of SLC lifetime used, MLC lifetime exceeded
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_BLK_F_LIFETIME
+
+    def _serve(self, memory, chain):
+        request = parse_request(memory, chain)
+        if request is not None and request.type == VIRTIO_BLK_T_GET_LIFETIME and request.din:
+            memory.write(request.din[0][0], LIFETIME.pack(*self.metrics))
+            memory.write(request.status_addr, bytes([VIRTIO_BLK_S_OK]))
+            return chain.writable_len
+        return super()._serve(memory, chain)
+
+
+class ReservedLifetimeBlk(LifetimeBlk):
+    metrics = (4, 3, 12)
+
+
+@pytest.mark.parametrize("blk_class,fails", [(LifetimeBlk, False), (ReservedLifetimeBlk, True)])
+def test_lifetime_check(make_backend, blk_class, fails):
+    result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#lifetime"})["virtio-1.2:5.2.6#lifetime"]
+    assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result

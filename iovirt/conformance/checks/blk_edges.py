@@ -200,3 +200,29 @@ def zoned_config(ctx: Context) -> None:
         return
     fields = plain.frontend.get_config(CONFIG_ZONED, ZONED_FIELDS.size - 4)
     expect(fields == bytes(len(fields)), f"zoned fields {fields.hex()} not zero with ZONED not accepted (model {model})")
+
+
+VIRTIO_BLK_F_LIFETIME = 15
+VIRTIO_BLK_T_GET_LIFETIME = 10
+LIFETIME = struct.Struct("<HHH")  # pre_eol_info, device_lifetime_est_typ_a, device_lifetime_est_typ_b
+PRE_EOL_VALUES = range(0, 4)  # UNDEFINED, NORMAL, WARNING, URGENT; all others reserved
+LIFETIME_EST_VALUES = range(0, 12)  # 0 undefined, 1..10 in 10 % steps, 11 exceeded; above 11 reserved
+
+
+@check(
+    "virtio-1.2:5.2.6#lifetime",
+    "blk: with LIFETIME, GET_LIFETIME completes OK with pre_eol_info 0..3 and both lifetime estimates 0..11",
+    devices=BLK,
+    applies=lambda caps: None if caps.has(VIRTIO_BLK_F_LIFETIME) else "VIRTIO_BLK_F_LIFETIME not offered",
+)
+def lifetime(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_BLK_F_LIFETIME), "VIRTIO_BLK_F_LIFETIME offered but not negotiated")
+    port = BlkPort(link)
+    for _ in range(2):  # the metrics may change between requests; each answer must be valid
+        result = port.request(VIRTIO_BLK_T_GET_LIFETIME, 0, in_len=LIFETIME.size)
+        expect_ok(result.status, "GET_LIFETIME")
+        pre_eol, est_a, est_b = LIFETIME.unpack(result.data)
+        expect(pre_eol in PRE_EOL_VALUES, f"pre_eol_info {pre_eol}: a reserved value (defined: 0..3)")
+        expect(est_a in LIFETIME_EST_VALUES and est_b in LIFETIME_EST_VALUES,
+               f"device_lifetime_est_typ_a/b {est_a}/{est_b}: a reserved value (defined: 0..11)")
