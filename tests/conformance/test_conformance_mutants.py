@@ -56,6 +56,7 @@ from iovirt.virtio.blk.defs import (
 )
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import (
+    VIRTIO_F_ADMIN_VQ,
     VIRTIO_F_NOTIFICATION_DATA,
     VIRTIO_F_VERSION_1,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -83,8 +84,9 @@ from iovirt.pci.regs import PCI_DEVICE_ID
 from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
+from iovirt.virtio.transport import common_cfg as common_cfg_module
 from iovirt.virtio.transport.common_cfg import CommonCfg
-from iovirt.virtio.transport.defs import VIRTIO_PCI_CAP_DEVICE_CFG
+from iovirt.virtio.transport.defs import VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_COMMON_ADMIN_Q_INDEX, VIRTIO_PCI_COMMON_ADMIN_Q_NUM
 
 
 def _failed(results: dict) -> dict:
@@ -1188,3 +1190,34 @@ class ReservedLifetimeBlk(LifetimeBlk):
 def test_lifetime_check(make_backend, blk_class, fails):
     result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#lifetime"})["virtio-1.2:5.2.6#lifetime"]
     assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result
+
+
+# -- admin virtqueue fields (VIRTIO_F_ADMIN_VQ) ---------------------------------------------------------
+def _offers_admin_vq(monkeypatch, index_of, num):
+    """The function offers ADMIN_VQ and its common configuration ends with admin_queue_index/num
+    (``index_of(num_queues)`` and ``num``)."""
+    monkeypatch.setattr(transport_pci, "VIRTIO_PCI_COMMON_CFG_SIZE", VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2)
+    monkeypatch.setattr(common_cfg_module, "TRANSPORT_FEATURES", common_cfg_module.TRANSPORT_FEATURES | 1 << VIRTIO_F_ADMIN_VQ)
+    offered, read = transport_pci.VirtioPciFunction.offered_features, CommonCfg.read
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "offered_features", lambda self: offered(self) | 1 << VIRTIO_F_ADMIN_VQ)
+
+    def admin_read(self, offset, size):
+        if size == 2 and offset == VIRTIO_PCI_COMMON_ADMIN_Q_INDEX:
+            return index_of(len(self.queues))
+        if size == 2 and offset == VIRTIO_PCI_COMMON_ADMIN_Q_NUM:
+            return num
+        return read(self, offset, size)
+
+    monkeypatch.setattr(CommonCfg, "read", admin_read)
+
+
+@pytest.mark.parametrize("index_of,num,failure", [
+    (lambda queues: queues, 1, None),
+    (lambda queues: queues - 1, 1, "below num_queues"),
+    (lambda queues: 0xFFF0, 0x20, "runs past"),
+], ids=["good", "index-among-queues", "num-past-0xffff"])
+def test_admin_queue_fields_check(monkeypatch, index_of, num, failure):
+    _offers_admin_vq(monkeypatch, index_of, num)
+    result = _pci_run()["virtio-1.2:4.1.4.3.1#admin_queue"]
+    assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
+    assert failure is None or failure in result.reason

@@ -27,10 +27,12 @@ from iovirt.pci.regs import (
     PCI_SUBSYSTEM_ID,
     PCI_VENDOR_ID,
 )
-from iovirt.virtio.defs import VIRTIO_F_NOTIFICATION_DATA
+from iovirt.virtio.defs import VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_COMMON_ADMIN_Q_INDEX,
+    VIRTIO_PCI_COMMON_ADMIN_Q_NUM,
     VIRTIO_PCI_CAP_BAR,
     VIRTIO_PCI_CAP_COMMON_CFG,
     VIRTIO_PCI_CAP_DEVICE_CFG,
@@ -258,3 +260,22 @@ def pci_header(ctx: PciContext) -> None:
         bar += 2 if wide else 1
     pin = cfg.read(PCI_INTERRUPT_PIN, 1)
     expect(pin <= 4, f"interrupt pin {pin}, expected 0 (none) or 1..4 (INTA..INTD)")
+
+
+@check(
+    "virtio-1.2:4.1.4.3.1#admin_queue",
+    "with ADMIN_VQ: admin_queue_index is at least num_queues and admin_queue_num fits below 0x10000 from it",
+    transport=PCI,
+    applies=lambda caps: None if caps.has(VIRTIO_F_ADMIN_VQ) else "VIRTIO_F_ADMIN_VQ not offered",
+)
+def admin_queue(ctx: PciContext) -> None:
+    ctx.bring_up()
+    d = ctx.driver
+    expect(d.has_feature(VIRTIO_F_ADMIN_VQ), "VIRTIO_F_ADMIN_VQ offered but not negotiated")
+    common = _virtio_cap(ctx, VIRTIO_PCI_CAP_COMMON_CFG, "VIRTIO_PCI_CAP_COMMON_CFG")
+    end = VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2
+    expect(common.length >= end, f"common configuration of {common.length:#x} bytes lacks the admin queue fields (to {end:#x})")
+    index = d.common_read(VIRTIO_PCI_COMMON_ADMIN_Q_INDEX, 2)
+    num = d.common_read(VIRTIO_PCI_COMMON_ADMIN_Q_NUM, 2)
+    expect(index >= ctx.num_queues, f"admin_queue_index {index} is below num_queues {ctx.num_queues}")
+    expect(num <= 0x10000 - index, f"admin_queue_num {num} from admin_queue_index {index} runs past 0xffff")
