@@ -19,7 +19,7 @@ def _run(device: str) -> dict:
     return {r.clause: r for r in Runner(PlatformTarget(device)).run()}
 
 
-NOT_OFFERED = {"virtio-1.2:4.1.4.4.1#notification-data"}  # VIRTIO_F_NOTIFICATION_DATA
+NOT_OFFERED = {"virtio-1.2:4.1.4.4.1#notification-data", "virtio-1.2:4.1.4.3.1#admin_queue"}  # NOTIFICATION_DATA, ADMIN_VQ
 
 
 @pytest.mark.parametrize("device", ["net", "blk"])
