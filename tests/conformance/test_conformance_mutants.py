@@ -69,9 +69,12 @@ from iovirt.virtio.defs import (
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_SIZE,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP,
     NetHdr,
@@ -1221,3 +1224,52 @@ def test_admin_queue_fields_check(monkeypatch, index_of, num, failure):
     result = _pci_run()["virtio-1.2:4.1.4.3.1#admin_queue"]
     assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
     assert failure is None or failure in result.reason
+
+
+# -- GSO frames to a driver with GUEST_TSO4 --------------------------------------------------------------
+class GuestTsoNet(SlowPathNet):
+    """Offers GUEST_TSO4 and GUEST_ECN and hands each received TCP/IPv4 segment over as a one-segment GSO
+    frame: NEEDS_CSUM with the pseudo-header sum in place, gso_size the segment's payload, the ECN bit for CWR."""
+
+    needs_csum, ecn_bit = True, True
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_ECN
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        if self.has_feature(VIRTIO_NET_F_GUEST_TSO4) and frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 6:
+            l4 = ETH_HLEN + 4 * (frame[ETH_HLEN] & 0xF)
+            headers = l4 + 4 * (frame[l4 + 12] >> 4)
+            end = ETH_HLEN + struct.unpack_from("!H", frame, ETH_HLEN + 2)[0]
+            out = bytearray(frame)
+            pseudo = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + struct.pack("!BBH", 0, 6, end - l4)
+            words = sum(struct.unpack(f"!{len(pseudo) // 2}H", pseudo))
+            while words >> 16:
+                words = (words & 0xFFFF) + (words >> 16)
+            struct.pack_into("!H", out, l4 + 16, words)
+            gso = VIRTIO_NET_HDR_GSO_TCPV4
+            if self.ecn_bit and frame[l4 + 13] & 0x80 and self.has_feature(VIRTIO_NET_F_GUEST_ECN):
+                gso |= VIRTIO_NET_HDR_GSO_ECN
+            flags = VIRTIO_NET_HDR_F_NEEDS_CSUM if self.needs_csum else 0
+            hdr, frame = NetHdr(flags, gso, headers, end - headers, l4, 16), bytes(out)
+        return super()._receive_mergeable(queue, hdr, frame)
+
+
+class GsoWithoutNeedsCsumNet(GuestTsoNet):
+    needs_csum = False
+
+
+class GsoWithoutEcnNet(GuestTsoNet):
+    ecn_bit = False
+
+
+@pytest.mark.parametrize("net_class,fails", [(GuestTsoNet, None), (GsoWithoutNeedsCsumNet, "without NEEDS_CSUM"),
+                                             (GsoWithoutEcnNet, "without the ECN bit")])
+def test_guest_gso_check(make_backend, net_class, fails):
+    b = make_backend(net_class=net_class)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    result = _vu_run(target, {"virtio-1.2:5.1.6.4#guest-gso"})["virtio-1.2:5.1.6.4#guest-gso"]
+    if fails is None:
+        assert result.verdict is Verdict.PASS and not result.reason, result
+    else:
+        assert result.verdict is Verdict.FAIL and fails in result.reason, result

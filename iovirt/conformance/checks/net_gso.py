@@ -33,10 +33,12 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_UFO,
     VIRTIO_NET_F_GUEST_USO4,
     VIRTIO_NET_F_GUEST_USO6,
     VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_RSC_EXT,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM,
@@ -243,3 +245,65 @@ def rx_needs_csum(ctx: Context) -> str:
         expect(tcp_checksum_ok(bytes(body)),
                "checksumming from csum_start to the end and storing at csum_offset does not complete the packet")
     return "" if partial else "the device completed every checksum (NEEDS_CSUM never passed): only completeness checked"
+
+
+# -- receive: GSO frames handed to a driver that negotiated GUEST_TSO4 (1.4 5.1.9.4.1) --------------------
+def _guest_gso_applies(caps) -> str | None:
+    if not caps.has(VIRTIO_NET_F_GUEST_TSO4):
+        return "VIRTIO_NET_F_GUEST_TSO4 not offered"
+    return _tso_applies(caps)
+
+
+def _completed(data: bytes, hdr: NetHdr) -> bytes:
+    """``data`` with its checksum completed the way a driver does for NEEDS_CSUM (sum from csum_start, store)."""
+    body = bytearray(data)
+    at = hdr.csum_start + hdr.csum_offset
+    expect(hdr.csum_start < at + 2 <= len(body), f"csum_start {hdr.csum_start} + csum_offset {hdr.csum_offset} outside the frame")
+    body[at : at + 2] = struct.pack("!H", ~_sum16(bytes(body[hdr.csum_start :])) & 0xFFFF)
+    return bytes(body)
+
+
+@check(
+    "virtio-1.2:5.1.6.4#guest-gso",
+    "net: with GUEST_TSO4, a received GSO frame has NEEDS_CSUM, a gso_size, hdr_len covering its headers (SHOULD), "
+    "the ECN bit for a CWR segment when GUEST_ECN is negotiated, and completes to the data sent",
+    devices=NET,
+    applies=_guest_gso_applies,
+)
+def rx_guest_gso(ctx: Context) -> str:
+    dut, injector = _ends(ctx, ~(1 << VIRTIO_NET_F_RSC_EXT))
+    expect(dut.link.negotiated.has(VIRTIO_NET_F_GUEST_TSO4), "VIRTIO_NET_F_GUEST_TSO4 offered but not negotiated")
+    ecn = dut.link.negotiated.has(VIRTIO_NET_F_GUEST_ECN)
+    l4 = ETH_HLEN + 20
+    gso_seen = 0
+    for cwr in (False, True):
+        tag = new_tag()
+        if cwr:  # one segment with CWR/ECE (the sender has no HOST_ECN: no TSO with ECN)
+            payload = _payload(tag, 1000)
+            frame = _with_tcp_flags(tcp_frame(payload, csum="partial"), TCP_CWR_ECE)
+            hdr = NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, l4, TCP_CSUM_OFFSET)
+        else:
+            payload = _payload(tag, TSO_PAYLOAD)
+            frame = tcp_frame(payload, csum="partial")
+            hdr = NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, l4 + TCP_HLEN, TSO_MSS, l4, TCP_CSUM_OFFSET)
+        _send(injector, hdr, frame)
+        got_payload = b""
+        while len(got_payload) < len(payload):
+            got = _receive_all(dut, tag, 1, ctx, f"data at byte {len(got_payload)} of a TCP frame")[0]
+            h = got.hdr
+            end = ETH_HLEN + struct.unpack_from("!H", got.frame, ETH_HLEN + 2)[0]
+            data = got.frame[:end]
+            if h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_NONE:
+                gso_seen += 1
+                expect(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, f"a GSO frame (gso_type {h.gso_type:#x}) without NEEDS_CSUM")
+                expect(h.gso_size > 0, f"a GSO frame (gso_type {h.gso_type:#x}) with gso_size 0")
+                expect(h.hdr_len >= l4 + TCP_HLEN,
+                       f"hdr_len {h.hdr_len} is shorter than the {l4 + TCP_HLEN} bytes of headers (SHOULD cover them)")
+                if cwr and ecn:
+                    expect(h.gso_type & VIRTIO_NET_HDR_GSO_ECN,
+                           f"a GSO frame of a CWR segment without the ECN bit (gso_type {h.gso_type:#x}, GUEST_ECN negotiated)")
+                data = _completed(data, h)
+                expect(tcp_checksum_ok(data), "a GSO frame's checksum, completed from csum_start, is wrong")
+            got_payload += data[l4 + TCP_HLEN :]
+        expect(got_payload == payload, "the data of the GSO frames differs from what was sent")
+    return "" if gso_seen else "the device passed no GSO frame (only segments): the GSO header rules were not exercised"
