@@ -73,7 +73,9 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_RSC_EXT,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_F_RSC_INFO,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP,
@@ -1231,10 +1233,11 @@ class GuestTsoNet(SlowPathNet):
     """Offers GUEST_TSO4 and GUEST_ECN and hands each received TCP/IPv4 segment over as a one-segment GSO
     frame: NEEDS_CSUM with the pseudo-header sum in place, gso_size the segment's payload, the ECN bit for CWR."""
 
-    needs_csum, ecn_bit = True, True
+    needs_csum, ecn_bit, rsc, rsc_info = True, True, False, True
 
     def device_features(self):
-        return super().device_features() | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_ECN
+        rsc = 1 << VIRTIO_NET_F_RSC_EXT if self.rsc else 0
+        return super().device_features() | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_ECN | rsc
 
     def _receive_mergeable(self, queue, hdr, frame):
         if self.has_feature(VIRTIO_NET_F_GUEST_TSO4) and frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 6:
@@ -1252,6 +1255,8 @@ class GuestTsoNet(SlowPathNet):
                 gso |= VIRTIO_NET_HDR_GSO_ECN
             flags = VIRTIO_NET_HDR_F_NEEDS_CSUM if self.needs_csum else 0
             hdr, frame = NetHdr(flags, gso, headers, end - headers, l4, 16), bytes(out)
+            if self.rsc_info and self.has_feature(VIRTIO_NET_F_RSC_EXT):  # one segment, no duplicated ACK
+                hdr = NetHdr(flags | VIRTIO_NET_HDR_F_RSC_INFO, gso, headers, end - headers, 1, 0)
         return super()._receive_mergeable(queue, hdr, frame)
 
 
@@ -1263,8 +1268,19 @@ class GsoWithoutEcnNet(GuestTsoNet):
     ecn_bit = False
 
 
-@pytest.mark.parametrize("net_class,fails", [(GuestTsoNet, None), (GsoWithoutNeedsCsumNet, "without NEEDS_CSUM"),
-                                             (GsoWithoutEcnNet, "without the ECN bit")])
+class RscNet(GuestTsoNet):
+    """Also offers RSC_EXT (its GSO frames then carry RSC_INFO)."""
+
+    rsc = True
+
+
+class RscWithoutInfoNet(RscNet):
+    rsc_info = False
+
+
+@pytest.mark.parametrize("net_class,fails", [(GuestTsoNet, None), (RscNet, None),
+                                             (GsoWithoutNeedsCsumNet, "without NEEDS_CSUM"),
+                                             (GsoWithoutEcnNet, "without the ECN bit"), (RscWithoutInfoNet, "without RSC_INFO")])
 def test_guest_gso_check(make_backend, net_class, fails):
     b = make_backend(net_class=net_class)
     target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
