@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from conftest import IovirtBackend
-from zoned_model import MAX_APPEND, NoAppendZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
+from zoned_model import MAX_APPEND, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
     LIFETIME,
@@ -1062,7 +1062,8 @@ class AppendsWithoutMaxAppendBlk(NoAppendZonedBlk):
             self.max_append = 0
 
 
-@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (NoAppendZonedBlk, None),
+@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (NoAppendZonedBlk, None), (SecureEraseZonedBlk, None),
+                                             (EraseKeepsZoneStateBlk, "after SECURE_ERASE"),
                                              (AppendsWithoutMaxAppendBlk, "max_append_sectors 0"),
                                              (UnalignedWriteOkBlk, "off the write pointer"),
                                              (StaleAfterResetBlk, "old data"), (NoOpenLimitBlk, "max_open_zones")])
@@ -1070,6 +1071,7 @@ def test_zoned_ops_check(make_backend, blk_class, fails):
     result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#zoned-ops"})["virtio-1.2:5.2.6#zoned-ops"]
     if fails is None:
         assert result.verdict is Verdict.PASS and "not exercised" not in result.reason, result
+        assert ("SECURE_ERASE not negotiated" in result.reason) is (blk_class is not SecureEraseZonedBlk), result
     else:
         assert result.verdict is Verdict.FAIL and fails in result.reason, result
 

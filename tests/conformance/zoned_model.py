@@ -10,6 +10,7 @@ with the device classes of test_conformance_mutants.py).
 from __future__ import annotations
 
 import os
+import struct
 
 from iovirt.conformance.checks.blk_edges import CONFIG_ZONED, VIRTIO_BLK_F_ZONED, VIRTIO_BLK_Z_HM, ZONED_FIELDS
 from iovirt.conformance.checks.blk_zoned import (
@@ -18,7 +19,9 @@ from iovirt.conformance.checks.blk_zoned import (
     VIRTIO_BLK_S_ZONE_ACTIVE_RESOURCE,
     VIRTIO_BLK_S_ZONE_INVALID_CMD,
     VIRTIO_BLK_S_ZONE_OPEN_RESOURCE,
+    VIRTIO_BLK_F_SECURE_ERASE,
     VIRTIO_BLK_S_ZONE_UNALIGNED_WP,
+    VIRTIO_BLK_T_SECURE_ERASE,
     VIRTIO_BLK_T_ZONE_APPEND,
     VIRTIO_BLK_T_ZONE_CLOSE,
     VIRTIO_BLK_T_ZONE_FINISH,
@@ -39,7 +42,7 @@ from iovirt.conformance.checks.blk_zoned import (
     ZONE_DESC,
 )
 from iovirt.virtio.blk._datapath_py import parse_request
-from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import DISCARD_SEG, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.blk.device import VirtioBlk
 
 ZONE_SECTORS, MAX_OPEN, MAX_ACTIVE, MAX_APPEND = 64, 2, 3, 8
@@ -74,7 +77,11 @@ class ZonedOpsBlk(VirtioBlk):
 
     def config_space(self):
         zoned = ZONED_FIELDS.pack(ZONE_SECTORS, MAX_OPEN, MAX_ACTIVE, self.max_append, SECTOR_SIZE, VIRTIO_BLK_Z_HM, bytes(3))
-        return super().config_space() + bytes(CONFIG_ZONED - 60) + zoned
+        return super().config_space()[:60] + self.secure_erase_fields() + zoned
+
+    def secure_erase_fields(self) -> bytes:
+        """max_secure_erase_sectors, max_secure_erase_seg, secure_erase_sector_alignment (none here)."""
+        return bytes(CONFIG_ZONED - 60)
 
     def _serve_batch(self, index, batch, queue):
         return list(range(len(batch))), 0
@@ -216,6 +223,36 @@ class ZonedOpsBlk(VirtioBlk):
 MANAGE = {VIRTIO_BLK_T_ZONE_OPEN: "zone_open", VIRTIO_BLK_T_ZONE_CLOSE: "zone_close",
           VIRTIO_BLK_T_ZONE_FINISH: "zone_finish", VIRTIO_BLK_T_ZONE_RESET: "zone_reset",
           VIRTIO_BLK_T_ZONE_RESET_ALL: "zone_reset_all"}
+
+
+class SecureEraseZonedBlk(ZonedOpsBlk):
+    """Also offers SECURE_ERASE, which resets the zones of its range (5.2.6)."""
+
+    resets = True
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_BLK_F_SECURE_ERASE
+
+    def secure_erase_fields(self) -> bytes:
+        return struct.pack("<III", 4 * ZONE_SECTORS, 1, ZONE_SECTORS)
+
+    def _serve(self, memory, chain):
+        request = parse_request(memory, chain)
+        if request is None or request.type != VIRTIO_BLK_T_SECURE_ERASE:
+            return super()._serve(memory, chain)
+        sector, count, _flags = DISCARD_SEG.unpack(self._data(memory, request.dout)[: DISCARD_SEG.size])
+        for z in range(sector // ZONE_SECTORS, (sector + count) // ZONE_SECTORS):
+            os.pwrite(self.fd, bytes(ZONE_SECTORS * SECTOR_SIZE), z * ZONE_SECTORS * SECTOR_SIZE)
+            if self.resets and self.types[z] == VIRTIO_BLK_ZT_SWR:
+                self.zone_reset(z * ZONE_SECTORS)
+        memory.write(request.status_addr, bytes([VIRTIO_BLK_S_OK]))
+        return chain.writable_len
+
+
+class EraseKeepsZoneStateBlk(SecureEraseZonedBlk):
+    """Erases the data but leaves the zones' state and write pointers as they were."""
+
+    resets = False
 
 
 class NoAppendZonedBlk(ZonedOpsBlk):

@@ -21,6 +21,7 @@ from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.messages import ProtocolFeature as PF
 from iovirt.virtio.blk.defs import (
+    DISCARD_SEG,
     SECTOR_SIZE,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_S_IOERR,
@@ -41,6 +42,8 @@ RESOURCE = (VIRTIO_BLK_S_ZONE_OPEN_RESOURCE, VIRTIO_BLK_S_ZONE_ACTIVE_RESOURCE)
 VIRTIO_BLK_ZT_CONV, VIRTIO_BLK_ZT_SWR = 1, 2
 VIRTIO_BLK_ZS_NOT_WP, VIRTIO_BLK_ZS_EMPTY, VIRTIO_BLK_ZS_IOPEN, VIRTIO_BLK_ZS_EOPEN = 0, 1, 2, 3
 VIRTIO_BLK_ZS_CLOSED, VIRTIO_BLK_ZS_RDONLY, VIRTIO_BLK_ZS_FULL, VIRTIO_BLK_ZS_OFFLINE = 4, 13, 14, 15
+VIRTIO_BLK_F_SECURE_ERASE, VIRTIO_BLK_T_SECURE_ERASE = 16, 14
+CONFIG_SECURE_ERASE_ALIGNMENT = 68  # struct virtio_blk_config: le32 secure_erase_sector_alignment
 REPORT_HDR = struct.Struct("<Q56x")  # nr_zones, reserved
 ZONE_DESC = struct.Struct("<QQQBB38x")  # z_cap, z_start, z_wp, z_type, z_state, reserved
 APPEND_SECTOR = struct.Struct("<Q")
@@ -188,6 +191,7 @@ def zoned_ops(ctx: Context) -> str:
 
     notes += _limits(z, swr)
     notes += _read_only_offline(z, zones, appends)
+    notes += _secure_erase(z, swr[2])
     _is(z.status(VIRTIO_BLK_T_ZONE_RESET_ALL, 0), VIRTIO_BLK_S_OK, "ZONE_RESET_ALL")
     return "; ".join(notes)
 
@@ -222,6 +226,23 @@ def _limits(z: Zoned, swr: list[Zone]) -> list[str]:
     else:
         notes.append("max_active_zones not exercised")
     return notes
+
+
+def _secure_erase(z: Zoned, zone: Zone) -> list[str]:
+    """With SECURE_ERASE too: its alignment is a multiple of zone_sectors, and erasing a zone resets it."""
+    if not z.link.negotiated.has(VIRTIO_BLK_F_SECURE_ERASE):
+        return ["SECURE_ERASE not negotiated"]
+    (alignment,) = struct.unpack("<I", z.link.frontend.get_config(CONFIG_SECURE_ERASE_ALIGNMENT, 4))
+    expect(alignment and alignment % z.zone_sectors == 0,
+           f"secure_erase_sector_alignment {alignment} is not a multiple of zone_sectors {z.zone_sectors}")
+    _is(z.status(VIRTIO_BLK_T_ZONE_RESET_ALL, 0), VIRTIO_BLK_S_OK, "ZONE_RESET_ALL")
+    _is(z.status(VIRTIO_BLK_T_OUT, zone.start, os.urandom(SECTOR_SIZE)), VIRTIO_BLK_S_OK, "a write at the write pointer")
+    _is(z.status(VIRTIO_BLK_T_SECURE_ERASE, 0, DISCARD_SEG.pack(zone.start, z.zone_sectors, 0)), VIRTIO_BLK_S_OK,
+        f"SECURE_ERASE of the zone at {zone.start}")
+    after = z.zone(zone.start)
+    expect(after.state == VIRTIO_BLK_ZS_EMPTY and after.wp == zone.start,
+           f"after SECURE_ERASE the zone is in state {after.state} with wp {after.wp}, as ZONE_RESET leaves it: EMPTY at {zone.start}")
+    return []
 
 
 def _read_only_offline(z: Zoned, zones: list[Zone], appends: bool) -> list[str]:
