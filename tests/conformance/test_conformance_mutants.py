@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from conftest import IovirtBackend
-from zoned_model import MAX_APPEND, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
+from zoned_model import MAX_APPEND, CoarseWritesBlk, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
     LIFETIME,
@@ -1064,6 +1064,7 @@ class AppendsWithoutMaxAppendBlk(NoAppendZonedBlk):
 
 @pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (NoAppendZonedBlk, None), (SecureEraseZonedBlk, None),
                                              (EraseKeepsZoneStateBlk, "after SECURE_ERASE"),
+                                             (CoarseWritesBlk, "write_granularity"),
                                              (AppendsWithoutMaxAppendBlk, "max_append_sectors 0"),
                                              (UnalignedWriteOkBlk, "off the write pointer"),
                                              (StaleAfterResetBlk, "old data"), (NoOpenLimitBlk, "max_open_zones")])

@@ -280,6 +280,15 @@ class StaleAfterResetBlk(ZonedOpsBlk):
             data = data[n:]
 
 
+class CoarseWritesBlk(ZonedOpsBlk):
+    """Reports write_granularity 512 but refuses sequential writes of less than 4 KiB."""
+
+    def _put(self, z: int, sector: int, data: bytes) -> None:
+        if self.types[z] == VIRTIO_BLK_ZT_SWR and len(data) % 4096:
+            raise Refused(VIRTIO_BLK_S_ZONE_INVALID_CMD)
+        super()._put(z, sector, data)
+
+
 class NoOpenLimitBlk(ZonedOpsBlk):
     """Opens any number of zones (max_open_zones not enforced)."""
 

@@ -150,6 +150,11 @@ def zoned_ops(ctx: Context) -> str:
         _is(z.status(VIRTIO_BLK_T_IN, a.start + zs - 1, in_len=2 * SECTOR_SIZE), VIRTIO_BLK_S_ZONE_INVALID_CMD,
             f"a read of sectors {a.start + zs - 1}..{a.start + zs} across two SWR zones")
 
+    # write_granularity is the alignment writes to a sequential zone need: one write of that size is accepted.
+    granularity = max(1, -(-z.granularity // SECTOR_SIZE))
+    _is(z.status(VIRTIO_BLK_T_OUT, b.start, os.urandom(granularity * SECTOR_SIZE)), VIRTIO_BLK_S_OK,
+        f"a write of write_granularity ({z.granularity} bytes) at the write pointer")
+
     # Writes and appends on zone a.
     if appends:
         _is(z.append(a.start + 1, 1)[0], VIRTIO_BLK_S_ZONE_INVALID_CMD, "ZONE_APPEND whose sector is not the zone start")
