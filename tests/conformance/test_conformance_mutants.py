@@ -11,6 +11,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 import zlib
 
 import pytest
@@ -961,14 +962,15 @@ class TrustsFilledDescriptorBlk(VirtioBlk):
 
 
 class RewritesFirstUsedBlk(VirtioBlk):
-    """After each pass, rewrites the address field of slot 0's used descriptor (a used descriptor changed later)."""
+    """Before each pass, rewrites the address field of slot 0's used descriptor (a used descriptor changed later;
+    before the pass, so the change is made by the time the pass's own buffers show as used)."""
 
     def process_queue(self, index, queue):
-        super().process_queue(index, queue)
         if _is_packed(queue):
             at = queue.state().desc_addr
             if queue.memory.read_u16(at + 14) & VIRTQ_DESC_F_USED:
                 queue.memory.write_u64(at, queue.memory.read_u64(at) + 1)
+        super().process_queue(index, queue)
 
 
 class SwapsDataPiecesBlk(VirtioBlk):
@@ -1020,23 +1022,23 @@ def _queue_reset_ignored(monkeypatch):
 
 
 def _restart_keeps_old_state(monkeypatch):
-    # The device remembers where a stopped queue was and resumes there when the queue comes back.
-    stopped: dict[tuple[int, int], object] = {}
-    original_stop, original_start = VirtioDevice.stop_queue, VirtioDevice.start_queue
+    # The device remembers where a queue the driver reset was and resumes there when the queue comes back.
+    kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # device -> {queue index: state}
+    original_reset, original_start = CommonCfg._write_queue_reset, VirtioDevice.start_queue
 
-    def stop_queue(self, index):
-        state = original_stop(self, index)
-        if state is not None:
-            stopped[(id(self), index)] = state
-        return state
+    def write_queue_reset(self, value):
+        queue = self.device.queues[self.queue_select] if self.queue_select < len(self.device.queues) else None
+        if queue is not None:
+            kept.setdefault(self.device, {})[self.queue_select] = queue.state()
+        original_reset(self, value)
 
     def start_queue(self, index, memory, state, notify, wrap=None, *, packed=False):
-        old = stopped.pop((id(self), index), None)
+        old = kept.get(self, {}).pop(index, None)
         if old is not None:
             state = QueueState(**{**state.to_dict(), "last_avail_idx": old.last_avail_idx, "used_idx": old.used_idx})
         return original_start(self, index, memory, state, notify, wrap, packed=packed)
 
-    monkeypatch.setattr(VirtioDevice, "stop_queue", stop_queue)
+    monkeypatch.setattr(CommonCfg, "_write_queue_reset", write_queue_reset)
     monkeypatch.setattr(VirtioDevice, "start_queue", start_queue)
 
 
