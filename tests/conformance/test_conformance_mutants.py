@@ -82,7 +82,9 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_HDR_GSO_UDP,
     NetHdr,
 )
+from iovirt.virtio.net.ctrl import NetCtrl
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.state import QueueState
 from iovirt.virtio.queue import PackedQueue
@@ -1294,3 +1296,19 @@ def test_guest_gso_check(make_backend, net_class, fails):
         assert result.verdict is Verdict.PASS and not result.reason, result
     else:
         assert result.verdict is Verdict.FAIL and fails in result.reason, result
+
+
+# -- VLAN filter through the control queue (in-process transport) ------------------------------------------
+def _ctrl_net(device, scratch):
+    return VirtioNet(bytes.fromhex("525400123456"), LearningSwitch(), ctrl_vq=True, label="conform-ctrl")
+
+
+@pytest.mark.parametrize("allows,failure", [(None, None), (lambda self, frame: True, "not in the filter table"),
+                                            (lambda self, frame: frame[12:14] != b"\x81\x00", "was not received")],
+                         ids=["correct", "filter-ignored", "tagged-dropped"])
+def test_ctrl_vlan_check(monkeypatch, allows, failure):
+    if allows is not None:
+        monkeypatch.setattr(NetCtrl, "allows", allows)
+    result = {r.clause: r for r in Runner(PlatformTarget("net", make_device=_ctrl_net)).run()}["virtio-1.2:5.1.6.5.3#ctrl-vlan"]
+    assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
+    assert failure is None or failure in result.reason
