@@ -20,12 +20,17 @@ from iovirt.vhost_user import bringup
 from iovirt.vhost_user.bringup import PROTOCOL_BIT
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.vhost_user.driver import IOVA_BASE, PACKED_START_BASE, AnyDriverQueue
+from iovirt.vhost_user.viommu import FrontendIommu
 from iovirt.virtio.defs import (
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
 )
 from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
+from iovirt.virtio.packed_driver import PackedDriverQueue
 from iovirt.virtio.net.defs import (
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
@@ -45,7 +50,8 @@ DRIVER_FEATURES = (
     | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1) | PROTOCOL_BIT
 )
 """What this driver can accept (2.2.1: a driver MUST NOT accept a feature it does not understand):
-split rings only (no RING_PACKED, no IN_ORDER's batched used entries), no IOTLB (ACCESS_PLATFORM)."""
+no IN_ORDER's batched used entries; RING_PACKED only on a link opened with ``packed=True``, ACCESS_PLATFORM
+only with ``iommu=True``."""
 
 
 class Link:
@@ -55,7 +61,10 @@ class Link:
     offer; ``protocol`` False negotiates without bit 30 (no protocol
     features at all).  ``regions`` memfd regions are shared with
     SET_MEM_TABLE, or one ADD_MEM_REG each when ``mem_slots``.  Rings and
-    buffers are allocated from the last region.
+    buffers are allocated from the last region.  ``packed`` accepts VIRTIO_F_RING_PACKED when offered:
+    the rings are then packed (2.8).  ``iommu`` accepts VIRTIO_F_ACCESS_PLATFORM when offered: the driver
+    then works in IOVAs (``IOVA_BASE`` + guest-physical address) behind :attr:`iommu`, which answers the
+    back-end's misses while the link waits for used buffers.
     """
 
     def __init__(
@@ -68,8 +77,11 @@ class Link:
         protocol: bool = True,
         regions: int = 1,
         mem_slots: bool = False,
+        packed: bool = False,
+        iommu: bool = False,
     ) -> None:
         self.timeout = timeout
+        self.iommu: FrontendIommu | None = None
         self.frontend = VhostUserFrontend.connect(path, timeout=timeout)
         try:
             self.regions: list[MemoryRegion] = [
@@ -78,15 +90,24 @@ class Link:
             self.memory = self.frontend.memory
             self.allocs = [BumpAllocator(r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
             self.alloc = self.allocs[-1]
+            accept = DRIVER_FEATURES | (1 << VIRTIO_F_RING_PACKED if packed else 0)
+            accept |= 1 << VIRTIO_F_ACCESS_PLATFORM if iommu else 0
             self.negotiated = bringup.negotiate(
-                self.frontend, features & DRIVER_FEATURES, protocol_features, protocol=protocol
+                self.frontend, features & accept, protocol_features, protocol=protocol, packed=packed, iommu=iommu
             )
             bringup.features_ok(self.frontend)  # QEMU's order: FEATURES_OK right after SET_FEATURES
             bringup.share_memory(self.frontend, self.regions, mem_slots=mem_slots)
+            if self.negotiated.has(VIRTIO_F_ACCESS_PLATFORM):
+                self.iommu = FrontendIommu(self.frontend)
+                for r in self.regions:
+                    self.iommu.map(IOVA_BASE + r.gpa, r.gpa, r.size)
+                self.memory = self.iommu.memory
+                self.allocs = [BumpAllocator(IOVA_BASE + r.gpa + 0x1000, r.size - 0x1000) for r in self.regions]
+                self.alloc = self.allocs[-1]
         except BaseException:
             self.frontend.close()
             raise
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, AnyDriverQueue] = {}
         self._writable: dict[tuple[int, int], int] = {}
 
     def add_region(self, *, mem_slots: bool) -> MemoryRegion:
@@ -96,6 +117,11 @@ class Link:
         self.allocs.append(BumpAllocator(region.gpa + 0x1000, region.size - 0x1000))
         bringup.share_memory(self.frontend, [region], mem_slots=mem_slots)
         return region
+
+    @property
+    def packed(self) -> bool:
+        """Whether VIRTIO_F_RING_PACKED was negotiated (the rings are packed)."""
+        return self.negotiated.has(VIRTIO_F_RING_PACKED)
 
     @property
     def has_status(self) -> bool:
@@ -129,25 +155,45 @@ class Link:
             self.frontend.wait_closed(min(self.timeout, TEARDOWN_S))
         except OSError:
             pass  # already closed by the back-end
+        if self.iommu is not None:
+            self.iommu.close()
         self.frontend.close()
 
     # -- rings -----------------------------------------------------------------------
-    def queue(self, index: int, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True) -> DriverQueue:
-        """Lay out a split ring and hand it over: NUM, BASE, ADDR, CALL, KICK, then ENABLE 1 or 0 (with bit 30).
+    def queue(
+        self, index: int, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True
+    ) -> AnyDriverQueue:
+        """Lay out a ring (packed when negotiated, else split) and hand it over: NUM, BASE, ADDR, CALL, KICK,
+        then ENABLE 1 or 0 (with bit 30).
 
         Rings start disabled; an explicit disable also catches a back-end ignoring enable 0.
         """
-        q = DriverQueue(self.memory, self.alloc, size, event_idx=self.negotiated.has(VIRTIO_F_EVENT_IDX), index=index)
+        event_idx = self.negotiated.has(VIRTIO_F_EVENT_IDX)
+        q: AnyDriverQueue
+        if self.packed:
+            q = PackedDriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+            areas, base = (q.driver_addr, q.device_addr), PACKED_START_BASE
+        else:
+            q = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+            areas, base = (q.avail_addr, q.used_addr), 0
         q.set_interrupts(True)
         self.queues[index] = q
         bringup.start_vring(
-            self.frontend, index, q.size, q.desc_addr, q.avail_addr, q.used_addr, call=call, kick=kick, enable=enable
+            self.frontend, index, q.size, q.desc_addr, *areas, base=base, call=call, kick=kick, enable=enable
         )
+        if self.iommu is not None:
+            self.iommu.serve()  # the misses for the ring, sent before SET_VRING_KICK was acked
+        return q
+
+    def split_queue(self, index: int) -> DriverQueue:
+        """Queue ``index``, which must be a split ring (checks of split-ring layout use this)."""
+        q = self.queues[index]
+        assert isinstance(q, DriverQueue), "a split-ring helper used on a packed ring"
         return q
 
     def restart(self, index: int, base: int, *, call: bool = True, kick: bool = True) -> None:
         """(Re)start vring ``index`` from avail index ``base`` as QEMU does after GET_VRING_BASE (no ENABLE)."""
-        q = self.queues[index]
+        q = self.split_queue(index)
         bringup.start_vring(
             self.frontend, index, q.size, q.desc_addr, q.avail_addr, q.used_addr,
             base=base, call=call, kick=kick, enable=None,
@@ -158,7 +204,7 @@ class Link:
 
         Used to put a ring next to the 16-bit index wrap; no buffer may be outstanding.
         """
-        q = self.queues[index]
+        q = self.split_queue(index)
         self.frontend.get_vring_base(index)
         q.set_avail_idx(base)
         q.publish()
@@ -186,9 +232,15 @@ class Link:
         writable: Sequence[tuple[int, int]],
         *,
         indirect: bool = False,
+        lead: int = 0,
     ) -> int:
-        """Make a chain of given guest buffers available (for layouts add() cannot build)."""
-        head = self.queues[index].add_chain(readable, writable, indirect=indirect)
+        """Make a chain of given guest buffers available (for layouts add() cannot build); with ``indirect``,
+        ``lead`` buffers stay in split-ring descriptors before the indirect one."""
+        q = self.queues[index]
+        if lead:
+            head = self.split_queue(index).add_chain(readable, writable, indirect=indirect, lead=lead)
+        else:
+            head = q.add_chain(readable, writable, indirect=indirect)
         self._writable[(index, head)] = sum(n for _, n in writable)
         return head
 
@@ -202,8 +254,8 @@ class Link:
         return sum(1 for (i, _h) in self._writable if i == index)
 
     def used_count(self, index: int) -> int:
-        """New used entries the device published (not yet read)."""
-        q = self.queues[index]
+        """New used entries the device published (not yet read); split rings only."""
+        q = self.split_queue(index)
         return (q.used_idx() - q.last_used_idx) & 0xFFFF
 
     def wait_used(self, index: int, n: int = 1, timeout: float | None = None) -> list[UsedElem]:
@@ -223,12 +275,15 @@ class Link:
             got += self.read_used(index)
             if len(got) >= n or time.monotonic() >= deadline:
                 return got
-            time.sleep(POLL_S)
+            if self.iommu is not None:
+                self.iommu.serve(POLL_S)  # the back-end may be waiting for a translation
+            else:
+                time.sleep(POLL_S)
 
     def read_used(self, index: int) -> list[UsedElem]:
         """Take the new used entries, validating them (2.7.8.2)."""
         q = self.queues[index]
-        new = self.used_count(index)
+        new = 0 if isinstance(q, PackedDriverQueue) else self.used_count(index)
         pending = self.outstanding(index)
         if new > pending:
             raise CheckFailed(

@@ -126,23 +126,28 @@ class DriverQueue:
         writable: Sequence[tuple[int, int]] = (),
         *,
         indirect: bool = False,
+        lead: int = 0,
     ) -> int:
         """Make a chain of guest buffers available (not yet published); return its head.
 
         Readable buffers come first, then writable ones (2.7.4.2).  With
         ``indirect`` the buffers go into an indirect table that takes one ring
-        descriptor (2.7.5.3).
+        descriptor (2.7.5.3); ``lead`` of them stay in ring descriptors chained
+        before it (2.7.5.3.2: normal descriptors followed by one indirect).
         """
         bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
         if not bufs:
             raise DriverQueueError("a chain needs at least one buffer")
         if indirect:
+            ring, bufs = bufs[:lead], bufs[lead:]
             table = self.alloc.alloc(VIRTQ_DESC_SIZE * len(bufs), DESC_ALIGN)
             for k, (addr, length, flags) in enumerate(bufs):
                 more = VIRTQ_DESC_F_NEXT if k + 1 < len(bufs) else 0
                 self.write_desc(k, addr, length, flags | more, k + 1 if more else 0, table=table)
-            descs = self._take(1)
-            self.write_desc(descs[0], table, VIRTQ_DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
+            descs = self._take(len(ring) + 1)
+            for k, (addr, length, flags) in enumerate(ring):
+                self.write_desc(descs[k], addr, length, flags | VIRTQ_DESC_F_NEXT, descs[k + 1])
+            self.write_desc(descs[-1], table, VIRTQ_DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
         else:
             descs = self._take(len(bufs))
             for k, (addr, length, flags) in enumerate(bufs):

@@ -17,7 +17,8 @@ IMAGE_SIZE = 1 << 20
 
 
 class IovirtBackend:
-    """A server with net0/net1 (two queue pairs each) on one switch, a writable blk and a read-only blk."""
+    """A server with net0/net1 (two queue pairs each) on one switch, a writable blk, a read-only blk, and a
+    writable blk that offers VIRTIO_F_ACCESS_PLATFORM (``iommu_blk_path``)."""
 
     def __init__(self, tmp: Path, blk_class: type[VirtioBlk] = VirtioBlk, net_class: type[VirtioNet] = VirtioNet) -> None:
         self.server = VhostUserServer()
@@ -30,11 +31,14 @@ class IovirtBackend:
         self.blks = [
             blk_class(str(tmp / "rw.img"), size=IMAGE_SIZE, label="blk-rw"),
             blk_class(str(tmp / "ro.img"), size=IMAGE_SIZE, read_only=True, label="blk-ro"),
+            blk_class(str(tmp / "iommu.img"), size=IMAGE_SIZE, label="blk-iommu"),
         ]
         self.blk_path = str(tmp / "blk.sock")
         self.blk_ro_path = str(tmp / "blk-ro.sock")
         self.server.add_socket(self.blk_path, self.blks[0])
         self.server.add_socket(self.blk_ro_path, self.blks[1])
+        self.iommu_blk_path = str(tmp / "blk-iommu.sock")
+        self.server.add_socket(self.iommu_blk_path, self.blks[2], iommu=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -61,11 +61,16 @@ def test_applicable_checks_really_ran(results):
                    "vhost-user:REM_MEM_REG", "virtio-1.2:2.7.7.2#used_event",
                    "virtio-1.2:2.7.7.2#event_idx", "vhost-user:Migration#dirty-log",
                    "vhost-user:Multiple queue support#data-path", "virtio-1.2:5.1.4.1#mtu-rx",
-                   "virtio-1.2:5.1.6.4#gso", "virtio-1.2:5.1.6.4#csum", "vhost-user:NET_SET_MTU"):
+                   "virtio-1.2:5.1.6.4#gso", "virtio-1.2:5.1.6.4#csum", "vhost-user:NET_SET_MTU",
+                   "virtio-1.2:5.1.6.2#tunnel", "virtio-1.2:5.1.6.4#gso-types", "virtio-1.2:5.1.6.4#needs-csum",
+                   "virtio-1.2:2.8.12#order", "virtio-1.2:2.8.15#avail-bit", "virtio-1.2:2.8.15#used-descs",
+                   "virtio-1.2:2.8.18#chain-order", "virtio-1.2:2.7.5.3.2#limits", "vhost-user:GET_VRING_BASE#drain"):
         assert clause not in na["net"], results["net"][0][clause].reason
     for clause in ("vhost-user:Inflight I/O tracking", "vhost-user:SET_CONFIG", "virtio-1.2:5.2.6#beyond-capacity",
                    "virtio-1.2:5.2.6.2#write-zeroes", "vhost-user:Inflight I/O tracking#resubmit",
                    "vhost-user:DEVICE_STATE#round-trip", "virtio-1.2:5.2.6.2#unknown-flags",
-                   "virtio-1.2:5.2.6#edges", "vhost-user:Ring states#on-the-fly"):
+                   "virtio-1.2:5.2.6#edges", "vhost-user:Ring states#on-the-fly",
+                   "virtio-1.2:2.8.15#avail-bit", "virtio-1.2:2.8.15#used-descs", "virtio-1.2:2.8.18#chain-order",
+                   "virtio-1.2:2.7.5.3.2#limits", "vhost-user:GET_VRING_BASE#drain"):
         assert clause not in na["blk"], results["blk"][0][clause].reason
     assert "virtio-1.2:5.2.6.2#ro" not in na["blk-ro"]

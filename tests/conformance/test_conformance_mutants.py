@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
+import weakref
 import zlib
 
 import pytest
 
 from conftest import IovirtBackend
+from zoned_model import MAX_APPEND, CoarseWritesBlk, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
+    LIFETIME,
+    VIRTIO_BLK_F_LIFETIME,
+    VIRTIO_BLK_T_GET_LIFETIME,
     VIRTIO_BLK_F_ZONED,
     VIRTIO_BLK_Z_HA,
     VIRTIO_BLK_Z_HM,
     ZONE_TYPES,
     ZONED_FIELDS,
 )
+from iovirt.conformance.checks.net_gso import TUNNEL_BITS
 from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_CTRL_RX_EXTRA as NEED_CTRL_VQ_RX_EXTRA
 from iovirt.conformance.checks.net_headers import VIRTIO_NET_F_RSS, VIRTIO_NET_F_SPEED_DUPLEX
 from iovirt.conformance.platform_target import PlatformTarget
@@ -32,6 +40,7 @@ from iovirt.errors import IovirtError
 from iovirt.vhost_user import devstate, state_migration, vrings as vrings_module
 from iovirt.vhost_user.backend import BackendSession
 from iovirt.vhost_user.device import VhostUserDevice
+from iovirt.vhost_user.iotlb import DeviceIotlb
 from iovirt.vhost_user.devices.blk import BlkAdapter
 from iovirt.vhost_user.devices.net import NetAdapter, NetConfigAdapter
 from iovirt.vhost_user.errors import RequestRefused
@@ -48,26 +57,44 @@ from iovirt.virtio.blk.defs import (
 )
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.defs import (
+    VIRTIO_F_ADMIN_VQ,
     VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_VERSION_1,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 )
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     NET_HDR_SIZE,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_RSC_EXT,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_F_RSC_INFO,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_UDP,
     NetHdr,
 )
+from iovirt.virtio.net.ctrl import NetCtrl
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.state import QueueState
+from iovirt.virtio.queue import PackedQueue
+from iovirt.pci.regs import PCI_DEVICE_ID
 from iovirt.pci.vendor import VendorCapability
 from iovirt.virtio.transport import pci as transport_pci
 from iovirt.virtio.transport.caps import VirtioPciCfgCap
+from iovirt.virtio.transport import common_cfg as common_cfg_module
 from iovirt.virtio.transport.common_cfg import CommonCfg
-from iovirt.virtio.transport.defs import VIRTIO_PCI_CAP_DEVICE_CFG
+from iovirt.virtio.transport.defs import VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_COMMON_ADMIN_Q_INDEX, VIRTIO_PCI_COMMON_ADMIN_Q_NUM
 
 
 def _failed(results: dict) -> dict:
@@ -101,7 +128,18 @@ def _any_vector_sticks(monkeypatch):
     monkeypatch.setattr(CommonCfg, "_map_vector", lambda self, vector: vector)
 
 
+def _writable_device_id(monkeypatch):
+    original = transport_pci.VirtioPciFunction.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.config.set_wmask(PCI_DEVICE_ID, 2, 0xFFFF)
+
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "__init__", init)
+
+
 PCI_MUTANTS = {
+    "writable-device-id": (_writable_device_id, {"virtio-1.2:4.1.1"}),
     "subsystem-id-below-0x40": (_low_subsystem_id, {"virtio-1.2:4.1.2.1#non-transitional"}),
     "device-cfg-unaligned": (_unaligned_device_cfg, {"virtio-1.2:4.1.4#structures"}),
     "pci-cfg-window-write-ignored": (_window_write_ignored, {"virtio-1.2:4.1.4.9.1#write"}),
@@ -643,6 +681,13 @@ class ZonedFieldsKeptBlk(ZonedBlk):
     zero_when_not_accepted = False
 
 
+class LegacyZonedBlk(ZonedBlk):
+    """Offers ZONED without VIRTIO_F_VERSION_1 (a legacy device)."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_F_VERSION_1)
+
+
 class FieldsNet(VirtioNet):
     """Offers SPEED_DUPLEX and RSS with the fields of struct virtio_net_config they bring."""
 
@@ -663,7 +708,8 @@ class ShortKeyNet(FieldsNet):
     key = 16
 
 
-@pytest.mark.parametrize("blk_class,fails", [(ZonedBlk, False), (BadModelBlk, True), (ZonedFieldsKeptBlk, True)])
+@pytest.mark.parametrize("blk_class,fails", [(ZonedBlk, False), (BadModelBlk, True), (ZonedFieldsKeptBlk, True),
+                                             (LegacyZonedBlk, True)])
 def test_zoned_config_check(make_backend, blk_class, fails):
     results = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.5#zoned"})
     assert results["virtio-1.2:5.2.5#zoned"].verdict is (Verdict.FAIL if fails else Verdict.PASS), results
@@ -750,7 +796,7 @@ def _with_caps(monkeypatch, *payloads):
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         for payload in payloads:
-            self.add_capability(VendorCapability(payload))
+            self.add_capability(payload() if callable(payload) else VendorCapability(payload))
 
     monkeypatch.setattr(transport_pci.VirtioPciFunction, "__init__", init)
 
@@ -766,11 +812,29 @@ GOOD_VENDOR = bytes([9]) + struct.pack("<H", 0x1B36) + b"\x01\x02"  # 8 bytes wi
 BAD_VENDOR = bytes([9]) + struct.pack("<H", 0x1AF4) + b"\x01"  # 7 bytes, virtio's vendor ID
 
 
+class CountingVendorCapability(VendorCapability):
+    """A vendor data capability whose last dword counts the reads of it (a read side effect)."""
+
+    def install(self, function, offset):
+        super().install(function, offset)
+        self.counter_at = offset + self.size - 4
+        function.config.add_hook(self.counter_at, 4, self)
+
+    def config_read(self, offset, size):
+        cfg = self.function.config
+        cfg.set(self.counter_at, 4, (cfg.get(self.counter_at, 4) + 1) & 0xFFFFFFFF)
+        return cfg.get(offset, size)
+
+    def config_write(self, offset, size, value):
+        pass
+
+
 @pytest.mark.parametrize("payloads,failure", [
     ((GOOD_VENDOR, _shm(1, 0x3000, 0x100)), None),
     ((BAD_VENDOR,), "not a multiple of 4"),
     ((_shm(1, 0x3000, 1 << 40),), "exceeds BAR"),
-], ids=["good", "vendor-0x1af4-odd-size", "shm-beyond-bar"])
+    ((lambda: CountingVendorCapability(GOOD_VENDOR[:-2] + bytes(6)),), "reads differently"),
+], ids=["good", "vendor-0x1af4-odd-size", "shm-beyond-bar", "vendor-read-side-effect"])
 def test_optional_pci_caps_check(monkeypatch, payloads, failure):
     _with_caps(monkeypatch, *payloads)
     result = _pci_run()["virtio-1.2:4.1.4#shm-vendor"]
@@ -796,3 +860,455 @@ def test_notification_data_layout_check(monkeypatch, multiplier, fails):
     result = _pci_run()["virtio-1.2:4.1.4.4.1#notification-data"]
     assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result
     assert not fails or "multiple of 4" in result.reason
+
+
+# -- net: GSO types, UDP-tunnel bits and NEEDS_CSUM on receive --------------------------------------------
+class IgnoresTunnelBitsNet(VirtioNet):
+    """Clears the UDP-tunnel bits of a transmit header's gso_type (and DATA_VALID) and sends the frame."""
+
+    def _transmit(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            hdr_addr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+            hdr = NetHdr.unpack(queue.memory.read(hdr_addr, NET_HDR_SIZE))
+            if hdr.gso_type & TUNNEL_BITS:
+                queue.memory.write(hdr_addr, NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, hdr.gso_type & ~TUNNEL_BITS, hdr.hdr_len,
+                                                    hdr.gso_size, hdr.csum_start, hdr.csum_offset).pack(NET_HDR_SIZE))
+            i = (i + 1) & 0xFFFF
+        super()._transmit(index, queue)
+
+
+class LabelsUdpNet(SlowPathNet):
+    """Marks received UDP/IPv4 frames as GSO_UDP whatever the driver negotiated."""
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        if frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 17:
+            hdr = NetHdr(hdr.flags, VIRTIO_NET_HDR_GSO_UDP, hdr.hdr_len, 1400, hdr.csum_start, hdr.csum_offset)
+        return super()._receive_mergeable(queue, hdr, frame)
+
+
+class CsumOffsetOffByTwoNet(SlowPathNet):
+    """Passes NEEDS_CSUM on with csum_offset two bytes past the checksum field."""
+
+    def deliver(self, frame, csum):
+        return super().deliver(frame, None if csum is None else (csum[0], csum[1] + 2))
+
+
+GSO_CLAUSES = {"virtio-1.2:5.1.6.2#tunnel", "virtio-1.2:5.1.6.4#gso-types", "virtio-1.2:5.1.6.4#needs-csum",
+               "virtio-1.2:5.1.6.2"}
+GSO_MUTANTS = {
+    "ignores-tunnel-bits": (IgnoresTunnelBitsNet, {"virtio-1.2:5.1.6.2#tunnel"}),
+    "labels-udp": (LabelsUdpNet, {"virtio-1.2:5.1.6.4#gso-types"}),
+    "csum-offset-off-by-two": (CsumOffsetOffByTwoNet, {"virtio-1.2:5.1.6.4#needs-csum"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(GSO_MUTANTS))
+def test_net_gso_mutant_fails_exactly_its_check(make_backend, mutant):
+    net_class, expected = GSO_MUTANTS[mutant]
+    b = make_backend(net_class=net_class)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    failed = _failed(_vu_run(target, GSO_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+# -- packed rings -------------------------------------------------------------------------------------------
+def _packed_available(queue):
+    """(slot, flags) of the descriptors the driver has made available from the device's next slot on."""
+    state = queue.state()
+    slot, wrap = state.last_avail_idx & 0x7FFF, bool(state.last_avail_idx & 0x8000)
+    out = []
+    for _ in range(state.size):
+        flags = queue.memory.read_u16(state.desc_addr + 16 * slot + 14)
+        if bool(flags & VIRTQ_DESC_F_AVAIL) != wrap or bool(flags & VIRTQ_DESC_F_USED) == wrap:
+            break
+        out.append((slot, flags))
+        slot += 1
+        if slot == state.size:
+            slot, wrap = 0, not wrap
+    return out
+
+
+def _is_packed(queue) -> bool:
+    return isinstance(vrings_module.ring_of(queue), PackedQueue)
+
+
+class SwapsFirstTwoNet(VirtioNet):
+    """Transmits the first two lists of a packed batch in swapped order (their buffers exchanged)."""
+
+    def _transmit(self, index, queue):
+        avail = _packed_available(queue) if _is_packed(queue) else []
+        if len(avail) >= 2 and not (avail[0][1] | avail[1][1]) & VIRTQ_DESC_F_NEXT:  # two one-descriptor lists
+            base = queue.state().desc_addr
+            a, b = (queue.memory.read(base + 16 * slot, 12) for slot, _f in avail[:2])
+            queue.memory.write(base + 16 * avail[0][0], b)
+            queue.memory.write(base + 16 * avail[1][0], a)
+        super()._transmit(index, queue)
+
+
+class TrustsFilledDescriptorBlk(VirtioBlk):
+    """Takes a packed descriptor with an address as available, whatever its AVAIL/USED bits say."""
+
+    def process_queue(self, index, queue):
+        if _is_packed(queue):
+            state = queue.state()
+            slot, wrap = state.last_avail_idx & 0x7FFF, bool(state.last_avail_idx & 0x8000)
+            at = state.desc_addr + 16 * slot
+            flags = queue.memory.read_u16(at + 14)
+            if queue.memory.read_u64(at) and (bool(flags & VIRTQ_DESC_F_AVAIL) != wrap or bool(flags & VIRTQ_DESC_F_USED) == wrap):
+                avail = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+                queue.memory.write_u16(at + 14, flags & ~(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) | avail)
+        super().process_queue(index, queue)
+
+
+class RewritesFirstUsedBlk(VirtioBlk):
+    """Before each pass, rewrites the address field of slot 0's used descriptor (a used descriptor changed later;
+    before the pass, so the change is made by the time the pass's own buffers show as used)."""
+
+    def process_queue(self, index, queue):
+        if _is_packed(queue):
+            at = queue.state().desc_addr
+            if queue.memory.read_u16(at + 14) & VIRTQ_DESC_F_USED:
+                queue.memory.write_u64(at, queue.memory.read_u64(at) + 1)
+        super().process_queue(index, queue)
+
+
+class SwapsDataPiecesBlk(VirtioBlk):
+    """Exchanges the second and third descriptors of a packed list of five or more (data out of order)."""
+
+    def process_queue(self, index, queue):
+        if _is_packed(queue):
+            avail = _packed_available(queue)
+            base = queue.state().desc_addr
+            start = 0
+            while start < len(avail):
+                end = start
+                while end < len(avail) and avail[end][1] & VIRTQ_DESC_F_NEXT:
+                    end += 1
+                if end - start >= 4:
+                    b, c = avail[start + 1][0], avail[start + 2][0]
+                    db, dc = queue.memory.read(base + 16 * b, 12), queue.memory.read(base + 16 * c, 12)
+                    queue.memory.write(base + 16 * b, dc)
+                    queue.memory.write(base + 16 * c, db)
+                start = end + 1
+        super().process_queue(index, queue)
+
+
+PACKED_CLAUSES = {"virtio-1.2:2.8.12#order", "virtio-1.2:2.8.15#avail-bit", "virtio-1.2:2.8.15#used-descs",
+                  "virtio-1.2:2.8.18#chain-order"}
+PACKED_MUTANTS = {
+    "swaps-first-two": ("net", SwapsFirstTwoNet, {"virtio-1.2:2.8.12#order"}),
+    "trusts-filled-descriptor": ("blk", TrustsFilledDescriptorBlk, {"virtio-1.2:2.8.15#avail-bit"}),
+    "rewrites-first-used": ("blk", RewritesFirstUsedBlk, {"virtio-1.2:2.8.15#used-descs"}),
+    "swaps-data-pieces": ("blk", SwapsDataPiecesBlk, {"virtio-1.2:2.8.18#chain-order"}),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(PACKED_MUTANTS))
+def test_packed_mutant_fails_exactly_its_check(make_backend, mutant):
+    device, cls, expected = PACKED_MUTANTS[mutant]
+    if device == "net":
+        b = make_backend(net_class=cls)
+        target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    else:
+        target = _blk(make_backend(blk_class=cls))
+    failed = _failed(_vu_run(target, PACKED_CLAUSES))
+    assert set(failed) == expected, failed
+
+
+# -- virtqueue reset (virtio-pci queue_reset) ---------------------------------------------------------------
+def _queue_reset_ignored(monkeypatch):
+    monkeypatch.setattr(CommonCfg, "_write_queue_reset", lambda self, value: None)
+
+
+def _restart_keeps_old_state(monkeypatch):
+    # The device remembers where a queue the driver reset was and resumes there when the queue comes back.
+    kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # device -> {queue index: state}
+    original_reset, original_start = CommonCfg._write_queue_reset, VirtioDevice.start_queue
+
+    def write_queue_reset(self, value):
+        queue = self.device.queues[self.queue_select] if self.queue_select < len(self.device.queues) else None
+        if queue is not None:
+            kept.setdefault(self.device, {})[self.queue_select] = queue.state()
+        original_reset(self, value)
+
+    def start_queue(self, index, memory, state, notify, wrap=None, *, packed=False):
+        old = kept.get(self, {}).pop(index, None)
+        if old is not None:
+            state = QueueState(**{**state.to_dict(), "last_avail_idx": old.last_avail_idx, "used_idx": old.used_idx})
+        return original_start(self, index, memory, state, notify, wrap, packed=packed)
+
+    monkeypatch.setattr(CommonCfg, "_write_queue_reset", write_queue_reset)
+    monkeypatch.setattr(VirtioDevice, "start_queue", start_queue)
+
+
+@pytest.mark.parametrize("inject", [_queue_reset_ignored, _restart_keeps_old_state], ids=["ignored", "keeps-old-state"])
+@pytest.mark.parametrize("device", ["net", "blk"])
+def test_queue_reset_mutants(monkeypatch, inject, device):
+    inject(monkeypatch)
+    failed = _failed(_pci_run(device))
+    assert set(failed) == {"virtio-1.2:4.1.4.3.1#queue_reset"}, failed
+
+
+# -- zoned operation ---------------------------------------------------------------------------------------
+class AppendsWithoutMaxAppendBlk(NoAppendZonedBlk):
+    """Reports max_append_sectors 0 yet appends."""
+
+    max_append = 0
+
+    def _append(self, memory, request):
+        self.max_append = MAX_APPEND
+        try:
+            super()._append(memory, request)
+        finally:
+            self.max_append = 0
+
+
+@pytest.mark.parametrize("blk_class,fails", [(ZonedOpsBlk, None), (NoAppendZonedBlk, None), (SecureEraseZonedBlk, None),
+                                             (EraseKeepsZoneStateBlk, "after SECURE_ERASE"),
+                                             (CoarseWritesBlk, "write_granularity"),
+                                             (AppendsWithoutMaxAppendBlk, "max_append_sectors 0"),
+                                             (UnalignedWriteOkBlk, "off the write pointer"),
+                                             (StaleAfterResetBlk, "old data"), (NoOpenLimitBlk, "max_open_zones")])
+def test_zoned_ops_check(make_backend, blk_class, fails):
+    result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#zoned-ops"})["virtio-1.2:5.2.6#zoned-ops"]
+    if fails is None:
+        assert result.verdict is Verdict.PASS and "not exercised" not in result.reason, result
+        assert ("SECURE_ERASE not negotiated" in result.reason) is (blk_class is not SecureEraseZonedBlk), result
+    else:
+        assert result.verdict is Verdict.FAIL and fails in result.reason, result
+
+
+# -- IOTLB (vhost-user IOMMU support) --------------------------------------------------------------------
+def _permissions_ignored(monkeypatch):
+    monkeypatch.setattr(DeviceIotlb, "_access_fail", lambda self, iova, access, entry: None)
+
+
+def _invalidate_ignored(monkeypatch):
+    # INVALIDATE acked but nothing dropped, and entries kept across completions: the old translation stays.
+    monkeypatch.setattr(DeviceIotlb, "invalidate", lambda self, iova, size: True)
+    monkeypatch.setattr(DeviceIotlb, "forget_unpinned", lambda self: None)
+
+
+@pytest.mark.parametrize("inject,reason", [(None, None), (_permissions_ignored, "read-only"),
+                                           (_invalidate_ignored, "old translation")],
+                         ids=["correct", "permissions-ignored", "invalidate-ignored"])
+def test_iotlb_check(make_backend, monkeypatch, inject, reason):
+    if inject is not None:
+        inject(monkeypatch)
+    b = make_backend()
+    result = _vu_run(Target(b.iommu_blk_path, "blk", TIMEOUT), {"vhost-user:IOMMU support"})["vhost-user:IOMMU support"]
+    if reason is None:
+        assert result.verdict is Verdict.PASS, result
+    else:
+        assert result.verdict is Verdict.FAIL and reason in result.reason, result
+
+
+# -- GET_VRING_BASE drains ------------------------------------------------------------------------------
+class LateCompletionBlk(VirtioBlk):
+    """Takes requests at once and serves them one by one on a thread of their own (GET_VRING_BASE does not wait)."""
+
+    lock = threading.Lock()  # a push never races the ring's release
+
+    def stop_queue(self, index):
+        with self.lock:
+            return super().stop_queue(index)
+
+    def process_queue(self, index, queue):
+        if not self.enabled[index]:
+            return
+        batches = []
+        while True:
+            batch = queue.pop_batch(1, None)
+            if not len(batch):
+                break
+            batches.append(batch)
+
+        def finish():
+            for batch in batches:
+                time.sleep(0.02)
+                with self.lock:
+                    if self.queues[index] is not queue:
+                        return  # the ring was stopped meanwhile (GET_VRING_BASE did not wait): the rest is lost
+                    left, _nbytes = self._serve_batch(index, batch, queue)
+                    for i in left:
+                        batch.set_used_len(i, self._serve(queue.memory, batch[i]))
+                    queue.push_batch(batch)
+                self.signal(index)
+
+        if batches:
+            threading.Thread(target=finish, daemon=True).start()
+
+
+def test_get_vring_base_drain_mutant(make_backend):
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=LateCompletionBlk)), {"vhost-user:GET_VRING_BASE#drain"}))
+    assert set(failed) == {"vhost-user:GET_VRING_BASE#drain"} and "in flight" in failed["vhost-user:GET_VRING_BASE#drain"], failed
+
+
+# -- indirect tables ---------------------------------------------------------------------------------------
+class ShortIndirectTablesBlk(VirtioBlk):
+    """Refuses an indirect table of more than 16 descriptors (a limit the spec does not give it)."""
+
+    def process_queue(self, index, queue):
+        state = queue.state()
+        end = queue.memory.read_u16(state.avail_addr + 2)
+        i = state.last_avail_idx
+        while i != end:
+            desc = _avail(queue, state, i)
+            for _ in range(state.size):
+                at = state.desc_addr + 16 * desc
+                flags = queue.memory.read_u16(at + 12)
+                if flags & VIRTQ_DESC_F_INDIRECT and queue.memory.read_u32(at + 8) > 16 * 16:
+                    self.fail(IovirtError("indirect table longer than 16 descriptors"))
+                    return
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                desc = queue.memory.read_u16(at + 14)
+            i = (i + 1) & 0xFFFF
+        super().process_queue(index, queue)
+
+
+def test_indirect_limits_mutant(make_backend):
+    clauses = {"virtio-1.2:2.7.5.3.2#limits", "virtio-1.2:2.7.5.3.2"}
+    failed = _failed(_vu_run(_blk(make_backend(blk_class=ShortIndirectTablesBlk)), clauses))
+    assert set(failed) == {"virtio-1.2:2.7.5.3.2#limits"}, failed
+
+
+# -- GET_LIFETIME ---------------------------------------------------------------------------------------------
+class LifetimeBlk(VirtioBlk):
+    """Offers VIRTIO_BLK_F_LIFETIME and reports eMMC-style lifetime metrics."""
+
+    metrics = (1, 3, 11)  # NORMAL, 21-30 % of SLC lifetime used, MLC lifetime exceeded
+
+    def device_features(self):
+        return super().device_features() | 1 << VIRTIO_BLK_F_LIFETIME
+
+    def _serve(self, memory, chain):
+        request = parse_request(memory, chain)
+        if request is not None and request.type == VIRTIO_BLK_T_GET_LIFETIME and request.din:
+            memory.write(request.din[0][0], LIFETIME.pack(*self.metrics))
+            memory.write(request.status_addr, bytes([VIRTIO_BLK_S_OK]))
+            return chain.writable_len
+        return super()._serve(memory, chain)
+
+
+class ReservedLifetimeBlk(LifetimeBlk):
+    metrics = (4, 3, 12)
+
+
+@pytest.mark.parametrize("blk_class,fails", [(LifetimeBlk, False), (ReservedLifetimeBlk, True)])
+def test_lifetime_check(make_backend, blk_class, fails):
+    result = _vu_run(_blk(make_backend(blk_class=blk_class)), {"virtio-1.2:5.2.6#lifetime"})["virtio-1.2:5.2.6#lifetime"]
+    assert result.verdict is (Verdict.FAIL if fails else Verdict.PASS), result
+
+
+# -- admin virtqueue fields (VIRTIO_F_ADMIN_VQ) ---------------------------------------------------------
+def _offers_admin_vq(monkeypatch, index_of, num):
+    """The function offers ADMIN_VQ and its common configuration ends with admin_queue_index/num
+    (``index_of(num_queues)`` and ``num``)."""
+    monkeypatch.setattr(transport_pci, "VIRTIO_PCI_COMMON_CFG_SIZE", VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2)
+    monkeypatch.setattr(common_cfg_module, "TRANSPORT_FEATURES", common_cfg_module.TRANSPORT_FEATURES | 1 << VIRTIO_F_ADMIN_VQ)
+    offered, read = transport_pci.VirtioPciFunction.offered_features, CommonCfg.read
+    monkeypatch.setattr(transport_pci.VirtioPciFunction, "offered_features", lambda self: offered(self) | 1 << VIRTIO_F_ADMIN_VQ)
+
+    def admin_read(self, offset, size):
+        if size == 2 and offset == VIRTIO_PCI_COMMON_ADMIN_Q_INDEX:
+            return index_of(len(self.queues))
+        if size == 2 and offset == VIRTIO_PCI_COMMON_ADMIN_Q_NUM:
+            return num
+        return read(self, offset, size)
+
+    monkeypatch.setattr(CommonCfg, "read", admin_read)
+
+
+@pytest.mark.parametrize("index_of,num,failure", [
+    (lambda queues: queues, 1, None),
+    (lambda queues: queues - 1, 1, "below num_queues"),
+    (lambda queues: 0xFFF0, 0x20, "runs past"),
+], ids=["good", "index-among-queues", "num-past-0xffff"])
+def test_admin_queue_fields_check(monkeypatch, index_of, num, failure):
+    _offers_admin_vq(monkeypatch, index_of, num)
+    result = _pci_run()["virtio-1.2:4.1.4.3.1#admin_queue"]
+    assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
+    assert failure is None or failure in result.reason
+
+
+# -- GSO frames to a driver with GUEST_TSO4 --------------------------------------------------------------
+class GuestTsoNet(SlowPathNet):
+    """Offers GUEST_TSO4 and GUEST_ECN and hands each received TCP/IPv4 segment over as a one-segment GSO
+    frame: NEEDS_CSUM with the pseudo-header sum in place, gso_size the segment's payload, the ECN bit for CWR."""
+
+    needs_csum, ecn_bit, rsc, rsc_info = True, True, False, True
+
+    def device_features(self):
+        rsc = 1 << VIRTIO_NET_F_RSC_EXT if self.rsc else 0
+        return super().device_features() | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_ECN | rsc
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        if self.has_feature(VIRTIO_NET_F_GUEST_TSO4) and frame[12:14] == b"\x08\x00" and frame[ETH_HLEN + 9] == 6:
+            l4 = ETH_HLEN + 4 * (frame[ETH_HLEN] & 0xF)
+            headers = l4 + 4 * (frame[l4 + 12] >> 4)
+            end = ETH_HLEN + struct.unpack_from("!H", frame, ETH_HLEN + 2)[0]
+            out = bytearray(frame)
+            pseudo = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + struct.pack("!BBH", 0, 6, end - l4)
+            words = sum(struct.unpack(f"!{len(pseudo) // 2}H", pseudo))
+            while words >> 16:
+                words = (words & 0xFFFF) + (words >> 16)
+            struct.pack_into("!H", out, l4 + 16, words)
+            gso = VIRTIO_NET_HDR_GSO_TCPV4
+            if self.ecn_bit and frame[l4 + 13] & 0x80 and self.has_feature(VIRTIO_NET_F_GUEST_ECN):
+                gso |= VIRTIO_NET_HDR_GSO_ECN
+            flags = VIRTIO_NET_HDR_F_NEEDS_CSUM if self.needs_csum else 0
+            hdr, frame = NetHdr(flags, gso, headers, end - headers, l4, 16), bytes(out)
+            if self.rsc_info and self.has_feature(VIRTIO_NET_F_RSC_EXT):  # one segment, no duplicated ACK
+                hdr = NetHdr(flags | VIRTIO_NET_HDR_F_RSC_INFO, gso, headers, end - headers, 1, 0)
+        return super()._receive_mergeable(queue, hdr, frame)
+
+
+class GsoWithoutNeedsCsumNet(GuestTsoNet):
+    needs_csum = False
+
+
+class GsoWithoutEcnNet(GuestTsoNet):
+    ecn_bit = False
+
+
+class RscNet(GuestTsoNet):
+    """Also offers RSC_EXT (its GSO frames then carry RSC_INFO)."""
+
+    rsc = True
+
+
+class RscWithoutInfoNet(RscNet):
+    rsc_info = False
+
+
+@pytest.mark.parametrize("net_class,fails", [(GuestTsoNet, None), (RscNet, None),
+                                             (GsoWithoutNeedsCsumNet, "without NEEDS_CSUM"),
+                                             (GsoWithoutEcnNet, "without the ECN bit"), (RscWithoutInfoNet, "without RSC_INFO")])
+def test_guest_gso_check(make_backend, net_class, fails):
+    b = make_backend(net_class=net_class)
+    target = Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1])
+    result = _vu_run(target, {"virtio-1.2:5.1.6.4#guest-gso"})["virtio-1.2:5.1.6.4#guest-gso"]
+    if fails is None:
+        assert result.verdict is Verdict.PASS and not result.reason, result
+    else:
+        assert result.verdict is Verdict.FAIL and fails in result.reason, result
+
+
+# -- VLAN filter through the control queue (in-process transport) ------------------------------------------
+def _ctrl_net(device, scratch):
+    return VirtioNet(bytes.fromhex("525400123456"), LearningSwitch(), ctrl_vq=True, label="conform-ctrl")
+
+
+@pytest.mark.parametrize("allows,failure", [(None, None), (lambda self, frame: True, "not in the filter table"),
+                                            (lambda self, frame: frame[12:14] != b"\x81\x00", "was not received")],
+                         ids=["correct", "filter-ignored", "tagged-dropped"])
+def test_ctrl_vlan_check(monkeypatch, allows, failure):
+    if allows is not None:
+        monkeypatch.setattr(NetCtrl, "allows", allows)
+    result = {r.clause: r for r in Runner(PlatformTarget("net", make_device=_ctrl_net)).run()}["virtio-1.2:5.1.6.5.3#ctrl-vlan"]
+    assert result.verdict is (Verdict.FAIL if failure else Verdict.PASS), result
+    assert failure is None or failure in result.reason

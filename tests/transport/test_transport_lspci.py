@@ -62,7 +62,7 @@ def test_virtio_function_decoded(rig, tmp_path, which, title, msix_count):
     assert "Vector table: BAR=1 offset=00000000" in out and "PBA: BAR=1 offset=00000800" in out
     vendor = [o for c, o in caps if c == 0x09]
     expected = [
-        ("CommonCfg", "BAR=4 offset=00000000 size=00000038"),
+        ("CommonCfg", "BAR=4 offset=00000000 size=0000003c"),
         ("Notify", "BAR=4 offset=00003000 size=00001000 multiplier=00000004"),
         ("ISR", "BAR=4 offset=00001000 size=00000001"),
         ("DeviceCfg", "BAR=4 offset=00002000 size=00001000"),

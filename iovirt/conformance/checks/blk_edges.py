@@ -13,7 +13,7 @@ from iovirt.conformance.devices import STATUS_NAMES, BlkPort
 from iovirt.conformance.registry import NotApplicable, check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.messages import ProtocolFeature as PF
-from iovirt.virtio.defs import VIRTIO_CONFIG_S_FEATURES_OK
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1
 from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     REQ_HDR,
@@ -172,12 +172,14 @@ def _zoned_applies(caps) -> str | None:
 
 @check(
     "virtio-1.2:5.2.5#zoned",
-    "blk: with ZONED a valid model, zone_sectors for HM/HA, max_append_sectors within seg_max*size_max, unused2 0; "
-    "without it HM refuses FEATURES_OK and HA/NONE zero the zoned fields",
+    "blk: with ZONED a valid model, zone_sectors for HM/HA, max_append_sectors within seg_max*size_max, unused2 0, "
+    "VERSION_1 offered too; without it HM refuses FEATURES_OK and HA/NONE zero the zoned fields",
     devices=BLK,
     applies=_zoned_applies,
 )
 def zoned_config(ctx: Context) -> None:
+    # 5.2.5 (1.4): a legacy device (one without VIRTIO_F_VERSION_1) MUST NOT offer ZONED.
+    expect(ctx.caps.has(VIRTIO_F_VERSION_1), f"ZONED offered without VIRTIO_F_VERSION_1 (features {ctx.caps.features:#x})")
     link = ctx.open()
     config = link.frontend.get_config(0, CONFIG_THROUGH_ZONED)
     zone_sectors, _open, _active, append, _gran, model, unused2 = ZONED_FIELDS.unpack_from(config, CONFIG_ZONED)
@@ -198,3 +200,29 @@ def zoned_config(ctx: Context) -> None:
         return
     fields = plain.frontend.get_config(CONFIG_ZONED, ZONED_FIELDS.size - 4)
     expect(fields == bytes(len(fields)), f"zoned fields {fields.hex()} not zero with ZONED not accepted (model {model})")
+
+
+VIRTIO_BLK_F_LIFETIME = 15
+VIRTIO_BLK_T_GET_LIFETIME = 10
+LIFETIME = struct.Struct("<HHH")  # pre_eol_info, device_lifetime_est_typ_a, device_lifetime_est_typ_b
+PRE_EOL_VALUES = range(0, 4)  # UNDEFINED, NORMAL, WARNING, URGENT; all others reserved
+LIFETIME_EST_VALUES = range(0, 12)  # 0 undefined, 1..10 in 10 % steps, 11 exceeded; above 11 reserved
+
+
+@check(
+    "virtio-1.2:5.2.6#lifetime",
+    "blk: with LIFETIME, GET_LIFETIME completes OK with pre_eol_info 0..3 and both lifetime estimates 0..11",
+    devices=BLK,
+    applies=lambda caps: None if caps.has(VIRTIO_BLK_F_LIFETIME) else "VIRTIO_BLK_F_LIFETIME not offered",
+)
+def lifetime(ctx: Context) -> None:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_BLK_F_LIFETIME), "VIRTIO_BLK_F_LIFETIME offered but not negotiated")
+    port = BlkPort(link)
+    for _ in range(2):  # the metrics may change between requests; each answer must be valid
+        result = port.request(VIRTIO_BLK_T_GET_LIFETIME, 0, in_len=LIFETIME.size)
+        expect_ok(result.status, "GET_LIFETIME")
+        pre_eol, est_a, est_b = LIFETIME.unpack(result.data)
+        expect(pre_eol in PRE_EOL_VALUES, f"pre_eol_info {pre_eol}: a reserved value (defined: 0..3)")
+        expect(est_a in LIFETIME_EST_VALUES and est_b in LIFETIME_EST_VALUES,
+               f"device_lifetime_est_typ_a/b {est_a}/{est_b}: a reserved value (defined: 0..11)")

@@ -1,5 +1,5 @@
-"""More of virtio 1.4 section 4.1 (cited by their virtio 1.2 numbers): IDs, structure placement, the
-configuration-access window's writes and the MSI-X table size.
+"""More of virtio 1.4 section 4.1 (cited by their virtio 1.2 numbers): the PCI header, IDs, structure
+placement, the configuration-access window's writes, the MSI-X table size, optional capabilities.
 
 Like :mod:`iovirt.conformance.checks.pci` these run against a
 :class:`~iovirt.conformance.platform_target.PlatformTarget`.
@@ -11,11 +11,28 @@ from iovirt.conformance.checks.pci import PCI, _virtio_cap
 from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import check, expect
 from iovirt.pci.capability import walk_capabilities
-from iovirt.pci.regs import PCI_BASE_ADDRESS_0, PCI_CAP_ID_VNDR, PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID
-from iovirt.virtio.defs import VIRTIO_F_NOTIFICATION_DATA
+from iovirt.pci.regs import (
+    PCI_BASE_ADDRESS_0,
+    PCI_BASE_ADDRESS_SPACE_IO,
+    PCI_CAP_ID_VNDR,
+    PCI_CAPABILITY_LIST,
+    PCI_CFG_SPACE_SIZE,
+    PCI_DEVICE_ID,
+    PCI_HEADER_TYPE,
+    PCI_HEADER_TYPE_NORMAL,
+    PCI_INTERRUPT_PIN,
+    PCI_REVISION_ID,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_SUBSYSTEM_ID,
+    PCI_VENDOR_ID,
+)
+from iovirt.virtio.defs import VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA
 from iovirt.virtio.transport.caps import find_virtio_caps
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_COMMON_ADMIN_Q_INDEX,
+    VIRTIO_PCI_COMMON_ADMIN_Q_NUM,
     VIRTIO_PCI_CAP_BAR,
     VIRTIO_PCI_CAP_COMMON_CFG,
     VIRTIO_PCI_CAP_DEVICE_CFG,
@@ -29,6 +46,7 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_Q_SELECT,
     VIRTIO_PCI_COMMON_Q_MSIX,
     VIRTIO_PCI_COMMON_Q_NOFF,
+    VIRTIO_PCI_COMMON_STATUS,
     VIRTIO_PCI_VENDOR_ID,
 )
 
@@ -114,7 +132,7 @@ BAR_64BIT = 0x4  # PCI BAR type bits 2:1 = 10b
 @check(
     "virtio-1.2:4.1.4#shm-vendor",
     "shared memory capabilities lie inside their BAR with unique ids; vendor data capabilities are "
-    "a multiple of 4 bytes and not 0x1AF4's",
+    "a multiple of 4 bytes, not 0x1AF4's, and read without side effects",
     transport=PCI,
 )
 def optional_caps(ctx: PciContext) -> str:
@@ -130,6 +148,7 @@ def optional_caps(ctx: PciContext) -> str:
             length, vendor = read(offset + 2, 1), read(offset + VNDR_DATA_VENDOR_ID, 2)
             expect(length % 4 == 0, f"vendor data capability at {offset:#x}: cap_len {length} is not a multiple of 4")
             expect(vendor != VIRTIO_PCI_VENDOR_ID, f"vendor data capability at {offset:#x} has vendor_id 0x1af4")
+            _reads_change_nothing(ctx, offset, length)
         elif cfg_type == VIRTIO_PCI_CAP_SHARED_MEMORY_CFG:
             seen += 1
             bar, shm_id = read(offset + VIRTIO_PCI_CAP_BAR, 1), read(offset + 5, 1)
@@ -140,6 +159,28 @@ def optional_caps(ctx: PciContext) -> str:
             expect(shm_id not in shm_ids, f"shared memory id {shm_id} used twice")
             shm_ids.add(shm_id)
     return "" if seen else "no shared memory or vendor data capability to check"
+
+
+VENDOR_READS = 3
+
+
+def _reads_change_nothing(ctx: PciContext, offset: int, length: int) -> None:
+    """4.1.4.8.1 (1.4): reading a vendor data capability, byte by byte and by dwords, has no side effects:
+    it reads the same each time, and the rest of config space and device_status stay as they were."""
+    read = ctx.driver.cfg.read
+    before = [read(at, 4) for at in range(0, PCI_CFG_SPACE_SIZE, 4)]
+    status = ctx.driver.common_read(VIRTIO_PCI_COMMON_STATUS, 1)
+    first = bytes(read(offset + i, 1) for i in range(length))
+    for _ in range(VENDOR_READS):
+        again = bytes(read(offset + i, 1) for i in range(length))
+        expect(again == first, f"vendor data capability at {offset:#x} reads differently from one read to the next")
+        for at in range(offset & ~3, offset + length, 4):
+            read(at, 4)
+    after = [read(at, 4) for at in range(0, PCI_CFG_SPACE_SIZE, 4)]
+    changed = [4 * i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    expect(not changed, f"reading the vendor data capability at {offset:#x} changed config space at {changed}")
+    expect(ctx.driver.common_read(VIRTIO_PCI_COMMON_STATUS, 1) == status,
+           "reading the vendor data capability changed device_status")
 
 
 def _bar_size(ctx: PciContext, bar: int) -> int:
@@ -183,3 +224,58 @@ def notify_cap_data(ctx: PciContext) -> None:
         off = ctx.driver.common_read(VIRTIO_PCI_COMMON_Q_NOFF, 2)
         expect(cap.length >= off * mult + 4,
                f"queue {index}: queue_notify_off {off} * {mult} + 4 exceeds the notify length {cap.length}")
+
+
+MAX_CAPABILITIES = 48  # (256 - 64) / 4: a longer walk of the list has a loop
+
+
+@check(
+    "virtio-1.2:4.1.1",
+    "the function's config space follows PCI: a type 0 header, read-only IDs, a well-formed capability list, "
+    "BARs that size to a power of two, an interrupt pin of 0..4",
+    transport=PCI,
+)
+def pci_header(ctx: PciContext) -> None:
+    cfg = ctx.driver.cfg
+    expect(cfg.read(PCI_HEADER_TYPE, 1) & 0x7F == PCI_HEADER_TYPE_NORMAL,
+           f"header type {cfg.read(PCI_HEADER_TYPE, 1):#x}, expected a type 0 (endpoint) header")
+    ids = cfg.read(PCI_VENDOR_ID, 4)
+    cfg.write(PCI_VENDOR_ID, 4, ~ids & 0xFFFFFFFF)
+    expect(cfg.read(PCI_VENDOR_ID, 4) == ids, "vendor/device ID changed when written (they are read-only)")
+    expect(cfg.read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST, "Status.Capabilities List is clear: a virtio function needs capabilities")
+    seen: set[int] = set()
+    at = cfg.read(PCI_CAPABILITY_LIST, 1)
+    while at:
+        expect(at % 4 == 0 and 0x40 <= at < PCI_CFG_SPACE_SIZE, f"capability pointer {at:#x} is not a dword in [0x40, 0x100)")
+        expect(at not in seen and len(seen) < MAX_CAPABILITIES, f"the capability list loops back to {at:#x}")
+        seen.add(at)
+        at = cfg.read(at + 1, 1)  # its low two bits are reserved: 0 (PCI 3.0 6.7)
+    bar = 0
+    while bar < 6:
+        low = cfg.read(PCI_BASE_ADDRESS_0 + 4 * bar, 4)
+        size = _bar_size(ctx, bar)
+        wide = not low & PCI_BASE_ADDRESS_SPACE_IO and bool(low & BAR_64BIT)
+        expect(size == 0 or size & (size - 1) == 0, f"BAR {bar} sizes to {size:#x}, not a power of two")
+        expect(not wide or bar < 5, "BAR 5 claims to be the low half of a 64-bit BAR")
+        bar += 2 if wide else 1
+    pin = cfg.read(PCI_INTERRUPT_PIN, 1)
+    expect(pin <= 4, f"interrupt pin {pin}, expected 0 (none) or 1..4 (INTA..INTD)")
+
+
+@check(
+    "virtio-1.2:4.1.4.3.1#admin_queue",
+    "with ADMIN_VQ: admin_queue_index is at least num_queues and admin_queue_num fits below 0x10000 from it",
+    transport=PCI,
+    applies=lambda caps: None if caps.has(VIRTIO_F_ADMIN_VQ) else "VIRTIO_F_ADMIN_VQ not offered",
+)
+def admin_queue(ctx: PciContext) -> None:
+    ctx.bring_up()
+    d = ctx.driver
+    expect(d.has_feature(VIRTIO_F_ADMIN_VQ), "VIRTIO_F_ADMIN_VQ offered but not negotiated")
+    common = _virtio_cap(ctx, VIRTIO_PCI_CAP_COMMON_CFG, "VIRTIO_PCI_CAP_COMMON_CFG")
+    end = VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2
+    expect(common.length >= end, f"common configuration of {common.length:#x} bytes lacks the admin queue fields (to {end:#x})")
+    index = d.common_read(VIRTIO_PCI_COMMON_ADMIN_Q_INDEX, 2)
+    num = d.common_read(VIRTIO_PCI_COMMON_ADMIN_Q_NUM, 2)
+    expect(index >= ctx.num_queues, f"admin_queue_index {index} is below num_queues {ctx.num_queues}")
+    expect(num <= 0x10000 - index, f"admin_queue_num {num} from admin_queue_index {index} runs past 0xffff")

@@ -322,7 +322,7 @@ def inflight(ctx: Context) -> None:
         _features, version, desc_num, _last, used_idx = QUEUE_HEADER.unpack_from(area, 0)
         expect(version == 1, f"queue region version {version}, expected 1")
         expect(desc_num == size, f"queue region desc_num {desc_num}, expected the queue size {size}")
-        ring_idx = link.queues[0].used_idx()
+        ring_idx = link.split_queue(0).used_idx()
         expect(used_idx == ring_idx, f"queue region used_idx {used_idx}, used ring idx {ring_idx}")
         busy = [i for i in range(size) if DESC_STATE.unpack_from(area, QUEUE_HEADER.size + DESC_STATE.size * i)[0]]
         expect(not busy, f"descriptors {busy} still marked inflight after their requests completed")
@@ -370,7 +370,7 @@ def inflight_resubmit(ctx: Context) -> None:
         link.queue(0, INFLIGHT_QUEUE, enable=False, kick=False)
         link.driver_ok()
         port = BlkPort.on(link, 0)
-        q = link.queues[0]
+        q = link.split_queue(0)
         data = [os.urandom(SECTOR_SIZE) for _ in range(3)]
         a, b, c = (port.post(VIRTIO_BLK_T_OUT, sector, out=data[sector])[0] for sector in range(3))
         q.publish()

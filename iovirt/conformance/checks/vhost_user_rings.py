@@ -1,6 +1,7 @@
 """vhost-user ring rules beyond start and stop: SET_VRING_ENABLE both ways, configuration changed
-while rings run, and dirty-page logging of every device write (QEMU's docs/interop/vhost-user.rst,
-"Starting and stopping rings" and "Migration").
+while rings run, dirty-page logging of every device write, and GET_VRING_BASE draining what is in
+flight (QEMU's docs/interop/vhost-user.rst, "Starting and stopping rings", "Migration" and
+``VHOST_USER_GET_VRING_BASE``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from iovirt.vhost_user.messages import (
     Log,
     ProtocolFeature as PF,
 )
-from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import used_ring_size
 from iovirt.virtio.net.defs import NetHdr
 
@@ -106,7 +107,7 @@ def dirty_log(ctx: Context) -> None:
     else:
         port = ctx.net_port(link, rx_buffers=0)
         index = NetPort.RX
-    q = link.queues[index]
+    q = link.split_queue(index)
     fd, size = bringup.make_log(fe)
     try:
         _start_logging(fe, fd, size, link)
@@ -255,3 +256,40 @@ def _spray(ctx: Context, link, injector: NetPort, enabled: list[int], disabled: 
         time.sleep(0.001)
     expect(len(seen) == len(tags), f"{len(tags) - len(seen)} of {len(tags)} frames of distinct flows never arrived")
     return set(seen.values())
+
+
+DRAIN_REQUESTS = 16  # three descriptors each (blk): within the 64-entry ring
+DRAIN_BYTES = 64 << 10  # per blk write: I/O that takes a while, so requests are in flight at GET_VRING_BASE
+
+
+@check(
+    "vhost-user:GET_VRING_BASE#drain",
+    "requests the back-end took are all finished when GET_VRING_BASE replies (used idx == the base), none after",
+)
+def get_vring_base_drains(ctx: Context) -> None:
+    # vhost-user.rst (QEMU 9.x, VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT): GET_VRING_BASE stops the ring
+    # and drains its in-flight requests; the base counts every request taken, so one still running when the
+    # reply leaves would be lost to a front-end that restarts the ring from that base.
+    link = ctx.open()
+    work = Workload(ctx, link)
+    blk = ctx.caps.device == "blk"
+    if blk:
+        assert isinstance(work.port, BlkPort)
+        for i in range(DRAIN_REQUESTS):
+            work.port.post(VIRTIO_BLK_T_OUT, i * (DRAIN_BYTES // SECTOR_SIZE), out=os.urandom(DRAIN_BYTES))
+    else:
+        for _ in range(DRAIN_REQUESTS):
+            work.post()
+    link.submit(work.index)
+    q = link.split_queue(work.index)
+    deadline = time.monotonic() + ctx.timeout
+    while q.used_idx() == 0:  # stop once the back-end is busy with the batch, not before it began
+        expect(time.monotonic() < deadline, f"none of {DRAIN_REQUESTS} requests was used within {ctx.timeout:g} s")
+        time.sleep(0.0002)
+    base = link.frontend.get_vring_base(work.index)
+    used = q.used_idx()
+    expect(0 < base <= DRAIN_REQUESTS, f"GET_VRING_BASE returned {base} for {DRAIN_REQUESTS} requests made available")
+    expect(used == base, f"GET_VRING_BASE replied with base {base} while only {used} of those requests were used "
+                         "(requests in flight at the reply)")
+    late = link.poll_used(work.index, DRAIN_REQUESTS, ctx.quiet)
+    expect(len(late) == used, f"{len(late) - used} buffers used after GET_VRING_BASE replied")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 from iovirt.conformance.checks.common import Workload
-from iovirt.conformance.devices import BlkPort
-from iovirt.conformance.registry import check, expect
+from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
+from iovirt.conformance.registry import CheckFailed, NotApplicable, check, expect
 from iovirt.conformance.target import Context, needs_feature
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
-from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk.defs import REQ_HDR, SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -18,6 +18,7 @@ from iovirt.virtio.defs import (
     VIRTQ_USED_F_NO_NOTIFY,
     desc_table_size,
 )
+from iovirt.virtio.net.defs import NetHdr
 
 MINIMAL = (1 << VIRTIO_F_VERSION_1) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
 
@@ -167,3 +168,58 @@ def written_before_idx(ctx: Context) -> None:
             written == expected[: len(written)],
             f"head {elem.head}: of the {elem.len} bytes used len reports, some were not written when the used idx moved",
         )
+
+
+@check(
+    "virtio-1.2:2.7.5.3.2#limits",
+    "normal descriptors followed by one indirect are followed; an indirect table as long as the queue is served whole",
+    applies=needs_feature(VIRTIO_F_INDIRECT_DESC, "VIRTIO_F_INDIRECT_DESC"),
+)
+def indirect_limits(ctx: Context) -> str:
+    link = ctx.open()
+    expect(link.negotiated.has(VIRTIO_F_INDIRECT_DESC), "VIRTIO_F_INDIRECT_DESC offered but not negotiated")
+    if ctx.caps.device == "net":
+        return _indirect_limits_net(ctx, link)
+    if ctx.caps.has(VIRTIO_BLK_F_RO):
+        raise NotApplicable("VIRTIO_BLK_F_RO offered: what a long table writes cannot be read back")
+    port = BlkPort(link)
+    size = link.split_queue(port.index).size
+    for what, sectors, lead in (("a header in the ring, data and status in an indirect table", 4, 1),
+                                (f"one indirect table of {size} entries (the queue size)", size - 2, 0)):
+        data = os.urandom(sectors * SECTOR_SIZE)
+        readable = [_put(link, REQ_HDR.pack(VIRTIO_BLK_T_OUT, 0, 16))]
+        readable += [_put(link, data[i : i + SECTOR_SIZE]) for i in range(0, len(data), SECTOR_SIZE)]
+        status = _put(link, b"\xff")
+        link.add_buffers(port.index, readable, [status], indirect=True, lead=lead)
+        link.submit(port.index)
+        link.wait_used(port.index, 1)
+        expect(link.memory.read(status[0], 1)[0] == VIRTIO_BLK_S_OK, f"a write with {what}: status not OK")
+        back = port.request(VIRTIO_BLK_T_IN, 16, in_len=len(data))
+        expect(back.status == VIRTIO_BLK_S_OK and back.data == data, f"a write with {what} read back different")
+    return ""
+
+
+def _indirect_limits_net(ctx: Context, link) -> str:
+    dut = ctx.net_port(link)
+    _injector, sink = ctx.net_ends(dut)
+    size = link.split_queue(NetPort.TX).size
+    # pieces of 4 bytes keep a queue-size table's frame within the MTU
+    for what, pieces, piece, lead in (("the header in the ring, the frame in an indirect table", 4, 16, 1),
+                                      (f"one indirect table of {size} entries (the queue size)", size - 1, 4, 0)):
+        tag = new_tag()
+        frame = marker_frame(tag, max(60, piece * pieces))
+        readable = [_put(link, NetHdr().pack(dut.hdr_len))]
+        readable += [_put(link, frame[i : i + piece]) for i in range(0, len(frame), piece)]
+        link.add_buffers(NetPort.TX, readable, [], indirect=True, lead=lead)
+        link.submit(NetPort.TX)
+        got = sink.receive(tag, ctx.timeout)
+        if got is None:
+            raise CheckFailed(f"a frame sent with {what} did not leave the device")
+        expect(got.frame[: len(frame)] == frame, f"a frame sent with {what} left changed")
+    return ""
+
+
+def _put(link, data: bytes) -> tuple[int, int]:
+    addr = link.alloc.alloc(len(data))
+    link.memory.write(addr, data)
+    return addr, len(data)

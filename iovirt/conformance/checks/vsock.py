@@ -16,6 +16,7 @@ from iovirt.virtio.vsock.defs import (
     CONFIG,
     HDR_SIZE,
     RESERVED_CIDS,
+    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM,
     VIRTIO_VSOCK_OP_REQUEST,
     VIRTIO_VSOCK_OP_RST,
     VIRTIO_VSOCK_TYPE_STREAM,
@@ -104,3 +105,11 @@ def no_rst_for_rst(ctx: Context) -> None:
     finally:
         drv.close()
     expect(not got, f"virtio-1.2 5.10.6.3: the device answered an RST with {[str(h) for h, _ in got]}")
+
+
+@check("virtio-1.2:5.10.3#no-implied-stream", "vsock: VIRTIO_VSOCK_F_NO_IMPLIED_STREAM is offered (SHOULD, virtio 1.3)",
+       devices=VSOCK)
+def offers_no_implied_stream(ctx: Context) -> None:
+    expect(ctx.caps.has(VIRTIO_VSOCK_F_NO_IMPLIED_STREAM),
+           f"features {ctx.caps.features:#x} lack VIRTIO_VSOCK_F_NO_IMPLIED_STREAM (bit 2): a driver cannot ask for "
+           "no implied streams")

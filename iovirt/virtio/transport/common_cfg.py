@@ -13,7 +13,10 @@ and applies them to a :class:`~iovirt.virtio.device.VirtioDevice`:
 - per-queue registers selected by ``queue_select``: ``queue_size`` (the
   driver may shrink it to a power of 2; other values are ignored),
   ``queue_msix_vector``, ``queue_enable`` (starts the queue on the device),
-  the three ring addresses.
+  the three ring addresses, ``queue_reset`` (with VIRTIO_F_RING_RESET, 2.6.1:
+  writing 1 stops the queue and puts its registers back to their reset
+  values, synchronously, so ``queue_reset`` and ``queue_enable`` read 0 at
+  once; the driver may then set the queue up again, a new size included).
 
 2.1.2: the device consumes no buffers and sends no used-buffer notifications
 before DRIVER_OK, so an enabled queue is started on the device (its layout
@@ -36,6 +39,7 @@ from iovirt.virtio.defs import (
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_RESET,
     VIRTIO_F_VERSION_1,
     VIRTQ_MAX_SIZE,
 )
@@ -54,7 +58,9 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_Q_DESC,
     VIRTIO_PCI_COMMON_Q_ENABLE,
     VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_COMMON_Q_NDATA,
     VIRTIO_PCI_COMMON_Q_NOFF,
+    VIRTIO_PCI_COMMON_Q_RESET,
     VIRTIO_PCI_COMMON_Q_SELECT,
     VIRTIO_PCI_COMMON_Q_SIZE,
     VIRTIO_PCI_COMMON_Q_USED,
@@ -80,6 +86,8 @@ _FIELD_WIDTH = {
     VIRTIO_PCI_COMMON_Q_MSIX: 2,
     VIRTIO_PCI_COMMON_Q_ENABLE: 2,
     VIRTIO_PCI_COMMON_Q_NOFF: 2,
+    VIRTIO_PCI_COMMON_Q_NDATA: 2,
+    VIRTIO_PCI_COMMON_Q_RESET: 2,
 }
 _ADDRESS_FIELDS = {
     VIRTIO_PCI_COMMON_Q_DESC: "desc",
@@ -133,7 +141,7 @@ class VirtqueueConfig:
 
 
 # Feature bits the transport serves itself; the device never sees them.
-TRANSPORT_FEATURES = 1 << VIRTIO_F_ACCESS_PLATFORM
+TRANSPORT_FEATURES = 1 << VIRTIO_F_ACCESS_PLATFORM | 1 << VIRTIO_F_RING_RESET
 
 
 class CommonCfg:
@@ -242,6 +250,8 @@ class CommonCfg:
             return queue.msix_vector
         if field == VIRTIO_PCI_COMMON_Q_ENABLE:
             return int(queue.enabled)
+        if field in (VIRTIO_PCI_COMMON_Q_RESET, VIRTIO_PCI_COMMON_Q_NDATA):
+            return 0  # a queue reset completes during the write (4.1.4.3.1); no notification data offered
         assert field == VIRTIO_PCI_COMMON_Q_NOFF
         return self.queue_select  # queue i notifies at offset i * notify_off_multiplier
 
@@ -272,6 +282,8 @@ class CommonCfg:
                 queue.msix_vector = self._map_vector(value)
         elif field == VIRTIO_PCI_COMMON_Q_ENABLE:
             self._write_queue_enable(value)
+        elif field == VIRTIO_PCI_COMMON_Q_RESET:
+            self._write_queue_reset(value)
         else:
             # 4.1.4.3.2: the driver MUST NOT write device_feature, num_queues,
             # config_generation or queue_notify_off.
@@ -406,6 +418,22 @@ class CommonCfg:
         if self.driver_ok:
             self.device.set_queue_enabled(index, True)
             self.device.kick(index)
+
+    def _write_queue_reset(self, value: int) -> None:
+        """2.6.1.1: the driver resets one queue; the device stops using it and forgets its state."""
+        index = self.queue_select
+        queue = self._selected("queue_reset")
+        if queue is None:
+            return
+        if not self.driver_features >> VIRTIO_F_RING_RESET & 1 or value != 1:
+            log.warning("%s: queue_reset %d for queue %d ignored (VIRTIO_F_RING_RESET %s)", self.device.label,
+                        value, index, "negotiated: only 1 resets" if self.driver_features >> VIRTIO_F_RING_RESET & 1
+                        else "not negotiated")
+            return
+        if queue.enabled:
+            self.device.set_queue_enabled(index, False)
+            self.device.stop_queue(index)  # no request of it executed, no notification for it, from here on
+        self.queues[index] = VirtqueueConfig(self.queue_max_size)
 
     def notify(self, index: int) -> None:
         """An available-buffer notification for queue ``index`` (4.1.5.2)."""

@@ -42,7 +42,11 @@ VIRTIO_PCI_COMMON_Q_NOFF = 0x1E
 VIRTIO_PCI_COMMON_Q_DESC = 0x20
 VIRTIO_PCI_COMMON_Q_AVAIL = 0x28  # queue_driver
 VIRTIO_PCI_COMMON_Q_USED = 0x30  # queue_device
-VIRTIO_PCI_COMMON_CFG_SIZE = 0x38  # the fields before queue_notify_data (no NOTIF_CONFIG_DATA, RING_RESET)
+VIRTIO_PCI_COMMON_Q_NDATA = 0x38  # queue_notify_data: only with VIRTIO_F_NOTIF_CONFIG_DATA (not offered: reads 0)
+VIRTIO_PCI_COMMON_Q_RESET = 0x3A  # queue_reset: with VIRTIO_F_RING_RESET (2.6.1)
+VIRTIO_PCI_COMMON_ADMIN_Q_INDEX = 0x3C  # admin_queue_index: with VIRTIO_F_ADMIN_VQ (virtio 1.3)
+VIRTIO_PCI_COMMON_ADMIN_Q_NUM = 0x3E  # admin_queue_num
+VIRTIO_PCI_COMMON_CFG_SIZE = 0x3C  # through queue_reset (no admin queue fields: VIRTIO_F_ADMIN_VQ is not offered)
 
 # 4.1.5.1.2 MSI-X Vector Configuration
 VIRTIO_MSI_NO_VECTOR = 0xFFFF

@@ -34,7 +34,7 @@ from iovirt.pci.msix import MsixCapability
 from iovirt.pci.capability import Capability
 from iovirt.pci.pcie import PcieCapability, PciePortType
 from iovirt.pci.pm import PmCapability
-from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_RESET
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
 from iovirt.virtio.transport.caps import VirtioPciCap, VirtioPciCfgCap
@@ -167,9 +167,9 @@ class VirtioPciFunction(PciFunction):
     # -- TransportPort (used by CommonCfg) --------------------------------------
     def offered_features(self) -> int:
         """The device's features minus what this transport cannot serve, plus its transport bits
-        (ACCESS_PLATFORM with an IOMMU, ``transport_features``)."""
+        (RING_RESET, ACCESS_PLATFORM with an IOMMU, ``transport_features``)."""
         features = self.device.device_features() & ~UNSERVED_FEATURES.get(self.device.device_id, 0)
-        features |= self.transport_features
+        features |= self.transport_features | 1 << VIRTIO_F_RING_RESET  # queue_reset (common_cfg.py)
         if self.iommu is not None:
             features |= 1 << VIRTIO_F_ACCESS_PLATFORM
         return features

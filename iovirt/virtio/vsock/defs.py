@@ -15,6 +15,7 @@ EVENT_QUEUE = 2
 # 5.10.3 Feature bits
 VIRTIO_VSOCK_F_STREAM = 0
 VIRTIO_VSOCK_F_SEQPACKET = 1
+VIRTIO_VSOCK_F_NO_IMPLIED_STREAM = 2  # virtio 1.3: streams only when STREAM is negotiated
 
 # 5.10.4 Device configuration layout: struct virtio_vsock_config { le64 guest_cid; }
 CONFIG = struct.Struct("<Q")

@@ -53,6 +53,8 @@ from iovirt.virtio.vsock.defs import (
     TX_QUEUE,
     VIRTIO_ID_VSOCK,
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM,
+    VIRTIO_VSOCK_F_STREAM,
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
     VIRTIO_VSOCK_OP_CREDIT_UPDATE,
     VIRTIO_VSOCK_OP_REQUEST,
@@ -116,8 +118,14 @@ class VirtioVsock(VirtioDevice):
 
     # -- virtio ------------------------------------------------------------------------
     def device_features(self) -> int:
-        """5.10.3: streams only, which needs no feature bit."""
-        return COMMON_FEATURES
+        """5.10.3: streams.  STREAM and NO_IMPLIED_STREAM (which the device SHOULD offer) let a driver
+        choose them explicitly; a driver that negotiates neither gets streams as before."""
+        return COMMON_FEATURES | 1 << VIRTIO_VSOCK_F_STREAM | 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM
+
+    @property
+    def streams(self) -> bool:
+        """Whether the driver has streams: not when it negotiated NO_IMPLIED_STREAM without STREAM (5.10.3)."""
+        return self.has_feature(VIRTIO_VSOCK_F_STREAM) or not self.has_feature(VIRTIO_VSOCK_F_NO_IMPLIED_STREAM)
 
     def config_space(self) -> bytes:
         """5.10.4: ``le64 guest_cid``."""
@@ -219,6 +227,10 @@ class VirtioVsock(VirtioDevice):
             log.warning("%s: accept on %s failed: %s", self.label, self.uds, exc)
             return
         sock.setblocking(False)
+        if not self.streams:
+            log.warning("%s: host connection refused: the driver negotiated no stream sockets", self.label)
+            sock.close()
+            return
         if len(self.connections) + len(self._handshakes) >= MAX_CONNECTIONS:
             log.warning("%s: host connection refused: %d connections already", self.label, MAX_CONNECTIONS)
             sock.close()
@@ -547,6 +559,8 @@ class VirtioVsock(VirtioDevice):
             return f"dst_cid {hdr.dst_cid} is not the host (CID {VMADDR_CID_HOST})"
         if hdr.type != VIRTIO_VSOCK_TYPE_STREAM:
             return f"unknown type {hdr.type}"
+        if not self.streams:
+            return "a stream packet, but the driver negotiated NO_IMPLIED_STREAM without STREAM"
         if not VIRTIO_VSOCK_OP_REQUEST <= hdr.op <= VIRTIO_VSOCK_OP_CREDIT_REQUEST:
             return f"unknown op {hdr.op}"
         if hdr.len > MAX_PKT_PAYLOAD:
