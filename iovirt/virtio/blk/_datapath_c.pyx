@@ -66,7 +66,7 @@ cdef extern from *:
         unsigned drain = op == 2 ? IOSQE_IO_DRAIN : 0;
         if (io_uring_sq_space_left(&u->ring) < 2)
             io_uring_submit(&u->ring);  /* a linked pair goes in one submission */
-        if (u->delayed) {
+        if (u->delayed && op != 2) {
             sqe = io_uring_get_sqe(&u->ring);
             if (!sqe) return -EBUSY;
             io_uring_prep_timeout(sqe, &u->delay, 0, IORING_TIMEOUT_ETIME_SUCCESS);

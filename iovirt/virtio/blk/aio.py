@@ -59,9 +59,10 @@ still refuses (EINVAL, a 4 KiB-sector disk) is submitted again through it.
 class ImageHook:
     """A test hook on a device's image I/O: latency and failures.
 
-    ``delay`` seconds are added before every request reaches the image
-    (a timeout linked before it in io_uring; a sleep in a worker of the
-    thread pool), so the image behaves as a slow disk.  ``fail(op, offset,
+    ``delay`` seconds are added before every read and write reaches the
+    image (a timeout linked before it in io_uring; a sleep in a worker of
+    the thread pool), so the image behaves as a slow disk; a FLUSH is not
+    delayed, so it shows whether it waits for the writes before it.  ``fail(op, offset,
     nbytes)``, with ``op`` one of ``"read"``, ``"write"``, ``"flush"``,
     returning True completes that request with EIO (VIRTIO_BLK_S_IOERR).
     """
@@ -187,7 +188,7 @@ class ThreadPool:
             if item is None:
                 return
             job, barrier = item
-            if self._delay:
+            if self._delay and not barrier:
                 threading.Event().wait(self._delay)  # the test hook's slow disk
             try:
                 result = self._run(job)
