@@ -11,6 +11,7 @@ built.  A device keeps one engine per twin it meets (:func:`engine_key`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from iovirt import _accel
@@ -18,7 +19,7 @@ from iovirt.virtio.blk import _datapath_py
 from iovirt.virtio.blk.aio import Image, ImageHook
 from iovirt.virtio.queue import is_accelerated, ring_of
 
-__all__ = ["IMPLEMENTATION", "accel", "engine_key", "new_engine", "submit", "serve_batch", "uring_built"]
+__all__ = ["IMPLEMENTATION", "accel", "engine_key", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
 
 accel: Any = _accel.load("iovirt.virtio.blk._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -55,3 +56,20 @@ def submit(engine: Any, batch: Any, index: int, queue: Any, image: Image) -> tup
 
 
 serve_batch = _datapath_py.serve_batch
+
+
+def engine_report() -> tuple[str, str]:
+    """``(engine, why)``: which engine a blk device of this process runs its image I/O on (``iovirt info``).
+
+    Tries it: io_uring may be compiled in and still refused by the kernel.
+    """
+    from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
+
+    key = "cython" if accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        engine = new_engine(key, wake_fd, 1, None)
+        engine.close()
+        return engine.kind, engine.reason
+    finally:
+        os.close(wake_fd)
