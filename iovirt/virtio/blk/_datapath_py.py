@@ -246,10 +246,8 @@ class Engine:
         """Stop the workers (after :meth:`complete` took every request)."""
         self._pool.close()
 
-    def submit(
-        self, batch: Any, queue: int, memory: GuestMemory, image: Image, indexes: Sequence[int] | None = None
-    ) -> tuple[list[int], int, int, int, int]:
-        """Start the IN/OUT/FLUSH requests among chains ``indexes`` (all by default) of ``batch`` of queue ``queue``.
+    def submit(self, batch: Any, queue: int, memory: GuestMemory, image: Image) -> tuple[list[int], int, int, int, int]:
+        """Start the IN/OUT/FLUSH requests of ``batch`` of queue ``queue``.
 
         Returns ``(left, nbytes, reads, writes, flushes)`` as the C twin
         does: ``left`` lists the chains for the device (other request types,
@@ -259,8 +257,7 @@ class Engine:
         """
         left: list[int] = []
         total = reads = writes = flushes = 0
-        for i in range(len(batch)) if indexes is None else indexes:
-            chain = batch[i]
+        for i, chain in enumerate(batch):
             request = parse_request(memory, chain)
             if request is None or request.type not in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH):
                 left.append(i)

@@ -34,6 +34,7 @@ import errno
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -189,7 +190,7 @@ class ThreadPool:
                 return
             job, barrier = item
             if self._delay and not barrier:
-                threading.Event().wait(self._delay)  # the test hook's slow disk
+                time.sleep(self._delay)  # the test hook's slow disk
             try:
                 result = self._run(job)
             except OSError as exc:
