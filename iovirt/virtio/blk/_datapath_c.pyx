@@ -7,7 +7,7 @@ other than IN/OUT/FLUSH, and requests whose buffers have no host pointer
 (they span regions or an IOMMU is in front) or whose layout is unusual (data
 in the header's buffer).  Requests go to io_uring through liburing (one
 ``io_uring_submit`` per batch; ``-DIOVIRT_HAVE_LIBURING`` at build time,
-``setup.py``), or to a thread pool (:class:`~iovirt.virtio.blk.aio.ThreadPool`)
+``setup.py``; completions signal the device's eventfd), or to a thread pool (:class:`~iovirt.virtio.blk.aio.ThreadPool`)
 whose workers run ``preadv`` / ``pwritev`` / ``fdatasync`` with the GIL
 released, where io_uring is not built in or the kernel refuses it.  Every
 request in flight holds a slot: its iovecs (pointing into guest memory), its
@@ -27,7 +27,7 @@ import os
 
 from iovirt.virtio._queue_c cimport ChainBatch
 from iovirt.virtio.blk import defs
-from iovirt.virtio.blk.aio import ENGINE_ENV, DIRECT_ALIGN, ThreadPool
+from iovirt.virtio.blk.aio import ENGINE_ENV, DIRECT_ALIGN, ThreadPool, io_uring_refused
 
 cdef extern from "unistd.h" nogil:
     int fdatasync(int fd)
@@ -51,6 +51,8 @@ cdef extern from *:
         if (!u) { *err = ENOMEM; return NULL; }
         rc = io_uring_queue_init(entries, &u->ring, 0);
         if (rc < 0) { free(u); *err = -rc; return NULL; }
+        /* Every completion signals (the _async variant skips those completed through task work,
+           which nobody would reap then). */
         rc = io_uring_register_eventfd(&u->ring, eventfd);
         if (rc < 0) { io_uring_queue_exit(&u->ring); free(u); *err = -rc; return NULL; }
         u->delay.tv_sec = delay_ns / 1000000000LL;
@@ -194,7 +196,8 @@ cdef class Engine:
     requests in flight (the device pops no more than :attr:`free`);
     ``hook`` is an :class:`~iovirt.virtio.blk.aio.ImageHook` or ``None``;
     ``kind`` asks for ``"io_uring"`` or ``"threads"`` (default: the
-    ``IOVIRT_BLK_ENGINE`` environment variable, else io_uring where it works).
+    ``IOVIRT_BLK_ENGINE`` environment variable, else io_uring where it works
+    and :func:`~iovirt.virtio.blk.aio.refuse_io_uring` was not called).
     """
 
     cdef Slot *slots
@@ -242,7 +245,9 @@ cdef class Engine:
             raise ValueError(f"blk engine {kind!r}: expected io_uring or threads")
         self.reason = "asked for"
         if kind == "io_uring":
-            if not IOVIRT_URING_BUILT:
+            if io_uring_refused() is not None:
+                self.reason = io_uring_refused()
+            elif not IOVIRT_URING_BUILT:
                 self.reason = "liburing was not found when the extension was built"
             else:
                 # Two entries per request: the test hook's timeout goes linked before it.

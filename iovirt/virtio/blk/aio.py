@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from iovirt.virtio.blk.defs import SECTOR_SIZE
 
-__all__ = ["ENGINE_ENV", "Image", "ImageHook", "ThreadPool", "WORKERS", "open_image"]
+__all__ = ["ENGINE_ENV", "Image", "ImageHook", "ThreadPool", "WORKERS", "io_uring_refused", "open_image",
+           "refuse_io_uring"]
 
 ENGINE_ENV = "IOVIRT_BLK_ENGINE"
 """Environment variable that forces an engine: ``io_uring`` or ``threads`` (default: io_uring where it works)."""
@@ -54,6 +55,26 @@ DIRECT_ALIGN = SECTOR_SIZE
 A request not aligned so goes through the buffered fd; one the file system
 still refuses (EINVAL, a 4 KiB-sector disk) is submitted again through it.
 """
+
+
+_refused: str | None = None
+
+
+def refuse_io_uring(reason: str) -> None:
+    """Engines made from now on run on the thread pool, for ``reason``.
+
+    The seccomp sandbox (:mod:`iovirt.sandbox`) says so before it installs
+    its filter: io_uring's calls are not among those it allows, since the
+    operations a ring runs escape the filter (a ring may open files and
+    sockets).
+    """
+    global _refused
+    _refused = reason
+
+
+def io_uring_refused() -> str | None:
+    """Why engines may not use io_uring (:func:`refuse_io_uring`), or ``None``."""
+    return _refused
 
 
 @dataclass
