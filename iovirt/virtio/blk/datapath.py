@@ -17,9 +17,10 @@ from typing import Any
 from iovirt import _accel
 from iovirt.virtio.blk import _datapath_py
 from iovirt.virtio.blk.aio import Image, ImageHook
+from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import is_accelerated, ring_of
 
-__all__ = ["IMPLEMENTATION", "accel", "engine_key", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
+__all__ = ["IMPLEMENTATION", "accel", "default_key", "engine_key", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
 
 accel: Any = _accel.load("iovirt.virtio.blk._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -33,6 +34,11 @@ def uring_built() -> bool:
 def engine_key(queue: Any) -> str:
     """Which twin serves ``queue``: ``"cython"`` or ``"python"``."""
     return "cython" if accel is not None and is_accelerated(ring_of(queue)) else "python"
+
+
+def default_key() -> str:
+    """The twin a queue of this process gets (:func:`engine_key`): the C one on the Cython queue."""
+    return "cython" if accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
 
 
 def new_engine(key: str, wake_fd: int, slots: int, hook: ImageHook | None, kind: str | None = None) -> Any:
@@ -63,12 +69,9 @@ def engine_report() -> tuple[str, str]:
 
     Tries it: io_uring may be compiled in and still refused by the kernel.
     """
-    from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
-
-    key = "cython" if accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
     wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
     try:
-        engine = new_engine(key, wake_fd, 1, None)
+        engine = new_engine(default_key(), wake_fd, 1, None)
         engine.close()
         return engine.kind, engine.reason
     finally:

@@ -170,10 +170,8 @@ class VirtioBlk(VirtioDevice):
         os.close(self._wake_fd)
 
     def engine(self) -> str:
-        """Which engine runs the image I/O, and why (``iovirt info`` and the log say it)."""
-        # The twin a queue of this process gets (datapath.engine_key): the C one on the Cython queue.
-        key = "cython" if datapath.accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
-        engine = self._engine(key)
+        """Which engine runs the image I/O of this device's queues, and why (the log says it too)."""
+        engine = self._engine(datapath.default_key())
         return f"{engine.kind} ({engine.reason})"
 
     # -- saved state (counters; the disk's identity as a consistency check) ---------
@@ -343,13 +341,8 @@ class VirtioBlk(VirtioDevice):
             if not engine.in_flight:
                 continue
             for index, batch, read, written, errors in engine.complete():
-                queue = self._popped_from[index]
-                try:
-                    queue.push_batch(batch)
-                except IovirtError as exc:
-                    self.fail(exc)
-                    continue
-                self.signal(index)
+                # Counted before the driver can see the requests used (a reader of the counters after
+                # its completion sees them).
                 if self.counting:
                     stats = self.stats
                     stats["read_bytes"] += read
@@ -360,6 +353,12 @@ class VirtioBlk(VirtioDevice):
                         self.queue_stats[index]["errors"] += errors
                 if errors:
                     self._log_errors(errors)
+                try:
+                    self._popped_from[index].push_batch(batch)
+                except IovirtError as exc:
+                    self.fail(exc)
+                    continue
+                self.signal(index)
 
     def _log_errors(self, errors: int) -> None:
         self.log.warning(
