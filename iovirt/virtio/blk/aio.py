@@ -175,9 +175,10 @@ class ThreadPool:
     def reap(self) -> list[tuple[Any, int]]:
         """The jobs completed since the last call, with their results; starts jobs a barrier held."""
         out = []
-        done = self._done
-        while done:
-            job, barrier, result = done.popleft()
+        with self._cond:
+            done = list(self._done)
+            self._done.clear()
+        for job, barrier, result in done:
             out.append((job, result))
             self._started -= 1
             if barrier:
@@ -216,10 +217,11 @@ class ThreadPool:
                 result = self._run(job)
             except OSError as exc:
                 result = -(exc.errno or errno.EIO)
+            # Signalled under the lock :meth:`reap` takes: a result reaped was signalled already.
             with self._cond:
                 self._done.append((job, barrier, result))
                 self._cond.notify()
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:
-                pass  # closed under us: the device is gone, nobody reaps
+                try:
+                    os.eventfd_write(self._wake_fd, 1)
+                except OSError:
+                    pass  # closed under us: the device is gone, nobody reaps

@@ -337,10 +337,12 @@ class VirtioBlk(VirtioDevice):
 
     def _complete(self) -> None:
         """Push the completed requests to their queues and notify the driver."""
+        reaped = False
         for engine in self._engines.values():
             if not engine.in_flight:
                 continue
             for index, batch, read, written, errors in engine.complete():
+                reaped = True
                 # Counted before the driver can see the requests used (a reader of the counters after
                 # its completion sees them).
                 if self.counting:
@@ -359,6 +361,10 @@ class VirtioBlk(VirtioDevice):
                     self.fail(exc)
                     continue
                 self.signal(index)
+        if reaped and not any(engine.in_flight for engine in self._engines.values()):
+            # Nothing left in flight: a completion signal still pending is for requests pushed
+            # already (one done inside the submit); without it no wake-up kicks the rings again.
+            _drain_eventfd(self._wake_fd)
 
     def _log_errors(self, errors: int) -> None:
         self.log.warning(
@@ -369,10 +375,15 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests (5.2.6) ------------------------------------------------------------
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        """Push what completed, then submit every available request of ``queue`` (none while it is disabled)."""
-        self._complete()
+        """Submit every available request of ``queue`` (none while it is disabled), then push what completed.
+
+        Completions are pushed after the pops: a driver that sees them used
+        and publishes more without a kick finds them served only on a kick
+        (or a later completion's wake-up), as with a synchronous device.
+        """
         if not self.enabled[index]:
             # vhost-user "Ring states": a started, disabled ring has no side effects.
+            self._complete()
             return
         key = datapath.engine_key(queue)
         engine = self._engine(key)
@@ -381,7 +392,10 @@ class VirtioBlk(VirtioDevice):
         reuse = self._batch if key == "cython" else None
         while True:
             buckets = self._buckets
-            count = min(BATCH if buckets is None else self._admit(buckets), engine.free)
+            count = BATCH if buckets is None else self._admit(buckets)
+            if count and not engine.free:
+                self._complete()  # slots back for the requests waiting in the ring
+            count = min(count, engine.free)
             if not count:
                 break  # at a limit, or every slot in flight: the requests wait in the ring
             batch = queue.pop_batch(count, reuse)
@@ -398,7 +412,7 @@ class VirtioBlk(VirtioDevice):
                 nbytes += self._serve_left(index, queue, batch, left, key == "cython")
             if buckets is not None:
                 self._charge(buckets, len(batch), nbytes)
-            self._complete()
+        self._complete()
         if not self.complete_async:
             self._drain()
 
@@ -500,6 +514,13 @@ class VirtioBlk(VirtioDevice):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS) or rtype == VIRTIO_BLK_T_DISCARD:
                     raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
                 os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass  # no signal pending
 
 
 class _DrainOnRefresh(QueueWrapper):
