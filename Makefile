@@ -6,19 +6,29 @@ PYTHON ?= python3
 # space, QEMU + Debian's kernel + busybox boot real guests, DPDK and
 # qemu-storage-daemon are the peers we are measured against; gcc and python3-dev
 # compile the Cython extensions (liburing-dev: the blk data path's io_uring), python3-venv gives the wheel-install test its venv, socat (with its
-# libraries) goes into the vsock guest's initramfs.
-DEB_PACKAGES := gcc python3-dev liburing-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux socat
+# libraries) goes into the vsock guest's initramfs, tcpdump and tshark read the pcapng files the bench writes.
+BENCH_PACKAGES := openvswitch-switch-dpdk
+DEB_PACKAGES := gcc python3-dev liburing-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux socat tcpdump tshark
 
-.PHONY: demo test test-extensions test-pure typecheck deps install build bench fuzz clean
+.PHONY: demo test test-extensions test-pure typecheck deps bench-deps install build bench fuzz clean
 # The test steps run one after another, in the order `test` lists them.
 .NOTPARALLEL:
 
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# apt-get installs whichever of $(1) are missing (apt-get update first).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PACKAGES))
+
+# Only the benchmarks need Open vSwitch with DPDK (the port-to-port peer in benchmarks/vhost_user.py).
+bench-deps:
+	$(call apt_install,$(BENCH_PACKAGES))
 
 install: deps
 	$(PYTHON) -m pip install --quiet --upgrade pip
@@ -47,7 +57,7 @@ test-pure:
 typecheck:
 	$(PYTHON) -m mypy iovirt
 
-bench: install
+bench: install bench-deps
 	for b in benchmarks/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
 # The long fuzz campaign (tests/fuzz/, issue 12): protocol messages, then descriptor chains, against a real

@@ -35,6 +35,7 @@ EXTENSIONS = [
         "iovirt.virtio.blk._datapath_c", ["iovirt/virtio/blk/_datapath_c.pyx"], extra_compile_args=["-O3"], **_liburing()
     ),
     Extension("iovirt.virtio.scsi._datapath_c", ["iovirt/virtio/scsi/_datapath_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.bench._rawpath_c", ["iovirt/bench/_rawpath_c.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:

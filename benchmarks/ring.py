@@ -6,7 +6,10 @@ VIRTIO_F_EVENT_IDX, the device pops batches of 32 chains, pushes them to the
 used ring and asks whether to notify; the driver side re-publishes the same
 chains by advancing avail idx (its slots never change, so the driver costs one
 16-bit store per batch).  Prints chains/s per implementation and the ratio;
-the last line is a JSON object of the figures.
+the ceiling is the same pop, push and notify decision in plain C on the same
+layout (``ring_ceiling.c``, compiled here with ``gcc -O2``), and
+``ratio_cython_vs_c`` (issue 15: ≥ 0.7) is Cython's share of it.  The last
+line is a JSON object of the figures.
 
     python benchmarks/ring.py [--seconds S]
 """
@@ -16,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.virtio.driver import DriverQueue
@@ -65,6 +71,17 @@ def measure(queue_cls, descs_per_chain: int, seconds: float) -> float:
     return done / elapsed
 
 
+def c_ceiling(descs_per_chain: int, seconds: float) -> float:
+    """Chains per second of ``ring_ceiling.c`` (compiled into a temporary directory)."""
+    source = Path(__file__).with_name("ring_ceiling.c")
+    with tempfile.TemporaryDirectory(prefix="iovirt-ring-") as tmp:
+        binary = Path(tmp) / "ring_ceiling"
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+        out = subprocess.run([str(binary), str(descs_per_chain), str(seconds)], check=True,
+                             capture_output=True, text=True).stdout
+    return float(out.split()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per Cython measurement (default 2)")
@@ -78,11 +95,15 @@ def main() -> None:
     for n in (1, 4):
         cy = measure(impls["cython"], n, args.seconds)
         py = measure(impls["python"], n, max(args.seconds / 4, 0.5))
-        print(f"{n}-descriptor chains: cython {cy:,.0f} chains/s   reference {py:,.0f} chains/s   ratio {cy / py:.1f}x")
+        c = c_ceiling(n, args.seconds)
+        print(f"{n}-descriptor chains: cython {cy:,.0f} chains/s   reference {py:,.0f} chains/s   ratio {cy / py:.1f}x   "
+              f"plain C {c:,.0f} chains/s   cython/C {cy / c:.2f}")
         suffix = "" if n == 1 else f"_{n}desc"
         figures[f"cython_chains_per_s{suffix}"] = round(cy)
         figures[f"reference_chains_per_s{suffix}"] = round(py)
         figures[f"ratio{suffix}"] = round(cy / py, 1)
+        figures[f"c_chains_per_s{suffix}"] = round(c)
+        figures[f"ratio_cython_vs_c{suffix}"] = round(cy / c, 3)
     print(json.dumps(figures))
 
 

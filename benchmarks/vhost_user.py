@@ -9,7 +9,10 @@ TX completes only when the back-end has consumed the chain).  Back-ends:
 the destination: the sink case), and DPDK's vhost PMD in rxonly mode.
 Then port to port: frames to a MAC learned on iovirt's second port, whose
 receive ring a light front-end process keeps refilled; iovirt's own receive
-counter gives the rate (DPDK's vhost PMD has no switch: no peer figure).
+counter gives its rate.  The peer is Open vSwitch with DPDK (a netdev bridge,
+two ``dpdkvhostuser`` ports, the NORMAL action, its PMD on core 0; see
+``ovs_peer.py``) driven the same way; ``ratio_p2p_64B_vs_ovs`` compares what
+the receiving front-end saw from each (best 1 s window).
 The 64-byte sink and port-to-port runs are repeated under ``iovirt serve
 --isolate`` (each port a worker process, the switch in the supervisor): the
 cost of process isolation, in the same run.
@@ -48,6 +51,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import re
 import shutil
 import signal
@@ -57,6 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ovs_peer
 from vhost_common import NO_EVENT_IDX, blk_run, numbered_image, serve_iovirt, stop_process, wait_socket
 
 TESTPMD = "dpdk-testpmd"
@@ -147,6 +152,26 @@ def _rx_sink(sock: str, mac: bytes, ready, stop, out=None) -> None:
         out.put(best)
 
 
+def p2p_run(s0: Path, s1: Path, seconds: float, log: Path) -> float:
+    """64 B frames from DPDK's virtio-user on ``s0`` to a MAC learned on ``s1``; the receiver's best 1 s rate."""
+    ctx = mp.get_context("spawn")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    mac = bytes.fromhex("525400aabbcc")
+    sink = ctx.Process(target=_rx_sink, args=(str(s1), mac, ready, stop, out))
+    sink.start()
+    ready.wait(20)
+    try:
+        testpmd_tx(s0, 64, seconds, log, dst_mac=mac.hex(":"))
+    finally:
+        stop.set()
+        try:
+            seen = out.get(timeout=30)
+        except queue.Empty:
+            seen = 0.0
+        sink.join(10)
+    return float(seen)
+
+
 def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
     figures: dict[str, float] = {}
     for size in (64, 1500):
@@ -168,7 +193,7 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
         figures[f"net_{size}B_frames_per_s"] = iovirt_rate
         figures[f"dpdk_vhost_{size}B_frames_per_s"] = peer_rate
         figures[f"ratio_net_{size}B_vs_dpdk"] = round(iovirt_rate / peer_rate, 3)
-    # Port to port through the switch.
+    # Port to port through the switch, then through Open vSwitch with DPDK.
     s0, s1 = tmp / "p0.sock", tmp / "p1.sock"
     log = tmp / "iovirt-p2p.log"
     backend = subprocess.Popen(
@@ -176,22 +201,27 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
     wait_socket(s1, backend)
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Event(), ctx.Event()
-    mac = bytes.fromhex("525400aabbcc")
-    sink = ctx.Process(target=_rx_sink, args=(str(s1), mac, ready, stop))
-    sink.start()
-    ready.wait(20)
     try:
-        testpmd_tx(s0, 64, seconds, tmp / "fe-p2p.log", dst_mac=mac.hex(":"))
+        p2p_seen = p2p_run(s0, s1, seconds, tmp / "fe-p2p.log")
     finally:
-        stop.set()
-        sink.join(10)
         backend.wait(30)
     match = re.search(r"rx_per_s=([\d.]+)", log.read_text())
     p2p = float(match.group(1)) if match else 0.0
-    print(f"net   64 B frames, port 0 -> switch -> port 1: iovirt {p2p:,.0f} frames/s (no peer: DPDK has no switch)")
     figures["net_port_to_port_64B_frames_per_s"] = p2p
+    reason = ovs_peer.available()
+    if reason:
+        print(f"net   64 B frames, port 0 -> switch -> port 1: iovirt {p2p:,.0f} frames/s (no OVS peer: {reason})")
+    else:
+        with ovs_peer.ovs_bridge(tmp / "ovs") as (o0, o1):
+            ovs_seen = p2p_run(o0, o1, seconds, tmp / "fe-ovs-p2p.log")
+        # The ratio compares what the receiving front-end saw from each (best 1 s window).
+        print(f"net   64 B frames, port 0 -> switch -> port 1: iovirt {p2p:,.0f} frames/s by its counter, "
+              f"{p2p_seen:,.0f} at the receiver   OVS-DPDK {ovs_seen:,.0f} at the receiver   "
+              f"ratio {p2p_seen / ovs_seen if ovs_seen else float('nan'):.2f}")
+        figures["net_port_to_port_64B_received_per_s"] = p2p_seen
+        figures["ovs_port_to_port_64B_received_per_s"] = ovs_seen
+        if ovs_seen:
+            figures["ratio_p2p_64B_vs_ovs"] = round(p2p_seen / ovs_seen, 3)
     figures.update(isolated_figures(tmp, seconds, figures))
     return figures
 

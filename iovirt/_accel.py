@@ -46,6 +46,7 @@ PARTS: tuple[Part, ...] = (
     Part("VT-d page walk", "iovirt.vtd._walk_c"),
     Part("VT-d miss handler", "iovirt.vtd._dma_c"),
     Part("dirty-page log", "iovirt.virtio._dirtylog_c"),
+    Part("bench raw path", "iovirt.bench._rawpath_c"),
 )
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 
 from iovirt import __version__, _accel, service
+from iovirt.bench import cli as bench_cli
 from iovirt.conformance import cli as conformance_cli
 from iovirt.crosscheck import cli as crosscheck_cli
 from iovirt.control import cli as control_cli
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     conformance_cli.register(sub)
     inspect_cli.register(sub)
     crosscheck_cli.register(sub)
+    bench_cli.register(sub)
     info = sub.add_parser("info", help="show which implementation of each accelerated part runs, and why")
     info.set_defaults(func=_info)
     descriptors = sub.add_parser(

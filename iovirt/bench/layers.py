@@ -28,6 +28,7 @@ from scapy.fields import AnyField, BitEnumField, BitField, FlagsField, LEIntFiel
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, bind_layers
 
+from iovirt.bench.clock import wall_time
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.net.defs import VIRTIO_NET_F_HASH_REPORT, VIRTIO_NET_F_MRG_RXBUF
 
@@ -99,6 +100,21 @@ def hdr_class(features: int) -> type[Packet]:
     if features >> VIRTIO_F_VERSION_1 & 1 or features >> VIRTIO_NET_F_MRG_RXBUF & 1:
         return VirtioNetHdr
     return VirtioNetHdrLegacy
+
+
+HDR_BY_SIZE: dict[int, type[Packet]] = {
+    len(VirtioNetHdrLegacy()): VirtioNetHdrLegacy,
+    len(VirtioNetHdr()): VirtioNetHdr,
+    len(VirtioNetHdrHashReport()): VirtioNetHdrHashReport,
+}
+"""The header class by its size: 10, 12 or 20 bytes (5.1.6)."""
+
+
+def dissect(hdr: bytes, frame: bytes, t_ns: int) -> Packet:
+    """``hdr + frame`` as ``VirtioNetHdr* / Ether / ...``, its ``time`` the wall-clock time of ``t_ns``."""
+    pkt = HDR_BY_SIZE[len(hdr)](hdr + frame)
+    pkt.time = wall_time(t_ns)
+    return pkt
 
 
 # An Ethernet frame always follows the header (5.1.6).

@@ -1,7 +1,8 @@
 """Two bench ports joined by a switch, in-process or over vhost-user sockets.
 
-:class:`NetPair` is what the pytest fixtures hand out: ``send`` transmits on
-port ``a``, ``recv`` returns what the device of port ``b`` received, and an
+:class:`NetPair` is what the pytest fixtures hand out: ``send`` (``send_raw``)
+transmits on port ``a``, ``recv`` (``recv_raw``) returns what the device of
+port ``b`` received, and an
 optional :class:`~iovirt.bench.capture.CapturePort` on the same switch sees
 what crossed it.  :class:`ServedNet` runs iovirt's vhost-user server (what
 ``iovirt serve --net S1 --net S2`` runs) in a thread of this process.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, ContextManager, Iterable
+from typing import Any, ContextManager, Iterable, Sequence
 
 from scapy.packet import Packet
 
 from iovirt.bench.capture import CapturePort
+from iovirt.bench.latency import LatencyMeter
 from iovirt.bench.port import SUPPORTED_FEATURES, BenchPort
 from iovirt.bench.target import DEFAULT_TIMEOUT, InProcessTarget, VhostUserTarget
 from iovirt.vhost_user.server import VhostUserServer
@@ -46,6 +48,14 @@ class NetPair:
     def recv(self, count: int | None = None, timeout: float | None = None) -> list[Packet]:
         """What port ``b`` received (see :meth:`BenchPort.recv`)."""
         return self.b.recv(count, timeout)
+
+    def send_raw(self, frames: Sequence[bytes], hdr: bytes | None = None, *, latency: LatencyMeter | None = None) -> int:
+        """Transmit bytes on port ``a`` (see :meth:`BenchPort.send_raw`)."""
+        return self.a.send_raw(frames, hdr, latency=latency)
+
+    def recv_raw(self, count: int | None = None, timeout: float | None = None, *, latency: LatencyMeter | None = None) -> list[Any]:
+        """What port ``b`` received, as bytes (see :meth:`BenchPort.recv_raw`)."""
+        return self.b.recv_raw(count, timeout, latency=latency)
 
     @property
     def emitted(self) -> list[Packet]:

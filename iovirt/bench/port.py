@@ -1,10 +1,17 @@
-"""A bench port: the guest driver of one virtio-net device, with scapy packets in and out.
+"""A bench port: the guest driver of one virtio-net device, with frames in and out.
 
 :meth:`BenchPort.send` places frames with their ``virtio_net_hdr`` on the
 transmit queue and kicks; :meth:`BenchPort.recv` returns what the device wrote
 into the receive buffers the port keeps posted, as
 ``VirtioNetHdr / Ether / ...`` packets.  Queue 0 is receiveq1 and queue 1
 transmitq1 (virtio 1.2 5.1.2).
+
+:meth:`BenchPort.send_raw` and :meth:`BenchPort.recv_raw` are the same
+without scapy: bytes in, :class:`~iovirt.bench.rawpath.RawFrame` out (its
+``packet`` dissects on demand).  Both paths share one data path,
+:mod:`iovirt.bench.rawpath` (Cython, with a pure-Python twin), and may be
+mixed on one port.  Ingress and egress timestamps (the monotonic clock of
+:mod:`iovirt.bench.clock`) feed a :class:`~iovirt.bench.latency.LatencyMeter`.
 
 With VIRTIO_NET_F_MRG_RXBUF a frame may span several receive buffers: the
 first holds the header whose ``num_buffers`` counts them (5.1.6.4), and the
@@ -22,17 +29,18 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from scapy.packet import Packet
 
-from iovirt.bench.errors import BenchError, BenchTimeout, UsedRingError
+from iovirt.bench import rawpath
+from iovirt.bench.errors import BenchError, BenchTimeout, TargetError, UsedRingError
+from iovirt.bench.latency import LatencyMeter
 from iovirt.bench.layers import VirtioNetHdr, VirtioNetHdrHashReport, VirtioNetHdrLegacy, hdr_class
 from iovirt.bench.target import DEFAULT_TIMEOUT, DriverTarget
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
-from iovirt.virtio.driver import DriverQueue, DriverQueueError, UsedElem
+from iovirt.virtio.driver import DriverQueue
 from iovirt.virtio.net.defs import (
-    ETH_HLEN,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_HOST_ECN,
@@ -104,10 +112,17 @@ class BenchPort:
         self.hdr_size = len(self._zero_hdr)
         self.mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         queues = target.start_queues([RX_QUEUE, TX_QUEUE], queue_size)
-        self.rxq: DriverQueue = queues[RX_QUEUE]
-        self.txq: DriverQueue = queues[TX_QUEUE]
+        rxq, txq = queues[RX_QUEUE], queues[TX_QUEUE]
+        # The raw path (rawpath, _rawpath_c) drives the split layout only (virtio 1.2 §2.7); targets
+        # never negotiate VIRTIO_F_RING_PACKED for a bench port.
+        if not isinstance(rxq, DriverQueue) or not isinstance(txq, DriverQueue):
+            raise TargetError(self.name, "bench ports drive split rings only; the target negotiated packed rings")
+        self.rxq: DriverQueue = rxq
+        self.txq: DriverQueue = txq
         memory, alloc = target.memory, target.alloc
         self.memory = memory
+        # Rings and buffers all come from ``alloc``: one window over its range serves the raw path.
+        self._win = rawpath.Window(memory, alloc.base, alloc.end - alloc.base)
         self.rx_buffer_size = rx_buffer_size
         nrx = queue_size if rx_buffers is None else rx_buffers
         self._rx_slots = [alloc.alloc(rx_buffer_size) for _ in range(nrx)]
@@ -115,16 +130,20 @@ class BenchPort:
         self.tx_buffer_size = tx_buffer_size
         self._tx_free = [alloc.alloc(tx_buffer_size) for _ in range(queue_size)]
         self._tx_by_head: dict[int, int] = {}
-        self._rx_used: collections.deque[UsedElem] = collections.deque()
-        self._rx_frames: collections.deque[Packet] = collections.deque()
+        self._rx_pending: list[tuple[int, bytes]] = []  # (used len, bytes) of buffers of a frame not yet whole
+        self._rx_frames: collections.deque[Any] = collections.deque()  # RawFrames not yet returned
         self.received: list[Packet] = []
-        """Every frame the device wrote to this port, in order (for pcaps)."""
+        """Every frame :meth:`recv` returned, in order (for pcaps); :meth:`recv_raw` keeps nothing."""
         self.rx_buffer_lens: list[tuple[int, ...]] = []
         """For each frame in :attr:`received`: the used len of every buffer it took (MRG_RXBUF accounting)."""
         self.stats: collections.Counter = collections.Counter()
-        for slot in self._rx_slots:
-            self._post_rx(slot)
-        self.target.kick(RX_QUEUE)
+        rawpath.rx_post(self._win, self.rxq, self._rx_slots, self._rx_by_head, rx_buffer_size)
+        self._kick(self.rxq)
+
+    def _kick(self, queue: DriverQueue) -> None:
+        """Publish the queue's avail idx and notify the device if it asked for it (2.7.10)."""
+        if rawpath.publish(self._win, queue):
+            self.target.notify(queue.index)
 
     def has_feature(self, bit: int) -> bool:
         """Whether feature ``bit`` was negotiated."""
@@ -141,25 +160,71 @@ class BenchPort:
         """
         if isinstance(pkts, (Packet, bytes, bytearray)):
             pkts = [pkts]
-        count = 0
-        for pkt in pkts:
-            hdr, frame = self._split(pkt)
-            needed = 2 if self.split_header else 1
-            if self.txq.num_free < needed or not self._tx_free:
-                self.target.kick(TX_QUEUE)
+        pairs = [self._split(pkt) for pkt in pkts]
+        if self.split_header:
+            return self._send_split(pairs)
+        return self._transmit([hdr + frame for hdr, frame in pairs], b"", None)
+
+    def send_raw(self, frames: Sequence[bytes], hdr: bytes | None = None, *, latency: LatencyMeter | None = None) -> int:
+        """Queue Ethernet frames (bytes, no FCS) on transmitq1 and kick, without scapy; returns how many.
+
+        Every frame gets ``hdr`` (a raw header of the negotiated size; by
+        default all zero: no offload, 5.1.6.2).  With ``latency`` each frame
+        is recorded with its ingress timestamp: the moment its batch was
+        made available to the device.
+        """
+        hdr = self._zero_hdr if hdr is None else bytes(hdr)
+        if len(hdr) != self.hdr_size:
+            raise BenchError(f"{self.name}: a {len(hdr)}-byte header was given, the negotiated one has {self.hdr_size}")
+        frames = frames if type(frames) is list else list(frames)
+        if frames and max(map(len, frames)) + len(hdr) > self.tx_buffer_size:
+            raise BenchError(
+                f"{self.name}: a {max(map(len, frames))}-byte frame with header exceeds the {self.tx_buffer_size}-byte TX buffer"
+            )
+        if self.split_header:
+            return self._send_split([(hdr, bytes(frame)) for frame in frames], latency)
+        return self._transmit(frames, hdr, latency)
+
+    def _transmit(self, frames: list, hdr: bytes, latency: LatencyMeter | None) -> int:
+        """``hdr + frame`` for each frame, one descriptor each, in as many batches as the ring takes."""
+        done = 0
+        while done < len(frames):
+            posted = rawpath.tx_post(
+                self._win, self.txq, frames, done, hdr, self._tx_free, self._tx_by_head, self.tx_buffer_size
+            )
+            if posted:
+                self._publish_tx(frames[done : done + posted], latency)
+                done += posted
+            if done < len(frames):
+                self._reap_tx(wait_for=1)  # the ring is full: wait (bounded) for the device
+        self.stats["tx_frames"] += done
+        self._reap_tx(wait_for=0)
+        return done
+
+    def _send_split(self, pairs: list[tuple[bytes, bytes]], latency: LatencyMeter | None = None) -> int:
+        """Header and frame in separate descriptors (any layout is allowed, 2.7.4 / 5.1.6.2)."""
+        batch: list[bytes] = []
+        for hdr, frame in pairs:
+            if self.txq.num_free < 2 or not self._tx_free:
+                self._publish_tx(batch, latency)
+                batch = []
                 self._reap_tx(wait_for=1)
             slot = self._tx_free.pop()
             self.memory.write(slot, hdr + frame)
-            if self.split_header:
-                head = self.txq.add_chain([(slot, len(hdr)), (slot + len(hdr), len(frame))])
-            else:
-                head = self.txq.add_chain([(slot, len(hdr) + len(frame))])
+            head = self.txq.add_chain([(slot, len(hdr)), (slot + len(hdr), len(frame))])
             self._tx_by_head[head] = slot
-            count += 1
-        self.target.kick(TX_QUEUE)
-        self.stats["tx_frames"] += count
+            batch.append(frame)
+        self._publish_tx(batch, latency)
+        self.stats["tx_frames"] += len(pairs)
         self._reap_tx(wait_for=0)
-        return count
+        return len(pairs)
+
+    def _publish_tx(self, frames: list, latency: LatencyMeter | None) -> None:
+        """Make the frames just queued available and kick; their ingress time is now."""
+        t_ns = rawpath.monotonic_ns()
+        self._kick(self.txq)
+        if latency is not None:
+            latency.sent(frames, t_ns)
 
     def _split(self, pkt: Packet | bytes) -> tuple[bytes, bytes]:
         if isinstance(pkt, Packet) and isinstance(pkt, HDR_CLASSES):
@@ -193,9 +258,7 @@ class BenchPort:
         deadline = time.monotonic() + timeout
         taken = 0
         while True:
-            for elem in self._get_used(self.txq):
-                self._tx_free.append(self._tx_by_head.pop(elem.head))
-                taken += 1
+            taken += rawpath.tx_reap(self._win, self.txq, self._tx_free, self._tx_by_head)
             if taken >= wait_for:
                 return
             remaining = deadline - time.monotonic()
@@ -204,10 +267,6 @@ class BenchPort:
             self.target.wait(TX_QUEUE, remaining)
 
     # -- receive ------------------------------------------------------------------
-    def _post_rx(self, slot: int) -> None:
-        head = self.rxq.add_chain(writable=[(slot, self.rx_buffer_size)])
-        self._rx_by_head[head] = slot
-
     def recv(self, count: int | None = None, timeout: float | None = None) -> list[Packet]:
         """Frames the device wrote, dissected as ``VirtioNetHdr / Ether / ...``.
 
@@ -216,95 +275,79 @@ class BenchPort:
         raises :class:`BenchTimeout` (holding the frames that did arrive) when
         fewer came.  Frames beyond ``count`` stay for the next call.
         """
+        try:
+            frames = self._take_rx(count, timeout)
+        except BenchTimeout as exc:
+            exc.frames = [self._keep(frame) for frame in exc.frames]
+            raise
+        return [self._keep(frame) for frame in frames]
+
+    def recv_raw(self, count: int | None = None, timeout: float | None = None, *, latency: LatencyMeter | None = None) -> list[Any]:
+        """As :meth:`recv`, without scapy: :class:`~iovirt.bench.rawpath.RawFrame` objects.
+
+        Each has ``data`` (the Ethernet frame), ``hdr`` (the header the
+        device wrote), ``t_ns`` (the egress timestamp) and ``packet`` (the
+        scapy dissection, made on first use).  With ``latency`` each frame is
+        matched to its ingress timestamp.  :attr:`received` keeps none of them.
+        """
+        frames = self._take_rx(count, timeout)
+        if latency is not None:
+            latency.received(frames)
+        return frames
+
+    def _keep(self, frame: Any) -> Packet:
+        self.received.append(frame.packet)
+        self.rx_buffer_lens.append(frame.buffer_lens)
+        return frame.packet
+
+    def _take_rx(self, count: int | None, timeout: float | None) -> list[Any]:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        frames = self._rx_frames
         while True:
             self._collect_rx()
-            if count is None or len(self._rx_frames) >= count:
-                n = len(self._rx_frames) if count is None else count
-                return [self._rx_frames.popleft() for _ in range(n)]
+            if count is None or len(frames) >= count:
+                if count is None or count == len(frames):
+                    out = list(frames)
+                    frames.clear()
+                    return out
+                return [frames.popleft() for _ in range(count)]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                if self._rx_used:
-                    first = self._rx_used[0]
+                if self._rx_pending:
+                    _length, first = self._rx_pending[0]
                     raise UsedRingError(
                         RX_QUEUE,
-                        f"a frame's header says num_buffers {self._num_buffers(first)} "
-                        f"but only {len(self._rx_used)} buffers were used within {timeout:g} s",
+                        f"a frame's header says num_buffers "
+                        f"{int.from_bytes(first[rawpath.NUM_BUFFERS_OFFSET : rawpath.NUM_BUFFERS_OFFSET + 2], 'little')} "
+                        f"but only {len(self._rx_pending)} buffers were used within {timeout:g} s",
                     )
-                frames = list(self._rx_frames)
-                self._rx_frames.clear()
-                raise BenchTimeout("frames received", f"{self.name} queue {RX_QUEUE}", count, len(frames), timeout, frames)
+                got = list(frames)
+                frames.clear()
+                raise BenchTimeout("frames received", f"{self.name} queue {RX_QUEUE}", count, len(got), timeout, got)
             self.target.wait(RX_QUEUE, remaining)
 
     def _collect_rx(self) -> None:
-        used = self._get_used(self.rxq)
-        if not used:
-            return
-        # Take every slot back before reposting any: a reposted chain may reuse
-        # the head of an entry later in this batch.
-        slots = [self._rx_by_head.pop(elem.head) for elem in used]
-        for slot in slots:
-            self._post_rx(slot)
-        self.target.kick(RX_QUEUE)
-        for elem in used:
-            if elem.len > self.rx_buffer_size:
-                raise UsedRingError(
-                    RX_QUEUE, f"used len {elem.len} for head {elem.head} exceeds its {self.rx_buffer_size}-byte buffer"
-                )
-        self._rx_used.extend(used)
-        while self._rx_used:
-            first = self._rx_used[0]
-            if first.len == 0:
-                # The device gave the buffer back unwritten: it dropped a frame
-                # (iovirt does so for a non-mergeable buffer too small for it).
-                self._rx_used.popleft()
-                self.stats["rx_empty_buffers"] += 1
-                continue
-            if first.len < self.hdr_size + ETH_HLEN:
-                self._rx_used.popleft()
-                raise UsedRingError(
-                    RX_QUEUE,
-                    f"used len {first.len} is shorter than the {self.hdr_size}-byte header plus an Ethernet header",
-                )
-            spans = self._num_buffers(first) if self.mergeable else 1
-            if spans == 0:
-                self._rx_used.popleft()
-                raise UsedRingError(RX_QUEUE, "num_buffers is 0; with MRG_RXBUF it must be at least 1 (5.1.6.4)")
-            if spans > len(self._rx_used):
-                return  # the rest of the frame has not been written yet
-            elems = [self._rx_used.popleft() for _ in range(spans)]
-            self.rx_buffer_lens.append(tuple(e.len for e in elems))
-            self._rx_frames.append(self._dissect(b"".join(e.data for e in elems)))
-
-    def _num_buffers(self, elem: UsedElem) -> int:
-        return int.from_bytes(elem.data[10:12], "little")
-
-    def _dissect(self, data: bytes) -> Packet:
-        pkt = self.hdr_cls(data)
-        pkt.time = time.time()
-        self.received.append(pkt)
-        self.stats["rx_frames"] += 1
-        return pkt
-
-    # -- used ring ------------------------------------------------------------------
-    def _get_used(self, queue: DriverQueue) -> list[UsedElem]:
-        """New used entries, after checking that the device's used idx is believable."""
-        in_flight = queue.size - queue.num_free
-        used_idx = queue.used_idx()
-        pending = (used_idx - queue.last_used_idx) & 0xFFFF
-        if pending > in_flight:
-            raise UsedRingError(
-                queue.index,
-                f"used idx {used_idx} is {pending} entries past the last one read ({queue.last_used_idx}), "
-                f"but only {in_flight} descriptors are in flight (2.7.8)",
-            )
+        """Whole frames from the used ring into ``_rx_frames``; the buffers reposted (and the device kicked)."""
+        out: list[Any] = []
+        before = self.rxq.avail_idx
         try:
-            return queue.get_used()
-        except DriverQueueError as exc:
-            raise UsedRingError(queue.index, f"{exc} (2.7.8: used id must be the head of an available chain)") from exc
+            _taken, empty = rawpath.rx_harvest(
+                self._win, self.rxq, self._rx_by_head, self.rx_buffer_size, self.hdr_size, self.mergeable,
+                self._rx_pending, out,
+            )
+        finally:
+            if self.rxq.avail_idx != before:
+                self._kick(self.rxq)
+            self._rx_frames.extend(out)
+            self.stats["rx_frames"] += len(out)
+        if empty:
+            # Buffers the device gave back unwritten: it dropped frames
+            # (iovirt does so for a non-mergeable buffer too small for one).
+            self.stats["rx_empty_buffers"] += empty
 
     def close(self) -> None:
-        """Release the target."""
+        """Release the target (the memory window first: the region cannot close while viewed)."""
+        self._win.release()
         self.target.close()
 

@@ -26,7 +26,7 @@ from typing import Iterable, Protocol
 from iovirt.errors import IovirtError
 from iovirt.memory import BumpAllocator, GuestMemory
 from iovirt.bench.errors import TargetError
-from iovirt.vhost_user.driver import VhostUserDriver
+from iovirt.vhost_user.driver import AnyDriverQueue, VhostUserDriver
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX
 from iovirt.virtio.device import VirtioDevice
@@ -53,12 +53,16 @@ class DriverTarget(Protocol):
     notifications: Counter[int]
     """Used-buffer notifications seen, by queue index."""
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """Lay out rings for ``indexes`` and hand them to the device, enabled."""
         ...
 
     def kick(self, index: int) -> None:
         """Publish the queue's avail idx and notify the device if it asked for it (2.7.10)."""
+        ...
+
+    def notify(self, index: int) -> None:
+        """Notify the device of queue ``index`` (the caller published the avail idx and checked it is wanted)."""
         ...
 
     def wait(self, index: int, timeout: float) -> bool:
@@ -85,10 +89,10 @@ class InProcessTarget:
         self.offered = device.device_features()
         self.features = self.offered & features
         device.set_features(self.features)
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, AnyDriverQueue] = {}
         self.notifications: Counter[int] = Counter()
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """Build rings in this target's memory and start the device's queues on them."""
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         for index in indexes:
@@ -107,6 +111,11 @@ class InProcessTarget:
         self._check_alive()
         if self.queues[index].publish():
             self.device.kick(index)
+
+    def notify(self, index: int) -> None:
+        """Run the device on the queue."""
+        self._check_alive()
+        self.device.kick(index)
 
     def wait(self, index: int, timeout: float) -> bool:  # noqa: ARG002 - nothing runs meanwhile
         """Nothing can change while the caller waits: report whether the device is still usable."""
@@ -141,7 +150,7 @@ class VhostUserTarget:
         self.features = self.driver.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.notifications: Counter[int] = Counter()
 
-    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, DriverQueue]:
+    def start_queues(self, indexes: Iterable[int], size: int) -> dict[int, AnyDriverQueue]:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (and ENABLE) for each ring."""
         try:
             return self.driver.start_queues(list(indexes), size)  # ends with DRIVER_OK under F_STATUS
@@ -151,6 +160,10 @@ class VhostUserTarget:
     def kick(self, index: int) -> None:
         """Publish, and write the kick eventfd if the back-end wants it."""
         self.driver.kick(index)
+
+    def notify(self, index: int) -> None:
+        """Write the kick eventfd."""
+        self.driver.frontend.kick(index)
 
     def wait(self, index: int, timeout: float) -> bool:
         """Wait for the call eventfd; a closed or chattering socket raises :class:`TargetError`."""

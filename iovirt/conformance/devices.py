@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from iovirt.conformance.link import Link
 from iovirt.conformance.registry import CheckFailed, expect
+from iovirt.virtio.driver import UsedElem
 from iovirt.virtio.blk.defs import REQ_HDR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
 from iovirt.virtio.net.defs import ETH_HLEN, VIRTIO_NET_F_MRG_RXBUF, NetHdr
 
@@ -43,12 +43,20 @@ class NetPort:
     RX, TX = 0, 1
 
     def __init__(
-        self, link: Link, *, enable_rx: bool = True, enable_tx: bool = True, rx_buffers: int = 16, call: bool = True
+        self,
+        link: Link,
+        *,
+        enable_rx: bool = True,
+        enable_tx: bool = True,
+        rx_buffers: int = 16,
+        call: bool = True,
+        kick: bool = True,
     ) -> None:
         self.link = link
         self.hdr_len = link.net_hdr_len
-        link.queue(self.RX, 256, enable=enable_rx, call=call)
-        link.queue(self.TX, 256, enable=enable_tx, call=call)
+        self._pending: list[UsedElem] = []
+        link.queue(self.RX, 256, enable=enable_rx, call=call, kick=kick)
+        link.queue(self.TX, 256, enable=enable_tx, call=call, kick=kick)
         link.driver_ok()
         self.post_rx(rx_buffers)
 
@@ -73,9 +81,13 @@ class NetPort:
         self.link.wait_used(self.TX, n, timeout)
 
     def receive(self, tag: bytes, timeout: float) -> Received | None:
-        """Wait (bounded) for the frame carrying ``tag``; other frames are dropped."""
+        """Wait (bounded) for the next frame carrying ``tag``; other frames are dropped.
+
+        Used entries read past the frame returned are kept for the next call
+        (a TSO frame arrives as several frames, all at once).
+        """
         deadline = time.monotonic() + timeout
-        pending: list = []
+        pending = self._pending
         while True:
             pending += self.link.read_used(self.RX)
             while pending:
@@ -93,7 +105,8 @@ class NetPort:
                     count = hdr.num_buffers
                 if len(pending) < count:
                     break
-                elems, pending = pending[:count], pending[count:]
+                elems = pending[:count]
+                del pending[:count]
                 data = b"".join(e.data for e in elems)[self.hdr_len :]
                 self.post_rx(count)
                 if tag in data[ETH_HLEN:]:
@@ -122,11 +135,20 @@ class BlkResult:
 class BlkPort:
     """Requests on one virtio-blk queue, as ``struct virtio_blk_req`` chains (5.2.6)."""
 
-    def __init__(self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True, call: bool = True) -> None:
+    def __init__(
+        self, link: Link, index: int = 0, size: int = 64, *, enable: bool = True, call: bool = True, kick: bool = True
+    ) -> None:
         self.link = link
         self.index = index
-        self.queue = link.queue(index, size, enable=enable, call=call)
+        self.queue = link.queue(index, size, enable=enable, call=call, kick=kick)
         link.driver_ok()
+
+    @classmethod
+    def on(cls, link: Link, index: int) -> "BlkPort":
+        """A port on queue ``index`` that the caller has already set up (its own way)."""
+        port = cls.__new__(cls)
+        port.link, port.index, port.queue = link, index, link.queues[index]
+        return port
 
     def post(
         self,

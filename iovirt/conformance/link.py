@@ -19,6 +19,7 @@ from iovirt.memory import BumpAllocator, MemoryRegion
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.bringup import PROTOCOL_BIT
 from iovirt.vhost_user.frontend import VhostUserFrontend
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
 from iovirt.virtio.defs import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -152,6 +153,24 @@ class Link:
             base=base, call=call, kick=kick, enable=None,
         )
 
+    def rebase(self, index: int, base: int) -> None:
+        """Stop vring ``index`` (GET_VRING_BASE) and restart it with avail and used idx at ``base``.
+
+        Used to put a ring next to the 16-bit index wrap; no buffer may be outstanding.
+        """
+        q = self.queues[index]
+        self.frontend.get_vring_base(index)
+        q.set_avail_idx(base)
+        q.publish()
+        q.last_used_idx = base
+        self.memory.write_u16(q.used_addr + 2, base)  # a VMM restarts the ring it left, used idx included
+        # avail_event still names an index before the jump: the driver's first kick would be skipped
+        # (2.7.10) and a device that waits for kicks would never start.  Ask for that kick.
+        self.memory.write_u16(q.used_addr + 4 + 8 * q.size, base)
+        self.restart(index, base)
+        if self.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.frontend.set_vring_enable(index, True)
+
     def add(
         self, index: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (), *, indirect: bool = False
     ) -> int:
@@ -174,8 +193,8 @@ class Link:
         return head
 
     def submit(self, index: int) -> None:
-        """Publish the avail idx and kick when the device asks for it (2.7.13.4)."""
-        if self.queues[index].publish():
+        """Publish the avail idx and kick when the device asks for it (2.7.13.4) and there is a kick fd."""
+        if self.queues[index].publish() and index in self.frontend.kick_fds:
             self.frontend.kick(index)
 
     def outstanding(self, index: int) -> int:

@@ -126,6 +126,11 @@ class Context:
         self.opened = True
         return link
 
+    def close_link(self, link: Link) -> None:
+        """Close one link before the check ends (to reconnect, say)."""
+        self._links.remove(link)
+        link.close()
+
     def close(self) -> None:
         """Close every link this check opened."""
         for link in self._links:

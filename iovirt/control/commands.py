@@ -17,7 +17,8 @@ from iovirt.control import metrics, snapshot
 from iovirt.control.protocol import BAD_REQUEST, COMMAND_NOT_FOUND, GENERIC_ERROR, ControlError
 from iovirt.errors import IovirtError
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
-from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.router import RouterInterface
+from iovirt.virtio.net.switch import MAC_BITS, MAC_MASK, LearningSwitch
 
 log = logging.getLogger("iovirt.control")
 
@@ -73,6 +74,10 @@ def _stats(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
     reply: dict[str, Any] = {"devices": [snapshot.counters(e) for e in ctx.server.endpoints]}
     if ctx.switch is not None:
         reply["switch"] = snapshot.switch_counters(ctx.switch)
+        with ctx.server.dataplane.lock:
+            router = next((p.router for p in ctx.switch.ports if isinstance(p, RouterInterface)), None)
+            if router is not None:  # --router / --nat (docs/network-modes.md)
+                reply["router"] = router.counters()
     return reply
 
 
@@ -85,9 +90,11 @@ def _fdb(ctx: ControlContext, args: dict[str, Any]) -> list[dict[str, Any]]:
     with ctx.server.dataplane.lock:
         now = switch.clock()
         entries = [(mac, entry.port, entry.seen) for mac, entry in switch.table.items()]
+    # The table key is (VLAN, MAC) as one integer (switch.fdb_key); VLAN 0 is the untagged, VLAN-unaware domain.
     return [
-        {"mac": mac.to_bytes(6, "big").hex(":"), "port": names.get(id(port), port.name), "age": round(now - seen, 3)}
-        for mac, port, seen in entries
+        {"mac": (key & MAC_MASK).to_bytes(6, "big").hex(":"), "vlan": key >> MAC_BITS,
+         "port": names.get(id(port), port.name), "age": round(now - seen, 3)}
+        for key, port, seen in entries
     ]
 
 

@@ -72,7 +72,8 @@ def _queue(vring: Any, queue: Any) -> dict[str, Any]:
         state = "awaiting-log"
     else:
         state = "started" if vring.started else "stopped"
-    entry: dict[str, Any] = {"index": vring.index, "state": state, "enabled": vring.enabled, "num": vring.num}
+    entry: dict[str, Any] = {"index": vring.index, "state": state, "enabled": vring.enabled, "num": vring.num,
+                             "packed": vring.packed}
     if vring.addr is not None:
         entry["addr"] = {"desc": f"{vring.addr.desc:#x}", "avail": f"{vring.addr.avail:#x}",
                          "used": f"{vring.addr.used:#x}"}
@@ -81,9 +82,13 @@ def _queue(vring: Any, queue: Any) -> dict[str, Any]:
         try:
             saved = ring.state()
             entry["last_avail_idx"], entry["used_idx"] = saved.last_avail_idx, saved.used_idx
-            entry["avail_idx"] = ring.avail_idx()
+            if not vring.packed:  # a packed ring has no avail index (2.8): its positions carry wrap counters
+                entry["avail_idx"] = ring.avail_idx()
         except VirtqueueError:  # released between the check and the read: report what is known
             pass
+    elif vring.packed:
+        # vhost-user.rst "Vring descriptor indices for packed virtqueues": both positions in the base.
+        entry["last_avail_idx"], entry["used_idx"] = vring.base & 0xFFFF, vring.base >> 16
     else:
         entry["last_avail_idx"] = vring.base
     return entry
@@ -113,5 +118,7 @@ def switch_counters(switch: LearningSwitch) -> dict[str, int]:
         "filtered": switch.filtered,
         "learn_refused": switch.learn_refused,
         "aged_out": switch.aged_out,
+        "vlan_dropped": switch.vlan_dropped,
+        "malformed": switch.malformed,
         "entries": len(switch.table),
     }

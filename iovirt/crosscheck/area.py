@@ -107,6 +107,8 @@ class AreaResult:
     mismatches: list[Mismatch] = field(default_factory=list)
     expected: dict[ExpectedDifference, int] = field(default_factory=dict)
     seconds: float = 0.0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    """Operations compared, by kind (``r``, ``w``, ``fire``, ``dma``...)."""
 
     def as_json(self) -> dict[str, object]:
         """``{"compared": N, "mismatches": M, "expected_differences": E, ...}``."""
@@ -115,8 +117,10 @@ class AreaResult:
             "mismatches": len(self.mismatches),
             "expected_differences": sum(self.expected.values()),
             "seconds": round(self.seconds, 3),
+            "compared_by_kind": dict(sorted(self.by_kind.items())),
             "expected_by_register": {
-                f"{e.space}@{e.offset:#x}/{e.size}:{e.bits:#x}": n for e, n in self.expected.items()
+                f"{e.space}@{e.offset:#x}/{e.size}:{e.bits:#x}" + (f" [{e.condition}]" if e.condition else ""): n
+                for e, n in self.expected.items()
             },
             "minimal_sequences": [m.replay_text() for m in self.mismatches],
         }
@@ -150,6 +154,7 @@ def compare(area: Area, ops: Sequence[Op], result: AreaResult) -> None:
     iovirt = area.run_iovirt(ops)
     for i, (a, b) in enumerate(zip(qemu, iovirt)):
         result.compared += 1
+        result.by_kind[ops[i].kind] = result.by_kind.get(ops[i].kind, 0) + 1
         if a == b:
             continue
         expected = area.explain(ops, i, a, b)

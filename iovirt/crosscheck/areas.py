@@ -1,4 +1,4 @@
-"""The areas ``iovirt crosscheck`` knows, by name (the MSI-X, SR-IOV and VT-d areas plug in here)."""
+"""The areas ``iovirt crosscheck`` knows, by name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from iovirt.crosscheck.area import Area
 from iovirt.crosscheck.msix import MsixArea
 from iovirt.crosscheck.pci_config import PciConfigArea
 from iovirt.crosscheck.sriov import SriovArea
+from iovirt.crosscheck.vtd_dma import VtdDmaArea
 from iovirt.crosscheck.vtd_regs import VtdRegsArea
 
 AREAS: dict[str, Callable[[], Area]] = {
@@ -15,4 +16,5 @@ AREAS: dict[str, Callable[[], Area]] = {
     MsixArea.name: MsixArea,
     VtdRegsArea.name: VtdRegsArea,
     SriovArea.name: SriovArea,
+    VtdDmaArea.name: VtdDmaArea,
 }

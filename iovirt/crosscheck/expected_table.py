@@ -307,6 +307,41 @@ EXPECTED += (
         condition=SRIOV_PAGE_ABOVE_BAR,
     ),
 )
+SRIOV_VF_COMMAND_MSE = "sriov-vf-command-mse"
+"""Software wrote Memory Space Enable to this VF's Command register since QEMU registered the VF."""
+SRIOV_VF_DECODE_DIFFERS = "sriov-vf-decode-differs"
+"""A VF BAR read where iovirt's VF MSE rule and QEMU's per-VF Command rule disagree on whether a VF decodes (or
+the two sides' VFs or VF BAR layout have diverged already)."""
+SRIOV_UNCLAIMED_READ = "sriov-unclaimed-read"
+"""A VF BAR window read no function decodes, on either side."""
+EXPECTED += (
+    ExpectedDifference(
+        "sriov", "vf", 0x04, 2, 0x0002,
+        "write Memory Space Enable to a VF's Command register, read it",
+        "PCIe 4.0 §9.3.4.1.3: a VF's Command register Memory Space Enable is RO 0; the VFs' memory space is "
+        "enabled by VF MSE in the PF's SR-IOV Control",
+        "QEMU 7.2 keeps a VF's Command register writable like a PF's",
+        condition=SRIOV_VF_COMMAND_MSE,
+    ),
+    ExpectedDifference(
+        "sriov", "vfbar", 0, 0x10000, (1 << (8 * 0x10000)) - 1,
+        "set or clear VF MSE (or a VF's own Command.MSE), read a VF's BAR0 (its MSI-X Vector Control or PBA)",
+        "PCIe 4.0 §9.3.3.3.4: VF MSE in the PF's SR-IOV Control enables the memory space of every VF: with VF "
+        "Enable and VF MSE set VF n decodes VF BAR0 + n * size, with VF MSE clear no VF decodes (§9.3.4.1.3: "
+        "a VF's own Command.MSE is RO 0)",
+        "QEMU 7.2 ignores VF MSE: a VF decodes its BAR once software sets Memory Space Enable in that VF's "
+        "Command register, at the VF BAR address of that moment, VF MSE set or not",
+        condition=SRIOV_VF_DECODE_DIFFERS,
+    ),
+    ExpectedDifference(
+        "sriov", "vfbar", 0, 4, 0xFFFFFFFF,
+        "read a VF BAR address no function decodes",
+        "PCIe 4.0 §2.3.2 and PCI 3.0 §3.6 (master abort): a read no function claims completes as Unsupported "
+        "Request and the Root Complex returns all-ones to the CPU",
+        "QEMU's unassigned PCI memory reads return 0",
+        condition=SRIOV_UNCLAIMED_READ,
+    ),
+)
 EXPECTED += (
     ExpectedDifference(
         "sriov", "vf", 0x3D, 1, 0xFF,
@@ -314,5 +349,69 @@ EXPECTED += (
         "PCIe 4.0 §9.3.4.1: VFs do not implement INTx, so a VF's Interrupt Pin (like its Interrupt Line) is "
         "read-only 0",
         "QEMU's VF copies the PF's Interrupt Pin (01h, INTA)",
+    ),
+)
+
+# VT-d DMA (area ``vtd-dma``): space ``fault`` is the fault log after a DMA request as one 20-byte
+# little-endian integer: FSTS (bytes 0-3, PFO left out), FRCD low (4-11), FRCD high (12-19).
+IOTLB_PERMISSION_HIT = "iotlb-permission-hit"
+"""The request the fault log differs on was refused on permission by an IOTLB entry the same requester filled
+earlier with an access of the other direction."""
+PERMISSION_BEFORE_RESERVED = "permission-before-reserved"
+"""iovirt's walk of the request met reserved bits (Ch) in a present entry at or below an entry on the same path that
+does not grant the request's access."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF << 128,
+        "walk a path whose entry at some level lacks the request's R or W while an entry at that level or below has "
+        "reserved bits set; read the fault reason",
+        "VT-d 3.x §3.7.1 and §7.1.3: the effective permissions are the AND of R/W over every level, reserved bits "
+        "of every present entry (R or W set) are a fault (Ch); for a request meeting both conditions the spec gives "
+        "no order, either reason describes it",
+        "an implementation choice: QEMU checks the requested right at each level before that level's reserved bits "
+        "and stops at the first level lacking it (5h/6h); iovirt walks every present level, checking reserved bits, "
+        "and applies the combined permissions at the leaf (Ch)",
+        condition=PERMISSION_BEFORE_RESERVED,
+    ),
+)
+UNBACKED_TABLE = "unbacked-table"
+"""iovirt's first fault for the request came from a table read at an address no memory backs (a context table,
+the top table of SLPTPTR or a lower page table outside RAM)."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF << 128,
+        "point a root entry, a context entry's SLPTPTR or a second-level entry at an address no memory backs, "
+        "do DMA through it, read the fault reason",
+        "VT-d 3.x §7.1.3 and the fault-reason table: an attempt to access a context table (9h), the table "
+        "SLPTPTR names (3h) or a next-level paging entry (7h) that results in an error is reported as such",
+        "QEMU's table reads of unassigned guest-physical addresses complete with zeros (q35 routes them to the "
+        "PCI address space, which answers), so it sees a not-present entry and reports 2h (context) or a "
+        "read/write permission fault (5h/6h, second level); iovirt reports the access error",
+        condition=UNBACKED_TABLE,
+    ),
+)
+NO_ROOT_TABLE = "no-root-table"
+"""Translation is enabled (GSTS.TES) and no root table pointer has been set (no GCMD.SRTP since reset)."""
+EXPECTED += (
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF << 128,
+        "enable translation (GCMD.TE) without ever setting the root table pointer (GCMD.SRTP), do DMA, read the "
+        "fault reason",
+        "VT-d 3.x §11.4.4 (GCMD.TE, SRTP): software sets the root table pointer before it enables translation; "
+        "the spec gives no outcome for a request translated with no root table pointer set",
+        "undefined by the spec: QEMU walks a root table at RTADDR's reset value 0 (RAM, zero there: root entry "
+        "not present, 1h), iovirt reports the root table as inaccessible (8h)",
+        condition=NO_ROOT_TABLE,
+    ),
+    ExpectedDifference(
+        "vtd-dma", "fault", 0, 20, 0xFF02 | ((1 << 128) - 1) << 32,
+        "read (or write) a page through an IOTLB entry the same device filled by a write (or read), the page "
+        "granting only that other access; read the fault log",
+        "VT-d 3.x §7.1.3 (conditions LGN.x: a request the effective permissions do not allow is blocked with "
+        "fault reason 5h/6h) and §6.2.2 (the IOTLB caches the effective permissions): the request is blocked and "
+        "the fault recorded whether the permissions came from a walk or from the IOTLB",
+        "QEMU records a permission fault only when the page walk finds it; on an IOTLB hit its translate callback "
+        "returns the cached permissions and the memory core drops the access as unassigned, with no fault record",
+        condition=IOTLB_PERMISSION_HIT,
     ),
 )

@@ -16,6 +16,13 @@ Operations:
   byte alone, or with the dword holding it;
 - ``w virtio 0x10 2 V`` -- the common configuration's ``msix_config``
   (virtio 1.2 §4.1.4.3), generated first in a sequence;
+- ``w virtio 0x1a 2 V`` -- the transmit queue's ``queue_msix_vector``, generated first too;
+- ``fire txq 0 0`` -- a used-buffer interrupt of the transmit queue: the driver
+  places one frame on it and notifies; the device (QEMU's with no peer,
+  iovirt's with no port) consumes it and notifies on the queue's vector
+  (virtio 1.2 §2.7.10, §4.1.5.4).  QEMU's virtio-net transmits only for a
+  running VM, so the VM runs, on a firmware image of ``hlt``
+  (:func:`~iovirt.crosscheck.qtest.halt_firmware`): no guest code runs;
 - ``fire link 0 0`` -- a configuration-change interrupt: QEMU's link is
   toggled with QMP ``set_link`` (virtio-net then notifies the driver,
   virtio 1.2 §5.1.4.2), iovirt's device's ``link_up`` is toggled and
@@ -38,12 +45,13 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from typing import Sequence
 
 from iovirt.crosscheck.area import Area, Observation
 from iovirt.crosscheck.ops import Op
 from iovirt.crosscheck.qmp import QmpClient
-from iovirt.crosscheck.qtest import QtestClient
+from iovirt.crosscheck.qtest import QtestClient, QtestError, halt_firmware
 from iovirt.crosscheck.topology import (
     ENDPOINT_BDF,
     PCI_EXP_DEVCTL_BCR_FLR,
@@ -83,9 +91,23 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_COMMON_GF,
     VIRTIO_PCI_COMMON_GFSELECT,
     VIRTIO_PCI_COMMON_MSIX,
+    VIRTIO_PCI_COMMON_Q_AVAIL,
+    VIRTIO_PCI_COMMON_Q_DESC,
+    VIRTIO_PCI_COMMON_Q_ENABLE,
+    VIRTIO_PCI_COMMON_Q_MSIX,
+    VIRTIO_PCI_COMMON_Q_SELECT,
+    VIRTIO_PCI_COMMON_Q_SIZE,
+    VIRTIO_PCI_COMMON_Q_USED,
     VIRTIO_PCI_COMMON_STATUS,
 )
-from iovirt.virtio.transport.pci import COMMON_OFFSET, MSIX_BAR, MSIX_PBA_OFFSET, VIRTIO_BAR, VirtioPciFunction
+from iovirt.virtio.transport.pci import (
+    COMMON_OFFSET,
+    MSIX_BAR,
+    MSIX_PBA_OFFSET,
+    NOTIFY_OFFSET,
+    VIRTIO_BAR,
+    VirtioPciFunction,
+)
 
 MSIX_BAR_ADDR = 0xC000_0000
 VIRTIO_BAR_ADDR = 0xC010_0000
@@ -123,13 +145,42 @@ ENDPOINT_SETUP = (
     (PCI_COMMAND, 2, _COMMAND),
 )
 """Config writes to the endpoint after its reset: BAR1, BAR4 (64-bit), Memory Space and Bus Master."""
+TX_QUEUE = 1  # virtio-net's transmitq1 (virtio 1.2 §5.1.2)
+TX_QUEUE_SIZE = 16
+TX_DESC = 0x8_0000
+TX_AVAIL = TX_DESC + 0x1000
+TX_USED = TX_DESC + 0x2000
+TX_BUFFER = TX_DESC + 0x3000
+"""The transmit queue's rings and its one buffer, in RAM below 1 MiB on both sides."""
+TX_FRAME = bytes(12) + bytes.fromhex("ffffffffffff" "525400123456" "0800") + bytes(46)
+"""A virtio-net header (12 bytes, no offloads, virtio 1.2 §5.1.6) and a 60-byte broadcast frame."""
 VIRTIO_SETUP = (
     (VIRTIO_PCI_COMMON_GFSELECT, 4, 1),
     (VIRTIO_PCI_COMMON_GF, 4, VIRTIO_F_VERSION_1_WORD),
-    *((VIRTIO_PCI_COMMON_STATUS, 1, status) for status in _STATUS_STEPS),
+    (VIRTIO_PCI_COMMON_STATUS, 1, _STATUS_STEPS[0]),
+    (VIRTIO_PCI_COMMON_Q_SELECT, 2, TX_QUEUE),
+    (VIRTIO_PCI_COMMON_Q_SIZE, 2, TX_QUEUE_SIZE),
+    (VIRTIO_PCI_COMMON_Q_DESC, 8, TX_DESC),
+    (VIRTIO_PCI_COMMON_Q_AVAIL, 8, TX_AVAIL),
+    (VIRTIO_PCI_COMMON_Q_USED, 8, TX_USED),
+    (VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1),
+    (VIRTIO_PCI_COMMON_STATUS, 1, _STATUS_STEPS[1]),
 )
-"""Common-configuration writes: accept VERSION_1 only, FEATURES_OK, DRIVER_OK (virtio 1.2 §3.1.1)."""
+"""Common-configuration writes: accept VERSION_1 only, FEATURES_OK, the transmit queue, DRIVER_OK (virtio 1.2
+§3.1.1); queue_select stays on the transmit queue, so ``w virtio 0x1a`` sets its MSI-X vector."""
+_TX_RING_CLEAR = (TX_DESC, 0x4000)
+"""Rings and buffer are cleared before each sequence: a device reset starts the queue at index 0 again."""
 
+
+def tx_writes(n: int) -> list[tuple[int, bytes]]:
+    """The driver's memory writes for transmit number ``n`` of a sequence: descriptor, avail.ring, avail.idx."""
+    slot = n % TX_QUEUE_SIZE
+    desc = TX_BUFFER.to_bytes(8, "little") + len(TX_FRAME).to_bytes(4, "little") + bytes(4)
+    return [(TX_DESC + 16 * slot, desc), (TX_AVAIL + 4 + 2 * slot, slot.to_bytes(2, "little")),
+            (TX_AVAIL + 2, ((n + 1) & 0xFFFF).to_bytes(2, "little"))]
+
+
+_TX_TIMEOUT = 10.0
 
 _CONTROL_BITS = (
     0, PCI_MSIX_FLAGS_MASKALL, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL,
@@ -191,8 +242,9 @@ class MsixArea(Area):
     def start(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="iovirt-qmp-")
         path = os.path.join(self._dir, "qmp.sock")
-        self.qemu = start_qemu(["-qmp", f"unix:{path},server=on,wait=off"])
+        self.qemu = start_qemu(["-qmp", f"unix:{path},server=on,wait=off", "-bios", halt_firmware(self._dir)])
         self.qmp = QmpClient(path)
+        self.qmp.execute("cont")
         layout, self.vectors = discover_layout(self.qemu)
         self.host, self.endpoint = build_iovirt(layout, self.vectors, rom_size(self.qemu))
         self.host.msi_sink = self.sink
@@ -239,7 +291,8 @@ class MsixArea(Area):
         return Op("w", "tbl", base + 12, 4, ctrl)
 
     def generate(self, rng: random.Random, count: int) -> list[Op]:
-        ops = [Op("w", "virtio", VIRTIO_PCI_COMMON_MSIX, 2, rng.randrange(self.vectors))]
+        ops = [Op("w", "virtio", VIRTIO_PCI_COMMON_MSIX, 2, rng.randrange(self.vectors)),
+               Op("w", "virtio", VIRTIO_PCI_COMMON_Q_MSIX, 2, rng.randrange(self.vectors))]
         for vector in range(self.vectors):
             base = vector * PCI_MSIX_ENTRY_SIZE
             ops += [Op("w", "tbl", base, 4, self._address(rng)), Op("w", "tbl", base + 8, 4, self._data(rng))]
@@ -247,8 +300,10 @@ class MsixArea(Area):
         pba = ((self.vectors + 63) // 64) * 8
         while len(ops) < count:
             pick = rng.random()
-            if pick < 0.2:
+            if pick < 0.1:
                 ops.append(Op("fire", "link", 0, 0))
+            elif pick < 0.2:
+                ops.append(Op("fire", "txq", 0, 0))
             elif pick < 0.45:
                 ops.append(self._entry_write(rng))
             elif pick < 0.6:
@@ -281,6 +336,8 @@ class MsixArea(Area):
         for offset, size, value in VIRTIO_SETUP:
             commands.append(QtestClient.write_cmd(VIRTIO_BAR_ADDR + COMMON_OFFSET + offset, size, value))
         commands.append(f"memset {SLOT_BASE:#x} {4 * SLOTS:#x} 0")
+        commands.append(f"memset {_TX_RING_CLEAR[0]:#x} {_TX_RING_CLEAR[1]:#x} 0")
+        commands.append(f"write {TX_BUFFER:#x} {len(TX_FRAME):#x} 0x{TX_FRAME.hex()}")
         return commands
 
     def _qemu_access(self, op: Op) -> list[str]:
@@ -317,7 +374,18 @@ class MsixArea(Area):
             batch_ops.clear()
 
         batch_ops: list[Op] = []
+        transmits = 0
         for op in ops:
+            if op.kind == "fire" and op.space == "txq":
+                flush()
+                commands = [f"write {a:#x} {len(d):#x} 0x{d.hex()}" for a, d in tx_writes(transmits)]
+                commands.append(QtestClient.write_cmd(VIRTIO_BAR_ADDR + NOTIFY_OFFSET + 4 * TX_QUEUE, 2, TX_QUEUE))
+                qemu.batch(commands)
+                transmits += 1
+                self._wait_used(transmits)
+                words = qemu.batch([self._SLOTS_READ, self._SLOTS_CLEAR])[0]
+                observations.append(self._slots(words))
+                continue
             if op.kind == "fire":
                 flush()
                 self.qemu_link = not self.qemu_link
@@ -335,6 +403,16 @@ class MsixArea(Area):
             batch_ops.append(op)
         flush()
         return observations
+
+    def _wait_used(self, count: int) -> None:
+        """Until QEMU's transmit bottom half has used ``count`` buffers (it runs after the notify returns)."""
+        qemu = self.qemu
+        assert qemu is not None
+        deadline = time.monotonic() + _TX_TIMEOUT
+        while int(qemu.command(QtestClient.read_cmd(TX_USED + 2, 2)), 16) != count & 0xFFFF:
+            if time.monotonic() > deadline:
+                raise QtestError(f"QEMU's virtio-net did not use transmit buffer {count} in {_TX_TIMEOUT} s")
+            time.sleep(0.0005)
 
     @staticmethod
     def _slots(reply: str) -> tuple[tuple[int, int], ...]:
@@ -357,12 +435,20 @@ class MsixArea(Area):
         iovirt_config_write(host, ENDPOINT_BDF, self.flr, 2, PCI_EXP_DEVCTL_BCR_FLR)
         for offset, size, value in ENDPOINT_SETUP:
             iovirt_config_write(host, ENDPOINT_BDF, offset, size, value)
+        endpoint.memory.write(_TX_RING_CLEAR[0], bytes(_TX_RING_CLEAR[1]))
+        endpoint.memory.write(TX_BUFFER, TX_FRAME)
         for offset, size, value in VIRTIO_SETUP:
             host.mmio_write(VIRTIO_BAR_ADDR + COMMON_OFFSET + offset, size, value)
         self.sink.take()
         observations: list[Observation] = []
+        transmits = 0
         for op in ops:
-            if op.kind == "fire":
+            if op.kind == "fire" and op.space == "txq":
+                for addr, data in tx_writes(transmits):
+                    endpoint.memory.write(addr, data)
+                transmits += 1
+                host.mmio_write(VIRTIO_BAR_ADDR + NOTIFY_OFFSET + 4 * TX_QUEUE, 2, TX_QUEUE)
+            elif op.kind == "fire":
                 device.link_up = not device.link_up
                 endpoint.config_changed()
             elif op.space == "cfg":

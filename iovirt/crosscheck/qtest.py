@@ -59,6 +59,18 @@ class IrqEvent:
     line: int
 
 
+def halt_firmware(directory: str) -> str:
+    """A 64 KiB firmware image of ``hlt`` (x86 0xF4) in ``directory``: a VM that runs, on it, executes nothing.
+
+    Some devices serve a running VM only (virtio-rng drops requests, virtio-net holds transmits while it is
+    stopped); with ``-bios`` this image and QMP ``cont`` the VM runs while its vCPU halts at the reset vector.
+    """
+    path = os.path.join(directory, "halt.bin")
+    with open(path, "wb") as f:
+        f.write(b"\xf4" * 0x10000)
+    return path
+
+
 def qemu_available() -> bool:
     """Whether ``qemu-system-x86_64`` is on PATH."""
     return shutil.which(QEMU) is not None

@@ -9,6 +9,15 @@ goes through ECAM.  Operations:
   NumVFs (0 to TotalVFs + 2, sometimes any 16-bit value), System Page Size
   (one supported bit, any one bit, any value), and explicit VF BAR sizing
   (all-ones, read the mask, write an address, read it back);
+- ``r vfbar OFF 4`` -- a memory read at :data:`VF_BAR_WINDOW` + ``OFF``: where
+  VF BAR0 is programmed (``w sriov 0x24 4`` with the window, sometimes), the
+  MSI-X table's Vector Control of vector 0 or the PBA of VF ``OFF // 16 KiB``.
+  A VF's BAR decodes only with VF Enable and VF MSE set (§9.3.3.3.4); the
+  root port forwards the window (its Memory Base/Limit and Memory Space are
+  set once, on both sides, at start);
+- ``w vf OFF 2 2`` -- Memory Space Enable written to a VF's Command register, as
+  Linux's ``pci_enable_device`` does on a VF (the bit is read-only 0 in a VF,
+  §9.3.4.1.3: VF MSE in the PF decides);
 - ``r vf OFF 1|2|4`` -- a read of a VF's configuration space, ``OFF`` being
   ``devfn << 12 | register`` on the PF's bus: the routing IDs ``PF RID + First
   VF Offset + n * VF Stride`` (§9.3.3.9-10) for every n a NumVFs allows, and
@@ -33,6 +42,9 @@ from iovirt.crosscheck.expected_table import (
     SRIOV_NUMVFS_DIVERGED,
     SRIOV_PAGE_ABOVE_BAR,
     SRIOV_PAGE_DIVERGED,
+    SRIOV_UNCLAIMED_READ,
+    SRIOV_VF_COMMAND_MSE,
+    SRIOV_VF_DECODE_DIFFERS,
     SRIOV_VF_PRESENCE_DIVERGED,
 )
 from iovirt.crosscheck.ops import Op
@@ -47,9 +59,17 @@ from iovirt.crosscheck.sriov_topology import (
     discover,
     start_qemu,
 )
-from iovirt.crosscheck.topology import ENDPOINT_BUS
+from iovirt.crosscheck.topology import ENDPOINT_BUS, ROOT_PORT_BDF, iovirt_config_write, qemu_config_write
 from iovirt.pci.host import PciHost
-from iovirt.pci.regs import PCI_CFG_SPACE_EXP_SIZE, PCI_REVISION_ID
+from iovirt.pci.regs import (
+    PCI_CAP_ID_MSIX,
+    PCI_CFG_SPACE_EXP_SIZE,
+    PCI_COMMAND,
+    PCI_COMMAND_MEMORY,
+    PCI_MEMORY_BASE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+    PCI_REVISION_ID,
+)
 from iovirt.sriov.capability import SriovCapability
 from iovirt.sriov.regs import (
     PCI_EXT_CAP_SRIOV_SIZEOF,
@@ -67,6 +87,15 @@ from iovirt.sriov.capability import patch_register
 
 SRIOV_SPACE = "sriov"
 VF_SPACE = "vf"
+VF_BAR_SPACE = "vfbar"
+VF_BAR_WINDOW = 0xC000_0000
+"""VF BAR0 is programmed here; the root port's non-prefetchable window is the 1 MiB from it (QEMU's VF BAR0 is a
+64-bit non-prefetchable BAR, so it is routed through that window, PCI-to-PCI bridge 1.2 §3.2.5.8)."""
+VF_BAR_READS = (0x2000 + PCI_MSIX_ENTRY_VECTOR_CTRL, 0x3000)
+"""Offsets in a VF's BAR0 read: vector 0's Vector Control (reset: masked, 1) and the PBA (0), where QEMU's nvme VF
+puts its MSI-X table and PBA (checked at start against the VFs' MSI-X capability)."""
+_BRIDGE_WINDOW = (VF_BAR_WINDOW >> 16 & 0xFFF0) * 0x10001
+_BRIDGE_WINDOW_SIZE = 1 << 20  # Memory Base = Memory Limit: one 1 MiB granule
 TABLE_LAYOUT = (0x553, [VfBarInfo(0, 0x4000, True, False)])
 """Supported Page Sizes and VF BARs the SR-IOV entries of the expected-differences table are written for."""
 _VF_REGIONS = ((0, 0x40), (0x40, 0x100), (0x100, 0x200), (0, PCI_CFG_SPACE_EXP_SIZE))
@@ -93,6 +122,8 @@ class SriovArea(Area):
         self.sriov: SriovCapability | None = None
         self.layout: SriovLayout | None = None
         self.vf_devfns: list[int] = []
+        self._qemu_vf_mse: dict[int, int] = {}
+        """devfn -> BAR0 address of the VFs whose Command.MSE QEMU holds set (by :meth:`_conditions`' replay)."""
 
     # -- lifetime ------------------------------------------------------------
 
@@ -106,6 +137,13 @@ class SriovArea(Area):
                 f"QEMU's nvme offers page sizes {self.layout.supported_page_sizes:#x} and VF BARs "
                 f"{self.layout.vf_bars}; the expected-differences table assumes {TABLE_LAYOUT}"
             )
+        msix = [(self.layout.vf_regs[off + 4], self.layout.vf_regs[off + 8]) for cap, off in self.layout.vf_caps
+                if cap == PCI_CAP_ID_MSIX]
+        if msix != [(0x2000, 0x3000)]:
+            raise SriovTopologyError(f"QEMU's VF MSI-X table/PBA are at {msix}; {VF_BAR_READS} assumes BAR0 0x2000/0x3000")
+        for offset, size, value in ((PCI_MEMORY_BASE, 4, _BRIDGE_WINDOW), (PCI_COMMAND, 2, PCI_COMMAND_MEMORY)):
+            qemu_config_write(self.qemu, ROOT_PORT_BDF, offset, size, value)
+            iovirt_config_write(self.host, ROOT_PORT_BDF, offset, size, value)
 
     def close(self) -> None:
         if self.qemu is not None:
@@ -161,8 +199,16 @@ class SriovArea(Area):
                     ops.append(Op("r", SRIOV_SPACE, offset, size))
                 else:
                     ops.append(Op("w", SRIOV_SPACE, offset, size, rng.getrandbits(8 * size)))
-            else:
+            elif pick < 0.9:
                 ops.append(self._vf_read(rng))
+            elif pick < 0.97:
+                vf = rng.randrange(self.layout.total_vfs + 1) if self.layout else 0
+                ops.append(Op("r", VF_BAR_SPACE, vf * TABLE_LAYOUT[1][0].size + rng.choice(VF_BAR_READS), 4))
+            elif pick < 0.98:
+                ops += [Op("w", SRIOV_SPACE, PCI_SRIOV_BAR, 4, VF_BAR_WINDOW), Op("w", SRIOV_SPACE, PCI_SRIOV_BAR + 4, 4, 0)]
+            else:
+                # As Linux enables each VF: Memory Space Enable in its Command register.
+                ops += [Op("w", VF_SPACE, devfn << 12 | PCI_COMMAND, 2, PCI_COMMAND_MEMORY) for devfn in self.vf_devfns]
         return ops[:count]
 
     # -- running -------------------------------------------------------------------
@@ -189,7 +235,7 @@ class SriovArea(Area):
         preamble = self._preamble()
         commands = []
         for op in [*preamble, *ops]:
-            address = ECAM_BASE + self._ecam(op)
+            address = VF_BAR_WINDOW + op.offset if op.space == VF_BAR_SPACE else ECAM_BASE + self._ecam(op)
             if op.kind == "r":
                 commands.append(QtestClient.read_cmd(address, op.size))
             else:
@@ -200,6 +246,8 @@ class SriovArea(Area):
     def run_iovirt_op(self, op: Op) -> Observation:
         """One op on iovirt, from whatever state it is in."""
         assert self.host is not None
+        if op.space == VF_BAR_SPACE:
+            return self.host.mmio_read(VF_BAR_WINDOW + op.offset, op.size)
         if op.kind == "r":
             return self.host.ecam_read(self._ecam(op), op.size)
         self.host.ecam_write(self._ecam(op), op.size, op.value)
@@ -218,12 +266,46 @@ class SriovArea(Area):
         if op.kind != "r" or not isinstance(qemu, int) or not isinstance(iovirt, int):
             return None
         conditions = self._conditions(ops, index)
+        if op.space == VF_BAR_SPACE:
+            return self._explain_vf_bar(op, conditions, qemu, iovirt)
         if op.space == VF_SPACE:
             if SRIOV_NUMVFS_DIVERGED in conditions and self._presence_differs(ops, index):
                 return next(e for e in self.expected if e.condition == SRIOV_VF_PRESENCE_DIVERGED)
+            if op.offset >> 12 in self._qemu_vf_mse:
+                conditions |= {SRIOV_VF_COMMAND_MSE}
             # Entries name a VF register, whichever VF is read.
             return explain_read(self.expected, op.space, op.offset & 0xFFF, op.size, qemu, iovirt, conditions)
         return explain_read(self.expected, op.space, op.offset, op.size, qemu, iovirt, conditions)
+
+    def _explain_vf_bar(
+        self, op: Op, conditions: frozenset[str], qemu: int, iovirt: int
+    ) -> ExpectedDifference | None:
+        """A VF BAR read: decoded on both sides (must match), on neither, or on one (QEMU's VF decode rule)."""
+        sriov = self.sriov
+        assert sriov is not None
+        size = TABLE_LAYOUT[1][0].size
+        address = VF_BAR_WINDOW + op.offset
+        base, stride = sriov.vf_bar_base(0), sriov.vf_bar_size(0)
+        vf = (address - base) // stride if address >= base else -1
+        # iovirt's bridge forwards a BAR only when all of it lies in its window (iovirt.pci.address_map).
+        spec_decodes = (bool(sriov.control & PCI_SRIOV_CTRL_VFE) and bool(sriov.control & PCI_SRIOV_CTRL_MSE)
+                        and 0 <= vf < len(sriov.enabled_vfs)
+                        and base + (vf + 1) * stride <= VF_BAR_WINDOW + _BRIDGE_WINDOW_SIZE)
+        # Vector Control and the PBA never read all-ones; with a System Page Size above 16 KiB a VF's BAR is
+        # larger than its registers, and what the rest of it reads is the device's.
+        on_register = (address - base) % stride in VF_BAR_READS
+        if spec_decodes and on_register and iovirt == 0xFFFF_FFFF or not spec_decodes and iovirt != 0xFFFF_FFFF:
+            return None  # iovirt breaks the spec's rule: never explained
+        if conditions & {SRIOV_NUMVFS_DIVERGED, SRIOV_PAGE_DIVERGED, SRIOV_PAGE_ABOVE_BAR}:
+            # The VFs or their BAR layout differ already (entries above): which VF a VF BAR address reaches
+            # differs too, so decoding may.
+            return next(e for e in self.expected if e.condition == SRIOV_VF_DECODE_DIFFERS)
+        qemu_decodes = any(b <= address < b + size for b in self._qemu_vf_mse.values())
+        if spec_decodes != qemu_decodes:
+            return next(e for e in self.expected if e.condition == SRIOV_VF_DECODE_DIFFERS)
+        if not spec_decodes:
+            return explain_read(self.expected, VF_BAR_SPACE, 0, 4, qemu, iovirt, frozenset({SRIOV_UNCLAIMED_READ}))
+        return None
 
     def _presence_differs(self, ops: Sequence[Op], index: int) -> bool:
         """Whether the VF ``ops[index]`` reads exists on one side only (its Class Code reads all-ones on the other)."""
@@ -240,9 +322,22 @@ class SriovArea(Area):
         assert sriov is not None and host is not None and layout is not None
         min_bar = min(bar.size for bar in layout.vf_bars)
         found: set[str] = set()
+        self._qemu_vf_mse = {}
         for op in self._preamble():
             self.run_iovirt_op(op)
         for op in ops[:index]:
+            if op.kind == "w" and op.space == VF_SPACE and op.offset & 0xFFF == PCI_COMMAND:
+                devfn = op.offset >> 12
+                vfs = [vf.devfn for vf in sriov.enabled_vfs]
+                if devfn in vfs and op.value & PCI_COMMAND_MEMORY:
+                    # QEMU maps the VF's BAR where the PF's VF BAR0 says now (pci_update_mappings runs on
+                    # the VF's config writes, not on the PF's VF BAR writes).
+                    base = sriov.vf_bar_base(0) + vfs.index(devfn) * sriov.vf_bar_size(0)
+                    self._qemu_vf_mse[devfn] = base
+            ctrl = patch_register(sriov.control, PCI_SRIOV_CTRL, 2, op.offset, op.size, op.value)
+            if op.kind == "w" and op.space == SRIOV_SPACE and ctrl is not None and (ctrl ^ sriov.control) & PCI_SRIOV_CTRL_VFE:
+                self._qemu_vf_mse.clear()  # QEMU unregisters the VFs, or registers new ones: Command 0
+
             if op.kind == "w" and op.space == SRIOV_SPACE:
                 enabled, total = sriov.vf_enabled, sriov.total_vfs
                 num = patch_register(sriov.num_vfs, PCI_SRIOV_NUM_VF, 2, op.offset, op.size, op.value)

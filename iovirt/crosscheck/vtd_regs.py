@@ -63,7 +63,7 @@ from iovirt.crosscheck.qmp import QmpClient
 from iovirt.crosscheck.qtest import QtestClient
 from iovirt.memory import GuestMemory, GuestMemoryError
 from iovirt.vtd import regs as R
-from iovirt.vtd.invalidation import DESC_CONTEXT, DESC_DEVICE_IOTLB, DESC_IEC, DESC_IOTLB, DESC_WAIT
+from iovirt.vtd.invalidation import DESC_CONTEXT, DESC_IEC, DESC_IOTLB, DESC_WAIT
 from iovirt.vtd.regfile import RegSpec
 from iovirt.vtd.unit import VtdUnit
 

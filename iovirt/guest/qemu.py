@@ -63,11 +63,15 @@ class VhostUserNet(NetDevice):
     reconnect: int | None = None
     server: bool = False
     """QEMU listens on ``socket`` (``server=on,wait=off``); the back-end runs in client mode."""
+    packed: bool = False
+    """``packed=on``: the guest may use packed rings (QEMU masks bit 34 unless the back-end offers it)."""
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-chardev``/``-netdev``/``-device`` arguments for device number ``index``."""
         netdev = f"vhost-user,id=n{index},chardev=cn{index}"
         device = f"virtio-net-pci,netdev=n{index},mac={self.mac},vectors=0,romfile="
+        if self.packed:
+            device += ",packed=on"
         if self.queues > 1:
             netdev += f",queues={self.queues}"
             device += ",mq=on"
@@ -115,10 +119,14 @@ class VhostUserBlk:
     reconnect: int | None = None
     server: bool = False
     """QEMU listens on ``socket`` (``server=on,wait=off``); the back-end runs in client mode."""
+    packed: bool = False
+    """``packed=on``: the guest may use packed rings (QEMU masks bit 34 unless the back-end offers it)."""
 
     def qemu_args(self, index: int, iommu: bool) -> list[str]:
         """The ``-chardev``/``-device`` arguments for device number ``index``."""
         device = f"vhost-user-blk-pci,chardev=cb{index},num-queues={self.num_queues},vectors=0"
+        if self.packed:
+            device += ",packed=on"
         if iommu:
             device += "," + IOMMU_DEVICE_PROPS
         return [*_chardev(f"cb{index}", self.socket, self.reconnect, self.server), "-device", device]

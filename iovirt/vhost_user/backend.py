@@ -30,7 +30,7 @@ from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.device import NotSupported, VhostUserDevice
 from iovirt.vhost_user.errors import RequestRefused
-from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_mmap_size
+from iovirt.vhost_user.inflight import InflightError, InflightRegion, inflight_mmap_size, min_inflight_mmap_size
 from iovirt.vhost_user.iotlb import IotlbError
 from iovirt.vhost_user.migration_log import MigrationLog
 from iovirt.vhost_user.memtable import MAX_MEM_SLOTS, GuestMemoryTable, MemoryTableError
@@ -282,7 +282,7 @@ class BackendSession:
 
     def _set_inflight_fd(self, req: rq.SetInflightFd) -> None:
         self._check_inflight(req)
-        needed = inflight_mmap_size(req.num_queues, req.queue_size)
+        needed = min_inflight_mmap_size(req.num_queues, req.queue_size)
         if needed > req.mmap_size:
             raise RequestRefused(
                 req.code, f"inflight region of {req.mmap_size} bytes too small for its queues (needs {needed})"

@@ -51,6 +51,7 @@ from iovirt.virtio.defs import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_PACKED,
 )
 
 ALL_FEATURES = (1 << 64) - 1
@@ -78,6 +79,7 @@ def negotiate(
     *,
     protocol: bool = True,
     iommu: bool = False,
+    packed: bool = False,
 ) -> Negotiated:
     """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES.
 
@@ -87,12 +89,16 @@ def negotiate(
     negotiates without protocol features at all.  VIRTIO_F_ACCESS_PLATFORM
     is acked only with ``iommu``: a VMM accepts it only with an IOMMU in
     front of the device, and must then answer the back-end's IOTLB misses
-    (:mod:`iovirt.vhost_user.viommu`).  ``VHOST_F_LOG_ALL`` is never
+    (:mod:`iovirt.vhost_user.viommu`).  VIRTIO_F_RING_PACKED is acked only
+    with ``packed``: the rings must then be laid out packed
+    (:class:`~iovirt.virtio.packed_driver.PackedDriverQueue`).  ``VHOST_F_LOG_ALL`` is never
     acked here: a VMM asks for it only while migrating (:func:`start_logging`).
     """
     features &= ~(1 << VHOST_F_LOG_ALL)
     if not iommu:
         features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
+    if not packed:
+        features &= ~(1 << VIRTIO_F_RING_PACKED)
     offered = frontend.get_features()
     use_protocol = protocol and bool(offered & PROTOCOL_BIT)
     acked_protocol = 0

@@ -24,7 +24,7 @@ import resource
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from iovirt import sandbox, service
 from iovirt.control.wiring import port_mac, serve_control
@@ -44,7 +44,9 @@ from iovirt.vhost_user.specs import (
     load_config,
     parse_blk,
     parse_input,
+    parse_nat,
     parse_net,
+    parse_router,
     parse_rng,
     parse_scsi,
     parse_vsock,
@@ -56,6 +58,8 @@ from iovirt.virtio.input.commands import CommandFifo
 from iovirt.virtio.input.device import VirtioInput
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_PER_PORT, LearningSwitch
+from iovirt.virtio.net.nat import Nat
+from iovirt.virtio.net.router import Router
 from iovirt.virtio.net.tap import TapPort
 from iovirt.virtio.rng.device import VirtioRng
 from iovirt.virtio.scsi.device import VirtioScsi
@@ -70,9 +74,12 @@ EXIT_FORCED = 1
 """Exit status when the threads did not stop in time."""
 
 
-def _spec_type(parse: Callable[[str], DeviceSpec]) -> Callable[[str], DeviceSpec]:
+_Spec = TypeVar("_Spec")
+
+
+def _spec_type(parse: Callable[[str], _Spec]) -> Callable[[str], _Spec]:
     """An argparse ``type=`` from a :mod:`~iovirt.vhost_user.specs` parser (a usage error, not a traceback)."""
-    def parse_arg(text: str) -> DeviceSpec:
+    def parse_arg(text: str) -> _Spec:
         try:
             return parse(text)
         except SpecError as exc:
@@ -94,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve virtio devices (net, blk, scsi, vsock, rng, input) over vhost-user sockets",
         description=(
             "Serve virtio devices to VMMs over vhost-user UNIX sockets. Every net socket is a port of "
-            "one built-in learning L2 switch (plus the optional TAP uplink). Point QEMU at a socket with "
+            "one built-in learning L2 switch (plus the optional TAP uplink), with 802.1Q access and trunk ports "
+            "(vlan=, trunk=), and routed (--router) and NAT (--nat) modes (docs/network-modes.md). Point QEMU at a socket with "
             "-chardev socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0 "
             "(net) or -device vhost-user-blk-pci,chardev=c0 (blk); guest RAM must be shared "
             "(-object memory-backend-memfd,share=on). Devices also work behind a guest vIOMMU "
@@ -108,13 +116,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
-        "--net", metavar="[client:]SOCKET[,config=on][,pps=N][,bps=N]", type=_spec_type(parse_net), action="append",
-        default=[],
+        "--net", metavar="[client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]",
+        type=_spec_type(parse_net), action="append", default=[],
         help="a virtio-net device on SOCKET (repeatable). client: connects to a VMM listening on SOCKET (QEMU "
              "-chardev socket,server=on,wait=off) and reconnects whenever it goes away, instead of listening. "
              "config=on also offers VHOST_USER_PROTOCOL_F_CONFIG (the net config space over vhost-user, for "
              "front-ends that read it; QEMU does not, and warns when it is offered). pps and bps: rate limits "
-             "(frames/s, bytes/s)",
+             "(frames/s, bytes/s). vlan=N: an 802.1Q access port of VLAN N (the guest sends and receives "
+             "untagged); trunk=N:M:...: a trunk carrying those VLANs tagged (other VLANs and untagged frames "
+             "are dropped and counted). VLAN ids 1..4094; a port without either is VLAN-unaware "
+             "(docs/network-modes.md)",
     )
     serve.add_argument(
         "--blk", metavar="[client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]",
@@ -150,7 +161,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--queues", type=_positive_queues, default=1, help="queue pairs per net device (default 1)")
     serve.add_argument("--mtu", type=int, default=1500, help="MTU offered to net drivers (default 1500)")
-    serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink")
+    serve.add_argument("--tap", metavar="IFNAME", help="join a TAP device (created if missing) to the switch as uplink "
+                       "(with --nat: the router's outside interface instead)")
+    serve.add_argument(
+        "--router", metavar="IP/PREFIX[,vlan=N]", type=_spec_type(parse_router), action="append", default=[],
+        help="routed mode: a gateway port on the switch with address IP/PREFIX (repeatable, one per subnet; an "
+             "access port of VLAN N with vlan=N). It answers ARP and ping for IP and forwards IPv4 between the "
+             "subnets (TTL decremented, ICMP time exceeded when it runs out; docs/network-modes.md)",
+    )
+    serve.add_argument(
+        "--nat", metavar="IP/PREFIX[,gw=IP][,ports=LOW-HIGH]", type=_spec_type(parse_nat),
+        help="NAT mode (needs --router and --tap): the TAP device becomes the router's outside interface with "
+             "address IP/PREFIX; packets to other destinations leave through it source-translated (TCP, UDP, "
+             "ICMP echo; connection tracking with timeouts), via gw when not on the outside subnet; outside ports "
+             "from LOW-HIGH (default 1024-65535)",
+    )
     _switch_options(serve)
     _access_options(serve)
     serve.add_argument(
@@ -451,11 +476,23 @@ def _exit_now(server: VhostUserServer) -> None:
     os._exit(EXIT_FORCED)
 
 
-def _attach_tap(server: VhostUserServer, ifname: str | None, switch: LearningSwitch) -> None:
+def _attach_tap(server: VhostUserServer, ifname: str | None, switch: LearningSwitch | Nat) -> None:
     if ifname:
         tap = TapPort(ifname, switch)
         server.dataplane.add_fd(tap.fd, tap.on_readable)
-        log.info("TAP %s joined the switch", ifname)
+        log.info("TAP %s joined the %s", ifname, "switch" if isinstance(switch, LearningSwitch) else "NAT")
+
+
+def _network_modes(args: argparse.Namespace, switch: LearningSwitch) -> LearningSwitch | Nat:
+    """The router (``--router``) and the NAT (``--nat``); what the TAP uplink joins (docs/network-modes.md)."""
+    if not args.router:
+        return switch
+    router = Router(switch)
+    for spec in args.router:
+        router.add_interface(spec.subnet, spec.vlan)
+    if args.nat is None:
+        return switch
+    return Nat(router, args.nat.subnet, args.nat.gateway, args.nat.ports)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -484,11 +521,18 @@ def run_serve(args: argparse.Namespace) -> int:
             # The devices live in worker processes; the control socket would see none of them.
             print("iovirt serve: --control cannot be combined with --isolate yet", file=sys.stderr)
             return 2
+        if args.router or any(spec.vlan for spec in args.net):
+            print("iovirt serve: --isolate does not take vlan=, trunk= or --router yet", file=sys.stderr)
+            return 2
         if any(spec.client or spec.config or spec.limits for spec in [*args.net, *args.blk]):
             print("iovirt serve: --isolate does not take client:, config=on or rate limits yet", file=sys.stderr)
             return 2
         _raise_fd_limit()
         return run_isolated(args, [port_mac(i) for i in range(len(args.net))], _access(args), _switch(args))
+    if args.nat is not None and not (args.router and args.tap):
+        print("iovirt serve: --nat needs --router (the inside subnets) and --tap (the outside interface)",
+              file=sys.stderr)
+        return 2
     server = _new_server(args)
     switch = _switch(args)
     sealed = args.require_sealed_memory
@@ -496,6 +540,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         for i, spec in enumerate(args.net):
             port = VirtioNet(port_mac(i), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
+            if spec.vlan is not None:
+                switch.set_vlan(port, spec.vlan)
             _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
@@ -508,7 +554,7 @@ def run_serve(args: argparse.Namespace) -> int:
             _add_device(server, spec, dev, f"input{i} ({spec.socket})", sealed, inherited)
         detach = [_add_vsock(server, spec, f"vsock{i}", sealed, inherited) for i, spec in enumerate(args.vsock)]
         _add_scsi(server, args.scsi, sealed, inherited)
-        _attach_tap(server, args.tap, switch)
+        _attach_tap(server, args.tap, _network_modes(args, switch))
         if args.control:
             detach.append(serve_control(server, switch, args).close)
     except (IovirtError, OSError) as exc:

@@ -17,6 +17,12 @@ CONFIGURE_MEM_SLOTS and RESET_DEVICE.  QEMU refuses to migrate a guest whose
 back-end lacks LOG_SHMFD (the dirty log is shared memory).  QEMU refuses a device behind a vIOMMU unless REPLY_ACK
 and BACKEND_REQ are both offered, since IOTLB misses travel on the back-end
 channel.
+
+Virtio features offered to every device on top of its own
+(:data:`RING_FEATURES`): VIRTIO_F_RING_PACKED (virtio 1.2 section 2.8).  The
+ring layout belongs to the transport: the device keeps the queue API it has
+with a split ring, and the back-end starts packed queues when the front-end
+negotiates the bit (:mod:`iovirt.vhost_user.vrings`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Callable, ClassVar
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
+from iovirt.virtio.defs import VIRTIO_F_RING_PACKED
 from iovirt.virtio.device import Notify, VirtioDevice
 from iovirt.virtio.queue import SplitQueue
 from iovirt.virtio.state import QueueState
@@ -40,6 +47,9 @@ COMMON_PROTOCOL_FEATURES = feature_mask(
     PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
     PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE,
 )
+
+RING_FEATURES = 1 << VIRTIO_F_RING_PACKED
+"""Ring layouts the back-end serves for every device type, beyond the split ring."""
 
 
 class NotSupported(IovirtError):
@@ -60,6 +70,8 @@ class VhostUserDevice:
 
     def __init__(self, device: VirtioDevice) -> None:
         self.device = device
+        self.ring_packed = False
+        """VIRTIO_F_RING_PACKED was negotiated: the rings started from now on are packed."""
 
     @property
     def device_id(self) -> int:
@@ -95,8 +107,11 @@ class VhostUserDevice:
         notify: Notify,
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
     ) -> SplitQueue:
-        """Hand ring ``index`` to the device (``wrap`` puts a queue wrapper in between)."""
-        return self.device.start_queue(index, memory, state, notify, wrap)
+        """Hand ring ``index`` to the device (``wrap`` puts a queue wrapper in between).
+
+        The ring is packed if VIRTIO_F_RING_PACKED was negotiated (:attr:`ring_packed`).
+        """
+        return self.device.start_queue(index, memory, state, notify, wrap, packed=self.ring_packed)
 
     def stop_queue(self, index: int) -> QueueState | None:
         """Take ring ``index`` back; returns where it stopped."""
@@ -122,11 +137,12 @@ class VhostUserDevice:
     # -- features and config ------------------------------------------------------
     def features(self) -> int:
         """The virtio features offered (GET_FEATURES, before the vhost-user bits)."""
-        return self.device.device_features() | self.extra_features
+        return self.device.device_features() | self.extra_features | RING_FEATURES
 
     def set_features(self, features: int) -> None:
         """Accept the negotiated bits; the device sees only those it offered itself."""
         self.device.set_features(features & self.device.device_features())
+        self.ring_packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
 
     def read_config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG."""
@@ -153,6 +169,7 @@ class VhostUserDevice:
     def reset(self) -> None:
         """RESET_DEVICE, or the front-end went away."""
         self.device.reset()
+        self.ring_packed = False
 
     def save_state(self) -> dict[str, Any]:
         """Device state beyond the rings and guest memory, as plain data (nothing by default).

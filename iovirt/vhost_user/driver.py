@@ -3,7 +3,8 @@
 :class:`VhostUserDriver` connects a :class:`~iovirt.vhost_user.frontend.VhostUserFrontend`,
 shares memfd guest memory the way a VMM does, negotiates, and sets up
 (through :mod:`iovirt.vhost_user.bringup`) driver-side rings (:class:`~iovirt.virtio.driver.DriverQueue`) for the vrings
-it is asked for.  With ``iommu=True`` it accepts VIRTIO_F_ACCESS_PLATFORM and
+it is asked for (:class:`~iovirt.virtio.packed_driver.PackedDriverQueue` with
+``packed=True``, which accepts VIRTIO_F_RING_PACKED).  With ``iommu=True`` it accepts VIRTIO_F_ACCESS_PLATFORM and
 puts a :class:`~iovirt.vhost_user.viommu.FrontendIommu` in front: rings and
 buffers live at IOVAs (guest memory mapped at ``IOVA_BASE``), and the
 back-end's IOTLB misses are answered by :meth:`FrontendIommu.serve`.  iovirt's tests, the packet bench and the conformance suite
@@ -20,13 +21,34 @@ from iovirt.memory import BumpAllocator
 from iovirt.vhost_user import bringup
 from iovirt.vhost_user.frontend import VhostUserFrontend
 from iovirt.vhost_user.viommu import FrontendIommu
-from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX
+from iovirt.virtio.defs import (
+    PACKED_WRAP_BIT,
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_RING_PACKED,
+)
 from iovirt.virtio.driver import DriverQueue
+from iovirt.virtio.packed_driver import PackedDriverQueue
+
+AnyDriverQueue = DriverQueue | PackedDriverQueue
+"""A driver-side ring of either layout; which one follows VIRTIO_F_RING_PACKED (virtio 1.2 §2.7, §2.8)."""
+
+PACKED_START_BASE = PACKED_WRAP_BIT | PACKED_WRAP_BIT << 16
+"""SET_VRING_BASE of a fresh packed ring: both indexes 0, both wrap counters 1 (vhost-user.rst "Vring base")."""
 
 GUEST_BASE = 0x0
 DEFAULT_MEMORY = 64 << 20
 IOVA_BASE = 0x10_0000_0000
 """Where guest memory appears in IOVA space with ``iommu=True`` (deliberately not its GPA)."""
+
+
+#: Ring features this driver's rings (:class:`DriverQueue`, :class:`PackedDriverQueue`) do not implement,
+#: so it never acks them (virtio 1.2 §6.1: a driver accepts only features it understands): IN_ORDER's
+#: batched used entries (§2.7.9) and notification data in kicks (§2.9).  The packed layout (§2.8) is
+#: acked only when asked for (``packed=True``; :func:`bringup.negotiate`).
+UNIMPLEMENTED_RING_FEATURES = 1 << VIRTIO_F_IN_ORDER | 1 << VIRTIO_F_NOTIFICATION_DATA
 
 
 class VhostUserDriver:
@@ -42,6 +64,7 @@ class VhostUserDriver:
         timeout: float = 5.0,
         mem_slots: bool = False,
         iommu: bool = False,
+        packed: bool = False,
     ) -> None:
         self.frontend = VhostUserFrontend.connect(socket_path, timeout=timeout)
         self.iommu: FrontendIommu | None = None
@@ -49,7 +72,8 @@ class VhostUserDriver:
             self.region = self.frontend.add_region(GUEST_BASE, memory_size)
             self.memory = self.frontend.memory
             self.alloc = BumpAllocator(GUEST_BASE + 0x1000, memory_size - 0x1000)
-            negotiated = bringup.negotiate(self.frontend, features, protocol_features, iommu=iommu)
+            features &= ~UNIMPLEMENTED_RING_FEATURES
+            negotiated = bringup.negotiate(self.frontend, features, protocol_features, iommu=iommu, packed=packed)
             self.offered = negotiated.offered
             self.features, self.protocol_features = negotiated.features, negotiated.protocol_features
             bringup.share_memory(self.frontend, [self.region], mem_slots=mem_slots)
@@ -61,9 +85,14 @@ class VhostUserDriver:
         except BaseException:
             self.frontend.close()
             raise
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, AnyDriverQueue] = {}
 
-    def start_queues(self, indexes: Iterable[int], size: int = 256) -> dict[int, DriverQueue]:
+    @property
+    def packed(self) -> bool:
+        """Whether VIRTIO_F_RING_PACKED was negotiated (the rings are packed)."""
+        return bool(self.features >> VIRTIO_F_RING_PACKED & 1)
+
+    def start_queues(self, indexes: Iterable[int], size: int = 256) -> dict[int, AnyDriverQueue]:
         """Lay out rings in guest memory and hand them to the back-end (NUM/BASE/ADDR/CALL/KICK/ENABLE).
 
         With VHOST_USER_PROTOCOL_F_STATUS negotiated, ends with SET_STATUS
@@ -73,9 +102,16 @@ class VhostUserDriver:
         indexes = list(indexes)
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         for index in indexes:
-            queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
-            queue.set_interrupts(True)
-            bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
+            queue: AnyDriverQueue
+            if self.packed:
+                queue = PackedDriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+                queue.set_interrupts(True)
+                bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.driver_addr,
+                                    queue.device_addr, base=PACKED_START_BASE)
+            else:
+                queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+                queue.set_interrupts(True)
+                bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
             self.queues[index] = queue
             if self.iommu is not None:
                 # The misses for the ring were sent before SET_VRING_KICK was acked.
@@ -85,7 +121,7 @@ class VhostUserDriver:
 
     def rings(self) -> list[bringup.RingLayout]:
         """Where the started rings are."""
-        return [bringup.RingLayout(i, q.desc_addr, q.avail_addr, q.used_addr) for i, q in self.queues.items()]
+        return [bringup.RingLayout(i, q.desc_addr, *_areas(q)) for i, q in self.queues.items()]
 
     def start_logging(self) -> mmap.mmap:
         """Share a dirty log and turn LOG_ALL on, as QEMU does when a migration starts; returns the log."""
@@ -120,3 +156,10 @@ class VhostUserDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _areas(queue: AnyDriverQueue) -> tuple[int, int]:
+    """SET_VRING_ADDR's avail and used addresses: a packed ring's Driver and Device areas."""
+    if isinstance(queue, PackedDriverQueue):
+        return queue.driver_addr, queue.device_addr
+    return queue.avail_addr, queue.used_addr

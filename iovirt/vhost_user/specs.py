@@ -3,7 +3,10 @@
 One parser for both spellings, so a configuration means the same whichever
 way it is written:
 
-* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``
+* ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]``: ``vlan=N``
+  makes the port an 802.1Q access port of VLAN N, ``trunk=N:M`` a trunk of
+  those VLANs (1..4094; docs/network-modes.md); ``[[net]]`` tables take
+  ``vlan = N`` and ``trunk = "N:M"`` or ``trunk = [N, M]``
 * ``--blk [client:]SOCKET,IMAGE[,ro][,size=SIZE][,queues=N][,iops=N][,bps=N]``
 * ``--rng [client:]SOCKET[,source=PATH][,rate=BYTES]``
 * ``--input [client:]SOCKET,kind=keyboard|mouse|tablet``
@@ -12,6 +15,10 @@ way it is written:
   :mod:`iovirt.virtio.vsock.device`); ``[[vsock]]`` tables take ``cid`` and ``uds``
 * ``--scsi [client:]SOCKET,IMAGE[,IMAGE...][,ro][,queues=N][,config=on]``: one
   virtio-scsi target, LUN ``i`` on the ``i``-th image
+* ``--router IP/PREFIX[,vlan=N]`` (repeatable) and ``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``:
+  the routed and NAT modes (:class:`RouterSpec`, :class:`NatSpec`;
+  docs/network-modes.md); in a file ``router = ["IP/PREFIX,vlan=N", ...]``
+  and ``nat = "IP/PREFIX,gw=IP"``
 * ``iovirt serve --config FILE``: a TOML file (:func:`load_config`) whose
   top-level keys are the serve options (``queues``, ``mtu``, ``tap``,
   ``allow-uid``, ...) and whose ``[[net]]`` / ``[[blk]]`` / ``[[rng]]`` /
@@ -31,11 +38,14 @@ are positive numbers, handed to the device with :func:`apply_limits`.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
+from iovirt.virtio.net.ipv4 import Subnet
+from iovirt.virtio.net.vlan import PortVlan, parse_trunk, parse_vid
 
 CLIENT_PREFIX = "client:"
 """``--net client:PATH``: connect to a VMM listening on PATH."""
@@ -79,6 +89,15 @@ class DeviceSpec:
     def config(self) -> bool:
         """Net, scsi: offer VHOST_USER_PROTOCOL_F_CONFIG."""
         return bool(self.options.get("config", False))
+
+    @property
+    def vlan(self) -> PortVlan | None:
+        """Net: the port's 802.1Q configuration (``vlan=N``: access, ``trunk=N:M``: trunk), ``None``: VLAN-unaware."""
+        if "vlan" in self.options:
+            return PortVlan(access=self.options["vlan"])
+        if "trunk" in self.options:
+            return PortVlan(trunk=self.options["trunk"])
+        return None
 
     @property
     def size(self) -> int | None:
@@ -159,6 +178,7 @@ def _count(low: int, high: int) -> Callable[[str | int], int]:
 
 NET_OPTIONS: dict[str, Callable[[Any], Any]] = {"config": parse_bool, "pps": parse_rate, "bps": parse_rate}
 """``key=value`` options of ``--net``."""
+NET_OPTIONS.update(vlan=parse_vid, trunk=parse_trunk)  # 802.1Q access / trunk port (iovirt/virtio/net/vlan.py)
 
 BLK_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "size": parse_size, "queues": _count(1, MAX_BLK_QUEUES), "iops": parse_rate, "bps": parse_rate,
@@ -224,8 +244,15 @@ def _parse_socket_options(kind: str, text: str, usage: str) -> tuple[DeviceSpec,
 
 
 def parse_net(text: str) -> DeviceSpec:
-    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N]``."""
-    return _parse_socket_options("net", text, "[client:]SOCKET[,config=on][,pps=N][,bps=N]")[0]
+    """Parse ``--net [client:]SOCKET[,config=on][,pps=N][,bps=N][,vlan=N|trunk=N:M...]``."""
+    return _net_vlan(*_parse_socket_options("net", text, "[client:]SOCKET[,config=on][,pps=N][,bps=N]"))
+
+
+def _net_vlan(spec: DeviceSpec, where: str) -> DeviceSpec:
+    """A net port is an access port (``vlan=``) or a trunk (``trunk=``), not both."""
+    if "vlan" in spec.options and "trunk" in spec.options:
+        raise SpecError(f"{where}: give vlan=N (an access port) or trunk=N:M:... (a trunk port), not both")
+    return spec
 
 
 def parse_blk(text: str) -> DeviceSpec:
@@ -322,6 +349,89 @@ def _toml_sandbox(value: Any) -> str | None:
     raise ValueError(f"want true, false, \"kill\" or \"log\", got {value!r}")
 
 
+# -- routed and NAT modes (docs/network-modes.md) ----------------------------------------
+@dataclass(frozen=True)
+class RouterSpec:
+    """``--router IP/PREFIX[,vlan=N]``: one interface of the switch's router (a gateway port)."""
+
+    subnet: Subnet
+    vlan: PortVlan | None = None
+
+
+@dataclass(frozen=True)
+class NatSpec:
+    """``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``: the router's outside address on the TAP uplink."""
+
+    subnet: Subnet
+    gateway: int | None = None
+    ports: tuple[int, int] = (1024, 65535)
+
+
+def _subnet(text: str, where: str) -> Subnet:
+    try:
+        return Subnet.parse(text)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+def parse_router(text: str) -> RouterSpec:
+    """Parse ``--router IP/PREFIX[,vlan=N]``."""
+    where = f"--router {text!r}"
+    address, *opts = str(text).split(",")
+    vlan: PortVlan | None = None
+    for opt in opts:
+        key, value = _key_value(opt)
+        if key != "vlan":
+            raise SpecError(f"{where}: unknown option {key!r} (known: vlan)")
+        try:
+            vlan = PortVlan(access=parse_vid(value))
+        except ValueError as exc:
+            raise SpecError(f"{where}: vlan: {exc}") from None
+    return RouterSpec(_subnet(address, where), vlan)
+
+
+def parse_nat(text: str) -> NatSpec:
+    """Parse ``--nat IP/PREFIX[,gw=IP][,ports=LOW-HIGH]``."""
+    where = f"--nat {text!r}"
+    address, *opts = str(text).split(",")
+    subnet = _subnet(address, where)
+    gateway: int | None = None
+    ports = (1024, 65535)
+    for opt in opts:
+        key, value = _key_value(opt)
+        try:
+            if key == "gw":
+                gateway = int(ipaddress.IPv4Address(value))
+                if not subnet.contains(gateway):
+                    raise ValueError(f"{value} is not on {subnet}")
+            elif key == "ports":
+                low, _, high = value.partition("-")
+                ports = (_count(1, 0xFFFF)(low), _count(1, 0xFFFF)(high))
+                if ports[0] > ports[1]:
+                    raise ValueError(f"empty range {value}")
+            else:
+                raise SpecError(f"{where}: unknown option {key!r} (known: gw, ports)")
+        except (ValueError, ipaddress.AddressValueError) as exc:
+            raise SpecError(f"{where}: {key}: {exc}") from None
+    return NatSpec(subnet, gateway, ports)
+
+
+def _toml_routers(value: Any) -> list[RouterSpec]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"want a list of \"IP/PREFIX[,vlan=N]\" strings, got {value!r}")
+    try:
+        return [parse_router(v) for v in value]
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _toml_nat(value: Any) -> NatSpec:
+    try:
+        return parse_nat(_toml_str(value))
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
 SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "queues": ("queues", _count(1, MAX_QUEUE_PAIRS)),
     "mtu": ("mtu", _toml_int),
@@ -335,6 +445,8 @@ SERVE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "isolate": ("isolate", _toml_bool),
     "dump-dir": ("dump_dir", _toml_str),
     "sandbox": ("sandbox", _toml_sandbox),
+    "router": ("router", _toml_routers),
+    "nat": ("nat", _toml_nat),
 }
 """Top-level keys of a serve configuration file: key → (the flag's argparse dest, the value's check)."""
 
@@ -411,6 +523,8 @@ def _device(kind: str, table: dict[str, Any], where: str) -> DeviceSpec:
     if kind == "vsock" and set(options) != set(VSOCK_OPTIONS):
         raise SpecError(f"{where}: missing key {sorted(set(VSOCK_OPTIONS) - set(options))[0]!r}")
     spec = DeviceSpec(kind, socket, client, image, read_only, options)
+    if kind == "net":
+        return _net_vlan(spec, where)
     return _with_kind(spec, where) if kind == "input" else spec
 
 

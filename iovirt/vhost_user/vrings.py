@@ -12,6 +12,14 @@ answers arrive; an INVALIDATE of a running ring's pages suspends it until it
 is kicked again.  The used index is read from the used ring in memory when
 a ring starts.
 
+Packed rings (virtio 1.2 section 2.8), when the front-end negotiated
+VIRTIO_F_RING_PACKED: SET_VRING_ADDR's avail and used addresses are the
+Driver and Device Event Suppression areas, and the ring's state is not in
+memory, so SET/GET_VRING_BASE carry both positions (vhost-user.rst "Vring
+descriptor indices for packed virtqueues"): the next avail slot in bits
+0-14 with the driver's wrap counter in bit 15, the next used slot in bits
+16-30 with the device's wrap counter in bit 31.
+
 Dirty logging ("Migration"): while ``VHOST_F_LOG_ALL`` is negotiated, every
 running queue logs its device writes in the session's
 :class:`~iovirt.virtio.dirtylog.DirtyLog`, and its used ring at
@@ -26,7 +34,10 @@ these eventfds' file descriptions with the front-end, which may have made
 them blocking, fill their counters or drain them itself: they are set
 non-blocking when taken over, and a call or err eventfd whose counter is
 full ("the front-end is not reading it") costs a counted, dropped
-notification, never a blocked data plane (issue 12, failure 4).
+notification, never a blocked data plane (issue 12, failure 4).  A started
+ring's new call eventfd is signalled once (see :meth:`Vrings.set_eventfd`):
+QEMU starts rings on an eventfd it does not read and sends the guest's
+afterwards, and a notification lost in between would never be repeated.
 """
 
 from __future__ import annotations
@@ -42,11 +53,18 @@ from iovirt.vhost_user.channel import BackendChannel
 from iovirt.vhost_user.dataplane import DataPlane
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.fds import close_fds
-from iovirt.vhost_user.inflight import InflightQueue, QueueRegion
+from iovirt.vhost_user.inflight import InflightError, InflightQueue, PackedInflightQueue, QueueRegion
 from iovirt.vhost_user.iotlb import CompletionFence, DeviceIotlb
 from iovirt.vhost_user.memtable import GuestMemoryTable
 from iovirt.vhost_user.messages import VHOST_VRING_F_LOG, BackendRequest, IotlbMsg
-from iovirt.virtio.defs import avail_ring_size, desc_table_size, used_ring_size
+from iovirt.virtio.defs import (
+    PACKED_EVENT_SIZE,
+    PACKED_WRAP_BIT,
+    VIRTQ_DESC_SIZE,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
 from iovirt.virtio.dirtylog import DirtyLog
 from iovirt.virtio.queue import SplitQueue, ring_of
 from iovirt.virtio.state import QueueState
@@ -78,6 +96,7 @@ class Vring:
     addr: RingAddr | None = None
     base: int = 0
     used_idx: int = 0  # the used index when the ring last stopped (with ``base``, its stopped state)
+    packed: bool = False  # a packed ring (VIRTIO_F_RING_PACKED negotiated when it started)
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
@@ -90,8 +109,18 @@ class Vring:
     err_unread: int = 0  # the same for the err eventfd
 
     def parts(self) -> list[tuple[int, int, Access]]:
-        """``(address, size, access)`` of the descriptor table, avail ring and used ring."""
+        """``(address, size, access)`` of the descriptor table, avail ring and used ring.
+
+        For a packed ring: the Descriptor Ring (the device writes used
+        descriptors into it), the Driver and the Device areas (2.8.10).
+        """
         assert self.addr is not None
+        if self.packed:
+            return [
+                (self.addr.desc, VIRTQ_DESC_SIZE * self.num, Access.READ | Access.WRITE),
+                (self.addr.avail, PACKED_EVENT_SIZE, Access.READ),
+                (self.addr.used, PACKED_EVENT_SIZE, Access.READ | Access.WRITE),
+            ]
         return [
             (self.addr.desc, desc_table_size(self.num), Access.READ),
             (self.addr.avail, avail_ring_size(self.num), Access.READ),
@@ -146,19 +175,24 @@ class Vrings:
             self._start(vring, vring.kick_fd)
 
     def set_base(self, index: int, base: int) -> None:
-        """SET_VRING_BASE: the next avail index, on a stopped ring."""
+        """SET_VRING_BASE: the next avail index (packed: both positions), on a stopped ring."""
         vring = self[index]
-        if base > 0xFFFF:
-            raise VringError(f"split ring base {base} is not a 16-bit index")
         if vring.started:
             raise VringError(f"vring {index} is started")
+        if self.device.ring_packed:
+            _check_packed_base(index, base, vring.num)
+        elif base > 0xFFFF:
+            raise VringError(f"split ring base {base} is not a 16-bit index")
         vring.base = base
 
     def get_base(self, index: int) -> int:
         """GET_VRING_BASE: stop the ring; returns where it stopped."""
         vring = self[index]
         self.stop(vring)
-        log.info("%s: vring %d stopped at avail index %d", self.label, index, vring.base)
+        if vring.packed:
+            log.info("%s: vring %d stopped at %s", self.label, index, _packed_positions(vring.base))
+        else:
+            log.info("%s: vring %d stopped at avail index %d", self.label, index, vring.base)
         return vring.base
 
     def set_kick(self, index: int, fd: int | None) -> None:
@@ -176,6 +210,13 @@ class Vrings:
             take_eventfd(fd)
         close_fds([getattr(vring, name)])
         setattr(vring, name, fd)
+        if name == "call_fd" and fd is not None and vring.started:
+            # A running ring's used-buffer notification may have gone to the eventfd
+            # replaced here, which nobody may read (QEMU starts rings on its masked
+            # notifier and sends the guest's with SET_VRING_CALL afterwards, without
+            # waiting): with EVENT_IDX nothing later repeats it (2.7.10, 2.8.10), and the
+            # driver would wait for it forever.  A spurious notification is harmless.
+            self._signal(vring, fd, "call")
 
     def enable(self, index: int, enabled: bool) -> None:
         """SET_VRING_ENABLE."""
@@ -207,6 +248,7 @@ class Vrings:
     def _start(self, vring: Vring, kick_fd: int | None) -> None:
         if vring.num == 0 or vring.addr is None:
             raise VringError(f"vring {vring.index} has no size or no addresses yet")
+        vring.packed = self.device.ring_packed
         try:
             running = self._start_device_queue(vring)
         except IovirtError as exc:
@@ -245,18 +287,28 @@ class Vrings:
         # no entry for must never reach the data plane, whatever the order of requests.
         _check_fits_inflight(vring, vring.num, vring.inflight)
         memory = self.dma_memory
-        used_idx = memory.read_u16(used + 2)
-        wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
+        if vring.packed:
+            _check_packed_base(vring.index, vring.base, vring.num)
+            wrap = None if vring.inflight is None else self._packed_inflight_wrapper(vring, vring.inflight)
+            last_avail_idx, used_idx = vring.base & 0xFFFF, vring.base >> 16
+        else:
+            used_idx = memory.read_u16(used + 2)
+            wrap = None if vring.inflight is None else self._inflight_wrapper(vring, vring.inflight, used_idx)
+            last_avail_idx = vring.base
         if self.iotlb is not None:
             wrap = _fenced(wrap, self.iotlb)
-        state = QueueState(vring.num, desc, avail, used, last_avail_idx=vring.base, used_idx=used_idx)
+        state = QueueState(vring.num, desc, avail, used, last_avail_idx=last_avail_idx, used_idx=used_idx)
         queue = self.device.start_queue(vring.index, memory, state, self._notifier(vring), wrap)
         self._install_log(vring, queue)
         vring.awaiting_translation = vring.awaiting_log = False
-        log.info(
-            "%s: vring %d started: size %d, desc %#x avail %#x used %#x, avail index %d",
-            self.label, vring.index, vring.num, desc, avail, used, vring.base,
-        )
+        if vring.packed:
+            log.info("%s: vring %d started packed: size %d, desc %#x driver area %#x device area %#x, %s",
+                     self.label, vring.index, vring.num, desc, avail, used, _packed_positions(vring.base))
+        else:
+            log.info(
+                "%s: vring %d started: size %d, desc %#x avail %#x used %#x, avail index %d",
+                self.label, vring.index, vring.num, desc, avail, used, vring.base,
+            )
         return True
 
     def placement(self, vring: Vring) -> tuple[int, int, int]:
@@ -296,6 +348,43 @@ class Vrings:
                      self.label, vring.index, len(heads), heads[:8], vring.base)
         return heads
 
+    def _packed_inflight_wrapper(self, vring: Vring, region: QueueRegion) -> Callable[[SplitQueue], SplitQueue]:
+        """What puts packed inflight tracking around the device's queue, after recovering the region.
+
+        vhost-user.rst "Inflight I/O tracking", packed virtqueue.  A region
+        set up by this back-end (GET_INFLIGHT_FD) starts where the front-end
+        said (SET_VRING_BASE).  A region handed back (SET_INFLIGHT_FD, after
+        a back-end restart) knows better than the front-end, which could not
+        ask a dead back-end where its rings stopped: the used position is the
+        region's, and the avail position follows the lists in flight, which
+        took the ring slots between the two (2.8.6: a used descriptor skips
+        as many slots as its list took).
+        """
+        try:
+            packed = region.packed()
+        except InflightError as exc:
+            raise VringError(f"vring {vring.index} is packed: {exc}") from exc
+        if packed.fresh:
+            packed.start_at(vring.base >> 16)
+            lists: list[tuple[int, list[bytes]]] = []
+        else:
+            desc, _, _ = self.placement(vring)
+            memory = self.dma_memory
+            used_pos, lists = packed.recover(lambda slot: memory.read_u16(desc + VIRTQ_DESC_SIZE * slot + 14))
+            taken = sum(len(descs) for _, descs in lists)
+            slot, wrap = (used_pos & ~PACKED_WRAP_BIT) + taken, used_pos >> 15
+            laps, slot = divmod(slot, vring.num)
+            avail_pos = slot | (wrap ^ (laps & 1)) << 15
+            recovered = avail_pos | used_pos << 16
+            if recovered != vring.base:
+                log.info("%s: vring %d: the inflight region places the ring at %s (the front-end said %s)",
+                         self.label, vring.index, _packed_positions(recovered), _packed_positions(vring.base))
+            vring.base = recovered
+            if lists:
+                log.info("%s: vring %d resubmits %d inflight requests (entries %s); %s", self.label, vring.index,
+                         len(lists), [head for head, _ in lists[:8]], _packed_positions(vring.base))
+        return lambda queue: cast(SplitQueue, PackedInflightQueue(queue, packed, lists))
+
     def stop(self, vring: Vring) -> None:
         """Stop serving ``vring`` (its kick fd closed); remembers where it stopped."""
         if vring.kick_fd is not None:
@@ -311,7 +400,7 @@ class Vrings:
     def _save_base(self, vring: Vring) -> None:
         state = self.device.stop_queue(vring.index)
         if state is not None:
-            vring.base = state.last_avail_idx
+            vring.base = state.last_avail_idx | (state.used_idx << 16 if vring.packed else 0)
             vring.used_idx = state.used_idx
 
     def reset(self) -> None:
@@ -519,7 +608,9 @@ class Vrings:
             return
         used: list[tuple[int, int]] = []
         addr = vring.addr
-        if addr is not None and addr.flags >> VHOST_VRING_F_LOG & 1:
+        if addr is not None and addr.flags >> VHOST_VRING_F_LOG & 1 and vring.packed:
+            used = self._packed_log_ranges(vring)
+        elif addr is not None and addr.flags >> VHOST_VRING_F_LOG & 1:
             size = used_ring_size(vring.num)
             try:
                 if self.iotlb is None:
@@ -533,6 +624,25 @@ class Vrings:
                 raise VringError(f"vring {vring.index}: the used ring's log_guest_addr {addr.log_guest_addr:#x} "
                                  f"is not guest memory: {exc}") from exc
         ring.set_dirty_log(self.dirty_log, used)  # type: ignore[attr-defined]
+
+    def _packed_log_ranges(self, vring: Vring) -> list[tuple[int, int]]:
+        """Guest-physical ranges a packed ring's device writes land in: the Descriptor Ring and the Device area.
+
+        A packed ring has no used ring for ``log_guest_addr`` to name: the
+        device writes used descriptors into the Descriptor Ring (2.8.6), so
+        both written parts are logged where the ring addresses put them (as
+        DPDK logs a packed ring's descriptor writes).
+        """
+        desc, _, device = self.placement(vring)
+        ranges: list[tuple[int, int]] = []
+        for start, size in ((desc, VIRTQ_DESC_SIZE * vring.num), (device, PACKED_EVENT_SIZE)):
+            try:
+                ranges += self.dma_memory.translate(start, size, Access.WRITE)
+            except GuestMemoryError as exc:
+                raise VringError(
+                    f"vring {vring.index}: packed ring part {start:#x} is not guest memory: {exc}"
+                ) from exc
+        return ranges
 
 
 def _fenced(
@@ -558,6 +668,27 @@ def _check_fits_inflight(vring: Vring, num: int, region: QueueRegion | None) -> 
             f"vring {vring.index} of {num} descriptors does not fit the inflight region's "
             f"queue_size {region.queue_size}"
         )
+
+
+def _check_packed_base(index: int, base: int, num: int) -> None:
+    """A packed ring's SET_VRING_BASE: two 15-bit slots below the ring size, each with its wrap counter.
+
+    ``num`` 0 (SET_VRING_NUM not sent yet): checked again when the ring starts.
+    """
+    if not 0 <= base <= 0xFFFFFFFF:
+        raise VringError(f"packed ring base {base:#x} is not 32 bits")
+    for name, pos in (("avail", base & 0xFFFF), ("used", base >> 16)):
+        slot = pos & ~PACKED_WRAP_BIT
+        if num and slot >= num:
+            raise VringError(f"vring {index}: packed ring base {base:#x}: {name} index {slot} is not below "
+                             f"the ring size {num}")
+
+
+def _packed_positions(base: int) -> str:
+    """A packed ring's base, for log lines."""
+    avail, used = base & 0xFFFF, base >> 16
+    return (f"avail index {avail & ~PACKED_WRAP_BIT} wrap {avail >> 15}, "
+            f"used index {used & ~PACKED_WRAP_BIT} wrap {used >> 15}")
 
 
 def take_eventfd(fd: int) -> None:

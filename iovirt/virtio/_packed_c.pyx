@@ -26,7 +26,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from iovirt.memory import Access, GuestMemoryError, TranslationPending
 from iovirt.virtio._iotlb_c cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio._dirtylog_c cimport log_mark
-from iovirt.virtio._queue_c cimport ChainBatch, Region, WalkError
+from iovirt.virtio._queue_c cimport ChainBatch, Region, Virtqueue, WalkError
 from iovirt.virtio import _packed_checks as pchecks
 from iovirt.virtio import _queue_checks as checks
 from iovirt.virtio.state import QueueState
@@ -107,12 +107,9 @@ cdef ChainBatch _empty_batch(ChainBatch batch, Py_ssize_t chains):
     return batch
 
 
-cdef class PackedQueue:
+cdef class PackedQueue(Virtqueue):
     """The device side of one packed virtqueue (accelerated; see ``_packed_py.PackedQueue``)."""
 
-    cdef readonly object memory
-    cdef readonly int index
-    cdef readonly uint32_t size
     cdef readonly uint64_t desc_addr, driver_addr, device_addr
     cdef readonly bint event_idx
     cdef uint32_t _next_avail, _next_used
@@ -347,7 +344,7 @@ cdef class PackedQueue:
                     break
                 first = self._next_avail
                 start = first | (WRAP_BIT if self._avail_wrap else 0)
-                rc = self._walk(first, batch, &buf_id)
+                rc = self._walk(self._desc, self.size, first, batch, &buf_id)
                 if rc != 0:
                     batch.nbufs = batch.first[batch.n]
                     if rc != E_PENDING:
@@ -383,6 +380,38 @@ cdef class PackedQueue:
             self._log_bufs[b.heads[i]] = [(b.addrs[k], b.lens[k], bool(b.writable[k]))
                                           for k in range(b.first[i], b.first[i + 1])]
         return 0
+
+    def resubmit(self, lists, ChainBatch batch=None):
+        """Take again lists a previous back-end popped and never completed (see ``_packed_py``).
+
+        Each of ``lists`` is the list's ring descriptors as they were popped
+        (16 bytes each); the avail position does not move.
+        """
+        cdef Py_ssize_t k, n = len(lists)
+        cdef uint16_t buf_id = 0
+        cdef uint32_t count = 0
+        cdef int rc = 0
+        cdef const uint8_t[::1] raw
+        self._raise_pending()
+        batch = _empty_batch(batch, n)
+        for k in range(n):
+            raw = pchecks.saved_list(self.index, lists[k], self.size)
+            count = raw.shape[0] // 16
+            rc = self._walk(&raw[0], count, 0, batch, &buf_id)
+            if rc != 0:
+                batch.nbufs = batch.first[batch.n]
+                break
+            self._taken[buf_id] = <uint16_t> count
+            self._n_in_flight += 1
+            batch.heads[batch.n] = buf_id
+            batch.used_lens[batch.n] = 0
+            batch.n += 1
+            batch.first[batch.n] = <uint32_t> batch.nbufs
+        if self._log is not None:
+            self._keep_for_log(batch)
+        if rc != 0 and rc != E_PENDING:
+            raise self._walk_error(0, rc)
+        return batch
 
     def rewind(self, Py_ssize_t count):
         """Give back the last ``count`` popped lists unused; only lists popped since the last push."""
@@ -483,8 +512,13 @@ cdef class PackedQueue:
         b.nbufs += 1
         return 0
 
-    cdef int _walk(self, uint32_t first, ChainBatch b, uint16_t *buf_id) noexcept nogil:
-        """Read the list at ring slot ``first`` into ``b`` (2.8.6-2.8.7, 2.8.19-2.8.20 rules)."""
+    cdef int _walk(self, const uint8_t *ring, uint32_t ring_len, uint32_t first, ChainBatch b,
+                   uint16_t *buf_id) noexcept nogil:
+        """Read the list at slot ``first`` of ``ring`` into ``b`` (2.8.6-2.8.7, 2.8.19-2.8.20 rules).
+
+        ``ring`` is the Descriptor Ring (``ring_len`` = Queue Size), or the
+        saved descriptors of one list being resubmitted (``ring_len`` of them).
+        """
         cdef PDesc d, t
         cdef uint32_t slot = first, taken = 0, count, i
         cdef bint seen_writable = False
@@ -495,9 +529,12 @@ cdef class PackedQueue:
             if taken == self.size:
                 self._err.count = self.size + 1
                 return E_TOO_LONG
+            if slot >= ring_len:  # a resubmitted list whose last saved descriptor has NEXT
+                self._err.count = ring_len + 1
+                return E_TOO_LONG
             taken += 1
             self._walked = taken
-            memcpy(&d, self._desc + 16 * <uint64_t> slot, 16)
+            memcpy(&d, ring + 16 * <uint64_t> slot, 16)
             if d.flags & F_INDIRECT:
                 if taken > 1:
                     return E_INDIRECT_IN_CHAIN

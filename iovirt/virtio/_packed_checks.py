@@ -78,6 +78,18 @@ def check_state(state: QueueState) -> None:
             )
 
 
+def saved_list(index: int, raw: bytes, size: int) -> bytes:
+    """A resubmitted list's saved ring descriptors (untrusted: from a shared inflight region).
+
+    Raises :class:`QueueStateError` unless it is 1 to Queue Size whole descriptors.
+    """
+    raw = bytes(raw)
+    count, rest = divmod(len(raw), VIRTQ_DESC_SIZE)
+    if rest or not 0 < count <= size:
+        raise QueueStateError(f"a resubmitted list of {len(raw)} bytes is not 1 to {size} descriptors", index)
+    return raw
+
+
 # -- avail side ------------------------------------------------------------------------
 def buffer_id(index: int, desc: int, head: int, buf_id: int, size: int) -> DescIndexError:
     """A Buffer ID this device cannot track: at most Queue Size buffers are in flight, named 0..size-1."""

@@ -22,7 +22,7 @@ encodes packed ring indexes; both wrap counters start at 1 (2.8.1).
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 from iovirt.memory import Access, GuestMemory, GuestMemoryError, TranslationPending
 from iovirt.virtio import _packed_checks as pchecks
@@ -250,7 +250,7 @@ class PackedQueue:
                 break
             start = self.last_avail_idx
             try:
-                buf_id, taken, buffers = self._walk(self._next_avail)
+                buf_id, taken, buffers = self._walk(self._next_avail, self._ring_reader(self._next_avail))
             except TranslationPending:
                 break  # not the driver's fault: leave the list available, retry later
             except VirtqueueError as exc:
@@ -271,6 +271,50 @@ class PackedQueue:
             return ChainBatch(chains)
         batch.chains = chains
         return batch
+
+    def resubmit(self, lists: Sequence[bytes], batch: ChainBatch | None = None) -> ChainBatch:
+        """Take again lists a previous back-end popped and never completed; the avail position does not move.
+
+        vhost-user.rst "Inflight I/O tracking" (packed): each of ``lists`` is
+        a list's ring descriptors as they were popped (16 bytes each), saved
+        in the inflight region, since used descriptors written out of order
+        may have overwritten them in the ring.  They are walked by the pop
+        rules; each Buffer ID is in flight again, taking as many ring slots
+        as it has descriptors.  One whose translation is pending ends the
+        batch (the caller keeps the rest).
+        """
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+        self._check_live()
+        chains: list[DescChain] = []
+        for raw in lists:
+            saved = pchecks.saved_list(self.index, raw, self.size)
+            try:
+                buf_id, taken, buffers = self._walk(0, self._saved_reader(saved))
+            except TranslationPending:
+                break
+            self._in_flight[buf_id] = taken
+            if self._log is not None:
+                self._log_buffers_of[buf_id] = buffers
+            chains.append(DescChain(buf_id, buffers))
+        if batch is None:
+            return ChainBatch(chains)
+        batch.chains = chains
+        return batch
+
+    def _ring_reader(self, first: int) -> Callable[[int], tuple[int, int, int, int]]:
+        return lambda slot: self._read_desc(self.desc_addr, slot, first)
+
+    def _saved_reader(self, saved: bytes) -> Callable[[int], tuple[int, int, int, int]]:
+        count = len(saved) // VIRTQ_DESC_SIZE
+
+        def read(slot: int) -> tuple[int, int, int, int]:
+            if slot >= count:  # the last saved descriptor has NEXT
+                raise checks.too_long(self.index, slot, 0, count + 1, self.size)
+            return _DESC.unpack_from(saved, VIRTQ_DESC_SIZE * slot)
+
+        return read
 
     def _advance_avail(self, n: int) -> None:
         self._next_avail += n
@@ -301,8 +345,13 @@ class PackedQueue:
         except GuestMemoryError as exc:
             raise checks.table_unreadable(self.index, i, head, table, exc) from exc
 
-    def _walk(self, first: int) -> tuple[int, int, list[tuple[int, int, bool]]]:
+    def _walk(
+        self, first: int, read_ring: Callable[[int], tuple[int, int, int, int]]
+    ) -> tuple[int, int, list[tuple[int, int, bool]]]:
         """Read the list starting at ring slot ``first``: its Buffer ID, ring slots taken and buffers.
+
+        ``read_ring(slot)`` reads a ring descriptor: from the Descriptor
+        Ring, or from a resubmitted list's saved descriptors.
 
         Checks every rule of 2.8.6-2.8.7 and 2.8.19-2.8.20; ``self._walked``
         says how many ring slots were read when an error is raised.
@@ -316,7 +365,7 @@ class PackedQueue:
                 raise checks.too_long(q, slot, first, size + 1, size)
             taken += 1
             self._walked = taken
-            addr, length, buf_id, flags = self._read_desc(self.desc_addr, slot, first)
+            addr, length, buf_id, flags = read_ring(slot)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # 2.8.20: an indirect descriptor stands alone, and its table holds whole descriptors.
                 if taken > 1:

@@ -1,5 +1,6 @@
-# The C-level interface of the accelerated split queue, for other Cython
-# modules (device data paths) that read popped batches without Python objects.
+# The C-level interface of the accelerated split queue (and of the base it shares
+# with the packed queue, _packed_c.pyx), for other Cython modules (device data
+# paths) that read popped batches without Python objects.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -41,10 +42,15 @@ cdef class ChainBatch:
     cdef int _check(self, Py_ssize_t i) except -1
 
 
-cdef class SplitQueue:
+cdef class Virtqueue:
+    # What the split and the packed queue share at C level, so a device data path
+    # takes either (both fill a ChainBatch; pops and pushes go through their methods).
     cdef readonly object memory
     cdef readonly int index
     cdef readonly uint32_t size
+
+
+cdef class SplitQueue(Virtqueue):
     cdef readonly uint64_t desc_addr, avail_addr, used_addr
     cdef readonly bint event_idx
     cdef uint16_t _last_avail_idx, _used_idx, _signalled_used

@@ -199,7 +199,11 @@ cdef ChainBatch _empty_batch(ChainBatch batch, Py_ssize_t chains):
     return batch
 
 
-cdef class SplitQueue:
+cdef class Virtqueue:
+    """The base of the accelerated split and packed queues: the device data paths take either."""
+
+
+cdef class SplitQueue(Virtqueue):
     """The device side of one split virtqueue (accelerated; see ``_queue_py.SplitQueue``)."""
 
     def __cinit__(self):

@@ -4,7 +4,8 @@ A :class:`VirtioDevice` owns its feature bits, its device-specific
 configuration space and what it does with the chains of each queue.  It does
 not know how it is reached: the vhost-user backend and the in-process
 virtio-pci transport both hand it :class:`~iovirt.virtio.queue.SplitQueue`
-objects and a per-queue ``notify`` callable (the used-buffer notification),
+objects (vhost-user: packed queues with the same API when the front-end
+negotiated VIRTIO_F_RING_PACKED) and a per-queue ``notify`` callable (the used-buffer notification),
 and call :meth:`VirtioDevice.kick` when the driver notifies a queue.
 
 Bad input from the driver ends in :meth:`VirtioDevice.fail`: it is logged
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, cast
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from iovirt.virtio.queue import SplitQueue
+from iovirt.virtio.queue import SplitQueue, queue_class
 from iovirt.virtio.state import QueueState
 
 Notify = Callable[[], None]
@@ -116,14 +117,19 @@ class VirtioDevice:
         state: QueueState,
         notify: Notify,
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
+        *,
+        packed: bool = False,
     ) -> SplitQueue:
         """Start serving queue ``index`` from ``state``; ``notify`` signals used buffers.
 
         ``wrap``, if given, puts a wrapper with the queue's API around the
         queue (a transport's bookkeeping, e.g. vhost-user inflight tracking).
+        ``packed``: the transport negotiated VIRTIO_F_RING_PACKED, the ring is
+        a packed one (2.8; ``state`` positions carry wrap counters in bit 15).
         """
         state = QueueState(**{**state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX)})
-        queue = SplitQueue.from_state(memory, state)
+        # A packed queue has the split queue's API (iovirt/virtio/queue.py): devices cannot tell.
+        queue = cast(SplitQueue, queue_class(packed).from_state(memory, state))
         if wrap is not None:
             queue = wrap(queue)
         self.memory = memory

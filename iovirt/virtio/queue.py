@@ -12,8 +12,12 @@ forces the reference.  Both expose the same API:
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``
 
 ``PackedQueue`` (virtio 1.2 section 2.8; ``_packed_c`` or ``_packed_py``) has
-the same API, except ``resubmit``; its chains' ``head`` is the Buffer ID, its
-``avail_addr``/``used_addr`` the Driver/Device Event Suppression areas.
+the same API, except that ``resubmit(lists)`` takes the saved ring descriptors
+of each list (a packed ring's lists may be overwritten in the ring); its
+chains' ``head`` is the Buffer ID, its ``avail_addr``/``used_addr`` the
+Driver/Device Event Suppression areas.  A transport picks one with
+:func:`queue_class`; the Cython twins share a C base (``_queue_c.Virtqueue``)
+that the C device data paths take, so both ring layouts run them.
 """
 
 from __future__ import annotations
@@ -23,18 +27,25 @@ from typing import TYPE_CHECKING
 from iovirt import _accel
 from iovirt.virtio import _packed_py, _queue_py
 
-__all__ = ["SplitQueue", "PackedQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations", "is_accelerated", "QueueWrapper", "ring_of"]
+__all__ = [
+    "SplitQueue", "PackedQueue", "IMPLEMENTATION", "ChainBatch", "implementations", "packed_implementations",
+    "is_accelerated", "queue_class", "QueueWrapper", "ring_of",
+]
 
 if TYPE_CHECKING:
     from iovirt.virtio._packed_py import PackedQueue
     from iovirt.virtio._queue_py import IMPLEMENTATION, SplitQueue
     from iovirt.virtio.chain import ChainBatch
+
+    _ACCELERATED: tuple[type, ...]
 else:
     _impl = _accel.load("iovirt.virtio._queue_c") or _queue_py
     # The reference batches in chain.ChainBatch; the accelerated queue has its own.
     IMPLEMENTATION, SplitQueue, ChainBatch = _impl.IMPLEMENTATION, _impl.SplitQueue, _impl.ChainBatch
     # The accelerated packed queue fills the accelerated split queue's ChainBatch.
     PackedQueue = (_accel.load("iovirt.virtio._packed_c") or _packed_py).PackedQueue
+    # The Cython split and packed queues share this C base, which the C device data paths take.
+    _ACCELERATED = (_impl.Virtqueue,) if IMPLEMENTATION == "cython" else ()
 
 
 def implementations() -> dict[str, type]:
@@ -48,8 +59,13 @@ def packed_implementations() -> dict[str, type]:
 
 
 def is_accelerated(queue: object) -> bool:
-    """Whether ``queue`` is the Cython ``SplitQueue``, whose flat batches the C device data paths read."""
-    return IMPLEMENTATION == "cython" and isinstance(queue, SplitQueue)
+    """Whether ``queue`` is a Cython queue (split or packed), whose flat batches the C device data paths read."""
+    return isinstance(queue, _ACCELERATED)
+
+
+def queue_class(packed: bool) -> "type[SplitQueue] | type[PackedQueue]":
+    """The queue a transport starts: ``PackedQueue`` with VIRTIO_F_RING_PACKED negotiated, else ``SplitQueue``."""
+    return PackedQueue if packed else SplitQueue
 
 
 class QueueWrapper:

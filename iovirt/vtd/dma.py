@@ -44,7 +44,6 @@ from iovirt.vtd.faults import (
     FR_CONTEXT_NOT_PRESENT,
     FR_CONTEXT_RSVD,
     FR_CONTEXT_TABLE_INVALID,
-    FR_CONTEXT_TT,
     FR_READ,
     FR_ROOT_NOT_PRESENT,
     FR_ROOT_RSVD,
@@ -227,9 +226,13 @@ class DmaRemapper:
         if clo & CTX_LO_RSVD or chi & CTX_HI_RSVD:
             raise fault(FR_CONTEXT_RSVD)
         if ce.tt not in (TT_MULTI_LEVEL, TT_DEVICE_TLB, TT_PASS_THROUGH):
-            raise fault(FR_CONTEXT_TT, ce.fpd)
-        if ce.tt != TT_PASS_THROUGH and ce.aw not in (AW_39, AW_48):
-            raise fault(FR_CONTEXT_INVALID)
+            # A translation type the unit does not support is invalid programming of the context entry
+            # (3h); Dh is for translation requests the TT field blocks, and these requests are untranslated.
+            raise fault(FR_CONTEXT_INVALID, ce.fpd)
+        # AW must be a width SAGAW reports whatever the translation type (spec 9.3: with pass-through it
+        # must name the largest one; fault reason 3h covers an AW the unit does not support).
+        if ce.aw not in (AW_39, AW_48):
+            raise fault(FR_CONTEXT_INVALID, ce.fpd)
         entry = (ce.did, ce.tt, aw_levels(ce.aw), ce.slptptr, ce.fpd)
         self.context_cache.entries[source_id] = entry
         return entry

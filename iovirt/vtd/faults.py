@@ -82,7 +82,7 @@ FAULT_NAMES = {
 #: Faults the FPD bit of a context entry / IRTE may suppress ("qualified"
 #: faults, spec 7.2.1); the others are always recorded.
 QUALIFIED_FAULTS = frozenset({
-    FR_CONTEXT_NOT_PRESENT, FR_ADDR_BEYOND_AW, FR_WRITE, FR_READ,
+    FR_CONTEXT_NOT_PRESENT, FR_CONTEXT_INVALID, FR_ADDR_BEYOND_AW, FR_WRITE, FR_READ,
     FR_PAGING_ENTRY_INVALID, FR_PAGING_ENTRY_RSVD, FR_CONTEXT_TT,
     FR_IR_ENTRY_NOT_PRESENT, FR_IR_IRTE_RSVD, FR_IR_SID_INVALID,
 })

@@ -17,15 +17,15 @@ IMAGE_SIZE = 1 << 20
 
 
 class IovirtBackend:
-    """A server with net0/net1 on one switch, a writable blk and a read-only blk."""
+    """A server with net0/net1 (two queue pairs each) on one switch, a writable blk and a read-only blk."""
 
-    def __init__(self, tmp: Path, blk_class: type[VirtioBlk] = VirtioBlk) -> None:
+    def __init__(self, tmp: Path, blk_class: type[VirtioBlk] = VirtioBlk, net_class: type[VirtioNet] = VirtioNet) -> None:
         self.server = VhostUserServer()
         switch = LearningSwitch()
         self.net_paths = [str(tmp / f"net{i}.sock") for i in range(2)]
         for i, path in enumerate(self.net_paths):
             # config=on: the suite's net config-space checks read it with GET_CONFIG.
-            self.server.add_socket(path, VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), switch, label=f"net{i}"),
+            self.server.add_socket(path, net_class(bytes([0x52, 0x54, 0, 0, 0, i]), switch, queue_pairs=2, label=f"net{i}"),
                                    adapter=NetConfigAdapter)
         self.blks = [
             blk_class(str(tmp / "rw.img"), size=IMAGE_SIZE, label="blk-rw"),

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 # Deviations of QSD 7.2 explained in docs/conformance/README.md.
 QSD_FAILURES = {
     "vhost-user:Ring states#disabled",
+    "vhost-user:SET_VRING_ENABLE#both",
     "vhost-user:SET_VRING_CALL#nofd",
     "vhost-user:SET_CONFIG",
     "virtio-1.2:5.2.6#get-id",
@@ -25,6 +26,7 @@ QSD_FAILURES = {
 # Deviations of DPDK 22.11's vhost library explained in docs/conformance/README.md.
 DPDK_FAILURES = {
     "vhost-user:Ring states#disabled-net-tx",
+    "vhost-user:Multiple queue support#data-path",
     "virtio-1.2:5.1.3.1",
     "virtio-1.2:5.1.6.4.1#num_buffers",
 }
@@ -64,7 +66,7 @@ def test_dpdk_vhost_pmd(tmp_path):
     sock = str(tmp_path / "vhost.sock")
     proc = subprocess.Popen(
         ["dpdk-testpmd", "--no-huge", "-m", "256", "-l", "0-1", "--no-pci", "--file-prefix", f"iovirt{tmp_path.name}",
-         "--vdev", f"net_vhost0,iface={sock},client=0", "--", "--forward-mode=io", "--auto-start",
+         "--vdev", f"net_vhost0,iface={sock},client=0,queues=2", "--", "--rxq=2", "--txq=2", "--forward-mode=io", "--auto-start",
          "--total-num-mbufs=2048"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

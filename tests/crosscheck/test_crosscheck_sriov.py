@@ -13,6 +13,7 @@ from iovirt.crosscheck.areas import AREAS
 from iovirt.crosscheck.ops import Op, parse_ops
 from iovirt.crosscheck.qtest import qemu_available
 from iovirt.crosscheck.sriov import SriovArea
+from iovirt.sriov.capability import SriovCapability
 from iovirt.sriov.regs import PCI_SRIOV_CTRL_VFE
 
 needs_qemu = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
@@ -102,3 +103,50 @@ def test_cli_writes_the_json_report(tmp_path):
     counts = json.loads(out.read_text())["areas"]["sriov"]
     assert counts["compared"] == 2000 and counts["mismatches"] == 0
     assert counts["expected_differences"] > 0
+
+
+# Two VFs, VF BAR0 in the root port's window, VF Enable and VF MSE; each VF's own Command.MSE written
+# as Linux does (read-only 0 in a VF; QEMU 7.2 decodes only once it is set).  Then VF MSE is cleared.
+VF_MSE = """
+w sriov 0x10 2 0x2
+w sriov 0x24 4 0xc0000000
+w sriov 0x28 4 0x0
+w sriov 0x8 2 0x9
+w vf 0x1004 2 0x2
+w vf 0x2004 2 0x2
+r vfbar 0x200c 4
+r vfbar 0x600c 4
+r vfbar 0x7000 4
+r vfbar 0xa00c 4
+r vf 0x1004 2
+w sriov 0x8 2 0x1
+r vfbar 0x200c 4
+"""
+
+
+@needs_qemu
+def test_vf_mse_decides_whether_vf_bars_decode(area):
+    ops = parse_ops(VF_MSE)
+    # VF 0 and 1 decode (Vector Control masked, PBA clear), VF 2 does not exist; VF MSE clear: none decodes.
+    assert area.run_iovirt(ops)[6:] == [1, 1, 0, 0xFFFFFFFF, 0, None, 0xFFFFFFFF]
+    assert area.run_qemu(ops)[6:] == [1, 1, 0, 0, 0x2, None, 1]
+    result = AreaResult(area.name)
+    compare(area, ops, result)
+    assert result.mismatches == []
+    assert sorted(e.condition for e in result.expected) == [
+        "sriov-unclaimed-read", "sriov-vf-command-mse", "sriov-vf-decode-differs"]
+
+
+@needs_qemu
+def test_a_model_whose_vfs_decode_without_vf_mse_is_caught(area, monkeypatch):
+    # A mutant: VF BARs decode whenever VF Enable is set, VF MSE or not.  Caught where QEMU does not decode
+    # either (no VF Command.MSE written); where it does (VF_MSE's last read) QEMU's departure hides it.
+    monkeypatch.setattr(SriovCapability, "vf_memory_enabled", property(lambda self: True))
+    ops = parse_ops(VF_MSE.replace("w vf 0x1004 2 0x2\nw vf 0x2004 2 0x2\n", ""))
+    result = AreaResult(area.name)
+    compare(area, ops, result)
+    [mismatch] = result.mismatches
+    assert str(mismatch.ops[-1]) == "r vfbar 0x200c 4"
+    assert mismatch.qemu == 0 and mismatch.iovirt == 1
+    assert len(mismatch.ops) < len(ops)
+    assert parse_ops(mismatch.replay_text()) == mismatch.ops

@@ -11,7 +11,8 @@ import pytest
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.messages import ProtocolFeature as PF
 from iovirt.virtio.queue import is_accelerated
-from iovirt.virtio.rng.device import RETRY_S, TokenBucket, VirtioRng
+from iovirt.virtio.qos import TokenBucket
+from iovirt.virtio.rng.device import RETRY_S, VirtioRng
 
 
 def _used(drv, queue, n=1, timeout=5.0):
@@ -110,17 +111,17 @@ def test_rate_limit_spreads_the_bytes(serve):
 
 def test_token_bucket_refills_at_the_rate():
     now = [0.0]
-    bucket = TokenBucket(100.0, 10.0, clock=lambda: now[0])
-    assert bucket.available() == 10
+    bucket = TokenBucket(100.0, 10.0, clock=lambda: now[0])  # the device's bucket: a burst of 0.1 s, >= 1 byte
+    assert bucket.refill() == 10
     bucket.take(10)
-    assert bucket.available() == 0
-    assert bucket.delay() == pytest.approx(0.01)
-    assert bucket.delay(5) == pytest.approx(0.05)
-    assert bucket.delay(50) == pytest.approx(0.1)  # at most a burst
+    assert bucket.refill() == 0
+    assert bucket.wait_time(1) == pytest.approx(0.01)
+    assert bucket.wait_time(5) == pytest.approx(0.05)
+    assert bucket.wait_time(50) == pytest.approx(0.1)  # at most a burst
     now[0] = 0.05
-    assert bucket.available() == 5
+    assert bucket.refill() == 5
     now[0] = 10.0
-    assert bucket.available() == 10  # never beyond the burst
+    assert bucket.refill() == 10  # never beyond the burst
 
 
 def test_device_readable_request_gets_length_zero_and_one_log_line(serve, caplog):

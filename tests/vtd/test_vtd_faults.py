@@ -8,7 +8,7 @@ from iovirt.memory import Access
 from iovirt.vtd import DmarFault
 from iovirt.vtd import faults as F
 from iovirt.vtd import regs as R
-from iovirt.vtd.tables import AW_39, PTE_R, PTE_SNP, PTE_W, TT_MULTI_LEVEL, context_entry, pte
+from iovirt.vtd.tables import AW_39, PTE_R, PTE_SNP, PTE_W, TT_MULTI_LEVEL, TT_PASS_THROUGH, context_entry, pte
 
 SID = 0x0308  # bus 3, dev 1, fn 0
 IOVA = 0x4000_0000
@@ -141,11 +141,23 @@ def test_fr_c_paging_entry_reserved_bits(unit, drv, mem, dom):
     assert fault_of(unit, SID, IOVA).fault_reason == F.FR_PAGING_ENTRY_RSVD
 
 
-def test_fr_d_reserved_translation_type(unit, drv, mem, dom):
+def test_fr_3_reserved_translation_type(unit, drv, mem, dom):
+    # TT 11b is reserved in legacy mode: for an untranslated request that is invalid programming of the
+    # context entry (3h, as QEMU reports it: found by crosscheck vtd-dma); Dh is for translation requests.
     lo, _ = context_entry(dom.pgd, dom.did)
     mem.write_u64(ctx_addr(drv, SID), lo | 3 << 2)
     drv.flush_context_global()
-    assert fault_of(unit, SID, IOVA).fault_reason == F.FR_CONTEXT_TT
+    assert fault_of(unit, SID, IOVA).fault_reason == F.FR_CONTEXT_INVALID
+
+
+def test_fr_3_pass_through_with_an_unsupported_width(unit, drv, mem, dom):
+    # AW must be a SAGAW width whatever TT says (spec 9.3); a pass-through entry with AW 0 (30-bit, not
+    # supported) is invalid programming (3h).  iovirt let it pass before (found by crosscheck vtd-dma).
+    lo, _ = context_entry(dom.pgd, dom.did, tt=TT_PASS_THROUGH)
+    mem.write_u64(ctx_addr(drv, SID), lo)
+    mem.write_u64(ctx_addr(drv, SID) + 8, dom.did << 8)
+    drv.flush_context_global()
+    assert fault_of(unit, SID, IOVA).fault_reason == F.FR_CONTEXT_INVALID
 
 
 # -- logging rules -------------------------------------------------------------------
@@ -225,6 +237,22 @@ def test_fpd_suppresses_qualified_faults_only(unit, drv, mem, dom):
     mem.write_u64(ctx_addr(drv, SID) + 8, hi | 1 << 7)
     drv.flush_context_global()
     assert fault_of(unit, SID, IOVA).recorded
+
+
+def test_fpd_suppresses_invalid_context_programming(unit, drv, mem, dom):
+    # 3h (a reserved TT, an AW SAGAW lacks) is found in a present entry with no reserved bits, whose FPD
+    # therefore holds: a qualified fault, as QEMU has it (iovirt recorded it: found by crosscheck vtd-dma).
+    lo, hi = context_entry(dom.pgd, dom.did, fpd=True)
+    mem.write_u64(ctx_addr(drv, SID), lo | 3 << 2)
+    drv.flush_context_global()
+    exc = fault_of(unit, SID, IOVA)
+    assert exc.fault_reason == F.FR_CONTEXT_INVALID and not exc.recorded
+    mem.write_u64(ctx_addr(drv, SID), lo)
+    mem.write_u64(ctx_addr(drv, SID) + 8, hi & ~0x7)  # AW 0: 30 bits, not in SAGAW
+    drv.flush_context_global()
+    exc = fault_of(unit, SID, IOVA)
+    assert exc.fault_reason == F.FR_CONTEXT_INVALID and not exc.recorded
+    assert unit.mmio_read(R.FSTS, 4) == 0
 
 
 def test_fpd_in_a_not_present_context_entry(unit, drv, mem, dom):

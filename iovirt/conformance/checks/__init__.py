@@ -5,11 +5,18 @@ then the virtio-pci transport checks (for in-process targets only).
 """
 
 from iovirt.conformance.checks import vhost_user  # noqa: F401
+from iovirt.conformance.checks import vhost_user_rings  # noqa: F401
+from iovirt.conformance.checks import vhost_user_messages  # noqa: F401
+from iovirt.conformance.checks import features  # noqa: F401
 from iovirt.conformance.checks import virtqueue  # noqa: F401
+from iovirt.conformance.checks import notifications  # noqa: F401
 from iovirt.conformance.checks import net  # noqa: F401
+from iovirt.conformance.checks import net_headers  # noqa: F401
 from iovirt.conformance.checks import blk  # noqa: F401
+from iovirt.conformance.checks import blk_edges  # noqa: F401
 from iovirt.conformance.checks import rng  # noqa: F401
 from iovirt.conformance.checks import input  # noqa: F401
 from iovirt.conformance.checks import vsock  # noqa: F401
 from iovirt.conformance.checks import scsi  # noqa: F401
 from iovirt.conformance.checks import pci  # noqa: F401
+from iovirt.conformance.checks import pci_layout  # noqa: F401

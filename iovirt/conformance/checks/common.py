@@ -22,15 +22,15 @@ class Workload:
     read of sector 0 on requestq1.
     """
 
-    def __init__(self, ctx: Context, link: Link, *, enable: bool = True, call: bool = True) -> None:
+    def __init__(self, ctx: Context, link: Link, *, enable: bool = True, call: bool = True, kick: bool = True) -> None:
         self.ctx = ctx
         self.link = link
         self.net = ctx.caps.device == "net"
         if self.net:
-            self.port: NetPort | BlkPort = NetPort(link, enable_rx=enable, enable_tx=enable, call=call)
+            self.port: NetPort | BlkPort = NetPort(link, enable_rx=enable, enable_tx=enable, call=call, kick=kick)
             self.index = NetPort.TX
         else:
-            self.port = BlkPort(link, 0, 64, enable=enable, call=call)
+            self.port = BlkPort(link, 0, 64, enable=enable, call=call, kick=kick)
             self.index = 0
 
     @property

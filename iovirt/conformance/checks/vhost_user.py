@@ -8,7 +8,7 @@ import select
 import struct
 
 from iovirt.conformance.checks.common import Workload
-from iovirt.conformance.devices import NetPort, marker_frame, new_tag
+from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
 from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.errors import BackendClosedError, NackError
@@ -23,6 +23,7 @@ from iovirt.vhost_user.messages import (
     U64,
     VringState,
 )
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
 
 def _needs_bit30(caps) -> str | None:
@@ -339,3 +340,59 @@ def queue_num(ctx: Context) -> None:
     n = link.frontend.get_queue_num()
     expect(n >= 1, f"GET_QUEUE_NUM returned {n}")
 
+
+
+INFLIGHT_QUEUE = 16
+
+
+@check(
+    "vhost-user:Inflight I/O tracking#resubmit",
+    "blk: a new back-end connection given the inflight region a crashed one left resubmits exactly the requests "
+    "still marked in flight",
+    devices={"blk"},
+    applies=lambda caps: needs_protocol(PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)(caps)
+    or (None if not caps.has(VIRTIO_BLK_F_RO) else "VIRTIO_BLK_F_RO offered: the device is read-only"),
+)
+def inflight_resubmit(ctx: Context) -> None:
+    first = ctx.open()
+    info, fd = first.frontend.get_inflight_fd(1, INFLIGHT_QUEUE)
+    try:
+        area = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED, offset=info.mmap_offset)
+        before = BlkPort(first, 0, INFLIGHT_QUEUE)
+        old = os.urandom(SECTOR_SIZE)
+        expect(before.request(VIRTIO_BLK_T_OUT, 1, out=old).status == VIRTIO_BLK_S_OK, "OUT of sector 1")
+        ctx.close_link(first)  # the back-end "crashes": a VMM keeps the region and reconnects
+        link = ctx.open()
+        link.frontend.set_inflight_fd(info, fd)
+    finally:
+        os.close(fd)
+    try:
+        link.queue(0, INFLIGHT_QUEUE, enable=False, kick=False)
+        link.driver_ok()
+        port = BlkPort.on(link, 0)
+        q = link.queues[0]
+        data = [os.urandom(SECTOR_SIZE) for _ in range(3)]
+        a, b, c = (port.post(VIRTIO_BLK_T_OUT, sector, out=data[sector])[0] for sector in range(3))
+        q.publish()
+        # What the dead back-end left: B completed (in the used ring), A and C popped and in flight.
+        link.memory.write(q.used_addr + 4, struct.pack("<II", b, 1))
+        link.memory.write_u16(q.used_addr + 2, 1)
+        QUEUE_HEADER.pack_into(area, 0, 0, 1, INFLIGHT_QUEUE, b, 1)
+        area[QUEUE_HEADER.size : QUEUE_HEADER.size + DESC_STATE.size * INFLIGHT_QUEUE] = bytes(DESC_STATE.size * INFLIGHT_QUEUE)
+        for head, inflight, counter in ((a, 1, 1), (b, 0, 2), (c, 1, 3)):
+            DESC_STATE.pack_into(area, QUEUE_HEADER.size + DESC_STATE.size * head, inflight, 0, counter)
+        fe = link.frontend
+        fe.set_vring_base(0, 1)  # QEMU restarts from the used idx; the back-end resumes from the region
+        fe.set_vring_addr(0, q.desc_addr, q.avail_addr, q.used_addr)
+        fe.set_vring_kick(0)
+        fe.set_vring_enable(0, True)
+        used = link.wait_used(0, 3)
+        heads = [u.head for u in used]
+        expect(heads[0] == b and sorted(heads[1:]) == sorted([a, c]),
+               f"used heads {heads}: expected B ({b}) as left, then the in-flight A ({a}) and C ({c}) resubmitted")
+        for sector, want in ((0, data[0]), (1, old), (2, data[2])):
+            got = port.request(VIRTIO_BLK_T_IN, sector, in_len=SECTOR_SIZE)
+            expect(got.status == VIRTIO_BLK_S_OK and got.data == want,
+                   f"sector {sector} after recovery: " + ("B was served again" if sector == 1 else "not written"))
+    finally:
+        area.close()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from iovirt.conformance.checks.common import Workload
+from iovirt.conformance.devices import BlkPort
 from iovirt.conformance.registry import check, expect
 from iovirt.conformance.target import Context, needs_feature
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
+from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from iovirt.virtio.defs import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -138,3 +142,28 @@ def avail_event(ctx: Context) -> None:
             expect(flags == 0, f"used flags {flags:#x} with EVENT_IDX negotiated, expected 0")
         else:
             expect(flags & ~VIRTQ_USED_F_NO_NOTIFY == 0, f"used flags {flags:#x}, expected 0 or 1")
+
+
+@check(
+    "virtio-1.2:2.7.8#written",
+    "blk: when the used idx shows a read done, the len bytes it reports are already written (data, status)",
+    devices={"blk"},
+    applies=lambda caps: None if not caps.has(VIRTIO_BLK_F_RO) else "VIRTIO_BLK_F_RO offered: the device is read-only",
+)
+def written_before_idx(ctx: Context) -> None:
+    link = ctx.open()
+    port = BlkPort(link)
+    data = os.urandom(4 * SECTOR_SIZE)
+    expect(port.request(VIRTIO_BLK_T_OUT, 40, out=data).status == VIRTIO_BLK_S_OK, "OUT of 4 sectors at sector 40")
+    for sectors in (1, 2, 3, 4):
+        port.post(VIRTIO_BLK_T_IN, 40, in_len=sectors * SECTOR_SIZE)
+    link.submit(port.index)
+    # read_used reads each entry's first len bytes right after it sees the used idx move
+    for elem in link.wait_used(port.index, 4):
+        expect(elem.len > 0, f"used len 0 for a read of data (head {elem.head})")
+        expected = data[: len(elem.data) - 1] + bytes([VIRTIO_BLK_S_OK])
+        written = elem.data[: len(expected)]
+        expect(
+            written == expected[: len(written)],
+            f"head {elem.head}: of the {elem.len} bytes used len reports, some were not written when the used idx moved",
+        )

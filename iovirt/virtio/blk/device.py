@@ -305,13 +305,15 @@ class VirtioBlk(VirtioDevice):
         state: QueueState,
         notify: Notify,
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
+        *,
+        packed: bool = False,
     ) -> SplitQueue:
         """Start queue ``index``; its ``refresh`` (the memory map changed) waits for the I/O in flight first."""
 
         def drained(queue: SplitQueue) -> SplitQueue:
             return cast(SplitQueue, _DrainOnRefresh(queue if wrap is None else wrap(queue), self._drain))
 
-        return super().start_queue(index, memory, state, notify, drained)
+        return super().start_queue(index, memory, state, notify, drained, packed=packed)
 
     def stop_queue(self, index: int) -> QueueState | None:
         """Wait for every request in flight to complete (and be pushed), then stop queue ``index``."""

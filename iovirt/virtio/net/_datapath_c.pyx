@@ -22,7 +22,7 @@ from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 
-from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
+from iovirt.virtio._queue_c cimport ChainBatch, Virtqueue
 from iovirt.virtio.net import defs
 
 # The spec constants, from defs.py, as C values for the loops.
@@ -197,7 +197,7 @@ cdef inline uint16_t _le16(const uint8_t *p) noexcept nogil:
     return p[0] | (p[1] << 8)
 
 
-cdef int _copy_out(SplitQueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint32_t start, uint32_t count) except -1:
+cdef int _copy_out(Virtqueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint32_t start, uint32_t count) except -1:
     """Copy ``count`` bytes from offset ``start`` of buffer ``k`` to ``dst``."""
     if b.hosts[k] != NULL:
         memcpy(dst, b.hosts[k] + start, count)
@@ -207,7 +207,7 @@ cdef int _copy_out(SplitQueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint3
     return 0
 
 
-def tx_gather(ChainBatch b, SplitQueue q, uint32_t hdr_len, Frames out, uint32_t gso_mask=0):
+def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t gso_mask=0):
     """Gather the frames of transmit batch ``b`` into ``out`` (appending); returns how many.
 
     Each chain's readable bytes are ``virtio_net_hdr`` + frame.  A TCP GSO
@@ -391,7 +391,7 @@ def l4_checksum_valid(frame) -> bool:
     return _l4_valid(&data[0], data.shape[0])
 
 
-cdef int _copy_in(SplitQueue q, ChainBatch b, Py_ssize_t k, uint32_t start, const uint8_t *src, uint32_t count) except -1:
+cdef int _copy_in(Virtqueue q, ChainBatch b, Py_ssize_t k, uint32_t start, const uint8_t *src, uint32_t count) except -1:
     if b.hosts[k] != NULL:
         memcpy(b.hosts[k] + start, src, count)
     else:
@@ -407,7 +407,7 @@ def complete_pending(Frames f, list indexes):
             complete_checksum(f, i)
 
 
-def rx_scatter(SplitQueue q, Frames f, list indexes, uint32_t hdr_len, bint guest_csum, bint mergeable, ChainBatch b):
+def rx_scatter(Virtqueue q, Frames f, list indexes, uint32_t hdr_len, bint guest_csum, bint mergeable, ChainBatch b):
     """Write frames ``indexes`` of ``f`` into receive chains of ``q``, one chain each.
 
     Pops one chain per frame (into ``b``), writes ``virtio_net_hdr`` (with

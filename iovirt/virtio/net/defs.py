@@ -54,6 +54,7 @@ NET_HDR_LEGACY_SIZE = 10  # without num_buffers: legacy drivers without MRG_RXBU
 
 ETH_ALEN = 6
 ETH_HLEN = 14
+VLAN_HLEN = 4  # an IEEE 802.1Q tag between the MAC addresses and the ethertype
 MAX_FRAME = 65535 + ETH_HLEN  # the largest frame a chain may carry: a 64 KiB IP packet behind its Ethernet header
 ETH_P_IP, ETH_P_8021Q, ETH_P_IPV6 = 0x0800, 0x8100, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17

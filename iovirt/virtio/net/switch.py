@@ -14,6 +14,15 @@ source cannot be learned is still switched, and replies to it are flooded as
 unknown unicast.  The table is ordered by last-seen time, so a periodic sweep
 drops aged entries from its front in O(expired), and a full table is swept
 before a learning is refused.
+
+VLANs (IEEE 802.1Q, :mod:`iovirt.virtio.net.vlan`): a port may be an access
+or trunk port (:meth:`LearningSwitch.set_vlan`).  The table is keyed by
+(VLAN, MAC), learning is per VLAN and a frame floods only to the ports of its
+VLAN.  While no port has a VLAN configuration the switch is VLAN-transparent
+and every frame takes the batch path below (VLAN 0, the key is the MAC); once
+one has, frames are classified one by one in Python (:meth:`_vlan_egress`:
+tags are read, removed and inserted per frame and per egress port) and each
+egress port then takes its frames of the batch in one call.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from iovirt.virtio.net.defs import ETH_HLEN
+from iovirt.virtio.net import datapath, vlan
+from iovirt.virtio.net.defs import ETH_HLEN, VLAN_HLEN
+from iovirt.virtio.net.vlan import UNTAGGED, PortVlan
 
 log = logging.getLogger("iovirt.switch")
 
@@ -33,6 +44,14 @@ DEFAULT_AGEING_S = 300.0  # 802.1D default ageing time
 DEFAULT_MAX_ENTRIES = 4096  # the global cap on learned MACs (Linux bridge: unlimited; OVS: 2048)
 DEFAULT_MAX_PER_PORT = 1024  # the cap on MACs learned on one port
 SWEEP_INTERVAL_S = 1.0  # how often aged entries are dropped without waiting for a lookup
+MAC_BITS = 48
+MAC_MASK = (1 << MAC_BITS) - 1
+Csum = tuple[int, int] | None
+
+
+def fdb_key(vid: int, mac: int) -> int:
+    """The table key of ``mac`` (a 48-bit integer) in VLAN ``vid``: one integer, VLAN 0's keys are the MACs."""
+    return vid << MAC_BITS | mac
 
 
 class SwitchPort(Protocol):
@@ -69,7 +88,9 @@ class LearningSwitch:
 
     ``max_entries`` caps the MAC table, ``max_per_port`` the MACs learned on
     one port; ``learn_refused`` counts the source MACs not learned because a
-    cap was reached, ``aged_out`` the entries dropped by ageing.
+    cap was reached, ``aged_out`` the entries dropped by ageing; with VLAN
+    ports, ``vlan_dropped`` the frames of a VLAN their ingress port does not
+    carry and ``malformed`` the 802.1Q frames that could not be read.
     """
 
     def __init__(
@@ -86,8 +107,9 @@ class LearningSwitch:
         self.max_entries = max_entries
         self.max_per_port = max_per_port
         self.ports: list[SwitchPort] = []
-        # MAC as a 48-bit integer -> entry, least recently seen first.
+        # fdb_key(VLAN, MAC) -> entry, least recently seen first.
         self.table: OrderedDict[int, _Entry] = OrderedDict()
+        self._vlans: dict[int, PortVlan] = {}  # id(port) -> its VLAN configuration; none: VLAN-unaware
         self._per_port: dict[int, int] = {}  # id(port) -> MACs learned on it
         self._refusing: set[int] = set()  # id(port) of ports whose refusals were logged
         self._next_sweep = clock() + SWEEP_INTERVAL_S
@@ -97,6 +119,22 @@ class LearningSwitch:
         self.filtered = 0
         self.learn_refused = 0
         self.aged_out = 0
+        self.vlan_dropped = 0  # frames of a VLAN their ingress port does not carry (or untagged on a trunk)
+        self.malformed = 0  # 802.1Q frames too short for their tag, or tagged with the reserved VID 4095
+
+    def set_vlan(self, port: SwitchPort, config: PortVlan | None) -> None:
+        """Make ``port`` an access or trunk port (``None``: VLAN-unaware again); forgets its MACs."""
+        with self._lock:
+            self._forget(port)
+            if config is None:
+                self._vlans.pop(id(port), None)
+            else:
+                self._vlans[id(port)] = config
+        log.info("%s: %s", port_name(port), "VLAN-unaware" if config is None else config.describe())
+
+    def vlan_of(self, port: SwitchPort) -> PortVlan | None:
+        """``port``'s VLAN configuration, ``None`` for a VLAN-unaware port."""
+        return self._vlans.get(id(port))
 
     def attach(self, port: SwitchPort) -> None:
         """Add a port."""
@@ -109,6 +147,7 @@ class LearningSwitch:
             if port in self.ports:
                 self.ports.remove(port)
             self._forget(port)
+            self._vlans.pop(id(port), None)
 
     def forget(self, port: SwitchPort) -> None:
         """Forget the MACs learned on ``port`` (its link went down or its driver reset)."""
@@ -126,9 +165,9 @@ class LearningSwitch:
         """How many MACs are learned on ``port``."""
         return self._per_port.get(id(port), 0)
 
-    def lookup(self, mac: bytes) -> SwitchPort | None:
-        """The port ``mac`` was learned on, if the entry has not aged out."""
-        entry = self.table.get(int.from_bytes(mac, "big"))
+    def lookup(self, mac: bytes, vid: int = UNTAGGED) -> SwitchPort | None:
+        """The port ``mac`` was learned on in VLAN ``vid``, if the entry has not aged out."""
+        entry = self.table.get(fdb_key(vid, int.from_bytes(mac, "big")))
         if entry is None or self.clock() - entry.seen > self.ageing_s:
             return None
         return entry.port
@@ -162,7 +201,8 @@ class LearningSwitch:
             self.table.move_to_end(src)
             return
         if entry is not None:
-            log.info("MAC %012x moved from %s to %s", src, port_name(entry.port), port_name(ingress))
+            log.info("MAC %012x%s moved from %s to %s", src & MAC_MASK, _in_vlan(src),
+                     port_name(entry.port), port_name(ingress))
             self._remove(src)
         key = id(ingress)
         if len(self.table) >= self.max_entries:
@@ -178,10 +218,10 @@ class LearningSwitch:
         if id(ingress) not in self._refusing:
             self._refusing.add(id(ingress))
             log.warning(
-                "MAC table full (%d entries, %d on %s; caps %d and %d per port): MAC %012x and further new "
+                "MAC table full (%d entries, %d on %s; caps %d and %d per port): MAC %012x%s and further new "
                 "MACs from %s are not learned (their frames are still switched; refusals counted)",
                 len(self.table), self.learned_on(ingress), port_name(ingress), self.max_entries, self.max_per_port,
-                src, port_name(ingress),
+                src & MAC_MASK, _in_vlan(src), port_name(ingress),
             )
 
     def _egress(self, ingress: SwitchPort, dst: int, now: float) -> list[SwitchPort]:
@@ -208,6 +248,8 @@ class LearningSwitch:
         """
         if not len(frames):
             return 0
+        if self._vlans:
+            return self._forward_vlan_batch(ingress, frames)
         dsts, srcs = frames.macs()
         now = self.clock()
         if now >= self._next_sweep:
@@ -235,9 +277,94 @@ class LearningSwitch:
         """Switch one frame that arrived on ``ingress``; returns how many ports took it."""
         if len(frame) < ETH_HLEN:
             return 0
+        if self._vlans:
+            return self._forward_vlan(ingress, frame, csum)
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
         self._learn(ingress, int.from_bytes(frame[6:12], "big"), now)
         egress = self._egress(ingress, int.from_bytes(frame[0:6], "big"), now)
         return sum(int(port.deliver(frame, csum)) for port in egress)
+
+    # -- VLANs (802.1Q): one frame at a time ------------------------------------------------
+    def _classify(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> tuple[int, int, bytes, Csum] | None:
+        """``(VID, PCP, untagged frame, its pending checksum)`` of a frame from ``ingress``; None: dropped."""
+        try:
+            tci = vlan.tag_of(frame)
+        except ValueError:
+            self.malformed += 1
+            return None
+        if tci is None:
+            vid, pcp = UNTAGGED, 0
+        else:
+            vid, pcp = tci & vlan.VID_MASK, tci >> 13
+            if vid == vlan.VID_MASK:  # 802.1Q 9.6: 4095 is reserved, never on the wire
+                self.malformed += 1
+                return None
+            frame, csum = vlan.untag(frame), vlan.shift_csum(csum, -VLAN_HLEN)
+            if len(frame) < ETH_HLEN or (csum is not None and csum[0] < ETH_HLEN):  # the checksum began in the tag
+                self.malformed += 1
+                return None
+        config = self._vlans.get(id(ingress))
+        if config is None:
+            return vid, pcp, frame, csum
+        if config.access is not None:
+            if vid != UNTAGGED:  # an access port takes untagged (or priority-tagged) frames only
+                self.vlan_dropped += 1
+                return None
+            return config.access, pcp, frame, csum
+        if vid not in config.trunk:  # untagged, or a VLAN this trunk does not carry
+            self.vlan_dropped += 1
+            return None
+        return vid, pcp, frame, csum
+
+    def _carries(self, port: SwitchPort, vid: int) -> bool:
+        config = self._vlans.get(id(port))
+        return config is None or config.carries(vid)
+
+    def _vlan_egress(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> list[tuple[SwitchPort, bytes, Csum]]:
+        """Learn from one frame and say what each port of its VLAN gets: ``(port, frame as it leaves, csum)``."""
+        if len(frame) < ETH_HLEN:
+            return []
+        classified = self._classify(ingress, frame, csum)
+        if classified is None:
+            return []
+        vid, pcp, frame, csum = classified
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        self._learn(ingress, fdb_key(vid, int.from_bytes(frame[6:12], "big")), now)
+        out: list[tuple[SwitchPort, bytes, Csum]] = []
+        tagged: tuple[bytes, Csum] | None = None
+        for port in self._egress(ingress, fdb_key(vid, int.from_bytes(frame[0:6], "big")), now):
+            if not self._carries(port, vid):
+                continue
+            config = self._vlans.get(id(port))
+            if vid == UNTAGGED or (config is not None and config.access is not None):
+                out.append((port, frame, csum))
+                continue
+            if tagged is None:  # built once, for every trunk and VLAN-unaware port
+                tagged = vlan.tagged(frame, vid, pcp), vlan.shift_csum(csum, VLAN_HLEN)
+            out.append((port, *tagged))
+        return out
+
+    def _forward_vlan(self, ingress: SwitchPort, frame: bytes, csum: Csum) -> int:
+        """Switch one frame when some port has a VLAN configuration: learn and flood within its VLAN."""
+        return sum(int(port.deliver(out, out_csum)) for port, out, out_csum in self._vlan_egress(ingress, frame, csum))
+
+    def _forward_vlan_batch(self, ingress: SwitchPort, frames: Any) -> int:
+        """A batch, frame by frame through :meth:`_vlan_egress`; each egress port then takes its frames in one call."""
+        batches: dict[int, tuple[SwitchPort, Any]] = {}
+        for i in range(len(frames)):
+            for port, out, out_csum in self._vlan_egress(ingress, frames.frame(i), frames.csum(i)):
+                batch = batches.get(id(port))
+                if batch is None:
+                    batch = batches[id(port)] = (port, datapath.Frames())
+                batch[1].append(out, out_csum)
+        return sum(self._deliver(port, batch, list(range(len(batch)))) for port, batch in batches.values())
+
+
+def _in_vlan(key: int) -> str:
+    """`` in VLAN N`` for a table key of VLAN N, nothing for VLAN 0 (the log line of a VLAN-unaware switch)."""
+    vid = key >> MAC_BITS
+    return f" in VLAN {vid}" if vid else ""

@@ -13,10 +13,14 @@ import fcntl
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from iovirt.errors import IovirtError
 from iovirt.virtio.net.defs import NET_HDR_SIZE, VIRTIO_NET_HDR_F_NEEDS_CSUM, NetHdr
 from iovirt.virtio.net.switch import LearningSwitch
+
+if TYPE_CHECKING:
+    from iovirt.virtio.net.nat import Nat
 
 log = logging.getLogger("iovirt.tap")
 
@@ -35,9 +39,13 @@ class TapError(IovirtError):
 
 
 class TapPort:
-    """A switch port backed by a Linux TAP device."""
+    """A switch port backed by a Linux TAP device.
 
-    def __init__(self, ifname: str, switch: LearningSwitch) -> None:
+    Its "switch" is the learning switch (bridged uplink) or, in NAT mode, the
+    router's outside interface (:class:`~iovirt.virtio.net.nat.Nat`).
+    """
+
+    def __init__(self, ifname: str, switch: "LearningSwitch | Nat") -> None:
         self.name = f"tap:{ifname}"
         self.ifname = ifname
         self.switch = switch

@@ -14,11 +14,13 @@ Sources (``source=``):
   (2.1.2; vhost-user: the err eventfds), rather than leaving the guest's
   reads to hang without a word.
 
-``rate=`` limits the bytes served per second with a token bucket (written
-here: no shared rate limiter existed when this device was); a request waits
-in the ring until the bucket holds enough to fill it (or one burst, for a
-request larger than the burst), like one that finds a FIFO empty.  A later wake-up goes through :attr:`VirtioDevice.wake_fd`, which
-the transport watches.
+``rate=`` limits the bytes served per second with the QoS token bucket
+(:class:`iovirt.virtio.qos.TokenBucket`, a burst of 0.1 s of the rate, at
+least one byte); a request waits in the ring until the bucket holds enough to
+fill it (or one burst, for a request larger than the burst), like one that
+finds a FIFO empty.  The queue is served again by a data-plane timer
+(:attr:`VirtioDevice.call_later`, as blk's QoS does); a transport without a
+data plane serves it again at the next kick.
 
 A request that holds a device-readable buffer breaks 5.4.6.1 ("The driver
 MUST NOT place driver-readable buffers into the queue"): it is completed
@@ -29,20 +31,16 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
-from typing import Callable
 
 from iovirt.virtio.chain import write_chain
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt.virtio.qos import TokenBucket
 from iovirt.virtio.queue import SplitQueue
 from iovirt.virtio.rng.defs import REQUESTQ, VIRTIO_ID_ENTROPY
 
 RETRY_S = 0.01
 """How soon a request that found a FIFO empty is tried again."""
-
-BURST_S = 0.1
-"""The token bucket holds this many seconds of the rate (at least one byte)."""
 
 
 class SourceEnded(Exception):
@@ -84,32 +82,6 @@ class EntropySource:
         return self.path or "os.urandom"
 
 
-class TokenBucket:
-    """At most ``rate`` units per second on average, bursts up to ``burst`` (a classic token bucket)."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.tokens = burst
-        self._last = clock()
-
-    def available(self) -> int:
-        """Whole tokens available now."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
-        self._last = now
-        return int(self.tokens)
-
-    def take(self, n: int) -> None:
-        """Spend ``n`` tokens (at most :meth:`available`)."""
-        self.tokens -= n
-
-    def delay(self, n: float = 1) -> float:
-        """Seconds until ``n`` tokens (at most the burst) are available."""
-        return max(0.0, (min(n, self.burst) - self.tokens) / self.rate)
-
-
 class VirtioRng(VirtioDevice):
     """An entropy device: every request gets bytes from ``source`` (5.4.6.2), at most ``rate`` bytes/s."""
 
@@ -120,11 +92,8 @@ class VirtioRng(VirtioDevice):
                  queue_max_size: int = 256) -> None:
         super().__init__(num_queues=1, queue_max_size=queue_max_size, label=label)
         self.source = EntropySource(source)
-        self.bucket = TokenBucket(rate, max(1.0, rate * BURST_S)) if rate else None
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.wake_fd = self._wake_fd
-        self._timer: threading.Timer | None = None
-        self._timer_lock = threading.Lock()
+        self.bucket = TokenBucket(rate) if rate else None
+        self._wake_at = 0.0  # when the timer set last fires: one at a time
         self.served_bytes = 0
         self.bad_requests = 0
 
@@ -151,11 +120,12 @@ class VirtioRng(VirtioDevice):
             if self.bucket is not None:
                 # Wait until the bucket can fill this request (or one burst), not for a byte at a time.
                 need = min(want, int(self.bucket.burst))
-                if self.bucket.available() < need:
+                held = int(self.bucket.refill())
+                if held < need:
                     queue.rewind(1)
-                    self._wake_in(self.bucket.delay(need))
+                    self._wake_in(self.bucket.wait_time(need))
                     break
-                want = min(want, self.bucket.available())
+                want = min(want, held)
             try:
                 data = self.source.read(want)
             except SourceEnded as exc:
@@ -185,21 +155,14 @@ class VirtioRng(VirtioDevice):
         self.bad_requests += 1
 
     def _wake_in(self, delay: float) -> None:
-        """Have the transport kick the queue again in ``delay`` seconds (one timer at a time)."""
-        with self._timer_lock:
-            if self._timer is not None:
-                return
-            self._timer = threading.Timer(delay, self._wake)
-            self._timer.daemon = True
-            self._timer.start()
+        """Serve the queue again in ``delay`` seconds, on the data plane (one timer at a time)."""
+        call_later, now = self.call_later, time.monotonic()
+        # Past its time (a timer lost to a reset), the next wait sets another.
+        if call_later is not None and now >= self._wake_at:
+            self._wake_at = now + delay
+            call_later(delay, self._wake)
 
     def _wake(self) -> None:
-        with self._timer_lock:
-            self._timer = None
-        os.eventfd_write(self._wake_fd, 1)
-
-    def _reset(self) -> None:
-        with self._timer_lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        """The timer: serve the queue again (a request waited for tokens or FIFO data)."""
+        self._wake_at = 0.0
+        self.kick(REQUESTQ)

@@ -19,7 +19,7 @@ from libc.string cimport memcpy, memset
 from posix.uio cimport iovec, preadv, pwritev
 from posix.types cimport off_t
 
-from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue
+from iovirt.virtio._queue_c cimport ChainBatch, Virtqueue
 from iovirt.virtio.scsi import defs
 from iovirt.virtio.scsi.target import MAX_TRANSFER_BLOCKS
 
@@ -37,7 +37,7 @@ cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:
     return (<uint32_t> p[0] << 24) | (<uint32_t> p[1] << 16) | (<uint32_t> p[2] << 8) | p[3]
 
 
-def serve_batch(ChainBatch b, SplitQueue q, tuple luns, uint32_t sense_size, uint32_t cdb_size):
+def serve_batch(ChainBatch b, Virtqueue q, tuple luns, uint32_t sense_size, uint32_t cdb_size):
     """Serve the READ/WRITE(10/16) commands of batch ``b`` that end GOOD.
 
     ``luns`` holds one ``(fd, blocks, read_only)`` per LUN.  Writes each

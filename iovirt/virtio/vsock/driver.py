@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from iovirt.vhost_user.driver import VhostUserDriver
-from iovirt.virtio.driver import DriverQueue
+from iovirt.vhost_user.driver import AnyDriverQueue, VhostUserDriver
 from iovirt.virtio.vsock.defs import (
     EVENT,
     EVENT_QUEUE,
@@ -40,9 +39,9 @@ class VsockDriver:
         self.guest_cid = guest_cid
         self.rx_buf_size = rx_buf_size
         queues = drv.start_queues([RX_QUEUE, TX_QUEUE, EVENT_QUEUE], size=size)
-        self.rx: DriverQueue = queues[RX_QUEUE]
-        self.tx: DriverQueue = queues[TX_QUEUE]
-        self.evq: DriverQueue = queues[EVENT_QUEUE]
+        self.rx: AnyDriverQueue = queues[RX_QUEUE]
+        self.tx: AnyDriverQueue = queues[TX_QUEUE]
+        self.evq: AnyDriverQueue = queues[EVENT_QUEUE]
         for _ in range(rx_buffers):
             self.rx.add_data([], [HDR_SIZE + rx_buf_size])
         for _ in range(4):
