@@ -64,6 +64,10 @@ from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 from iovirt.virtio.qos import Limits, TokenBucket
 
 TX_BATCH = 64
+TX_BUDGET = 64
+"""Transmit batches served per kick before the queue yields the thread that serves it (when the transport
+has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
+thread from their work (a blk device's completions, another port's kicks)."""
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
 TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
 """Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
@@ -107,6 +111,7 @@ class VirtioNet(VirtioDevice):
         self._tx_frames = datapath.Frames()
         # Batches the Cython queue pops into again and again (the reference queue allocates its own).
         self._tx_batch = _reusable_batch()
+        self._tx_resuming: set[int] = set()  # transmit queues that yielded, to be served again by the timer
         self._rx_batch = _reusable_batch()
         # Transmit limits: None without any (the data path's one check), else the pps and bps buckets.
         self._limits = Limits(LIMITS, self.label, min_burst={"bps": MAX_FRAME})
@@ -245,6 +250,7 @@ class VirtioNet(VirtioDevice):
 
     def _reset(self) -> None:
         self.backlog.clear()
+        self._tx_resuming.clear()
         if self.ctrl is not None:
             self.ctrl.reset()
         if self.switch is not None:
@@ -265,7 +271,13 @@ class VirtioNet(VirtioDevice):
         frames = self._tx_frames
         hdr_len = self.hdr_len
         reuse = self._tx_batch if is_accelerated(queue) else None
+        # Without a timer (the in-process transport) the ring is served until it is empty.
+        budget = TX_BUDGET if self.call_later is not None else -1
         while True:
+            if budget == 0:
+                self._yield_tx(index)
+                break
+            budget -= 1
             batch = queue.pop_batch(TX_BATCH, reuse)
             if not len(batch):
                 break
@@ -295,6 +307,23 @@ class VirtioNet(VirtioDevice):
                 self.switch.forward_batch(self, frames)
             else:
                 self._count_drops(index, "tx", "ring_disabled", len(frames))
+
+    def _yield_tx(self, index: int) -> None:
+        """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
+
+        No driver notification would: the driver kicks when the device caught
+        up (2.7.10), and it has not.  One resume per queue at a time.
+        """
+        call_later = self.call_later
+        if call_later is None or index in self._tx_resuming:
+            return
+        self._tx_resuming.add(index)
+
+        def resume() -> None:
+            self._tx_resuming.discard(index)
+            self.kick(index)
+
+        call_later(0.0, resume)
 
     # -- counters (per batch: device totals and the queue's own) ------------------------
     def _count_rx(self, index: int, frames: int, nbytes: int) -> None:
