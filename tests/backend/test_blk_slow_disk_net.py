@@ -86,9 +86,14 @@ srv.stop()
 def _blk_load(sock: str, stop) -> None:
     """PHASE s with DEPTH reads kept in flight, then PHASE s disconnected, and so on.
 
-    It waits on the device's call eventfd (little CPU), and finishes the
-    reads in flight before it disconnects, so the disk is loaded the whole
-    time it is connected.
+    It waits on the device's call eventfd, and finishes the reads in flight
+    before it disconnects, so the disk is loaded the whole time it is
+    connected.  It shares core 1 with DPDK's sender and the receiving
+    front-end, so it costs little: DEPTH chains built once, each one posted
+    again by its head as it comes back used (the device does not change a
+    chain's descriptors), nothing copied out.  Built anew for every request,
+    with the data read back, it took ~1.8 ms of core 1 per 32 completions:
+    long enough, at every wake-up, for the receiver's 256 buffers to run out.
     """
     import os
 
@@ -96,25 +101,27 @@ def _blk_load(sock: str, stop) -> None:
     from iovirt.vhost_user.driver import VhostUserDriver
     from iovirt.virtio.blk.defs import VIRTIO_BLK_T_IN
 
-    def read(queue, k: int) -> None:
-        queue.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 8 * k)], [4096, 1])
-
     while not stop.is_set():
         with VhostUserDriver(sock) as drv:
             (queue,) = drv.start_queues([0], size=128).values()
             for k in range(DEPTH):
-                read(queue, k)
+                queue.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 8 * k)], [4096, 1])
             drv.kick(0)
-            in_flight, until = DEPTH, time.monotonic() + PHASE
+            memory, size, ring = drv.memory, queue.size, queue.used_addr + 4
+            in_flight, seen, until = DEPTH, 0, time.monotonic() + PHASE
             while in_flight and not stop.is_set():
                 drv.frontend.wait_call(0, timeout=0.2)
-                used = queue.get_used()
-                in_flight -= len(used)
-                if used and time.monotonic() < until:
-                    for u in used:
-                        read(queue, u.head % DEPTH)
-                    in_flight += len(used)
+                used = memory.read_u16(queue.used_addr + 2)
+                done = (used - seen) & 0xFFFF
+                in_flight -= done
+                if done and time.monotonic() < until:
+                    for k in range(seen, seen + done):
+                        queue.post_head(memory.read_u16(ring + 8 * (k % size)))
+                    in_flight += done
                     drv.kick(0)
+                seen = used
+                if queue.event_idx:
+                    queue.set_used_event(seen)  # the next completion signals the call eventfd
         stop.wait(PHASE)
 
 
