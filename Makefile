@@ -5,10 +5,10 @@ PYTHON ?= python3
 # Debian packages the demo and the tests use: lspci (pciutils) decodes our config
 # space, QEMU + Debian's kernel + busybox boot real guests, DPDK and
 # qemu-storage-daemon are the peers we are measured against; gcc and python3-dev
-# compile the Cython extensions, python3-venv gives the wheel-install test its venv, socat (with its
+# compile the Cython extensions (liburing-dev: the blk data path's io_uring), python3-venv gives the wheel-install test its venv, socat (with its
 # libraries) goes into the vsock guest's initramfs, tcpdump and tshark read the pcapng files the bench writes.
 BENCH_PACKAGES := openvswitch-switch-dpdk
-DEB_PACKAGES := gcc python3-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux socat tcpdump tshark
+DEB_PACKAGES := gcc python3-dev liburing-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux socat tcpdump tshark
 
 .PHONY: demo test test-extensions test-pure typecheck deps bench-deps install build bench fuzz clean
 # The test steps run one after another, in the order `test` lists them.

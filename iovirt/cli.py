@@ -74,10 +74,18 @@ def _descriptors(args: argparse.Namespace) -> int:
     return 0
 
 
+BLK_ENGINE_ROW = "blk I/O engine"
+"""The row of ``iovirt info`` after the parts: io_uring or threads, and why."""
+
+
 def _info(args: argparse.Namespace) -> int:
-    """Print one row per accelerated part (:data:`iovirt._accel.PARTS`): what runs and why."""
+    """Print one row per accelerated part (:data:`iovirt._accel.PARTS`): what runs and why; then the blk I/O engine."""
+    from iovirt.virtio.blk import datapath
+
     rows = [("part", "runs", "extension", "why")]
     rows += [(part.name, choice.implementation, part.module, choice.reason) for part, choice in _accel.report()]
+    engine, why = datapath.engine_report()
+    rows.append((BLK_ENGINE_ROW, engine, "iovirt.virtio.blk.aio", why))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     print(f"iovirt {__version__}")
     for row in rows:

@@ -41,6 +41,7 @@ import sys
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
+from iovirt.virtio.blk.aio import refuse_io_uring
 
 log = logging.getLogger("iovirt.sandbox")
 
@@ -88,7 +89,7 @@ SYSCALLS: dict[str, int] = {
     "sendmsg": 46, "recvmsg": 47, "getsockname": 51, "getsockopt": 55, "clone": 56, "exit": 60,
     "fcntl": 72, "fdatasync": 75, "ftruncate": 77, "unlink": 87, "readlink": 89,
     "gettimeofday": 96,
-    "select": 23, "recvfrom": 45, "pselect6": 270, "gettid": 186, "futex": 202, "restart_syscall": 219,
+    "select": 23, "recvfrom": 45, "pselect6": 270, "gettid": 186, "sched_getaffinity": 204, "futex": 202, "restart_syscall": 219,
     "clock_gettime": 228, "exit_group": 231, "epoll_wait": 232, "epoll_ctl": 233,
     "openat": 257, "newfstatat": 262, "set_robust_list": 273, "fallocate": 285,
     "accept4": 288, "preadv": 295, "pwritev": 296, "seccomp": 317, "memfd_create": 319,
@@ -112,6 +113,9 @@ ALLOWED: tuple[str, ...] = (
     # starts and the SIGTERM watchdog when the signal comes; each registers its rseq area
     # and robust-futex list, and exits at shutdown.
     "gettid", "rseq", "set_robust_list", "exit", "exit_group",
+    # glibc reads the creating thread's CPU affinity when a thread other than the main one
+    # starts a thread (the blk I/O thread pool starts from the data plane: iovirt.virtio.blk.aio).
+    "sched_getaffinity",
     # The control loop and the data plane wait on epoll sets; socket timeouts poll.
     "epoll_wait", "epoll_ctl", "poll",
     # vhost-user sockets: accept a front-end (accept4) and learn who it is (SO_PEERCRED,
@@ -229,6 +233,8 @@ def apply(mode: str = "kill") -> None:
     ``log``: it is allowed and logged to the kernel's audit log.
     """
     check_supported()
+    # io_uring's calls are not allowed (a ring's operations escape the filter): blk I/O on threads.
+    refuse_io_uring("the seccomp sandbox (--sandbox) forbids io_uring")
     filt = program(mode)
     libc = ctypes.CDLL(None, use_errno=True)
     # seccomp(2): without CAP_SYS_ADMIN a filter needs no_new_privs (no setuid gains later).

@@ -25,9 +25,12 @@ def test_a_polled_ring_is_served(backend, caplog):
         assert drv.frontend.set_vring_kick(0, poll=True) is None
         data = os.urandom(512)
         queue.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 3), data], [1])
-        queue.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 3)], [512, 1])
         queue.publish()  # no kick: the back-end polls
         used = []
+        # Requests in flight together complete in any order (2.7.8): the read goes once the write is used.
+        assert wait_until(lambda: used.extend(queue.get_used()) or len(used) == 1, 5)
+        queue.add_data([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 3)], [512, 1])
+        queue.publish()
         assert wait_until(lambda: used.extend(queue.get_used()) or len(used) == 2, 5)
         assert used[0].data[-1] == VIRTIO_BLK_S_OK and used[1].data == data + bytes([VIRTIO_BLK_S_OK])
         assert drv.frontend.get_vring_base(0) == 2

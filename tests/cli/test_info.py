@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from iovirt import _accel
+from iovirt.cli import BLK_ENGINE_ROW
 
 
 def info(**env: str) -> dict[str, tuple[str, str, str]]:
@@ -23,7 +24,9 @@ def info(**env: str) -> dict[str, tuple[str, str, str]]:
     lines = out.splitlines()
     assert lines[0].startswith("iovirt ") and lines[1].split() == ["part", "runs", "extension", "why"]
     rows = {}
-    for line in lines[2:]:
+    # The last row is the blk I/O engine (test_the_blk_engine_is_named).
+    assert lines[-1].startswith(BLK_ENGINE_ROW)
+    for line in lines[2:-1]:
         name, runs, module, why = re.split(r"\s{2,}", line.strip(), maxsplit=3)
         rows[name] = (runs, module, why)
     return rows
@@ -78,3 +81,23 @@ def test_every_extension_in_the_tree_is_a_registered_part():
     root = Path(__file__).resolve().parents[2]
     built = {".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "iovirt").rglob("*_c.pyx")}
     assert built == {part.module for part in _accel.PARTS}
+
+
+def engine_row(**env: str) -> tuple[str, str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("IOVIRT_NO_EXTENSIONS", "IOVIRT_REQUIRE_EXTENSIONS")}
+    out = subprocess.run(
+        [sys.executable, "-m", "iovirt", "info"], env={**environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
+    name, runs, module, why = re.split(r"\s{2,}", out.splitlines()[-1].strip(), maxsplit=3)
+    assert (name, module) == (BLK_ENGINE_ROW, "iovirt.virtio.blk.aio")
+    return runs, why
+
+
+def test_the_blk_engine_is_named():
+    from iovirt.virtio.blk import datapath
+
+    runs, why = engine_row()
+    if datapath.uring_built():
+        assert (runs, why) == ("io_uring", "liburing") or (runs == "threads" and "io_uring refused" in why)
+    assert engine_row(IOVIRT_BLK_ENGINE="threads")[0] == "threads"
+    assert engine_row(IOVIRT_NO_EXTENSIONS="1") == ("threads", "the pure-Python data path")

@@ -5,6 +5,10 @@ back-end popped but had not completed when it died are resubmitted by the
 next one (vhost-user.rst "Inflight I/O tracking"), so a disk write the guest
 was waiting for is not lost across a back-end restart.
 
+Requests complete asynchronously: the back-end serves the device's
+completion eventfd (:attr:`~iovirt.virtio.device.VirtioDevice.wake_fd`) on
+the data plane, which pushes them there (:mod:`iovirt.virtio.blk.aio`).
+
 Offers DEVICE_STATE: the counters move with a migration, and the disk's
 capacity, read-only flag and serial are checked against the destination's
 (:meth:`~iovirt.virtio.blk.device.VirtioBlk.restore`).
@@ -26,6 +30,10 @@ class BlkAdapter(VhostUserDevice):
         PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
     )
     device: VirtioBlk
+
+    def __init__(self, device: VirtioBlk) -> None:
+        super().__init__(device)
+        device.complete_async = True
 
     def save_state(self) -> dict[str, Any]:
         """Counters, with the disk's identity for the destination to check."""

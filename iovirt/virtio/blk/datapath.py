@@ -1,43 +1,78 @@
-"""virtio-blk's batch data path: the Cython twin where it can run, else the Python reference.
+"""virtio-blk's batch data path: the C twin where it runs, else the Python reference.
 
-``_datapath_c`` (Cython) and ``_datapath_py`` (the readable reference) serve
-the IN, OUT and FLUSH requests of a popped batch with the same results;
-:mod:`iovirt._accel` decides whether the C one loads (``accel`` is it, or
-``None``).  The C twin reads the Cython queue's flat batches, so it runs only
-on such a queue (:func:`~iovirt.virtio.queue.is_accelerated`); with the
-reference queue the Python twin runs even when the extension is built.
+``_datapath_c.pyx`` and ``_datapath_py.py`` implement the same engine of
+asynchronous block I/O (:mod:`iovirt.virtio.blk.aio`) and are run by the
+same tests; :mod:`iovirt._accel` decides whether the C one loads (``accel``
+is it, or ``None``).  The C twin reads the Cython queue's flat batches, so
+it runs only on such a queue (:func:`~iovirt.virtio.queue.is_accelerated`);
+with the reference queue the Python twin runs even when the extension is
+built.  A device keeps one engine per twin it meets (:func:`engine_key`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from iovirt import _accel
 from iovirt.virtio.blk import _datapath_py
+from iovirt.virtio.blk.aio import Image, ImageHook
+from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import is_accelerated, ring_of
 
-__all__ = ["IMPLEMENTATION", "accel", "serve_batch"]
+__all__ = ["IMPLEMENTATION", "accel", "default_key", "engine_key", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
 
 accel: Any = _accel.load("iovirt.virtio.blk._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
 
 
-def serve_batch(
-    batch: Any, queue: Any, fd: int, capacity: int, read_only: bool
-) -> tuple[list[int], int, int, int, int, int, int]:
-    """Serve the IN/OUT/FLUSH requests of ``batch`` on image ``fd`` (``capacity`` in sectors).
+def uring_built() -> bool:
+    """Whether the C twin is loaded and was built with liburing."""
+    return accel is not None and bool(accel.URING_BUILT)
 
-    Returns ``(left, read_bytes, written_bytes, flushes, errors, reads, writes)``:
-    ``left`` lists the chains for the device (other request types, malformed
-    chains); ``reads`` and ``writes`` count the IN and OUT requests served.
-    The C twin leaves unusual layouts and buffers without a host pointer
-    too; the reference serves those.
+
+def engine_key(queue: Any) -> str:
+    """Which twin serves ``queue``: ``"cython"`` or ``"python"``."""
+    return "cython" if accel is not None and is_accelerated(ring_of(queue)) else "python"
+
+
+def default_key() -> str:
+    """The twin a queue of this process gets (:func:`engine_key`): the C one on the Cython queue."""
+    return "cython" if accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
+
+
+def new_engine(key: str, wake_fd: int, slots: int, hook: ImageHook | None, kind: str | None = None) -> Any:
+    """An engine of twin ``key`` (:func:`engine_key`) that signals ``wake_fd``, for ``slots`` requests in flight."""
+    if key == "cython":
+        return accel.Engine(wake_fd, slots, hook, kind)
+    return _datapath_py.Engine(wake_fd, slots, hook, kind)
+
+
+def submit(engine: Any, batch: Any, index: int, queue: Any, image: Image) -> tuple[list[int], int, int, int, int]:
+    """Start the IN/OUT/FLUSH requests of ``batch`` of queue ``index`` on ``engine``.
+
+    Returns ``(left, nbytes, reads, writes, flushes)``: ``left`` lists the
+    chains for the device (other request types, malformed chains, and for
+    the C twin unusual layouts and buffers without a host pointer, which the
+    device serves with :func:`serve_batch`).
     """
-    ring = ring_of(queue)  # serving pops and pushes nothing: the queue beneath any wrapper will do
-    if accel is None or not is_accelerated(ring):
-        return _datapath_py.serve_batch(batch, queue, fd, capacity, read_only)
-    left, *counts = accel.serve_batch(batch, ring, fd, capacity, read_only)
-    if left:
-        left, *more = _datapath_py.serve_batch(batch, queue, fd, capacity, read_only, left)
-        counts = [a + b for a, b in zip(counts, more)]
-    return (left, *counts)  # type: ignore[return-value]
+    if isinstance(engine, _datapath_py.Engine):
+        return engine.submit(batch, index, queue.memory, image)
+    return engine.submit(batch, index, image.fd, image.direct_fd, image.capacity, image.read_only)  # type: ignore[no-any-return]
+
+
+serve_batch = _datapath_py.serve_batch
+
+
+def engine_report() -> tuple[str, str]:
+    """``(engine, why)``: which engine a blk device of this process runs its image I/O on (``iovirt info``).
+
+    Tries it: io_uring may be compiled in and still refused by the kernel.
+    """
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        engine = new_engine(default_key(), wake_fd, 1, None)
+        engine.close()
+        return engine.kind, engine.reason
+    finally:
+        os.close(wake_fd)

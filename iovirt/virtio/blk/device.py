@@ -4,12 +4,27 @@ A request is a chain: ``struct virtio_blk_req { le32 type; le32 reserved;
 le64 sector; u8 data[]; u8 status; }`` (5.2.6) with the header and any
 output data device-readable, then the input data and the status byte
 device-writable.  IN, OUT and FLUSH go through ``datapath.py`` (the Cython
-twin, or the Python reference with the reference queue), which moves data
-between the image and guest memory with ``preadv``/``pwritev`` straight on
-views of guest memory (no copies); the other request types are served here.
+twin, or the Python reference with the reference queue) to an engine of
+asynchronous block I/O (:mod:`iovirt.virtio.blk.aio`: io_uring, or a thread
+pool) that moves data between the image and guest memory straight on guest
+memory (no copies), ``O_DIRECT`` where the image's file system takes it.
+They complete out of order, later: the engine signals :attr:`wake_fd`, the
+transport kicks the queues from the thread that serves them, and
+:meth:`process_queue` pushes what completed.  The other request types are
+served here, at once.
 
-Write-back caching is honest: writes land in the host page cache and a
-``VIRTIO_BLK_T_FLUSH`` completes only after ``fdatasync`` returned (5.2.6.4).
+A transport that does not serve :attr:`wake_fd` (the in-process one, tests
+that kick by hand) gets every request completed before :meth:`kick`
+returns; the vhost-user back-end sets :attr:`complete_async`.  No request
+is in flight when a queue stops (:meth:`stop_queue`: migration's
+GET_VRING_BASE, reset, a front-end gone) or when the memory map changes (the
+queue's ``refresh``): both wait for the I/O first, as the buffers it reads
+and writes may be unmapped next.
+
+Write-back caching is honest: writes land in the host page cache (or the
+disk, with ``O_DIRECT``) and a ``VIRTIO_BLK_T_FLUSH`` completes only after
+every request submitted before it completed and ``fdatasync`` returned
+(5.2.6.4).
 """
 
 from __future__ import annotations
@@ -21,11 +36,13 @@ import errno
 import os
 import struct
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, cast
 
+from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory, GuestMemoryError
 from iovirt.virtio.blk import datapath
 from iovirt.virtio.blk._datapath_py import gather, parse_request
+from iovirt.virtio.blk.aio import ImageHook, open_image
 from iovirt.virtio.blk.defs import (
     DISCARD_SEG,
     SECTOR_SIZE,
@@ -47,18 +64,22 @@ from iovirt.virtio.blk.defs import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     VIRTIO_ID_BLOCK,
 )
+from iovirt.virtio.chain import ChainBatch as Chains
 from iovirt.virtio.chain import DescChain
 from iovirt.virtio.counters import restore_counters
-from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt.virtio.device import COMMON_FEATURES, Notify, VirtioDevice
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
-from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated, ring_of
+from iovirt.virtio.queue import ChainBatch, QueueWrapper, SplitQueue
 from iovirt.virtio.qos import Limits, TokenBucket
+from iovirt.virtio.state import QueueState
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 BATCH = 64
+SLOTS = 256
+"""Requests in flight on one device's image at most (the engine's slots; a ring holds the rest)."""
 LIMITS = ("iops", "bps")  # requests/s, bytes read and written/s (docs/qos.md)
 REQUEST_NAMES = {VIRTIO_BLK_T_GET_ID: "get_id", VIRTIO_BLK_T_DISCARD: "discard", VIRTIO_BLK_T_WRITE_ZEROES: "write_zeroes"}
 """Counter names of the request types served outside the batch data path (others count as "unsupported")."""
@@ -100,16 +121,30 @@ class VirtioBlk(VirtioDevice):
         blk_size: int = 512,
         queue_max_size: int = 1024,
         label: str = "",
+        direct: bool = True,
+        hook: ImageHook | None = None,
+        engine: str | None = None,
     ) -> None:
+        """``direct``: ``O_DIRECT`` where the image's file system takes it; ``hook``: a test hook on the
+        image I/O; ``engine``: ``"io_uring"`` or ``"threads"`` (default: :data:`~iovirt.virtio.blk.aio.ENGINE_ENV`,
+        else io_uring where it works)."""
         super().__init__(num_queues, queue_max_size, label or os.path.basename(path))
         if size is not None and not os.path.exists(path):
             with open(path, "wb") as f:
                 f.truncate(size)
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        self.fd = os.open(path, flags | os.O_CLOEXEC)
+        self.image = open_image(path, read_only, direct)
+        self.fd = self.image.fd
         self.path = path
         self.read_only = read_only
-        self.capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        self.capacity = self.image.capacity
+        self.hook = hook
+        self._engine_kind = engine
+        self._engines: dict[str, Any] = {}  # by twin (datapath.engine_key), made when a queue needs one
+        self._popped_from: dict[int, SplitQueue] = {}  # by queue index: the queue its requests in flight go back to
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_fd = self._wake_fd  # the engines signal completions on it
+        self.complete_async = False
+        """True: requests complete when :attr:`wake_fd` is served; False: before :meth:`kick` returns."""
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.seg_max = seg_max
         self.size_max = size_max
@@ -126,8 +161,18 @@ class VirtioBlk(VirtioDevice):
         self._wake_at = 0.0  # when the timer set last will serve the queues again (monotonic seconds)
 
     def close(self) -> None:
-        """Close the image."""
-        os.close(self.fd)
+        """Wait for the I/O in flight, stop the engines, close the image."""
+        self._drain()
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+        self.image.close()
+        os.close(self._wake_fd)
+
+    def engine(self) -> str:
+        """Which engine runs the image I/O of this device's queues, and why (the log says it too)."""
+        engine = self._engine(datapath.default_key())
+        return f"{engine.kind} ({engine.reason})"
 
     # -- saved state (counters; the disk's identity as a consistency check) ---------
     def state(self) -> dict[str, Any]:
@@ -252,55 +297,160 @@ class VirtioBlk(VirtioDevice):
             1,  # write_zeroes_may_unmap
         )
 
+    # -- queues: I/O in flight is waited for before a queue stops or memory moves -----------
+    def start_queue(
+        self,
+        index: int,
+        memory: GuestMemory,
+        state: QueueState,
+        notify: Notify,
+        wrap: Callable[[SplitQueue], SplitQueue] | None = None,
+        *,
+        packed: bool = False,
+    ) -> SplitQueue:
+        """Start queue ``index``; its ``refresh`` (the memory map changed) waits for the I/O in flight first."""
+
+        def drained(queue: SplitQueue) -> SplitQueue:
+            return cast(SplitQueue, _DrainOnRefresh(queue if wrap is None else wrap(queue), self._drain))
+
+        return super().start_queue(index, memory, state, notify, drained, packed=packed)
+
+    def stop_queue(self, index: int) -> QueueState | None:
+        """Wait for every request in flight to complete (and be pushed), then stop queue ``index``."""
+        self._drain()
+        self._popped_from.pop(index, None)
+        return super().stop_queue(index)
+
+    def _engine(self, key: str) -> Any:
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, self._engine_kind)
+            self._engines[key] = engine
+            self.log.info("%s: block I/O on %s (%s)%s", self.label, engine.kind, engine.reason,
+                          ", O_DIRECT" if self.image.direct_fd >= 0 else "")
+        return engine
+
+    def _drain(self) -> None:
+        """Wait for every request in flight, pushing each as it completes."""
+        for engine in self._engines.values():
+            while engine.in_flight:
+                engine.wait()
+                self._complete()
+
+    def _complete(self) -> None:
+        """Push the completed requests to their queues and notify the driver."""
+        reaped = False
+        for engine in self._engines.values():
+            if not engine.in_flight:
+                continue
+            for index, batch, read, written, errors in engine.complete():
+                reaped = True
+                # Counted before the driver can see the requests used (a reader of the counters after
+                # its completion sees them).
+                if self.counting:
+                    stats = self.stats
+                    stats["read_bytes"] += read
+                    stats["write_bytes"] += written
+                    self.queue_stats[index]["bytes"] += read + written
+                    if errors:
+                        stats["errors"] += errors
+                        self.queue_stats[index]["errors"] += errors
+                if errors:
+                    self._log_errors(errors)
+                try:
+                    self._popped_from[index].push_batch(batch)
+                except IovirtError as exc:
+                    self.fail(exc)
+                    continue
+                self.signal(index)
+        if reaped and not any(engine.in_flight for engine in self._engines.values()):
+            # Nothing left in flight: a completion signal still pending is for requests pushed
+            # already (one done inside the submit); without it no wake-up kicks the rings again.
+            _drain_eventfd(self._wake_fd)
+
+    def _log_errors(self, errors: int) -> None:
+        self.log.warning(
+            "%s: %d requests failed with IOERR (beyond capacity %d sectors, not whole sectors, "
+            "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
+            self.label, errors, self.capacity,
+        )
+
     # -- requests (5.2.6) ------------------------------------------------------------
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        """Serve every available request of ``queue`` (none while it is disabled)."""
+        """Submit every available request of ``queue`` (none while it is disabled), then push what completed.
+
+        Completions are pushed after the pops: a driver that sees them used
+        and publishes more without a kick finds them served only on a kick
+        (or a later completion's wake-up), as with a synchronous device.
+        """
         if not self.enabled[index]:
             # vhost-user "Ring states": a started, disabled ring has no side effects.
+            self._complete()
             return
-        memory = queue.memory
+        key = datapath.engine_key(queue)
+        engine = self._engine(key)
+        self._popped_from[index] = queue
         # A wrapper (a transport's bookkeeping) pops into the same flat batches as the queue beneath it.
-        reuse = self._batch if is_accelerated(ring_of(queue)) else None
+        reuse = self._batch if key == "cython" else None
         while True:
             buckets = self._buckets
             count = BATCH if buckets is None else self._admit(buckets)
+            if count and not engine.free:
+                self._complete()  # slots back for the requests waiting in the ring
+            count = min(count, engine.free)
             if not count:
-                break  # at a limit: the requests wait in the ring
+                break  # at a limit, or every slot in flight: the requests wait in the ring
             batch = queue.pop_batch(count, reuse)
             if not len(batch):
                 break
-            left, nbytes = self._serve_batch(index, batch, queue)
-            for i in left:
-                batch.set_used_len(i, self._serve(memory, batch[i]))
-            queue.push_batch(batch)
-            self.signal(index)
+            left, nbytes, reads, writes, flushes = datapath.submit(engine, batch, index, queue, self.image)
+            if self.counting:
+                stats = self.stats
+                stats["read"] += reads
+                stats["write"] += writes
+                stats["flush"] += flushes
+                self.queue_stats[index]["requests"] += len(batch)
+            if left:
+                nbytes += self._serve_left(index, queue, batch, left, key == "cython")
             if buckets is not None:
                 self._charge(buckets, len(batch), nbytes)
+        self._complete()
+        if not self.complete_async:
+            self._drain()
 
-    def _serve_batch(self, index: int, batch: Any, queue: SplitQueue) -> tuple[list[int], int]:
-        """IN/OUT/FLUSH through the data path; returns the chains left for :meth:`_serve`, and the bytes moved."""
-        left, read, written, flushes, errors, reads, writes = datapath.serve_batch(
-            batch, queue, self.fd, self.capacity, self.read_only
-        )
-        if self.counting:  # per batch: device totals and the queue's own
-            stats, qstats = self.stats, self.queue_stats[index]
-            stats["read_bytes"] += read
-            stats["write_bytes"] += written
-            stats["read"] += reads
-            stats["write"] += writes
-            stats["flush"] += flushes
-            qstats["requests"] += len(batch)
-            qstats["bytes"] += read + written
-            if errors:
-                stats["errors"] += errors
-                qstats["errors"] += errors
-        if errors:
-            self.log.warning(
-                "%s: %d requests failed with IOERR (beyond capacity %d sectors, not whole sectors, "
-                "a write to a read-only image, a data buffer no longer in guest memory, or the image I/O failed)",
-                self.label, errors, self.capacity,
+    def _serve_left(self, index: int, queue: SplitQueue, batch: Any, left: list[int], io: bool) -> int:
+        """Serve at once, and push, the chains ``left`` of ``batch``; returns the data bytes moved.
+
+        With ``io`` (the C twin's leftovers) IN/OUT/FLUSH among them run
+        synchronously here, once every request in flight completed, so a
+        FLUSH stays ordered after the writes before it.
+        """
+        served = list(left)
+        nbytes = 0
+        if io:
+            self._drain()
+            left, read, written, flushes, errors, reads, writes = datapath.serve_batch(
+                batch, queue, self.fd, self.capacity, self.read_only, left
             )
-        return left, read + written
+            nbytes = read + written
+            if self.counting:
+                stats = self.stats
+                stats["read_bytes"] += read
+                stats["write_bytes"] += written
+                stats["read"] += reads
+                stats["write"] += writes
+                stats["flush"] += flushes
+                stats["errors"] += errors
+                self.queue_stats[index]["bytes"] += nbytes
+            if errors:
+                self._log_errors(errors)
+        memory = queue.memory
+        for i in left:
+            batch.set_used_len(i, self._serve(memory, batch[i]))
+        # Chains with their used lengths, in a batch either queue twin (and any wrapper) pushes.
+        queue.push_batch(Chains([batch[i] for i in served]))
+        self.signal(index)
+        return nbytes
 
     def _serve(self, memory: GuestMemory, chain: DescChain) -> int:
         """Execute one request the data path left (GET_ID, DISCARD, WRITE_ZEROES, unknown); returns the used length.
@@ -366,6 +516,43 @@ class VirtioBlk(VirtioDevice):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS) or rtype == VIRTIO_BLK_T_DISCARD:
                     raise RequestError(VIRTIO_BLK_S_IOERR, f"fallocate failed: {exc}") from exc
                 os.pwrite(self.fd, bytes(length), offset)  # no ZERO_RANGE here: write the zeroes
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass  # no signal pending
+
+
+class _DrainOnRefresh(QueueWrapper):
+    """A blk queue whose ``refresh`` (the memory map changed) first waits for the device's I/O in flight.
+
+    The memory table swaps regions and then unmaps the old ones
+    (:mod:`iovirt.vhost_user.memtable`): a request still reading into guest
+    memory would write into a mapping gone, or reused.  Everything else is
+    the wrapped queue's.
+    """
+
+    def __init__(self, inner: SplitQueue, drain: Callable[[], None]) -> None:
+        self.inner = inner
+        self._drain = drain
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
+        """The wrapped queue's."""
+        return self.inner.pop_batch(max_chains, batch)
+
+    def push_batch(self, batch: Any) -> None:
+        """The wrapped queue's."""
+        self.inner.push_batch(batch)
+
+    def refresh(self) -> None:
+        """Wait for the I/O in flight, then re-resolve the ring."""
+        self._drain()
+        self.inner.refresh()
 
 
 def _scatter(memory: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> None:

@@ -21,6 +21,7 @@ table of 5.1.6.5.3, honoured on receive).
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Any, Mapping
 
 from iovirt.errors import IovirtError
@@ -64,6 +65,10 @@ from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 from iovirt.virtio.qos import Limits, TokenBucket
 
 TX_BATCH = 64
+TX_BUDGET = 64
+"""Transmit batches served per kick before the queue yields the thread that serves it (when the transport
+has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
+thread from their work (a blk device's completions, another port's kicks)."""
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
 TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
 """Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
@@ -107,7 +112,9 @@ class VirtioNet(VirtioDevice):
         self._tx_frames = datapath.Frames()
         # Batches the Cython queue pops into again and again (the reference queue allocates its own).
         self._tx_batch = _reusable_batch()
+        self._tx_resuming: set[int] = set()  # transmit queues that yielded, to be served again by the timer
         self._rx_batch = _reusable_batch()
+        self._backlog_frames = datapath.Frames()  # the backlog's frames, a batch at a time
         # Transmit limits: None without any (the data path's one check), else the pps and bps buckets.
         self._limits = Limits(LIMITS, self.label, min_burst={"bps": MAX_FRAME})
         self._tx_buckets: tuple[TokenBucket | None, TokenBucket | None] | None = None
@@ -245,6 +252,7 @@ class VirtioNet(VirtioDevice):
 
     def _reset(self) -> None:
         self.backlog.clear()
+        self._tx_resuming.clear()
         if self.ctrl is not None:
             self.ctrl.reset()
         if self.switch is not None:
@@ -265,7 +273,13 @@ class VirtioNet(VirtioDevice):
         frames = self._tx_frames
         hdr_len = self.hdr_len
         reuse = self._tx_batch if is_accelerated(queue) else None
+        # Without a timer (the in-process transport) the ring is served until it is empty.
+        budget = TX_BUDGET if self.call_later is not None else -1
         while True:
+            if budget == 0:
+                self._yield_tx(index)
+                break
+            budget -= 1
             batch = queue.pop_batch(TX_BATCH, reuse)
             if not len(batch):
                 break
@@ -295,6 +309,23 @@ class VirtioNet(VirtioDevice):
                 self.switch.forward_batch(self, frames)
             else:
                 self._count_drops(index, "tx", "ring_disabled", len(frames))
+
+    def _yield_tx(self, index: int) -> None:
+        """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
+
+        No driver notification would: the driver kicks when the device caught
+        up (2.7.10), and it has not.  One resume per queue at a time.
+        """
+        call_later = self.call_later
+        if call_later is None or index in self._tx_resuming:
+            return
+        self._tx_resuming.add(index)
+
+        def resume() -> None:
+            self._tx_resuming.discard(index)
+            self.kick(index)
+
+        call_later(0.0, resume)
 
     # -- counters (per batch: device totals and the queue's own) ------------------------
     def _count_rx(self, index: int, frames: int, nbytes: int) -> None:
@@ -358,10 +389,40 @@ class VirtioNet(VirtioDevice):
                 indexes = fitting
                 if not indexes:
                     return 0
-        index = None if self.backlog or self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
+        if self.backlog and not self.needs_reset and self.link_up:
+            return self._hold(frames, indexes)  # still frames held (no buffers): these go behind them
+        index = None if self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
             return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
+        delivered, stop = self._scatter(index, queue, frames, indexes)
+        return delivered + self._hold(frames, indexes[stop:])
+
+    def _hold(self, frames: Any, indexes: list[int]) -> int:
+        """Frames the batch path left (out of chains, or one spanning mergeable buffers); returns those taken.
+
+        Each goes through the per-frame path until one is held in the
+        backlog; the rest then join it at once (tail drop when it is full),
+        not one failed write each.
+        """
+        taken = 0
+        for pos, i in enumerate(indexes):
+            if self.backlog:
+                rest = indexes[pos:]
+                room = RX_BACKLOG - len(self.backlog)
+                self.backlog.extend((frames.frame(j), frames.csum(j)) for j in rest[:room])
+                if len(rest) > room:
+                    self._count_drops(None, "rx", "no_buffers", len(rest) - room)
+                return taken + min(room, len(rest))
+            taken += int(self.deliver(frames.frame(i), frames.csum(i)))
+        return taken
+
+    def _scatter(self, index: int, queue: SplitQueue, frames: Any, indexes: list[int]) -> tuple[int, int]:
+        """Write frames ``indexes`` into receive queue ``index`` through the batch data path.
+
+        Returns ``(delivered, stop)``: ``indexes[stop:]`` were left (chains ran
+        out, or a frame spans several mergeable buffers).
+        """
         guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
         if not guest_csum:
             datapath.complete_pending(frames, indexes)  # 5.1.6.3: the driver cannot take partial checksums
@@ -379,10 +440,7 @@ class VirtioNet(VirtioDevice):
                 if dropped:
                     self._count_drops(index, "rx", "small_buffer", dropped)
             self.signal(index)
-        for i in indexes[stop:]:
-            # Out of chains, or a frame that spans several mergeable buffers.
-            delivered += int(self.deliver(frames.frame(i), frames.csum(i)))
-        return delivered
+        return delivered, stop
 
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take a frame from the switch into a receive queue (or the backlog).
@@ -436,11 +494,32 @@ class VirtioNet(VirtioDevice):
         return False
 
     def _flush_backlog(self) -> None:
-        while self.backlog:
-            frame, csum = self.backlog[0]
-            if not self._receive(frame, csum):
-                return
-            self.backlog.popleft()
+        """Write the frames held into receive buffers, oldest first, until the buffers run out.
+
+        Whole batches go through the data path, as frames from the switch do:
+        a receiver that falls behind for a moment (its ring full for 256
+        frames) otherwise costs its port 256 frames on the per-frame path,
+        and every port of the thread pays (issue 15: a light front-end
+        descheduled now and then cost the port-to-port rate 5-10 %).
+        A frame the batch path leaves (it spans mergeable buffers) goes alone.
+        """
+        backlog, frames = self.backlog, self._backlog_frames
+        while backlog:
+            index = self._rx_queue(int.from_bytes(backlog[0][0][:12], "big"))
+            queue = None if index is None else self.queues[index]
+            if index is None or queue is None or not queue.pending():
+                return  # no receive buffer: nothing to try (this runs for every batch the switch brings)
+            frames.clear()
+            for frame, csum in itertools.islice(backlog, TX_BATCH):
+                frames.append(frame, csum)
+            _, stop = self._scatter(index, queue, frames, list(range(len(frames))))
+            for _ in range(stop):
+                backlog.popleft()
+            if stop < len(frames):
+                frame, csum = backlog[0]
+                if not self._receive(frame, csum):
+                    return
+                backlog.popleft()
 
     def _rx_queue(self, flow: int) -> int | None:
         """The receive queue for a frame of ``flow`` (its MAC pair): spread over the enabled started pairs.

@@ -1,0 +1,155 @@
+"""virtio-blk's asynchronous block I/O in process, on both queue twins and every engine.
+
+A device whose transport does not serve its completion eventfd (no
+``complete_async``) completes every request before ``process_queue``
+returns, through the same engines; ``O_DIRECT`` is used for aligned
+requests on a file system that takes it, buffered I/O for the rest, and
+both see the same data.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from iovirt.memory import BumpAllocator, GuestMemory
+from iovirt.virtio.blk import datapath
+from iovirt.virtio.blk.aio import ImageHook, ThreadPool
+from iovirt.virtio.blk.defs import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+from iovirt.virtio.blk.device import VirtioBlk
+from iovirt.virtio.driver import DriverQueue
+
+MEMORY = 4 << 20
+PAGE = 4096
+
+
+def engines_for(queue_cls) -> list[str]:
+    """io_uring and the thread pool on the C twin (the Cython queue), the thread pool on the Python one."""
+    c_twin = datapath.accel is not None and queue_cls.__module__ == "iovirt.virtio._queue_c"
+    return ["io_uring", "threads"] if c_twin else ["threads"]
+
+
+@pytest.fixture(params=["io_uring", "threads"])
+def engine(request, queue_cls):
+    if request.param not in engines_for(queue_cls):
+        pytest.skip("the Python twin has only the thread pool")
+    return request.param
+
+
+class Disk:
+    """A ring over real guest memory served by a ``VirtioBlk`` (no transport)."""
+
+    def __init__(self, queue_cls, path: str, engine: str, hook: ImageHook | None = None) -> None:
+        self.memory = GuestMemory.from_ranges([(0, MEMORY)])
+        self.alloc = BumpAllocator(0x1000, MEMORY - 0x1000)
+        self.driver = DriverQueue(self.memory, self.alloc, 64)
+        self.queue = queue_cls.from_state(self.memory, self.driver.state())
+        self.blk = VirtioBlk(path, label="blk0", engine=engine, hook=hook)
+        self.blk.set_queue_enabled(0, True)
+
+    def request(self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0, align: int = PAGE) -> int:
+        hdr = self.alloc.alloc(16)
+        self.memory.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+        readable, writable = [(hdr, 16)], []
+        if out:
+            readable.append((self.alloc.alloc(len(out), align), len(out)))
+            self.memory.write(readable[-1][0], out)
+        if in_len:
+            writable.append((self.alloc.alloc(in_len, align), in_len))
+        writable.append((self.alloc.alloc(1), 1))
+        return self.driver.add_chain(readable, writable)
+
+    def serve(self) -> dict:
+        self.driver.publish()
+        self.blk.process_queue(0, self.queue)
+        return {u.head: u for u in self.driver.get_used()}
+
+
+@pytest.fixture
+def disk(queue_cls, engine, tmp_path):
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    d = Disk(queue_cls, str(tmp_path / "disk.img"), engine)
+    yield d
+    d.blk.close()
+
+
+def test_the_image_on_a_regular_file_is_opened_o_direct(disk):
+    assert disk.blk.image.direct_fd >= 0
+
+
+def test_requests_complete_before_process_queue_returns_without_an_async_transport(disk, engine):
+    heads = [disk.request(VIRTIO_BLK_T_OUT, 8 * k, bytes([k + 1]) * PAGE) for k in range(8)]
+    flush = disk.request(VIRTIO_BLK_T_FLUSH, 0)
+    used = disk.serve()
+    assert sorted(used) == sorted(heads + [flush])
+    assert all(u.data == bytes([VIRTIO_BLK_S_OK]) for u in used.values())
+    assert disk.blk.engine().startswith(engine)
+    assert disk.blk.stats["write_bytes"] == 8 * PAGE and disk.blk.stats["flush"] == 1
+
+
+def test_direct_and_buffered_requests_see_the_same_data(disk):
+    # Aligned (O_DIRECT) writes, unaligned (buffered) reads, and the other way round.
+    disk.request(VIRTIO_BLK_T_OUT, 0, b"\x11" * PAGE)
+    disk.request(VIRTIO_BLK_T_OUT, 8, b"\x22" * 512, align=8)
+    disk.serve()
+    a, b = disk.request(VIRTIO_BLK_T_IN, 0, in_len=PAGE, align=8), disk.request(VIRTIO_BLK_T_IN, 8, in_len=512)
+    used = disk.serve()
+    assert used[a].data == b"\x11" * PAGE + b"\0" and used[b].data == b"\x22" * 512 + b"\0"
+
+
+def test_bad_requests_complete_with_ioerr(disk):
+    beyond = disk.request(VIRTIO_BLK_T_IN, (1 << 20) // 512, in_len=512)
+    partial = disk.request(VIRTIO_BLK_T_OUT, 0, b"x" * 100)
+    used = disk.serve()
+    assert used[beyond].data[-1] == used[partial].data[-1] == VIRTIO_BLK_S_IOERR
+    assert disk.blk.stats["errors"] == 2
+
+
+def test_the_hook_fails_chosen_requests(queue_cls, engine, tmp_path):
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    d = Disk(queue_cls, str(tmp_path / "disk.img"), engine, ImageHook(fail=lambda op, off, n: op == "write"))
+    try:
+        w, r = d.request(VIRTIO_BLK_T_OUT, 0, b"x" * 512), d.request(VIRTIO_BLK_T_IN, 0, in_len=512)
+        used = d.serve()
+        assert used[w].data[-1] == VIRTIO_BLK_S_IOERR and used[r].data[-1] == VIRTIO_BLK_S_OK
+    finally:
+        d.blk.close()
+
+
+def test_a_thread_pool_barrier_starts_after_every_job_before_it(tmp_path):
+    import os
+    import threading
+
+    wake = os.eventfd(0)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def run(job: str) -> int:
+        if job == "slow":
+            gate.wait(5)
+        order.append(job)
+        return 0
+
+    pool = ThreadPool(run, wake, workers=4)
+    try:
+        pool.submit("slow")
+        pool.submit("barrier", barrier=True)
+        pool.submit("after")
+        assert pool.in_flight == 3
+        gate.set()
+        done: list = []
+        while len(done) < 3:
+            pool.wait()
+            done += pool.reap()
+        assert order == ["slow", "barrier", "after"]
+        assert pool.in_flight == 0
+    finally:
+        pool.close()
+        os.close(wake)
