@@ -1142,11 +1142,7 @@ class LateCompletionBlk(VirtioBlk):
                 with self.lock:
                     if self.queues[index] is not queue:
                         return  # the ring was stopped meanwhile (GET_VRING_BASE did not wait): the rest is lost
-                    left, _nbytes = self._serve_batch(index, batch, queue)
-                    for i in left:
-                        batch.set_used_len(i, self._serve(queue.memory, batch[i]))
-                    queue.push_batch(batch)
-                self.signal(index)
+                    self._serve_left(index, queue, batch, list(range(len(batch))), True)  # served, pushed, signalled
 
         if batches:
             threading.Thread(target=finish, daemon=True).start()

@@ -83,8 +83,15 @@ class ZonedOpsBlk(VirtioBlk):
         """max_secure_erase_sectors, max_secure_erase_seg, secure_erase_sector_alignment (none here)."""
         return bytes(CONFIG_ZONED - 60)
 
-    def _serve_batch(self, index, batch, queue):
-        return list(range(len(batch))), 0
+    def process_queue(self, index, queue):
+        """Every request is served here, synchronously and in ring order: the zones live in this model, not the image."""
+        if not self.enabled[index]:
+            return
+        while True:
+            batch = queue.pop_batch(64, None)
+            if not len(batch):
+                return
+            self._serve_left(index, queue, batch, list(range(len(batch))), False)
 
     # -- requests ------------------------------------------------------------------------------
     def _serve(self, memory, chain):
