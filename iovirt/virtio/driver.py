@@ -132,6 +132,7 @@ class DriverQueue:
             used_addr=self.used_addr,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     @property

@@ -101,6 +101,7 @@ class PackedDriverQueue:
             used_idx=PACKED_WRAP_BIT,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     # -- raw access, for building broken rings ------------------------------------
