@@ -186,8 +186,10 @@ def test_a_broken_ring_ends_polling_through_the_kick_path():
 
 def test_poll_us_in_serve_help_and_refused_when_negative():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-m", "iovirt", "serve", "--help"], capture_output=True, text=True, env=env)
-    assert "--poll-us US" in out.stdout and "busy-poll" in out.stdout
+    for program in ("serve", "vhost-user-net", "vhost-user-blk"):
+        out = subprocess.run([sys.executable, "-m", "iovirt", program, "--help"], capture_output=True, text=True,
+                             env=env)
+        assert "--poll-us US" in out.stdout and "busy-poll" in out.stdout, program
     bad = subprocess.run([sys.executable, "-m", "iovirt", "serve", "--poll-us", "-5"], capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 2 and "--poll-us wants 0 or more microseconds" in bad.stderr

@@ -167,7 +167,8 @@ def test_packed_transmit_batch_goes_back_through_one_used_descriptor(kind):
     assert ring.drv.num_free == 16 and ring.drv.last_used == 6
 
 
-def test_a_chain_not_used_whole_ends_the_run(kind):
+@pytest.mark.parametrize("as_list", [False, True], ids=["popped_batch", "chain_list"])
+def test_a_chain_not_used_whole_ends_the_run(kind, as_list):
     """Skipped entries count as used whole (2.7.9, 2.8.8): a short one gets an entry of its own."""
     layout, cls = kind
     ring = Ring(layout, cls)
@@ -176,7 +177,7 @@ def test_a_chain_not_used_whole_ends_the_run(kind):
     lens = [16, 16, 5, 16, 16]
     for i, n in enumerate(lens):
         batch.set_used_len(i, n)
-    ring.dev.push_batch(batch, True)
+    ring.dev.push_batch(RefBatch(list(batch)) if as_list else batch, True)
     if layout == "split":
         entries = ring.used_entries()
         assert entries[0] == (heads[2], 5) and entries[3] == (heads[4], 16)
