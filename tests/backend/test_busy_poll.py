@@ -193,3 +193,10 @@ def test_poll_us_in_serve_help_and_refused_when_negative():
     bad = subprocess.run([sys.executable, "-m", "iovirt", "serve", "--poll-us", "-5"], capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 2 and "--poll-us wants 0 or more microseconds" in bad.stderr
+
+
+def test_poll_us_with_isolate_is_refused(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-m", "iovirt", "serve", "--isolate", "--poll-us", "50", "--net",
+                          str(tmp_path / "n.sock")], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "--isolate does not take --poll-us yet" in out.stderr
