@@ -197,8 +197,12 @@ class DataPlane:
                     if is_eventfd:
                         _drain(fd)
                     self._call(handler)
-                    if self.poll_s and fd in self._rings and fd not in self._busy:
-                        self._busy[fd] = _Busy(*self._rings[fd], time.monotonic())
+                    if self.poll_s and fd in self._rings:
+                        busy = self._busy.get(fd)
+                        if busy is None:
+                            self._busy[fd] = _Busy(*self._rings[fd], time.monotonic())
+                        else:
+                            busy.last_work = time.monotonic()
                 for handler in list(self._pollers.values()):
                     self._call(handler)
                 for handler in self._due_timers():

@@ -200,3 +200,33 @@ def test_poll_us_with_isolate_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "iovirt", "serve", "--isolate", "--poll-us", "50", "--net",
                           str(tmp_path / "n.sock")], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and "--isolate does not take --poll-us yet" in out.stderr
+
+
+def test_the_control_plane_is_served_while_a_ring_is_busy_polled(polling_port):
+    """A ring kept busy (frames every 50 ms, inside the polling window) must not lock the control plane out."""
+    port, path = polling_port
+    with VhostUserDriver(path) as drv:
+        tx = drv.start_queues([0, 1], size=64)[1]
+        tx.add_data([FRAME])
+        drv.kick(1)
+        assert wait_until(lambda: len(tx.get_used()) == 1)
+        stop = threading.Event()
+
+        def feed() -> None:
+            while not stop.wait(0.05):
+                tx.get_used()
+                tx.add_data([FRAME])
+                tx.publish()
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            time.sleep(0.2)
+            started = time.monotonic()
+            drv.frontend.get_vring_base(0)  # takes the data-path lock
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            feeder.join(5)
+        assert took < 1.0, f"GET_VRING_BASE waited {took:.2f} s for the polling data plane"
+        assert port.stats["tx_packets"] >= 3
