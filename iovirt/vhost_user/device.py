@@ -23,6 +23,16 @@ Virtio features offered to every device on top of its own
 ring layout belongs to the transport: the device keeps the queue API it has
 with a split ring, and the back-end starts packed queues when the front-end
 negotiates the bit (:mod:`iovirt.vhost_user.vrings`).
+
+VIRTIO_F_IN_ORDER (2.7.9, 2.8.8: the device uses buffers in the order they
+were made available) is offered only by the types whose adapters set
+:attr:`VhostUserDevice.in_order`: a device that may complete requests out of
+order must not offer it.  Its queues then refuse a used entry out of pop
+order (:class:`~iovirt.virtio.errors.UsedOrderError`, the device fails).
+Offered by net, rng and input (each completes in pop order, see their
+adapters); not by blk (an asynchronous image engine finishes requests in
+the disk's order, not the ring's), nor by scsi and vsock, whose devices are
+not held to pop order (no reorder step stands before their used rings).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from typing import Any, Callable, ClassVar
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
-from iovirt.virtio.defs import VIRTIO_F_RING_PACKED
+from iovirt.virtio.defs import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED
 from iovirt.virtio.device import Notify, VirtioDevice
 from iovirt.virtio.queue import SplitQueue
 from iovirt.virtio.state import QueueState
@@ -67,11 +77,15 @@ class VhostUserDevice:
     """Virtio feature bits the back-end offers beyond the device's own."""
     protocol_features: ClassVar[int] = COMMON_PROTOCOL_FEATURES
     """The vhost-user protocol features offered."""
+    in_order: ClassVar[bool] = False
+    """The device type always uses buffers in the order they were made available: offer VIRTIO_F_IN_ORDER."""
 
     def __init__(self, device: VirtioDevice) -> None:
         self.device = device
         self.ring_packed = False
         """VIRTIO_F_RING_PACKED was negotiated: the rings started from now on are packed."""
+        self.ring_in_order = False
+        """VIRTIO_F_IN_ORDER was negotiated: the rings started from now on hold the device to pop order."""
 
     @property
     def device_id(self) -> int:
@@ -111,7 +125,9 @@ class VhostUserDevice:
 
         The ring is packed if VIRTIO_F_RING_PACKED was negotiated (:attr:`ring_packed`).
         """
-        return self.device.start_queue(index, memory, state, notify, wrap, packed=self.ring_packed)
+        return self.device.start_queue(
+            index, memory, state, notify, wrap, packed=self.ring_packed, in_order=self.ring_in_order
+        )
 
     def stop_queue(self, index: int) -> QueueState | None:
         """Take ring ``index`` back; returns where it stopped."""
@@ -137,12 +153,14 @@ class VhostUserDevice:
     # -- features and config ------------------------------------------------------
     def features(self) -> int:
         """The virtio features offered (GET_FEATURES, before the vhost-user bits)."""
-        return self.device.device_features() | self.extra_features | RING_FEATURES
+        in_order = 1 << VIRTIO_F_IN_ORDER if self.in_order else 0
+        return self.device.device_features() | self.extra_features | RING_FEATURES | in_order
 
     def set_features(self, features: int) -> None:
         """Accept the negotiated bits; the device sees only those it offered itself."""
         self.device.set_features(features & self.device.device_features())
         self.ring_packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
+        self.ring_in_order = bool(features >> VIRTIO_F_IN_ORDER & 1)
 
     def read_config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG."""
@@ -170,6 +188,7 @@ class VhostUserDevice:
         """RESET_DEVICE, or the front-end went away."""
         self.device.reset()
         self.ring_packed = False
+        self.ring_in_order = False
 
     def save_state(self) -> dict[str, Any]:
         """Device state beyond the rings and guest memory, as plain data (nothing by default).

@@ -45,10 +45,11 @@ IOVA_BASE = 0x10_0000_0000
 
 
 #: Ring features this driver's rings (:class:`DriverQueue`, :class:`PackedDriverQueue`) do not implement,
-#: so it never acks them (virtio 1.2 §6.1: a driver accepts only features it understands): IN_ORDER's
-#: batched used entries (§2.7.9) and notification data in kicks (§2.9).  The packed layout (§2.8) is
-#: acked only when asked for (``packed=True``; :func:`bringup.negotiate`).
-UNIMPLEMENTED_RING_FEATURES = 1 << VIRTIO_F_IN_ORDER | 1 << VIRTIO_F_NOTIFICATION_DATA
+#: so it never acks them (virtio 1.2 §6.1: a driver accepts only features it understands): notification
+#: data in kicks (§2.9).  The packed layout (§2.8) is acked only when asked for (``packed=True``;
+#: :func:`bringup.negotiate`); IN_ORDER (§2.7.9, §2.8.8) whenever offered: the rings then use descriptors
+#: in ring order and take batched used entries.
+UNIMPLEMENTED_RING_FEATURES = 1 << VIRTIO_F_NOTIFICATION_DATA
 
 
 class VhostUserDriver:
@@ -101,15 +102,17 @@ class VhostUserDriver:
         """
         indexes = list(indexes)
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        in_order = bool(self.features >> VIRTIO_F_IN_ORDER & 1)
         for index in indexes:
             queue: AnyDriverQueue
             if self.packed:
-                queue = PackedDriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+                queue = PackedDriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index,
+                                          in_order=in_order)
                 queue.set_interrupts(True)
                 bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.driver_addr,
                                     queue.device_addr, base=PACKED_START_BASE)
             else:
-                queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index)
+                queue = DriverQueue(self.memory, self.alloc, size, event_idx=event_idx, index=index, in_order=in_order)
                 queue.set_interrupts(True)
                 bringup.start_vring(self.frontend, index, size, queue.desc_addr, queue.avail_addr, queue.used_addr)
             self.queues[index] = queue

@@ -439,11 +439,16 @@ class InflightQueue(QueueWrapper):
         self.inner.push(head, length)
         self.region.completed([head], self.inner.used_idx)
 
-    def push_batch(self, batch: Any) -> None:
-        """Complete a batch, in the spec's order around its one used idx update."""
+    def push_batch(self, batch: Any, coalesce: bool = False) -> None:
+        """Complete a batch, in the spec's order around its one used idx update.
+
+        With ``coalesce`` (VIRTIO_F_IN_ORDER) fewer used entries may be
+        written, but the used idx moves by the whole batch: the region's
+        last-batch list and ``used_idx`` are kept as for one entry each.
+        """
         heads = [batch.head(i) for i in range(len(batch))]
         self.region.completing(heads)
-        self.inner.push_batch(batch)
+        self.inner.push_batch(batch, coalesce)
         self.region.completed(heads, self.inner.used_idx)
 
 
@@ -536,12 +541,17 @@ class PackedInflightQueue(QueueWrapper):
         self.region.completed(entries, self.inner.used_idx)
         del self._entry[head]
 
-    def push_batch(self, batch: Any) -> None:
-        """Complete a batch, in the spec's order around its used descriptors."""
+    def push_batch(self, batch: Any, coalesce: bool = False) -> None:
+        """Complete a batch, in the spec's order around its used descriptors.
+
+        With ``coalesce`` (VIRTIO_F_IN_ORDER) one used descriptor may stand
+        for several lists; the used position still moves past all their
+        slots, which is what the region records.
+        """
         ids = [batch.head(i) for i in range(len(batch))]
         entries = [self._entry_of(i) for i in ids]
         self.region.completing(entries)
-        self.inner.push_batch(batch)
+        self.inner.push_batch(batch, coalesce)
         self.region.completed(entries, self.inner.used_idx)
         for i in ids:
             del self._entry[i]

@@ -309,9 +309,9 @@ class CompletionFence(QueueWrapper):
         self.inner.push(head, length)
         self._forget()
 
-    def push_batch(self, batch: Any) -> None:
+    def push_batch(self, batch: Any, coalesce: bool = False) -> None:
         """Complete a batch, then forget the buffer translations."""
-        self.inner.push_batch(batch)
+        self.inner.push_batch(batch, coalesce)
         self._forget()
 
 

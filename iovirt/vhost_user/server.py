@@ -144,8 +144,10 @@ class VhostUserServer:
     (default: :meth:`AccessPolicy.owner`, mode 0600).
     """
 
-    def __init__(self, dataplane: DataPlane | None = None, access: AccessPolicy | None = None) -> None:
-        self.dataplane = dataplane or DataPlane()
+    def __init__(
+        self, dataplane: DataPlane | None = None, access: AccessPolicy | None = None, poll_us: float = 0
+    ) -> None:
+        self.dataplane = dataplane or DataPlane(poll_us)
         self._owns_dataplane = dataplane is None
         self.access = access or AccessPolicy.owner()
         self.selector = selectors.DefaultSelector()

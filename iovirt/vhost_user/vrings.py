@@ -267,7 +267,7 @@ class Vrings:
             self._enable(vring, True)
         kick = self._kicker(vring)
         if kick_fd is not None:
-            self.dataplane.add_eventfd(kick_fd, self._counted_kick(vring, kick))
+            self.dataplane.add_ring(kick_fd, self._counted_kick(vring, kick), lambda: self.device.queue(vring.index), kick)
         else:
             self.dataplane.add_poller(vring, kick)
         if running:

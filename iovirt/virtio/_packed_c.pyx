@@ -111,7 +111,9 @@ cdef class PackedQueue(Virtqueue):
     """The device side of one packed virtqueue (accelerated; see ``_packed_py.PackedQueue``)."""
 
     cdef readonly uint64_t desc_addr, driver_addr, device_addr
-    cdef readonly bint event_idx
+    cdef readonly bint event_idx, in_order
+    cdef uint16_t *_order  # with in_order: Buffer IDs in flight, oldest first, in a ring of Queue Size places
+    cdef uint32_t _order_first, _order_n
     cdef uint32_t _next_avail, _next_used
     cdef bint _avail_wrap, _used_wrap, _notify_enabled, _translated, _released, _signalled_valid
     cdef uint32_t _signalled
@@ -144,6 +146,7 @@ cdef class PackedQueue(Virtqueue):
         self._recent_pos = NULL
         self._used_log = NULL
         self._log_bits = NULL
+        self._order = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._regions)
@@ -151,9 +154,11 @@ cdef class PackedQueue(Virtqueue):
         PyMem_Free(self._recent_ids)
         PyMem_Free(self._recent_pos)
         PyMem_Free(self._used_log)
+        PyMem_Free(self._order)
 
     def __init__(self, memory, uint32_t size, uint64_t desc_addr, uint64_t driver_addr, uint64_t device_addr,
-                 *, int index=0, bint event_idx=False, int last_avail_idx=WRAP_BIT, int used_idx=WRAP_BIT):
+                 *, int index=0, bint event_idx=False, int last_avail_idx=WRAP_BIT, int used_idx=WRAP_BIT,
+                 bint in_order=False):
         cdef uint32_t i
         pchecks.check_layout(memory, index, size, desc_addr, driver_addr, device_addr)
         self.memory = memory
@@ -163,6 +168,7 @@ cdef class PackedQueue(Virtqueue):
         self.driver_addr = driver_addr
         self.device_addr = device_addr
         self.event_idx = event_idx
+        self.in_order = in_order
         self._next_avail = (last_avail_idx & ~WRAP_BIT) % size
         self._avail_wrap = (last_avail_idx & WRAP_BIT) != 0
         self._next_used = (used_idx & ~WRAP_BIT) % size
@@ -175,6 +181,9 @@ cdef class PackedQueue(Virtqueue):
         self._taken = <uint16_t *> _grow(self._taken, size * sizeof(uint16_t))
         self._recent_ids = <uint16_t *> _grow(self._recent_ids, size * sizeof(uint16_t))
         self._recent_pos = <uint16_t *> _grow(self._recent_pos, size * sizeof(uint16_t))
+        self._order = <uint16_t *> _grow(self._order, size * sizeof(uint16_t))
+        self._order_first = 0
+        self._order_n = 0
         for i in range(size):
             self._taken[i] = 0
         self._n_in_flight = 0
@@ -189,13 +198,14 @@ cdef class PackedQueue(Virtqueue):
         pchecks.check_state(state)
         return cls(memory, state.size, state.desc_addr, state.avail_addr, state.used_addr,
                    index=state.index, event_idx=bool(state.event_idx),
-                   last_avail_idx=state.last_avail_idx, used_idx=state.used_idx)
+                   last_avail_idx=state.last_avail_idx, used_idx=state.used_idx, in_order=bool(state.in_order))
 
     def state(self):
         """Plain-data snapshot of the queue (positions with their wrap counters in bit 15)."""
         return QueueState(size=self.size, desc_addr=self.desc_addr, avail_addr=self.driver_addr,
                           used_addr=self.device_addr, last_avail_idx=self.last_avail_idx,
-                          used_idx=self.used_idx, event_idx=bool(self.event_idx), index=self.index)
+                          used_idx=self.used_idx, event_idx=bool(self.event_idx), index=self.index,
+                          in_order=bool(self.in_order))
 
     @property
     def last_avail_idx(self):
@@ -323,6 +333,15 @@ cdef class PackedQueue(Virtqueue):
             raise error
         return self._sync()
 
+    cdef inline void _order_append(self, uint16_t buf_id) noexcept nogil:
+        if self.in_order:
+            self._order[(self._order_first + self._order_n) % self.size] = buf_id
+            self._order_n += 1
+
+    cdef inline uint16_t _order_at(self, uint32_t k) noexcept nogil:
+        """With in_order: the ``k``-th oldest Buffer ID in flight."""
+        return self._order[(self._order_first + k) % self.size]
+
     cdef inline void _advance_avail(self, uint32_t n) noexcept nogil:
         self._next_avail += n
         if self._next_avail >= self.size:
@@ -353,6 +372,7 @@ cdef class PackedQueue(Virtqueue):
                 self._advance_avail(self._walked)
                 self._taken[buf_id] = <uint16_t> self._walked
                 self._n_in_flight += 1
+                self._order_append(buf_id)
                 self._recent_ids[self._n_recent] = buf_id
                 self._recent_pos[self._n_recent] = <uint16_t> start
                 self._n_recent += 1
@@ -403,6 +423,7 @@ cdef class PackedQueue(Virtqueue):
                 break
             self._taken[buf_id] = <uint16_t> count
             self._n_in_flight += 1
+            self._order_append(buf_id)
             batch.heads[batch.n] = buf_id
             batch.used_lens[batch.n] = 0
             batch.n += 1
@@ -424,6 +445,8 @@ cdef class PackedQueue(Virtqueue):
             self._taken[self._recent_ids[i]] = 0
             self._n_in_flight -= 1
             self._log_bufs.pop(self._recent_ids[i], None)
+        if self.in_order:
+            self._order_n -= count
         self._n_recent -= count
         self._next_avail = start & ~WRAP_BIT
         self._avail_wrap = (start & WRAP_BIT) != 0
@@ -682,13 +705,21 @@ cdef class PackedQueue(Virtqueue):
             raise checks.used_len(self.index, head, length)
         return 0
 
-    cdef void _push_one(self, uint16_t head, uint32_t length) noexcept nogil:
-        # The caller checked that ``head`` is in flight.
-        cdef uint8_t *at = self._desc + 16 * <uint64_t> self._next_used
-        cdef uint16_t taken = self._taken[head]
-        cdef uint16_t flags = (F_AVAIL | F_USED) if self._used_wrap else 0
+    cdef inline uint32_t _take(self, uint16_t head) noexcept nogil:
+        """Count the list of ``head`` returned (the caller checked it is in flight); the ring slots it took."""
+        cdef uint32_t taken = self._taken[head]
         self._taken[head] = 0
         self._n_in_flight -= 1
+        if self.in_order:
+            self._order_first = (self._order_first + 1) % self.size
+            self._order_n -= 1
+        return taken
+
+    cdef void _push_one(self, uint16_t head, uint32_t length, uint32_t skipped) noexcept nogil:
+        """Write the used descriptor of ``head`` for it and the ``skipped`` slots of lists it stands for (2.8.8)."""
+        cdef uint8_t *at = self._desc + 16 * <uint64_t> self._next_used
+        cdef uint32_t taken = self._take(head) + skipped
+        cdef uint16_t flags = (F_AVAIL | F_USED) if self._used_wrap else 0
         # 2.8.6 / 2.8.21: id and len first, then flags (AVAIL = USED = the device's wrap counter).
         iovirt_pk_store_used(at, length, head)
         if length:
@@ -706,6 +737,8 @@ cdef class PackedQueue(Virtqueue):
         if self._n_in_flight == 0:
             raise checks.too_many_used(self.index, 1, 0)
         self._check_used(head, length)
+        if self.in_order and head != self._order_at(0):
+            raise checks.used_order(self.index, head, self._order_at(0))
         if self._log is not None:
             buffers = self._log_bufs.pop(head, None)
             if buffers is None:
@@ -715,15 +748,20 @@ cdef class PackedQueue(Virtqueue):
                     if writable:
                         self._log_buffer(addr, n, NULL)
         self._n_recent = 0
-        self._push_one(<uint16_t> head, <uint32_t> length)
+        self._push_one(<uint16_t> head, <uint32_t> length, 0)
         if self._log is not None:
             self._log_done()
 
-    def push_batch(self, batch):
-        """Return every list of ``batch`` with its used length."""
+    def push_batch(self, batch, bint coalesce=False):
+        """Return every list of ``batch`` with its used length.
+
+        ``coalesce`` (with ``in_order``): one used descriptor per run of
+        lists used whole (2.8.8); see ``_packed_py.PackedQueue.push_batch``.
+        """
         cdef ChainBatch b
-        cdef Py_ssize_t i, n
-        cdef uint32_t k
+        cdef Py_ssize_t i, n, pos = 0
+        cdef uint32_t k, skipped = 0
+        cdef uint64_t writable
         self._sync()
         n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
         if n > <Py_ssize_t> self._n_in_flight:
@@ -738,6 +776,10 @@ cdef class PackedQueue(Virtqueue):
             if head in seen:  # twice in one batch: the second is no longer in flight
                 raise pchecks.used_not_in_flight(self.index, head)
             self._check_used(head, length)
+            # 2.8.8: buffers are used in the order they were made available.
+            if self.in_order and head != self._order_at(pos):
+                raise checks.used_order(self.index, head, self._order_at(pos))
+            pos += 1
             seen.add(head)
         if self._log is not None:
             if isinstance(batch, ChainBatch):
@@ -754,8 +796,28 @@ cdef class PackedQueue(Virtqueue):
                 self._log_bufs.pop(head, None)
         if n:
             self._n_recent = 0
-        for head, length in pairs:
-            self._push_one(head, length)
+        if coalesce and self.in_order:
+            # Writable length of each list: a run ends at a list not used whole.
+            if isinstance(batch, ChainBatch):
+                whole = []
+                for i in range(b.n):
+                    writable = 0
+                    for k in range(b.first[i], b.first[i + 1]):
+                        if b.writable[k]:
+                            writable += b.lens[k]
+                    whole.append(b.used_lens[i] == writable)
+            else:
+                whole = [chain.used_len == chain.writable_len for chain in batch]
+            for i in range(n):
+                head, length = pairs[i]
+                if i == n - 1 or not whole[i]:
+                    self._push_one(head, length, skipped)
+                    skipped = 0
+                else:
+                    skipped += self._take(head)
+        else:
+            for head, length in pairs:
+                self._push_one(head, length, 0)
         if self._log is not None:
             self._log_done()
 

@@ -21,6 +21,7 @@ encodes packed ring indexes; both wrap counters start at 1 (2.8.1).
 
 from __future__ import annotations
 
+import collections
 import struct
 from typing import Callable, Iterable, Sequence
 
@@ -68,6 +69,10 @@ class PackedQueue:
     and of :class:`~iovirt.virtio.state.QueueState`).  A list that breaks a
     rule is consumed up to the offending ring descriptor and raised as a
     :class:`~iovirt.virtio.errors.VirtqueueError` subclass.
+
+    ``in_order``: VIRTIO_F_IN_ORDER was negotiated (2.8.8); as the split
+    ring's, lists are then pushed in pop order, and ``push_batch(batch,
+    coalesce=True)`` may return a run of lists through one used descriptor.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class PackedQueue:
         event_idx: bool = False,
         last_avail_idx: int = PACKED_WRAP_BIT,
         used_idx: int = PACKED_WRAP_BIT,
+        in_order: bool = False,
     ) -> None:
         pchecks.check_layout(memory, index, size, desc_addr, driver_addr, device_addr)
         for addr, length in pchecks.ring_parts(size, desc_addr, driver_addr, device_addr):
@@ -93,6 +99,7 @@ class PackedQueue:
         self.driver_addr = driver_addr
         self.device_addr = device_addr
         self.event_idx = event_idx
+        self.in_order = in_order
         self._next_avail = (last_avail_idx & ~PACKED_WRAP_BIT) % size
         self._avail_wrap = bool(last_avail_idx & PACKED_WRAP_BIT)
         self._next_used = (used_idx & ~PACKED_WRAP_BIT) % size
@@ -101,6 +108,8 @@ class PackedQueue:
         self._pending_error: VirtqueueError | None = None
         # Buffer ID -> ring descriptors its list took: the used side skips as many (2.8.6).
         self._in_flight: dict[int, int] = {}
+        # With in_order: the Buffer IDs in flight, oldest first (the order the used ring must follow).
+        self._order: collections.deque[int] = collections.deque()
         # (Buffer ID, start position) of lists popped since the last push, for rewind.
         self._recent: list[tuple[int, int]] = []
         # Used-ring slots written since the driver was last notified (None: never notified).
@@ -128,6 +137,7 @@ class PackedQueue:
             event_idx=bool(state.event_idx),
             last_avail_idx=state.last_avail_idx,
             used_idx=state.used_idx,
+            in_order=bool(state.in_order),
         )
 
     def state(self) -> QueueState:
@@ -141,6 +151,7 @@ class PackedQueue:
             used_idx=self.used_idx,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     @property
@@ -262,6 +273,8 @@ class PackedQueue:
                 break
             self._advance_avail(taken)
             self._in_flight[buf_id] = taken
+            if self.in_order:
+                self._order.append(buf_id)
             self._recent.append((buf_id, start))
             if self._log is not None:
                 self._log_buffers_of[buf_id] = buffers
@@ -295,6 +308,8 @@ class PackedQueue:
             except TranslationPending:
                 break
             self._in_flight[buf_id] = taken
+            if self.in_order:
+                self._order.append(buf_id)
             if self._log is not None:
                 self._log_buffers_of[buf_id] = buffers
             chains.append(DescChain(buf_id, buffers))
@@ -334,6 +349,8 @@ class PackedQueue:
         for buf_id, _ in self._recent[-count:]:
             del self._in_flight[buf_id]
             self._log_buffers_of.pop(buf_id, None)
+            if self.in_order:
+                self._order.pop()
         del self._recent[-count:]
         self._next_avail, self._avail_wrap = start & ~PACKED_WRAP_BIT, bool(start & PACKED_WRAP_BIT)
 
@@ -424,6 +441,8 @@ class PackedQueue:
         if not self._in_flight:
             raise checks.too_many_used(self.index, 1, 0)
         self._check_used(head, length)
+        if self.in_order and head != self._order[0]:
+            raise checks.used_order(self.index, head, self._order[0])
         if self._log is not None:
             buffers = self._log_buffers_of.pop(head, None)
             if buffers is None:
@@ -433,23 +452,44 @@ class PackedQueue:
         self._push_one(head, length)
         self._published()
 
-    def push_batch(self, batch: ChainBatch) -> None:
-        """Return every list of ``batch`` with its ``used_len``."""
+    def push_batch(self, batch: ChainBatch, coalesce: bool = False) -> None:
+        """Return every list of ``batch`` with its ``used_len``.
+
+        ``coalesce`` (with ``in_order``): 2.8.8 lets the device return a run
+        of lists through one used descriptor with the last list's Buffer ID,
+        written at the run's first slot, and skip the slots of the whole
+        run; the lists skipped count as used whole, so a run ends at every
+        list whose ``used_len`` is not its writable length (as the split
+        ring's ``push_batch``).
+        """
         self._check_live()
         if len(batch) > len(self._in_flight):
             raise checks.too_many_used(self.index, len(batch), len(self._in_flight))
         seen: set[int] = set()
-        for chain in batch:
+        for k, chain in enumerate(batch):
             if chain.head in seen:  # twice in one batch: the second is no longer in flight
                 raise pchecks.used_not_in_flight(self.index, chain.head)
             self._check_used(chain.head, chain.used_len)
+            # 2.8.8: buffers are used in the order they were made available.
+            if self.in_order and chain.head != self._order[k]:
+                raise checks.used_order(self.index, chain.head, self._order[k])
             seen.add(chain.head)
         if self._log is not None:
             for chain in batch:
                 self._log_buffers_of.pop(chain.head, None)
                 self._log_buffers(chain.buffers)
-        for chain in batch:
-            self._push_one(chain.head, chain.used_len)
+        if coalesce and self.in_order:
+            skipped = 0
+            last = len(batch) - 1
+            for i, chain in enumerate(batch):
+                if i == last or chain.used_len != chain.writable_len:
+                    self._push_one(chain.head, chain.used_len, skipped)
+                    skipped = 0
+                else:
+                    skipped += self._take(chain.head)
+        else:
+            for chain in batch:
+                self._push_one(chain.head, chain.used_len)
         self._published()
 
     def _check_used(self, head: int, length: int) -> None:
@@ -458,9 +498,16 @@ class PackedQueue:
         if not 0 <= length <= checks.USED_LEN_MAX:
             raise checks.used_len(self.index, head, length)
 
-    def _push_one(self, head: int, length: int) -> None:
-        taken = self._in_flight.pop(head)
+    def _take(self, head: int) -> int:
+        """Count the list of ``head`` returned; the ring slots it took."""
+        if self.in_order:
+            self._order.popleft()
         self._recent.clear()
+        return self._in_flight.pop(head)
+
+    def _push_one(self, head: int, length: int, skipped: int = 0) -> None:
+        """Write the used descriptor of ``head`` for it and the ``skipped`` slots of lists it stands for."""
+        taken = self._take(head) + skipped
         at = self.desc_addr + VIRTQ_DESC_SIZE * self._next_used
         # 2.8.6 / 2.8.21: id and len first, then flags (AVAIL = USED = the device's wrap counter).
         self.memory.write(at + 8, _USED.pack(length, head))

@@ -52,7 +52,10 @@ cdef class Virtqueue:
 
 cdef class SplitQueue(Virtqueue):
     cdef readonly uint64_t desc_addr, avail_addr, used_addr
-    cdef readonly bint event_idx
+    cdef readonly bint event_idx, in_order
+    # With in_order: heads in flight, oldest first, in a ring of Queue Size places
+    cdef uint16_t *_order
+    cdef uint32_t _order_first, _order_n
     cdef uint16_t _last_avail_idx, _used_idx, _signalled_used
     cdef bint _signalled_valid, _notify_enabled, _translated, _released
     cdef uint32_t _mask
@@ -92,7 +95,10 @@ cdef class SplitQueue(Virtqueue):
     cdef int _check_range_slow(self, uint64_t addr, uint64_t length, bint writable) noexcept
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef object _walk_error(self, uint16_t head, int rc)
+    cdef int _take_used(self, Py_ssize_t head, Py_ssize_t length) except -1
     cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1
+    cdef int _check_in_order_room(self, Py_ssize_t count) except -1
+    cdef int _push_coalesced(self, batch) except -1
     cdef void _publish_avail_event(self) noexcept
     cdef int _log_buffer(self, uint64_t addr, uint64_t length, uint8_t *host) except -1
     cdef int _log_head(self, uint16_t head) except -1

@@ -210,13 +210,15 @@ cdef class SplitQueue(Virtqueue):
         self._regions = NULL
         self._log_bits = NULL
         self._used_log = NULL
+        self._order = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._regions)
         PyMem_Free(self._used_log)
+        PyMem_Free(self._order)
 
     def __init__(self, memory, uint32_t size, uint64_t desc_addr, uint64_t avail_addr, uint64_t used_addr,
-                 *, int index=0, bint event_idx=False, int last_avail_idx=0, int used_idx=0):
+                 *, int index=0, bint event_idx=False, int last_avail_idx=0, int used_idx=0, bint in_order=False):
         check_layout(memory, index, size, desc_addr, avail_addr, used_addr)
         self.memory = memory
         self.index = index
@@ -226,6 +228,10 @@ cdef class SplitQueue(Virtqueue):
         self.avail_addr = avail_addr
         self.used_addr = used_addr
         self.event_idx = event_idx
+        self.in_order = in_order
+        self._order = <uint16_t *> _grow(self._order, size * sizeof(uint16_t))
+        self._order_first = 0
+        self._order_n = 0
         self._last_avail_idx = last_avail_idx & 0xFFFF
         self._used_idx = used_idx & 0xFFFF
         self._signalled_valid = False
@@ -242,13 +248,14 @@ cdef class SplitQueue(Virtqueue):
         checks.check_state(state)
         return cls(memory, state.size, state.desc_addr, state.avail_addr, state.used_addr,
                    index=state.index, event_idx=bool(state.event_idx),
-                   last_avail_idx=state.last_avail_idx, used_idx=state.used_idx)
+                   last_avail_idx=state.last_avail_idx, used_idx=state.used_idx, in_order=bool(state.in_order))
 
     def state(self):
         """Plain-data snapshot of the queue."""
         return QueueState(size=self.size, desc_addr=self.desc_addr, avail_addr=self.avail_addr,
                           used_addr=self.used_addr, last_avail_idx=self._last_avail_idx,
-                          used_idx=self._used_idx, event_idx=bool(self.event_idx), index=self.index)
+                          used_idx=self._used_idx, event_idx=bool(self.event_idx), index=self.index,
+                          in_order=bool(self.in_order))
 
     @property
     def last_avail_idx(self):
@@ -383,12 +390,16 @@ cdef class SplitQueue(Virtqueue):
         count = self._pending()
         if count > max_chains:
             count = max_chains
+        self._check_in_order_room(count)
         batch = _empty_batch(batch, count)
         with nogil:
             for k in range(count):
                 head = iovirt_load_u16(self._avail + 4 + 2 * (self._last_avail_idx & self._mask))
                 self._last_avail_idx += 1
                 self._in_flight += 1
+                if self.in_order:
+                    self._order[(self._order_first + self._order_n) & self._mask] = head
+                    self._order_n += 1
                 rc = self._walk(head, batch)
                 if rc != 0:
                     batch.nbufs = batch.first[batch.n]
@@ -401,6 +412,8 @@ cdef class SplitQueue(Virtqueue):
             # Not the driver's fault: leave the chain available, retry later.
             self._last_avail_idx -= 1
             self._in_flight -= 1
+            if self.in_order:
+                self._order_n -= 1
             rc = 0
         self._publish_avail_event()
         if rc != 0:
@@ -423,6 +436,7 @@ cdef class SplitQueue(Virtqueue):
         cdef uint16_t head = 0
         cdef int rc = 0
         self._raise_pending()
+        self._check_in_order_room(n)
         batch = _empty_batch(batch, n)
         for k in range(n):
             if not 0 <= heads[k] < self.size:
@@ -433,6 +447,9 @@ cdef class SplitQueue(Virtqueue):
                 batch.nbufs = batch.first[batch.n]
                 break
             self._in_flight += 1
+            if self.in_order:
+                self._order[(self._order_first + self._order_n) & self._mask] = head
+                self._order_n += 1
             batch.heads[batch.n] = head
             batch.used_lens[batch.n] = 0
             batch.n += 1
@@ -446,6 +463,14 @@ cdef class SplitQueue(Virtqueue):
         checks.check_rewind(self.index, count, self._in_flight)
         self._last_avail_idx -= <uint16_t> count
         self._in_flight -= count
+        if self.in_order:
+            self._order_n -= count
+
+    cdef int _check_in_order_room(self, Py_ssize_t count) except -1:
+        # See _queue_py.SplitQueue._check_in_order_room: the order ring has Queue Size places.
+        if self.in_order and self._in_flight + count > self.size:
+            raise checks.in_order_overrun(self.index, self._in_flight, count, self.size)
+        return 0
 
     cdef int _read_desc(self, const uint8_t *table_host, uint64_t table_gpa, uint32_t i, Desc *d) noexcept nogil:
         if table_host != NULL:
@@ -698,13 +723,25 @@ cdef class SplitQueue(Virtqueue):
         return 0
 
     # -- used side -------------------------------------------------------------------
-    cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1:
-        # The caller checked that a chain is in flight.
+    cdef int _take_used(self, Py_ssize_t head, Py_ssize_t length) except -1:
+        """Check a used entry for ``head`` and count its chain returned (the caller checked one is in flight)."""
+        cdef uint16_t expected
         if head < 0 or head >= self.size:
             raise checks.used_id(self.index, head, self.size)
         if length < 0 or length > USED_LEN_MAX:
             raise checks.used_len(self.index, head, length)
+        if self.in_order:
+            # 2.7.9: buffers are used in the order they were made available.
+            expected = self._order[self._order_first]
+            if head != expected:
+                raise checks.used_order(self.index, head, expected)
+            self._order_first = (self._order_first + 1) & self._mask
+            self._order_n -= 1
         self._in_flight -= 1
+        return 0
+
+    cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1:
+        self._take_used(head, length)
         iovirt_store_used_elem(self._used + 4 + 8 * (self._used_idx & self._mask), <uint32_t> head,
                                <uint32_t> length)
         self._used_idx += 1
@@ -722,8 +759,12 @@ cdef class SplitQueue(Virtqueue):
         if self._log is not None:
             self._log_done()
 
-    def push_batch(self, batch):
-        """Return every chain of ``batch`` with its used length; one idx update."""
+    def push_batch(self, batch, bint coalesce=False):
+        """Return every chain of ``batch`` with its used length; one idx update.
+
+        ``coalesce`` (with ``in_order``): one used entry per run of chains
+        used whole (2.7.9); see ``_queue_py.SplitQueue.push_batch``.
+        """
         cdef ChainBatch b
         cdef Py_ssize_t i
         cdef Py_ssize_t n
@@ -744,7 +785,9 @@ cdef class SplitQueue(Virtqueue):
                     for addr, length, writable in chain.buffers:
                         if writable:
                             self._log_buffer(addr, length, NULL)
-        if isinstance(batch, ChainBatch):
+        if coalesce and self.in_order:
+            self._push_coalesced(batch)
+        elif isinstance(batch, ChainBatch):
             b = <ChainBatch> batch
             for i in range(b.n):
                 self._push_one(b.heads[i], b.used_lens[i])
@@ -755,6 +798,38 @@ cdef class SplitQueue(Virtqueue):
         iovirt_store_release_u16(self._used + 2, self._used_idx)
         if self._log is not None:
             self._log_done()
+
+    cdef int _push_coalesced(self, batch) except -1:
+        """2.7.9: a run's one used entry (its last chain's) at the run's first slot; idx moves by the run."""
+        cdef ChainBatch b
+        cdef Py_ssize_t i, last
+        cdef uint32_t k
+        cdef uint64_t writable
+        cdef uint16_t start = self._used_idx
+        if isinstance(batch, ChainBatch):
+            b = <ChainBatch> batch
+            last = b.n - 1
+            for i in range(b.n):
+                self._take_used(b.heads[i], b.used_lens[i])
+                self._used_idx += 1
+                writable = 0
+                for k in range(b.first[i], b.first[i + 1]):
+                    if b.writable[k]:
+                        writable += b.lens[k]
+                if i == last or b.used_lens[i] != writable:
+                    iovirt_store_used_elem(self._used + 4 + 8 * (start & self._mask), b.heads[i], b.used_lens[i])
+                    start = self._used_idx
+        else:
+            chains = list(batch)
+            last = len(chains) - 1
+            for i, chain in enumerate(chains):
+                self._take_used(chain.head, chain.used_len)
+                self._used_idx += 1
+                if i == last or chain.used_len != chain.writable_len:
+                    iovirt_store_used_elem(self._used + 4 + 8 * (start & self._mask), <uint32_t> chain.head,
+                                           <uint32_t> chain.used_len)
+                    start = self._used_idx
+        return 0
 
     # -- notifications ---------------------------------------------------------------
     def need_notify(self):

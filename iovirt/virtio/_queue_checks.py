@@ -22,6 +22,7 @@ from iovirt.virtio.errors import (
     NestedIndirectError,
     QueueConfigError,
     QueueStateError,
+    UsedOrderError,
     UsedRingError,
 )
 from iovirt.virtio.state import QueueState
@@ -169,3 +170,20 @@ def batch_used_len(length: int) -> ValueError:
 def too_many_used(index: int, count: int, in_flight: int) -> UsedRingError:
     """More used entries than chains popped and not yet returned."""
     return UsedRingError(f"{count} used entries but {in_flight} chains in flight", index)
+
+
+def used_order(index: int, head: int, expected: int) -> UsedOrderError:
+    """VIRTIO_F_IN_ORDER: the device uses buffers in the order they were made available (2.7.9, 2.8.8)."""
+    return UsedOrderError(
+        f"used id {head} out of order: with VIRTIO_F_IN_ORDER the oldest chain in flight, {expected}, is next",
+        index, head, expected,
+    )
+
+
+def in_order_overrun(index: int, in_flight: int, count: int, size: int) -> AvailIndexError:
+    """VIRTIO_F_IN_ORDER: more chains in flight than Queue Size (the driver reused descriptors it has not got back)."""
+    return AvailIndexError(
+        f"{in_flight} chains in flight and {count} more available: more than Queue Size {size} "
+        "with VIRTIO_F_IN_ORDER",
+        index,
+    )

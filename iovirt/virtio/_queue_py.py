@@ -12,6 +12,7 @@ field, exactly as the virtio 1.2 spec section 2.7 describes the split ring:
 
 from __future__ import annotations
 
+import collections
 import struct
 from typing import Iterable, Sequence
 
@@ -48,6 +49,11 @@ class SplitQueue:
     raised as a :class:`~iovirt.virtio.errors.VirtqueueError` subclass; an
     avail index that jumps by more than the queue size breaks the queue until
     it is rebuilt (the driver is treated as malicious).
+
+    ``in_order``: VIRTIO_F_IN_ORDER was negotiated (2.7.9).  Chains must then
+    be pushed in the order they were popped (:class:`~iovirt.virtio.errors.UsedOrderError`
+    otherwise), and ``push_batch(batch, coalesce=True)`` may return a batch
+    through fewer used entries.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class SplitQueue:
         event_idx: bool = False,
         last_avail_idx: int = 0,
         used_idx: int = 0,
+        in_order: bool = False,
     ) -> None:
         check_layout(memory, index, size, desc_addr, avail_addr, used_addr)
         for addr, length in checks.ring_parts(size, desc_addr, avail_addr, used_addr):
@@ -73,6 +80,7 @@ class SplitQueue:
         self.avail_addr = avail_addr
         self.used_addr = used_addr
         self.event_idx = event_idx
+        self.in_order = in_order
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = used_idx & 0xFFFF
         self._signalled_used: int | None = None
@@ -80,6 +88,8 @@ class SplitQueue:
         self._pending_error: VirtqueueError | None = None
         # Chains popped and not yet pushed: a device may not return more.
         self._in_flight = 0
+        # With in_order: their heads, oldest first (the order the used ring must follow).
+        self._order: collections.deque[int] = collections.deque()
         self._released = False
         self._log: DirtyLog | None = None
         self._used_log: list[tuple[int, int]] = []
@@ -99,6 +109,7 @@ class SplitQueue:
             event_idx=bool(state.event_idx),
             last_avail_idx=state.last_avail_idx,
             used_idx=state.used_idx,
+            in_order=bool(state.in_order),
         )
 
     def state(self) -> QueueState:
@@ -112,6 +123,7 @@ class SplitQueue:
             used_idx=self.used_idx,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     def release(self) -> None:
@@ -209,18 +221,23 @@ class SplitQueue:
             raise error
         self._check_live()
         count = min(self.pending(), max_chains)
+        self._check_in_order_room(count)
         chains: list[DescChain] = []
         for _ in range(count):
             slot = self.avail_addr + 4 + 2 * (self.last_avail_idx % self.size)
             head = self.memory.read_u16(slot)
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             self._in_flight += 1
+            if self.in_order:
+                self._order.append(head)
             try:
                 chains.append(DescChain(head, self._walk(head)))
             except TranslationPending:
                 # Not the driver's fault: leave the chain available, retry later.
                 self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
                 self._in_flight -= 1
+                if self.in_order:
+                    self._order.pop()
                 break
             except VirtqueueError as exc:
                 if not chains:
@@ -247,6 +264,7 @@ class SplitQueue:
             error, self._pending_error = self._pending_error, None
             raise error
         self._check_live()
+        self._check_in_order_room(len(heads))
         chains: list[DescChain] = []
         for head in heads:
             if not 0 <= head < self.size:
@@ -256,6 +274,8 @@ class SplitQueue:
             except TranslationPending:
                 break
             self._in_flight += 1
+            if self.in_order:
+                self._order.append(head)
         if batch is None:
             return ChainBatch(chains)
         batch.chains = chains
@@ -270,6 +290,18 @@ class SplitQueue:
         checks.check_rewind(self.index, count, self._in_flight)
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
         self._in_flight -= count
+        if self.in_order:
+            for _ in range(count):
+                self._order.pop()
+
+    def _check_in_order_room(self, count: int) -> None:
+        """With in_order, refuse to hold more than Queue Size chains: the order kept has that many places.
+
+        A driver cannot have more chains out than descriptors (2.7.13 note);
+        one that does reuses heads the device still holds.
+        """
+        if self.in_order and self._in_flight + count > self.size:
+            raise checks.in_order_overrun(self.index, self._in_flight, count, self.size)
 
     def _read_desc(self, table: int, i: int, head: int) -> tuple[int, int, int, int]:
         try:
@@ -343,26 +375,58 @@ class SplitQueue:
         self._push_one(head, length)
         self._publish_used_idx()
 
-    def push_batch(self, batch: ChainBatch) -> None:
-        """Return every chain of ``batch`` with its ``used_len``; one idx update."""
+    def push_batch(self, batch: ChainBatch, coalesce: bool = False) -> None:
+        """Return every chain of ``batch`` with its ``used_len``; one idx update.
+
+        ``coalesce`` (with ``in_order``): 2.7.9 lets the device return a run
+        of chains through one used entry, the last chain's, written where the
+        run's first entry would be; the used idx still moves by the run's
+        length.  The driver takes the chains the entry skips as used whole,
+        so a run ends at every chain whose ``used_len`` is not its writable
+        length.  A caller passes ``coalesce`` only where its drivers read no
+        skipped entry: DPDK's in-order split receive path reads every entry's
+        ``len``, so only transmit-like queues may coalesce.
+        """
         self._check_live()
         if len(batch) > self._in_flight:
             raise checks.too_many_used(self.index, len(batch), self._in_flight)
         if self._log is not None:
             for chain in batch:
                 self._log_buffers(chain.buffers)
-        for chain in batch:
-            self._push_one(chain.head, chain.used_len)
+        if coalesce and self.in_order:
+            start = self.used_idx
+            last = len(batch) - 1
+            for i, chain in enumerate(batch):
+                self._take_used(chain.head, chain.used_len)
+                self.used_idx = (self.used_idx + 1) & 0xFFFF
+                if i == last or chain.used_len != chain.writable_len:
+                    self._write_used(start, chain.head, chain.used_len)
+                    start = self.used_idx
+        else:
+            for chain in batch:
+                self._push_one(chain.head, chain.used_len)
         self._publish_used_idx()
 
-    def _push_one(self, head: int, length: int) -> None:
+    def _take_used(self, head: int, length: int) -> None:
+        """Check a used entry for ``head`` and count its chain returned."""
         if not 0 <= head < self.size:
             raise checks.used_id(self.index, head, self.size)
         if not 0 <= length <= checks.USED_LEN_MAX:
             raise checks.used_len(self.index, head, length)
+        if self.in_order:
+            # 2.7.9: buffers are used in the order they were made available.
+            if head != self._order[0]:
+                raise checks.used_order(self.index, head, self._order[0])
+            self._order.popleft()
         self._in_flight -= 1
-        slot = self.used_addr + 4 + 8 * (self.used_idx % self.size)
+
+    def _write_used(self, idx: int, head: int, length: int) -> None:
+        slot = self.used_addr + 4 + 8 * (idx % self.size)
         self.memory.write(slot, _USED_ELEM.pack(head, length))
+
+    def _push_one(self, head: int, length: int) -> None:
+        self._take_used(head, length)
+        self._write_used(self.used_idx, head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def _publish_used_idx(self) -> None:

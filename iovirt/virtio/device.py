@@ -119,6 +119,7 @@ class VirtioDevice:
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
         *,
         packed: bool = False,
+        in_order: bool = False,
     ) -> SplitQueue:
         """Start serving queue ``index`` from ``state``; ``notify`` signals used buffers.
 
@@ -126,8 +127,12 @@ class VirtioDevice:
         queue (a transport's bookkeeping, e.g. vhost-user inflight tracking).
         ``packed``: the transport negotiated VIRTIO_F_RING_PACKED, the ring is
         a packed one (2.8; ``state`` positions carry wrap counters in bit 15).
+        ``in_order``: the transport negotiated VIRTIO_F_IN_ORDER (2.7.9, 2.8.8);
+        the queue then refuses used entries out of pop order.
         """
-        state = QueueState(**{**state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX)})
+        state = QueueState(**{
+            **state.to_dict(), "index": index, "event_idx": self.has_feature(VIRTIO_F_EVENT_IDX), "in_order": in_order,
+        })
         # A packed queue has the split queue's API (iovirt/virtio/queue.py): devices cannot tell.
         queue = cast(SplitQueue, queue_class(packed).from_state(memory, state))
         if wrap is not None:

@@ -5,7 +5,9 @@ in-process platform (rust-vmm ships the same thing as ``virtio-queue``'s
 mock).  It follows the driver requirements of virtio 1.2 section 2.7: chains
 are written into free descriptors (or an indirect table), the head goes into
 the avail ring, and the avail idx is published after the entries; used
-entries are read after the used idx.
+entries are read after the used idx.  With VIRTIO_F_IN_ORDER (``in_order``,
+2.7.9) it uses descriptors in ring order (2.7.5) and takes a used entry for
+head N as the completion of every chain outstanding up to N.
 
 It also has raw writers (``write_desc``, ``post_head``, ``set_avail_idx``) to
 build the malformed rings that bad-input tests feed to devices.
@@ -13,6 +15,7 @@ build the malformed rings that bad-input tests feed to devices.
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,6 +47,19 @@ class DriverQueueError(IovirtError):
     """A driver-side misuse: no free descriptors, an unknown used id, ..."""
 
 
+class UsedIdError(DriverQueueError):
+    """The device returned a used id that is not outstanding (2.7.8, 2.8.6), or an in-order batch
+    that runs past the used idx (2.7.9).
+
+    Attributes: ``queue`` (queue index), ``used_id`` (the id the device wrote).
+    """
+
+    def __init__(self, message: str, queue: int, used_id: int) -> None:
+        super().__init__(f"queue {queue}: {message}")
+        self.queue = queue
+        self.used_id = used_id
+
+
 @dataclass(frozen=True)
 class UsedElem:
     """One used entry read back by the driver, with the device-written bytes."""
@@ -53,10 +69,23 @@ class UsedElem:
     data: bytes
 
 
+def read_written(memory: GuestMemory, writable: list[tuple[int, int]], length: int) -> bytes:
+    """The first ``length`` bytes the device wrote into ``writable`` buffers (a used entry's data)."""
+    data = bytearray()
+    left = length
+    for addr, n in writable:
+        if left <= 0:
+            break
+        data += memory.read(addr, min(n, left))
+        left -= n
+    return bytes(data)
+
+
 class DriverQueue:
     """The driver's view of one split virtqueue.
 
     ``alloc`` hands out guest memory for rings, buffers and indirect tables.
+    ``in_order``: VIRTIO_F_IN_ORDER was negotiated (2.7.9).
     """
 
     def __init__(
@@ -67,6 +96,7 @@ class DriverQueue:
         *,
         event_idx: bool = False,
         index: int = 0,
+        in_order: bool = False,
     ) -> None:
         self.memory = memory
         self.alloc = alloc
@@ -79,7 +109,13 @@ class DriverQueue:
         memory.fill(self.desc_addr, desc_table_size(size))
         memory.fill(self.avail_addr, avail_ring_size(size))
         memory.fill(self.used_addr, used_ring_size(size))
-        self._free = list(range(size - 1, -1, -1))
+        self.in_order = in_order
+        # Free descriptors, taken from the end (the bench's raw path takes them there too); with
+        # in_order from the front, in ring order (2.7.5: "starting from offset 0 in the table, and
+        # wrapping around"), and freed in that order.
+        self._free = list(range(size) if in_order else range(size - 1, -1, -1))
+        # With in_order: heads made available and not yet used, oldest first.
+        self._order: collections.deque[int] = collections.deque()
         self.avail_idx = 0  # shadow of avail->idx, published by publish()
         self._published_idx = 0
         self.last_used_idx = 0
@@ -96,6 +132,7 @@ class DriverQueue:
             used_addr=self.used_addr,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     @property
@@ -155,6 +192,8 @@ class DriverQueue:
                 self.write_desc(descs[k], addr, length, flags | more, descs[k + 1] if more else 0)
         head = descs[0]
         self._inflight[head] = (descs, list(writable))
+        if self.in_order:
+            self._order.append(head)
         self.post_head(head)
         return head
 
@@ -171,6 +210,8 @@ class DriverQueue:
     def _take(self, n: int) -> list[int]:
         if n > len(self._free):
             raise DriverQueueError(f"queue {self.index}: {n} descriptors wanted, {len(self._free)} free")
+        if self.in_order:
+            return [self._free.pop(0) for _ in range(n)]
         return [self._free.pop() for _ in range(n)]
 
     def publish(self) -> bool:
@@ -189,26 +230,36 @@ class DriverQueue:
         return self.memory.read_u16(self.used_addr + 2)
 
     def get_used(self) -> list[UsedElem]:
-        """Take every new used entry, free its descriptors, return them with written data."""
+        """Take every new used entry, free its descriptors, return them with written data.
+
+        With ``in_order`` an entry for head N stands for every chain
+        outstanding up to N (2.7.9): those before N are returned as used
+        whole (their writable length), N with the entry's ``len``; the used
+        idx moved past all of them.
+        """
         out = []
         used_idx = self.used_idx()
         while self.last_used_idx != used_idx:
             slot = self.used_addr + 4 + 8 * (self.last_used_idx % self.size)
             head, length = _USED_ELEM.unpack(self.memory.read(slot, 8))
-            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
-            entry = self._inflight.pop(head, None)
-            if entry is None:
-                raise DriverQueueError(f"queue {self.index}: used id {head} is not an in-flight head")
-            descs, writable = entry
-            self._free.extend(reversed(descs))
-            data = bytearray()
-            left = length
-            for addr, n in writable:
-                if left <= 0:
-                    break
-                data += self.memory.read(addr, min(n, left))
-                left -= n
-            out.append(UsedElem(head, length, bytes(data)))
+            if head not in self._inflight:
+                raise UsedIdError(f"used id {head} is not an in-flight head", self.index, head)
+            heads = [head]
+            if self.in_order:
+                count = self._order.index(head) + 1
+                left = (used_idx - self.last_used_idx) & 0xFFFF
+                if count > left:
+                    raise UsedIdError(
+                        f"used id {head} completes {count} in-order chains but the used idx moved by {left}",
+                        self.index, head,
+                    )
+                heads = [self._order.popleft() for _ in range(count)]
+            self.last_used_idx = (self.last_used_idx + len(heads)) & 0xFFFF
+            for done in heads:
+                descs, writable = self._inflight.pop(done)
+                self._free.extend(descs if self.in_order else reversed(descs))
+                n_used = length if done == head else sum(n for _, n in writable)
+                out.append(UsedElem(done, n_used, read_written(self.memory, writable, n_used)))
         if self.event_idx and self.interrupts:
             # As Linux's virtqueue_get_buf: ask for an interrupt at the next entry.
             self.set_used_event(self.last_used_idx)

@@ -77,3 +77,14 @@ class AvailIndexError(VirtqueueError):
 
 class UsedRingError(VirtqueueError):
     """A caller pushed an impossible used entry (head out of range, more than was popped)."""
+
+
+class UsedOrderError(UsedRingError):
+    """With VIRTIO_F_IN_ORDER, a used entry for a chain other than the oldest in flight (2.7.9, 2.8.8).
+
+    ``head`` is the chain pushed, ``expected`` the one the device must use next.
+    """
+
+    def __init__(self, message: str, queue: int, head: int, expected: int) -> None:
+        super().__init__(message, queue, head=head)
+        self.expected = expected

@@ -7,6 +7,8 @@ with the AVAIL/USED bits set from the Driver Ring Wrap Counter, the first
 descriptor's flags written last (at :meth:`PackedDriverQueue.publish`); the
 Buffer ID goes into every descriptor of the list; used descriptors are read
 back at the driver's used slot, which skips as many slots as the list took.
+With VIRTIO_F_IN_ORDER (``in_order``, 2.8.8) a used descriptor with Buffer
+ID N completes every list outstanding up to N and skips all their slots.
 
 ``write_desc`` writes a raw descriptor, to build the malformed rings that
 bad-input tests feed to devices.
@@ -14,6 +16,7 @@ bad-input tests feed to devices.
 
 from __future__ import annotations
 
+import collections
 import struct
 from typing import Sequence
 
@@ -33,7 +36,7 @@ from iovirt.virtio.defs import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_DESC_SIZE,
 )
-from iovirt.virtio.driver import DriverQueueError, UsedElem
+from iovirt.virtio.driver import DriverQueueError, UsedElem, UsedIdError, read_written
 from iovirt.virtio.state import QueueState
 
 _DESC = struct.Struct("<QIHH")
@@ -45,10 +48,20 @@ def avail_flags(wrap: bool) -> int:
 
 
 class PackedDriverQueue:
-    """The driver's view of one packed virtqueue; ``alloc`` hands out guest memory."""
+    """The driver's view of one packed virtqueue; ``alloc`` hands out guest memory.
+
+    ``in_order``: VIRTIO_F_IN_ORDER was negotiated (2.8.8).
+    """
 
     def __init__(
-        self, memory: GuestMemory, alloc: BumpAllocator, size: int, *, event_idx: bool = False, index: int = 0
+        self,
+        memory: GuestMemory,
+        alloc: BumpAllocator,
+        size: int,
+        *,
+        event_idx: bool = False,
+        index: int = 0,
+        in_order: bool = False,
     ) -> None:
         self.memory = memory
         self.alloc = alloc
@@ -63,7 +76,11 @@ class PackedDriverQueue:
         memory.fill(self.device_addr, PACKED_EVENT_SIZE)
         self.next_avail, self.avail_wrap = 0, True
         self.last_used, self.used_wrap = 0, True
-        self._free_ids = list(range(size - 1, -1, -1))
+        self.in_order = in_order
+        # Free Buffer IDs, taken from the end; with in_order from the front and freed in that order.
+        self._free_ids = list(range(size) if in_order else range(size - 1, -1, -1))
+        # With in_order: Buffer IDs made available and not yet used, oldest first.
+        self._order: collections.deque[int] = collections.deque()
         self.num_free = size
         # Buffer ID -> (ring slots its list took, writable buffers)
         self._inflight: dict[int, tuple[int, list[tuple[int, int]]]] = {}
@@ -84,6 +101,7 @@ class PackedDriverQueue:
             used_idx=PACKED_WRAP_BIT,
             event_idx=self.event_idx,
             index=self.index,
+            in_order=self.in_order,
         )
 
     # -- raw access, for building broken rings ------------------------------------
@@ -130,7 +148,9 @@ class PackedDriverQueue:
             ring = [(a, n, f | (VIRTQ_DESC_F_NEXT if k + 1 < len(bufs) else 0)) for k, (a, n, f) in enumerate(bufs)]
         if len(ring) > self.num_free or not self._free_ids:
             raise DriverQueueError(f"queue {self.index}: {len(ring)} descriptors wanted, {self.num_free} free")
-        buf_id = self._free_ids.pop()
+        buf_id = self._free_ids.pop(0 if self.in_order else -1)
+        if self.in_order:
+            self._order.append(buf_id)
         first = None
         for addr, length, flags in ring:
             flags |= avail_flags(self.avail_wrap)
@@ -179,7 +199,12 @@ class PackedDriverQueue:
 
     # -- used side -------------------------------------------------------------
     def get_used(self) -> list[UsedElem]:
-        """Take every new used descriptor, free its slots and id, return them with written data."""
+        """Take every new used descriptor, free its slots and id, return them with written data.
+
+        With ``in_order`` a used descriptor with Buffer ID N stands for every
+        list outstanding up to N (2.8.8): those before N are returned as used
+        whole (their writable length), N with the descriptor's ``len``.
+        """
         out = []
         while True:
             at = self.desc_addr + VIRTQ_DESC_SIZE * self.last_used
@@ -187,24 +212,21 @@ class PackedDriverQueue:
             # 2.8.1: used when AVAIL and USED both equal the used wrap counter.
             if bool(flags & VIRTQ_DESC_F_AVAIL) != self.used_wrap or bool(flags & VIRTQ_DESC_F_USED) != self.used_wrap:
                 break
-            entry = self._inflight.pop(buf_id, None)
-            if entry is None:
-                raise DriverQueueError(f"queue {self.index}: used id {buf_id} is not an in-flight buffer id")
-            taken, writable = entry
-            self.last_used += taken
-            if self.last_used >= self.size:
-                self.last_used -= self.size
-                self.used_wrap = not self.used_wrap
-            self.num_free += taken
-            self._free_ids.append(buf_id)
-            data = bytearray()
-            left = length
-            for addr, n in writable:
-                if left <= 0:
-                    break
-                data += self.memory.read(addr, min(n, left))
-                left -= n
-            out.append(UsedElem(buf_id, length, bytes(data)))
+            if buf_id not in self._inflight:
+                raise UsedIdError(f"used id {buf_id} is not an in-flight buffer id", self.index, buf_id)
+            ids = [buf_id]
+            if self.in_order:
+                ids = [self._order.popleft() for _ in range(self._order.index(buf_id) + 1)]
+            for done in ids:
+                taken, writable = self._inflight.pop(done)
+                self.last_used += taken
+                if self.last_used >= self.size:
+                    self.last_used -= self.size
+                    self.used_wrap = not self.used_wrap
+                self.num_free += taken
+                self._free_ids.append(done)
+                n_used = length if done == buf_id else sum(n for _, n in writable)
+                out.append(UsedElem(done, n_used, read_written(self.memory, writable, n_used)))
         if self.event_idx and self.interrupts:
             self.set_interrupts(True)  # as Linux: ask for an interrupt at the next used slot
         return out

@@ -5,10 +5,13 @@ built, else the reference from ``_queue_py``; ``IOVIRT_NO_EXTENSIONS=1``
 forces the reference.  Both expose the same API:
 
 - ``SplitQueue(memory, size, desc_addr, avail_addr, used_addr, *, index, event_idx,
-  last_avail_idx, used_idx)``; ``SplitQueue.from_state(memory, QueueState)``;
+  last_avail_idx, used_idx, in_order)``; ``SplitQueue.from_state(memory, QueueState)``;
   ``state()``; ``refresh()``; ``release()``
 - ``pending()``, ``pop()``, ``pop_batch(max_chains)``, ``rewind(n)``, ``push(head, len)``,
-  ``push_batch(batch)``; ``resubmit(heads)`` (walk given heads again: inflight resubmission)
+  ``push_batch(batch, coalesce=False)``; ``resubmit(heads)`` (walk given heads again: inflight resubmission)
+- ``in_order`` (VIRTIO_F_IN_ORDER, 2.7.9 / 2.8.8): pushes must follow pop order
+  (:class:`~iovirt.virtio.errors.UsedOrderError`), and ``push_batch(batch, coalesce=True)``
+  returns a run of chains used whole through one used entry
 - ``need_notify()``, ``enable_notification()``, ``disable_notification()``
 
 ``PackedQueue`` (virtio 1.2 section 2.8; ``_packed_c`` or ``_packed_py``) has

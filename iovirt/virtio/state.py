@@ -1,4 +1,4 @@
-"""Saved state of a split virtqueue: plain data, untrusted on restore."""
+"""Saved state of a virtqueue (split or packed): plain data, untrusted on restore."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class QueueState:
     used_idx: int = 0
     event_idx: bool = False
     index: int = 0
+    in_order: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON."""

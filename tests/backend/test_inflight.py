@@ -49,10 +49,10 @@ class PublishSpy:
     def __getattr__(self, name):
         return getattr(self.queue, name)
 
-    def push_batch(self, batch) -> None:
+    def push_batch(self, batch, coalesce=False) -> None:
         heads = [batch.head(i) for i in range(len(batch))]
         self.seen.append((header(self.view), [desc(self.view, h) for h in heads], self.queue.used_idx))
-        self.queue.push_batch(batch)
+        self.queue.push_batch(batch, coalesce)
 
 
 @pytest.fixture

@@ -80,9 +80,9 @@ class PushSpy:
     def __getattr__(self, name):
         return getattr(self.queue, name)
 
-    def push_batch(self, batch) -> None:
+    def push_batch(self, batch, coalesce=False) -> None:
         self.seen.append((header(self.view), [entry(self.view, i) for i in range(SIZE)]))
-        self.queue.push_batch(batch)
+        self.queue.push_batch(batch, coalesce)
 
 
 def test_a_popped_list_is_copied_into_free_entries_in_ring_order(ring):

@@ -138,8 +138,8 @@ class PushObserver:
         self._queue.push(head, length)
         self._observer[0].check()
 
-    def push_batch(self, batch: Any) -> None:
-        self._queue.push_batch(batch)
+    def push_batch(self, batch: Any, coalesce: bool = False) -> None:
+        self._queue.push_batch(batch, coalesce)
         self._observer[0].check()
 
 

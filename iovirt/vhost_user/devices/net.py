@@ -10,6 +10,12 @@
 - Protocol feature DEVICE_STATE: the port's configuration (MAC, MTU, link
   state, queue pairs) and counters move with a migration
   (:meth:`~iovirt.virtio.net.device.VirtioNet.state`).
+- VIRTIO_F_IN_ORDER is offered (virtio 1.2 2.7.9, 2.8.8): transmit chains
+  are returned in the order they were popped, and receive chains are
+  written and returned in pop order (a frame that finds too few is given
+  back by rewinding).  Transmit batches go back through one used entry per
+  batch (``push_batch(coalesce=True)``); receive entries are written one per
+  chain, since DPDK's in-order receive path reads every entry's ``len``.
 - Protocol feature CONFIG is not offered by default: QEMU's vhost-user net
   does not use it and warns "vhost-user backend supports
   VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" for every device offering
@@ -32,6 +38,7 @@ class NetAdapter(VhostUserDevice):
     """A :class:`~iovirt.virtio.net.device.VirtioNet` port served over vhost-user."""
 
     extra_features = 1 << VIRTIO_NET_F_CTRL_VQ
+    in_order = True
     protocol_features = (COMMON_PROTOCOL_FEATURES & ~feature_mask(PF.VHOST_USER_PROTOCOL_F_CONFIG)) | feature_mask(
         PF.VHOST_USER_PROTOCOL_F_MTU, PF.VHOST_USER_PROTOCOL_F_RARP, PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
     )

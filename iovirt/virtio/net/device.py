@@ -285,7 +285,9 @@ class VirtioNet(VirtioDevice):
                 break
             frames.clear()
             datapath.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
-            queue.push_batch(batch)  # the frames are copied out: the buffers go back now
+            # The frames are copied out: the buffers go back now; with VIRTIO_F_IN_ORDER through one used
+            # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
+            queue.push_batch(batch, coalesce=True)
             self.signal(index)
             bad = sum(frames.errors)
             if bad:
