@@ -307,13 +307,18 @@ class VirtioBlk(VirtioDevice):
         wrap: Callable[[SplitQueue], SplitQueue] | None = None,
         *,
         packed: bool = False,
+        in_order: bool = False,
     ) -> SplitQueue:
-        """Start queue ``index``; its ``refresh`` (the memory map changed) waits for the I/O in flight first."""
+        """Start queue ``index``; its ``refresh`` (the memory map changed) waits for the I/O in flight first.
+
+        blk never offers VIRTIO_F_IN_ORDER (its engine completes in the disk's order), so ``in_order`` is
+        passed on only to keep the signature of :meth:`VirtioDevice.start_queue`.
+        """
 
         def drained(queue: SplitQueue) -> SplitQueue:
             return cast(SplitQueue, _DrainOnRefresh(queue if wrap is None else wrap(queue), self._drain))
 
-        return super().start_queue(index, memory, state, notify, drained, packed=packed)
+        return super().start_queue(index, memory, state, notify, drained, packed=packed, in_order=in_order)
 
     def stop_queue(self, index: int) -> QueueState | None:
         """Wait for every request in flight to complete (and be pushed), then stop queue ``index``."""
