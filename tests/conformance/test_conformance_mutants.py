@@ -1044,11 +1044,11 @@ def _restart_keeps_old_state(monkeypatch):
             kept.setdefault(self.device, {})[self.queue_select] = queue.state()
         original_reset(self, value)
 
-    def start_queue(self, index, memory, state, notify, wrap=None, *, packed=False):
+    def start_queue(self, index, memory, state, notify, wrap=None, **options):
         old = kept.get(self, {}).pop(index, None)
         if old is not None:
             state = QueueState(**{**state.to_dict(), "last_avail_idx": old.last_avail_idx, "used_idx": old.used_idx})
-        return original_start(self, index, memory, state, notify, wrap, packed=packed)
+        return original_start(self, index, memory, state, notify, wrap, **options)
 
     monkeypatch.setattr(CommonCfg, "_write_queue_reset", write_queue_reset)
     monkeypatch.setattr(VirtioDevice, "start_queue", start_queue)
