@@ -17,6 +17,10 @@ DEVICES = ("net", "blk", "rng", "input", "vsock", "scsi", "fs")
 # vsock: guest_cid (5.10.4); scsi: the whole struct virtio_scsi_config (5.6.4); fs: tag[36] and
 # num_request_queues (5.11.4)
 CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "rng": 0, "input": 136, "vsock": 8, "scsi": 36, "fs": 40}
+PEER_SETTLE_S = 0.25
+"""How long a switch is given to start forwarding to a newly connected peer port.  Open vSwitch 3.1 maps a
+vhost port's transmit queue about 50 ms after the ring is enabled (its vring_state_changed callback, then a
+reconfiguration) and drops what it forwards there before; a frame the network loses is no fault of the device."""
 RECONNECT_S = 1.0
 """How long to retry connecting: a back-end may still be tearing down the previous check's connection, or (one
 process per connection, as virtiofsd) be restarting; a socket still gone after this fails the check."""
@@ -152,6 +156,7 @@ class Context:
         if self.caps.frame_path == "loopback":
             return dut, dut
         peer = self.net_port(self.open(peer=True))
+        time.sleep(PEER_SETTLE_S)
         return peer, peer
 
 
