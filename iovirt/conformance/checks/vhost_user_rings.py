@@ -186,11 +186,13 @@ def _needs_mq(caps) -> str | None:
 def mq_data_path(ctx: Context) -> str:
     link = ctx.open()
     pairs = max(1, min(link.frontend.get_queue_num(), MAX_PAIRS))
-    dut = ctx.net_port(link)
+    # Every ring before DRIVER_OK (virtio 1.2 3.1.1 steps 7 and 8, QEMU's order): a back-end may size its
+    # queue set when the device starts (OVS polls the pairs that exist at DPDK's new_device callback).
     for pair in range(1, pairs):
         link.queue(2 * pair, 256)
         link.queue(2 * pair + 1, 256)
         _post_rx(link, 2 * pair, 32)
+    dut = ctx.net_port(link)
     injector, sink = ctx.net_ends(dut)
     rx = [2 * p for p in range(pairs)]
     for pair in range(pairs):
