@@ -8,6 +8,10 @@ Back-ends (each from Debian's packages, started here in a temporary directory):
 * ``dpdk-vhost-net``: ``dpdk-testpmd``'s vhost PMD, io forwarding (frames the device sends come back);
 * ``ovs-dpdk-net``: Open vSwitch with DPDK, a netdev bridge with two ``dpdkvhostuser`` ports
   (benchmarks/ovs_peer.py; needs ``openvswitch-switch-dpdk`` and hugepages, which it reserves).
+* ``virtiofsd-fs``: QEMU's virtiofsd (vhost-user-fs), checked on the message-level vhost-user rules only
+  (``--device fs``).  A virtiofsd process serves one front-end connection and exits when it closes; as a VMM
+  starts one per VM, this script starts a new one on the same socket each time the last one exits (each
+  process's output goes to ``virtiofsd.log`` in the temporary directory, numbered by process).
 
 For each: ``docs/conformance/NAME.json`` (the JSON report) and ``NAME.txt`` (the table), then
 ``docs/conformance/matrix.html`` (``iovirt conform --coverage --html``), one column per back-end.
@@ -27,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -108,12 +113,52 @@ def ovs_net(tmp: Path) -> Iterator[tuple[str, list[str]]]:
         yield "net", ["--socket", str(a), "--peer-socket", str(b)]
 
 
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+@contextlib.contextmanager
+def virtiofsd_fs(tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    source, sock, log = tmp / "shared", tmp / "virtiofsd.sock", tmp / "virtiofsd.log"
+    source.mkdir()
+    # sandbox=chroot: the default (namespaces) needs privileges a container may lack; cache=none: no host page cache.
+    args = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}", "-o", "sandbox=chroot", "-o", "cache=none"]
+    stop = threading.Event()
+    procs: list[subprocess.Popen] = []
+
+    def supervise() -> None:
+        with open(log, "ab") as out:
+            while not stop.is_set():
+                out.write(f"--- virtiofsd process {len(procs) + 1}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                procs.append(proc)
+                while proc.poll() is None and not stop.is_set():
+                    time.sleep(0.01)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    try:
+        while not procs:
+            time.sleep(0.01)
+        _wait_socket(sock, procs[0])
+        yield "fs", ["--socket", str(sock)]
+    finally:
+        stop.set()
+        thread.join(5)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        print(f"virtiofsd-fs: {len(procs)} virtiofsd processes served the run")
+
+
 PEERS: dict[str, tuple[Peer, str]] = {
     "iovirt-net": (iovirt_net, sys.executable),
     "iovirt-blk": (iovirt_blk, sys.executable),
     "qemu-storage-daemon-blk": (qsd_blk, "qemu-storage-daemon"),
     "dpdk-vhost-net": (dpdk_net, "dpdk-testpmd"),
     "ovs-dpdk-net": (ovs_net, str(ovs_peer.VSWITCHD)),
+    "virtiofsd-fs": (virtiofsd_fs, VIRTIOFSD),
 }
 """Name -> (how to start it, the program it needs)."""
 

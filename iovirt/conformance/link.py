@@ -295,6 +295,10 @@ class Link:
             raise CheckFailed(f"virtio-1.2 2.7.8.2: {exc}") from None
         for elem in elems:
             writable = self._writable.pop((index, elem.head))
+            # 2.8.4: in a packed ring the used length of a buffer without device-writable descriptors is reserved
+            # ("ignored by drivers"); only a split ring's used len (2.7.8) counts bytes for every buffer.
+            if isinstance(q, PackedDriverQueue) and writable == 0:
+                continue
             if elem.len > writable:
                 raise CheckFailed(
                     f"virtio-1.2 2.7.8.2: queue {index} used len {elem.len} for head {elem.head} "

@@ -74,11 +74,15 @@ class Check:
     applies: Applies | None = None
     transport: str = "vhost-user"
 
+    def other_device(self, device: str) -> str | None:
+        """Why this check does not apply to a ``device`` back-end at all (``None``: it is one of its devices)."""
+        if device not in self.devices:
+            return f"only for {'/'.join(sorted(self.devices))} devices"
+        return None
+
     def not_applicable(self, caps: "Capabilities") -> str | None:
         """Why this check does not apply to ``caps`` (``None``: it applies)."""
-        if caps.device not in self.devices:
-            return f"only for {'/'.join(sorted(self.devices))} devices"
-        return self.applies(caps) if self.applies is not None else None
+        return self.other_device(caps.device) or (self.applies(caps) if self.applies is not None else None)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,14 @@ REGISTRY: list[Check] = []
 """Every check, in the order the modules of :mod:`iovirt.conformance.checks` define them."""
 
 ANY_DEVICE = frozenset({"net", "blk"})
+"""The devices with a request the generic checks can drive (:class:`~iovirt.conformance.checks.common.Workload`)."""
+
+PROTOCOL_DEVICES = ANY_DEVICE | {"fs"}
+"""The devices checked on the message-level vhost-user rules, which need no request on a device queue.
+
+``fs`` (vhost-user-fs, virtio 1.2 5.11) is checked on these only: the suite has no FUSE driver, so a
+check that moves data through a queue does not apply to it.
+"""
 
 
 TRANSPORTS = ("vhost-user", "pci")

@@ -65,7 +65,8 @@ class Runner:
         if self.caps is None:
             self.start()
         assert self.caps is not None
-        reason = check.not_applicable(self.caps) if self.dead is None else None
+        # A dead back-end fails what would have run; a check of another device type stays n/a whatever happened.
+        reason = check.not_applicable(self.caps) if self.dead is None else check.other_device(self.caps.device)
         if reason is not None:
             return CheckResult(check.clause, check.title, Verdict.NA, reason)
         if self.dead is not None:

@@ -12,11 +12,18 @@ from iovirt.conformance.registry import NotApplicable
 from iovirt.vhost_user.errors import BackendClosedError
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature as PF
 
-DEVICES = ("net", "blk", "rng", "input", "vsock", "scsi")
+DEVICES = ("net", "blk", "rng", "input", "vsock", "scsi", "fs")
 # net: mac..mtu (5.1.4); blk: capacity..num_queues (5.2.4); rng: none (5.4.4); input: virtio_input_config (5.8.4);
-# vsock: guest_cid (5.10.4); scsi: the whole struct virtio_scsi_config (5.6.4)
-CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "rng": 0, "input": 136, "vsock": 8, "scsi": 36}
-RECONNECT_S = 1.0  # a back-end may still be tearing down the previous check's connection
+# vsock: guest_cid (5.10.4); scsi: the whole struct virtio_scsi_config (5.6.4); fs: tag[36] and
+# num_request_queues (5.11.4)
+CONFIG_PROBE_SIZE = {"net": 12, "blk": 36, "rng": 0, "input": 136, "vsock": 8, "scsi": 36, "fs": 40}
+PEER_SETTLE_S = 0.25
+"""How long a switch is given to start forwarding to a newly connected peer port.  Open vSwitch 3.1 maps a
+vhost port's transmit queue about 50 ms after the ring is enabled (its vring_state_changed callback, then a
+reconfiguration) and drops what it forwards there before; a frame the network loses is no fault of the device."""
+RECONNECT_S = 1.0
+"""How long to retry connecting: a back-end may still be tearing down the previous check's connection, or (one
+process per connection, as virtiofsd) be restarting; a socket still gone after this fails the check."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class Context:
             try:
                 link = Link(path, self.timeout, **options)
                 break
-            except (BackendClosedError, ConnectionResetError, BrokenPipeError):
+            except (BackendClosedError, ConnectionResetError, BrokenPipeError, ConnectionRefusedError, FileNotFoundError):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
@@ -149,6 +156,7 @@ class Context:
         if self.caps.frame_path == "loopback":
             return dut, dut
         peer = self.net_port(self.open(peer=True))
+        time.sleep(PEER_SETTLE_S)
         return peer, peer
 
 

@@ -1,4 +1,6 @@
-"""The suite against real peers: qemu-storage-daemon (vhost-user-blk) and DPDK's vhost PMD (net)."""
+"""The suite against real peers: qemu-storage-daemon (vhost-user-blk) and DPDK's vhost PMD (net).
+
+OVS-DPDK and virtiofsd run through tools/conform_peers.py (docs/conformance/README.md)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ QSD_FAILURES = {
     "vhost-user:SET_VRING_CALL#nofd",
     "vhost-user:SET_CONFIG",
     "virtio-1.2:5.2.6#get-id",
+    "virtio-1.2:2.7.5.3.2#limits",
 }
 # Deviations of DPDK 22.11's vhost library explained in docs/conformance/README.md.
 DPDK_FAILURES = {
@@ -29,6 +32,8 @@ DPDK_FAILURES = {
     "vhost-user:Multiple queue support#data-path",
     "virtio-1.2:5.1.3.1",
     "virtio-1.2:5.1.6.4.1#num_buffers",
+    "virtio-1.2:2.7.5.3.2#limits",
+    "virtio-1.2:5.1.6.2#tunnel",
 }
 
 

@@ -18,7 +18,9 @@ from iovirt.conformance.checks.net_headers import (
     TSO_MSS,
     TSO_PAYLOAD,
     _ends,
+    _fold,
     _payload,
+    _pseudo,
     _send,
     _sum16,
     _tso_applies,
@@ -91,6 +93,16 @@ def _with_tcp_flags(frame: bytes, flags: int) -> bytes:
     """A :func:`tcp_frame` (IPv4, checksum ``"partial"``: the flags are outside the pseudo-header sum) with more TCP flags."""
     out = bytearray(frame)
     out[ETH_HLEN + 20 + TCP_FLAGS_AT] |= flags
+    return bytes(out)
+
+
+def _complete_tcp_csum(frame: bytes) -> bytes:
+    """An IPv4 :func:`tcp_frame` with its TCP checksum computed over the whole segment (the driver did not offload it)."""
+    out = bytearray(frame)
+    l4 = ETH_HLEN + 20
+    struct.pack_into("!H", out, l4 + TCP_CSUM_OFFSET, 0)
+    tcp = bytes(out[l4:])
+    struct.pack_into("!H", out, l4 + TCP_CSUM_OFFSET, ~_fold(_sum16(_pseudo(4, len(tcp))) + _sum16(tcp)) & 0xFFFF)
     return bytes(out)
 
 
@@ -191,8 +203,10 @@ def rx_gso_types(ctx: Context) -> None:
     if tso:
         hdr = NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN,
                      l4 + TCP_HLEN, TSO_MSS, l4, TCP_CSUM_OFFSET)
-    else:
+    elif injector.link.negotiated.has(VIRTIO_NET_F_CSUM):
         hdr = NetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, l4, TCP_CSUM_OFFSET)
+    else:  # 5.1.6.2.1: without VIRTIO_NET_F_CSUM the driver sends flags 0 and a complete checksum
+        frame, hdr = _complete_tcp_csum(frame), NetHdr()
     _send(injector, hdr, frame)
     got_payload = b""
     while len(got_payload) < len(payload):

@@ -8,7 +8,7 @@ import os
 import socket
 
 from iovirt.conformance.checks.common import Workload
-from iovirt.conformance.registry import check, expect
+from iovirt.conformance.registry import PROTOCOL_DEVICES, check, expect
 from iovirt.conformance.target import Context, needs_protocol
 from iovirt.vhost_user.errors import NackError
 from iovirt.vhost_user.messages import (
@@ -65,6 +65,7 @@ def net_set_mtu(ctx: Context) -> None:
 @check(
     "vhost-user:SET_SLAVE_REQ_FD",
     "SET_SLAVE_REQ_FD (SET_BACKEND_REQ_FD) with a socket is acked 0",
+    devices=PROTOCOL_DEVICES,
     applies=_needs_both(PF.VHOST_USER_PROTOCOL_F_BACKEND_REQ, PF.VHOST_USER_PROTOCOL_F_REPLY_ACK),
 )
 def backend_req_fd(ctx: Context) -> None:

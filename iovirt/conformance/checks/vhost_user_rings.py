@@ -35,6 +35,9 @@ def _needs_bit30(caps) -> str | None:
     return None if caps.has(VHOST_USER_F_PROTOCOL_FEATURES) else "VHOST_USER_F_PROTOCOL_FEATURES not offered"
 
 
+ENABLE_ATTEMPTS = 3
+
+
 @check(
     "vhost-user:SET_VRING_ENABLE#both",
     "a ring enabled, then disabled with SET_VRING_ENABLE 0, passes no data until enabled again",
@@ -59,13 +62,20 @@ def enable_both_ways(ctx: Context) -> None:
     injector, _sink = ctx.net_ends(dut)
     for enabled in (True, False, True):
         fe.set_vring_enable(NetPort.RX, enabled)
-        tag = new_tag()
-        injector.send([marker_frame(tag)])
-        got = dut.receive(tag, ctx.timeout if enabled else ctx.quiet)
-        if enabled:
-            expect(got is not None, "no frame received on receiveq1 enabled (again) with SET_VRING_ENABLE 1")
+        if not enabled:
+            tag = new_tag()
+            injector.send([marker_frame(tag)])
+            expect(dut.receive(tag, ctx.quiet) is None, "a frame was received on receiveq1 disabled with SET_VRING_ENABLE 0")
+            continue
+        # A network may lose a frame: a switch in front of the device may start forwarding to the ring a
+        # little after the enable (OVS 3.1 drops the first frame for about 20 ms).  One of a few must arrive.
+        for _attempt in range(ENABLE_ATTEMPTS):
+            tag = new_tag()
+            injector.send([marker_frame(tag)])
+            if dut.receive(tag, ctx.timeout / ENABLE_ATTEMPTS) is not None:
+                break
         else:
-            expect(got is None, "a frame was received on receiveq1 disabled with SET_VRING_ENABLE 0")
+            expect(False, f"none of {ENABLE_ATTEMPTS} frames received on receiveq1 enabled (again) with SET_VRING_ENABLE 1")
 
 
 @check(
@@ -186,11 +196,13 @@ def _needs_mq(caps) -> str | None:
 def mq_data_path(ctx: Context) -> str:
     link = ctx.open()
     pairs = max(1, min(link.frontend.get_queue_num(), MAX_PAIRS))
-    dut = ctx.net_port(link)
+    # Every ring before DRIVER_OK (virtio 1.2 3.1.1 steps 7 and 8, QEMU's order): a back-end may size its
+    # queue set when the device starts (OVS polls the pairs that exist at DPDK's new_device callback).
     for pair in range(1, pairs):
         link.queue(2 * pair, 256)
         link.queue(2 * pair + 1, 256)
         _post_rx(link, 2 * pair, 32)
+    dut = ctx.net_port(link)
     injector, sink = ctx.net_ends(dut)
     rx = [2 * p for p in range(pairs)]
     for pair in range(pairs):

@@ -6,7 +6,7 @@ import os
 
 from iovirt.conformance.checks.common import Workload
 from iovirt.conformance.devices import BlkPort, NetPort, marker_frame, new_tag
-from iovirt.conformance.registry import CheckFailed, NotApplicable, check, expect
+from iovirt.conformance.registry import PROTOCOL_DEVICES, CheckFailed, NotApplicable, check, expect
 from iovirt.conformance.target import Context, needs_feature
 from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES
 from iovirt.virtio.blk.defs import REQ_HDR, SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
@@ -23,7 +23,7 @@ from iovirt.virtio.net.defs import NetHdr
 MINIMAL = (1 << VIRTIO_F_VERSION_1) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
 
 
-@check("virtio-1.2:6.2", "the device offers VIRTIO_F_VERSION_1")
+@check("virtio-1.2:6.2", "the device offers VIRTIO_F_VERSION_1", devices=PROTOCOL_DEVICES)
 def offers_version_1(ctx: Context) -> None:
     expect(ctx.caps.has(VIRTIO_F_VERSION_1), f"features {ctx.caps.features:#x} lack VIRTIO_F_VERSION_1 (bit 32)")
 
