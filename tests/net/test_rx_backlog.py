@@ -75,24 +75,6 @@ def test_single_frames_also_tail_drop():
     assert dev.backlog[0][0] == frame(0) and dev.backlog[-1][0] == frame(RX_BACKLOG - 1)
 
 
-def test_the_backlog_goes_out_in_batches_once_buffers_arrive(monkeypatch):
-    """Not frame by frame: a receiver behind for a moment must not cost every port of the thread (issue 15)."""
-    dev, drv = receiver()
-    assert dev.deliver_batch(batch_of(0, 100), list(range(100))) == 100
-    assert len(dev.backlog) == 100
-    for _ in range(150):
-        drv.add_chain(writable=[(drv.alloc.alloc(2048), 2048)])
-    drv.publish()
-    calls = []
-    monkeypatch.setattr(dev, "_receive", lambda *a: calls.append(a) or False)
-    dev.process_queue(0, dev.queues[0])
-    assert calls == [], "the backlog went frame by frame"
-    got = [u.data[NET_HDR_SIZE:] for u in drv.get_used()]
-    assert got == [frame(i) for i in range(100)]
-    assert not dev.backlog
-    assert dev.stats["rx_packets"] == 100
-
-
 def test_frames_beyond_the_buffers_join_the_backlog_at_once(monkeypatch):
     """Out of receive buffers mid-batch: one per-frame try, then the rest held without one failed write each."""
     dev, drv = receiver()
