@@ -38,17 +38,22 @@ MAX_TOTAL_VFS = 0x100 - ((PF_SLOT << 3) + 8)
 class SriovNetMachine:
     """A :class:`~iovirt.platform.machine.Platform` with a virtio-net SR-IOV PF at 00:03.0.
 
-    ``SriovNetMachine(total_vfs=16, *, platform=None, mac=PF_MAC)``: the
+    ``SriovNetMachine(total_vfs=16, *, platform=None, mac=PF_MAC, admin_vq=False)``: the
     platform defaults to ``Platform(())`` (no other virtio devices, real host
-    timer); pass one built with a fake clock in tests.  The PF and every VF
+    timer); pass one built with a fake clock in tests.  ``admin_vq``: the PF
+    has an administration virtqueue for its SR-IOV group (:mod:`iovirt.sriov.admin`).  The PF and every VF
     are ports of :attr:`switch`.  :meth:`close` releases the platform.
     """
 
-    def __init__(self, total_vfs: int = 16, *, platform: Platform | None = None, mac: bytes = PF_MAC) -> None:
+    def __init__(
+        self, total_vfs: int = 16, *, platform: Platform | None = None, mac: bytes = PF_MAC, admin_vq: bool = False
+    ) -> None:
         self.platform = platform if platform is not None else Platform(())
         host = self.platform.host
         self.switch = LearningSwitch()
-        self.pf = make_virtio_net_pf(self.platform.memory, self.switch, mac, total_vfs, iommu=self.platform.iommu)
+        self.pf = make_virtio_net_pf(
+            self.platform.memory, self.switch, mac, total_vfs, iommu=self.platform.iommu, admin_vq=admin_vq
+        )
         attach_pf(host.root_bus, self.pf, PF_SLOT)
         # Firmware enumerates again with the PF present (the platform built the bus without it).
         assign_resources(host)
