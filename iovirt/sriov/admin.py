@@ -15,6 +15,9 @@ VIRTIO_ADMIN_CMD_LIST_QUERY and LIST_USE address no member and work at any
 time (the queue serves them), as Linux issues them when it binds the PF,
 before any VF exists.
 
+The device parts commands (2.12.1.4: stop, get, set and resume a member)
+are :class:`~iovirt.sriov.device_parts.SriovDeviceParts`.
+
 The PF's VF BAR0 is hardwired to zero (2.12.1.1.6): the VFs lay out their
 BARs as the PF does (MSI-X in BAR1, the virtio structures in BAR4).
 """
@@ -25,7 +28,7 @@ import logging
 from typing import Callable
 
 from iovirt.sriov.capability import SriovCapability
-from iovirt.sriov.device_parts import DEV_PARTS_OPCODES, SriovDeviceParts
+from iovirt.sriov.device_parts import SriovDeviceParts
 from iovirt.virtio.admin.defs import (
     LEGACY_NOTIFY_INFO_ENTRIES,
     LEGACY_NOTIFY_INFO_ENTRY,
@@ -43,6 +46,7 @@ from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_STATUS_Q_INVALID_GROUP,
     VIRTIO_ADMIN_STATUS_Q_INVALID_MEMBER,
 )
+from iovirt.virtio.admin.device_parts import DEV_PARTS_OPCODES
 from iovirt.virtio.admin.vq import AdminCommand, AdminResult, einval
 from iovirt.virtio.transport.pci import LEGACY_NOTIFY_OFFSET, VIRTIO_BAR, VirtioPciFunction
 

@@ -52,6 +52,7 @@ from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
 )
 from iovirt.virtio.admin.device_parts import (
+    DEV_PARTS_OPCODES,
     METADATA_RESULT,
     PARTS_CMD_TYPE,
     RESOURCE_OBJ_CMD_HDR,
@@ -68,6 +69,7 @@ from iovirt.virtio.admin.device_parts import (
     VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET,
     PartsError,
     pack_parts,
+    select,
     unpack_headers,
     unpack_parts,
 )
@@ -85,18 +87,6 @@ SET_PARTS_OBJECTS_LIMIT = 4
 """``set_parts_resource_objects_limit`` of VIRTIO_DEV_PARTS_CAP."""
 DEV_PARTS_OBJECTS_LIMIT = GET_PARTS_OBJECTS_LIMIT + SET_PARTS_OBJECTS_LIMIT
 """Resource object ids are 0 to this - 1."""
-
-DEV_PARTS_OPCODES = frozenset({
-    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE,
-    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY,
-    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY,
-    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY,
-    VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET,
-    VIRTIO_ADMIN_CMD_DEV_PARTS_GET,
-    VIRTIO_ADMIN_CMD_DEV_PARTS_SET,
-    VIRTIO_ADMIN_CMD_DEV_MODE_SET,
-})
-"""2.12.1.4.4.1: a device supports all of these or none."""
 
 _OBJ_LIMITS = {VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET: GET_PARTS_OBJECTS_LIMIT,
                VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET: SET_PARTS_OBJECTS_LIMIT}
@@ -257,7 +247,7 @@ class SriovDeviceParts:
                 wanted = {h.key for h in unpack_headers(command.data[start:])}
             except PartsError as exc:
                 return _fail(vf, f"DEV_PARTS_GET: {exc}", VIRTIO_ADMIN_STATUS_EINVAL)
-            parts = [p for p in parts if p.key in wanted]  # the device's order; parts it lacks are skipped
+            parts = select(parts, wanted)  # the device's order; parts it lacks are skipped
         elif kind != VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_ALL:
             return _fail(vf, f"DEV_PARTS_GET: type {kind} is not SELECTED or ALL", VIRTIO_ADMIN_STATUS_EINVAL)
         return _fits(vf, "DEV_PARTS_GET", command, pack_parts(parts))

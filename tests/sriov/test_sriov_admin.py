@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from iovirt.platform.testing import fake_clock_platform
-from iovirt.sriov.device_parts import DEV_PARTS_OPCODES
+from iovirt.virtio.admin.device_parts import DEV_PARTS_OPCODES
 from iovirt.sriov.machine import SriovNetMachine
 from iovirt.virtio.admin.defs import (
     LEGACY_NOTIFY_INFO_ENTRY,

@@ -8,7 +8,7 @@ import pytest
 
 from iovirt.platform.net import VirtioNetDriver
 from iovirt.platform.testing import fake_clock_platform
-from iovirt.sriov.device_parts import DEV_PARTS_OBJECTS_LIMIT, DEV_PARTS_OPCODES, GET_PARTS_OBJECTS_LIMIT
+from iovirt.sriov.device_parts import DEV_PARTS_OBJECTS_LIMIT, GET_PARTS_OBJECTS_LIMIT
 from iovirt.sriov.machine import PF_MAC, SriovNetMachine
 from iovirt.sriov.virtio_net import vf_mac
 from iovirt.virtio.admin.defs import (
@@ -29,6 +29,7 @@ from iovirt.virtio.admin.defs import (
 )
 from iovirt.virtio.admin.device_parts import (
     DEV_PART_HDR_SIZE,
+    DEV_PARTS_OPCODES,
     METADATA_RESULT,
     VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT as META_COUNT,
     VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_LIST as META_LIST,
@@ -185,7 +186,11 @@ def test_selected_parts_come_in_table_order_and_missing_ones_are_skipped(parts) 
               DevicePart(DRV_FEATURES), DevicePart(0x5FF)]
     got = parts.get(1, 0, ROOM, wanted)
     assert got.status == OK
-    assert [p.key for p in unpack_parts(got.result)] == [(DRV_FEATURES, bytes(8)), (VQ_CFG_PART, vq_selector(0))]
+    # DRV_FEATURES comes with the DEV_FEATURES it must follow (2.12.1.4.4.1).
+    assert [p.key for p in unpack_parts(got.result)] == [
+        (DEV_FEATURES, bytes(8)), (DRV_FEATURES, bytes(8)), (VQ_CFG_PART, vq_selector(0))]
+    common = parts.get(1, 0, ROOM, [DevicePart(COMMON_CFG, selector=offset_selector(VIRTIO_PCI_COMMON_NUMQ))])
+    assert [p.part_type for p in unpack_parts(common.result)] == [DEV_FEATURES, DRV_FEATURES, COMMON_CFG]
 
 
 def test_results_that_do_not_fit_fail_enomem(parts) -> None:

@@ -19,6 +19,28 @@ import struct
 from dataclasses import dataclass
 
 from iovirt.errors import IovirtError
+from iovirt.virtio.admin.defs import (
+    VIRTIO_ADMIN_CMD_DEV_MODE_SET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_GET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_SET,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY,
+)
+
+DEV_PARTS_OPCODES = frozenset({
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY,
+    VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_GET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_SET,
+    VIRTIO_ADMIN_CMD_DEV_MODE_SET,
+})
+"""2.12.1.4.4.1: a device supports all of these or none."""
 
 # 2.14.1 common device parts
 VIRTIO_DEV_PART_DEV_FEATURES = 0x100
@@ -172,6 +194,20 @@ def order_rank(part_type: int) -> int:
     if part_type in _ORDER:
         return _ORDER.index(part_type)
     return len(_ORDER)
+
+
+PRECEDING = {
+    VIRTIO_DEV_PART_DRV_FEATURES: frozenset({VIRTIO_DEV_PART_DEV_FEATURES}),
+    VIRTIO_DEV_PART_PCI_COMMON_CFG: frozenset({VIRTIO_DEV_PART_DEV_FEATURES, VIRTIO_DEV_PART_DRV_FEATURES}),
+}
+"""2.12.1.4.4.1: parts a get or metadata answer MUST put before a part of the key's type."""
+
+
+def select(parts: list[DevicePart], wanted: set[tuple[int, bytes]]) -> list[DevicePart]:
+    """The parts of ``parts`` (in their order) that ``wanted`` names, with the parts they must follow (:data:`PRECEDING`)."""
+    types = {part_type for part_type, _selector in wanted}
+    needed = set().union(*(PRECEDING.get(t, frozenset()) for t in types))
+    return [p for p in parts if p.key in wanted or p.part_type in needed]
 
 
 def in_order(parts: list[DevicePart]) -> bool:
