@@ -90,6 +90,10 @@ ROOM = 4096
 """Result room for a DEV_PARTS_GET when the size is not asked first."""
 TABLE_ORDER = (DEV_FEATURES, DRV_FEATURES, COMMON_CFG, DEVICE_STATUS, VQ_CFG_PART, VQ_NOTIFY_PART)
 """2.12.1.4.4 "Device parts order"; device-type parts (0x200-0x5FF) come in no row of it."""
+COMMON_FIELDS = ((0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x14, 1), (0x15, 1), (0x16, 2),
+                 (0x18, 2), (0x1A, 2), (0x1C, 2), (0x1E, 2), (0x20, 4), (0x24, 4), (0x28, 4), (0x2C, 4), (0x30, 4),
+                 (0x34, 4))
+"""``struct virtio_pci_common_cfg`` through ``queue_device``, field by field (4.1.4.3)."""
 PCI_EXP_DEVCTL_BCR_FLR = 0x8000
 """Device Control bit 15, Initiate Function Level Reset (PCIe 6.6.2)."""
 OPCODE_NAMES = {OBJ_CREATE: "RESOURCE_OBJ_CREATE", OBJ_MODIFY: "RESOURCE_OBJ_MODIFY", OBJ_QUERY: "RESOURCE_OBJ_QUERY",
@@ -173,11 +177,13 @@ class Parts:
         """DEV_MODE_SET, which must succeed."""
         _ok(self.client.mode(member, flags), f"DEV_MODE_SET flags {flags} on member {member}")
 
-    def get(self, member: int, obj_id: int, selected: list[DevicePart] | None = None) -> list[DevicePart]:
-        """DEV_PARTS_GET (all, or ``selected``), which must succeed and parse."""
-        size = self.client.parts_size(member, obj_id)
-        expect(size is not None, "DEV_PARTS_METADATA_GET of the parts size failed")
-        got = _ok(self.client.get(member, obj_id, size or ROOM, selected), f"DEV_PARTS_GET of member {member}")
+    def get(self, member: int, obj_id: int, selected: list[DevicePart] | None = None,
+            room: int | None = None) -> list[DevicePart]:
+        """DEV_PARTS_GET (all, or ``selected``) with ``room`` (default: the parts size), which must succeed and parse."""
+        if room is None:
+            room = self.client.parts_size(member, obj_id)
+            expect(room is not None, "DEV_PARTS_METADATA_GET of the parts size failed")
+        got = _ok(self.client.get(member, obj_id, room or ROOM, selected), f"DEV_PARTS_GET of member {member}")
         try:
             return unpack_parts(got.result)
         except PartsError as exc:
@@ -290,9 +296,13 @@ def preceded(ctx: PciContext) -> None:
     listed = _ok(parts.client.metadata(1, obj, META_LIST, METADATA_RESULT.size + count * DEV_PART_HDR_SIZE),
                  "METADATA_GET LIST")
     _preceded(unpack_headers(listed.result[METADATA_RESULT.size:]), "DEV_PARTS_METADATA_GET LIST")
-    for selected in ([DevicePart(DRV_FEATURES)],
-                     [DevicePart(COMMON_CFG, selector=offset_selector(VIRTIO_PCI_COMMON_NUMQ))]):
-        got = parts.get(1, obj, selected)
+    for selected, with_ in (([DevicePart(DRV_FEATURES)], {DEV_FEATURES}),
+                            ([DevicePart(COMMON_CFG, selector=offset_selector(VIRTIO_PCI_COMMON_NUMQ))],
+                             {DEV_FEATURES, DRV_FEATURES})):
+        # Room for exactly the part and those it must follow (the used length is then the same either way).
+        room = sum(DEV_PART_HDR_SIZE + len(p.value) for p in everything
+                   if p.key == selected[0].key or p.part_type in with_)
+        got = parts.get(1, obj, selected, room)
         expect(any(p.key == selected[0].key for p in got), f"DEV_PARTS_GET SELECTED {selected[0].part_type:#x}: "
                                                            "the part the member has is missing")
         _preceded(got, f"DEV_PARTS_GET SELECTED {selected[0].part_type:#x} alone")
@@ -508,13 +518,13 @@ def stopped_pci(ctx: PciContext) -> None:
     cfg = a.driver.cfg
     pm = parts.pci_cap(a, PCI_CAP_ID_PM)
     header = [cfg.read(offset, 4) for offset in range(0, 0x100, 4)]
-    common = [a.driver.common_read(offset, 1) for offset in range(0, 0x3C)]
+    common = [a.driver.common_read(offset, size) for offset, size in COMMON_FIELDS]
     running = _toggle_command(cfg)
     parts.mode(1, 1)
     b.nic.send(_frame(a.mac, b.mac, b"wake up"))
     expect([cfg.read(offset, 4) for offset in range(0, 0x100, 4)] == header,
            "config space reads differ while the member is stopped")
-    expect([a.driver.common_read(offset, 1) for offset in range(0, 0x3C)] == common,
+    expect([a.driver.common_read(offset, size) for offset, size in COMMON_FIELDS] == common,
            "common configuration reads differ while the member is stopped")
     stopped = _toggle_command(cfg)
     expect(stopped == running, f"a Command register write of Interrupt Disable reads back {stopped[1]:#x} while "
