@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from iovirt.platform.net import VirtioNetDriver
 from iovirt.platform.testing import fake_clock_platform
@@ -13,6 +15,7 @@ from iovirt.sriov.machine import PF_MAC, SriovNetMachine
 from iovirt.sriov.virtio_net import vf_mac
 from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_CMD_DEV_MODE_SET as MODE_SET,
+    VIRTIO_ADMIN_CMD_DEV_PARTS_SET as PARTS_SET,
     VIRTIO_ADMIN_CMD_LIST_QUERY as LIST_QUERY,
     VIRTIO_ADMIN_CMD_LIST_USE as LIST_USE,
     VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE as OBJ_CREATE,
@@ -52,7 +55,8 @@ from iovirt.virtio.admin.device_parts import (
     vq_selector,
 )
 from iovirt.virtio.admin.parts_driver import DevicePartsClient, obj_hdr
-from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK
+from iovirt.virtio.admin.vq import AdminCommand
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from iovirt.virtio.net.ctrl import VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_CTRL_VLAN_ADD
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.parts import VIRTIO_NET_DEV_PART_CVQ_CFG_PART, VLAN_TABLE_LEN, VLAN_TABLE_SELECTOR, NetParts
@@ -351,3 +355,57 @@ def test_the_vlan_table_is_a_net_part() -> None:
         assert device.ctrl.vlans == {100}
     finally:
         platform.close()
+
+
+# -- bad input never escapes the command -------------------------------------------------------------------
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.integers(OBJ_CREATE, MODE_SET), member=st.integers(0, 3), data=st.binary(max_size=96),
+       room=st.integers(0, 600))
+def test_any_command_bytes_complete_with_a_status(machine, parts, opcode, member, data, room) -> None:
+    """Arbitrary device parts commands (objects, parts, modes) complete with a status; the owner keeps serving."""
+    group = machine.pf.admin.groups[SRIOV].group
+    result = group.execute(AdminCommand(opcode, SRIOV, member, data, room))
+    assert result.status in (OK, EINVAL, ENXIO, EEXIST, ENOSPC, ENOMEM)
+    assert len(result.data) <= max(room, 0) or not result.ok
+
+
+_PART = st.builds(
+    lambda t, sel, value, flags: DevicePart(t, value, sel, flags),
+    st.sampled_from([DEV_FEATURES, DRV_FEATURES, COMMON_CFG, DEVICE_STATUS, VQ_CFG_PART, VQ_NOTIFY_PART,
+                     VIRTIO_NET_DEV_PART_CVQ_CFG_PART, 0x106]),
+    st.one_of(st.sampled_from([vq_selector(0), vq_selector(1), vq_selector(5), offset_selector(0x10),
+                               offset_selector(VIRTIO_PCI_COMMON_NUMQ), offset_selector(0x16)]), st.binary(min_size=8, max_size=8)),
+    st.one_of(st.binary(max_size=40), st.builds(lambda *f: VQ_CFG.pack(*f), st.sampled_from([0, 3, 64, 256, 1024]),
+                                                st.sampled_from([0, 1, 5, 0xFFFF]), st.integers(0, 2),
+                                                st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.integers(0, 1 << 40))),
+    st.integers(0, 1),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(found=st.lists(_PART, max_size=6), tail=st.binary(max_size=20))
+def test_any_parts_set_on_a_stopped_member_then_resume_keeps_serving(machine, parts, found, tail) -> None:
+    """DEV_PARTS_SET of arbitrary parts (and trailing bytes), then a resume: a status for each command, at worst
+    DEVICE_NEEDS_RESET on the member, and the owner serves on."""
+    vf = machine.sriov.enabled_vfs[0]
+    if not vf.common.status:
+        vf_nic(machine, 0)
+    parts.create(1, 7, SET)
+    assert parts.mode(1, 1).status == OK
+    parts.send(PARTS_SET, 1, obj_hdr(7) + b"".join(p.pack() for p in found) + tail)
+    assert parts.mode(1, 0).status == OK
+    assert machine.admin.command(LIST_QUERY, SRIOV, result_size=8).status == OK
+
+
+def test_a_restored_ring_outside_memory_needs_reset_not_a_crash(machine, parts, caplog) -> None:
+    nic = vf_nic(machine, 0)
+    assert parts.create(1, 1, SET).status == OK
+    assert parts.mode(1, 1).status == OK
+    far = 1 << 40  # no guest memory there
+    ring = DevicePart(VQ_CFG_PART, VQ_CFG.pack(nic.rx.size, 1, 1, far, far + 0x1000, far + 0x2000), vq_selector(0))
+    assert parts.set(1, 1, [ring]).status == OK  # addresses are the driver's business until the queue starts
+    with caplog.at_level(logging.WARNING):
+        assert parts.mode(1, 0).status == OK
+    assert "queue 0 cannot resume" in caplog.text
+    assert nic.driver.status & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert machine.admin.command(LIST_QUERY, SRIOV, result_size=8).status == OK
