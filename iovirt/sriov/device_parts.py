@@ -52,7 +52,6 @@ from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
 )
 from iovirt.virtio.admin.device_parts import (
-    DEV_PARTS_OPCODES,
     METADATA_RESULT,
     PARTS_CMD_TYPE,
     RESOURCE_OBJ_CMD_HDR,
@@ -74,9 +73,9 @@ from iovirt.virtio.admin.device_parts import (
     unpack_parts,
 )
 from iovirt.virtio.admin.vq import AdminCommand, AdminResult
-from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.defs import VIRTIO_ID_NET
 from iovirt.virtio.net.parts import NetParts
-from iovirt.virtio.transport.parts import PciDeviceParts
+from iovirt.virtio.transport.parts import DeviceTypeParts, PciDeviceParts
 from iovirt.virtio.transport.pci import VirtioPciFunction
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,9 @@ SET_PARTS_OBJECTS_LIMIT = 4
 """``set_parts_resource_objects_limit`` of VIRTIO_DEV_PARTS_CAP."""
 DEV_PARTS_OBJECTS_LIMIT = GET_PARTS_OBJECTS_LIMIT + SET_PARTS_OBJECTS_LIMIT
 """Resource object ids are 0 to this - 1."""
+
+TYPE_PARTS: dict[int, Callable[[], DeviceTypeParts]] = {VIRTIO_ID_NET: NetParts}
+"""The device-type parts (0x200-0x5FF) of a member, by its virtio device id."""
 
 _OBJ_LIMITS = {VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET: GET_PARTS_OBJECTS_LIMIT,
                VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET: SET_PARTS_OBJECTS_LIMIT}
@@ -136,7 +138,8 @@ class SriovDeviceParts:
         """The parts and mode of member ``member_id``, now ``vf`` (a new VF behind the id starts active)."""
         parts = self._members.get(member_id)
         if parts is None or parts.function is not vf:
-            parts = PciDeviceParts(vf, NetParts() if isinstance(vf.device, VirtioNet) else None)
+            type_parts = TYPE_PARTS.get(vf.device.device_id)
+            parts = PciDeviceParts(vf, type_parts() if type_parts is not None else None)
             self._members[member_id] = parts
         return parts
 
