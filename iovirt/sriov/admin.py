@@ -78,7 +78,7 @@ class SriovAdminGroup:
 
     def reset(self) -> None:
         """Nothing of the group's own outlives a PF reset (the VFs go with VF Enable; the device parts objects too)."""
-        self.parts.reset()
+        self.parts.reset(self.sriov.enabled_vfs)
 
     def execute(self, command: AdminCommand) -> AdminResult:
         """Run a legacy command on member ``group_member_id`` (2.12.1.5: group, then member checks)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_CMD_DEV_MODE_SET,
@@ -127,10 +127,12 @@ class SriovDeviceParts:
             VIRTIO_ADMIN_CMD_DEV_MODE_SET: self._mode_set,
         }
 
-    def reset(self) -> None:
-        """Owner reset: every object is destroyed; a stopped member runs again as it is (nothing staged applied)."""
+    def reset(self, members: Sequence[object]) -> None:
+        """Owner reset: every object is destroyed; a stopped member still in ``members`` (the enabled VFs) runs
+        again as it is, nothing staged applied (a removed VF is gone with its state)."""
         for parts in self._members.values():
-            parts.resume(apply=False)
+            if any(parts.function is vf for vf in members):
+                parts.resume(apply=False)
         self._members.clear()
         self.objects.clear()
 

@@ -409,3 +409,22 @@ def test_a_restored_ring_outside_memory_needs_reset_not_a_crash(machine, parts, 
     assert "queue 0 cannot resume" in caplog.text
     assert nic.driver.status & VIRTIO_CONFIG_S_NEEDS_RESET
     assert machine.admin.command(LIST_QUERY, SRIOV, result_size=8).status == OK
+
+
+def test_an_owner_reset_lets_a_stopped_member_run_again(machine, parts) -> None:
+    nic, peer = vf_nic(machine, 0), vf_nic(machine, 1)
+    nic.post_rx(2)
+    peer.send(frame(b"\xff" * 6, vf_mac(PF_MAC, 1), b"hello"))
+    nic.receive()
+    assert parts.mode(1, 1).status == OK
+    machine.pf_driver.reset()  # a virtio reset of the owner: the VFs stay
+    peer.send(frame(vf_mac(PF_MAC, 0), vf_mac(PF_MAC, 1), b"after the owner reset"))
+    assert [p[14:35] for _, p in nic.receive()] == [b"after the owner reset"]
+
+
+def test_an_owner_flr_with_a_stopped_member(machine, parts) -> None:
+    vf_nic(machine, 0)
+    assert parts.mode(1, 1).status == OK
+    machine.pf.reset()  # FLR: the VFs go, and their state with them
+    assert machine.sriov.enabled_vfs == []
+    assert machine.pf.admin is not None and machine.pf.admin.groups[SRIOV].group.parts.objects == {}
