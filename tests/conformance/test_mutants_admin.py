@@ -12,6 +12,7 @@ from typing import Callable
 
 import pytest
 
+from iovirt.cli import main
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -231,6 +232,12 @@ def test_the_sr_iov_owner_passes_every_pci_check():
         assert results[clause].verdict is Verdict.NA and "not offered" in results[clause].reason
     assert {c: r.reason for c, r in results.items() if r.verdict is not Verdict.PASS and c not in NOT_OFFERED_ON_THE_OWNER} == {}
     assert results["virtio-1.2:4.1.4.3.1#admin_queue"].verdict is Verdict.PASS  # the fields, now offered
+
+
+def test_conform_cli_runs_the_sr_iov_owner(capsys):
+    assert main(["conform", "--in-process", "net", "--sriov-owner"]) == 0
+    assert "2.12.1.1.6#legacy-driver" in capsys.readouterr().out
+    assert main(["conform", "--in-process", "blk", "--sriov-owner"]) == 2
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANT_EXPECTATIONS))

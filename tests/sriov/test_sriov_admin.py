@@ -302,3 +302,25 @@ def test_a_legacy_driver_runs_a_vf_through_the_owner(machine, legacy) -> None:
         tx.publish()
         notify()
         assert len(tx.get_used()) == 1, notify.__name__
+
+
+def test_legacy_status_never_sets_needs_reset_and_features_freeze_at_driver_ok(machine, legacy) -> None:
+    vf = machine.sriov.enabled_vfs[0]
+    legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_STATUS, bytes([VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_NEEDS_RESET])))
+    assert vf.common.status == VIRTIO_CONFIG_S_ACKNOWLEDGE
+    legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_GUEST_FEATURES, (1 << 5).to_bytes(4, "little")))  # MAC
+    legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_STATUS, bytes([VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK])))
+    legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_GUEST_FEATURES, (1 << 15).to_bytes(4, "little")))
+    assert read(legacy, VIRTIO_PCI_GUEST_FEATURES, 4) == 1 << 5  # unchanged on a live device
+    assert vf.device.driver_features == 1 << 5
+
+
+def test_a_legacy_queue_outside_guest_memory_needs_a_reset(machine, legacy, caplog) -> None:
+    vf = machine.sriov.enabled_vfs[0]
+    legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_QUEUE_SEL, (0).to_bytes(2, "little")))
+    with caplog.at_level(logging.WARNING):
+        assert legacy.command(COMMON_WRITE, SRIOV, 1, wr(VIRTIO_PCI_QUEUE_PFN, (0xFFFF_FFFF).to_bytes(4, "little"))).status == OK
+    assert vf.common.status & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert "cannot be enabled" in caplog.text and "Traceback" not in caplog.text
+    assert machine.pf_driver.status & VIRTIO_CONFIG_S_DRIVER_OK  # the owner is unaffected
+    assert read(legacy, VIRTIO_PCI_QUEUE_SEL, 2) == 0

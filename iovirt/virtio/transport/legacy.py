@@ -11,14 +11,16 @@ status, one set of queues).  Layout (4.1.4.10, little-endian):
 offset  size  field
 ======  ====  ======================================================
 0       4     device features bits 0-31 (read-only)
-4       4     driver features bits 0-31: taken at once, as a legacy device does
+4       4     driver features bits 0-31: taken at once, as a legacy device does,
+              until DRIVER_OK
 8       4     queue address: page frame number of the selected queue; the legacy
               ring layout (2.7, 4096-byte alignment) at PFN * 4096 starts the
               queue at its maximum size; 0 stops it
 12      2     queue size (read-only: the maximum)
 14      2     queue select
 16      2     queue notify: the 16-bit index written notifies that queue
-18      1     device status: 0 resets; DRIVER_OK without FEATURES_OK (legacy)
+18      1     device status: 0 resets; bits are added (NEEDS_RESET is the
+              device's); DRIVER_OK without FEATURES_OK (legacy)
 19      1     ISR status (read clears it)
 20      2     config_msix_vector   } only while MSI-X is enabled
 22      2     queue_msix_vector    }
@@ -38,7 +40,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from iovirt.errors import IovirtError
-from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK
+from iovirt.virtio.defs import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from iovirt.virtio.transport.common_cfg import VirtqueueConfig
 from iovirt.virtio.transport.defs import VIRTIO_PCI_COMMON_MSIX, VIRTIO_PCI_COMMON_Q_MSIX
 
@@ -167,6 +169,10 @@ class LegacyInterface:
     def _write_features(self, value: int) -> None:
         """A legacy device takes the driver's features when written; bits it did not offer are dropped."""
         common = self.function.common
+        if common.driver_ok:
+            log.warning("%s: legacy driver features %#x written while the device is live (DRIVER_OK); ignored",
+                        common.device.label, value)
+            return
         offered = self.function.offered_features() & 0xFFFFFFFF
         if value & ~offered:
             log.warning("%s: legacy driver features %#x include unoffered bits %#x; dropped",
@@ -200,7 +206,7 @@ class LegacyInterface:
             common.reset()
             return
         old = common.status
-        common.status = old | value
+        common.status = old | value & ~VIRTIO_CONFIG_S_NEEDS_RESET  # the device's bit; a driver never sets it
         if value & ~old & VIRTIO_CONFIG_S_DRIVER_OK:
             common.go_live()
 
