@@ -428,3 +428,18 @@ def test_an_owner_flr_with_a_stopped_member(machine, parts) -> None:
     machine.pf.reset()  # FLR: the VFs go, and their state with them
     assert machine.sriov.enabled_vfs == []
     assert machine.pf.admin is not None and machine.pf.admin.groups[SRIOV].group.parts.objects == {}
+
+
+def test_a_member_set_up_again_while_stopped_resumes_on_its_new_rings(machine, parts) -> None:
+    """Reset and brought up again while stopped (its queues start at once: a known limit), the member resumes
+    on the new rings, not on the positions it had on the old ones."""
+    vf_nic(machine, 0)
+    assert parts.mode(1, 1).status == OK
+    nic = vf_nic(machine, 0)  # reset, features, new rings, DRIVER_OK
+    nic.post_rx(2)
+    assert parts.mode(1, 0).status == OK
+    vf = machine.sriov.enabled_vfs[0]
+    assert [vf.device.queues[i].state().desc_addr for i in (0, 1)] == [nic.rx.desc_addr, nic.tx.desc_addr]
+    peer = vf_nic(machine, 1)
+    peer.send(frame(vf_mac(PF_MAC, 0), vf_mac(PF_MAC, 1), b"new rings"))
+    assert [p[14:23] for _, p in nic.receive()] == [b"new rings"]

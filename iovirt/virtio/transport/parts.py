@@ -28,7 +28,9 @@ Read-only and invariant fields (the device features, ``num_queues``,
 ``queue_notify_off``, ``queue_notif_config_data``) are verified, never
 written (2.12.1.4.4.1).  Known limit: a queue the driver enables while the
 member is stopped is started on the device at once, as the common
-configuration starts any queue, and is not held until the resume.
+configuration starts any queue, and is not held until the resume (which
+then keeps it; a queue whose registers changed while stopped resumes at
+its ring's used index, never at the positions it had on the old ring).
 """
 
 from __future__ import annotations
@@ -247,11 +249,15 @@ class PciDeviceParts:
         common = self.function.common
         device = self.function.device
         q = common.queues[index]
-        if state is None:  # restored: the device took every buffer up to the used index (2.12.1.4.4.1)
-            used = memory.read_u16(q.device + 2)
-            state = QueueState(size=q.size, desc_addr=q.desc, avail_addr=q.driver, used_addr=q.device,
-                               last_avail_idx=used, used_idx=used)
-        device.start_queue(index, memory, state, lambda: common.port.queue_interrupt(index))
+        if device.queues[index] is None:
+            if state is None or (state.size, state.desc_addr, state.avail_addr, state.used_addr) != (
+                    q.size, q.desc, q.driver, q.device):
+                # Restored, or set up anew after a reset while stopped: the device took every buffer up to the
+                # used index (2.12.1.4.4.1), so it resumes there.
+                used = memory.read_u16(q.device + 2)
+                state = QueueState(size=q.size, desc_addr=q.desc, avail_addr=q.driver, used_addr=q.device,
+                                   last_avail_idx=used, used_idx=used)
+            device.start_queue(index, memory, state, lambda: common.port.queue_interrupt(index))
         if common.status & VIRTIO_CONFIG_S_DRIVER_OK:
             device.set_queue_enabled(index, True)
             device.kick(index)  # what the driver made available while the member was stopped
