@@ -240,6 +240,26 @@ def _features_ok_hidden_once_live(monkeypatch):
     _patch_common_read(monkeypatch, status)
 
 
+def _live_on_queue_enable(monkeypatch):
+    # A queue goes live when the driver enables it, before DRIVER_OK: a notification then is served.
+    original_enable, original_notify = CommonCfg._write_queue_enable, CommonCfg.notify
+
+    def write_queue_enable(self, value):
+        original_enable(self, value)
+        index = self.queue_select
+        if index < len(self.queues) and self.queues[index].enabled:
+            self.device.set_queue_enabled(index, True)
+
+    def notify(self, index):
+        if not self.driver_ok and index < len(self.device.enabled) and self.device.enabled[index]:
+            self.device.kick(index)
+            return
+        original_notify(self, index)
+
+    monkeypatch.setattr(CommonCfg, "_write_queue_enable", write_queue_enable)
+    monkeypatch.setattr(CommonCfg, "notify", notify)
+
+
 def _needs_reset_silent(monkeypatch):
     # DEVICE_NEEDS_RESET is set, but the configuration change notification 2.1.2 requires is not sent.
     def set_needs_reset(self):
@@ -324,6 +344,7 @@ PCI_MUTANTS: dict[str, Inject] = {
     "queue-no-vector-uses-vector-0": _queue_no_vector_uses_vector_0,
     "config-no-vector-uses-vector-0": _config_no_vector_uses_vector_0,
     "features-ok-hidden-once-live": _features_ok_hidden_once_live,
+    "live-on-queue-enable": _live_on_queue_enable,
     "needs-reset-without-notification": _needs_reset_silent,
     "only-all-features-accepted": _only_all_features,
     "unoffered-device-bits-unchecked": _device_bits_unchecked,
@@ -518,6 +539,7 @@ MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
     "queue-no-vector-uses-vector-0": frozenset({"virtio-1.2:4.1.5.3.1"}),
     "config-no-vector-uses-vector-0": frozenset({"virtio-1.2:4.1.5.4.1"}),
     "features-ok-hidden-once-live": frozenset({"virtio-1.2:2.1#status"}),
+    "live-on-queue-enable": frozenset({"virtio-1.2:2.1.2"}),
     "needs-reset-without-notification": frozenset({"virtio-1.2:2.1.2#needs-reset"}),
     "only-all-features-accepted": frozenset({"virtio-1.2:2.2.2#subset"}),
     "unoffered-device-bits-unchecked": frozenset({"virtio-1.2:2.2.2#unoffered"}),
