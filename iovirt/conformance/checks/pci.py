@@ -175,9 +175,9 @@ def config_generation(ctx: PciContext) -> None:
     ctx.bring_up()
     d = ctx.driver
     before = d.common_read(VIRTIO_PCI_COMMON_CFGGENERATION, 1)
-    old = d.read_device_config(0, len(ctx.caps.config or b"") or 8)
+    old = ctx.read_device_config(0, len(ctx.caps.config or b"") or 8)
     ctx.change_config()
-    d.read_device_config(0, len(old))
+    ctx.read_device_config(0, len(old))
     after = d.common_read(VIRTIO_PCI_COMMON_CFGGENERATION, 1)
     expect(after != before, f"config_generation stayed {before} across a configuration change")
 
@@ -455,7 +455,7 @@ def config_before_features_ok(ctx: PciContext) -> None:
     d.reset()
     d.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
     size = len(ctx.caps.config or b"") or 8
-    early = d.read_device_config(0, size)
+    early = ctx.read_device_config(0, size)
     ctx.bring_up()
-    late = d.read_device_config(0, size)
+    late = ctx.read_device_config(0, size)
     expect(early == late, f"device configuration {early.hex()} before FEATURES_OK, {late.hex()} after DRIVER_OK")
