@@ -34,8 +34,20 @@ from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USE
 from iovirt.vhost_user import requests as rq
 from iovirt.vhost_user.inflight import QueueRegion
 from iovirt.vhost_user.server import VhostUserServer
+from iovirt.errors import IovirtError
 from iovirt.vhost_user.vrings import VringError, Vrings
-from iovirt.virtio.blk.defs import REQ_HDR, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from iovirt.virtio.blk._datapath_py import parse_request
+from iovirt.virtio.blk.defs import (
+    DISCARD_SEG,
+    REQ_HDR,
+    SECTOR_SIZE,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+)
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.chain import write_chain
 from iovirt.virtio.defs import (
@@ -344,6 +356,386 @@ def test_vhost_user_message_mutant(make_backend, monkeypatch, mutant):
     assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
 
 
+# -- generic virtqueue rules (checks/virtqueue.py, on blk) ---------------------------------------------
+def _available_chains(queue) -> list[list[tuple[int, int, int]]]:
+    """The (addr, len, flags) descriptors of each chain the driver made available and the device has not taken
+    (split rings; an indirect descriptor is listed as it is, not followed)."""
+    state, memory = queue.state(), queue.memory
+    chains, i = [], state.last_avail_idx
+    while i != memory.read_u16(state.avail_addr + 2):
+        desc, chain = memory.read_u16(state.avail_addr + 4 + 2 * (i % state.size)), []
+        for _ in range(state.size):
+            at = state.desc_addr + 16 * desc
+            chain.append((memory.read_u64(at), memory.read_u32(at + 8), memory.read_u16(at + 12)))
+            if not chain[-1][2] & VIRTQ_DESC_F_NEXT:
+                break
+            desc = memory.read_u16(at + 14)
+        chains.append(chain)
+        i = (i + 1) & 0xFFFF
+    return chains
+
+
+class NoVersion1Blk(VirtioBlk):
+    """Offers no VIRTIO_F_VERSION_1 (a legacy-only device)."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_F_VERSION_1)
+
+
+def _needs_indirect_desc(monkeypatch):
+    # Refuses a driver that does not take VIRTIO_F_INDIRECT_DESC (a valid subset of its features).
+    def make(session, original):
+        def set_features(req):
+            if not req.features >> VIRTIO_F_INDIRECT_DESC & 1:
+                raise RequestRefused(req.code, "VIRTIO_F_INDIRECT_DESC is needed")
+            original(req)
+        return set_features
+
+    _handler(monkeypatch, rq.SetFeatures, make)
+
+
+class HeaderAloneBlk(VirtioBlk):
+    """Assumes the request header has a descriptor of its own: a first descriptor longer than the header is
+    taken for a malformed request (its type is rewritten to an unknown one, so it completes UNSUPP)."""
+
+    def process_queue(self, index, queue):
+        for chain in _available_chains(queue):
+            addr, length, flags = chain[0]
+            if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > REQ_HDR.size:
+                queue.memory.write_u32(addr, 0x5A)
+        super().process_queue(index, queue)
+
+
+class ScribblesOnHeaderBlk(VirtioBlk):
+    """Writes into the first device-readable descriptor of each request (the header's ioprio byte)."""
+
+    def process_queue(self, index, queue):
+        for chain in _available_chains(queue):
+            addr, length, flags = chain[0]
+            if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > 4:
+                queue.memory.write(addr + 4, b"\x01")
+        super().process_queue(index, queue)
+
+
+class ShortIndirectOnlyBlk(VirtioBlk):
+    """Takes an indirect table of fewer than four descriptors for a driver error (and so needs a reset)."""
+
+    def process_queue(self, index, queue):
+        for chain in _available_chains(queue):
+            if any(flags & VIRTQ_DESC_F_INDIRECT and length < 4 * 16 for _addr, length, flags in chain):
+                self.fail(IovirtError("indirect table of fewer than 4 descriptors"))
+                return
+        super().process_queue(index, queue)
+
+
+class SilentWithoutEventIdxBlk(VirtioBlk):
+    """Sends no used buffer notification when VIRTIO_F_EVENT_IDX is not negotiated."""
+
+    def signal(self, index):
+        queue = self.queues[index]
+        if self.has_feature(VIRTIO_F_EVENT_IDX) or queue is None:
+            super().signal(index)
+        else:
+            queue.need_notify()  # its bookkeeping kept; the answer ignored
+
+
+class SilentWithEventIdxBlk(VirtioBlk):
+    """Sends no used buffer notification when VIRTIO_F_EVENT_IDX is negotiated, whatever used_event says."""
+
+    def signal(self, index):
+        queue = self.queues[index]
+        if not self.has_feature(VIRTIO_F_EVENT_IDX) or queue is None:
+            super().signal(index)
+        else:
+            queue.need_notify()
+
+
+class NoNotifyFlagWithEventIdxBlk(VirtioBlk):
+    """Sets VIRTQ_USED_F_NO_NOTIFY in the used flags although VIRTIO_F_EVENT_IDX is negotiated."""
+
+    def process_queue(self, index, queue):
+        super().process_queue(index, queue)
+        if self.has_feature(VIRTIO_F_EVENT_IDX):
+            queue.memory.write_u16(queue.state().used_addr, VIRTQ_USED_F_NO_NOTIFY)
+
+
+VIRTQUEUE_MUTANTS: dict[str, tuple[Callable | None, dict]] = {
+    "no-version-1": (None, {"blk_class": NoVersion1Blk}),
+    "needs-indirect-desc": (_needs_indirect_desc, {}),
+    "header-alone": (None, {"blk_class": HeaderAloneBlk}),
+    "scribbles-on-header": (None, {"blk_class": ScribblesOnHeaderBlk}),
+    "short-indirect-only": (None, {"blk_class": ShortIndirectOnlyBlk}),
+    "silent-without-event-idx": (None, {"blk_class": SilentWithoutEventIdxBlk}),
+    "silent-with-event-idx": (None, {"blk_class": SilentWithEventIdxBlk}),
+    "no-notify-flag-with-event-idx": (None, {"blk_class": NoNotifyFlagWithEventIdxBlk}),
+}
+
+VIRTQUEUE_EXPECTATIONS = {
+    "no-version-1": {"virtio-1.2:6.2"},
+    "needs-indirect-desc": {"virtio-1.2:2.2.2"},
+    "header-alone": {"virtio-1.2:2.7.4.1"},
+    "scribbles-on-header": {"virtio-1.2:2.7.5.1"},
+    "short-indirect-only": {"virtio-1.2:2.7.5.3.2"},
+    "silent-without-event-idx": {"virtio-1.2:2.7.7.2#flags"},
+    "silent-with-event-idx": {"virtio-1.2:2.7.7.2#used_event"},
+    "no-notify-flag-with-event-idx": {"virtio-1.2:2.7.10.2"},
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(VIRTQUEUE_MUTANTS))
+def test_virtqueue_mutant(make_backend, monkeypatch, mutant):
+    inject, kwargs = VIRTQUEUE_MUTANTS[mutant]
+    if inject is not None:
+        inject(monkeypatch)
+    b = make_backend(**kwargs)
+    failed = _failed(Target(b.blk_path, "blk", TIMEOUT), _clauses("virtqueue", "blk"))
+    assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
+
+
+# -- virtio-net (checks/net.py) ----------------------------------------------------------------------------
+class SlowPathNet(VirtioNet):
+    """Receives every frame through the per-frame path, where the mutants below break one rule."""
+
+    def _deliver_batch(self, frames, indexes):
+        return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
+
+
+class EcnWithoutTsoNet(VirtioNet):
+    """Offers GUEST_ECN without GUEST_TSO4 or GUEST_TSO6, which it requires (5.1.3.1)."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6) \
+            | 1 << VIRTIO_NET_F_GUEST_ECN
+
+
+class ZeroNumBuffersNet(SlowPathNet):
+    """Without MRG_RXBUF, writes num_buffers 0 into the receive header."""
+
+    def _receive_single(self, index, queue, hdr, frame):
+        chain = queue.pop()
+        if chain is None:
+            return False
+        payload = NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, 0).pack(
+            self.hdr_len) + frame
+        queue.push(chain.head, write_chain(queue.memory, chain, payload))
+        return True
+
+
+class UsedLenWithoutHeaderNet(SlowPathNet):
+    """Without MRG_RXBUF, reports a used length that leaves out the 12-byte header."""
+
+    def _receive_single(self, index, queue, hdr, frame):
+        chain = queue.pop()
+        if chain is None:
+            return False
+        payload = NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, 1).pack(
+            self.hdr_len) + frame
+        write_chain(queue.memory, chain, payload)
+        queue.push(chain.head, len(frame))
+        return True
+
+
+class OneBufferCountedNet(SlowPathNet):
+    """With MRG_RXBUF, spreads a frame over several buffers yet writes num_buffers 1."""
+
+    def _receive_mergeable(self, queue, hdr, frame):
+        total, chains, room = self.hdr_len + len(frame), [], 0
+        while room < total:
+            chain = queue.pop()
+            if chain is None:
+                queue.rewind(len(chains))
+                return False
+            chains.append(chain)
+            room += chain.writable_len
+        payload = NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, 1).pack() + frame
+        pos = 0
+        for chain in chains:
+            n = write_chain(queue.memory, chain, payload[pos:])
+            queue.push(chain.head, n)
+            pos += n
+        return True
+
+
+class FlipsLongFramesNet(VirtioNet):
+    """Flips the last byte of every transmitted frame of 1000 bytes or more."""
+
+    def _transmit(self, index, queue):
+        for chain in _available_chains(queue):
+            if sum(length for _a, length, _f in chain) >= NET_HDR_SIZE + 1000 and not chain[-1][2] & VIRTQ_DESC_F_INDIRECT:
+                addr, length, _flags = chain[-1]
+                queue.memory.write(addr + length - 1, bytes([queue.memory.read(addr + length - 1, 1)[0] ^ 0xFF]))
+        super()._transmit(index, queue)
+
+
+class NoQueuePairsNet(VirtioNet):
+    """Offers MQ with max_virtqueue_pairs 0 in its config space."""
+
+    def config_space(self):
+        config = super().config_space()
+        return config[:8] + bytes(2) + config[10:]
+
+
+NET_MUTANTS: dict[str, type[VirtioNet]] = {
+    "ecn-without-tso": EcnWithoutTsoNet,
+    "zero-num-buffers": ZeroNumBuffersNet,
+    "used-len-without-header": UsedLenWithoutHeaderNet,
+    "one-buffer-counted": OneBufferCountedNet,
+    "flips-long-frames": FlipsLongFramesNet,
+    "no-queue-pairs": NoQueuePairsNet,
+}
+
+NET_EXPECTATIONS = {
+    "ecn-without-tso": {"virtio-1.2:5.1.3.1"},
+    "zero-num-buffers": {"virtio-1.2:5.1.6.4.1#num_buffers"},
+    "used-len-without-header": {"virtio-1.2:5.1.6"},
+    "one-buffer-counted": {"virtio-1.2:5.1.6.4.1#mrg_rxbuf"},
+    "flips-long-frames": {"virtio-1.2:5.1.6.2"},
+    "no-queue-pairs": {"virtio-1.2:5.1.4.1"},
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(NET_MUTANTS))
+def test_net_mutant(make_backend, mutant):
+    b = make_backend(net_class=NET_MUTANTS[mutant])
+    failed = _failed(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), _clauses("net", "net"))
+    assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
+
+
+# -- virtio-blk (checks/blk.py) ------------------------------------------------------------------------------
+def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] | None]) -> None:
+    """Give each available request whose header is alone in its first descriptor the (type, sector) that
+    ``rewrite(type, sector, data bytes the device may write)`` returns (``None``: unchanged)."""
+    for chain in _available_chains(queue):
+        addr, length, flags = chain[0]
+        if flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) or length != REQ_HDR.size:
+            continue
+        rtype, reserved, sector = REQ_HDR.unpack(queue.memory.read(addr, REQ_HDR.size))
+        writable = sum(n for _a, n, f in chain if f & VIRTQ_DESC_F_WRITE) - 1
+        new = rewrite(rtype, sector, writable)
+        if new is not None:
+            queue.memory.write(addr, REQ_HDR.pack(new[0], reserved, new[1]))
+
+
+class ShiftedWritesBlk(VirtioBlk):
+    """Writes land one sector past the one asked for."""
+
+    def process_queue(self, index, queue):
+        _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_OUT else None)
+        super().process_queue(index, queue)
+
+
+class FlushUnsupportedBlk(VirtioBlk):
+    """Offers VIRTIO_BLK_F_FLUSH but answers FLUSH as an unknown request (UNSUPP)."""
+
+    def process_queue(self, index, queue):
+        _rewrite_headers(queue, lambda t, s, n: (0x5A, s) if t == VIRTIO_BLK_T_FLUSH else None)
+        super().process_queue(index, queue)
+
+
+class GarbageIdBlk(VirtioBlk):
+    """Answers GET_ID with control characters."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serial = b"\x01\x02id"
+
+
+class UnknownTypeOkBlk(VirtioBlk):
+    """Completes a request of an unknown type with OK."""
+
+    def _serve(self, memory, chain):
+        request = parse_request(memory, chain)
+        if request is not None and request.type == 0x5A:
+            memory.write(request.status_addr, bytes([VIRTIO_BLK_S_OK]))
+            return chain.writable_len
+        return super()._serve(memory, chain)
+
+
+class LastSectorUnreadableBlk(VirtioBlk):
+    """Fails (IOERR) a read of the last sector, as if capacity were one sector less."""
+
+    def process_queue(self, index, queue):
+        last = self.capacity - 1
+        _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_IN and s == last else None)
+        super().process_queue(index, queue)
+
+
+class ClampsReadsBlk(VirtioBlk):
+    """Serves a read past the end from the last sectors instead (OK, not IOERR)."""
+
+    def process_queue(self, index, queue):
+        cap = self.capacity
+
+        def clamp(t, s, n):
+            count = -(-n // SECTOR_SIZE)
+            return (t, max(0, cap - count)) if t == VIRTIO_BLK_T_IN and s + count > cap else None
+
+        _rewrite_headers(queue, clamp)
+        super().process_queue(index, queue)
+
+
+class WritesDespiteRoBlk(VirtioBlk):
+    """Read-only, yet completes a write with OK (it is taken for a FLUSH: nothing written)."""
+
+    def process_queue(self, index, queue):
+        if self.read_only:
+            _rewrite_headers(queue, lambda t, s, n: (VIRTIO_BLK_T_FLUSH, 0) if t == VIRTIO_BLK_T_OUT else None)
+        super().process_queue(index, queue)
+
+
+class ZeroesNothingBlk(VirtioBlk):
+    """Completes WRITE_ZEROES with OK without zeroing anything."""
+
+    def _discard_or_zero(self, memory, rtype, bufs):
+        if rtype != VIRTIO_BLK_T_WRITE_ZEROES:
+            super()._discard_or_zero(memory, rtype, bufs)
+
+
+class DiscardIgnoresUnmapBlk(VirtioBlk):
+    """Takes DISCARD with the unmap flag as a plain DISCARD (OK instead of UNSUPP)."""
+
+    def _discard_or_zero(self, memory, rtype, bufs):
+        if rtype == VIRTIO_BLK_T_DISCARD:
+            for addr, n in bufs:
+                for off in range(0, n - n % DISCARD_SEG.size, DISCARD_SEG.size):
+                    memory.write_u32(addr + off + 12, 0)
+        super()._discard_or_zero(memory, rtype, bufs)
+
+
+BLK_MUTANTS: dict[str, tuple[type[VirtioBlk], str]] = {
+    "shifted-writes": (ShiftedWritesBlk, "rw"),
+    "flush-unsupported": (FlushUnsupportedBlk, "rw"),
+    "garbage-id": (GarbageIdBlk, "rw"),
+    "unknown-type-ok": (UnknownTypeOkBlk, "rw"),
+    "last-sector-unreadable": (LastSectorUnreadableBlk, "rw"),
+    "clamps-reads": (ClampsReadsBlk, "rw"),
+    "writes-despite-ro": (WritesDespiteRoBlk, "ro"),
+    "zeroes-nothing": (ZeroesNothingBlk, "rw"),
+    "discard-ignores-unmap": (DiscardIgnoresUnmapBlk, "rw"),
+}
+
+BLK_EXPECTATIONS = {
+    "shifted-writes": {"virtio-1.2:5.2.6#in-out"},
+    "flush-unsupported": {"virtio-1.2:5.2.6#flush"},
+    "garbage-id": {"virtio-1.2:5.2.6#get-id"},
+    "unknown-type-ok": {"virtio-1.2:5.2.6#unsupp"},
+    "last-sector-unreadable": {"virtio-1.2:5.2.4"},
+    "clamps-reads": {"virtio-1.2:5.2.6#beyond-capacity"},
+    "writes-despite-ro": {"virtio-1.2:5.2.6.2#ro"},
+    "zeroes-nothing": {"virtio-1.2:5.2.6.2#write-zeroes"},
+    "discard-ignores-unmap": {"virtio-1.2:5.2.6.2#discard-unmap"},
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(BLK_MUTANTS))
+def test_blk_mutant(make_backend, mutant):
+    blk_class, image = BLK_MUTANTS[mutant]
+    b = make_backend(blk_class=blk_class)
+    failed = _failed(Target(b.blk_path if image == "rw" else b.blk_ro_path, "blk", TIMEOUT), _clauses("blk", "blk"))
+    assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
+
+
 MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
-    name: frozenset(clauses) for table in (VHOST_USER_EXPECTATIONS,) for name, clauses in table.items()
+    name: frozenset(clauses) for table in (VHOST_USER_EXPECTATIONS, VIRTQUEUE_EXPECTATIONS, NET_EXPECTATIONS,
+                                                  BLK_EXPECTATIONS) for name, clauses in table.items()
 }
