@@ -735,7 +735,203 @@ def test_blk_mutant(make_backend, mutant):
     assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
 
 
+# -- rng, input, vsock (checks/rng.py, input.py, vsock.py) ------------------------------------------------
+@dataclass
+class Served:
+    """One device behind its own vhost-user server."""
+
+    server: VhostUserServer
+    thread: threading.Thread
+    socket: str
+    detach: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=10)
+        if self.detach is not None:
+            self.detach()
+
+
+@pytest.fixture
+def serve_device(tmp_path):
+    served: list[Served] = []
+
+    def serve(device) -> str:
+        server = VhostUserServer()
+        path = str(tmp_path / f"dev{len(served)}.sock")
+        server.add_socket(path, device)
+        detach = attach(server.dataplane, device) if isinstance(device, VirtioVsock) else None
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        served.append(Served(server, thread, path, detach))
+        return path
+
+    yield serve
+    for s in served:
+        s.stop()
+
+
+class RngMutant(VirtioRng):
+    """Fills each request by :meth:`fill` (data, used length) instead of from the source."""
+
+    def process_queue(self, index, queue):
+        if index != REQUESTQ or not self.enabled[index]:
+            return
+        served = 0
+        while (chain := queue.pop()) is not None:
+            data, used = self.fill(chain)
+            queue.push(chain.head, used if used is not None else write_chain(queue.memory, chain, data))
+            served += 1
+        if served:
+            self.signal(REQUESTQ)
+
+    def fill(self, chain) -> tuple[bytes, int | None]:
+        return os.urandom(chain.writable_len), None
+
+
+class EmptySmallRequestsRng(RngMutant):
+    """Completes requests of fewer than 100 bytes with no bytes at all."""
+
+    def fill(self, chain):
+        return (b"", 0) if chain.writable_len < 100 else super().fill(chain)
+
+
+class ZeroChainsRng(RngMutant):
+    """Fills a request of several buffers with zero bytes."""
+
+    def fill(self, chain):
+        return (bytes(chain.writable_len), None) if len(chain.writable) > 1 else super().fill(chain)
+
+
+class ExtraSelectInput(VirtioInput):
+    """Answers select 0x7f with a byte of data (an unsupported select must read size 0)."""
+
+    def answer(self, select, subsel):
+        return b"\x01" if select == 0x7F else super().answer(select, subsel)
+
+
+class NamelessInput(VirtioInput):
+    """Has an empty ID_NAME."""
+
+    def answer(self, select, subsel):
+        return b"" if (select, subsel) == (VIRTIO_INPUT_CFG_ID_NAME, 0) else super().answer(select, subsel)
+
+
+class NoEventCodesInput(VirtioInput):
+    """Reports no EV_KEY, EV_REL or EV_ABS code (LEDs only)."""
+
+    def answer(self, select, subsel):
+        if select == VIRTIO_INPUT_CFG_EV_BITS and subsel in (EV_KEY, EV_REL, EV_ABS):
+            return b""
+        return super().answer(select, subsel)
+
+
+class IgnoresStatusInput(VirtioInput):
+    """Never uses the buffers of the status queue."""
+
+    def process_queue(self, index, queue):
+        if index != STATUSQ:
+            super().process_queue(index, queue)
+
+
+class HostCidVsock(VirtioVsock):
+    """Gives the guest the host's CID (2, reserved) as guest_cid."""
+
+    def __init__(self, guest_cid, uds, label="vsock0"):
+        super().__init__(guest_cid, uds, label)
+        self.guest_cid = VMADDR_CID_HOST
+
+
+class RstFromLocalVsock(VirtioVsock):
+    """Sends its RST packets from CID 1 (VMADDR_CID_LOCAL) instead of the host's CID 2."""
+
+    def _reply(self, src_port, dst_port, op, flags=0):
+        hdr = super()._reply(src_port, dst_port, op, flags)
+        if op == VIRTIO_VSOCK_OP_RST:
+            hdr.src_cid = 1
+        return hdr
+
+
+class LongRstVsock(VirtioVsock):
+    """Sends RST packets whose len field says 4 though they carry no payload."""
+
+    def _reply(self, src_port, dst_port, op, flags=0):
+        hdr = super()._reply(src_port, dst_port, op, flags)
+        if op == VIRTIO_VSOCK_OP_RST:
+            hdr.len = 4
+        return hdr
+
+
+class DropsUnknownTypeVsock(VirtioVsock):
+    """Drops a packet of an unknown type without an answer."""
+
+    def _refuse(self, hdr):
+        if hdr.type == VIRTIO_VSOCK_TYPE_STREAM:
+            super()._refuse(hdr)
+
+
+class RstForRstVsock(VirtioVsock):
+    """Answers an RST for no connection with an RST."""
+
+    def _tx_packet(self, queue, chain):
+        if chain.readable_len >= HDR_SIZE:
+            hdr = Header.unpack(read_chain(queue.memory, chain, HDR_SIZE))
+            if hdr.op == VIRTIO_VSOCK_OP_RST and (hdr.dst_port, hdr.src_port) not in self.connections:
+                self._queue_control(self._reply(hdr.dst_port, hdr.src_port, VIRTIO_VSOCK_OP_RST), None)
+                return
+        super()._tx_packet(queue, chain)
+
+
+class ImpliedStreamOnlyVsock(VirtioVsock):
+    """Offers neither STREAM nor NO_IMPLIED_STREAM (streams implied, as before virtio 1.3)."""
+
+    def device_features(self):
+        return super().device_features() & ~(1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM | 1 << VIRTIO_VSOCK_F_STREAM)
+
+
+def _vsock(cls):
+    return lambda tmp: cls(GUEST_CID, str(tmp / "v.sock"))
+
+
+SMALL_DEVICE_MUTANTS: dict[str, tuple[str, Callable[[Path], Any]]] = {
+    "empty-small-requests": ("rng", lambda tmp: EmptySmallRequestsRng()),
+    "zero-chains": ("rng", lambda tmp: ZeroChainsRng()),
+    "extra-select": ("input", lambda tmp: ExtraSelectInput("keyboard")),
+    "nameless": ("input", lambda tmp: NamelessInput("keyboard")),
+    "no-event-codes": ("input", lambda tmp: NoEventCodesInput("keyboard")),
+    "ignores-status": ("input", lambda tmp: IgnoresStatusInput("keyboard")),
+    "host-cid": ("vsock", _vsock(HostCidVsock)),
+    "rst-from-local": ("vsock", _vsock(RstFromLocalVsock)),
+    "long-rst": ("vsock", _vsock(LongRstVsock)),
+    "drops-unknown-type": ("vsock", _vsock(DropsUnknownTypeVsock)),
+    "rst-for-rst": ("vsock", _vsock(RstForRstVsock)),
+    "implied-stream-only": ("vsock", _vsock(ImpliedStreamOnlyVsock)),
+}
+
+SMALL_DEVICE_EXPECTATIONS = {
+    "empty-small-requests": {"virtio-1.2:5.4.6.2#bytes"},
+    "zero-chains": {"virtio-1.2:5.4.6.2#chain"},
+    "extra-select": {"virtio-1.2:5.8.5.2#size-zero"},
+    "nameless": {"virtio-1.2:5.8.4#ids"},
+    "no-event-codes": {"virtio-1.2:5.8.4#ev-bits"},
+    "ignores-status": {"virtio-1.2:5.8.6.1#status"},
+    "host-cid": {"virtio-1.2:5.10.4#guest-cid"},
+    "rst-from-local": {"virtio-1.2:5.10.6#rst-no-listener"},
+    "long-rst": {"virtio-1.2:5.10.6#len"},
+    "drops-unknown-type": {"virtio-1.2:5.10.6#unknown-type"},
+    "rst-for-rst": {"virtio-1.2:5.10.6#no-rst-for-rst"},
+    "implied-stream-only": {"virtio-1.2:5.10.3#no-implied-stream"},
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(SMALL_DEVICE_MUTANTS))
+def test_small_device_mutant(serve_device, tmp_path, mutant):
+    device, make = SMALL_DEVICE_MUTANTS[mutant]
+    failed = _failed(Target(serve_device(make(tmp_path)), device, TIMEOUT), _clauses(device, device))
+    assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
+
+
 MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
     name: frozenset(clauses) for table in (VHOST_USER_EXPECTATIONS, VIRTQUEUE_EXPECTATIONS, NET_EXPECTATIONS,
-                                                  BLK_EXPECTATIONS) for name, clauses in table.items()
+                                                  BLK_EXPECTATIONS, SMALL_DEVICE_EXPECTATIONS) for name, clauses in table.items()
 }
