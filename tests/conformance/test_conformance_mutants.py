@@ -2,7 +2,9 @@
 
 A mutant is a monkeypatch (or a device subclass) that breaks one rule; the
 test runs the new checks (and, for contrast, the rest of the same transport)
-and asserts that exactly the expected clauses fail.
+and asserts that exactly the expected clauses fail: those of the mutant in
+:data:`MUTANT_EXPECTATIONS` (built from the tables and :data:`SINGLE_MUTANTS`
+at the end of the module).
 """
 
 from __future__ import annotations
@@ -1356,8 +1358,9 @@ def test_ctrl_vlan_check(monkeypatch, request, allows, failure):
 
 
 # -- what each mutant makes fail (tests/conformance/test_every_check_has_a_mutant.py reads it) ----------------
-def _table(table: dict, expected_at: int = -1) -> dict[str, frozenset[str]]:
-    return {name: frozenset(entry[expected_at]) for name, entry in table.items()}
+def _table(table: dict) -> dict[str, frozenset[str]]:
+    """Name -> expected clauses of a mutant table (the expected set is the last item of each row)."""
+    return {name: frozenset(entry[-1]) for name, entry in table.items()}
 
 
 SINGLE_MUTANTS: dict[str, set[str]] = {

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import IovirtBackend
+from iovirt.errors import IovirtError
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
@@ -29,12 +30,11 @@ from iovirt.vhost_user.devices.vsock import attach
 from iovirt.vhost_user.errors import RequestRefused
 from iovirt.vhost_user.framing import build_reply
 from iovirt.vhost_user.memtable import GuestMemoryTable
-from iovirt.vhost_user.protocol import BackendConnection
-from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_VERSION_MASK, U64, FrontendRequest as R
-from iovirt.vhost_user import requests as rq
 from iovirt.vhost_user.inflight import QueueRegion
+from iovirt.vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_VERSION_MASK, U64, FrontendRequest as R
+from iovirt.vhost_user.protocol import BackendConnection
+from iovirt.vhost_user import requests as rq
 from iovirt.vhost_user.server import VhostUserServer
-from iovirt.errors import IovirtError
 from iovirt.vhost_user.vrings import VringError, Vrings
 from iovirt.virtio.blk._datapath_py import parse_request
 from iovirt.virtio.blk.defs import (
@@ -49,7 +49,7 @@ from iovirt.virtio.blk.defs import (
     VIRTIO_BLK_T_WRITE_ZEROES,
 )
 from iovirt.virtio.blk.device import VirtioBlk
-from iovirt.virtio.chain import write_chain
+from iovirt.virtio.chain import read_chain, write_chain
 from iovirt.virtio.defs import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -66,7 +66,6 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_GUEST_ECN,
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_MRG_RXBUF,
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
@@ -82,7 +81,6 @@ from iovirt.virtio.vsock.defs import (
     Header,
 )
 from iovirt.virtio.vsock.device import VirtioVsock
-from iovirt.virtio.chain import read_chain
 
 TIMEOUT = 0.5
 GUEST_CID = 42
@@ -343,7 +341,7 @@ def _finish(gen):
         next(gen, None)
 
 
-@pytest.mark.parametrize("mutant", sorted(VHOST_USER_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(VHOST_USER_EXPECTATIONS))
 def test_vhost_user_message_mutant(make_backend, monkeypatch, mutant):
     inject, kwargs = VHOST_USER_MUTANTS[mutant]
     gen = _inject(monkeypatch, inject)
@@ -482,7 +480,7 @@ VIRTQUEUE_EXPECTATIONS = {
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(VIRTQUEUE_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(VIRTQUEUE_EXPECTATIONS))
 def test_virtqueue_mutant(make_backend, monkeypatch, mutant):
     inject, kwargs = VIRTQUEUE_MUTANTS[mutant]
     if inject is not None:
@@ -594,7 +592,7 @@ NET_EXPECTATIONS = {
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(NET_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(NET_EXPECTATIONS))
 def test_net_mutant(make_backend, mutant):
     b = make_backend(net_class=NET_MUTANTS[mutant])
     failed = _failed(Target(b.net_paths[0], "net", TIMEOUT, peer_socket=b.net_paths[1]), _clauses("net", "net"))
@@ -727,7 +725,7 @@ BLK_EXPECTATIONS = {
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(BLK_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(BLK_EXPECTATIONS))
 def test_blk_mutant(make_backend, mutant):
     blk_class, image = BLK_MUTANTS[mutant]
     b = make_backend(blk_class=blk_class)
@@ -924,14 +922,19 @@ SMALL_DEVICE_EXPECTATIONS = {
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(SMALL_DEVICE_MUTANTS))
+@pytest.mark.parametrize("mutant", sorted(SMALL_DEVICE_EXPECTATIONS))
 def test_small_device_mutant(serve_device, tmp_path, mutant):
     device, make = SMALL_DEVICE_MUTANTS[mutant]
     failed = _failed(Target(serve_device(make(tmp_path)), device, TIMEOUT), _clauses(device, device))
     assert set(failed) == MUTANT_EXPECTATIONS[mutant], failed
 
 
+_GROUPS = [(VHOST_USER_MUTANTS, VHOST_USER_EXPECTATIONS), (VIRTQUEUE_MUTANTS, VIRTQUEUE_EXPECTATIONS),
+           (NET_MUTANTS, NET_EXPECTATIONS), (BLK_MUTANTS, BLK_EXPECTATIONS), (SMALL_DEVICE_MUTANTS, SMALL_DEVICE_EXPECTATIONS)]
+assert all(set(mutants) == set(expected) for mutants, expected in _GROUPS), "a mutant without its expectation or back"
+
 MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
-    name: frozenset(clauses) for table in (VHOST_USER_EXPECTATIONS, VIRTQUEUE_EXPECTATIONS, NET_EXPECTATIONS,
-                                                  BLK_EXPECTATIONS, SMALL_DEVICE_EXPECTATIONS) for name, clauses in table.items()
+    name: frozenset(clauses) for _mutants, expected in _GROUPS for name, clauses in expected.items()
 }
+"""Mutant name -> the clauses it makes fail (read by tests/conformance/test_every_check_has_a_mutant.py)."""
+assert len(MUTANT_EXPECTATIONS) == sum(len(expected) for _mutants, expected in _GROUPS), "a mutant name is used twice"

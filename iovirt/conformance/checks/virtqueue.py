@@ -43,8 +43,8 @@ def message_framing(ctx: Context) -> str:
         return ""
     if ctx.caps.has(VIRTIO_BLK_F_RO):
         return "read-only: the header and data in one descriptor not written"
-    # The other way round: header and data in one device-readable descriptor (2.7.4's own example of a
-    # layout a device must not assume away, as legacy devices without ANY_LAYOUT did).
+    # The other way round: header and data in one device-readable descriptor.  2.7.4 lets the driver lay a
+    # request out either way; legacy devices without VIRTIO_F_ANY_LAYOUT wanted the header alone.
     data = os.urandom(SECTOR_SIZE)
     status = _put(link, b"\xff")
     link.add_buffers(work.index, [_put(link, REQ_HDR.pack(VIRTIO_BLK_T_OUT, 0, FRAMING_SECTOR) + data)], [status])
