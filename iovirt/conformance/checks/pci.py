@@ -30,7 +30,9 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_OFFSET,
     VIRTIO_PCI_CAP_PCI_CFG,
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG,
     VIRTIO_PCI_CAP_SIZE,
+    VIRTIO_PCI_CAP_VENDOR_CFG,
     VIRTIO_PCI_CFG_CAP_DATA,
     VIRTIO_PCI_COMMON_CFG_SIZE,
     VIRTIO_PCI_COMMON_CFGGENERATION,
@@ -54,7 +56,13 @@ from iovirt.virtio.transport.defs import (
 
 PCI = "pci"
 VIRTIO_IDS = {"net": 1, "blk": 2}  # 5 Device Types
-CAP_MIN_LEN = {VIRTIO_PCI_CAP_NOTIFY_CFG: 20, VIRTIO_PCI_CAP_PCI_CFG: 20}  # with notify_off_multiplier / pci_cfg_data
+# The structure each cfg_type's cap_len must cover (4.1.4.2); any other is a struct virtio_pci_cap (16 bytes).
+CAP_MIN_LEN = {
+    VIRTIO_PCI_CAP_NOTIFY_CFG: 20,  # struct virtio_pci_notify_cap: with notify_off_multiplier
+    VIRTIO_PCI_CAP_PCI_CFG: 20,  # struct virtio_pci_cfg_cap: with pci_cfg_data
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: 24,  # struct virtio_pci_cap64 (4.1.4.7): with offset_hi and length_hi
+    VIRTIO_PCI_CAP_VENDOR_CFG: 6,  # struct virtio_pci_vndr_data (4.1.4.8): through vendor_id, no BAR fields
+}
 
 
 def _select_queue(ctx: PciContext, index: int) -> None:

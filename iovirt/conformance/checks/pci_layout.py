@@ -41,6 +41,8 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_OFFSET,
     VIRTIO_PCI_CAP_PCI_CFG,
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG,
+    VIRTIO_PCI_CAP_VENDOR_CFG,
     VIRTIO_PCI_CFG_CAP_DATA,
     VIRTIO_PCI_COMMON_MSIX,
     VIRTIO_PCI_COMMON_Q_SELECT,
@@ -125,8 +127,6 @@ def msix_table(ctx: PciContext) -> None:
         )
 
 
-VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8  # virtio 1.4 4.1.4.7 (struct virtio_pci_cap64)
-VIRTIO_PCI_CAP_VENDOR_CFG = 9  # virtio 1.4 4.1.4.8 (struct virtio_pci_vndr_data)
 CAP64_OFFSET_HI, CAP64_LENGTH_HI = 16, 20
 VNDR_DATA_VENDOR_ID = 4
 BAR_64BIT = 0x4  # PCI BAR type bits 2:1 = 10b
