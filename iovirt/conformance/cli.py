@@ -59,6 +59,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         default=[],
         help="with --html: a column NAME from the JSON report FILE of an earlier run (repeatable)",
     )
+    p.add_argument(
+        "--sriov-owner",
+        action="store_true",
+        help="with --in-process net: iovirt's SR-IOV owner, a virtio-net PF with VFs and an administration virtqueue "
+        "(adds the virtio 1.4 group administration checks)",
+    )
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")
     p.add_argument(
         "--peer-socket",
@@ -73,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     target: Target | PlatformTarget
     if args.coverage:
         return _coverage(args)
+    if args.sriov_owner and not args.in_process:
+        print("iovirt conform: --sriov-owner goes with --in-process net", file=sys.stderr)
+        return 2
     if args.html or args.run:
         print("iovirt conform: --html and --run go with --coverage", file=sys.stderr)
         return 2
@@ -80,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         if args.device or args.peer_socket:
             print("iovirt conform: --in-process takes neither --device nor --peer-socket", file=sys.stderr)
             return 2
-        target = PlatformTarget(args.in_process, args.timeout)
+        if args.sriov_owner and args.in_process != "net":
+            print("iovirt conform: --sriov-owner goes with --in-process net", file=sys.stderr)
+            return 2
+        target = PlatformTarget(args.in_process, args.timeout, owner=args.sriov_owner)
     elif args.device is None:
         print(f"iovirt conform: --socket needs --device {'|'.join(DEVICES)}", file=sys.stderr)
         return 2

@@ -9,6 +9,12 @@ MSI-X into the vLAPICs, rings in guest memory
 under test (virtio 1.2 section 4.1) along with the generic device
 requirements a socket cannot reach (status, feature negotiation, reset,
 configuration generation).
+
+``PlatformTarget("net", owner=True)`` puts the device under test in the
+place of an SR-IOV owner: iovirt's virtio-net PF with its VFs and its
+administration virtqueue (:class:`~iovirt.sriov.machine.SriovNetMachine`),
+for the group administration checks (:mod:`iovirt.conformance.checks.admin_vq`)
+as well as every other virtio-pci check.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from iovirt.pci.capability import walk_capabilities
 from iovirt.pci.regs import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_QSIZE
 from iovirt.platform.testing import fake_clock_platform
 from iovirt.platform.virtio_driver import VirtioPciDriver
+from iovirt.sriov.machine import SriovNetMachine
 from iovirt.virtio.blk.device import VirtioBlk
 from iovirt.virtio.blk.defs import SECTOR_SIZE, VIRTIO_BLK_T_IN
 from iovirt.virtio.defs import VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER
@@ -39,6 +46,8 @@ IMAGE_SIZE = 1 << 20
 MAC = bytes.fromhex("525400c0ffee")
 BLK_READ = (VIRTIO_BLK_T_IN, 0, 0)  # type, reserved, sector 0 (5.2.6)
 QUEUE_SIZE = 64
+OWNER_VFS = 4
+"""TotalVFs of the SR-IOV owner target."""
 
 IN_PROCESS_DEVICES = ("net", "blk")
 """The device types :func:`iovirt_device` builds (:data:`~iovirt.conformance.target.DEVICES` lists those checked over vhost-user)."""
@@ -61,11 +70,16 @@ class PlatformTarget:
     device: str
     timeout: float = 5.0
     make_device: DeviceFactory = iovirt_device
+    owner: bool = False
+    """The device is iovirt's SR-IOV owner (a virtio-net PF with VFs and an administration virtqueue);
+    ``make_device`` is not used then."""
     transport: ClassVar[str] = "pci"
 
     def __post_init__(self) -> None:
         if self.device not in IN_PROCESS_DEVICES:
             raise ValueError(f"device must be one of {IN_PROCESS_DEVICES}, got {self.device!r}")
+        if self.owner and self.device != "net":
+            raise ValueError("the SR-IOV owner target is a net device")
 
     def probe(self) -> Capabilities:
         """The features offered and the device configuration, read once after ACKNOWLEDGE|DRIVER."""
@@ -101,10 +115,18 @@ class PciContext:
         self.timeout = target.timeout
         self.scratch = tempfile.mkdtemp(prefix="iovirt-conform-")
         self.opened = False
+        self.machine: SriovNetMachine | None = None
+        """The SR-IOV owner's machine (PF, VFs, SR-IOV driver) with ``owner=True``."""
         try:
-            self.device = target.make_device(target.device, self.scratch)
-            self.platform = fake_clock_platform([self.device])
-            self.function = self.platform.functions[0]
+            if target.owner:
+                self.machine = SriovNetMachine(OWNER_VFS, platform=fake_clock_platform([]), admin_vq=True)
+                self.platform = self.machine.platform
+                self.function = self.machine.pf
+                self.device = self.function.device
+            else:
+                self.device = target.make_device(target.device, self.scratch)
+                self.platform = fake_clock_platform([self.device])
+                self.function = self.platform.functions[0]
             self.driver: VirtioPciDriver = self.platform.driver(self.function)
             self.driver.probe()
         except BaseException:
@@ -116,7 +138,10 @@ class PciContext:
 
     def close(self) -> None:
         """Tear the machine down."""
-        self.platform.close()
+        if self.machine is not None:
+            self.machine.close()
+        else:
+            self.platform.close()
         close = getattr(self.device, "close", None)
         if close is not None:
             close()

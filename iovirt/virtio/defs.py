@@ -43,7 +43,7 @@ VIRTIO_F_ORDER_PLATFORM = 36
 VIRTIO_F_SR_IOV = 37
 VIRTIO_F_NOTIFICATION_DATA = 38
 VIRTIO_F_RING_RESET = 40
-VIRTIO_F_ADMIN_VQ = 41  # virtio 1.3: administration virtqueues (2.13); iovirt's devices do not offer it
+VIRTIO_F_ADMIN_VQ = 41  # virtio 1.3: administration virtqueues (2.13); offered by a group owner's transport (iovirt/sriov/admin.py)
 
 # 2.1 Device Status Field
 VIRTIO_CONFIG_S_ACKNOWLEDGE = 1

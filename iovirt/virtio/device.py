@@ -104,6 +104,10 @@ class VirtioDevice:
         data = self.config_space()[offset : offset + size]
         return data + bytes(size - len(data))
 
+    def config_fields(self) -> tuple[tuple[int, int], ...]:
+        """``(offset, size)`` of each field of the config space, for accesses that must hit one field; () if unknown."""
+        return ()
+
     def write_config(self, offset: int, data: bytes) -> bool:
         """A driver write to the config space; returns False when refused (read-only field)."""
         self.log.warning("%s: config write of %d bytes at %#x refused: read-only", self.label, len(data), offset)

@@ -26,3 +26,4 @@ from iovirt.conformance.checks import pci  # noqa: F401
 from iovirt.conformance.checks import pci_layout  # noqa: F401
 from iovirt.conformance.checks import pci_ring_reset  # noqa: F401
 from iovirt.conformance.checks import pci_net_ctrl  # noqa: F401
+from iovirt.conformance.checks import admin_vq  # noqa: F401

@@ -82,6 +82,11 @@ def _reusable_batch() -> Any:
     return batch_type() if QUEUE_IMPLEMENTATION == "cython" else None
 
 
+MAC_LEN = 6
+CONFIG_FIELDS = ((0, MAC_LEN), (6, 2), (8, 2), (10, 2))
+"""``struct virtio_net_config`` fields: mac, status, max_virtqueue_pairs, mtu (5.1.4)."""
+
+
 class VirtioNet(VirtioDevice):
     """A virtio-net device whose other side is a switch port."""
 
@@ -148,6 +153,19 @@ class VirtioNet(VirtioDevice):
             + self.queue_pairs.to_bytes(2, "little")
             + self.mtu.to_bytes(2, "little")
         )
+
+    def config_fields(self) -> tuple[tuple[int, int], ...]:
+        """``(offset, size)`` of mac, status, max_virtqueue_pairs and mtu (5.1.4)."""
+        return CONFIG_FIELDS
+
+    def write_config(self, offset: int, data: bytes) -> bool:
+        """5.1.4 legacy interface: ``mac`` is driver-writable while VIRTIO_F_VERSION_1 is not negotiated."""
+        if self.has_feature(VIRTIO_F_VERSION_1) or offset + len(data) > MAC_LEN:
+            return super().write_config(offset, data)
+        mac = bytearray(self.mac)
+        mac[offset : offset + len(data)] = data
+        self.mac = bytes(mac)
+        return True
 
     @property
     def gso_mask(self) -> int:

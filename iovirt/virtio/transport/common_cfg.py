@@ -10,6 +10,12 @@ and applies them to a :class:`~iovirt.virtio.device.VirtioDevice`:
   DRIVER_OK is refused without FEATURES_OK; writing 0 resets the device,
   synchronously, so the driver's wait for ``device_status`` to read 0 ends at
   once;
+- with an administration virtqueue (VIRTIO_F_ADMIN_VQ, virtio 1.4 2.13 and
+  4.1.4.3): ``admin_queue_index`` (= ``num_queues``: it comes after the
+  device's queues) and ``admin_queue_num`` (1); the queue is selected,
+  set up, reset and notified like the others, once the driver accepted
+  VIRTIO_F_ADMIN_VQ, and is served by the transport's
+  :class:`~iovirt.virtio.admin.vq.AdminVirtqueue`, never by the device;
 - per-queue registers selected by ``queue_select``: ``queue_size`` (the
   driver may shrink it to a power of 2; other values are ignored),
   ``queue_msix_vector``, ``queue_enable`` (starts the queue on the device),
@@ -34,11 +40,14 @@ from typing import Protocol
 
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
+from iovirt.virtio.admin.vq import ADMIN_QUEUE_SIZE, AdminVirtqueue
 from iovirt.virtio.defs import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_ADMIN_VQ,
+    VIRTIO_F_EVENT_IDX,
     VIRTIO_F_RING_RESET,
     VIRTIO_F_VERSION_1,
     VIRTQ_MAX_SIZE,
@@ -47,6 +56,8 @@ from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.state import QueueState
 from iovirt.virtio.transport.defs import (
     VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_COMMON_ADMIN_Q_INDEX,
+    VIRTIO_PCI_COMMON_ADMIN_Q_NUM,
     VIRTIO_PCI_COMMON_CFGGENERATION,
     VIRTIO_PCI_COMMON_DF,
     VIRTIO_PCI_COMMON_DFSELECT,
@@ -88,6 +99,8 @@ _FIELD_WIDTH = {
     VIRTIO_PCI_COMMON_Q_NOFF: 2,
     VIRTIO_PCI_COMMON_Q_NDATA: 2,
     VIRTIO_PCI_COMMON_Q_RESET: 2,
+    VIRTIO_PCI_COMMON_ADMIN_Q_INDEX: 2,
+    VIRTIO_PCI_COMMON_ADMIN_Q_NUM: 2,
 }
 _ADDRESS_FIELDS = {
     VIRTIO_PCI_COMMON_Q_DESC: "desc",
@@ -147,9 +160,12 @@ TRANSPORT_FEATURES = 1 << VIRTIO_F_ACCESS_PLATFORM | 1 << VIRTIO_F_RING_RESET
 class CommonCfg:
     """``struct virtio_pci_common_cfg`` of one device; ``read``/``write`` are its BAR region."""
 
-    def __init__(self, device: VirtioDevice, port: TransportPort) -> None:
+    def __init__(self, device: VirtioDevice, port: TransportPort, admin: AdminVirtqueue | None = None) -> None:
         self.device = device
         self.port = port
+        self.admin = admin
+        self.admin_index = device.num_queues
+        """``admin_queue_index``: the administration virtqueue comes after the device's queues (4.1.4.3.1)."""
         self.queue_max_size = min(device.queue_max_size, VIRTQ_MAX_SIZE)
         self.config_generation = 0
         self.device_feature_select = 0
@@ -158,9 +174,30 @@ class CommonCfg:
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self.status = 0
         self.queue_select = 0
-        self.queues = [VirtqueueConfig(self.queue_max_size) for _ in range(device.num_queues)]
+        self.queues = self._fresh_queues()
         self._config_notification_pending = False
         device.on_needs_reset = lambda _device, _error: self.set_needs_reset()
+        if admin is not None:
+            admin.on_error = lambda _error: self.set_needs_reset()
+
+    def _fresh_queues(self) -> list[VirtqueueConfig]:
+        """Every queue's registers at their reset values: the device's queues, then the administration virtqueue."""
+        queues = [VirtqueueConfig(self.queue_max_size) for _ in range(self.device.num_queues)]
+        if self.admin is not None:
+            queues.append(VirtqueueConfig(ADMIN_QUEUE_SIZE))
+        return queues
+
+    def _max_size(self, index: int) -> int:
+        return ADMIN_QUEUE_SIZE if self._is_admin(index) else self.queue_max_size
+
+    def _is_admin(self, index: int) -> bool:
+        return self.admin is not None and index == self.admin_index
+
+    def _queue_exists(self, index: int) -> bool:
+        """Queue ``index`` is there: a device queue, or the administration virtqueue once VIRTIO_F_ADMIN_VQ is accepted."""
+        if self._is_admin(index):
+            return bool(self.driver_features >> VIRTIO_F_ADMIN_VQ & 1)
+        return index < self.device.num_queues
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -176,7 +213,9 @@ class CommonCfg:
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self.status = 0
         self.queue_select = 0
-        self.queues = [VirtqueueConfig(self.queue_max_size) for _ in self.queues]
+        if self.admin is not None:
+            self.admin.reset()
+        self.queues = self._fresh_queues()
         self._config_notification_pending = False
 
     def set_needs_reset(self) -> None:
@@ -217,7 +256,7 @@ class CommonCfg:
         field = self._field(offset, size, write=False)
         if field is None:
             return 0
-        queue = self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+        queue = self.queues[self.queue_select] if self._queue_exists(self.queue_select) else None
         if field in _ADDRESS_FIELDS:
             if queue is None:
                 return 0
@@ -234,7 +273,11 @@ class CommonCfg:
         if field == VIRTIO_PCI_COMMON_MSIX:
             return self.config_msix_vector
         if field == VIRTIO_PCI_COMMON_NUMQ:
-            return len(self.queues)
+            return self.device.num_queues
+        if field == VIRTIO_PCI_COMMON_ADMIN_Q_INDEX:
+            return self.admin_index if self.admin is not None else 0
+        if field == VIRTIO_PCI_COMMON_ADMIN_Q_NUM:
+            return 1 if self.admin is not None else 0
         if field == VIRTIO_PCI_COMMON_STATUS:
             return self.status
         if field == VIRTIO_PCI_COMMON_CFGGENERATION:
@@ -319,7 +362,7 @@ class CommonCfg:
             new &= ~VIRTIO_CONFIG_S_DRIVER_OK
         self.status = new
         if new & ~old & VIRTIO_CONFIG_S_DRIVER_OK:
-            self._go_live()
+            self.go_live()
 
     def _accept_features(self) -> bool:
         """FEATURES_OK: take the driver's features if the device can (3.1.1 step 5-6)."""
@@ -340,11 +383,12 @@ class CommonCfg:
             return False
         return True
 
-    def _go_live(self) -> None:
+    def go_live(self) -> None:
+        """DRIVER_OK was set: enabled queues go live and are served; a held configuration notification goes out."""
         for index, queue in enumerate(self.queues):
             if queue.enabled:
-                self.device.set_queue_enabled(index, True)
-                self.device.kick(index)
+                self._set_live(index, True)
+                self.notify(index)
         if self._config_notification_pending:
             self._config_notification_pending = False
             self.port.config_interrupt()
@@ -360,7 +404,7 @@ class CommonCfg:
     def _selected(self, what: str, configurable: bool = False) -> VirtqueueConfig | None:
         """The selected queue, if it exists (and, with ``configurable``, is not enabled yet)."""
         index = self.queue_select
-        if index >= len(self.queues):
+        if not self._queue_exists(index):
             log.warning("%s: %s write for queue %d, which does not exist; ignored", self.device.label, what, index)
             return None
         queue = self.queues[index]
@@ -373,9 +417,10 @@ class CommonCfg:
         queue = self._selected("queue_size", configurable=True)
         if queue is None:
             return
-        if not 0 < value <= self.queue_max_size or value & (value - 1):
+        max_size = self._max_size(self.queue_select)
+        if not 0 < value <= max_size or value & (value - 1):
             log.warning("%s: queue_size %d for queue %d is not a power of 2 in [1, %d]; ignored",
-                        self.device.label, value, self.queue_select, self.queue_max_size)
+                        self.device.label, value, self.queue_select, max_size)
             return
         queue.size = value
 
@@ -406,18 +451,44 @@ class CommonCfg:
             return
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
             return
+        self.start_queue(index)
+
+    def start_queue(self, index: int) -> None:
+        """Start queue ``index`` from its registers (enable it); live and served at once after DRIVER_OK."""
+        queue = self.queues[index]
         state = QueueState(size=queue.size, desc_addr=queue.desc, avail_addr=queue.driver, used_addr=queue.device)
         memory = self.port.dma_memory(bool(self.driver_features >> VIRTIO_F_ACCESS_PLATFORM & 1))
         try:
-            self.device.start_queue(index, memory, state, lambda: self.port.queue_interrupt(index))
+            if self.admin is not None and self._is_admin(index):
+                event_idx = bool(self.driver_features >> VIRTIO_F_EVENT_IDX & 1)
+                state = QueueState(**{**state.to_dict(), "index": index, "event_idx": event_idx})
+                self.admin.start_queue(memory, state, lambda: self.port.queue_interrupt(index))
+            else:
+                self.device.start_queue(index, memory, state, lambda: self.port.queue_interrupt(index))
         except IovirtError as exc:
             log.warning("%s: queue %d cannot be enabled: %s; device needs reset", self.device.label, index, exc)
             self.set_needs_reset()
             return
         queue.enabled = True
         if self.driver_ok:
-            self.device.set_queue_enabled(index, True)
-            self.device.kick(index)
+            self._set_live(index, True)
+            self.notify(index)
+
+    def stop_queue(self, index: int) -> None:
+        """Stop queue ``index`` (it serves and notifies nothing more) and put its registers back to reset values."""
+        if self.queues[index].enabled:
+            if self.admin is not None and self._is_admin(index):
+                self.admin.stop_queue()
+            else:
+                self.device.set_queue_enabled(index, False)
+                self.device.stop_queue(index)  # no request of it executed, no notification for it, from here on
+        self.queues[index] = VirtqueueConfig(self._max_size(index))
+
+    def _set_live(self, index: int, live: bool) -> None:
+        if self.admin is not None and self._is_admin(index):
+            self.admin.set_enabled(live)
+        else:
+            self.device.set_queue_enabled(index, live)
 
     def _write_queue_reset(self, value: int) -> None:
         """2.6.1.1: the driver resets one queue; the device stops using it and forgets its state."""
@@ -430,15 +501,15 @@ class CommonCfg:
                         value, index, "negotiated: only 1 resets" if self.driver_features >> VIRTIO_F_RING_RESET & 1
                         else "not negotiated")
             return
-        if queue.enabled:
-            self.device.set_queue_enabled(index, False)
-            self.device.stop_queue(index)  # no request of it executed, no notification for it, from here on
-        self.queues[index] = VirtqueueConfig(self.queue_max_size)
+        self.stop_queue(index)
 
     def notify(self, index: int) -> None:
         """An available-buffer notification for queue ``index`` (4.1.5.2)."""
-        if not self.driver_ok or index >= len(self.queues) or not self.queues[index].enabled:
+        if not self.driver_ok or not self._queue_exists(index) or not self.queues[index].enabled:
             log.debug("%s: notification for queue %d before DRIVER_OK or enable; ignored",
                       self.device.label, index)
             return
-        self.device.kick(index)
+        if self.admin is not None and self._is_admin(index):
+            self.admin.kick()
+        else:
+            self.device.kick(index)

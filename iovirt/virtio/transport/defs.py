@@ -48,7 +48,7 @@ VIRTIO_PCI_COMMON_Q_NDATA = 0x38  # queue_notify_data: only with VIRTIO_F_NOTIF_
 VIRTIO_PCI_COMMON_Q_RESET = 0x3A  # queue_reset: with VIRTIO_F_RING_RESET (2.6.1)
 VIRTIO_PCI_COMMON_ADMIN_Q_INDEX = 0x3C  # admin_queue_index: with VIRTIO_F_ADMIN_VQ (virtio 1.3)
 VIRTIO_PCI_COMMON_ADMIN_Q_NUM = 0x3E  # admin_queue_num
-VIRTIO_PCI_COMMON_CFG_SIZE = 0x3C  # through queue_reset (no admin queue fields: VIRTIO_F_ADMIN_VQ is not offered)
+VIRTIO_PCI_COMMON_CFG_SIZE = 0x3C  # through queue_reset: a function without an administration virtqueue (pci.py)
 
 # 4.1.5.1.2 MSI-X Vector Configuration
 VIRTIO_MSI_NO_VECTOR = 0xFFFF

@@ -13,6 +13,18 @@ Layout, as QEMU's ``virtio-*-pci`` (non-transitional) lays it out:
 - capabilities: PCI Express (endpoint), MSI-X, then the virtio vendor
   capabilities COMMON, NOTIFY, ISR, DEVICE and the PCI_CFG window (4.1.4).
 
+With an :class:`~iovirt.virtio.admin.vq.AdminVirtqueue` (a group owner,
+e.g. an SR-IOV PF: :mod:`iovirt.sriov.admin`) the function offers
+VIRTIO_F_ADMIN_VQ, its common configuration grows to ``admin_queue_index``
+and ``admin_queue_num`` (0x40 bytes) and the MSI-X table gets a vector for
+the administration virtqueue, which comes after the device's queues.
+
+Every function also has a legacy notification address (``LEGACY_NOTIFY_OFFSET``
+in the notification area): the 16-bit queue index written there notifies
+that queue.  An owner hands it out with VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO
+(virtio 1.4 2.12.1.1); :attr:`VirtioPciFunction.legacy` is the legacy
+register view its legacy commands reach (:mod:`iovirt.virtio.transport.legacy`).
+
 Interrupts (4.1.5.3-4.1.5.4): with MSI-X enabled a used-buffer notification
 raises the queue's vector and a configuration change raises
 ``config_msix_vector`` (after setting ISR bit 1); with MSI-X disabled the ISR
@@ -34,11 +46,13 @@ from iovirt.pci.msix import MsixCapability
 from iovirt.pci.capability import Capability
 from iovirt.pci.pcie import PcieCapability, PciePortType
 from iovirt.pci.pm import PmCapability
-from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_RESET
+from iovirt.virtio.admin.vq import AdminVirtqueue
+from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_ADMIN_VQ, VIRTIO_F_RING_RESET
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
 from iovirt.virtio.transport.caps import VirtioPciCap, VirtioPciCfgCap
-from iovirt.virtio.transport.common_cfg import CommonCfg
+from iovirt.virtio.transport.common_cfg import TRANSPORT_FEATURES, CommonCfg
+from iovirt.virtio.transport.legacy import LegacyInterface
 from iovirt.virtio.transport.defs import (
     CLASS_OTHERS,
     VIRTIO_CLASS_CODES,
@@ -47,6 +61,7 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_COMMON_ADMIN_Q_NUM,
     VIRTIO_PCI_COMMON_CFG_SIZE,
     VIRTIO_PCI_ISR_CONFIG,
     VIRTIO_PCI_ISR_QUEUE,
@@ -70,6 +85,9 @@ DEVICE_LENGTH = 0x1000
 NOTIFY_OFFSET = 0x3000
 NOTIFY_LENGTH = 0x1000
 NOTIFY_OFF_MULTIPLIER = 4  # 4.1.4.4: an even power of 2
+LEGACY_NOTIFY_OFFSET = NOTIFY_OFFSET + NOTIFY_LENGTH - NOTIFY_OFF_MULTIPLIER
+"""The legacy notification address in the notification BAR: the value written names the queue (2-byte aligned)."""
+ADMIN_COMMON_CFG_SIZE = VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2  # through admin_queue_num (4.1.4.3)
 
 # Features a device offers that this transport cannot serve.  VIRTIO_NET_F_MQ
 # needs the control virtqueue, which the net device leaves to a VMM in front
@@ -118,6 +136,7 @@ class VirtioPciFunction(PciFunction):
         transport_features: int = 0,
         capability_layout: CapabilityLayout = DEFAULT_LAYOUT,
         msix_vectors: int | None = None,
+        admin: AdminVirtqueue | None = None,
     ) -> None:
         super().__init__(
             VIRTIO_PCI_VENDOR_ID,
@@ -129,30 +148,34 @@ class VirtioPciFunction(PciFunction):
             pcie=True,
             interrupt_pin=1,
         )
-        if NOTIFY_OFF_MULTIPLIER * device.num_queues > NOTIFY_LENGTH:
-            raise ValueError(f"{device.num_queues} queues do not fit the notify region")
+        queues = device.num_queues + (admin is not None)
+        if NOTIFY_OFF_MULTIPLIER * queues > LEGACY_NOTIFY_OFFSET - NOTIFY_OFFSET:
+            raise ValueError(f"{queues} queues do not fit the notify region")
         self.device = device
         self.memory = memory
         self.iommu = iommu
         # Transport bits this function offers besides ACCESS_PLATFORM (e.g. an SR-IOV
         # PF's VIRTIO_F_SR_IOV, virtio 1.2 6): never passed on to the device.
-        self.transport_features = transport_features
+        self.transport_features = transport_features | (1 << VIRTIO_F_ADMIN_VQ if admin is not None else 0)
         self.isr_status = 0
-        self.common = CommonCfg(device, self)
+        self.admin = admin
+        self.common = CommonCfg(device, self, admin)
+        self._legacy: LegacyInterface | None = None
+        common_size = VIRTIO_PCI_COMMON_CFG_SIZE if admin is None else ADMIN_COMMON_CFG_SIZE
 
         self.add_bar(MSIX_BAR, Bar(MSIX_BAR_SIZE))
         bar = self.add_bar(VIRTIO_BAR, Bar(VIRTIO_BAR_SIZE, BarKind.MEM64, prefetchable=True))
-        bar.map_region(COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE, self.common.read, self.common.write)
+        bar.map_region(COMMON_OFFSET, common_size, self.common.read, self.common.write)
         bar.map_region(ISR_OFFSET, 1, self._isr_read, self._isr_write)
         bar.map_region(DEVICE_OFFSET, DEVICE_LENGTH, self._device_cfg_read, self._device_cfg_write)
         bar.map_region(NOTIFY_OFFSET, NOTIFY_LENGTH, self._notify_read, self._notify_write)
 
-        vectors = device.num_queues + 1 if msix_vectors is None else msix_vectors
+        vectors = queues + 1 if msix_vectors is None else msix_vectors
         capabilities: dict[str, Capability] = {
             "pcie": PcieCapability(PciePortType.ENDPOINT),
             "pm": PmCapability(),
             "msix": MsixCapability(vectors, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET),
-            "common": VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, VIRTIO_PCI_COMMON_CFG_SIZE),
+            "common": VirtioPciCap(VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_BAR, COMMON_OFFSET, common_size),
             "notify": VirtioPciCap(
                 VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_LENGTH,
                 notify_off_multiplier=NOTIFY_OFF_MULTIPLIER,
@@ -173,6 +196,17 @@ class VirtioPciFunction(PciFunction):
         if self.iommu is not None:
             features |= 1 << VIRTIO_F_ACCESS_PLATFORM
         return features
+
+    def transport_mask(self) -> int:
+        """The feature bits the transport serves itself, never passed on to the device."""
+        return TRANSPORT_FEATURES | self.transport_features
+
+    @property
+    def legacy(self) -> LegacyInterface:
+        """The legacy register view of this function, as a group owner's legacy commands reach it."""
+        if self._legacy is None:
+            self._legacy = LegacyInterface(self)
+        return self._legacy
 
     def vector_valid(self, vector: int) -> bool:
         """``vector`` is an entry of the MSI-X table."""
@@ -217,7 +251,10 @@ class VirtioPciFunction(PciFunction):
 
     # -- BAR regions ---------------------------------------------------------------
     def _isr_read(self, offset: int, size: int) -> int:
-        # 4.1.4.5: reading ISR status clears it and deasserts the interrupt.
+        return self.read_isr()
+
+    def read_isr(self) -> int:
+        """Read ISR status: 4.1.4.5, reading clears it and deasserts the interrupt."""
         value = self.isr_status
         self.isr_status = 0
         self.lower_intx()
@@ -236,6 +273,9 @@ class VirtioPciFunction(PciFunction):
         return 0
 
     def _notify_write(self, offset: int, size: int, value: int) -> None:
+        if offset == LEGACY_NOTIFY_OFFSET - NOTIFY_OFFSET and size == 2:
+            self.common.notify(value)  # the legacy notification address: the value names the queue
+            return
         # Without VIRTIO_F_NOTIFICATION_DATA the address names the queue (4.1.5.2).
         index, within = divmod(offset, NOTIFY_OFF_MULTIPLIER)
         if within or size != 2:
