@@ -1,0 +1,315 @@
+"""virtio-net receive filtering, MAC filtering and the announce acknowledgement through the control virtqueue
+(virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4), where the device serves the control queue itself: behind the
+in-process virtio-pci transport (over vhost-user the front-end serves the control queue).
+
+Frames come from the network the device is attached to (its switch), as they would from peers; a
+check counts which of them reach the driver's receive buffers.  Each check turns promiscuous mode
+off first (its state after a reset is not specified) unless promiscuous mode is what it checks.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from iovirt.conformance.checks.pci import PCI
+from iovirt.conformance.devices import new_tag
+from iovirt.conformance.platform_target import PciContext
+from iovirt.conformance.registry import NotApplicable, check, expect
+from iovirt.conformance.target import Capabilities
+from iovirt.virtio.net.defs import (
+    ETH_P_IP,
+    NET_HDR_SIZE,
+    VIRTIO_NET_CTRL_ANNOUNCE,
+    VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET,
+    VIRTIO_NET_CTRL_MAC_TABLE_SET,
+    VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_ALLUNI,
+    VIRTIO_NET_CTRL_RX_NOBCAST,
+    VIRTIO_NET_CTRL_RX_NOMULTI,
+    VIRTIO_NET_CTRL_RX_NOUNI,
+    VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE,
+)
+
+RX_BUFFERS, RX_BUFFER = 16, 2048
+PEER = bytes.fromhex("02000000c0de")
+OTHER_UNICAST = bytes.fromhex("02000000beef")  # neither the device's address nor the peer's
+MULTICAST = bytes.fromhex("01005e0000fb")
+BROADCAST = b"\xff" * 6
+NEW_MAC = bytes.fromhex("0200000a11ce")
+STATUS_OFFSET = 6  # virtio_net_config.status, after mac (5.1.4)
+
+
+class _Network:
+    """The far side of the device's link: frames sent here arrive at the device."""
+
+    name = "conformance-network"
+
+    def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
+        return True  # what the device transmits is not looked at here
+
+
+def needs_ctrl(*bits: tuple[int, str]):
+    """An ``applies`` predicate: CTRL_VQ and each of ``bits`` (bit, name) offered."""
+
+    def applies(caps: Capabilities) -> str | None:
+        for bit, name in ((VIRTIO_NET_F_CTRL_VQ, "VIRTIO_NET_F_CTRL_VQ"), *bits):
+            if not caps.has(bit):
+                return f"{name} not offered"
+        return None
+
+    return applies
+
+
+def ctrl_command(ctx: PciContext, cls: int, command: int, data: bytes = b"", result: int = 0) -> bytes:
+    """Send one control command; returns what the device wrote (the ack, then any result)."""
+    index = ctx.num_queues - 1  # the control queue comes after the queue pairs (5.1.2)
+    q = ctx.driver.queues[index]
+    q.add_data([bytes([cls, command]) + data], [1 + result])
+    ctx.kick(index)
+    used = q.get_used()
+    expect(len(used) == 1, f"control command class {cls} command {command}: {len(used)} used buffers, expected 1")
+    expect(used[0].len >= 1, f"control command class {cls} command {command}: no ack written")
+    return used[0].data
+
+
+def ctrl_ok(ctx: PciContext, cls: int, command: int, data: bytes = b"", result: int = 0) -> bytes:
+    """:func:`ctrl_command` that must be acked VIRTIO_NET_OK; returns the command-specific-result."""
+    reply = ctrl_command(ctx, cls, command, data, result)
+    expect(reply[0] == VIRTIO_NET_OK, f"control command class {cls} command {command} ({data.hex()}) answered "
+                                      f"{reply[0]}, expected VIRTIO_NET_OK")
+    return reply[1:]
+
+
+def ctrl_err(ctx: PciContext, cls: int, command: int, data: bytes, why: str, result: int = 0) -> None:
+    """:func:`ctrl_command` that must be acked VIRTIO_NET_ERR (``why``: what was wrong with it)."""
+    reply = ctrl_command(ctx, cls, command, data, result)
+    expect(reply[0] == VIRTIO_NET_ERR, f"control command class {cls} command {command} with {why} answered "
+                                       f"{reply[0]}, expected VIRTIO_NET_ERR")
+
+
+class Link:
+    """The device's network and the driver's receive queue: which frames, by destination, reach the driver."""
+
+    def __init__(self, ctx: PciContext) -> None:
+        switch = getattr(ctx.device, "switch", None)
+        if switch is None:
+            raise NotApplicable("the device under test has no network the check can send frames from")
+        self.ctx, self.switch, self.network = ctx, switch, _Network()
+        self.rx = ctx.driver.queues[0]
+        self.post(RX_BUFFERS)
+
+    def post(self, count: int) -> None:
+        """``count`` more receive buffers."""
+        for _ in range(count):
+            self.rx.add_data([], [RX_BUFFER])
+        self.ctx.kick(0)
+
+    def received(self, dest: bytes) -> bool:
+        """Send a frame to ``dest`` from a peer; whether the driver got it."""
+        tag = new_tag()
+        frame = dest + PEER + ETH_P_IP.to_bytes(2, "big") + (tag * 8).ljust(46, b"\0")
+        self.switch.forward(self.network, frame)
+        got = [e.data[NET_HDR_SIZE:] for e in self.rx.get_used()]
+        self.post(len(got))  # as many as were used: the ring never fills
+        return any(tag in f for f in got)
+
+
+def rx_mode(ctx: PciContext, command: int, on: bool) -> None:
+    """Set a receive mode; it must be acked VIRTIO_NET_OK."""
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_RX, command, bytes([on]))
+
+
+def _setup(ctx: PciContext, promisc: bool = False) -> Link:
+    ctx.bring_up()
+    link = Link(ctx)
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_PROMISC, promisc)
+    return link
+
+
+def _mac(ctx: PciContext) -> bytes:
+    return ctx.driver.read_device_config(0, 6)
+
+
+def mac_table(unicast: list[bytes], multicast: list[bytes]) -> bytes:
+    """VIRTIO_NET_CTRL_MAC_TABLE_SET's data: two ``virtio_net_ctrl_mac`` tables."""
+    return b"".join(struct.pack("<I", len(t)) + b"".join(t) for t in (unicast, multicast))
+
+
+_RX = (VIRTIO_NET_F_CTRL_RX, "VIRTIO_NET_F_CTRL_RX")
+_RX_EXTRA = (VIRTIO_NET_F_CTRL_RX_EXTRA, "VIRTIO_NET_F_CTRL_RX_EXTRA")
+
+
+# -- receive modes (5.1.9.5.1.1) --------------------------------------------------------------------
+@check(
+    "virtio-1.4:5.1.9.5.1.1#promisc",
+    "net, CTRL_RX: VIRTIO_NET_CTRL_RX_PROMISC is served; promiscuous mode on receives frames to any address, "
+    "even with NOUNI / NOMULTI / NOBCAST on (with CTRL_RX_EXTRA)",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX),
+)
+def promisc(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    expect(not link.received(OTHER_UNICAST), "promiscuous mode off: a frame to another unicast address was received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_PROMISC, True)
+    if ctx.driver.has_feature(VIRTIO_NET_F_CTRL_RX_EXTRA):
+        for command in (VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_NOMULTI, VIRTIO_NET_CTRL_RX_NOBCAST):
+            rx_mode(ctx, command, True)
+    for dest, what in ((OTHER_UNICAST, "another unicast address"), (MULTICAST, "a multicast address"),
+                       (BROADCAST, "broadcast"), (_mac(ctx), "the device's address")):
+        expect(link.received(dest), f"promiscuous mode on (and NOUNI/NOMULTI/NOBCAST on): a frame to {what} was "
+                                    "not received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.1.1#allmulti",
+    "net, CTRL_RX: VIRTIO_NET_CTRL_RX_ALLMULTI is served; off, a multicast address not in the table is dropped; "
+    "on, it is received",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX),
+)
+def allmulti(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLMULTI, False)
+    expect(not link.received(MULTICAST), "all-multicast off, empty table: a multicast frame was received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLMULTI, True)
+    expect(link.received(MULTICAST), "all-multicast on: a multicast frame was not received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.1.1#alluni",
+    "net, CTRL_RX_EXTRA: VIRTIO_NET_CTRL_RX_ALLUNI is served; on, a frame to any unicast address is received",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX, _RX_EXTRA),
+)
+def alluni(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    expect(not link.received(OTHER_UNICAST), "all-unicast off: a frame to another unicast address was received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLUNI, True)
+    expect(link.received(OTHER_UNICAST), "all-unicast on: a frame to another unicast address was not received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.1.1#nomulti",
+    "net, CTRL_RX_EXTRA: VIRTIO_NET_CTRL_RX_NOMULTI is served; on, multicast frames are dropped even with "
+    "ALLMULTI on, broadcast ones still received",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX, _RX_EXTRA),
+)
+def nomulti(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLMULTI, True)
+    expect(link.received(MULTICAST), "all-multicast on: a multicast frame was not received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_NOMULTI, True)
+    expect(not link.received(MULTICAST), "multicast receive suppressed (ALLMULTI on): a multicast frame was received")
+    expect(link.received(BROADCAST), "multicast receive suppressed: a broadcast frame was not received (the filter "
+                                     "does not apply to broadcast)")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.1.1#nouni",
+    "net, CTRL_RX_EXTRA: VIRTIO_NET_CTRL_RX_NOUNI is served; on, unicast frames are dropped even with ALLUNI on",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX, _RX_EXTRA),
+)
+def nouni(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLUNI, True)
+    expect(link.received(OTHER_UNICAST), "all-unicast on: a frame to another unicast address was not received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_NOUNI, True)
+    for dest, what in ((OTHER_UNICAST, "another unicast address"), (_mac(ctx), "the device's address")):
+        expect(not link.received(dest), f"unicast receive suppressed (ALLUNI on): a frame to {what} was received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.1.1#nobcast",
+    "net, CTRL_RX_EXTRA: VIRTIO_NET_CTRL_RX_NOBCAST is served; on, broadcast frames are dropped even with "
+    "ALLMULTI on",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX, _RX_EXTRA),
+)
+def nobcast(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_ALLMULTI, True)
+    expect(link.received(BROADCAST), "a broadcast frame was not received")
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_NOBCAST, True)
+    expect(not link.received(BROADCAST), "broadcast receive suppressed (ALLMULTI on): a broadcast frame was received")
+
+
+# -- MAC address filtering (5.1.9.5.2.1) ----------------------------------------------------------------
+@check(
+    "virtio-1.4:5.1.9.5.2.1#table-set",
+    "net, CTRL_RX: a frame to an address that is neither mac nor in the table is dropped; once "
+    "VIRTIO_NET_CTRL_MAC_TABLE_SET is used, frames to the table's addresses are received",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX),
+)
+def table_set(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    expect(link.received(_mac(ctx)), "promiscuous mode off: a frame to the device's mac was not received")
+    expect(not link.received(OTHER_UNICAST), "a frame to an address neither mac nor in the table was received")
+    expect(not link.received(MULTICAST), "a frame to a multicast address not in the table was received")
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, mac_table([OTHER_UNICAST], [MULTICAST]))
+    expect(link.received(OTHER_UNICAST), "right after VIRTIO_NET_CTRL_MAC_TABLE_SET was used, a frame to a unicast "
+                                         "address of the table was not received")
+    expect(link.received(MULTICAST), "right after VIRTIO_NET_CTRL_MAC_TABLE_SET was used, a frame to a multicast "
+                                     "address of the table was not received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.2.1#table-reset",
+    "net, CTRL_RX: a device reset empties the MAC filtering table",
+    devices={"net"}, transport=PCI, applies=needs_ctrl(_RX),
+)
+def table_reset(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, mac_table([OTHER_UNICAST], [MULTICAST]))
+    rx_mode(ctx, VIRTIO_NET_CTRL_RX_PROMISC, False)
+    expect(link.received(OTHER_UNICAST), "a frame to a unicast address of the table was not received")
+    link = _setup(ctx)  # reset, bring up again, promiscuous off
+    expect(link.received(_mac(ctx)), "after the reset a frame to the device's mac was not received")
+    expect(not link.received(OTHER_UNICAST), "after a reset a frame to an address of the old MAC table was received")
+    expect(not link.received(MULTICAST), "after a reset a frame to a multicast address of the old table was received")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.2.1#addr-set",
+    "net, CTRL_MAC_ADDR and MAC: mac in config space reads the address once VIRTIO_NET_CTRL_MAC_ADDR_SET is used; "
+    "frames to it are received, frames to the old one dropped",
+    devices={"net"}, transport=PCI,
+    applies=needs_ctrl(_RX, (VIRTIO_NET_F_CTRL_MAC_ADDR, "VIRTIO_NET_F_CTRL_MAC_ADDR"), (VIRTIO_NET_F_MAC, "VIRTIO_NET_F_MAC")),
+)
+def addr_set(ctx: PciContext) -> None:
+    link = _setup(ctx)
+    old = _mac(ctx)
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, NEW_MAC)
+    now = _mac(ctx)
+    expect(now == NEW_MAC, f"mac reads {now.hex(':')} once VIRTIO_NET_CTRL_MAC_ADDR_SET {NEW_MAC.hex(':')} was used")
+    expect(link.received(NEW_MAC), "a frame to the address set with VIRTIO_NET_CTRL_MAC_ADDR_SET was not received")
+    expect(not link.received(old), "a frame to the old mac (neither mac nor in the table now) was received")
+
+
+# -- gratuitous packets (5.1.9.5.4.2) --------------------------------------------------------------------
+@check(
+    "virtio-1.4:5.1.9.5.4.2#announce-ack",
+    "net, GUEST_ANNOUNCE: VIRTIO_NET_S_ANNOUNCE is clear once the VIRTIO_NET_CTRL_ANNOUNCE_ACK buffer is used",
+    devices={"net"}, transport=PCI, applies=needs_ctrl((VIRTIO_NET_F_GUEST_ANNOUNCE, "VIRTIO_NET_F_GUEST_ANNOUNCE")),
+)
+def announce_ack(ctx: PciContext) -> None:
+    ctx.bring_up()
+    request = getattr(ctx.device, "request_announce", None)
+    if request is None:
+        raise NotApplicable("the device under test has no way to be asked to announce itself")
+    expect(request(), "the device refused to request an announcement with VIRTIO_NET_F_GUEST_ANNOUNCE negotiated")
+    ctx.function.config_changed()
+    d = ctx.driver
+    expect(d.device_cfg_read(STATUS_OFFSET, 2) & VIRTIO_NET_S_ANNOUNCE, "VIRTIO_NET_S_ANNOUNCE is not set in status "
+                                                                       "after the device asked for an announcement")
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+    status = d.device_cfg_read(STATUS_OFFSET, 2)
+    expect(not status & VIRTIO_NET_S_ANNOUNCE, f"status {status:#x}: VIRTIO_NET_S_ANNOUNCE still set once the "
+                                               "VIRTIO_NET_CTRL_ANNOUNCE_ACK buffer was used")
