@@ -315,3 +315,39 @@ def test_stats_counters_wrap(nic) -> None:
     nic.net.queue_stats[0]["frames"] = (1 << 64) + 5
     reply = ctrl_stats.reply(nic.net, [(0, VIRTIO_NET_STATS_TYPE_RX_BASIC)], 1, 1)
     assert struct.unpack_from("<Q", reply, 8 + 8)[0] == 5
+
+
+# -- automatic receive steering (5.1.9.5.6) -----------------------------------------------------------
+def test_receive_steering_follows_vq_pairs_set(queue_cls, monkeypatch) -> None:
+    monkeypatch.setattr(device_mod, "SplitQueue", queue_cls)
+    switch, peer = LearningSwitch(), RecordingPort()
+    switch.attach(peer)
+    net = VirtioNet(MAC, switch, queue_pairs=4, ctrl_vq=True)
+    platform = fake_clock_platform([net])
+    try:
+        driver = platform.driver(platform.functions[0])
+        driver.bring_up(queue_size=64)
+        for rx in range(0, 8, 2):
+            for _ in range(32):
+                driver.queues[rx].add_data([], [2048])
+            driver.kick(rx)
+
+        def spread() -> set[int]:
+            for i in range(16):
+                switch.forward(peer, MAC + bytes([2, 0, 0, 0, 1, i]) + b"\x88\xb5" + bytes(46))
+            return {rx for rx in range(0, 8, 2) if driver.queues[rx].get_used()}
+
+        assert spread() == {0}  # receiveq1 alone after a reset
+        queue = driver.queues[8]
+        queue.add_data([bytes([4, 0]) + (2).to_bytes(2, "little")], [1])
+        driver.kick(8)
+        assert queue.get_used()[0].data == OK
+        assert spread() == {0, 2}
+        net.stop_queue(0)  # receiveq1 being reset: its flows go to receiveq2
+        net.enabled[0] = False
+        assert spread() == {2}
+        net.stop_queue(2)
+        net.enabled[2] = False
+        assert spread() == set() and net.stats["rx_dropped_no_queue"] == 16 and not net.backlog
+    finally:
+        platform.close()

@@ -24,8 +24,9 @@ commands that answer something, the ``command-specific-result`` after it
   pass.
 - ``VIRTIO_NET_CTRL_ANNOUNCE_ACK`` (5.1.9.5.4, VIRTIO_NET_F_GUEST_ANNOUNCE):
   clears VIRTIO_NET_S_ANNOUNCE before the buffer is used.
-- ``VIRTIO_NET_CTRL_MQ`` ``_VQ_PAIRS_SET`` (5.1.9.5.6): accepted within
-  1..max_virtqueue_pairs (the device already spreads over the enabled pairs).
+- ``VIRTIO_NET_CTRL_MQ`` ``_VQ_PAIRS_SET`` (5.1.9.5.6): within
+  1..max_virtqueue_pairs, the pairs receive steering spreads flows over
+  (receiveq1 alone after a reset).
 - ``VIRTIO_NET_CTRL_NOTF_COAL`` (5.1.9.5.10, VIRTIO_NET_F_NOTF_COAL and
   _VQ_NOTF_COAL): the coalescing parameters (``coalesce.py``).
 - ``VIRTIO_NET_CTRL_STATS`` (5.1.9.5.11, VIRTIO_NET_F_DEVICE_STATS):
@@ -107,6 +108,8 @@ class NetCtrl:
         self.coalescing = Coalescing(device.queue_pairs)
         self.commands = 0  # 5.1.9.5.11: command_num and ok_num of the control queue's statistics
         self.ok = 0
+        self.virtqueue_pairs = 1
+        """The pairs receive steering uses: 1 after a reset, then what VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET says."""
 
     def reset(self) -> None:
         """A device reset empties the tables and puts the modes and parameters back."""
@@ -114,6 +117,7 @@ class NetCtrl:
         self.rx_filter.reset()
         self.coalescing.reset()
         self.commands = self.ok = 0
+        self.virtqueue_pairs = 1
 
     def allows(self, frame: bytes) -> bool:
         """Whether the VLAN filter lets ``frame`` through (untagged, or tagged with a VID in the table)."""
@@ -173,6 +177,8 @@ class NetCtrl:
             pairs = self._le16(payload, "virtqueue_pairs")
             if not 1 <= pairs <= self.device.queue_pairs:
                 raise CommandError(f"{pairs} queue pairs asked for, the device has 1..{self.device.queue_pairs}")
+            # 5.1.9.5.6.2: in force before the buffer is used.
+            self.virtqueue_pairs = pairs
             return b""
         if cls == VIRTIO_NET_CTRL_NOTF_COAL:
             return self._coalescing(command, payload)

@@ -561,6 +561,11 @@ class VirtioNet(VirtioDevice):
         if self._over_mtu(frame):
             self._count_drops(None, "rx", "over_mtu", 1)
             return False
+        if self.ctrl is not None and self._rx_queue(int.from_bytes(frame[:12], "big")) is None:
+            # 5.1.9.5.6.2: every receive queue in use is being reset (or not set up): the frame is dropped,
+            # not held for later.
+            self._count_drops(None, "rx", "no_queue", 1)
+            return False
         if self.backlog:
             self._flush_backlog()
             if len(self.backlog) == self.backlog.maxlen:
@@ -617,9 +622,14 @@ class VirtioNet(VirtioDevice):
     def _rx_queue(self, flow: int) -> int | None:
         """The receive queue for a frame of ``flow`` (its MAC pair): spread over the enabled started pairs.
 
-        Both data paths choose with this, so a flow keeps its queue whichever delivers it.
+        Both data paths choose with this, so a flow keeps its queue whichever delivers it.  With the control
+        queue served here only the pairs the driver set with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET are used, receiveq1
+        alone after a reset (5.1.9.5.6.2); a queue being reset is passed over for the others.
         """
-        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
+        pairs = self.queue_pairs
+        if self.ctrl is not None:
+            pairs = self.ctrl.virtqueue_pairs if self.has_feature(VIRTIO_NET_F_MQ) else 1
+        ready = [2 * p for p in range(pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
         if not ready:
             return None
         return ready[flow % len(ready)]

@@ -36,7 +36,7 @@ from iovirt.pci.pcie import PcieCapability, PciePortType
 from iovirt.pci.pm import PmCapability
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_RESET
 from iovirt.virtio.device import VirtioDevice
-from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
+from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ
 from iovirt.virtio.transport.caps import VirtioPciCap, VirtioPciCfgCap
 from iovirt.virtio.transport.common_cfg import CommonCfg
 from iovirt.virtio.transport.defs import (
@@ -73,8 +73,10 @@ NOTIFY_OFF_MULTIPLIER = 4  # 4.1.4.4: an even power of 2
 
 # Features a device offers that this transport cannot serve.  VIRTIO_NET_F_MQ
 # needs the control virtqueue, which the net device leaves to a VMM in front
-# (QEMU's vhost-user net); there is none here, so multiqueue is not offered.
+# (QEMU's vhost-user net); there is none here, so multiqueue is not offered,
+# unless the device serves a control queue itself (it offers VIRTIO_NET_F_CTRL_VQ).
 UNSERVED_FEATURES = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_MQ}
+SERVED_WITH = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_CTRL_VQ}
 
 CapabilityLayout = Sequence[tuple[str, "int | None"]]
 """``[(name, offset or None), …]`` in chain order; names are ``pcie``, ``pm``,
@@ -168,7 +170,10 @@ class VirtioPciFunction(PciFunction):
     def offered_features(self) -> int:
         """The device's features minus what this transport cannot serve, plus its transport bits
         (RING_RESET, ACCESS_PLATFORM with an IOMMU, ``transport_features``)."""
-        features = self.device.device_features() & ~UNSERVED_FEATURES.get(self.device.device_id, 0)
+        features = self.device.device_features()
+        served_with = SERVED_WITH.get(self.device.device_id, 0)
+        if not (served_with and features & served_with == served_with):
+            features &= ~UNSERVED_FEATURES.get(self.device.device_id, 0)
         features |= self.transport_features | 1 << VIRTIO_F_RING_RESET  # queue_reset (common_cfg.py)
         if self.iommu is not None:
             features |= 1 << VIRTIO_F_ACCESS_PLATFORM
