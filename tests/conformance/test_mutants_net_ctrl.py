@@ -23,6 +23,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_ANNOUNCE,
     VIRTIO_NET_CTRL_COAL,
     VIRTIO_NET_CTRL_COAL_VQ,
+    VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_NOTF_COAL_RX_SET,
     VIRTIO_NET_CTRL_NOTF_COAL_TX_SET,
     VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET,
@@ -39,15 +40,17 @@ from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.rx_filter import RxFilter
 from iovirt.virtio.net.switch import LearningSwitch
 
-PREFIXES = ("virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#",
+PREFIXES = ("virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#", "virtio-1.4:5.1.9.5.6.2#",
             "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#")
 CHECKS = [c for c in all_checks("pci") if c.clause.startswith(PREFIXES)]
 RX, MAC, ANNOUNCE = "virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#"
-COAL, STATS = "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#"
+MQ, COAL, STATS = "virtio-1.4:5.1.9.5.6.2#", "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#"
+PAIRS = 4
 
 
 def _ctrl_net(device: str, scratch: str) -> VirtioNet:
-    return VirtioNet(bytes.fromhex("525400123456"), LearningSwitch(), ctrl_vq=True, label="conform-ctrl")
+    return VirtioNet(bytes.fromhex("525400123456"), LearningSwitch(), queue_pairs=PAIRS, ctrl_vq=True,
+                     label="conform-ctrl")
 
 
 # -- the mutants: each takes pytest's monkeypatch and breaks one rule --------------------------------------
@@ -123,6 +126,51 @@ def _announce_not_cleared(mp: pytest.MonkeyPatch) -> None:
         return result
 
     mp.setattr(NetCtrl, "_command", command)
+
+
+def _all_pairs_after_reset(mp: pytest.MonkeyPatch) -> None:
+    """Steering spreads over every pair from the start, before any VQ_PAIRS_SET."""
+    original = NetCtrl.reset
+
+    def reset(self):
+        original(self)
+        self.virtqueue_pairs = self.device.queue_pairs
+
+    mp.setattr(NetCtrl, "reset", reset)
+
+
+def _vq_pairs_ignored(mp: pytest.MonkeyPatch) -> None:
+    """VQ_PAIRS_SET is acked but steering then spreads over every pair."""
+    original = NetCtrl._command
+
+    def command(self, cls, cmd, payload):
+        result = original(self, cls, cmd, payload)
+        if cls == VIRTIO_NET_CTRL_MQ:
+            self.virtqueue_pairs = self.device.queue_pairs
+        return result
+
+    mp.setattr(NetCtrl, "_command", command)
+
+
+def _reset_queue_flows_dropped(mp: pytest.MonkeyPatch) -> None:
+    """A flow whose queue is being reset is dropped instead of going to another queue."""
+
+    def rx_queue(self, flow):
+        index = 2 * (flow % self.ctrl.virtqueue_pairs)
+        return index if self.queues[index] is not None and self.enabled[index] else None
+
+    mp.setattr(VirtioNet, "_rx_queue", rx_queue)
+
+
+def _reset_all_held(mp: pytest.MonkeyPatch) -> None:
+    """Frames arriving while every receive queue is being reset are held for later instead of dropped."""
+    original = VirtioNet._rx_queue
+
+    def rx_queue(self, flow):
+        index = original(self, flow)
+        return 0 if index is None else index
+
+    mp.setattr(VirtioNet, "_rx_queue", rx_queue)
 
 
 def _coal_wrap(mp: pytest.MonkeyPatch, before: Callable[[NetCtrl, int, bytes], bytes | None]) -> None:
@@ -244,6 +292,10 @@ MUTANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "mac-table-kept-on-reset": _table_kept_on_reset,
     "config-mac-stale": _config_mac_stale,
     "announce-not-cleared": _announce_not_cleared,
+    "steering-all-pairs-after-reset": _all_pairs_after_reset,
+    "steering-vq-pairs-ignored": _vq_pairs_ignored,
+    "steering-reset-queue-flows-dropped": _reset_queue_flows_dropped,
+    "steering-reset-all-held": _reset_all_held,
     "coal-reserved-refused": _coal_reserved_refused,
     "coal-short-acked": _coal_short_acked,
     "coal-ctrl-queue-served": _coal_ctrl_queue_served,
@@ -267,6 +319,10 @@ MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
     "mac-table-kept-on-reset": frozenset({MAC + "table-reset"}),
     "config-mac-stale": frozenset({MAC + "addr-set"}),
     "announce-not-cleared": frozenset({ANNOUNCE + "announce-ack"}),
+    "steering-all-pairs-after-reset": frozenset({MQ + "receiveq1"}),
+    "steering-vq-pairs-ignored": frozenset({MQ + "vq-pairs"}),
+    "steering-reset-queue-flows-dropped": frozenset({MQ + "reset-reselect"}),
+    "steering-reset-all-held": frozenset({MQ + "reset-all"}),
     "coal-reserved-refused": frozenset({COAL + "reserved"}),
     "coal-short-acked": frozenset({COAL + "ack"}),
     "coal-ctrl-queue-served": frozenset({COAL + "vq_index"}),
@@ -287,7 +343,7 @@ def _run() -> dict[str, Verdict]:
 
 def test_the_checks_pass_on_the_unbroken_device():
     verdicts = _run()
-    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 20
+    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 24
     assert {c for c, v in verdicts.items() if v is not Verdict.PASS} == set()
 
 

@@ -1,5 +1,5 @@
-"""virtio-net receive filtering, MAC filtering and the announce acknowledgement through the control virtqueue
-(virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4), where the device serves the control queue itself: behind the
+"""virtio-net receive filtering, MAC filtering, the announce acknowledgement and multiqueue receive steering
+through the control virtqueue (virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4, 5.1.9.5.6), where the device serves the control queue itself: behind the
 in-process virtio-pci transport (over vhost-user the front-end serves the control queue).
 
 Frames come from the network the device is attached to (its switch), as they would from peers; a
@@ -16,6 +16,7 @@ from iovirt.conformance.devices import new_tag
 from iovirt.conformance.platform_target import PciContext
 from iovirt.conformance.registry import NotApplicable, check, expect
 from iovirt.conformance.target import Capabilities
+from iovirt.virtio.defs import VIRTIO_F_RING_RESET
 from iovirt.virtio.net.defs import (
     ETH_P_IP,
     NET_HDR_SIZE,
@@ -24,6 +25,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_ALLMULTI,
     VIRTIO_NET_CTRL_RX_ALLUNI,
@@ -38,9 +41,11 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_ANNOUNCE,
 )
+from iovirt.virtio.transport.defs import VIRTIO_PCI_COMMON_Q_RESET, VIRTIO_PCI_COMMON_Q_SELECT
 
 RX_BUFFERS, RX_BUFFER = 16, 2048
 PEER = bytes.fromhex("02000000c0de")
@@ -100,30 +105,38 @@ def ctrl_err(ctx: PciContext, cls: int, command: int, data: bytes, why: str, res
 
 
 class Link:
-    """The device's network and the driver's receive queue: which frames, by destination, reach the driver."""
+    """The device's network and the driver's receive queues: which frames, by destination, reach the driver.
+
+    Every receive queue gets buffers and is looked at: which queue a frame goes to is the business of the
+    steering checks, not of these.
+    """
 
     def __init__(self, ctx: PciContext) -> None:
         switch = getattr(ctx.device, "switch", None)
         if switch is None:
             raise NotApplicable("the device under test has no network the check can send frames from")
         self.ctx, self.switch, self.network = ctx, switch, _Network()
-        self.rx = ctx.driver.queues[0]
-        self.post(RX_BUFFERS)
+        self.rx = [ctx.driver.queues[index] for index in range(0, ctx.num_queues - 1, 2)]
+        for index in range(len(self.rx)):
+            self.post(index, RX_BUFFERS)
 
-    def post(self, count: int) -> None:
-        """``count`` more receive buffers."""
+    def post(self, pair: int, count: int) -> None:
+        """``count`` more buffers on receiveq(pair + 1)."""
         for _ in range(count):
-            self.rx.add_data([], [RX_BUFFER])
-        self.ctx.kick(0)
+            self.rx[pair].add_data([], [RX_BUFFER])
+        self.ctx.kick(2 * pair)
 
     def received(self, dest: bytes) -> bool:
         """Send a frame to ``dest`` from a peer; whether the driver got it."""
         tag = new_tag()
         frame = dest + PEER + ETH_P_IP.to_bytes(2, "big") + (tag * 8).ljust(46, b"\0")
         self.switch.forward(self.network, frame)
-        got = [e.data[NET_HDR_SIZE:] for e in self.rx.get_used()]
-        self.post(len(got))  # as many as were used: the ring never fills
-        return any(tag in f for f in got)
+        seen = False
+        for pair, q in enumerate(self.rx):
+            got = [e.data[NET_HDR_SIZE:] for e in q.get_used()]
+            self.post(pair, len(got))  # as many as were used: the ring never fills
+            seen = seen or any(tag in f for f in got)
+        return seen
 
 
 def rx_mode(ctx: PciContext, command: int, on: bool) -> None:
@@ -310,3 +323,133 @@ def announce_ack(ctx: PciContext) -> None:
     status = d.device_cfg_read(STATUS_OFFSET, 2)
     expect(not status & VIRTIO_NET_S_ANNOUNCE, f"status {status:#x}: VIRTIO_NET_S_ANNOUNCE still set once the "
                                                "VIRTIO_NET_CTRL_ANNOUNCE_ACK buffer was used")
+
+
+# -- automatic receive steering in multiqueue mode (5.1.9.5.6.2) -----------------------------------------
+FLOWS = 32  # frames of distinct flows (source MACs): enough to reach every queue a device spreads over
+MAX_PAIRS_OFFSET = 8  # virtio_net_config.max_virtqueue_pairs, after mac and status (5.1.4)
+
+
+def _multiqueue(caps: Capabilities) -> str | None:
+    why = needs_ctrl((VIRTIO_NET_F_MQ, "VIRTIO_NET_F_MQ"), (VIRTIO_F_RING_RESET, "VIRTIO_F_RING_RESET"))(caps)
+    if why is None and int.from_bytes((caps.config or b"")[MAX_PAIRS_OFFSET:MAX_PAIRS_OFFSET + 2], "little") < 2:
+        why = "max_virtqueue_pairs < 2"
+    return why
+
+
+class Steering:
+    """Every receive queue with buffers; frames of :data:`FLOWS` flows sent at once, seen per receive queue."""
+
+    def __init__(self, ctx: PciContext) -> None:
+        switch = getattr(ctx.device, "switch", None)
+        if switch is None:
+            raise NotApplicable("the device under test has no network the check can send frames from")
+        self.ctx, self.switch, self.network = ctx, switch, _Network()
+        self.pairs = (ctx.num_queues - 1) // 2
+        for pair in range(self.pairs):
+            self.post(pair)
+
+    def post(self, pair: int) -> None:
+        """Receive buffers on receiveq(pair + 1), for every frame of one round."""
+        q = self.ctx.driver.queues[2 * pair]
+        for _ in range(FLOWS - (q.avail_idx - q.last_used_idx) % 0x10000):
+            q.add_data([], [RX_BUFFER])
+        self.ctx.kick(2 * pair)
+
+    def send(self) -> dict[int, int]:
+        """One frame per flow to the device's mac; how many of them each receive queue (0-based pair) got."""
+        mac, tags = _mac(self.ctx), []
+        for flow in range(FLOWS):
+            tags.append(new_tag())
+            src = bytes([2, 0, 0, 0, 0x5E, flow])
+            self.switch.forward(self.network, mac + src + ETH_P_IP.to_bytes(2, "big") + (tags[-1] * 8).ljust(46, b"\0"))
+        got: dict[int, int] = {}
+        for pair in range(self.pairs):
+            q = self.ctx.driver.queues.get(2 * pair)
+            if q is None:
+                continue
+            n = sum(any(t in e.data for t in tags) for e in q.get_used())
+            if n:
+                got[pair] = n
+        return got
+
+    def reset_queue(self, pair: int) -> None:
+        """queue_reset receiveq(pair + 1) (2.6.1) and leave it disabled."""
+        d = self.ctx.driver
+        d.common_write(VIRTIO_PCI_COMMON_Q_SELECT, 2, 2 * pair)
+        d.common_write(VIRTIO_PCI_COMMON_Q_RESET, 2, 1)
+        del d.queues[2 * pair]
+
+
+def _pairs_set(ctx: PciContext, pairs: int) -> None:
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", pairs))
+
+
+@check(
+    "virtio-1.4:5.1.9.5.6.2#receiveq1",
+    "net, MQ: after initialization, and after a reset, frames of every flow go to receiveq1 only",
+    devices={"net"}, transport=PCI, applies=_multiqueue,
+)
+def steering_receiveq1(ctx: PciContext) -> None:
+    for when in ("initialization", "a reset (multiqueue was on before)"):
+        ctx.bring_up()
+        steering = Steering(ctx)
+        got = steering.send()
+        expect(set(got) == {0} and got[0] == FLOWS, f"after {when}: frames of {FLOWS} flows reached receive queues "
+                                                    f"{ {p + 1: n for p, n in got.items()} } (receiveq: frames), "
+                                                    "expected all on receiveq1")
+        _pairs_set(ctx, steering.pairs)
+
+
+@check(
+    "virtio-1.4:5.1.9.5.6.2#vq-pairs",
+    "net, MQ: once VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET n is used, no frame goes to a receive queue beyond receiveqn",
+    devices={"net"}, transport=PCI, applies=_multiqueue,
+)
+def steering_vq_pairs(ctx: PciContext) -> None:
+    ctx.bring_up()
+    steering = Steering(ctx)
+    for pairs in sorted({2, steering.pairs}):
+        _pairs_set(ctx, pairs)
+        got = steering.send()
+        expect(sum(got.values()) == FLOWS, f"virtqueue_pairs {pairs}: {sum(got.values())} of {FLOWS} frames received")
+        expect(max(got) < pairs, f"virtqueue_pairs {pairs}: frames reached receiveq{max(got) + 1}")
+        for pair in range(steering.pairs):
+            steering.post(pair)
+
+
+@check(
+    "virtio-1.4:5.1.9.5.6.2#reset-reselect",
+    "net, MQ and RING_RESET: with receiveq1 being reset, frames of every flow still arrive, on the other queues",
+    devices={"net"}, transport=PCI, applies=_multiqueue,
+)
+def steering_reset_reselect(ctx: PciContext) -> None:
+    ctx.bring_up()
+    steering = Steering(ctx)
+    _pairs_set(ctx, steering.pairs)
+    steering.reset_queue(0)
+    got = steering.send()
+    expect(sum(got.values()) == FLOWS, f"receiveq1 being reset: {sum(got.values())} of {FLOWS} frames were received on "
+                                       "the other receive queues")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.6.2#reset-all",
+    "net, MQ and RING_RESET: frames arriving while every receive queue is being reset are dropped, not delivered "
+    "once the queues are enabled again",
+    devices={"net"}, transport=PCI, applies=_multiqueue,
+)
+def steering_reset_all(ctx: PciContext) -> None:
+    ctx.bring_up()
+    steering = Steering(ctx)
+    _pairs_set(ctx, steering.pairs)
+    for pair in range(steering.pairs):
+        steering.reset_queue(pair)
+    steering.send()
+    for pair in range(steering.pairs):
+        ctx.driver.setup_queue(2 * pair)
+        steering.post(pair)
+    mac, late = _mac(ctx), 0
+    for pair in range(steering.pairs):
+        late += sum(e.data[NET_HDR_SIZE:NET_HDR_SIZE + 6] == mac for e in ctx.driver.queues[2 * pair].get_used())
+    expect(late == 0, f"{late} frames that arrived while every receive queue was being reset were delivered later")
