@@ -16,7 +16,7 @@ from iovirt.platform import VirtioNetDriver
 from iovirt.platform.testing import RecordingPort, fake_clock_platform
 from iovirt.virtio import device as device_mod
 from iovirt.virtio.device import COMMON_FEATURES
-from iovirt.virtio.net import ctrl_stats
+from iovirt.virtio.net import ctrl_stats, rss
 from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_ANNOUNCE,
     VIRTIO_NET_CTRL_ANNOUNCE_ACK,
@@ -351,3 +351,77 @@ def test_receive_steering_follows_vq_pairs_set(queue_cls, monkeypatch) -> None:
         assert spread() == set() and net.stats["rx_dropped_no_queue"] == 16 and not net.backlog
     finally:
         platform.close()
+
+
+# -- receive-side scaling (5.1.9.5.7) ------------------------------------------------------------------
+RSS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa")
+
+
+def test_toeplitz_matches_the_published_vectors() -> None:
+    # The verification vector of the Microsoft RSS specification: 66.9.149.187:2794 -> 161.142.100.80:1766.
+    addresses = bytes([66, 9, 149, 187, 161, 142, 100, 80])
+    assert rss.toeplitz(RSS_KEY, addresses) == 0x323E8FC2
+    assert rss.toeplitz(RSS_KEY, addresses + struct.pack("!HH", 2794, 1766)) == 0x51CCC178
+
+
+def rss_config(table: list[int], unclassified: int = 0, hash_types: int = rss.SUPPORTED_HASH_TYPES,
+               max_tx_vq: int = 1, key: bytes = RSS_KEY) -> bytes:
+    return (struct.pack("<IHH", hash_types, len(table) - 1, unclassified) + struct.pack(f"<{len(table)}H", *table)
+            + struct.pack("<HB", max_tx_vq, len(key)) + key)
+
+
+def tcp4(sport: int) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, bytes([66, 9, 149, 187]), bytes([161, 142, 100, 80]))
+    return MAC + PEER + b"\x08\x00" + ip + struct.pack("!HH", sport, 1766) + bytes(16)
+
+
+@pytest.mark.parametrize("config", [
+    rss_config([0, 1, 0]),  # 3 entries: not a power of two
+    rss_config([0, 4]),  # queue id 4 of 2 pairs
+    rss_config([0, 1], unclassified=2),
+    rss_config([0, 1], hash_types=1 << 3),  # TCPv6: not supported
+    rss_config([0, 1], max_tx_vq=3),
+    rss_config([0, 1], key=b""),
+    rss_config([0, 1], key=bytes(41)),
+    rss_config([0, 1])[:-1],  # key cut short
+    rss_config([0] * 256),  # beyond rss_max_indirection_table_length
+])
+def test_bad_rss_configs_are_refused(config) -> None:
+    with pytest.raises(rss.RssConfigError):
+        rss.RssConfig.parse(config, 2)
+
+
+def test_rss_steers_by_the_hash_and_drops_for_a_queue_being_reset(queue_cls, monkeypatch) -> None:
+    monkeypatch.setattr(device_mod, "SplitQueue", queue_cls)
+    switch, peer = LearningSwitch(), RecordingPort()
+    switch.attach(peer)
+    net = VirtioNet(MAC, switch, queue_pairs=2, ctrl_vq=True)
+    platform = fake_clock_platform([net])
+    try:
+        driver = platform.driver(platform.functions[0])
+        driver.bring_up(queue_size=64)
+        assert driver.read_device_config(12, 12) == device_mod_config_rss()
+        for rx in (0, 2):
+            for _ in range(32):
+                driver.queues[rx].add_data([], [2048])
+            driver.kick(rx)
+        queue = driver.queues[4]
+        queue.add_data([bytes([4, 1]) + rss_config([0, 1], unclassified=1, max_tx_vq=2)], [1])
+        driver.kick(4)
+        assert queue.get_used()[0].data == OK
+        for sport in range(8):
+            switch.forward(peer, tcp4(sport))
+            want = 2 * (rss.toeplitz(RSS_KEY, tcp4(sport)[26:38]) & 1)
+            assert [rx for rx in (0, 2) if driver.queues[rx].get_used()] == [want]
+        switch.forward(peer, MAC + PEER + b"\x88\xb5" + bytes(46))  # not IPv4: unclassified_queue
+        assert [rx for rx in (0, 2) if driver.queues[rx].get_used()] == [2]
+        net.stop_queue(2)
+        net.enabled[2] = False
+        switch.forward(peer, MAC + PEER + b"\x88\xb5" + bytes(46))  # its queue is being reset: dropped
+        assert not driver.queues[0].get_used() and net.stats["rx_dropped_no_queue"] == 1 and not net.backlog
+    finally:
+        platform.close()
+
+
+def device_mod_config_rss() -> bytes:
+    return struct.pack("<IBBHI", 0xFFFFFFFF, 0xFF, 40, 128, rss.SUPPORTED_HASH_TYPES)

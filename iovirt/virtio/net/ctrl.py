@@ -26,7 +26,8 @@ commands that answer something, the ``command-specific-result`` after it
   clears VIRTIO_NET_S_ANNOUNCE before the buffer is used.
 - ``VIRTIO_NET_CTRL_MQ`` ``_VQ_PAIRS_SET`` (5.1.9.5.6): within
   1..max_virtqueue_pairs, the pairs receive steering spreads flows over
-  (receiveq1 alone after a reset).
+  (receiveq1 alone after a reset); ``_RSS_CONFIG`` (5.1.9.5.7,
+  VIRTIO_NET_F_RSS): receive-side scaling from then on (``rss.py``).
 - ``VIRTIO_NET_CTRL_NOTF_COAL`` (5.1.9.5.10, VIRTIO_NET_F_NOTF_COAL and
   _VQ_NOTF_COAL): the coalescing parameters (``coalesce.py``).
 - ``VIRTIO_NET_CTRL_STATS`` (5.1.9.5.11, VIRTIO_NET_F_DEVICE_STATS):
@@ -55,6 +56,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_CTRL_NOTF_COAL,
     VIRTIO_NET_CTRL_NOTF_COAL_RX_SET,
@@ -77,9 +79,11 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_DEVICE_STATS,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
     VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_OK,
 )
+from iovirt.virtio.net.rss import RssConfig, RssConfigError
 from iovirt.virtio.net.rx_filter import RX_MODES, MacTableError, RxFilter, parse_mac_table
 from iovirt.virtio.queue import SplitQueue
 
@@ -110,6 +114,8 @@ class NetCtrl:
         self.ok = 0
         self.virtqueue_pairs = 1
         """The pairs receive steering uses: 1 after a reset, then what VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET says."""
+        self.rss: RssConfig | None = None
+        """The last VIRTIO_NET_CTRL_MQ_RSS_CONFIG: RSS steers received frames from then on (5.1.9.5.7.3)."""
 
     def reset(self) -> None:
         """A device reset empties the tables and puts the modes and parameters back."""
@@ -118,6 +124,7 @@ class NetCtrl:
         self.coalescing.reset()
         self.commands = self.ok = 0
         self.virtqueue_pairs = 1
+        self.rss = None
 
     def allows(self, frame: bytes) -> bool:
         """Whether the VLAN filter lets ``frame`` through (untagged, or tagged with a VID in the table)."""
@@ -179,6 +186,13 @@ class NetCtrl:
                 raise CommandError(f"{pairs} queue pairs asked for, the device has 1..{self.device.queue_pairs}")
             # 5.1.9.5.6.2: in force before the buffer is used.
             self.virtqueue_pairs = pairs
+            return b""
+        if cls == VIRTIO_NET_CTRL_MQ and command == VIRTIO_NET_CTRL_MQ_RSS_CONFIG:
+            self._need(VIRTIO_NET_F_RSS, "VIRTIO_NET_F_RSS")
+            try:
+                self.rss = RssConfig.parse(payload, self.device.queue_pairs)
+            except RssConfigError as exc:
+                raise CommandError(f"virtio_net_rss_config: {exc}") from None
             return b""
         if cls == VIRTIO_NET_CTRL_NOTF_COAL:
             return self._coalescing(command, payload)

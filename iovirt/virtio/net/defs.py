@@ -43,6 +43,8 @@ VIRTIO_NET_F_RSC_EXT = 61
 # 5.1.4 config status
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_S_ANNOUNCE = 2
+VIRTIO_NET_SPEED_UNKNOWN = 0xFFFFFFFF  # 5.1.4 speed and duplex (meaningful with VIRTIO_NET_F_SPEED_DUPLEX)
+VIRTIO_NET_DUPLEX_UNKNOWN = 0xFF
 
 # 5.1.9.5 (virtio 1.4) the control virtqueue: struct virtio_net_ctrl's ack, classes and commands
 VIRTIO_NET_OK, VIRTIO_NET_ERR = 0, 1
@@ -62,6 +64,7 @@ VIRTIO_NET_CTRL_ANNOUNCE = 3  # 5.1.9.5.4
 VIRTIO_NET_CTRL_ANNOUNCE_ACK = 0
 VIRTIO_NET_CTRL_MQ = 4  # 5.1.9.5.6
 VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+VIRTIO_NET_CTRL_MQ_RSS_CONFIG = 1  # 5.1.9.5.7, VIRTIO_NET_F_RSS
 VIRTIO_NET_CTRL_NOTF_COAL = 6  # 5.1.9.5.10
 VIRTIO_NET_CTRL_NOTF_COAL_TX_SET = 0
 VIRTIO_NET_CTRL_NOTF_COAL_RX_SET = 1
@@ -70,6 +73,11 @@ VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET = 3
 VIRTIO_NET_CTRL_STATS = 8  # 5.1.9.5.11
 VIRTIO_NET_CTRL_STATS_QUERY = 0
 VIRTIO_NET_CTRL_STATS_GET = 1
+
+# 5.1.9.4.3.1 hash types (supported_hash_types, virtio_net_rss_config.hash_types)
+VIRTIO_NET_HASH_TYPE_IPv4 = 1 << 0
+VIRTIO_NET_HASH_TYPE_TCPv4 = 1 << 1
+VIRTIO_NET_HASH_TYPE_UDPv4 = 1 << 2
 
 # 5.1.9.5.11 statistic types: bits of supported_stats_types / types_bitmap, and the reply header's type
 VIRTIO_NET_STATS_TYPE_REPLY_RX_BASIC = 0

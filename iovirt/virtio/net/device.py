@@ -23,6 +23,7 @@ and device statistics, each offered only by such a device.
 from __future__ import annotations
 
 import collections
+import struct
 from typing import Any, Mapping
 
 from iovirt.errors import IovirtError
@@ -43,6 +44,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_DEVICE_STATS,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
     VIRTIO_NET_F_VQ_NOTF_COAL,
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
@@ -60,13 +62,16 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_DUPLEX_UNKNOWN,
     VIRTIO_NET_S_ANNOUNCE,
     VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_SPEED_UNKNOWN,
     VLAN_HLEN,
     NetHdr,
 )
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.ctrl import NetCtrl
+from iovirt.virtio.net.rss import RSS_MAX_INDIRECTION_TABLE_LENGTH, RSS_MAX_KEY_SIZE, SUPPORTED_HASH_TYPES
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
@@ -94,9 +99,15 @@ CTRL_FEATURES = (
     VIRTIO_NET_F_DEVICE_STATS,
     VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
 )
 """What a device with a control queue (``ctrl_vq=True``) offers on top: the commands ``ctrl.py`` serves."""
 USECS = 1e-6
+RSS_CONFIG_FIELDS = struct.pack(
+    "<IBBHI", VIRTIO_NET_SPEED_UNKNOWN, VIRTIO_NET_DUPLEX_UNKNOWN, RSS_MAX_KEY_SIZE, RSS_MAX_INDIRECTION_TABLE_LENGTH,
+    SUPPORTED_HASH_TYPES,
+)
+"""5.1.4: speed, duplex, rss_max_key_size, rss_max_indirection_table_length, supported_hash_types."""
 LIMITS = ("pps", "bps")  # transmit limits: frames/s, bytes/s (docs/qos.md)
 
 
@@ -169,16 +180,20 @@ class VirtioNet(VirtioDevice):
         return COMMON_FEATURES | sum(1 << bit for bit in net)
 
     def config_space(self) -> bytes:
-        """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
+        """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu; with a control queue (which
+        offers VIRTIO_NET_F_RSS) also speed and duplex (unknown: SPEED_DUPLEX is not offered) and the RSS limits."""
         status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
         if self.announce_pending and self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
             status |= VIRTIO_NET_S_ANNOUNCE
-        return (
+        config = (
             self.mac
             + status.to_bytes(2, "little")
             + self.queue_pairs.to_bytes(2, "little")
             + self.mtu.to_bytes(2, "little")
         )
+        if self.ctrl is not None:
+            config += RSS_CONFIG_FIELDS
+        return config
 
     @property
     def gso_mask(self) -> int:
@@ -490,6 +505,9 @@ class VirtioNet(VirtioDevice):
                     return 0
         if self.backlog and not self.needs_reset and self.link_up:
             return self._hold(frames, indexes)  # still frames held (no buffers): these go behind them
+        if self.ctrl is not None and self.ctrl.rss is not None:
+            # RSS steers each frame by its own hash: the per-frame path (5.1.9.5.7.3).
+            return sum(int(self._deliver(frames.frame(i), frames.csum(i))) for i in indexes)
         index = None if self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
@@ -561,9 +579,9 @@ class VirtioNet(VirtioDevice):
         if self._over_mtu(frame):
             self._count_drops(None, "rx", "over_mtu", 1)
             return False
-        if self.ctrl is not None and self._rx_queue(int.from_bytes(frame[:12], "big")) is None:
-            # 5.1.9.5.6.2: every receive queue in use is being reset (or not set up): the frame is dropped,
-            # not held for later.
+        if self.ctrl is not None and self._frame_queue(frame) is None:
+            # 5.1.9.5.6.2: every receive queue in use is being reset (or not set up); 5.1.9.5.7.3: the queue RSS
+            # chose is: the frame is dropped, not held for later.
             self._count_drops(None, "rx", "no_queue", 1)
             return False
         if self.backlog:
@@ -610,7 +628,7 @@ class VirtioNet(VirtioDevice):
         """
         backlog = self.backlog
         while backlog:
-            index = self._rx_queue(int.from_bytes(backlog[0][0][:12], "big"))
+            index = self._frame_queue(backlog[0][0])
             queue = None if index is None else self.queues[index]
             if index is None or queue is None or not queue.pending():
                 return  # no receive buffer: nothing to try (this runs for every batch the switch brings)
@@ -618,6 +636,15 @@ class VirtioNet(VirtioDevice):
             if not self._receive(frame, csum):
                 return
             backlog.popleft()
+
+    def _frame_queue(self, frame: bytes) -> int | None:
+        """The receive queue for ``frame``: by RSS once the driver configured it (a queue being reset is not
+        replaced: the frame is dropped, 5.1.9.5.7.3), else by its flow (:meth:`_rx_queue`)."""
+        rss = self.ctrl.rss if self.ctrl is not None else None
+        if rss is None:
+            return self._rx_queue(int.from_bytes(frame[:12], "big"))
+        index = rss.queue(frame)
+        return index if self.queues[index] is not None and self.enabled[index] else None
 
     def _rx_queue(self, flow: int) -> int | None:
         """The receive queue for a frame of ``flow`` (its MAC pair): spread over the enabled started pairs.
@@ -636,7 +663,7 @@ class VirtioNet(VirtioDevice):
 
     def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Write one frame into receive buffers; False if there are not enough of them."""
-        index = self._rx_queue(int.from_bytes(frame[:12], "big"))
+        index = self._frame_queue(frame)
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
             return False
