@@ -37,14 +37,16 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_STATS_TYPE_CVQ,
 )
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.net.rss import RssConfig
 from iovirt.virtio.net.rx_filter import RxFilter
 from iovirt.virtio.net.switch import LearningSwitch
 
 PREFIXES = ("virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#", "virtio-1.4:5.1.9.5.6.2#",
-            "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#")
+            "virtio-1.4:5.1.9.5.7.3#", "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#")
 CHECKS = [c for c in all_checks("pci") if c.clause.startswith(PREFIXES)]
 RX, MAC, ANNOUNCE = "virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#"
 MQ, COAL, STATS = "virtio-1.4:5.1.9.5.6.2#", "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#"
+RSS = "virtio-1.4:5.1.9.5.7.3#"
 PAIRS = 4
 
 
@@ -173,6 +175,24 @@ def _reset_all_held(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(VirtioNet, "_rx_queue", rx_queue)
 
 
+def _rss_table_ignored(mp: pytest.MonkeyPatch) -> None:
+    """Every hashed frame goes to the first entry of the indirection table."""
+    original = RssConfig.queue
+    mp.setattr(RssConfig, "queue", lambda self, frame: self.indirection_table[0]
+               if original(self, frame) != self.unclassified_queue else self.unclassified_queue)
+
+
+def _rss_reset_reselect(mp: pytest.MonkeyPatch) -> None:
+    """A frame whose RSS queue is being reset is steered to another queue instead of dropped."""
+    original = VirtioNet._frame_queue
+
+    def frame_queue(self, frame):
+        index = original(self, frame)
+        return self._rx_queue(int.from_bytes(frame[:12], "big")) if index is None else index
+
+    mp.setattr(VirtioNet, "_frame_queue", frame_queue)
+
+
 def _coal_wrap(mp: pytest.MonkeyPatch, before: Callable[[NetCtrl, int, bytes], bytes | None]) -> None:
     """Wrap NetCtrl._coalescing: ``before`` answers the command itself when it returns bytes."""
     original = NetCtrl._coalescing
@@ -296,6 +316,8 @@ MUTANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "steering-vq-pairs-ignored": _vq_pairs_ignored,
     "steering-reset-queue-flows-dropped": _reset_queue_flows_dropped,
     "steering-reset-all-held": _reset_all_held,
+    "rss-table-ignored": _rss_table_ignored,
+    "rss-reset-reselect": _rss_reset_reselect,
     "coal-reserved-refused": _coal_reserved_refused,
     "coal-short-acked": _coal_short_acked,
     "coal-ctrl-queue-served": _coal_ctrl_queue_served,
@@ -323,6 +345,8 @@ MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
     "steering-vq-pairs-ignored": frozenset({MQ + "vq-pairs"}),
     "steering-reset-queue-flows-dropped": frozenset({MQ + "reset-reselect"}),
     "steering-reset-all-held": frozenset({MQ + "reset-all"}),
+    "rss-table-ignored": frozenset({RSS + "steering"}),
+    "rss-reset-reselect": frozenset({RSS + "reset-drop"}),
     "coal-reserved-refused": frozenset({COAL + "reserved"}),
     "coal-short-acked": frozenset({COAL + "ack"}),
     "coal-ctrl-queue-served": frozenset({COAL + "vq_index"}),
@@ -343,7 +367,7 @@ def _run() -> dict[str, Verdict]:
 
 def test_the_checks_pass_on_the_unbroken_device():
     verdicts = _run()
-    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 24
+    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 26
     assert {c for c, v in verdicts.items() if v is not Verdict.PASS} == set()
 
 

@@ -1,5 +1,5 @@
-"""virtio-net receive filtering, MAC filtering, the announce acknowledgement and multiqueue receive steering
-through the control virtqueue (virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4, 5.1.9.5.6), where the device serves the control queue itself: behind the
+"""virtio-net receive filtering, MAC filtering, the announce acknowledgement, multiqueue receive steering and RSS
+through the control virtqueue (virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4, 5.1.9.5.6, 5.1.9.5.7), where the device serves the control queue itself: behind the
 in-process virtio-pci transport (over vhost-user the front-end serves the control queue).
 
 Frames come from the network the device is attached to (its switch), as they would from peers; a
@@ -19,6 +19,7 @@ from iovirt.conformance.target import Capabilities
 from iovirt.virtio.defs import VIRTIO_F_RING_RESET
 from iovirt.virtio.net.defs import (
     ETH_P_IP,
+    IPPROTO_TCP,
     NET_HDR_SIZE,
     VIRTIO_NET_CTRL_ANNOUNCE,
     VIRTIO_NET_CTRL_ANNOUNCE_ACK,
@@ -26,6 +27,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_ALLMULTI,
@@ -42,6 +44,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_RSS,
+    VIRTIO_NET_HASH_TYPE_TCPv4,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_ANNOUNCE,
 )
@@ -453,3 +457,106 @@ def steering_reset_all(ctx: PciContext) -> None:
     for pair in range(steering.pairs):
         late += sum(e.data[NET_HDR_SIZE:NET_HDR_SIZE + 6] == mac for e in ctx.driver.queues[2 * pair].get_used())
     expect(late == 0, f"{late} frames that arrived while every receive queue was being reset were delivered later")
+
+
+# -- receive-side scaling (5.1.9.5.7.3) ---------------------------------------------------------------------
+RSS_KEY = bytes(range(7, 47))  # 40 bytes, rss_max_key_size at the least (5.1.4.1)
+RSS_TABLE = 8
+
+
+def _rss(caps: Capabilities) -> str | None:
+    why = _multiqueue(caps)
+    return why or needs_ctrl((VIRTIO_NET_F_RSS, "VIRTIO_NET_F_RSS"))(caps)
+
+
+def _toeplitz(key: bytes, data: bytes) -> int:
+    """5.1.9.4.3's Toeplitz hash, bit by bit: for each set input bit, XOR in the key's 32 bits at that bit."""
+    bits = int.from_bytes(key, "big")
+    width = 8 * len(key)
+    result = 0
+    for n in range(8 * len(data)):
+        if data[n // 8] >> (7 - n % 8) & 1 and n + 32 <= width:
+            result ^= bits >> (width - 32 - n) & 0xFFFFFFFF
+    return result
+
+
+def _tcp4(mac: bytes, sport: int, tag: bytes) -> tuple[bytes, bytes]:
+    """An Ethernet/IPv4/TCP frame to ``mac`` from port ``sport``, and the bytes TCPv4 hashing takes from it."""
+    addresses = bytes([10, 0, 0, 2, 10, 0, 0, 1])
+    ports = struct.pack("!HH", sport, 80)
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + 20 + len(tag), 0, 0, 64, IPPROTO_TCP, 0) + addresses
+    tcp = ports + struct.pack("!IIBBHHH", 1, 0, 5 << 4, 0x10, 65535, 0, 0)
+    return mac + PEER + ETH_P_IP.to_bytes(2, "big") + ip + tcp + tag, addresses + ports
+
+
+def _rss_config(table: list[int], unclassified: int, pairs: int) -> bytes:
+    """``virtio_net_rss_config``: TCPv4 hashing, ``table`` of receive queue ids (pair numbers)."""
+    return (struct.pack("<IHH", VIRTIO_NET_HASH_TYPE_TCPv4, len(table) - 1, unclassified) + struct.pack(f"<{len(table)}H", *table)
+            + struct.pack("<HB", pairs, len(RSS_KEY)) + RSS_KEY)
+
+
+def _where(ctx: PciContext, steering: Steering, tags: list[bytes]) -> dict[bytes, int]:
+    """Which receive queue (0-based pair) each frame tagged with one of ``tags`` reached."""
+    seen = {}
+    for pair in range(steering.pairs):
+        q = ctx.driver.queues.get(2 * pair)
+        for e in q.get_used() if q is not None else []:
+            for tag in tags:
+                if tag in e.data:
+                    seen[tag] = pair
+    return seen
+
+
+@check(
+    "virtio-1.4:5.1.9.5.7.3#steering",
+    "net, RSS: once VIRTIO_NET_CTRL_MQ_RSS_CONFIG is used, a TCPv4 frame goes to indirection_table[Toeplitz hash & "
+    "mask], a frame without a hash (not IP) to unclassified_queue",
+    devices={"net"}, transport=PCI, applies=_rss,
+)
+def rss_steering(ctx: PciContext) -> None:
+    ctx.bring_up()
+    steering = Steering(ctx)
+    table = [(i * 3 + 1) % steering.pairs for i in range(RSS_TABLE)]
+    unclassified = steering.pairs - 1
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, _rss_config(table, unclassified, steering.pairs))
+    mac, want, tags = _mac(ctx), {}, []
+    for sport in range(1000, 1000 + FLOWS):
+        tag = new_tag()
+        frame, hashed = _tcp4(mac, sport, tag)
+        want[tag] = table[_toeplitz(RSS_KEY, hashed) & (RSS_TABLE - 1)]
+        tags.append(tag)
+        steering.switch.forward(steering.network, frame)
+    other = new_tag()
+    steering.switch.forward(steering.network, mac + PEER + b"\x88\xb5" + (other * 8).ljust(46, b"\0"))
+    want[other] = unclassified
+    seen = _where(ctx, steering, tags + [other])
+    wrong = {tag.hex(): (seen.get(tag), queue) for tag, queue in want.items() if seen.get(tag) != queue}
+    expect(not wrong, f"{len(wrong)} of {len(want)} frames not on the receive queue RSS chooses (tag: (got, expected "
+                      f"0-based receive queue)): {dict(list(wrong.items())[:4])}")
+
+
+@check(
+    "virtio-1.4:5.1.9.5.7.3#reset-drop",
+    "net, RSS and RING_RESET: a frame whose RSS destination queue is being reset is dropped, not steered elsewhere "
+    "nor delivered once the queue is enabled again",
+    devices={"net"}, transport=PCI, applies=_rss,
+)
+def rss_reset_drop(ctx: PciContext) -> None:
+    ctx.bring_up()
+    steering = Steering(ctx)
+    last = steering.pairs - 1
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, _rss_config([last] * RSS_TABLE, 0, steering.pairs))
+    steering.reset_queue(last)
+    mac, tags = _mac(ctx), []
+    for sport in range(2000, 2000 + FLOWS):
+        tags.append(new_tag())
+        steering.switch.forward(steering.network, _tcp4(mac, sport, tags[-1])[0])
+    control = new_tag()  # not IP: unclassified_queue, receiveq1, which is not being reset
+    steering.switch.forward(steering.network, mac + PEER + b"\x88\xb5" + (control * 8).ljust(46, b"\0"))
+    ctx.driver.setup_queue(2 * last)
+    steering.post(last)
+    seen = _where(ctx, steering, tags + [control])
+    expect(seen.get(control) == 0, "a frame for unclassified_queue (receiveq1) was not received there")
+    late = [tag for tag in tags if tag in seen]
+    expect(not late, f"{len(late)} of {FLOWS} frames for receiveq{last + 1}, which was being reset, were received "
+                     f"(on receive queues {sorted({seen[t] + 1 for t in late})})")
