@@ -178,8 +178,8 @@ def _reset_all_held(mp: pytest.MonkeyPatch) -> None:
 def _rss_table_ignored(mp: pytest.MonkeyPatch) -> None:
     """Every hashed frame goes to the first entry of the indirection table."""
     original = RssConfig.queue
-    mp.setattr(RssConfig, "queue", lambda self, frame: self.indirection_table[0]
-               if original(self, frame) != self.unclassified_queue else self.unclassified_queue)
+    mp.setattr(RssConfig, "queue", lambda self, frame, tunnel_types=0: self.indirection_table[0]
+               if original(self, frame, tunnel_types) != self.unclassified_queue else self.unclassified_queue)
 
 
 def _rss_reset_reselect(mp: pytest.MonkeyPatch) -> None:

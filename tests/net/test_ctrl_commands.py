@@ -400,7 +400,7 @@ def test_rss_steers_by_the_hash_and_drops_for_a_queue_being_reset(queue_cls, mon
     try:
         driver = platform.driver(platform.functions[0])
         driver.bring_up(queue_size=64)
-        assert driver.read_device_config(12, 12) == device_mod_config_rss()
+        assert driver.read_device_config(12, 16) == device_mod_config_rss()
         for rx in (0, 2):
             for _ in range(32):
                 driver.queues[rx].add_data([], [2048])
@@ -424,4 +424,42 @@ def test_rss_steers_by_the_hash_and_drops_for_a_queue_being_reset(queue_cls, mon
 
 
 def device_mod_config_rss() -> bytes:
-    return struct.pack("<IBBHI", 0xFFFFFFFF, 0xFF, 40, 128, rss.SUPPORTED_HASH_TYPES)
+    return struct.pack("<IBBHII", 0xFFFFFFFF, 0xFF, 40, 128, rss.SUPPORTED_HASH_TYPES, rss.SUPPORTED_TUNNEL_TYPES)
+
+
+def ipip(inner_src: bytes) -> bytes:
+    inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 253, 0, inner_src, bytes([10, 9, 9, 9]))
+    outer = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 4, 0, bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    return MAC + PEER + b"\x08\x00" + outer + inner
+
+
+def vxlan(inner_src: bytes) -> bytes:
+    inner = MAC + PEER + b"\x08\x00" + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 253, 0, inner_src,
+                                                   bytes([10, 9, 9, 9]))
+    udp = struct.pack("!HHHH", 5555, 4789, 8 + 8 + len(inner), 0) + bytes([8, 0, 0, 0, 0, 0, 1, 0])
+    outer = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(inner), 0, 0, 64, 17, 0,
+                        bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    return MAC + PEER + b"\x08\x00" + outer + udp + inner
+
+
+@pytest.mark.parametrize("make,kind", [(ipip, rss.VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP),
+                                       (vxlan, rss.VIRTIO_NET_HASH_TUNNEL_TYPE_VXLAN)])
+def test_inner_header_hash(make, kind) -> None:
+    src = bytes([10, 1, 2, 3])
+    inner = src + bytes([10, 9, 9, 9])
+    outer = bytes([192, 0, 2, 1, 192, 0, 2, 2])
+    ipv4 = rss.VIRTIO_NET_HASH_TYPE_IPv4
+    assert rss.hash_input(make(src), ipv4) == outer  # nothing enabled: the outer header
+    assert rss.hash_input(make(src), ipv4, kind) == inner
+    assert rss.hash_input(make(src), ipv4, rss.SUPPORTED_TUNNEL_TYPES & ~kind) == outer  # another type enabled
+
+
+def test_hash_tunnel_set(nic) -> None:
+    cmd = lambda types: nic.command(7, 0, struct.pack("<I", types))  # noqa: E731
+    assert cmd(rss.SUPPORTED_TUNNEL_TYPES) == OK and nic.net.ctrl.tunnel_types == rss.SUPPORTED_TUNNEL_TYPES
+    assert cmd(1 << 8) == ERR and nic.net.ctrl.tunnel_types == rss.SUPPORTED_TUNNEL_TYPES  # NVGRE: not supported
+    assert nic.command(7, 0, b"\0\0") == ERR
+    assert cmd(0) == OK and nic.net.ctrl.tunnel_types == 0
+    cmd(rss.SUPPORTED_TUNNEL_TYPES)
+    nic.driver.reset()
+    assert nic.net.ctrl.tunnel_types == 0

@@ -28,6 +28,8 @@ commands that answer something, the ``command-specific-result`` after it
   1..max_virtqueue_pairs, the pairs receive steering spreads flows over
   (receiveq1 alone after a reset); ``_RSS_CONFIG`` (5.1.9.5.7,
   VIRTIO_NET_F_RSS): receive-side scaling from then on (``rss.py``).
+- ``VIRTIO_NET_CTRL_HASH_TUNNEL_SET`` (5.1.9.4.4, VIRTIO_NET_F_HASH_TUNNEL):
+  the encapsulation types RSS hashes on the inner header (``rss.py``).
 - ``VIRTIO_NET_CTRL_NOTF_COAL`` (5.1.9.5.10, VIRTIO_NET_F_NOTF_COAL and
   _VQ_NOTF_COAL): the coalescing parameters (``coalesce.py``).
 - ``VIRTIO_NET_CTRL_STATS`` (5.1.9.5.11, VIRTIO_NET_F_DEVICE_STATS):
@@ -52,6 +54,8 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_CTRL_ANNOUNCE_ACK,
     VIRTIO_NET_CTRL_COAL,
     VIRTIO_NET_CTRL_COAL_VQ,
+    VIRTIO_NET_CTRL_HASH_TUNNEL,
+    VIRTIO_NET_CTRL_HASH_TUNNEL_SET,
     VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
@@ -78,12 +82,13 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CTRL_RX_EXTRA,
     VIRTIO_NET_F_DEVICE_STATS,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_HASH_TUNNEL,
     VIRTIO_NET_F_NOTF_COAL,
     VIRTIO_NET_F_RSS,
     VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_OK,
 )
-from iovirt.virtio.net.rss import RssConfig, RssConfigError
+from iovirt.virtio.net.rss import SUPPORTED_TUNNEL_TYPES, RssConfig, RssConfigError
 from iovirt.virtio.net.rx_filter import RX_MODES, MacTableError, RxFilter, parse_mac_table
 from iovirt.virtio.queue import SplitQueue
 
@@ -116,6 +121,8 @@ class NetCtrl:
         """The pairs receive steering uses: 1 after a reset, then what VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET says."""
         self.rss: RssConfig | None = None
         """The last VIRTIO_NET_CTRL_MQ_RSS_CONFIG: RSS steers received frames from then on (5.1.9.5.7.3)."""
+        self.tunnel_types = 0
+        """enabled_tunnel_types: 0 (no inner header hash) after a reset (5.1.9.4.4.4)."""
 
     def reset(self) -> None:
         """A device reset empties the tables and puts the modes and parameters back."""
@@ -125,6 +132,7 @@ class NetCtrl:
         self.commands = self.ok = 0
         self.virtqueue_pairs = 1
         self.rss = None
+        self.tunnel_types = 0
 
     def allows(self, frame: bytes) -> bool:
         """Whether the VLAN filter lets ``frame`` through (untagged, or tagged with a VID in the table)."""
@@ -193,6 +201,15 @@ class NetCtrl:
                 self.rss = RssConfig.parse(payload, self.device.queue_pairs)
             except RssConfigError as exc:
                 raise CommandError(f"virtio_net_rss_config: {exc}") from None
+            return b""
+        if cls == VIRTIO_NET_CTRL_HASH_TUNNEL and command == VIRTIO_NET_CTRL_HASH_TUNNEL_SET:
+            self._need(VIRTIO_NET_F_HASH_TUNNEL, "VIRTIO_NET_F_HASH_TUNNEL")
+            if len(payload) != 4:
+                raise CommandError(f"{len(payload)} bytes of virtnet_hash_tunnel, expected 4")
+            types = int.from_bytes(payload, "little")
+            if types & ~SUPPORTED_TUNNEL_TYPES:  # 5.1.9.4.4.4
+                raise CommandError(f"enabled_tunnel_types {types:#x} beyond the supported {SUPPORTED_TUNNEL_TYPES:#x}")
+            self.tunnel_types = types
             return b""
         if cls == VIRTIO_NET_CTRL_NOTF_COAL:
             return self._coalescing(command, payload)

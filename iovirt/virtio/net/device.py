@@ -43,6 +43,7 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_DEVICE_STATS,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_HASH_TUNNEL,
     VIRTIO_NET_F_NOTF_COAL,
     VIRTIO_NET_F_RSS,
     VIRTIO_NET_F_VQ_NOTF_COAL,
@@ -71,7 +72,12 @@ from iovirt.virtio.net.defs import (
 )
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.ctrl import NetCtrl
-from iovirt.virtio.net.rss import RSS_MAX_INDIRECTION_TABLE_LENGTH, RSS_MAX_KEY_SIZE, SUPPORTED_HASH_TYPES
+from iovirt.virtio.net.rss import (
+    RSS_MAX_INDIRECTION_TABLE_LENGTH,
+    RSS_MAX_KEY_SIZE,
+    SUPPORTED_HASH_TYPES,
+    SUPPORTED_TUNNEL_TYPES,
+)
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
@@ -100,14 +106,16 @@ CTRL_FEATURES = (
     VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_F_NOTF_COAL,
     VIRTIO_NET_F_RSS,
+    VIRTIO_NET_F_HASH_TUNNEL,
 )
 """What a device with a control queue (``ctrl_vq=True``) offers on top: the commands ``ctrl.py`` serves."""
 USECS = 1e-6
 RSS_CONFIG_FIELDS = struct.pack(
-    "<IBBHI", VIRTIO_NET_SPEED_UNKNOWN, VIRTIO_NET_DUPLEX_UNKNOWN, RSS_MAX_KEY_SIZE, RSS_MAX_INDIRECTION_TABLE_LENGTH,
-    SUPPORTED_HASH_TYPES,
+    "<IBBHII", VIRTIO_NET_SPEED_UNKNOWN, VIRTIO_NET_DUPLEX_UNKNOWN, RSS_MAX_KEY_SIZE, RSS_MAX_INDIRECTION_TABLE_LENGTH,
+    SUPPORTED_HASH_TYPES, SUPPORTED_TUNNEL_TYPES,
 )
-"""5.1.4: speed, duplex, rss_max_key_size, rss_max_indirection_table_length, supported_hash_types."""
+"""5.1.4: speed, duplex, rss_max_key_size, rss_max_indirection_table_length, supported_hash_types,
+supported_tunnel_types."""
 LIMITS = ("pps", "bps")  # transmit limits: frames/s, bytes/s (docs/qos.md)
 
 
@@ -181,7 +189,7 @@ class VirtioNet(VirtioDevice):
 
     def config_space(self) -> bytes:
         """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu; with a control queue (which
-        offers VIRTIO_NET_F_RSS) also speed and duplex (unknown: SPEED_DUPLEX is not offered) and the RSS limits."""
+        offers VIRTIO_NET_F_RSS and _HASH_TUNNEL) also speed and duplex (unknown: SPEED_DUPLEX is not offered) and the RSS and tunnel hash limits."""
         status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
         if self.announce_pending and self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
             status |= VIRTIO_NET_S_ANNOUNCE
@@ -643,7 +651,8 @@ class VirtioNet(VirtioDevice):
         rss = self.ctrl.rss if self.ctrl is not None else None
         if rss is None:
             return self._rx_queue(int.from_bytes(frame[:12], "big"))
-        index = rss.queue(frame)
+        assert self.ctrl is not None
+        index = rss.queue(frame, self.ctrl.tunnel_types)
         return index if self.queues[index] is not None and self.enabled[index] else None
 
     def _rx_queue(self, flow: int) -> int | None:

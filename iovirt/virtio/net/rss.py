@@ -1,4 +1,5 @@
-"""Receive-side scaling (virtio 1.4 5.1.9.5.7, VIRTIO_NET_F_RSS), for the in-process device's control queue.
+"""Receive-side scaling (virtio 1.4 5.1.9.5.7, VIRTIO_NET_F_RSS) and the inner header hash (5.1.9.4.4,
+VIRTIO_NET_F_HASH_TUNNEL), for the in-process device's control queue.
 
 ``VIRTIO_NET_CTRL_MQ_RSS_CONFIG`` carries ``struct virtio_net_rss_config``: the hash types enabled, the
 indirection table (its mask, then mask + 1 receive queue ids, each bits 1..16 of a virtqueue index),
@@ -7,6 +8,10 @@ the queue for unclassified frames, ``max_tx_vq`` and the Toeplitz key.  A receiv
 that hash type is enabled) masked indexes the table; a frame the device computes no hash for (not
 IPv4, a fragment, or its hash type not enabled) goes to ``unclassified_queue``.  Only the IPv4 hash
 types are supported (``supported_hash_types``).
+
+With VIRTIO_NET_CTRL_HASH_TUNNEL_SET the driver enables encapsulation types (supported: IPIP and VXLAN):
+a frame whose outer header is one of them is hashed on its inner IPv4 header (and ports); any other is
+hashed on its outer header (5.1.9.4.4.4).
 """
 
 from __future__ import annotations
@@ -17,17 +22,23 @@ from dataclasses import dataclass
 from iovirt.virtio.net.defs import (
     ETH_HLEN,
     ETH_P_IP,
+    IPPROTO_IPIP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP,
+    VIRTIO_NET_HASH_TUNNEL_TYPE_VXLAN,
     VIRTIO_NET_HASH_TYPE_IPv4,
     VIRTIO_NET_HASH_TYPE_TCPv4,
     VIRTIO_NET_HASH_TYPE_UDPv4,
+    VXLAN_HLEN,
+    VXLAN_PORT,
 )
 
 SUPPORTED_HASH_TYPES = VIRTIO_NET_HASH_TYPE_IPv4 | VIRTIO_NET_HASH_TYPE_TCPv4 | VIRTIO_NET_HASH_TYPE_UDPv4
 RSS_MAX_KEY_SIZE = 40  # 5.1.4.1: at least 40 with VIRTIO_NET_F_RSS
 RSS_MAX_INDIRECTION_TABLE_LENGTH = 128
 IP_MF, IP_OFFSET = 0x2000, 0x1FFF  # RFC 791: more fragments, fragment offset
+SUPPORTED_TUNNEL_TYPES = VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP | VIRTIO_NET_HASH_TUNNEL_TYPE_VXLAN
 
 _HEAD = struct.Struct("<IHH")  # hash_types, indirection_table_mask, unclassified_queue
 _TAIL = struct.Struct("<HB")  # max_tx_vq, hash_key_length
@@ -51,11 +62,38 @@ def toeplitz(key: bytes, data: bytes) -> int:
     return result
 
 
-def hash_input(frame: bytes, hash_types: int) -> bytes | None:
-    """The bytes hashed for ``frame`` under the enabled ``hash_types``, or ``None``: the device computes no hash."""
-    if len(frame) < ETH_HLEN + 20 or int.from_bytes(frame[12:14], "big") != ETH_P_IP:
+def inner_ipv4(frame: bytes, tunnel_types: int) -> bytes | None:
+    """The inner IPv4 packet of a frame whose outer header is one of the enabled ``tunnel_types``, else ``None``."""
+    if not tunnel_types or len(frame) < ETH_HLEN + 20 or int.from_bytes(frame[12:14], "big") != ETH_P_IP:
         return None
     ip = frame[ETH_HLEN:]
+    ihl = (ip[0] & 0xF) * 4
+    if int.from_bytes(ip[6:8], "big") & (IP_MF | IP_OFFSET):
+        return None  # a fragment: no inner header to read
+    if tunnel_types & VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP and ip[9] == IPPROTO_IPIP:
+        return ip[ihl:]
+    if (tunnel_types & VIRTIO_NET_HASH_TUNNEL_TYPE_VXLAN and ip[9] == IPPROTO_UDP
+            and int.from_bytes(ip[ihl + 2 : ihl + 4], "big") == VXLAN_PORT):
+        inner = ip[ihl + 8 + VXLAN_HLEN :]  # UDP header, VXLAN header, then an Ethernet frame
+        if int.from_bytes(inner[12:14], "big") == ETH_P_IP:
+            return inner[ETH_HLEN:]
+    return None
+
+
+def hash_input(frame: bytes, hash_types: int, tunnel_types: int = 0) -> bytes | None:
+    """The bytes hashed for ``frame`` under the enabled ``hash_types`` (on the inner header when its outer one is
+    of an enabled ``tunnel_types``), or ``None``: the device computes no hash."""
+    inner = inner_ipv4(frame, tunnel_types)
+    if inner is not None:
+        return _ipv4_input(inner, hash_types)
+    if len(frame) < ETH_HLEN + 20 or int.from_bytes(frame[12:14], "big") != ETH_P_IP:
+        return None
+    return _ipv4_input(frame[ETH_HLEN:], hash_types)
+
+
+def _ipv4_input(ip: bytes, hash_types: int) -> bytes | None:
+    if len(ip) < 20 or ip[0] >> 4 != 4:
+        return None
     ihl = (ip[0] & 0xF) * 4
     addresses = ip[12:20]
     fragment = int.from_bytes(ip[6:8], "big") & (IP_MF | IP_OFFSET)
@@ -107,9 +145,9 @@ class RssConfig:
             queues.append(2 * rq_id)  # vq_index_1_16: bits 1..16 of the virtqueue index
         return cls(hash_types, tuple(queues[1:]), queues[0], max_tx_vq, key)
 
-    def queue(self, frame: bytes) -> int:
-        """The virtqueue index ``frame`` goes to (5.1.9.5.7.3)."""
-        data = hash_input(frame, self.hash_types)
+    def queue(self, frame: bytes, tunnel_types: int = 0) -> int:
+        """The virtqueue index ``frame`` goes to (5.1.9.5.7.3); ``tunnel_types``: those enabled for the inner hash."""
+        data = hash_input(frame, self.hash_types, tunnel_types)
         if data is None:
             return self.unclassified_queue
         table = self.indirection_table
