@@ -16,7 +16,7 @@ import pytest
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
-from iovirt.virtio.net import ctrl_stats
+from iovirt.virtio.net import ctrl as ctrl_mod, ctrl_stats, rss
 from iovirt.virtio.net.coalesce import Coalescing
 from iovirt.virtio.net.ctrl import CommandError, NetCtrl
 from iovirt.virtio.net.defs import (
@@ -37,16 +37,15 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_STATS_TYPE_CVQ,
 )
 from iovirt.virtio.net.device import VirtioNet
-from iovirt.virtio.net.rss import RssConfig
 from iovirt.virtio.net.rx_filter import RxFilter
 from iovirt.virtio.net.switch import LearningSwitch
 
-PREFIXES = ("virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#", "virtio-1.4:5.1.9.5.6.2#",
+PREFIXES = ("virtio-1.4:5.1.9.4.4.4#", "virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#", "virtio-1.4:5.1.9.5.6.2#",
             "virtio-1.4:5.1.9.5.7.3#", "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#")
 CHECKS = [c for c in all_checks("pci") if c.clause.startswith(PREFIXES)]
 RX, MAC, ANNOUNCE = "virtio-1.4:5.1.9.5.1.1#", "virtio-1.4:5.1.9.5.2.1#", "virtio-1.4:5.1.9.5.4.2#"
 MQ, COAL, STATS = "virtio-1.4:5.1.9.5.6.2#", "virtio-1.4:5.1.9.5.10.6#", "virtio-1.4:5.1.9.5.11.12#"
-RSS = "virtio-1.4:5.1.9.5.7.3#"
+RSS, TUNNEL = "virtio-1.4:5.1.9.5.7.3#", "virtio-1.4:5.1.9.4.4.4#"
 PAIRS = 4
 
 
@@ -175,11 +174,10 @@ def _reset_all_held(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(VirtioNet, "_rx_queue", rx_queue)
 
 
-def _rss_table_ignored(mp: pytest.MonkeyPatch) -> None:
-    """Every hashed frame goes to the first entry of the indirection table."""
-    original = RssConfig.queue
-    mp.setattr(RssConfig, "queue", lambda self, frame, tunnel_types=0: self.indirection_table[0]
-               if original(self, frame, tunnel_types) != self.unclassified_queue else self.unclassified_queue)
+def _rss_ports_ignored(mp: pytest.MonkeyPatch) -> None:
+    """TCPv4 / UDPv4 hash types hash the addresses only, not the ports."""
+    original = rss._ipv4_input
+    mp.setattr(rss, "_ipv4_input", lambda ip, types: original(ip, rss.VIRTIO_NET_HASH_TYPE_IPv4 if types else 0))
 
 
 def _rss_reset_reselect(mp: pytest.MonkeyPatch) -> None:
@@ -191,6 +189,27 @@ def _rss_reset_reselect(mp: pytest.MonkeyPatch) -> None:
         return self._rx_queue(int.from_bytes(frame[:12], "big")) if index is None else index
 
     mp.setattr(VirtioNet, "_frame_queue", frame_queue)
+
+
+def _tunnel_any_type(mp: pytest.MonkeyPatch) -> None:
+    """With any encapsulation type enabled, every supported type is hashed on its inner header."""
+    original = rss.inner_ipv4
+    mp.setattr(rss, "inner_ipv4", lambda frame, types: original(frame, rss.SUPPORTED_TUNNEL_TYPES if types else 0))
+
+
+def _tunnel_unsupported_accepted(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(ctrl_mod, "SUPPORTED_TUNNEL_TYPES", 0xFFFFFFFF)
+
+
+def _tunnel_kept_on_reset(mp: pytest.MonkeyPatch) -> None:
+    original = NetCtrl.reset
+
+    def reset(self):
+        kept = getattr(self, "tunnel_types", 0)
+        original(self)
+        self.tunnel_types = kept
+
+    mp.setattr(NetCtrl, "reset", reset)
 
 
 def _coal_wrap(mp: pytest.MonkeyPatch, before: Callable[[NetCtrl, int, bytes], bytes | None]) -> None:
@@ -316,8 +335,11 @@ MUTANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "steering-vq-pairs-ignored": _vq_pairs_ignored,
     "steering-reset-queue-flows-dropped": _reset_queue_flows_dropped,
     "steering-reset-all-held": _reset_all_held,
-    "rss-table-ignored": _rss_table_ignored,
+    "rss-ports-ignored": _rss_ports_ignored,
     "rss-reset-reselect": _rss_reset_reselect,
+    "tunnel-any-type-inner": _tunnel_any_type,
+    "tunnel-unsupported-accepted": _tunnel_unsupported_accepted,
+    "tunnel-kept-on-reset": _tunnel_kept_on_reset,
     "coal-reserved-refused": _coal_reserved_refused,
     "coal-short-acked": _coal_short_acked,
     "coal-ctrl-queue-served": _coal_ctrl_queue_served,
@@ -345,8 +367,11 @@ MUTANT_EXPECTATIONS: dict[str, frozenset[str]] = {
     "steering-vq-pairs-ignored": frozenset({MQ + "vq-pairs"}),
     "steering-reset-queue-flows-dropped": frozenset({MQ + "reset-reselect"}),
     "steering-reset-all-held": frozenset({MQ + "reset-all"}),
-    "rss-table-ignored": frozenset({RSS + "steering"}),
+    "rss-ports-ignored": frozenset({RSS + "steering"}),
     "rss-reset-reselect": frozenset({RSS + "reset-drop"}),
+    "tunnel-any-type-inner": frozenset({TUNNEL + "outer"}),
+    "tunnel-unsupported-accepted": frozenset({TUNNEL + "unsupported"}),
+    "tunnel-kept-on-reset": frozenset({TUNNEL + "disable"}),
     "coal-reserved-refused": frozenset({COAL + "reserved"}),
     "coal-short-acked": frozenset({COAL + "ack"}),
     "coal-ctrl-queue-served": frozenset({COAL + "vq_index"}),
@@ -367,7 +392,7 @@ def _run() -> dict[str, Verdict]:
 
 def test_the_checks_pass_on_the_unbroken_device():
     verdicts = _run()
-    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 26
+    assert set(verdicts) == {c.clause for c in CHECKS} and len(verdicts) == 29
     assert {c for c, v in verdicts.items() if v is not Verdict.PASS} == set()
 
 

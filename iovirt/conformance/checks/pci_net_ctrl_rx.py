@@ -1,5 +1,6 @@
-"""virtio-net receive filtering, MAC filtering, the announce acknowledgement, multiqueue receive steering and RSS
-through the control virtqueue (virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4, 5.1.9.5.6, 5.1.9.5.7), where the device serves the control queue itself: behind the
+"""virtio-net receive filtering, MAC filtering, the announce acknowledgement, multiqueue receive steering, RSS and
+its inner header hash through the control virtqueue (virtio 1.4 5.1.9.5.1, 5.1.9.5.2, 5.1.9.5.4, 5.1.9.5.6, 5.1.9.5.7,
+5.1.9.4.4), where the device serves the control queue itself: behind the
 in-process virtio-pci transport (over vhost-user the front-end serves the control queue).
 
 Frames come from the network the device is attached to (its switch), as they would from peers; a
@@ -19,10 +20,13 @@ from iovirt.conformance.target import Capabilities
 from iovirt.virtio.defs import VIRTIO_F_RING_RESET
 from iovirt.virtio.net.defs import (
     ETH_P_IP,
+    IPPROTO_IPIP,
     IPPROTO_TCP,
     NET_HDR_SIZE,
     VIRTIO_NET_CTRL_ANNOUNCE,
     VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_CTRL_HASH_TUNNEL,
+    VIRTIO_NET_CTRL_HASH_TUNNEL_SET,
     VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
@@ -42,9 +46,12 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_F_CTRL_RX_EXTRA,
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_HASH_TUNNEL,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_RSS,
+    VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP,
+    VIRTIO_NET_HASH_TYPE_IPv4,
     VIRTIO_NET_HASH_TYPE_TCPv4,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_ANNOUNCE,
@@ -332,6 +339,7 @@ def announce_ack(ctx: PciContext) -> None:
 # -- automatic receive steering in multiqueue mode (5.1.9.5.6.2) -----------------------------------------
 FLOWS = 32  # frames of distinct flows (source MACs): enough to reach every queue a device spreads over
 MAX_PAIRS_OFFSET = 8  # virtio_net_config.max_virtqueue_pairs, after mac and status (5.1.4)
+SUPPORTED_TUNNEL_TYPES_OFFSET = 24  # virtio_net_config.supported_tunnel_types (5.1.4)
 
 
 def _multiqueue(caps: Capabilities) -> str | None:
@@ -560,3 +568,112 @@ def rss_reset_drop(ctx: PciContext) -> None:
     late = [tag for tag in tags if tag in seen]
     expect(not late, f"{len(late)} of {FLOWS} frames for receiveq{last + 1}, which was being reset, were received "
                      f"(on receive queues {sorted({seen[t] + 1 for t in late})})")
+
+
+# -- inner header hash (5.1.9.4.4.4) ---------------------------------------------------------------------
+OUTER_ADDRESSES = bytes([192, 0, 2, 1, 192, 0, 2, 2])
+IP_PROTO_RESERVED = 253  # RFC 3692: for experimentation; the inner packets carry no transport header
+
+
+def _tunnel(caps: Capabilities) -> str | None:
+    return _rss(caps) or needs_ctrl((VIRTIO_NET_F_HASH_TUNNEL, "VIRTIO_NET_F_HASH_TUNNEL"))(caps)
+
+
+def _ipv4(proto: int, addresses: bytes, payload: bytes) -> bytes:
+    return struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0) + addresses + payload
+
+
+def _ipip(mac: bytes, inner_addresses: bytes, tag: bytes) -> bytes:
+    """An IPv4-in-IPv4 frame (RFC 2003): the outer addresses never change, the inner ones do."""
+    return mac + PEER + ETH_P_IP.to_bytes(2, "big") + _ipv4(IPPROTO_IPIP, OUTER_ADDRESSES,
+                                                             _ipv4(IP_PROTO_RESERVED, inner_addresses, tag))
+
+
+def _tunnel_set(ctx: PciContext, types: int) -> None:
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_HASH_TUNNEL, VIRTIO_NET_CTRL_HASH_TUNNEL_SET, struct.pack("<I", types))
+
+
+def _supported_tunnel_types(ctx: PciContext) -> int:
+    return int.from_bytes(ctx.driver.read_device_config(SUPPORTED_TUNNEL_TYPES_OFFSET, 4), "little")
+
+
+def _ipip_steered_by(ctx: PciContext, steering: Steering, table: list[int]) -> dict[str, int]:
+    """Send IPIP frames of :data:`FLOWS` inner flows; how many went where the outer and the inner hash say."""
+    mac, tags, want = _mac(ctx), [], {}
+    for flow in range(FLOWS):
+        tag = new_tag()
+        inner = bytes([10, 1, flow, 7, 10, 2, 0, 9])
+        steering.switch.forward(steering.network, _ipip(mac, inner, tag))
+        want[tag] = tuple(table[_toeplitz(RSS_KEY, a) & (RSS_TABLE - 1)] for a in (OUTER_ADDRESSES, inner))
+        tags.append(tag)
+    seen = _where(ctx, steering, tags)
+    for pair in range(steering.pairs):
+        steering.post(pair)
+    return {"outer": sum(seen.get(t) == w[0] for t, w in want.items()),
+            "inner": sum(seen.get(t) == w[1] for t, w in want.items())}
+
+
+def _ipip_rss(ctx: PciContext) -> tuple[Steering, list[int]]:
+    """Bring up, RSS on IPv4 addresses over every pair; the table, its entries spread."""
+    ctx.bring_up()
+    steering = Steering(ctx)
+    table = [i % steering.pairs for i in range(RSS_TABLE)]
+    config = _rss_config(table, 0, steering.pairs)
+    config = struct.pack("<I", VIRTIO_NET_HASH_TYPE_IPv4) + config[4:]
+    ctrl_ok(ctx, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, config)
+    return steering, table
+
+
+def _expect_hashed_on(ctx: PciContext, steering: Steering, table: list[int], header: str, when: str) -> None:
+    got = _ipip_steered_by(ctx, steering, table)
+    expect(got[header] == FLOWS, f"{when}: {got[header]} of {FLOWS} IPIP frames went where the hash of their {header} "
+                                 f"header sends them ({got['inner' if header == 'outer' else 'outer']} where the "
+                                 f"{'inner' if header == 'outer' else 'outer'} one does)")
+
+
+@check(
+    "virtio-1.4:5.1.9.4.4.4#outer",
+    "net, RSS and HASH_TUNNEL: a packet whose outer header matches no enabled encapsulation type (IPIP with none "
+    "enabled, or only another type enabled) is hashed on its outer header",
+    devices={"net"}, transport=PCI, applies=_tunnel,
+)
+def tunnel_outer(ctx: PciContext) -> None:
+    steering, table = _ipip_rss(ctx)
+    _expect_hashed_on(ctx, steering, table, "outer", "no encapsulation type enabled")
+    others = _supported_tunnel_types(ctx) & ~VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP
+    if others:
+        _tunnel_set(ctx, others)
+        _expect_hashed_on(ctx, steering, table, "outer", f"encapsulation types {others:#x} enabled, IPIP not")
+
+
+@check(
+    "virtio-1.4:5.1.9.4.4.4#unsupported",
+    "net, HASH_TUNNEL: VIRTIO_NET_CTRL_HASH_TUNNEL_SET with a type not in supported_tunnel_types gets VIRTIO_NET_ERR",
+    devices={"net"}, transport=PCI, applies=needs_ctrl((VIRTIO_NET_F_HASH_TUNNEL, "VIRTIO_NET_F_HASH_TUNNEL")),
+)
+def tunnel_unsupported(ctx: PciContext) -> None:
+    ctx.bring_up()
+    supported = _supported_tunnel_types(ctx)
+    unsupported = ~supported & 0xFFFFFFFF
+    expect(unsupported != 0, "supported_tunnel_types has every bit set")
+    bit = unsupported & -unsupported
+    ctrl_err(ctx, VIRTIO_NET_CTRL_HASH_TUNNEL, VIRTIO_NET_CTRL_HASH_TUNNEL_SET, struct.pack("<I", supported | bit),
+             f"enabled_tunnel_types {supported | bit:#x} (bit {bit:#x} not in supported_tunnel_types {supported:#x})")
+
+
+@check(
+    "virtio-1.4:5.1.9.4.4.4#disable",
+    "net, RSS and HASH_TUNNEL: with IPIP enabled IPIP packets are hashed on the inner header; after "
+    "enabled_tunnel_types 0, and after a device reset, on the outer header again",
+    devices={"net"}, transport=PCI, applies=_tunnel,
+)
+def tunnel_disable(ctx: PciContext) -> None:
+    steering, table = _ipip_rss(ctx)
+    expect(_supported_tunnel_types(ctx) & VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP, "IPIP not in supported_tunnel_types")
+    _tunnel_set(ctx, VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP)
+    _expect_hashed_on(ctx, steering, table, "inner", "IPIP enabled")
+    _tunnel_set(ctx, 0)
+    _expect_hashed_on(ctx, steering, table, "outer", "enabled_tunnel_types set to 0")
+    _tunnel_set(ctx, VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP)
+    steering, table = _ipip_rss(ctx)  # resets the device first
+    _expect_hashed_on(ctx, steering, table, "outer", "after a device reset")
