@@ -302,7 +302,8 @@ def table_reset(ctx: PciContext) -> None:
     "net, CTRL_MAC_ADDR and MAC: mac in config space reads the address once VIRTIO_NET_CTRL_MAC_ADDR_SET is used; "
     "frames to it are received, frames to the old one dropped",
     devices={"net"}, transport=PCI,
-    applies=needs_ctrl(_RX, (VIRTIO_NET_F_CTRL_MAC_ADDR, "VIRTIO_NET_F_CTRL_MAC_ADDR"), (VIRTIO_NET_F_MAC, "VIRTIO_NET_F_MAC")),
+    applies=needs_ctrl(_RX, (VIRTIO_NET_F_CTRL_MAC_ADDR, "VIRTIO_NET_F_CTRL_MAC_ADDR"),
+                       (VIRTIO_NET_F_MAC, "VIRTIO_NET_F_MAC")),
 )
 def addr_set(ctx: PciContext) -> None:
     link = _setup(ctx)
@@ -499,8 +500,8 @@ def _tcp4(mac: bytes, sport: int, tag: bytes) -> tuple[bytes, bytes]:
 
 def _rss_config(table: list[int], unclassified: int, pairs: int) -> bytes:
     """``virtio_net_rss_config``: TCPv4 hashing, ``table`` of receive queue ids (pair numbers)."""
-    return (struct.pack("<IHH", VIRTIO_NET_HASH_TYPE_TCPv4, len(table) - 1, unclassified) + struct.pack(f"<{len(table)}H", *table)
-            + struct.pack("<HB", pairs, len(RSS_KEY)) + RSS_KEY)
+    return (struct.pack("<IHH", VIRTIO_NET_HASH_TYPE_TCPv4, len(table) - 1, unclassified)
+            + struct.pack(f"<{len(table)}H", *table) + struct.pack("<HB", pairs, len(RSS_KEY)) + RSS_KEY)
 
 
 def _where(ctx: PciContext, steering: Steering, tags: list[bytes]) -> dict[bytes, int]:

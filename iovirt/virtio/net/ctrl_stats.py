@@ -87,7 +87,8 @@ def reply(net: "VirtioNet", entries: list[tuple[int, int]], commands: int, ok: i
                 values = [commands, ok]
             else:
                 counters = net.queue_stats[vq_index]
-                values = [counters[name] for name in (RX_BASIC if reply_type == VIRTIO_NET_STATS_TYPE_REPLY_RX_BASIC else TX_BASIC)]
+                names = RX_BASIC if reply_type == VIRTIO_NET_STATS_TYPE_REPLY_RX_BASIC else TX_BASIC
+                values = [counters[name] for name in names]
             size = VIRTIO_NET_STATS_REPLY_HDR.size + _LE64.size * len(values)
             out += VIRTIO_NET_STATS_REPLY_HDR.pack(reply_type, vq_index, size)
             out += b"".join(_LE64.pack(v & U64_MASK) for v in values)

@@ -189,7 +189,8 @@ class VirtioNet(VirtioDevice):
 
     def config_space(self) -> bytes:
         """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu; with a control queue (which
-        offers VIRTIO_NET_F_RSS and _HASH_TUNNEL) also speed and duplex (unknown: SPEED_DUPLEX is not offered) and the RSS and tunnel hash limits."""
+        offers VIRTIO_NET_F_RSS and _HASH_TUNNEL) also speed and duplex (unknown: SPEED_DUPLEX is not offered)
+        and the RSS and tunnel hash limits."""
         status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
         if self.announce_pending and self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
             status |= VIRTIO_NET_S_ANNOUNCE
