@@ -327,7 +327,7 @@ class VirtioNet(VirtioDevice):
     # -- queues ----------------------------------------------------------------------
     def process_queue(self, index: int, queue: SplitQueue) -> None:
         """TX: send what the driver queued; RX: new buffers, flush the backlog; the control queue's commands."""
-        if self.counting:
+        if self.ctrl is not None and self.counting:
             self.queue_stats[index]["notifications"] += 1  # 5.1.9.5.11: rx/tx_notifications
         if self.ctrl is not None and index == 2 * self.queue_pairs:
             self.ctrl.process(index, queue)
@@ -409,7 +409,10 @@ class VirtioNet(VirtioDevice):
         often).  Suppression by the driver is honoured either way (2.7.7).
         """
         ctrl = self.ctrl
-        if ctrl is None or index >= 2 * self.queue_pairs or self.call_later is None or not self.counting:
+        if ctrl is None:
+            super().signal(index)  # no control queue (vhost-user): the front-end has the coalescing commands
+            return
+        if index >= 2 * self.queue_pairs or self.call_later is None or not self.counting:
             self._notify(index)
             return
         coal = ctrl.coalescing
@@ -428,8 +431,10 @@ class VirtioNet(VirtioDevice):
             self._notify(index)
 
     def _notify(self, index: int) -> None:
+        """Notify queue ``index`` if the driver wants it (2.7.7), counting it (5.1.9.5.11 rx/tx_interrupts)."""
         queue, notify = self.queues[index], self.notifiers[index]
-        if self.ctrl is not None and index < 2 * self.queue_pairs:
+        assert self.ctrl is not None
+        if index < 2 * self.queue_pairs:
             coal = self.ctrl.coalescing
             coal.armed.discard(index)
             coal.notified_frames[index] = self.queue_stats[index]["frames"]
