@@ -40,7 +40,7 @@ from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.net.defs import NET_HDR_SIZE, NetHdr
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
-from iovirt.virtio.transport.defs import VIRTIO_PCI_COMMON_NUMQ
+from iovirt.virtio.transport.defs import VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_COMMON_NUMQ
 
 IMAGE_SIZE = 1 << 20
 MAC = bytes.fromhex("525400c0ffee")
@@ -91,7 +91,9 @@ class PlatformTarget:
             driver.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
             driver.add_status(VIRTIO_CONFIG_S_DRIVER)
             caps.features = driver.device_features()
-            caps.config = driver.read_device_config(0, CONFIG_PROBE_SIZE[self.device])
+            # Without a device configuration capability there is nothing to read (4.1.4.6.1's check fails).
+            if VIRTIO_PCI_CAP_DEVICE_CFG in driver.caps:
+                caps.config = driver.read_device_config(0, CONFIG_PROBE_SIZE[self.device])
         finally:
             ctx.close()
         return caps
@@ -216,6 +218,17 @@ class PciContext:
         self.function.config_changed()
 
     # -- config space -------------------------------------------------------------------
+    def read_device_config(self, offset: int, length: int) -> bytes:
+        """Bytes of the device configuration (re-read until ``config_generation`` is stable).
+
+        A function without a VIRTIO_PCI_CAP_DEVICE_CFG capability has no
+        configuration a driver can reach: a check that reads it does not
+        apply (the missing capability fails 4.1.4.6.1's check).
+        """
+        if VIRTIO_PCI_CAP_DEVICE_CFG not in self.driver.caps:
+            raise NotApplicable("no VIRTIO_PCI_CAP_DEVICE_CFG capability: the device configuration cannot be read")
+        return self.driver.read_device_config(offset, length)
+
     def msix_table_size(self) -> int:
         """Table Size of the MSI-X capability (N-1 encoded, PCI 6.8.2.3), or 0 without one."""
         read = self.driver.cfg.read

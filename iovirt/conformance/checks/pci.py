@@ -30,7 +30,9 @@ from iovirt.virtio.transport.defs import (
     VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_OFFSET,
     VIRTIO_PCI_CAP_PCI_CFG,
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG,
     VIRTIO_PCI_CAP_SIZE,
+    VIRTIO_PCI_CAP_VENDOR_CFG,
     VIRTIO_PCI_CFG_CAP_DATA,
     VIRTIO_PCI_COMMON_CFG_SIZE,
     VIRTIO_PCI_COMMON_CFGGENERATION,
@@ -54,7 +56,13 @@ from iovirt.virtio.transport.defs import (
 
 PCI = "pci"
 VIRTIO_IDS = {"net": 1, "blk": 2}  # 5 Device Types
-CAP_MIN_LEN = {VIRTIO_PCI_CAP_NOTIFY_CFG: 20, VIRTIO_PCI_CAP_PCI_CFG: 20}  # with notify_off_multiplier / pci_cfg_data
+# The structure each cfg_type's cap_len must cover (4.1.4.2); any other is a struct virtio_pci_cap (16 bytes).
+CAP_MIN_LEN = {
+    VIRTIO_PCI_CAP_NOTIFY_CFG: 20,  # struct virtio_pci_notify_cap: with notify_off_multiplier
+    VIRTIO_PCI_CAP_PCI_CFG: 20,  # struct virtio_pci_cfg_cap: with pci_cfg_data
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: 24,  # struct virtio_pci_cap64 (4.1.4.7): with offset_hi and length_hi
+    VIRTIO_PCI_CAP_VENDOR_CFG: 6,  # struct virtio_pci_vndr_data (4.1.4.8): through vendor_id, no BAR fields
+}
 
 
 def _select_queue(ctx: PciContext, index: int) -> None:
@@ -175,9 +183,9 @@ def config_generation(ctx: PciContext) -> None:
     ctx.bring_up()
     d = ctx.driver
     before = d.common_read(VIRTIO_PCI_COMMON_CFGGENERATION, 1)
-    old = d.read_device_config(0, len(ctx.caps.config or b"") or 8)
+    old = ctx.read_device_config(0, len(ctx.caps.config or b"") or 8)
     ctx.change_config()
-    d.read_device_config(0, len(old))
+    ctx.read_device_config(0, len(old))
     after = d.common_read(VIRTIO_PCI_COMMON_CFGGENERATION, 1)
     expect(after != before, f"config_generation stayed {before} across a configuration change")
 
@@ -455,7 +463,7 @@ def config_before_features_ok(ctx: PciContext) -> None:
     d.reset()
     d.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
     size = len(ctx.caps.config or b"") or 8
-    early = d.read_device_config(0, size)
+    early = ctx.read_device_config(0, size)
     ctx.bring_up()
-    late = d.read_device_config(0, size)
+    late = ctx.read_device_config(0, size)
     expect(early == late, f"device configuration {early.hex()} before FEATURES_OK, {late.hex()} after DRIVER_OK")

@@ -93,6 +93,11 @@ def protocol_before_set_features(ctx: Context) -> str | None:
     # Link sends GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES (QEMU's order).
     link = ctx.open()
     expect(link.negotiated.has(VHOST_USER_F_PROTOCOL_FEATURES), "bit 30 offered but not negotiated")
+    # Served before SET_FEATURES means answered in full there: a back-end that offers less until SET_FEATURES
+    # hides protocol features from a front-end that, as QEMU, negotiates them first.
+    after = link.frontend.get_protocol_features()
+    before = link.negotiated.protocol_features
+    expect(after == before, f"GET_PROTOCOL_FEATURES answered {before:#x} before SET_FEATURES, {after:#x} after it")
     if not has_workload(ctx):
         return still_serving(ctx, link, "the negotiation")
     Workload(ctx, link).run()

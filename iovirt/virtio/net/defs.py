@@ -1,4 +1,4 @@
-"""virtio-net constants and the ``virtio_net_hdr`` (virtio 1.2 section 5.1)."""
+"""virtio-net constants and the ``virtio_net_hdr`` (virtio 1.2 section 5.1; the control queue at 1.4, 5.1.9.5)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,14 @@ VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
 VIRTIO_NET_F_CTRL_RX = 18
 VIRTIO_NET_F_CTRL_VLAN = 19
+VIRTIO_NET_F_CTRL_RX_EXTRA = 20
 VIRTIO_NET_F_GUEST_ANNOUNCE = 21
 VIRTIO_NET_F_MQ = 22
 VIRTIO_NET_F_CTRL_MAC_ADDR = 23
+VIRTIO_NET_F_DEVICE_STATS = 50  # virtio 1.4
+VIRTIO_NET_F_HASH_TUNNEL = 51
+VIRTIO_NET_F_VQ_NOTF_COAL = 52
+VIRTIO_NET_F_NOTF_COAL = 53
 VIRTIO_NET_F_GUEST_USO4 = 54  # virtio 1.4
 VIRTIO_NET_F_GUEST_USO6 = 55
 VIRTIO_NET_F_HOST_USO = 56
@@ -38,6 +43,63 @@ VIRTIO_NET_F_RSC_EXT = 61
 
 # 5.1.4 config status
 VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_S_ANNOUNCE = 2
+VIRTIO_NET_SPEED_UNKNOWN = 0xFFFFFFFF  # 5.1.4 speed and duplex (meaningful with VIRTIO_NET_F_SPEED_DUPLEX)
+VIRTIO_NET_DUPLEX_UNKNOWN = 0xFF
+
+# 5.1.9.5 (virtio 1.4) the control virtqueue: struct virtio_net_ctrl's ack, classes and commands
+VIRTIO_NET_OK, VIRTIO_NET_ERR = 0, 1
+VIRTIO_NET_CTRL_RX = 0  # 5.1.9.5.1
+VIRTIO_NET_CTRL_RX_PROMISC = 0
+VIRTIO_NET_CTRL_RX_ALLMULTI = 1
+VIRTIO_NET_CTRL_RX_ALLUNI = 2  # this one and the next three with VIRTIO_NET_F_CTRL_RX_EXTRA
+VIRTIO_NET_CTRL_RX_NOMULTI = 3
+VIRTIO_NET_CTRL_RX_NOUNI = 4
+VIRTIO_NET_CTRL_RX_NOBCAST = 5
+VIRTIO_NET_CTRL_MAC = 1  # 5.1.9.5.2
+VIRTIO_NET_CTRL_MAC_TABLE_SET = 0
+VIRTIO_NET_CTRL_MAC_ADDR_SET = 1
+VIRTIO_NET_CTRL_VLAN = 2  # 5.1.9.5.3
+VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL = 0, 1
+VIRTIO_NET_CTRL_ANNOUNCE = 3  # 5.1.9.5.4
+VIRTIO_NET_CTRL_ANNOUNCE_ACK = 0
+VIRTIO_NET_CTRL_MQ = 4  # 5.1.9.5.6
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+VIRTIO_NET_CTRL_MQ_RSS_CONFIG = 1  # 5.1.9.5.7, VIRTIO_NET_F_RSS
+VIRTIO_NET_CTRL_HASH_TUNNEL = 7  # 5.1.9.4.4
+VIRTIO_NET_CTRL_HASH_TUNNEL_SET = 0
+VIRTIO_NET_CTRL_NOTF_COAL = 6  # 5.1.9.5.10
+VIRTIO_NET_CTRL_NOTF_COAL_TX_SET = 0
+VIRTIO_NET_CTRL_NOTF_COAL_RX_SET = 1
+VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET = 2
+VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET = 3
+VIRTIO_NET_CTRL_STATS = 8  # 5.1.9.5.11
+VIRTIO_NET_CTRL_STATS_QUERY = 0
+VIRTIO_NET_CTRL_STATS_GET = 1
+
+# 5.1.9.4.3.1 hash types (supported_hash_types, virtio_net_rss_config.hash_types)
+VIRTIO_NET_HASH_TYPE_IPv4 = 1 << 0
+VIRTIO_NET_HASH_TYPE_TCPv4 = 1 << 1
+VIRTIO_NET_HASH_TYPE_UDPv4 = 1 << 2
+# 5.1.9.4.4 encapsulation types for the inner header hash (supported_tunnel_types, enabled_tunnel_types)
+VIRTIO_NET_HASH_TUNNEL_TYPE_VXLAN = 1 << 4
+VIRTIO_NET_HASH_TUNNEL_TYPE_IPIP = 1 << 7
+VIRTIO_NET_HASH_TUNNEL_TYPE_NVGRE = 1 << 8
+VXLAN_PORT = 4789  # RFC 7348: the IANA UDP destination port of VXLAN
+VXLAN_HLEN = 8
+IPPROTO_IPIP = 4
+
+# 5.1.9.5.11 statistic types: bits of supported_stats_types / types_bitmap, and the reply header's type
+VIRTIO_NET_STATS_TYPE_REPLY_RX_BASIC = 0
+VIRTIO_NET_STATS_TYPE_REPLY_TX_BASIC = 16
+VIRTIO_NET_STATS_TYPE_REPLY_CVQ = 32
+VIRTIO_NET_STATS_TYPE_RX_BASIC = 1 << VIRTIO_NET_STATS_TYPE_REPLY_RX_BASIC
+VIRTIO_NET_STATS_TYPE_TX_BASIC = 1 << VIRTIO_NET_STATS_TYPE_REPLY_TX_BASIC
+VIRTIO_NET_STATS_TYPE_CVQ = 1 << VIRTIO_NET_STATS_TYPE_REPLY_CVQ
+VIRTIO_NET_CTRL_COAL = struct.Struct("<II")  # struct virtio_net_ctrl_coal: max_packets, max_usecs
+VIRTIO_NET_CTRL_COAL_VQ = struct.Struct("<HHII")  # struct virtio_net_ctrl_coal_vq: vq_index, reserved, coal
+VIRTIO_NET_CTRL_QUEUE_STATS = struct.Struct("<H6xQ")  # one stats[] entry: vq_index, reserved[3], types_bitmap
+VIRTIO_NET_STATS_REPLY_HDR = struct.Struct("<BxHxxH")  # type, reserved, vq_index, reserved1, size
 
 # 5.1.6 virtio_net_hdr flags and gso types
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1

@@ -14,13 +14,16 @@ frame by frame.
 
 The control virtqueue is not served here under vhost-user: a VMM in front
 (QEMU's vhost-user net) handles it and turns ``VIRTIO_NET_CTRL_MQ`` into ring
-enables.  In-process, ``ctrl_vq=True`` adds it (``ctrl.py``: the VLAN filter
-table of 5.1.6.5.3, honoured on receive).
+enables.  In-process, ``ctrl_vq=True`` adds it (``ctrl.py``): the VLAN filter
+table, the receive modes and MAC filtering table (honoured on receive), the
+announce acknowledgement, notification coalescing (honoured in :meth:`VirtioNet.signal`)
+and device statistics, each offered only by such a device.
 """
 
 from __future__ import annotations
 
 import collections
+import struct
 from typing import Any, Mapping
 
 from iovirt.errors import IovirtError
@@ -33,8 +36,17 @@ from iovirt.virtio.net.defs import (
     ETH_HLEN,
     ETH_P_8021Q,
     MAX_FRAME,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
     VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_DEVICE_STATS,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_HASH_TUNNEL,
+    VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
+    VIRTIO_NET_F_VQ_NOTF_COAL,
     NET_HDR_LEGACY_SIZE,
     NET_HDR_SIZE,
     VIRTIO_ID_NET,
@@ -51,17 +63,27 @@ from iovirt.virtio.net.defs import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_DUPLEX_UNKNOWN,
+    VIRTIO_NET_S_ANNOUNCE,
     VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_SPEED_UNKNOWN,
     VLAN_HLEN,
     NetHdr,
 )
 from iovirt.virtio.net import datapath
 from iovirt.virtio.net.ctrl import NetCtrl
+from iovirt.virtio.net.rss import (
+    RSS_MAX_INDIRECTION_TABLE_LENGTH,
+    RSS_MAX_KEY_SIZE,
+    SUPPORTED_HASH_TYPES,
+    SUPPORTED_TUNNEL_TYPES,
+)
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 from iovirt.virtio.qos import Limits, TokenBucket
+from iovirt.virtio.state import QueueState
 
 TX_BATCH = 64
 TX_BUDGET = 64
@@ -73,6 +95,27 @@ TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
 """Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
 MIN_MTU = 68  # RFC 791: every IPv4 host takes 68-byte datagrams
 MAX_MTU = 65535  # virtio 1.2 5.1.4: mtu is a le16
+CTRL_FEATURES = (
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_VLAN,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_DEVICE_STATS,
+    VIRTIO_NET_F_VQ_NOTF_COAL,
+    VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
+    VIRTIO_NET_F_HASH_TUNNEL,
+)
+"""What a device with a control queue (``ctrl_vq=True``) offers on top: the commands ``ctrl.py`` serves."""
+USECS = 1e-6
+RSS_CONFIG_FIELDS = struct.pack(
+    "<IBBHII", VIRTIO_NET_SPEED_UNKNOWN, VIRTIO_NET_DUPLEX_UNKNOWN, RSS_MAX_KEY_SIZE, RSS_MAX_INDIRECTION_TABLE_LENGTH,
+    SUPPORTED_HASH_TYPES, SUPPORTED_TUNNEL_TYPES,
+)
+"""5.1.4: speed, duplex, rss_max_key_size, rss_max_indirection_table_length, supported_hash_types,
+supported_tunnel_types."""
 LIMITS = ("pps", "bps")  # transmit limits: frames/s, bytes/s (docs/qos.md)
 
 
@@ -107,6 +150,10 @@ class VirtioNet(VirtioDevice):
         if len(mac) != 6:
             raise ValueError(f"MAC must be 6 bytes, got {len(mac)}")
         self.mac = mac
+        self.hw_mac = mac
+        """The address a reset puts back in ``mac`` (VIRTIO_NET_CTRL_MAC_ADDR_SET changes ``mac``)."""
+        self.announce_pending = False
+        """VIRTIO_NET_S_ANNOUNCE: the device asked the driver to announce itself (5.1.9.5.4)."""
         self.mtu = mtu
         self.queue_pairs = queue_pairs
         self.switch = switch
@@ -128,7 +175,8 @@ class VirtioNet(VirtioDevice):
     # -- features and config (5.1.3, 5.1.4) ---------------------------------
     def device_features(self) -> int:
         """Offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, CSUM, GUEST_CSUM, HOST_TSO4/6, MTU, MAC, MRG_RXBUF,
-        STATUS, MQ.  Host TSO frames are segmented here, at ingress (see ``gso.py``)."""
+        STATUS, MQ; with a control queue also :data:`CTRL_FEATURES`.  Host TSO frames are segmented here, at
+        ingress (see ``gso.py``)."""
         net: tuple[int, ...] = (
             VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_GUEST_CSUM,
@@ -141,18 +189,25 @@ class VirtioNet(VirtioDevice):
             VIRTIO_NET_F_MQ,
         )
         if self.ctrl is not None:
-            net += (VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_VLAN)
+            net += CTRL_FEATURES
         return COMMON_FEATURES | sum(1 << bit for bit in net)
 
     def config_space(self) -> bytes:
-        """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
+        """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu; with a control queue (which
+        offers VIRTIO_NET_F_RSS and _HASH_TUNNEL) also speed and duplex (unknown: SPEED_DUPLEX is not offered)
+        and the RSS and tunnel hash limits."""
         status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
-        return (
+        if self.announce_pending and self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
+            status |= VIRTIO_NET_S_ANNOUNCE
+        config = (
             self.mac
             + status.to_bytes(2, "little")
             + self.queue_pairs.to_bytes(2, "little")
             + self.mtu.to_bytes(2, "little")
         )
+        if self.ctrl is not None:
+            config += RSS_CONFIG_FIELDS
+        return config
 
     def config_fields(self) -> tuple[tuple[int, int], ...]:
         """``(offset, size)`` of mac, status, max_virtqueue_pairs and mtu (5.1.4)."""
@@ -189,6 +244,16 @@ class VirtioNet(VirtioDevice):
         ).ljust(60, b"\0")
         if self.switch is not None:
             self.switch.forward(self, rarp)
+
+    def request_announce(self) -> bool:
+        """Ask the driver to announce the device (VIRTIO_NET_S_ANNOUNCE, 5.1.9.5.4), as after a migration.
+
+        Only with VIRTIO_NET_F_GUEST_ANNOUNCE negotiated; returns whether the
+        bit is now set.  The caller tells the transport the configuration
+        changed; the driver's VIRTIO_NET_CTRL_ANNOUNCE_ACK clears it.
+        """
+        self.announce_pending = self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE)
+        return self.announce_pending
 
     # -- QoS: transmit limits (docs/qos.md) -----------------------------------------
     def set_limits(self, limits: Mapping[str, float]) -> None:
@@ -258,6 +323,7 @@ class VirtioNet(VirtioDevice):
         if queue_pairs != self.queue_pairs:
             raise ValueError(f"{queue_pairs!r} queue pairs saved, this port has {self.queue_pairs}")
         self.mac, self.mtu, self.link_up, self.stats = mac, mtu, link_up, stats
+        self.hw_mac = mac
 
     @property
     def hdr_len(self) -> int:
@@ -269,14 +335,18 @@ class VirtioNet(VirtioDevice):
     def _reset(self) -> None:
         self.backlog.clear()
         self._tx_resuming.clear()
+        self.announce_pending = False
         if self.ctrl is not None:
             self.ctrl.reset()
+            self.mac = self.hw_mac
         if self.switch is not None:
             self.switch.forget(self)
 
     # -- queues ----------------------------------------------------------------------
     def process_queue(self, index: int, queue: SplitQueue) -> None:
         """TX: send what the driver queued; RX: new buffers, flush the backlog; the control queue's commands."""
+        if self.ctrl is not None and self.counting:
+            self.queue_stats[index]["notifications"] += 1  # 5.1.9.5.11: rx/tx_notifications
         if self.ctrl is not None and index == 2 * self.queue_pairs:
             self.ctrl.process(index, queue)
         elif index % 2:
@@ -345,6 +415,64 @@ class VirtioNet(VirtioDevice):
 
         call_later(0.0, resume)
 
+    # -- used buffer notifications, with coalescing (5.1.9.5.10) ---------------------------
+    def signal(self, index: int) -> None:
+        """Notify queue ``index``'s used buffers, holding the notification back as the coalescing parameters say.
+
+        With non-zero ``max_packets`` and ``max_usecs`` a data queue notifies
+        once ``max_packets`` frames went through since its last notification,
+        or ``max_usecs`` after the first of them (on the transport's timer).
+        Without a timer, or without the counters, it notifies at once: the
+        parameters are best-effort (5.1.9.5.10.6 lets a device notify more
+        often).  Suppression by the driver is honoured either way (2.7.7).
+        """
+        ctrl = self.ctrl
+        if ctrl is None:
+            super().signal(index)  # no control queue (vhost-user): the front-end has the coalescing commands
+            return
+        if index >= 2 * self.queue_pairs or self.call_later is None or not self.counting:
+            self._notify(index)
+            return
+        coal = ctrl.coalescing
+        max_packets, max_usecs = coal.params[index]
+        pending = self.queue_stats[index]["frames"] - coal.notified_frames[index]
+        if not (max_packets and max_usecs) or pending >= max_packets:
+            self._notify(index)
+        elif index not in coal.armed:
+            coal.armed.add(index)
+            self.call_later(max_usecs * USECS, lambda: self._coalesced(index))
+
+    def _coalesced(self, index: int) -> None:
+        """``max_usecs`` ran out on queue ``index``: notify what was held back."""
+        assert self.ctrl is not None
+        if index in self.ctrl.coalescing.armed:
+            self._notify(index)
+
+    def _notify(self, index: int) -> None:
+        """Notify queue ``index`` if the driver wants it (2.7.7), counting it (5.1.9.5.11 rx/tx_interrupts)."""
+        queue, notify = self.queues[index], self.notifiers[index]
+        assert self.ctrl is not None
+        if index < 2 * self.queue_pairs:
+            coal = self.ctrl.coalescing
+            coal.armed.discard(index)
+            coal.notified_frames[index] = self.queue_stats[index]["frames"]
+        if queue is not None and notify is not None and queue.need_notify():
+            notify()
+            if self.counting:
+                self.queue_stats[index]["interrupts"] += 1  # 5.1.9.5.11: rx/tx_interrupts
+
+    def coalescing_changed(self) -> None:
+        """New coalescing parameters: queues whose held frames now meet them notify at once (5.1.9.5.10)."""
+        assert self.ctrl is not None
+        for index in sorted(self.ctrl.coalescing.armed):
+            self.signal(index)
+
+    def stop_queue(self, index: int) -> QueueState | None:
+        """Also: a data queue disabled takes its direction's TX_SET / RX_SET coalescing when enabled again."""
+        if self.ctrl is not None and index < 2 * self.queue_pairs:
+            self.ctrl.coalescing.queue_disabled(index)
+        return super().stop_queue(index)
+
     # -- counters (per batch: device totals and the queue's own) ------------------------
     def _count_rx(self, index: int, frames: int, nbytes: int) -> None:
         """``frames`` frames of ``nbytes`` bytes were received on queue ``index``."""
@@ -379,8 +507,8 @@ class VirtioNet(VirtioDevice):
 
         A broken receive ring fails this device, never the sender's.
         """
-        if self.ctrl is not None and self.has_feature(VIRTIO_NET_F_CTRL_VLAN):
-            indexes = [i for i in indexes if self._vlan_allowed(frames.frame(i))]
+        if self.ctrl is not None:
+            indexes = [i for i in indexes if self._ctrl_allows(frames.frame(i))]
             if not indexes:
                 return 0
         try:
@@ -409,6 +537,9 @@ class VirtioNet(VirtioDevice):
                     return 0
         if self.backlog and not self.needs_reset and self.link_up:
             return self._hold(frames, indexes)  # still frames held (no buffers): these go behind them
+        if self.ctrl is not None and self.ctrl.rss is not None:
+            # RSS steers each frame by its own hash: the per-frame path (5.1.9.5.7.3).
+            return sum(int(self._deliver(frames.frame(i), frames.csum(i))) for i in indexes)
         index = None if self.needs_reset or not self.link_up else self._rx_queue(frames.flow(indexes[0]))
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
@@ -465,7 +596,7 @@ class VirtioNet(VirtioDevice):
 
         A broken receive ring fails this device, never the sender's.
         """
-        if self.ctrl is not None and self.has_feature(VIRTIO_NET_F_CTRL_VLAN) and not self._vlan_allowed(frame):
+        if self.ctrl is not None and not self._ctrl_allows(frame):
             return False
         try:
             return self._deliver(frame, csum)
@@ -479,6 +610,11 @@ class VirtioNet(VirtioDevice):
             return False
         if self._over_mtu(frame):
             self._count_drops(None, "rx", "over_mtu", 1)
+            return False
+        if self.ctrl is not None and self._frame_queue(frame) is None:
+            # 5.1.9.5.6.2: every receive queue in use is being reset (or not set up); 5.1.9.5.7.3: the queue RSS
+            # chose is: the frame is dropped, not held for later.
+            self._count_drops(None, "rx", "no_queue", 1)
             return False
         if self.backlog:
             self._flush_backlog()
@@ -503,13 +639,18 @@ class VirtioNet(VirtioDevice):
         tagged = int.from_bytes(frame[12:14], "big") == ETH_P_8021Q
         return len(frame) > self.mtu + ETH_HLEN + (VLAN_HLEN if tagged else 0)
 
-    def _vlan_allowed(self, frame: bytes) -> bool:
-        """The driver's VLAN filter (5.1.6.5.3): a tagged frame whose VID is not in the table is dropped."""
-        assert self.ctrl is not None
-        if self.ctrl.allows(frame):
-            return True
-        self._count_drops(None, "rx", "vlan_filter", 1)
-        return False
+    def _ctrl_allows(self, frame: bytes) -> bool:
+        """The filters the driver set through the control queue, as negotiated: VLAN (5.1.9.5.3; a tagged frame
+        whose VID is not in the table is dropped), then receive modes and MAC table (5.1.9.5.1, 5.1.9.5.2)."""
+        ctrl = self.ctrl
+        assert ctrl is not None
+        if self.has_feature(VIRTIO_NET_F_CTRL_VLAN) and not ctrl.allows(frame):
+            self._count_drops(None, "rx", "vlan_filter", 1)
+            return False
+        if self.has_feature(VIRTIO_NET_F_CTRL_RX) and not ctrl.rx_filter.allows(frame, self.mac):
+            self._count_drops(None, "rx", "rx_filter", 1)
+            return False
+        return True
 
     def _flush_backlog(self) -> None:
         """Write the frames held into receive buffers, oldest first, one at a time, until the buffers run out.
@@ -519,7 +660,7 @@ class VirtioNet(VirtioDevice):
         """
         backlog = self.backlog
         while backlog:
-            index = self._rx_queue(int.from_bytes(backlog[0][0][:12], "big"))
+            index = self._frame_queue(backlog[0][0])
             queue = None if index is None else self.queues[index]
             if index is None or queue is None or not queue.pending():
                 return  # no receive buffer: nothing to try (this runs for every batch the switch brings)
@@ -528,19 +669,34 @@ class VirtioNet(VirtioDevice):
                 return
             backlog.popleft()
 
+    def _frame_queue(self, frame: bytes) -> int | None:
+        """The receive queue for ``frame``: by RSS once the driver configured it (a queue being reset is not
+        replaced: the frame is dropped, 5.1.9.5.7.3), else by its flow (:meth:`_rx_queue`)."""
+        rss = self.ctrl.rss if self.ctrl is not None else None
+        if rss is None:
+            return self._rx_queue(int.from_bytes(frame[:12], "big"))
+        assert self.ctrl is not None
+        index = rss.queue(frame, self.ctrl.tunnel_types)
+        return index if self.queues[index] is not None and self.enabled[index] else None
+
     def _rx_queue(self, flow: int) -> int | None:
         """The receive queue for a frame of ``flow`` (its MAC pair): spread over the enabled started pairs.
 
-        Both data paths choose with this, so a flow keeps its queue whichever delivers it.
+        Both data paths choose with this, so a flow keeps its queue whichever delivers it.  With the control
+        queue served here only the pairs the driver set with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET are used, receiveq1
+        alone after a reset (5.1.9.5.6.2); a queue being reset is passed over for the others.
         """
-        ready = [2 * p for p in range(self.queue_pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
+        pairs = self.queue_pairs
+        if self.ctrl is not None:
+            pairs = self.ctrl.virtqueue_pairs if self.has_feature(VIRTIO_NET_F_MQ) else 1
+        ready = [2 * p for p in range(pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
         if not ready:
             return None
         return ready[flow % len(ready)]
 
     def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Write one frame into receive buffers; False if there are not enough of them."""
-        index = self._rx_queue(int.from_bytes(frame[:12], "big"))
+        index = self._frame_queue(frame)
         queue = None if index is None else self.queues[index]
         if index is None or queue is None:
             return False

@@ -14,6 +14,8 @@ VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
+VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8  # virtio 1.4 4.1.4.7 (struct virtio_pci_cap64)
+VIRTIO_PCI_CAP_VENDOR_CFG = 9  # virtio 1.4 4.1.4.8 (struct virtio_pci_vndr_data)
 
 # struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id, padding[2], offset, length
 VIRTIO_PCI_CAP_CFG_TYPE = 3

@@ -49,7 +49,7 @@ from iovirt.pci.pm import PmCapability
 from iovirt.virtio.admin.vq import AdminVirtqueue
 from iovirt.virtio.defs import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_ADMIN_VQ, VIRTIO_F_RING_RESET
 from iovirt.virtio.device import VirtioDevice
-from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_MQ
+from iovirt.virtio.net.defs import VIRTIO_ID_NET, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ
 from iovirt.virtio.transport.caps import VirtioPciCap, VirtioPciCfgCap
 from iovirt.virtio.transport.common_cfg import TRANSPORT_FEATURES, CommonCfg
 from iovirt.virtio.transport.legacy import LegacyInterface
@@ -91,8 +91,10 @@ ADMIN_COMMON_CFG_SIZE = VIRTIO_PCI_COMMON_ADMIN_Q_NUM + 2  # through admin_queue
 
 # Features a device offers that this transport cannot serve.  VIRTIO_NET_F_MQ
 # needs the control virtqueue, which the net device leaves to a VMM in front
-# (QEMU's vhost-user net); there is none here, so multiqueue is not offered.
+# (QEMU's vhost-user net); there is none here, so multiqueue is not offered,
+# unless the device serves a control queue itself (it offers VIRTIO_NET_F_CTRL_VQ).
 UNSERVED_FEATURES = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_MQ}
+SERVED_WITH = {VIRTIO_ID_NET: 1 << VIRTIO_NET_F_CTRL_VQ}
 
 CapabilityLayout = Sequence[tuple[str, "int | None"]]
 """``[(name, offset or None), …]`` in chain order; names are ``pcie``, ``pm``,
@@ -191,7 +193,10 @@ class VirtioPciFunction(PciFunction):
     def offered_features(self) -> int:
         """The device's features minus what this transport cannot serve, plus its transport bits
         (RING_RESET, ACCESS_PLATFORM with an IOMMU, ``transport_features``)."""
-        features = self.device.device_features() & ~UNSERVED_FEATURES.get(self.device.device_id, 0)
+        features = self.device.device_features()
+        served_with = SERVED_WITH.get(self.device.device_id, 0)
+        if not (served_with and features & served_with == served_with):
+            features &= ~UNSERVED_FEATURES.get(self.device.device_id, 0)
         features |= self.transport_features | 1 << VIRTIO_F_RING_RESET  # queue_reset (common_cfg.py)
         if self.iommu is not None:
             features |= 1 << VIRTIO_F_ACCESS_PLATFORM
