@@ -3,6 +3,11 @@
 
 Back-ends (each from Debian's packages, started here in a temporary directory):
 
+* ``iovirt-pci-net``, ``iovirt-pci-blk`` and ``iovirt-sriov-owner``: iovirt's own devices behind its in-process
+  virtio-pci transport (``iovirt conform --in-process``): a net device with a control virtqueue
+  (``--ctrl-queue``), a blk device, and the SR-IOV owner with its administration virtqueue (``--sriov-owner``);
+  the transport, control-queue and group administration checks run only here;
+
 * ``iovirt-net`` and ``iovirt-blk``: ``iovirt serve`` (two net ports: the second is the suite's peer port);
 * ``qemu-storage-daemon-blk``: a vhost-user-blk export of a 16 MiB raw image;
 * ``dpdk-vhost-net``: ``dpdk-testpmd``'s vhost PMD, io forwarding (frames the device sends come back);
@@ -41,8 +46,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ovs_peer  # noqa: E402  (benchmarks/ovs_peer.py: the OVS-DPDK bridge)
 
-Peer = Callable[[Path], "contextlib.AbstractContextManager[tuple[str, list[str]]]"]
-"""Starts a back-end in a directory; yields the device type and the ``iovirt conform`` socket arguments."""
+Peer = Callable[[Path], "contextlib.AbstractContextManager[tuple[str | None, list[str]]]"]
+"""Starts a back-end in a directory; yields the device type (``None`` in-process) and the ``iovirt conform``
+target arguments."""
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -152,7 +158,20 @@ def virtiofsd_fs(tmp: Path) -> Iterator[tuple[str, list[str]]]:
         print(f"virtiofsd-fs: {len(procs)} virtiofsd processes served the run")
 
 
+def in_process(*args: str) -> Peer:
+    """iovirt's own device behind the in-process virtio-pci transport (``iovirt conform --in-process ...``)."""
+
+    @contextlib.contextmanager
+    def start(tmp: Path) -> Iterator[tuple[str | None, list[str]]]:
+        yield None, ["--in-process", *args]
+
+    return start
+
+
 PEERS: dict[str, tuple[Peer, str]] = {
+    "iovirt-pci-net": (in_process("net", "--ctrl-queue"), sys.executable),
+    "iovirt-pci-blk": (in_process("blk"), sys.executable),
+    "iovirt-sriov-owner": (in_process("net", "--sriov-owner"), sys.executable),
     "iovirt-net": (iovirt_net, sys.executable),
     "iovirt-blk": (iovirt_blk, sys.executable),
     "qemu-storage-daemon-blk": (qsd_blk, "qemu-storage-daemon"),
@@ -171,7 +190,8 @@ def run_peer(name: str, out: Path, timeout: float) -> bool:
         return False
     with tempfile.TemporaryDirectory(prefix=f"iovirt-conform-{name}-") as tmp:
         with start(Path(tmp)) as (device, socket_args):
-            cmd = [sys.executable, "-m", "iovirt", "conform", "--device", device, "--timeout", str(timeout),
+            device_args = ["--device", device] if device else []
+            cmd = [sys.executable, "-m", "iovirt", "conform", *device_args, "--timeout", str(timeout),
                    *socket_args, "--json", str(out / f"{name}.json")]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     (out / f"{name}.txt").write_text(result.stdout)

@@ -6,7 +6,13 @@ import argparse
 import sys
 
 from iovirt.conformance import coverage, matrix
-from iovirt.conformance.platform_target import IN_PROCESS_DEVICES, PlatformTarget
+from iovirt.conformance.platform_target import (
+    CTRL_QUEUE_PAIRS,
+    IN_PROCESS_DEVICES,
+    PlatformTarget,
+    iovirt_ctrl_net,
+    iovirt_device,
+)
 from iovirt.conformance.registry import Verdict
 from iovirt.conformance.report import ProgressLine, table, to_json, to_junit
 from iovirt.conformance.runner import Runner
@@ -65,6 +71,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="with --in-process net: iovirt's SR-IOV owner, a virtio-net PF with VFs and an administration virtqueue "
         "(adds the virtio 1.4 group administration checks)",
     )
+    p.add_argument(
+        "--ctrl-queue",
+        action="store_true",
+        help=f"with --in-process net: a net device with a control virtqueue and {CTRL_QUEUE_PAIRS} queue pairs "
+        "(adds the virtio 1.4 5.1.9.5 control queue checks: receive modes, MAC table, coalescing, statistics, RSS)",
+    )
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S", help="bound on every wait (default 5 s)")
     p.add_argument(
         "--peer-socket",
@@ -79,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     target: Target | PlatformTarget
     if args.coverage:
         return _coverage(args)
-    if args.sriov_owner and not args.in_process:
-        print("iovirt conform: --sriov-owner goes with --in-process net", file=sys.stderr)
+    if (args.sriov_owner or args.ctrl_queue) and not args.in_process:
+        print("iovirt conform: --sriov-owner and --ctrl-queue go with --in-process net", file=sys.stderr)
         return 2
     if args.html or args.run:
         print("iovirt conform: --html and --run go with --coverage", file=sys.stderr)
@@ -89,10 +101,14 @@ def run(args: argparse.Namespace) -> int:
         if args.device or args.peer_socket:
             print("iovirt conform: --in-process takes neither --device nor --peer-socket", file=sys.stderr)
             return 2
-        if args.sriov_owner and args.in_process != "net":
-            print("iovirt conform: --sriov-owner goes with --in-process net", file=sys.stderr)
+        if (args.sriov_owner or args.ctrl_queue) and args.in_process != "net":
+            print("iovirt conform: --sriov-owner and --ctrl-queue go with --in-process net", file=sys.stderr)
             return 2
-        target = PlatformTarget(args.in_process, args.timeout, owner=args.sriov_owner)
+        if args.sriov_owner and args.ctrl_queue:
+            print("iovirt conform: the SR-IOV owner has no control queue: --sriov-owner or --ctrl-queue", file=sys.stderr)
+            return 2
+        factory = iovirt_ctrl_net if args.ctrl_queue else iovirt_device
+        target = PlatformTarget(args.in_process, args.timeout, make_device=factory, owner=args.sriov_owner)
     elif args.device is None:
         print(f"iovirt conform: --socket needs --device {'|'.join(DEVICES)}", file=sys.stderr)
         return 2

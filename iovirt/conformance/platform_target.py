@@ -63,6 +63,17 @@ def iovirt_device(device: str, scratch: str) -> VirtioDevice:
     return VirtioBlk(os.path.join(scratch, "disk.img"), size=IMAGE_SIZE, label="conform-blk")
 
 
+CTRL_QUEUE_PAIRS = 4
+"""Queue pairs of :func:`iovirt_ctrl_net` (the multiqueue steering checks need more than one)."""
+
+
+def iovirt_ctrl_net(device: str, scratch: str) -> VirtioDevice:
+    """iovirt's net port with a control virtqueue and :data:`CTRL_QUEUE_PAIRS` queue pairs (virtio 1.4 5.1.9.5)."""
+    if device != "net":
+        raise ValueError(f"a control virtqueue is a net device's, not {device}'s")
+    return VirtioNet(MAC, LearningSwitch(), queue_pairs=CTRL_QUEUE_PAIRS, ctrl_vq=True, label="conform-net")
+
+
 @dataclass(frozen=True)
 class PlatformTarget:
     """A device type behind the in-process virtio-pci transport; ``make_device`` builds the device."""

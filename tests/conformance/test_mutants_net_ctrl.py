@@ -8,11 +8,13 @@ mutant name -> the clauses it makes fail.
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Callable
 
 import pytest
 
+from iovirt.cli import main
 from iovirt.conformance.platform_target import PlatformTarget
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -410,3 +412,14 @@ def test_mutant_fails_exactly_its_check(monkeypatch, name):
     assert failing == MUTANT_EXPECTATIONS[name]
     assert all(verdicts[c] is Verdict.FAIL for c in MUTANT_EXPECTATIONS[name])
     assert not {c for c, v in verdicts.items() if v is Verdict.NA}  # the others really ran, and passed
+
+
+def test_conform_cli_runs_the_control_queue_net(capsys, tmp_path):
+    report = tmp_path / "ctrl.json"
+    assert main(["conform", "--in-process", "net", "--ctrl-queue", "--json", str(report)]) == 0
+    verdicts = {r["clause"]: r["verdict"] for r in json.loads(report.read_text())}
+    assert {c.clause for c in CHECKS} <= set(verdicts)
+    assert {verdicts[c.clause] for c in CHECKS} == {"pass"}
+    assert main(["conform", "--in-process", "blk", "--ctrl-queue"]) == 2
+    assert main(["conform", "--in-process", "net", "--ctrl-queue", "--sriov-owner"]) == 2
+    assert "--ctrl-queue" in capsys.readouterr().err
