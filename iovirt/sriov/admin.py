@@ -15,6 +15,9 @@ VIRTIO_ADMIN_CMD_LIST_QUERY and LIST_USE address no member and work at any
 time (the queue serves them), as Linux issues them when it binds the PF,
 before any VF exists.
 
+The device parts commands (2.12.1.4: stop, get, set and resume a member)
+are :class:`~iovirt.sriov.device_parts.SriovDeviceParts`.
+
 The PF's VF BAR0 is hardwired to zero (2.12.1.1.6): the VFs lay out their
 BARs as the PF does (MSI-X in BAR1, the virtio structures in BAR4).
 """
@@ -25,6 +28,7 @@ import logging
 from typing import Callable
 
 from iovirt.sriov.capability import SriovCapability
+from iovirt.sriov.device_parts import SriovDeviceParts
 from iovirt.virtio.admin.defs import (
     LEGACY_NOTIFY_INFO_ENTRIES,
     LEGACY_NOTIFY_INFO_ENTRY,
@@ -42,12 +46,13 @@ from iovirt.virtio.admin.defs import (
     VIRTIO_ADMIN_STATUS_Q_INVALID_GROUP,
     VIRTIO_ADMIN_STATUS_Q_INVALID_MEMBER,
 )
+from iovirt.virtio.admin.device_parts import DEV_PARTS_OPCODES
 from iovirt.virtio.admin.vq import AdminCommand, AdminResult, einval
 from iovirt.virtio.transport.pci import LEGACY_NOTIFY_OFFSET, VIRTIO_BAR, VirtioPciFunction
 
 log = logging.getLogger(__name__)
 
-SRIOV_ADMIN_OPCODES = LEGACY_OPCODES | {VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO}
+SRIOV_ADMIN_OPCODES = LEGACY_OPCODES | {VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO} | DEV_PARTS_OPCODES
 
 
 class SriovAdminGroup:
@@ -57,20 +62,23 @@ class SriovAdminGroup:
 
     def __init__(self, sriov: SriovCapability) -> None:
         self.sriov = sriov
+        self.parts = SriovDeviceParts()
         self._handlers: dict[int, Callable[[VirtioPciFunction, AdminCommand], AdminResult]] = {
             VIRTIO_ADMIN_CMD_LEGACY_COMMON_CFG_WRITE: self._common_write,
             VIRTIO_ADMIN_CMD_LEGACY_COMMON_CFG_READ: self._common_read,
             VIRTIO_ADMIN_CMD_LEGACY_DEV_CFG_WRITE: self._dev_write,
             VIRTIO_ADMIN_CMD_LEGACY_DEV_CFG_READ: self._dev_read,
             VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO: self._notify_info,
+            **self.parts.handlers(),
         }
 
     def supported(self) -> frozenset[int]:
-        """The legacy interface commands and VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO."""
+        """The legacy interface commands, VIRTIO_ADMIN_CMD_LEGACY_NOTIFY_INFO and the device parts commands."""
         return SRIOV_ADMIN_OPCODES
 
     def reset(self) -> None:
-        """Nothing of the group's own outlives a PF reset (the VFs go with VF Enable)."""
+        """Nothing of the group's own outlives a PF reset (the VFs go with VF Enable; the device parts objects too)."""
+        self.parts.reset(self.sriov.enabled_vfs)
 
     def execute(self, command: AdminCommand) -> AdminResult:
         """Run a legacy command on member ``group_member_id`` (2.12.1.5: group, then member checks)."""

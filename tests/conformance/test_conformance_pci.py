@@ -19,7 +19,8 @@ def _run(device: str) -> dict:
     return {r.clause: r for r in Runner(PlatformTarget(device)).run()}
 
 
-ADMIN_VQ_CHECKS = {c.clause for c in all_checks("pci") if c.func.__module__ == "iovirt.conformance.checks.admin_vq"}
+ADMIN_VQ_CHECKS = {c.clause for c in all_checks("pci") if c.func.__module__ in (
+    "iovirt.conformance.checks.admin_vq", "iovirt.conformance.checks.admin_device_parts")}
 NOT_OFFERED = {"virtio-1.2:4.1.4.4.1#notification-data", "virtio-1.2:4.1.4.3.1#admin_queue"} | ADMIN_VQ_CHECKS
 # NOTIFICATION_DATA, ADMIN_VQ: only the SR-IOV owner target offers ADMIN_VQ (tests/conformance/test_mutants_admin.py)
 NET_CTRL = {"virtio-1.2:5.1.6.5.3#ctrl-vlan"} | {  # iovirt's in-process net has a control queue only with ctrl_vq=True

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from iovirt.platform.testing import fake_clock_platform
+from iovirt.virtio.admin.device_parts import DEV_PARTS_OPCODES
 from iovirt.sriov.machine import SriovNetMachine
 from iovirt.virtio.admin.defs import (
     LEGACY_NOTIFY_INFO_ENTRY,
@@ -59,7 +60,8 @@ from iovirt.virtio.transport.legacy import (
 )
 from iovirt.virtio.transport.pci import LEGACY_NOTIFY_OFFSET
 
-ALL_SRIOV = opcode_bitmap({LIST_QUERY, LIST_USE, COMMON_WRITE, COMMON_READ, DEV_WRITE, DEV_READ, NOTIFY_INFO})
+ALL_SRIOV = opcode_bitmap({LIST_QUERY, LIST_USE, COMMON_WRITE, COMMON_READ, DEV_WRITE, DEV_READ, NOTIFY_INFO}
+                          | DEV_PARTS_OPCODES)
 NUM_VFS = 2
 
 

@@ -27,5 +27,6 @@ from iovirt.conformance.checks import pci_layout  # noqa: F401
 from iovirt.conformance.checks import pci_ring_reset  # noqa: F401
 from iovirt.conformance.checks import pci_net_ctrl  # noqa: F401
 from iovirt.conformance.checks import admin_vq  # noqa: F401
+from iovirt.conformance.checks import admin_device_parts  # noqa: F401
 from iovirt.conformance.checks import pci_net_ctrl_rx  # noqa: F401
 from iovirt.conformance.checks import pci_net_ctrl_coal  # noqa: F401
