@@ -30,7 +30,6 @@ from iovirt.virtio.admin.defs import (
     opcodes_of,
 )
 from iovirt.virtio.admin.vq import LIST_COMMANDS, AdminResult, AdminVirtqueue, einval
-from iovirt.virtio.transport import legacy as legacy_module
 from iovirt.virtio.transport.legacy import VIRTIO_PCI_HOST_FEATURES, VIRTIO_PCI_QUEUE_NOTIFY, LegacyInterface
 from iovirt.virtio.transport.pci import LEGACY_NOTIFY_OFFSET, VIRTIO_BAR
 

@@ -24,7 +24,7 @@ import pytest
 from iovirt.vhost_user.driver import VhostUserDriver
 from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.defs import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED
-from iovirt.virtio.net.defs import NET_HDR_SIZE, NetHdr
+from iovirt.virtio.net.defs import NET_HDR_SIZE
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
 from iovirt.virtio.queue import ring_of
