@@ -434,12 +434,15 @@ def test_an_owner_flr_with_a_stopped_member(machine, parts) -> None:
 
 
 def test_a_member_set_up_again_while_stopped_resumes_on_its_new_rings(machine, parts) -> None:
-    """Reset and brought up again while stopped (its queues start at once: a known limit), the member resumes
-    on the new rings, not on the positions it had on the old ones."""
+    """Reset and brought up again while stopped, the member starts no queue (2.12.1.4.4.1: no transport request
+    while stopped) and resumes on the new rings, not on the positions it had on the old ones."""
     vf_nic(machine, 0)
     assert parts.mode(1, 1).status == OK
-    nic = vf_nic(machine, 0)  # reset, features, new rings, DRIVER_OK
+    nic = vf_nic(machine, 0)  # reset, features, new rings, queue_enable, DRIVER_OK
     nic.post_rx(2)
+    stopped_vf = machine.sriov.enabled_vfs[0]
+    assert [stopped_vf.device.queues[i] for i in (0, 1)] == [None, None]  # enabled by the driver, held
+    assert [stopped_vf.common.queues[i].enabled for i in (0, 1)] == [True, True]
     assert parts.mode(1, 0).status == OK
     vf = machine.sriov.enabled_vfs[0]
     assert [vf.device.queues[i].state().desc_addr for i in (0, 1)] == [nic.rx.desc_addr, nic.tx.desc_addr]

@@ -120,6 +120,10 @@ class TransportPort(Protocol):
     transport_features: int
     """Transport bits offered besides ACCESS_PLATFORM; never passed on to the device."""
 
+    queues_held: bool
+    """The function is stopped by its group owner (virtio 1.4 2.12.1.4, ``transport/parts.py``): a queue the
+    driver enables is recorded, and started on the device only when the function resumes."""
+
     def offered_features(self) -> int:
         """Feature bits offered to the driver (device bits plus transport bits)."""
         ...
@@ -450,6 +454,11 @@ class CommonCfg:
         if queue.enabled:
             return
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
+            return
+        if self.port.queues_held:
+            # 2.12.1.4.4.1: a stopped member initiates no transport request, so the device gets the queue only
+            # when the member resumes (PciDeviceParts.resume starts every enabled queue).
+            queue.enabled = True
             return
         self.start_queue(index)
 

@@ -26,11 +26,11 @@ on one member (:mod:`iovirt.sriov.device_parts` drives it):
 
 Read-only and invariant fields (the device features, ``num_queues``,
 ``queue_notify_off``, ``queue_notif_config_data``) are verified, never
-written (2.12.1.4.4.1).  Known limit: a queue the driver enables while the
-member is stopped is started on the device at once, as the common
-configuration starts any queue, and is not held until the resume (which
-then keeps it; a queue whose registers changed while stopped resumes at
-its ring's used index, never at the positions it had on the old ring).
+written (2.12.1.4.4.1).  A queue the driver enables while the member is
+stopped is only recorded by the common configuration (the holding port's
+``queues_held``) and started when the member resumes; a queue whose
+registers changed while stopped resumes at its ring's used index, never at
+the positions it had on the old ring.
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ class DeviceTypeParts(Protocol):
 
 
 class HoldingPort:
-    """A stopped member's transport port: forwards everything but keeps the notifications it would send."""
+    """A stopped member's transport port: forwards everything but keeps the notifications it would send,
+    and holds the queues the driver enables until the member resumes."""
+
+    queues_held = True
 
     def __init__(self, port: TransportPort) -> None:
         self.port = port
@@ -366,14 +369,7 @@ class PciDeviceParts:
                 index = selector_vq(part)
                 size, vector, enabled, desc, driver, used = VQ_CFG.unpack(value)
                 common.queues[index] = VirtqueueConfig(size, vector, bool(enabled), desc, driver, used)
-                self._saved_drop(index)
                 restored.add(index)
             elif t in DEVICE_TYPE_PARTS and self.device_parts is not None:
                 self.device_parts.apply(device, part)
         return restored
-
-    def _saved_drop(self, index: int) -> None:
-        device = self.function.device
-        if device.queues[index] is not None:  # a queue the driver enabled while stopped
-            device.set_queue_enabled(index, False)
-            device.stop_queue(index)

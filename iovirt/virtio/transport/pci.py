@@ -129,6 +129,9 @@ class VirtioPciFunction(PciFunction):
     MSI-X table (default: one per queue plus the configuration vector).
     """
 
+    queues_held = False
+    """Never: only a stopped member's holding port holds queues (``transport/parts.py``)."""
+
     def __init__(
         self,
         device: VirtioDevice,
