@@ -75,6 +75,65 @@ def test_single_frames_also_tail_drop():
     assert dev.backlog[0][0] == frame(0) and dev.backlog[-1][0] == frame(RX_BACKLOG - 1)
 
 
+def test_the_backlog_goes_out_in_batches_once_buffers_arrive(monkeypatch):
+    """Not frame by frame: a receiver behind for a moment must not cost every port of the thread (issue 15)."""
+    dev, drv = receiver()
+    assert dev.deliver_batch(batch_of(0, 100), list(range(100))) == 100
+    assert len(dev.backlog) == 100
+    for _ in range(150):
+        drv.add_chain(writable=[(drv.alloc.alloc(2048), 2048)])
+    drv.publish()
+    calls = []
+    monkeypatch.setattr(dev, "_receive", lambda *a: calls.append(a) or False)
+    dev.process_queue(0, dev.queues[0])
+    assert calls == [], "the backlog went frame by frame"
+    got = [u.data[NET_HDR_SIZE:] for u in drv.get_used()]
+    assert got == [frame(i) for i in range(100)]
+    assert not dev.backlog
+    assert dev.stats["rx_packets"] == 100
+
+
+def test_a_batch_from_the_backlog_holds_only_frames_of_one_queue(monkeypatch):
+    """With several receive queues (MQ, RSS) a run of the backlog stops where a frame is bound for another."""
+    dev, drv = receiver()
+    assert dev.deliver_batch(batch_of(0, 100), list(range(100))) == 100
+    for _ in range(150):
+        drv.add_chain(writable=[(drv.alloc.alloc(2048), 2048)])
+    drv.publish()
+    # Frames 50.. are bound for another queue, which the driver has not started: they stay held.
+    monkeypatch.setattr(dev, "_frame_queue", lambda f: 0 if int.from_bytes(f[14:18], "big") < 50 else 1)
+    dev.process_queue(0, dev.queues[0])
+    assert [u.data[NET_HDR_SIZE:] for u in drv.get_used()] == [frame(i) for i in range(50)]
+    assert [f for f, _ in dev.backlog] == [frame(i) for i in range(50, 100)]
+
+
+class _Identity:
+    """An IOMMU that maps every address to itself."""
+
+    def translate(self, addr, length, access):
+        return [(addr, length)]
+
+
+def test_behind_an_iommu_the_backlog_goes_frame_by_frame(monkeypatch):
+    """A completion makes an IOTLB forget its translations: batches there livelocked (test_viommu_guests.py)."""
+    memory = GuestMemory.from_ranges([(0, MEM)])
+    drv = DriverQueue(memory, BumpAllocator(0x1000, MEM - 0x1000), 256)
+    drv.publish()
+    dev = VirtioNet(MAC)
+    dev.set_features(1 << VIRTIO_F_VERSION_1)
+    dev.start_queue(0, memory.with_translator(_Identity()), drv.state(), notify=lambda: None)
+    dev.set_queue_enabled(0, True)
+    assert dev.deliver_batch(batch_of(0, 10), list(range(10))) == 10
+    for _ in range(20):
+        drv.add_chain(writable=[(drv.alloc.alloc(2048), 2048)])
+    drv.publish()
+    receive, calls = dev._receive, []
+    monkeypatch.setattr(dev, "_receive", lambda *a: calls.append(a) or receive(*a))
+    dev.process_queue(0, dev.queues[0])
+    assert len(calls) == 10
+    assert [u.data[NET_HDR_SIZE:] for u in drv.get_used()] == [frame(i) for i in range(10)]
+
+
 def test_frames_beyond_the_buffers_join_the_backlog_at_once(monkeypatch):
     """Out of receive buffers mid-batch: one per-frame try, then the rest held without one failed write each."""
     dev, drv = receiver()
