@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from conftest import IovirtBackend
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target
@@ -40,19 +39,6 @@ def run(target: Target, clauses: set[str] | None = None) -> dict:
 
 def failed(results: dict) -> set[str]:
     return {c for c, r in results.items() if r.verdict is Verdict.FAIL}
-
-
-@pytest.fixture
-def make_backend(tmp_path):
-    made = []
-
-    def make(**kwargs):
-        made.append(IovirtBackend(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.stop()
 
 
 def test_wrong_get_vring_base(make_backend, monkeypatch):

@@ -18,7 +18,6 @@ import zlib
 
 import pytest
 
-from conftest import IovirtBackend
 from zoned_model import MAX_APPEND, CoarseWritesBlk, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
@@ -159,19 +158,6 @@ def test_pci_mutant_fails_exactly_its_check(monkeypatch, mutant):
 
 # -- vhost-user back-ends (iovirt's, broken) -----------------------------------------------------------
 TIMEOUT = 0.5
-
-
-@pytest.fixture
-def make_backend(tmp_path):
-    made = []
-
-    def make(**kwargs):
-        made.append(IovirtBackend(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.stop()
 
 
 def _vu_run(target: Target, clauses: set[str]) -> dict:

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import IovirtBackend
 from iovirt.errors import IovirtError
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -310,19 +309,6 @@ VHOST_USER_EXPECTATIONS = {
     "inflight-used-idx-stale": {"vhost-user:Inflight I/O tracking"},
     "zero-queues": {"vhost-user:GET_QUEUE_NUM"},
 }
-
-
-@pytest.fixture
-def make_backend(tmp_path):
-    made = []
-
-    def make(**kwargs):
-        made.append(IovirtBackend(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.stop()
 
 
 def _inject(monkeypatch, inject):
