@@ -47,6 +47,7 @@ PARTS: tuple[Part, ...] = (
     Part("VT-d miss handler", "iovirt.vtd._dma_c"),
     Part("dirty-page log", "iovirt.virtio._dirtylog_c"),
     Part("bench raw path", "iovirt.bench._rawpath_c"),
+    Part("worker hand-off ring", "iovirt.vhost_user._handoff_c"),
 )
 
 

@@ -140,17 +140,25 @@ class NetPair:
 
 
 class ServedNet:
-    """iovirt's vhost-user server in a thread: ``ports`` virtio-net devices on one switch."""
+    """iovirt's vhost-user server in a thread: ``ports`` virtio-net devices on one switch.
 
-    def __init__(self, directory: str | Path, ports: int = 2, queue_pairs: int = 1, mtu: int = 1500) -> None:
+    With ``workers`` > 1 the ports are served by that many data-plane
+    threads, round robin, as ``iovirt serve --workers`` does.
+    """
+
+    def __init__(
+        self, directory: str | Path, ports: int = 2, queue_pairs: int = 1, mtu: int = 1500, workers: int = 1
+    ) -> None:
         self.switch = LearningSwitch()
-        self.server = VhostUserServer()
+        self.server = VhostUserServer(workers=workers)
         self.devices: list[VirtioNet] = []
         self.paths: list[str] = []
         for i in range(ports):
             device = VirtioNet(port_mac(0x10 + i), self.switch, queue_pairs=queue_pairs, mtu=mtu, label=f"net{i}")
             path = str(Path(directory) / f"net{i}.sock")
-            self.server.add_socket(path, device, name=f"net{i} ({path})")
+            endpoint = self.server.add_socket(path, device, name=f"net{i} ({path})")
+            if workers > 1 and endpoint.worker is not None:
+                self.switch.set_owner(device, endpoint.worker, self.server.dataplane.home)
             self.devices.append(device)
             self.paths.append(path)
         self.thread = threading.Thread(target=self.server.serve_forever, name="iovirt-serve", daemon=True)

@@ -197,7 +197,8 @@ def _impair(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
         directions = directions if options else impair.DIRECTIONS  # no keys at all: stop impairing the port
     port: Any = device  # a port of the switch: a VirtioNet, with its counters
     with ctx.server.dataplane.lock:
-        current = impair.impair_port(switch, port, directions, impairment, ctx.server.dataplane.call_later, port.stats)
+        timers = (endpoint.worker or ctx.server.dataplane.home).call_later  # the port's own worker: held frames go on there
+        current = impair.impair_port(switch, port, directions, impairment, timers, port.stats)
         settings = current.settings() if current is not None else {d: {} for d in impair.DIRECTIONS}
     log.info("control: %s impairments %s", name, settings)
     return {"name": name, "impairments": settings}

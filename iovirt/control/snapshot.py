@@ -52,6 +52,7 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
         "connected": conn is not None,
         "connections_served": endpoint.connections_served,
         "needs_reset": device.needs_reset,
+        "worker": endpoint.worker.name if endpoint.worker is not None else None,
     }
     if conn is None:
         return info
@@ -120,5 +121,7 @@ def switch_counters(switch: LearningSwitch) -> dict[str, int]:
         "aged_out": switch.aged_out,
         "vlan_dropped": switch.vlan_dropped,
         "malformed": switch.malformed,
+        "handed_off": switch.handed_off,
+        "handoff_dropped": switch.handoff_dropped,
         "entries": len(switch.table),
     }

@@ -36,6 +36,7 @@ from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.devices.scsi import ScsiConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
+from iovirt.vhost_user.workers import MAX_WORKERS, default_workers
 from iovirt.vhost_user.specs import (
     INPUT_KINDS,
     NET_USAGE,
@@ -183,6 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _switch_options(serve)
     _access_options(serve)
     _dataplane_options(serve)
+    _worker_options(serve)
     serve.add_argument(
         "--isolate", action="store_true",
         help="run each device in its own worker process, restarted by this one when it dies or hangs",
@@ -369,6 +371,26 @@ def _poll_us(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers wants a whole number of threads, got {text!r}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"--workers wants 1 to {MAX_WORKERS} threads, got {text!r}")
+    return value
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers", metavar="N", type=_workers, default=None,
+        help="data-plane threads (default: one per core this process may run on). Each device's rings are "
+             "served by one of them, given round robin in the order the devices are listed; a frame switched "
+             "between ports of two workers crosses through a lock-free hand-off ring. Not with --isolate "
+             "(there every device has a process of its own)",
+    )
+
+
 def _dataplane_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data plane", "How the data-plane thread waits for work.")
     group.add_argument(
@@ -403,7 +425,9 @@ def _new_server(args: argparse.Namespace) -> VhostUserServer:
     _raise_fd_limit()
     access = _access(args)
     log.info("front-ends allowed: %s; socket mode %04o", access.describe(), access.socket_mode)
-    server = VhostUserServer(access=access, poll_us=args.poll_us)
+    workers = getattr(args, "workers", 1) or default_workers()  # the one-device programs: one
+    server = VhostUserServer(access=access, poll_us=args.poll_us, workers=workers)
+    log.info("data plane: %d worker thread%s", workers, "" if workers == 1 else "s")
     if args.poll_us:
         log.info("busy polling: each kicked ring is polled for %d us after its last work", args.poll_us)
     # Before any socket listens: a SIGTERM while devices are still being set up
@@ -550,6 +574,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.poll_us:
             print("iovirt serve: --isolate does not take --poll-us yet", file=sys.stderr)
             return 2
+        if args.workers is not None:
+            print("iovirt serve: --isolate does not take --workers (every device has a process of its own)",
+                  file=sys.stderr)
+            return 2
         if args.control:
             # The devices live in worker processes; the control socket would see none of them.
             print("iovirt serve: --control cannot be combined with --isolate yet", file=sys.stderr)
@@ -577,8 +605,11 @@ def run_serve(args: argparse.Namespace) -> int:
             port = VirtioNet(port_mac(i), switch, queue_pairs=args.queues, mtu=args.mtu, label=f"net{i}")
             if spec.vlan is not None:
                 switch.set_vlan(port, spec.vlan)
-            _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
-            apply_impairment(switch, port, spec, server.dataplane.call_later)
+            endpoint = _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
+            worker = endpoint.worker or server.dataplane.home
+            if len(server.dataplane) > 1:
+                switch.set_owner(port, worker, server.dataplane.home)
+            apply_impairment(switch, port, spec, worker.call_later)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")
@@ -610,8 +641,8 @@ def _add_vsock(server: VhostUserServer, spec: DeviceSpec, label: str, sealed: bo
                inherited: list[service.ListenFd]) -> Callable[[], None]:
     """A vsock device whose host sockets the data plane serves; returns what closes them."""
     device = VirtioVsock(spec.options["cid"], spec.options["uds"], label=label)
-    _add_device(server, spec, device, f"{label} ({spec.socket})", sealed, inherited)
-    return attach_vsock(server.dataplane, device)
+    endpoint = _add_device(server, spec, device, f"{label} ({spec.socket})", sealed, inherited)
+    return attach_vsock(endpoint.worker or server.dataplane.home, device)
 
 
 def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: Any) -> DeviceSpec | int | str:
@@ -736,7 +767,7 @@ def run_vsock(args: argparse.Namespace) -> int:
         return devices[0]
 
     return _run_program(args, "vhost-user-vsock", where, make, "vsock",
-                        after=lambda server: attach_vsock(server.dataplane, devices[0]))
+                        after=lambda server: attach_vsock(server.dataplane.home, devices[0]))
 
 
 def _capabilities(kind: str) -> int:

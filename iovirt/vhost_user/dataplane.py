@@ -24,6 +24,15 @@ round trip.  When the time is up notifications are enabled again, and the
 ring is looked at once more: a chain made available after the last look and
 before the enable would otherwise wait for a kick the driver never sends
 (2.7.14's note on the race, from the device's side).
+
+Workers (``iovirt serve --workers N``, :mod:`iovirt.vhost_user.workers`):
+a process may run several data planes, one thread each, every device's
+rings owned by one of them.  Work for another worker's device (a frame the
+switch sends to a port it serves) is :meth:`DataPlane.post`-ed to that worker:
+pushed onto a lock-free single-producer ring (:mod:`iovirt.vhost_user.handoff`)
+that only it pops, then run on its thread under its own lock.  A thread that
+is not a worker (the control thread) posts through one more ring whose
+producers take a lock among themselves; the workers never do.
 """
 
 from __future__ import annotations
@@ -38,12 +47,17 @@ import time
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
+from iovirt.vhost_user.handoff import FULL, WAS_EMPTY, HandoffRing
 
 log = logging.getLogger("iovirt.dataplane")
 
 Handler = Callable[[], None]
 
 POLL_INTERVAL_S = 0.001  # for rings set up with the "no fd, poll" bit
+INBOX_SLOTS = 1024  # batches a worker may have waiting from one other worker; then the sender drops (congestion)
+INBOX_BUDGET = 256  # items taken from the inboxes per loop turn, so posted work cannot starve the worker's rings
+
+_current = threading.local()  # .worker: the DataPlane whose thread this is
 
 QueueOf = Callable[[], Any]
 """A ring's running queue (``pending``, ``enable_notification``, ``disable_notification``), or None."""
@@ -68,10 +82,17 @@ class DataPlane:
     last work (0: never; see the module docstring).
     """
 
-    def __init__(self, poll_us: float = 0) -> None:
+    def __init__(self, poll_us: float = 0, index: int = 0, name: str = "iovirt-dataplane") -> None:
         if poll_us < 0:
             raise ValueError(f"poll_us must be 0 or more, got {poll_us}")
         self.poll_s = poll_us / 1e6
+        self.index = index
+        self.name = name
+        # Work posted by other threads: one ring per worker of the pool (see connect), and one for the rest.
+        self._inbox: list[Any] = []
+        self._foreign = HandoffRing(INBOX_SLOTS)
+        self._foreign_lock = threading.Lock()
+        self.posts_dropped = 0
         self.lock = threading.RLock()
         self._epoll = select.epoll()
         self._handlers: dict[int, tuple[Handler, bool]] = {}
@@ -90,7 +111,7 @@ class DataPlane:
 
     def start(self) -> None:
         """Start the data-plane thread."""
-        self._thread = threading.Thread(target=self._run, name="iovirt-dataplane", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -101,6 +122,55 @@ class DataPlane:
             self._thread.join(timeout=5)
         self._epoll.close()
         os.close(self._wake)
+
+    def connect(self, workers: int) -> None:
+        """Make room for work posted by each of the ``workers`` workers of this one's pool (before :meth:`start`)."""
+        self._inbox = [HandoffRing(INBOX_SLOTS) for _ in range(workers)]
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this data plane's thread."""
+        return getattr(_current, "worker", None) is self
+
+    def post(self, handler: Callable[..., object], *args: Any) -> bool:
+        """Run ``handler(*args)`` soon on this data plane's thread, under its lock; False: no room (dropped).
+
+        From a worker of the pool, the work goes onto that worker's own ring
+        to this one, without a lock; from any other thread, onto the shared
+        one.  The thread is woken only when the ring was empty: a non-empty
+        ring is being drained and the new work is seen in the same drain.
+        """
+        if self._stop:
+            return False
+        me = getattr(_current, "worker", None)
+        item = (handler, args)
+        if me is not None and me.index < len(self._inbox) and me is not self:
+            pushed = self._inbox[me.index].push(item)
+        else:
+            with self._foreign_lock:
+                pushed = self._foreign.push(item)
+        if pushed == FULL:
+            self.posts_dropped += 1
+            return False
+        if pushed == WAS_EMPTY:
+            os.eventfd_write(self._wake, 1)
+        return True
+
+    def _run_posted(self) -> None:
+        """Run what other threads posted, at most INBOX_BUDGET items; more left: wake again at once."""
+        budget = INBOX_BUDGET
+        for ring in (*self._inbox, self._foreign):
+            while budget:
+                item = ring.pop()
+                if item is None:
+                    break
+                budget -= 1
+                handler, args = item
+                try:
+                    handler(*args)
+                except Exception:  # one device's bug must not stop the worker
+                    log.exception("%s: posted work %r failed", self.name, handler)
+        if not budget:
+            os.eventfd_write(self._wake, 1)
 
     def add_eventfd(self, fd: int, handler: Handler) -> None:
         """Run ``handler`` whenever eventfd ``fd`` is signalled (its counter is drained first).
@@ -179,6 +249,7 @@ class DataPlane:
         return due
 
     def _run(self) -> None:
+        _current.worker = self
         while not self._stop:
             timeout = 0.0 if self._busy else self._timeout()
             try:
@@ -203,6 +274,7 @@ class DataPlane:
                             self._busy[fd] = _Busy(*self._rings[fd], time.monotonic())
                         else:
                             busy.last_work = time.monotonic()
+                self._run_posted()
                 for handler in list(self._pollers.values()):
                     self._call(handler)
                 for handler in self._due_timers():

@@ -54,6 +54,7 @@ from iovirt.vhost_user.backend import BackendSession, RequestRefused
 from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices import vhost_user_device
 from iovirt.vhost_user.dataplane import DataPlane
+from iovirt.vhost_user.workers import WorkerPool
 from iovirt.vhost_user.errors import VhostUserError
 from iovirt.vhost_user.fds import close_fds
 from iovirt.vhost_user.messages import VHOST_MEMORY_BASELINE_NREGIONS
@@ -104,6 +105,8 @@ class Endpoint:
     connections_served: int = 0
     dial: "Dial | None" = None
     """Client mode: the VMM socket this endpoint connects to (None: it listens or was handed an fd)."""
+    worker: DataPlane | None = None
+    """The data-plane worker serving the device's rings, for every front-end it gets."""
 
 
 @dataclass
@@ -141,13 +144,19 @@ class VhostUserServer:
     """Serves vhost-user devices on UNIX sockets until :meth:`stop` is called.
 
     ``access`` says which peers may connect and the mode of the socket files
-    (default: :meth:`AccessPolicy.owner`, mode 0600).
+    (default: :meth:`AccessPolicy.owner`, mode 0600).  ``workers`` data-plane
+    threads serve the devices, each device's rings on one of them
+    (:mod:`iovirt.vhost_user.workers`); a ``dataplane`` given is the only one.
     """
 
     def __init__(
-        self, dataplane: DataPlane | None = None, access: AccessPolicy | None = None, poll_us: float = 0
+        self,
+        dataplane: DataPlane | None = None,
+        access: AccessPolicy | None = None,
+        poll_us: float = 0,
+        workers: int = 1,
     ) -> None:
-        self.dataplane = dataplane or DataPlane(poll_us)
+        self.dataplane = WorkerPool(workers, poll_us) if dataplane is None else WorkerPool(planes=[dataplane])
         self._owns_dataplane = dataplane is None
         self.access = access or AccessPolicy.owner()
         self.selector = selectors.DefaultSelector()
@@ -196,7 +205,7 @@ class VhostUserServer:
         except BaseException:
             listener.close()
             raise
-        endpoint = _endpoint(name or path, device, adapter, iommu, path, require_sealed_memory)
+        endpoint = self._endpoint(name or path, device, adapter, iommu, path, require_sealed_memory)
         return self._add_listener(listener, endpoint)
 
     def add_fd(
@@ -215,13 +224,27 @@ class VhostUserServer:
         a connected peer is checked against :attr:`access` like an accepted one.
         """
         sock = socket.socket(fileno=fd)
-        endpoint = _endpoint(name or f"fd {fd}", device, adapter, iommu, None, require_sealed_memory)
+        endpoint = self._endpoint(name or f"fd {fd}", device, adapter, iommu, None, require_sealed_memory)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return self._add_listener(sock, endpoint)
         self.endpoints.append(endpoint)
         if self._admitted(endpoint, sock):
             self._open(endpoint, sock)
         return endpoint
+
+    def _endpoint(
+        self,
+        name: str,
+        device: VirtioDevice,
+        adapter: type[VhostUserDevice] | None,
+        iommu: bool,
+        path: str | None,
+        require_sealed_memory: bool,
+    ) -> Endpoint:
+        served = vhost_user_device(device) if adapter is None else adapter(device)
+        extra = (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0
+        worker = self.dataplane.assign()
+        return Endpoint(name, served, None, path, extra, require_sealed_memory, worker=worker)
 
     def _add_listener(self, listener: socket.socket, endpoint: Endpoint) -> Endpoint:
         listener.setblocking(False)
@@ -414,7 +437,7 @@ class VhostUserServer:
         peer = peer_credentials(sock)
         proto = BackendConnection(supported_protocol_features=endpoint.device.protocol_features)
         session = BackendSession(
-            endpoint.device, self.dataplane, endpoint.name, endpoint.extra_features,
+            endpoint.device, endpoint.worker or self.dataplane.home, endpoint.name, endpoint.extra_features,
             require_sealed_memory=endpoint.require_sealed_memory,
         )
         conn = Connection(endpoint, sock, proto, session, str(peer) if peer is not None else "peer unknown")
@@ -598,7 +621,7 @@ class VhostUserServer:
         it had when it called ``listen``).  ``path`` is the VMM's: it is never
         created or removed here.
         """
-        endpoint = _endpoint(name or path, device, adapter, iommu, None, require_sealed_memory)
+        endpoint = self._endpoint(name or path, device, adapter, iommu, None, require_sealed_memory)
         endpoint.dial = Dial(path)
         self.endpoints.append(endpoint)
         log.info("%s: connecting to the VMM at %s (%s)", endpoint.name, path, device.name)
@@ -651,15 +674,3 @@ class VhostUserServer:
         dial.next_at = time.monotonic() + dial.delay
         dial.delay = min(dial.delay * 2, RETRY_MAX_S)
 
-
-def _endpoint(
-    name: str,
-    device: VirtioDevice,
-    adapter: type[VhostUserDevice] | None,
-    iommu: bool,
-    path: str | None,
-    require_sealed_memory: bool,
-) -> Endpoint:
-    served = vhost_user_device(device) if adapter is None else adapter(device)
-    extra = (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0
-    return Endpoint(name, served, None, path, extra, require_sealed_memory)

@@ -131,6 +131,32 @@ cdef class Frames:
         self.used += n
         self.n += 1
 
+    def subset(self, indexes):
+        """A new :class:`Frames` holding copies of frames ``indexes`` (with their checksums), in that order.
+
+        What a batch handed to another worker carries: the sender reuses its
+        own buffer for its next batch.
+        """
+        cdef Frames out = Frames()
+        cdef Py_ssize_t i, k = 0, nbytes = 0
+        cdef list picked = list(indexes)
+        for i in picked:
+            self._check(i)
+            nbytes += self.length[i]
+        out._reserve(len(picked), nbytes)
+        for i in picked:
+            memcpy(out.buf + out.used, self.buf + self.off[i], self.length[i])
+            out.off[k] = <uint32_t> out.used
+            out.length[k] = self.length[i]
+            out.dst[k] = self.dst[i]
+            out.src[k] = self.src[i]
+            out.csum_start[k] = self.csum_start[i]
+            out.csum_offset[k] = self.csum_offset[i]
+            out.used += self.length[i]
+            k += 1
+        out.n = k
+        return out
+
     def frame(self, Py_ssize_t i):
         """Frame ``i`` as bytes."""
         self._check(i)

@@ -75,6 +75,15 @@ class Frames:
         self._frames.append(bytes(frame))
         self._csums.append(csum)
 
+    def subset(self, indexes: Sequence[int]) -> "Frames":
+        """A new :class:`Frames` holding frames ``indexes`` (with their checksums), in that order."""
+        out = Frames()
+        for i in indexes:
+            self._check(i)
+            out._frames.append(self._frames[i])
+            out._csums.append(self._csums[i])
+        return out
+
     def frame(self, i: int) -> bytes:
         """Frame ``i``."""
         self._check(i)

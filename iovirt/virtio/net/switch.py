@@ -23,6 +23,15 @@ and every frame takes the batch path below (VLAN 0, the key is the MAC); once
 one has, frames are classified one by one in Python (:meth:`_vlan_egress`:
 tags are read, removed and inserted per frame and per egress port) and each
 egress port then takes its frames of the batch in one call.
+
+Ports on several threads (``iovirt serve --workers N``): a port may have an
+owner (:meth:`LearningSwitch.set_owner`), the data-plane worker whose thread
+serves it.  Any worker may switch a frame; the table is consulted under the
+switch's lock, held only for that, and a frame for a port owned by another
+thread is copied and posted to its owner (``owner.post``, a lock-free
+hand-off ring), which delivers it on its own thread.  A port with no owner
+of its own (a TAP uplink, the router) belongs to :attr:`LearningSwitch.home`.
+A switch without owners (one thread) delivers in the caller, as before.
 """
 
 from __future__ import annotations
@@ -65,6 +74,16 @@ class SwitchPort(Protocol):
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take one Ethernet frame; ``csum`` is a pending (csum_start, csum_offset). False if dropped."""
         ...
+
+
+class PortOwner(Protocol):
+    """The thread serving a port: a data-plane worker (:class:`~iovirt.vhost_user.dataplane.DataPlane`)."""
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this owner's thread."""
+
+    def post(self, handler: Callable[..., object], *args: Any) -> bool:
+        """Run ``handler(*args)`` on this owner's thread soon; False: no room, nothing will run."""
 
 
 def port_name(port: SwitchPort) -> str:
@@ -122,6 +141,11 @@ class LearningSwitch:
         # id(port) -> its impairments (iovirt/virtio/net/impair.py): they see what the port sends before the
         # switch does, and what the switch delivers to the port before the port does.
         self.impairments: dict[int, Any] = {}
+        # id(port) -> the thread serving it; ports not in it belong to home (only while some port has an owner).
+        self._owners: dict[int, PortOwner] = {}
+        self.home: PortOwner | None = None
+        self.handed_off = 0  # batches (or frames) posted to another thread's port
+        self.handoff_dropped = 0  # frames dropped because that thread's hand-off ring was full
         self.vlan_dropped = 0  # frames of a VLAN their ingress port does not carry (or untagged on a trunk)
         self.malformed = 0  # 802.1Q frames too short for their tag, or tagged with the reserved VID 4095
 
@@ -134,6 +158,12 @@ class LearningSwitch:
             else:
                 self._vlans[id(port)] = config
         log.info("%s: %s", port_name(port), "VLAN-unaware" if config is None else config.describe())
+
+    def set_owner(self, port: SwitchPort, owner: PortOwner, home: PortOwner) -> None:
+        """Serve ``port`` on ``owner``'s thread; ports without an owner of their own go to ``home``'s."""
+        with self._lock:
+            self._owners[id(port)] = owner
+            self.home = home
 
     def vlan_of(self, port: SwitchPort) -> PortVlan | None:
         """``port``'s VLAN configuration, ``None`` for a VLAN-unaware port."""
@@ -152,6 +182,7 @@ class LearningSwitch:
             self._forget(port)
             self.impairments.pop(id(port), None)
             self._vlans.pop(id(port), None)
+            self._owners.pop(id(port), None)
 
     def forget(self, port: SwitchPort) -> None:
         """Forget the MACs learned on ``port`` (its link went down or its driver reset)."""
@@ -258,22 +289,37 @@ class LearningSwitch:
         if self._vlans:
             return self._forward_vlan_batch(ingress, frames)
         dsts, srcs = frames.macs()
-        now = self.clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        for src in set(srcs):
-            self._learn(ingress, src, now)
         groups: dict[int, list[int]] = {}
         for i, dst in enumerate(dsts):
             groups.setdefault(dst, []).append(i)
-        return sum(
-            self._deliver(port, frames, indexes)
-            for dst, indexes in groups.items()
-            for port in self._egress(ingress, dst, now)
-        )
+        with self._lock:  # the table only: delivery runs without it
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            for src in set(srcs):
+                self._learn(ingress, src, now)
+            plan = [(port, indexes) for dst, indexes in groups.items() for port in self._egress(ingress, dst, now)]
+        return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
+
+    def _elsewhere(self, port: SwitchPort) -> PortOwner | None:
+        """``port``'s owner if that is another thread (then the frames are posted to it), else None."""
+        owner = self._owners.get(id(port), self.home)
+        return None if owner is None or owner.is_current() else owner
+
+    def _post(self, owner: PortOwner, handler: Callable[..., object], *args: Any, frames: int) -> int:
+        if owner.post(handler, *args):
+            self.handed_off += 1
+            return frames
+        self.handoff_dropped += frames  # the owner's ring is full: dropped, as a congested switch drops
+        return 0
 
     def _deliver(self, port: SwitchPort, frames: Any, indexes: list[int]) -> int:
         """Frames ``indexes`` of a batch to ``port``: in one call where the port takes batches."""
+        if self._owners:
+            owner = self._elsewhere(port)
+            if owner is not None:  # a copy: the sender's buffer is refilled by its next batch
+                copy = frames.subset(indexes)
+                return self._post(owner, self._deliver, port, copy, list(range(len(copy))), frames=len(copy))
         impaired = self.impairments.get(id(port))
         if impaired is not None and impaired.intercepts_egress:
             return int(impaired.egress_batch(frames, indexes))
@@ -291,15 +337,20 @@ class LearningSwitch:
             return int(impaired.ingress_frame(frame, csum))
         if self._vlans:
             return self._forward_vlan(ingress, frame, csum)
-        now = self.clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        self._learn(ingress, int.from_bytes(frame[6:12], "big"), now)
-        egress = self._egress(ingress, int.from_bytes(frame[0:6], "big"), now)
+        with self._lock:
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            self._learn(ingress, int.from_bytes(frame[6:12], "big"), now)
+            egress = self._egress(ingress, int.from_bytes(frame[0:6], "big"), now)
         return sum(self._deliver_frame(port, frame, csum) for port in egress)
 
     def _deliver_frame(self, port: SwitchPort, frame: bytes, csum: tuple[int, int] | None) -> int:
         """One frame to ``port`` (through its impairments, if it has any)."""
+        if self._owners:
+            owner = self._elsewhere(port)
+            if owner is not None:
+                return self._post(owner, self._deliver_frame, port, bytes(frame), csum, frames=1)
         impaired = self.impairments.get(id(port))
         if impaired is not None and impaired.intercepts_egress:
             return int(impaired.egress_frame(frame, csum))
@@ -349,13 +400,15 @@ class LearningSwitch:
         if classified is None:
             return []
         vid, pcp, frame, csum = classified
-        now = self.clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        self._learn(ingress, fdb_key(vid, int.from_bytes(frame[6:12], "big")), now)
+        with self._lock:
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            self._learn(ingress, fdb_key(vid, int.from_bytes(frame[6:12], "big")), now)
+            egress = self._egress(ingress, fdb_key(vid, int.from_bytes(frame[0:6], "big")), now)
         out: list[tuple[SwitchPort, bytes, Csum]] = []
         tagged: tuple[bytes, Csum] | None = None
-        for port in self._egress(ingress, fdb_key(vid, int.from_bytes(frame[0:6], "big")), now):
+        for port in egress:
             if not self._carries(port, vid):
                 continue
             config = self._vlans.get(id(port))
