@@ -204,19 +204,7 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
         figures[f"dpdk_vhost_{size}B_frames_per_s"] = peer_rate
         figures[f"ratio_net_{size}B_vs_dpdk"] = round(iovirt_rate / peer_rate, 3)
     # Port to port through the switch, then through Open vSwitch with DPDK.
-    s0, s1 = tmp / "p0.sock", tmp / "p1.sock"
-    log = tmp / "iovirt-p2p.log"
-    backend = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-c", P2P_BACKEND, str(s0), str(s1), str(seconds + 8)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-    )
-    wait_socket(s1, backend)
-    try:
-        p2p_seen = p2p_run(s0, s1, seconds, tmp / "fe-p2p.log")
-    finally:
-        backend.wait(30)
-    match = re.search(r"rx_per_s=([\d.]+)", log.read_text())
-    p2p = float(match.group(1)) if match else 0.0
+    p2p, p2p_seen = p2p_backend_run(tmp, seconds, 1, "0")
     figures["net_port_to_port_64B_frames_per_s"] = p2p
     reason = ovs_peer.available()
     if reason:
@@ -234,6 +222,44 @@ def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
             figures["ratio_p2p_64B_vs_ovs"] = round(p2p_seen / ovs_seen, 3)
     figures.update(isolated_figures(tmp, seconds, figures))
     return figures
+
+
+def p2p_backend_run(tmp: Path, seconds: float, workers: int, cpus: str) -> tuple[float, float]:
+    """Port to port with the two ports on ``workers`` workers, the back-end on ``cpus``.
+
+    Returns the back-end's receive counter's best 1 s and the receiving front-end's.
+    """
+    s0, s1 = tmp / f"w{workers}-p0.sock", tmp / f"w{workers}-p1.sock"
+    log = tmp / f"iovirt-p2p-w{workers}.log"
+    backend = subprocess.Popen(
+        ["taskset", "-c", cpus, sys.executable, "-c", P2P_BACKEND, str(s0), str(s1), str(seconds + 8), str(workers)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    wait_socket(s1, backend)
+    try:
+        seen = p2p_run(s0, s1, seconds, tmp / f"fe-p2p-w{workers}.log")
+    finally:
+        backend.wait(30)
+    match = re.search(r"rx_per_s=([\d.]+)", log.read_text())
+    return (float(match.group(1)) if match else 0.0), seen
+
+
+def workers_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    """Port to port 64 B with both ports on one worker and on two (hand-off ring), alternately twice; best of each.
+
+    Both back-ends run on core 0 (the front-ends take core 1): on these 2-core machines the figure is what the
+    hand-off between two workers costs, not what a second core would add.
+    """
+    best = {1: 0.0, 2: 0.0}
+    for _ in range(2):
+        for workers in (1, 2):
+            best[workers] = max(best[workers], p2p_backend_run(tmp, seconds, workers, "0")[0])
+    ratio = best[2] / best[1] if best[1] else float("nan")
+    print(f"net   64 B port -> switch -> port, both ports on one worker: {best[1]:,.0f} frames/s; "
+          f"on two workers (hand-off ring), same core: {best[2]:,.0f} frames/s   ratio {ratio:.2f}")
+    return {"net_port_to_port_64B_frames_per_s_1_worker": best[1],
+            "net_port_to_port_64B_frames_per_s_2_workers": best[2],
+            "ratio_p2p_2_workers_vs_1": round(ratio, 3)}
 
 
 def packed_figures(tmp: Path, seconds: float) -> dict[str, float]:
@@ -333,9 +359,13 @@ from iovirt.vhost_user.server import VhostUserServer
 from iovirt.virtio.net.device import VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
 s0, s1, run = sys.argv[1], sys.argv[2], float(sys.argv[3])
-sw = LearningSwitch(); srv = VhostUserServer()
+workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+sw = LearningSwitch(); srv = VhostUserServer(workers=workers)
 ports = [VirtioNet(bytes([0x52, 0x54, 0, 0, 0, i]), sw, label=f"p{i}") for i in range(2)]
-srv.add_socket(s0, ports[0]); srv.add_socket(s1, ports[1])
+for sock, port in zip((s0, s1), ports):
+    endpoint = srv.add_socket(sock, port)
+    if workers > 1:  # as iovirt serve --workers does: each port on its own worker
+        sw.set_owner(port, endpoint.worker, srv.dataplane.home)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 best = 0.0
 end = time.monotonic() + run
@@ -529,13 +559,16 @@ def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
-    parser.add_argument("--only", choices=["net", "packed", "blk", "logging", "counters"],
-                        help="run only the net, packed-versus-split, blk, logging or counters figures")
+    parser.add_argument("--only", choices=["net", "workers", "packed", "blk", "logging", "counters"],
+                        help="run only the net, workers (port to port on one worker and on two), packed-versus-split, "
+                             "blk, logging or counters figures")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
         if args.only in (None, "net"):
             figures.update(net_figures(Path(tmp), args.seconds))
+        if args.only in (None, "workers"):
+            figures.update(workers_figures(Path(tmp), args.seconds))
         if args.only in (None, "packed"):
             figures.update(packed_figures(Path(tmp), args.seconds))
         if args.only in (None, "blk"):

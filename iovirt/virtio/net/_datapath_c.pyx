@@ -191,6 +191,45 @@ cdef class Frames:
                 total += self.length[i]
         return total
 
+    def longer(self, Py_ssize_t limit, indexes):
+        """Those of frames ``indexes`` longer than ``limit`` bytes (a receiver's MTU check: usually none)."""
+        cdef Py_ssize_t i
+        cdef list out = []
+        for i in indexes:
+            self._check(i)
+            if self.length[i] > limit:
+                out.append(i)
+        return out
+
+    def groups(self):
+        """``[(destination MAC, [frame indexes]), ...]``: the frames grouped by destination, in first-seen order.
+
+        What the switch looks up once per destination; a batch bound for
+        one destination (the common case) is one group, found in one pass.
+        """
+        cdef Py_ssize_t i
+        cdef uint64_t first
+        cdef dict where
+        cdef list group
+        if self.n == 0:
+            return []
+        first = self.dst[0]
+        for i in range(1, self.n):
+            if self.dst[i] != first:
+                break
+        else:
+            return [(first, list(range(self.n)))]
+        where = {}
+        out = []
+        for i in range(self.n):
+            key = self.dst[i]
+            group = where.get(key)
+            if group is None:
+                group = where[key] = []
+                out.append((key, group))
+            group.append(i)
+        return out
+
     def fit(self, Py_ssize_t max_frames, long long max_bytes):
         """``(count, bytes)`` of the longest run from frame 0 of at most ``max_frames`` frames and ``max_bytes`` bytes."""
         cdef Py_ssize_t count = 0

@@ -111,6 +111,17 @@ class Frames:
             return sum(len(f) for f in self._frames)
         return sum(len(self.frame(i)) for i in indexes)
 
+    def longer(self, limit: int, indexes: Sequence[int]) -> list[int]:
+        """Those of frames ``indexes`` longer than ``limit`` bytes (a receiver's MTU check: usually none)."""
+        return [i for i in indexes if len(self.frame(i)) > limit]
+
+    def groups(self) -> list[tuple[int, list[int]]]:
+        """``[(destination MAC, [frame indexes]), ...]``: the frames grouped by destination, in first-seen order."""
+        groups: dict[int, list[int]] = {}
+        for i, dst in enumerate(self.macs()[0]):
+            groups.setdefault(dst, []).append(i)
+        return list(groups.items())
+
     def fit(self, max_frames: int, max_bytes: int) -> tuple[int, int]:
         """``(count, bytes)`` of the longest run from frame 0 of at most ``max_frames`` frames and ``max_bytes`` bytes."""
         count = nbytes = 0

@@ -88,6 +88,7 @@ from iovirt.virtio.state import QueueState
 
 TX_BATCH = 64
 TX_BUDGET = 64
+TX_DRAIN_BATCHES = 4  # transmit batches gathered before one notification and one switching of them all
 """Transmit batches served per kick before the queue yields the thread that serves it (when the transport
 has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
 thread from their work (a blk device's completions, another port's kicks)."""
@@ -367,15 +368,12 @@ class VirtioNet(VirtioDevice):
             if budget == 0:
                 self._yield_tx(index)
                 break
-            budget -= 1
-            batch = queue.pop_batch(TX_BATCH, reuse)
-            if not len(batch):
-                break
             frames.clear()
-            datapath.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
-            # The frames are copied out: the buffers go back now; with VIRTIO_F_IN_ORDER through one used
-            # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
-            queue.push_batch(batch, coalesce=True)
+            want = TX_DRAIN_BATCHES if budget < 0 else min(TX_DRAIN_BATCHES, budget)
+            chains, batches, error = datapath.tx_drain(queue, hdr_len, frames, self.gso_mask, want, TX_BATCH, reuse)
+            if not chains:
+                break
+            budget -= batches
             self.signal(index)
             bad = sum(frames.errors)
             if bad:
@@ -399,6 +397,10 @@ class VirtioNet(VirtioDevice):
                 self.switch.forward_batch(self, frames)
             else:
                 self._count_drops(index, "tx", "ring_disabled", len(frames))
+            if error is not None:
+                raise error  # after the good frames before it went on
+            if batches < want:
+                break  # the ring ran empty
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
@@ -530,9 +532,10 @@ class VirtioNet(VirtioDevice):
                 return 0
         if self.has_feature(VIRTIO_NET_F_MTU):
             # 5.1.4.1: frames longer than mtu (plus the Ethernet header) are not passed to the driver.
-            fitting = [i for i in indexes if frames.total_bytes([i]) <= self.mtu + ETH_HLEN
-                       or not self._over_mtu(frames.frame(i))]
-            if len(fitting) < len(indexes):
+            longer = [i for i in frames.longer(self.mtu + ETH_HLEN, indexes) if self._over_mtu(frames.frame(i))]
+            if longer:
+                over = set(longer)
+                fitting = [i for i in indexes if i not in over]
                 self._count_drops(None, "rx", "over_mtu", len(indexes) - len(fitting))
                 indexes = fitting
                 if not indexes:

@@ -288,17 +288,15 @@ class LearningSwitch:
             return int(impaired.ingress_batch(frames))
         if self._vlans:
             return self._forward_vlan_batch(ingress, frames)
-        dsts, srcs = frames.macs()
-        groups: dict[int, list[int]] = {}
-        for i, dst in enumerate(dsts):
-            groups.setdefault(dst, []).append(i)
+        srcs = frames.macs()[1]
+        groups = frames.groups()
         with self._lock:  # the table only: delivery runs without it
             now = self.clock()
             if now >= self._next_sweep:
                 self._sweep(now)
             for src in set(srcs):
                 self._learn(ingress, src, now)
-            plan = [(port, indexes) for dst, indexes in groups.items() for port in self._egress(ingress, dst, now)]
+            plan = [(port, indexes) for dst, indexes in groups for port in self._egress(ingress, dst, now)]
         return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
 
     def _elsewhere(self, port: SwitchPort) -> PortOwner | None:
