@@ -36,7 +36,7 @@ from iovirt.vhost_user.device import VhostUserDevice
 from iovirt.vhost_user.devices.net import NetConfigAdapter
 from iovirt.vhost_user.devices.scsi import ScsiConfigAdapter
 from iovirt.vhost_user.server import Endpoint, VhostUserServer
-from iovirt.vhost_user.workers import MAX_WORKERS, default_workers
+from iovirt.vhost_user.workers import DEFAULT_WORKERS, MAX_WORKERS
 from iovirt.vhost_user.specs import (
     INPUT_KINDS,
     NET_USAGE,
@@ -384,9 +384,11 @@ def _workers(text: str) -> int:
 def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", metavar="N", type=_workers, default=None,
-        help="data-plane threads (default: one per core this process may run on). Each device's rings are "
-             "served by one of them, given round robin in the order the devices are listed; a frame switched "
-             "between ports of two workers crosses through a lock-free hand-off ring. Not with --isolate "
+        help="data-plane threads (default: 1). Each device's rings are served by one of them, given round "
+             "robin in the order the devices are listed; a frame switched between ports of two workers crosses "
+             "through a lock-free hand-off ring. More workers keep a stuck or misbehaving device from stalling "
+             "the others, but the batch loops still hold the interpreter lock, so they add no throughput and a "
+             "frame between two workers costs more than within one (benchmarks/RESULTS.md). Not with --isolate "
              "(there every device has a process of its own)",
     )
 
@@ -425,7 +427,7 @@ def _new_server(args: argparse.Namespace) -> VhostUserServer:
     _raise_fd_limit()
     access = _access(args)
     log.info("front-ends allowed: %s; socket mode %04o", access.describe(), access.socket_mode)
-    workers = getattr(args, "workers", 1) or default_workers()  # the one-device programs: one
+    workers = getattr(args, "workers", None) or DEFAULT_WORKERS
     server = VhostUserServer(access=access, poll_us=args.poll_us, workers=workers)
     log.info("data plane: %d worker thread%s", workers, "" if workers == 1 else "s")
     if args.poll_us:

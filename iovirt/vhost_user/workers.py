@@ -23,18 +23,17 @@ the control socket's FIFOs) are served by the first worker, :attr:`WorkerPool.ho
 from __future__ import annotations
 
 import itertools
-import os
 from types import TracebackType
 from typing import Any, Callable
 
 from iovirt.vhost_user.dataplane import DataPlane, Handler
 
 MAX_WORKERS = 64  # threads; beyond the cores there is nothing to gain, and every worker is a thread and an epoll set
-
-
-def default_workers() -> int:
-    """The number of cores this process may run on: ``--workers``'s default."""
-    return max(1, len(os.sched_getaffinity(0)))
+DEFAULT_WORKERS = 1
+"""``--workers``'s default.  Not one per core: the batch loops still run Python around their C parts, under
+the interpreter lock, so a second worker adds no throughput, and a frame handed from one worker to another
+costs a switch of the lock between threads (port to port 64 B: 2.0-2.2 M frames/s on one worker, 0.48-0.57 M
+on two; ``benchmarks/vhost_user.py --only workers``).  Workers are for isolation until the loops release it."""
 
 
 class AllLocks:

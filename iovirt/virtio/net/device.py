@@ -88,7 +88,7 @@ from iovirt.virtio.state import QueueState
 
 TX_BATCH = 64
 TX_BUDGET = 64
-TX_DRAIN_BATCHES = 4  # transmit batches gathered before one notification and one switching of them all
+TX_DRAIN_BATCHES = 1  # transmit batches gathered before one notification and one switching of them all
 """Transmit batches served per kick before the queue yields the thread that serves it (when the transport
 has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
 thread from their work (a blk device's completions, another port's kicks)."""
