@@ -119,6 +119,8 @@ cdef class PackedQueue(Virtqueue):
     cdef uint32_t _signalled
     cdef uint64_t _since_signal
     cdef uint16_t *_taken  # per Buffer ID: ring slots its list took; 0: not in flight
+    cdef uint32_t *_mark  # per Buffer ID: the push_batch (its _stamp) that last named it, to find one named twice
+    cdef uint32_t _stamp
     cdef uint32_t _n_in_flight
     cdef uint16_t *_recent_ids  # lists popped since the last push: Buffer ID and start position
     cdef uint16_t *_recent_pos
@@ -142,6 +144,7 @@ cdef class PackedQueue(Virtqueue):
     def __cinit__(self):
         self._regions = NULL
         self._taken = NULL
+        self._mark = NULL
         self._recent_ids = NULL
         self._recent_pos = NULL
         self._used_log = NULL
@@ -151,6 +154,7 @@ cdef class PackedQueue(Virtqueue):
     def __dealloc__(self):
         PyMem_Free(self._regions)
         PyMem_Free(self._taken)
+        PyMem_Free(self._mark)
         PyMem_Free(self._recent_ids)
         PyMem_Free(self._recent_pos)
         PyMem_Free(self._used_log)
@@ -179,6 +183,8 @@ cdef class PackedQueue(Virtqueue):
         self._pending_error = None
         self._released = False
         self._taken = <uint16_t *> _grow(self._taken, size * sizeof(uint16_t))
+        self._mark = <uint32_t *> _grow(self._mark, size * sizeof(uint32_t))
+        self._stamp = 0
         self._recent_ids = <uint16_t *> _grow(self._recent_ids, size * sizeof(uint16_t))
         self._recent_pos = <uint16_t *> _grow(self._recent_pos, size * sizeof(uint16_t))
         self._order = <uint16_t *> _grow(self._order, size * sizeof(uint16_t))
@@ -186,6 +192,7 @@ cdef class PackedQueue(Virtqueue):
         self._order_n = 0
         for i in range(size):
             self._taken[i] = 0
+            self._mark[i] = 0
         self._n_in_flight = 0
         self._n_recent = 0
         self._log_bufs = {}
@@ -758,21 +765,19 @@ cdef class PackedQueue(Virtqueue):
         ``coalesce`` (with ``in_order``): one used descriptor per run of
         lists used whole (2.8.8); see ``_packed_py.PackedQueue.push_batch``.
         """
-        cdef ChainBatch b
         cdef Py_ssize_t i, n, pos = 0
-        cdef uint32_t k, skipped = 0
-        cdef uint64_t writable
+        cdef uint32_t skipped = 0
         self._sync()
         n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
         if n > <Py_ssize_t> self._n_in_flight:
             raise checks.too_many_used(self.index, n, self._n_in_flight)
         if isinstance(batch, ChainBatch):
-            b = <ChainBatch> batch
-            pairs = [(b.heads[i], b.used_lens[i]) for i in range(b.n)]
-        else:
-            pairs = [(chain.head, chain.used_len) for chain in batch]
+            self._push_chain_batch(<ChainBatch> batch, coalesce)
+            return
+        chains = list(batch)
         seen = set()
-        for head, length in pairs:
+        for chain in chains:
+            head, length = chain.head, chain.used_len
             if head in seen:  # twice in one batch: the second is no longer in flight
                 raise pchecks.used_not_in_flight(self.index, head)
             self._check_used(head, length)
@@ -782,44 +787,68 @@ cdef class PackedQueue(Virtqueue):
             pos += 1
             seen.add(head)
         if self._log is not None:
-            if isinstance(batch, ChainBatch):
-                b = <ChainBatch> batch
-                for k in range(b.first[b.n]):
-                    if b.writable[k]:
-                        self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
-            else:
-                for chain in batch:
-                    for addr, length, writable in chain.buffers:
-                        if writable:
-                            self._log_buffer(addr, length, NULL)
-            for head, _ in pairs:
-                self._log_bufs.pop(head, None)
+            for chain in chains:
+                for addr, length, writable in chain.buffers:
+                    if writable:
+                        self._log_buffer(addr, length, NULL)
+                self._log_bufs.pop(chain.head, None)
         if n:
             self._n_recent = 0
-        if coalesce and self.in_order:
-            # Writable length of each list: a run ends at a list not used whole.
-            if isinstance(batch, ChainBatch):
-                whole = []
-                for i in range(b.n):
-                    writable = 0
-                    for k in range(b.first[i], b.first[i + 1]):
-                        if b.writable[k]:
-                            writable += b.lens[k]
-                    whole.append(b.used_lens[i] == writable)
+        for i, chain in enumerate(chains):
+            if coalesce and self.in_order and i != n - 1 and chain.used_len == chain.writable_len:
+                skipped += self._take(chain.head)
             else:
-                whole = [chain.used_len == chain.writable_len for chain in batch]
-            for i in range(n):
-                head, length = pairs[i]
-                if i == n - 1 or not whole[i]:
-                    self._push_one(head, length, skipped)
-                    skipped = 0
-                else:
-                    skipped += self._take(head)
-        else:
-            for head, length in pairs:
-                self._push_one(head, length, 0)
+                self._push_one(chain.head, chain.used_len, skipped)
+                skipped = 0
         if self._log is not None:
             self._log_done()
+
+    cdef int _push_chain_batch(self, ChainBatch b, bint coalesce) except -1:
+        """push_batch of a popped batch, without a Python object per list: the same checks in the same order."""
+        cdef Py_ssize_t i
+        cdef uint16_t head
+        cdef uint32_t k, skipped = 0
+        cdef uint64_t writable
+        self._stamp += 1
+        if self._stamp == 0:  # wrapped: forget every old mark
+            for k in range(self.size):
+                self._mark[k] = 0
+            self._stamp = 1
+        for i in range(b.n):
+            head = b.heads[i]
+            if head < self.size and self._mark[head] == self._stamp:  # twice in one batch
+                raise pchecks.used_not_in_flight(self.index, head)
+            self._check_used(head, b.used_lens[i])
+            # 2.8.8: buffers are used in the order they were made available.
+            if self.in_order and head != self._order_at(<uint32_t> i):
+                raise checks.used_order(self.index, head, self._order_at(<uint32_t> i))
+            self._mark[head] = self._stamp
+        if self._log is not None:
+            for k in range(b.first[b.n]):
+                if b.writable[k]:
+                    self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
+            for i in range(b.n):
+                self._log_bufs.pop(b.heads[i], None)
+        if b.n:
+            self._n_recent = 0
+        if coalesce and self.in_order:
+            # A run ends at a list not used whole (its used length short of its writable bytes).
+            for i in range(b.n):
+                writable = 0
+                for k in range(b.first[i], b.first[i + 1]):
+                    if b.writable[k]:
+                        writable += b.lens[k]
+                if i == b.n - 1 or b.used_lens[i] != writable:
+                    self._push_one(b.heads[i], b.used_lens[i], skipped)
+                    skipped = 0
+                else:
+                    skipped += self._take(b.heads[i])
+        else:
+            for i in range(b.n):
+                self._push_one(b.heads[i], b.used_lens[i], 0)
+        if self._log is not None:
+            self._log_done()
+        return 0
 
     # -- notifications ---------------------------------------------------------------
     cdef inline uint32_t _lap(self, uint32_t pos) noexcept nogil:
