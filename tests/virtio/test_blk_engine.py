@@ -9,7 +9,10 @@ both see the same data.
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import tempfile
 
 import pytest
 
@@ -31,12 +34,12 @@ PAGE = 4096
 
 
 def engines_for(queue_cls) -> list[str]:
-    """io_uring and the thread pool on the C twin (the Cython queue), the thread pool on the Python one."""
+    """io_uring, the thread pool and inline on the C twin (the Cython queue), the thread pool on the Python one."""
     c_twin = datapath.accel is not None and queue_cls.__module__ == "iovirt.virtio._queue_c"
-    return ["io_uring", "threads"] if c_twin else ["threads"]
+    return ["io_uring", "threads", "inline"] if c_twin else ["threads"]
 
 
-@pytest.fixture(params=["io_uring", "threads"])
+@pytest.fixture(params=["io_uring", "threads", "inline"])
 def engine(request, queue_cls):
     if request.param not in engines_for(queue_cls):
         pytest.skip("the Python twin has only the thread pool")
@@ -153,3 +156,74 @@ def test_a_thread_pool_barrier_starts_after_every_job_before_it(tmp_path):
     finally:
         pool.close()
         os.close(wake)
+
+
+# -- the engine a device picks for itself --------------------------------------------------------------
+
+def c_twin_only():
+    if datapath.accel is None:
+        pytest.skip("IOVIRT_NO_EXTENSIONS: the Python twin has only the thread pool")
+
+
+@pytest.fixture
+def in_memory_image():
+    """A 1 MiB image on /dev/shm (tmpfs)."""
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    path = os.path.join(directory, "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    yield path
+    shutil.rmtree(directory)
+
+
+def test_an_image_in_memory_gets_the_inline_engine(in_memory_image, tmp_path, monkeypatch):
+    c_twin_only()
+    monkeypatch.delenv("IOVIRT_BLK_ENGINE", raising=False)
+    from iovirt.virtio._queue_c import SplitQueue
+
+    disk = Disk(SplitQueue, in_memory_image, None)
+    try:
+        heads = [disk.request(VIRTIO_BLK_T_OUT, 8 * k, bytes([k + 1]) * PAGE) for k in range(4)]
+        reads = [disk.request(VIRTIO_BLK_T_IN, 8 * k, in_len=PAGE) for k in range(4)]
+        used = disk.serve()
+        assert sorted(used) == sorted(heads + reads)
+        assert [used[r].data for r in reads] == [bytes([k + 1]) * PAGE + b"\0" for k in range(4)]
+        assert disk.blk.engine().startswith("inline")
+    finally:
+        disk.blk.close()
+    # An image on a disk keeps io_uring.
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    disk = Disk(SplitQueue, str(tmp_path / "disk.img"), None)
+    try:
+        disk.request(VIRTIO_BLK_T_FLUSH, 0)
+        disk.serve()
+        assert not disk.blk.engine().startswith("inline")
+    finally:
+        disk.blk.close()
+
+
+@pytest.mark.parametrize("why", ["environment", "latency hook"])
+def test_the_environment_and_a_latency_hook_keep_a_real_engine_for_an_image_in_memory(in_memory_image, monkeypatch,
+                                                                                       why):
+    c_twin_only()
+    from iovirt.virtio._queue_c import SplitQueue
+
+    hook = None
+    if why == "environment":
+        monkeypatch.setenv("IOVIRT_BLK_ENGINE", "threads")
+    else:
+        monkeypatch.delenv("IOVIRT_BLK_ENGINE", raising=False)
+        hook = ImageHook(delay=0.001)
+    disk = Disk(SplitQueue, in_memory_image, None, hook)
+    try:
+        disk.request(VIRTIO_BLK_T_IN, 0, in_len=PAGE)
+        disk.serve()
+        assert not disk.blk.engine().startswith("inline")
+    finally:
+        disk.blk.close()
+
+
+def test_the_inline_engine_refuses_a_latency_hook(tmp_path):
+    c_twin_only()
+    with pytest.raises(ValueError, match="cannot add the test hook's latency"):
+        datapath.accel.Engine(-1, 4, ImageHook(delay=0.01), "inline")

@@ -134,6 +134,22 @@ cdef extern from *:
 URING_BUILT = bool(IOVIRT_URING_BUILT)
 """Whether liburing was found when this extension was built."""
 
+cdef extern from "sys/vfs.h" nogil:
+    ctypedef struct statfs_t "struct statfs":
+        long f_type
+    int fstatfs(int fd, statfs_t *buf)
+
+cdef extern from "linux/magic.h":
+    long TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC
+
+
+def memory_backed(int fd):
+    """Whether ``fd``'s file lives in memory (tmpfs, ramfs, hugetlbfs): its reads and writes never wait for a device."""
+    cdef statfs_t st
+    if fstatfs(fd, &st) != 0:
+        return False
+    return st.f_type in (TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC)
+
 # The spec constants, from defs.py, as C values for the loop.
 cdef uint32_t T_IN = defs.VIRTIO_BLK_T_IN, T_OUT = defs.VIRTIO_BLK_T_OUT, T_FLUSH = defs.VIRTIO_BLK_T_FLUSH
 cdef int S_OK = defs.VIRTIO_BLK_S_OK, S_IOERR = defs.VIRTIO_BLK_S_IOERR
@@ -215,6 +231,7 @@ cdef class Engine:
     cdef list out  # per queue index: the ChainBatch of its completions
     cdef readonly str kind
     cdef readonly str reason
+    cdef bint inline_io  # "inline": each request done at submission (a memory-backed image: a copy)
 
     def __cinit__(self):
         self.slots = NULL
@@ -241,9 +258,15 @@ cdef class Engine:
         delay = 0.0 if hook is None else hook.delay
         self.hook_fail = None if hook is None else hook.fail
         kind = kind or os.environ.get(ENGINE_ENV) or "io_uring"
-        if kind not in ("io_uring", "threads"):
-            raise ValueError(f"blk engine {kind!r}: expected io_uring or threads")
+        if kind not in ("io_uring", "threads", "inline"):
+            raise ValueError(f"blk engine {kind!r}: expected io_uring, threads or inline")
         self.reason = "asked for"
+        if kind == "inline":
+            if delay:
+                raise ValueError("blk engine 'inline' cannot add the test hook's latency")
+            self.kind, self.inline_io = "inline", True
+            self.reason = "the image is in memory: each request is a copy, done when submitted"
+            return
         if kind == "io_uring":
             if io_uring_refused() is not None:
                 self.reason = io_uring_refused()
@@ -425,6 +448,12 @@ cdef class Engine:
     cdef bint _start(self, int idx) except -1:
         """Hand slot ``idx`` to the engine; True if it waits in the io_uring for a submit."""
         cdef Slot *s = &self.slots[idx]
+        if self.inline_io:
+            with nogil:
+                s.result = _do_io(s)
+            self.ready[self.nready] = idx  # completed: the next ``complete`` takes it
+            self.nready += 1
+            return False
         if self.uring == NULL:
             self.pool.submit(idx, s.op == OP_FLUSH)
             return False
@@ -441,7 +470,7 @@ cdef class Engine:
         if self.uring != NULL:
             with nogil:
                 rc = iovirt_uring_wait(self.uring)
-        else:
+        elif self.pool is not None:
             self.pool.wait()
 
     cdef ChainBatch _out_batch(self, int queue):
@@ -478,7 +507,7 @@ cdef class Engine:
                 if self.tags[i] != IOVIRT_TAG_NONE:
                     self.slots[self.tags[i]].result = self.results[i]
                     finished.append(<int> self.tags[i])
-        elif self.pool.in_flight:
+        elif self.pool is not None and self.pool.in_flight:
             for idx, result in self.pool.reap():
                 self.slots[idx].result = result
                 finished.append(idx)

@@ -329,7 +329,8 @@ class VirtioBlk(VirtioDevice):
     def _engine(self, key: str) -> Any:
         engine = self._engines.get(key)
         if engine is None:
-            engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, self._engine_kind)
+            kind = self._engine_kind or datapath.default_kind(key, self.image, self.hook)
+            engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, kind)
             self._engines[key] = engine
             self.log.info("%s: block I/O on %s (%s)%s", self.label, engine.kind, engine.reason,
                           ", O_DIRECT" if self.image.direct_fd >= 0 else "")
