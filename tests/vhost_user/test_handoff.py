@@ -17,7 +17,6 @@ import pytest
 from iovirt.vhost_user import _handoff_py, handoff
 from iovirt.vhost_user.dataplane import INBOX_SLOTS, DataPlane
 from iovirt.vhost_user.workers import WorkerPool
-from iovirt.virtio.net import _datapath_py, datapath
 
 from twins import outcome
 
@@ -165,21 +164,3 @@ def test_pool_takes_every_lock_in_order():
     assert one.lock is one.workers[0].lock  # one worker: its own RLock (acquire with a timeout works)
     with pytest.raises(ValueError, match="at least one worker"):
         WorkerPool(0)
-
-
-@pytest.mark.parametrize("frames_cls", [_datapath_py.Frames, datapath.Frames], ids=["python", "selected"])
-def test_frames_subset_copies_frames_and_checksums(frames_cls):
-    f = frames_cls()
-    f.append(bytes(range(14)) + b"a" * 10, (14, 4))
-    f.append(bytes(range(1, 15)) + b"b" * 30)
-    f.append(bytes(range(2, 16)) + b"c" * 5, (20, 6))
-    sub = f.subset([2, 0])
-    assert len(sub) == 2
-    assert sub.frame(0) == f.frame(2) and sub.csum(0) == (20, 6)
-    assert sub.frame(1) == f.frame(0) and sub.csum(1) == (14, 4)
-    assert sub.macs() == ([f.macs()[0][2], f.macs()[0][0]], [f.macs()[1][2], f.macs()[1][0]])
-    f.clear()  # the sender reuses its buffer: the copy keeps its frames
-    f.append(bytes(14))
-    assert sub.frame(0).endswith(b"c" * 5)
-    with pytest.raises(IndexError):
-        f.subset([5])

@@ -201,6 +201,21 @@ cdef class Frames:
                 out.append(i)
         return out
 
+    def sources(self):
+        """The distinct source MACs of the frames, in first-seen order (what the switch learns from a batch)."""
+        cdef Py_ssize_t i, j, n = 0
+        cdef uint64_t seen[16]  # a batch is nearly always from one guest MAC: a set only past 16
+        for i in range(self.n):
+            for j in range(n):
+                if seen[j] == self.src[i]:
+                    break
+            else:
+                if n == 16:
+                    return list(dict.fromkeys([self.src[k] for k in range(self.n)]))
+                seen[n] = self.src[i]
+                n += 1
+        return [seen[j] for j in range(n)]
+
     def groups(self):
         """``[(destination MAC, [frame indexes]), ...]``: the frames grouped by destination, in first-seen order.
 

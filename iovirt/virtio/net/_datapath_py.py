@@ -115,6 +115,10 @@ class Frames:
         """Those of frames ``indexes`` longer than ``limit`` bytes (a receiver's MTU check: usually none)."""
         return [i for i in indexes if len(self.frame(i)) > limit]
 
+    def sources(self) -> list[int]:
+        """The distinct source MACs of the frames, in first-seen order (what the switch learns from a batch)."""
+        return list(dict.fromkeys(self.macs()[1]))
+
     def groups(self) -> list[tuple[int, list[int]]]:
         """``[(destination MAC, [frame indexes]), ...]``: the frames grouped by destination, in first-seen order."""
         groups: dict[int, list[int]] = {}

@@ -288,13 +288,13 @@ class LearningSwitch:
             return int(impaired.ingress_batch(frames))
         if self._vlans:
             return self._forward_vlan_batch(ingress, frames)
-        srcs = frames.macs()[1]
+        srcs = frames.sources()
         groups = frames.groups()
         with self._lock:  # the table only: delivery runs without it
             now = self.clock()
             if now >= self._next_sweep:
                 self._sweep(now)
-            for src in set(srcs):
+            for src in srcs:
                 self._learn(ingress, src, now)
             plan = [(port, indexes) for dst, indexes in groups for port in self._egress(ingress, dst, now)]
         return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
