@@ -27,7 +27,9 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> "ServeProcess":
-        """Start and wait until every socket accepts connections."""
+        """Start and wait until every socket accepts connections (again, once stopped; never twice at once)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise IovirtError(f"iovirt serve is already running (pid {self.proc.pid}): a second start would leak it")
         for sock in self.sockets:
             if sock.exists():
                 sock.unlink()

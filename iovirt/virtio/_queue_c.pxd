@@ -83,6 +83,12 @@ cdef class SplitQueue(Virtqueue):
     cdef uint64_t _log_beyond
     cdef ChainBatch _log_scratch
 
+    # The C interface of the batch calls (pop_batch, push_batch of a popped batch, need_notify): the same
+    # checks and errors, without a Python object per call, for data paths written in C.
+    cdef Py_ssize_t pop_into(self, ChainBatch batch, Py_ssize_t max_chains) except -1
+    cdef int push_chains(self, ChainBatch b, bint coalesce) except -1
+    cdef int notify_needed(self) except -1
+
     cdef int _resolve(self) except -1
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
     cdef uint8_t *_host(self, uint64_t gpa, uint64_t length) noexcept nogil

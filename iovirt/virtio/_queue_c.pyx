@@ -383,6 +383,13 @@ cdef class SplitQueue(Virtqueue):
         no valid chain is lost.  A chain whose translation is pending
         (``TranslationPending``) stays available and ends the batch.
         """
+        if batch is None:
+            batch = ChainBatch()
+        self.pop_into(batch, max_chains)
+        return batch
+
+    cdef Py_ssize_t pop_into(self, ChainBatch batch, Py_ssize_t max_chains) except -1:
+        """:meth:`pop_batch` for C callers: into ``batch`` (emptied first), no Python object made; how many."""
         cdef Py_ssize_t count, k
         cdef uint16_t head
         cdef int rc = 0
@@ -391,7 +398,7 @@ cdef class SplitQueue(Virtqueue):
         if count > max_chains:
             count = max_chains
         self._check_in_order_room(count)
-        batch = _empty_batch(batch, count)
+        _empty_batch(batch, count)
         with nogil:
             for k in range(count):
                 head = iovirt_load_u16(self._avail + 4 + 2 * (self._last_avail_idx & self._mask))
@@ -421,7 +428,7 @@ cdef class SplitQueue(Virtqueue):
             if batch.n == 0:
                 raise error
             self._pending_error = error
-        return batch
+        return batch.n
 
     def resubmit(self, heads, ChainBatch batch=None):
         """Take the chains of ``heads`` again, in that order, without moving the avail index.
@@ -765,39 +772,53 @@ cdef class SplitQueue(Virtqueue):
         ``coalesce`` (with ``in_order``): one used entry per run of chains
         used whole (2.7.9); see ``_queue_py.SplitQueue.push_batch``.
         """
-        cdef ChainBatch b
-        cdef Py_ssize_t i
         cdef Py_ssize_t n
-        cdef uint32_t k
+        if isinstance(batch, ChainBatch):
+            self.push_chains(<ChainBatch> batch, coalesce)
+            return
         self._sync()
-        n = (<ChainBatch> batch).n if isinstance(batch, ChainBatch) else len(batch)
+        chains = list(batch)
+        n = len(chains)
         if n > <Py_ssize_t> self._in_flight:
             raise checks.too_many_used(self.index, n, self._in_flight)
         if self._log is not None:
             # The device wrote these buffers already: log them before the driver may see them used.
-            if isinstance(batch, ChainBatch):
-                b = <ChainBatch> batch
-                for k in range(b.first[b.n]):
-                    if b.writable[k]:
-                        self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
-            else:
-                for chain in batch:
-                    for addr, length, writable in chain.buffers:
-                        if writable:
-                            self._log_buffer(addr, length, NULL)
+            for chain in chains:
+                for addr, length, writable in chain.buffers:
+                    if writable:
+                        self._log_buffer(addr, length, NULL)
         if coalesce and self.in_order:
-            self._push_coalesced(batch)
-        elif isinstance(batch, ChainBatch):
-            b = <ChainBatch> batch
-            for i in range(b.n):
-                self._push_one(b.heads[i], b.used_lens[i])
+            self._push_coalesced(chains)
         else:
-            for chain in batch:
+            for chain in chains:
                 self._push_one(chain.head, chain.used_len)
         # 2.7.8.2 / 2.7.13: entries first, then the idx, with release ordering.
         iovirt_store_release_u16(self._used + 2, self._used_idx)
         if self._log is not None:
             self._log_done()
+
+    cdef int push_chains(self, ChainBatch b, bint coalesce) except -1:
+        """:meth:`push_batch` of a popped batch, for C callers: no Python object made."""
+        cdef Py_ssize_t i
+        cdef uint32_t k
+        self._sync()
+        if b.n > <Py_ssize_t> self._in_flight:
+            raise checks.too_many_used(self.index, b.n, self._in_flight)
+        if self._log is not None:
+            # The device wrote these buffers already: log them before the driver may see them used.
+            for k in range(b.first[b.n]):
+                if b.writable[k]:
+                    self._log_buffer(b.addrs[k], b.lens[k], b.hosts[k])
+        if coalesce and self.in_order:
+            self._push_coalesced(b)
+        else:
+            for i in range(b.n):
+                self._push_one(b.heads[i], b.used_lens[i])
+        # 2.7.8.2 / 2.7.13: entries first, then the idx, with release ordering.
+        iovirt_store_release_u16(self._used + 2, self._used_idx)
+        if self._log is not None:
+            self._log_done()
+        return 0
 
     cdef int _push_coalesced(self, batch) except -1:
         """2.7.9: a run's one used entry (its last chain's) at the run's first slot; idx moves by the run."""
@@ -834,6 +855,10 @@ cdef class SplitQueue(Virtqueue):
     # -- notifications ---------------------------------------------------------------
     def need_notify(self):
         """Whether the driver must be notified of the used entries pushed so far (2.7.10)."""
+        return bool(self.notify_needed())
+
+    cdef int notify_needed(self) except -1:
+        """:meth:`need_notify` for C callers: 1 or 0."""
         cdef uint16_t old, used_event
         self._sync()
         # The used idx store must be visible before we read the driver's flags.

@@ -46,8 +46,7 @@ def run_pair(tmp_path, impairment: str, script_a: str, script_b: str, a_ends_fir
                          tmp_path / "serve.log", [*socks, control])
     a = Guest(tmp_path, [VhostUserNet(socks[0], ip="10.79.0.1/24")], name="a", script=script_a)
     b = Guest(tmp_path, [VhostUserNet(socks[1], ip="10.79.0.2/24")], name="b", script=script_b)
-    with serve, a, b:
-        serve.start()
+    with serve, a, b:  # entering serve starts it (a second start() here leaked the first process)
         b.start()
         a.start()
         first, second = (a, b) if a_ends_first else (b, a)

@@ -20,7 +20,7 @@ from iovirt.virtio.blk.aio import ENGINE_ENV, Image, ImageHook
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import is_accelerated, ring_of
 
-__all__ = ["IMPLEMENTATION", "accel", "default_key", "default_kind", "engine_key", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
+__all__ = ["IMPLEMENTATION", "accel", "default_key", "default_kind", "engine_key", "memory_backed", "engine_report", "new_engine", "submit", "serve_batch", "uring_built"]
 
 accel: Any = _accel.load("iovirt.virtio.blk._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -41,7 +41,12 @@ def default_key() -> str:
     return "cython" if accel is not None and QUEUE_IMPLEMENTATION == "cython" else "python"
 
 
-def default_kind(key: str, image: Image, hook: ImageHook | None) -> str | None:
+def memory_backed(fd: int) -> bool:
+    """Whether ``fd``'s file lives in memory (tmpfs, ramfs, hugetlbfs); False without the C twin."""
+    return accel is not None and bool(accel.memory_backed(fd))
+
+
+def default_kind(key: str, in_memory: bool, hook: ImageHook | None) -> str | None:
     """The engine kind a device picks when not told: ``"inline"`` for an image in memory, else the default.
 
     On tmpfs (ramfs, hugetlbfs) a read or write is a copy that never waits
@@ -53,7 +58,7 @@ def default_kind(key: str, image: Image, hook: ImageHook | None) -> str | None:
     """
     if key != "cython" or os.environ.get(ENGINE_ENV) or (hook is not None and hook.delay):
         return None
-    return "inline" if accel.memory_backed(image.fd) else None
+    return "inline" if in_memory else None
 
 
 def new_engine(key: str, wake_fd: int, slots: int, hook: ImageHook | None, kind: str | None = None) -> Any:

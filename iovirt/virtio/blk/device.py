@@ -126,8 +126,9 @@ class VirtioBlk(VirtioDevice):
         engine: str | None = None,
     ) -> None:
         """``direct``: ``O_DIRECT`` where the image's file system takes it; ``hook``: a test hook on the
-        image I/O; ``engine``: ``"io_uring"`` or ``"threads"`` (default: :data:`~iovirt.virtio.blk.aio.ENGINE_ENV`,
-        else io_uring where it works)."""
+        image I/O; ``engine``: ``"io_uring"``, ``"threads"`` or ``"inline"`` (default:
+        :data:`~iovirt.virtio.blk.aio.ENGINE_ENV`, else inline for an image in memory, else io_uring where it
+        works)."""
         super().__init__(num_queues, queue_max_size, label or os.path.basename(path))
         if size is not None and not os.path.exists(path):
             with open(path, "wb") as f:
@@ -139,6 +140,8 @@ class VirtioBlk(VirtioDevice):
         self.capacity = self.image.capacity
         self.hook = hook
         self._engine_kind = engine
+        # Asked now, not when the first request comes: a sandboxed process (--sandbox) may no longer ask.
+        self._in_memory = datapath.memory_backed(self.image.fd)
         self._engines: dict[str, Any] = {}  # by twin (datapath.engine_key), made when a queue needs one
         self._popped_from: dict[int, SplitQueue] = {}  # by queue index: the queue its requests in flight go back to
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -329,7 +332,7 @@ class VirtioBlk(VirtioDevice):
     def _engine(self, key: str) -> Any:
         engine = self._engines.get(key)
         if engine is None:
-            kind = self._engine_kind or datapath.default_kind(key, self.image, self.hook)
+            kind = self._engine_kind or datapath.default_kind(key, self._in_memory, self.hook)
             engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, kind)
             self._engines[key] = engine
             self.log.info("%s: block I/O on %s (%s)%s", self.label, engine.kind, engine.reason,
