@@ -85,7 +85,7 @@ FIONBIO = 0x5421  # include/uapi/asm-generic/ioctls.h
 SYSCALLS: dict[str, int] = {
     "read": 0, "write": 1, "open": 2, "close": 3, "fstat": 5, "poll": 7, "mmap": 9,
     "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14,
-    "rt_sigreturn": 15, "ioctl": 16, "mremap": 25, "madvise": 28, "getpid": 39, "sendto": 44,
+    "rt_sigreturn": 15, "ioctl": 16, "pwrite64": 18, "mremap": 25, "madvise": 28, "getpid": 39, "sendto": 44,
     "sendmsg": 46, "recvmsg": 47, "getsockname": 51, "getsockopt": 55, "clone": 56, "exit": 60,
     "fcntl": 72, "fdatasync": 75, "ftruncate": 77, "unlink": 87, "readlink": 89,
     "gettimeofday": 96,
@@ -130,8 +130,9 @@ ALLOWED: tuple[str, ...] = (
     # AT_EMPTY_PATH, fstat before glibc 2.33) and the mmap module's dup (fcntl
     # F_DUPFD_CLOEXEC) before a region is mapped; fcntl also sets and reads fd flags.
     "read", "write", "close", "readlink", "fstat", "newfstatat", "fcntl",
-    # virtio-blk image I/O straight into guest memory, flush, discard and write-zeroes.
-    "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fallocate",
+    # virtio-blk image I/O straight into guest memory, flush, discard and write-zeroes; where the
+    # file system has no FALLOC_FL_ZERO_RANGE (tmpfs), write-zeroes writes the zeroes (pwrite64).
+    "preadv", "pwritev", "preadv2", "pwritev2", "fdatasync", "fallocate", "pwrite64",
     # The inflight region (VHOST_USER_GET_INFLIGHT_FD) is a new memfd of the asked size.
     "memfd_create", "ftruncate",
     # Shutdown removes the socket files the process created (newfstatat, then unlink).

@@ -12,9 +12,11 @@ child dies by SIGSYS while this test and the served process carry on.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -33,10 +35,11 @@ IOVIRT = [sys.executable, "-m", "iovirt"]
 class Served:
     """``iovirt serve`` with two net ports and a blk device, under ``--sandbox=MODE``."""
 
-    def __init__(self, tmp: Path, mode: str) -> None:
+    def __init__(self, tmp: Path, mode: str, image_dir: Path | None = None, extra: tuple[str, ...] = ()) -> None:
         self.net = [str(tmp / "n0.sock"), str(tmp / "n1.sock")]
         self.blk = str(tmp / "b.sock")
-        args = ["--net", self.net[0], "--net", self.net[1], "--blk", f"{self.blk},{tmp / 'disk.img'},size=1M"]
+        image = (image_dir or tmp) / "disk.img"
+        args = ["--net", self.net[0], "--net", self.net[1], "--blk", f"{self.blk},{image},size=1M", *extra]
         self.proc = ServeProcess([*args, f"--sandbox={mode}"], tmp / "serve.log", [*self.net, self.blk]).start()
 
     @property
@@ -71,6 +74,22 @@ def test_a_sandboxed_serve_does_all_its_work_and_exits_cleanly(tmp_path, served)
     assert "seccomp filter on every thread" in log and "any other kills the process" in log
     assert "Traceback" not in log
     assert not any(os.path.exists(p) for p in [*served.net, served.blk])  # removed at exit, under the filter
+
+
+def test_two_workers_and_an_image_in_memory_work_under_the_filter(tmp_path):
+    """Worker threads start under the filter, and the inline blk engine (tmpfs image) makes no forbidden call."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    srv = Served(tmp_path, "kill", image_dir=shm, extra=("--workers", "2"))
+    try:
+        traffic.exercise_all(srv.net, srv.blk)
+        assert len(seccomp_modes(srv.pid)) >= 3 and set(seccomp_modes(srv.pid)) == {"2"}
+        assert srv.proc.stop() == 0, srv.proc.log()
+        log = srv.proc.log()
+        assert "block I/O on inline" in log and "data plane: 2 worker threads" in log
+        assert "Traceback" not in log
+    finally:
+        srv.proc.stop(signal.SIGKILL)
+        shutil.rmtree(shm)
 
 
 STUCK_DATA_PLANE = textwrap.dedent(
