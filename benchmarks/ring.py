@@ -35,8 +35,8 @@ QUEUE_SIZE = 256
 BATCH = 32
 
 
-def measure(queue_cls, descs_per_chain: int, seconds: float) -> float:
-    """Chains per second popped and pushed by ``queue_cls``."""
+def posted_ring(queue_cls, descs_per_chain: int):
+    """A device queue of ``queue_cls`` over a ring whose every chain is posted; ``(queue, avail idx view, chains)``."""
     memory = GuestMemory.from_ranges([(0, 1 << 22)])
     alloc = BumpAllocator(0x1000, (1 << 22) - 0x1000)
     drv = DriverQueue(memory, alloc, QUEUE_SIZE, event_idx=True)
@@ -51,8 +51,12 @@ def measure(queue_cls, descs_per_chain: int, seconds: float) -> float:
         drv.post_head(heads[slot % nchains])
     drv.set_avail_idx(nchains)
     dev = queue_cls.from_state(memory, drv.state())
-    avail_idx = memory.view(drv.avail_addr + 2, 2).cast("H")
-    idx = nchains
+    return dev, memory.view(drv.avail_addr + 2, 2).cast("H"), nchains
+
+
+def measure(queue_cls, descs_per_chain: int, seconds: float) -> float:
+    """Chains per second popped and pushed by ``queue_cls``."""
+    dev, avail_idx, idx = posted_ring(queue_cls, descs_per_chain)
     batch = dev.pop_batch(0)
     done = 0
     rounds = 64
@@ -102,19 +106,7 @@ def measure_c_interface(loop, queue_cls, descs_per_chain: int, seconds: float) -
     """Chains per second of the Cython queue driven through its C interface (``ring_loop.pyx``)."""
     from iovirt.virtio.queue import ChainBatch
 
-    memory = GuestMemory.from_ranges([(0, 1 << 22)])
-    alloc = BumpAllocator(0x1000, (1 << 22) - 0x1000)
-    drv = DriverQueue(memory, alloc, QUEUE_SIZE, event_idx=True)
-    nchains = QUEUE_SIZE // descs_per_chain
-    buf = alloc.alloc(2048 * nchains)
-    heads = [
-        drv.add_chain([(buf + 2048 * c + 64 * k, 64) for k in range(descs_per_chain)]) for c in range(nchains)
-    ]
-    for slot in range(nchains, QUEUE_SIZE):
-        drv.post_head(heads[slot % nchains])
-    drv.set_avail_idx(nchains)
-    dev = queue_cls.from_state(memory, drv.state())
-    avail_idx = memory.view(drv.avail_addr + 2, 2).cast("H")
+    dev, avail_idx, _ = posted_ring(queue_cls, descs_per_chain)
     batch = ChainBatch()
     done = 0
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 
 from iovirt.vhost_user.dataplane import DataPlane, Handler
 
@@ -99,8 +99,3 @@ class WorkerPool:
     def remove(self, fd: int) -> None:
         """Stop serving ``fd`` (added with :meth:`add_fd` or :meth:`add_eventfd`)."""
         self.home.remove(fd)
-
-    @property
-    def call_later(self) -> Callable[[float, Handler], None]:
-        """The home worker's timers."""
-        return self.home.call_later
