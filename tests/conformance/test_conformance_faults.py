@@ -62,13 +62,23 @@ def test_ignores_vring_disable(make_backend, monkeypatch):
 
 
 class BadUsedIdBlk(VirtioBlk):
-    """Writes an id that was never made available into every used entry it publishes."""
+    """Returns every request it takes through a used entry whose id was never made available.
+
+    It writes the entries, then the used idx, itself (the queue refuses such an
+    id): overwriting an entry after the queue had published it raced with the
+    driver, which could read the good id first.
+    """
 
     def process_queue(self, index, queue):
-        super().process_queue(index, queue)
         state = queue.state()
-        slot = state.used_addr + 4 + 8 * ((state.used_idx - 1) % state.size)
-        queue.memory.write(slot, struct.pack("<I", state.size + 7))
+        returned = self.__dict__.setdefault("returned", {})  # by queue: the queue's own used idx stays put
+        used = (state.used_idx + returned.get(id(queue), 0)) & 0xFFFF
+        taken = len(queue.pop_batch(state.size))
+        for k in range(taken):
+            slot = state.used_addr + 4 + 8 * ((used + k) % state.size)
+            queue.memory.write(slot, struct.pack("<II", state.size + 7, 0))
+        queue.memory.write_u16(state.used_addr + 2, (used + taken) & 0xFFFF)
+        returned[id(queue)] = returned.get(id(queue), 0) + taken
 
 
 def test_bad_used_id(make_backend):
