@@ -181,7 +181,9 @@ class Machine:
         """The guest kernel's command line, including the ``iovirt.ipN=`` networking."""
         # panic=-1 reboots at once on a panic, and -no-reboot turns that into a
         # QEMU exit, so a guest whose /init dies does not hang until a timeout.
-        args = ["console=ttyS0", "panic=-1", "quiet"]
+        # cryptomgr.notests: the crypto self-tests take seconds of TCG time at boot, and one
+        # guest soft-locked in cryptomgr_test on a loaded machine; the guests use no kernel crypto.
+        args = ["console=ttyS0", "panic=-1", "quiet", "cryptomgr.notests"]
         if self.viommu:
             args.append("intel_iommu=on")
         nics = [d for d in self.devices if isinstance(d, NetDevice)]
