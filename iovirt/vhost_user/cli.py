@@ -608,10 +608,9 @@ def run_serve(args: argparse.Namespace) -> int:
             if spec.vlan is not None:
                 switch.set_vlan(port, spec.vlan)
             endpoint = _add_device(server, spec, port, f"net{i} ({spec.socket})", sealed, inherited)
-            worker = endpoint.worker or server.dataplane.home
             if len(server.dataplane) > 1:
-                switch.set_owner(port, worker, server.dataplane.home)
-            apply_impairment(switch, port, spec, worker.call_later)
+                switch.set_owner(port, endpoint.worker, server.dataplane.home)
+            apply_impairment(switch, port, spec, endpoint.worker.call_later)
         for i, spec in enumerate(args.blk):
             disk = VirtioBlk(spec.image, read_only=spec.read_only, num_queues=spec.queues, size=spec.size,
                              label=f"blk{i}")
@@ -644,7 +643,7 @@ def _add_vsock(server: VhostUserServer, spec: DeviceSpec, label: str, sealed: bo
     """A vsock device whose host sockets the data plane serves; returns what closes them."""
     device = VirtioVsock(spec.options["cid"], spec.options["uds"], label=label)
     endpoint = _add_device(server, spec, device, f"{label} ({spec.socket})", sealed, inherited)
-    return attach_vsock(endpoint.worker or server.dataplane.home, device)
+    return attach_vsock(endpoint.worker, device)
 
 
 def _program_spec(args: argparse.Namespace, kind: str, program: str, **fields: Any) -> DeviceSpec | int | str:
@@ -769,7 +768,7 @@ def run_vsock(args: argparse.Namespace) -> int:
         return devices[0]
 
     return _run_program(args, "vhost-user-vsock", where, make, "vsock",
-                        after=lambda server: attach_vsock(server.dataplane.home, devices[0]))
+                        after=lambda server: attach_vsock(server.endpoints[0].worker, devices[0]))
 
 
 def _capabilities(kind: str) -> int:

@@ -98,6 +98,8 @@ class Endpoint:
     name: str
     device: VhostUserDevice
     listener: socket.socket | None
+    worker: DataPlane
+    """The data-plane worker serving the device's rings, for every front-end it gets."""
     path: str | None = None
     extra_features: int = 0
     require_sealed_memory: bool = False
@@ -105,8 +107,6 @@ class Endpoint:
     connections_served: int = 0
     dial: "Dial | None" = None
     """Client mode: the VMM socket this endpoint connects to (None: it listens or was handed an fd)."""
-    worker: DataPlane | None = None
-    """The data-plane worker serving the device's rings, for every front-end it gets."""
 
 
 @dataclass
@@ -243,8 +243,7 @@ class VhostUserServer:
     ) -> Endpoint:
         served = vhost_user_device(device) if adapter is None else adapter(device)
         extra = (1 << VIRTIO_F_ACCESS_PLATFORM) if iommu else 0
-        worker = self.dataplane.assign()
-        return Endpoint(name, served, None, path, extra, require_sealed_memory, worker=worker)
+        return Endpoint(name, served, None, self.dataplane.assign(), path, extra, require_sealed_memory)
 
     def _add_listener(self, listener: socket.socket, endpoint: Endpoint) -> Endpoint:
         listener.setblocking(False)
@@ -437,7 +436,7 @@ class VhostUserServer:
         peer = peer_credentials(sock)
         proto = BackendConnection(supported_protocol_features=endpoint.device.protocol_features)
         session = BackendSession(
-            endpoint.device, endpoint.worker or self.dataplane.home, endpoint.name, endpoint.extra_features,
+            endpoint.device, endpoint.worker, endpoint.name, endpoint.extra_features,
             require_sealed_memory=endpoint.require_sealed_memory,
         )
         conn = Connection(endpoint, sock, proto, session, str(peer) if peer is not None else "peer unknown")

@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from iovirt import _accel
-from iovirt.errors import IovirtError
 from iovirt.virtio.net import _datapath_py
 from iovirt.virtio.queue import is_accelerated
 
-__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "tx_drain", "rx_scatter", "complete_pending"]
+__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending"]
 
 accel: Any = _accel.load("iovirt.virtio.net._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -40,35 +39,6 @@ def tx_gather(batch: Any, queue: Any, hdr_len: int, frames: Any, gso_mask: int) 
     if is_accelerated(queue) and _c_frames(frames):
         return accel.tx_gather(batch, queue, hdr_len, frames, gso_mask)
     return _datapath_py.tx_gather(batch, queue, hdr_len, frames, gso_mask)
-
-
-def tx_drain(
-    queue: Any, hdr_len: int, frames: Any, gso_mask: int, batches: int, batch_size: int, reuse: Any
-) -> tuple[int, int, IovirtError | None]:
-    """Up to ``batches`` transmit batches of ``batch_size`` chains: popped, gathered into ``frames``, returned used.
-
-    The device then notifies and switches once for all of them, not once per
-    batch.  Returns ``(chains, batches, error)``: a malformed chain met after
-    good ones is returned, not raised, so the caller passes the good frames
-    on first (their buffers are already used: they must not be lost).
-    """
-    chains = done = 0
-    while done < batches:
-        try:
-            batch = queue.pop_batch(batch_size, reuse)
-        except IovirtError as exc:
-            if not chains:
-                raise
-            return chains, done, exc
-        if not len(batch):
-            break
-        done += 1
-        chains += len(batch)
-        tx_gather(batch, queue, hdr_len, frames, gso_mask)
-        # The frames are copied out: the buffers go back now; with VIRTIO_F_IN_ORDER through one used
-        # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
-        queue.push_batch(batch, coalesce=True)
-    return chains, done, None
 
 
 def complete_pending(frames: Any, indexes: Sequence[int]) -> None:

@@ -88,7 +88,6 @@ from iovirt.virtio.state import QueueState
 
 TX_BATCH = 64
 TX_BUDGET = 64
-TX_DRAIN_BATCHES = 1  # transmit batches gathered before one notification and one switching of them all
 """Transmit batches served per kick before the queue yields the thread that serves it (when the transport
 has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
 thread from their work (a blk device's completions, another port's kicks)."""
@@ -368,12 +367,15 @@ class VirtioNet(VirtioDevice):
             if budget == 0:
                 self._yield_tx(index)
                 break
-            frames.clear()
-            want = TX_DRAIN_BATCHES if budget < 0 else min(TX_DRAIN_BATCHES, budget)
-            chains, batches, error = datapath.tx_drain(queue, hdr_len, frames, self.gso_mask, want, TX_BATCH, reuse)
-            if not chains:
+            budget -= 1
+            batch = queue.pop_batch(TX_BATCH, reuse)
+            if not len(batch):
                 break
-            budget -= batches
+            frames.clear()
+            datapath.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
+            # The frames are copied out: the buffers go back now; with VIRTIO_F_IN_ORDER through one used
+            # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
+            queue.push_batch(batch, coalesce=True)
             self.signal(index)
             bad = sum(frames.errors)
             if bad:
@@ -397,10 +399,6 @@ class VirtioNet(VirtioDevice):
                 self.switch.forward_batch(self, frames)
             else:
                 self._count_drops(index, "tx", "ring_disabled", len(frames))
-            if error is not None:
-                raise error  # after the good frames before it went on
-            if batches < want:
-                break  # the ring ran empty
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
