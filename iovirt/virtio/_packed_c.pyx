@@ -19,6 +19,7 @@ ring's ``_queue_c.pyx`` is:
   separates publishing used descriptors from reading the Driver area.
 """
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
@@ -107,6 +108,7 @@ cdef ChainBatch _empty_batch(ChainBatch batch, Py_ssize_t chains):
     return batch
 
 
+@cython.final  # as SplitQueue (_queue_c.pxd): direct, inlinable calls on the per-descriptor path
 cdef class PackedQueue(Virtqueue):
     """The device side of one packed virtqueue (accelerated; see ``_packed_py.PackedQueue``)."""
 
@@ -130,7 +132,9 @@ cdef class PackedQueue(Virtqueue):
     cdef uint8_t *_device
     cdef Region *_regions
     cdef int _nregions, _last_region
-    cdef object _views, _translator, _gen, _table, _pending_error, _err_cause
+    cdef object _views, _pending_error, _err_cause
+    cdef unsigned long long _gen  # as in _queue_c.pxd: the generation resolved, and the table's counter
+    cdef const unsigned long long[::1] _gen_cell
     cdef CachedTranslator _ct
     cdef WalkError _err
     cdef uint32_t _walked
@@ -236,6 +240,8 @@ cdef class PackedQueue(Virtqueue):
     cdef int _resolve(self) except -1:
         cdef const uint8_t[::1] view
         cdef int i
+        self._gen_cell = self.memory.region_table.generation_cell
+        self._gen = self._gen_cell[0]  # before the regions: a change while copying shows at the next sync
         regions = self.memory.regions
         self._views = None
         self._regions = <Region *> _grow(self._regions, (len(regions) + 1) * sizeof(Region))
@@ -249,11 +255,9 @@ cdef class PackedQueue(Virtqueue):
         self._views = views
         self._nregions = len(views)
         self._last_region = 0
-        self._table = self.memory.region_table
-        self._gen = self._table.generation
-        self._translator = self.memory.translator
-        self._translated = self._translator is not None
-        self._ct = self._translator if isinstance(self._translator, CachedTranslator) else None
+        translator = self.memory.translator
+        self._translated = translator is not None
+        self._ct = translator if isinstance(translator, CachedTranslator) else None
         (desc, desc_len), (driver, driver_len), (device, device_len) = pchecks.ring_parts(
             self.size, self.desc_addr, self.driver_addr, self.device_addr)
         self._desc = self._ring_host(desc, desc_len)
@@ -298,7 +302,7 @@ cdef class PackedQueue(Virtqueue):
     cdef int _sync(self) except -1:
         if self._released:
             raise checks.released(self.index)
-        if self._table.generation != self._gen or self.memory.translator is not self._translator:
+        if self._gen_cell[0] != self._gen:  # as SplitQueue._sync
             self.refresh()
         return 0
 

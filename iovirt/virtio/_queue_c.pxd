@@ -2,6 +2,7 @@
 # with the packed queue, _packed_c.pyx), for other Cython modules (device data
 # paths) that read popped batches without Python objects.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from iovirt.virtio._iotlb_c cimport CachedTranslator
@@ -50,6 +51,9 @@ cdef class Virtqueue:
     cdef readonly uint32_t size
 
 
+# final: no subclass, so the per-chain methods (_walk, _read_desc, _check_buffer, _host) are direct C
+# calls the compiler can inline, not calls through the type's method table.
+@cython.final
 cdef class SplitQueue(Virtqueue):
     cdef readonly uint64_t desc_addr, avail_addr, used_addr
     cdef readonly bint event_idx, in_order
@@ -66,10 +70,11 @@ cdef class SplitQueue(Virtqueue):
     cdef Region *_regions
     cdef int _nregions, _last_region
     cdef object _views
-    cdef object _translator
     cdef CachedTranslator _ct
-    cdef object _gen
-    cdef object _table
+    # The region table's generation when the host pointers were resolved, and the table's counter
+    # (RegionTable.generation_cell) read on every pop and push without Python.
+    cdef unsigned long long _gen
+    cdef const unsigned long long[::1] _gen_cell
     cdef object _pending_error
     cdef WalkError _err
     cdef object _err_cause  # the GuestMemoryError behind a walk error, if any
@@ -103,6 +108,7 @@ cdef class SplitQueue(Virtqueue):
     cdef object _walk_error(self, uint16_t head, int rc)
     cdef int _take_used(self, Py_ssize_t head, Py_ssize_t length) except -1
     cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1
+    cdef int _push_entries(self, ChainBatch b) except -1
     cdef int _check_in_order_room(self, Py_ssize_t count) except -1
     cdef int _push_coalesced(self, batch) except -1
     cdef void _publish_avail_event(self) noexcept

@@ -21,8 +21,9 @@ cdef struct WalkResult:
 
 cdef class TableWalker:
     cdef object memory
-    cdef object _table
-    cdef object _gen
+    cdef const unsigned long long[::1] _gen_cell  # RegionTable.generation_cell
+    cdef unsigned long long _gen
+    cdef bint _resolved
     cdef HostRange *_ranges
     cdef int _nranges, _last
     cdef bint _direct

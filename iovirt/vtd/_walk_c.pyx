@@ -56,8 +56,8 @@ cdef class TableWalker:
 
     def __init__(self, memory):
         self.memory = memory
-        self._table = memory.region_table
-        self._gen = None
+        self._gen_cell = memory.region_table.generation_cell
+        self._resolved = False
 
     def __dealloc__(self):
         PyMem_Free(self._ranges)
@@ -65,7 +65,7 @@ cdef class TableWalker:
     cdef int _resolve(self) except -1:
         cdef const uint8_t[::1] view
         cdef void *p
-        gen = self._table.generation  # before the regions: a change while copying shows next walk
+        gen = self._gen_cell[0]  # before the regions: a change while copying shows next walk
         regions = self.memory.regions
         p = PyMem_Realloc(self._ranges, (len(regions) + 1) * sizeof(HostRange))
         if p == NULL:
@@ -80,6 +80,7 @@ cdef class TableWalker:
         self._last = 0
         self._direct = self.memory.translator is None
         self._gen = gen
+        self._resolved = True
         return 0
 
     cdef bint _load(self, uint64_t gpa, uint64_t *value) noexcept:
@@ -120,10 +121,9 @@ cdef class TableWalker:
         reason (FR code) with ``out.level`` and ``out.entry_addr`` saying where."""
         cdef uint64_t table = slptptr, perm = PTE_PERM, entry, present, entry_addr, rsvd
         cdef int level, shift
-        # The table's own counter, not GuestMemory.generation: that is a Python property, whose
-        # call cost more than the rest of the walk (iovirt.memory shares one RegionTable, in
-        # ``_table``, between every view of a memory).
-        if self._table.generation != self._gen or (self.memory.translator is None) != self._direct:
+        # The table's counter through a pointer, not GuestMemory.generation: that is a Python
+        # property, whose call cost more than the rest of the walk.  A view's translator is fixed.
+        if not self._resolved or self._gen_cell[0] != self._gen:
             self._resolve()
         for level in range(levels, 0, -1):
             shift = PAGE_SHIFT + 9 * (level - 1)
