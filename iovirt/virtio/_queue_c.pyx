@@ -391,8 +391,9 @@ cdef class SplitQueue(Virtqueue):
 
     cdef Py_ssize_t pop_into(self, ChainBatch batch, Py_ssize_t max_chains) except -1:
         """:meth:`pop_batch` for C callers: into ``batch`` (emptied first), no Python object made; how many."""
-        cdef Py_ssize_t count, k
-        cdef uint16_t head
+        cdef Py_ssize_t count, k, n = 0
+        cdef uint16_t head, taken = 0
+        cdef const uint8_t *ring = self._avail + 4
         cdef int rc = 0
         self._raise_pending()
         count = self._pending()
@@ -400,22 +401,26 @@ cdef class SplitQueue(Virtqueue):
             count = max_chains
         self._check_in_order_room(count)
         _empty_batch(batch, count)
+        # The counters stay in locals until the loop ends: _walk takes the queue, so fields written
+        # in the loop went through memory on every chain.
         with nogil:
             for k in range(count):
-                head = iovirt_load_u16(self._avail + 4 + 2 * (self._last_avail_idx & self._mask))
-                self._last_avail_idx += 1
-                self._in_flight += 1
+                head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + taken) & self._mask))
+                taken += 1
                 if self.in_order:
                     self._order[(self._order_first + self._order_n) & self._mask] = head
                     self._order_n += 1
                 rc = self._walk(head, batch)
                 if rc != 0:
-                    batch.nbufs = batch.first[batch.n]
+                    batch.nbufs = batch.first[n]
                     break
-                batch.heads[batch.n] = head
-                batch.used_lens[batch.n] = 0
-                batch.n += 1
-                batch.first[batch.n] = <uint32_t> batch.nbufs
+                batch.heads[n] = head
+                batch.used_lens[n] = 0
+                n += 1
+                batch.first[n] = <uint32_t> batch.nbufs
+        batch.n = n
+        self._last_avail_idx += taken
+        self._in_flight += taken
         if rc == E_PENDING:
             # Not the driver's fault: leave the chain available, retry later.
             self._last_avail_idx -= 1
@@ -557,6 +562,7 @@ cdef class SplitQueue(Virtqueue):
         cdef Region *r
         cdef uint64_t off
         cdef uint8_t *host
+        cdef uint8_t *slow_host
         cdef int rc
         self._err.desc = head
         if head >= self.size:
@@ -586,11 +592,12 @@ cdef class SplitQueue(Virtqueue):
                 if d.len == 0 or d.len % 16:
                     self._err.len = d.len
                     return E_INDIRECT_LEN
-                rc = self._check_buffer(d.addr, d.len, False, &host)
+                rc = self._check_buffer(d.addr, d.len, False, &slow_host)
                 if rc:
                     self._err.addr = d.addr
                     self._err.len = d.len
                     return rc
+                host = slow_host
                 count = d.len // 16
                 if nbufs + count > self.size:
                     self._err.count = nbufs + count
@@ -611,11 +618,13 @@ cdef class SplitQueue(Virtqueue):
             if direct and off < r.size and d.len <= r.size - off:
                 host = r.host + off  # inside one region: no wrap, accessible
             else:
-                rc = self._check_buffer(d.addr, d.len, writable, &host)
+                # Through another variable, as ``slow`` above: ``host`` stays in a register.
+                rc = self._check_buffer(d.addr, d.len, writable, &slow_host)
                 if rc:
                     self._err.addr = d.addr
                     self._err.len = d.len
                     return rc
+                host = slow_host
             if b.nbufs >= b.cap_bufs:
                 with gil:
                     try:
