@@ -564,6 +564,9 @@ cdef class SplitQueue(Virtqueue):
         cdef uint8_t *host
         cdef uint8_t *slow_host
         cdef int rc
+        # b.nbufs in a local, stored when the chain is whole (a failed chain's buffers are dropped
+        # by the caller): the stores into b's arrays would otherwise reload it every buffer.
+        cdef Py_ssize_t k = b.nbufs
         self._err.desc = head
         if head >= self.size:
             return E_HEAD
@@ -625,22 +628,24 @@ cdef class SplitQueue(Virtqueue):
                     self._err.len = d.len
                     return rc
                 host = slow_host
-            if b.nbufs >= b.cap_bufs:
+            if k >= b.cap_bufs:
+                b.nbufs = k
                 with gil:
                     try:
                         b._reserve_bufs(2 * b.cap_bufs + 64)
                     except MemoryError:
                         return E_NOMEM
-            b.addrs[b.nbufs] = d.addr
-            b.lens[b.nbufs] = d.len
-            b.writable[b.nbufs] = writable
-            b.hosts[b.nbufs] = host
-            b.nbufs += 1
+            b.addrs[k] = d.addr
+            b.lens[k] = d.len
+            b.writable[k] = writable
+            b.hosts[k] = host
+            k += 1
             nbufs += 1
             if nbufs > self.size:
                 self._err.count = nbufs
                 return E_TOO_LONG
             if not d.flags & F_NEXT:
+                b.nbufs = k
                 return 0
             if d.next >= table_len:
                 self._err.count = d.next
