@@ -600,12 +600,11 @@ cdef class SplitQueue(Virtqueue):
                     self._err.addr = d.addr
                     self._err.len = d.len
                     return rc
-                host = slow_host
                 count = d.len // 16
                 if nbufs + count > self.size:
                     self._err.count = nbufs + count
                     return E_TOO_LONG
-                table_host = host
+                table_host = slow_host
                 table_gpa = d.addr
                 table_len = count
                 i = 0
