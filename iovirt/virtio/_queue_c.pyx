@@ -410,10 +410,11 @@ cdef class SplitQueue(Virtqueue):
                 if self.in_order:
                     self._order[(self._order_first + self._order_n) & self._mask] = head
                     self._order_n += 1
-                rc = self._walk(head, batch)
-                if rc != 0:
-                    batch.nbufs = batch.first[n]
-                    break
+                if not self._single(head, batch):
+                    rc = self._walk(head, batch)
+                    if rc != 0:
+                        batch.nbufs = batch.first[n]
+                        break
                 batch.heads[n] = head
                 batch.used_lens[n] = 0
                 n += 1
@@ -547,6 +548,34 @@ cdef class SplitQueue(Virtqueue):
             return E_OUTSIDE
         return 0
 
+    cdef inline bint _single(self, uint16_t head, ChainBatch b) noexcept nogil:
+        """Take the commonest chain without the general walk: one direct descriptor, inside one region.
+
+        False where anything else holds, and :meth:`_walk` takes the chain (a
+        chain of several descriptors, an indirect table, a translated or
+        unmapped address, a bad head, a full batch): small enough to inline,
+        it saves most chains of a net queue the walk's call (benchmarks/ring.py).
+        """
+        cdef Desc d
+        cdef Region *r
+        cdef uint64_t off
+        cdef Py_ssize_t k = b.nbufs
+        if head >= self.size or self._desc == NULL or self._translated or self._nregions == 0 or k >= b.cap_bufs:
+            return False
+        memcpy(&d, self._desc + 16 * <uint64_t> head, 16)
+        if d.flags & (F_NEXT | F_INDIRECT):
+            return False
+        r = &self._regions[self._last_region]
+        off = d.addr - r.gpa
+        if off >= r.size or d.len > r.size - off:
+            return False
+        b.addrs[k] = d.addr
+        b.lens[k] = d.len
+        b.writable[k] = (d.flags & F_WRITE) != 0
+        b.hosts[k] = r.host + off
+        b.nbufs = k + 1
+        return True
+
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil:
         """Follow a chain from ``head``, appending its buffers to ``b`` (2.7.5 rules)."""
         cdef Desc d, slow
@@ -564,9 +593,15 @@ cdef class SplitQueue(Virtqueue):
         cdef uint8_t *host
         cdef uint8_t *slow_host
         cdef int rc
-        # b.nbufs in a local, stored when the chain is whole (a failed chain's buffers are dropped
-        # by the caller): the stores into b's arrays would otherwise reload it every buffer.
+        # b.nbufs, b's arrays and the last region in locals (b.nbufs stored when the chain is
+        # whole: a failed chain's buffers are dropped by the caller): a byte store (``writable``)
+        # may alias anything, so fields read in the loop were read again for every buffer.
         cdef Py_ssize_t k = b.nbufs
+        cdef uint64_t *addrs = b.addrs
+        cdef uint32_t *lens = b.lens
+        cdef uint8_t *writables = b.writable
+        cdef uint8_t **hosts = b.hosts
+        r = &self._regions[self._last_region]
         self._err.desc = head
         if head >= self.size:
             return E_HEAD
@@ -615,7 +650,6 @@ cdef class SplitQueue(Virtqueue):
             if seen_writable and not writable:
                 return E_ORDER
             seen_writable = writable
-            r = &self._regions[self._last_region]
             off = d.addr - r.gpa
             if direct and off < r.size and d.len <= r.size - off:
                 host = r.host + off  # inside one region: no wrap, accessible
@@ -627,6 +661,7 @@ cdef class SplitQueue(Virtqueue):
                     self._err.len = d.len
                     return rc
                 host = slow_host
+                r = &self._regions[self._last_region]  # the lookup may have moved to another region
             if k >= b.cap_bufs:
                 b.nbufs = k
                 with gil:
@@ -634,10 +669,11 @@ cdef class SplitQueue(Virtqueue):
                         b._reserve_bufs(2 * b.cap_bufs + 64)
                     except MemoryError:
                         return E_NOMEM
-            b.addrs[k] = d.addr
-            b.lens[k] = d.len
-            b.writable[k] = writable
-            b.hosts[k] = host
+                addrs, lens, writables, hosts = b.addrs, b.lens, b.writable, b.hosts
+            addrs[k] = d.addr
+            lens[k] = d.len
+            writables[k] = writable
+            hosts[k] = host
             k += 1
             nbufs += 1
             if nbufs > self.size:
