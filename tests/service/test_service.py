@@ -61,7 +61,8 @@ def _activated(argv, fds, tmp_path, names=None):
         for i, fd in enumerate(fds):
             os.dup2(fd, 3 + i)
             os.set_inheritable(3 + i, True)
-    env = dict(os.environ, LISTEN_FDS=str(len(fds)), NOTIFY_SOCKET=str(tmp_path / "notify"))
+    # PYTHONFAULTHANDLER: a back-end that does not stop is made to print every thread's stack (_stop).
+    env = dict(os.environ, LISTEN_FDS=str(len(fds)), NOTIFY_SOCKET=str(tmp_path / "notify"), PYTHONFAULTHANDLER="1")
     if names:
         env["LISTEN_FDNAMES"] = ":".join(names)
     # LISTEN_PID is the pid of the program itself: sh sets it and execs.
@@ -79,7 +80,14 @@ def _listening(path):
 
 def _stop(proc):
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Seen once (a CI rehearsal, IOVIRT_NO_EXTENSIONS=1): no exit and no "shutting down" line in
+        # 30 s. SIGABRT makes the fault handler print where every thread was, for the failure.
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"no exit within 30 s of SIGTERM; its stderr, then its threads:\n{err.decode()}") from None
     return proc.returncode, err.decode()
 
 
