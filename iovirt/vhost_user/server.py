@@ -45,8 +45,10 @@ import errno
 import logging
 import os
 import selectors
+import signal
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -299,6 +301,7 @@ class VhostUserServer:
         """
         if self._owns_dataplane:
             self.dataplane.start()
+        previous_wakeup = self._wake_on_signals()
         try:
             while not self._stopping:
                 for key, mask in self.selector.select(timeout=self._select_timeout()):
@@ -314,7 +317,25 @@ class VhostUserServer:
                 self._resume_accepting()
                 self._dial_due()
         finally:
+            if previous_wakeup is not None:
+                signal.set_wakeup_fd(previous_wakeup)
             self.close()
+
+    def _wake_on_signals(self) -> int | None:
+        """In the main thread, make every signal wake the loop, so that its Python handler runs at once.
+
+        The kernel may deliver a signal to any thread that does not block it,
+        a data-plane worker too; CPython then only flags the main thread, which
+        runs the handler when it next runs Python code.  Blocked in ``select``
+        with no deadline, it did not for as long as nothing else happened: a
+        SIGTERM went unserved (tests/cli/test_serve_signals.py).  The signal
+        numbers written to the stop pipe wake ``select``; the loop discards
+        them.  Returns the wake-up fd it replaced, or ``None`` off the main
+        thread (where Python runs no signal handler).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.set_wakeup_fd(self._stop_w, warn_on_full_buffer=False)
 
     def add_reader(self, fd: int, handler: Callable[[], object]) -> None:
         """Run ``handler`` in the control loop whenever ``fd`` is readable.
