@@ -898,7 +898,7 @@ cdef class SplitQueue(Virtqueue):
         for i in range(b.n):
             head = b.heads[i]
             length = b.used_lens[i]
-            if head >= self.size or length > USED_LEN_MAX:
+            if head >= self.size:  # (a uint32 used length always fits the le32 field, USED_LEN_MAX)
                 # The entries before it stay written and counted, as chain by chain; this one raises.
                 self._in_flight -= <uint32_t> i
                 self._used_idx = idx

@@ -13,35 +13,20 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import subprocess
-import sys
-import time
 
-
-def _wait_for(path, proc, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
+from iovirt.serve_process import ServeProcess
 
 
 def test_sigterm_delivered_to_a_data_plane_thread_stops_serve(tmp_path):
     sock = tmp_path / "n.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "iovirt", "serve", "--net", str(sock)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(sock, proc)
-        others = [int(tid) for tid in os.listdir(f"/proc/{proc.pid}/task") if int(tid) != proc.pid]
+    with ServeProcess(["--net", str(sock)], tmp_path / "serve.log", [sock]) as srv:
+        pid = srv.proc.pid
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
         assert others, "serve runs its data plane on threads of its own"
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.tgkill(proc.pid, others[0], signal.SIGTERM) != 0:
+        if libc.tgkill(pid, others[0], signal.SIGTERM) != 0:
             raise OSError(ctypes.get_errno(), "tgkill")
-        _, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    assert "signal 15: shutting down" in err
+        srv.proc.wait(10)  # TimeoutExpired fails the test; leaving the block then stops the process
+        assert srv.proc.returncode == 0, srv.log()
+    assert "signal 15: shutting down" in srv.log()
     assert not sock.exists()

@@ -66,19 +66,18 @@ class BadUsedIdBlk(VirtioBlk):
 
     It writes the entries, then the used idx, itself (the queue refuses such an
     id): overwriting an entry after the queue had published it raced with the
-    driver, which could read the good id first.
+    driver, which could read the good id first.  It is the ring's only writer
+    of the used idx, so the idx in memory is where its next entry goes.
     """
 
     def process_queue(self, index, queue):
         state = queue.state()
-        returned = self.__dict__.setdefault("returned", {})  # by queue: the queue's own used idx stays put
-        used = (state.used_idx + returned.get(id(queue), 0)) & 0xFFFF
+        used = queue.memory.read_u16(state.used_addr + 2)
         taken = len(queue.pop_batch(state.size))
         for k in range(taken):
             slot = state.used_addr + 4 + 8 * ((used + k) % state.size)
             queue.memory.write(slot, struct.pack("<II", state.size + 7, 0))
         queue.memory.write_u16(state.used_addr + 2, (used + taken) & 0xFFFF)
-        returned[id(queue)] = returned.get(id(queue), 0) + taken
 
 
 def test_bad_used_id(make_backend):

@@ -83,8 +83,8 @@ def _stop(proc):
     try:
         out, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
-        # Seen once (a CI rehearsal, IOVIRT_NO_EXTENSIONS=1): no exit and no "shutting down" line in
-        # 30 s. SIGABRT makes the fault handler print where every thread was, for the failure.
+        # Seen once, before signals woke the control loop (tests/cli/test_serve_signals.py): no exit and
+        # no "shutting down" line in 30 s. SIGABRT makes the fault handler print every thread's stack.
         proc.send_signal(signal.SIGABRT)
         out, err = proc.communicate(timeout=30)
         raise AssertionError(f"no exit within 30 s of SIGTERM; its stderr, then its threads:\n{err.decode()}") from None
