@@ -105,6 +105,7 @@ cdef class SplitQueue(Virtqueue):
     cdef int _read_desc_slow(self, uint64_t table_gpa, uint32_t i, Desc *d) noexcept
     cdef int _check_range_slow(self, uint64_t addr, uint64_t length, bint writable) noexcept
     cdef bint _single(self, uint16_t head, ChainBatch b) noexcept nogil
+    cdef bint _walk_direct(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef object _walk_error(self, uint16_t head, int rc)
     cdef int _take_used(self, Py_ssize_t head, Py_ssize_t length) except -1

@@ -402,23 +402,25 @@ cdef class SplitQueue(Virtqueue):
         self._check_in_order_room(count)
         _empty_batch(batch, count)
         # The counters stay in locals until the loop ends: _walk takes the queue, so fields written
-        # in the loop went through memory on every chain.
-        with nogil:
-            for k in range(count):
-                head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + taken) & self._mask))
-                taken += 1
-                if self.in_order:
-                    self._order[(self._order_first + self._order_n) & self._mask] = head
-                    self._order_n += 1
-                if not self._single(head, batch):
-                    rc = self._walk(head, batch)
-                    if rc != 0:
-                        batch.nbufs = batch.first[n]
-                        break
-                batch.heads[n] = head
-                batch.used_lens[n] = 0
-                n += 1
-                batch.first[n] = <uint32_t> batch.nbufs
+        # in the loop went through memory on every chain.  The interpreter lock stays held: the walk
+        # of a batch is short, the caller's loop holds the lock around it anyway, and releasing and
+        # retaking it was an eighth of the ring's time (benchmarks/ring.py, perf).
+        for k in range(count):
+            head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + taken) & self._mask))
+            taken += 1
+            if self.in_order:
+                self._order[(self._order_first + self._order_n) & self._mask] = head
+                self._order_n += 1
+            # The cheapest walk that can take the chain: one descriptor, direct ones, the general walk.
+            if not self._single(head, batch) and not self._walk_direct(head, batch):
+                rc = self._walk(head, batch)
+                if rc != 0:
+                    batch.nbufs = batch.first[n]
+                    break
+            batch.heads[n] = head
+            batch.used_lens[n] = 0
+            n += 1
+            batch.first[n] = <uint32_t> batch.nbufs
         batch.n = n
         self._last_avail_idx += taken
         self._in_flight += taken
@@ -551,10 +553,11 @@ cdef class SplitQueue(Virtqueue):
     cdef inline bint _single(self, uint16_t head, ChainBatch b) noexcept nogil:
         """Take the commonest chain without the general walk: one direct descriptor, inside one region.
 
-        False where anything else holds, and :meth:`_walk` takes the chain (a
-        chain of several descriptors, an indirect table, a translated or
-        unmapped address, a bad head, a full batch): small enough to inline,
-        it saves most chains of a net queue the walk's call (benchmarks/ring.py).
+        False where anything else holds, and :meth:`_walk_direct` or
+        :meth:`_walk` takes the chain (several descriptors, an indirect table,
+        a translated or unmapped address, a bad head, a full batch): small
+        enough to inline, it saves most chains of a net queue the walk's setup
+        (benchmarks/ring.py).
         """
         cdef Desc d
         cdef Region *r
@@ -576,6 +579,60 @@ cdef class SplitQueue(Virtqueue):
         b.nbufs = k + 1
         return True
 
+    cdef inline bint _walk_direct(self, uint16_t head, ChainBatch b) noexcept nogil:
+        """Take the common chain without the general walk: direct descriptors, each inside the last region hit.
+
+        False where anything else holds, with ``b`` as it was, and
+        :meth:`_walk` takes the chain from its head (an indirect table, a
+        translated or unmapped address, a region change, a bad head, next or
+        order, a chain too long or a loop, a full batch: each of its errors is
+        the general walk's).  A leaf with no call in its loop, so every
+        variable stays in a register: the general walk's slow-path calls
+        spilled its loop variables to the stack, a third of its time
+        (benchmarks/ring.py, perf annotate).
+        """
+        cdef const uint8_t *table = self._desc
+        cdef uint32_t size = self.size, i = head, n = 0
+        cdef Region *r
+        cdef uint64_t rgpa, rsize, off
+        cdef uint8_t *rhost
+        cdef Py_ssize_t k = b.nbufs, cap = b.cap_bufs
+        cdef uint64_t *addrs = b.addrs
+        cdef uint32_t *lens = b.lens
+        cdef uint8_t *writables = b.writable
+        cdef uint8_t **hosts = b.hosts
+        cdef bint seen_writable = False, writable
+        cdef Desc d
+        if head >= size or table == NULL or self._translated or self._nregions == 0:
+            return False
+        r = &self._regions[self._last_region]
+        rgpa, rsize, rhost = r.gpa, r.size, r.host
+        while True:
+            if n >= size or k >= cap:  # a (size + 1)-th buffer: too long or a loop (2.7.5.3.1)
+                return False
+            memcpy(&d, table + 16 * <uint64_t> i, 16)
+            if d.flags & F_INDIRECT:
+                return False
+            writable = (d.flags & F_WRITE) != 0
+            if seen_writable and not writable:
+                return False
+            seen_writable = writable
+            off = d.addr - rgpa
+            if off >= rsize or d.len > rsize - off:
+                return False
+            addrs[k] = d.addr
+            lens[k] = d.len
+            writables[k] = writable
+            hosts[k] = rhost + off
+            k += 1
+            n += 1
+            if not d.flags & F_NEXT:
+                b.nbufs = k
+                return True
+            if d.next >= size:
+                return False
+            i = d.next
+
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil:
         """Follow a chain from ``head``, appending its buffers to ``b`` (2.7.5 rules)."""
         cdef Desc d, slow
@@ -592,7 +649,7 @@ cdef class SplitQueue(Virtqueue):
         cdef uint64_t off
         cdef uint8_t *host
         cdef uint8_t *slow_host
-        cdef int rc
+        cdef int rc = 0
         # b.nbufs, b's arrays and the last region in locals (b.nbufs stored when the chain is
         # whole: a failed chain's buffers are dropped by the caller): a byte store (``writable``)
         # may alias anything, so fields read in the loop were read again for every buffer.
@@ -601,16 +658,20 @@ cdef class SplitQueue(Virtqueue):
         cdef uint32_t *lens = b.lens
         cdef uint8_t *writables = b.writable
         cdef uint8_t **hosts = b.hosts
+        # Queue Size in a local: a byte store (``writable``) may alias the field.
+        cdef uint32_t size = self.size
         r = &self._regions[self._last_region]
         self._err.desc = head
-        if head >= self.size:
+        if head >= size:
             return E_HEAD
+        # Errors break out of the loop with ``rc`` set; the descriptor at fault (``i``) is stored
+        # once there, not on every turn.
         while True:
             visited += 1
-            self._err.desc = <uint16_t> i
             if visited > table_len:
                 self._err.count = table_len
-                return E_LOOP
+                rc = E_LOOP
+                break
             if table_host != NULL:
                 # Into ``d`` here, not through a pointer the slow path also takes: a ``d`` whose
                 # address escapes lives on the stack, and reading its fields back after the 16-byte
@@ -620,25 +681,29 @@ cdef class SplitQueue(Virtqueue):
                 rc = self._read_desc(NULL, table_gpa, i, &slow)  # through guest memory, with the GIL
                 if rc:
                     self._err.addr = table_gpa
-                    return rc
+                    break
                 d = slow
             if d.flags & F_INDIRECT:
                 if indirect:
-                    return E_NESTED
+                    rc = E_NESTED
+                    break
                 if d.flags & F_NEXT:
-                    return E_INDIRECT_NEXT
+                    rc = E_INDIRECT_NEXT
+                    break
                 if d.len == 0 or d.len % 16:
                     self._err.len = d.len
-                    return E_INDIRECT_LEN
+                    rc = E_INDIRECT_LEN
+                    break
                 rc = self._check_buffer(d.addr, d.len, False, &slow_host)
                 if rc:
                     self._err.addr = d.addr
                     self._err.len = d.len
-                    return rc
+                    break
                 count = d.len // 16
-                if nbufs + count > self.size:
+                if nbufs + count > size:
                     self._err.count = nbufs + count
-                    return E_TOO_LONG
+                    rc = E_TOO_LONG
+                    break
                 table_host = slow_host
                 table_gpa = d.addr
                 table_len = count
@@ -648,7 +713,8 @@ cdef class SplitQueue(Virtqueue):
                 continue
             writable = (d.flags & F_WRITE) != 0
             if seen_writable and not writable:
-                return E_ORDER
+                rc = E_ORDER
+                break
             seen_writable = writable
             off = d.addr - r.gpa
             if direct and off < r.size and d.len <= r.size - off:
@@ -659,7 +725,7 @@ cdef class SplitQueue(Virtqueue):
                 if rc:
                     self._err.addr = d.addr
                     self._err.len = d.len
-                    return rc
+                    break
                 host = slow_host
                 r = &self._regions[self._last_region]  # the lookup may have moved to another region
             if k >= b.cap_bufs:
@@ -668,7 +734,9 @@ cdef class SplitQueue(Virtqueue):
                     try:
                         b._reserve_bufs(2 * b.cap_bufs + 64)
                     except MemoryError:
-                        return E_NOMEM
+                        rc = E_NOMEM
+                if rc:
+                    break
                 addrs, lens, writables, hosts = b.addrs, b.lens, b.writable, b.hosts
             addrs[k] = d.addr
             lens[k] = d.len
@@ -676,17 +744,21 @@ cdef class SplitQueue(Virtqueue):
             hosts[k] = host
             k += 1
             nbufs += 1
-            if nbufs > self.size:
+            if nbufs > size:
                 self._err.count = nbufs
-                return E_TOO_LONG
+                rc = E_TOO_LONG
+                break
             if not d.flags & F_NEXT:
                 b.nbufs = k
                 return 0
             if d.next >= table_len:
                 self._err.count = d.next
                 self._err.len = table_len
-                return E_NEXT
+                rc = E_NEXT
+                break
             i = d.next
+        self._err.desc = <uint16_t> i
+        return rc
 
     cdef object _walk_error(self, uint16_t head, int rc):
         cdef int q = self.index
