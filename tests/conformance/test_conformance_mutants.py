@@ -621,11 +621,34 @@ def test_hdr_len_and_ctrl_vq_mutants(make_backend, monkeypatch):
     assert set(failed) == {"virtio-1.2:5.1.4.1#ctrl_vq"} == MUTANT_EXPECTATIONS["rx-extra-without-ctrl-vq"], failed
 
 
-class LateDataBlk(VirtioBlk):
-    """Publishes reads whose data it has not (yet) written: the first bytes still hold what was there."""
+class _OldBytesBeforePush:
+    """A queue whose ``push_batch`` first writes back ``reads``' old bytes (the rest is the queue's)."""
 
-    # Every request completes (and is pushed) inside process_queue, so the old bytes go back after the
-    # push; asynchronous completion (the vhost-user back-end's) would push later, with the data right.
+    def __init__(self, inner, reads):
+        self.inner = inner
+        self.reads = reads
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def push_batch(self, batch, *args, **kwargs):
+        for addr, before in self.reads:
+            self.inner.memory.write(addr, before)
+        self.reads.clear()
+        self.inner.push_batch(batch, *args, **kwargs)
+
+
+class LateDataBlk(VirtioBlk):
+    """Publishes reads whose data it has not (yet) written: the first bytes still hold what was there.
+
+    The read's data goes into the driver's buffer, and its first 16 bytes are
+    put back as they were just before the used entry is published, in the
+    push itself: no driver can see the entry before the old bytes (putting
+    them back after the push raced with a driver that reads at once).
+    """
+
+    # Every request completes (and is pushed) inside process_queue; asynchronous completion (the vhost-user
+    # back-end's) pushes from the completion handler, which this mutant does not wrap.
     @property
     def complete_async(self):
         return False
@@ -646,9 +669,7 @@ class LateDataBlk(VirtioBlk):
                 data_addr = queue.memory.read_u64(state.desc_addr + 16 * nxt)
                 reads.append((data_addr, queue.memory.read(data_addr, 16)))
             i = (i + 1) & 0xFFFF
-        super().process_queue(index, queue)
-        for addr, before in reads:
-            queue.memory.write(addr, before)
+        super().process_queue(index, _OldBytesBeforePush(queue, reads))
 
 
 def test_used_len_written_mutant(make_backend):
