@@ -28,8 +28,9 @@ from iovirt.virtio.net.device import TX_BATCH, VirtioNet
 
 MEM = 4 << 20
 MAC = bytes.fromhex("525400000001")
-CHAINS = 300
-BUDGET = 2  # batches per kick in these tests: TX_BUDGET * TX_BATCH would need a ring of 4096
+BUDGET = 2  # batches per kick in these tests: TX_BUDGET * TX_BATCH would need a ring of 8192
+CHAINS = 2 * BUDGET * TX_BATCH + 44  # two budgets' worth, and some left for the resume
+RING = 1 << (CHAINS - 1).bit_length()  # the queue size that holds them all
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def small_budget(monkeypatch):
 def flooded_port() -> tuple[VirtioNet, DriverQueue]:
     """A started net device whose transmit queue holds ``CHAINS`` frames (no switch: they are dropped)."""
     memory = GuestMemory.from_ranges([(0, MEM)])
-    drv = DriverQueue(memory, BumpAllocator(0x1000, MEM - 0x1000), 512)
+    drv = DriverQueue(memory, BumpAllocator(0x1000, MEM - 0x1000), RING)
     dev = VirtioNet(MAC)
     dev.set_features(1 << VIRTIO_F_VERSION_1)
     dev.start_queue(1, memory, drv.state(), notify=lambda: None)

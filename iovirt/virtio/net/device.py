@@ -86,11 +86,15 @@ from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
 from iovirt.virtio.qos import Limits, TokenBucket
 from iovirt.virtio.state import QueueState
 
-TX_BATCH = 64
-TX_BUDGET = 64
+TX_BATCH = 128
+"""Transmit chains popped, gathered, returned and switched together.  The Python around the C parts costs
+per batch: 128 against 64 took the 64 B sink from 2.7-3.1 M to 5.5 M frames/s and port to port from
+1.4-1.6 M to 2.4 M (benchmarks/RESULTS.md, fifth session).  256 overran receivers' rings of 256 (the
+frames went through the backlog; port to port fell to 0.3 M)."""
+TX_BUDGET = 32
 """Transmit batches served per kick before the queue yields the thread that serves it (when the transport
 has a timer to resume it at once): a port flooded by its driver must not keep the other devices of that
-thread from their work (a blk device's completions, another port's kicks)."""
+thread from their work (a blk device's completions, another port's kicks).  4096 frames, as before."""
 RX_BACKLOG = 256  # frames held while the driver has posted no receive buffers
 TX_ERROR_REASONS = ("short", "too_long", "gso", "csum_offset")
 """Why a transmit chain was malformed, in the order of ``datapath.Frames.errors``."""
