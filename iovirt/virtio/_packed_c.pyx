@@ -27,7 +27,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from iovirt.memory import Access, GuestMemoryError, TranslationPending
 from iovirt.virtio._iotlb_c cimport CachedTranslator, TR_MAPPED, TR_PENDING, TR_SCATTERED
 from iovirt.virtio._dirtylog_c cimport log_mark
-from iovirt.virtio._queue_c cimport ChainBatch, Region, Virtqueue, WalkError
+from iovirt.virtio._queue_c cimport ChainBatch, Region, Virtqueue, WalkError, append_in_region
 from iovirt.virtio import _packed_checks as pchecks
 from iovirt.virtio import _queue_checks as checks
 from iovirt.virtio.state import QueueState
@@ -563,23 +563,14 @@ cdef class PackedQueue(Virtqueue):
         without them; benchmarks/vhost_user.py --only packed).
         """
         cdef PDesc d
-        cdef Region *r
-        cdef uint64_t off
         cdef Py_ssize_t k = b.nbufs
         if self._desc == NULL or self._translated or self._nregions == 0 or k >= b.cap_bufs:
             return False
         memcpy(&d, self._desc + 16 * <uint64_t> slot, 16)
         if d.flags & (F_NEXT | F_INDIRECT) or d.id >= self.size or self._taken[d.id] != 0:
             return False
-        r = &self._regions[self._last_region]
-        off = d.addr - r.gpa
-        if off >= r.size or d.len > r.size - off:
+        if not append_in_region(b, &self._regions[self._last_region], d.addr, d.len, (d.flags & F_WRITE) != 0):
             return False
-        b.addrs[k] = d.addr
-        b.lens[k] = d.len
-        b.writable[k] = (d.flags & F_WRITE) != 0
-        b.hosts[k] = r.host + off
-        b.nbufs = k + 1
         buf_id[0] = d.id
         return True
 

@@ -51,6 +51,22 @@ cdef class Virtqueue:
     cdef readonly uint32_t size
 
 
+cdef inline bint append_in_region(ChainBatch b, Region *r, uint64_t addr, uint32_t length, bint writable) noexcept nogil:
+    # One buffer appended to ``b`` (room checked by the caller) with its host pointer, if it lies
+    # inside region ``r``; False, ``b`` untouched, if not.  The split and packed rings' one-descriptor
+    # fast paths (``_single``).
+    cdef uint64_t off = addr - r.gpa
+    cdef Py_ssize_t k = b.nbufs
+    if off >= r.size or length > r.size - off:
+        return False
+    b.addrs[k] = addr
+    b.lens[k] = length
+    b.writable[k] = writable
+    b.hosts[k] = r.host + off
+    b.nbufs = k + 1
+    return True
+
+
 # final: no subclass, so the per-chain methods (_walk, _read_desc, _check_buffer, _host) are direct C
 # calls the compiler can inline, not calls through the type's method table.
 @cython.final

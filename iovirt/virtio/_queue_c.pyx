@@ -560,24 +560,13 @@ cdef class SplitQueue(Virtqueue):
         (benchmarks/ring.py).
         """
         cdef Desc d
-        cdef Region *r
-        cdef uint64_t off
         cdef Py_ssize_t k = b.nbufs
         if head >= self.size or self._desc == NULL or self._translated or self._nregions == 0 or k >= b.cap_bufs:
             return False
         memcpy(&d, self._desc + 16 * <uint64_t> head, 16)
         if d.flags & (F_NEXT | F_INDIRECT):
             return False
-        r = &self._regions[self._last_region]
-        off = d.addr - r.gpa
-        if off >= r.size or d.len > r.size - off:
-            return False
-        b.addrs[k] = d.addr
-        b.lens[k] = d.len
-        b.writable[k] = (d.flags & F_WRITE) != 0
-        b.hosts[k] = r.host + off
-        b.nbufs = k + 1
-        return True
+        return append_in_region(b, &self._regions[self._last_region], d.addr, d.len, (d.flags & F_WRITE) != 0)
 
     cdef inline bint _walk_direct(self, uint16_t head, ChainBatch b) noexcept nogil:
         """Take the common chain without the general walk: direct descriptors, each inside the last region hit.
