@@ -60,6 +60,10 @@ PHASE = 1.0
 WINDOW = 0.25  # the back-end samples its counters this often
 DELAY = 0.05
 DEPTH = 32
+# The disk was loaded the whole time it was connected and frames flowed: DEPTH reads in flight,
+# DEPTH / DELAY reads/s when the data plane reaps them at once (a quarter of that, allowing for the
+# front-end's own scheduling; a window is a quarter-second).
+LOADED_READS = DEPTH / DELAY / 4
 
 BACKEND = """
 import sys, threading, time
@@ -177,19 +181,14 @@ def test_a_slow_disk_does_not_slow_the_net_ports(tmp_path):
     print("(frames/s, reads/s, disk connected throughout, at all) every", WINDOW, "s:", windows)
     best = max(rate for rate, *_ in windows)
     flowing = [w for w in windows if best > 0 and w[0] >= best / 10]
-    # A window counts if the disk was loaded throughout, or gone throughout (those across a
-    # connect or a disconnect do not).
-    loaded = [rate for rate, reads, throughout, _ in flowing if throughout and reads >= DEPTH / DELAY / 4]
-    without = [rate for rate, _, _, at_all in flowing if not at_all]
-    starved = [w for w in flowing if w[2] and w[1] < DEPTH / DELAY / 4]
+    loaded = [w[0] for w in windows if window_kind(w, best) == "loaded"]
+    without = [w[0] for w in windows if window_kind(w, best) == "without"]
+    starved = [w for w in flowing if w[2] and w[1] < LOADED_READS]
     median_loaded, median_without = statistics.median(loaded), statistics.median(without)
     print(f"64 B port to port, medians of interleaved {WINDOW} s windows: {median_without:,.0f} frames/s without the "
           f"disk ({len(without)} windows), {median_loaded:,.0f} with it loaded ({len(loaded)} windows, "
           f"{len(starved)} with fewer reads); ratio {median_loaded / median_without:.2f}; best windows "
           f"{max(without):,.0f} and {max(loaded):,.0f}")
-    # The disk was loaded the whole time it was connected and frames flowed: DEPTH reads in
-    # flight, DEPTH / DELAY reads/s when the data plane reaps them at once (a quarter of that,
-    # allowing for the front-end's own scheduling; a window is a quarter-second).
     assert len(starved) <= len(loaded) / 10, starved
     assert len(loaded) >= 10 and len(without) >= 10
     ratios = paired_ratios(windows, best)
@@ -197,6 +196,17 @@ def test_a_slow_disk_does_not_slow_the_net_ports(tmp_path):
           f"median {statistics.median(ratios):.2f}")
     assert len(ratios) >= 10, ratios
     assert statistics.median(ratios) >= 0.9, ratios
+
+
+def window_kind(window: tuple[int, int, bool, bool], best: int) -> str | None:
+    """"loaded" (the disk loaded throughout), "without" (gone throughout) or None (frames not flowing,
+    or the window spans a connect or a disconnect, or the disk was connected but starved)."""
+    rate, reads, throughout, at_all = window
+    if best <= 0 or rate < best / 10:
+        return None
+    if throughout and reads >= LOADED_READS:
+        return "loaded"
+    return "without" if not at_all else None
 
 
 def paired_ratios(windows: list[tuple[int, int, bool, bool]], best: int) -> list[float]:
@@ -208,14 +218,12 @@ def paired_ratios(windows: list[tuple[int, int, bool, bool]], best: int) -> list
     """
     phases: list[tuple[str, list[int]]] = []
     previous: str | None = None
-    for rate, reads, throughout, at_all in windows:
-        kind = None
-        if rate >= best / 10:
-            kind = "loaded" if throughout and reads >= DEPTH / DELAY / 4 else "without" if not at_all else None
+    for window in windows:
+        kind = window_kind(window, best)
         if kind is not None and kind == previous:
-            phases[-1][1].append(rate)
+            phases[-1][1].append(window[0])
         elif kind is not None:
-            phases.append((kind, [rate]))
+            phases.append((kind, [window[0]]))
         previous = kind
     rates = [(kind, statistics.median(r)) for kind, r in phases]
     ratios = []
