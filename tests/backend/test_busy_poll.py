@@ -213,10 +213,12 @@ def test_the_control_plane_is_served_while_a_ring_is_busy_polled(polling_port):
         stop = threading.Event()
 
         def feed() -> None:
+            # A driver that kicks when the device asks: a scheduling gap longer than POLL_US (a loaded
+            # machine) ends the polling, and a frame published without a kick would then wait for ever.
             while not stop.wait(0.05):
                 tx.get_used()
                 tx.add_data([FRAME])
-                tx.publish()
+                drv.kick(1)
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
