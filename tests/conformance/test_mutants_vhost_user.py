@@ -68,6 +68,7 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
+from iovirt.virtio.queue import QueueWrapper
 from iovirt.virtio.rng.defs import REQUESTQ
 from iovirt.virtio.rng.device import VirtioRng
 from iovirt.virtio.vsock.defs import (
@@ -378,38 +379,72 @@ def _needs_indirect_desc(monkeypatch):
     _handler(monkeypatch, rq.SetFeatures, make)
 
 
-class HeaderAloneBlk(VirtioBlk):
+class MutatesBeforePop(QueueWrapper):
+    """The device's queue, with a mutant's change made to the available chains just before each pop.
+
+    Made once before ``process_queue`` only, the change would miss a chain
+    the driver publishes while the device's pop loop runs (a request
+    completed inside the loop is seen used at once, and the driver's next
+    one is popped by the same loop).  ``mutate(queue)`` returns how many
+    chains it looked at; no more than that are popped.
+    """
+
+    def __init__(self, inner, mutate: Callable[[Any], int]) -> None:
+        self.inner = inner
+        self._mutate = mutate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
+        return self.inner.pop_batch(min(max_chains, self._mutate(self.inner)), batch)
+
+
+class MutantBlk(VirtioBlk):
+    """A blk device whose :meth:`mutate` changes the available chains before the device pops them."""
+
+    def mutate(self, queue) -> int:
+        raise NotImplementedError
+
+    def process_queue(self, index, queue):
+        super().process_queue(index, MutatesBeforePop(queue, self.mutate))
+
+
+class HeaderAloneBlk(MutantBlk):
     """Assumes the request header has a descriptor of its own: a first descriptor longer than the header is
     taken for a malformed request (its type is rewritten to an unknown one, so it completes UNSUPP)."""
 
-    def process_queue(self, index, queue):
-        for chain in _available_chains(queue):
+    def mutate(self, queue):
+        chains = _available_chains(queue)
+        for chain in chains:
             addr, length, flags = chain[0]
             if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > REQ_HDR.size:
                 queue.memory.write_u32(addr, 0x5A)
-        super().process_queue(index, queue)
+        return len(chains)
 
 
-class ScribblesOnHeaderBlk(VirtioBlk):
+class ScribblesOnHeaderBlk(MutantBlk):
     """Writes into the first device-readable descriptor of each request (the header's ioprio byte)."""
 
-    def process_queue(self, index, queue):
-        for chain in _available_chains(queue):
+    def mutate(self, queue):
+        chains = _available_chains(queue)
+        for chain in chains:
             addr, length, flags = chain[0]
             if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > 4:
                 queue.memory.write(addr + 4, b"\x01")
-        super().process_queue(index, queue)
+        return len(chains)
 
 
-class ShortIndirectOnlyBlk(VirtioBlk):
+class ShortIndirectOnlyBlk(MutantBlk):
     """Takes an indirect table of fewer than four descriptors for a driver error (and so needs a reset)."""
 
-    def process_queue(self, index, queue):
-        for chain in _available_chains(queue):
+    def mutate(self, queue):
+        chains = _available_chains(queue)
+        for chain in chains:
             if any(flags & VIRTQ_DESC_F_INDIRECT and length < 4 * 16 for _addr, length, flags in chain):
                 self.fail(IovirtError("indirect table of fewer than 4 descriptors"))
-                return
-        super().process_queue(index, queue)
+                return 0
+        return len(chains)
 
 
 class SilentWithoutEventIdxBlk(VirtioBlk):
@@ -586,10 +621,13 @@ def test_net_mutant(make_backend, mutant):
 
 
 # -- virtio-blk (checks/blk.py) ------------------------------------------------------------------------------
-def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] | None]) -> None:
+def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] | None]) -> int:
     """Give each available request whose header is alone in its first descriptor the (type, sector) that
-    ``rewrite(type, sector, data bytes the device may write)`` returns (``None``: unchanged)."""
-    for chain in _available_chains(queue):
+    ``rewrite(type, sector, data bytes the device may write)`` returns (``None``: unchanged).
+
+    Returns how many chains were available (:meth:`MutantBlk.mutate`)."""
+    chains = _available_chains(queue)
+    for chain in chains:
         addr, length, flags = chain[0]
         if flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) or length != REQ_HDR.size:
             continue
@@ -598,22 +636,21 @@ def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] |
         new = rewrite(rtype, sector, writable)
         if new is not None:
             queue.memory.write(addr, REQ_HDR.pack(new[0], reserved, new[1]))
+    return len(chains)
 
 
-class ShiftedWritesBlk(VirtioBlk):
+class ShiftedWritesBlk(MutantBlk):
     """Writes land one sector past the one asked for."""
 
-    def process_queue(self, index, queue):
-        _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_OUT else None)
-        super().process_queue(index, queue)
+    def mutate(self, queue):
+        return _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_OUT else None)
 
 
-class FlushUnsupportedBlk(VirtioBlk):
+class FlushUnsupportedBlk(MutantBlk):
     """Offers VIRTIO_BLK_F_FLUSH but answers FLUSH as an unknown request (UNSUPP)."""
 
-    def process_queue(self, index, queue):
-        _rewrite_headers(queue, lambda t, s, n: (0x5A, s) if t == VIRTIO_BLK_T_FLUSH else None)
-        super().process_queue(index, queue)
+    def mutate(self, queue):
+        return _rewrite_headers(queue, lambda t, s, n: (0x5A, s) if t == VIRTIO_BLK_T_FLUSH else None)
 
 
 class GarbageIdBlk(VirtioBlk):
@@ -635,36 +672,34 @@ class UnknownTypeOkBlk(VirtioBlk):
         return super()._serve(memory, chain)
 
 
-class LastSectorUnreadableBlk(VirtioBlk):
+class LastSectorUnreadableBlk(MutantBlk):
     """Fails (IOERR) a read of the last sector, as if capacity were one sector less."""
 
-    def process_queue(self, index, queue):
+    def mutate(self, queue):
         last = self.capacity - 1
-        _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_IN and s == last else None)
-        super().process_queue(index, queue)
+        return _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_IN and s == last else None)
 
 
-class ClampsReadsBlk(VirtioBlk):
+class ClampsReadsBlk(MutantBlk):
     """Serves a read past the end from the last sectors instead (OK, not IOERR)."""
 
-    def process_queue(self, index, queue):
+    def mutate(self, queue):
         cap = self.capacity
 
         def clamp(t, s, n):
             count = -(-n // SECTOR_SIZE)
             return (t, max(0, cap - count)) if t == VIRTIO_BLK_T_IN and s + count > cap else None
 
-        _rewrite_headers(queue, clamp)
-        super().process_queue(index, queue)
+        return _rewrite_headers(queue, clamp)
 
 
-class WritesDespiteRoBlk(VirtioBlk):
+class WritesDespiteRoBlk(MutantBlk):
     """Read-only, yet completes a write with OK (it is taken for a FLUSH: nothing written)."""
 
-    def process_queue(self, index, queue):
-        if self.read_only:
-            _rewrite_headers(queue, lambda t, s, n: (VIRTIO_BLK_T_FLUSH, 0) if t == VIRTIO_BLK_T_OUT else None)
-        super().process_queue(index, queue)
+    def mutate(self, queue):
+        ro = self.read_only
+        return _rewrite_headers(queue,
+                                lambda t, s, n: (VIRTIO_BLK_T_FLUSH, 0) if ro and t == VIRTIO_BLK_T_OUT else None)
 
 
 class ZeroesNothingBlk(VirtioBlk):
