@@ -29,6 +29,7 @@ from iovirt.guest.errors import GuestFailed, GuestTimeout, HostPartMissing
 from iovirt.guest.initramfs import guest_initrd
 from iovirt.guest.kernel import GuestKernel, find_kernel
 from iovirt.guest.modules import VIRTIO_MODULES
+from iovirt.guest.pvh import boot_image
 from iovirt.guest.qemu import QEMU, Device, Machine
 from iovirt.guest.qmp import QMPClient
 
@@ -121,6 +122,8 @@ class Guest:
         if self._build_initrd:
             guest_initrd(self.machine.initrd, self.machine.kernel, self._script, self._files, self._modules,
                          self._compress)
+        if self.machine.boot_image is None:
+            self.machine.boot_image = boot_image(self.machine.kernel)
         if self.machine.qmp_socket is not None and self.machine.qmp_socket.exists():
             self.machine.qmp_socket.unlink()  # a stale one would be connected to before QEMU binds its own
         argv = self.machine.argv()

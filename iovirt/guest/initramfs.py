@@ -39,8 +39,8 @@ def cache_dir() -> Path:
     return Path(xdg) / "iovirt" / "guest"
 
 
-def _file_identity(path: Path) -> bytes:
-    # Size and mtime change whenever a package upgrade replaces the file.
+def file_identity(path: Path) -> bytes:
+    """``path`` with its size and mtime, which change whenever a package upgrade replaces the file."""
     st = path.stat()
     return f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()
 
@@ -49,7 +49,7 @@ def cache_key(kernel: GuestKernel, modules: tuple[str, ...], compress: bool,
               busybox: Path = BUSYBOX) -> str:
     """The hash naming a base image: kernel version and files, busybox, modules, init script."""
     h = hashlib.sha256(_FORMAT)
-    for part in (kernel.version.encode(), _file_identity(kernel.vmlinuz), _file_identity(busybox),
+    for part in (kernel.version.encode(), file_identity(kernel.vmlinuz), file_identity(busybox),
                  ",".join(modules).encode(), init_script.INIT.encode(), init_script.LIB.encode(),
                  b"gzip" if compress else b"raw"):
         h.update(len(part).to_bytes(4, "little") + part)

@@ -176,6 +176,8 @@ class Machine:
     qemu: str = QEMU
     qmp_socket: Path | None = None
     incoming: str | None = None
+    #: What ``-kernel`` loads; ``None``: ``kernel.vmlinuz`` (:mod:`iovirt.guest.pvh` unpacks it).
+    boot_image: Path | None = None
 
     def kernel_cmdline(self) -> str:
         """The guest kernel's command line, including the ``iovirt.ipN=`` networking."""
@@ -201,7 +203,7 @@ class Machine:
             "-object", f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
             "-machine", "q35,memory-backend=mem",
             "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
-            "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initrd),
+            "-kernel", str(self.boot_image or self.kernel.vmlinuz), "-initrd", str(self.initrd),
             "-append", self.kernel_cmdline(),
         ]
         if self.viommu:
