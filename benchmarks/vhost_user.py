@@ -17,6 +17,12 @@ The 64-byte sink and port-to-port runs are repeated under ``iovirt serve
 --isolate`` (each port a worker process, the switch in the supervisor): the
 cost of process isolation, in the same run.
 
+Busy polling: the same 64-byte sink against ``iovirt serve --poll-us 1000``
+(the data plane keeps polling a ring for 1 ms after its last work, with
+the front-end's kicks suppressed, as DPDK's PMD polls its ring), against
+``iovirt serve`` without it and against DPDK's vhost PMD, alternately
+twice (best of each): ``ratio_net_64B_vs_dpdk_poll``.  (``--only poll``.)
+
 Packed against split: the same 64-byte sink, with the front-end asking for
 packed rings (``packed_vq=1``) and then not, alternately three times against
 one ``iovirt serve`` (best of each); ``ratio_packed_vs_split_64B`` is packed /
@@ -291,6 +297,41 @@ def packed_figures(tmp: Path, seconds: float) -> dict[str, float]:
             "ratio_packed_vs_split_64B": round(packed / split, 3)}
 
 
+POLL_US = 1000
+"""``iovirt serve --poll-us`` for the busy-poll figures: a ring is polled for 1 ms after its last work."""
+
+
+def poll_figures(tmp: Path, seconds: float) -> dict[str, float]:
+    """The 64-byte sink with ``iovirt serve --poll-us POLL_US``, without it, and DPDK's vhost PMD, alternately twice.
+
+    DPDK's PMD busy-polls its ring on its core; with ``--poll-us`` iovirt's data plane does the same
+    while traffic flows (the front-end sees notifications suppressed and stops kicking).  Best of
+    each; ``ratio_net_64B_vs_dpdk_poll`` is the polled figure against the PMD's from the same run.
+    """
+    best = {"poll": 0.0, "kicks": 0.0, "dpdk": 0.0}
+    for round_ in range(2):
+        for kind in best:
+            sock = tmp / f"poll-{kind}-{round_}.sock"
+            if kind == "dpdk":
+                backend = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-poll-{round_}.log")
+            else:
+                extra = ["--poll-us", str(POLL_US)] if kind == "poll" else []
+                backend = serve_iovirt(["--net", str(sock), *extra], tmp / f"iovirt-{kind}-{round_}.log")
+                wait_socket(sock, backend)
+            try:
+                rate = testpmd_tx(sock, 64, seconds, tmp / f"fe-{kind}-{round_}.log")
+            finally:
+                stop_process(backend, signal.SIGTERM if kind != "dpdk" else signal.SIGINT)
+            best[kind] = max(best[kind], rate)
+    print(f"net   64 B frames, sink: iovirt --poll-us {POLL_US} {best['poll']:,.0f} frames/s   "
+          f"iovirt (kicks) {best['kicks']:,.0f} frames/s   DPDK vhost PMD {best['dpdk']:,.0f} frames/s   "
+          f"ratios {best['poll'] / best['dpdk']:.2f} polled, {best['kicks'] / best['dpdk']:.2f} with kicks")
+    return {"net_64B_frames_per_s_poll": best["poll"], "net_64B_frames_per_s_kicks": best["kicks"],
+            "dpdk_vhost_64B_frames_per_s_poll_run": best["dpdk"],
+            "ratio_net_64B_vs_dpdk_poll": round(best["poll"] / best["dpdk"], 3),
+            "ratio_net_64B_vs_dpdk_kicks_poll_run": round(best["kicks"] / best["dpdk"], 3)}
+
+
 def _link_drops(log: Path) -> tuple[int, int]:
     """(sent, dropped) over the isolated net workers' links to the switch, from their exit lines."""
     found = re.findall(r"link to the switch: (\d+) frames sent, (\d+) dropped", log.read_text(errors="replace"))
@@ -559,14 +600,16 @@ def counters_figures(tmp: Path, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure (default 5)")
-    parser.add_argument("--only", choices=["net", "workers", "packed", "blk", "logging", "counters"],
-                        help="run only the net, workers (port to port on one worker and on two), packed-versus-split, "
-                             "blk, logging or counters figures")
+    parser.add_argument("--only", choices=["net", "poll", "workers", "packed", "blk", "logging", "counters"],
+                        help="run only the net, poll (the 64 B sink with --poll-us), workers (port to port on one "
+                             "worker and on two), packed-versus-split, blk, logging or counters figures")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-") as tmp:
         if args.only in (None, "net"):
             figures.update(net_figures(Path(tmp), args.seconds))
+        if args.only in (None, "poll"):
+            figures.update(poll_figures(Path(tmp), args.seconds))
         if args.only in (None, "workers"):
             figures.update(workers_figures(Path(tmp), args.seconds))
         if args.only in (None, "packed"):
