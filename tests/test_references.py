@@ -36,6 +36,8 @@ EXTERNAL: dict[str, str] = {
     "docs/interop/qmp-spec.rst": "QEMU",
     # The Linux kernel's initramfs format (linux.git Documentation/driver-api/early-userspace/buffer-format.rst).
     "Documentation/driver-api/early-userspace/buffer-format.rst": "kernel",
+    # The Linux x86 boot protocol (linux.git Documentation/x86/boot.rst): the bzImage setup header.
+    "Documentation/x86/boot.rst": "Linux",
 }
 """Paths in other projects' trees that the text may cite: path -> the owner it must name nearby."""
 
