@@ -18,6 +18,7 @@ import zlib
 
 import pytest
 
+from mutant_queue import MutantBlk, available_chains
 from zoned_model import MAX_APPEND, CoarseWritesBlk, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
@@ -216,20 +217,17 @@ class SpuriousKickFailsBlk(VirtioBlk):
         super().process_queue(index, queue)
 
 
-class IndirectWriteFlagFailsBlk(VirtioBlk):
+class IndirectWriteFlagFailsBlk(MutantBlk):
     """Rejects an indirect descriptor that also carries the write flag."""
 
-    def process_queue(self, index, queue):
-        state = queue.state()
-        end = queue.memory.read_u16(state.avail_addr + 2)
-        i = state.last_avail_idx
-        while i != end:
-            flags = queue.memory.read_u16(state.desc_addr + 16 * _avail(queue, state, i) + 12)
+    def mutate(self, queue):
+        chains = available_chains(queue)
+        for chain in chains:
+            flags = chain[0][2]
             if flags & VIRTQ_DESC_F_INDIRECT and flags & VIRTQ_DESC_F_WRITE:
                 self.fail(IovirtError("indirect descriptor with the write flag"))
-                return
-            i = (i + 1) & 0xFFFF
-        super().process_queue(index, queue)
+                return 0
+        return len(chains)
 
 
 NOTIFY_CLAUSES = {
@@ -392,20 +390,17 @@ class DirtyPaddingBlk(VirtioBlk):
         return bytes(config)
 
 
-class Sector0MisplacedBlk(VirtioBlk):
+class Sector0MisplacedBlk(MutantBlk):
     """Writes what the driver sends to sector 0 into sector 1."""
 
-    def process_queue(self, index, queue):
-        state = queue.state()
-        end = queue.memory.read_u16(state.avail_addr + 2)
-        i = state.last_avail_idx
-        while i != end:
-            hdr = queue.memory.read_u64(state.desc_addr + 16 * _avail(queue, state, i))
+    def mutate(self, queue):
+        chains = available_chains(queue)
+        for chain in chains:
+            hdr = chain[0][0]
             rtype, _reserved, sector = REQ_HDR.unpack(queue.memory.read(hdr, REQ_HDR.size))
             if rtype == VIRTIO_BLK_T_OUT and sector == 0:
                 queue.memory.write(hdr, REQ_HDR.pack(rtype, 0, 1))
-            i = (i + 1) & 0xFFFF
-        super().process_queue(index, queue)
+        return len(chains)
 
 
 BLK_EDGE_CLAUSES = {
@@ -1190,26 +1185,16 @@ def test_get_vring_base_drain_mutant(make_backend):
 
 
 # -- indirect tables ---------------------------------------------------------------------------------------
-class ShortIndirectTablesBlk(VirtioBlk):
+class ShortIndirectTablesBlk(MutantBlk):
     """Refuses an indirect table of more than 16 descriptors (a limit the spec does not give it)."""
 
-    def process_queue(self, index, queue):
-        state = queue.state()
-        end = queue.memory.read_u16(state.avail_addr + 2)
-        i = state.last_avail_idx
-        while i != end:
-            desc = _avail(queue, state, i)
-            for _ in range(state.size):
-                at = state.desc_addr + 16 * desc
-                flags = queue.memory.read_u16(at + 12)
-                if flags & VIRTQ_DESC_F_INDIRECT and queue.memory.read_u32(at + 8) > 16 * 16:
-                    self.fail(IovirtError("indirect table longer than 16 descriptors"))
-                    return
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                desc = queue.memory.read_u16(at + 14)
-            i = (i + 1) & 0xFFFF
-        super().process_queue(index, queue)
+    def mutate(self, queue):
+        chains = available_chains(queue)
+        for chain in chains:
+            if any(flags & VIRTQ_DESC_F_INDIRECT and length > 16 * 16 for _addr, length, flags in chain):
+                self.fail(IovirtError("indirect table longer than 16 descriptors"))
+                return 0
+        return len(chains)
 
 
 def test_indirect_limits_mutant(make_backend):

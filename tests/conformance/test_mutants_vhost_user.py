@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import pytest
 
+from mutant_queue import MutantBlk, available_chains
+
 from iovirt.errors import IovirtError
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
@@ -54,7 +56,6 @@ from iovirt.virtio.defs import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
@@ -68,7 +69,6 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net.device import VirtioNet
-from iovirt.virtio.queue import QueueWrapper
 from iovirt.virtio.rng.defs import REQUESTQ
 from iovirt.virtio.rng.device import VirtioRng
 from iovirt.virtio.vsock.defs import (
@@ -342,24 +342,6 @@ def test_vhost_user_message_mutant(make_backend, monkeypatch, mutant):
 
 
 # -- generic virtqueue rules (checks/virtqueue.py, on blk) ---------------------------------------------
-def _available_chains(queue) -> list[list[tuple[int, int, int]]]:
-    """The (addr, len, flags) descriptors of each chain the driver made available and the device has not taken
-    (split rings; an indirect descriptor is listed as it is, not followed)."""
-    state, memory = queue.state(), queue.memory
-    chains, i = [], state.last_avail_idx
-    while i != memory.read_u16(state.avail_addr + 2):
-        desc, chain = memory.read_u16(state.avail_addr + 4 + 2 * (i % state.size)), []
-        for _ in range(state.size):
-            at = state.desc_addr + 16 * desc
-            chain.append((memory.read_u64(at), memory.read_u32(at + 8), memory.read_u16(at + 12)))
-            if not chain[-1][2] & VIRTQ_DESC_F_NEXT:
-                break
-            desc = memory.read_u16(at + 14)
-        chains.append(chain)
-        i = (i + 1) & 0xFFFF
-    return chains
-
-
 class NoVersion1Blk(VirtioBlk):
     """Offers no VIRTIO_F_VERSION_1 (a legacy-only device)."""
 
@@ -379,43 +361,12 @@ def _needs_indirect_desc(monkeypatch):
     _handler(monkeypatch, rq.SetFeatures, make)
 
 
-class MutatesBeforePop(QueueWrapper):
-    """The device's queue, with a mutant's change made to the available chains just before each pop.
-
-    Made once before ``process_queue`` only, the change would miss a chain
-    the driver publishes while the device's pop loop runs (a request
-    completed inside the loop is seen used at once, and the driver's next
-    one is popped by the same loop).  ``mutate(queue)`` returns how many
-    chains it looked at; no more than that are popped.
-    """
-
-    def __init__(self, inner, mutate: Callable[[Any], int]) -> None:
-        self.inner = inner
-        self._mutate = mutate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
-        return self.inner.pop_batch(min(max_chains, self._mutate(self.inner)), batch)
-
-
-class MutantBlk(VirtioBlk):
-    """A blk device whose :meth:`mutate` changes the available chains before the device pops them."""
-
-    def mutate(self, queue) -> int:
-        raise NotImplementedError
-
-    def process_queue(self, index, queue):
-        super().process_queue(index, MutatesBeforePop(queue, self.mutate))
-
-
 class HeaderAloneBlk(MutantBlk):
     """Assumes the request header has a descriptor of its own: a first descriptor longer than the header is
     taken for a malformed request (its type is rewritten to an unknown one, so it completes UNSUPP)."""
 
     def mutate(self, queue):
-        chains = _available_chains(queue)
+        chains = available_chains(queue)
         for chain in chains:
             addr, length, flags = chain[0]
             if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > REQ_HDR.size:
@@ -427,7 +378,7 @@ class ScribblesOnHeaderBlk(MutantBlk):
     """Writes into the first device-readable descriptor of each request (the header's ioprio byte)."""
 
     def mutate(self, queue):
-        chains = _available_chains(queue)
+        chains = available_chains(queue)
         for chain in chains:
             addr, length, flags = chain[0]
             if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > 4:
@@ -439,7 +390,7 @@ class ShortIndirectOnlyBlk(MutantBlk):
     """Takes an indirect table of fewer than four descriptors for a driver error (and so needs a reset)."""
 
     def mutate(self, queue):
-        chains = _available_chains(queue)
+        chains = available_chains(queue)
         for chain in chains:
             if any(flags & VIRTQ_DESC_F_INDIRECT and length < 4 * 16 for _addr, length, flags in chain):
                 self.fail(IovirtError("indirect table of fewer than 4 descriptors"))
@@ -579,7 +530,7 @@ class FlipsLongFramesNet(VirtioNet):
     """Flips the last byte of every transmitted frame of 1000 bytes or more."""
 
     def _transmit(self, index, queue):
-        for chain in _available_chains(queue):
+        for chain in available_chains(queue):
             if sum(length for _a, length, _f in chain) >= NET_HDR_SIZE + 1000 and not chain[-1][2] & VIRTQ_DESC_F_INDIRECT:
                 addr, length, _flags = chain[-1]
                 queue.memory.write(addr + length - 1, bytes([queue.memory.read(addr + length - 1, 1)[0] ^ 0xFF]))
@@ -626,7 +577,7 @@ def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] |
     ``rewrite(type, sector, data bytes the device may write)`` returns (``None``: unchanged).
 
     Returns how many chains were available (:meth:`MutantBlk.mutate`)."""
-    chains = _available_chains(queue)
+    chains = available_chains(queue)
     for chain in chains:
         addr, length, flags = chain[0]
         if flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) or length != REQ_HDR.size:
