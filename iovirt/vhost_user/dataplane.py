@@ -284,7 +284,6 @@ class DataPlane:
 
     def _poll_busy(self) -> None:
         """One look at every busy-polled ring; a ring idle for ``poll_s`` goes back to kicks."""
-        now = time.monotonic()
         for fd, busy in list(self._busy.items()):
             queue = busy.queue_of()
             if queue is None:
@@ -294,16 +293,18 @@ class DataPlane:
                 if queue is not busy.quiet:  # first look, or the ring restarted with a new queue
                     queue.disable_notification()
                     busy.quiet = queue
+                # The clock is read after each look, not once per pass: a thread held up between the two
+                # (a loaded machine) would otherwise date the work too early and end the polling too soon.
                 if self._serve(queue, busy.handler):
-                    busy.last_work = now
+                    busy.last_work = time.monotonic()
                     continue
-                if now - busy.last_work < self.poll_s:
+                if time.monotonic() - busy.last_work < self.poll_s:
                     continue
                 # Kicks back on, then one more look (the lost-wakeup race): what arrived in between is
                 # served now, and polling goes on.
                 if queue.enable_notification() and self._serve(queue, busy.handler):
                     queue.disable_notification()
-                    busy.last_work = now
+                    busy.last_work = time.monotonic()
                     continue
             except IovirtError:
                 # A broken or released ring: the device's own kick path reports it, once.
