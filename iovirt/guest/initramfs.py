@@ -93,13 +93,18 @@ def base_image(kernel: GuestKernel, modules: tuple[str, ...] = VIRTIO_MODULES,
     data = build_base(kernel, modules)
     if compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)
+    write_cached(path, data)
+    return path
+
+
+def write_cached(path: Path, data: bytes) -> None:
+    """Write ``data`` to cache file ``path`` (its folder made if need be) through a temporary file and a rename,
+    so concurrent guests never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so concurrent test processes never see half an image.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".initramfs-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-    return path
 
 
 def script_overlay(script: str | None, files: dict[str, bytes] | None = None) -> bytes:

@@ -22,8 +22,6 @@ import hashlib
 import io
 import logging
 import lzma
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import NoteSegment
 
-from iovirt.guest.initramfs import cache_dir, file_identity
+from iovirt.guest.initramfs import cache_dir, file_identity, write_cached
 from iovirt.guest.kernel import GuestKernel
 
 log = logging.getLogger(__name__)
@@ -123,8 +121,8 @@ def boot_image(kernel: GuestKernel) -> Path:
     """What QEMU's ``-kernel`` should load: the cached unpacked ELF, or ``kernel.vmlinuz`` if it has none.
 
     The ELF is written once per kernel file (keyed by its path, size and
-    mtime) under :func:`iovirt.guest.initramfs.cache_dir`, through a rename
-    so that concurrent guests never see half a file.
+    mtime) under :func:`iovirt.guest.initramfs.cache_dir`
+    (:func:`iovirt.guest.initramfs.write_cached`).
     """
     key = hashlib.sha256(_FORMAT + file_identity(kernel.vmlinuz)).hexdigest()[:16]
     path = cache_dir() / f"vmlinux-{kernel.version}-{key}"
@@ -133,15 +131,11 @@ def boot_image(kernel: GuestKernel) -> Path:
         return path
     if refused.exists():
         return kernel.vmlinuz
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         elf = unpack(kernel.vmlinuz.read_bytes())
     except NotUnpackable as exc:
         log.info("%s boots as a bzImage (slower under TCG): %s", kernel.vmlinuz, exc)
-        refused.write_text(f"{exc}\n")
+        write_cached(refused, f"{exc}\n".encode())
         return kernel.vmlinuz
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vmlinux-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(elf)
-    os.replace(tmp, path)
+    write_cached(path, elf)
     return path
