@@ -34,13 +34,15 @@ def available_chains(queue) -> list[list[tuple[int, int, int]]]:
 
 
 class MutatesBeforePop(QueueWrapper):
-    """The device's queue, with a mutant's change made to the available chains just before each pop.
+    """The device's queue, with a mutant's change made to each available chain just before each pop.
 
-    ``mutate(queue)`` returns how many chains it looked at; no more than
-    that are popped, so a chain published after the look waits for the next.
+    ``mutate(queue, chain)`` changes one chain (its ``(addr, len, flags)``
+    descriptors); False means the device refused the ring (it called
+    ``fail``) and nothing is popped.  No more chains are popped than were
+    looked at, so a chain published after the look waits for the next.
     """
 
-    def __init__(self, inner, mutate: Callable[[Any], int]) -> None:
+    def __init__(self, inner, mutate: Callable[[Any, list[tuple[int, int, int]]], bool]) -> None:
         self.inner = inner
         self._mutate = mutate
 
@@ -48,13 +50,16 @@ class MutatesBeforePop(QueueWrapper):
         return getattr(self.inner, name)
 
     def pop_batch(self, max_chains: int, batch: Any = None) -> Any:
-        return self.inner.pop_batch(min(max_chains, self._mutate(self.inner)), batch)
+        chains = available_chains(self.inner)
+        if not all(self._mutate(self.inner, chain) for chain in chains):
+            return self.inner.pop_batch(0, batch)
+        return self.inner.pop_batch(min(max_chains, len(chains)), batch)
 
 
 class MutantBlk(VirtioBlk):
-    """A blk device whose :meth:`mutate` changes the available chains before the device pops them."""
+    """A blk device whose :meth:`mutate` changes each available chain before the device pops it."""
 
-    def mutate(self, queue) -> int:
+    def mutate(self, queue, chain: list[tuple[int, int, int]]) -> bool:
         raise NotImplementedError
 
     def process_queue(self, index, queue):

@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 
-from mutant_queue import MutantBlk, available_chains
+from mutant_queue import MutantBlk
 from zoned_model import MAX_APPEND, CoarseWritesBlk, EraseKeepsZoneStateBlk, NoAppendZonedBlk, SecureEraseZonedBlk, NoOpenLimitBlk, StaleAfterResetBlk, UnalignedWriteOkBlk, ZonedOpsBlk
 from iovirt.conformance.checks.blk_edges import (
     CONFIG_ZONED,
@@ -220,14 +220,12 @@ class SpuriousKickFailsBlk(VirtioBlk):
 class IndirectWriteFlagFailsBlk(MutantBlk):
     """Rejects an indirect descriptor that also carries the write flag."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            flags = chain[0][2]
-            if flags & VIRTQ_DESC_F_INDIRECT and flags & VIRTQ_DESC_F_WRITE:
-                self.fail(IovirtError("indirect descriptor with the write flag"))
-                return 0
-        return len(chains)
+    def mutate(self, queue, chain):
+        flags = chain[0][2]
+        if flags & VIRTQ_DESC_F_INDIRECT and flags & VIRTQ_DESC_F_WRITE:
+            self.fail(IovirtError("indirect descriptor with the write flag"))
+            return False
+        return True
 
 
 NOTIFY_CLAUSES = {
@@ -393,14 +391,12 @@ class DirtyPaddingBlk(VirtioBlk):
 class Sector0MisplacedBlk(MutantBlk):
     """Writes what the driver sends to sector 0 into sector 1."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            hdr = chain[0][0]
-            rtype, _reserved, sector = REQ_HDR.unpack(queue.memory.read(hdr, REQ_HDR.size))
-            if rtype == VIRTIO_BLK_T_OUT and sector == 0:
-                queue.memory.write(hdr, REQ_HDR.pack(rtype, 0, 1))
-        return len(chains)
+    def mutate(self, queue, chain):
+        hdr = chain[0][0]
+        rtype, _reserved, sector = REQ_HDR.unpack(queue.memory.read(hdr, REQ_HDR.size))
+        if rtype == VIRTIO_BLK_T_OUT and sector == 0:
+            queue.memory.write(hdr, REQ_HDR.pack(rtype, 0, 1))
+        return True
 
 
 BLK_EDGE_CLAUSES = {
@@ -1188,13 +1184,11 @@ def test_get_vring_base_drain_mutant(make_backend):
 class ShortIndirectTablesBlk(MutantBlk):
     """Refuses an indirect table of more than 16 descriptors (a limit the spec does not give it)."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            if any(flags & VIRTQ_DESC_F_INDIRECT and length > 16 * 16 for _addr, length, flags in chain):
-                self.fail(IovirtError("indirect table longer than 16 descriptors"))
-                return 0
-        return len(chains)
+    def mutate(self, queue, chain):
+        if any(flags & VIRTQ_DESC_F_INDIRECT and length > 16 * 16 for _addr, length, flags in chain):
+            self.fail(IovirtError("indirect table longer than 16 descriptors"))
+            return False
+        return True
 
 
 def test_indirect_limits_mutant(make_backend):

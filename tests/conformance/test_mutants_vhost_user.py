@@ -365,37 +365,31 @@ class HeaderAloneBlk(MutantBlk):
     """Assumes the request header has a descriptor of its own: a first descriptor longer than the header is
     taken for a malformed request (its type is rewritten to an unknown one, so it completes UNSUPP)."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            addr, length, flags = chain[0]
-            if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > REQ_HDR.size:
-                queue.memory.write_u32(addr, 0x5A)
-        return len(chains)
+    def mutate(self, queue, chain):
+        addr, length, flags = chain[0]
+        if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > REQ_HDR.size:
+            queue.memory.write_u32(addr, 0x5A)
+        return True
 
 
 class ScribblesOnHeaderBlk(MutantBlk):
     """Writes into the first device-readable descriptor of each request (the header's ioprio byte)."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            addr, length, flags = chain[0]
-            if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > 4:
-                queue.memory.write(addr + 4, b"\x01")
-        return len(chains)
+    def mutate(self, queue, chain):
+        addr, length, flags = chain[0]
+        if not flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) and length > 4:
+            queue.memory.write(addr + 4, b"\x01")
+        return True
 
 
 class ShortIndirectOnlyBlk(MutantBlk):
     """Takes an indirect table of fewer than four descriptors for a driver error (and so needs a reset)."""
 
-    def mutate(self, queue):
-        chains = available_chains(queue)
-        for chain in chains:
-            if any(flags & VIRTQ_DESC_F_INDIRECT and length < 4 * 16 for _addr, length, flags in chain):
-                self.fail(IovirtError("indirect table of fewer than 4 descriptors"))
-                return 0
-        return len(chains)
+    def mutate(self, queue, chain):
+        if any(flags & VIRTQ_DESC_F_INDIRECT and length < 4 * 16 for _addr, length, flags in chain):
+            self.fail(IovirtError("indirect table of fewer than 4 descriptors"))
+            return False
+        return True
 
 
 class SilentWithoutEventIdxBlk(VirtioBlk):
@@ -572,36 +566,34 @@ def test_net_mutant(make_backend, mutant):
 
 
 # -- virtio-blk (checks/blk.py) ------------------------------------------------------------------------------
-def _rewrite_headers(queue, rewrite: Callable[[int, int, int], tuple[int, int] | None]) -> int:
-    """Give each available request whose header is alone in its first descriptor the (type, sector) that
+def _rewrite_header(queue, chain, rewrite: Callable[[int, int, int], tuple[int, int] | None]) -> bool:
+    """Give the request ``chain``, if its header is alone in its first descriptor, the (type, sector) that
     ``rewrite(type, sector, data bytes the device may write)`` returns (``None``: unchanged).
 
-    Returns how many chains were available (:meth:`MutantBlk.mutate`)."""
-    chains = available_chains(queue)
-    for chain in chains:
-        addr, length, flags = chain[0]
-        if flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) or length != REQ_HDR.size:
-            continue
-        rtype, reserved, sector = REQ_HDR.unpack(queue.memory.read(addr, REQ_HDR.size))
-        writable = sum(n for _a, n, f in chain if f & VIRTQ_DESC_F_WRITE) - 1
-        new = rewrite(rtype, sector, writable)
-        if new is not None:
-            queue.memory.write(addr, REQ_HDR.pack(new[0], reserved, new[1]))
-    return len(chains)
+    Returns True (:meth:`MutantBlk.mutate`: the chain may be popped)."""
+    addr, length, flags = chain[0]
+    if flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) or length != REQ_HDR.size:
+        return True
+    rtype, reserved, sector = REQ_HDR.unpack(queue.memory.read(addr, REQ_HDR.size))
+    writable = sum(n for _a, n, f in chain if f & VIRTQ_DESC_F_WRITE) - 1
+    new = rewrite(rtype, sector, writable)
+    if new is not None:
+        queue.memory.write(addr, REQ_HDR.pack(new[0], reserved, new[1]))
+    return True
 
 
 class ShiftedWritesBlk(MutantBlk):
     """Writes land one sector past the one asked for."""
 
-    def mutate(self, queue):
-        return _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_OUT else None)
+    def mutate(self, queue, chain):
+        return _rewrite_header(queue, chain, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_OUT else None)
 
 
 class FlushUnsupportedBlk(MutantBlk):
     """Offers VIRTIO_BLK_F_FLUSH but answers FLUSH as an unknown request (UNSUPP)."""
 
-    def mutate(self, queue):
-        return _rewrite_headers(queue, lambda t, s, n: (0x5A, s) if t == VIRTIO_BLK_T_FLUSH else None)
+    def mutate(self, queue, chain):
+        return _rewrite_header(queue, chain, lambda t, s, n: (0x5A, s) if t == VIRTIO_BLK_T_FLUSH else None)
 
 
 class GarbageIdBlk(VirtioBlk):
@@ -626,31 +618,31 @@ class UnknownTypeOkBlk(VirtioBlk):
 class LastSectorUnreadableBlk(MutantBlk):
     """Fails (IOERR) a read of the last sector, as if capacity were one sector less."""
 
-    def mutate(self, queue):
+    def mutate(self, queue, chain):
         last = self.capacity - 1
-        return _rewrite_headers(queue, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_IN and s == last else None)
+        return _rewrite_header(queue, chain, lambda t, s, n: (t, s + 1) if t == VIRTIO_BLK_T_IN and s == last else None)
 
 
 class ClampsReadsBlk(MutantBlk):
     """Serves a read past the end from the last sectors instead (OK, not IOERR)."""
 
-    def mutate(self, queue):
+    def mutate(self, queue, chain):
         cap = self.capacity
 
         def clamp(t, s, n):
             count = -(-n // SECTOR_SIZE)
             return (t, max(0, cap - count)) if t == VIRTIO_BLK_T_IN and s + count > cap else None
 
-        return _rewrite_headers(queue, clamp)
+        return _rewrite_header(queue, chain, clamp)
 
 
 class WritesDespiteRoBlk(MutantBlk):
     """Read-only, yet completes a write with OK (it is taken for a FLUSH: nothing written)."""
 
-    def mutate(self, queue):
+    def mutate(self, queue, chain):
         ro = self.read_only
-        return _rewrite_headers(queue,
-                                lambda t, s, n: (VIRTIO_BLK_T_FLUSH, 0) if ro and t == VIRTIO_BLK_T_OUT else None)
+        return _rewrite_header(queue, chain,
+                               lambda t, s, n: (VIRTIO_BLK_T_FLUSH, 0) if ro and t == VIRTIO_BLK_T_OUT else None)
 
 
 class ZeroesNothingBlk(VirtioBlk):
