@@ -15,6 +15,7 @@ import lzma
 import pytest
 
 from iovirt.guest import find_kernel
+from iovirt.guest.kernel import GuestKernel
 from iovirt.guest.guest import Guest
 from iovirt.guest.pvh import (
     XEN_ELFNOTE_PHYS32_ENTRY,
@@ -94,7 +95,7 @@ def test_a_kernel_that_cannot_be_unpacked_boots_as_the_bzimage(tmp_path, monkeyp
     monkeypatch.setenv("IOVIRT_CACHE_DIR", str(tmp_path / "cache"))
     vmlinuz = tmp_path / "vmlinuz-x"
     vmlinuz.write_bytes(_bzimage(b"\x28\xb5\x2f\xfd zstd"))
-    kernel = type(KERNEL)(version="x", vmlinuz=vmlinuz, modules_dir=KERNEL.modules_dir)
+    kernel = GuestKernel(version="x", vmlinuz=vmlinuz, modules_dir=KERNEL.modules_dir)
     with caplog.at_level("INFO", logger="iovirt.guest.pvh"):
         assert boot_image(kernel) == vmlinuz
     assert "boots as a bzImage" in caplog.text and "only xz, gzip, bzip2, lzma" in caplog.text
