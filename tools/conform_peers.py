@@ -9,7 +9,7 @@ Back-ends (each from Debian's packages, started here in a temporary directory):
   the transport, control-queue and group administration checks run only here;
 
 * ``iovirt-net`` and ``iovirt-blk``: ``iovirt serve`` (two net ports: the second is the suite's peer port);
-* ``qemu-storage-daemon-blk``: a vhost-user-blk export of a 16 MiB raw image;
+* ``qemu-storage-daemon-blk``: a vhost-user-blk export of a 16 MiB raw image, writes throttled to 1 MiB/s;
 * ``dpdk-vhost-net``: ``dpdk-testpmd``'s vhost PMD, io forwarding (frames the device sends come back);
 * ``ovs-dpdk-net``: Open vSwitch with DPDK, a netdev bridge with two ``dpdkvhostuser`` ports
   (benchmarks/ovs_peer.py; needs ``openvswitch-switch-dpdk`` and hugepages, which it reserves).
@@ -92,14 +92,25 @@ def iovirt_blk(tmp: Path) -> Iterator[tuple[str, list[str]]]:
         yield "blk", ["--socket", str(sock)]
 
 
+QSD_WRITE_BPS = 1 << 20
+"""Writes through QSD are throttled to 1 MiB/s: the GET_VRING_BASE#drain check's 1 MiB of writes then takes about a
+second, so requests are in flight when it stops the ring, in every run (unthrottled, they finish first in most)."""
+
+
+def qsd_args(image: Path, sock: Path) -> list[str]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock``, writes throttled to QSD_WRITE_BPS."""
+    return ["qemu-storage-daemon", "--object", f"throttle-group,id=tg,x-bps-write={QSD_WRITE_BPS}",
+            "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--blockdev", "driver=throttle,node-name=t,file=f,throttle-group=tg",
+            "--export", f"type=vhost-user-blk,id=e,node-name=t,addr.type=unix,addr.path={sock},writable=on"]
+
+
 @contextlib.contextmanager
 def qsd_blk(tmp: Path) -> Iterator[tuple[str, list[str]]]:
     image, sock = tmp / "disk.img", tmp / "qsd.sock"
     with open(image, "wb") as f:
         f.truncate(16 << 20)
-    args = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={image}",
-            "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"]
-    with _process(args, tmp / "qsd.log", sock):
+    with _process(qsd_args(image, sock), tmp / "qsd.log", sock):
         yield "blk", ["--socket", str(sock)]
 
 
