@@ -166,6 +166,8 @@ class VirtioNet(VirtioDevice):
         self.backlog: collections.deque[tuple[bytes, tuple[int, int] | None]] = collections.deque(maxlen=RX_BACKLOG)
         self.stats: collections.Counter[str] = collections.Counter()
         self._tx_frames = datapath.Frames()
+        # (driver features, header length, GSO mask) the transmit path last worked out; -1: none yet.
+        self._tx_params: tuple[int, int, int] = (-1, 0, 0)
         # Batches the Cython queue pops into again and again (the reference queue allocates its own).
         self._tx_batch = _reusable_batch()
         self._tx_resuming: set[int] = set()  # transmit queues that yielded, to be served again by the timer
@@ -363,7 +365,10 @@ class VirtioNet(VirtioDevice):
     def _transmit(self, index: int, queue: SplitQueue) -> None:
         """Whole batches gathered by the data path, returned to the driver, then switched together."""
         frames = self._tx_frames
-        hdr_len = self.hdr_len
+        params = self._tx_params
+        if params[0] != self.driver_features:  # worked out once per negotiation, not per kick
+            params = self._tx_params = (self.driver_features, self.hdr_len, self.gso_mask)
+        _, hdr_len, gso_mask = params
         reuse = self._tx_batch if is_accelerated(queue) else None
         # Without a timer (the in-process transport) the ring is served until it is empty.
         budget = TX_BUDGET if self.call_later is not None else -1
@@ -376,7 +381,7 @@ class VirtioNet(VirtioDevice):
             if not len(batch):
                 break
             frames.clear()
-            datapath.tx_gather(batch, queue, hdr_len, frames, self.gso_mask)
+            datapath.tx_gather(batch, queue, hdr_len, frames, gso_mask)
             # The frames are copied out: the buffers go back now; with VIRTIO_F_IN_ORDER through one used
             # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
             queue.push_batch(batch, coalesce=True)

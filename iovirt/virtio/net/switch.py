@@ -297,6 +297,8 @@ class LearningSwitch:
             for src in srcs:
                 self._learn(ingress, src, now)
             plan = [(port, indexes) for dst, indexes in groups for port in self._egress(ingress, dst, now)]
+        if not plan:  # dropped, or flooded to no other port: per batch, so no generator for nothing
+            return 0
         return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
 
     def _elsewhere(self, port: SwitchPort) -> PortOwner | None:
