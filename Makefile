@@ -10,7 +10,7 @@ PYTHON ?= python3
 BENCH_PACKAGES := openvswitch-switch-dpdk
 DEB_PACKAGES := gcc python3-dev liburing-dev python3-venv pciutils qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra linux-image-amd64 busybox-static dpdk-dev iproute2 kmod cpio util-linux socat tcpdump tshark
 
-.PHONY: demo test test-extensions test-pure typecheck deps bench-deps install build bench fuzz clean
+.PHONY: demo test test-extensions test-slow test-pure typecheck deps bench-deps install build bench fuzz clean
 # The test steps run one after another, in the order `test` lists them.
 .NOTPARALLEL:
 
@@ -43,16 +43,25 @@ demo: install
 
 # Every step runs (-k) so one report shows them all; any failure fails `make test`.
 test: install
-	$(MAKE) --no-print-directory -k test-extensions test-pure typecheck
+	$(MAKE) --no-print-directory -k test-extensions test-slow test-pure typecheck
 
-# The whole suite (real guests and the wheel install included) on the compiled
-# extensions; a missing extension is an import error, not a fallback.
+# The fast suites run on one pytest-xdist worker per core, each test file whole on one worker (its
+# module fixtures built once).  The slow tests (real guests under TCG, peers, the wheel build) run one
+# at a time: each already keeps the cores busy, and their timings assume so.
+TEST_JOBS ?= $(shell nproc)
+FAST := -m "not slow" -n $(TEST_JOBS) --dist loadfile
+
+# The fast suite on the compiled extensions; a missing extension is an import error, not a fallback.
 test-extensions:
-	IOVIRT_REQUIRE_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra tests
+	IOVIRT_REQUIRE_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra $(FAST) tests
+
+# The slow suite (real guests, external peers, the wheel install), on the compiled extensions.
+test-slow:
+	IOVIRT_REQUIRE_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra -m slow tests
 
 # The fast suite again on the pure-Python twins.
 test-pure:
-	IOVIRT_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra -m "not slow" tests
+	IOVIRT_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q -ra $(FAST) tests
 
 typecheck:
 	$(PYTHON) -m mypy iovirt

@@ -58,8 +58,9 @@ setup(
     package_data={"iovirt": ["**/*.pyx", "**/*.pxd", "conformance/*.json"]},
     python_requires=">=3.11",
     install_requires=["pyelftools", "scapy"],
-    # build: the wheel-install test makes an sdist and a wheel; mypy: `make test` type-checks.
-    extras_require={"test": ["pytest", "hypothesis", "build", "mypy"]},
+    # build: the wheel-install test makes an sdist and a wheel; mypy: `make test` type-checks;
+    # pytest-xdist: `make test` runs the fast suites on every core.
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "build", "mypy"]},
     ext_modules=ext_modules,
     options={"build_ext": {"parallel": os.cpu_count() or 1}},
     entry_points={
