@@ -37,7 +37,7 @@ cdef extern from *:
         return ((uint64_t) hi << 16) | lo;
     }
     """
-    uint64_t iovirt_load_be48(const uint8_t *p) nogil
+    uint64_t _mac "iovirt_load_be48" (const uint8_t *p) nogil
     void __builtin_prefetch(const void *p) nogil
 
 from iovirt.virtio._queue_c cimport ChainBatch, Virtqueue
@@ -114,7 +114,13 @@ cdef class Frames:
         self.used = 0
         self.errors = [0, 0, 0, 0]
 
-    cdef int _reserve(self, Py_ssize_t frames, Py_ssize_t nbytes) except -1:
+    cdef inline int _reserve(self, Py_ssize_t frames, Py_ssize_t nbytes) except -1:
+        """Room for ``frames`` frames of ``nbytes`` bytes in all; inlined, as it is checked once per frame."""
+        if frames > self.cap_frames or nbytes > self.cap:
+            return self._grow_to(frames, nbytes)
+        return 0
+
+    cdef int _grow_to(self, Py_ssize_t frames, Py_ssize_t nbytes) except -1:
         cdef Py_ssize_t cap
         if frames > self.cap_frames:
             cap = max(frames, 2 * self.cap_frames, 64)
@@ -293,10 +299,6 @@ cdef class Frames:
         return 0
 
 
-cdef inline uint64_t _mac(const uint8_t *p) noexcept nogil:
-    return iovirt_load_be48(p)
-
-
 cdef inline uint16_t _le16(const uint8_t *p) noexcept nogil:
     return p[0] | (p[1] << 8)
 
@@ -355,8 +357,7 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
             out.errors[TX_LONG] += 1
             continue
         frame_len = <uint32_t> (total - hdr_len)
-        if out.n + 1 > out.cap_frames or out.used + frame_len > out.cap:
-            out._reserve(out.n + 1, out.used + frame_len)
+        out._reserve(out.n + 1, out.used + frame_len)
         memset(hdr, 0, NET_HDR_SIZE)
         dst = out.buf + out.used
         pos = 0  # bytes of the chain consumed so far
@@ -366,10 +367,7 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
             skip = 0
             if pos < hdr_len:
                 skip = min(hdr_len - pos, b.lens[k])
-                if skip == HDR_BUF and b.hosts[k] != NULL:
-                    memcpy(hdr, b.hosts[k], HDR_BUF)  # the usual whole header: a fixed-size copy, two moves
-                else:
-                    _copy_out(q, b, k, hdr + pos, 0, skip)
+                _copy_out(q, b, k, hdr + pos, 0, skip)
             take = b.lens[k] - skip
             if take:
                 _copy_out(q, b, k, dst, skip, take)
