@@ -46,6 +46,10 @@ def memory_backed(fd: int) -> bool:
     return accel is not None and bool(accel.memory_backed(fd))
 
 
+INLINE = "inline"
+"""The engine kind that does each request at submission: it never signals ``wake_fd``."""
+
+
 def default_kind(key: str, in_memory: bool, hook: ImageHook | None) -> str | None:
     """The engine kind a device picks when not told: ``"inline"`` for an image in memory, else the default.
 
@@ -58,7 +62,7 @@ def default_kind(key: str, in_memory: bool, hook: ImageHook | None) -> str | Non
     """
     if key != "cython" or os.environ.get(ENGINE_ENV) or (hook is not None and hook.delay):
         return None
-    return "inline" if in_memory else None
+    return INLINE if in_memory else None
 
 
 def new_engine(key: str, wake_fd: int, slots: int, hook: ImageHook | None, kind: str | None = None) -> Any:

@@ -146,6 +146,7 @@ class VirtioBlk(VirtioDevice):
         self._popped_from: dict[int, SplitQueue] = {}  # by queue index: the queue its requests in flight go back to
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_fd = self._wake_fd  # the engines signal completions on it
+        self._signalling = False  # whether an engine signals it (the inline one never does)
         self.complete_async = False
         """True: requests complete when :attr:`wake_fd` is served; False: before :meth:`kick` returns."""
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
@@ -335,6 +336,7 @@ class VirtioBlk(VirtioDevice):
             kind = self._engine_kind or datapath.default_kind(key, self._in_memory, self.hook)
             engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, kind)
             self._engines[key] = engine
+            self._signalling = any(e.kind != datapath.INLINE for e in self._engines.values())
             self.log.info("%s: block I/O on %s (%s)%s", self.label, engine.kind, engine.reason,
                           ", O_DIRECT" if self.image.direct_fd >= 0 else "")
         return engine
@@ -372,9 +374,10 @@ class VirtioBlk(VirtioDevice):
                     self.fail(exc)
                     continue
                 self.signal(index)
-        if reaped and not any(engine.in_flight for engine in self._engines.values()):
+        if reaped and self._signalling and not any(engine.in_flight for engine in self._engines.values()):
             # Nothing left in flight: a completion signal still pending is for requests pushed
             # already (one done inside the submit); without it no wake-up kicks the rings again.
+            # (Not for the inline engine alone: nothing signals, and the read was a syscall per kick.)
             _drain_eventfd(self._wake_fd)
 
     def _log_errors(self, errors: int) -> None:
