@@ -34,6 +34,26 @@ def test_frames_subset_copies_frames_and_checksums(frames_cls):
 
 
 @TWINS
+def test_frames_extend_appends_copies_even_from_itself(frames_cls):
+    """What a receive backlog holds: frames of another batch appended behind its own (a port's backlog)."""
+    f, g = frames_cls(), frames_cls()
+    f.append(bytes(range(14)) + b"a" * 10, (14, 4))
+    g.append(bytes(range(1, 15)) + b"b" * 3000)  # more than the first buffer's room: it grows
+    g.append(bytes(range(2, 16)) + b"c" * 5, (20, 6))
+    first = f.frame(0)
+    f.extend(g, [1, 0])
+    assert [f.frame(i) for i in range(3)] == [first, g.frame(1), g.frame(0)]
+    assert [f.csum(i) for i in range(3)] == [(14, 4), (20, 6), None]
+    dst, src = g.macs()
+    assert f.macs()[0][1:] == [dst[1], dst[0]] and f.macs()[1][1:] == [src[1], src[0]]
+    f.extend(f, [0, 1])
+    assert len(f) == 5 and f.frame(3) == first and f.frame(4) == g.frame(1) and f.csum(4) == (20, 6)
+    with pytest.raises(IndexError):
+        f.extend(g, [0, 2])
+    assert len(f) == 5, "a bad index appends nothing"
+
+
+@TWINS
 @pytest.mark.parametrize("distinct", [1, 3, 16, 17, 40])
 def test_frames_sources_and_groups_agree_with_the_macs(frames_cls, distinct):
     f = frames_cls()

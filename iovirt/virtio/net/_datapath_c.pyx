@@ -165,24 +165,28 @@ cdef class Frames:
         own buffer for its next batch.
         """
         cdef Frames out = Frames()
-        cdef Py_ssize_t i, k = 0, nbytes = 0
+        out.extend(self, indexes)
+        return out
+
+    def extend(self, Frames other, indexes):
+        """Append copies of frames ``indexes`` of ``other`` (with their checksums), in that order."""
+        cdef Py_ssize_t i, k = self.n, nbytes = 0
         cdef list picked = list(indexes)
         for i in picked:
-            self._check(i)
-            nbytes += self.length[i]
-        out._reserve(len(picked), nbytes)
+            other._check(i)
+            nbytes += other.length[i]
+        self._reserve(self.n + len(picked), self.used + nbytes)  # other's pointers are read after: it may be self
         for i in picked:
-            memcpy(out.buf + out.used, self.buf + self.off[i], self.length[i])
-            out.off[k] = <uint32_t> out.used
-            out.length[k] = self.length[i]
-            out.dst[k] = self.dst[i]
-            out.src[k] = self.src[i]
-            out.csum_start[k] = self.csum_start[i]
-            out.csum_offset[k] = self.csum_offset[i]
-            out.used += self.length[i]
+            memcpy(self.buf + self.used, other.buf + other.off[i], other.length[i])
+            self.off[k] = <uint32_t> self.used
+            self.length[k] = other.length[i]
+            self.dst[k] = other.dst[i]
+            self.src[k] = other.src[i]
+            self.csum_start[k] = other.csum_start[i]
+            self.csum_offset[k] = other.csum_offset[i]
+            self.used += other.length[i]
             k += 1
-        out.n = k
-        return out
+        self.n = k
 
     def frame(self, Py_ssize_t i):
         """Frame ``i`` as bytes."""

@@ -78,11 +78,16 @@ class Frames:
     def subset(self, indexes: Sequence[int]) -> "Frames":
         """A new :class:`Frames` holding frames ``indexes`` (with their checksums), in that order."""
         out = Frames()
-        for i in indexes:
-            self._check(i)
-            out._frames.append(self._frames[i])
-            out._csums.append(self._csums[i])
+        out.extend(self, indexes)
         return out
+
+    def extend(self, other: "Frames", indexes: Sequence[int]) -> None:
+        """Append frames ``indexes`` of ``other`` (with their checksums), in that order."""
+        picked = list(indexes)
+        for i in picked:
+            other._check(i)
+        self._frames.extend([other._frames[i] for i in picked])
+        self._csums.extend([other._csums[i] for i in picked])
 
     def frame(self, i: int) -> bytes:
         """Frame ``i``."""

@@ -23,7 +23,6 @@ and device statistics, each offered only by such a device.
 from __future__ import annotations
 
 import collections
-import itertools
 import struct
 from typing import Any, Mapping
 
@@ -72,6 +71,7 @@ from iovirt.virtio.net.defs import (
     NetHdr,
 )
 from iovirt.virtio.net import datapath
+from iovirt.virtio.net.backlog import RxBacklog
 from iovirt.virtio.net.ctrl import NetCtrl
 from iovirt.virtio.net.rss import (
     RSS_MAX_INDIRECTION_TABLE_LENGTH,
@@ -163,7 +163,7 @@ class VirtioNet(VirtioDevice):
         self.queue_pairs = queue_pairs
         self.switch = switch
         self.link_up = True
-        self.backlog: collections.deque[tuple[bytes, tuple[int, int] | None]] = collections.deque(maxlen=RX_BACKLOG)
+        self.backlog = RxBacklog(RX_BACKLOG)
         self.stats: collections.Counter[str] = collections.Counter()
         self._tx_frames = datapath.Frames()
         # (driver features, header length, GSO mask) the transmit path last worked out; -1: none yet.
@@ -172,7 +172,6 @@ class VirtioNet(VirtioDevice):
         self._tx_batch = _reusable_batch()
         self._tx_resuming: set[int] = set()  # transmit queues that yielded, to be served again by the timer
         self._rx_batch = _reusable_batch()
-        self._backlog_frames = datapath.Frames()  # the backlog's frames, a run at a time
         # Transmit limits: None without any (the data path's one check), else the pps and bps buckets.
         self._limits = Limits(LIMITS, self.label, min_burst={"bps": MAX_FRAME})
         self._tx_buckets: tuple[TokenBucket | None, TokenBucket | None] | None = None
@@ -557,25 +556,33 @@ class VirtioNet(VirtioDevice):
         if index is None or queue is None:
             return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
         delivered, stop = self._scatter(index, queue, frames, indexes)
-        return delivered + self._hold(frames, indexes[stop:])
+        return delivered + self._hold(frames, indexes[stop:], index, queue)
 
-    def _hold(self, frames: Any, indexes: list[int]) -> int:
+    def _hold(self, frames: Any, indexes: list[int], index: int | None = None, queue: SplitQueue | None = None) -> int:
         """Frames the batch path left (out of chains, or one spanning mergeable buffers); returns those taken.
 
-        Each goes through the per-frame path until one is held in the
-        backlog; the rest then join it at once (tail drop when it is full),
-        not one failed write each.
+        The first goes through the per-frame path: it spans mergeable
+        buffers, or is held in the backlog.  Once one is held, the rest join
+        it at once (tail drop when it is full), not one failed write each.
+        If it went out instead, the rest go through the batch path into
+        receive queue ``index`` again: the driver may have posted buffers
+        meanwhile, and frame by frame a receiver that keeps just up with its
+        sender cost a Python step per frame (64 B port to port at a third
+        of the rate).
         """
         taken = 0
-        for pos, i in enumerate(indexes):
+        while indexes:
             if self.backlog:
-                rest = indexes[pos:]
-                room = RX_BACKLOG - len(self.backlog)
-                self.backlog.extend((frames.frame(j), frames.csum(j)) for j in rest[:room])
-                if len(rest) > room:
-                    self._count_drops(None, "rx", "no_buffers", len(rest) - room)
-                return taken + min(room, len(rest))
-            taken += int(self.deliver(frames.frame(i), frames.csum(i)))
+                held = self.backlog.extend(frames, indexes)
+                if held < len(indexes):
+                    self._count_drops(None, "rx", "no_buffers", len(indexes) - held)
+                return taken + held
+            first, indexes = indexes[0], indexes[1:]
+            taken += int(self.deliver(frames.frame(first), frames.csum(first)))
+            if indexes and queue is not None and index is not None and not self.backlog and not self.needs_reset:
+                delivered, stop = self._scatter(index, queue, frames, indexes)
+                taken += delivered
+                indexes = indexes[stop:]
         return taken
 
     def _scatter(self, index: int, queue: SplitQueue, frames: Any, indexes: list[int]) -> tuple[int, int]:
@@ -633,7 +640,7 @@ class VirtioNet(VirtioDevice):
             if len(self.backlog) == self.backlog.maxlen:
                 self._count_drops(None, "rx", "no_buffers", 1)
                 return False
-            self.backlog.append((frame, csum))
+            self.backlog.append(frame, csum)
             self._flush_backlog()
             return True
         if self._receive(frame, csum):
@@ -641,7 +648,7 @@ class VirtioNet(VirtioDevice):
         if len(self.backlog) == self.backlog.maxlen:  # tail drop: the frames held keep their order
             self._count_drops(None, "rx", "no_buffers", 1)
             return False
-        self.backlog.append((frame, csum))
+        self.backlog.append(frame, csum)
         return True
 
     def _over_mtu(self, frame: bytes) -> bool:
@@ -676,22 +683,22 @@ class VirtioNet(VirtioDevice):
         (tests/realguest/test_viommu_guests.py).  A frame the batch path leaves (it spans mergeable buffers)
         goes alone.
         """
-        backlog, frames = self.backlog, self._backlog_frames
+        backlog = self.backlog
         while backlog:
             index = self._frame_queue(backlog[0][0])
             queue = None if index is None else self.queues[index]
             if index is None or queue is None or not queue.pending():
                 return  # no receive buffer: nothing to try (this runs for every batch the switch brings)
             if queue.memory.translator is None:
-                frames.clear()
-                for frame, csum in itertools.islice(backlog, TX_BATCH):
-                    if frames and self._frame_queue(frame) != index:
-                        break  # the run for this queue ends here
-                    frames.append(frame, csum)
-                _, stop = self._scatter(index, queue, frames, list(range(len(frames))))
-                for _ in range(stop):
-                    backlog.popleft()
-                if stop == len(frames):
+                frames, indexes = backlog.oldest(TX_BATCH)
+                if self.queue_pairs > 1:  # with one pair every frame is for the first one's queue
+                    run = 1
+                    while run < len(indexes) and self._frame_queue(frames.frame(indexes[run])) == index:
+                        run += 1
+                    del indexes[run:]  # the run for this queue ends here
+                _, stop = self._scatter(index, queue, frames, indexes)
+                backlog.popleft(stop)
+                if stop == len(indexes):
                     continue
             frame, csum = backlog[0]
             if not self._receive(frame, csum):
