@@ -344,14 +344,20 @@ cdef class PackedQueue(Virtqueue):
             raise error
         return self._sync()
 
+    cdef inline uint32_t _order_slot(self, uint32_t k) noexcept nogil:
+        """The place in ``_order`` ``k`` (at most Queue Size) after the oldest; no division per list popped
+        and pushed, as ``%`` would be: a packed ring's size need not be a power of 2 (2.8)."""
+        cdef uint32_t at = self._order_first + k
+        return at - self.size if at >= self.size else at
+
     cdef inline void _order_append(self, uint16_t buf_id) noexcept nogil:
         if self.in_order:
-            self._order[(self._order_first + self._order_n) % self.size] = buf_id
+            self._order[self._order_slot(self._order_n)] = buf_id
             self._order_n += 1
 
     cdef inline uint16_t _order_at(self, uint32_t k) noexcept nogil:
         """With in_order: the ``k``-th oldest Buffer ID in flight."""
-        return self._order[(self._order_first + k) % self.size]
+        return self._order[self._order_slot(k)]
 
     cdef inline void _advance_avail(self, uint32_t n) noexcept nogil:
         self._next_avail += n
@@ -750,7 +756,7 @@ cdef class PackedQueue(Virtqueue):
         self._taken[head] = 0
         self._n_in_flight -= 1
         if self.in_order:
-            self._order_first = (self._order_first + 1) % self.size
+            self._order_first = self._order_slot(1)
             self._order_n -= 1
         return taken
 
