@@ -567,8 +567,8 @@ class VirtioNet(VirtioDevice):
         If it went out instead, the rest go through the batch path into
         receive queue ``index`` again: the driver may have posted buffers
         meanwhile, and frame by frame a receiver that keeps just up with its
-        sender cost a Python step per frame (64 B port to port at a third
-        of the rate).
+        sender cost a Python step per frame (``benchmarks/RESULTS.md``, ninth
+        session: 64 B port to port was a quarter of its rate now).
         """
         taken = 0
         while indexes:
@@ -579,7 +579,8 @@ class VirtioNet(VirtioDevice):
                 return taken + held
             first, indexes = indexes[0], indexes[1:]
             taken += int(self.deliver(frames.frame(first), frames.csum(first)))
-            if indexes and queue is not None and index is not None and not self.backlog and not self.needs_reset:
+            if indexes and index is not None and queue is not None and not self.backlog and not self.needs_reset \
+                    and self.link_up:
                 delivered, stop = self._scatter(index, queue, frames, indexes)
                 taken += delivered
                 indexes = indexes[stop:]
