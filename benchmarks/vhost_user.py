@@ -6,7 +6,8 @@ front-end with no VM, in txonly mode) pushes 64-byte and 1500-byte frames
 into a back-end; the figure is the front-end's transmit rate (a virtio-user
 TX completes only when the back-end has consumed the chain).  Back-ends:
 ``iovirt serve`` with the frames going into its switch (no other port knows
-the destination: the sink case), and DPDK's vhost PMD in rxonly mode.
+the destination: the sink case), and DPDK's vhost PMD in rxonly mode,
+alternately twice (best of each; ``SINK_ROUNDS``).
 Then port to port: frames to a MAC learned on iovirt's second port, whose
 receive ring a light front-end process keeps refilled; iovirt's own receive
 counter gives its rate.  The peer is Open vSwitch with DPDK (a netdev bridge,
@@ -30,7 +31,8 @@ split.  (``--only packed`` runs this alone.)
 
 Blk: 4 KiB random reads at queue depth 32 against a raw image in /dev/shm
 from a front-end process (iovirt's Python driver, each request re-posted as
-soon as it completes), against ``iovirt serve`` and ``qemu-storage-daemon``.
+soon as it completes), against ``iovirt serve`` and ``qemu-storage-daemon``,
+alternately twice (best of each).
 Then the same on a regular file (the same image copied out of /dev/shm, to
 ``$TMPDIR`` or /var/tmp) with the page cache bypassed on both sides: iovirt
 opens it ``O_DIRECT`` (its default where the file system allows it; the
@@ -188,24 +190,40 @@ def p2p_run(s0: Path, s1: Path, seconds: float, log: Path) -> float:
     return float(seen)
 
 
+SINK_ROUNDS = 2
+"""The sink and blk runs alternate iovirt and its peer this many times; the best of each counts.  One run
+each could land in a slow moment of this shared machine: the same iovirt measured 8.1 and 14.4 M
+frames/s within one run (benchmarks/RESULTS.md, ninth session)."""
+
+
+def _runs(rates: list[float]) -> str:
+    """The runs' figures, in the order measured, for the printed line."""
+    return "/".join(f"{rate:,.0f}" for rate in rates)
+
+
 def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
     figures: dict[str, float] = {}
     for size in (64, 1500):
-        sock = tmp / f"iovirt-net-{size}.sock"
-        backend = serve_iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
-        wait_socket(sock, backend)
-        try:
-            iovirt_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log")
-        finally:
-            stop_process(backend, signal.SIGTERM)
-        sock = tmp / f"dpdk-net-{size}.sock"
-        peer = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-{size}.log")
-        try:
-            peer_rate = testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log")
-        finally:
-            stop_process(peer)
+        ours: list[float] = []
+        theirs: list[float] = []
+        for run in range(SINK_ROUNDS):
+            sock = tmp / f"iovirt-net-{size}-{run}.sock"
+            backend = serve_iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
+            wait_socket(sock, backend)
+            try:
+                ours.append(testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log"))
+            finally:
+                stop_process(backend, signal.SIGTERM)
+            sock = tmp / f"dpdk-net-{size}-{run}.sock"
+            peer = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-{size}.log")
+            try:
+                theirs.append(testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log"))
+            finally:
+                stop_process(peer)
+        iovirt_rate, peer_rate = max(ours), max(theirs)
         print(f"net {size:4d} B frames, sink: iovirt {iovirt_rate:,.0f} frames/s   "
-              f"DPDK vhost PMD {peer_rate:,.0f} frames/s   ratio {iovirt_rate / peer_rate:.2f}")
+              f"DPDK vhost PMD {peer_rate:,.0f} frames/s   ratio {iovirt_rate / peer_rate:.2f}  "
+              f"(best of runs: iovirt {_runs(ours)}, DPDK {_runs(theirs)})")
         figures[f"net_{size}B_frames_per_s"] = iovirt_rate
         figures[f"dpdk_vhost_{size}B_frames_per_s"] = peer_rate
         figures[f"ratio_net_{size}B_vs_dpdk"] = round(iovirt_rate / peer_rate, 3)
@@ -428,26 +446,32 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
 
     size = 256 << 20
     with numbered_image(size) as image:
-        sock = tmp / "iovirt-blk.sock"
-        backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
-        wait_socket(sock, backend)
-        try:
-            ours = blk_run(sock, size // SECTOR_SIZE, seconds)
-        finally:
-            stop_process(backend, signal.SIGTERM)
-        sock = tmp / "qsd-blk.sock"
-        peer = subprocess.Popen(
-            ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
-             "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
-            stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
-        )
-        wait_socket(sock, peer)
-        try:
-            theirs = blk_run(sock, size // SECTOR_SIZE, seconds)
-        finally:
-            stop_process(peer, signal.SIGTERM)
+        our_runs: list[float] = []
+        their_runs: list[float] = []
+        for run in range(SINK_ROUNDS):
+            sock = tmp / f"iovirt-blk-{run}.sock"
+            backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
+            wait_socket(sock, backend)
+            try:
+                our_runs.append(blk_run(sock, size // SECTOR_SIZE, seconds))
+            finally:
+                stop_process(backend, signal.SIGTERM)
+            sock = tmp / f"qsd-blk-{run}.sock"
+            peer = subprocess.Popen(
+                ["taskset", "-c", "0", QSD, "--blockdev",
+                 f"driver=file,node-name=f,filename={image},cache.direct=off", "--export",
+                 f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
+                stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
+            )
+            wait_socket(sock, peer)
+            try:
+                their_runs.append(blk_run(sock, size // SECTOR_SIZE, seconds))
+            finally:
+                stop_process(peer, signal.SIGTERM)
+        ours, theirs = max(our_runs), max(their_runs)
         print(f"blk 4 KiB random read, QD32, /dev/shm: iovirt {ours:,.0f} IOPS   "
-              f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}")
+              f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}  "
+              f"(best of runs: iovirt {_runs(our_runs)}, qemu-storage-daemon {_runs(their_runs)})")
         figures = {"blk_4k_randread_iops": ours, "qsd_4k_randread_iops": theirs,
                    "ratio_blk_vs_qsd": round(ours / theirs, 3)}
         with tempfile.TemporaryDirectory(prefix="iovirt-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")) as disk:
