@@ -568,7 +568,7 @@ class VirtioNet(VirtioDevice):
         receive queue ``index`` again: the driver may have posted buffers
         meanwhile, and frame by frame a receiver that keeps just up with its
         sender cost a Python step per frame (``benchmarks/RESULTS.md``, ninth
-        session: 64 B port to port was a quarter of its rate now).
+        session: 64 B port to port ran at a quarter of the rate it has now).
         """
         taken = 0
         while indexes:
