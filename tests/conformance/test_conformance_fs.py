@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import IovirtBackend
+from conformance_backend import IovirtBackend
 from iovirt.conformance.checks.common import Workload
 from iovirt.conformance.link import Link
 from iovirt.conformance.registry import Verdict, all_checks

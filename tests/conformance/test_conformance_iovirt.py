@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import IovirtBackend
+from conformance_backend import IovirtBackend
 from iovirt.conformance.registry import Verdict, all_checks
 from iovirt.conformance.runner import Runner
 from iovirt.conformance.target import Target

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 
-from conftest import Supervised
-from isolate_helpers import BROADCAST, alive, blk_port, blk_roundtrip, eth, net_port, receive, send, wait_until
+from isolate_helpers import (
+    BROADCAST, Supervised, alive, blk_port, blk_roundtrip, eth, net_port, receive, send, wait_until,
+)
 
 MAC = [bytes([0x02, 0, 0, 0, 0, 0xA0 + i]) for i in range(2)]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import make_vm
+from fake_vm import make_vm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_vm
+from fake_vm import make_vm
 
 from iovirt.timer import ApicConfig, MissedTickPolicy
 from iovirt.timer.regs import (

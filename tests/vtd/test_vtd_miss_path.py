@@ -23,7 +23,7 @@ from iovirt.vtd.tables import (
     AW_39, AW_48, ENTRY_SIZE, PTE_R, PTE_W, TT_DEVICE_TLB, TT_PASS_THROUGH, context_entry,
 )
 
-from conftest import MEM_SIZE, TABLES_BASE, TABLES_SIZE, RecordingSink
+from vtd_memory import MEM_SIZE, TABLES_BASE, TABLES_SIZE, RecordingSink
 from twins import error_record
 
 RW = PTE_R | PTE_W
