@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import ovs_peer
 from vhost_common import NO_EVENT_IDX, blk_run, numbered_image, serve_iovirt, stop_process, wait_socket
@@ -196,6 +197,16 @@ each could land in a slow moment of this shared machine: the same iovirt measure
 frames/s within one run (benchmarks/RESULTS.md, ninth session)."""
 
 
+def _alternately(ours: Callable[[int], float], theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
+    """``ours(run)`` then ``theirs(run)``, ``SINK_ROUNDS`` times: each one's figures in the order measured."""
+    our_runs: list[float] = []
+    their_runs: list[float] = []
+    for run in range(SINK_ROUNDS):
+        our_runs.append(ours(run))
+        their_runs.append(theirs(run))
+    return our_runs, their_runs
+
+
 def _runs(rates: list[float]) -> str:
     """The runs' figures, in the order measured, for the printed line."""
     return "/".join(f"{rate:,.0f}" for rate in rates)
@@ -204,22 +215,25 @@ def _runs(rates: list[float]) -> str:
 def net_figures(tmp: Path, seconds: float) -> dict[str, float]:
     figures: dict[str, float] = {}
     for size in (64, 1500):
-        ours: list[float] = []
-        theirs: list[float] = []
-        for run in range(SINK_ROUNDS):
+
+        def iovirt_sink(run: int) -> float:
             sock = tmp / f"iovirt-net-{size}-{run}.sock"
             backend = serve_iovirt(["--net", str(sock)], tmp / f"iovirt-net-{size}.log")
             wait_socket(sock, backend)
             try:
-                ours.append(testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log"))
+                return testpmd_tx(sock, size, seconds, tmp / f"fe-iovirt-{size}.log")
             finally:
                 stop_process(backend, signal.SIGTERM)
+
+        def dpdk_sink(run: int) -> float:
             sock = tmp / f"dpdk-net-{size}-{run}.sock"
             peer = dpdk_vhost_backend(sock, tmp / f"dpdk-vhost-{size}.log")
             try:
-                theirs.append(testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log"))
+                return testpmd_tx(sock, size, seconds, tmp / f"fe-dpdk-{size}.log")
             finally:
                 stop_process(peer)
+
+        ours, theirs = _alternately(iovirt_sink, dpdk_sink)
         iovirt_rate, peer_rate = max(ours), max(theirs)
         print(f"net {size:4d} B frames, sink: iovirt {iovirt_rate:,.0f} frames/s   "
               f"DPDK vhost PMD {peer_rate:,.0f} frames/s   ratio {iovirt_rate / peer_rate:.2f}  "
@@ -446,28 +460,30 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
 
     size = 256 << 20
     with numbered_image(size) as image:
-        our_runs: list[float] = []
-        their_runs: list[float] = []
-        for run in range(SINK_ROUNDS):
+
+        def iovirt_reads(run: int) -> float:
             sock = tmp / f"iovirt-blk-{run}.sock"
             backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
             wait_socket(sock, backend)
             try:
-                our_runs.append(blk_run(sock, size // SECTOR_SIZE, seconds))
+                return blk_run(sock, size // SECTOR_SIZE, seconds)
             finally:
                 stop_process(backend, signal.SIGTERM)
+
+        def qsd_reads(run: int) -> float:
             sock = tmp / f"qsd-blk-{run}.sock"
             peer = subprocess.Popen(
-                ["taskset", "-c", "0", QSD, "--blockdev",
-                 f"driver=file,node-name=f,filename={image},cache.direct=off", "--export",
-                 f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
+                ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+                 "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
                 stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
             )
             wait_socket(sock, peer)
             try:
-                their_runs.append(blk_run(sock, size // SECTOR_SIZE, seconds))
+                return blk_run(sock, size // SECTOR_SIZE, seconds)
             finally:
                 stop_process(peer, signal.SIGTERM)
+
+        our_runs, their_runs = _alternately(iovirt_reads, qsd_reads)
         ours, theirs = max(our_runs), max(their_runs)
         print(f"blk 4 KiB random read, QD32, /dev/shm: iovirt {ours:,.0f} IOPS   "
               f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}  "

@@ -530,7 +530,7 @@ class VirtioNet(VirtioDevice):
     def _deliver_batch(self, frames: Any, indexes: list[int]) -> int:
         if self.backlog and not self.needs_reset and self.link_up:
             self._flush_backlog()
-            if len(self.backlog) == self.backlog.maxlen:
+            if not self.backlog.room:
                 # Still no receive buffers and the backlog full: drop the batch at once (tail drop), counted.
                 # Frame by frame, a guest that stopped receiving slowed every port's transmit (they share
                 # the data-plane thread): 4 ports flooded by a sender went from 750 k to 19 k frames/s.
@@ -638,18 +638,16 @@ class VirtioNet(VirtioDevice):
             return False
         if self.backlog:
             self._flush_backlog()
-            if len(self.backlog) == self.backlog.maxlen:
+            if not self.backlog.append(frame, csum):  # tail drop: the frames held keep their order
                 self._count_drops(None, "rx", "no_buffers", 1)
                 return False
-            self.backlog.append(frame, csum)
             self._flush_backlog()
             return True
         if self._receive(frame, csum):
             return True
-        if len(self.backlog) == self.backlog.maxlen:  # tail drop: the frames held keep their order
+        if not self.backlog.append(frame, csum):
             self._count_drops(None, "rx", "no_buffers", 1)
             return False
-        self.backlog.append(frame, csum)
         return True
 
     def _over_mtu(self, frame: bytes) -> bool:
