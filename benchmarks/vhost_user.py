@@ -460,30 +460,11 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
 
     size = 256 << 20
     with numbered_image(size) as image:
-
-        def iovirt_reads(run: int) -> float:
-            sock = tmp / f"iovirt-blk-{run}.sock"
-            backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk.log")
-            wait_socket(sock, backend)
-            try:
-                return blk_run(sock, size // SECTOR_SIZE, seconds)
-            finally:
-                stop_process(backend, signal.SIGTERM)
-
-        def qsd_reads(run: int) -> float:
-            sock = tmp / f"qsd-blk-{run}.sock"
-            peer = subprocess.Popen(
-                ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
-                 "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
-                stdout=open(tmp / "qsd.log", "wb"), stderr=subprocess.STDOUT,
-            )
-            wait_socket(sock, peer)
-            try:
-                return blk_run(sock, size // SECTOR_SIZE, seconds)
-            finally:
-                stop_process(peer, signal.SIGTERM)
-
-        our_runs, their_runs = _alternately(iovirt_reads, qsd_reads)
+        sectors = size // SECTOR_SIZE
+        our_runs, their_runs = _alternately(
+            lambda run: _iovirt_reads(tmp / f"iovirt-blk-{run}.sock", image, sectors, seconds, tmp / "iovirt-blk.log"),
+            lambda run: _qsd_reads(tmp / f"qsd-blk-{run}.sock", image, False, sectors, seconds, tmp / "qsd.log"),
+        )
         ours, theirs = max(our_runs), max(their_runs)
         print(f"blk 4 KiB random read, QD32, /dev/shm: iovirt {ours:,.0f} IOPS   "
               f"qemu-storage-daemon {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}  "
@@ -497,28 +478,37 @@ def blk_figures(tmp: Path, seconds: float) -> dict[str, float]:
     return figures
 
 
+def _iovirt_reads(sock: Path, image: Path, sectors: int, seconds: float, log: Path) -> float:
+    """IOPS of the 4 KiB random-read front-end against ``iovirt serve --blk`` on ``image``."""
+    backend = serve_iovirt(["--blk", f"{sock},{image}"], log)
+    wait_socket(sock, backend)
+    try:
+        return blk_run(sock, sectors, seconds)
+    finally:
+        stop_process(backend, signal.SIGTERM)
+
+
+def _qsd_reads(sock: Path, image: Path, direct: bool, sectors: int, seconds: float, log: Path) -> float:
+    """The same against ``qemu-storage-daemon`` exporting ``image`` (``cache.direct`` as ``direct`` says)."""
+    peer = subprocess.Popen(
+        ["taskset", "-c", "0", QSD, "--blockdev",
+         f"driver=file,node-name=f,filename={image},cache.direct={'on' if direct else 'off'}",
+         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    wait_socket(sock, peer)
+    try:
+        return blk_run(sock, sectors, seconds)
+    finally:
+        stop_process(peer, signal.SIGTERM)
+
+
 def _blk_odirect_figures(tmp: Path, image: Path, sectors: int, seconds: float) -> dict[str, float]:
     """4 KiB random reads, QD32, on a regular file with the page cache bypassed (O_DIRECT both sides)."""
     # iovirt opens an image O_DIRECT wherever its file system allows it: make sure this one does.
     os.close(os.open(image, os.O_RDONLY | os.O_DIRECT))
-    sock = tmp / "iovirt-blk-direct.sock"
-    backend = serve_iovirt(["--blk", f"{sock},{image}"], tmp / "iovirt-blk-direct.log")
-    wait_socket(sock, backend)
-    try:
-        ours = blk_run(sock, sectors, seconds)
-    finally:
-        stop_process(backend, signal.SIGTERM)
-    sock = tmp / "qsd-blk-direct.sock"
-    peer = subprocess.Popen(
-        ["taskset", "-c", "0", QSD, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=on",
-         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
-        stdout=open(tmp / "qsd-direct.log", "wb"), stderr=subprocess.STDOUT,
-    )
-    wait_socket(sock, peer)
-    try:
-        theirs = blk_run(sock, sectors, seconds)
-    finally:
-        stop_process(peer, signal.SIGTERM)
+    ours = _iovirt_reads(tmp / "iovirt-blk-direct.sock", image, sectors, seconds, tmp / "iovirt-blk-direct.log")
+    theirs = _qsd_reads(tmp / "qsd-blk-direct.sock", image, True, sectors, seconds, tmp / "qsd-direct.log")
     print(f"blk 4 KiB random read, QD32, regular file, O_DIRECT: iovirt {ours:,.0f} IOPS   "
           f"qemu-storage-daemon (cache.direct=on) {theirs:,.0f} IOPS   ratio {ours / theirs:.2f}")
     return {"blk_4k_randread_iops_odirect": ours, "qsd_4k_randread_iops_odirect": theirs,
