@@ -109,6 +109,13 @@ cdef class SplitQueue(Virtqueue):
     cdef Py_ssize_t pop_into(self, ChainBatch batch, Py_ssize_t max_chains) except -1
     cdef int push_chains(self, ChainBatch b, bint coalesce) except -1
     cdef int notify_needed(self) except -1
+    # The same without the interpreter, for a data path's loop that runs with the GIL released
+    # (net's forward): fast_ready (with the GIL) says whether they may serve the queue now.
+    cdef int fast_ready(self) except -1
+    cdef Py_ssize_t pop_fast(self, ChainBatch b, Py_ssize_t max_chains) noexcept nogil
+    cdef void rewind_fast(self, Py_ssize_t count) noexcept nogil
+    cdef void push_fast(self, ChainBatch b) noexcept nogil
+    cdef bint notify_fast(self) noexcept nogil
 
     cdef int _resolve(self) except -1
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL
@@ -129,7 +136,7 @@ cdef class SplitQueue(Virtqueue):
     cdef int _push_entries(self, ChainBatch b) except -1
     cdef int _check_in_order_room(self, Py_ssize_t count) except -1
     cdef int _push_coalesced(self, batch) except -1
-    cdef void _publish_avail_event(self) noexcept
+    cdef void _publish_avail_event(self) noexcept nogil
     cdef int _log_buffer(self, uint64_t addr, uint64_t length, uint8_t *host) except -1
     cdef int _log_head(self, uint16_t head) except -1
     cdef void _log_used_ring(self) noexcept nogil

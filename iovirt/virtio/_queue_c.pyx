@@ -439,6 +439,70 @@ cdef class SplitQueue(Virtqueue):
             self._pending_error = error
         return batch.n
 
+    # -- the same without the interpreter ----------------------------------------------
+    # A data path's loop that runs with the GIL released (net's forward) pops and pushes with these.
+    # They serve the common case only, and leave everything else to the calls above, unchanged: a
+    # queue in order, with dirty logging, a deferred error or a chain the walk refuses is not theirs.
+    cdef int fast_ready(self) except -1:
+        """Whether :meth:`pop_fast` and :meth:`push_fast` may serve the queue now (the memory map refreshed).
+
+        The caller holds what keeps the queue as it is while they run (the
+        data plane's lock: vhost-user requests take it too).
+        """
+        self._sync()
+        return not (self.in_order or self._translated or self._log is not None or self._pending_error is not None)
+
+    cdef Py_ssize_t pop_fast(self, ChainBatch b, Py_ssize_t max_chains) noexcept nogil:
+        """:meth:`pop_into` for chains that walk cleanly: into ``b`` (emptied; room for ``max_chains`` chains).
+
+        Stops before the first chain anything else would meet (an error, a
+        translation pending) and before an avail index beyond Queue Size,
+        leaving them available: :meth:`pop_into` takes them next, and raises
+        or defers as it does.  How many chains were taken; -1 if none was
+        but some are available (they are :meth:`pop_into`'s).
+        """
+        cdef uint16_t count = <uint16_t> (iovirt_load_acquire_u16(self._avail + 2) - self._last_avail_idx)
+        cdef const uint8_t *ring = self._avail + 4
+        cdef Py_ssize_t n = 0
+        cdef uint16_t head
+        b.n = 0
+        b.nbufs = 0
+        b.first[0] = 0
+        if count > self.size:
+            return -1
+        if count > max_chains:
+            count = <uint16_t> max_chains
+        while n < count:
+            head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + n) & self._mask))
+            if not self._single(head, b) and not self._walk_direct(head, b) and self._walk(head, b) != 0:
+                b.nbufs = b.first[n]
+                break
+            b.heads[n] = head
+            b.used_lens[n] = 0
+            n += 1
+            b.first[n] = <uint32_t> b.nbufs
+        b.n = n
+        self._last_avail_idx += <uint16_t> n
+        self._in_flight += <uint32_t> n
+        self._publish_avail_event()
+        return -1 if n == 0 and count > 0 else n
+
+    cdef void rewind_fast(self, Py_ssize_t count) noexcept nogil:
+        """Give back the last ``count`` chains :meth:`pop_fast` took (unused; at most those)."""
+        self._last_avail_idx -= <uint16_t> count
+        self._in_flight -= <uint32_t> count
+
+    cdef void push_fast(self, ChainBatch b) noexcept nogil:
+        """:meth:`push_chains` of a batch :meth:`pop_fast` took: its used entries, then the idx (2.7.8.2)."""
+        cdef Py_ssize_t i
+        cdef uint16_t idx = self._used_idx
+        for i in range(b.n):
+            iovirt_store_used_elem(self._used + 4 + 8 * (idx & self._mask), b.heads[i], b.used_lens[i])
+            idx += 1
+        self._in_flight -= <uint32_t> b.n
+        self._used_idx = idx
+        iovirt_store_release_u16(self._used + 2, idx)
+
     def resubmit(self, heads, ChainBatch batch=None):
         """Take the chains of ``heads`` again, in that order, without moving the avail index.
 
@@ -1009,8 +1073,12 @@ cdef class SplitQueue(Virtqueue):
 
     cdef int notify_needed(self) except -1:
         """:meth:`need_notify` for C callers: 1 or 0."""
-        cdef uint16_t old, used_event
         self._sync()
+        return self.notify_fast()
+
+    cdef bint notify_fast(self) noexcept nogil:
+        """:meth:`notify_needed` once :meth:`fast_ready` held (the memory map is as it was)."""
+        cdef uint16_t old, used_event
         # The used idx store must be visible before we read the driver's flags.
         iovirt_mb()
         if not self.event_idx:
@@ -1023,7 +1091,7 @@ cdef class SplitQueue(Virtqueue):
         used_event = iovirt_load_u16(self._avail + 4 + 2 * self.size)
         return <uint16_t> (self._used_idx - used_event - 1) < <uint16_t> (self._used_idx - old)
 
-    cdef void _publish_avail_event(self) noexcept:
+    cdef void _publish_avail_event(self) noexcept nogil:
         if self.event_idx and self._notify_enabled:
             iovirt_store_u16(self._used + 4 + 8 * self.size, self._last_avail_idx)
             self._log_used_ring()

@@ -40,14 +40,14 @@ cdef extern from *:
     uint64_t _mac "iovirt_load_be48" (const uint8_t *p) nogil
     void __builtin_prefetch(const void *p) nogil
 
-from iovirt.virtio._queue_c cimport ChainBatch, Virtqueue
+from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue, Virtqueue
 from iovirt.virtio.net import defs
 
 # The spec constants, from defs.py, as C values for the loops.
 cdef uint8_t NEEDS_CSUM = defs.VIRTIO_NET_HDR_F_NEEDS_CSUM
 cdef uint8_t DATA_VALID = defs.VIRTIO_NET_HDR_F_DATA_VALID
 cdef uint8_t GSO_TCPV6 = defs.VIRTIO_NET_HDR_GSO_TCPV6
-cdef uint32_t ETH_HLEN = defs.ETH_HLEN
+cdef uint32_t ETH_HLEN = defs.ETH_HLEN, VLAN_HLEN = defs.VLAN_HLEN
 cdef uint32_t MAX_FRAME = defs.MAX_FRAME
 cdef uint32_t NET_HDR_SIZE = defs.NET_HDR_SIZE
 cdef uint16_t ETH_P_IP = defs.ETH_P_IP, ETH_P_8021Q = defs.ETH_P_8021Q, ETH_P_IPV6 = defs.ETH_P_IPV6
@@ -137,7 +137,7 @@ cdef class Frames:
             self.cap = cap
         return 0
 
-    cdef inline void _finish(self, Py_ssize_t i) noexcept:
+    cdef inline void _finish(self, Py_ssize_t i) noexcept nogil:
         cdef const uint8_t *p = self.buf + self.off[i]
         self.dst[i] = _mac(p)
         self.src[i] = _mac(p + 6)
@@ -308,12 +308,13 @@ cdef inline uint16_t _le16(const uint8_t *p) noexcept nogil:
 
 
 cdef inline int _copy_out(Virtqueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint32_t start,
-                          uint32_t count) except -1:
+                          uint32_t count) except -1 nogil:
     """Copy ``count`` bytes from offset ``start`` of buffer ``k`` to ``dst``."""
     if b.hosts[k] != NULL:  # inlined into the gather loop: a plain memcpy for nearly every buffer
         memcpy(dst, b.hosts[k] + start, count)
         return 0
-    return _copy_through_memory(q, b, k, dst, start, count)
+    with gil:
+        return _copy_through_memory(q, b, k, dst, start, count)
 
 
 cdef int _copy_through_memory(Virtqueue q, ChainBatch b, Py_ssize_t k, uint8_t *dst, uint32_t start,
@@ -334,9 +335,22 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
     a GSO type not allowed or not segmentable, or with NEEDS_CSUM offsets
     outside its frame is rejected and counted in ``out.errors``.
     """
+    cdef Py_ssize_t errors[4]
+    cdef Py_ssize_t added, k
+    memset(errors, 0, sizeof(errors))
+    added = _gather(b, q, hdr_len, out, gso_mask, errors)
+    for k in range(4):
+        if errors[k]:
+            out.errors[k] += errors[k]
+    return added
+
+
+cdef Py_ssize_t _gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t gso_mask,
+                        Py_ssize_t *errors) except -1 nogil:
+    """:func:`tx_gather`, counting rejected chains in ``errors`` (by ``TX_*`` reason): runs without the GIL,
+    taking it only to grow ``out``, to copy a buffer without a host pointer or to cut a GSO frame."""
     cdef Py_ssize_t i, k, total, added = 0
     cdef int count
-    cdef uint8_t *big
     cdef uint32_t pos, take, skip, frame_len
     cdef uint8_t hdr[HDR_BUF]
     cdef uint8_t *dst
@@ -355,13 +369,15 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
             if not b.writable[k]:
                 total += b.lens[k]
         if total < hdr_len + ETH_HLEN:
-            out.errors[TX_SHORT] += 1
+            errors[TX_SHORT] += 1
             continue
         if total - hdr_len > MAX_FRAME:
-            out.errors[TX_LONG] += 1
+            errors[TX_LONG] += 1
             continue
         frame_len = <uint32_t> (total - hdr_len)
-        out._reserve(out.n + 1, out.used + frame_len)
+        if out.n + 1 > out.cap_frames or out.used + frame_len > out.cap:
+            with gil:
+                out._grow_to(out.n + 1, out.used + frame_len)
         memset(hdr, 0, NET_HDR_SIZE)
         dst = out.buf + out.used
         pos = 0  # bytes of the chain consumed so far
@@ -381,23 +397,17 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
         if hdr[0] & NEEDS_CSUM:
             cs, co = _le16(hdr + 6), _le16(hdr + 8)
             if <uint32_t> cs >= frame_len or <uint32_t> (cs + co + 2) > frame_len:
-                out.errors[TX_CSUM] += 1
+                errors[TX_CSUM] += 1
                 continue
         if hdr[1] != 0:
             # GSO needs NEEDS_CSUM (csum_start marks the TCP header) and a negotiated type.
             if hdr[1] >= 32 or not (gso_mask >> hdr[1]) & 1 or cs < 0:
-                out.errors[TX_GSO] += 1
+                errors[TX_GSO] += 1
                 continue
-            big = <uint8_t *> malloc(frame_len)  # out's buffer may move while it grows
-            if big == NULL:
-                raise MemoryError()
-            memcpy(big, out.buf + out.used, frame_len)
-            try:
-                count = _tso(out, big, frame_len, cs, _le16(hdr + 4), hdr[1] == GSO_TCPV6)
-            finally:
-                free(big)
+            with gil:
+                count = _cut(out, frame_len, cs, _le16(hdr + 4), hdr[1] == GSO_TCPV6)
             if count < 0:
-                out.errors[TX_GSO] += 1
+                errors[TX_GSO] += 1
             else:
                 added += count
             continue
@@ -412,9 +422,28 @@ def tx_gather(ChainBatch b, Virtqueue q, uint32_t hdr_len, Frames out, uint32_t 
     return added
 
 
+cdef int _cut(Frames out, uint32_t frame_len, uint32_t csum_start, uint32_t mss, bint ipv6) except -2:
+    """The GSO frame just copied to the end of ``out``'s buffer (not yet a frame of it) as its TCP segments."""
+    cdef int count
+    cdef uint8_t *big = <uint8_t *> malloc(frame_len)  # out's buffer may move while it grows
+    if big == NULL:
+        raise MemoryError()
+    memcpy(big, out.buf + out.used, frame_len)
+    try:
+        count = _tso(out, big, frame_len, csum_start, mss, ipv6)
+    finally:
+        free(big)
+    return count
+
+
 def complete_checksum(Frames f, Py_ssize_t i):
     """Fill in frame ``i``'s pending checksum in place (RFC 1071 sum from csum_start)."""
     f._check(i)
+    _complete(f, i)
+
+
+cdef void _complete(Frames f, Py_ssize_t i) noexcept nogil:
+    """:func:`complete_checksum` of a frame that exists."""
     if f.csum_start[i] < 0:
         return
     cdef uint8_t *p = f.buf + f.off[i]
@@ -516,11 +545,12 @@ def l4_checksum_valid(frame) -> bool:
     return _l4_valid(&data[0], data.shape[0])
 
 
-cdef int _copy_in(Virtqueue q, ChainBatch b, Py_ssize_t k, uint32_t start, const uint8_t *src, uint32_t count) except -1:
+cdef int _copy_in(Virtqueue q, ChainBatch b, Py_ssize_t k, uint32_t start, const uint8_t *src, uint32_t count) except -1 nogil:
     if b.hosts[k] != NULL:
         memcpy(b.hosts[k] + start, src, count)
     else:
-        q.memory.write(b.addrs[k] + start, (<const char *> src)[:count])
+        with gil:
+            q.memory.write(b.addrs[k] + start, (<const char *> src)[:count])
     return 0
 
 
@@ -548,10 +578,7 @@ def rx_scatter(Virtqueue q, Frames f, list indexes, uint32_t hdr_len, bint guest
     (5.1.6.4.1; csum_start/csum_offset stay 0, the driver must not use them
     without NEEDS_CSUM).
     """
-    cdef Py_ssize_t want = len(indexes), got, j, k, idx
-    cdef uint32_t need, written, room, take, pos
-    cdef uint8_t hdr[HDR_BUF]
-    cdef const uint8_t *src
+    cdef Py_ssize_t want = len(indexes), got, j, idx
     cdef Py_ssize_t delivered = 0, dropped = 0
     cdef uint64_t nbytes = 0
     cdef Py_ssize_t stop
@@ -561,51 +588,200 @@ def rx_scatter(Virtqueue q, Frames f, list indexes, uint32_t hdr_len, bint guest
     for j in range(got):
         idx = indexes[j]
         f._check(idx)
-        need = hdr_len + f.length[idx]
-        room = 0
-        for k in range(b.first[j], b.first[j + 1]):
-            if b.writable[k]:
-                room += b.lens[k]
-        if room < need:
-            if mergeable:
-                stop = j
-                break
+        if _receive_one(q, b, j, f, idx, hdr_len, guest_csum):
+            delivered += 1
+            nbytes += f.length[idx]
+        elif mergeable:
+            stop = j
+            break
+        else:
             b.used_lens[j] = 0
             dropped += 1
-            continue
-        memset(hdr, 0, NET_HDR_SIZE)
-        if f.csum_start[idx] >= 0 and guest_csum:
-            hdr[0] = NEEDS_CSUM
-            hdr[6] = f.csum_start[idx] & 0xFF
-            hdr[7] = f.csum_start[idx] >> 8
-            hdr[8] = f.csum_offset[idx] & 0xFF
-            hdr[9] = f.csum_offset[idx] >> 8
-        elif guest_csum and _l4_valid(f.buf + f.off[idx], f.length[idx]):
-            hdr[0] = DATA_VALID
-        hdr[10] = 1  # num_buffers (5.1.6.4: 1 without MRG_RXBUF, and one chain here)
-        written = 0
-        for k in range(b.first[j], b.first[j + 1]):
-            if not b.writable[k] or written >= need:
-                continue
-            pos = 0
-            while pos < b.lens[k] and written < need:
-                if written < hdr_len:
-                    src = hdr + written
-                    take = min(hdr_len - written, b.lens[k] - pos)
-                else:
-                    src = f.buf + f.off[idx] + (written - hdr_len)
-                    take = min(need - written, b.lens[k] - pos)
-                _copy_in(q, b, k, pos, src, take)
-                pos += take
-                written += take
-        b.used_lens[j] = written
-        delivered += 1
-        nbytes += f.length[idx]
     if stop < got:
         q.rewind(got - stop)
         b.n = stop
     q.push_batch(b)
     return delivered, dropped, stop, nbytes
+
+
+cdef int _receive_one(Virtqueue q, ChainBatch b, Py_ssize_t j, Frames f, Py_ssize_t idx, uint32_t hdr_len,
+                      bint guest_csum) except -1 nogil:
+    """Write frame ``idx`` of ``f`` into chain ``j`` of ``b`` (used length set); False if it does not fit."""
+    cdef Py_ssize_t k
+    cdef uint32_t need = hdr_len + f.length[idx], written = 0, room = 0, take, pos
+    cdef uint8_t hdr[HDR_BUF]
+    cdef const uint8_t *src
+    for k in range(b.first[j], b.first[j + 1]):
+        if b.writable[k]:
+            room += b.lens[k]
+    if room < need:
+        return False
+    memset(hdr, 0, NET_HDR_SIZE)
+    if f.csum_start[idx] >= 0 and guest_csum:
+        hdr[0] = NEEDS_CSUM
+        hdr[6] = f.csum_start[idx] & 0xFF
+        hdr[7] = f.csum_start[idx] >> 8
+        hdr[8] = f.csum_offset[idx] & 0xFF
+        hdr[9] = f.csum_offset[idx] >> 8
+    elif guest_csum and _l4_valid(f.buf + f.off[idx], f.length[idx]):
+        hdr[0] = DATA_VALID
+    hdr[10] = 1  # num_buffers (5.1.6.4: 1 without MRG_RXBUF, and one chain here)
+    for k in range(b.first[j], b.first[j + 1]):
+        if not b.writable[k] or written >= need:
+            continue
+        pos = 0
+        while pos < b.lens[k] and written < need:
+            if written < hdr_len:
+                src = hdr + written
+                take = min(hdr_len - written, b.lens[k] - pos)
+            else:
+                src = f.buf + f.off[idx] + (written - hdr_len)
+                take = min(need - written, b.lens[k] - pos)
+            _copy_in(q, b, k, pos, src, take)
+            pos += take
+            written += take
+    b.used_lens[j] = written
+    return True
+
+
+cdef enum:
+    # What forward stopped at: defs.FORWARD_*, checked at import below.
+    FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW
+if (defs.FORWARD_EMPTY, defs.FORWARD_BUDGET, defs.FORWARD_NOTIFY, defs.FORWARD_SWITCH, defs.FORWARD_HOLD,
+        defs.FORWARD_SLOW) != (FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW):
+    raise ImportError("defs.FORWARD_* differ from _datapath_c's")
+
+
+def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint32_t gso_mask,
+            uint64_t src, uint64_t dst, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
+            bint mergeable, uint32_t max_len, Py_ssize_t max_chains, Py_ssize_t max_batches):
+    """Transmit batches from ``tx`` and write each straight into receive queue ``rx``, with the GIL released.
+
+    The whole batch loop of one flow: pop up to ``max_chains`` transmit
+    chains, gather them into ``frames`` (:func:`tx_gather`), return them,
+    and, while every frame of the batch is from MAC ``src`` to MAC ``dst``
+    (the switch decided where that flow goes), write them into receive
+    chains of ``rx`` (:func:`rx_scatter`, pending checksums completed unless
+    ``guest_csum``), up to ``max_batches`` batches.  Returns ``(stopped,
+    batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu,
+    stop, tx_notify, rx_notify)``: why it stopped (``defs.FORWARD_*``), the
+    transmit batches taken, the frames and bytes of those it forwarded,
+    what was written into ``rx`` (``dropped`` did not fit a buffer without
+    ``mergeable``; ``over_mtu`` were longer than ``max_len``, the
+    receiver's MTU plus the Ethernet header, and a VLAN tag's 4 bytes if
+    they carry one: 5.1.4.1), ``stop`` the first frame of ``frames`` not
+    delivered with ``FORWARD_HOLD``, and whether each ring's driver wants
+    the notification it stopped for (asked once: the caller sends it).
+
+    A batch with rejected chains (``frames.errors``) or another flow stops
+    it with ``FORWARD_SWITCH`` (not counted in ``tx_frames``: the caller
+    switches it); receive chains running out, a frame spanning several
+    mergeable buffers or a receive buffer without a host pointer stop it
+    with ``FORWARD_HOLD`` at that frame, for the receiver's own path.  A
+    ring this cannot serve (see ``SplitQueue.fast_ready``, or a chain the
+    walk refuses) is left untaken, for the queue's own calls, which raise
+    or defer its errors as they do: ``FORWARD_SLOW`` for the transmit ring,
+    ``FORWARD_HOLD`` for the receive ring.  The caller holds what keeps both
+    rings as they are (the data plane's lock).
+    """
+    cdef Py_ssize_t batches = 0, n, i, j, want, got, stop = 0, tx_frames = 0, delivered = 0, dropped = 0
+    cdef Py_ssize_t over_mtu = 0
+    cdef uint64_t tx_bytes = 0, rx_bytes = 0
+    cdef Py_ssize_t errors[4]
+    cdef int stopped = FWD_EMPTY
+    cdef bint tx_notify = False, rx_notify = False
+    if not tx.fast_ready() or not rx.fast_ready():
+        return FWD_SLOW, 0, 0, 0, 0, 0, 0, 0, 0, False, False
+    txb._reserve_chains(max_chains)
+    rxb._reserve_chains(max_chains)
+    memset(errors, 0, sizeof(errors))
+    with nogil:
+        while True:
+            if batches == max_batches:
+                stopped = FWD_BUDGET
+                break
+            n = tx.pop_fast(txb, max_chains)
+            if n <= 0:
+                stopped = FWD_EMPTY if n == 0 else FWD_SLOW
+                break
+            frames.n = 0
+            frames.used = 0
+            _gather(txb, tx, hdr_len, frames, gso_mask, errors)
+            tx.push_fast(txb)  # copied out: the buffers go back now, used whole (read, nothing written)
+            tx_notify = tx.notify_fast()
+            batches += 1
+            n = frames.n
+            if errors[0] or errors[1] or errors[2] or errors[3]:
+                stopped = FWD_SWITCH
+                break
+            for i in range(n):
+                if frames.src[i] != src or frames.dst[i] != dst:
+                    break
+            else:
+                i = n
+            if i < n:
+                stopped = FWD_SWITCH
+                break
+            tx_frames += n
+            for i in range(n):
+                tx_bytes += frames.length[i]
+            if not guest_csum:
+                for i in range(n):
+                    _complete(frames, i)  # 5.1.6.3: the driver cannot take partial checksums
+            # 5.1.4.1: frames longer than the receiver's MTU allows are dropped, not given a buffer.
+            want = 0
+            for i in range(n):
+                want += not _over(frames, i, max_len)
+            got = rx.pop_fast(rxb, want) if want else 0
+            i = j = 0
+            while i < n:
+                if _over(frames, i, max_len):
+                    over_mtu += 1
+                    i += 1
+                    continue
+                if j >= got or not _mapped(rxb, j):  # out of chains, or GuestMemory's way: the receiver's path
+                    break
+                if _receive_one(rx, rxb, j, frames, i, rx_hdr_len, guest_csum):
+                    delivered += 1
+                    rx_bytes += frames.length[i]
+                elif mergeable:  # it spans several buffers: the receiver's own path
+                    break
+                else:
+                    rxb.used_lens[j] = 0  # 5.1.6.3.1: without MRG_RXBUF a buffer holds a whole frame
+                    dropped += 1
+                i += 1
+                j += 1
+            stop = i
+            if j < got:
+                rx.rewind_fast(got - j)
+                rxb.n = j
+            if got > 0 and rxb.n > 0:
+                rx.push_fast(rxb)
+                rx_notify = rx.notify_fast()
+            if stop < n:
+                stopped = FWD_HOLD
+                break
+            if tx_notify or rx_notify:
+                stopped = FWD_NOTIFY
+                break
+    if batches:
+        frames.errors = [errors[0], errors[1], errors[2], errors[3]]  # the last batch's: the others had none
+    return stopped, batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, stop, tx_notify, rx_notify
+
+
+cdef inline bint _over(Frames f, Py_ssize_t i, uint32_t max_len) noexcept nogil:
+    """Whether frame ``i`` is longer than ``max_len`` bytes, plus 4 if it carries an 802.1Q tag (5.1.4.1)."""
+    cdef uint32_t n = f.length[i]
+    return n > max_len and (n > max_len + VLAN_HLEN or _be16(f.buf + f.off[i] + 12) != ETH_P_8021Q)
+
+
+cdef inline bint _mapped(ChainBatch b, Py_ssize_t j) noexcept nogil:
+    """Whether every buffer of chain ``j`` has a host pointer."""
+    cdef Py_ssize_t k
+    for k in range(b.first[j], b.first[j + 1]):
+        if b.hosts[k] == NULL:
+            return False
+    return True
 
 
 cdef inline uint16_t _fold(uint64_t acc) noexcept nogil:

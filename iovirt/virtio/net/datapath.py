@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 from iovirt import _accel
 from iovirt.virtio.net import _datapath_py
-from iovirt.virtio.queue import is_accelerated
+from iovirt.virtio.queue import SplitQueue, is_accelerated
 
-__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending"]
+__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending", "forward"]
 
 accel: Any = _accel.load("iovirt.virtio.net._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -62,3 +62,34 @@ def rx_scatter(
     if is_accelerated(queue) and _c_frames(frames):
         return accel.rx_scatter(queue, frames, indexes, hdr_len, guest_csum, mergeable, batch)
     return _datapath_py.rx_scatter(queue, frames, indexes, hdr_len, guest_csum, mergeable)
+
+
+Forwarded = tuple[int, int, int, int, int, int, int, int, int, bool, bool]
+"""``forward``'s answer: (stopped, batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, stop,
+tx_notify, rx_notify)."""
+
+
+def forward(
+    tx: Any, tx_batch: Any, frames: Any, hdr_len: int, gso_mask: int, src: int, dst: int, rx: Any, rx_batch: Any,
+    rx_hdr_len: int, guest_csum: bool, mergeable: bool, max_len: int, max_chains: int, max_batches: int,
+) -> Forwarded | None:
+    """The whole batch loop of one flow in C, with the GIL released: transmit queue ``tx`` straight into ``rx``.
+
+    Batches of up to ``max_chains`` chains are popped from ``tx``, gathered
+    into ``frames`` (as :func:`tx_gather`) and returned; while every frame
+    of a batch is from ``src`` to ``dst`` (48-bit MACs) they are written into
+    ``rx`` (as :func:`rx_scatter`), up to ``max_batches`` batches.  See
+    ``_datapath_c.forward`` for the answer and where it stops (``defs.FORWARD_*``).
+
+    ``None`` where only the caller's own loop can: without the C twin, or
+    for a queue that is not the Cython split queue (packed, the reference,
+    or a wrapped one).  That loop is the reference: the same batches, the
+    same frames delivered and counted, the same notifications.
+    """
+    if not (is_accelerated(tx) and type(tx) is SplitQueue and type(rx) is SplitQueue and _c_frames(frames)):
+        return None
+    answer: Forwarded = accel.forward(
+        tx, tx_batch, frames, hdr_len, gso_mask, src, dst, rx, rx_batch, rx_hdr_len, guest_csum, mergeable,
+        max_len, max_chains, max_batches,
+    )
+    return answer

@@ -128,6 +128,11 @@ IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 # Why the data path's tx_gather rejected a transmit chain: indexes of ``Frames.errors`` in both twins.
 TX_SHORT, TX_LONG, TX_GSO, TX_CSUM = 0, 1, 2, 3
+# Where the data path's forward stopped (the first item of its answer): the transmit ring is empty, the batch
+# budget is spent, a notification is due, the last batch is for the switch (another flow, or chains rejected),
+# frames of the last batch were left for the receiver's own path (from ``stop`` on), a ring needs the
+# queue's own calls (nothing of it taken).
+FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW = range(6)
 
 
 @dataclass(frozen=True)

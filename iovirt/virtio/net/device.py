@@ -33,6 +33,10 @@ from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
+    FORWARD_EMPTY,
+    FORWARD_HOLD,
+    FORWARD_SLOW,
+    FORWARD_SWITCH,
     ETH_HLEN,
     ETH_P_8021Q,
     MAX_FRAME,
@@ -79,7 +83,7 @@ from iovirt.virtio.net.rss import (
     SUPPORTED_HASH_TYPES,
     SUPPORTED_TUNNEL_TYPES,
 )
-from iovirt.virtio.net.switch import LearningSwitch
+from iovirt.virtio.net.switch import MAC_BITS, MAC_MASK, LearningSwitch
 from iovirt.virtio.defs import VIRTIO_F_VERSION_1
 from iovirt.virtio.queue import IMPLEMENTATION as QUEUE_IMPLEMENTATION
 from iovirt.virtio.queue import ChainBatch, SplitQueue, is_accelerated
@@ -171,6 +175,8 @@ class VirtioNet(VirtioDevice):
         # Batches the Cython queue pops into again and again (the reference queue allocates its own).
         self._tx_batch = _reusable_batch()
         self._tx_resuming: set[int] = set()  # transmit queues that yielded, to be served again by the timer
+        # The flow (Frames.flow) of the last batch switched: what the next kick tries to forward straight.
+        self._flow: int | None = None
         self._rx_batch = _reusable_batch()
         # Transmit limits: None without any (the data path's one check), else the pps and bps buckets.
         self._limits = Limits(LIMITS, self.label, min_burst={"bps": MAX_FRAME})
@@ -342,6 +348,7 @@ class VirtioNet(VirtioDevice):
     def _reset(self) -> None:
         self.backlog.clear()
         self._tx_resuming.clear()
+        self._flow = None
         self.announce_pending = False
         if self.ctrl is not None:
             self.ctrl.reset()
@@ -362,7 +369,13 @@ class VirtioNet(VirtioDevice):
             self._flush_backlog()
 
     def _transmit(self, index: int, queue: SplitQueue) -> None:
-        """Whole batches gathered by the data path, returned to the driver, then switched together."""
+        """Whole batches gathered by the data path, returned to the driver, then switched together.
+
+        While the batches are of one flow that the switch sends to one port
+        taking them as they are (:meth:`_shortcut`), the whole loop runs in C
+        with the GIL released (``datapath.forward``); this loop is its
+        reference and takes over wherever it stops.
+        """
         frames = self._tx_frames
         params = self._tx_params
         if params[0] != self.driver_features:  # worked out once per negotiation, not per kick
@@ -371,10 +384,18 @@ class VirtioNet(VirtioDevice):
         reuse = self._tx_batch if is_accelerated(queue) else None
         # Without a timer (the in-process transport) the ring is served until it is empty.
         budget = TX_BUDGET if self.call_later is not None else -1
+        route = self._shortcut(index)
         while True:
             if budget == 0:
                 self._yield_tx(index)
                 break
+            if route is not None:
+                taken, route, empty = self._forward(index, queue, route, hdr_len, gso_mask, budget)
+                if budget > 0:
+                    budget -= taken
+                if empty:
+                    break
+                continue
             budget -= 1
             batch = queue.pop_batch(TX_BATCH, reuse)
             if not len(batch):
@@ -385,28 +406,84 @@ class VirtioNet(VirtioDevice):
             # entry (2.7.9, 2.8.8): transmit buffers are used whole (read, nothing written).
             queue.push_batch(batch, coalesce=True)
             self.signal(index)
-            bad = sum(frames.errors)
-            if bad:
-                self._count_tx_errors(index, bad, frames.errors)
-                self.log.warning(
-                    "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
-                    self.label, bad, *frames.errors,
-                )
-            # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
-            if self.enabled[index] and self.switch is not None:
-                buckets = self._tx_buckets
-                if buckets is not None:
-                    self._police(buckets, frames)
-                if self.counting:  # inline: once per batch on the hottest path
-                    n, nbytes = len(frames), frames.total_bytes()
-                    stats, qstats = self.stats, self.queue_stats[index]
-                    stats["tx_packets"] += n
-                    stats["tx_bytes"] += nbytes
-                    qstats["frames"] += n
-                    qstats["bytes"] += nbytes
-                self.switch.forward_batch(self, frames)
-            else:
-                self._count_drops(index, "tx", "ring_disabled", len(frames))
+            self._switch(index, frames)
+
+    def _switch(self, index: int, frames: Any) -> None:
+        """Count, police and switch a transmit batch gathered from queue ``index`` (its chains returned)."""
+        bad = sum(frames.errors)
+        if bad:
+            self._count_tx_errors(index, bad, frames.errors)
+            self.log.warning(
+                "%s: dropped %d malformed transmit chains (short %d, too long %d, GSO %d, bad csum offsets %d)",
+                self.label, bad, *frames.errors,
+            )
+        # A disabled ring (vhost-user SET_VRING_ENABLE 0) drops what it transmits.
+        if self.enabled[index] and self.switch is not None:
+            buckets = self._tx_buckets
+            if buckets is not None:
+                self._police(buckets, frames)
+            if self.counting:  # inline: once per batch on the hottest path
+                self._count_tx(index, len(frames), frames.total_bytes())
+            if len(frames):
+                self._flow = frames.flow(0)
+            self.switch.forward_batch(self, frames)
+        else:
+            self._count_drops(index, "tx", "ring_disabled", len(frames))
+
+    def _shortcut(self, index: int) -> tuple[Any, ...] | None:
+        """Where transmit queue ``index``'s batches may go straight this kick (``datapath.forward``), if anywhere.
+
+        The flow of the last batch switched, when the switch sends the whole
+        of it to one port (:meth:`LearningSwitch.shortcut`) that takes it
+        without looking at each batch (:meth:`receiver`), and this port has
+        nothing to do with a batch either (no control queue, no transmit
+        limits, its ring enabled).
+        """
+        flow, switch = self._flow, self.switch
+        if flow is None or switch is None or self.ctrl is not None or self._tx_buckets is not None \
+                or not self.enabled[index]:
+            return None
+        src, dst = flow & MAC_MASK, flow >> MAC_BITS
+        egress = switch.shortcut(self, src, dst)
+        receiver = getattr(egress, "receiver", None)
+        rx = None if receiver is None else receiver(flow)
+        return None if rx is None else (egress, src, dst, *rx)
+
+    def _forward(
+        self, index: int, queue: SplitQueue, route: tuple[Any, ...], hdr_len: int, gso_mask: int, budget: int
+    ) -> tuple[int, tuple[Any, ...] | None, bool]:
+        """One run of ``datapath.forward`` along ``route``; returns (batches taken, the route left, ring empty).
+
+        What it leaves, this loop does: a batch of another flow or with
+        rejected chains is switched, frames the receiver's ring did not take
+        go through its own path, a ring it cannot serve is popped here.
+        """
+        egress, src, dst, rx_index, rx_queue, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len = route
+        frames = self._tx_frames
+        answer = datapath.forward(
+            queue, self._tx_batch, frames, hdr_len, gso_mask, src, dst, rx_queue, rx_batch, rx_hdr_len, guest_csum,
+            mergeable, max_len, TX_BATCH, budget if budget > 0 else TX_BUDGET,
+        )
+        if answer is None:
+            return 0, None, False
+        stopped, batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, stop, tx_notify, rx_notify = answer
+        if tx_frames:
+            if self.counting:
+                self._count_tx(index, tx_frames, tx_bytes)
+            assert self.switch is not None  # (a route comes from it)
+            self.switch.took_shortcut(batches - int(stopped == FORWARD_SWITCH))
+        egress.received(rx_index, delivered, dropped, over_mtu, rx_bytes, rx_notify)
+        notify = self.notifiers[index]
+        if tx_notify and notify is not None:
+            notify()
+        if stopped == FORWARD_SWITCH:
+            self._switch(index, frames)
+            return batches, None, False
+        if stopped == FORWARD_HOLD:
+            # The rest may be held in its backlog now, and later frames go behind them: this loop's way.
+            egress.deliver_batch(frames, list(range(stop, len(frames))))
+            return batches, None, False
+        return batches, None if stopped == FORWARD_SLOW else route, stopped == FORWARD_EMPTY
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
@@ -484,6 +561,14 @@ class VirtioNet(VirtioDevice):
         return super().stop_queue(index)
 
     # -- counters (per batch: device totals and the queue's own) ------------------------
+    def _count_tx(self, index: int, frames: int, nbytes: int) -> None:
+        """``frames`` frames of ``nbytes`` bytes were transmitted on queue ``index``."""
+        stats, qstats = self.stats, self.queue_stats[index]
+        stats["tx_packets"] += frames
+        stats["tx_bytes"] += nbytes
+        qstats["frames"] += frames
+        qstats["bytes"] += nbytes
+
     def _count_rx(self, index: int, frames: int, nbytes: int) -> None:
         """``frames`` frames of ``nbytes`` bytes were received on queue ``index``."""
         stats, qstats = self.stats, self.queue_stats[index]
@@ -600,16 +685,63 @@ class VirtioNet(VirtioDevice):
         delivered, dropped, stop, nbytes = datapath.rx_scatter(
             queue, frames, indexes, self.hdr_len, guest_csum, mergeable, reuse
         )
+        self._account_rx(index, delivered, dropped, nbytes)
+        if delivered or dropped:
+            self.signal(index)
+        return delivered, stop
+
+    def _account_rx(self, index: int, delivered: int, dropped: int, nbytes: int) -> None:
+        """Count a batch written into receive queue ``index``; log the frames too big for their buffer."""
         if dropped:
             # 5.1.6.3.1: without MRG_RXBUF each buffer must hold a whole frame.
             self.log.warning("%s: dropped %d received frames: receive buffers too small", self.label, dropped)
-        if delivered or dropped:
-            if self.counting:
-                self._count_rx(index, delivered, nbytes)
-                if dropped:
-                    self._count_drops(index, "rx", "small_buffer", dropped)
-            self.signal(index)
-        return delivered, stop
+        if (delivered or dropped) and self.counting:
+            self._count_rx(index, delivered, nbytes)
+            if dropped:
+                self._count_drops(index, "rx", "small_buffer", dropped)
+
+    # -- switch port: frames written straight in by another port's transmit loop ---------------
+    def receiver(self, flow: int) -> tuple[int, SplitQueue, Any, int, bool, bool, int] | None:
+        """Where another port's transmit loop may write frames of ``flow`` straight in (``datapath.forward``).
+
+        ``(index, queue, batch, hdr_len, guest_csum, mergeable, max_len)``:
+        the receive queue :meth:`_rx_queue` picks for the flow, with what
+        writing into it takes.  None while this port's own path must see
+        each batch: a control queue (filters, RSS), frames held in the
+        backlog that its buffers cannot take yet, a reset pending, the link
+        down, no queue ready.
+        """
+        if self.ctrl is not None or self.needs_reset or not self.link_up:
+            return None
+        if self.backlog:
+            try:
+                self._flush_backlog()  # as a batch from the switch would: what is held goes first
+            except IovirtError as exc:  # a broken receive ring fails this device, never the sender's
+                self.fail(exc)
+                return None
+            if self.backlog:
+                return None
+        index = self._rx_queue(flow)
+        queue = None if index is None else self.queues[index]
+        if index is None or queue is None:
+            return None
+        max_len = self.mtu + ETH_HLEN if self.has_feature(VIRTIO_NET_F_MTU) else MAX_FRAME
+        return (index, queue, self._rx_batch, self.hdr_len, self.has_feature(VIRTIO_NET_F_GUEST_CSUM),
+                self.has_feature(VIRTIO_NET_F_MRG_RXBUF), max_len)
+
+    def received(self, index: int, delivered: int, dropped: int, over_mtu: int, nbytes: int, notify: bool) -> None:
+        """Another port's transmit loop wrote into receive queue ``index``: count it, notify if ``notify``.
+
+        ``over_mtu`` frames were dropped for this port's MTU (5.1.4.1);
+        ``notify``: the driver asked for the notification (the loop asked
+        the queue, once).
+        """
+        if over_mtu:
+            self._count_drops(None, "rx", "over_mtu", over_mtu)
+        self._account_rx(index, delivered, dropped, nbytes)
+        notifier = self.notifiers[index]
+        if notify and notifier is not None:
+            notifier()
 
     def deliver(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Take a frame from the switch into a receive queue (or the backlog).

@@ -301,6 +301,41 @@ class LearningSwitch:
             return 0
         return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
 
+    def shortcut(self, ingress: SwitchPort, src: int, dst: int) -> SwitchPort | None:
+        """The port frames from ``src`` to ``dst`` (48-bit MACs) arriving on ``ingress`` go to, if that is all there is.
+
+        For a transmit loop that writes such frames straight into that port
+        (``datapath.forward``) instead of handing each batch here: the
+        answer holds while the table does, and the caller asks again on each
+        kick.  That is so while no port has a VLAN configuration, neither
+        port is impaired, ``dst`` is a unicast MAC learned (not aged) on
+        another port served by the caller's thread, and ``src`` is learned on
+        ``ingress``: learning it again is refreshing its entry, done here.
+        Otherwise None, and each batch goes through :meth:`forward_batch`.
+        """
+        impairments = self.impairments
+        if self._vlans or dst >> 40 & 1 or id(ingress) in impairments:
+            return None
+        with self._lock:
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            source, target = self.table.get(src), self.table.get(dst)
+            if source is None or source.port is not ingress or target is None or target.port is ingress \
+                    or now - target.seen > self.ageing_s:
+                return None
+            port = target.port
+            if id(port) in impairments or (self._owners and self._elsewhere(port) is not None):
+                return None
+            source.seen = now
+            self.table.move_to_end(src)
+        return port
+
+    def took_shortcut(self, batches: int) -> None:
+        """Count ``batches`` batches that went where :meth:`shortcut` said (as forwarded, one per batch)."""
+        with self._lock:
+            self.forwarded += batches
+
     def _elsewhere(self, port: SwitchPort) -> PortOwner | None:
         """``port``'s owner if that is another thread (then the frames are posted to it), else None."""
         owner = self._owners.get(id(port), self.home)
