@@ -30,10 +30,13 @@ from iovirt.vhost_user.dataplane import DataPlane, Handler
 
 MAX_WORKERS = 64  # threads; beyond the cores there is nothing to gain, and every worker is a thread and an epoll set
 DEFAULT_WORKERS = 1
-"""``--workers``'s default.  Not one per core: the batch loops still run Python around their C parts, under
-the interpreter lock, so a second worker adds no throughput, and a frame handed from one worker to another
-costs a switch of the lock between threads (port to port 64 B: 2.0-2.2 M frames/s on one worker, 0.48-0.57 M
-on two; ``benchmarks/vhost_user.py --only workers``).  Workers are for isolation until the loops release it."""
+"""``--workers``'s default.  Not one per core: most batch loops run Python around their C parts, under the
+interpreter lock, so a second worker adds no throughput, and a frame handed from one worker to another costs a
+switch of the lock between threads (port to port 64 B: 2.0-2.2 M frames/s on one worker, 0.48-0.57 M on two;
+``benchmarks/vhost_user.py --only workers``).  The one loop that runs in C with the lock released (net's
+``datapath.forward``) takes it back once per kick, and two threads running it measured 0.53 of one thread's
+rate (``benchmarks/forward.py``): handing the lock over costs more than they overlap.  Workers are for
+isolation until a worker's whole loop, its waiting on kicks included, runs without the lock."""
 
 
 class AllLocks:
