@@ -107,6 +107,10 @@ cdef extern from *:
         return io_uring_wait_cqe(&u->ring, &cqe);
     }
 
+    /* Enter the ring for its events: runs completions owed to this thread as task work and flushes an
+       overflowed completion queue into the ring. */
+    static int iovirt_uring_poll(iovirt_uring *u) { return io_uring_get_events(&u->ring); }
+
     static void iovirt_uring_free(iovirt_uring *u) { io_uring_queue_exit(&u->ring); free(u); }
     #else
     #define IOVIRT_URING_BUILT 0
@@ -117,6 +121,7 @@ cdef extern from *:
     static int iovirt_uring_submit(iovirt_uring *u) { return -ENOSYS; }
     static int iovirt_uring_reap(iovirt_uring *u, uint64_t *tags, int *res, int max) { return 0; }
     static int iovirt_uring_wait(iovirt_uring *u) { return -ENOSYS; }
+    static int iovirt_uring_poll(iovirt_uring *u) { return -ENOSYS; }
     static void iovirt_uring_free(iovirt_uring *u) { }
     #endif
     """
@@ -129,6 +134,7 @@ cdef extern from *:
     int iovirt_uring_submit(iovirt_uring *u)
     int iovirt_uring_reap(iovirt_uring *u, uint64_t *tags, int *res, int maxn)
     int iovirt_uring_wait(iovirt_uring *u) nogil
+    int iovirt_uring_poll(iovirt_uring *u) nogil
     void iovirt_uring_free(iovirt_uring *u)
 
 URING_BUILT = bool(IOVIRT_URING_BUILT)
@@ -472,6 +478,18 @@ cdef class Engine:
                 rc = iovirt_uring_wait(self.uring)
         elif self.pool is not None:
             self.pool.wait()
+
+    def poll(self):
+        """Make completions the kernel holds back visible to :meth:`complete` (io_uring: enter the ring).
+
+        Called from the thread that submits, now and then while requests
+        are in flight: a completion owed to that thread as task work, or
+        one in an overflowed queue, otherwise waits until something enters
+        the ring (``VirtioBlk._poke``).
+        """
+        if self.uring != NULL:
+            with nogil:
+                iovirt_uring_poll(self.uring)
 
     cdef ChainBatch _out_batch(self, int queue):
         cdef ChainBatch b

@@ -319,6 +319,9 @@ class Engine:
         if not self._ready:
             self._pool.wait()
 
+    def poll(self) -> None:
+        """The C twin enters its io_uring here; the thread pool signals every completion, nothing to do."""
+
     def complete(self) -> list[tuple[int, ChainBatch, int, int, int]]:
         """Take the completed requests: write their status bytes, gather them per queue.
 
