@@ -472,6 +472,8 @@ cdef class SplitQueue(Virtqueue):
             return -1
         if count > max_chains:
             count = <uint16_t> max_chains
+        if count > b.cap_chains:  # a caller's want may exceed the room it reserved (TSO: frames > chains)
+            count = <uint16_t> b.cap_chains
         while n < count:
             head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + n) & self._mask))
             if not self._single(head, b) and not self._walk_direct(head, b) and self._walk(head, b) != 0:

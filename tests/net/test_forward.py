@@ -28,9 +28,11 @@ from iovirt.virtio.net.defs import (
     NET_HDR_SIZE,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
 )
 from iovirt.virtio.net.device import TX_BATCH, VirtioNet
 from iovirt.virtio.net.switch import LearningSwitch
@@ -295,3 +297,27 @@ def test_the_switch_gives_no_shortcut_where_it_looks_at_each_batch():
     switch.set_vlan(c, None)
     switch.clock = lambda: 1e12  # long past the ageing time
     assert switch.shortcut(a, src, dst) is None
+
+
+def tcp_frame(dst: bytes, src: bytes, payload: int) -> bytes:
+    """An Ethernet / IPv4 / TCP frame carrying ``payload`` bytes (checksums left to the offloads)."""
+    ip = bytes([0x45, 0]) + (40 + payload).to_bytes(2, "big") + bytes(4) + bytes([64, 6, 0, 0]) + \
+        bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = b"\x04\x00\x00\x50" + bytes(8) + bytes([0x50, 0x18]) + b"\xff\xff" + bytes(4)
+    return dst + src + b"\x08\x00" + ip + tcp + bytes(range(256)) * (payload // 256) + bytes(payload % 256)
+
+
+def test_a_tso_batch_cut_into_more_frames_than_chains(monkeypatch):
+    """One chain can become hundreds of frames (5.1.6.2): the receive batch must not be popped past its room."""
+    mss = 100
+    hdr = bytes([VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4]) + (54).to_bytes(2, "little") + \
+        mss.to_bytes(2, "little") + (34).to_bytes(2, "little") + (16).to_bytes(2, "little") + bytes(2)
+
+    def scenario(a: Guest, b: Guest) -> None:
+        b.post_rx(500)
+        a.send([tcp_frame(B, A, 300 * mss)], hdr)  # 300 segments from one chain
+
+    seen, answers = same_both_ways(
+        scenario, monkeypatch, features=(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4, 0))
+    assert took(answers) >= 1
+    assert len(seen.received) == 1 + 300

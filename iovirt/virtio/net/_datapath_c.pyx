@@ -732,6 +732,9 @@ def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint
             want = 0
             for i in range(n):
                 want += not _over(frames, i, max_len)
+            if want > rxb.cap_chains:  # segments cut from GSO frames: more frames than chains (5.1.6.2)
+                with gil:
+                    rxb._reserve_chains(want)
             got = rx.pop_fast(rxb, want) if want else 0
             i = j = 0
             while i < n:
