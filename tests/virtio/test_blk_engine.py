@@ -261,3 +261,127 @@ def test_requests_in_flight_are_looked_for_on_the_timer_without_a_wake_up(disk, 
     assert all(u.data == bytes([VIRTIO_BLK_S_OK]) for u in used.values())
     assert polls, "nothing was looked for on the timer"
     assert not timers, "a poke was armed with nothing in flight"
+
+
+# -- an image in memory, mapped: requests are copies ------------------------------------------------------
+
+@pytest.fixture
+def allocated_image():
+    """A 1 MiB image on /dev/shm with every block written (no holes): the inline engine maps it."""
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    path = os.path.join(directory, "disk.img")
+    with open(path, "wb") as f:
+        f.write(b"".join(struct.pack("<Q", sector) * 64 for sector in range((1 << 20) // 512)))
+    yield path
+    shutil.rmtree(directory)
+
+
+def mapped_disk(path: str) -> Disk:
+    c_twin_only()
+    from iovirt.virtio._queue_c import SplitQueue
+
+    return Disk(SplitQueue, path, None)
+
+
+def test_an_image_in_memory_without_holes_is_mapped_and_requests_see_the_file(allocated_image, monkeypatch):
+    monkeypatch.delenv("IOVIRT_BLK_ENGINE", raising=False)
+    disk = mapped_disk(allocated_image)
+    try:
+        assert disk.blk.engine().startswith("inline") and "mapped" in disk.blk.engine()
+        # Reads give what the file holds, aligned or not, into one buffer or across two.
+        a = disk.request(VIRTIO_BLK_T_IN, 8, in_len=PAGE)
+        b = disk.request(VIRTIO_BLK_T_IN, 3, in_len=512, align=8)
+        hdr = disk.alloc.alloc(16)
+        disk.memory.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 100))
+        two = [(disk.alloc.alloc(512), 512), (disk.alloc.alloc(1024), 1024), (disk.alloc.alloc(1), 1)]
+        c = disk.driver.add_chain([(hdr, 16)], two)
+        used = disk.serve()
+        assert used[a].data == struct.pack("<Q", 8) * 64 + b"".join(struct.pack("<Q", 9 + i) * 64 for i in range(7)) \
+            + b"\0"
+        assert used[b].data == struct.pack("<Q", 3) * 64 + b"\0"
+        assert used[c].data == b"".join(struct.pack("<Q", 100 + i) * 64 for i in range(3)) + b"\0"
+        # Writes land in the file; out of range and partial sectors fail as the system calls' path fails them.
+        w = disk.request(VIRTIO_BLK_T_OUT, 16, b"\x5a" * PAGE)
+        beyond = disk.request(VIRTIO_BLK_T_IN, (1 << 20) // 512, in_len=512)
+        partial = disk.request(VIRTIO_BLK_T_OUT, 0, b"x" * 100)
+        flush = disk.request(VIRTIO_BLK_T_FLUSH, 0)
+        used = disk.serve()
+        assert used[w].data[-1] == used[flush].data[-1] == VIRTIO_BLK_S_OK
+        assert used[beyond].data[-1] == used[partial].data[-1] == VIRTIO_BLK_S_IOERR
+        with open(allocated_image, "rb") as f:
+            f.seek(16 * 512)
+            assert f.read(PAGE) == b"\x5a" * PAGE
+        assert disk.blk.stats["read_bytes"] == PAGE + 512 + 1536 and disk.blk.stats["write_bytes"] == PAGE
+    finally:
+        disk.blk.close()
+
+
+def test_a_sparse_image_in_memory_is_not_mapped(in_memory_image, monkeypatch):
+    """A hole read through a mapping would be given memory: a sparse image keeps the system calls."""
+    monkeypatch.delenv("IOVIRT_BLK_ENGINE", raising=False)
+    disk = mapped_disk(in_memory_image)
+    try:
+        r = disk.request(VIRTIO_BLK_T_IN, 0, in_len=PAGE)
+        assert disk.serve()[r].data == bytes(PAGE + 1)
+        assert disk.blk.engine().startswith("inline") and "mapped" not in disk.blk.engine()
+    finally:
+        disk.blk.close()
+
+
+def test_a_mapped_image_shrunk_under_the_device_fails_reads_and_the_process_lives_on(allocated_image, monkeypatch):
+    """SIGBUS in the copy (the pages are gone): the request goes through the fd, so it ends as the system call does.
+
+    A read beyond the file's new end reads nothing: IOERR; a write there
+    extends the file (pwritev), and then reads through the mapping again.
+    """
+    monkeypatch.delenv("IOVIRT_BLK_ENGINE", raising=False)
+    disk = mapped_disk(allocated_image)
+    try:
+        assert "mapped" in disk.blk.engine()
+        os.truncate(allocated_image, 0)
+        r = disk.request(VIRTIO_BLK_T_IN, 8, in_len=PAGE)
+        assert disk.serve()[r].data[-1] == VIRTIO_BLK_S_IOERR
+        w = disk.request(VIRTIO_BLK_T_OUT, 8, b"\x33" * PAGE)
+        assert disk.serve()[w].data[-1] == VIRTIO_BLK_S_OK
+        assert os.path.getsize(allocated_image) == 8 * 512 + PAGE
+        r = disk.request(VIRTIO_BLK_T_IN, 8, in_len=PAGE)
+        assert disk.serve()[r].data == b"\x33" * PAGE + b"\0"
+    finally:
+        disk.blk.close()
+
+
+SIGBUS_ELSEWHERE = """
+import faulthandler, mmap, os, sys
+faulthandler.enable()
+from iovirt.virtio.blk import datapath
+path = os.path.join(sys.argv[1], "disk.img")
+with open(path, "wb") as f:
+    f.write(b"x" * 65536)
+fd = os.open(path, os.O_RDWR)
+engine = datapath.accel.Engine(-1, 4, None, "inline")
+assert engine.map_image(fd, 65536, True)
+other = mmap.mmap(fd, 65536)
+os.truncate(path, 0)
+print("touching", flush=True)
+other[4096]
+print("survived", flush=True)
+"""
+
+
+def test_a_sigbus_outside_the_mapped_copy_still_reaches_the_handler_before_it():
+    """Only the engine's copy turns SIGBUS into a failed request; any other goes where it went before (here
+    faulthandler, which reports it and lets the process die of it)."""
+    c_twin_only()
+    import signal
+    import subprocess
+    import sys
+
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        proc = subprocess.run([sys.executable, "-c", SIGBUS_ELSEWHERE, directory], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        shutil.rmtree(directory)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stdout, proc.stderr)
+    assert "touching" in proc.stdout and "survived" not in proc.stdout
+    assert "Bus error" in proc.stderr, proc.stderr

@@ -9,7 +9,9 @@ in the header's buffer).  Requests go to io_uring through liburing (one
 ``io_uring_submit`` per batch; ``-DIOVIRT_HAVE_LIBURING`` at build time,
 ``setup.py``; completions signal the device's eventfd), or to a thread pool (:class:`~iovirt.virtio.blk.aio.ThreadPool`)
 whose workers run ``preadv`` / ``pwritev`` / ``fdatasync`` with the GIL
-released, where io_uring is not built in or the kernel refuses it.  Every
+released, where io_uring is not built in or the kernel refuses it; for an
+image in memory they are done at submission (``inline``), as copies to and
+from the mapped image where it has no holes (:meth:`Engine.map_image`).  Every
 request in flight holds a slot: its iovecs (pointing into guest memory), its
 status byte, and its device-writable buffers, which the completion batch
 carries to ``push_batch`` for dirty logging.  The module docstring of
@@ -137,6 +139,71 @@ cdef extern from *:
     int iovirt_uring_poll(iovirt_uring *u) nogil
     void iovirt_uring_free(iovirt_uring *u)
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <setjmp.h>
+    #include <signal.h>
+    #include <string.h>
+    #include <sys/uio.h>
+    /* The copy of a mapped image: a page of the image or of guest memory that cannot be had (the file
+       shrunk under the mapping, a memory file system full when a hole is touched) raises SIGBUS
+       (mmap(2)). While a thread copies, the handler jumps back into the copy, which fails; any other
+       SIGBUS goes to whoever handled it before, by giving the signal back to them and returning:
+       the faulting access runs again and faults again. */
+    static __thread sigjmp_buf *iovirt_bus_guard;
+    static struct sigaction iovirt_bus_prev;
+    static int iovirt_bus_installed;
+
+    static void iovirt_on_bus(int sig, siginfo_t *info, void *context) {
+        sigjmp_buf *guard = iovirt_bus_guard;
+        (void)sig; (void)info; (void)context;
+        if (guard != NULL) {
+            iovirt_bus_guard = NULL;
+            siglongjmp(*guard, 1);
+        }
+        sigaction(SIGBUS, &iovirt_bus_prev, NULL);
+    }
+
+    static int iovirt_bus_install(void) {
+        struct sigaction sa;
+        if (iovirt_bus_installed) return 0;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = iovirt_on_bus;
+        /* NODEFER: the jump leaves the handler without sigreturn, so SIGBUS must not stay blocked. */
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &iovirt_bus_prev) != 0) return -errno;
+        iovirt_bus_installed = 1;
+        return 0;
+    }
+
+    /* Copy a request's buffers from (read) or into (write) the mapped image at off: 0, or -EFAULT
+       where SIGBUS stopped it (the caller does the request through the fd instead). */
+    static int iovirt_mapped_copy(unsigned char *map, uint64_t off, const struct iovec *iov, int niov,
+                                  int write) {
+        sigjmp_buf env;
+        int i;
+        if (sigsetjmp(env, 0)) return -EFAULT;
+        iovirt_bus_guard = &env;
+        for (i = 0; i < niov; i++) {
+            if (write) memcpy(map + off, iov[i].iov_base, iov[i].iov_len);
+            else memcpy(iov[i].iov_base, map + off, iov[i].iov_len);
+            off += iov[i].iov_len;
+        }
+        iovirt_bus_guard = NULL;
+        return 0;
+    }
+    """
+    int iovirt_bus_install()
+    int iovirt_mapped_copy(uint8_t *map, uint64_t off, const iovec *iov, int niov, int write) nogil
+
+cdef extern from "sys/mman.h" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_SHARED
+
 URING_BUILT = bool(IOVIRT_URING_BUILT)
 """Whether liburing was found when this extension was built."""
 
@@ -238,12 +305,15 @@ cdef class Engine:
     cdef readonly str kind
     cdef readonly str reason
     cdef bint inline_io  # "inline": each request done at submission (a memory-backed image: a copy)
+    cdef uint8_t *map  # the inline engine's image, mapped (map_image), or NULL: preadv / pwritev
+    cdef uint64_t map_len
 
     def __cinit__(self):
         self.slots = NULL
         self.free_list = self.ready = self.results = NULL
         self.tags = NULL
         self.uring = NULL
+        self.map = NULL
 
     def __init__(self, int wake_fd, int slots, hook=None, kind=None):
         cdef int i, err = 0
@@ -293,6 +363,8 @@ cdef class Engine:
         cdef int i
         if self.uring != NULL:
             iovirt_uring_free(self.uring)
+        if self.map != NULL:
+            munmap(self.map, self.map_len)
         if self.slots != NULL:
             for i in range(self.nslots):
                 free(self.slots[i].iov)
@@ -315,10 +387,44 @@ cdef class Engine:
         """How many more requests may be submitted now."""
         return self.nfree
 
+    @property
+    def mapped(self):
+        """Whether requests are copies to and from the mapped image (:meth:`map_image`)."""
+        return self.map != NULL
+
+    def map_image(self, int fd, uint64_t size, bint writable):
+        """Map ``size`` bytes of image ``fd`` so that the inline engine's requests are copies, not system calls.
+
+        For an image in memory (tmpfs, ramfs): a ``preadv`` of 4 KiB spends
+        more in the system call and the page-cache lookup than in the copy
+        (``benchmarks/RESULTS.md``, the ninth and eleventh sessions).  Only
+        the inline engine maps; False where the kernel refuses the mapping
+        (a hugetlbfs size that is not whole huge pages) or SIGBUS cannot be
+        caught: requests then stay system calls.  A copy that meets SIGBUS
+        (the file shrunk under the mapping, or a hole touched on a full file
+        system) goes through the fd instead, so a request's outcome is the
+        system call's either way.
+        """
+        cdef void *p
+        if not self.inline_io or self.map != NULL or size == 0:
+            return self.map != NULL
+        if iovirt_bus_install() != 0:
+            return False
+        p = mmap(NULL, size, PROT_READ | (PROT_WRITE if writable else 0), MAP_SHARED, fd, 0)
+        if p == MAP_FAILED:
+            return False
+        self.map = <uint8_t *> p
+        self.map_len = size
+        self.reason = "the image is in memory and mapped: each request is a copy, done when submitted"
+        return True
+
     def close(self):
-        """Stop the workers, if any (after :meth:`complete` took every request)."""
+        """Stop the workers, if any (after :meth:`complete` took every request), and unmap the image."""
         if self.pool is not None:
             self.pool.close()
+        if self.map != NULL:
+            munmap(self.map, self.map_len)
+            self.map = NULL
 
     def _run(self, int index):
         cdef int result
@@ -455,8 +561,12 @@ cdef class Engine:
         """Hand slot ``idx`` to the engine; True if it waits in the io_uring for a submit."""
         cdef Slot *s = &self.slots[idx]
         if self.inline_io:
-            with nogil:
-                s.result = _do_io(s)
+            if self.map != NULL and s.op != OP_FLUSH and s.offset + s.nbytes <= self.map_len and \
+                    iovirt_mapped_copy(self.map, s.offset, s.iov, s.niov, s.op == OP_WRITE) == 0:
+                s.result = <int> s.nbytes  # a copy of at most size_max x seg_max bytes: the GIL kept
+            else:
+                with nogil:
+                    s.result = _do_io(s)
             self.ready[self.nready] = idx  # completed: the next ``complete`` takes it
             self.nready += 1
             return False

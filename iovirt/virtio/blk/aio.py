@@ -3,7 +3,7 @@
 A virtio-blk device hands its IN, OUT and FLUSH requests to an engine and
 completes them later, out of order (the used ring allows it, virtio 1.2
 2.7.8): the data plane never waits for the disk, so a slow image does not
-stall the other devices it serves.  Two engines exist:
+stall the other devices it serves.  Three engines exist:
 
 * ``io_uring``, through liburing, in the C twin (``_datapath_c.pyx``): one
   ring per device, submissions batched (one ``io_uring_submit`` per popped
@@ -12,10 +12,14 @@ stall the other devices it serves.  Two engines exist:
 * a thread pool (:class:`ThreadPool`), where io_uring is not compiled in or
   the kernel refuses it (``io_uring_disabled``, a seccomp filter), and in the
   pure-Python twin: workers run ``preadv``/``pwritev``/``fdatasync`` and
-  signal the same eventfd.
+  signal the same eventfd;
+* ``inline``, in the C twin, for an image in memory (tmpfs, ramfs,
+  hugetlbfs): each request is done when it is submitted, since it is a copy
+  that never waits for a device; an image without holes is mapped and the
+  copy needs no system call (``Engine.map_image``).
 
-Either way the completions are pushed on the thread that serves the queues,
-which reads the eventfd (:attr:`~iovirt.virtio.device.VirtioDevice.wake_fd`).
+With the first two the completions are pushed on the thread that serves the
+queues, which reads the eventfd (:attr:`~iovirt.virtio.device.VirtioDevice.wake_fd`).
 
 A FLUSH is a barrier (5.2.6.4 asks that it cover the writes completed
 before it; the block layer above may count one as completed the moment it

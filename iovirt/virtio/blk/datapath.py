@@ -46,6 +46,19 @@ def memory_backed(fd: int) -> bool:
     return accel is not None and bool(accel.memory_backed(fd))
 
 
+def fully_allocated(fd: int) -> bool:
+    """Whether ``fd``'s file has every block of its size allocated (no holes): the inline engine maps only such.
+
+    A hole read through a mapping is given a page of memory, where ``preadv``
+    gives zeros and allocates nothing: a sparse image in memory stays sparse.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_blocks * 512 >= st.st_size  # st_blocks counts 512-byte units (stat(2))
+
+
 INLINE = "inline"
 """The engine kind that does each request at submission: it never signals ``wake_fd``."""
 

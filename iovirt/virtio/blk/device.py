@@ -142,6 +142,7 @@ class VirtioBlk(VirtioDevice):
         self._engine_kind = engine
         # Asked now, not when the first request comes: a sandboxed process (--sandbox) may no longer ask.
         self._in_memory = datapath.memory_backed(self.image.fd)
+        self._mappable = self._in_memory and datapath.fully_allocated(self.image.fd)
         self._engines: dict[str, Any] = {}  # by twin (datapath.engine_key), made when a queue needs one
         self._popped_from: dict[int, SplitQueue] = {}  # by queue index: the queue its requests in flight go back to
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -336,6 +337,8 @@ class VirtioBlk(VirtioDevice):
         if engine is None:
             kind = self._engine_kind or datapath.default_kind(key, self._in_memory, self.hook)
             engine = datapath.new_engine(key, self._wake_fd, SLOTS, self.hook, kind)
+            if engine.kind == datapath.INLINE and self._mappable:
+                engine.map_image(self.fd, self.capacity * SECTOR_SIZE, not self.read_only)
             self._engines[key] = engine
             self._signalling = any(e.kind != datapath.INLINE for e in self._engines.values())
             self.log.info("%s: block I/O on %s (%s)%s", self.label, engine.kind, engine.reason,
