@@ -37,6 +37,7 @@ EXTENSIONS = [
     Extension("iovirt.virtio.scsi._datapath_c", ["iovirt/virtio/scsi/_datapath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.bench._rawpath_c", ["iovirt/bench/_rawpath_c.pyx"], extra_compile_args=["-O3"]),
     Extension("iovirt.vhost_user._handoff_c", ["iovirt/vhost_user/_handoff_c.pyx"], extra_compile_args=["-O3"]),
+    Extension("iovirt.vhost_user._kickloop_c", ["iovirt/vhost_user/_kickloop_c.pyx"], extra_compile_args=["-O3"]),
 ]
 
 if NO_EXTENSIONS:

@@ -48,6 +48,7 @@ PARTS: tuple[Part, ...] = (
     Part("dirty-page log", "iovirt.virtio._dirtylog_c"),
     Part("bench raw path", "iovirt.bench._rawpath_c"),
     Part("worker hand-off ring", "iovirt.vhost_user._handoff_c"),
+    Part("worker kick loop", "iovirt.vhost_user._kickloop_c"),
 )
 
 

@@ -47,7 +47,10 @@ import time
 from typing import Any, Callable
 
 from iovirt.errors import IovirtError
+from iovirt.virtio.kickjob import KickJob
+from iovirt.vhost_user import kickloop
 from iovirt.vhost_user.handoff import FULL, WAS_EMPTY, HandoffRing
+from iovirt.vhost_user.kickloop import Lanes, Ring
 
 log = logging.getLogger("iovirt.dataplane")
 
@@ -93,12 +96,14 @@ class DataPlane:
         self._foreign = HandoffRing(INBOX_SLOTS)
         self._foreign_lock = threading.Lock()
         self.posts_dropped = 0
-        self.lock = threading.RLock()
         self._epoll = select.epoll()
+        # Kick jobs run in C between the loop's Python turns (the C twin, without busy polling).
+        self._lanes = Lanes(self._epoll.fileno(), name) if kickloop.accel is not None and not poll_us else None
+        self.lock = PlaneLock(self)
         self._handlers: dict[int, tuple[Handler, bool]] = {}
         self._pollers: dict[object, Handler] = {}
-        # Kick fds of rings that may be busy-polled, and those being busy-polled now.
-        self._rings: dict[int, tuple[Handler, QueueOf]] = {}
+        # Kick fds of rings (busy-polled, or given kick jobs), and those being busy-polled now.
+        self._rings: dict[int, Ring] = {}
         self._busy: dict[int, _Busy] = {}
         # (deadline, sequence, handler), a heap; the lock because any thread may add one.
         self._timers: list[tuple[float, int, Handler]] = []
@@ -181,15 +186,19 @@ class DataPlane:
         os.set_blocking(fd, False)
         self._add(fd, handler, True)
 
-    def add_ring(self, fd: int, handler: Handler, queue_of: QueueOf, serve: Handler | None = None) -> None:
+    def add_ring(self, fd: int, handler: Handler, queue_of: QueueOf, serve: Handler | None = None,
+                 kicked: Callable[[int], None] | None = None,
+                 job_of: Callable[[], KickJob | None] | None = None) -> None:
         """:meth:`add_eventfd` for a ring's kick eventfd: with ``poll_us``, the ring is busy-polled after a kick.
 
         ``queue_of()`` is the ring's running queue (None when stopped);
         ``serve`` what polling runs when chains are there (default ``handler``;
-        a handler that counts kicks gives the uncounted one).
+        a handler that counts kicks gives the uncounted one); ``kicked(n)``
+        counts kicks served without ``handler`` and ``job_of()`` offers a
+        kick job for the ring (:mod:`iovirt.vhost_user.kickloop`).
         """
         self.add_eventfd(fd, handler)
-        self._rings[fd] = (serve or handler, queue_of)
+        self._rings[fd] = Ring(serve or handler, queue_of, kicked, job_of)
 
     def add_fd(self, fd: int, handler: Handler) -> None:
         """Run ``handler`` whenever ``fd`` is readable (the handler reads it)."""
@@ -250,13 +259,26 @@ class DataPlane:
 
     def _run(self) -> None:
         _current.worker = self
+        lanes = self._lanes
         while not self._stop:
             timeout = 0.0 if self._busy else self._timeout()
-            try:
-                events = self._epoll.poll(timeout)
-            except InterruptedError:
-                continue
+            resume: list[int] = []
+            if lanes is not None and not self._pollers:
+                fds, resume = lanes.run(timeout)
+                events = [(fd, select.EPOLLIN) for fd in fds]
+            else:
+                try:
+                    events = self._epoll.poll(timeout)
+                except InterruptedError:
+                    continue
             with self.lock:
+                if lanes is not None:
+                    resume += lanes.settle(self._rings) + lanes.take_resume()
+                    armed = lanes.armed
+                for fd in resume:  # a ring whose kick the C loop took, with work left
+                    ring = self._rings.get(fd)
+                    if ring is not None:
+                        self._call(ring.serve)
                 for fd, _mask in events:
                     if fd == self._wake:
                         _drain(fd)
@@ -271,7 +293,8 @@ class DataPlane:
                     if self.poll_s and fd in self._rings:
                         busy = self._busy.get(fd)
                         if busy is None:
-                            self._busy[fd] = _Busy(*self._rings[fd], time.monotonic())
+                            ring = self._rings[fd]
+                            self._busy[fd] = _Busy(ring.serve, ring.queue_of, time.monotonic())
                         else:
                             busy.last_work = time.monotonic()
                 self._run_posted()
@@ -281,6 +304,8 @@ class DataPlane:
                     self._call(handler)
                 if self._busy:
                     self._poll_busy()
+                if lanes is not None:
+                    lanes.arm([*armed, *resume, *(fd for fd, _mask in events)], self._rings)
 
     def _poll_busy(self) -> None:
         """One look at every busy-polled ring; a ring idle for ``poll_s`` goes back to kicks."""
@@ -328,6 +353,54 @@ class DataPlane:
             handler()
         except Exception:  # a device bug must not stop every other device
             log.exception("data-plane handler failed")
+
+
+class PlaneLock:
+    """A data plane's lock: an ``RLock`` that, taken by another thread, also holds the worker's C loop.
+
+    The worker's thread takes it around its Python turns.  Any other thread
+    (the control thread applying a vhost-user request) also waits until no
+    kick job runs, and drops them all (:meth:`Lanes.hold`), so it changes
+    rings and memory with nothing running on them; on release the worker is
+    woken if a job it dropped had work left.
+    """
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._rlock = threading.RLock()
+        self._depth = 0  # how deep the owning thread holds it
+        self._held = False  # whether the owner holds the C loop too
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock (``threading.RLock.acquire``'s arguments); True if taken."""
+        if not self._rlock.acquire(blocking, timeout):
+            return False
+        self._depth += 1
+        plane = self._plane
+        if self._depth == 1 and plane._lanes is not None and not plane.is_current():
+            self._held = True
+            if plane._lanes.hold(plane._rings):
+                os.eventfd_write(plane._wake, 1)
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (and the C loop, by the outermost release)."""
+        self._depth -= 1
+        if self._depth == 0 and self._held:
+            self._held = False
+            assert self._plane._lanes is not None
+            self._plane._lanes.release()
+        self._rlock.release()
+
+    def is_owned(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return bool(self._rlock._is_owned())  # type: ignore[attr-defined]  # RLock's own check
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _drain(fd: int) -> None:

@@ -44,6 +44,7 @@ from iovirt.memory import GuestMemory
 from iovirt.vhost_user.messages import ProtocolFeature as PF, feature_mask
 from iovirt.virtio.defs import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED
 from iovirt.virtio.device import Notify, VirtioDevice
+from iovirt.virtio.kickjob import KickJob
 from iovirt.virtio.queue import SplitQueue
 from iovirt.virtio.state import QueueState
 
@@ -144,6 +145,10 @@ class VhostUserDevice:
     def kick(self, index: int) -> None:
         """The front-end (or the guest through it) notified ring ``index``."""
         self.device.kick(index)
+
+    def kick_job(self, index: int) -> KickJob | None:
+        """Ring ``index``'s kicks as a kick job for the worker's C loop, if the device offers one now."""
+        return self.device.kick_job(index)
 
     @property
     def wake_fd(self) -> int | None:

@@ -66,6 +66,7 @@ from iovirt.virtio.defs import (
     used_ring_size,
 )
 from iovirt.virtio.dirtylog import DirtyLog
+from iovirt.virtio.kickjob import KickJob
 from iovirt.virtio.queue import SplitQueue, ring_of
 from iovirt.virtio.state import QueueState
 
@@ -267,7 +268,9 @@ class Vrings:
             self._enable(vring, True)
         kick = self._kicker(vring)
         if kick_fd is not None:
-            self.dataplane.add_ring(kick_fd, self._counted_kick(vring, kick), lambda: self.device.queue(vring.index), kick)
+            counted, kicked = self._counted_kick(vring, kick)
+            self.dataplane.add_ring(kick_fd, counted, lambda: self.device.queue(vring.index), kick, kicked,
+                                    lambda: self._kick_job(vring))
         else:
             self.dataplane.add_poller(vring, kick)
         if running:
@@ -468,30 +471,32 @@ class Vrings:
 
         return kick
 
-    def _counted_kick(self, vring: Vring, kick: Callable[[], None]) -> Callable[[], None]:
-        """``kick``, counting each kick eventfd signal in the device's per-queue ``kicks``."""
+    def _kick_job(self, vring: Vring) -> KickJob | None:
+        """The device's kick job for ``vring`` (:meth:`VirtioDevice.kick_job`), unless the ring waits to start."""
+        if vring.awaiting_translation or vring.awaiting_log:
+            return None
+        return self.device.kick_job(vring.index)
+
+    def _counted_kick(self, vring: Vring, kick: Callable[[], None]) -> tuple[Callable[[], None], Callable[[int], None]]:
+        """``kick``, counting each kick eventfd signal in the device's per-queue ``kicks``; and ``kicked(n)``.
+
+        ``kicked(n)`` counts ``n`` signals served without ``kick`` (by a kick job).
+        """
         device = self.device.device
         counters = device.queue_stats[vring.index]
+
+        def kicked(n: int) -> None:
+            if device.counting:
+                counters["kicks"] += n
 
         def counted() -> None:
-            if device.counting:
-                counters["kicks"] += 1
+            kicked(1)
             kick()
 
-        return counted
+        return counted, kicked
 
-    def _notifier(self, vring: Vring) -> Callable[[], None]:
-        device = self.device.device
-        counters = device.queue_stats[vring.index]
-
-        def notify() -> None:
-            fd = vring.call_fd
-            if fd is not None:
-                if device.counting:
-                    counters["calls"] += 1
-                self._signal(vring, fd, "call")
-
-        return notify
+    def _notifier(self, vring: Vring) -> CallNotifier:
+        return CallNotifier(self, vring)
 
     def signal_errors(self) -> None:
         """The device needs a reset: tell the front-end through the err eventfds (SET_VRING_ERR)."""
@@ -651,6 +656,38 @@ class Vrings:
                     f"vring {vring.index}: packed ring part {start:#x} is not guest memory: {exc}"
                 ) from exc
         return ranges
+
+
+class CallNotifier:
+    """A ring's used-buffer notification: add 1 to its call eventfd (SET_VRING_CALL), counted in ``calls``.
+
+    :attr:`eventfd` and :meth:`count` let a kick job's loop write the
+    eventfd itself and count its writes later (:mod:`iovirt.vhost_user.kickloop`).
+    """
+
+    __slots__ = ("_vrings", "_vring", "_device", "_counters")
+
+    def __init__(self, vrings: Vrings, vring: Vring) -> None:
+        self._vrings = vrings
+        self._vring = vring
+        self._device = vrings.device.device
+        self._counters = self._device.queue_stats[vring.index]
+
+    @property
+    def eventfd(self) -> int | None:
+        """The call eventfd now, or None."""
+        return self._vring.call_fd
+
+    def count(self, n: int) -> None:
+        """Count ``n`` notifications written to :attr:`eventfd` by someone else."""
+        if self._device.counting:
+            self._counters["calls"] += n
+
+    def __call__(self) -> None:
+        fd = self._vring.call_fd
+        if fd is not None:
+            self.count(1)
+            self._vrings._signal(self._vring, fd, "call")
 
 
 def _fenced(

@@ -69,7 +69,7 @@ class WorkerPool:
         for plane in planes:
             plane.connect(len(planes))
         self.home = planes[0]
-        # One worker: its own lock (a plain RLock, with acquire's timeout); more: all of them.
+        # One worker: its own lock (with acquire's timeout); more: all of them.
         self.lock: Any = planes[0].lock if len(planes) == 1 else AllLocks(planes)
         self._turn = itertools.cycle(planes)
 

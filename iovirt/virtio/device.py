@@ -23,6 +23,7 @@ from typing import Callable, ClassVar, cast
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.virtio.defs import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from iovirt.virtio.kickjob import KickJob
 from iovirt.virtio.queue import SplitQueue, queue_class
 from iovirt.virtio.state import QueueState
 
@@ -174,6 +175,13 @@ class VirtioDevice:
     def process_queue(self, index: int, queue: SplitQueue) -> None:
         """Handle the available chains of one queue."""
         raise NotImplementedError
+
+    def kick_job(self, index: int) -> KickJob | None:
+        """Queue ``index``'s kicks as a kick job a transport may run in C (``iovirt/virtio/kickjob.py``), if it can now.
+
+        None (this default): every kick goes to :meth:`kick`.
+        """
+        return None
 
     def signal(self, index: int) -> None:
         """Send the used-buffer notification of queue ``index`` if the driver wants it."""

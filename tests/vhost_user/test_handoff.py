@@ -158,9 +158,9 @@ def test_posted_work_that_raises_is_logged_and_the_worker_goes_on(caplog):
 def test_pool_takes_every_lock_in_order():
     pool = WorkerPool(3)
     with pool.lock:
-        assert all(w.lock._is_owned() for w in pool.workers)  # noqa: SLF001 - RLock's own check
-    assert not any(w.lock._is_owned() for w in pool.workers)  # noqa: SLF001
+        assert all(w.lock.is_owned() for w in pool.workers)
+    assert not any(w.lock.is_owned() for w in pool.workers)
     one = WorkerPool(1)
-    assert one.lock is one.workers[0].lock  # one worker: its own RLock (acquire with a timeout works)
+    assert one.lock is one.workers[0].lock  # one worker: its own lock (acquire with a timeout works)
     with pytest.raises(ValueError, match="at least one worker"):
         WorkerPool(0)

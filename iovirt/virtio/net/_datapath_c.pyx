@@ -21,6 +21,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
+from cpython.exc cimport PyErr_Fetch, PyErr_NormalizeException
+from cpython.ref cimport PyObject, Py_XDECREF
+from libc.stdint cimport uintptr_t
 
 cdef extern from *:
     """
@@ -41,6 +44,7 @@ cdef extern from *:
     void __builtin_prefetch(const void *p) nogil
 
 from iovirt.virtio._queue_c cimport ChainBatch, SplitQueue, Virtqueue
+from iovirt.virtio import kickjob
 from iovirt.virtio.net import defs
 
 # The spec constants, from defs.py, as C values for the loops.
@@ -652,6 +656,23 @@ if (defs.FORWARD_EMPTY, defs.FORWARD_BUDGET, defs.FORWARD_NOTIFY, defs.FORWARD_S
     raise ImportError("defs.FORWARD_* differ from _datapath_c's")
 
 
+cdef struct FwdArgs:
+    # forward's parameters past its objects (see its docstring)
+    uint32_t hdr_len, gso_mask, rx_hdr_len, max_len
+    uint64_t src, dst
+    bint guest_csum, mergeable
+    Py_ssize_t max_chains, max_batches
+
+
+cdef struct FwdOut:
+    # what one run did: forward's answer
+    int stopped
+    Py_ssize_t batches, tx_frames, delivered, dropped, over_mtu, stop
+    uint64_t tx_bytes, rx_bytes
+    bint tx_notify, rx_notify
+    Py_ssize_t errors[4]
+
+
 def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint32_t gso_mask,
             uint64_t src, uint64_t dst, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
             bint mergeable, uint32_t max_len, Py_ssize_t max_chains, Py_ssize_t max_batches):
@@ -684,92 +705,226 @@ def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint
     ``FORWARD_HOLD`` for the receive ring.  The caller holds what keeps both
     rings as they are (the data plane's lock).
     """
-    cdef Py_ssize_t batches = 0, n, i, j, want, got, stop = 0, tx_frames = 0, delivered = 0, dropped = 0
-    cdef Py_ssize_t over_mtu = 0
-    cdef uint64_t tx_bytes = 0, rx_bytes = 0
-    cdef Py_ssize_t errors[4]
-    cdef int stopped = FWD_EMPTY
-    cdef bint tx_notify = False, rx_notify = False
+    cdef FwdArgs a
+    cdef FwdOut o
+    a.hdr_len, a.gso_mask, a.src, a.dst, a.rx_hdr_len, a.max_len = hdr_len, gso_mask, src, dst, rx_hdr_len, max_len
+    a.guest_csum, a.mergeable, a.max_chains, a.max_batches = guest_csum, mergeable, max_chains, max_batches
     if not tx.fast_ready() or not rx.fast_ready():
         return FWD_SLOW, 0, 0, 0, 0, 0, 0, 0, 0, False, False
     txb._reserve_chains(max_chains)
     rxb._reserve_chains(max_chains)
-    memset(errors, 0, sizeof(errors))
     with nogil:
-        while True:
-            if batches == max_batches:
-                stopped = FWD_BUDGET
+        _forward(tx, txb, frames, rx, rxb, &a, &o)
+    if o.batches:
+        frames.errors = [o.errors[0], o.errors[1], o.errors[2], o.errors[3]]  # the last batch's: the others had none
+    return (o.stopped, o.batches, o.tx_frames, o.tx_bytes, o.delivered, o.rx_bytes, o.dropped, o.over_mtu, o.stop,
+            o.tx_notify, o.rx_notify)
+
+
+ctypedef int (*_forward_raw)(SplitQueue, ChainBatch, Frames, SplitQueue, ChainBatch, const FwdArgs *,
+                             FwdOut *) noexcept nogil
+
+cdef int JOB_DONE = kickjob.JOB_DONE, JOB_AGAIN = kickjob.JOB_AGAIN, JOB_PYTHON = kickjob.JOB_PYTHON
+cdef unsigned NOTIFY_KICKED = kickjob.NOTIFY_KICKED, NOTIFY_OTHER = kickjob.NOTIFY_OTHER
+
+
+cdef class ForwardJob:
+    """:func:`forward` on every kick of transmit queue ``tx``, run by a worker's C event loop (a kick job).
+
+    The arguments are :func:`forward`'s.  Each run is one :func:`forward`
+    call (``max_batches`` batches at most); what it moved adds up until
+    :meth:`take`.  Where :func:`forward` stops for the caller's own path
+    (``FORWARD_SWITCH``, ``FORWARD_HOLD``, ``FORWARD_SLOW``, or an exception
+    in a slow path) the job answers ``JOB_PYTHON`` and does nothing more
+    until :meth:`take` gave that stop to the device.  ``iovirt/virtio/kickjob.py``
+    says how a transport runs it.
+    """
+
+    cdef SplitQueue tx, rx
+    cdef ChainBatch txb, rxb
+    cdef Frames frames
+    cdef FwdArgs args
+    cdef int pending  # -1, or the FORWARD_* stop the device's own path must finish
+    cdef Py_ssize_t stop
+    cdef Py_ssize_t errors[4]
+    cdef object error
+    cdef Py_ssize_t shortcut, tx_frames, delivered, dropped, over_mtu
+    cdef uint64_t tx_bytes, rx_bytes
+
+    def __init__(self, SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint32_t gso_mask,
+                 uint64_t src, uint64_t dst, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
+                 bint mergeable, uint32_t max_len, Py_ssize_t max_chains, Py_ssize_t max_batches):
+        self.tx, self.txb, self.frames, self.rx, self.rxb = tx, txb, frames, rx, rxb
+        a = &self.args
+        a.hdr_len, a.gso_mask, a.src, a.dst, a.rx_hdr_len = hdr_len, gso_mask, src, dst, rx_hdr_len
+        a.guest_csum, a.mergeable, a.max_len, a.max_chains, a.max_batches = \
+            guest_csum, mergeable, max_len, max_chains, max_batches
+        self.pending = -1
+
+    def ready(self):
+        """Whether both rings are ones :func:`forward` serves, now (asked with the data plane's lock held)."""
+        if not (self.tx.fast_ready() and self.rx.fast_ready()):
+            return False
+        self.txb._reserve_chains(self.args.max_chains)
+        self.rxb._reserve_chains(self.args.max_chains)
+        return True
+
+    def entry(self):
+        """``(function, context)``: the addresses of ``int run(void *context, unsigned *notify)`` and its context.
+
+        Valid while this object lives: the caller keeps a reference.
+        """
+        return <uintptr_t> &_run_job, <uintptr_t> <void *> self
+
+    def take(self):
+        """What the runs since the last call did, and where the last one stopped; the counts start again.
+
+        ``(pending, stop, batches, tx_frames, tx_bytes, delivered, rx_bytes,
+        dropped, over_mtu, error)``: ``pending`` is None or the
+        ``FORWARD_*`` stop to finish (as :func:`forward` answers it: the
+        frames of its batch are in ``frames``, ``stop`` the first not
+        delivered), ``batches`` the batches switched whole, ``error`` an
+        exception a slow path raised, or None.
+        """
+        pending = None if self.pending < 0 else self.pending
+        if pending == FWD_SWITCH:
+            self.frames.errors = [self.errors[0], self.errors[1], self.errors[2], self.errors[3]]
+        answer = (pending, self.stop, self.shortcut, self.tx_frames, self.tx_bytes, self.delivered, self.rx_bytes,
+                  self.dropped, self.over_mtu, self.error)
+        self.pending = -1
+        self.error = None
+        self.shortcut = self.tx_frames = self.delivered = self.dropped = self.over_mtu = 0
+        self.tx_bytes = self.rx_bytes = 0
+        return answer
+
+
+cdef int _run_job(void *context, unsigned *notify) noexcept nogil:
+    return _job_step(<ForwardJob> context, notify)
+
+
+cdef int _job_step(ForwardJob job, unsigned *notify) noexcept nogil:
+    """One :func:`forward` run of ``job`` (its rings were ``ready`` when the loop was given it)."""
+    cdef FwdOut o
+    cdef _forward_raw run = <_forward_raw> _forward  # its exception is fetched below, not printed
+    notify[0] = 0
+    if job.pending >= 0:
+        return JOB_PYTHON
+    if run(job.tx, job.txb, job.frames, job.rx, job.rxb, &job.args, &o) == -1:
+        _keep_error(job)
+        job.pending = FWD_SLOW
+        return JOB_PYTHON
+    job.shortcut += o.batches - (o.stopped == FWD_SWITCH)
+    job.tx_frames += o.tx_frames
+    job.tx_bytes += o.tx_bytes
+    job.delivered += o.delivered
+    job.rx_bytes += o.rx_bytes
+    job.dropped += o.dropped
+    job.over_mtu += o.over_mtu
+    if o.tx_notify:
+        notify[0] |= NOTIFY_KICKED
+    if o.rx_notify:
+        notify[0] |= NOTIFY_OTHER
+    if o.stopped == FWD_EMPTY:
+        return JOB_DONE
+    if o.stopped == FWD_BUDGET or o.stopped == FWD_NOTIFY:
+        return JOB_AGAIN
+    job.pending = o.stopped
+    job.stop = o.stop
+    memcpy(job.errors, o.errors, sizeof(o.errors))
+    return JOB_PYTHON
+
+
+cdef void _keep_error(ForwardJob job) noexcept with gil:
+    """Keep the exception a slow path of :func:`_forward` raised, for :meth:`ForwardJob.take`."""
+    cdef PyObject *kind = NULL
+    cdef PyObject *value = NULL
+    cdef PyObject *tb = NULL
+    PyErr_Fetch(&kind, &value, &tb)
+    PyErr_NormalizeException(&kind, &value, &tb)
+    job.error = <object> value if value != NULL else RuntimeError("forward failed without an exception")
+    Py_XDECREF(kind)
+    Py_XDECREF(value)
+    Py_XDECREF(tb)
+
+
+cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, ChainBatch rxb, const FwdArgs *a,
+                  FwdOut *o) except -1 nogil:
+    """:func:`forward`'s loop: the rings are ``fast_ready`` and both batches hold ``max_chains`` chains."""
+    cdef Py_ssize_t n, i, j, want, got
+    memset(o, 0, sizeof(FwdOut))
+    o.stopped = FWD_EMPTY
+    while True:
+        if o.batches == a.max_batches:
+            o.stopped = FWD_BUDGET
+            break
+        n = tx.pop_fast(txb, a.max_chains)
+        if n <= 0:
+            o.stopped = FWD_EMPTY if n == 0 else FWD_SLOW
+            break
+        frames.n = 0
+        frames.used = 0
+        _gather(txb, tx, a.hdr_len, frames, a.gso_mask, o.errors)
+        tx.push_fast(txb)  # copied out: the buffers go back now, used whole (read, nothing written)
+        o.tx_notify = tx.notify_fast()
+        o.batches += 1
+        n = frames.n
+        if o.errors[0] or o.errors[1] or o.errors[2] or o.errors[3]:
+            o.stopped = FWD_SWITCH
+            break
+        for i in range(n):
+            if frames.src[i] != a.src or frames.dst[i] != a.dst:
                 break
-            n = tx.pop_fast(txb, max_chains)
-            if n <= 0:
-                stopped = FWD_EMPTY if n == 0 else FWD_SLOW
-                break
-            frames.n = 0
-            frames.used = 0
-            _gather(txb, tx, hdr_len, frames, gso_mask, errors)
-            tx.push_fast(txb)  # copied out: the buffers go back now, used whole (read, nothing written)
-            tx_notify = tx.notify_fast()
-            batches += 1
-            n = frames.n
-            if errors[0] or errors[1] or errors[2] or errors[3]:
-                stopped = FWD_SWITCH
-                break
+        else:
+            i = n
+        if i < n:
+            o.stopped = FWD_SWITCH
+            break
+        o.tx_frames += n
+        for i in range(n):
+            o.tx_bytes += frames.length[i]
+        if not a.guest_csum:
             for i in range(n):
-                if frames.src[i] != src or frames.dst[i] != dst:
-                    break
-            else:
-                i = n
-            if i < n:
-                stopped = FWD_SWITCH
-                break
-            tx_frames += n
-            for i in range(n):
-                tx_bytes += frames.length[i]
-            if not guest_csum:
-                for i in range(n):
-                    _complete(frames, i)  # 5.1.6.3: the driver cannot take partial checksums
-            # 5.1.4.1: frames longer than the receiver's MTU allows are dropped, not given a buffer.
-            want = 0
-            for i in range(n):
-                want += not _over(frames, i, max_len)
-            if want > rxb.cap_chains:  # segments cut from GSO frames: more frames than chains (5.1.6.2)
-                with gil:
-                    rxb._reserve_chains(want)
-            got = rx.pop_fast(rxb, want) if want else 0
-            i = j = 0
-            while i < n:
-                if _over(frames, i, max_len):
-                    over_mtu += 1
-                    i += 1
-                    continue
-                if j >= got or not _mapped(rxb, j):  # out of chains, or GuestMemory's way: the receiver's path
-                    break
-                if _receive_one(rx, rxb, j, frames, i, rx_hdr_len, guest_csum):
-                    delivered += 1
-                    rx_bytes += frames.length[i]
-                elif mergeable:  # it spans several buffers: the receiver's own path
-                    break
-                else:
-                    rxb.used_lens[j] = 0  # 5.1.6.3.1: without MRG_RXBUF a buffer holds a whole frame
-                    dropped += 1
+                _complete(frames, i)  # 5.1.6.3: the driver cannot take partial checksums
+        # 5.1.4.1: frames longer than the receiver's MTU allows are dropped, not given a buffer.
+        want = 0
+        for i in range(n):
+            want += not _over(frames, i, a.max_len)
+        if want > rxb.cap_chains:  # segments cut from GSO frames: more frames than chains (5.1.6.2)
+            with gil:
+                rxb._reserve_chains(want)
+        got = rx.pop_fast(rxb, want) if want else 0
+        i = j = 0
+        while i < n:
+            if _over(frames, i, a.max_len):
+                o.over_mtu += 1
                 i += 1
-                j += 1
-            stop = i
-            if j < got:
-                rx.rewind_fast(got - j)
-                rxb.n = j
-            if got > 0 and rxb.n > 0:
-                rx.push_fast(rxb)
-                rx_notify = rx.notify_fast()
-            if stop < n:
-                stopped = FWD_HOLD
+                continue
+            if j >= got or not _mapped(rxb, j):  # out of chains, or GuestMemory's way: the receiver's path
                 break
-            if tx_notify or rx_notify:
-                stopped = FWD_NOTIFY
+            if _receive_one(rx, rxb, j, frames, i, a.rx_hdr_len, a.guest_csum):
+                o.delivered += 1
+                o.rx_bytes += frames.length[i]
+            elif a.mergeable:  # it spans several buffers: the receiver's own path
                 break
-    if batches:
-        frames.errors = [errors[0], errors[1], errors[2], errors[3]]  # the last batch's: the others had none
-    return stopped, batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, stop, tx_notify, rx_notify
+            else:
+                rxb.used_lens[j] = 0  # 5.1.6.3.1: without MRG_RXBUF a buffer holds a whole frame
+                o.dropped += 1
+            i += 1
+            j += 1
+        o.stop = i
+        if j < got:
+            rx.rewind_fast(got - j)
+            rxb.n = j
+        if got > 0 and rxb.n > 0:
+            rx.push_fast(rxb)
+            o.rx_notify = rx.notify_fast()
+        if o.stop < n:
+            o.stopped = FWD_HOLD
+            break
+        if o.tx_notify or o.rx_notify:
+            o.stopped = FWD_NOTIFY
+            break
+    return 0
 
 
 cdef inline bint _over(Frames f, Py_ssize_t i, uint32_t max_len) noexcept nogil:

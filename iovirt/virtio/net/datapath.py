@@ -69,6 +69,11 @@ Forwarded = tuple[int, int, int, int, int, int, int, int, int, bool, bool]
 tx_notify, rx_notify)."""
 
 
+def _forwards(tx: Any, rx: Any, frames: Any) -> bool:
+    """Whether :func:`forward` runs between ``tx`` and ``rx``: both the Cython split queue, ``frames`` C ones."""
+    return is_accelerated(tx) and type(tx) is SplitQueue and type(rx) is SplitQueue and _c_frames(frames)
+
+
 def forward(
     tx: Any, tx_batch: Any, frames: Any, hdr_len: int, gso_mask: int, src: int, dst: int, rx: Any, rx_batch: Any,
     rx_hdr_len: int, guest_csum: bool, mergeable: bool, max_len: int, max_chains: int, max_batches: int,
@@ -86,10 +91,30 @@ def forward(
     or a wrapped one).  That loop is the reference: the same batches, the
     same frames delivered and counted, the same notifications.
     """
-    if not (is_accelerated(tx) and type(tx) is SplitQueue and type(rx) is SplitQueue and _c_frames(frames)):
+    if not _forwards(tx, rx, frames):
         return None
     answer: Forwarded = accel.forward(
         tx, tx_batch, frames, hdr_len, gso_mask, src, dst, rx, rx_batch, rx_hdr_len, guest_csum, mergeable,
         max_len, max_chains, max_batches,
     )
     return answer
+
+
+def forward_job(
+    tx: Any, tx_batch: Any, frames: Any, hdr_len: int, gso_mask: int, src: int, dst: int, rx: Any, rx_batch: Any,
+    rx_hdr_len: int, guest_csum: bool, mergeable: bool, max_len: int, max_chains: int, max_batches: int,
+) -> Any:
+    """:func:`forward` on every kick of ``tx``, as a kick job (``iovirt/virtio/kickjob.py``), or None where it does not run.
+
+    ``_datapath_c.ForwardJob``: each run is one :func:`forward` call with
+    these arguments; ``take()`` gives what the runs did and where the last
+    one stopped.  None, as :func:`forward` answers None, and when a ring is
+    not one it serves now (``ready()``).
+    """
+    if not _forwards(tx, rx, frames):
+        return None
+    job = accel.ForwardJob(
+        tx, tx_batch, frames, hdr_len, gso_mask, src, dst, rx, rx_batch, rx_hdr_len, guest_csum, mergeable,
+        max_len, max_chains, max_batches,
+    )
+    return job if job.ready() else None

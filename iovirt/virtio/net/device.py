@@ -31,6 +31,7 @@ from iovirt.memory import GuestMemory
 from iovirt.virtio.chain import ChainBatch as Chains, DescChain, write_chain
 from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
+from iovirt.virtio.kickjob import KickJob
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
     FORWARD_EMPTY,
@@ -377,10 +378,7 @@ class VirtioNet(VirtioDevice):
         reference and takes over wherever it stops.
         """
         frames = self._tx_frames
-        params = self._tx_params
-        if params[0] != self.driver_features:  # worked out once per negotiation, not per kick
-            params = self._tx_params = (self.driver_features, self.hdr_len, self.gso_mask)
-        _, hdr_len, gso_mask = params
+        _, hdr_len, gso_mask = self._tx_parameters()
         reuse = self._tx_batch if is_accelerated(queue) else None
         # Without a timer (the in-process transport) the ring is served until it is empty.
         budget = TX_BUDGET if self.call_later is not None else -1
@@ -407,6 +405,13 @@ class VirtioNet(VirtioDevice):
             queue.push_batch(batch, coalesce=True)
             self.signal(index)
             self._switch(index, frames)
+
+    def _tx_parameters(self) -> tuple[int, int, int]:
+        """``(driver features, header length, GSO mask)`` for transmit: worked out once per negotiation, not per kick."""
+        params: tuple[int, int, int] = self._tx_params
+        if params[0] != self.driver_features:
+            params = self._tx_params = (self.driver_features, self.hdr_len, self.gso_mask)
+        return params
 
     def _switch(self, index: int, frames: Any) -> None:
         """Count, police and switch a transmit batch gathered from queue ``index`` (its chains returned)."""
@@ -467,23 +472,83 @@ class VirtioNet(VirtioDevice):
         if answer is None:
             return 0, None, False
         stopped, batches, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, stop, tx_notify, rx_notify = answer
+        self._forwarded(index, egress, rx_index, batches - int(stopped == FORWARD_SWITCH), tx_frames, tx_bytes,
+                        (delivered, dropped, over_mtu, rx_bytes), rx_notify)
+        notify = self.notifiers[index]
+        if tx_notify and notify is not None:
+            notify()
+        if self._finish(index, egress, stopped, stop):
+            return batches, None, False
+        return batches, None if stopped == FORWARD_SLOW else route, stopped == FORWARD_EMPTY
+
+    def _forwarded(self, index: int, egress: Any, rx_index: int, switched: int, tx_frames: int, tx_bytes: int,
+                   received: tuple[int, int, int, int], notify: bool) -> None:
+        """Count what ``datapath.forward`` moved from transmit queue ``index`` into ``egress``'s ``rx_index``.
+
+        ``switched`` batches went whole where the switch said;
+        ``received``: ``(delivered, dropped, over_mtu, nbytes)`` for
+        :meth:`received`, which also sends ``egress``'s notification if ``notify``.
+        """
         if tx_frames:
             if self.counting:
                 self._count_tx(index, tx_frames, tx_bytes)
             assert self.switch is not None  # (a route comes from it)
-            self.switch.took_shortcut(batches - int(stopped == FORWARD_SWITCH))
-        egress.received(rx_index, delivered, dropped, over_mtu, rx_bytes, rx_notify)
-        notify = self.notifiers[index]
-        if tx_notify and notify is not None:
-            notify()
+            self.switch.took_shortcut(switched)
+        delivered, dropped, over_mtu, nbytes = received
+        egress.received(rx_index, delivered, dropped, over_mtu, nbytes, notify)
+
+    def _finish(self, index: int, egress: Any, stopped: int, stop: int) -> bool:
+        """Do what ``datapath.forward`` stopped at and left to this loop; whether it stopped at a batch.
+
+        A batch of another flow or with rejected chains is switched; the
+        frames from ``stop`` on, which ``egress``'s ring did not take, go
+        through its own path (held in its backlog, and later frames behind them).
+        """
         if stopped == FORWARD_SWITCH:
-            self._switch(index, frames)
-            return batches, None, False
+            self._switch(index, self._tx_frames)
+            return True
         if stopped == FORWARD_HOLD:
-            # The rest may be held in its backlog now, and later frames go behind them: this loop's way.
+            frames = self._tx_frames
             egress.deliver_batch(frames, list(range(stop, len(frames))))
-            return batches, None, False
-        return batches, None if stopped == FORWARD_SLOW else route, stopped == FORWARD_EMPTY
+            return True
+        return False
+
+    def kick_job(self, index: int) -> KickJob | None:
+        """Transmit queue ``index``'s kicks as a kick job: ``datapath.forward`` along this kick's route (:meth:`_shortcut`).
+
+        None where the kick needs this device's own loop: not a transmit
+        queue, no route, a ring ``forward`` does not serve, or without the C
+        twin.  The job holds as long as the transport says (nothing changed
+        since it was offered); :meth:`_settle` counts what it did.
+        """
+        queue = self.queues[index]
+        if not index % 2 or index >= 2 * self.queue_pairs or queue is None or self.needs_reset:
+            return None
+        route = self._shortcut(index)
+        if route is None:
+            return None
+        egress, src, dst, rx_index, rx_queue, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len = route
+        _, hdr_len, gso_mask = self._tx_parameters()
+        job = datapath.forward_job(
+            queue, self._tx_batch, self._tx_frames, hdr_len, gso_mask, src, dst, rx_queue, rx_batch, rx_hdr_len,
+            guest_csum, mergeable, max_len, TX_BATCH, TX_BUDGET,
+        )
+        if job is None:
+            return None
+        return KickJob(job, (self.notifiers[index], egress.notifiers[rx_index]), rx_queue,
+                       lambda: self._settle(index, job, egress, rx_index))
+
+    def _settle(self, index: int, job: Any, egress: Any, rx_index: int) -> None:
+        """Count what kick job ``job`` did, and finish where it stopped (its notifications went out already)."""
+        pending, stop, switched, tx_frames, tx_bytes, delivered, rx_bytes, dropped, over_mtu, error = job.take()
+        self._forwarded(index, egress, rx_index, switched, tx_frames, tx_bytes,
+                        (delivered, dropped, over_mtu, rx_bytes), False)
+        if error is not None:
+            if not isinstance(error, IovirtError):
+                raise error
+            self.fail(error)  # as kick would: the transmit ring's driver broke it
+        elif pending is not None:
+            self._finish(index, egress, pending, stop)
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
