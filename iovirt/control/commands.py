@@ -70,12 +70,13 @@ def _devices(ctx: ControlContext, args: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _stats(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
     _args(args, (), ("device",))
-    if "device" in args:
-        return snapshot.counters(snapshot.find(ctx.server, _string(args, "device")))
-    reply: dict[str, Any] = {"devices": [snapshot.counters(e) for e in ctx.server.endpoints]}
-    if ctx.switch is not None:
-        reply["switch"] = snapshot.switch_counters(ctx.switch)
-        with ctx.server.dataplane.lock:
+    # Under the lock: what the workers' kick jobs moved is counted into the devices first (kickloop.py).
+    with ctx.server.dataplane.lock:
+        if "device" in args:
+            return snapshot.counters(snapshot.find(ctx.server, _string(args, "device")))
+        reply: dict[str, Any] = {"devices": [snapshot.counters(e) for e in ctx.server.endpoints]}
+        if ctx.switch is not None:
+            reply["switch"] = snapshot.switch_counters(ctx.switch)
             router = next((p.router for p in ctx.switch.ports if isinstance(p, RouterInterface)), None)
             if router is not None:  # --router / --nat (docs/network-modes.md)
                 reply["router"] = router.counters()
@@ -209,14 +210,16 @@ def _counting(ctx: ControlContext, args: dict[str, Any]) -> dict[str, Any]:
     endpoint = snapshot.find(ctx.server, _string(args, "device"))
     if not isinstance(args["enabled"], bool):
         raise ControlError(BAD_REQUEST, "'enabled' must be true or false")
-    endpoint.device.device.counting = args["enabled"]
+    with ctx.server.dataplane.lock:  # what was moved before is counted as it was
+        endpoint.device.device.counting = args["enabled"]
     return {"name": snapshot.device_name(endpoint), "counting": args["enabled"]}
 
 
 def _metrics(ctx: ControlContext, args: dict[str, Any]) -> str:
     _args(args, ())
-    devices = [snapshot.counters(e) for e in ctx.server.endpoints]
-    switch = snapshot.switch_counters(ctx.switch) if ctx.switch is not None else None
+    with ctx.server.dataplane.lock:  # as _stats
+        devices = [snapshot.counters(e) for e in ctx.server.endpoints]
+        switch = snapshot.switch_counters(ctx.switch) if ctx.switch is not None else None
     return metrics.render(devices, switch)
 
 

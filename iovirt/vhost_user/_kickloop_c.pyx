@@ -4,8 +4,10 @@
 The C side of ``kickloop.py`` (which says when a job holds and what Python
 does around it).  :meth:`KickLoop.run` waits on the worker's epoll set
 with the GIL released; a kick of an armed ring runs its job
-(``iovirt/virtio/kickjob.py``) and writes the call eventfds it asks for,
-and a kick of a quiet ring (a job's other ring) is drained and counted.
+(``iovirt/virtio/kickjob.py``) and writes the call eventfds it asks for;
+a job is armed on both its rings (a receiver posting buffers runs it too).
+A job that waits on its other ring (``JOB_WAIT``) goes to Python if that
+ring stays silent for ``WAIT_MS``.
 Everything else (another fd, a ring not armed, a job that stops for
 Python, an entry armed before the last :meth:`KickLoop.invalidate`) ends
 the run and goes back to Python, as does the end of ``timeout_ms``.
@@ -54,15 +56,15 @@ cdef extern from "pthread.h" nogil:
 
 ctypedef int (*job_fn)(void *context, unsigned *notify) noexcept nogil
 
-cdef int JOB_AGAIN = kickjob.JOB_AGAIN, JOB_PYTHON = kickjob.JOB_PYTHON
+cdef int JOB_AGAIN = kickjob.JOB_AGAIN, JOB_PYTHON = kickjob.JOB_PYTHON, JOB_WAIT = kickjob.JOB_WAIT
 cdef unsigned NOTIFY_KICKED = kickjob.NOTIFY_KICKED, NOTIFY_OTHER = kickjob.NOTIFY_OTHER
 
 DEF MAX_EVENTS = 64
+DEF WAIT_MS = 1  # how long a job may wait for its other ring (JOB_WAIT) before Python takes the ring
 
 cdef enum:
     NONE = 0
     JOB = 1
-    QUIET = 2
 
 
 cdef struct Entry:
@@ -72,6 +74,8 @@ cdef struct Entry:
     void *context
     int call_kicked, call_other  # eventfds the job's notifications go to
     bint again  # the job had more: it runs again without a kick
+    long long wait_until  # JOB_WAIT since: Python takes the ring at this time (ms), unless the job moves; or 0
+    bint listed  # in KickLoop.waiting
     uint64_t kicks, calls_kicked, calls_other
     unsigned failed  # notifications whose write failed (the eventfd full): Python sends them
 
@@ -87,12 +91,15 @@ cdef class KickLoop:
     cdef int *again  # rings whose job had more to do: run again without a kick
     cdef int *todo  # run's copy of ``again``
     cdef int nagain
+    cdef int *waiting  # rings whose job waits (JOB_WAIT); entries whose wait_until is 0 are dropped lazily
+    cdef int nwaiting
     cdef readonly uint64_t runs  # job runs, all told (how much the C loop served)
 
     def __cinit__(self):
         self.entries = NULL
         self.again = NULL
         self.todo = NULL
+        self.waiting = NULL
         self.cap = 0
         pthread_mutex_init(&self.mutex, NULL)
 
@@ -104,6 +111,7 @@ cdef class KickLoop:
         free(self.entries)
         free(self.again)
         free(self.todo)
+        free(self.waiting)
         pthread_mutex_destroy(&self.mutex)
 
     cdef Entry *_entry(self, int fd) except NULL:
@@ -124,6 +132,10 @@ cdef class KickLoop:
             if p == NULL:
                 raise MemoryError()
             self.todo = <int *> p
+            p = realloc(self.waiting, cap * sizeof(int))
+            if p == NULL:
+                raise MemoryError()
+            self.waiting = <int *> p
             self.cap = cap
         return &self.entries[fd]
 
@@ -134,11 +146,18 @@ cdef class KickLoop:
         e.kind, e.epoch, e.run, e.context = JOB, self.epoch, <job_fn> run, <void *> context
         e.call_kicked, e.call_other = call_kicked, call_other
 
-    def arm_quiet(self, int fd):
-        """Drain and count kicks of ring ``fd`` (a job's other ring) until :meth:`invalidate`."""
-        cdef Entry *e = self._entry(fd)
-        memset(e, 0, sizeof(Entry))
-        e.kind, e.epoch = QUIET, self.epoch
+    def again_now(self, int fd):
+        """Run ring ``fd``'s job again on the next turn without a kick, if one is armed; whether one is."""
+        if not 0 <= fd < self.cap:
+            return False
+        cdef Entry *e = &self.entries[fd]
+        if e.kind != JOB or e.epoch != self.epoch:
+            return False
+        if not e.again:
+            e.again = True
+            self.again[self.nagain] = fd
+            self.nagain += 1
+        return True
 
     def invalidate(self):
         """Every entry stops holding (the caller runs on the worker, or holds the loop: :meth:`hold`)."""
@@ -165,12 +184,21 @@ cdef class KickLoop:
         return answer
 
     def take_again(self):
-        """The rings whose job had more to do when the loop stopped (no kick will come for it): Python's now."""
+        cdef Entry *e
+        """The rings whose job had more to do, or waited, when the loop stopped (no kick will come for it): Python's now."""
         fds = []
         for i in range(self.nagain):
             fds.append(self.again[i])
             self.entries[self.again[i]].again = False
         self.nagain = 0
+        for i in range(self.nwaiting):
+            e = &self.entries[self.waiting[i]]
+            e.listed = False
+            if e.wait_until:
+                e.wait_until = 0
+                if self.waiting[i] not in fds:
+                    fds.append(self.waiting[i])
+        self.nwaiting = 0
         return fds
 
     def run(self, int timeout_ms):
@@ -202,6 +230,12 @@ cdef class KickLoop:
                 first = False
                 if self.nagain:
                     wait = 0
+                elif self.nwaiting:
+                    left = self._next_wait() - _now_ms()
+                    if left < 0:
+                        left = 0
+                    if wait < 0 or left < wait:
+                        wait = <int> left
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, wait)
                 if n < 0:
                     break  # EINTR: Python looks at its signals and comes back
@@ -215,7 +249,7 @@ cdef class KickLoop:
                         continue
                     _drain(fd)
                     e.kicks += 1
-                    if e.kind == JOB and not e.again:
+                    if not e.again:
                         self._run_job(fd, e, resume, &nresume)
                 # The jobs that had more, once each (those that have more again go back on the list).
                 count = self.nagain
@@ -231,19 +265,67 @@ cdef class KickLoop:
                             nresume += 1
                         continue
                     self._run_job(fd, e, resume, &nresume)
+                if self.nwaiting:
+                    self._expire(resume, &nresume)
                 pthread_mutex_unlock(&self.mutex)
                 if nout or nresume:
                     break
         return [out[i] for i in range(nout)], [resume[i] for i in range(nresume)]
 
+    cdef long long _next_wait(self) noexcept nogil:
+        """The earliest time a waiting job's ring goes to Python (ms)."""
+        cdef long long soonest = 0, until
+        cdef int i
+        for i in range(self.nwaiting):
+            until = self.entries[self.waiting[i]].wait_until
+            if until and (soonest == 0 or until < soonest):
+                soonest = until
+        return soonest if soonest else _now_ms() + 1000
+
+    cdef void _expire(self, int *resume, int *nresume) noexcept nogil:
+        """Rings whose job waited too long for its other ring (a receiver that posts no buffer): Python's."""
+        cdef long long now = _now_ms()
+        cdef int i = 0, fd
+        cdef Entry *e
+        while i < self.nwaiting:
+            fd = self.waiting[i]
+            e = &self.entries[fd]
+            if e.wait_until and e.epoch == self.epoch and now < e.wait_until:
+                i += 1
+                continue
+            if e.wait_until and nresume[0] < 2 * MAX_EVENTS:  # expired, or held meanwhile
+                e.epoch = 0
+                resume[nresume[0]] = fd
+                nresume[0] += 1
+            e.wait_until = 0
+            e.listed = False
+            self.nwaiting -= 1
+            self.waiting[i] = self.waiting[self.nwaiting]
+
+    cdef void _moved(self, void *context) noexcept nogil:
+        """The job at ``context`` moved: no ring waits on it any more."""
+        cdef int i
+        for i in range(self.nwaiting):
+            if self.entries[self.waiting[i]].context == context:
+                self.entries[self.waiting[i]].wait_until = 0
+
     cdef void _run_job(self, int fd, Entry *e, int *resume, int *nresume) noexcept nogil:
-        """Run ``e``'s job once: its notifications written; more to do: again; stopped: Python's."""
+        """Run ``e``'s job once: its notifications written; more to do: again; waiting: a deadline; stopped: Python's."""
         cdef unsigned notify = 0
         cdef int rc
         if e.epoch != self.epoch:
             return
         rc = e.run(e.context, &notify)
         self.runs += 1
+        if rc == JOB_WAIT:
+            if not e.wait_until:
+                e.wait_until = _now_ms() + WAIT_MS + 1  # a whole WAIT_MS at least, whatever the clock's phase
+            if not e.listed:
+                e.listed = True
+                self.waiting[self.nwaiting] = fd
+                self.nwaiting += 1
+        elif self.nwaiting:
+            self._moved(e.context)
         if notify & NOTIFY_KICKED:
             if _signal(e.call_kicked):
                 e.calls_kicked += 1

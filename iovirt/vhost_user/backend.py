@@ -93,6 +93,7 @@ class BackendSession:
         self.state_migration = StateMigration(self.label, device, self.vrings, dataplane)
         device.device.on_needs_reset = self._device_failed
         device.device.call_later = dataplane.call_later
+        device.device.requeue = self.vrings.requeue
         if device.wake_fd is not None:
             dataplane.add_eventfd(device.wake_fd, self.vrings.wake)
         self._handlers: dict[type[rq.Request], Callable[[Any], object]] = {
@@ -177,6 +178,7 @@ class BackendSession:
             self.state_migration.drop()
         self.device.device.on_needs_reset = None
         self.device.device.call_later = None
+        self.device.device.requeue = None
 
     def _memory_changed(self) -> None:
         self.vrings.refresh()

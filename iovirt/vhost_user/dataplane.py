@@ -109,6 +109,7 @@ class DataPlane:
         self._timers: list[tuple[float, int, Handler]] = []
         self._timers_lock = threading.Lock()
         self._timer_seq = itertools.count()
+        self._requeued: list[int] = []  # rings to serve again on the next turn (requeue)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
@@ -221,6 +222,15 @@ class DataPlane:
             except (OSError, ValueError):
                 pass
 
+    def requeue(self, fd: int) -> None:
+        """Serve ring ``fd`` (added with :meth:`add_ring`) again on this worker's next turn, without a kick.
+
+        On the worker's thread only (a device yielding its ring): its kick
+        job, if one is armed by then, takes it in C; else its handler runs.
+        """
+        if fd not in self._requeued:
+            self._requeued.append(fd)
+
     def add_poller(self, key: object, handler: Handler) -> None:
         """Run ``handler`` every poll interval (rings without a kick fd)."""
         self._pollers[key] = handler
@@ -260,9 +270,10 @@ class DataPlane:
     def _run(self) -> None:
         _current.worker = self
         lanes = self._lanes
+        requeued: list[int] = []  # rings requeued last turn that no kick job took: served now
         while not self._stop:
-            timeout = 0.0 if self._busy else self._timeout()
-            resume: list[int] = []
+            timeout = 0.0 if self._busy or requeued else self._timeout()
+            resume: list[int] = requeued
             if lanes is not None and not self._pollers:
                 fds, resume = lanes.run(timeout)
                 events = [(fd, select.EPOLLIN) for fd in fds]
@@ -306,6 +317,9 @@ class DataPlane:
                     self._poll_busy()
                 if lanes is not None:
                     lanes.arm([*armed, *resume, *(fd for fd, _mask in events)], self._rings)
+                requeued, self._requeued = self._requeued, []
+                if lanes is not None:
+                    requeued = lanes.again(requeued)
 
     def _poll_busy(self) -> None:
         """One look at every busy-polled ring; a ring idle for ``poll_s`` goes back to kicks."""

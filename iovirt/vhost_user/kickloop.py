@@ -4,8 +4,10 @@ A worker (:class:`~iovirt.vhost_user.dataplane.DataPlane`) with the C twin
 waits for its fds in :meth:`Lanes.run` (``_kickloop_c.KickLoop``), with the
 GIL released.  A kick of a ring that has a kick job armed
 (``iovirt/virtio/kickjob.py``: net's transmit loop of one flow) runs the
-job there, and writes the call eventfds it asks for; a kick of the job's
-other ring (the receiver's, posting buffers) is drained and counted.  So
+job there, and writes the call eventfds it asks for; so does a kick of the
+job's other ring (the receiver's, posting buffers: a job that waited for
+them goes on; one that waits more than a millisecond goes to Python,
+which holds or drops frames as it does for a receiver out of buffers).  So
 two workers whose traffic stays on their own ports run side by side,
 without taking the interpreter lock from each other.
 
@@ -68,8 +70,8 @@ class Lanes:
     def __init__(self, epfd: int, label: str) -> None:
         self.loop = accel.KickLoop(epfd)
         self.label = label
-        self._jobs: dict[int, KickJob] = {}  # ring fd -> the job armed on it
-        self._quiet: set[int] = set()  # ring fds whose kicks the C loop only counts
+        self._jobs: dict[int, tuple[KickJob, int | None]] = {}  # kicked ring fd -> (its job, the other ring's fd)
+        self._kicked_of: dict[int, int] = {}  # either ring fd of a job -> the kicked ring's fd
         self._resume: list[int] = []  # see hold
 
     def run(self, timeout: float) -> tuple[list[int], list[int]]:
@@ -82,11 +84,20 @@ class Lanes:
         fds: list[int]
         resume: list[int]
         fds, resume = self.loop.run(math.ceil(stint * 1000))
-        return fds, resume
+        return fds, self._kicked(resume)
+
+    def _kicked(self, fds: list[int]) -> list[int]:
+        """The rings to serve for ``fds``: a job's kicked ring for either of its rings (what waits is there)."""
+        rings = []
+        for fd in fds:
+            ring = self._kicked_of.get(fd, fd)
+            if ring not in rings:
+                rings.append(ring)
+        return rings
 
     @property
     def armed(self) -> list[int]:
-        """The ring fds with a job armed (until the next :meth:`settle`)."""
+        """The kicked ring fds with a job armed (until the next :meth:`settle`)."""
         return list(self._jobs)
 
     def settle(self, rings: dict[int, Ring]) -> list[int]:
@@ -95,40 +106,39 @@ class Lanes:
         Runs on the worker, or on a thread that holds the loop (:meth:`hold`).
         """
         self.loop.invalidate()
-        again: list[int] = self.loop.take_again()
+        again = self._kicked(self.loop.take_again())
         jobs, self._jobs = self._jobs, {}
-        quiet, self._quiet = self._quiet, set()
-        for fd in quiet:
-            self._count_kicks(fd, rings)
-        for fd, offer in jobs.items():
-            kicks, calls_kicked, calls_other, failed = self.loop.take_counts(fd)
-            ring = rings.get(fd)
-            if kicks and ring is not None and ring.kicked is not None:
-                ring.kicked(kicks)
-            for notifier, calls, bit in ((offer.notifiers[0], calls_kicked, NOTIFY_KICKED),
-                                         (offer.notifiers[1], calls_other, NOTIFY_OTHER)):
-                if calls:
-                    notifier.count(calls)
-                if failed & bit:
-                    notifier()  # the eventfd was full: the transport's own way counts and logs it
+        self._kicked_of = {}
+        for fd, (offer, other) in jobs.items():
+            for ring_fd in (fd, other):
+                if ring_fd is None:
+                    continue
+                kicks, calls_kicked, calls_other, failed = self.loop.take_counts(ring_fd)
+                ring = rings.get(ring_fd)
+                if kicks and ring is not None and ring.kicked is not None:
+                    ring.kicked(kicks)
+                for notifier, calls, bit in ((offer.notifiers[0], calls_kicked, NOTIFY_KICKED),
+                                             (offer.notifiers[1], calls_other, NOTIFY_OTHER)):
+                    if calls:
+                        notifier.count(calls)
+                    if failed & bit:
+                        notifier()  # the eventfd was full: the transport's own way counts and logs it
             try:
                 offer.settle()
             except Exception:  # a device's bug must not stop the worker
                 log.exception("%s: settling the kick job of fd %d failed", self.label, fd)
         return again
 
-    def _count_kicks(self, fd: int, rings: dict[int, Ring]) -> None:
-        kicks = self.loop.take_counts(fd)[0]
-        ring = rings.get(fd)
-        if kicks and ring is not None and ring.kicked is not None:
-            ring.kicked(kicks)
-
     def arm(self, fds: Iterable[int], rings: dict[int, Ring]) -> None:
-        """Ask rings ``fds`` for a kick job, and arm those offered (with their other ring quiet)."""
+        """Ask rings ``fds`` for a kick job, and arm those offered, on both their rings.
+
+        A job whose other ring is another job's already is not armed: a
+        ring runs one job (several senders to one receiver: the first only).
+        """
         by_queue: dict[int, int] | None = None
         for fd in fds:
             ring = rings.get(fd)
-            if ring is None or ring.job_of is None or fd in self._jobs:
+            if ring is None or ring.job_of is None or fd in self._kicked_of:
                 continue
             offer = ring.job_of()
             if offer is None:
@@ -140,12 +150,18 @@ class Lanes:
             if by_queue is None:
                 by_queue = {id(r.queue_of()): f for f, r in rings.items()}
             other = by_queue.get(id(offer.other_queue))
+            if other is not None and other in self._kicked_of:
+                continue
             run, context = offer.job.entry()
-            self.loop.arm_job(fd, run, context, call_kicked, call_other)
-            self._jobs[fd] = offer
-            if other is not None and other not in self._jobs:
-                self.loop.arm_quiet(other)
-                self._quiet.add(other)
+            for ring_fd in (fd, other):
+                if ring_fd is not None:
+                    self.loop.arm_job(ring_fd, run, context, call_kicked, call_other)
+                    self._kicked_of[ring_fd] = fd
+            self._jobs[fd] = (offer, other)
+
+    def again(self, fds: list[int]) -> list[int]:
+        """Rings ``fds`` have work left (requeued): those with a job armed run it again in C; returns the others."""
+        return [fd for fd in fds if not self.loop.again_now(fd)]
 
     def hold(self, rings: dict[int, Ring]) -> bool:
         """Wait until no job runs and keep it so (:meth:`release`); the jobs are settled, and dropped.

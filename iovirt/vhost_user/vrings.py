@@ -471,6 +471,16 @@ class Vrings:
 
         return kick
 
+    def requeue(self, index: int) -> None:
+        """Serve ring ``index`` again soon without a kick (``VirtioDevice.requeue``): on its worker's next turn."""
+        vring = self.rings[index]
+        if not vring.started:
+            return
+        if vring.kick_fd is not None:
+            self.dataplane.requeue(vring.kick_fd)
+        else:
+            self.dataplane.call_later(0.0, self._kicker(vring))  # a polled ring: its poller would, a turn later
+
     def _kick_job(self, vring: Vring) -> KickJob | None:
         """The device's kick job for ``vring`` (:meth:`VirtioDevice.kick_job`), unless the ring waits to start."""
         if vring.awaiting_translation or vring.awaiting_log:

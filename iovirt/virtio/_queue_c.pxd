@@ -116,6 +116,8 @@ cdef class SplitQueue(Virtqueue):
     cdef void rewind_fast(self, Py_ssize_t count) noexcept nogil
     cdef void push_fast(self, ChainBatch b) noexcept nogil
     cdef bint notify_fast(self) noexcept nogil
+    cdef Py_ssize_t available_fast(self) noexcept nogil
+    cdef Py_ssize_t wait_fast(self) noexcept nogil
 
     cdef int _resolve(self) except -1
     cdef uint8_t *_ring_host(self, uint64_t addr, uint64_t length) except NULL

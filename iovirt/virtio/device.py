@@ -71,6 +71,8 @@ class VirtioDevice:
         # The transport's timer, if it has one: run a callable after a delay (seconds) on the thread that
         # serves the queues (a device holding requests back serves them again when it may).
         self.call_later: Callable[[float, Callable[[], None]], None] | None = None
+        self.requeue: Callable[[int], None] | None = None
+        """Set by a transport: serve queue ``index`` again soon, as a kick would, after what else is waiting."""
         # Per-queue counters (frames/requests, bytes, drops, kicks, calls), counted per batch;
         # ``counting`` off skips the data-path counters (the benchmark measures their cost with it).
         self.queue_stats: list[collections.Counter[str]] = [collections.Counter() for _ in range(num_queues)]

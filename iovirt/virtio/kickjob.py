@@ -14,8 +14,11 @@ runs without the GIL and answers:
 - :data:`JOB_AGAIN`: there is more (a budget was spent, or a notification
   was due); run it again after the other kicks at hand;
 - :data:`JOB_PYTHON`: it stopped at something only the device's own path
-  does (another flow, a malformed chain, a receiver out of buffers);
-  :attr:`KickJob.settle` must run, then the queue's kick handler.
+  does (another flow, a malformed chain, a frame the receiver cannot take);
+  :attr:`KickJob.settle` must run, then the queue's kick handler;
+- :data:`JOB_WAIT`: work waits on the other queue (a receiver with no
+  buffer): run it again when that queue is kicked, and hand it to Python
+  (as :data:`JOB_PYTHON`) if that does not come soon.
 
 ``*notify`` gets :data:`NOTIFY_KICKED` when the kicked queue's driver wants
 its used-buffer notification (2.7.7, asked once: the caller sends it) and
@@ -27,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-JOB_DONE, JOB_AGAIN, JOB_PYTHON = 0, 1, 2
+JOB_DONE, JOB_AGAIN, JOB_PYTHON, JOB_WAIT = 0, 1, 2, 3
 NOTIFY_KICKED, NOTIFY_OTHER = 1, 2
 
 
@@ -38,8 +41,8 @@ class KickJob:
     ``job``: the C side (``entry()``); ``notifiers``: the kicked queue's
     notifier and the other queue's (the transport's, as the device was
     given them: what :data:`NOTIFY_KICKED` and :data:`NOTIFY_OTHER` ask
-    for); ``other_queue``: the job's other queue, whose kicks need nothing
-    while the job holds (its buffers are taken as they come);
+    for); ``other_queue``: the job's other queue, whose kicks run the job
+    too (what waits on it, :data:`JOB_WAIT`, goes on);
     ``settle``: counts what the job did into the devices' counters and
     finishes what it stopped at (:data:`JOB_PYTHON`).
     """

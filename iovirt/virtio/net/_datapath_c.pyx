@@ -650,9 +650,10 @@ cdef int _receive_one(Virtqueue q, ChainBatch b, Py_ssize_t j, Frames f, Py_ssiz
 
 cdef enum:
     # What forward stopped at: defs.FORWARD_*, checked at import below.
-    FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW
+    FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW, FWD_WAIT
 if (defs.FORWARD_EMPTY, defs.FORWARD_BUDGET, defs.FORWARD_NOTIFY, defs.FORWARD_SWITCH, defs.FORWARD_HOLD,
-        defs.FORWARD_SLOW) != (FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW):
+        defs.FORWARD_SLOW, defs.FORWARD_WAIT) != (FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW,
+                                                   FWD_WAIT):
     raise ImportError("defs.FORWARD_* differ from _datapath_c's")
 
 
@@ -662,6 +663,7 @@ cdef struct FwdArgs:
     uint64_t src, dst
     bint guest_csum, mergeable
     Py_ssize_t max_chains, max_batches
+    bint fit  # take no more transmit chains than the receive ring has chains; none: FWD_WAIT
 
 
 cdef struct FwdOut:
@@ -709,6 +711,7 @@ def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint
     cdef FwdOut o
     a.hdr_len, a.gso_mask, a.src, a.dst, a.rx_hdr_len, a.max_len = hdr_len, gso_mask, src, dst, rx_hdr_len, max_len
     a.guest_csum, a.mergeable, a.max_chains, a.max_batches = guest_csum, mergeable, max_chains, max_batches
+    a.fit = False
     if not tx.fast_ready() or not rx.fast_ready():
         return FWD_SLOW, 0, 0, 0, 0, 0, 0, 0, 0, False, False
     txb._reserve_chains(max_chains)
@@ -725,6 +728,7 @@ ctypedef int (*_forward_raw)(SplitQueue, ChainBatch, Frames, SplitQueue, ChainBa
                              FwdOut *) noexcept nogil
 
 cdef int JOB_DONE = kickjob.JOB_DONE, JOB_AGAIN = kickjob.JOB_AGAIN, JOB_PYTHON = kickjob.JOB_PYTHON
+cdef int JOB_WAIT = kickjob.JOB_WAIT
 cdef unsigned NOTIFY_KICKED = kickjob.NOTIFY_KICKED, NOTIFY_OTHER = kickjob.NOTIFY_OTHER
 
 
@@ -759,6 +763,7 @@ cdef class ForwardJob:
         a.hdr_len, a.gso_mask, a.src, a.dst, a.rx_hdr_len = hdr_len, gso_mask, src, dst, rx_hdr_len
         a.guest_csum, a.mergeable, a.max_len, a.max_chains, a.max_batches = \
             guest_csum, mergeable, max_len, max_chains, max_batches
+        a.fit = True  # a receiver short of buffers holds the sender's chains back a while (JOB_WAIT), not frames
         self.pending = -1
 
     def ready(self):
@@ -828,6 +833,8 @@ cdef int _job_step(ForwardJob job, unsigned *notify) noexcept nogil:
         return JOB_DONE
     if o.stopped == FWD_BUDGET or o.stopped == FWD_NOTIFY:
         return JOB_AGAIN
+    if o.stopped == FWD_WAIT:
+        return JOB_WAIT
     job.pending = o.stopped
     job.stop = o.stop
     memcpy(job.errors, o.errors, sizeof(o.errors))
@@ -850,14 +857,27 @@ cdef void _keep_error(ForwardJob job) noexcept with gil:
 cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, ChainBatch rxb, const FwdArgs *a,
                   FwdOut *o) except -1 nogil:
     """:func:`forward`'s loop: the rings are ``fast_ready`` and both batches hold ``max_chains`` chains."""
-    cdef Py_ssize_t n, i, j, want, got
+    cdef Py_ssize_t n, i, j, want, got, take, room
     memset(o, 0, sizeof(FwdOut))
     o.stopped = FWD_EMPTY
     while True:
         if o.batches == a.max_batches:
             o.stopped = FWD_BUDGET
             break
-        n = tx.pop_fast(txb, a.max_chains)
+        take = a.max_chains
+        if a.fit:
+            room = rx.available_fast()
+            if room == 0:
+                room = rx.wait_fast()  # none: the driver is asked to kick when it posts buffers
+            if room < 0:
+                o.stopped = FWD_SLOW  # the receive ring's avail idx is bad: the receiver's own path fails it
+                break
+            if room == 0:
+                if tx.available_fast() != 0:
+                    o.stopped = FWD_WAIT
+                break  # FWD_EMPTY: nothing to send either
+            take = min(take, room)
+        n = tx.pop_fast(txb, take)
         if n <= 0:
             o.stopped = FWD_EMPTY if n == 0 else FWD_SLOW
             break

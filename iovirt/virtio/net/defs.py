@@ -131,8 +131,9 @@ TX_SHORT, TX_LONG, TX_GSO, TX_CSUM = 0, 1, 2, 3
 # Where the data path's forward stopped (the first item of its answer): the transmit ring is empty, the batch
 # budget is spent, a notification is due, the last batch is for the switch (another flow, or chains rejected),
 # frames of the last batch were left for the receiver's own path (from ``stop`` on), a ring needs the
-# queue's own calls (nothing of it taken).
-FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW = range(6)
+# queue's own calls (nothing of it taken), the receive ring has no buffer while chains wait to be sent (a kick
+# job only: it takes no more transmit chains than there are receive buffers).
+FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW, FORWARD_WAIT = range(7)
 
 
 @dataclass(frozen=True)

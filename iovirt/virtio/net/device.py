@@ -551,11 +551,17 @@ class VirtioNet(VirtioDevice):
             self._finish(index, egress, pending, stop)
 
     def _yield_tx(self, index: int) -> None:
-        """Give the thread back with chains left in transmit queue ``index``; its timer serves them next.
+        """Give the thread back with chains left in transmit queue ``index``; the transport or a timer serves them next.
 
         No driver notification would: the driver kicks when the device caught
-        up (2.7.10), and it has not.  One resume per queue at a time.
+        up (2.7.10), and it has not.  The transport's :attr:`requeue` serves
+        the queue after what else waits (a worker's kick loop may take it
+        over: ``iovirt/vhost_user/kickloop.py``); else a timer, one resume
+        per queue at a time.
         """
+        if self.requeue is not None:
+            self.requeue(index)
+            return
         call_later = self.call_later
         if call_later is None or index in self._tx_resuming:
             return
