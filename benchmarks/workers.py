@@ -16,7 +16,10 @@ and without it (the workers' Python loop, as with ``IOVIRT_NO_EXTENSIONS``
 for that part).  Figures: the frames per second both receivers got
 together, best of ``ROUNDS`` alternating runs, and the ratios
 ``ratio_2_workers_vs_1`` (with the kick loop) and
-``ratio_2_workers_vs_1_python_loop``.
+``ratio_2_workers_vs_1_python_loop``.  Then the same two flows with
+each crossing from one worker to the other (0 -> 1 and 2 -> 3: the switch's
+hand-off ring between workers), with the kick loop:
+``ratio_crossing_vs_1_worker``.
 
 The back-end and the two guest loops share the machine's cores (not
 pinned): on a 2-core machine two workers and two guest loops compete for
@@ -72,8 +75,6 @@ try:
     server.serve_forever()
 except KeyboardInterrupt:
     server.stop()
-lanes = [w._lanes for w in server.dataplane.workers]
-print("job runs per worker:", [0 if l is None else l.loop.runs for l in lanes], flush=True)
 """
 
 
@@ -132,10 +133,14 @@ class Pair:
             drv.close()
 
 
-def run(tmp: Path, lib: Any, workers: int, jobs: bool, seconds: float) -> float:
-    """Frames/s both receivers got, with ``workers`` workers, with the kick loop or without."""
-    socks = [tmp / f"w{workers}-{int(jobs)}-p{i}.sock" for i in range(4)]
-    log = tmp / f"backend-w{workers}-{int(jobs)}.log"
+def run(tmp: Path, lib: Any, workers: int, jobs: bool, seconds: float, crossing: bool = False) -> float:
+    """Frames/s both receivers got, with ``workers`` workers, with the kick loop or without.
+
+    ``crossing``: the flows are 0 -> 1 and 2 -> 3, each from one worker to the other (the hand-off ring).
+    """
+    name = f"w{workers}-{int(jobs)}{'-x' if crossing else ''}"
+    socks = [tmp / f"{name}-p{i}.sock" for i in range(4)]
+    log = tmp / f"backend-{name}.log"
     backend = subprocess.Popen(
         [sys.executable, "-c", BACKEND, *map(str, socks), str(workers), "1" if jobs else "0"],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,
@@ -144,7 +149,7 @@ def run(tmp: Path, lib: Any, workers: int, jobs: bool, seconds: float) -> float:
     try:
         for sock in socks:
             wait_socket(sock, backend)
-        pairs = [Pair(socks, 0, 2), Pair(socks, 1, 3)]
+        pairs = [Pair(socks, 0, 1), Pair(socks, 2, 3)] if crossing else [Pair(socks, 0, 2), Pair(socks, 1, 3)]
         threads = [threading.Thread(target=p.drive, args=(lib, seconds)) for p in pairs]
         for t in threads:
             t.start()
@@ -179,12 +184,14 @@ def main() -> None:
     lib = compile_driver(tmp)
     best: dict[tuple[int, bool], float] = {}
     runs: dict[tuple[int, bool], list[float]] = {}
+    crossing: list[float] = []
     for _ in range(ROUNDS):
         for jobs in (True, False):
             for workers in (1, 2):
                 rate = run(tmp, lib, workers, jobs, args.seconds)
                 runs.setdefault((workers, jobs), []).append(rate)
                 best[(workers, jobs)] = max(best.get((workers, jobs), 0.0), rate)
+        crossing.append(run(tmp, lib, 2, True, args.seconds, crossing=True))
     for jobs, name in ((True, "kick loop (C)"), (False, "Python loop")):
         one, two = best[(1, jobs)], best[(2, jobs)]
         listed = " / ".join(f"{r:,.0f}" for r in runs[(1, jobs)]), " / ".join(f"{r:,.0f}" for r in runs[(2, jobs)])
@@ -192,6 +199,9 @@ def main() -> None:
               f"two workers {two:,.0f} (runs {listed[1]})   ratio {two / one if one else float('nan'):.2f}")
     print(f"kick loop / Python loop: one worker {best[(1, True)] / best[(1, False)]:.2f}, "
           f"two workers {best[(2, True)] / best[(2, False)]:.2f}")
+    print(f"two 64 B flows each from one worker to the other (hand-off ring), kick loop: {max(crossing):,.0f} "
+          f"frames/s (runs {' / '.join(f'{r:,.0f}' for r in crossing)})   against one worker "
+          f"{max(crossing) / best[(1, True)]:.2f}")
     figures = {
         "p2p_2_flows_1_worker": round(best[(1, True)]),
         "p2p_2_flows_2_workers": round(best[(2, True)]),
@@ -199,6 +209,8 @@ def main() -> None:
         "p2p_2_flows_1_worker_python_loop": round(best[(1, False)]),
         "p2p_2_flows_2_workers_python_loop": round(best[(2, False)]),
         "ratio_2_workers_vs_1_python_loop": round(best[(2, False)] / best[(1, False)], 3),
+        "p2p_2_flows_2_workers_crossing": round(max(crossing)),
+        "ratio_crossing_vs_1_worker": round(max(crossing) / best[(1, True)], 3),
     }
     print(json.dumps(figures))
 

@@ -386,11 +386,11 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         "--workers", metavar="N", type=_workers, default=None,
         help="data-plane threads (default: 1). Each device's rings are served by one of them, given round "
              "robin in the order the devices are listed; a frame switched between ports of two workers crosses "
-             "through a lock-free hand-off ring. More workers keep a stuck or misbehaving device from stalling "
-             "the others, but the batch loops take the interpreter lock at least once per kick, so they add no "
-             "throughput and a "
-             "frame between two workers costs more than within one (benchmarks/RESULTS.md). Not with --isolate "
-             "(there every device has a process of its own)",
+             "through a lock-free hand-off ring. A flow between two ports of one worker is served in C without "
+             "the interpreter lock, so workers with flows of their own run side by side; a frame between two "
+             "workers takes the Python path on both and costs about four times more than within one "
+             "(benchmarks/RESULTS.md). More workers also keep a stuck or misbehaving device from stalling the "
+             "others. Not with --isolate (there every device has a process of its own)",
     )
 
 

@@ -25,6 +25,15 @@ ring is looked at once more: a chain made available after the last look and
 before the enable would otherwise wait for a kick the driver never sends
 (2.7.14's note on the race, from the device's side).
 
+Kick jobs (:mod:`iovirt.vhost_user.kickloop`): with the C twin and
+without busy polling, the thread waits for its fds in a C loop, with the
+interpreter lock released, that serves the kicks of rings whose device
+offered a kick job (net's transmit loop of one flow) entirely in C; the
+thread comes back to this loop for everything else.  ``lock`` is then a
+:class:`PlaneLock`: another thread taking it also waits until no job runs.
+A device that yields a ring with work left asks for it to be served again
+(:meth:`DataPlane.requeue`), by its job if one is armed by then.
+
 Workers (``iovirt serve --workers N``, :mod:`iovirt.vhost_user.workers`):
 a process may run several data planes, one thread each, every device's
 rings owned by one of them.  Work for another worker's device (a frame the

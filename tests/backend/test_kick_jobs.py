@@ -15,7 +15,10 @@ import pytest
 
 from iovirt.bench.pair import DEFAULT_FEATURES, NetPair, ServedNet
 from iovirt.vhost_user import kickloop
+from iovirt.vhost_user.driver import VhostUserDriver
 
+from backend_helpers import wait_until
+from test_bad_input_guest import break_ring
 from test_workers import DST, SRC, frames
 
 pytestmark = pytest.mark.skipif(kickloop.accel is None, reason="the kick loop is the C twin's")
@@ -156,3 +159,56 @@ def test_the_control_thread_waits_for_the_c_loop_and_reads_whole_counters(tmp_pa
                 watcher.join(timeout=10)
         assert seen == sorted(seen) and len(seen) > 1
         assert counters(net)[1]["device"]["rx_packets"] == 8192
+
+
+HDR = bytes(12)  # virtio_net_hdr with num_buffers (VERSION_1), no offloads
+
+
+@pytest.mark.parametrize("broken, how", [("sender", "avail-idx-jump"), ("sender", "desc-loop"),
+                                         ("receiver", "avail-idx-jump")])
+def test_a_ring_broken_under_a_kick_job_fails_its_device_only(tmp_path, logs, loop, broken, how):
+    """Port 0 sends to port 1 (a job armed on both rings), then one of those rings breaks: that device needs a
+    reset (the queue's own path raises, as without the job); the other keeps working, and so does the flow
+    from port 2 to port 3 on the same worker."""
+    a_mac, b_mac = bytes.fromhex("020000000301"), bytes.fromhex("020000000302")
+    with ServedNet(tmp_path, ports=4) as net:
+        with VhostUserDriver(net.paths[0], features=DEFAULT_FEATURES, memory_size=4 << 20) as a, \
+                VhostUserDriver(net.paths[1], features=DEFAULT_FEATURES, memory_size=4 << 20) as b, pair(net, 2, 3) as other:
+            a.start_queues([0, 1], size=64)
+            b.start_queues([0, 1], size=64)
+            for drv in (a, b):
+                drv.frontend.set_vring_err(0)
+                drv.frontend.set_vring_err(1)
+            for _ in range(64):
+                b.queues[0].add_data([], [2048])
+            b.kick(0)
+            hello = frames(1, dst=a_mac, src=b_mac)
+            b.queues[1].add_data([HDR + hello[0]])  # b's MAC learned; flooded to the other ports too
+            b.kick(1)
+            for port in (other.a, other.b):
+                assert [f.data for f in port.recv_raw(1, timeout=5)] == hello
+            learn(other)
+            received = []  # b's frames, the flood from port 3 among them
+            for round_ in range(8):  # the flow, in rounds: a kick job carries it from the second on
+                for frame in frames(4, dst=b_mac, src=a_mac):
+                    a.queues[1].add_data([HDR + frame])
+                a.kick(1)
+                assert wait_until(lambda: received.extend(b.queues[0].get_used()) or len(received) >= 4 * (round_ + 1) + 1, 5)
+                a.queues[1].get_used()
+            if loop == "c":
+                assert runs(net) > 0
+            bad, index = (a, 1) if broken == "sender" else (b, 0)
+            if how == "avail-idx-jump":  # more chains announced than the ring holds, past what it used
+                queue = bad.queues[index]
+                queue.set_avail_idx(queue.avail_idx + queue.size + 5)
+                bad.frontend.kick(index)
+            else:  # every transmit chain came back: descriptors 0 and 1 are free for the loop
+                break_ring(bad, index, how)
+            if broken == "receiver":  # a frame for it makes its ring be looked at
+                a.queues[1].add_data([HDR + frames(1, dst=b_mac, src=a_mac)[0]])
+                a.kick(1)
+            failed = net.devices[0 if broken == "sender" else 1]
+            assert wait_until(lambda: failed.needs_reset, 5)
+            assert "device needs reset" in logs.text
+            assert send(other, frames(1024)) == frames(1024)
+            assert [d.needs_reset for d in net.devices] == [broken == "sender", broken == "receiver", False, False]
