@@ -53,7 +53,7 @@ NAP_NS = 50_000
 RING = 1024
 FEATURES = NO_EVENT_IDX & ~(1 << 35)
 """Every feature but VIRTIO_F_EVENT_IDX (the guest loop sleeps on calls) and VIRTIO_F_IN_ORDER (35), which QEMU
-7.2's virtio-net does not offer its guests; net's forward does not serve in-order rings."""
+7.2's virtio-net does not offer its guests: what they negotiate."""
 HDR = bytes(12)  # virtio_net_hdr with num_buffers (VERSION_1): no offloads
 
 BACKEND = """

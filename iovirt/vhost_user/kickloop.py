@@ -41,9 +41,11 @@ log = logging.getLogger("iovirt.dataplane")
 
 accel: Any = _accel.load("iovirt.vhost_user._kickloop_c")
 
-MAX_STINT_S = 1.0
-"""The longest the C loop runs before the worker's Python loop looks around: a job refreshes its route in the
-switch (the sender's MAC address) when it is armed, and the switch ages entries out after minutes."""
+MAX_STINT_S = 0.1
+"""The longest the C loop runs before the worker's Python loop looks around and arms its jobs again.  A job holds
+a route of the switch; a change the worker makes itself, or the control thread makes under its lock, drops the
+jobs at once, but another worker learning a MAC address elsewhere does not: such a move is seen within this
+time.  Arming a job also refreshes the sender's entry in the switch, which ages entries out after minutes."""
 
 
 class Ring:

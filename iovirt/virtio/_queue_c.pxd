@@ -114,7 +114,7 @@ cdef class SplitQueue(Virtqueue):
     cdef int fast_ready(self) except -1
     cdef Py_ssize_t pop_fast(self, ChainBatch b, Py_ssize_t max_chains) noexcept nogil
     cdef void rewind_fast(self, Py_ssize_t count) noexcept nogil
-    cdef void push_fast(self, ChainBatch b) noexcept nogil
+    cdef void push_fast(self, ChainBatch b, bint coalesce) noexcept nogil
     cdef bint notify_fast(self) noexcept nogil
     cdef Py_ssize_t available_fast(self) noexcept nogil
     cdef Py_ssize_t wait_fast(self) noexcept nogil
@@ -132,6 +132,7 @@ cdef class SplitQueue(Virtqueue):
     cdef bint _single(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef bint _walk_direct(self, uint16_t head, ChainBatch b) noexcept nogil
     cdef int _walk(self, uint16_t head, ChainBatch b) noexcept nogil
+    cdef inline Py_ssize_t _take(self, ChainBatch b, Py_ssize_t count, int *rc, uint16_t *failed) noexcept nogil
     cdef object _walk_error(self, uint16_t head, int rc)
     cdef int _take_used(self, Py_ssize_t head, Py_ssize_t length) except -1
     cdef int _push_one(self, Py_ssize_t head, Py_ssize_t length) except -1

@@ -391,9 +391,8 @@ cdef class SplitQueue(Virtqueue):
 
     cdef Py_ssize_t pop_into(self, ChainBatch batch, Py_ssize_t max_chains) except -1:
         """:meth:`pop_batch` for C callers: into ``batch`` (emptied first), no Python object made; how many."""
-        cdef Py_ssize_t count, k, n = 0
-        cdef uint16_t head, taken = 0
-        cdef const uint8_t *ring = self._avail + 4
+        cdef Py_ssize_t count, n
+        cdef uint16_t failed = 0
         cdef int rc = 0
         self._raise_pending()
         count = self._pending()
@@ -401,48 +400,66 @@ cdef class SplitQueue(Virtqueue):
             count = max_chains
         self._check_in_order_room(count)
         _empty_batch(batch, count)
-        # The counters stay in locals until the loop ends: _walk takes the queue, so fields written
-        # in the loop went through memory on every chain.  The interpreter lock stays held: the walk
-        # of a batch is short, the caller's loop holds the lock around it anyway, and releasing and
-        # retaking it was an eighth of the ring's time (benchmarks/ring.py, perf).
-        for k in range(count):
-            head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + taken) & self._mask))
-            taken += 1
+        # The interpreter lock stays held: the walk of a batch is short, the caller's loop holds the lock
+        # around it anyway, and releasing and retaking it was an eighth of the ring's time (benchmarks/ring.py, perf).
+        n = self._take(batch, count, &rc, &failed)
+        if rc != 0 and rc != E_PENDING:
+            # The chain that failed counts as taken (the device fails before any of it is used); a chain whose
+            # translation is pending is not the driver's fault: it stays available, for a later call.
+            self._last_avail_idx += 1
+            self._in_flight += 1
             if self.in_order:
-                self._order[(self._order_first + self._order_n) & self._mask] = head
+                self._order[(self._order_first + self._order_n) & self._mask] = failed
                 self._order_n += 1
-            # The cheapest walk that can take the chain: one descriptor, direct ones, the general walk.
-            if not self._single(head, batch) and not self._walk_direct(head, batch):
-                rc = self._walk(head, batch)
-                if rc != 0:
-                    batch.nbufs = batch.first[n]
-                    break
-            batch.heads[n] = head
-            batch.used_lens[n] = 0
-            n += 1
-            batch.first[n] = <uint32_t> batch.nbufs
-        batch.n = n
-        self._last_avail_idx += taken
-        self._in_flight += taken
-        if rc == E_PENDING:
-            # Not the driver's fault: leave the chain available, retry later.
-            self._last_avail_idx -= 1
-            self._in_flight -= 1
-            if self.in_order:
-                self._order_n -= 1
-            rc = 0
         self._publish_avail_event()
-        if rc != 0:
-            error = self._walk_error(head, rc)
-            if batch.n == 0:
+        if rc != 0 and rc != E_PENDING:
+            error = self._walk_error(failed, rc)
+            if n == 0:
                 raise error
             self._pending_error = error
-        return batch.n
+        return n
+
+    cdef inline Py_ssize_t _take(self, ChainBatch b, Py_ssize_t count, int *rc, uint16_t *failed) noexcept nogil:
+        """Walk up to ``count`` available chains into ``b`` (emptied, with room for them); how many were taken.
+
+        Stops before the first chain the walk refuses: ``rc[0]`` says why,
+        ``failed[0]`` is its head, and it is not taken (``b`` as it was
+        before it).  The chains taken move the avail index and the in-flight
+        count, and go into the order ring of a queue in order (2.7.9).  The
+        counters stay in locals until the loop ends: the walk takes the
+        queue, so fields written in the loop went through memory on every chain.
+        """
+        cdef const uint8_t *ring = self._avail + 4
+        cdef uint16_t last = self._last_avail_idx
+        cdef Py_ssize_t n = 0, k
+        cdef uint16_t head
+        rc[0] = 0
+        while n < count:
+            head = iovirt_load_u16(ring + 2 * (<uint16_t> (last + n) & self._mask))
+            # The cheapest walk that can take the chain: one descriptor, direct ones, the general walk.
+            if not self._single(head, b) and not self._walk_direct(head, b):
+                rc[0] = self._walk(head, b)
+                if rc[0] != 0:
+                    b.nbufs = b.first[n]
+                    failed[0] = head
+                    break
+            b.heads[n] = head
+            b.used_lens[n] = 0
+            n += 1
+            b.first[n] = <uint32_t> b.nbufs
+        b.n = n
+        if self.in_order:
+            for k in range(n):
+                self._order[(self._order_first + self._order_n + k) & self._mask] = b.heads[k]
+            self._order_n += <uint32_t> n
+        self._last_avail_idx = <uint16_t> (last + n)
+        self._in_flight += <uint32_t> n
+        return n
 
     # -- the same without the interpreter ----------------------------------------------
     # A data path's loop that runs with the GIL released (net's forward) pops and pushes with these.
     # They serve the common case only, and leave everything else to the calls above, unchanged: a
-    # queue in order, with dirty logging, a deferred error or a chain the walk refuses is not theirs.
+    # queue with dirty logging, translated addresses, a deferred error or a chain the walk refuses is not theirs.
     cdef int fast_ready(self) except -1:
         """Whether :meth:`pop_fast` and :meth:`push_fast` may serve the queue now (the memory map refreshed).
 
@@ -450,7 +467,7 @@ cdef class SplitQueue(Virtqueue):
         data plane's lock: vhost-user requests take it too).
         """
         self._sync()
-        return not (self.in_order or self._translated or self._log is not None or self._pending_error is not None)
+        return not (self._translated or self._log is not None or self._pending_error is not None)
 
     cdef Py_ssize_t pop_fast(self, ChainBatch b, Py_ssize_t max_chains) noexcept nogil:
         """:meth:`pop_into` for chains that walk cleanly: into ``b`` (emptied; room for ``max_chains`` chains).
@@ -458,34 +475,26 @@ cdef class SplitQueue(Virtqueue):
         Stops before the first chain anything else would meet (an error, a
         translation pending) and before an avail index beyond Queue Size,
         leaving them available: :meth:`pop_into` takes them next, and raises
-        or defers as it does.  How many chains were taken; -1 if none was
-        but some are available (they are :meth:`pop_into`'s).
+        or defers as it does.  In order, no more than the order ring has
+        places for.  How many chains were taken; -1 if none was but some are
+        available (they are :meth:`pop_into`'s).
         """
-        cdef uint16_t count = <uint16_t> (iovirt_load_acquire_u16(self._avail + 2) - self._last_avail_idx)
-        cdef const uint8_t *ring = self._avail + 4
-        cdef Py_ssize_t n = 0
-        cdef uint16_t head
+        cdef Py_ssize_t count = self.available_fast()
+        cdef uint16_t failed
+        cdef int rc
+        cdef Py_ssize_t n
         b.n = 0
         b.nbufs = 0
         b.first[0] = 0
-        if count > self.size:
+        if count < 0:
             return -1
         if count > max_chains:
-            count = <uint16_t> max_chains
+            count = max_chains
         if count > b.cap_chains:  # a caller's want may exceed the room it reserved (TSO: frames > chains)
-            count = <uint16_t> b.cap_chains
-        while n < count:
-            head = iovirt_load_u16(ring + 2 * (<uint16_t> (self._last_avail_idx + n) & self._mask))
-            if not self._single(head, b) and not self._walk_direct(head, b) and self._walk(head, b) != 0:
-                b.nbufs = b.first[n]
-                break
-            b.heads[n] = head
-            b.used_lens[n] = 0
-            n += 1
-            b.first[n] = <uint32_t> b.nbufs
-        b.n = n
-        self._last_avail_idx += <uint16_t> n
-        self._in_flight += <uint32_t> n
+            count = b.cap_chains
+        if self.in_order and count > self.size - <Py_ssize_t> self._in_flight:
+            count = self.size - <Py_ssize_t> self._in_flight  # pop_into raises for it: leave it that way
+        n = self._take(b, count, &rc, &failed)
         self._publish_avail_event()
         return -1 if n == 0 and count > 0 else n
 
@@ -493,14 +502,38 @@ cdef class SplitQueue(Virtqueue):
         """Give back the last ``count`` chains :meth:`pop_fast` took (unused; at most those)."""
         self._last_avail_idx -= <uint16_t> count
         self._in_flight -= <uint32_t> count
+        if self.in_order:
+            self._order_n -= <uint32_t> count
 
-    cdef void push_fast(self, ChainBatch b) noexcept nogil:
-        """:meth:`push_chains` of a batch :meth:`pop_fast` took: its used entries, then the idx (2.7.8.2)."""
+    cdef void push_fast(self, ChainBatch b, bint coalesce) noexcept nogil:
+        """:meth:`push_chains` of a batch :meth:`pop_fast` took, whole: its used entries, then the idx (2.7.8.2).
+
+        In order, the batch is the front of the order ring (its chains were
+        taken and are returned in the order they were made available, so
+        there is nothing to check), and with ``coalesce`` a run of chains
+        used whole has one used entry, its last chain's (2.7.9), as
+        :meth:`push_chains` writes it.
+        """
         cdef Py_ssize_t i
-        cdef uint16_t idx = self._used_idx
-        for i in range(b.n):
-            iovirt_store_used_elem(self._used + 4 + 8 * (idx & self._mask), b.heads[i], b.used_lens[i])
-            idx += 1
+        cdef uint16_t idx = self._used_idx, start = self._used_idx
+        cdef uint32_t k, writable
+        if self.in_order and coalesce:
+            for i in range(b.n):
+                idx += 1
+                writable = 0
+                for k in range(b.first[i], b.first[i + 1]):
+                    if b.writable[k]:
+                        writable += b.lens[k]
+                if i == b.n - 1 or b.used_lens[i] != writable:
+                    iovirt_store_used_elem(self._used + 4 + 8 * (start & self._mask), b.heads[i], b.used_lens[i])
+                    start = idx
+        else:
+            for i in range(b.n):
+                iovirt_store_used_elem(self._used + 4 + 8 * (idx & self._mask), b.heads[i], b.used_lens[i])
+                idx += 1
+        if self.in_order:
+            self._order_first = (self._order_first + <uint32_t> b.n) & self._mask
+            self._order_n -= <uint32_t> b.n
         self._in_flight -= <uint32_t> b.n
         self._used_idx = idx
         iovirt_store_release_u16(self._used + 2, idx)

@@ -884,7 +884,8 @@ cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, C
         frames.n = 0
         frames.used = 0
         _gather(txb, tx, a.hdr_len, frames, a.gso_mask, o.errors)
-        tx.push_fast(txb)  # copied out: the buffers go back now, used whole (read, nothing written)
+        # Copied out: the buffers go back now, used whole (read, nothing written): in order, one used entry (2.7.9).
+        tx.push_fast(txb, True)
         o.tx_notify = tx.notify_fast()
         o.batches += 1
         n = frames.n
@@ -936,7 +937,7 @@ cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, C
             rx.rewind_fast(got - j)
             rxb.n = j
         if got > 0 and rxb.n > 0:
-            rx.push_fast(rxb)
+            rx.push_fast(rxb, False)
             o.rx_notify = rx.notify_fast()
         if o.stop < n:
             o.stopped = FWD_HOLD
