@@ -75,17 +75,23 @@ class Lanes:
         self._jobs: dict[int, tuple[KickJob, int | None]] = {}  # kicked ring fd -> (its job, the other ring's fd)
         self._kicked_of: dict[int, int] = {}  # either ring fd of a job -> the kicked ring's fd
         self._resume: list[int] = []  # see hold
+        self._ran = False  # whether a job ran in the last run
 
     def run(self, timeout: float) -> tuple[list[int], list[int]]:
-        """Wait and serve armed kicks in C, at most ``timeout`` seconds (-1: :data:`MAX_STINT_S`).
+        """Wait and serve armed kicks in C, at most ``timeout`` seconds (-1: no end), and :data:`MAX_STINT_S` with jobs armed.
 
         ``(fds, resume)``: ready fds for the caller's loop, and rings it
-        must serve without a kick (see ``KickLoop.run``).
+        must serve without a kick (see ``KickLoop.run``).  A worker with no
+        job armed sleeps as long as its own loop would: an idle worker
+        costs nothing.
         """
-        stint = MAX_STINT_S if timeout < 0 else min(timeout, MAX_STINT_S)
+        if self._jobs:
+            timeout = MAX_STINT_S if timeout < 0 else min(timeout, MAX_STINT_S)
         fds: list[int]
         resume: list[int]
-        fds, resume = self.loop.run(math.ceil(stint * 1000))
+        runs = self.loop.runs
+        fds, resume = self.loop.run(-1 if timeout < 0 else math.ceil(timeout * 1000))
+        self._ran = self.loop.runs != runs
         return fds, self._kicked(resume)
 
     def _kicked(self, fds: list[int]) -> list[int]:
@@ -99,8 +105,12 @@ class Lanes:
 
     @property
     def armed(self) -> list[int]:
-        """The kicked ring fds with a job armed (until the next :meth:`settle`)."""
-        return list(self._jobs)
+        """The kicked ring fds with a job armed that ran in the last :meth:`run` (to arm again after a turn).
+
+        A job that did not run is not armed again: its ring's next kick
+        arms it, and meanwhile an idle worker sleeps without a time limit.
+        """
+        return list(self._jobs) if self._ran else []
 
     def settle(self, rings: dict[int, Ring]) -> list[int]:
         """Drop every job and settle it (counters, then where it stopped); returns rings left with work to do.

@@ -212,3 +212,29 @@ def test_a_ring_broken_under_a_kick_job_fails_its_device_only(tmp_path, logs, lo
             assert "device needs reset" in logs.text
             assert send(other, frames(1024)) == frames(1024)
             assert [d.needs_reset for d in net.devices] == [broken == "sender", broken == "receiver", False, False]
+
+
+def test_an_idle_worker_sleeps_once_its_flows_stop(tmp_path):
+    """With jobs armed the C loop comes back to Python every MAX_STINT_S; once nothing moves, the jobs are not
+    armed again and the worker waits for a kick without a time limit (an idle device costs no CPU)."""
+    import time
+
+    with ServedNet(tmp_path, ports=2) as net:
+        worker = net.server.dataplane.workers[0]
+        turns = []
+        real_run = worker._lanes.run
+
+        def counted(timeout):
+            turns.append(timeout)
+            return real_run(timeout)
+
+        worker._lanes.run = counted
+        with pair(net, 0, 1) as p:
+            learn(p)
+            assert send(p, frames(1024)) == frames(1024)
+            time.sleep(4 * kickloop.MAX_STINT_S)
+            before = len(turns)
+            time.sleep(10 * kickloop.MAX_STINT_S)
+            assert len(turns) - before <= 1, turns[before:]
+            assert send(p, frames(256)) == frames(256)  # and the flow starts again
+        assert runs(net) > 0
