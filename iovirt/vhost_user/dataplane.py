@@ -284,7 +284,8 @@ class DataPlane:
             timeout = 0.0 if self._busy or requeued else self._timeout()
             resume: list[int] = requeued
             if lanes is not None and not self._pollers:
-                fds, resume = lanes.run(timeout)
+                fds, resumed = lanes.run(timeout)
+                resume += resumed
                 events = [(fd, select.EPOLLIN) for fd in fds]
             else:
                 try:
@@ -293,8 +294,8 @@ class DataPlane:
                     continue
             with self.lock:
                 if lanes is not None:
+                    armed = lanes.armed  # (before settle drops them)
                     resume += lanes.settle(self._rings) + lanes.take_resume()
-                    armed = lanes.armed
                 for fd in resume:  # a ring whose kick the C loop took, with work left
                     ring = self._rings.get(fd)
                     if ring is not None:

@@ -238,3 +238,18 @@ def test_an_idle_worker_sleeps_once_its_flows_stop(tmp_path):
             assert len(turns) - before <= 1, turns[before:]
             assert send(p, frames(256)) == frames(256)  # and the flow starts again
         assert runs(net) > 0
+
+
+def test_a_ring_yielded_with_work_left_is_served_again(tmp_path, monkeypatch, loop):
+    """A transmit ring the device gives up at its budget (``_yield_tx``) is requeued on its worker and served on
+    the next turn: by its kick job where one is armed, else by the Python loop (here a flood, which has none)."""
+    from iovirt.virtio.net import device as net_device
+
+    monkeypatch.setattr(net_device, "TX_BUDGET", 1)  # one batch per turn: every burst yields
+    with ServedNet(tmp_path, ports=2) as net:
+        small = {"queue_size": 1024, "rx_buffer_size": 2048, "tx_buffer_size": 2048}
+        with pair(net, 0, 1, a=small, b=small) as p:
+            flood = frames(1000, dst=b"\x02\x00\x00\x00\x09\x09")  # nobody has this MAC: flooded to b
+            assert send(p, flood, burst=1000) == flood
+            learn(p)
+            assert send(p, frames(1000), burst=1000) == frames(1000)
