@@ -73,6 +73,7 @@ cdef struct Entry:
     job_fn run
     void *context
     int call_kicked, call_other  # eventfds the job's notifications go to
+    int kicked_fd  # the kick fd of the job's kicked ring (this one, or the other ring's job): what Python serves
     bint again  # the job had more: it runs again without a kick
     long long wait_until  # JOB_WAIT since: Python takes the ring at this time (ms), unless the job moves; or 0
     bint listed  # in KickLoop.waiting
@@ -139,12 +140,16 @@ cdef class KickLoop:
             self.cap = cap
         return &self.entries[fd]
 
-    def arm_job(self, int fd, uintptr_t run, uintptr_t context, int call_kicked, int call_other):
-        """Serve kicks of ring ``fd`` with the job at ``run(context, ...)`` until :meth:`invalidate`."""
+    def arm_job(self, int fd, uintptr_t run, uintptr_t context, int call_kicked, int call_other, int kicked_fd):
+        """Serve kicks of ring ``fd`` with the job at ``run(context, ...)`` until :meth:`invalidate`.
+
+        ``kicked_fd``: the kick fd of the job's kicked ring (``fd`` itself,
+        or the ring it waits on): the ring Python serves when the job stops.
+        """
         cdef Entry *e = self._entry(fd)
         memset(e, 0, sizeof(Entry))
         e.kind, e.epoch, e.run, e.context = JOB, self.epoch, <job_fn> run, <void *> context
-        e.call_kicked, e.call_other = call_kicked, call_other
+        e.call_kicked, e.call_other, e.kicked_fd = call_kicked, call_other, kicked_fd
 
     def again_now(self, int fd):
         """Run ring ``fd``'s job again on the next turn without a kick, if one is armed; whether one is."""
@@ -184,20 +189,22 @@ cdef class KickLoop:
         return answer
 
     def take_again(self):
-        cdef Entry *e
         """The rings whose job had more to do, or waited, when the loop stopped (no kick will come for it): Python's now."""
+        cdef Entry *e
         fds = []
         for i in range(self.nagain):
-            fds.append(self.again[i])
-            self.entries[self.again[i]].again = False
+            e = &self.entries[self.again[i]]
+            e.again = False
+            if e.kicked_fd not in fds:
+                fds.append(e.kicked_fd)
         self.nagain = 0
         for i in range(self.nwaiting):
             e = &self.entries[self.waiting[i]]
             e.listed = False
             if e.wait_until:
                 e.wait_until = 0
-                if self.waiting[i] not in fds:
-                    fds.append(self.waiting[i])
+                if e.kicked_fd not in fds:
+                    fds.append(e.kicked_fd)
         self.nwaiting = 0
         return fds
 
@@ -260,9 +267,7 @@ cdef class KickLoop:
                     e = &self.entries[fd]
                     e.again = False
                     if e.epoch != self.epoch:  # held meanwhile: Python serves the rest
-                        if nresume < 2 * MAX_EVENTS:
-                            resume[nresume] = fd
-                            nresume += 1
+                        _add(resume, &nresume, e.kicked_fd)
                         continue
                     self._run_job(fd, e, resume, &nresume)
                 if self.nwaiting:
@@ -293,10 +298,9 @@ cdef class KickLoop:
             if e.wait_until and e.epoch == self.epoch and now < e.wait_until:
                 i += 1
                 continue
-            if e.wait_until and nresume[0] < 2 * MAX_EVENTS:  # expired, or held meanwhile
+            if e.wait_until:  # expired, or held meanwhile
                 e.epoch = 0
-                resume[nresume[0]] = fd
-                nresume[0] += 1
+                _add(resume, nresume, e.kicked_fd)
             e.wait_until = 0
             e.listed = False
             self.nwaiting -= 1
@@ -340,10 +344,20 @@ cdef class KickLoop:
             e.again = True
             self.again[self.nagain] = fd
             self.nagain += 1
-        elif rc == JOB_PYTHON and nresume[0] < 2 * MAX_EVENTS:
+        elif rc == JOB_PYTHON:
             e.epoch = 0  # Python's now: until it arms the ring again
-            resume[nresume[0]] = fd
-            nresume[0] += 1
+            _add(resume, nresume, e.kicked_fd)
+
+
+cdef inline void _add(int *fds, int *n, int fd) noexcept nogil:
+    """Add ``fd`` to the list ``fds`` of ``n[0]`` (at most 2 * MAX_EVENTS), once."""
+    cdef int i
+    for i in range(n[0]):
+        if fds[i] == fd:
+            return
+    if n[0] < 2 * MAX_EVENTS:  # (more rings than that stopping in one turn: the rest are served on a later turn)
+        fds[n[0]] = fd
+        n[0] += 1
 
 
 cdef inline long long _now_ms() noexcept nogil:

@@ -73,7 +73,7 @@ class Lanes:
         self.loop = accel.KickLoop(epfd)
         self.label = label
         self._jobs: dict[int, tuple[KickJob, int | None]] = {}  # kicked ring fd -> (its job, the other ring's fd)
-        self._kicked_of: dict[int, int] = {}  # either ring fd of a job -> the kicked ring's fd
+        self._rings_armed: set[int] = set()  # both ring fds of every job
         self._resume: list[int] = []  # see hold
         self._ran = False  # whether a job ran in the last run
 
@@ -92,16 +92,7 @@ class Lanes:
         runs = self.loop.runs
         fds, resume = self.loop.run(-1 if timeout < 0 else math.ceil(timeout * 1000))
         self._ran = self.loop.runs != runs
-        return fds, self._kicked(resume)
-
-    def _kicked(self, fds: list[int]) -> list[int]:
-        """The rings to serve for ``fds``: a job's kicked ring for either of its rings (what waits is there)."""
-        rings = []
-        for fd in fds:
-            ring = self._kicked_of.get(fd, fd)
-            if ring not in rings:
-                rings.append(ring)
-        return rings
+        return fds, resume
 
     @property
     def armed(self) -> list[int]:
@@ -118,9 +109,9 @@ class Lanes:
         Runs on the worker, or on a thread that holds the loop (:meth:`hold`).
         """
         self.loop.invalidate()
-        again = self._kicked(self.loop.take_again())
+        again: list[int] = self.loop.take_again()
         jobs, self._jobs = self._jobs, {}
-        self._kicked_of = {}
+        self._rings_armed = set()
         for fd, (offer, other) in jobs.items():
             for ring_fd in (fd, other):
                 if ring_fd is None:
@@ -150,7 +141,7 @@ class Lanes:
         by_queue: dict[int, int] | None = None
         for fd in fds:
             ring = rings.get(fd)
-            if ring is None or ring.job_of is None or fd in self._kicked_of:
+            if ring is None or ring.job_of is None or fd in self._rings_armed:
                 continue
             offer = ring.job_of()
             if offer is None:
@@ -162,13 +153,13 @@ class Lanes:
             if by_queue is None:
                 by_queue = {id(r.queue_of()): f for f, r in rings.items()}
             other = by_queue.get(id(offer.other_queue))
-            if other is not None and other in self._kicked_of:
+            if other is not None and other in self._rings_armed:
                 continue
             run, context = offer.job.entry()
             for ring_fd in (fd, other):
                 if ring_fd is not None:
-                    self.loop.arm_job(ring_fd, run, context, call_kicked, call_other)
-                    self._kicked_of[ring_fd] = fd
+                    self.loop.arm_job(ring_fd, run, context, call_kicked, call_other, fd)
+                    self._rings_armed.add(ring_fd)
             self._jobs[fd] = (offer, other)
 
     def again(self, fds: list[int]) -> list[int]:
