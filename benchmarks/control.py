@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vhost_user import _iovirt, _net_tx_frontend, _stop, _wait_socket  # noqa: E402
+from vhost_common import serve_iovirt, stop_process, wait_socket  # noqa: E402
+from vhost_user import _net_tx_frontend  # noqa: E402
 
 
 def _latencies(control: Path, seconds: float) -> list[float]:
@@ -67,9 +68,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="iovirt-bench-ctl-") as tmp_name:
         tmp = Path(tmp_name)
         sock, control = tmp / "net.sock", tmp / "control.sock"
-        backend = _iovirt(["--net", str(sock), "--control", str(control)], tmp / "iovirt.log")
-        _wait_socket(sock, backend)
-        _wait_socket(control, backend)
+        backend = serve_iovirt(["--net", str(sock), "--control", str(control)], tmp / "iovirt.log")
+        wait_socket(sock, backend)
+        wait_socket(control, backend)
         try:
             idle = _percentiles(_latencies(control, min(args.seconds, 2.0)))
             ctx = mp.get_context("spawn")
@@ -81,7 +82,7 @@ def main() -> None:
             rate = out.get(timeout=args.seconds + 60)
             load.join(10)
         finally:
-            _stop(backend, signal.SIGTERM)
+            stop_process(backend, signal.SIGTERM)
     busy = _percentiles(busy_samples)
     print(f"control 'stats' round trip, data plane idle: p50 {idle[0]:.2f} ms, p99 {idle[1]:.2f} ms")
     print(f"control 'stats' round trip under a 64 B sink at {rate:,.0f} frames/s: p50 {busy[0]:.2f} ms, "
