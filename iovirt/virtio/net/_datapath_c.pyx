@@ -736,8 +736,11 @@ cdef class ForwardJob:
     """:func:`forward` on every kick of transmit queue ``tx``, run by a worker's C event loop (a kick job).
 
     The arguments are :func:`forward`'s.  Each run is one :func:`forward`
-    call (``max_batches`` batches at most); what it moved adds up until
-    :meth:`take`.  Where :func:`forward` stops for the caller's own path
+    call (``max_batches`` batches at most) that takes no more transmit chains
+    than the receive ring has chains; what it moved adds up until
+    :meth:`take`.  With no receive chain and transmit chains waiting it
+    answers ``JOB_WAIT`` (``FORWARD_WAIT``: the receiver is asked to kick).
+    Where :func:`forward` stops for the caller's own path
     (``FORWARD_SWITCH``, ``FORWARD_HOLD``, ``FORWARD_SLOW``, or an exception
     in a slow path) the job answers ``JOB_PYTHON`` and does nothing more
     until :meth:`take` gave that stop to the device.  ``iovirt/virtio/kickjob.py``
