@@ -336,3 +336,87 @@ def test_a_tso_batch_cut_into_more_frames_than_chains(monkeypatch):
         scenario, monkeypatch, features=(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4, 0))
     assert took(answers) >= 1
     assert len(seen.received) == 1 + 300
+
+
+# -- random rounds: forward against the Python loop ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FEATURE_SETS = [
+    (0, 0),
+    (0, 1 << VIRTIO_NET_F_MRG_RXBUF),
+    (1 << VIRTIO_NET_F_CSUM, 1 << VIRTIO_NET_F_GUEST_CSUM),
+    (1 << VIRTIO_NET_F_CSUM, 0),
+    (0, 1 << VIRTIO_NET_F_MTU),
+    (1 << VIRTIO_F_EVENT_IDX, 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF),
+]
+
+rounds = st.lists(
+    st.tuples(
+        st.sampled_from(["send"] * 5 + ["post"] * 3 + ["broadcast", "bad-tx", "bad-rx-buffer", "bad-rx-idx"]),
+        st.integers(1, 300),  # frames, or buffers
+        st.sampled_from([30, 64, 200, 1500, 2048]),  # frame or buffer bytes
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def sized_udp_frame(dst: bytes, src: bytes, n: int, payload: int) -> bytes:
+    """:func:`udp_frame` of any size (its IPv4 total length in two bytes)."""
+    udp_len = 8 + payload
+    ip = bytes([0x45, 0]) + (20 + udp_len).to_bytes(2, "big") + bytes(4) + bytes([64, 17, 0, 0]) + \
+        bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    udp = (1000 + n % 1000).to_bytes(2, "big") + b"\x00\x35" + udp_len.to_bytes(2, "big") + b"\x00\x00"
+    return dst + src + b"\x08\x00" + ip + udp + n.to_bytes(4, "big") + bytes(payload - 4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(features=st.sampled_from(FEATURE_SETS), in_order=st.booleans(), script=rounds)
+def test_random_rounds_give_what_the_python_loop_gives(monkeypatch, features, in_order, script):
+    """Random sends (frame lengths, flows), receive buffers (counts, sizes) and broken chains on either ring:
+    forward and the Python loop leave the guests, the counters and the device states the same."""
+    mtu = 200 if features[1] >> VIRTIO_NET_F_MTU & 1 else 1500
+    hdr = csum_hdr() if features[0] >> VIRTIO_NET_F_CSUM & 1 else bytes(NET_HDR_SIZE)
+    counter = [1000]
+
+    def frames(count: int, size: int, dst: bytes = B) -> list[bytes]:
+        out = []
+        for _ in range(count):
+            counter[0] += 1
+            out.append(sized_udp_frame(dst, A, counter[0], max(8, min(size, 1450) - 42)))
+        return out
+
+    def scenario(a: Guest, b: Guest) -> None:
+        b.post_rx(128, 2048)
+        for what, count, size in script:
+            count = min(count, a.tx.num_free - 3)  # the guests take nothing back in between: descriptors run out
+            if count < 1:
+                break
+            if what == "send":
+                a.send(frames(count, size), hdr)
+            elif what == "broadcast":
+                a.send(frames(count // 4, size) + frames(1, size, BROADCAST) + frames(count // 4, size), hdr)
+            elif what == "post":
+                b.post_rx(min(count, b.rx.num_free), size)
+            elif what == "bad-tx":
+                a.queue_tx(frames(count % 20, size), hdr)
+                a.tx.add_chain(readable=[(MEM + 4096, 64)])  # outside guest memory: the sender fails
+                a.tx.publish()
+                a.dev.kick(1)
+            elif what == "bad-rx-buffer":
+                if not b.rx.num_free:
+                    continue
+                b.rx.add_chain(writable=[(MEM + 8192, 2048)])  # outside guest memory: the receiver fails
+                b.rx.publish()
+                a.send(frames(count % 20 + 1, size), hdr)
+            else:  # bad-rx-idx: more chains announced than the ring holds
+                b.rx.set_avail_idx(b.rx.avail_idx + 600)
+                a.send(frames(count % 20 + 1, size), hdr)
+
+    counter[0] = 1000
+    fast, _ = run(scenario, True, monkeypatch, features=features, mtu=mtu, in_order=in_order)
+    counter[0] = 1000
+    slow, _ = run(scenario, False, monkeypatch, features=features, mtu=mtu, in_order=in_order)
+    assert fast == slow

@@ -650,10 +650,10 @@ cdef int _receive_one(Virtqueue q, ChainBatch b, Py_ssize_t j, Frames f, Py_ssiz
 
 cdef enum:
     # What forward stopped at: defs.FORWARD_*, checked at import below.
-    FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW, FWD_WAIT
+    FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW, FWD_WAIT, FWD_REFUSED
 if (defs.FORWARD_EMPTY, defs.FORWARD_BUDGET, defs.FORWARD_NOTIFY, defs.FORWARD_SWITCH, defs.FORWARD_HOLD,
-        defs.FORWARD_SLOW, defs.FORWARD_WAIT) != (FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW,
-                                                   FWD_WAIT):
+        defs.FORWARD_SLOW, defs.FORWARD_WAIT, defs.FORWARD_REFUSED) != (
+            FWD_EMPTY, FWD_BUDGET, FWD_NOTIFY, FWD_SWITCH, FWD_HOLD, FWD_SLOW, FWD_WAIT, FWD_REFUSED):
     raise ImportError("defs.FORWARD_* differ from _datapath_c's")
 
 
@@ -943,7 +943,10 @@ cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, C
             rx.push_fast(rxb, False)
             o.rx_notify = rx.notify_fast()
         if o.stop < n:
-            o.stopped = FWD_HOLD
+            # A chain pop_fast refused at the head of the receive ring: the receiver's batch path pops it and
+            # raises as for a batch from the switch; chains that ran out, or a frame it cannot write: what
+            # that path does with the frames its ring did not take.
+            o.stopped = FWD_REFUSED if got < 0 else FWD_HOLD
             break
         if o.tx_notify or o.rx_notify:
             o.stopped = FWD_NOTIFY

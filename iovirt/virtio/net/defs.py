@@ -132,8 +132,10 @@ TX_SHORT, TX_LONG, TX_GSO, TX_CSUM = 0, 1, 2, 3
 # budget is spent, a notification is due, the last batch is for the switch (another flow, or chains rejected),
 # frames of the last batch were left for the receiver's own path (from ``stop`` on), a ring needs the
 # queue's own calls (nothing of it taken), the receive ring has no buffer while chains wait to be sent (a kick
-# job only: it takes no more transmit chains than there are receive buffers).
-FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW, FORWARD_WAIT = range(7)
+# job only: it takes no more transmit chains than there are receive buffers), the receive ring's next chain is
+# for the queue's own calls (a bad one: the rest of the batch goes through the receiver's batch path, from ``stop``).
+(FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW, FORWARD_WAIT,
+ FORWARD_REFUSED) = range(8)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_ch
 from iovirt.virtio.net.defs import (
     FORWARD_EMPTY,
     FORWARD_HOLD,
+    FORWARD_REFUSED,
     FORWARD_SLOW,
     FORWARD_SWITCH,
     ETH_HLEN,
@@ -477,7 +478,7 @@ class VirtioNet(VirtioDevice):
         notify = self.notifiers[index]
         if tx_notify and notify is not None:
             notify()
-        if self._finish(index, egress, stopped, stop):
+        if self._finish(index, egress, rx_index, stopped, stop):
             return batches, None, False
         return batches, None if stopped == FORWARD_SLOW else route, stopped == FORWARD_EMPTY
 
@@ -497,18 +498,22 @@ class VirtioNet(VirtioDevice):
         delivered, dropped, over_mtu, nbytes = received
         egress.received(rx_index, delivered, dropped, over_mtu, nbytes, notify)
 
-    def _finish(self, index: int, egress: Any, stopped: int, stop: int) -> bool:
+    def _finish(self, index: int, egress: Any, rx_index: int, stopped: int, stop: int) -> bool:
         """Do what ``datapath.forward`` stopped at and left to this loop; whether it stopped at a batch.
 
         A batch of another flow or with rejected chains is switched; the
-        frames from ``stop`` on, which ``egress``'s ring did not take, go
-        through its own path (held in its backlog, and later frames behind them).
+        frames from ``stop`` on, which ``egress``'s receive queue ``rx_index``
+        did not take, go through its own path (:meth:`deliver_rest`: held in
+        its backlog, and later frames behind them).
         """
+        frames = self._tx_frames
         if stopped == FORWARD_SWITCH:
-            self._switch(index, self._tx_frames)
+            self._switch(index, frames)
             return True
         if stopped == FORWARD_HOLD:
-            frames = self._tx_frames
+            egress.deliver_rest(frames, list(range(stop, len(frames))), rx_index)
+            return True
+        if stopped == FORWARD_REFUSED:  # the receive ring's next chain is for its own path, which raises or defers
             egress.deliver_batch(frames, list(range(stop, len(frames))))
             return True
         return False
@@ -548,7 +553,7 @@ class VirtioNet(VirtioDevice):
                 raise error
             self.fail(error)  # as kick would: the transmit ring's driver broke it
         elif pending is not None:
-            self._finish(index, egress, pending, stop)
+            self._finish(index, egress, rx_index, pending, stop)
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; the transport or a timer serves them next.
@@ -692,16 +697,9 @@ class VirtioNet(VirtioDevice):
                 # the data-plane thread): 4 ports flooded by a sender went from 750 k to 19 k frames/s.
                 self._count_drops(None, "rx", "no_buffers", len(indexes))
                 return 0
-        if self.has_feature(VIRTIO_NET_F_MTU):
-            # 5.1.4.1: frames longer than mtu (plus the Ethernet header) are not passed to the driver.
-            longer = [i for i in frames.longer(self.mtu + ETH_HLEN, indexes) if self._over_mtu(frames.frame(i))]
-            if longer:
-                over = set(longer)
-                fitting = [i for i in indexes if i not in over]
-                self._count_drops(None, "rx", "over_mtu", len(indexes) - len(fitting))
-                indexes = fitting
-                if not indexes:
-                    return 0
+        indexes = self._within_mtu(frames, indexes)
+        if not indexes:
+            return 0
         if self.backlog and not self.needs_reset and self.link_up:
             return self._hold(frames, indexes)  # still frames held (no buffers): these go behind them
         if self.ctrl is not None and self.ctrl.rss is not None:
@@ -713,6 +711,33 @@ class VirtioNet(VirtioDevice):
             return sum(int(self.deliver(frames.frame(i), frames.csum(i))) for i in indexes)
         delivered, stop = self._scatter(index, queue, frames, indexes)
         return delivered + self._hold(frames, indexes[stop:], index, queue)
+
+    def _within_mtu(self, frames: Any, indexes: list[int]) -> list[int]:
+        """``indexes`` without the frames longer than the MTU allows (5.1.4.1: not passed to the driver), counted."""
+        if not self.has_feature(VIRTIO_NET_F_MTU):
+            return indexes
+        longer = [i for i in frames.longer(self.mtu + ETH_HLEN, indexes) if self._over_mtu(frames.frame(i))]
+        if not longer:
+            return indexes
+        over = set(longer)
+        fitting = [i for i in indexes if i not in over]
+        self._count_drops(None, "rx", "over_mtu", len(indexes) - len(fitting))
+        return fitting
+
+    def deliver_rest(self, frames: Any, indexes: list[int], index: int) -> int:
+        """Frames ``indexes`` of a batch another port's transmit loop wrote into receive queue ``index`` up to them.
+
+        ``datapath.forward`` stopped there (the ring ran out of chains, a
+        frame spans mergeable buffers, a chain it left to the queue's own
+        calls): the rest goes as this port's batch path sends what its ring
+        did not take (:meth:`_hold`).  A broken receive ring fails this device.
+        """
+        try:
+            indexes = self._within_mtu(frames, indexes)
+            return self._hold(frames, indexes, index, self.queues[index]) if indexes else 0
+        except IovirtError as exc:
+            self.fail(exc)
+            return 0
 
     def _hold(self, frames: Any, indexes: list[int], index: int | None = None, queue: SplitQueue | None = None) -> int:
         """Frames the batch path left (out of chains, or one spanning mergeable buffers); returns those taken.
