@@ -92,6 +92,9 @@ cdef class SplitQueue(Virtqueue):
     cdef unsigned long long _gen
     cdef const unsigned long long[::1] _gen_cell
     cdef object _pending_error
+    # A chain pop_fast left untaken after good ones (it cannot raise): the next pop raises it, as pop_into defers.
+    cdef int _refused_rc
+    cdef uint16_t _refused_head
     cdef WalkError _err
     cdef object _err_cause  # the GuestMemoryError behind a walk error, if any
     # Dirty logging (set_dirty_log): the DirtyLog, its bitmap held while in use.

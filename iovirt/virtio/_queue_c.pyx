@@ -238,6 +238,7 @@ cdef class SplitQueue(Virtqueue):
         self._notify_enabled = True
         self._in_flight = 0
         self._pending_error = None
+        self._refused_rc = 0
         self._released = False
         self._resolve()
 
@@ -375,6 +376,9 @@ cdef class SplitQueue(Virtqueue):
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
             raise error
+        if self._refused_rc:
+            rc, self._refused_rc = self._refused_rc, 0
+            raise self._walk_error(self._refused_head, rc)
         return self._sync()
 
     def pop_batch(self, Py_ssize_t max_chains, ChainBatch batch=None):
@@ -467,7 +471,7 @@ cdef class SplitQueue(Virtqueue):
         data plane's lock: vhost-user requests take it too).
         """
         self._sync()
-        return not (self._translated or self._log is not None or self._pending_error is not None)
+        return not (self._translated or self._log is not None or self._pending_error is not None or self._refused_rc)
 
     cdef Py_ssize_t pop_fast(self, ChainBatch b, Py_ssize_t max_chains) noexcept nogil:
         """:meth:`pop_into` for chains that walk cleanly: into ``b`` (emptied; room for ``max_chains`` chains).
@@ -486,7 +490,7 @@ cdef class SplitQueue(Virtqueue):
         b.n = 0
         b.nbufs = 0
         b.first[0] = 0
-        if count < 0:
+        if count < 0 or self._refused_rc:
             return -1
         if count > max_chains:
             count = max_chains
@@ -496,6 +500,11 @@ cdef class SplitQueue(Virtqueue):
             count = self.size - <Py_ssize_t> self._in_flight  # pop_into raises for it: leave it that way
         n = self._take(b, count, &rc, &failed)
         self._publish_avail_event()
+        if n > 0 and rc != 0 and rc != E_PENDING:
+            # As pop_into: the good chains are taken, and the next pop raises for the one that failed (the
+            # chain stays untaken here: the device fails before anything else is popped).
+            self._refused_rc = rc
+            self._refused_head = failed
         return -1 if n == 0 and count > 0 else n
 
     cdef void rewind_fast(self, Py_ssize_t count) noexcept nogil:
