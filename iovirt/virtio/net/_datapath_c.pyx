@@ -712,10 +712,8 @@ def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint
     a.hdr_len, a.gso_mask, a.src, a.dst, a.rx_hdr_len, a.max_len = hdr_len, gso_mask, src, dst, rx_hdr_len, max_len
     a.guest_csum, a.mergeable, a.max_chains, a.max_batches = guest_csum, mergeable, max_chains, max_batches
     a.fit = False
-    if not tx.fast_ready() or not rx.fast_ready():
+    if not _ready(tx, txb, rx, rxb, max_chains):
         return FWD_SLOW, 0, 0, 0, 0, 0, 0, 0, 0, False, False
-    txb._reserve_chains(max_chains)
-    rxb._reserve_chains(max_chains)
     with nogil:
         _forward(tx, txb, frames, rx, rxb, &a, &o)
     if o.batches:
@@ -771,11 +769,7 @@ cdef class ForwardJob:
 
     def ready(self):
         """Whether both rings are ones :func:`forward` serves, now (asked with the data plane's lock held)."""
-        if not (self.tx.fast_ready() and self.rx.fast_ready()):
-            return False
-        self.txb._reserve_chains(self.args.max_chains)
-        self.rxb._reserve_chains(self.args.max_chains)
-        return True
+        return bool(_ready(self.tx, self.txb, self.rx, self.rxb, self.args.max_chains))
 
     def entry(self):
         """``(function, context)``: the addresses of ``int run(void *context, unsigned *notify)`` and its context.
@@ -804,6 +798,15 @@ cdef class ForwardJob:
         self.shortcut = self.tx_frames = self.delivered = self.dropped = self.over_mtu = 0
         self.tx_bytes = self.rx_bytes = 0
         return answer
+
+
+cdef int _ready(SplitQueue tx, ChainBatch txb, SplitQueue rx, ChainBatch rxb, Py_ssize_t max_chains) except -1:
+    """Whether both rings are ones :func:`_forward` serves now; then both batches get room for ``max_chains``."""
+    if not (tx.fast_ready() and rx.fast_ready()):
+        return 0
+    txb._reserve_chains(max_chains)
+    rxb._reserve_chains(max_chains)
+    return 1
 
 
 cdef int _run_job(void *context, unsigned *notify) noexcept nogil:
