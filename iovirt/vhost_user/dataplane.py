@@ -210,6 +210,22 @@ class DataPlane:
         self.add_eventfd(fd, handler)
         self._rings[fd] = Ring(serve or handler, queue_of, kicked, job_of)
 
+    def watch(self, fd: int, handler: Handler, queue: object, job_of: Callable[[], KickJob | None] | None) -> None:
+        """Serve eventfd ``fd``, a bell another worker rings (``iovirt/virtio/net/crossing.py``), on this worker.
+
+        ``handler`` runs when it rings, unless ``job_of()`` offered a kick
+        job that the C loop runs for it; a kick job whose other queue is
+        ``queue`` runs when it rings too.  From another thread that does not
+        hold this worker's lock, the watch is handed to this worker (as a
+        timer due now: unlike :meth:`post`, that never runs out of room).
+        """
+        if not self.is_current() and not self.lock.is_owned():
+            self.call_later(0.0, lambda: self.watch(fd, handler, queue, job_of))
+            return
+        self.add_eventfd(fd, handler)
+        if self._lanes is not None:  # (busy polling, which has no lanes, polls queues: this is no queue)
+            self._rings[fd] = Ring(handler, lambda: queue, None, job_of)
+
     def add_fd(self, fd: int, handler: Handler) -> None:
         """Run ``handler`` whenever ``fd`` is readable (the handler reads it)."""
         self._add(fd, handler, False)

@@ -730,7 +730,29 @@ cdef int JOB_WAIT = kickjob.JOB_WAIT
 cdef unsigned NOTIFY_KICKED = kickjob.NOTIFY_KICKED, NOTIFY_OTHER = kickjob.NOTIFY_OTHER
 
 
-cdef class ForwardJob:
+cdef class _FlowJob:
+    """What every kick job of a flow keeps: where it stopped for Python, and an exception a slow path raised."""
+
+    cdef int pending  # -1, or the FORWARD_* stop the device's own path must finish
+    cdef Py_ssize_t stop
+    cdef Py_ssize_t errors[4]
+    cdef object error
+
+    def __cinit__(self):
+        self.pending = -1
+
+    def entry(self):
+        """``(function, context)``: the addresses of ``int run(void *context, unsigned *notify)`` and its context.
+
+        Valid while this object lives: the caller keeps a reference.
+        """
+        return <uintptr_t> self._runner(), <uintptr_t> <void *> self
+
+    cdef void *_runner(self):
+        return NULL
+
+
+cdef class ForwardJob(_FlowJob):
     """:func:`forward` on every kick of transmit queue ``tx``, run by a worker's C event loop (a kick job).
 
     The arguments are :func:`forward`'s.  Each run is one :func:`forward`
@@ -749,10 +771,6 @@ cdef class ForwardJob:
     cdef ChainBatch txb, rxb
     cdef Frames frames
     cdef FwdArgs args
-    cdef int pending  # -1, or the FORWARD_* stop the device's own path must finish
-    cdef Py_ssize_t stop
-    cdef Py_ssize_t errors[4]
-    cdef object error
     cdef Py_ssize_t shortcut, tx_frames, delivered, dropped, over_mtu
     cdef uint64_t tx_bytes, rx_bytes
 
@@ -765,18 +783,13 @@ cdef class ForwardJob:
         a.guest_csum, a.mergeable, a.max_len, a.max_chains, a.max_batches = \
             guest_csum, mergeable, max_len, max_chains, max_batches
         a.fit = True  # a receiver short of buffers holds the sender's chains back a while (JOB_WAIT), not frames
-        self.pending = -1
 
     def ready(self):
         """Whether both rings are ones :func:`forward` serves, now (asked with the data plane's lock held)."""
         return bool(_ready(self.tx, self.txb, self.rx, self.rxb, self.args.max_chains))
 
-    def entry(self):
-        """``(function, context)``: the addresses of ``int run(void *context, unsigned *notify)`` and its context.
-
-        Valid while this object lives: the caller keeps a reference.
-        """
-        return <uintptr_t> &_run_job, <uintptr_t> <void *> self
+    cdef void *_runner(self):
+        return <void *> &_run_job
 
     def take(self):
         """What the runs since the last call did, and where the last one stopped; the counts start again.
@@ -847,8 +860,8 @@ cdef int _job_step(ForwardJob job, unsigned *notify) noexcept nogil:
     return JOB_PYTHON
 
 
-cdef void _keep_error(ForwardJob job) noexcept with gil:
-    """Keep the exception a slow path of :func:`_forward` raised, for :meth:`ForwardJob.take`."""
+cdef void _keep_error(_FlowJob job) noexcept with gil:
+    """Keep the exception a slow path of a flow job raised, for its ``take``."""
     cdef PyObject *kind = NULL
     cdef PyObject *value = NULL
     cdef PyObject *tb = NULL
@@ -860,10 +873,395 @@ cdef void _keep_error(ForwardJob job) noexcept with gil:
     Py_XDECREF(tb)
 
 
+# -- crossing to a port another worker serves ------------------------------------------------------------------
+cdef extern from *:
+    """
+    static inline size_t iovirt_chan_load(const size_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void iovirt_chan_store(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline int iovirt_chan_swap(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    size_t _load "iovirt_chan_load" (const size_t *p) nogil
+    void _store "iovirt_chan_store" (size_t *p, size_t v) nogil
+    int _swap "iovirt_chan_swap" (int *p, int v) nogil
+
+cdef int CHANNEL_FULL = defs.CHANNEL_FULL, CHANNEL_PUSHED = defs.CHANNEL_PUSHED
+cdef int CHANNEL_WAS_EMPTY = defs.CHANNEL_WAS_EMPTY
+
+
+cdef class FrameChannel:
+    """Batches of frames from one worker's thread to a port another worker serves: a single-producer ring.
+
+    ``capacity`` slots (a power of two), each a :class:`Frames` kept for
+    reuse.  The sender fills the slot at ``head`` and publishes it by
+    storing ``head``; the receiver takes the batch at ``tail``, maybe over
+    several runs (``start``: its frames already taken), and frees the slot
+    by storing ``tail``.  No lock: each index is written by one side, with
+    sequentially consistent atomics, so the sender's look at ``tail`` right
+    after publishing tells whether the receiver may have seen the ring empty
+    and gone to sleep (then it is woken), as in ``iovirt/vhost_user/_handoff_c.pyx``.
+    A sender that finds the ring full may ask to be told when a slot is
+    free (``want_space``), by the same ordering: either the receiver's
+    exchange after freeing sees the request, or the sender's look after
+    asking sees the slot.
+    """
+
+    cdef PyObject **slots
+    cdef list _frames  # the slots' references
+    cdef readonly size_t capacity
+    cdef size_t mask
+    cdef size_t _pad0[8]
+    cdef size_t head  # the sender's
+    cdef size_t _pad1[8]
+    cdef size_t tail  # the receiver's, with start
+    cdef Py_ssize_t start
+    cdef size_t _pad2[8]
+    cdef int want_space
+
+    def __cinit__(self, size_t capacity):
+        cdef size_t i
+        if capacity < 2 or capacity & (capacity - 1):
+            raise ValueError(f"frame channel capacity must be a power of two of at least 2, got {capacity}")
+        self._frames = [Frames() for _ in range(capacity)]
+        self.slots = <PyObject **> malloc(capacity * sizeof(PyObject *))
+        if self.slots == NULL:
+            raise MemoryError()
+        for i in range(capacity):
+            self.slots[i] = <PyObject *> self._frames[i]
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.head = self.tail = 0
+        self.start = 0
+        self.want_space = 0
+
+    def __dealloc__(self):
+        free(self.slots)
+
+    cdef inline bint _full(self) noexcept nogil:
+        return self.head - _load(&self.tail) >= self.capacity
+
+    cdef inline PyObject *_back(self) noexcept nogil:
+        return self.slots[self.head & self.mask]
+
+    cdef inline bint _publish(self) noexcept nogil:
+        """The batch at ``head`` goes to the receiver; whether the ring was empty (wake it)."""
+        cdef size_t head = self.head
+        _store(&self.head, head + 1)
+        return _load(&self.tail) == head
+
+    cdef inline PyObject *_front(self) noexcept nogil:
+        cdef size_t tail = self.tail
+        if tail == _load(&self.head):
+            return NULL
+        return self.slots[tail & self.mask]
+
+    cdef inline bint _pop(self) noexcept nogil:
+        """Free the slot at ``tail``; whether the sender asked to be told."""
+        self.start = 0
+        _store(&self.tail, self.tail + 1)
+        return _swap(&self.want_space, 0) != 0
+
+    cdef inline bint _ask_space(self) noexcept nogil:
+        """The sender found the ring full: ask to be told when a slot is free; whether it is full still."""
+        _swap(&self.want_space, 1)
+        return self._full()
+
+    def push(self, Frames frames, indexes):
+        """Copies of frames ``indexes`` of ``frames`` as one batch (the sender's side).
+
+        ``defs.CHANNEL_FULL`` (nothing taken), ``CHANNEL_PUSHED`` or
+        ``CHANNEL_WAS_EMPTY`` (taken into an empty ring: wake the receiver).
+        """
+        cdef Frames slot
+        if self._full():
+            return CHANNEL_FULL
+        slot = <Frames> self._back()
+        slot.clear()
+        slot.extend(frames, indexes)
+        return CHANNEL_WAS_EMPTY if self._publish() else CHANNEL_PUSHED
+
+    def front(self):
+        """``(frames, start)``: the oldest batch and its first frame not taken yet (the receiver's side), or None."""
+        cdef PyObject *p = self._front()
+        if p == NULL:
+            return None
+        return <Frames> p, self.start
+
+    def pop(self):
+        """Free the oldest batch's slot (the receiver's side); True: the sender asked to be told (ring its bell)."""
+        if self._front() == NULL:
+            raise IndexError("pop from an empty frame channel")
+        return self._pop()
+
+    def __len__(self):
+        return _load(&self.head) - _load(&self.tail)
+
+
+cdef class SendJob(_FlowJob):
+    """The transmit loop of one flow whose port another worker serves: batches into a :class:`FrameChannel`.
+
+    A kick job (``iovirt/virtio/kickjob.py``) of transmit queue ``tx``:
+    each run pops, gathers and gives back batches of up to ``max_chains``
+    chains (as :func:`forward`), and while every frame is from ``src`` to
+    ``dst`` publishes the batch into ``channel``, up to ``max_batches``
+    batches; the receiving worker's :class:`ReceiveJob` writes them into the
+    port's ring.  A full channel with transmit chains waiting answers
+    ``JOB_WAIT`` (the receiver tells when it frees a slot); a batch for the
+    switch (``FORWARD_SWITCH``) or a ring for the queue's own calls
+    (``FORWARD_SLOW``) answers ``JOB_PYTHON``.  ``NOTIFY_OTHER``: the channel
+    was empty (wake the receiver).
+    """
+
+    cdef SplitQueue tx
+    cdef ChainBatch txb
+    cdef Frames frames  # the device's own: a batch for the switch is handed over in it
+    cdef FrameChannel channel
+    cdef FwdArgs args
+    cdef Py_ssize_t batches, tx_frames
+    cdef uint64_t tx_bytes
+
+    def __init__(self, SplitQueue tx, ChainBatch txb, Frames frames, FrameChannel channel, uint32_t hdr_len,
+                 uint32_t gso_mask, uint64_t src, uint64_t dst, Py_ssize_t max_chains, Py_ssize_t max_batches):
+        self.tx, self.txb, self.frames, self.channel = tx, txb, frames, channel
+        memset(&self.args, 0, sizeof(FwdArgs))
+        a = &self.args
+        a.hdr_len, a.gso_mask, a.src, a.dst, a.max_chains, a.max_batches = \
+            hdr_len, gso_mask, src, dst, max_chains, max_batches
+
+    def ready(self):
+        """Whether the transmit ring is one this serves, now (asked with the data plane's lock held)."""
+        if not self.tx.fast_ready():
+            return False
+        self.txb._reserve_chains(self.args.max_chains)
+        return True
+
+    cdef void *_runner(self):
+        return <void *> &_run_send
+
+    def take(self):
+        """``(pending, batches, tx_frames, tx_bytes, error)`` since the last call; the counts start again.
+
+        ``pending``: None, or the ``FORWARD_*`` stop the device finishes
+        (with ``FORWARD_SWITCH`` the batch is in the device's frames, with
+        its rejected chains in ``errors``); ``batches`` went into the channel.
+        """
+        cdef Frames slot
+        pending = None if self.pending < 0 else self.pending
+        if pending == FWD_SWITCH:
+            slot = <Frames> self.channel._back()  # gathered there, not published
+            self.frames.clear()
+            self.frames.extend(slot, range(slot.n))
+            self.frames.errors = [self.errors[0], self.errors[1], self.errors[2], self.errors[3]]
+        answer = (pending, self.batches, self.tx_frames, self.tx_bytes, self.error)
+        self.pending = -1
+        self.error = None
+        self.batches = self.tx_frames = 0
+        self.tx_bytes = 0
+        return answer
+
+
+ctypedef int (*_send_raw)(SendJob, FwdOut *) noexcept nogil
+
+
+cdef int _run_send(void *context, unsigned *notify) noexcept nogil:
+    return _send_step(<SendJob> context, notify)
+
+
+cdef int _send_step(SendJob job, unsigned *notify) noexcept nogil:
+    """One run of ``job``."""
+    cdef FwdOut o
+    cdef _send_raw run = <_send_raw> _send  # its exception is fetched below, not printed
+    notify[0] = 0
+    if job.pending >= 0:
+        return JOB_PYTHON
+    if run(job, &o) == -1:
+        _keep_error(job)
+        job.pending = FWD_SLOW
+        return JOB_PYTHON
+    job.batches += o.batches - (o.stopped == FWD_SWITCH)
+    job.tx_frames += o.tx_frames
+    job.tx_bytes += o.tx_bytes
+    if o.tx_notify:
+        notify[0] |= NOTIFY_KICKED
+    if o.rx_notify:
+        notify[0] |= NOTIFY_OTHER
+    return _job_answer(job, &o)
+
+
+cdef int _job_answer(_FlowJob job, FwdOut *o) noexcept nogil:
+    """What a flow job's run answers the loop for where it stopped; a stop for Python is kept in ``job``."""
+    if o.stopped == FWD_EMPTY:
+        return JOB_DONE
+    if o.stopped == FWD_BUDGET or o.stopped == FWD_NOTIFY:
+        return JOB_AGAIN
+    if o.stopped == FWD_WAIT:
+        return JOB_WAIT
+    job.pending = o.stopped
+    job.stop = o.stop
+    memcpy(job.errors, o.errors, sizeof(o.errors))
+    return JOB_PYTHON
+
+
+cdef int _send(SendJob job, FwdOut *o) except -1 nogil:
+    """:class:`SendJob`'s loop: transmit batches of the flow into the job.channel."""
+    cdef const FwdArgs *a = &job.args
+    memset(o, 0, sizeof(FwdOut))
+    o.stopped = FWD_EMPTY
+    while True:
+        if o.batches == a.max_batches:
+            o.stopped = FWD_BUDGET
+            break
+        if job.channel._full():
+            if job.tx.available_fast() == 0:
+                break  # FWD_EMPTY: nothing to send either
+            if job.channel._ask_space():
+                o.stopped = FWD_WAIT
+                break
+        if not _transmit_batch(job.tx, job.txb, <Frames> job.channel._back(), a.max_chains, a, o):
+            break
+        if job.channel._publish():
+            o.rx_notify = True  # the receiver may sleep: its doorbell is rung before anything else
+        if o.tx_notify or o.rx_notify:
+            o.stopped = FWD_NOTIFY
+            break
+    return 0
+
+
+cdef class ReceiveJob(_FlowJob):
+    """A port's receive queue ``rx`` taking the batches another worker published into ``channel``.
+
+    A kick job run by the receiving worker when the channel's doorbell
+    rings, and when ``rx``'s driver posts buffers: each run writes the
+    frames of the oldest batches into ``rx`` (as :func:`forward` writes a
+    batch, the other arguments are its ``rx_*`` ones), up to ``max_batches``
+    whole batches.  No receive chain while frames wait answers ``JOB_WAIT``;
+    frames it cannot write (``FORWARD_HOLD``: a frame spanning mergeable
+    buffers or a buffer without a host pointer; ``FORWARD_REFUSED`` or
+    ``FORWARD_SLOW``: a receive ring for the queue's own calls) answer
+    ``JOB_PYTHON``: the oldest batch from its ``start`` on is the port's own
+    path's.  ``NOTIFY_KICKED``: the sender asked to be told of a free slot;
+    ``NOTIFY_OTHER``: ``rx``'s driver wants its notification.
+    """
+
+    cdef FrameChannel channel
+    cdef SplitQueue rx
+    cdef ChainBatch rxb
+    cdef FwdArgs args
+    cdef Py_ssize_t batches, delivered, dropped, over_mtu
+    cdef uint64_t rx_bytes
+
+    def __init__(self, FrameChannel channel, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
+                 bint mergeable, uint32_t max_len, Py_ssize_t max_chains, Py_ssize_t max_batches):
+        self.channel, self.rx, self.rxb = channel, rx, rxb
+        memset(&self.args, 0, sizeof(FwdArgs))
+        a = &self.args
+        a.rx_hdr_len, a.guest_csum, a.mergeable, a.max_len, a.max_chains, a.max_batches = \
+            rx_hdr_len, guest_csum, mergeable, max_len, max_chains, max_batches
+
+    def ready(self):
+        """Whether the receive ring is one this serves, now (asked with the data plane's lock held)."""
+        if not self.rx.fast_ready():
+            return False
+        self.rxb._reserve_chains(self.args.max_chains)
+        return True
+
+    cdef void *_runner(self):
+        return <void *> &_run_receive
+
+    def take(self):
+        """``(pending, batches, delivered, rx_bytes, dropped, over_mtu, error)`` since the last call; counts start again.
+
+        ``pending``: None, or the ``FORWARD_*`` stop for the port's own path
+        (the channel's ``front()`` is what is left); ``batches``: the
+        batches taken whole; the rest as :func:`forward` counts them.
+        """
+        pending = None if self.pending < 0 else self.pending
+        answer = (pending, self.batches, self.delivered, self.rx_bytes, self.dropped, self.over_mtu, self.error)
+        self.pending = -1
+        self.error = None
+        self.batches = self.delivered = self.dropped = self.over_mtu = 0
+        self.rx_bytes = 0
+        return answer
+
+
+ctypedef int (*_receive_raw)(ReceiveJob, FwdOut *) noexcept nogil
+
+
+cdef int _run_receive(void *context, unsigned *notify) noexcept nogil:
+    return _receive_step(<ReceiveJob> context, notify)
+
+
+cdef int _receive_step(ReceiveJob job, unsigned *notify) noexcept nogil:
+    """One run of ``job``."""
+    cdef FwdOut o
+    cdef _receive_raw run = <_receive_raw> _receive  # its exception is fetched below, not printed
+    notify[0] = 0
+    if job.pending >= 0:
+        return JOB_PYTHON
+    if run(job, &o) == -1:
+        _keep_error(job)
+        job.pending = FWD_SLOW
+        return JOB_PYTHON
+    job.batches += o.batches
+    job.delivered += o.delivered
+    job.rx_bytes += o.rx_bytes
+    job.dropped += o.dropped
+    job.over_mtu += o.over_mtu
+    if o.tx_notify:
+        notify[0] |= NOTIFY_KICKED
+    if o.rx_notify:
+        notify[0] |= NOTIFY_OTHER
+    return _job_answer(job, &o)
+
+
+cdef int _receive(ReceiveJob job, FwdOut *o) except -1 nogil:
+    """:class:`ReceiveJob`'s loop: the channel's batches into the receive ring."""
+    cdef const FwdArgs *a = &job.args
+    cdef PyObject *batch
+    cdef Py_ssize_t room
+    cdef int written
+    memset(o, 0, sizeof(FwdOut))
+    o.stopped = FWD_EMPTY
+    while True:
+        if o.batches == a.max_batches:
+            o.stopped = FWD_BUDGET
+            break
+        batch = job.channel._front()
+        if batch == NULL:
+            break
+        room = job.rx.available_fast()
+        if room == 0:
+            room = job.rx.wait_fast()  # none: the driver is asked to kick when it posts buffers
+        if room < 0:
+            o.stopped = FWD_SLOW  # the receive ring's avail idx is bad: the port's own path fails it
+            break
+        if room == 0:
+            o.stopped = FWD_WAIT
+            break
+        written = _receive_batch(<Frames> batch, job.channel.start, job.rx, job.rxb, a, o)
+        if written == RX_ALL:
+            o.batches += 1
+            if job.channel._pop():
+                o.tx_notify = True  # the sender waits for a slot: its bell
+        else:
+            job.channel.start = o.stop
+            if written == RX_REFUSED:
+                o.stopped = FWD_REFUSED
+                break
+            if written == RX_SLOW:
+                o.stopped = FWD_HOLD
+                break
+            # RX_OUT: the ring ran out of chains; the next turn waits for more
+        if o.tx_notify or o.rx_notify:
+            o.stopped = FWD_NOTIFY
+            break
+    return 0
+
+
 cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, ChainBatch rxb, const FwdArgs *a,
                   FwdOut *o) except -1 nogil:
     """:func:`forward`'s loop: the rings are ``fast_ready`` and both batches hold ``max_chains`` chains."""
-    cdef Py_ssize_t n, i, j, want, got, take, room
+    cdef Py_ssize_t take, room
+    cdef int written
     memset(o, 0, sizeof(FwdOut))
     o.stopped = FWD_EMPTY
     while True:
@@ -883,78 +1281,115 @@ cdef int _forward(SplitQueue tx, ChainBatch txb, Frames frames, SplitQueue rx, C
                     o.stopped = FWD_WAIT
                 break  # FWD_EMPTY: nothing to send either
             take = min(take, room)
-        n = tx.pop_fast(txb, take)
-        if n <= 0:
-            o.stopped = FWD_EMPTY if n == 0 else FWD_SLOW
+        if not _transmit_batch(tx, txb, frames, take, a, o):
             break
-        frames.n = 0
-        frames.used = 0
-        _gather(txb, tx, a.hdr_len, frames, a.gso_mask, o.errors)
-        # Copied out: the buffers go back now, used whole (read, nothing written): in order, one used entry (2.7.9).
-        tx.push_fast(txb, True)
-        o.tx_notify = tx.notify_fast()
-        o.batches += 1
-        n = frames.n
-        if o.errors[0] or o.errors[1] or o.errors[2] or o.errors[3]:
-            o.stopped = FWD_SWITCH
-            break
-        for i in range(n):
-            if frames.src[i] != a.src or frames.dst[i] != a.dst:
-                break
-        else:
-            i = n
-        if i < n:
-            o.stopped = FWD_SWITCH
-            break
-        o.tx_frames += n
-        for i in range(n):
-            o.tx_bytes += frames.length[i]
-        if not a.guest_csum:
-            for i in range(n):
-                _complete(frames, i)  # 5.1.6.3: the driver cannot take partial checksums
-        # 5.1.4.1: frames longer than the receiver's MTU allows are dropped, not given a buffer.
-        want = 0
-        for i in range(n):
-            want += not _over(frames, i, a.max_len)
-        if want > rxb.cap_chains:  # segments cut from GSO frames: more frames than chains (5.1.6.2)
-            with gil:
-                rxb._reserve_chains(want)
-        got = rx.pop_fast(rxb, want) if want else 0
-        i = j = 0
-        while i < n:
-            if _over(frames, i, a.max_len):
-                o.over_mtu += 1
-                i += 1
-                continue
-            if j >= got or not _mapped(rxb, j):  # out of chains, or GuestMemory's way: the receiver's path
-                break
-            if _receive_one(rx, rxb, j, frames, i, a.rx_hdr_len, a.guest_csum):
-                o.delivered += 1
-                o.rx_bytes += frames.length[i]
-            elif a.mergeable:  # it spans several buffers: the receiver's own path
-                break
-            else:
-                rxb.used_lens[j] = 0  # 5.1.6.3.1: without MRG_RXBUF a buffer holds a whole frame
-                o.dropped += 1
-            i += 1
-            j += 1
-        o.stop = i
-        if j < got:
-            rx.rewind_fast(got - j)
-            rxb.n = j
-        if got > 0 and rxb.n > 0:
-            rx.push_fast(rxb, False)
-            o.rx_notify = rx.notify_fast()
-        if o.stop < n:
+        written = _receive_batch(frames, 0, rx, rxb, a, o)
+        if written != RX_ALL:
             # A chain pop_fast refused at the head of the receive ring: the receiver's batch path pops it and
             # raises as for a batch from the switch; chains that ran out, or a frame it cannot write: what
             # that path does with the frames its ring did not take.
-            o.stopped = FWD_REFUSED if got < 0 else FWD_HOLD
+            o.stopped = FWD_REFUSED if written == RX_REFUSED else FWD_HOLD
             break
         if o.tx_notify or o.rx_notify:
             o.stopped = FWD_NOTIFY
             break
     return 0
+
+
+cdef Py_ssize_t _transmit_batch(SplitQueue tx, ChainBatch txb, Frames frames, Py_ssize_t take, const FwdArgs *a,
+                                FwdOut *o) except -1 nogil:
+    """One transmit batch of a flow: up to ``take`` chains popped, gathered into ``frames``, given back (2.7.9).
+
+    Returns its frame count, or 0 with ``o.stopped`` saying why: the ring
+    empty (``FWD_EMPTY``) or for the queue's own calls (``FWD_SLOW``),
+    rejected chains or a frame of another flow (``FWD_SWITCH``, the batch
+    in ``frames``).
+    """
+    cdef Py_ssize_t n, i
+    n = tx.pop_fast(txb, take)
+    if n <= 0:
+        o.stopped = FWD_EMPTY if n == 0 else FWD_SLOW
+        return 0
+    frames.n = 0
+    frames.used = 0
+    _gather(txb, tx, a.hdr_len, frames, a.gso_mask, o.errors)
+    # Copied out: the buffers go back now, used whole (read, nothing written): in order, one used entry (2.7.9).
+    tx.push_fast(txb, True)
+    o.tx_notify = tx.notify_fast()
+    o.batches += 1
+    n = frames.n
+    if o.errors[0] or o.errors[1] or o.errors[2] or o.errors[3]:
+        o.stopped = FWD_SWITCH
+        return 0
+    for i in range(n):
+        if frames.src[i] != a.src or frames.dst[i] != a.dst:
+            o.stopped = FWD_SWITCH
+            return 0
+    o.tx_frames += n
+    for i in range(n):
+        o.tx_bytes += frames.length[i]
+    return n
+
+
+cdef enum:
+    # How _receive_batch ended.
+    RX_ALL, RX_OUT, RX_SLOW, RX_REFUSED
+
+
+cdef int _receive_batch(Frames frames, Py_ssize_t start, SplitQueue rx, ChainBatch rxb, const FwdArgs *a,
+                        FwdOut *o) except -1 nogil:
+    """Write ``frames`` from ``start`` on into receive chains of ``rx`` (the receiver's batch path in C).
+
+    ``o.stop`` gets the first frame not written: ``RX_ALL`` (none left),
+    ``RX_OUT`` (the ring ran out of chains), ``RX_SLOW`` (a frame spans
+    mergeable buffers, or a buffer has no host pointer) or ``RX_REFUSED``
+    (pop_fast refused the ring's next chain) say why.
+    """
+    cdef Py_ssize_t n = frames.n, i, j, want = 0, got
+    cdef int written = RX_ALL
+    if not a.guest_csum:
+        for i in range(start, n):
+            _complete(frames, i)  # 5.1.6.3: the driver cannot take partial checksums
+    # 5.1.4.1: frames longer than the receiver's MTU allows are dropped, not given a buffer.
+    for i in range(start, n):
+        want += not _over(frames, i, a.max_len)
+    if want > rxb.cap_chains:  # segments cut from GSO frames: more frames than chains (5.1.6.2)
+        with gil:
+            rxb._reserve_chains(want)
+    got = rx.pop_fast(rxb, want) if want else 0
+    i = start
+    j = 0
+    while i < n:
+        if _over(frames, i, a.max_len):
+            o.over_mtu += 1
+            i += 1
+            continue
+        if j >= got:
+            written = RX_REFUSED if got < 0 else RX_OUT
+            break
+        if not _mapped(rxb, j):  # GuestMemory's way: the receiver's path
+            written = RX_SLOW
+            break
+        if _receive_one(rx, rxb, j, frames, i, a.rx_hdr_len, a.guest_csum):
+            o.delivered += 1
+            o.rx_bytes += frames.length[i]
+        elif a.mergeable:  # it spans several buffers: the receiver's own path
+            written = RX_SLOW
+            break
+        else:
+            rxb.used_lens[j] = 0  # 5.1.6.3.1: without MRG_RXBUF a buffer holds a whole frame
+            o.dropped += 1
+        i += 1
+        j += 1
+    o.stop = i
+    if j < got:
+        rx.rewind_fast(got - j)
+        rxb.n = j
+    if got > 0 and rxb.n > 0:
+        rx.push_fast(rxb, False)
+        if rx.notify_fast():
+            o.rx_notify = True
+    return written
 
 
 cdef inline bint _over(Frames f, Py_ssize_t i, uint32_t max_len) noexcept nogil:

@@ -17,7 +17,10 @@ from iovirt import _accel
 from iovirt.virtio.net import _datapath_py
 from iovirt.virtio.queue import SplitQueue, is_accelerated
 
-__all__ = ["Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending", "forward"]
+__all__ = [
+    "Frames", "IMPLEMENTATION", "accel", "tx_gather", "rx_scatter", "complete_pending", "forward", "forward_job",
+    "send_job", "receive_job",
+]
 
 accel: Any = _accel.load("iovirt.virtio.net._datapath_c")
 IMPLEMENTATION = "cython" if accel is not None else "python"
@@ -117,4 +120,37 @@ def forward_job(
         tx, tx_batch, frames, hdr_len, gso_mask, src, dst, rx, rx_batch, rx_hdr_len, guest_csum, mergeable,
         max_len, max_chains, max_batches,
     )
+    return job if job.ready() else None
+
+
+def send_job(
+    tx: Any, tx_batch: Any, frames: Any, channel: Any, hdr_len: int, gso_mask: int, src: int, dst: int,
+    max_chains: int, max_batches: int,
+) -> Any:
+    """The transmit loop of one flow whose port another worker serves, as a kick job, or None where it does not run.
+
+    ``_datapath_c.SendJob``: batches of frames from ``src`` to ``dst`` go
+    from ``tx`` into ``channel`` (a ``FrameChannel``,
+    ``iovirt/virtio/net/crossing.py``); None without the C twin, or for a
+    queue or frames :func:`forward` would not take, or a ring it does not
+    serve now.
+    """
+    if accel is None or not (is_accelerated(tx) and type(tx) is SplitQueue and _c_frames(frames)):
+        return None
+    job = accel.SendJob(tx, tx_batch, frames, channel, hdr_len, gso_mask, src, dst, max_chains, max_batches)
+    return job if job.ready() else None
+
+
+def receive_job(
+    channel: Any, rx: Any, rx_batch: Any, rx_hdr_len: int, guest_csum: bool, mergeable: bool, max_len: int,
+    max_chains: int, max_batches: int,
+) -> Any:
+    """Receive queue ``rx`` taking the batches of ``channel`` as a kick job (``_datapath_c.ReceiveJob``), or None.
+
+    None where it does not run: without the C twin, for a queue that is
+    not the Cython split queue, or a ring it does not serve now.
+    """
+    if accel is None or not (is_accelerated(rx) and type(rx) is SplitQueue):
+        return None
+    job = accel.ReceiveJob(channel, rx, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len, max_chains, max_batches)
     return job if job.ready() else None

@@ -136,6 +136,9 @@ TX_SHORT, TX_LONG, TX_GSO, TX_CSUM = 0, 1, 2, 3
 # for the queue's own calls (a bad one: the rest of the batch goes through the receiver's batch path, from ``stop``).
 (FORWARD_EMPTY, FORWARD_BUDGET, FORWARD_NOTIFY, FORWARD_SWITCH, FORWARD_HOLD, FORWARD_SLOW, FORWARD_WAIT,
  FORWARD_REFUSED) = range(8)
+# What a frame channel's push answers (a batch crossing to a port another worker serves): the channel is full
+# (nothing taken), the batch was taken, the batch was taken into an empty channel (the receiver may sleep: wake it).
+CHANNEL_FULL, CHANNEL_PUSHED, CHANNEL_WAS_EMPTY = range(3)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from iovirt.virtio.chain import ChainBatch as Chains, DescChain, write_chain
 from iovirt.virtio.counters import restore_counters
 from iovirt.virtio.device import COMMON_FEATURES, VirtioDevice
 from iovirt.virtio.kickjob import KickJob
+from iovirt.virtio.net.crossing import Crossing
 from iovirt.virtio.net.csum import ChecksumOffsetError, complete_checksum, l4_checksum_valid
 from iovirt.virtio.net.defs import (
     FORWARD_EMPTY,
@@ -436,21 +437,24 @@ class VirtioNet(VirtioDevice):
         else:
             self._count_drops(index, "tx", "ring_disabled", len(frames))
 
-    def _shortcut(self, index: int) -> tuple[Any, ...] | None:
+    def _shortcut(self, index: int, across: bool = False) -> tuple[Any, ...] | None:
         """Where transmit queue ``index``'s batches may go straight this kick (``datapath.forward``), if anywhere.
 
         The flow of the last batch switched, when the switch sends the whole
         of it to one port (:meth:`LearningSwitch.shortcut`) that takes it
         without looking at each batch (:meth:`receiver`), and this port has
         nothing to do with a batch either (no control queue, no transmit
-        limits, its ring enabled).
+        limits, its ring enabled).  With ``across``, a port another worker
+        serves gives ``(crossing, src, dst)`` (``iovirt/virtio/net/crossing.py``).
         """
         flow, switch = self._flow, self.switch
         if flow is None or switch is None or self.ctrl is not None or self._tx_buckets is not None \
                 or not self.enabled[index]:
             return None
         src, dst = flow & MAC_MASK, flow >> MAC_BITS
-        egress = switch.shortcut(self, src, dst)
+        egress = switch.shortcut(self, src, dst, across)
+        if isinstance(egress, Crossing):
+            return egress, src, dst
         receiver = getattr(egress, "receiver", None)
         rx = None if receiver is None else receiver(flow)
         return None if rx is None else (egress, src, dst, *rx)
@@ -529,11 +533,13 @@ class VirtioNet(VirtioDevice):
         queue = self.queues[index]
         if not index % 2 or index >= 2 * self.queue_pairs or queue is None or self.needs_reset:
             return None
-        route = self._shortcut(index)
+        route = self._shortcut(index, across=True)
         if route is None:
             return None
-        egress, src, dst, rx_index, rx_queue, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len = route
         _, hdr_len, gso_mask = self._tx_parameters()
+        if isinstance(route[0], Crossing):
+            return self._send_job(index, queue, route[0], route[1], route[2], hdr_len, gso_mask)
+        egress, src, dst, rx_index, rx_queue, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len = route
         job = datapath.forward_job(
             queue, self._tx_batch, self._tx_frames, hdr_len, gso_mask, src, dst, rx_queue, rx_batch, rx_hdr_len,
             guest_csum, mergeable, max_len, TX_BATCH, TX_BUDGET,
@@ -554,6 +560,72 @@ class VirtioNet(VirtioDevice):
             self.fail(error)  # as kick would: the transmit ring's driver broke it
         elif pending is not None:
             self._finish(index, egress, rx_index, pending, stop)
+
+    def _send_job(self, index: int, queue: SplitQueue, crossing: Crossing, src: int, dst: int, hdr_len: int,
+                  gso_mask: int) -> KickJob | None:
+        """Transmit queue ``index``'s kicks as a kick job publishing the flow ``src`` to ``dst`` into ``crossing``."""
+        job = datapath.send_job(queue, self._tx_batch, self._tx_frames, crossing.channel, hdr_len, gso_mask, src, dst,
+                                TX_BATCH, TX_BUDGET)
+        if job is None:
+            return None
+
+        def settle() -> None:
+            pending, batches, tx_frames, tx_bytes, error = job.take()
+            if tx_frames:
+                if self.counting:
+                    self._count_tx(index, tx_frames, tx_bytes)
+                assert self.switch is not None  # (a crossing comes from it)
+                self.switch.crossed(batches)
+            if error is not None:
+                if not isinstance(error, IovirtError):
+                    raise error
+                self.fail(error)  # as kick would: the transmit ring's driver broke it
+            elif pending == FORWARD_SWITCH:
+                self._switch(index, self._tx_frames)
+
+        return KickJob(job, (self.notifiers[index], crossing.doorbell), crossing.channel, settle)
+
+    def crossing_job(self, crossing: Crossing) -> KickJob | None:
+        """This port's side of ``crossing`` (batches another worker's ports send here) as a kick job, or None.
+
+        ``datapath.receive_job`` into the receive queue :meth:`receiver`
+        gives, while there is one queue to take every flow (more: which
+        queue a frame goes to depends on its flow, and Python chooses).
+        What the job leaves goes through this port's own path.
+        """
+        if len(self._rx_queues()) != 1:
+            return None
+        rx = self.receiver(0)
+        if rx is None:
+            return None
+        rx_index, queue, batch, hdr_len, guest_csum, mergeable, max_len = rx
+        job = datapath.receive_job(crossing.channel, queue, batch, hdr_len, guest_csum, mergeable, max_len,
+                                   TX_BATCH, TX_BUDGET)
+        if job is None:
+            return None
+
+        def settle() -> None:
+            pending, _batches, delivered, rx_bytes, dropped, over_mtu, error = job.take()
+            self.received(rx_index, delivered, dropped, over_mtu, rx_bytes, False)
+            if error is not None:
+                if not isinstance(error, IovirtError):
+                    raise error
+                self.fail(error)  # a broken receive ring fails this device; the channel's drain drops the rest
+                return
+            item = crossing.channel.front() if pending is not None else None
+            if item is None:
+                return
+            frames, start = item
+            rest = list(range(start, len(frames)))
+            try:
+                if pending == FORWARD_HOLD:
+                    self.deliver_rest(frames, rest, rx_index)
+                else:  # the receive ring's next chain is for its own calls, which raise or defer
+                    self.deliver_batch(frames, rest)
+            finally:
+                crossing.taken()
+
+        return KickJob(job, (crossing.space, self.notifiers[rx_index]), queue, settle)
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; the transport or a timer serves them next.
@@ -949,13 +1021,17 @@ class VirtioNet(VirtioDevice):
         queue served here only the pairs the driver set with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET are used, receiveq1
         alone after a reset (5.1.9.5.6.2); a queue being reset is passed over for the others.
         """
-        pairs = self.queue_pairs
-        if self.ctrl is not None:
-            pairs = self.ctrl.virtqueue_pairs if self.has_feature(VIRTIO_NET_F_MQ) else 1
-        ready = [2 * p for p in range(pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
+        ready = self._rx_queues()
         if not ready:
             return None
         return ready[flow % len(ready)]
+
+    def _rx_queues(self) -> list[int]:
+        """The receive queues :meth:`_rx_queue` spreads flows over."""
+        pairs = self.queue_pairs
+        if self.ctrl is not None:
+            pairs = self.ctrl.virtqueue_pairs if self.has_feature(VIRTIO_NET_F_MQ) else 1
+        return [2 * p for p in range(pairs) if self.queues[2 * p] is not None and self.enabled[2 * p]]
 
     def _receive(self, frame: bytes, csum: tuple[int, int] | None) -> bool:
         """Write one frame into receive buffers; False if there are not enough of them."""

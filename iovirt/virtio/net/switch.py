@@ -27,11 +27,15 @@ egress port then takes its frames of the batch in one call.
 Ports on several threads (``iovirt serve --workers N``): a port may have an
 owner (:meth:`LearningSwitch.set_owner`), the data-plane worker whose thread
 serves it.  Any worker may switch a frame; the table is consulted under the
-switch's lock, held only for that, and a frame for a port owned by another
-thread is copied and posted to its owner (``owner.post``, a lock-free
-hand-off ring), which delivers it on its own thread.  A port with no owner
-of its own (a TAP uplink, the router) belongs to :attr:`LearningSwitch.home`.
-A switch without owners (one thread) delivers in the caller, as before.
+switch's lock, held only for that, and a batch for a port owned by another
+thread crosses to it: from the sending port's own worker, through the port's
+:class:`~iovirt.virtio.net.crossing.Crossing` from that worker (a lock-free
+channel that both workers may serve in C); from any other thread, or without
+the C twin, as a copy posted to the owner (``owner.post``, a lock-free
+hand-off ring).  Either way the owner delivers it on its own thread.  A port
+with no owner of its own (a TAP uplink, the router) belongs to
+:attr:`LearningSwitch.home`.  A switch without owners (one thread) delivers
+in the caller, as before.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from iovirt.virtio.net import datapath, vlan
+from iovirt.virtio.net.crossing import Crossing
 from iovirt.virtio.net.defs import ETH_HLEN, VLAN_HLEN
 from iovirt.virtio.net.vlan import UNTAGGED, PortVlan
 
@@ -84,6 +89,12 @@ class PortOwner(Protocol):
 
     def post(self, handler: Callable[..., object], *args: Any) -> bool:
         """Run ``handler(*args)`` on this owner's thread soon; False: no room, nothing will run."""
+
+    def watch(self, fd: int, handler: Callable[[], None], queue: object, job_of: Callable[[], Any] | None) -> None:
+        """Serve eventfd ``fd`` on this owner's thread (a crossing's bell: ``iovirt/virtio/net/crossing.py``)."""
+
+    def remove(self, fd: int) -> None:
+        """Stop serving ``fd``."""
 
 
 def port_name(port: SwitchPort) -> str:
@@ -144,6 +155,8 @@ class LearningSwitch:
         # id(port) -> the thread serving it; ports not in it belong to home (only while some port has an owner).
         self._owners: dict[int, PortOwner] = {}
         self.home: PortOwner | None = None
+        # (id(sending worker), id(port)) -> the crossing from the ports of that worker to that port
+        self._crossings: dict[tuple[int, int], Crossing] = {}
         self.handed_off = 0  # batches (or frames) posted to another thread's port
         self.handoff_dropped = 0  # frames dropped because that thread's hand-off ring was full
         self.vlan_dropped = 0  # frames of a VLAN their ingress port does not carry (or untagged on a trunk)
@@ -183,6 +196,9 @@ class LearningSwitch:
             self.impairments.pop(id(port), None)
             self._vlans.pop(id(port), None)
             self._owners.pop(id(port), None)
+            # (The caller holds every worker's lock: no job runs that rings these bells.)
+            for key in [k for k in self._crossings if k[1] == id(port)]:
+                self._crossings.pop(key).close()
 
     def forget(self, port: SwitchPort) -> None:
         """Forget the MACs learned on ``port`` (its link went down or its driver reset)."""
@@ -299,9 +315,9 @@ class LearningSwitch:
             plan = [(port, indexes) for dst, indexes in groups for port in self._egress(ingress, dst, now)]
         if not plan:  # dropped, or flooded to no other port: per batch, so no generator for nothing
             return 0
-        return sum(self._deliver(port, frames, indexes) for port, indexes in plan)
+        return sum(self._deliver(port, frames, indexes, ingress) for port, indexes in plan)
 
-    def shortcut(self, ingress: SwitchPort, src: int, dst: int) -> SwitchPort | None:
+    def shortcut(self, ingress: SwitchPort, src: int, dst: int, across: bool = False) -> SwitchPort | Crossing | None:
         """The port frames from ``src`` to ``dst`` (48-bit MACs) arriving on ``ingress`` go to, if that is all there is.
 
         For a transmit loop that writes such frames straight into that port
@@ -312,6 +328,9 @@ class LearningSwitch:
         another port served by the caller's thread, and ``src`` is learned on
         ``ingress``: learning it again is refreshing its entry, done here.
         Otherwise None, and each batch goes through :meth:`forward_batch`.
+        With ``across``, a port another worker serves gives its
+        :class:`Crossing` from the caller's worker (``ingress``'s), where
+        there is one (``datapath.send_job`` publishes into it).
         """
         impairments = self.impairments
         if self._vlans or dst >> 40 & 1 or id(ingress) in impairments:
@@ -325,16 +344,48 @@ class LearningSwitch:
                     or now - target.seen > self.ageing_s:
                 return None
             port = target.port
-            if id(port) in impairments or (self._owners and self._elsewhere(port) is not None):
+            owner = self._elsewhere(port) if self._owners else None
+            crossing = None
+            if id(port) in impairments:
                 return None
+            if owner is not None:
+                crossing = self._crossing(ingress, port, owner) if across else None
+                if crossing is None:
+                    return None
             source.seen = now
             self.table.move_to_end(src)
-        return port
+        return port if crossing is None else crossing
 
     def took_shortcut(self, batches: int) -> None:
         """Count ``batches`` batches that went where :meth:`shortcut` said (as forwarded, one per batch)."""
         with self._lock:
             self.forwarded += batches
+
+    def crossed(self, batches: int) -> None:
+        """Count ``batches`` batches a sending kick job published into a :class:`Crossing` (forwarded, handed off)."""
+        with self._lock:
+            self.forwarded += batches
+            self.handed_off += batches
+
+    def _crossing(self, ingress: SwitchPort, port: SwitchPort, owner: PortOwner) -> Crossing | None:
+        """The crossing to ``port`` (served by ``owner``) from ``ingress``'s worker, made if need be; None if none.
+
+        Only from ``ingress``'s own worker (the channel has one producer),
+        and with the C twin (the channel is C).  So only that worker makes
+        the crossings keyed by it, and no lock is needed to make one; they
+        go when their port is detached.
+        """
+        sender = self._owners.get(id(ingress), self.home)
+        if sender is None or sender is owner or datapath.accel is None or not sender.is_current():
+            return None
+        key = (id(sender), id(port))
+        crossing = self._crossings.get(key)
+        if crossing is None:
+            impairments = self.impairments
+            crossing = Crossing(port, self._deliver, lambda: id(port) not in impairments, sender, owner)
+            self._crossings[key] = crossing
+            crossing.open()
+        return crossing
 
     def _elsewhere(self, port: SwitchPort) -> PortOwner | None:
         """``port``'s owner if that is another thread (then the frames are posted to it), else None."""
@@ -348,10 +399,19 @@ class LearningSwitch:
         self.handoff_dropped += frames  # the owner's ring is full: dropped, as a congested switch drops
         return 0
 
-    def _deliver(self, port: SwitchPort, frames: Any, indexes: list[int]) -> int:
-        """Frames ``indexes`` of a batch to ``port``: in one call where the port takes batches."""
+    def _deliver(self, port: SwitchPort, frames: Any, indexes: list[int], ingress: SwitchPort | None = None) -> int:
+        """Frames ``indexes`` of a batch from ``ingress`` to ``port``: in one call where the port takes batches."""
         if self._owners:
             owner = self._elsewhere(port)
+            crossing = None
+            if owner is not None and ingress is not None:
+                crossing = self._crossing(ingress, port, owner)
+            if crossing is not None:  # a copy into the channel: the sender's buffer is refilled by its next batch
+                if crossing.push(frames, indexes):
+                    self.handed_off += 1
+                    return len(indexes)
+                self.handoff_dropped += len(indexes)  # the channel is full: dropped, as a congested switch drops
+                return 0
             if owner is not None:  # a copy: the sender's buffer is refilled by its next batch
                 copy = frames.subset(indexes)
                 return self._post(owner, self._deliver, port, copy, list(range(len(copy))), frames=len(copy))
