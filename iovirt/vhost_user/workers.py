@@ -7,10 +7,12 @@ serves all its queues, and its timers run there.  A device's queues stay on
 one worker because they share the device's state (a net port's receive
 backlog and counters, a blk device's engine), which so needs no lock.
 
-What crosses workers is posted (:meth:`DataPlane.post`): a frame the switch
-sends from a port on one worker to a port on another goes through a lock-free
-hand-off ring to the receiving worker (:mod:`iovirt.vhost_user.handoff`), never
-through a shared lock.  A device that misbehaves is failed and reset by its
+What crosses workers goes through lock-free rings, never a shared lock: a
+frame the switch sends from a port on one worker to a port on another goes
+through that port's crossing from the sending worker
+(``iovirt/virtio/net/crossing.py``: a channel both workers may serve in C),
+other work through a hand-off ring to the receiving worker
+(:meth:`DataPlane.post`, :mod:`iovirt.vhost_user.handoff`).  A device that misbehaves is failed and reset by its
 own worker; the other workers never wait for it.
 
 :attr:`WorkerPool.lock` takes every worker's lock, in index order: the
@@ -23,18 +25,21 @@ the control socket's FIFOs) are served by the first worker, :attr:`WorkerPool.ho
 from __future__ import annotations
 
 import itertools
+import os
 from types import TracebackType
 from typing import Any
 
+from iovirt.vhost_user import kickloop
 from iovirt.vhost_user.dataplane import DataPlane, Handler
 
 MAX_WORKERS = 64  # threads; beyond the cores there is nothing to gain, and every worker is a thread and an epoll set
-DEFAULT_WORKERS = 1
-"""``--workers``'s default.  Not one per core: devices are given to workers round robin, so two guests that talk
-to each other would most often sit on two workers, and a frame crossing from one worker to another takes the
-Python path on both (two crossing flows: 0.25 of one worker's rate, ``benchmarks/workers.py``).  A flow between
-two ports of one worker runs in the worker's C kick loop without the interpreter lock
-(``iovirt/vhost_user/kickloop.py``): two such flows on two workers measured 1.19 times one worker."""
+DEFAULT_WORKERS = max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS)) if kickloop.accel is not None else 1
+"""``--workers``'s default: one per core this process may run on.  Each worker waits for its devices' kicks in a
+C loop without the interpreter lock (``iovirt/vhost_user/kickloop.py``), and a flow between ports of two workers
+runs in C on both (``iovirt/virtio/net/crossing.py``), so devices given round robin lose nothing when two that
+talk sit on two workers: two such crossing flows measured 1.26 times their rate on one worker, two flows each
+within one worker 1.23 times (``benchmarks/workers.py``).  An idle worker costs no CPU.  Without the C twin
+(``IOVIRT_NO_EXTENSIONS``) one: there every worker runs Python, and two took 0.64-0.76 of one's rate."""
 
 
 class AllLocks:

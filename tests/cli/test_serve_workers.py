@@ -11,6 +11,8 @@ import pytest
 
 from iovirt.bench.pair import DEFAULT_FEATURES, NetPair
 from iovirt.serve_process import ServeProcess
+from iovirt.vhost_user import kickloop
+from iovirt.vhost_user.workers import DEFAULT_WORKERS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "control"))
 from control_helpers import ok  # noqa: E402
@@ -21,8 +23,9 @@ IOVIRT = [sys.executable, "-m", "iovirt"]
 def test_help_explains_workers():
     out = subprocess.run([*IOVIRT, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    text = " ".join(out.stdout.split()).replace("hand- off", "hand-off")  # argparse wraps at the hyphen
-    assert "--workers N" in text and "(default: 1)" in text and "lock-free hand-off ring" in text
+    text = " ".join(out.stdout.split()).replace("lock- free", "lock-free")  # argparse wraps at the hyphen
+    assert "--workers N" in text and f"(default: one per core, here {DEFAULT_WORKERS}; 1 without the C extensions)" \
+        in text and "lock-free channel" in text
 
 
 @pytest.mark.parametrize("value,why", [
@@ -46,14 +49,21 @@ def test_isolate_refuses_workers(tmp_path):
     assert "--isolate does not take --workers" in out.stderr
 
 
-def test_default_is_one_worker(tmp_path):
-    nets = [tmp_path / f"n{i}.sock" for i in range(2)]
+def test_default_is_one_worker_per_core(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert DEFAULT_WORKERS == (min(cores, 64) if kickloop.accel is not None else 1)
+    nets = [tmp_path / f"n{i}.sock" for i in range(3)]
     control = tmp_path / "ctl.sock"
     args = [*[a for n in nets for a in ("--net", str(n))], "--control", str(control)]
     proc = ServeProcess(args, tmp_path / "serve.log", [*nets, control]).start()
     try:
-        assert "data plane: 1 worker thread" in proc.log()
-        assert [d["worker"] for d in ok(str(control), "devices")] == ["iovirt-dataplane"] * 2
+        workers = [d["worker"] for d in ok(str(control), "devices")]
+        if DEFAULT_WORKERS == 1:
+            assert "data plane: 1 worker thread" in proc.log()
+            assert workers == ["iovirt-dataplane"] * 3
+        else:
+            assert f"data plane: {DEFAULT_WORKERS} worker threads" in proc.log()
+            assert workers == [f"iovirt-worker-{i % DEFAULT_WORKERS}" for i in range(3)]
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
 
