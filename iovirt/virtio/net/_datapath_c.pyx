@@ -722,9 +722,6 @@ def forward(SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint
             o.tx_notify, o.rx_notify)
 
 
-ctypedef int (*_forward_raw)(SplitQueue, ChainBatch, Frames, SplitQueue, ChainBatch, const FwdArgs *,
-                             FwdOut *) noexcept nogil
-
 cdef int JOB_DONE = kickjob.JOB_DONE, JOB_AGAIN = kickjob.JOB_AGAIN, JOB_PYTHON = kickjob.JOB_PYTHON
 cdef int JOB_WAIT = kickjob.JOB_WAIT
 cdef unsigned NOTIFY_KICKED = kickjob.NOTIFY_KICKED, NOTIFY_OTHER = kickjob.NOTIFY_OTHER
@@ -737,9 +734,20 @@ cdef class _FlowJob:
     cdef Py_ssize_t stop
     cdef Py_ssize_t errors[4]
     cdef object error
+    cdef FwdOut total  # what the runs since the last take moved (batches: those not left for the switch)
+    cdef FwdArgs args  # its loop's parameters
 
     def __cinit__(self):
         self.pending = -1
+        memset(&self.total, 0, sizeof(FwdOut))
+        memset(&self.args, 0, sizeof(FwdArgs))
+
+    cdef object _pending(self):
+        """The stop to finish (None: none), and the counts start again (for ``take``, after it read them)."""
+        pending = None if self.pending < 0 else self.pending
+        self.pending = -1
+        memset(&self.total, 0, sizeof(FwdOut))
+        return pending
 
     def entry(self):
         """``(function, context)``: the addresses of ``int run(void *context, unsigned *notify)`` and its context.
@@ -750,6 +758,13 @@ cdef class _FlowJob:
 
     cdef void *_runner(self):
         return NULL
+
+    def ready(self):
+        """Whether the job's rings are ones it serves, now (asked with the data plane's lock held)."""
+        return bool(self._ready())
+
+    cdef int _ready(self) except -1:
+        return 0
 
 
 cdef class ForwardJob(_FlowJob):
@@ -770,9 +785,6 @@ cdef class ForwardJob(_FlowJob):
     cdef SplitQueue tx, rx
     cdef ChainBatch txb, rxb
     cdef Frames frames
-    cdef FwdArgs args
-    cdef Py_ssize_t shortcut, tx_frames, delivered, dropped, over_mtu
-    cdef uint64_t tx_bytes, rx_bytes
 
     def __init__(self, SplitQueue tx, ChainBatch txb, Frames frames, uint32_t hdr_len, uint32_t gso_mask,
                  uint64_t src, uint64_t dst, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
@@ -784,9 +796,8 @@ cdef class ForwardJob(_FlowJob):
             guest_csum, mergeable, max_len, max_chains, max_batches
         a.fit = True  # a receiver short of buffers holds the sender's chains back a while (JOB_WAIT), not frames
 
-    def ready(self):
-        """Whether both rings are ones :func:`forward` serves, now (asked with the data plane's lock held)."""
-        return bool(_ready(self.tx, self.txb, self.rx, self.rxb, self.args.max_chains))
+    cdef int _ready(self) except -1:
+        return _ready(self.tx, self.txb, self.rx, self.rxb, self.args.max_chains)
 
     cdef void *_runner(self):
         return <void *> &_run_job
@@ -801,49 +812,58 @@ cdef class ForwardJob(_FlowJob):
         delivered), ``batches`` the batches switched whole, ``error`` an
         exception a slow path raised, or None.
         """
-        pending = None if self.pending < 0 else self.pending
-        if pending == FWD_SWITCH:
+        cdef FwdOut t = self.total
+        error, self.error = self.error, None
+        if self.pending == FWD_SWITCH:
             self.frames.errors = [self.errors[0], self.errors[1], self.errors[2], self.errors[3]]
-        answer = (pending, self.stop, self.shortcut, self.tx_frames, self.tx_bytes, self.delivered, self.rx_bytes,
-                  self.dropped, self.over_mtu, self.error)
-        self.pending = -1
-        self.error = None
-        self.shortcut = self.tx_frames = self.delivered = self.dropped = self.over_mtu = 0
-        self.tx_bytes = self.rx_bytes = 0
-        return answer
+        return (self._pending(), self.stop, t.batches, t.tx_frames, t.tx_bytes, t.delivered, t.rx_bytes, t.dropped,
+                t.over_mtu, error)
 
 
 cdef int _ready(SplitQueue tx, ChainBatch txb, SplitQueue rx, ChainBatch rxb, Py_ssize_t max_chains) except -1:
     """Whether both rings are ones :func:`_forward` serves now; then both batches get room for ``max_chains``."""
-    if not (tx.fast_ready() and rx.fast_ready()):
+    return _ring_ready(tx, txb, max_chains) and _ring_ready(rx, rxb, max_chains)
+
+
+cdef int _ring_ready(SplitQueue q, ChainBatch b, Py_ssize_t max_chains) except -1:
+    """Whether ``q`` is a ring the C loops serve now (``fast_ready``); then ``b`` gets room for ``max_chains`` chains."""
+    if not q.fast_ready():
         return 0
-    txb._reserve_chains(max_chains)
-    rxb._reserve_chains(max_chains)
+    b._reserve_chains(max_chains)
     return 1
 
 
+ctypedef int (*_job_loop)(_FlowJob, FwdOut *) noexcept nogil
+"""A flow job's loop (``except -1`` cast away: its exception is fetched by :func:`_step`, not printed)."""
+
+
 cdef int _run_job(void *context, unsigned *notify) noexcept nogil:
-    return _job_step(<ForwardJob> context, notify)
+    return _step(<_FlowJob> context, <_job_loop> _forward_job, notify)
 
 
-cdef int _job_step(ForwardJob job, unsigned *notify) noexcept nogil:
+cdef int _forward_job(ForwardJob job, FwdOut *o) except -1 nogil:
     """One :func:`forward` run of ``job`` (its rings were ``ready`` when the loop was given it)."""
+    return _forward(job.tx, job.txb, job.frames, job.rx, job.rxb, &job.args, o)
+
+
+cdef int _step(_FlowJob job, _job_loop loop, unsigned *notify) noexcept nogil:
+    """One run of a flow job's ``loop``: counted into ``job.total``, its notifications asked, its answer."""
     cdef FwdOut o
-    cdef _forward_raw run = <_forward_raw> _forward  # its exception is fetched below, not printed
+    cdef FwdOut *t = &job.total
     notify[0] = 0
     if job.pending >= 0:
         return JOB_PYTHON
-    if run(job.tx, job.txb, job.frames, job.rx, job.rxb, &job.args, &o) == -1:
+    if loop(job, &o) == -1:
         _keep_error(job)
         job.pending = FWD_SLOW
         return JOB_PYTHON
-    job.shortcut += o.batches - (o.stopped == FWD_SWITCH)
-    job.tx_frames += o.tx_frames
-    job.tx_bytes += o.tx_bytes
-    job.delivered += o.delivered
-    job.rx_bytes += o.rx_bytes
-    job.dropped += o.dropped
-    job.over_mtu += o.over_mtu
+    t.batches += o.batches - (o.stopped == FWD_SWITCH)
+    t.tx_frames += o.tx_frames
+    t.tx_bytes += o.tx_bytes
+    t.delivered += o.delivered
+    t.rx_bytes += o.rx_bytes
+    t.dropped += o.dropped
+    t.over_mtu += o.over_mtu
     if o.tx_notify:
         notify[0] |= NOTIFY_KICKED
     if o.rx_notify:
@@ -1015,24 +1035,16 @@ cdef class SendJob(_FlowJob):
     cdef ChainBatch txb
     cdef Frames frames  # the device's own: a batch for the switch is handed over in it
     cdef FrameChannel channel
-    cdef FwdArgs args
-    cdef Py_ssize_t batches, tx_frames
-    cdef uint64_t tx_bytes
 
     def __init__(self, SplitQueue tx, ChainBatch txb, Frames frames, FrameChannel channel, uint32_t hdr_len,
                  uint32_t gso_mask, uint64_t src, uint64_t dst, Py_ssize_t max_chains, Py_ssize_t max_batches):
         self.tx, self.txb, self.frames, self.channel = tx, txb, frames, channel
-        memset(&self.args, 0, sizeof(FwdArgs))
         a = &self.args
         a.hdr_len, a.gso_mask, a.src, a.dst, a.max_chains, a.max_batches = \
             hdr_len, gso_mask, src, dst, max_chains, max_batches
 
-    def ready(self):
-        """Whether the transmit ring is one this serves, now (asked with the data plane's lock held)."""
-        if not self.tx.fast_ready():
-            return False
-        self.txb._reserve_chains(self.args.max_chains)
-        return True
+    cdef int _ready(self) except -1:
+        return _ring_ready(self.tx, self.txb, self.args.max_chains)
 
     cdef void *_runner(self):
         return <void *> &_run_send
@@ -1045,60 +1057,18 @@ cdef class SendJob(_FlowJob):
         its rejected chains in ``errors``); ``batches`` went into the channel.
         """
         cdef Frames slot
-        pending = None if self.pending < 0 else self.pending
-        if pending == FWD_SWITCH:
+        cdef FwdOut t = self.total
+        error, self.error = self.error, None
+        if self.pending == FWD_SWITCH:
             slot = <Frames> self.channel._back()  # gathered there, not published
             self.frames.clear()
             self.frames.extend(slot, range(slot.n))
             self.frames.errors = [self.errors[0], self.errors[1], self.errors[2], self.errors[3]]
-        answer = (pending, self.batches, self.tx_frames, self.tx_bytes, self.error)
-        self.pending = -1
-        self.error = None
-        self.batches = self.tx_frames = 0
-        self.tx_bytes = 0
-        return answer
-
-
-ctypedef int (*_send_raw)(SendJob, FwdOut *) noexcept nogil
+        return self._pending(), t.batches, t.tx_frames, t.tx_bytes, error
 
 
 cdef int _run_send(void *context, unsigned *notify) noexcept nogil:
-    return _send_step(<SendJob> context, notify)
-
-
-cdef int _send_step(SendJob job, unsigned *notify) noexcept nogil:
-    """One run of ``job``."""
-    cdef FwdOut o
-    cdef _send_raw run = <_send_raw> _send  # its exception is fetched below, not printed
-    notify[0] = 0
-    if job.pending >= 0:
-        return JOB_PYTHON
-    if run(job, &o) == -1:
-        _keep_error(job)
-        job.pending = FWD_SLOW
-        return JOB_PYTHON
-    job.batches += o.batches - (o.stopped == FWD_SWITCH)
-    job.tx_frames += o.tx_frames
-    job.tx_bytes += o.tx_bytes
-    if o.tx_notify:
-        notify[0] |= NOTIFY_KICKED
-    if o.rx_notify:
-        notify[0] |= NOTIFY_OTHER
-    return _job_answer(job, &o)
-
-
-cdef int _job_answer(_FlowJob job, FwdOut *o) noexcept nogil:
-    """What a flow job's run answers the loop for where it stopped; a stop for Python is kept in ``job``."""
-    if o.stopped == FWD_EMPTY:
-        return JOB_DONE
-    if o.stopped == FWD_BUDGET or o.stopped == FWD_NOTIFY:
-        return JOB_AGAIN
-    if o.stopped == FWD_WAIT:
-        return JOB_WAIT
-    job.pending = o.stopped
-    job.stop = o.stop
-    memcpy(job.errors, o.errors, sizeof(o.errors))
-    return JOB_PYTHON
+    return _step(<_FlowJob> context, <_job_loop> _send, notify)
 
 
 cdef int _send(SendJob job, FwdOut *o) except -1 nogil:
@@ -1145,24 +1115,16 @@ cdef class ReceiveJob(_FlowJob):
     cdef FrameChannel channel
     cdef SplitQueue rx
     cdef ChainBatch rxb
-    cdef FwdArgs args
-    cdef Py_ssize_t batches, delivered, dropped, over_mtu
-    cdef uint64_t rx_bytes
 
     def __init__(self, FrameChannel channel, SplitQueue rx, ChainBatch rxb, uint32_t rx_hdr_len, bint guest_csum,
                  bint mergeable, uint32_t max_len, Py_ssize_t max_chains, Py_ssize_t max_batches):
         self.channel, self.rx, self.rxb = channel, rx, rxb
-        memset(&self.args, 0, sizeof(FwdArgs))
         a = &self.args
         a.rx_hdr_len, a.guest_csum, a.mergeable, a.max_len, a.max_chains, a.max_batches = \
             rx_hdr_len, guest_csum, mergeable, max_len, max_chains, max_batches
 
-    def ready(self):
-        """Whether the receive ring is one this serves, now (asked with the data plane's lock held)."""
-        if not self.rx.fast_ready():
-            return False
-        self.rxb._reserve_chains(self.args.max_chains)
-        return True
+    cdef int _ready(self) except -1:
+        return _ring_ready(self.rx, self.rxb, self.args.max_chains)
 
     cdef void *_runner(self):
         return <void *> &_run_receive
@@ -1174,43 +1136,13 @@ cdef class ReceiveJob(_FlowJob):
         (the channel's ``front()`` is what is left); ``batches``: the
         batches taken whole; the rest as :func:`forward` counts them.
         """
-        pending = None if self.pending < 0 else self.pending
-        answer = (pending, self.batches, self.delivered, self.rx_bytes, self.dropped, self.over_mtu, self.error)
-        self.pending = -1
-        self.error = None
-        self.batches = self.delivered = self.dropped = self.over_mtu = 0
-        self.rx_bytes = 0
-        return answer
-
-
-ctypedef int (*_receive_raw)(ReceiveJob, FwdOut *) noexcept nogil
+        cdef FwdOut t = self.total
+        error, self.error = self.error, None
+        return self._pending(), t.batches, t.delivered, t.rx_bytes, t.dropped, t.over_mtu, error
 
 
 cdef int _run_receive(void *context, unsigned *notify) noexcept nogil:
-    return _receive_step(<ReceiveJob> context, notify)
-
-
-cdef int _receive_step(ReceiveJob job, unsigned *notify) noexcept nogil:
-    """One run of ``job``."""
-    cdef FwdOut o
-    cdef _receive_raw run = <_receive_raw> _receive  # its exception is fetched below, not printed
-    notify[0] = 0
-    if job.pending >= 0:
-        return JOB_PYTHON
-    if run(job, &o) == -1:
-        _keep_error(job)
-        job.pending = FWD_SLOW
-        return JOB_PYTHON
-    job.batches += o.batches
-    job.delivered += o.delivered
-    job.rx_bytes += o.rx_bytes
-    job.dropped += o.dropped
-    job.over_mtu += o.over_mtu
-    if o.tx_notify:
-        notify[0] |= NOTIFY_KICKED
-    if o.rx_notify:
-        notify[0] |= NOTIFY_OTHER
-    return _job_answer(job, &o)
+    return _step(<_FlowJob> context, <_job_loop> _receive, notify)
 
 
 cdef int _receive(ReceiveJob job, FwdOut *o) except -1 nogil:
