@@ -283,10 +283,10 @@ def p2p_backend_run(tmp: Path, seconds: float, workers: int, cpus: str) -> tuple
 
 
 def workers_figures(tmp: Path, seconds: float) -> dict[str, float]:
-    """Port to port 64 B with both ports on one worker and on two (hand-off ring), alternately twice; best of each.
+    """Port to port 64 B with both ports on one worker and on two (the frames cross), alternately twice; best of each.
 
-    Both back-ends run on core 0 (the front-ends take core 1): on these 2-core machines the figure is what the
-    hand-off between two workers costs, not what a second core would add.
+    Both back-ends run on core 0 (the front-ends take core 1): on these 2-core machines the figure is what
+    crossing between two workers (``iovirt/virtio/net/crossing.py``) costs, not what a second core would add.
     """
     best = {1: 0.0, 2: 0.0}
     for _ in range(2):
@@ -294,7 +294,7 @@ def workers_figures(tmp: Path, seconds: float) -> dict[str, float]:
             best[workers] = max(best[workers], p2p_backend_run(tmp, seconds, workers, "0")[0])
     ratio = best[2] / best[1] if best[1] else float("nan")
     print(f"net   64 B port -> switch -> port, both ports on one worker: {best[1]:,.0f} frames/s; "
-          f"on two workers (hand-off ring), same core: {best[2]:,.0f} frames/s   ratio {ratio:.2f}")
+          f"on two workers (crossing), same core: {best[2]:,.0f} frames/s   ratio {ratio:.2f}")
     return {"net_port_to_port_64B_frames_per_s_1_worker": best[1],
             "net_port_to_port_64B_frames_per_s_2_workers": best[2],
             "ratio_p2p_2_workers_vs_1": round(ratio, 3)}

@@ -17,9 +17,9 @@ for that part).  Figures: the frames per second both receivers got
 together, best of ``ROUNDS`` alternating runs, and the ratios
 ``ratio_2_workers_vs_1`` (with the kick loop) and
 ``ratio_2_workers_vs_1_python_loop``.  Then the same two flows with
-each crossing from one worker to the other (0 -> 1 and 2 -> 3: the switch's
-hand-off ring between workers), with the kick loop:
-``ratio_crossing_vs_1_worker``.
+each crossing from one worker to the other (0 -> 1 and 2 -> 3: each
+through its crossing, ``iovirt/virtio/net/crossing.py``, served in C on
+both workers), with the kick loop: ``ratio_crossing_vs_1_worker``.
 
 The back-end and the two guest loops share the machine's cores (not
 pinned): on a 2-core machine two workers and two guest loops compete for
@@ -136,7 +136,7 @@ class Pair:
 def run(tmp: Path, lib: Any, workers: int, jobs: bool, seconds: float, crossing: bool = False) -> float:
     """Frames/s both receivers got, with ``workers`` workers, with the kick loop or without.
 
-    ``crossing``: the flows are 0 -> 1 and 2 -> 3, each from one worker to the other (the hand-off ring).
+    ``crossing``: the flows are 0 -> 1 and 2 -> 3, each from one worker to the other (through its crossing).
     """
     name = f"w{workers}-{int(jobs)}{'-x' if crossing else ''}"
     socks = [tmp / f"{name}-p{i}.sock" for i in range(4)]
@@ -199,7 +199,7 @@ def main() -> None:
               f"two workers {two:,.0f} (runs {listed[1]})   ratio {two / one if one else float('nan'):.2f}")
     print(f"kick loop / Python loop: one worker {best[(1, True)] / best[(1, False)]:.2f}, "
           f"two workers {best[(2, True)] / best[(2, False)]:.2f}")
-    print(f"two 64 B flows each from one worker to the other (hand-off ring), kick loop: {max(crossing):,.0f} "
+    print(f"two 64 B flows each from one worker to the other (crossing), kick loop: {max(crossing):,.0f} "
           f"frames/s (runs {' / '.join(f'{r:,.0f}' for r in crossing)})   against one worker "
           f"{max(crossing) / best[(1, True)]:.2f}")
     figures = {
