@@ -593,8 +593,8 @@ class VirtioNet(VirtioDevice):
         queue a frame goes to depends on its flow, and Python chooses).
         What the job leaves goes through this port's own path.
         """
-        if len(self._rx_queues()) != 1:
-            return None
+        if len(self._rx_queues()) != 1 or self.backlog:
+            return None  # (frames held: the channel's batches go behind them, through deliver_batch, which flushes)
         rx = self.receiver(0)
         if rx is None:
             return None
@@ -610,7 +610,11 @@ class VirtioNet(VirtioDevice):
             if error is not None:
                 if not isinstance(error, IovirtError):
                     raise error
-                self.fail(error)  # a broken receive ring fails this device; the channel's drain drops the rest
+                # A broken receive ring fails this device, and the rest of the batch it was writing is lost, as
+                # when deliver_batch's own pop raises (the frames are not counted: the device is failed).
+                self.fail(error)
+                if crossing.channel.front() is not None:
+                    crossing.taken()
                 return
             item = crossing.channel.front() if pending is not None else None
             if item is None:
