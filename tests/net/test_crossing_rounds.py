@@ -24,10 +24,9 @@ from hypothesis import strategies as st
 
 from iovirt.virtio.kickjob import JOB_AGAIN, JOB_DONE, JOB_PYTHON, JOB_WAIT, NOTIFY_KICKED, NOTIFY_OTHER
 from iovirt.virtio.net import datapath
-from iovirt.virtio.net.defs import NET_HDR_SIZE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MTU
 from iovirt.virtio.net.switch import LearningSwitch
 
-from test_forward import A, B, BROADCAST, FEATURE_SETS, MEM, Guest, csum_hdr, observe, rounds, sized_udp_frame, udp_frame
+from test_forward import A, B, FEATURE_SETS, Guest, observe, rounds, rounds_mtu, rounds_of, udp_frame
 
 pytestmark = pytest.mark.skipif(datapath.accel is None, reason="the C data path is not built (IOVIRT_NO_EXTENSIONS)")
 
@@ -130,48 +129,13 @@ class Crossed:
 def test_random_rounds_cross_as_the_python_path_and_one_worker_give(features, in_order, script):
     """Random sends, receive buffers and broken chains on either ring: the crossing's kick jobs, its Python path
     and one worker give the guests the same, and the two crossings count the same."""
-    mtu = 200 if features[1] >> VIRTIO_NET_F_MTU & 1 else 1500
-    hdr = csum_hdr() if features[0] >> VIRTIO_NET_F_CSUM & 1 else bytes(NET_HDR_SIZE)
+    scenario = rounds_of(script, features)
 
     def play(**kw: Any) -> Any:
-        counter = [1000]
-
-        def frames(count: int, size: int, dst: bytes = B) -> list[bytes]:
-            out = []
-            for _ in range(count):
-                counter[0] += 1
-                out.append(sized_udp_frame(dst, A, counter[0], max(8, min(size, 1450) - 42)))
-            return out
-
-        net = Crossed(features, mtu, in_order, **kw)
-        a, b = net.a, net.b
-        b.post_rx(128, 2048)
-        for what, count, size in script:
-            count = min(count, a.tx.num_free - 3)
-            if count < 1:
-                break
-            if what == "send":
-                a.send(frames(count, size), hdr)
-            elif what == "broadcast":
-                a.send(frames(count // 4, size) + frames(1, size, BROADCAST) + frames(count // 4, size), hdr)
-            elif what == "post":
-                b.post_rx(min(count, b.rx.num_free), size)
-            elif what == "bad-tx":
-                a.queue_tx(frames(count % 20, size), hdr)
-                a.tx.add_chain(readable=[(MEM + 4096, 64)])  # outside guest memory: the sender fails
-                a.tx.publish()
-                a.dev.kick(1)
-            elif what == "bad-rx-buffer":
-                if not b.rx.num_free:
-                    continue
-                b.rx.add_chain(writable=[(MEM + 8192, 2048)])  # outside guest memory: the receiver fails
-                b.rx.publish()
-                a.send(frames(count % 20 + 1, size), hdr)
-            else:  # bad-rx-idx: more chains announced than the ring holds
-                b.rx.set_avail_idx(b.rx.avail_idx + 600)
-                a.send(frames(count % 20 + 1, size), hdr)
+        net = Crossed(features, rounds_mtu(features), in_order, **kw)
+        scenario(net.a, net.b)
         Worker.current = None
-        return observe(a, b, net.switch)
+        return observe(net.a, net.b, net.switch)
 
     jobs, python, one = play(jobs=True), play(jobs=False), play(jobs=False, workers=1)
     for seen in (jobs, python, one):

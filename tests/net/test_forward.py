@@ -372,51 +372,67 @@ def sized_udp_frame(dst: bytes, src: bytes, n: int, payload: int) -> bytes:
     return dst + src + b"\x08\x00" + ip + udp + n.to_bytes(4, "big") + bytes(payload - 4)
 
 
+def rounds_mtu(features: tuple[int, int]) -> int:
+    """b's MTU in the random rounds: small where b offers VIRTIO_NET_F_MTU, so frames past it are dropped."""
+    return 200 if features[1] >> VIRTIO_NET_F_MTU & 1 else 1500
+
+
+def rounds_of(script: list[tuple[str, int, int]], features: tuple[int, int]) -> Scenario:
+    """The random rounds of ``script`` as a scenario; its frames are numbered from 1001 again on each play."""
+    hdr = csum_hdr() if features[0] >> VIRTIO_NET_F_CSUM & 1 else bytes(NET_HDR_SIZE)
+
+    def scenario(a: Guest, b: Guest) -> None:
+        counter = [1000]
+
+        def frames(count: int, size: int, dst: bytes = B) -> list[bytes]:
+            out = []
+            for _ in range(count):
+                counter[0] += 1
+                out.append(sized_udp_frame(dst, A, counter[0], max(8, min(size, 1450) - 42)))
+            return out
+
+        play_rounds(a, b, script, frames, hdr)
+
+    return scenario
+
+
+def play_rounds(a: Guest, b: Guest, script: list[tuple[str, int, int]], frames: Callable[..., list[bytes]],
+                hdr: bytes) -> None:
+    """b posts 128 buffers, then the rounds of ``script`` (``rounds``): sends (``frames(count, size[, dst])``),
+    buffers posted, and broken chains on either ring."""
+    b.post_rx(128, 2048)
+    for what, count, size in script:
+        count = min(count, a.tx.num_free - 3)  # the guests take nothing back in between: descriptors run out
+        if count < 1:
+            break
+        if what == "send":
+            a.send(frames(count, size), hdr)
+        elif what == "broadcast":
+            a.send(frames(count // 4, size) + frames(1, size, BROADCAST) + frames(count // 4, size), hdr)
+        elif what == "post":
+            b.post_rx(min(count, b.rx.num_free), size)
+        elif what == "bad-tx":
+            a.queue_tx(frames(count % 20, size), hdr)
+            a.tx.add_chain(readable=[(MEM + 4096, 64)])  # outside guest memory: the sender fails
+            a.tx.publish()
+            a.dev.kick(1)
+        elif what == "bad-rx-buffer":
+            if not b.rx.num_free:
+                continue
+            b.rx.add_chain(writable=[(MEM + 8192, 2048)])  # outside guest memory: the receiver fails
+            b.rx.publish()
+            a.send(frames(count % 20 + 1, size), hdr)
+        else:  # bad-rx-idx: more chains announced than the ring holds
+            b.rx.set_avail_idx(b.rx.avail_idx + 600)
+            a.send(frames(count % 20 + 1, size), hdr)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(features=st.sampled_from(FEATURE_SETS), in_order=st.booleans(), script=rounds)
 def test_random_rounds_give_what_the_python_loop_gives(monkeypatch, features, in_order, script):
     """Random sends (frame lengths, flows), receive buffers (counts, sizes) and broken chains on either ring:
     forward and the Python loop leave the guests, the counters and the device states the same."""
-    mtu = 200 if features[1] >> VIRTIO_NET_F_MTU & 1 else 1500
-    hdr = csum_hdr() if features[0] >> VIRTIO_NET_F_CSUM & 1 else bytes(NET_HDR_SIZE)
-    counter = [1000]
-
-    def frames(count: int, size: int, dst: bytes = B) -> list[bytes]:
-        out = []
-        for _ in range(count):
-            counter[0] += 1
-            out.append(sized_udp_frame(dst, A, counter[0], max(8, min(size, 1450) - 42)))
-        return out
-
-    def scenario(a: Guest, b: Guest) -> None:
-        b.post_rx(128, 2048)
-        for what, count, size in script:
-            count = min(count, a.tx.num_free - 3)  # the guests take nothing back in between: descriptors run out
-            if count < 1:
-                break
-            if what == "send":
-                a.send(frames(count, size), hdr)
-            elif what == "broadcast":
-                a.send(frames(count // 4, size) + frames(1, size, BROADCAST) + frames(count // 4, size), hdr)
-            elif what == "post":
-                b.post_rx(min(count, b.rx.num_free), size)
-            elif what == "bad-tx":
-                a.queue_tx(frames(count % 20, size), hdr)
-                a.tx.add_chain(readable=[(MEM + 4096, 64)])  # outside guest memory: the sender fails
-                a.tx.publish()
-                a.dev.kick(1)
-            elif what == "bad-rx-buffer":
-                if not b.rx.num_free:
-                    continue
-                b.rx.add_chain(writable=[(MEM + 8192, 2048)])  # outside guest memory: the receiver fails
-                b.rx.publish()
-                a.send(frames(count % 20 + 1, size), hdr)
-            else:  # bad-rx-idx: more chains announced than the ring holds
-                b.rx.set_avail_idx(b.rx.avail_idx + 600)
-                a.send(frames(count % 20 + 1, size), hdr)
-
-    counter[0] = 1000
-    fast, _ = run(scenario, True, monkeypatch, features=features, mtu=mtu, in_order=in_order)
-    counter[0] = 1000
-    slow, _ = run(scenario, False, monkeypatch, features=features, mtu=mtu, in_order=in_order)
+    scenario = rounds_of(script, features)
+    fast, _ = run(scenario, True, monkeypatch, features=features, mtu=rounds_mtu(features), in_order=in_order)
+    slow, _ = run(scenario, False, monkeypatch, features=features, mtu=rounds_mtu(features), in_order=in_order)
     assert fast == slow
