@@ -222,9 +222,10 @@ class DataPlane:
         if not self.is_current() and not self.lock.is_owned():
             self.call_later(0.0, lambda: self.watch(fd, handler, queue, job_of))
             return
-        self.add_eventfd(fd, handler)
-        if self._lanes is not None:  # (busy polling, which has no lanes, polls queues: this is no queue)
-            self._rings[fd] = Ring(handler, lambda: queue, None, job_of)
+        if self._lanes is None:  # busy polling (no lanes) polls the queues of its rings: this is no queue
+            self.add_eventfd(fd, handler)
+        else:
+            self.add_ring(fd, handler, lambda: queue, job_of=job_of)
 
     def add_fd(self, fd: int, handler: Handler) -> None:
         """Run ``handler`` whenever ``fd`` is readable (the handler reads it)."""

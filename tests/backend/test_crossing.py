@@ -7,13 +7,12 @@ its batches into the crossing's channel and a receiving kick job writes them
 into the port's ring; without it (the workers' Python loop) the switch
 pushes and drains the same channel in Python.  Each scenario runs both ways:
 what the guests see and what the devices count must be the same.  Rings
-broken under crossing jobs, and frames the jobs leave to Python:
-``test_kick_jobs.py`` (with two workers).
+broken under crossing jobs, frames the jobs leave to Python, and the
+control thread reading counters under traffic: ``test_kick_jobs.py`` (with
+two workers).
 """
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 
@@ -22,7 +21,7 @@ from iovirt.vhost_user import kickloop
 from iovirt.virtio.net import crossing as crossing_module
 
 from backend_helpers import wait_until
-from test_kick_jobs import counters, learn, pair, runs, send
+from test_kick_jobs import counters, learn, pair, runs, send, send_at_once
 from test_workers import frames
 
 pytestmark = pytest.mark.skipif(kickloop.accel is None, reason="a crossing's channel is the C twin's")
@@ -71,50 +70,16 @@ def test_a_flow_crossing_workers_arrives_in_order_and_counted_either_way(tmp_pat
 def test_two_flows_cross_each_way_at_once(tmp_path, loop):
     """0 -> 1 and 3 -> 2 at once: each worker sends one flow and receives the other."""
     with ServedNet(tmp_path, ports=4, workers=2) as net:
-        results: dict[int, list[bytes]] = {}
         with pair(net, 0, 1) as p, pair(net, 3, 2) as q:
             mac = [bytes.fromhex(f"020000000a{i:02x}") for i in range(4)]
             hellos(p, q, mac)
             flows = {0: frames(4096, dst=mac[1], src=mac[0]), 1: frames(4096, dst=mac[3], src=mac[2])}
-
-            def run(index: int, link) -> None:
-                results[index] = send(link, flows[index])
-
-            threads = [threading.Thread(target=run, args=(i, link)) for i, link in ((0, p), (1, q))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
+            results = send_at_once({0: (p, flows[0]), 1: (q, flows[1])})
         for i in (0, 1):
             assert results.get(i) == flows[i], i
         stats = counters(net)
         assert [s["device"]["tx_packets"] for s in stats] == [4096, 1, 1, 4096]
         assert net.switch.handoff_dropped == 0
-
-
-def test_the_control_thread_reads_whole_counters_while_a_flow_crosses(tmp_path, loop):
-    with ServedNet(tmp_path, ports=2, workers=2) as net:
-        with pair(net, 0, 1) as p:
-            learn(p)
-            done = threading.Event()
-            seen: list[tuple[int, int]] = []
-
-            def watch() -> None:
-                while not done.is_set():
-                    with net.lock:
-                        seen.append((net.devices[0].stats["tx_packets"], net.devices[1].stats["rx_packets"]))
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            try:
-                assert send(p, frames(8192)) == frames(8192)
-            finally:
-                done.set()
-                watcher.join(timeout=10)
-        assert seen == sorted(seen) and len(seen) > 1
-        # Under every worker's lock no frame is between the counts: what was received was sent.
-        assert all(rx - 1 <= tx for tx, rx in seen)
-        assert counters(net)[1]["device"]["rx_packets"] == 8192
 
 
 def test_a_receiver_that_stops_reading_holds_up_no_one(tmp_path, monkeypatch, loop):

@@ -72,9 +72,14 @@ Forwarded = tuple[int, int, int, int, int, int, int, int, int, bool, bool]
 tx_notify, rx_notify)."""
 
 
+def _fast_ring(queue: Any) -> bool:
+    """Whether the C loops (:func:`forward` and the kick jobs) may take ``queue``: the Cython split queue, C twin loaded."""
+    return accel is not None and is_accelerated(queue) and type(queue) is SplitQueue
+
+
 def _forwards(tx: Any, rx: Any, frames: Any) -> bool:
-    """Whether :func:`forward` runs between ``tx`` and ``rx``: both the Cython split queue, ``frames`` C ones."""
-    return is_accelerated(tx) and type(tx) is SplitQueue and type(rx) is SplitQueue and _c_frames(frames)
+    """Whether :func:`forward` runs between ``tx`` and ``rx``: both :func:`_fast_ring`, ``frames`` C ones."""
+    return _fast_ring(tx) and _fast_ring(rx) and _c_frames(frames)
 
 
 def forward(
@@ -135,7 +140,7 @@ def send_job(
     queue or frames :func:`forward` would not take, or a ring it does not
     serve now.
     """
-    if accel is None or not (is_accelerated(tx) and type(tx) is SplitQueue and _c_frames(frames)):
+    if not (_fast_ring(tx) and _c_frames(frames)):
         return None
     job = accel.SendJob(tx, tx_batch, frames, channel, hdr_len, gso_mask, src, dst, max_chains, max_batches)
     return job if job.ready() else None
@@ -150,7 +155,7 @@ def receive_job(
     None where it does not run: without the C twin, for a queue that is
     not the Cython split queue, or a ring it does not serve now.
     """
-    if accel is None or not (is_accelerated(rx) and type(rx) is SplitQueue):
+    if not _fast_ring(rx):
         return None
     job = accel.ReceiveJob(channel, rx, rx_batch, rx_hdr_len, guest_csum, mergeable, max_len, max_chains, max_batches)
     return job if job.ready() else None

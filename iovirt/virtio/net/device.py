@@ -555,9 +555,7 @@ class VirtioNet(VirtioDevice):
         self._forwarded(index, egress, rx_index, switched, tx_frames, tx_bytes,
                         (delivered, dropped, over_mtu, rx_bytes), False)
         if error is not None:
-            if not isinstance(error, IovirtError):
-                raise error
-            self.fail(error)  # as kick would: the transmit ring's driver broke it
+            self._job_failed(error)
         elif pending is not None:
             self._finish(index, egress, rx_index, pending, stop)
 
@@ -577,9 +575,7 @@ class VirtioNet(VirtioDevice):
                 assert self.switch is not None  # (a crossing comes from it)
                 self.switch.crossed(batches)
             if error is not None:
-                if not isinstance(error, IovirtError):
-                    raise error
-                self.fail(error)  # as kick would: the transmit ring's driver broke it
+                self._job_failed(error)
             elif pending == FORWARD_SWITCH:
                 self._switch(index, self._tx_frames)
 
@@ -608,11 +604,9 @@ class VirtioNet(VirtioDevice):
             pending, _batches, delivered, rx_bytes, dropped, over_mtu, error = job.take()
             self.received(rx_index, delivered, dropped, over_mtu, rx_bytes, False)
             if error is not None:
-                if not isinstance(error, IovirtError):
-                    raise error
                 # A broken receive ring fails this device, and the rest of the batch it was writing is lost, as
                 # when deliver_batch's own pop raises (the frames are not counted: the device is failed).
-                self.fail(error)
+                self._job_failed(error)
                 if crossing.channel.front() is not None:
                     crossing.taken()
                 return
@@ -630,6 +624,12 @@ class VirtioNet(VirtioDevice):
                 crossing.taken()
 
         return KickJob(job, (crossing.space, self.notifiers[rx_index]), queue, settle)
+
+    def _job_failed(self, error: BaseException) -> None:
+        """A kick job's slow path raised ``error``: a ring its driver broke fails this device, as kick would; else raised."""
+        if not isinstance(error, IovirtError):
+            raise error
+        self.fail(error)
 
     def _yield_tx(self, index: int) -> None:
         """Give the thread back with chains left in transmit queue ``index``; the transport or a timer serves them next.

@@ -344,10 +344,10 @@ class LearningSwitch:
                     or now - target.seen > self.ageing_s:
                 return None
             port = target.port
-            owner = self._elsewhere(port) if self._owners else None
-            crossing = None
             if id(port) in impairments:
                 return None
+            owner = self._elsewhere(port) if self._owners else None
+            crossing = None
             if owner is not None:
                 crossing = self._crossing(ingress, port, owner) if across else None
                 if crossing is None:
@@ -393,7 +393,11 @@ class LearningSwitch:
         return None if owner is None or owner.is_current() else owner
 
     def _post(self, owner: PortOwner, handler: Callable[..., object], *args: Any, frames: int) -> int:
-        if owner.post(handler, *args):
+        return self._handed_off(owner.post(handler, *args), frames)
+
+    def _handed_off(self, taken: bool, frames: int) -> int:
+        """Count a batch of ``frames`` handed to another thread's port: taken, or dropped (its ring was full)."""
+        if taken:
             self.handed_off += 1
             return frames
         self.handoff_dropped += frames  # the owner's ring is full: dropped, as a congested switch drops
@@ -403,15 +407,9 @@ class LearningSwitch:
         """Frames ``indexes`` of a batch from ``ingress`` to ``port``: in one call where the port takes batches."""
         if self._owners:
             owner = self._elsewhere(port)
-            crossing = None
-            if owner is not None and ingress is not None:
-                crossing = self._crossing(ingress, port, owner)
+            crossing = None if owner is None or ingress is None else self._crossing(ingress, port, owner)
             if crossing is not None:  # a copy into the channel: the sender's buffer is refilled by its next batch
-                if crossing.push(frames, indexes):
-                    self.handed_off += 1
-                    return len(indexes)
-                self.handoff_dropped += len(indexes)  # the channel is full: dropped, as a congested switch drops
-                return 0
+                return self._handed_off(crossing.push(frames, indexes), len(indexes))
             if owner is not None:  # a copy: the sender's buffer is refilled by its next batch
                 copy = frames.subset(indexes)
                 return self._post(owner, self._deliver, port, copy, list(range(len(copy))), frames=len(copy))
